@@ -1,0 +1,150 @@
+//! Per-port counters. Counted from the switch's side of the port, as OVS does for vhost-user
+//! ports: `rx` is what the port received from its guest, `tx` what the port delivered to it.
+//! Atomics with relaxed ordering: each counter is written by few threads and read rarely.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Why a frame was dropped. Each has its own counter on the port it concerns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum DropReason {
+    /// A descriptor points outside guest memory.
+    BadAddress,
+    /// A descriptor chain loops or is longer than the queue.
+    ChainLoop,
+    /// A TX chain containing a device-writable descriptor, or an RX chain with a readable one.
+    BadDescriptor,
+    /// The chain is too short to hold a virtio-net header and an Ethernet header.
+    ShortFrame,
+    /// The frame is larger than 64 KiB plus an Ethernet header.
+    Oversize,
+    /// The virtio-net header is inconsistent (unknown GSO type, checksum offsets outside the
+    /// frame, GSO without checksum offload, MSS of zero, ...).
+    BadHeader,
+    /// The source MAC is a multicast/broadcast address.
+    BadSourceMac,
+    /// The receiving guest had no free receive buffers (a full ring drops, it never blocks).
+    NoRxBuffer,
+    /// The receiving guest's buffers cannot hold the frame (no MRG_RXBUF and a short buffer).
+    RxBufferTooSmall,
+    /// Software segmentation could not parse the headers of a GSO frame.
+    SegmentationFailed,
+    /// The receiving port is not connected or its queue is not running.
+    PortDown,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 11] = [
+        DropReason::BadAddress,
+        DropReason::ChainLoop,
+        DropReason::BadDescriptor,
+        DropReason::ShortFrame,
+        DropReason::Oversize,
+        DropReason::BadHeader,
+        DropReason::BadSourceMac,
+        DropReason::NoRxBuffer,
+        DropReason::RxBufferTooSmall,
+        DropReason::SegmentationFailed,
+        DropReason::PortDown,
+    ];
+
+    /// Stable name used in listings and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::BadAddress => "bad_address",
+            DropReason::ChainLoop => "chain_loop",
+            DropReason::BadDescriptor => "bad_descriptor",
+            DropReason::ShortFrame => "short_frame",
+            DropReason::Oversize => "oversize",
+            DropReason::BadHeader => "bad_header",
+            DropReason::BadSourceMac => "bad_source_mac",
+            DropReason::NoRxBuffer => "no_rx_buffer",
+            DropReason::RxBufferTooSmall => "rx_buffer_too_small",
+            DropReason::SegmentationFailed => "segmentation_failed",
+            DropReason::PortDown => "port_down",
+        }
+    }
+}
+
+/// Frames, bytes and drops of one port.
+#[derive(Default, Debug)]
+pub struct PortCounters {
+    pub rx_frames: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub tx_frames: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    drops: [AtomicU64; DropReason::ALL.len()],
+}
+
+/// A point-in-time copy of [`PortCounters`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    pub drops: [u64; DropReason::ALL.len()],
+}
+
+impl CounterSnapshot {
+    pub fn drop_count(&self, r: DropReason) -> u64 {
+        self.drops[r as usize]
+    }
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+}
+
+impl PortCounters {
+    pub fn received(&self, bytes: usize) {
+        self.rx_frames.fetch_add(1, Relaxed);
+        self.rx_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+    pub fn delivered(&self, bytes: usize) {
+        self.tx_frames.fetch_add(1, Relaxed);
+        self.tx_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+    pub fn dropped(&self, r: DropReason) {
+        self.drops[r as usize].fetch_add(1, Relaxed);
+    }
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let mut s = CounterSnapshot {
+            rx_frames: self.rx_frames.load(Relaxed),
+            rx_bytes: self.rx_bytes.load(Relaxed),
+            tx_frames: self.tx_frames.load(Relaxed),
+            tx_bytes: self.tx_bytes.load(Relaxed),
+            ..Default::default()
+        };
+        for (d, c) in s.drops.iter_mut().zip(&self.drops) {
+            *d = c.load(Relaxed);
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_by_reason() {
+        let c = PortCounters::default();
+        c.received(60);
+        c.received(100);
+        c.delivered(42);
+        c.dropped(DropReason::ChainLoop);
+        c.dropped(DropReason::ChainLoop);
+        c.dropped(DropReason::Oversize);
+        let s = c.snapshot();
+        assert_eq!((s.rx_frames, s.rx_bytes, s.tx_frames, s.tx_bytes), (2, 160, 1, 42));
+        assert_eq!(s.drop_count(DropReason::ChainLoop), 2);
+        assert_eq!(s.drop_count(DropReason::Oversize), 1);
+        assert_eq!(s.drop_count(DropReason::BadAddress), 0);
+        assert_eq!(s.total_drops(), 3);
+        let names: std::collections::HashSet<_> = DropReason::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(names.len(), DropReason::ALL.len());
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+    }
+}

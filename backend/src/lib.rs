@@ -1,1 +1,15 @@
-pub fn x(){}
+//! vunet: a userspace virtual network for virtual machines. Each guest NIC is a vhost-user-net
+//! device served from the guest's shared memory; frames are switched between guests by the
+//! pure logic of `vunet-switch`, with one copy from the sender's TX descriptors into the
+//! receiver's RX descriptors.
+//!
+//! This crate owns every file descriptor and thread: vhost-user sockets, worker threads, the
+//! configuration file and the CLI.
+
+pub mod config;
+pub mod datapath;
+pub mod network;
+pub mod vhost_port;
+
+pub use config::{Config, ConfigError, Mode, PortMode};
+pub use network::{Daemon, GuestPort, Network, StartError};

@@ -1,0 +1,369 @@
+//! The TOML configuration (DESIGN.md "Minimum configuration contract") and its validation.
+//! Every user mistake becomes one [`ConfigError`] naming the file and line.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+use vunet_switch::{parse_mac, Mac};
+
+/// A configuration mistake, printed as one line: `FILE:LINE: message`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{file}: {msg}")]
+    File { file: String, msg: String },
+    #[error("{file}:{line}: {msg}")]
+    At { file: String, line: usize, msg: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Isolated,
+    Nat,
+    Route,
+    Bridge,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Isolated => "isolated",
+            Mode::Nat => "nat",
+            Mode::Route => "route",
+            Mode::Bridge => "bridge",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortMode {
+    /// vunet listens on the socket, the VMM connects (QEMU's default `-chardev socket,path=`).
+    Server,
+    /// The VMM listens (`server=on`), vunet connects and keeps reconnecting.
+    Client,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortConfig {
+    pub name: String,
+    pub socket: PathBuf,
+    pub mode: PortMode,
+    pub mac: Option<Mac>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkConfig {
+    pub name: String,
+    pub mode: Mode,
+    /// Gateway address and prefix length.
+    pub gateway: Option<(Ipv4Addr, u8)>,
+    pub mtu: u16,
+    pub ports: Vec<PortConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub state_dir: Option<PathBuf>,
+    pub control_socket: Option<PathBuf>,
+    pub networks: Vec<NetworkConfig>,
+    /// Settings that parsed but that this version does not act on, one line each.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    state_dir: Option<PathBuf>,
+    control_socket: Option<PathBuf>,
+    #[serde(default)]
+    network: Vec<Spanned<RawNetwork>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    name: Spanned<String>,
+    mode: Spanned<String>,
+    gateway: Option<Spanned<String>>,
+    mtu: Option<Spanned<i64>>,
+    dhcp: Option<Spanned<toml::Value>>,
+    dns: Option<Spanned<toml::Value>>,
+    uplink: Option<Spanned<toml::Value>>,
+    port_forward: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    port: Vec<Spanned<RawPort>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    name: Spanned<String>,
+    socket: Spanned<String>,
+    mode: Option<Spanned<String>>,
+    mac: Option<Spanned<String>>,
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line_of(&self, span: Range<usize>) -> usize {
+        let at = span.start.min(self.text.len());
+        self.text[..at].bytes().filter(|&b| b == b'\n').count() + 1
+    }
+    fn err(&self, span: Range<usize>, msg: impl Into<String>) -> ConfigError {
+        ConfigError::At { file: self.file.to_string(), line: self.line_of(span), msg: msg.into() }
+    }
+}
+
+/// Parses "192.168.122.1/24".
+pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (a, p) = s.split_once('/')?;
+    let addr: Ipv4Addr = a.parse().ok()?;
+    let prefix: u8 = p.parse().ok()?;
+    (1..=30).contains(&prefix).then_some((addr, prefix))
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { file: file.clone(), msg: format!("cannot read: {}", io_reason(&e)) })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, &file, base)
+    }
+
+    /// Parses configuration text. Relative socket paths are taken relative to `base` (the
+    /// directory of the configuration file).
+    pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+        let cx = Ctx { file, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let msg = e.message().trim().replace('\n', " ");
+            match e.span() {
+                Some(span) => cx.err(span, msg),
+                None => ConfigError::File { file: file.to_string(), msg },
+            }
+        })?;
+        let mut networks = Vec::new();
+        let mut warnings = Vec::new();
+        let mut net_names = HashSet::new();
+        let mut sockets = HashSet::new();
+        if raw.network.is_empty() {
+            return Err(ConfigError::File { file: file.to_string(), msg: "no [[network]] defined".into() });
+        }
+        for n in raw.network {
+            let n_span = n.span();
+            let n = n.into_inner();
+            let name = n.name.get_ref().trim().to_string();
+            if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return Err(cx.err(n.name.span(), format!("invalid network name {:?} (letters, digits, '-', '_', '.', at most 64)", n.name.get_ref())));
+            }
+            if !net_names.insert(name.clone()) {
+                return Err(cx.err(n.name.span(), format!("duplicate network name {name:?}")));
+            }
+            let mode = match n.mode.get_ref().as_str() {
+                "isolated" => Mode::Isolated,
+                "nat" => Mode::Nat,
+                "route" => Mode::Route,
+                "bridge" => Mode::Bridge,
+                other => return Err(cx.err(n.mode.span(), format!("unknown mode {other:?} (expected isolated, nat, route or bridge)"))),
+            };
+            let gateway = match &n.gateway {
+                Some(g) => Some(parse_cidr(g.get_ref()).ok_or_else(|| cx.err(g.span(), format!("invalid gateway {:?} (expected an IPv4 address with a prefix, e.g. 192.168.122.1/24)", g.get_ref())))?),
+                None if mode != Mode::Bridge => return Err(cx.err(n_span.clone(), format!("network {name:?}: mode {} needs a gateway (e.g. gateway = \"192.168.122.1/24\")", mode.name()))),
+                None => None,
+            };
+            let mtu = match &n.mtu {
+                Some(m) => {
+                    let v = *m.get_ref();
+                    if !(68..=65535).contains(&v) {
+                        return Err(cx.err(m.span(), format!("invalid mtu {v} (68 to 65535)")));
+                    }
+                    v as u16
+                }
+                None => 1500,
+            };
+            for (key, v) in [("dhcp", &n.dhcp), ("dns", &n.dns), ("uplink", &n.uplink), ("port_forward", &n.port_forward)] {
+                if let Some(v) = v {
+                    warnings.push(format!("{}:{}: network {name:?}: [{key}] is not supported by this version of vunet yet and is ignored", file, cx.line_of(v.span())));
+                }
+            }
+            if gateway.is_some() || matches!(mode, Mode::Nat | Mode::Route) {
+                warnings.push(format!(
+                    "{}:{}: network {name:?}: gateway services (ARP, ICMP, DHCP, DNS{}) are not implemented in this version; guests are switched at layer 2 only",
+                    file,
+                    cx.line_of(n.mode.span()),
+                    if mode == Mode::Nat || mode == Mode::Route { ", routing, NAT" } else { "" }
+                ));
+            }
+            let mut ports = Vec::new();
+            let mut port_names = HashSet::new();
+            for p in n.port {
+                let p = p.into_inner();
+                let pname = p.name.get_ref().trim().to_string();
+                if pname.is_empty() || pname.len() > 64 || !pname.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                    return Err(cx.err(p.name.span(), format!("invalid port name {:?}", p.name.get_ref())));
+                }
+                if !port_names.insert(pname.clone()) {
+                    return Err(cx.err(p.name.span(), format!("duplicate port name {pname:?} in network {name:?}")));
+                }
+                if p.socket.get_ref().is_empty() {
+                    return Err(cx.err(p.socket.span(), "empty socket path"));
+                }
+                let socket = base.join(p.socket.get_ref());
+                if !sockets.insert(socket.clone()) {
+                    return Err(cx.err(p.socket.span(), format!("socket {} is used by two ports", socket.display())));
+                }
+                let mode = match p.mode.as_ref().map(|m| m.get_ref().as_str()) {
+                    None | Some("server") => PortMode::Server,
+                    Some("client") => PortMode::Client,
+                    Some(other) => return Err(cx.err(p.mode.as_ref().map(|m| m.span()).unwrap_or(0..0), format!("unknown port mode {other:?} (expected server or client)"))),
+                };
+                let mac = match &p.mac {
+                    Some(m) => {
+                        let mac = parse_mac(m.get_ref()).ok_or_else(|| cx.err(m.span(), format!("invalid MAC address {:?}", m.get_ref())))?;
+                        if vunet_switch::is_multicast(&mac) || mac == [0; 6] {
+                            return Err(cx.err(m.span(), format!("MAC address {:?} is not a unicast address", m.get_ref())));
+                        }
+                        Some(mac)
+                    }
+                    None => None,
+                };
+                ports.push(PortConfig { name: pname, socket, mode, mac });
+            }
+            networks.push(NetworkConfig { name, mode, gateway, mtu, ports });
+        }
+        Ok(Config { state_dir: raw.state_dir, control_socket: raw.control_socket, networks, warnings })
+    }
+
+    /// The embedded default: network `default`, isolated, gateway 192.168.122.1/24, and four
+    /// server-mode guest sockets `vm1.sock` … `vm4.sock` in `runtime_dir`.
+    pub fn default_in(runtime_dir: &Path) -> Config {
+        let ports = (1..=4)
+            .map(|i| PortConfig { name: format!("vm{i}"), socket: runtime_dir.join(format!("vm{i}.sock")), mode: PortMode::Server, mac: None })
+            .collect();
+        Config {
+            state_dir: None,
+            control_socket: None,
+            networks: vec![NetworkConfig { name: "default".into(), mode: Mode::Isolated, gateway: Some((Ipv4Addr::new(192, 168, 122, 1), 24)), mtu: 1500, ports }],
+            warnings: vec![],
+        }
+    }
+}
+
+/// "No such file or directory" rather than "No such file or directory (os error 2)".
+pub fn io_reason(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(t, "vunet.toml", Path::new("/run/vunet"))
+    }
+
+    const GOOD: &str = r#"
+state_dir = "/var/lib/vunet"
+control_socket = "/run/vunet/control.sock"
+
+[[network]]
+name = "default"
+mode = "isolated"
+gateway = "192.168.122.1/24"
+
+[[network.port]]
+name = "vm1"
+socket = "vm1.sock"
+
+[[network.port]]
+name = "vm2"
+socket = "/tmp/vm2.sock"
+mode = "client"
+mac = "52:54:00:00:00:02"
+"#;
+
+    #[test]
+    fn parses_the_contract_keys() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.state_dir, Some(PathBuf::from("/var/lib/vunet")));
+        let n = &c.networks[0];
+        assert_eq!((n.name.as_str(), n.mode, n.mtu), ("default", Mode::Isolated, 1500));
+        assert_eq!(n.gateway, Some((Ipv4Addr::new(192, 168, 122, 1), 24)));
+        assert_eq!(n.ports[0].socket, PathBuf::from("/run/vunet/vm1.sock"));
+        assert_eq!(n.ports[0].mode, PortMode::Server);
+        assert_eq!(n.ports[1].mode, PortMode::Client);
+        assert_eq!(n.ports[1].mac, Some([0x52, 0x54, 0, 0, 0, 2]));
+    }
+
+    #[test]
+    fn full_contract_document_parses_with_warnings_for_later_features() {
+        let t = r#"
+state_dir = "/var/lib/vunet"
+control_socket = "/run/vunet/control.sock"
+[[network]]
+name = "default"
+mode = "nat"
+gateway = "192.168.122.1/24"
+[network.dhcp]
+range = ["192.168.122.2", "192.168.122.254"]
+hosts = [{ mac = "52:54:00:00:00:10", ip = "192.168.122.10", name = "web" }]
+[network.uplink]
+kind = "macvtap"
+interface = "eth1"
+address = "dhcp"
+[[network.port_forward]]
+proto = "tcp"
+port = 2222
+to = "192.168.122.10:22"
+[[network.port]]
+name = "vm1"
+socket = "/run/vunet/vm1.sock"
+mode = "server"
+"#;
+        let c = parse(t).unwrap();
+        assert_eq!(c.networks[0].mode, Mode::Nat);
+        assert!(c.warnings.iter().any(|w| w.contains("[dhcp]") && w.starts_with("vunet.toml:8:")), "{:?}", c.warnings);
+        assert!(c.warnings.iter().any(|w| w.contains("[uplink]")));
+        assert!(c.warnings.iter().any(|w| w.contains("NAT")));
+    }
+
+    #[test]
+    fn mistakes_name_the_line() {
+        let cases: &[(&str, &str)] = &[
+            ("[[network]]\nname = \"a\"\nmode = \"nta\"\ngateway = \"10.0.0.1/24\"\n", "vunet.toml:3: unknown mode \"nta\" (expected isolated, nat, route or bridge)"),
+            ("[[network]]\nname = \"a\"\nmode = \"isolated\"\n", "vunet.toml:1: network \"a\": mode isolated needs a gateway"),
+            ("[[network]]\nname = \"a\"\nmode = \"bridge\"\ngateway = \"10.0.0.1\"\n", "vunet.toml:4: invalid gateway"),
+            ("[[network]]\nname = \"a\"\nmode = \"bridge\"\nmtu = 10\n", "vunet.toml:4: invalid mtu 10"),
+            ("[[network]]\nname = \"a\"\nmode = \"bridge\"\ncolour = 1\n", "vunet.toml:4: unknown field `colour`"),
+            ("[[network]]\nname = \"a\"\nmode = \"bridge\"\n[[network.port]]\nname = \"p\"\nsocket = \"x\"\nmode = \"both\"\n", "vunet.toml:7: unknown port mode \"both\""),
+            ("[[network]]\nname = \"a\"\nmode = \"bridge\"\n[[network.port]]\nname = \"p\"\nsocket = \"x\"\nmac = \"01:00:00:00:00:01\"\n", "vunet.toml:7: MAC address"),
+            ("[[network]]\nname = \"a\"\nmode = \"bridge\"\n[[network.port]]\nname = \"p\"\nsocket = \"x\"\n[[network.port]]\nname = \"p\"\nsocket = \"y\"\n", "vunet.toml:8: duplicate port name \"p\""),
+            ("[[network]]\nname = \"a\"\nmode = \"bridge\"\n[[network.port]]\nname = \"p\"\nsocket = \"x\"\n[[network.port]]\nname = \"q\"\nsocket = \"x\"\n", "vunet.toml:9: socket /run/vunet/x is used by two ports"),
+            ("[[network]]\nname = \"a\"\nmode = \"bridge\"\n[[network]]\nname = \"a\"\nmode = \"bridge\"\n", "vunet.toml:5: duplicate network name \"a\""),
+            ("[[network]\n", "vunet.toml:1:"),
+            ("", "vunet.toml: no [[network]] defined"),
+        ];
+        for (text, want) in cases {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{text:?}\n got: {e}\nwant: {want}");
+            assert!(!e.contains('\n'), "one line: {e:?}");
+        }
+    }
+
+    #[test]
+    fn unreadable_file_is_one_line() {
+        let e = Config::load(Path::new("/nonexistent/vunet.toml")).unwrap_err().to_string();
+        assert_eq!(e, "/nonexistent/vunet.toml: cannot read: No such file or directory");
+    }
+}

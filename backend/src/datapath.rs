@@ -1,0 +1,450 @@
+//! The data path: frames leave a guest's TX ring and land in the receivers' RX rings with
+//! exactly one copy, done by the sender's worker thread. No intermediate buffer, no allocation
+//! per frame in steady state: descriptor addresses are resolved into host pointers once, and
+//! bytes move straight from the sender's guest memory into the receiver's.
+//!
+//! Only when a receiver cannot take the sender's offloads (no GUEST_CSUM, no GUEST_TSO) is the
+//! frame gathered into a reusable scratch buffer, completed or segmented, and then copied in.
+//!
+//! Locks: a sender holds its own TX vring and takes one receiver's RX lock at a time, so two
+//! guests sending to each other never wait on each other in a cycle.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
+use vunet_switch::offload::{complete_checksum, segment_tcp};
+use vunet_switch::vnet::{delivery, rx_header, Delivery, RxCaps, VnetHeader, HDR_LEN};
+use vunet_switch::{dst_mac, is_multicast, src_mac, Decision, DropReason, PortId, MAX_FRAME_LEN, MIN_FRAME_LEN};
+
+use crate::network::{GuestPort, Network};
+use crate::vhost_port::Vring;
+use vhost_user_backend::VringT;
+
+pub type Mem = GuestMemoryMmap<()>;
+
+/// Frames taken from a TX ring per round before the used ring is published and receivers are
+/// notified. Bounds the latency one busy sender adds to the others.
+pub const TX_BATCH: usize = 128;
+
+/// A resolved, bounds-checked piece of guest memory (or of a scratch buffer).
+#[derive(Clone, Copy)]
+pub struct Seg {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a Seg is only dereferenced while the memory guard it was resolved from is alive,
+// within one call on one thread; storing it in a struct that crosses threads between calls is
+// harmless because stale Segs are cleared before reuse.
+unsafe impl Send for Seg {}
+
+impl Seg {
+    /// A read-only source segment over a byte slice.
+    fn of_slice(b: &[u8]) -> Seg {
+        Seg { ptr: b.as_ptr() as *mut u8, len: b.len() }
+    }
+    /// A destination segment over a mutable byte slice.
+    fn of_mut(b: &mut [u8]) -> Seg {
+        Seg { ptr: b.as_mut_ptr(), len: b.len() }
+    }
+}
+
+/// Copies `len` bytes from the scatter list `src` (starting `src_off` bytes in) into the
+/// scatter list `dst` (starting `dst_off` bytes in). The caller guarantees both lists hold
+/// enough bytes.
+fn copy_segs(dst: &[Seg], mut dst_off: usize, src: &[Seg], mut src_off: usize, mut len: usize) {
+    let (mut di, mut si) = (0, 0);
+    while di < dst.len() && dst_off >= dst[di].len {
+        dst_off -= dst[di].len;
+        di += 1;
+    }
+    while si < src.len() && src_off >= src[si].len {
+        src_off -= src[si].len;
+        si += 1;
+    }
+    while len > 0 && di < dst.len() && si < src.len() {
+        let n = len.min(dst[di].len - dst_off).min(src[si].len - src_off);
+        // SAFETY: both ranges were resolved from live mappings (guest memory regions held by a
+        // memory guard for the duration of this call, or a scratch Vec borrowed by the caller)
+        // and `n` stays within each segment. Source and destination are different buffers
+        // (different guests, or a scratch buffer), so they do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src[si].ptr.add(src_off), dst[di].ptr.add(dst_off), n) };
+        len -= n;
+        dst_off += n;
+        src_off += n;
+        if dst_off == dst[di].len {
+            di += 1;
+            dst_off = 0;
+        }
+        if src_off == src[si].len {
+            si += 1;
+            src_off = 0;
+        }
+    }
+}
+
+/// Gathers up to `out.len()` bytes starting at `off` of a scatter list; returns how many.
+fn gather(src: &[Seg], off: usize, out: &mut [u8]) -> usize {
+    let total: usize = src.iter().map(|s| s.len).sum();
+    let n = out.len().min(total.saturating_sub(off));
+    copy_segs(&[Seg::of_mut(out)], 0, src, off, n);
+    n
+}
+
+/// Resolves `len` bytes at `addr` into one or more segments (a buffer may straddle regions).
+fn resolve(mem: &Mem, addr: vm_memory::GuestAddress, len: usize, out: &mut Vec<Seg>) -> Result<(), DropReason> {
+    if len == 0 {
+        return Ok(());
+    }
+    if let Ok(s) = mem.get_slice(addr, len) {
+        out.push(Seg { ptr: s.ptr_guard_mut().as_ptr(), len });
+        return Ok(());
+    }
+    for s in mem.get_slices(addr, len) {
+        let s = s.map_err(|_| DropReason::BadAddress)?;
+        out.push(Seg { ptr: s.ptr_guard_mut().as_ptr(), len: s.len() });
+    }
+    Ok(())
+}
+
+/// Walks a descriptor chain, resolving every descriptor that the device may read (TX,
+/// `writable == false`) or write (RX, `writable == true`). Returns the total length.
+/// A chain that ends while still flagged NEXT was cut short by the queue-size bound (a loop)
+/// or by an unreadable descriptor table, and is refused.
+fn collect_chain(chain: DescriptorChain<&Mem>, mem: &Mem, writable: bool, limit: usize, out: &mut Vec<Seg>) -> Result<usize, DropReason> {
+    let mut total = 0usize;
+    let mut count = 0usize;
+    let mut last_has_next = false;
+    let mut err = None;
+    for d in chain {
+        count += 1;
+        last_has_next = d.has_next();
+        if d.is_write_only() != writable {
+            err = err.or(Some(DropReason::BadDescriptor));
+            continue;
+        }
+        total += d.len() as usize;
+        if total > limit {
+            err = err.or(Some(DropReason::Oversize));
+            continue;
+        }
+        if err.is_none() {
+            if let Err(e) = resolve(mem, d.addr(), d.len() as usize, out) {
+                err = Some(e);
+            }
+        }
+    }
+    if last_has_next {
+        return Err(DropReason::ChainLoop);
+    }
+    if count == 0 {
+        return Err(DropReason::ShortFrame);
+    }
+    match err {
+        Some(e) => Err(e),
+        None => Ok(total),
+    }
+}
+
+/// Per-worker reusable buffers, so the steady state never allocates.
+#[derive(Default)]
+pub struct TxScratch {
+    tx_segs: Vec<Seg>,
+    rx_segs: Vec<Seg>,
+    rx_chains: Vec<(u16, usize)>,
+    frame: Vec<u8>,
+    segment: Vec<u8>,
+    notify: Vec<PortId>,
+}
+
+/// A frame from a TX chain, validated, still in the sender's memory.
+struct TxFrame<'a> {
+    segs: &'a [Seg],
+    /// Offset of the Ethernet header within `segs` (the sender's virtio-net header length).
+    offset: usize,
+    len: usize,
+    hdr: VnetHeader,
+}
+
+/// Drains `port`'s TX ring: validate, switch, deliver. Called on every TX kick.
+pub fn process_tx(net: &Network, port: &GuestPort, vring: &Vring, mem: &Mem, hdr_len: usize, event_idx: bool, cx: &mut TxScratch) {
+    let ports = net.ports.read().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let mut vs = vring.get_mut();
+        if !vs.get_queue().ready() || !vs.is_enabled() {
+            return;
+        }
+        if event_idx {
+            let _ = vs.disable_notification();
+        }
+        let now = net.now_ms();
+        let mut n = 0;
+        while n < TX_BATCH {
+            let Some(chain) = vs.get_queue_mut().pop_descriptor_chain(mem) else { break };
+            let head = chain.head_index();
+            n += 1;
+            cx.tx_segs.clear();
+            match collect_chain(chain, mem, false, hdr_len + MAX_FRAME_LEN, &mut cx.tx_segs) {
+                Ok(total) => {
+                    let segs = std::mem::take(&mut cx.tx_segs);
+                    if let Err(r) = switch_frame(net, &ports, port, &segs, total, hdr_len, now, cx) {
+                        port.counters.dropped(r);
+                        net.log_drop(port, r);
+                    }
+                    cx.tx_segs = segs;
+                }
+                Err(r) => {
+                    port.counters.dropped(r);
+                    net.log_drop(port, r);
+                }
+            }
+            // TX buffers are returned with length 0 whatever happened to the frame.
+            if vs.get_queue_mut().add_used(mem, head, 0).is_err() {
+                break;
+            }
+        }
+        notify_receivers(&ports, cx);
+        if vs.needs_notification().unwrap_or(true) {
+            let _ = vs.signal_used_queue();
+        }
+        if n == TX_BATCH {
+            continue;
+        }
+        if event_idx && vs.enable_notification().unwrap_or(false) {
+            continue;
+        }
+        return;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn switch_frame(
+    net: &Network,
+    ports: &[std::sync::Arc<GuestPort>],
+    port: &GuestPort,
+    segs: &[Seg],
+    total: usize,
+    hdr_len: usize,
+    now: u64,
+    cx: &mut TxScratch,
+) -> Result<(), DropReason> {
+    if total < hdr_len + MIN_FRAME_LEN {
+        return Err(DropReason::ShortFrame);
+    }
+    let len = total - hdr_len;
+    let mut head = [0u8; HDR_LEN + 14];
+    gather(segs, 0, &mut head[..hdr_len + 14]);
+    let hdr = VnetHeader::parse(&head[..hdr_len]);
+    hdr.validate_tx(len)?;
+    let eth = &head[hdr_len..hdr_len + 14];
+    let (src, dst) = (src_mac(eth), dst_mac(eth));
+    if is_multicast(&src) {
+        return Err(DropReason::BadSourceMac);
+    }
+    port.counters.received(len);
+    let frame = TxFrame { segs, offset: hdr_len, len, hdr };
+    let decision = net.macs.lock().unwrap_or_else(|e| e.into_inner()).forward(src, dst, port.id, now);
+    match decision {
+        Decision::Unicast(to) => {
+            if let Some(dest) = ports.get(to) {
+                deliver(dest, &frame, cx);
+            }
+        }
+        Decision::Flood => {
+            for dest in ports.iter().filter(|p| p.id != port.id) {
+                deliver(dest, &frame, cx);
+            }
+        }
+        Decision::Discard => {}
+    }
+    Ok(())
+}
+
+/// Delivers one frame to one receiving port, counting a drop on the receiver if it cannot take
+/// it right now (not connected, ring full, buffers too small).
+fn deliver(dest: &GuestPort, f: &TxFrame, cx: &mut TxScratch) {
+    if !dest.connected.load(Ordering::Relaxed) {
+        dest.counters.dropped(DropReason::PortDown);
+        return;
+    }
+    let target = dest.rx.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(t) = target.as_ref() else {
+        dest.counters.dropped(DropReason::PortDown);
+        return;
+    };
+    let dmem = t.mem.memory();
+    let mut vs = t.vring.get_mut();
+    if !vs.get_queue().ready() || !vs.is_enabled() {
+        dest.counters.dropped(DropReason::PortDown);
+        return;
+    }
+    let caps = t.caps;
+    let q = vs.get_queue_mut();
+    let result = match delivery(&f.hdr, &caps) {
+        Delivery::PassThrough => {
+            let h = rx_header(&f.hdr, 0);
+            write_rx(q, &dmem, &caps, h, f.segs, f.offset, f.len, cx)
+        }
+        Delivery::CompleteChecksum => {
+            let mut frame = std::mem::take(&mut cx.frame);
+            frame.resize(f.len, 0);
+            gather(f.segs, f.offset, &mut frame);
+            let r = complete_checksum(&mut frame, f.hdr.csum_start as usize, f.hdr.csum_offset as usize)
+                .and_then(|_| write_rx(q, &dmem, &caps, VnetHeader::default(), &[Seg::of_slice(&frame)], 0, frame.len(), cx));
+            cx.frame = frame;
+            r
+        }
+        Delivery::Segment => {
+            let mut frame = std::mem::take(&mut cx.frame);
+            let mut seg = std::mem::take(&mut cx.segment);
+            frame.resize(f.len, 0);
+            gather(f.segs, f.offset, &mut frame);
+            let mut first_err = None;
+            let r = segment_tcp(&frame, &f.hdr, &mut seg, |s| {
+                match write_rx(q, &dmem, &caps, VnetHeader::default(), &[Seg::of_slice(s)], 0, s.len(), cx) {
+                    Ok(()) => dest.counters.delivered(s.len()),
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            });
+            cx.frame = frame;
+            cx.segment = seg;
+            match (r, first_err) {
+                (Err(e), _) | (Ok(_), Some(e)) => Err(e),
+                (Ok(_), None) => {
+                    mark_notify(cx, dest.id);
+                    return;
+                }
+            }
+        }
+    };
+    match result {
+        Ok(()) => {
+            dest.counters.delivered(f.len);
+            mark_notify(cx, dest.id);
+        }
+        Err(e) => dest.counters.dropped(e),
+    }
+}
+
+fn mark_notify(cx: &mut TxScratch, id: PortId) {
+    if !cx.notify.contains(&id) {
+        cx.notify.push(id);
+    }
+}
+
+/// One interrupt per receiver per batch (and none when EVENT_IDX says the guest is not
+/// waiting).
+fn notify_receivers(ports: &[std::sync::Arc<GuestPort>], cx: &mut TxScratch) {
+    for id in cx.notify.drain(..) {
+        let Some(dest) = ports.get(id) else { continue };
+        let target = dest.rx.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = target.as_ref() {
+            let mut vs = t.vring.get_mut();
+            if vs.needs_notification().unwrap_or(true) {
+                let _ = vs.signal_used_queue();
+            }
+        }
+    }
+}
+
+/// Writes a virtio-net header and `len` bytes from `src` (from `src_off` on) into the
+/// receiver's RX ring: one chain, or with MRG_RXBUF as many as needed (`num_buffers`).
+/// On failure every chain taken is put back untouched.
+#[allow(clippy::too_many_arguments)]
+fn write_rx(
+    q: &mut virtio_queue::Queue,
+    mem: &Mem,
+    caps: &RxCaps,
+    mut hdr: VnetHeader,
+    src: &[Seg],
+    src_off: usize,
+    len: usize,
+    cx: &mut TxScratch,
+) -> Result<(), DropReason> {
+    let need = caps.hdr_len + len;
+    cx.rx_segs.clear();
+    cx.rx_chains.clear();
+    let mut cap = 0usize;
+    let rollback = |q: &mut virtio_queue::Queue, n: usize| {
+        for _ in 0..n {
+            q.go_to_previous_position();
+        }
+    };
+    while cap < need {
+        let Some(chain) = q.pop_descriptor_chain(mem) else {
+            rollback(q, cx.rx_chains.len());
+            return Err(DropReason::NoRxBuffer);
+        };
+        let head = chain.head_index();
+        let start = cx.rx_segs.len();
+        match collect_chain(chain, mem, true, usize::MAX >> 1, &mut cx.rx_segs) {
+            Ok(c) => {
+                cx.rx_chains.push((head, c));
+                cap += c;
+            }
+            Err(_) if cx.rx_chains.is_empty() => {
+                // A broken receive buffer is handed back empty so the guest gets it back.
+                cx.rx_segs.truncate(start);
+                let _ = q.add_used(mem, head, 0);
+                continue;
+            }
+            Err(e) => {
+                rollback(q, cx.rx_chains.len() + 1);
+                return Err(e);
+            }
+        }
+        if !caps.mrg_rxbuf && cap < need {
+            rollback(q, 1);
+            return Err(DropReason::RxBufferTooSmall);
+        }
+    }
+    hdr.num_buffers = cx.rx_chains.len() as u16;
+    let mut h = [0u8; HDR_LEN];
+    hdr.write(&mut h[..caps.hdr_len]);
+    copy_segs(&cx.rx_segs, 0, &[Seg::of_slice(&h[..caps.hdr_len])], 0, caps.hdr_len);
+    copy_segs(&cx.rx_segs, caps.hdr_len, src, src_off, len);
+    let mut left = need;
+    for &(head, c) in &cx.rx_chains {
+        let used = c.min(left);
+        left -= used;
+        let _ = q.add_used(mem, head, used as u32);
+    }
+    Ok(())
+}
+
+/// Milliseconds since `epoch`, the switch's clock.
+pub fn ms_since(epoch: Instant) -> u64 {
+    epoch.elapsed().as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_across_uneven_segments() {
+        let src_a: Vec<u8> = (0..10).collect();
+        let src_b: Vec<u8> = (10..25).collect();
+        let mut d1 = vec![0u8; 7];
+        let mut d2 = vec![0u8; 3];
+        let mut d3 = vec![0u8; 20];
+        let src = [Seg::of_slice(&src_a), Seg::of_slice(&src_b)];
+        let dst = [Seg::of_mut(&mut d1), Seg::of_mut(&mut d2), Seg::of_mut(&mut d3)];
+        copy_segs(&dst, 2, &src, 3, 20);
+        let mut all = d1.clone();
+        all.extend(&d2);
+        all.extend(&d3);
+        let want: Vec<u8> = [vec![0, 0], (3..23).collect::<Vec<u8>>(), vec![0; 8]].concat();
+        assert_eq!(all, want);
+        let mut out = [0u8; 30];
+        assert_eq!(gather(&src, 20, &mut out), 5);
+        assert_eq!(&out[..5], &[20, 21, 22, 23, 24]);
+        d1.clear();
+        d2.clear();
+        d3.clear();
+    }
+}

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod datapath;
 pub mod network;
+pub mod proxy;
 pub mod vhost_port;
 
 pub use config::{Config, ConfigError, Mode, PortMode};

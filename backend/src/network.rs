@@ -3,7 +3,7 @@
 //! one after another, for as long as vunet runs.
 
 use std::io;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -93,6 +93,27 @@ impl Network {
 /// The running daemon: every network of a configuration.
 pub struct Daemon {
     pub networks: Vec<Arc<Network>>,
+    /// Private (0700) directory for the sockets between the relay and the vhost-user daemons.
+    internal_dir: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.internal_dir);
+    }
+}
+
+fn private_dir() -> io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let dir = std::env::temp_dir().join(format!("vunet-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 impl Daemon {
@@ -109,21 +130,24 @@ impl Daemon {
                 }
             }
         }
+        let internal_dir = private_dir().map_err(|e| StartError::Thread(format!("cannot create a private directory in {}: {}", std::env::temp_dir().display(), io_reason(&e))))?;
         let mut listeners = listeners.into_iter();
         let mut networks = Vec::new();
-        for n in &cfg.networks {
+        for (ni, n) in cfg.networks.iter().enumerate() {
             let net = Arc::new(new_network(n));
             for port in net.ports.read().unwrap_or_else(|e| e.into_inner()).iter() {
                 let listener = listeners.next().flatten();
+                let internal_path = internal_dir.join(format!("n{ni}p{}.sock", port.id));
+                let internal = Listener::new(&internal_path, true).map_err(|e| StartError::Thread(format!("internal socket {}: {e}", internal_path.display())))?;
                 let (net2, port2) = (net.clone(), port.clone());
                 thread::Builder::new()
                     .name(format!("port-{}", port.name))
-                    .spawn(move || serve_port(net2, port2, listener))
+                    .spawn(move || serve_port(net2, port2, listener, internal, internal_path))
                     .map_err(|e| StartError::Thread(e.to_string()))?;
             }
             networks.push(net);
         }
-        Ok(Daemon { networks })
+        Ok(Daemon { networks, internal_dir })
     }
 
     pub fn network(&self, name: &str) -> Option<&Arc<Network>> {
@@ -157,7 +181,7 @@ fn new_network(n: &NetworkConfig) -> Network {
 
 /// Binds a server-mode socket, refusing to steal one a live process is listening on and
 /// replacing a stale one left by a crash.
-pub fn bind_socket(p: &PortConfig) -> Result<Listener, StartError> {
+pub fn bind_socket(p: &PortConfig) -> Result<UnixListener, StartError> {
     let path = &p.socket;
     let port = p.name.clone();
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -174,61 +198,65 @@ pub fn bind_socket(p: &PortConfig) -> Result<Listener, StartError> {
         }
         let _ = std::fs::remove_file(path);
     }
-    Listener::new(path, false).map_err(|e| StartError::Listen {
-        port,
-        path: path.clone(),
-        reason: match e {
-            vhost::vhost_user::Error::SocketError(io) => io_reason(&io),
-            other => other.to_string(),
-        },
-    })
+    UnixListener::bind(path).map_err(|e| StartError::Listen { port, path: path.clone(), reason: io_reason(&e) })
 }
 
-/// Serves one port forever: one vhost-user connection after another.
-fn serve_port(net: Arc<Network>, port: Arc<GuestPort>, mut listener: Option<Listener>) {
+/// Waits for the next VMM connection: accepted on the port's socket (server mode), or made to
+/// the VMM's socket, retried every 100 ms (client mode).
+fn next_frontend(net: &Network, port: &GuestPort, listener: Option<&UnixListener>) -> UnixStream {
     let mut waiting_logged = false;
     loop {
-        let mem: GuestMem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let device = match PortDevice::new(net.clone(), port.clone(), mem.clone()) {
-            Ok(d) => Arc::new(d),
-            Err(e) => {
-                warn!(port = %port.name, "cannot create the device: {e}; retrying");
-                thread::sleep(Duration::from_secs(1));
-                continue;
-            }
+        let r = match listener {
+            Some(l) => l.accept().map(|(s, _)| s),
+            None => UnixStream::connect(&port.socket),
         };
-        let mut daemon = match VhostUserDaemon::new(format!("vu-{}", port.name), device.clone(), mem) {
-            Ok(d) => d,
+        match r {
+            Ok(s) => return s,
             Err(e) => {
-                warn!(port = %port.name, "cannot create the vhost-user daemon: {e}; retrying");
-                thread::sleep(Duration::from_secs(1));
-                continue;
-            }
-        };
-        let started = match listener.as_mut() {
-            Some(l) => daemon.start(l),
-            None => {
-                let path = port.socket.to_string_lossy().into_owned();
-                let r = daemon.start_client(&path);
-                if r.is_err() {
-                    if !waiting_logged {
-                        info!(network = %net.name, port = %port.name, socket = %path, "waiting for the VMM to listen on the socket");
-                        waiting_logged = true;
+                if !waiting_logged {
+                    match listener {
+                        Some(_) => warn!(network = %net.name, port = %port.name, "accept failed: {}", io_reason(&e)),
+                        None => info!(network = %net.name, port = %port.name, socket = %port.socket.display(), "waiting for the VMM to listen on the socket ({})", io_reason(&e)),
                     }
-                    device.notify_exit();
-                    thread::sleep(Duration::from_millis(100));
-                    continue;
+                    waiting_logged = true;
                 }
-                r
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Serves one port forever: one vhost-user connection after another, each with a fresh
+/// device and daemon.
+fn serve_port(net: Arc<Network>, port: Arc<GuestPort>, listener: Option<UnixListener>, mut internal: Listener, internal_path: PathBuf) {
+    loop {
+        let frontend = next_frontend(&net, &port, listener.as_ref());
+        let mem: GuestMem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let started = PortDevice::new(net.clone(), port.clone(), mem.clone())
+            .map_err(|e| e.to_string())
+            .and_then(|d| {
+                let d = Arc::new(d);
+                VhostUserDaemon::new(format!("vu-{}", port.name), d.clone(), mem).map(|daemon| (d, daemon)).map_err(|e| e.to_string())
+            })
+            .and_then(|(d, mut daemon)| {
+                let backend_end = UnixStream::connect(&internal_path).map_err(|e| e.to_string())?;
+                crate::proxy::spawn(frontend, backend_end, &port.name).map_err(|e| e.to_string())?;
+                match daemon.start(&mut internal) {
+                    Ok(()) => Ok((d, daemon)),
+                    Err(e) => {
+                        d.notify_exit();
+                        Err(e.to_string())
+                    }
+                }
+            });
+        let (_device, mut daemon) = match started {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(network = %net.name, port = %port.name, "cannot serve the connection: {e}");
+                thread::sleep(Duration::from_millis(100));
+                continue;
             }
         };
-        if let Err(e) = started {
-            warn!(port = %port.name, "connection failed: {e}");
-            device.notify_exit();
-            thread::sleep(Duration::from_millis(100));
-            continue;
-        }
-        waiting_logged = false;
         port.connections.fetch_add(1, Ordering::Relaxed);
         port.connected.store(true, Ordering::Release);
         info!(network = %net.name, port = %port.name, "guest connected");

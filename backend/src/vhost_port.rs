@@ -122,6 +122,7 @@ impl VhostUserBackend for PortDevice {
     }
 
     fn acked_features(&self, features: u64) {
+        tracing::debug!(port = %self.port.name, features = format_args!("{features:#x}"), "features acked");
         self.acked.store(features, Ordering::Release);
         self.port.features.store(features, Ordering::Relaxed);
         // A renegotiation (guest driver reload) changes what the receiver accepts.
@@ -164,6 +165,7 @@ impl VhostUserBackend for PortDevice {
 
     fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[Vring], _thread: usize) -> io::Result<()> {
         // Never return an error for anything a guest did: an error ends the worker thread.
+        tracing::trace!(port = %self.port.name, device_event, "event");
         if evset != EventSet::IN || vrings.len() < NUM_QUEUES {
             return Ok(());
         }

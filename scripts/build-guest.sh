@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Builds the tiny test guest from Debian packages: the Debian kernel (vmlinuz) and an initramfs
+# with busybox, iperf3 and the virtio-net modules. The result is cached in guest/ (or
+# $VUNET_GUEST_DIR) and rebuilt only when missing.
+#
+# The guest's /init loads virtio-net, brings eth0 up, then runs /test.sh, which a test appends
+# to the initramfs as a second cpio archive (the kernel unpacks concatenated archives).
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+out=${VUNET_GUEST_DIR:-$here/guest}
+if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.gz" ]; then
+  exit 0
+fi
+"$here/scripts/install-deps.sh"
+mkdir -p "$out"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+# linux-image-amd64 is a metapackage: find the versioned kernel package it depends on.
+kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+if [ -z "$kpkg" ]; then
+  apt-get update -qq
+  kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+fi
+apt-get download "$kpkg" >/dev/null
+dpkg -x ./*.deb kernel
+cp kernel/boot/vmlinuz-* "$out/vmlinuz.tmp"
+
+root=$work/root
+mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,etc,lib/modules,usr/bin,root}
+cp /bin/busybox "$root/bin/busybox"
+for applet in $("$root/bin/busybox" --list); do
+  [ "$applet" = busybox ] && continue
+  ln -sf busybox "$root/bin/$applet"
+done
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net; do
+  f=$(find kernel/lib/modules -name "$m.ko*" | head -n1)
+  [ -n "$f" ] || continue
+  case "$f" in
+    *.xz) xz -dc "$f" > "$root/lib/modules/$m.ko" ;;
+    *.zst) zstd -dcq "$f" > "$root/lib/modules/$m.ko" ;;
+    *) cp "$f" "$root/lib/modules/$m.ko" ;;
+  esac
+done
+# iperf3 and the shared libraries it needs.
+cp /usr/bin/iperf3 "$root/usr/bin/iperf3"
+for lib in $(ldd /usr/bin/iperf3 | grep -o '/[^ ]*'); do
+  mkdir -p "$root$(dirname "$lib")"
+  cp -L "$lib" "$root$lib"
+done
+cat > "$root/init" <<'INIT'
+#!/bin/sh
+export PATH=/bin:/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for i in 1 2 3 4; do
+  for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net; do
+    insmod /lib/modules/$m.ko 2>/dev/null
+  done
+done
+ip link set lo up
+ip link set eth0 up 2>/dev/null
+echo VUNET-GUEST-UP
+if [ -f /test.sh ]; then sh /test.sh; echo "VUNET-TEST-EXIT $?"; fi
+poweroff -f
+INIT
+chmod +x "$root/init"
+(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/initramfs.gz.tmp"
+mv "$out/vmlinuz.tmp" "$out/vmlinuz"
+mv "$out/initramfs.gz.tmp" "$out/initramfs.gz"
+echo "guest image: $out (kernel $kpkg)" >&2

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the Debian packages vunet's tests and benchmarks need. Idempotent: does nothing when
+# everything is present. Usage: scripts/install-deps.sh [--bench]
+set -euo pipefail
+pkgs=(qemu-system-x86 busybox-static iperf3 cpio)
+[ "${1:-}" = "--bench" ] && pkgs+=(dpdk bridge-utils)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

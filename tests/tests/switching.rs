@@ -1,0 +1,373 @@
+//! The daemon driven by simulated guests (the Rust vhost-user frontend in `vunet-tests`):
+//! learning, flooding, offloads, and every kind of malformed descriptor a guest could post.
+
+use std::time::Duration;
+
+use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+use vunet_switch::checksum::{finish, pseudo_v4, sum};
+use vunet_switch::vnet::{VnetHeader, F_NEEDS_CSUM, GSO_TCPV4};
+use vunet_switch::DropReason;
+use vunet_tests::*;
+
+const A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xa];
+const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xb];
+const C: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xc];
+const BCAST: [u8; 6] = [0xff; 6];
+const T: Duration = Duration::from_secs(5);
+const QUIET: Duration = Duration::from_millis(200);
+
+fn connect_all(socks: &[std::path::PathBuf], opts: &[SimOptions]) -> Vec<VmSim> {
+    socks
+        .iter()
+        .zip(opts)
+        .map(|(s, o)| {
+            let mut vm = VmSim::connect(s, o.clone()).expect("connect");
+            vm.post_rx(QUEUE_SIZE);
+            vm
+        })
+        .collect()
+}
+
+fn counters(d: &vunet::Daemon, port: &str) -> vunet_switch::counters::CounterSnapshot {
+    d.network("test").unwrap().port(port).unwrap().counters.snapshot()
+}
+
+/// Waits until the port's worker has seen the guest's rings (the first event publishes them).
+fn settle() {
+    std::thread::sleep(Duration::from_millis(100));
+}
+
+#[test]
+fn three_guests_learning_flooding_unicast_no_echo() {
+    let dir = TempDir::new("three");
+    let (d, socks) = start_network(dir.path(), 3);
+    let mut vms = connect_all(&socks, &[SimOptions::full(), SimOptions::full(), SimOptions::full()]);
+    settle();
+
+    // Broadcast from A reaches B and C, never A itself.
+    let bc = eth_frame(BCAST, A, 0x0806, 46, 1);
+    vms[0].send(&bc);
+    assert_eq!(vms[1].recv(T).expect("B gets the broadcast").1, bc);
+    assert_eq!(vms[2].recv(T).expect("C gets the broadcast").1, bc);
+    assert!(vms[0].recv(QUIET).is_none(), "no echo to the sender");
+
+    // Unknown unicast A -> B is flooded to B and C.
+    let ab = eth_frame(B, A, 0x0800, 100, 2);
+    vms[0].send(&ab);
+    assert_eq!(vms[1].recv(T).unwrap().1, ab);
+    assert_eq!(vms[2].recv(T).unwrap().1, ab, "unknown unicast floods");
+
+    // B answers: A was learned on port 0, so only A gets it.
+    let ba = eth_frame(A, B, 0x0800, 100, 3);
+    vms[1].send(&ba);
+    assert_eq!(vms[0].recv(T).unwrap().1, ba);
+    assert!(vms[2].recv(QUIET).is_none(), "learned unicast is not flooded");
+
+    // Now B is learned too: A -> B goes only to B.
+    let ab2 = eth_frame(B, A, 0x0800, 200, 4);
+    vms[0].send(&ab2);
+    assert_eq!(vms[1].recv(T).unwrap().1, ab2);
+    assert!(vms[2].recv(QUIET).is_none());
+    assert!(vms[0].recv(QUIET).is_none());
+
+    // Multicast floods.
+    let mc = eth_frame([0x01, 0, 0x5e, 0, 0, 1], C, 0x0800, 64, 5);
+    vms[2].send(&mc);
+    assert_eq!(vms[0].recv(T).unwrap().1, mc);
+    assert_eq!(vms[1].recv(T).unwrap().1, mc);
+
+    let a = counters(&d, "p0");
+    assert_eq!(a.rx_frames, 3);
+    assert_eq!(a.rx_bytes, (bc.len() + ab.len() + ab2.len()) as u64);
+    assert_eq!(a.tx_frames, 2);
+    assert_eq!(a.total_drops(), 0);
+    let c = counters(&d, "p2");
+    assert_eq!((c.rx_frames, c.tx_frames), (1, 2));
+    assert_eq!(d.network("test").unwrap().macs.lock().unwrap().len(), 3);
+}
+
+/// A 64 KiB TCP segment with a partial checksum, as Linux hands it to virtio-net with TSO.
+fn tso_frame(payload_len: usize) -> (VnetHeader, Vec<u8>) {
+    let payload: Vec<u8> = (0..payload_len).map(|i| (i * 31 % 251) as u8).collect();
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(A, BCAST).ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64).tcp(40000, 5201, 7, 64000).ack(1).psh().write(&mut f, &payload).unwrap();
+    // Replace the full TCP checksum by the pseudo-header sum, as a CSUM-offloading sender does.
+    let l4_len = (f.len() - 34) as u16;
+    let partial = !finish(pseudo_v4(&[10, 0, 0, 1], &[10, 0, 0, 2], 6, l4_len));
+    f[34 + 16..34 + 18].copy_from_slice(&partial.to_be_bytes());
+    // The IPv4 total length of a GSO frame may exceed 16 bits' worth in theory; here it fits.
+    let hdr = VnetHeader { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV4, hdr_len: 66, gso_size: 1448, csum_start: 34, csum_offset: 16, num_buffers: 0 };
+    (hdr, f)
+}
+
+#[test]
+fn tso_frame_passes_whole_to_tso_guest_and_segmented_to_others() {
+    let dir = TempDir::new("tso");
+    let (d, socks) = start_network(dir.path(), 3);
+    let mut vms = connect_all(&socks, &[SimOptions::full(), SimOptions::full(), SimOptions::no_offloads()]);
+    settle();
+    assert!(vms[1].has(feat::GUEST_TSO4) && vms[1].has(feat::MRG_RXBUF));
+    assert!(!vms[2].has(feat::GUEST_TSO4) && !vms[2].has(feat::GUEST_CSUM));
+
+    let (hdr, frame) = tso_frame(65000);
+    assert!(frame.len() > 65000);
+    vms[0].send_with(&hdr, &frame, true);
+
+    // B negotiated GUEST_TSO4: one frame, same bytes, same offload metadata.
+    let (h, got) = vms[1].recv(T).expect("B receives the TSO frame");
+    assert_eq!(got.len(), frame.len());
+    assert_eq!(got, frame, "passed through unchanged");
+    assert_eq!((h.gso_type, h.gso_size, h.csum_start, h.csum_offset, h.flags), (GSO_TCPV4, 1448, 34, 16, F_NEEDS_CSUM));
+    assert!(h.num_buffers > 1, "64 KiB spread over 2 KiB mergeable buffers");
+    assert!(vms[1].recv(QUIET).is_none(), "exactly one frame");
+
+    // C did not: MSS-sized frames with valid checksums that carry the same byte stream.
+    let segs = vms[2].recv_all(QUIET);
+    assert_eq!(segs.len(), 65000usize.div_ceil(1448));
+    let mut stream = Vec::new();
+    for (i, (h, s)) in segs.iter().enumerate() {
+        assert_eq!(*h, VnetHeader { num_buffers: 1, ..Default::default() }, "no offload metadata for a guest without offloads");
+        assert!(s.len() <= 14 + 20 + 20 + 1448);
+        let p = SlicedPacket::from_ethernet(s).unwrap();
+        let Some(TransportSlice::Tcp(tcp)) = p.transport else { panic!("segment {i} is not TCP") };
+        assert_eq!(tcp.sequence_number(), 7 + (i * 1448) as u32);
+        assert_eq!(vunet_switch::checksum::checksum(&s[14..34]), 0, "IPv4 header checksum of segment {i}");
+        let l4 = &s[34..];
+        assert_eq!(finish(sum(l4, pseudo_v4(&[10, 0, 0, 1], &[10, 0, 0, 2], 6, l4.len() as u16))), 0, "TCP checksum of segment {i}");
+        stream.extend_from_slice(tcp.payload());
+    }
+    assert_eq!(stream, &frame[54..]);
+    let c = counters(&d, "p2");
+    assert_eq!(c.tx_frames as usize, segs.len());
+    assert_eq!(c.total_drops(), 0);
+}
+
+#[test]
+fn partial_checksum_is_completed_for_a_guest_without_guest_csum() {
+    let dir = TempDir::new("csum");
+    let (_d, socks) = start_network(dir.path(), 2);
+    let mut vms = connect_all(&socks, &[SimOptions::full(), SimOptions::no_offloads()]);
+    settle();
+    let (mut hdr, frame) = tso_frame(1000);
+    hdr.gso_type = 0;
+    hdr.gso_size = 0;
+    vms[0].send_with(&hdr, &frame, false);
+    let (h, got) = vms[1].recv(T).unwrap();
+    assert_eq!(h.flags, 0);
+    let l4 = &got[34..];
+    assert_eq!(finish(sum(l4, pseudo_v4(&[10, 0, 0, 1], &[10, 0, 0, 2], 6, l4.len() as u16))), 0);
+    assert_eq!(&got[54..], &frame[54..]);
+}
+
+/// Sends a hostile chain from port 0, checks it was returned to the guest, dropped and counted
+/// with `reason`, and that port 0 and port 1 still forward afterwards.
+fn hostile(reason: DropReason, build: impl FnOnce(&mut VmSim)) {
+    let dir = TempDir::new("hostile");
+    let (d, socks) = start_network(dir.path(), 3);
+    let mut vms = connect_all(&socks, &[SimOptions::full(), SimOptions::full(), SimOptions::full()]);
+    settle();
+    build(&mut vms[0]);
+    assert!(vms[0].wait_tx_all(T), "the bad chain is completed, not leaked");
+    assert!(vms[1].recv(QUIET).is_none(), "nothing of it was forwarded");
+    let s = counters(&d, "p0");
+    assert_eq!(s.drop_count(reason), 1, "dropped as {reason:?}: {s:?}");
+    assert_eq!(s.total_drops(), 1);
+    // The same port still works, and so do the others.
+    let f = eth_frame(BCAST, A, 0x0800, 60, 9);
+    vms[0].send(&f);
+    assert_eq!(vms[1].recv(T).expect("port 0 still forwards").1, f);
+    let g = eth_frame(BCAST, C, 0x0800, 60, 8);
+    vms[2].send(&g);
+    assert_eq!(vms[0].recv(T).expect("port 2 still forwards").1, g);
+    assert_eq!(vms[1].recv(T).unwrap().1, g);
+}
+
+#[test]
+fn hostile_descriptor_outside_guest_memory() {
+    hostile(DropReason::BadAddress, |vm| vm.send_raw_chain(250, &[(0x7fff_0000_0000, 100, 0, 0)], 250));
+}
+
+#[test]
+fn hostile_descriptor_straddling_the_end_of_memory() {
+    hostile(DropReason::BadAddress, |vm| vm.send_raw_chain(250, &[(MEM_SIZE as u64 - 40, 100, 0, 0)], 250));
+}
+
+#[test]
+fn hostile_looping_chain() {
+    hostile(DropReason::ChainLoop, |vm| {
+        let a = vm.scratch_gpa();
+        vm.write_mem(a, &[0u8; 12]);
+        vm.send_raw_chain(250, &[(a, 40, VIRTQ_DESC_F_NEXT, 251), (a, 40, VIRTQ_DESC_F_NEXT, 250)], 250)
+    });
+}
+
+#[test]
+fn hostile_next_index_outside_the_table() {
+    hostile(DropReason::ChainLoop, |vm| {
+        let a = vm.scratch_gpa();
+        vm.send_raw_chain(250, &[(a, 80, VIRTQ_DESC_F_NEXT, 9999)], 250)
+    });
+}
+
+#[test]
+fn hostile_zero_length_chain() {
+    hostile(DropReason::ShortFrame, |vm| {
+        let a = vm.scratch_gpa();
+        vm.send_raw_chain(250, &[(a, 0, 0, 0)], 250)
+    });
+}
+
+#[test]
+fn hostile_chain_shorter_than_the_virtio_net_header() {
+    hostile(DropReason::ShortFrame, |vm| {
+        let a = vm.scratch_gpa();
+        vm.send_raw_chain(250, &[(a, 8, 0, 0)], 250)
+    });
+}
+
+#[test]
+fn hostile_frame_over_64k() {
+    hostile(DropReason::Oversize, |vm| {
+        let a = vm.scratch_gpa();
+        let f = eth_frame(BCAST, A, 0x0800, 70_000, 1);
+        vm.write_mem(a, &[0u8; 12]);
+        vm.write_mem(a + 12, &f);
+        vm.send_raw_chain(250, &[(a, 12 + f.len() as u32, 0, 0)], 250)
+    });
+}
+
+#[test]
+fn hostile_garbage_in_the_header() {
+    hostile(DropReason::BadHeader, |vm| {
+        let h = VnetHeader { flags: 0xff, gso_type: 0x42, hdr_len: 0xffff, gso_size: 0, csum_start: 0xfff0, csum_offset: 0xffff, num_buffers: 77 };
+        vm.send_with(&h, &eth_frame(BCAST, A, 0x0800, 100, 1), false)
+    });
+}
+
+#[test]
+fn hostile_device_writable_descriptor_on_tx() {
+    hostile(DropReason::BadDescriptor, |vm| {
+        let a = vm.scratch_gpa();
+        vm.send_raw_chain(250, &[(a, 100, VIRTQ_DESC_F_WRITE, 0)], 250)
+    });
+}
+
+#[test]
+fn hostile_broadcast_source_mac() {
+    hostile(DropReason::BadSourceMac, |vm| vm.send(&eth_frame(B, BCAST, 0x0800, 60, 1)));
+}
+
+#[test]
+fn full_receiver_ring_drops_and_counts_without_blocking_others() {
+    let dir = TempDir::new("full");
+    let (d, socks) = start_network(dir.path(), 3);
+    let mut vms = connect_all(&socks, &[SimOptions::full(), SimOptions::full(), SimOptions::full()]);
+    settle();
+    // Port 1 never gives its receive buffers back: after 256 frames its ring is full.
+    // Port 2 drains as it goes.
+    let mut got = 0;
+    for round in 0..3u32 {
+        for i in 0..100u32 {
+            vms[0].send(&eth_frame(BCAST, A, 0x0800, 60, (round * 100 + i) as u8));
+        }
+        assert!(vms[0].wait_tx_all(T));
+        got += vms[2].recv_all(QUIET).len();
+    }
+    assert_eq!(got, 300, "port 2 (draining) got everything");
+    let s = counters(&d, "p1");
+    assert_eq!(s.tx_frames + s.drop_count(DropReason::NoRxBuffer), 300);
+    assert_eq!(s.tx_frames, QUEUE_SIZE as u64, "port 1 filled its ring, the rest dropped");
+}
+
+#[test]
+fn cloud_hypervisor_handshake_then_frames() {
+    let dir = TempDir::new("ch");
+    let (d, socks) = start_network(dir.path(), 2);
+    let ch = SimOptions { handshake: Handshake::CloudHypervisor, accept_features: u64::MAX, ..SimOptions::full() };
+    let mut vms = connect_all(&socks, &[ch.clone(), ch]);
+    settle();
+    let vm = &vms[0];
+    let want = vhost::vhost_user::message::VhostUserProtocolFeatures::MQ
+        | vhost::vhost_user::message::VhostUserProtocolFeatures::REPLY_ACK
+        | vhost::vhost_user::message::VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | vhost::vhost_user::message::VhostUserProtocolFeatures::CONFIG;
+    assert_eq!(vm.protocol_features, want);
+    assert_eq!(vm.queue_num, Some(2));
+    let cfg = vm.config.clone().unwrap();
+    assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]), 1, "link up");
+    assert_eq!(u16::from_le_bytes([cfg[8], cfg[9]]), 1, "one queue pair");
+    assert_eq!(u16::from_le_bytes([cfg[10], cfg[11]]), 1500, "MTU");
+    assert!(vm.has(feat::EVENT_IDX) && vm.has(feat::VERSION_1) && vm.has(feat::HOST_TSO4));
+    let f = eth_frame(B, A, 0x0800, 500, 3);
+    vms[0].send(&f);
+    assert_eq!(vms[1].recv(T).unwrap().1, f);
+    let g = eth_frame(A, B, 0x0800, 500, 4);
+    vms[1].send(&g);
+    assert_eq!(vms[0].recv(T).unwrap().1, g);
+    assert_eq!(counters(&d, "p0").total_drops(), 0);
+}
+
+#[test]
+fn guest_reconnects_to_the_same_port_without_disturbing_others() {
+    let dir = TempDir::new("reconnect");
+    let (d, socks) = start_network(dir.path(), 3);
+    let mut vms = connect_all(&socks, &[SimOptions::full(), SimOptions::full(), SimOptions::full()]);
+    settle();
+    // Port 1's guest vanishes mid-transfer (its socket closes; like QEMU killed).
+    vms[0].send(&eth_frame(BCAST, A, 0x0800, 60, 1));
+    let gone = vms.remove(1);
+    drop(gone);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!d.network("test").unwrap().port("p1").unwrap().connected.load(std::sync::atomic::Ordering::Relaxed));
+    // The others keep talking.
+    let f = eth_frame(BCAST, A, 0x0800, 60, 2);
+    vms[0].send(&f);
+    let got: Vec<_> = vms[1].recv_all(QUIET).into_iter().map(|x| x.1).collect();
+    assert!(got.contains(&f));
+    // A new guest takes the port, and traffic flows both ways.
+    let mut again = VmSim::connect(&socks[1], SimOptions::full()).unwrap();
+    again.post_rx(QUEUE_SIZE);
+    settle();
+    let g = eth_frame(BCAST, A, 0x0800, 60, 3);
+    vms[0].send(&g);
+    assert_eq!(again.recv(T).expect("the new guest receives").1, g);
+    let h = eth_frame(A, B, 0x0800, 60, 4);
+    again.send(&h);
+    assert_eq!(vms[0].recv(T).unwrap().1, h);
+    assert_eq!(d.network("test").unwrap().port("p1").unwrap().connections.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
+#[test]
+fn client_mode_port_connects_and_reconnects() {
+    let dir = TempDir::new("client");
+    let server_sock = dir.path().join("p0.sock");
+    let client_sock = dir.path().join("vmm.sock");
+    let toml = format!(
+        "[[network]]\nname = \"test\"\nmode = \"isolated\"\ngateway = \"10.0.0.1/24\"\n[[network.port]]\nname = \"p0\"\nsocket = \"{}\"\n[[network.port]]\nname = \"p1\"\nsocket = \"{}\"\nmode = \"client\"\n",
+        server_sock.display(),
+        client_sock.display()
+    );
+    let cfg = vunet::Config::parse(&toml, "t.toml", dir.path()).unwrap();
+    // vunet starts first and keeps retrying until the "VMM" listens.
+    let _d = vunet::Daemon::start(&cfg).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut a = VmSim::connect(&server_sock, SimOptions::full()).unwrap();
+    a.post_rx(QUEUE_SIZE);
+    for round in 0..2u8 {
+        let listener = std::os::unix::net::UnixListener::bind(&client_sock).unwrap();
+        let (stream, _) = listener.accept().unwrap();
+        let mut b = VmSim::handshake(stream, SimOptions::full()).unwrap();
+        b.post_rx(QUEUE_SIZE);
+        settle();
+        let f = eth_frame(BCAST, A, 0x0800, 60, round);
+        a.send(&f);
+        assert_eq!(b.recv(T).expect("client-mode port receives").1, f);
+        let g = eth_frame(A, B, 0x0800, 60, round + 10);
+        b.send(&g);
+        assert_eq!(a.recv(T).unwrap().1, g);
+        // The VMM goes away; vunet reconnects when it is back.
+        drop(b);
+        drop(listener);
+        let _ = std::fs::remove_file(&client_sock);
+    }
+}

@@ -9,6 +9,7 @@
 //! Locks: a sender holds its own TX vring and takes one receiver's RX lock at a time, so two
 //! guests sending to each other never wait on each other in a cycle.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -159,6 +160,119 @@ pub struct TxScratch {
     notify: Vec<PortId>,
 }
 
+/// Frames waiting for a receiver whose ring was full, like a tap device's queue: a TCP
+/// burst into a momentarily slow guest is held (one extra copy) instead of dropped, and the
+/// sender never waits. Bounded in frames and bytes; beyond that, frames are dropped and counted.
+#[derive(Default)]
+pub struct Backlog {
+    frames: VecDeque<(VnetHeader, Vec<u8>)>,
+    bytes: usize,
+    pool: Vec<Vec<u8>>,
+}
+
+pub const BACKLOG_MAX_FRAMES: usize = 1024;
+pub const BACKLOG_MAX_BYTES: usize = 4 << 20;
+
+impl Backlog {
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    fn push(&mut self, hdr: VnetHeader, src: &[Seg], off: usize, len: usize) -> Result<(), DropReason> {
+        if self.frames.len() >= BACKLOG_MAX_FRAMES || self.bytes + len > BACKLOG_MAX_BYTES {
+            return Err(DropReason::NoRxBuffer);
+        }
+        let mut buf = self.pool.pop().unwrap_or_default();
+        buf.resize(len, 0);
+        gather(src, off, &mut buf);
+        self.bytes += len;
+        self.frames.push_back((hdr, buf));
+        Ok(())
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((_, buf)) = self.frames.pop_front() {
+            self.bytes -= buf.len();
+            if self.pool.len() < 64 {
+                self.pool.push(buf);
+            }
+        }
+    }
+}
+
+/// Writes as much of the backlog as the receiver's ring takes. Returns true if it emptied.
+fn flush_backlog(dest: &GuestPort, backlog: &mut Backlog, q: &mut virtio_queue::Queue, mem: &Mem, caps: &RxCaps, cx: &mut TxScratch) -> bool {
+    while let Some((h, data)) = backlog.frames.front() {
+        match write_rx(q, mem, caps, *h, &[Seg::of_slice(data)], 0, data.len(), cx) {
+            Ok(()) => dest.counters.delivered(data.len()),
+            Err(DropReason::NoRxBuffer) => return false,
+            Err(e) => dest.counters.dropped(e),
+        }
+        backlog.pop_front();
+    }
+    true
+}
+
+/// Called when the receiving guest posts buffers (its RX kick): drain what waited for them.
+pub fn flush_pending(port: &GuestPort, cx: &mut TxScratch) {
+    let mut target = port.rx.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(t) = target.as_mut() else { return };
+    if t.backlog.is_empty() {
+        return;
+    }
+    let dmem = t.mem.memory();
+    let mut vs = t.vring.get_mut();
+    if !vs.get_queue().ready() || !vs.is_enabled() {
+        return;
+    }
+    let caps = t.caps;
+    let q = vs.get_queue_mut();
+    let mut moved = false;
+    for _ in 0..4 {
+        let before = t.backlog.frames.len();
+        let done = flush_backlog(port, &mut t.backlog, q, &dmem, &caps, cx);
+        moved |= t.backlog.frames.len() != before;
+        // Still waiting: ask for a kick when more buffers come; if some came meanwhile, retry.
+        if done || !q.enable_notification(&*dmem).unwrap_or(false) {
+            break;
+        }
+    }
+    if moved && vs.needs_notification().unwrap_or(true) {
+        let _ = vs.signal_used_queue();
+    }
+}
+
+/// Delivers `len` bytes from `src` with header `hdr` into a receiver: straight into its ring,
+/// or behind frames already waiting in its backlog, or into the backlog if the ring is full.
+#[allow(clippy::too_many_arguments)]
+fn deliver_or_queue(
+    dest: &GuestPort,
+    backlog: &mut Backlog,
+    q: &mut virtio_queue::Queue,
+    mem: &Mem,
+    caps: &RxCaps,
+    hdr: VnetHeader,
+    src: &[Seg],
+    off: usize,
+    len: usize,
+    cx: &mut TxScratch,
+) -> Result<(), DropReason> {
+    if !backlog.is_empty() && !flush_backlog(dest, backlog, q, mem, caps, cx) {
+        return backlog.push(hdr, src, off, len);
+    }
+    match write_rx(q, mem, caps, hdr, src, off, len, cx) {
+        Err(DropReason::NoRxBuffer) => {
+            backlog.push(hdr, src, off, len)?;
+            // Ask the guest to kick when it posts buffers; if it already did, flush now.
+            if q.enable_notification(mem).unwrap_or(false) {
+                flush_backlog(dest, backlog, q, mem, caps, cx);
+            }
+            Ok(())
+        }
+        r => r.map(|()| dest.counters.delivered(len)),
+    }
+}
+
 /// A frame from a TX chain, validated, still in the sender's memory.
 struct TxFrame<'a> {
     segs: &'a [Seg],
@@ -263,14 +377,14 @@ fn switch_frame(
 }
 
 /// Delivers one frame to one receiving port, counting a drop on the receiver if it cannot take
-/// it right now (not connected, ring full, buffers too small).
+/// it (not connected, ring and backlog full, buffers too small).
 fn deliver(dest: &GuestPort, f: &TxFrame, cx: &mut TxScratch) {
     if !dest.connected.load(Ordering::Relaxed) {
         dest.counters.dropped(DropReason::PortDown);
         return;
     }
-    let target = dest.rx.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(t) = target.as_ref() else {
+    let mut target = dest.rx.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(t) = target.as_mut() else {
         dest.counters.dropped(DropReason::PortDown);
         return;
     };
@@ -281,18 +395,16 @@ fn deliver(dest: &GuestPort, f: &TxFrame, cx: &mut TxScratch) {
         return;
     }
     let caps = t.caps;
+    let backlog = &mut t.backlog;
     let q = vs.get_queue_mut();
     let result = match delivery(&f.hdr, &caps) {
-        Delivery::PassThrough => {
-            let h = rx_header(&f.hdr, 0);
-            write_rx(q, &dmem, &caps, h, f.segs, f.offset, f.len, cx)
-        }
+        Delivery::PassThrough => deliver_or_queue(dest, backlog, q, &dmem, &caps, rx_header(&f.hdr, 0), f.segs, f.offset, f.len, cx),
         Delivery::CompleteChecksum => {
             let mut frame = std::mem::take(&mut cx.frame);
             frame.resize(f.len, 0);
             gather(f.segs, f.offset, &mut frame);
             let r = complete_checksum(&mut frame, f.hdr.csum_start as usize, f.hdr.csum_offset as usize)
-                .and_then(|_| write_rx(q, &dmem, &caps, VnetHeader::default(), &[Seg::of_slice(&frame)], 0, frame.len(), cx));
+                .and_then(|_| deliver_or_queue(dest, backlog, q, &dmem, &caps, VnetHeader::default(), &[Seg::of_slice(&frame)], 0, frame.len(), cx));
             cx.frame = frame;
             r
         }
@@ -301,31 +413,18 @@ fn deliver(dest: &GuestPort, f: &TxFrame, cx: &mut TxScratch) {
             let mut seg = std::mem::take(&mut cx.segment);
             frame.resize(f.len, 0);
             gather(f.segs, f.offset, &mut frame);
-            let mut first_err = None;
             let r = segment_tcp(&frame, &f.hdr, &mut seg, |s| {
-                match write_rx(q, &dmem, &caps, VnetHeader::default(), &[Seg::of_slice(s)], 0, s.len(), cx) {
-                    Ok(()) => dest.counters.delivered(s.len()),
-                    Err(e) => {
-                        first_err.get_or_insert(e);
-                    }
+                if let Err(e) = deliver_or_queue(dest, backlog, q, &dmem, &caps, VnetHeader::default(), &[Seg::of_slice(s)], 0, s.len(), cx) {
+                    dest.counters.dropped(e);
                 }
             });
             cx.frame = frame;
             cx.segment = seg;
-            match (r, first_err) {
-                (Err(e), _) | (Ok(_), Some(e)) => Err(e),
-                (Ok(_), None) => {
-                    mark_notify(cx, dest.id);
-                    return;
-                }
-            }
+            r.map(|_| ())
         }
     };
     match result {
-        Ok(()) => {
-            dest.counters.delivered(f.len);
-            mark_notify(cx, dest.id);
-        }
+        Ok(()) => mark_notify(cx, dest.id),
         Err(e) => dest.counters.dropped(e),
     }
 }

@@ -41,6 +41,8 @@ pub struct RxTarget {
     pub vring: Vring,
     pub mem: GuestMem,
     pub caps: RxCaps,
+    /// Frames waiting for receive buffers.
+    pub backlog: crate::datapath::Backlog,
 }
 
 /// A guest port: configuration, counters, and the current connection's RX target.

@@ -16,7 +16,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 use vunet_switch::vnet::{RxCaps, HDR_LEN, HDR_LEN_LEGACY};
 
-use crate::datapath::{process_tx, TxScratch};
+use crate::datapath::{flush_pending, process_tx, TxScratch};
 use crate::network::{GuestPort, Network, RxTarget};
 
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
@@ -92,7 +92,7 @@ impl PortDevice {
     /// Makes this connection's RX ring reachable for the other ports' senders.
     fn publish_rx(&self, rx: &Vring) {
         let caps = rx_caps(self.acked.load(Ordering::Acquire));
-        *self.port.rx.lock().unwrap_or_else(|e| e.into_inner()) = Some(RxTarget { vring: rx.clone(), mem: self.mem.clone(), caps });
+        *self.port.rx.lock().unwrap_or_else(|e| e.into_inner()) = Some(RxTarget { vring: rx.clone(), mem: self.mem.clone(), caps, backlog: Default::default() });
         self.published.store(true, Ordering::Release);
     }
 
@@ -173,9 +173,13 @@ impl VhostUserBackend for PortDevice {
             self.publish_rx(&vrings[RX_QUEUE as usize]);
         }
         match device_event {
-            // New receive buffers: frames are written straight into them by senders, nothing
-            // is queued here, so there is nothing to do.
-            RX_QUEUE => Ok(()),
+            // New receive buffers: senders write straight into them; only frames that found
+            // the ring full wait in the backlog for this moment.
+            RX_QUEUE => {
+                let mut cx = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+                flush_pending(&self.port, &mut cx);
+                Ok(())
+            }
             TX_QUEUE => {
                 let mem = self.mem.memory();
                 let features = self.acked.load(Ordering::Acquire);

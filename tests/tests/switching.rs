@@ -258,25 +258,34 @@ fn hostile_broadcast_source_mac() {
 }
 
 #[test]
-fn full_receiver_ring_drops_and_counts_without_blocking_others() {
+fn full_receiver_ring_queues_then_drops_and_counts_without_blocking_others() {
     let dir = TempDir::new("full");
     let (d, socks) = start_network(dir.path(), 3);
     let mut vms = connect_all(&socks, &[SimOptions::full(), SimOptions::full(), SimOptions::full()]);
     settle();
-    // Port 1 never gives its receive buffers back: after 256 frames its ring is full.
-    // Port 2 drains as it goes.
+    // Port 1 does not take its frames for a while: its ring (256) fills, then its backlog
+    // (1024 frames), then frames are dropped. Port 2 drains as it goes and misses nothing.
+    let total = 1500u32;
     let mut got = 0;
-    for round in 0..3u32 {
+    for round in 0..total / 100 {
         for i in 0..100u32 {
             vms[0].send(&eth_frame(BCAST, A, 0x0800, 60, (round * 100 + i) as u8));
         }
-        assert!(vms[0].wait_tx_all(T));
+        assert!(vms[0].wait_tx_all(T), "the sender is never blocked by a full receiver");
         got += vms[2].recv_all(QUIET).len();
     }
-    assert_eq!(got, 300, "port 2 (draining) got everything");
+    assert_eq!(got, total as usize, "port 2 got everything");
     let s = counters(&d, "p1");
-    assert_eq!(s.tx_frames + s.drop_count(DropReason::NoRxBuffer), 300);
-    assert_eq!(s.tx_frames, QUEUE_SIZE as u64, "port 1 filled its ring, the rest dropped");
+    let queued = vunet::datapath::BACKLOG_MAX_FRAMES as u64;
+    assert_eq!(s.tx_frames, QUEUE_SIZE as u64, "port 1 filled its ring");
+    assert_eq!(s.drop_count(DropReason::NoRxBuffer), total as u64 - QUEUE_SIZE as u64 - queued);
+    // Port 1 wakes up: the ring's frames, then the backlog, in order.
+    let late = vms[1].recv_all(QUIET);
+    assert_eq!(late.len() as u64, QUEUE_SIZE as u64 + queued);
+    for (i, (_, f)) in late.iter().enumerate() {
+        assert_eq!(f[14], i as u8, "frame {i} in order");
+    }
+    assert_eq!(counters(&d, "p1").tx_frames, QUEUE_SIZE as u64 + queued);
 }
 
 #[test]

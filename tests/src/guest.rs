@@ -1,1 +1,219 @@
-pub fn x(){}
+//! Real QEMU guests (TCG) for the integration tests and benchmarks: the project's own tiny
+//! guest (scripts/build-guest.sh) with a per-test script appended to its initramfs, serial
+//! console captured, and the `vunet` binary started as a user would start it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The repository root (this crate lives in `tests/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+/// Kernel and base initramfs of the test guest.
+pub struct GuestImage {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+/// Builds (once, cached in guest/) and returns the guest image; installs QEMU, busybox,
+/// iperf3 and cpio first if they are missing.
+pub fn guest_image() -> &'static GuestImage {
+    static IMG: OnceLock<GuestImage> = OnceLock::new();
+    IMG.get_or_init(|| {
+        let root = repo_root();
+        let dir = std::env::var_os("VUNET_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("guest"));
+        let st = Command::new("bash").arg(root.join("scripts/build-guest.sh")).env("VUNET_GUEST_DIR", &dir).status().expect("run scripts/build-guest.sh");
+        assert!(st.success(), "scripts/build-guest.sh failed");
+        GuestImage { kernel: dir.join("vmlinuz"), initrd: dir.join("initramfs.gz") }
+    })
+}
+
+/// Guests under TCG share two cores: tests that boot guests take turns.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The `vunet` binary next to the test executable (target/<profile>/vunet).
+pub fn vunet_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("VUNET_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("vunet");
+    assert!(bin.exists(), "{} not built: run `cargo build -p vunet` first (the README's test command does)", bin.display());
+    bin
+}
+
+/// Output of a child process, collected line by line by a reader thread.
+#[derive(Clone, Default)]
+pub struct Console(Arc<Mutex<String>>);
+
+impl Console {
+    fn attach(&self, r: impl std::io::Read + Send + 'static, tee: Option<PathBuf>) {
+        let buf = self.0.clone();
+        std::thread::spawn(move || {
+            let mut log = tee.and_then(|p| std::fs::File::create(p).ok());
+            for line in BufReader::new(r).lines() {
+                let Ok(line) = line else { break };
+                if let Some(f) = log.as_mut() {
+                    use std::io::Write;
+                    let _ = writeln!(f, "{line}");
+                }
+                let mut b = buf.lock().unwrap_or_else(|e| e.into_inner());
+                b.push_str(&line);
+                b.push('\n');
+            }
+        });
+    }
+
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits until the output contains `needle`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.text().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+}
+
+/// A running `vunet run` process.
+pub struct VunetProcess {
+    pub child: Child,
+    pub console: Console,
+}
+
+impl VunetProcess {
+    /// Starts `vunet run` with the given arguments and waits for its summary on stdout.
+    pub fn start(args: &[&str], log: &Path) -> VunetProcess {
+        let mut child = Command::new(vunet_binary()).arg("run").args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn vunet");
+        let console = Console::default();
+        console.attach(child.stdout.take().expect("stdout"), None);
+        console.attach(child.stderr.take().expect("stderr"), Some(log.to_path_buf()));
+        assert!(console.wait_for("QEMU", Duration::from_secs(10)) || console.wait_for("qemu", Duration::from_secs(1)), "vunet did not start:\n{}", console.text());
+        VunetProcess { child, console }
+    }
+}
+
+impl Drop for VunetProcess {
+    fn drop(&mut self) {
+        // SAFETY: kill with a valid pid and signal.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How the guest's vhost-user socket is set up on the QEMU side.
+#[derive(Clone, Debug)]
+pub enum Socket {
+    /// vunet listens (server-mode port); QEMU connects.
+    Connect(PathBuf),
+    /// QEMU listens (client-mode port); vunet connects.
+    Listen(PathBuf),
+}
+
+/// One QEMU guest.
+pub struct Guest {
+    pub name: String,
+    child: Child,
+    pub console: Console,
+}
+
+impl Guest {
+    /// Boots a guest whose /test.sh is `script`. `device_extra` is appended to the
+    /// virtio-net-pci options (e.g. ",guest_tso4=off,guest_csum=off").
+    pub fn boot(name: &str, workdir: &Path, socket: &Socket, mac: &str, device_extra: &str, script: &str) -> Guest {
+        let img = guest_image();
+        let dir = workdir.join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("add")).expect("guest dir");
+        std::fs::write(dir.join("add/test.sh"), script).expect("test.sh");
+        let add = Command::new("sh")
+            .arg("-c")
+            .arg("cd add && echo test.sh | cpio -o -H newc --quiet | gzip -1")
+            .current_dir(&dir)
+            .output()
+            .expect("cpio");
+        assert!(add.status.success(), "cpio failed: {}", String::from_utf8_lossy(&add.stderr));
+        let mut initrd = std::fs::read(&img.initrd).expect("initramfs");
+        initrd.extend_from_slice(&add.stdout);
+        let initrd_path = dir.join("initrd.gz");
+        std::fs::write(&initrd_path, initrd).expect("write initrd");
+        let chardev = match socket {
+            Socket::Connect(p) => format!("socket,id=c0,path={}", p.display()),
+            Socket::Listen(p) => format!("socket,id=c0,path={},server=on,wait=on", p.display()),
+        };
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg", "-machine", "memory-backend=mem", "-m", "512", "-smp", "1", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
+            .arg("-kernel")
+            .arg(&img.kernel)
+            .arg("-initrd")
+            .arg(&initrd_path)
+            .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
+            .args(["-chardev", &chardev])
+            .args(["-netdev", "vhost-user,id=n0,chardev=c0"])
+            .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=,vectors=0{device_extra}")])
+            .args(["-append", "console=ttyS0 quiet panic=-1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("qemu-system-x86_64 (scripts/install-deps.sh installs it)");
+        let console = Console::default();
+        console.attach(child.stdout.take().expect("stdout"), Some(dir.join("console.log")));
+        console.attach(child.stderr.take().expect("stderr"), Some(dir.join("qemu.log")));
+        Guest { name: name.to_string(), child, console }
+    }
+
+    /// Waits for the test script to finish; returns its exit status.
+    pub fn wait_exit(&self, timeout: Duration) -> Option<i32> {
+        if !self.console.wait_for("VUNET-TEST-EXIT", timeout) {
+            return None;
+        }
+        let t = self.console.text();
+        let at = t.find("VUNET-TEST-EXIT ")? + "VUNET-TEST-EXIT ".len();
+        t[at..].split_whitespace().next()?.parse().ok()
+    }
+
+    /// SIGKILL, like a crashed or killed QEMU.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Extracts "N Gbits/sec"-style receiver throughput (bits/s) from `iperf3 -J` output.
+pub fn iperf3_receiver_bps(output: &str) -> Option<f64> {
+    let at = output.find("\"sum_received\"")?;
+    let rest = &output[at..];
+    let k = rest.find("\"bits_per_second\"")?;
+    let v = rest[k + "\"bits_per_second\"".len()..].trim_start_matches([':', ' ', '\t']);
+    let end = v.find([',', '\n', '}']).unwrap_or(v.len());
+    v[..end].trim().parse().ok()
+}

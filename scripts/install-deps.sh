@@ -3,7 +3,7 @@
 # everything is present. Usage: scripts/install-deps.sh [--bench]
 set -euo pipefail
 pkgs=(qemu-system-x86 busybox-static iperf3 cpio)
-[ "${1:-}" = "--bench" ] && pkgs+=(dpdk bridge-utils)
+[ "${1:-}" = "--bench" ] && pkgs+=(dpdk-dev bridge-utils)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

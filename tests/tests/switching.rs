@@ -292,7 +292,7 @@ fn full_receiver_ring_queues_then_drops_and_counts_without_blocking_others() {
 fn cloud_hypervisor_handshake_then_frames() {
     let dir = TempDir::new("ch");
     let (d, socks) = start_network(dir.path(), 2);
-    let ch = SimOptions { handshake: Handshake::CloudHypervisor, accept_features: u64::MAX, ..SimOptions::full() };
+    let ch = SimOptions { handshake: Handshake::CloudHypervisor, accept_features: feat::DRIVER, ..SimOptions::full() };
     let mut vms = connect_all(&socks, &[ch.clone(), ch]);
     settle();
     let vm = &vms[0];

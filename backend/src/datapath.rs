@@ -215,6 +215,9 @@ fn flush_backlog(dest: &GuestPort, backlog: &mut Backlog, q: &mut virtio_queue::
 
 /// Called when the receiving guest posts buffers (its RX kick): drain what waited for them.
 pub fn flush_pending(port: &GuestPort, cx: &mut TxScratch) {
+    if !port.backlogged.load(Ordering::Acquire) {
+        return;
+    }
     let mut target = port.rx.lock().unwrap_or_else(|e| e.into_inner());
     let Some(t) = target.as_mut() else { return };
     if t.backlog.is_empty() {
@@ -237,6 +240,7 @@ pub fn flush_pending(port: &GuestPort, cx: &mut TxScratch) {
             break;
         }
     }
+    port.backlogged.store(!t.backlog.is_empty(), Ordering::Release);
     if moved && vs.needs_notification().unwrap_or(true) {
         let _ = vs.signal_used_queue();
     }
@@ -263,6 +267,9 @@ fn deliver_or_queue(
     match write_rx(q, mem, caps, hdr, src, off, len, cx) {
         Err(DropReason::NoRxBuffer) => {
             backlog.push(hdr, src, off, len)?;
+            // Publish "something waits" before asking for the kick, so the kick's handler
+            // cannot miss it.
+            dest.backlogged.store(true, Ordering::SeqCst);
             // Ask the guest to kick when it posts buffers; if it already did, flush now.
             if q.enable_notification(mem).unwrap_or(false) {
                 flush_backlog(dest, backlog, q, mem, caps, cx);
@@ -423,6 +430,7 @@ fn deliver(dest: &GuestPort, f: &TxFrame, cx: &mut TxScratch) {
             r.map(|_| ())
         }
     };
+    dest.backlogged.store(!backlog.is_empty(), Ordering::Release);
     match result {
         Ok(()) => mark_notify(cx, dest.id),
         Err(e) => dest.counters.dropped(e),

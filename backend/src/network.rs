@@ -54,6 +54,9 @@ pub struct GuestPort {
     pub mac: Option<Mac>,
     pub counters: PortCounters,
     pub rx: Mutex<Option<RxTarget>>,
+    /// Set while frames wait in the receive backlog, so an RX kick with nothing to flush does
+    /// not take the lock the senders are using.
+    pub backlogged: AtomicBool,
     pub connected: AtomicBool,
     /// Virtio features acked on the current connection.
     pub features: AtomicU64,
@@ -171,6 +174,7 @@ fn new_network(n: &NetworkConfig) -> Network {
                 mac: p.mac,
                 counters: PortCounters::default(),
                 rx: Mutex::new(None),
+                backlogged: AtomicBool::new(false),
                 connected: AtomicBool::new(false),
                 features: AtomicU64::new(0),
                 connections: AtomicU64::new(0),

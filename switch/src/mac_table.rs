@@ -5,6 +5,33 @@
 
 use crate::{is_multicast, Mac};
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// MAC addresses are 48 random-ish bits already: a multiply-and-shift is enough to spread
+/// them, and far cheaper per frame than SipHash. (HashDoS is not a concern: the table is
+/// bounded and a flood of colliding addresses only makes the lookups slower, not unbounded.)
+#[derive(Default)]
+struct MacHasher(u64);
+
+impl Hasher for MacHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | b as u64;
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+    fn finish(&self) -> u64 {
+        self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(26)
+    }
+}
+
+type Key = u64;
+
+fn key(mac: &Mac) -> Key {
+    mac.iter().fold(0u64, |k, &b| (k << 8) | b as u64)
+}
 
 /// Index of a port within its network.
 pub type PortId = usize;
@@ -34,7 +61,7 @@ struct Entry {
 /// MAC address → port, with aging.
 #[derive(Debug)]
 pub struct MacTable {
-    entries: HashMap<Mac, Entry>,
+    entries: HashMap<Key, Entry, BuildHasherDefault<MacHasher>>,
     aging_ms: u64,
     capacity: usize,
 }
@@ -47,7 +74,7 @@ impl Default for MacTable {
 
 impl MacTable {
     pub fn new(aging_ms: u64, capacity: usize) -> Self {
-        MacTable { entries: HashMap::new(), aging_ms, capacity }
+        MacTable { entries: HashMap::default(), aging_ms, capacity }
     }
 
     /// Learns `src` on `port` at time `now_ms`. Multicast sources are never learned. A full
@@ -56,7 +83,7 @@ impl MacTable {
         if is_multicast(&src) {
             return;
         }
-        if let Some(e) = self.entries.get_mut(&src) {
+        if let Some(e) = self.entries.get_mut(&key(&src)) {
             // A station that moved to another port is re-learned there at once.
             e.port = port;
             e.seen_ms = now_ms;
@@ -68,7 +95,7 @@ impl MacTable {
                 return;
             }
         }
-        self.entries.insert(src, Entry { port, seen_ms: now_ms });
+        self.entries.insert(key(&src), Entry { port, seen_ms: now_ms });
     }
 
     /// Looks up where a frame to `dst`, received on `src_port`, goes.
@@ -76,7 +103,7 @@ impl MacTable {
         if is_multicast(&dst) {
             return Decision::Flood;
         }
-        match self.entries.get(&dst) {
+        match self.entries.get(&key(&dst)) {
             Some(e) if now_ms.saturating_sub(e.seen_ms) < self.aging_ms => {
                 if e.port == src_port {
                     Decision::Discard
@@ -108,7 +135,7 @@ impl MacTable {
     /// The port `mac` is currently learned on, if it has not aged out.
     pub fn port_of(&self, mac: &Mac, now_ms: u64) -> Option<PortId> {
         self.entries
-            .get(mac)
+            .get(&key(mac))
             .filter(|e| now_ms.saturating_sub(e.seen_ms) < self.aging_ms)
             .map(|e| e.port)
     }

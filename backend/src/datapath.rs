@@ -235,8 +235,13 @@ pub fn flush_pending(port: &GuestPort, cx: &mut TxScratch) {
         let before = t.backlog.frames.len();
         let done = flush_backlog(port, &mut t.backlog, q, &dmem, &caps, cx);
         moved |= t.backlog.frames.len() != before;
+        if done {
+            // Nothing waits any more: no kicks needed until the ring is full again.
+            let _ = q.disable_notification(&*dmem);
+            break;
+        }
         // Still waiting: ask for a kick when more buffers come; if some came meanwhile, retry.
-        if done || !q.enable_notification(&*dmem).unwrap_or(false) {
+        if !q.enable_notification(&*dmem).unwrap_or(false) {
             break;
         }
     }
@@ -292,6 +297,9 @@ struct TxFrame<'a> {
 /// Drains `port`'s TX ring: validate, switch, deliver. Called on every TX kick.
 pub fn process_tx(net: &Network, port: &GuestPort, vring: &Vring, mem: &Mem, hdr_len: usize, event_idx: bool, cx: &mut TxScratch) {
     let ports = net.ports.read().unwrap_or_else(|e| e.into_inner());
+    // One read of the guest's avail index per batch, not one per frame: that cache line is
+    // the one the guest keeps writing.
+    let mut chains: Vec<DescriptorChain<&Mem>> = Vec::with_capacity(TX_BATCH);
     loop {
         let mut vs = vring.get_mut();
         if !vs.get_queue().ready() || !vs.is_enabled() {
@@ -301,11 +309,19 @@ pub fn process_tx(net: &Network, port: &GuestPort, vring: &Vring, mem: &Mem, hdr
             let _ = vs.disable_notification();
         }
         let now = net.now_ms();
-        let mut n = 0;
-        while n < TX_BATCH {
-            let Some(chain) = vs.get_queue_mut().pop_descriptor_chain(mem) else { break };
+        chains.clear();
+        match vs.get_queue_mut().iter(mem) {
+            Ok(it) => chains.extend(it.take(TX_BATCH)),
+            // An avail index more than a ring ahead: the guest's ring is corrupt. Leave it
+            // alone; the guest's reset will set it up again.
+            Err(_) => {
+                port.counters.dropped(DropReason::BadDescriptor);
+                return;
+            }
+        }
+        let n = chains.len();
+        for chain in chains.drain(..) {
             let head = chain.head_index();
-            n += 1;
             cx.tx_segs.clear();
             match collect_chain(chain, mem, false, hdr_len + MAX_FRAME_LEN, &mut cx.tx_segs) {
                 Ok(total) => {

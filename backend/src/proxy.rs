@@ -58,7 +58,13 @@ fn relay_requests(frontend: &UnixStream, backend: &UnixStream) -> io::Result<()>
         // SAFETY: the iovec points at `hdr`, which outlives the call and is HDR bytes long.
         let (n, nfds) = unsafe { frontend.recv_with_fds(&mut iov, &mut raw_fds) }.map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
         // Own the received descriptors at once so they are closed whatever happens next.
-        let fds: Vec<OwnedFd> = raw_fds[..nfds].iter().filter(|&&fd| fd >= 0).map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
+        let fds: Vec<OwnedFd> = raw_fds[..nfds]
+            .iter()
+            .filter(|&&fd| fd >= 0)
+            // SAFETY: recvmsg just installed these descriptors in this process; nothing else
+            // refers to them, so each OwnedFd is their only owner.
+            .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .collect();
         if n == 0 {
             return Ok(());
         }

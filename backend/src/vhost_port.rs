@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringMutex};
+use vhost_user_backend::{VhostUserBackend, VringMutex, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -91,6 +91,10 @@ impl PortDevice {
 
     /// Makes this connection's RX ring reachable for the other ports' senders.
     fn publish_rx(&self, rx: &Vring) {
+        // Senders write into this ring whenever it has buffers; a kick is only wanted while
+        // frames wait in the backlog (the data path turns it on then). Without EVENT_IDX this
+        // sets VRING_USED_F_NO_NOTIFY, saving the guest an exit per refill.
+        let _ = rx.disable_notification();
         let caps = rx_caps(self.acked.load(Ordering::Acquire));
         *self.port.rx.lock().unwrap_or_else(|e| e.into_inner()) = Some(RxTarget { vring: rx.clone(), mem: self.mem.clone(), caps, backlog: Default::default() });
         self.published.store(true, Ordering::Release);

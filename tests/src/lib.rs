@@ -287,6 +287,19 @@ impl VmSim {
         fence(Ordering::SeqCst);
     }
 
+    /// Whether the device wants a kick after the driver moved avail from `old` to `new`
+    /// (VRING_USED_F_NO_NOTIFY, or the avail_event index with EVENT_IDX), as Linux decides.
+    fn kick_wanted(&self, q: &DriverQueue, old: u16, new: u16) -> bool {
+        fence(Ordering::SeqCst);
+        if self.has(feat::EVENT_IDX) {
+            let ev: u16 = self.mem.read_obj(GuestAddress(q.used + 4 + 8 * QUEUE_SIZE as u64)).unwrap_or(0);
+            new.wrapping_sub(ev).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            let flags: u16 = self.mem.read_obj(GuestAddress(q.used)).unwrap_or(0);
+            flags & 1 == 0
+        }
+    }
+
     fn used_idx(&self, q: &DriverQueue) -> u16 {
         let v: u16 = self.mem.read_obj(GuestAddress(q.used + 2)).expect("used idx");
         fence(Ordering::Acquire);
@@ -304,6 +317,7 @@ impl VmSim {
         if self.rx_posted >= n {
             return;
         }
+        let old = self.rx.avail_idx;
         while self.rx_posted < n {
             let i = self.rx.avail_idx % QUEUE_SIZE;
             let addr = RX_BUFS + i as u64 * self.opts.rx_buf_size as u64;
@@ -311,7 +325,9 @@ impl VmSim {
             Self::push_avail(&self.mem, &mut self.rx, i);
             self.rx_posted += 1;
         }
-        let _ = self.kicks[0].write(1);
+        if self.kick_wanted(&self.rx, old, self.rx.avail_idx) {
+            let _ = self.kicks[0].write(1);
+        }
     }
 
     /// Sends one frame with the given header, as one descriptor (or two, header apart, when
@@ -458,6 +474,7 @@ impl VmSim {
     /// Returns how many were added.
     pub fn post_prepared(&mut self, in_flight: u16) -> u16 {
         let done = self.used_idx(&self.tx);
+        let old = self.tx.avail_idx;
         let mut n = 0;
         while self.tx.avail_idx.wrapping_sub(done) < in_flight.min(QUEUE_SIZE / 2) {
             let slot = self.tx_next % (QUEUE_SIZE / 2);
@@ -472,8 +489,9 @@ impl VmSim {
         if n > 0 {
             fence(Ordering::Release);
             self.mem.write_obj(self.tx.avail_idx, GuestAddress(self.tx.avail + 2)).expect("avail idx");
-            fence(Ordering::SeqCst);
-            let _ = self.kicks[1].write(1);
+            if self.kick_wanted(&self.tx, old, self.tx.avail_idx) {
+                let _ = self.kicks[1].write(1);
+            }
         }
         n
     }

@@ -159,9 +159,24 @@ fn partial_checksum_is_completed_for_a_guest_without_guest_csum() {
     assert_eq!(&got[54..], &frame[54..]);
 }
 
+static PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts panics on any thread of this test process (the daemon's workers included).
+fn count_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            prev(info)
+        }));
+    });
+}
+
 /// Sends a hostile chain from port 0, checks it was returned to the guest, dropped and counted
-/// with `reason`, and that port 0 and port 1 still forward afterwards.
+/// with `reason`, that nothing panicked, and that port 0 and port 2 still forward afterwards.
 fn hostile(reason: DropReason, build: impl FnOnce(&mut VmSim)) {
+    count_panics();
     let dir = TempDir::new("hostile");
     let (d, socks) = start_network(dir.path(), 3);
     let mut vms = connect_all(&socks, &[SimOptions::full(), SimOptions::full(), SimOptions::full()]);
@@ -180,6 +195,7 @@ fn hostile(reason: DropReason, build: impl FnOnce(&mut VmSim)) {
     vms[2].send(&g);
     assert_eq!(vms[0].recv(T).expect("port 2 still forwards").1, g);
     assert_eq!(vms[1].recv(T).unwrap().1, g);
+    assert_eq!(PANICS.load(std::sync::atomic::Ordering::SeqCst), 0, "a thread panicked");
 }
 
 #[test]

@@ -16,7 +16,11 @@ pub enum ConfigError {
     #[error("{file}: {msg}")]
     File { file: String, msg: String },
     #[error("{file}:{line}: {msg}")]
-    At { file: String, line: usize, msg: String },
+    At {
+        file: String,
+        line: usize,
+        msg: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,7 +121,11 @@ impl Ctx<'_> {
         self.text[..at].bytes().filter(|&b| b == b'\n').count() + 1
     }
     fn err(&self, span: Range<usize>, msg: impl Into<String>) -> ConfigError {
-        ConfigError::At { file: self.file.to_string(), line: self.line_of(span), msg: msg.into() }
+        ConfigError::At {
+            file: self.file.to_string(),
+            line: self.line_of(span),
+            msg: msg.into(),
+        }
     }
 }
 
@@ -133,7 +141,10 @@ impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { file: file.clone(), msg: format!("cannot read: {}", io_reason(&e)) })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            file: file.clone(),
+            msg: format!("cannot read: {}", io_reason(&e)),
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::parse(&text, &file, base)
     }
@@ -146,7 +157,10 @@ impl Config {
             let msg = e.message().trim().replace('\n', " ");
             match e.span() {
                 Some(span) => cx.err(span, msg),
-                None => ConfigError::File { file: file.to_string(), msg },
+                None => ConfigError::File {
+                    file: file.to_string(),
+                    msg,
+                },
             }
         })?;
         let mut networks = Vec::new();
@@ -154,14 +168,28 @@ impl Config {
         let mut net_names = HashSet::new();
         let mut sockets = HashSet::new();
         if raw.network.is_empty() {
-            return Err(ConfigError::File { file: file.to_string(), msg: "no [[network]] defined".into() });
+            return Err(ConfigError::File {
+                file: file.to_string(),
+                msg: "no [[network]] defined".into(),
+            });
         }
         for n in raw.network {
             let n_span = n.span();
             let n = n.into_inner();
             let name = n.name.get_ref().trim().to_string();
-            if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-                return Err(cx.err(n.name.span(), format!("invalid network name {:?} (letters, digits, '-', '_', '.', at most 64)", n.name.get_ref())));
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(cx.err(
+                    n.name.span(),
+                    format!(
+                        "invalid network name {:?} (letters, digits, '-', '_', '.', at most 64)",
+                        n.name.get_ref()
+                    ),
+                ));
             }
             if !net_names.insert(name.clone()) {
                 return Err(cx.err(n.name.span(), format!("duplicate network name {name:?}")));
@@ -171,7 +199,12 @@ impl Config {
                 "nat" => Mode::Nat,
                 "route" => Mode::Route,
                 "bridge" => Mode::Bridge,
-                other => return Err(cx.err(n.mode.span(), format!("unknown mode {other:?} (expected isolated, nat, route or bridge)"))),
+                other => {
+                    return Err(cx.err(
+                        n.mode.span(),
+                        format!("unknown mode {other:?} (expected isolated, nat, route or bridge)"),
+                    ))
+                }
             };
             let gateway = match &n.gateway {
                 Some(g) => Some(parse_cidr(g.get_ref()).ok_or_else(|| cx.err(g.span(), format!("invalid gateway {:?} (expected an IPv4 address with a prefix, e.g. 192.168.122.1/24)", g.get_ref())))?),
@@ -188,7 +221,12 @@ impl Config {
                 }
                 None => 1500,
             };
-            for (key, v) in [("dhcp", &n.dhcp), ("dns", &n.dns), ("uplink", &n.uplink), ("port_forward", &n.port_forward)] {
+            for (key, v) in [
+                ("dhcp", &n.dhcp),
+                ("dns", &n.dns),
+                ("uplink", &n.uplink),
+                ("port_forward", &n.port_forward),
+            ] {
                 if let Some(v) = v {
                     warnings.push(format!("{}:{}: network {name:?}: [{key}] is not supported by this version of vunet yet and is ignored", file, cx.line_of(v.span())));
                 }
@@ -206,51 +244,102 @@ impl Config {
             for p in n.port {
                 let p = p.into_inner();
                 let pname = p.name.get_ref().trim().to_string();
-                if pname.is_empty() || pname.len() > 64 || !pname.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-                    return Err(cx.err(p.name.span(), format!("invalid port name {:?}", p.name.get_ref())));
+                if pname.is_empty()
+                    || pname.len() > 64
+                    || !pname
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                {
+                    return Err(cx.err(
+                        p.name.span(),
+                        format!("invalid port name {:?}", p.name.get_ref()),
+                    ));
                 }
                 if !port_names.insert(pname.clone()) {
-                    return Err(cx.err(p.name.span(), format!("duplicate port name {pname:?} in network {name:?}")));
+                    return Err(cx.err(
+                        p.name.span(),
+                        format!("duplicate port name {pname:?} in network {name:?}"),
+                    ));
                 }
                 if p.socket.get_ref().is_empty() {
                     return Err(cx.err(p.socket.span(), "empty socket path"));
                 }
                 let socket = base.join(p.socket.get_ref());
                 if !sockets.insert(socket.clone()) {
-                    return Err(cx.err(p.socket.span(), format!("socket {} is used by two ports", socket.display())));
+                    return Err(cx.err(
+                        p.socket.span(),
+                        format!("socket {} is used by two ports", socket.display()),
+                    ));
                 }
                 let mode = match p.mode.as_ref().map(|m| m.get_ref().as_str()) {
                     None | Some("server") => PortMode::Server,
                     Some("client") => PortMode::Client,
-                    Some(other) => return Err(cx.err(p.mode.as_ref().map(|m| m.span()).unwrap_or(0..0), format!("unknown port mode {other:?} (expected server or client)"))),
+                    Some(other) => {
+                        return Err(cx.err(
+                            p.mode.as_ref().map(|m| m.span()).unwrap_or(0..0),
+                            format!("unknown port mode {other:?} (expected server or client)"),
+                        ))
+                    }
                 };
                 let mac = match &p.mac {
                     Some(m) => {
-                        let mac = parse_mac(m.get_ref()).ok_or_else(|| cx.err(m.span(), format!("invalid MAC address {:?}", m.get_ref())))?;
+                        let mac = parse_mac(m.get_ref()).ok_or_else(|| {
+                            cx.err(m.span(), format!("invalid MAC address {:?}", m.get_ref()))
+                        })?;
                         if vunet_switch::is_multicast(&mac) || mac == [0; 6] {
-                            return Err(cx.err(m.span(), format!("MAC address {:?} is not a unicast address", m.get_ref())));
+                            return Err(cx.err(
+                                m.span(),
+                                format!("MAC address {:?} is not a unicast address", m.get_ref()),
+                            ));
                         }
                         Some(mac)
                     }
                     None => None,
                 };
-                ports.push(PortConfig { name: pname, socket, mode, mac });
+                ports.push(PortConfig {
+                    name: pname,
+                    socket,
+                    mode,
+                    mac,
+                });
             }
-            networks.push(NetworkConfig { name, mode, gateway, mtu, ports });
+            networks.push(NetworkConfig {
+                name,
+                mode,
+                gateway,
+                mtu,
+                ports,
+            });
         }
-        Ok(Config { state_dir: raw.state_dir, control_socket: raw.control_socket, networks, warnings })
+        Ok(Config {
+            state_dir: raw.state_dir,
+            control_socket: raw.control_socket,
+            networks,
+            warnings,
+        })
     }
 
     /// The embedded default: network `default`, isolated, gateway 192.168.122.1/24, and four
     /// server-mode guest sockets `vm1.sock` … `vm4.sock` in `runtime_dir`.
     pub fn default_in(runtime_dir: &Path) -> Config {
         let ports = (1..=4)
-            .map(|i| PortConfig { name: format!("vm{i}"), socket: runtime_dir.join(format!("vm{i}.sock")), mode: PortMode::Server, mac: None })
+            .map(|i| PortConfig {
+                name: format!("vm{i}"),
+                socket: runtime_dir.join(format!("vm{i}.sock")),
+                mode: PortMode::Server,
+                mac: None,
+            })
             .collect();
         Config {
             state_dir: None,
             control_socket: None,
-            networks: vec![NetworkConfig { name: "default".into(), mode: Mode::Isolated, gateway: Some((Ipv4Addr::new(192, 168, 122, 1), 24)), mtu: 1500, ports }],
+            networks: vec![NetworkConfig {
+                name: "default".into(),
+                mode: Mode::Isolated,
+                gateway: Some((Ipv4Addr::new(192, 168, 122, 1), 24)),
+                mtu: 1500,
+                ports,
+            }],
             warnings: vec![],
         }
     }
@@ -298,7 +387,10 @@ mac = "52:54:00:00:00:02"
         let c = parse(GOOD).unwrap();
         assert_eq!(c.state_dir, Some(PathBuf::from("/var/lib/vunet")));
         let n = &c.networks[0];
-        assert_eq!((n.name.as_str(), n.mode, n.mtu), ("default", Mode::Isolated, 1500));
+        assert_eq!(
+            (n.name.as_str(), n.mode, n.mtu),
+            ("default", Mode::Isolated, 1500)
+        );
         assert_eq!(n.gateway, Some((Ipv4Addr::new(192, 168, 122, 1), 24)));
         assert_eq!(n.ports[0].socket, PathBuf::from("/run/vunet/vm1.sock"));
         assert_eq!(n.ports[0].mode, PortMode::Server);
@@ -333,7 +425,13 @@ mode = "server"
 "#;
         let c = parse(t).unwrap();
         assert_eq!(c.networks[0].mode, Mode::Nat);
-        assert!(c.warnings.iter().any(|w| w.contains("[dhcp]") && w.starts_with("vunet.toml:8:")), "{:?}", c.warnings);
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("[dhcp]") && w.starts_with("vunet.toml:8:")),
+            "{:?}",
+            c.warnings
+        );
         assert!(c.warnings.iter().any(|w| w.contains("[uplink]")));
         assert!(c.warnings.iter().any(|w| w.contains("NAT")));
     }
@@ -363,7 +461,12 @@ mode = "server"
 
     #[test]
     fn unreadable_file_is_one_line() {
-        let e = Config::load(Path::new("/nonexistent/vunet.toml")).unwrap_err().to_string();
-        assert_eq!(e, "/nonexistent/vunet.toml: cannot read: No such file or directory");
+        let e = Config::load(Path::new("/nonexistent/vunet.toml"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "/nonexistent/vunet.toml: cannot read: No such file or directory"
+        );
     }
 }

@@ -31,7 +31,11 @@ pub enum StartError {
     #[error("port {port}: {path} exists and is not a socket")]
     NotASocket { port: String, path: PathBuf },
     #[error("port {port}: cannot listen on {path}: {reason}")]
-    Listen { port: String, path: PathBuf, reason: String },
+    Listen {
+        port: String,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("cannot start a thread: {0}")]
     Thread(String),
 }
@@ -81,7 +85,12 @@ impl Network {
     }
 
     pub fn port(&self, name: &str) -> Option<Arc<GuestPort>> {
-        self.ports.read().unwrap_or_else(|e| e.into_inner()).iter().find(|p| p.name == name).cloned()
+        self.ports
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|p| p.name == name)
+            .cloned()
     }
 
     /// Logs a dropped frame at most once per second per port: a hostile guest can make drops
@@ -89,7 +98,12 @@ impl Network {
     pub fn log_drop(&self, port: &GuestPort, r: DropReason) {
         let now = self.now_ms() + 1000;
         let last = port.last_log_ms.load(Ordering::Relaxed);
-        if now >= last + 1000 && port.last_log_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        if now >= last + 1000
+            && port
+                .last_log_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
             warn!(network = %self.name, port = %port.name, reason = r.name(), "dropped a frame from the guest (further drops counted, logged at most once a second)");
         }
     }
@@ -112,7 +126,11 @@ fn private_dir() -> io::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     loop {
-        let dir = std::env::temp_dir().join(format!("vunet-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+        let dir = std::env::temp_dir().join(format!(
+            "vunet-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => return Ok(dir),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
@@ -135,7 +153,13 @@ impl Daemon {
                 }
             }
         }
-        let internal_dir = private_dir().map_err(|e| StartError::Thread(format!("cannot create a private directory in {}: {}", std::env::temp_dir().display(), io_reason(&e))))?;
+        let internal_dir = private_dir().map_err(|e| {
+            StartError::Thread(format!(
+                "cannot create a private directory in {}: {}",
+                std::env::temp_dir().display(),
+                io_reason(&e)
+            ))
+        })?;
         let mut listeners = listeners.into_iter();
         let mut networks = Vec::new();
         for (ni, n) in cfg.networks.iter().enumerate() {
@@ -143,7 +167,9 @@ impl Daemon {
             for port in net.ports.read().unwrap_or_else(|e| e.into_inner()).iter() {
                 let listener = listeners.next().flatten();
                 let internal_path = internal_dir.join(format!("n{ni}p{}.sock", port.id));
-                let internal = Listener::new(&internal_path, true).map_err(|e| StartError::Thread(format!("internal socket {}: {e}", internal_path.display())))?;
+                let internal = Listener::new(&internal_path, true).map_err(|e| {
+                    StartError::Thread(format!("internal socket {}: {e}", internal_path.display()))
+                })?;
                 let (net2, port2) = (net.clone(), port.clone());
                 thread::Builder::new()
                     .name(format!("port-{}", port.name))
@@ -152,7 +178,10 @@ impl Daemon {
             }
             networks.push(net);
         }
-        Ok(Daemon { networks, internal_dir })
+        Ok(Daemon {
+            networks,
+            internal_dir,
+        })
     }
 
     pub fn network(&self, name: &str) -> Option<&Arc<Network>> {
@@ -182,7 +211,14 @@ fn new_network(n: &NetworkConfig) -> Network {
             })
         })
         .collect();
-    Network { name: n.name.clone(), mode: n.mode, mtu: n.mtu, ports: RwLock::new(ports), macs: Mutex::new(MacTable::default()), epoch: Instant::now() }
+    Network {
+        name: n.name.clone(),
+        mode: n.mode,
+        mtu: n.mtu,
+        ports: RwLock::new(ports),
+        macs: Mutex::new(MacTable::default()),
+        epoch: Instant::now(),
+    }
 }
 
 /// Binds a server-mode socket, refusing to steal one a live process is listening on and
@@ -190,21 +226,37 @@ fn new_network(n: &NetworkConfig) -> Network {
 pub fn bind_socket(p: &PortConfig) -> Result<UnixListener, StartError> {
     let path = &p.socket;
     let port = p.name.clone();
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     if !dir.is_dir() {
-        return Err(StartError::NoDirectory { port, path: path.clone() });
+        return Err(StartError::NoDirectory {
+            port,
+            path: path.clone(),
+        });
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if !meta.file_type().is_socket() {
-            return Err(StartError::NotASocket { port, path: path.clone() });
+            return Err(StartError::NotASocket {
+                port,
+                path: path.clone(),
+            });
         }
         if UnixStream::connect(path).is_ok() {
-            return Err(StartError::SocketInUse { port, path: path.clone() });
+            return Err(StartError::SocketInUse {
+                port,
+                path: path.clone(),
+            });
         }
         let _ = std::fs::remove_file(path);
     }
-    UnixListener::bind(path).map_err(|e| StartError::Listen { port, path: path.clone(), reason: io_reason(&e) })
+    UnixListener::bind(path).map_err(|e| StartError::Listen {
+        port,
+        path: path.clone(),
+        reason: io_reason(&e),
+    })
 }
 
 /// Waits for the next VMM connection: accepted on the port's socket (server mode), or made to
@@ -221,8 +273,12 @@ fn next_frontend(net: &Network, port: &GuestPort, listener: Option<&UnixListener
             Err(e) => {
                 if !waiting_logged {
                     match listener {
-                        Some(_) => warn!(network = %net.name, port = %port.name, "accept failed: {}", io_reason(&e)),
-                        None => info!(network = %net.name, port = %port.name, socket = %port.socket.display(), "waiting for the VMM to listen on the socket ({})", io_reason(&e)),
+                        Some(_) => {
+                            warn!(network = %net.name, port = %port.name, "accept failed: {}", io_reason(&e))
+                        }
+                        None => {
+                            info!(network = %net.name, port = %port.name, socket = %port.socket.display(), "waiting for the VMM to listen on the socket ({})", io_reason(&e))
+                        }
                     }
                     waiting_logged = true;
                 }
@@ -234,7 +290,13 @@ fn next_frontend(net: &Network, port: &GuestPort, listener: Option<&UnixListener
 
 /// Serves one port forever: one vhost-user connection after another, each with a fresh
 /// device and daemon.
-fn serve_port(net: Arc<Network>, port: Arc<GuestPort>, listener: Option<UnixListener>, mut internal: Listener, internal_path: PathBuf) {
+fn serve_port(
+    net: Arc<Network>,
+    port: Arc<GuestPort>,
+    listener: Option<UnixListener>,
+    mut internal: Listener,
+    internal_path: PathBuf,
+) {
     loop {
         let frontend = next_frontend(&net, &port, listener.as_ref());
         let mem: GuestMem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -242,11 +304,14 @@ fn serve_port(net: Arc<Network>, port: Arc<GuestPort>, listener: Option<UnixList
             .map_err(|e| e.to_string())
             .and_then(|d| {
                 let d = Arc::new(d);
-                VhostUserDaemon::new(format!("vu-{}", port.name), d.clone(), mem).map(|daemon| (d, daemon)).map_err(|e| e.to_string())
+                VhostUserDaemon::new(format!("vu-{}", port.name), d.clone(), mem)
+                    .map(|daemon| (d, daemon))
+                    .map_err(|e| e.to_string())
             })
             .and_then(|(d, mut daemon)| {
                 let backend_end = UnixStream::connect(&internal_path).map_err(|e| e.to_string())?;
-                crate::proxy::spawn(frontend, backend_end, &port.name).map_err(|e| e.to_string())?;
+                crate::proxy::spawn(frontend, backend_end, &port.name)
+                    .map_err(|e| e.to_string())?;
                 match daemon.start(&mut internal) {
                     Ok(()) => Ok((d, daemon)),
                     Err(e) => {
@@ -271,7 +336,10 @@ fn serve_port(net: Arc<Network>, port: Arc<GuestPort>, listener: Option<UnixList
         // behind this port is stale.
         port.connected.store(false, Ordering::Release);
         *port.rx.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        net.macs.lock().unwrap_or_else(|e| e.into_inner()).forget_port(port.id);
+        net.macs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget_port(port.id);
         for h in daemon.get_epoll_handlers() {
             h.send_exit_event();
         }

@@ -136,12 +136,16 @@ mod tests {
         c.dropped(DropReason::ChainLoop);
         c.dropped(DropReason::Oversize);
         let s = c.snapshot();
-        assert_eq!((s.rx_frames, s.rx_bytes, s.tx_frames, s.tx_bytes), (2, 160, 1, 42));
+        assert_eq!(
+            (s.rx_frames, s.rx_bytes, s.tx_frames, s.tx_bytes),
+            (2, 160, 1, 42)
+        );
         assert_eq!(s.drop_count(DropReason::ChainLoop), 2);
         assert_eq!(s.drop_count(DropReason::Oversize), 1);
         assert_eq!(s.drop_count(DropReason::BadAddress), 0);
         assert_eq!(s.total_drops(), 3);
-        let names: std::collections::HashSet<_> = DropReason::ALL.iter().map(|r| r.name()).collect();
+        let names: std::collections::HashSet<_> =
+            DropReason::ALL.iter().map(|r| r.name()).collect();
         assert_eq!(names.len(), DropReason::ALL.len());
         for (i, r) in DropReason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i);

@@ -63,7 +63,10 @@ pub fn parse_mac(s: &str) -> Option<Mac> {
 
 /// Formats a MAC as "52:54:00:12:34:56".
 pub fn format_mac(mac: &Mac) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[cfg(test)]

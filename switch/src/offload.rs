@@ -19,7 +19,11 @@ const TCP_CWR: u8 = 0x80;
 /// Completes the checksum of a frame whose header said `NEEDS_CSUM`: the one's-complement sum
 /// from `csum_start` to the end, stored at `csum_start + csum_offset` (the field already holds
 /// the pseudo-header sum, as the sender left it).
-pub fn complete_checksum(frame: &mut [u8], csum_start: usize, csum_offset: usize) -> Result<(), DropReason> {
+pub fn complete_checksum(
+    frame: &mut [u8],
+    csum_start: usize,
+    csum_offset: usize,
+) -> Result<(), DropReason> {
     let at = csum_start + csum_offset;
     if csum_start > frame.len() || at + 2 > frame.len() {
         return Err(DropReason::BadHeader);
@@ -75,7 +79,12 @@ pub fn tcp_layout(frame: &[u8]) -> Option<TcpLayout> {
         _ => return None,
     };
     let tcp = TcpHeaderSlice::from_slice(frame.get(l4..)?).ok()?;
-    Some(TcpLayout { l3, l4, headers: l4 + tcp.slice().len(), ipv6 })
+    Some(TcpLayout {
+        l3,
+        l4,
+        headers: l4 + tcp.slice().len(),
+        ipv6,
+    })
 }
 
 /// Splits a TSO frame into segments of at most `hdr.gso_size` payload bytes. Each segment is
@@ -111,7 +120,8 @@ pub fn segment_tcp(
         } else {
             let tot = (seg.len() - lay.l3) as u16;
             seg[lay.l3 + 2..lay.l3 + 4].copy_from_slice(&tot.to_be_bytes());
-            seg[lay.l3 + 4..lay.l3 + 6].copy_from_slice(&ip_id0.wrapping_add(i as u16).to_be_bytes());
+            seg[lay.l3 + 4..lay.l3 + 6]
+                .copy_from_slice(&ip_id0.wrapping_add(i as u16).to_be_bytes());
             seg[lay.l3 + 10..lay.l3 + 12].copy_from_slice(&[0, 0]);
             let ihl = lay.l4 - lay.l3;
             let c = finish(sum(&seg[lay.l3..lay.l3 + ihl], 0));
@@ -178,8 +188,14 @@ mod tests {
         complete_checksum(&mut f, lay.l4, 16).unwrap();
         assert_eq!(f, good);
         let end = f.len();
-        assert_eq!(complete_checksum(&mut f, end - 10, 16), Err(DropReason::BadHeader));
-        assert_eq!(complete_checksum(&mut f, 2000, 0), Err(DropReason::BadHeader));
+        assert_eq!(
+            complete_checksum(&mut f, end - 10, 16),
+            Err(DropReason::BadHeader)
+        );
+        assert_eq!(
+            complete_checksum(&mut f, 2000, 0),
+            Err(DropReason::BadHeader)
+        );
     }
 
     fn check_segments(frame: &[u8], hdr: VnetHeader, ipv6: bool) {
@@ -192,22 +208,41 @@ mod tests {
         let mut joined = Vec::new();
         for (i, s) in segs.iter().enumerate() {
             let p = SlicedPacket::from_ethernet(s).unwrap();
-            let Some(TransportSlice::Tcp(tcp)) = p.transport else { panic!("not tcp") };
+            let Some(TransportSlice::Tcp(tcp)) = p.transport else {
+                panic!("not tcp")
+            };
             assert!(tcp.payload().len() <= hdr.gso_size as usize);
-            assert_eq!(tcp.sequence_number(), 1000 + (i * hdr.gso_size as usize) as u32);
+            assert_eq!(
+                tcp.sequence_number(),
+                1000 + (i * hdr.gso_size as usize) as u32
+            );
             assert_eq!(tcp.fin(), i + 1 == n, "FIN only on the last segment");
             assert_eq!(tcp.psh(), i + 1 == n);
             // Verify the TCP checksum as a receiver would.
             let l4_len = s.len() - lay.l4;
             let pseudo = if ipv6 {
-                pseudo_v6(s[lay.l3 + 8..lay.l3 + 24].try_into().unwrap(), s[lay.l3 + 24..lay.l3 + 40].try_into().unwrap(), 6, l4_len as u32)
+                pseudo_v6(
+                    s[lay.l3 + 8..lay.l3 + 24].try_into().unwrap(),
+                    s[lay.l3 + 24..lay.l3 + 40].try_into().unwrap(),
+                    6,
+                    l4_len as u32,
+                )
             } else {
                 assert_eq!(checksum(&s[lay.l3..lay.l4]), 0, "IPv4 header checksum");
                 let tot = u16::from_be_bytes([s[lay.l3 + 2], s[lay.l3 + 3]]) as usize;
                 assert_eq!(tot, s.len() - lay.l3);
-                pseudo_v4(s[lay.l3 + 12..lay.l3 + 16].try_into().unwrap(), s[lay.l3 + 16..lay.l3 + 20].try_into().unwrap(), 6, l4_len as u16)
+                pseudo_v4(
+                    s[lay.l3 + 12..lay.l3 + 16].try_into().unwrap(),
+                    s[lay.l3 + 16..lay.l3 + 20].try_into().unwrap(),
+                    6,
+                    l4_len as u16,
+                )
             };
-            assert_eq!(finish(sum(&s[lay.l4..], pseudo)), 0, "TCP checksum of segment {i}");
+            assert_eq!(
+                finish(sum(&s[lay.l4..], pseudo)),
+                0,
+                "TCP checksum of segment {i}"
+            );
             joined.extend_from_slice(tcp.payload());
         }
         assert_eq!(joined, payload);
@@ -216,7 +251,15 @@ mod tests {
     #[test]
     fn segments_a_64k_ipv4_tso_frame() {
         let f = tcp_v4(65000, true);
-        let hdr = VnetHeader { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV4, gso_size: 1448, csum_start: 34, csum_offset: 16, hdr_len: 66, num_buffers: 0 };
+        let hdr = VnetHeader {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+            hdr_len: 66,
+            num_buffers: 0,
+        };
         check_segments(&f, hdr, false);
     }
 
@@ -231,13 +274,26 @@ mod tests {
             .fin()
             .write(&mut f, &payload)
             .unwrap();
-        let hdr = VnetHeader { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV6, gso_size: 1428, csum_start: 54, csum_offset: 16, hdr_len: 74, num_buffers: 0 };
+        let hdr = VnetHeader {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV6,
+            gso_size: 1428,
+            csum_start: 54,
+            csum_offset: 16,
+            hdr_len: 74,
+            num_buffers: 0,
+        };
         check_segments(&f, hdr, true);
     }
 
     #[test]
     fn garbage_is_refused_not_panicked_on() {
-        let hdr = VnetHeader { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV4, gso_size: 1000, ..Default::default() };
+        let hdr = VnetHeader {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            gso_size: 1000,
+            ..Default::default()
+        };
         let mut scratch = Vec::new();
         let good = tcp_v4(3000, false);
         for cut in 0..60 {
@@ -248,6 +304,9 @@ mod tests {
         udp[23] = 17;
         assert!(segment_tcp(&udp, &hdr, &mut scratch, |_| {}).is_err());
         let zero = VnetHeader { gso_size: 0, ..hdr };
-        assert_eq!(segment_tcp(&good, &zero, &mut scratch, |_| {}), Err(DropReason::BadHeader));
+        assert_eq!(
+            segment_tcp(&good, &zero, &mut scratch, |_| {}),
+            Err(DropReason::BadHeader)
+        );
     }
 }

@@ -114,9 +114,21 @@ pub struct RxCaps {
 
 impl RxCaps {
     /// A receiver that accepts every offload vunet can pass through.
-    pub const FULL: RxCaps = RxCaps { csum: true, tso4: true, tso6: true, mrg_rxbuf: true, hdr_len: HDR_LEN };
+    pub const FULL: RxCaps = RxCaps {
+        csum: true,
+        tso4: true,
+        tso6: true,
+        mrg_rxbuf: true,
+        hdr_len: HDR_LEN,
+    };
     /// A receiver that takes only complete, checksummed frames of at most the MTU.
-    pub const NONE: RxCaps = RxCaps { csum: false, tso4: false, tso6: false, mrg_rxbuf: false, hdr_len: HDR_LEN };
+    pub const NONE: RxCaps = RxCaps {
+        csum: false,
+        tso4: false,
+        tso6: false,
+        mrg_rxbuf: false,
+        hdr_len: HDR_LEN,
+    };
 }
 
 /// How a validated frame must be delivered to a given receiver.
@@ -144,7 +156,11 @@ pub fn delivery(h: &VnetHeader, rx: &RxCaps) -> Delivery {
 /// The header a receiver gets for a pass-through frame: the sender's offload fields, with
 /// DATA_VALID cleared (it is a receive-side flag a sender cannot vouch for).
 pub fn rx_header(h: &VnetHeader, num_buffers: u16) -> VnetHeader {
-    VnetHeader { flags: h.flags & F_NEEDS_CSUM, num_buffers, ..*h }
+    VnetHeader {
+        flags: h.flags & F_NEEDS_CSUM,
+        num_buffers,
+        ..*h
+    }
 }
 
 #[cfg(test)]
@@ -153,30 +169,70 @@ mod tests {
 
     #[test]
     fn parse_write_round_trip() {
-        let h = VnetHeader { flags: 1, gso_type: 1, hdr_len: 54, gso_size: 1448, csum_start: 34, csum_offset: 16, num_buffers: 3 };
+        let h = VnetHeader {
+            flags: 1,
+            gso_type: 1,
+            hdr_len: 54,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+            num_buffers: 3,
+        };
         let mut b = [0u8; 12];
         h.write(&mut b);
         assert_eq!(VnetHeader::parse(&b), h);
         let mut legacy = [0u8; 10];
         h.write(&mut legacy);
-        assert_eq!(VnetHeader::parse(&legacy), VnetHeader { num_buffers: 0, ..h });
+        assert_eq!(
+            VnetHeader::parse(&legacy),
+            VnetHeader {
+                num_buffers: 0,
+                ..h
+            }
+        );
     }
 
     #[test]
     fn validation_rejects_garbage() {
-        let ok = VnetHeader { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV4, hdr_len: 54, gso_size: 1448, csum_start: 34, csum_offset: 16, num_buffers: 0 };
+        let ok = VnetHeader {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+            num_buffers: 0,
+        };
         assert_eq!(ok.validate_tx(65000), Ok(()));
         assert_eq!(VnetHeader::default().validate_tx(60), Ok(()));
         let bad = [
             VnetHeader { flags: 0x80, ..ok },
-            VnetHeader { gso_type: 0x42, ..ok },
-            VnetHeader { gso_type: GSO_UDP, ..ok },
-            VnetHeader { gso_type: GSO_TCPV4 | GSO_ECN, ..ok },
+            VnetHeader {
+                gso_type: 0x42,
+                ..ok
+            },
+            VnetHeader {
+                gso_type: GSO_UDP,
+                ..ok
+            },
+            VnetHeader {
+                gso_type: GSO_TCPV4 | GSO_ECN,
+                ..ok
+            },
             VnetHeader { gso_size: 0, ..ok },
             VnetHeader { flags: 0, ..ok },
-            VnetHeader { csum_start: 64990, ..ok },
-            VnetHeader { csum_offset: 0xffff, ..ok },
-            VnetHeader { csum_start: 2, ..ok },
+            VnetHeader {
+                csum_start: 64990,
+                ..ok
+            },
+            VnetHeader {
+                csum_offset: 0xffff,
+                ..ok
+            },
+            VnetHeader {
+                csum_start: 2,
+                ..ok
+            },
         ];
         for b in bad {
             assert_eq!(b.validate_tx(65000), Err(DropReason::BadHeader), "{b:?}");
@@ -185,16 +241,53 @@ mod tests {
 
     #[test]
     fn delivery_follows_receiver_features() {
-        let tso = VnetHeader { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV4, gso_size: 1448, csum_start: 34, csum_offset: 16, ..Default::default() };
-        let partial = VnetHeader { gso_type: GSO_NONE, ..tso };
+        let tso = VnetHeader {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+            ..Default::default()
+        };
+        let partial = VnetHeader {
+            gso_type: GSO_NONE,
+            ..tso
+        };
         let full = VnetHeader::default();
         assert_eq!(delivery(&tso, &RxCaps::FULL), Delivery::PassThrough);
         assert_eq!(delivery(&tso, &RxCaps::NONE), Delivery::Segment);
-        assert_eq!(delivery(&tso, &RxCaps { tso4: false, ..RxCaps::FULL }), Delivery::Segment);
-        assert_eq!(delivery(&VnetHeader { gso_type: GSO_TCPV6, ..tso }, &RxCaps { tso6: false, ..RxCaps::FULL }), Delivery::Segment);
+        assert_eq!(
+            delivery(
+                &tso,
+                &RxCaps {
+                    tso4: false,
+                    ..RxCaps::FULL
+                }
+            ),
+            Delivery::Segment
+        );
+        assert_eq!(
+            delivery(
+                &VnetHeader {
+                    gso_type: GSO_TCPV6,
+                    ..tso
+                },
+                &RxCaps {
+                    tso6: false,
+                    ..RxCaps::FULL
+                }
+            ),
+            Delivery::Segment
+        );
         assert_eq!(delivery(&partial, &RxCaps::FULL), Delivery::PassThrough);
-        assert_eq!(delivery(&partial, &RxCaps::NONE), Delivery::CompleteChecksum);
+        assert_eq!(
+            delivery(&partial, &RxCaps::NONE),
+            Delivery::CompleteChecksum
+        );
         assert_eq!(delivery(&full, &RxCaps::NONE), Delivery::PassThrough);
-        assert_eq!(rx_header(&VnetHeader { flags: 3, ..tso }, 2).flags, F_NEEDS_CSUM);
+        assert_eq!(
+            rx_header(&VnetHeader { flags: 3, ..tso }, 2).flags,
+            F_NEEDS_CSUM
+        );
     }
 }

@@ -9,7 +9,9 @@ use vunet_tests::TempDir;
 const BOOT_AND_RUN: Duration = Duration::from_secs(120);
 
 fn ping_ok(out: &str, count: u32) -> bool {
-    out.contains(&format!("{count} packets transmitted, {count} packets received"))
+    out.contains(&format!(
+        "{count} packets transmitted, {count} packets received"
+    ))
 }
 
 #[test]
@@ -18,7 +20,10 @@ fn two_guests_ping_and_run_iperf3() {
     let dir = TempDir::new("guests-iperf");
     let rt = dir.path().join("rt");
     std::fs::create_dir_all(&rt).unwrap();
-    let _vunet = VunetProcess::start(&["--runtime-dir", rt.to_str().unwrap()], &dir.path().join("vunet.log"));
+    let _vunet = VunetProcess::start(
+        &["--runtime-dir", rt.to_str().unwrap()],
+        &dir.path().join("vunet.log"),
+    );
     let server = Guest::boot("g1", dir.path(), &Socket::Connect(rt.join("vm1.sock")), "52:54:00:00:00:01", "", "ip addr add 10.0.0.1/24 dev eth0\niperf3 -s -1 >/dev/null &\nsleep 1\nping -c 3 -W 5 10.0.0.2\nwait\n");
     let client = Guest::boot(
         "g2",
@@ -28,12 +33,29 @@ fn two_guests_ping_and_run_iperf3() {
         "",
         "ip addr add 10.0.0.2/24 dev eth0\nsleep 2\nping -c 3 -W 5 10.0.0.1 || exit 1\niperf3 -c 10.0.0.1 -t 10 -J\n",
     );
-    assert_eq!(client.wait_exit(BOOT_AND_RUN), Some(0), "client guest:\n{}", client.console.text());
-    assert_eq!(server.wait_exit(Duration::from_secs(30)), Some(0), "server guest:\n{}", server.console.text());
+    assert_eq!(
+        client.wait_exit(BOOT_AND_RUN),
+        Some(0),
+        "client guest:\n{}",
+        client.console.text()
+    );
+    assert_eq!(
+        server.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "server guest:\n{}",
+        server.console.text()
+    );
     let out = client.console.text();
     assert!(ping_ok(&out, 3), "client ping:\n{out}");
-    assert!(ping_ok(&server.console.text(), 3), "server ping:\n{}", server.console.text());
-    assert!(!out.contains("\"error\""), "iperf3 reported an error:\n{out}");
+    assert!(
+        ping_ok(&server.console.text(), 3),
+        "server ping:\n{}",
+        server.console.text()
+    );
+    assert!(
+        !out.contains("\"error\""),
+        "iperf3 reported an error:\n{out}"
+    );
     let bps = iperf3_receiver_bps(&out).expect("iperf3 JSON result");
     eprintln!("iperf3 guest->guest through vunet: {:.2} Gbit/s", bps / 1e9);
     assert!(bps > 0.0);
@@ -45,7 +67,10 @@ fn guest_without_receive_offloads_gets_segmented_frames() {
     let dir = TempDir::new("guests-seg");
     let rt = dir.path().join("rt");
     std::fs::create_dir_all(&rt).unwrap();
-    let _vunet = VunetProcess::start(&["--runtime-dir", rt.to_str().unwrap()], &dir.path().join("vunet.log"));
+    let _vunet = VunetProcess::start(
+        &["--runtime-dir", rt.to_str().unwrap()],
+        &dir.path().join("vunet.log"),
+    );
     // The receiver refuses TSO and partial checksums: the sender's 64 KiB segments must be
     // cut and checksummed by vunet, or TCP would not get through at all.
     let receiver = Guest::boot(
@@ -57,12 +82,25 @@ fn guest_without_receive_offloads_gets_segmented_frames() {
         "ip addr add 10.0.0.1/24 dev eth0\niperf3 -s -1 >/dev/null\n",
     );
     let sender = Guest::boot("tso", dir.path(), &Socket::Connect(rt.join("vm2.sock")), "52:54:00:00:00:02", "", "ip addr add 10.0.0.2/24 dev eth0\nsleep 2\nping -c 2 -W 5 10.0.0.1 || exit 1\niperf3 -c 10.0.0.1 -t 5 -J\n");
-    assert_eq!(sender.wait_exit(BOOT_AND_RUN), Some(0), "sender:\n{}", sender.console.text());
+    assert_eq!(
+        sender.wait_exit(BOOT_AND_RUN),
+        Some(0),
+        "sender:\n{}",
+        sender.console.text()
+    );
     let out = sender.console.text();
     let bps = iperf3_receiver_bps(&out).expect("iperf3 JSON result");
-    eprintln!("iperf3 to a guest without receive offloads: {:.2} Gbit/s", bps / 1e9);
+    eprintln!(
+        "iperf3 to a guest without receive offloads: {:.2} Gbit/s",
+        bps / 1e9
+    );
     assert!(bps > 0.0);
-    assert_eq!(receiver.wait_exit(Duration::from_secs(30)), Some(0), "receiver:\n{}", receiver.console.text());
+    assert_eq!(
+        receiver.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "receiver:\n{}",
+        receiver.console.text()
+    );
 }
 
 #[test]
@@ -71,22 +109,56 @@ fn killed_guest_frees_its_port_and_a_new_one_takes_it_while_others_keep_working(
     let dir = TempDir::new("guests-restart");
     let rt = dir.path().join("rt");
     std::fs::create_dir_all(&rt).unwrap();
-    let vunet = VunetProcess::start(&["--runtime-dir", rt.to_str().unwrap()], &dir.path().join("vunet.log"));
+    let vunet = VunetProcess::start(
+        &["--runtime-dir", rt.to_str().unwrap()],
+        &dir.path().join("vunet.log"),
+    );
     let server = Guest::boot("server", dir.path(), &Socket::Connect(rt.join("vm1.sock")), "52:54:00:00:00:01", "", "ip addr add 10.0.0.1/24 dev eth0\niperf3 -s >/dev/null &\niperf3 -s -p 5202 >/dev/null &\nsleep 300\n");
     // A bystander on port 3 pings the server the whole time.
-    let bystander = Guest::boot("bystander", dir.path(), &Socket::Connect(rt.join("vm3.sock")), "52:54:00:00:00:03", "", "ip addr add 10.0.0.3/24 dev eth0\nsleep 3\nping -c 40 -i 0.5 -W 3 10.0.0.1\n");
+    let bystander = Guest::boot(
+        "bystander",
+        dir.path(),
+        &Socket::Connect(rt.join("vm3.sock")),
+        "52:54:00:00:00:03",
+        "",
+        "ip addr add 10.0.0.3/24 dev eth0\nsleep 3\nping -c 40 -i 0.5 -W 3 10.0.0.1\n",
+    );
     let mut victim = Guest::boot("victim", dir.path(), &Socket::Connect(rt.join("vm2.sock")), "52:54:00:00:00:02", "", "ip addr add 10.0.0.2/24 dev eth0\nsleep 2\necho STARTING-IPERF\niperf3 -c 10.0.0.1 -t 60\n");
-    assert!(victim.console.wait_for("STARTING-IPERF", BOOT_AND_RUN), "victim:\n{}", victim.console.text());
-    assert!(victim.console.wait_for("sec", Duration::from_secs(30)), "transfer running:\n{}", victim.console.text());
+    assert!(
+        victim.console.wait_for("STARTING-IPERF", BOOT_AND_RUN),
+        "victim:\n{}",
+        victim.console.text()
+    );
+    assert!(
+        victim.console.wait_for("sec", Duration::from_secs(30)),
+        "transfer running:\n{}",
+        victim.console.text()
+    );
     // SIGKILL mid-transfer.
     victim.kill();
-    assert!(vunet.console.wait_for("guest disconnected", Duration::from_secs(10)), "vunet log:\n{}", vunet.console.text());
+    assert!(
+        vunet
+            .console
+            .wait_for("guest disconnected", Duration::from_secs(10)),
+        "vunet log:\n{}",
+        vunet.console.text()
+    );
     // A new QEMU on the same socket, same vunet. (The dead client's iperf3 session still
     // holds the first server, so the newcomer uses the second.)
     let newcomer = Guest::boot("newcomer", dir.path(), &Socket::Connect(rt.join("vm2.sock")), "52:54:00:00:00:22", "", "ip addr add 10.0.0.2/24 dev eth0\nsleep 2\nping -c 3 -W 5 10.0.0.1 || exit 1\niperf3 -c 10.0.0.1 -p 5202 -t 3\n");
-    assert_eq!(newcomer.wait_exit(BOOT_AND_RUN), Some(0), "newcomer:\n{}", newcomer.console.text());
+    assert_eq!(
+        newcomer.wait_exit(BOOT_AND_RUN),
+        Some(0),
+        "newcomer:\n{}",
+        newcomer.console.text()
+    );
     assert!(ping_ok(&newcomer.console.text(), 3));
-    assert_eq!(bystander.wait_exit(BOOT_AND_RUN), Some(0), "bystander:\n{}", bystander.console.text());
+    assert_eq!(
+        bystander.wait_exit(BOOT_AND_RUN),
+        Some(0),
+        "bystander:\n{}",
+        bystander.console.text()
+    );
     let b = bystander.console.text();
     let received: u32 = b
         .lines()
@@ -95,7 +167,10 @@ fn killed_guest_frees_its_port_and_a_new_one_takes_it_while_others_keep_working(
         .and_then(|s| s.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    assert!(received >= 36, "the bystander lost pings while the other guest died and came back ({received}/40):\n{b}");
+    assert!(
+        received >= 36,
+        "the bystander lost pings while the other guest died and came back ({received}/40):\n{b}"
+    );
     drop(server);
 }
 
@@ -112,10 +187,32 @@ fn client_mode_port_with_qemu_as_the_listener() {
         ),
     )
     .unwrap();
-    let _vunet = VunetProcess::start(&["--config", cfg.to_str().unwrap()], &dir.path().join("vunet.log"));
-    let a = Guest::boot("a", dir.path(), &Socket::Connect(dir.path().join("a.sock")), "52:54:00:00:00:0a", "", "ip addr add 10.0.0.1/24 dev eth0\nsleep 30\n");
-    let b = Guest::boot("b", dir.path(), &Socket::Listen(dir.path().join("qemu-b.sock")), "52:54:00:00:00:0b", "", "ip addr add 10.0.0.2/24 dev eth0\nsleep 2\nping -c 3 -W 5 10.0.0.1\n");
-    assert_eq!(b.wait_exit(BOOT_AND_RUN), Some(0), "client-mode guest:\n{}", b.console.text());
+    let _vunet = VunetProcess::start(
+        &["--config", cfg.to_str().unwrap()],
+        &dir.path().join("vunet.log"),
+    );
+    let a = Guest::boot(
+        "a",
+        dir.path(),
+        &Socket::Connect(dir.path().join("a.sock")),
+        "52:54:00:00:00:0a",
+        "",
+        "ip addr add 10.0.0.1/24 dev eth0\nsleep 30\n",
+    );
+    let b = Guest::boot(
+        "b",
+        dir.path(),
+        &Socket::Listen(dir.path().join("qemu-b.sock")),
+        "52:54:00:00:00:0b",
+        "",
+        "ip addr add 10.0.0.2/24 dev eth0\nsleep 2\nping -c 3 -W 5 10.0.0.1\n",
+    );
+    assert_eq!(
+        b.wait_exit(BOOT_AND_RUN),
+        Some(0),
+        "client-mode guest:\n{}",
+        b.console.text()
+    );
     assert!(ping_ok(&b.console.text(), 3));
     drop(a);
 }

@@ -194,7 +194,13 @@ fn testpmd_run() -> Option<Result> {
 }
 
 fn main() {
-    // `cargo bench` passes --bench; nothing else is taken.
+    // `cargo bench` passes --bench; nothing else is taken. VUNET_BENCH_ONLY=vunet measures
+    // vunet alone (for profiling).
+    if std::env::var("VUNET_BENCH_ONLY").as_deref() == Ok("vunet") {
+        let v = vunet_run();
+        println!("vunet port->port: 64 B {:.3} Mpps, 64 KiB TSO {:.2} Gbit/s", v.mpps_64, v.gbps_64k);
+        return;
+    }
     println!(
         "vunet frontend-driver benchmark ({} s per measurement, {} cores)",
         secs(),

@@ -14,7 +14,7 @@ const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xb];
 const C: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xc];
 const BCAST: [u8; 6] = [0xff; 6];
 const T: Duration = Duration::from_secs(5);
-const QUIET: Duration = Duration::from_millis(200);
+const QUIET: Duration = Duration::from_millis(400);
 
 fn connect_all(socks: &[std::path::PathBuf], opts: &[SimOptions]) -> Vec<VmSim> {
     socks

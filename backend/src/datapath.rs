@@ -424,7 +424,7 @@ fn switch_frame(
     let mut head = [0u8; HDR_LEN + 14];
     gather(segs, 0, &mut head[..hdr_len + 14]);
     let hdr = VnetHeader::parse(&head[..hdr_len]);
-    hdr.validate_tx(len)?;
+    hdr.validate_tx(len, net.mtu as usize)?;
     let eth = &head[hdr_len..hdr_len + 14];
     let (src, dst) = (src_mac(eth), dst_mac(eth));
     if is_multicast(&src) {

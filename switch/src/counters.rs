@@ -16,7 +16,7 @@ pub enum DropReason {
     BadDescriptor,
     /// The chain is too short to hold a virtio-net header and an Ethernet header.
     ShortFrame,
-    /// The frame is larger than 64 KiB plus an Ethernet header.
+    /// The frame is larger than the MTU (or, for a TSO frame, 64 KiB) plus an Ethernet header.
     Oversize,
     /// The virtio-net header is inconsistent (unknown GSO type, checksum offsets outside the
     /// frame, GSO without checksum offload, MSS of zero, ...).

@@ -69,10 +69,14 @@ impl VnetHeader {
         self.gso_type != GSO_NONE
     }
 
-    /// Checks a header received from a guest's TX queue against the frame it describes.
-    /// vunet offers HOST_TSO4/6 and CSUM, never HOST_UFO or HOST_ECN, so anything else is a
-    /// guest bug or an attack.
-    pub fn validate_tx(&self, frame_len: usize) -> Result<(), DropReason> {
+    /// Checks a header received from a guest's TX queue against the frame it describes and the
+    /// network's MTU. vunet offers HOST_TSO4/6 and CSUM, never HOST_UFO or HOST_ECN, so
+    /// anything else is a guest bug or an attack. A frame that is not a GSO frame must fit the
+    /// MTU (plus Ethernet header and one VLAN tag); a GSO frame's segments must.
+    pub fn validate_tx(&self, frame_len: usize, mtu: usize) -> Result<(), DropReason> {
+        if self.gso_type == GSO_NONE && frame_len > mtu + 18 {
+            return Err(DropReason::Oversize);
+        }
         if self.flags & !(F_NEEDS_CSUM | F_DATA_VALID) != 0 {
             return Err(DropReason::BadHeader);
         }
@@ -86,7 +90,7 @@ impl VnetHeader {
         match self.gso_type {
             GSO_NONE => Ok(()),
             GSO_TCPV4 | GSO_TCPV6 => {
-                if !self.needs_csum() || self.gso_size == 0 {
+                if !self.needs_csum() || self.gso_size == 0 || self.gso_size as usize > mtu {
                     Err(DropReason::BadHeader)
                 } else {
                     Ok(())
@@ -203,8 +207,13 @@ mod tests {
             csum_offset: 16,
             num_buffers: 0,
         };
-        assert_eq!(ok.validate_tx(65000), Ok(()));
-        assert_eq!(VnetHeader::default().validate_tx(60), Ok(()));
+        assert_eq!(ok.validate_tx(65000, 1500), Ok(()));
+        assert_eq!(VnetHeader::default().validate_tx(60, 1500), Ok(()));
+        assert_eq!(VnetHeader::default().validate_tx(1518, 1500), Ok(()));
+        assert_eq!(VnetHeader::default().validate_tx(1519, 1500), Err(DropReason::Oversize));
+        assert_eq!(VnetHeader::default().validate_tx(9018, 9000), Ok(()));
+        assert_eq!(VnetHeader { gso_size: 1501, ..ok }.validate_tx(65000, 1500), Err(DropReason::BadHeader));
+        assert_eq!(VnetHeader { gso_size: 8960, ..ok }.validate_tx(65000, 9000), Ok(()));
         let bad = [
             VnetHeader { flags: 0x80, ..ok },
             VnetHeader {
@@ -235,7 +244,7 @@ mod tests {
             },
         ];
         for b in bad {
-            assert_eq!(b.validate_tx(65000), Err(DropReason::BadHeader), "{b:?}");
+            assert_eq!(b.validate_tx(65000, 1500), Err(DropReason::BadHeader), "{b:?}");
         }
     }
 

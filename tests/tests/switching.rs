@@ -338,6 +338,11 @@ fn hostile_frame_over_64k() {
 }
 
 #[test]
+fn hostile_frame_over_the_mtu() {
+    hostile(DropReason::Oversize, |vm| vm.send(&eth_frame(BCAST, A, 0x0800, 1600, 1)));
+}
+
+#[test]
 fn hostile_garbage_in_the_header() {
     hostile(DropReason::BadHeader, |vm| {
         let h = VnetHeader {

@@ -139,7 +139,10 @@ impl VunetProcess {
 
 impl Drop for VunetProcess {
     fn drop(&mut self) {
-        // SAFETY: kill with a valid pid and signal.
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: the child has not been reaped (try_wait above), so its pid is still ours.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {

@@ -526,3 +526,69 @@ fn client_mode_port_connects_and_reconnects() {
         let _ = std::fs::remove_file(&client_sock);
     }
 }
+
+/// xorshift64*: deterministic pseudo-random numbers for the descriptor soup.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+#[test]
+fn hostile_random_descriptor_soup() {
+    count_panics();
+    let dir = TempDir::new("soup");
+    let (d, socks) = start_network(dir.path(), 3);
+    let mut vms = connect_all(&socks, &[SimOptions::full(), SimOptions::full(), SimOptions::full()]);
+    settle();
+    let mut rng = Rng(0x5eed_cafe_f00d_d00d);
+    let scratch = vms[0].scratch_gpa();
+    // Random bytes where random descriptors may point (headers, frames, indirect tables).
+    let junk: Vec<u8> = (0..0x2_0000).map(|_| rng.next() as u8).collect();
+    vms[0].write_mem(scratch, &junk);
+    let interesting_addrs = [scratch, scratch + 12, MEM_SIZE as u64 - 16, MEM_SIZE as u64, 0, u64::MAX - 8, 0x7fff_0000_0000];
+    for round in 0..40 {
+        for _ in 0..50 {
+            let n = 1 + (rng.next() % 4) as usize;
+            let descs: Vec<(u64, u32, u16, u16)> = (0..n)
+                .map(|_| {
+                    let r = rng.next();
+                    let addr = if r % 3 == 0 { interesting_addrs[(r >> 8) as usize % interesting_addrs.len()] } else { scratch + (r >> 16) % 0x2_0000 };
+                    let len = match (r >> 40) % 5 {
+                        0 => 0,
+                        1 => 12,
+                        2 => ((r >> 20) % 2000) as u32,
+                        3 => u32::MAX,
+                        _ => ((r >> 20) % 0x2_0000) as u32,
+                    };
+                    // NEXT, WRITE, INDIRECT in any combination; next anywhere near the slots.
+                    let flags = ((r >> 48) % 8) as u16;
+                    let next = 250 + ((r >> 52) % 8) as u16;
+                    (addr, len, flags, next)
+                })
+                .collect();
+            vms[0].send_raw_chain(250, &descs, 250 + (rng.next() % n as u64) as u16);
+            assert!(vms[0].wait_tx_all(T), "round {round}: every chain is completed");
+        }
+        // Whatever went through is junk for port 1 and 2; drop it.
+        vms[1].recv_all(Duration::from_millis(1));
+        vms[2].recv_all(Duration::from_millis(1));
+    }
+    let s = counters(&d, "p0");
+    assert!(s.total_drops() > 1000, "most of the soup is refused: {s:?}");
+    // Everybody still works.
+    vms[1].recv_all(QUIET);
+    vms[2].recv_all(QUIET);
+    let f = eth_frame(BCAST, A, 0x0800, 60, 9);
+    vms[0].send(&f);
+    assert_eq!(vms[1].recv(T).expect("port 0 still forwards").1, f);
+    assert_eq!(vms[2].recv(T).expect("port 0 still forwards").1, f);
+    let g = eth_frame(BCAST, C, 0x0800, 60, 8);
+    vms[2].send(&g);
+    assert_eq!(vms[0].recv(T).expect("port 2 still forwards").1, g);
+    assert_eq!(PANICS.load(std::sync::atomic::Ordering::SeqCst), 0, "a thread panicked");
+}

@@ -597,7 +597,13 @@ fn write_rx(
         }
     };
     while cap < need {
-        let Some(chain) = q.pop_descriptor_chain(mem) else {
+        // Not pop_descriptor_chain: it logs every failure, and a guest with a corrupt avail
+        // index would turn each frame sent to it into a log line.
+        let next = match q.iter(mem) {
+            Ok(mut it) => it.next(),
+            Err(_) => None,
+        };
+        let Some(chain) = next else {
             rollback(q, cx.rx_chains.len());
             return Err(DropReason::NoRxBuffer);
         };

@@ -198,7 +198,10 @@ fn main() {
     // vunet alone (for profiling).
     if std::env::var("VUNET_BENCH_ONLY").as_deref() == Ok("vunet") {
         let v = vunet_run();
-        println!("vunet port->port: 64 B {:.3} Mpps, 64 KiB TSO {:.2} Gbit/s", v.mpps_64, v.gbps_64k);
+        println!(
+            "vunet port->port: 64 B {:.3} Mpps, 64 KiB TSO {:.2} Gbit/s",
+            v.mpps_64, v.gbps_64k
+        );
         return;
     }
     println!(

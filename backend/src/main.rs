@@ -99,6 +99,16 @@ fn run(config: Option<&Path>, runtime_dir: Option<PathBuf>) -> Result<(), String
     // SAFETY: both pointers are valid for the call.
     unsafe { libc::sigwait(&sigs, &mut sig) };
     eprintln!("vunet: signal {sig}, stopping");
+    for n in &daemon.networks {
+        for p in n.ports.read().unwrap_or_else(|e| e.into_inner()).iter() {
+            eprintln!(
+                "vunet: network {:?} port {:?}: {}",
+                n.name,
+                p.name,
+                p.counters.snapshot()
+            );
+        }
+    }
     for n in &cfg.networks {
         for p in n.ports.iter().filter(|p| p.mode == PortMode::Server) {
             let _ = std::fs::remove_file(&p.socket);

@@ -343,9 +343,14 @@ fn serve_port(
         for h in daemon.get_epoll_handlers() {
             h.send_exit_event();
         }
+        let counters = port.counters.snapshot();
         match result {
-            Ok(()) => info!(network = %net.name, port = %port.name, "guest disconnected"),
-            Err(e) => info!(network = %net.name, port = %port.name, "guest disconnected ({e})"),
+            Ok(()) => {
+                info!(network = %net.name, port = %port.name, "guest disconnected; port totals: {counters}")
+            }
+            Err(e) => {
+                info!(network = %net.name, port = %port.name, "guest disconnected ({e}); port totals: {counters}")
+            }
         }
         if let Some(m) = port.mac {
             debug!(port = %port.name, mac = %format_mac(&m), "port ready for a new connection");

@@ -86,6 +86,29 @@ pub struct CounterSnapshot {
     pub drops: [u64; DropReason::ALL.len()],
 }
 
+impl std::fmt::Display for CounterSnapshot {
+    /// `rx 12 frames/3456 bytes, tx 7 frames/890 bytes, drops: no_rx_buffer=3 oversize=1`
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "rx {} frames/{} bytes, tx {} frames/{} bytes, drops:",
+            self.rx_frames, self.rx_bytes, self.tx_frames, self.tx_bytes
+        )?;
+        let mut any = false;
+        for r in DropReason::ALL {
+            let n = self.drop_count(r);
+            if n > 0 {
+                write!(f, " {}={n}", r.name())?;
+                any = true;
+            }
+        }
+        if !any {
+            write!(f, " none")?;
+        }
+        Ok(())
+    }
+}
+
 impl CounterSnapshot {
     pub fn drop_count(&self, r: DropReason) -> u64 {
         self.drops[r as usize]
@@ -144,6 +167,14 @@ mod tests {
         assert_eq!(s.drop_count(DropReason::Oversize), 1);
         assert_eq!(s.drop_count(DropReason::BadAddress), 0);
         assert_eq!(s.total_drops(), 3);
+        assert_eq!(
+            s.to_string(),
+            "rx 2 frames/160 bytes, tx 1 frames/42 bytes, drops: chain_loop=2 oversize=1"
+        );
+        assert_eq!(
+            PortCounters::default().snapshot().to_string(),
+            "rx 0 frames/0 bytes, tx 0 frames/0 bytes, drops: none"
+        );
         let names: std::collections::HashSet<_> =
             DropReason::ALL.iter().map(|r| r.name()).collect();
         assert_eq!(names.len(), DropReason::ALL.len());

@@ -210,10 +210,27 @@ mod tests {
         assert_eq!(ok.validate_tx(65000, 1500), Ok(()));
         assert_eq!(VnetHeader::default().validate_tx(60, 1500), Ok(()));
         assert_eq!(VnetHeader::default().validate_tx(1518, 1500), Ok(()));
-        assert_eq!(VnetHeader::default().validate_tx(1519, 1500), Err(DropReason::Oversize));
+        assert_eq!(
+            VnetHeader::default().validate_tx(1519, 1500),
+            Err(DropReason::Oversize)
+        );
         assert_eq!(VnetHeader::default().validate_tx(9018, 9000), Ok(()));
-        assert_eq!(VnetHeader { gso_size: 1501, ..ok }.validate_tx(65000, 1500), Err(DropReason::BadHeader));
-        assert_eq!(VnetHeader { gso_size: 8960, ..ok }.validate_tx(65000, 9000), Ok(()));
+        assert_eq!(
+            VnetHeader {
+                gso_size: 1501,
+                ..ok
+            }
+            .validate_tx(65000, 1500),
+            Err(DropReason::BadHeader)
+        );
+        assert_eq!(
+            VnetHeader {
+                gso_size: 8960,
+                ..ok
+            }
+            .validate_tx(65000, 9000),
+            Ok(())
+        );
         let bad = [
             VnetHeader { flags: 0x80, ..ok },
             VnetHeader {
@@ -244,7 +261,11 @@ mod tests {
             },
         ];
         for b in bad {
-            assert_eq!(b.validate_tx(65000, 1500), Err(DropReason::BadHeader), "{b:?}");
+            assert_eq!(
+                b.validate_tx(65000, 1500),
+                Err(DropReason::BadHeader),
+                "{b:?}"
+            );
         }
     }
 

@@ -232,19 +232,53 @@ fn vunet_restarts_under_running_guests_on_client_mode_ports() {
     .unwrap();
     let args = ["--config", cfg.to_str().unwrap()];
     let mut first = VunetProcess::start(&args, &dir.path().join("vunet1.log"));
-    let a = Guest::boot("a", dir.path(), &Socket::Listen(dir.path().join("qemu-a.sock")), "52:54:00:00:00:0a", "", "ip addr add 10.0.0.1/24 dev eth0\nsleep 90\n");
-    let b = Guest::boot("b", dir.path(), &Socket::Listen(dir.path().join("qemu-b.sock")), "52:54:00:00:00:0b", "", "ip addr add 10.0.0.2/24 dev eth0\nping -c 50 -i 0.5 -W 1 10.0.0.1\n");
-    assert!(b.console.wait_for("seq=5 ", BOOT_AND_RUN), "pings flow before the restart:\n{}", b.console.text());
+    let a = Guest::boot(
+        "a",
+        dir.path(),
+        &Socket::Listen(dir.path().join("qemu-a.sock")),
+        "52:54:00:00:00:0a",
+        "",
+        "ip addr add 10.0.0.1/24 dev eth0\nsleep 90\n",
+    );
+    let b = Guest::boot(
+        "b",
+        dir.path(),
+        &Socket::Listen(dir.path().join("qemu-b.sock")),
+        "52:54:00:00:00:0b",
+        "",
+        "ip addr add 10.0.0.2/24 dev eth0\nping -c 50 -i 0.5 -W 1 10.0.0.1\n",
+    );
+    assert!(
+        b.console.wait_for("seq=5 ", BOOT_AND_RUN),
+        "pings flow before the restart:\n{}",
+        b.console.text()
+    );
     // vunet dies (SIGKILL, no cleanup) and a new one starts: it reconnects to both QEMUs,
     // which renegotiate with it while their guests keep running.
     let _ = first.child.kill();
     let _ = first.child.wait();
     std::thread::sleep(Duration::from_secs(2));
     let _second = VunetProcess::start(&args, &dir.path().join("vunet2.log"));
-    assert_eq!(b.wait_exit(BOOT_AND_RUN), Some(0), "guest b:\n{}", b.console.text());
+    assert_eq!(
+        b.wait_exit(BOOT_AND_RUN),
+        Some(0),
+        "guest b:\n{}",
+        b.console.text()
+    );
     let out = b.console.text();
-    let last_seqs: Vec<u32> = out.lines().filter_map(|l| l.split("seq=").nth(1)).filter_map(|s| s.split_whitespace().next()?.parse().ok()).collect();
-    assert!(last_seqs.iter().any(|&s| s >= 40), "pings answered after the restart:\n{out}");
-    assert!(last_seqs.len() >= 35, "at most a few seconds of pings lost ({} of 50 answered):\n{out}", last_seqs.len());
+    let last_seqs: Vec<u32> = out
+        .lines()
+        .filter_map(|l| l.split("seq=").nth(1))
+        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(
+        last_seqs.iter().any(|&s| s >= 40),
+        "pings answered after the restart:\n{out}"
+    );
+    assert!(
+        last_seqs.len() >= 35,
+        "at most a few seconds of pings lost ({} of 50 answered):\n{out}",
+        last_seqs.len()
+    );
     drop(a);
 }

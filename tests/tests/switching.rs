@@ -339,7 +339,9 @@ fn hostile_frame_over_64k() {
 
 #[test]
 fn hostile_frame_over_the_mtu() {
-    hostile(DropReason::Oversize, |vm| vm.send(&eth_frame(BCAST, A, 0x0800, 1600, 1)));
+    hostile(DropReason::Oversize, |vm| {
+        vm.send(&eth_frame(BCAST, A, 0x0800, 1600, 1))
+    });
 }
 
 #[test]
@@ -543,21 +545,36 @@ fn hostile_random_descriptor_soup() {
     count_panics();
     let dir = TempDir::new("soup");
     let (d, socks) = start_network(dir.path(), 3);
-    let mut vms = connect_all(&socks, &[SimOptions::full(), SimOptions::full(), SimOptions::full()]);
+    let mut vms = connect_all(
+        &socks,
+        &[SimOptions::full(), SimOptions::full(), SimOptions::full()],
+    );
     settle();
     let mut rng = Rng(0x5eed_cafe_f00d_d00d);
     let scratch = vms[0].scratch_gpa();
     // Random bytes where random descriptors may point (headers, frames, indirect tables).
     let junk: Vec<u8> = (0..0x2_0000).map(|_| rng.next() as u8).collect();
     vms[0].write_mem(scratch, &junk);
-    let interesting_addrs = [scratch, scratch + 12, MEM_SIZE as u64 - 16, MEM_SIZE as u64, 0, u64::MAX - 8, 0x7fff_0000_0000];
+    let interesting_addrs = [
+        scratch,
+        scratch + 12,
+        MEM_SIZE as u64 - 16,
+        MEM_SIZE as u64,
+        0,
+        u64::MAX - 8,
+        0x7fff_0000_0000,
+    ];
     for round in 0..40 {
         for _ in 0..50 {
             let n = 1 + (rng.next() % 4) as usize;
             let descs: Vec<(u64, u32, u16, u16)> = (0..n)
                 .map(|_| {
                     let r = rng.next();
-                    let addr = if r % 3 == 0 { interesting_addrs[(r >> 8) as usize % interesting_addrs.len()] } else { scratch + (r >> 16) % 0x2_0000 };
+                    let addr = if r.is_multiple_of(3) {
+                        interesting_addrs[(r >> 8) as usize % interesting_addrs.len()]
+                    } else {
+                        scratch + (r >> 16) % 0x2_0000
+                    };
                     let len = match (r >> 40) % 5 {
                         0 => 0,
                         1 => 12,
@@ -572,7 +589,10 @@ fn hostile_random_descriptor_soup() {
                 })
                 .collect();
             vms[0].send_raw_chain(250, &descs, 250 + (rng.next() % n as u64) as u16);
-            assert!(vms[0].wait_tx_all(T), "round {round}: every chain is completed");
+            assert!(
+                vms[0].wait_tx_all(T),
+                "round {round}: every chain is completed"
+            );
         }
         // Whatever went through is junk for port 1 and 2; drop it.
         vms[1].recv_all(Duration::from_millis(1));
@@ -590,5 +610,9 @@ fn hostile_random_descriptor_soup() {
     let g = eth_frame(BCAST, C, 0x0800, 60, 8);
     vms[2].send(&g);
     assert_eq!(vms[0].recv(T).expect("port 2 still forwards").1, g);
-    assert_eq!(PANICS.load(std::sync::atomic::Ordering::SeqCst), 0, "a thread panicked");
+    assert_eq!(
+        PANICS.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a thread panicked"
+    );
 }

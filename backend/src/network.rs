@@ -36,8 +36,9 @@ pub enum StartError {
         path: PathBuf,
         reason: String,
     },
-    #[error("cannot start a thread: {0}")]
-    Thread(String),
+    /// A failure of the host (threads, the private socket directory), not of the config.
+    #[error("{0}")]
+    Host(String),
 }
 
 /// Where a port's senders write: the RX ring and memory of the guest connected right now.
@@ -154,7 +155,7 @@ impl Daemon {
             }
         }
         let internal_dir = private_dir().map_err(|e| {
-            StartError::Thread(format!(
+            StartError::Host(format!(
                 "cannot create a private directory in {}: {}",
                 std::env::temp_dir().display(),
                 io_reason(&e)
@@ -168,13 +169,13 @@ impl Daemon {
                 let listener = listeners.next().flatten();
                 let internal_path = internal_dir.join(format!("n{ni}p{}.sock", port.id));
                 let internal = Listener::new(&internal_path, true).map_err(|e| {
-                    StartError::Thread(format!("internal socket {}: {e}", internal_path.display()))
+                    StartError::Host(format!("internal socket {}: {e}", internal_path.display()))
                 })?;
                 let (net2, port2) = (net.clone(), port.clone());
                 thread::Builder::new()
                     .name(format!("port-{}", port.name))
                     .spawn(move || serve_port(net2, port2, listener, internal, internal_path))
-                    .map_err(|e| StartError::Thread(e.to_string()))?;
+                    .map_err(|e| StartError::Host(format!("cannot start a thread: {e}")))?;
             }
             networks.push(net);
         }
@@ -359,9 +360,4 @@ fn serve_port(
             thread::sleep(Duration::from_millis(100));
         }
     }
-}
-
-/// Error for any I/O failure that is not the user's to fix.
-pub fn other(e: impl std::fmt::Display) -> io::Error {
-    io::Error::other(e.to_string())
 }

@@ -616,3 +616,35 @@ fn hostile_random_descriptor_soup() {
         "a thread panicked"
     );
 }
+
+#[test]
+fn legacy_guest_with_the_10_byte_header_talks_to_a_modern_one() {
+    let dir = TempDir::new("legacy");
+    let (d, socks) = start_network(dir.path(), 2);
+    // Without MRG_RXBUF a guest with GUEST_TSO posts big receive buffers (Linux's "big
+    // packets" mode); 64 KiB each fills the driver's 16 MiB receive area.
+    let legacy = SimOptions {
+        accept_features: feat::DRIVER & !(feat::VERSION_1 | feat::MRG_RXBUF | feat::EVENT_IDX),
+        rx_buf_size: 65536,
+        ..SimOptions::full()
+    };
+    let mut vms = connect_all(&socks, &[SimOptions::full(), legacy]);
+    settle();
+    assert_eq!((vms[0].hdr_len(), vms[1].hdr_len()), (12, 10));
+    // A TSO frame from the modern guest reaches the legacy one whole (it has GUEST_TSO4)...
+    let (hdr, frame) = tso_frame(20_000);
+    vms[0].send_with(&hdr, &frame, true);
+    let (h, got) = vms[1].recv(T).expect("legacy guest receives");
+    assert_eq!(got, frame);
+    assert_eq!(
+        (h.gso_type, h.gso_size, h.csum_start),
+        (GSO_TCPV4, 1448, 34)
+    );
+    // ...and the legacy guest's 10-byte header is read as such.
+    let f = eth_frame(A, B, 0x0800, 300, 7);
+    vms[1].send_with(&VnetHeader::default(), &f, false);
+    let (h, got) = vms[0].recv(T).expect("modern guest receives");
+    assert_eq!(got, f);
+    assert_eq!(h.num_buffers, 1);
+    assert_eq!(counters(&d, "p1").total_drops(), 0);
+}

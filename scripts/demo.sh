@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job in one command: starts vunet's default network, boots two QEMU guests (TCG) on
-# it, pings from one to the other and runs iperf3 between them for 10 s, then prints the result.
+# it, pings vunet's gateway and from one guest to the other, and runs iperf3 between them for 10 s, then prints the result.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -26,9 +26,9 @@ guest() { # name socket mac script
     -device virtio-net-pci,netdev=n0,mac="$3",romfile=,vectors=0 \
     -append 'console=ttyS0 quiet panic=-1' < /dev/null > "$work/$1.console" 2>&1 &
 }
-echo "== booting guest vm1 (10.0.0.1, iperf3 server) and vm2 (10.0.0.2, client)"
-guest vm1 "$work/rt/vm1.sock" 52:54:00:00:00:01 'ip addr add 10.0.0.1/24 dev eth0; iperf3 -s -1 >/dev/null'
-guest vm2 "$work/rt/vm2.sock" 52:54:00:00:00:02 'ip addr add 10.0.0.2/24 dev eth0; sleep 2; ping -c 3 10.0.0.1 && iperf3 -c 10.0.0.1 -t 10'
+echo "== booting guest vm1 (192.168.122.11, iperf3 server) and vm2 (192.168.122.12, client)"
+guest vm1 "$work/rt/vm1.sock" 52:54:00:00:00:01 'ip addr add 192.168.122.11/24 dev eth0; iperf3 -s -1 >/dev/null'
+guest vm2 "$work/rt/vm2.sock" 52:54:00:00:00:02 'ip addr add 192.168.122.12/24 dev eth0; sleep 2; ping -c 2 192.168.122.1 && ping -c 3 192.168.122.11 && iperf3 -c 192.168.122.11 -t 10'
 for _ in $(seq 120); do grep -q VUNET-TEST-EXIT "$work/vm2.console" 2>/dev/null && break; sleep 1; done
 echo "== vm2's console"
 sed -n '/PING/,/VUNET-TEST-EXIT/p' "$work/vm2.console"

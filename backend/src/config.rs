@@ -233,10 +233,10 @@ impl Config {
             }
             if gateway.is_some() || matches!(mode, Mode::Nat | Mode::Route) {
                 warnings.push(format!(
-                    "{}:{}: network {name:?}: gateway services (ARP, ICMP, DHCP, DNS{}) are not implemented in this version; guests are switched at layer 2 only",
+                    "{}:{}: network {name:?}: the gateway answers ARP and ping; DHCP, DNS{} are not implemented in this version",
                     file,
                     cx.line_of(n.mode.span()),
-                    if mode == Mode::Nat || mode == Mode::Route { ", routing, NAT" } else { "" }
+                    if mode == Mode::Nat || mode == Mode::Route { ", routing and NAT" } else { "" }
                 ));
             }
             let mut ports = Vec::new();
@@ -433,7 +433,13 @@ mode = "server"
             c.warnings
         );
         assert!(c.warnings.iter().any(|w| w.contains("[uplink]")));
-        assert!(c.warnings.iter().any(|w| w.contains("NAT")));
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("routing and NAT are not implemented")),
+            "{:?}",
+            c.warnings
+        );
     }
 
     #[test]

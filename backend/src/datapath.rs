@@ -184,6 +184,8 @@ pub struct TxScratch {
     rx_chains: Vec<(u16, usize)>,
     frame: Vec<u8>,
     segment: Vec<u8>,
+    gw_in: Vec<u8>,
+    gw_out: Vec<u8>,
     notify: Vec<PortId>,
 }
 
@@ -427,7 +429,7 @@ fn switch_frame(
     hdr.validate_tx(len, net.mtu as usize)?;
     let eth = &head[hdr_len..hdr_len + 14];
     let (src, dst) = (src_mac(eth), dst_mac(eth));
-    if is_multicast(&src) {
+    if is_multicast(&src) || net.gateway.is_some_and(|g| g.mac == src) {
         return Err(DropReason::BadSourceMac);
     }
     port.counters.received(len);
@@ -437,11 +439,20 @@ fn switch_frame(
         len,
         hdr,
     };
-    let decision = net
-        .macs
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .forward(src, dst, port.id, now);
+    let to_gateway = net.gateway.is_some_and(|g| g.wants(&dst));
+    let decision = {
+        let mut macs = net.macs.lock().unwrap_or_else(|e| e.into_inner());
+        if net.gateway.is_some_and(|g| g.mac == dst) {
+            // For the gateway alone: learn the sender, forward nowhere.
+            macs.learn(src, port.id, now);
+            Decision::Discard
+        } else {
+            macs.forward(src, dst, port.id, now)
+        }
+    };
+    if to_gateway {
+        answer_gateway(net, port, &frame, cx);
+    }
     match decision {
         Decision::Unicast(to) => {
             if let Some(dest) = ports.get(to) {
@@ -456,6 +467,39 @@ fn switch_frame(
         Decision::Discard => {}
     }
     Ok(())
+}
+
+/// Lets the gateway see a frame addressed to it (or broadcast) and sends its answer, if any,
+/// back to the sending port. TSO frames are not for the gateway (it speaks ARP and ICMP).
+fn answer_gateway(net: &Network, port: &GuestPort, f: &TxFrame, cx: &mut TxScratch) {
+    let Some(gw) = net.gateway.as_ref() else {
+        return;
+    };
+    if f.hdr.is_gso() {
+        return;
+    }
+    let mut input = std::mem::take(&mut cx.gw_in);
+    let mut reply = std::mem::take(&mut cx.gw_out);
+    input.resize(f.len, 0);
+    gather(f.segs, f.offset, &mut input);
+    let complete = !f.hdr.needs_csum()
+        || complete_checksum(
+            &mut input,
+            f.hdr.csum_start as usize,
+            f.hdr.csum_offset as usize,
+        )
+        .is_ok();
+    if complete && gw.handle(&input, &mut reply) {
+        let answer = TxFrame {
+            segs: &[Seg::of_slice(&reply)],
+            offset: 0,
+            len: reply.len(),
+            hdr: VnetHeader::default(),
+        };
+        deliver(port, &answer, cx);
+    }
+    cx.gw_in = input;
+    cx.gw_out = reply;
 }
 
 /// Delivers one frame to one receiving port, counting a drop on the receiver if it cannot take

@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vunet_switch::gateway::{gateway_mac, Gateway};
 use vunet_switch::vnet::RxCaps;
 use vunet_switch::{format_mac, DropReason, Mac, MacTable, PortCounters, PortId};
 
@@ -75,6 +76,8 @@ pub struct Network {
     pub name: String,
     pub mode: Mode,
     pub mtu: u16,
+    /// The network's own endpoint at its gateway address (ARP, ping), if it has one.
+    pub gateway: Option<Gateway>,
     pub ports: RwLock<Vec<Arc<GuestPort>>>,
     pub macs: Mutex<MacTable>,
     epoch: Instant,
@@ -212,10 +215,16 @@ fn new_network(n: &NetworkConfig) -> Network {
             })
         })
         .collect();
+    let gateway = n.gateway.map(|(ip, prefix)| Gateway {
+        mac: gateway_mac(&n.name),
+        ip,
+        prefix,
+    });
     Network {
         name: n.name.clone(),
         mode: n.mode,
         mtu: n.mtu,
+        gateway,
         ports: RwLock::new(ports),
         macs: Mutex::new(MacTable::default()),
         epoch: Instant::now(),

@@ -11,6 +11,7 @@
 
 pub mod checksum;
 pub mod counters;
+pub mod gateway;
 pub mod mac_table;
 pub mod offload;
 pub mod vnet;

@@ -15,7 +15,7 @@ fn ping_ok(out: &str, count: u32) -> bool {
 }
 
 #[test]
-fn two_guests_ping_and_run_iperf3() {
+fn two_guests_ping_each_other_and_the_gateway_and_run_iperf3() {
     let _turn = serial();
     let dir = TempDir::new("guests-iperf");
     let rt = dir.path().join("rt");
@@ -24,14 +24,22 @@ fn two_guests_ping_and_run_iperf3() {
         &["--runtime-dir", rt.to_str().unwrap()],
         &dir.path().join("vunet.log"),
     );
-    let server = Guest::boot("g1", dir.path(), &Socket::Connect(rt.join("vm1.sock")), "52:54:00:00:00:01", "", "ip addr add 10.0.0.1/24 dev eth0\niperf3 -s -1 >/dev/null &\nsleep 1\nping -c 3 -W 5 10.0.0.2\nwait\n");
+    // The default network: 192.168.122.0/24 with vunet's gateway at .1.
+    let server = Guest::boot(
+        "g1",
+        dir.path(),
+        &Socket::Connect(rt.join("vm1.sock")),
+        "52:54:00:00:00:01",
+        "",
+        "ip addr add 192.168.122.11/24 dev eth0\niperf3 -s -1 >/dev/null &\nsleep 1\nping -c 3 -W 5 192.168.122.12\nwait\n",
+    );
     let client = Guest::boot(
         "g2",
         dir.path(),
         &Socket::Connect(rt.join("vm2.sock")),
         "52:54:00:00:00:02",
         "",
-        "ip addr add 10.0.0.2/24 dev eth0\nsleep 2\nping -c 3 -W 5 10.0.0.1 || exit 1\niperf3 -c 10.0.0.1 -t 10 -J\n",
+        "ip addr add 192.168.122.12/24 dev eth0\nsleep 2\nping -c 3 -W 5 192.168.122.1 || exit 1\nping -c 3 -W 5 192.168.122.11 || exit 1\niperf3 -c 192.168.122.11 -t 10 -J\n",
     );
     assert_eq!(
         client.wait_exit(BOOT_AND_RUN),
@@ -46,7 +54,16 @@ fn two_guests_ping_and_run_iperf3() {
         server.console.text()
     );
     let out = client.console.text();
-    assert!(ping_ok(&out, 3), "client ping:\n{out}");
+    assert!(
+        out.contains("PING 192.168.122.1 ") && ping_ok(&out, 3),
+        "client pings the gateway and the server:\n{out}"
+    );
+    assert_eq!(
+        out.matches("3 packets transmitted, 3 packets received")
+            .count(),
+        2,
+        "both pings answered:\n{out}"
+    );
     assert!(
         ping_ok(&server.console.text(), 3),
         "server ping:\n{}",

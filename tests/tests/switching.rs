@@ -648,3 +648,50 @@ fn legacy_guest_with_the_10_byte_header_talks_to_a_modern_one() {
     assert_eq!(h.num_buffers, 1);
     assert_eq!(counters(&d, "p1").total_drops(), 0);
 }
+
+#[test]
+fn gateway_answers_arp_and_ping_and_is_not_impersonated() {
+    let dir = TempDir::new("gateway");
+    let (d, socks) = start_network(dir.path(), 2);
+    let mut vms = connect_all(&socks, &[SimOptions::full(), SimOptions::full()]);
+    settle();
+    let gw = vunet_switch::gateway::gateway_mac("test");
+    // ARP who-has 10.0.0.1 (the network's gateway) from A.
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&A);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&A);
+    arp.extend_from_slice(&[10, 0, 0, 7, 0, 0, 0, 0, 0, 0, 10, 0, 0, 1]);
+    arp.resize(60, 0);
+    vms[0].send(&arp);
+    let (_, reply) = vms[0].recv(T).expect("ARP reply from the gateway");
+    assert_eq!(&reply[0..6], &A);
+    assert_eq!(&reply[22..28], &gw, "is-at the gateway's MAC");
+    assert_eq!(&reply[28..32], &[10, 0, 0, 1]);
+    assert_eq!(vms[1].recv(T).expect("the broadcast still floods").1, arp);
+
+    // Ping the gateway.
+    let mut ping = Vec::new();
+    PacketBuilder::ethernet2(A, gw)
+        .ipv4([10, 0, 0, 7], [10, 0, 0, 1], 64)
+        .icmpv4_echo_request(9, 1)
+        .write(&mut ping, b"vunet gateway ping")
+        .unwrap();
+    vms[0].send(&ping);
+    let (_, pong) = vms[0].recv(T).expect("echo reply");
+    let p = SlicedPacket::from_ethernet(&pong).unwrap();
+    let Some(TransportSlice::Icmpv4(icmp)) = p.transport else {
+        panic!("not ICMP: {pong:?}")
+    };
+    assert_eq!(icmp.payload(), b"vunet gateway ping");
+    assert!(
+        vms[1].recv(QUIET).is_none(),
+        "unicast to the gateway is not flooded"
+    );
+
+    // A guest sending with the gateway's MAC is dropped.
+    vms[1].send(&eth_frame(BCAST, gw, 0x0800, 60, 1));
+    assert!(vms[1].wait_tx_all(T));
+    assert!(vms[0].recv(QUIET).is_none());
+    assert_eq!(counters(&d, "p1").drop_count(DropReason::BadSourceMac), 1);
+}

@@ -1,0 +1,271 @@
+//! The network's own endpoint at its gateway address: it answers ARP requests for that
+//! address and ICMP echo requests to it, with its own MAC. Pure: a frame in, maybe a reply
+//! frame out.
+
+use std::net::Ipv4Addr;
+
+use crate::checksum::checksum;
+use crate::Mac;
+
+const ETH_P_ARP: u16 = 0x0806;
+const ETH_P_IPV4: u16 = 0x0800;
+const IPPROTO_ICMP: u8 = 1;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
+
+/// The gateway endpoint of one network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gateway {
+    pub mac: Mac,
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+}
+
+/// A locally administered MAC derived from the network name, stable across restarts so
+/// guests' ARP caches stay valid.
+pub fn gateway_mac(network: &str) -> Mac {
+    // FNV-1a: any stable spread will do.
+    let h = network.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    let b = h.to_be_bytes();
+    [0x02, 0x76, 0x75, b[0], b[1], b[2]]
+}
+
+impl Gateway {
+    /// Whether a frame with this destination MAC concerns the gateway (its own MAC, or
+    /// broadcast, where ARP requests arrive).
+    pub fn wants(&self, dst: &Mac) -> bool {
+        *dst == self.mac || *dst == [0xff; 6]
+    }
+
+    /// Handles one frame seen by the gateway. If it calls for an answer, the answer frame is
+    /// written to `out` (cleared first) and `true` is returned.
+    pub fn handle(&self, frame: &[u8], out: &mut Vec<u8>) -> bool {
+        out.clear();
+        if frame.len() < 14 {
+            return false;
+        }
+        match u16::from_be_bytes([frame[12], frame[13]]) {
+            ETH_P_ARP => self.arp(frame, out),
+            ETH_P_IPV4 if frame[0..6] == self.mac => self.icmp_echo(frame, out),
+            _ => false,
+        }
+    }
+
+    /// ARP request (Ethernet/IPv4) for the gateway address → ARP reply.
+    fn arp(&self, frame: &[u8], out: &mut Vec<u8>) -> bool {
+        let Some(a) = frame.get(14..14 + 28) else {
+            return false;
+        };
+        let is_eth_ipv4 = a[0..2] == [0, 1] && a[2..4] == [0x08, 0x00] && a[4] == 6 && a[5] == 4;
+        let is_request = a[6..8] == [0, 1];
+        if !is_eth_ipv4 || !is_request || a[24..28] != self.ip.octets() {
+            return false;
+        }
+        let (sha, spa) = (&a[8..14], &a[14..18]);
+        if sha[0] & 1 == 1 {
+            return false; // A multicast sender hardware address is not someone to answer.
+        }
+        out.extend_from_slice(sha);
+        out.extend_from_slice(&self.mac);
+        out.extend_from_slice(&ETH_P_ARP.to_be_bytes());
+        out.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 2]);
+        out.extend_from_slice(&self.mac);
+        out.extend_from_slice(&self.ip.octets());
+        out.extend_from_slice(sha);
+        out.extend_from_slice(spa);
+        out.resize(60, 0); // Minimum Ethernet frame, padded.
+        true
+    }
+
+    /// ICMP echo request to the gateway address → echo reply with the same identifier,
+    /// sequence number and data.
+    fn icmp_echo(&self, frame: &[u8], out: &mut Vec<u8>) -> bool {
+        let ip = &frame[14..];
+        if ip.len() < 20 || ip[0] >> 4 != 4 {
+            return false;
+        }
+        let ihl = (ip[0] & 0xf) as usize * 4;
+        let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+        if ihl < 20 || total < ihl + 8 || total > ip.len() || checksum(&ip[..ihl]) != 0 {
+            return false;
+        }
+        let fragmented = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
+        if fragmented || ip[9] != IPPROTO_ICMP || ip[16..20] != self.ip.octets() {
+            return false;
+        }
+        let icmp = &ip[ihl..total];
+        if icmp[0] != ICMP_ECHO_REQUEST || icmp[1] != 0 || checksum(icmp) != 0 {
+            return false;
+        }
+        // Ethernet: back to the sender.
+        out.extend_from_slice(&frame[6..12]);
+        out.extend_from_slice(&self.mac);
+        out.extend_from_slice(&ETH_P_IPV4.to_be_bytes());
+        // IPv4 without options: from the gateway to the sender.
+        let l3 = out.len();
+        let reply_total = (20 + icmp.len()) as u16;
+        out.extend_from_slice(&[0x45, 0]);
+        out.extend_from_slice(&reply_total.to_be_bytes());
+        out.extend_from_slice(&[ip[4], ip[5], 0x40, 0, 64, IPPROTO_ICMP, 0, 0]);
+        out.extend_from_slice(&self.ip.octets());
+        out.extend_from_slice(&ip[12..16]);
+        let c = checksum(&out[l3..l3 + 20]);
+        out[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+        // ICMP: echo reply, same id/seq/data.
+        let l4 = out.len();
+        out.extend_from_slice(icmp);
+        out[l4] = ICMP_ECHO_REPLY;
+        out[l4 + 2..l4 + 4].copy_from_slice(&[0, 0]);
+        let c = checksum(&out[l4..]);
+        out[l4 + 2..l4 + 4].copy_from_slice(&c.to_be_bytes());
+        if out.len() < 60 {
+            out.resize(60, 0);
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{Icmpv4Type, PacketBuilder, SlicedPacket, TransportSlice};
+
+    const GUEST: Mac = [0x52, 0x54, 0, 0, 0, 7];
+
+    fn gw() -> Gateway {
+        Gateway {
+            mac: gateway_mac("default"),
+            ip: Ipv4Addr::new(192, 168, 122, 1),
+            prefix: 24,
+        }
+    }
+
+    fn arp_request(target: [u8; 4]) -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&GUEST);
+        f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        f.extend_from_slice(&GUEST);
+        f.extend_from_slice(&[192, 168, 122, 7]);
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&target);
+        f.resize(60, 0);
+        f
+    }
+
+    fn echo_request(dst_mac: Mac, dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2(GUEST, dst_mac)
+            .ipv4([192, 168, 122, 7], dst, 64)
+            .icmpv4_echo_request(0x1234, 7)
+            .write(&mut f, payload)
+            .unwrap();
+        f
+    }
+
+    #[test]
+    fn gateway_mac_is_stable_local_unicast_and_per_network() {
+        let m = gateway_mac("default");
+        assert_eq!(m, gateway_mac("default"));
+        assert_ne!(m, gateway_mac("lab"));
+        assert_eq!(m[0] & 0b11, 0b10, "locally administered unicast");
+    }
+
+    #[test]
+    fn answers_arp_for_its_address_only() {
+        let g = gw();
+        let mut out = Vec::new();
+        assert!(g.handle(&arp_request([192, 168, 122, 1]), &mut out));
+        assert_eq!(out.len(), 60);
+        assert_eq!(&out[0..6], &GUEST);
+        assert_eq!(&out[6..12], &g.mac);
+        assert_eq!(&out[12..14], &[0x08, 0x06]);
+        assert_eq!(&out[20..22], &[0, 2], "ARP reply");
+        assert_eq!(&out[22..28], &g.mac, "sender hardware address");
+        assert_eq!(&out[28..32], &[192, 168, 122, 1]);
+        assert_eq!(&out[32..38], &GUEST);
+        assert_eq!(&out[38..42], &[192, 168, 122, 7]);
+        assert!(!g.handle(&arp_request([192, 168, 122, 2]), &mut out));
+        let mut reply = arp_request([192, 168, 122, 1]);
+        reply[21] = 2;
+        assert!(!g.handle(&reply, &mut out), "replies are not answered");
+    }
+
+    #[test]
+    fn answers_ping_with_a_valid_echo_reply() {
+        let g = gw();
+        let payload: Vec<u8> = (0..56).collect();
+        let mut out = Vec::new();
+        assert!(g.handle(&echo_request(g.mac, [192, 168, 122, 1], &payload), &mut out));
+        let p = SlicedPacket::from_ethernet(&out).unwrap();
+        let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+            panic!("not IPv4")
+        };
+        assert_eq!(ip.header().source(), [192, 168, 122, 1]);
+        assert_eq!(ip.header().destination(), [192, 168, 122, 7]);
+        assert_eq!(checksum(ip.header().slice()), 0);
+        let Some(TransportSlice::Icmpv4(icmp)) = p.transport else {
+            panic!("not ICMP")
+        };
+        assert_eq!(
+            icmp.icmp_type(),
+            Icmpv4Type::EchoReply(etherparse::IcmpEchoHeader { id: 0x1234, seq: 7 })
+        );
+        assert_eq!(icmp.payload(), &payload[..]);
+        assert_eq!(checksum(icmp.slice()), 0);
+        assert_eq!(&out[0..6], &GUEST);
+    }
+
+    #[test]
+    fn ignores_what_is_not_an_echo_to_it() {
+        let g = gw();
+        let mut out = Vec::new();
+        assert!(
+            !g.handle(&echo_request(g.mac, [192, 168, 122, 9], b"x"), &mut out),
+            "other address"
+        );
+        assert!(
+            !g.handle(
+                &echo_request([0x52, 0, 0, 0, 0, 1], [192, 168, 122, 1], b"x"),
+                &mut out
+            ),
+            "other MAC"
+        );
+        let mut bad = echo_request(g.mac, [192, 168, 122, 1], b"hello");
+        bad[24] ^= 0xff;
+        assert!(!g.handle(&bad, &mut out), "bad IP checksum");
+        let mut frag = echo_request(g.mac, [192, 168, 122, 1], b"hello");
+        frag[20] = 0x20;
+        assert!(!g.handle(&frag, &mut out), "fragment");
+    }
+
+    #[test]
+    fn truncated_and_garbage_frames_never_panic() {
+        let g = gw();
+        let mut out = Vec::new();
+        let frames = [
+            arp_request([192, 168, 122, 1]),
+            echo_request(g.mac, [192, 168, 122, 1], &[7; 100]),
+        ];
+        for f in &frames {
+            for cut in 0..f.len() {
+                g.handle(&f[..cut], &mut out);
+            }
+            let mut x = f.clone();
+            for i in 14..x.len() {
+                x[i] = x[i].wrapping_mul(31).wrapping_add(i as u8);
+                g.handle(&x, &mut out);
+            }
+        }
+        // IP total length larger than the frame, IHL too small or too large.
+        let mut f = echo_request(g.mac, [192, 168, 122, 1], b"abc");
+        f[16] = 0xff;
+        assert!(!g.handle(&f, &mut out));
+        let mut f = echo_request(g.mac, [192, 168, 122, 1], b"abc");
+        f[14] = 0x41;
+        assert!(!g.handle(&f, &mut out));
+        f[14] = 0x4f;
+        assert!(!g.handle(&f, &mut out));
+    }
+}

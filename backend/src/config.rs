@@ -58,6 +58,14 @@ pub struct PortConfig {
     pub mac: Option<Mac>,
 }
 
+/// `[network.dhcp]`: the gateway's DHCP server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DhcpConfig {
+    pub range: (Ipv4Addr, Ipv4Addr),
+    pub hosts: Vec<vunet_dhcp::StaticHost>,
+    pub lease_secs: u32,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetworkConfig {
     pub name: String,
@@ -65,6 +73,7 @@ pub struct NetworkConfig {
     /// Gateway address and prefix length.
     pub gateway: Option<(Ipv4Addr, u8)>,
     pub mtu: u16,
+    pub dhcp: Option<DhcpConfig>,
     pub ports: Vec<PortConfig>,
 }
 
@@ -93,12 +102,29 @@ struct RawNetwork {
     mode: Spanned<String>,
     gateway: Option<Spanned<String>>,
     mtu: Option<Spanned<i64>>,
-    dhcp: Option<Spanned<toml::Value>>,
+    dhcp: Option<Spanned<RawDhcp>>,
     dns: Option<Spanned<toml::Value>>,
     uplink: Option<Spanned<toml::Value>>,
     port_forward: Option<Spanned<toml::Value>>,
     #[serde(default)]
     port: Vec<Spanned<RawPort>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDhcp {
+    range: Spanned<Vec<String>>,
+    #[serde(default)]
+    hosts: Vec<Spanned<RawHost>>,
+    lease_time: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    mac: String,
+    ip: String,
+    name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -127,6 +153,98 @@ impl Ctx<'_> {
             msg: msg.into(),
         }
     }
+}
+
+fn in_subnet(ip: Ipv4Addr, (gw, prefix): (Ipv4Addr, u8)) -> bool {
+    let mask = u32::MAX << (32 - prefix as u32);
+    let (a, g) = (u32::from(ip), u32::from(gw));
+    a & mask == g & mask && a & !mask != 0 && a & !mask != !mask
+}
+
+fn parse_dhcp(
+    cx: &Ctx,
+    d: &Spanned<RawDhcp>,
+    net: &str,
+    gateway: Option<(Ipv4Addr, u8)>,
+) -> Result<DhcpConfig, ConfigError> {
+    let raw = d.get_ref();
+    let Some(gw) = gateway else {
+        return Err(cx.err(
+            d.span(),
+            format!("network {net:?}: [network.dhcp] needs a gateway address to serve from"),
+        ));
+    };
+    let subnet = format!("{}/{}", gw.0, gw.1);
+    let r = raw.range.get_ref();
+    let ip = |s: &str| s.parse::<Ipv4Addr>().ok();
+    let (Some(lo), Some(hi)) = (r.first().and_then(|s| ip(s)), r.get(1).and_then(|s| ip(s))) else {
+        return Err(cx.err(
+            raw.range.span(),
+            "range must be two IPv4 addresses, e.g. [\"192.168.122.2\", \"192.168.122.254\"]",
+        ));
+    };
+    if r.len() != 2 || lo > hi {
+        return Err(cx.err(raw.range.span(), format!("invalid range {lo} - {hi}")));
+    }
+    if !in_subnet(lo, gw) || !in_subnet(hi, gw) {
+        return Err(cx.err(
+            raw.range.span(),
+            format!("range {lo} - {hi} is outside the gateway's subnet {subnet}"),
+        ));
+    }
+    let mut hosts: Vec<vunet_dhcp::StaticHost> = Vec::new();
+    for h in &raw.hosts {
+        let v = h.get_ref();
+        let mac = parse_mac(&v.mac)
+            .filter(|m| !vunet_switch::is_multicast(m) && *m != [0; 6])
+            .ok_or_else(|| cx.err(h.span(), format!("invalid MAC address {:?}", v.mac)))?;
+        let hip =
+            ip(&v.ip).ok_or_else(|| cx.err(h.span(), format!("invalid IP address {:?}", v.ip)))?;
+        if !in_subnet(hip, gw) || hip == gw.0 {
+            return Err(cx.err(
+                h.span(),
+                format!("static host {hip} is not a host address of the gateway's subnet {subnet}"),
+            ));
+        }
+        if hosts.iter().any(|o| o.mac == mac) {
+            return Err(cx.err(
+                h.span(),
+                format!("static host MAC {} is listed twice", v.mac),
+            ));
+        }
+        if hosts.iter().any(|o| o.ip == hip) {
+            return Err(cx.err(
+                h.span(),
+                format!("static hosts overlap: {hip} is given twice"),
+            ));
+        }
+        let name = match &v.name {
+            Some(n)
+                if n.is_empty()
+                    || n.len() > 63
+                    || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') =>
+            {
+                return Err(cx.err(
+                    h.span(),
+                    format!("invalid host name {n:?} (letters, digits and '-')"),
+                ))
+            }
+            n => n.clone(),
+        };
+        hosts.push(vunet_dhcp::StaticHost { mac, ip: hip, name });
+    }
+    let lease_secs = match &raw.lease_time {
+        Some(t) if !(60..=31_536_000).contains(t.get_ref()) => {
+            return Err(cx.err(t.span(), "lease_time must be 60 to 31536000 seconds"))
+        }
+        Some(t) => *t.get_ref() as u32,
+        None => 3600,
+    };
+    Ok(DhcpConfig {
+        range: (lo, hi),
+        hosts,
+        lease_secs,
+    })
 }
 
 /// Parses "192.168.122.1/24".
@@ -221,8 +339,11 @@ impl Config {
                 }
                 None => 1500,
             };
+            let dhcp = match &n.dhcp {
+                Some(d) => Some(parse_dhcp(&cx, d, &name, gateway)?),
+                None => None,
+            };
             for (key, v) in [
-                ("dhcp", &n.dhcp),
                 ("dns", &n.dns),
                 ("uplink", &n.uplink),
                 ("port_forward", &n.port_forward),
@@ -233,9 +354,10 @@ impl Config {
             }
             if gateway.is_some() || matches!(mode, Mode::Nat | Mode::Route) {
                 warnings.push(format!(
-                    "{}:{}: network {name:?}: the gateway answers ARP and ping; DHCP, DNS{} are not implemented in this version",
+                    "{}:{}: network {name:?}: the gateway answers ARP and ping{}; DNS{} are not implemented in this version",
                     file,
                     cx.line_of(n.mode.span()),
+                    if dhcp.is_some() { " and serves DHCP" } else { "" },
                     if mode == Mode::Nat || mode == Mode::Route { ", routing and NAT" } else { "" }
                 ));
             }
@@ -308,6 +430,7 @@ impl Config {
                 mode,
                 gateway,
                 mtu,
+                dhcp,
                 ports,
             });
         }
@@ -338,6 +461,14 @@ impl Config {
                 mode: Mode::Isolated,
                 gateway: Some((Ipv4Addr::new(192, 168, 122, 1), 24)),
                 mtu: 1500,
+                dhcp: Some(DhcpConfig {
+                    range: (
+                        Ipv4Addr::new(192, 168, 122, 2),
+                        Ipv4Addr::new(192, 168, 122, 254),
+                    ),
+                    hosts: vec![],
+                    lease_secs: 3600,
+                }),
                 ports,
             }],
             warnings: vec![],
@@ -428,7 +559,7 @@ mode = "server"
         assert!(
             c.warnings
                 .iter()
-                .any(|w| w.contains("[dhcp]") && w.starts_with("vunet.toml:8:")),
+                .any(|w| w.contains("[uplink]") && w.starts_with("vunet.toml:11:")),
             "{:?}",
             c.warnings
         );
@@ -463,6 +594,39 @@ mode = "server"
             assert!(e.starts_with(want), "{text:?}\n got: {e}\nwant: {want}");
             assert!(!e.contains('\n'), "one line: {e:?}");
         }
+    }
+
+    #[test]
+    fn dhcp_section() {
+        let base = "[[network]]\nname = \"a\"\nmode = \"isolated\"\ngateway = \"192.168.122.1/24\"\n[network.dhcp]\n";
+        let ok = format!("{base}range = [\"192.168.122.2\", \"192.168.122.254\"]\nlease_time = 600\nhosts = [{{ mac = \"52:54:00:00:00:10\", ip = \"192.168.122.10\", name = \"web\" }}]\n");
+        let d = parse(&ok).unwrap().networks[0].dhcp.clone().unwrap();
+        assert_eq!(
+            d.range,
+            (
+                Ipv4Addr::new(192, 168, 122, 2),
+                Ipv4Addr::new(192, 168, 122, 254)
+            )
+        );
+        assert_eq!(d.lease_secs, 600);
+        assert_eq!(d.hosts[0].name.as_deref(), Some("web"));
+        let cases: &[(&str, &str)] = &[
+            ("range = [\"10.0.0.2\", \"10.0.0.9\"]\n", "vunet.toml:6: range 10.0.0.2 - 10.0.0.9 is outside the gateway's subnet 192.168.122.1/24"),
+            ("range = [\"192.168.122.9\", \"192.168.122.2\"]\n", "vunet.toml:6: invalid range"),
+            ("range = [\"192.168.122.2\"]\n", "vunet.toml:6: range must be two IPv4 addresses"),
+            ("range = [\"192.168.122.2\", \"192.168.122.9\"]\nhosts = [{ mac = \"52:54:00:00:00:10\", ip = \"192.168.122.10\" }, { mac = \"52:54:00:00:00:11\", ip = \"192.168.122.10\" }]\n", "vunet.toml:7: static hosts overlap: 192.168.122.10 is given twice"),
+            ("range = [\"192.168.122.2\", \"192.168.122.9\"]\nhosts = [{ mac = \"52:54:00:00:00:10\", ip = \"10.1.1.10\" }]\n", "vunet.toml:7: static host 10.1.1.10 is not a host address of the gateway's subnet"),
+            ("range = [\"192.168.122.2\", \"192.168.122.9\"]\nlease_time = 5\n", "vunet.toml:7: lease_time must be 60 to 31536000 seconds"),
+        ];
+        for (tail, want) in cases {
+            let e = parse(&format!("{base}{tail}")).unwrap_err().to_string();
+            assert!(e.starts_with(want), "got: {e}\nwant: {want}");
+        }
+        let no_gw = "[[network]]\nname = \"b\"\nmode = \"bridge\"\n[network.dhcp]\nrange = [\"10.0.0.2\", \"10.0.0.9\"]\n";
+        assert!(parse(no_gw)
+            .unwrap_err()
+            .to_string()
+            .contains("[network.dhcp] needs a gateway"));
     }
 
     #[test]

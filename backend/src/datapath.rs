@@ -489,7 +489,7 @@ fn answer_gateway(net: &Network, port: &GuestPort, f: &TxFrame, cx: &mut TxScrat
             f.hdr.csum_offset as usize,
         )
         .is_ok();
-    if complete && gw.handle(&input, &mut reply) {
+    if complete && (gw.handle(&input, &mut reply) || net.serve_dhcp(gw, &input, &mut reply)) {
         let answer = TxFrame {
             segs: &[Seg::of_slice(&reply)],
             offset: 0,

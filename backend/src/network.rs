@@ -14,7 +14,9 @@ use tracing::{debug, info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vunet_switch::gateway::{gateway_mac, Gateway};
+use vunet_dhcp::message::{CLIENT_PORT, SERVER_PORT};
+use vunet_dhcp::{lease_file, DhcpMessage, DhcpServer, Lease, MessageType, ServerConfig};
+use vunet_switch::gateway::{build_udp, gateway_mac, udp_payload, Gateway};
 use vunet_switch::vnet::RxCaps;
 use vunet_switch::{format_mac, DropReason, Mac, MacTable, PortCounters, PortId};
 
@@ -37,6 +39,8 @@ pub enum StartError {
         path: PathBuf,
         reason: String,
     },
+    #[error("state_dir {path}: {reason}")]
+    StateDir { path: PathBuf, reason: String },
     /// A failure of the host (threads, the private socket directory), not of the config.
     #[error("{0}")]
     Host(String),
@@ -78,6 +82,9 @@ pub struct Network {
     pub mtu: u16,
     /// The network's own endpoint at its gateway address (ARP, ping), if it has one.
     pub gateway: Option<Gateway>,
+    /// The gateway's DHCP server, and the file its leases persist in.
+    pub dhcp: Option<Mutex<DhcpServer>>,
+    pub lease_file: Option<PathBuf>,
     pub ports: RwLock<Vec<Arc<GuestPort>>>,
     pub macs: Mutex<MacTable>,
     epoch: Instant,
@@ -86,6 +93,50 @@ pub struct Network {
 impl Network {
     pub fn now_ms(&self) -> u64 {
         ms_since(self.epoch)
+    }
+
+    /// Answers a DHCP message from a guest (a UDP datagram to port 67 in `frame`), writing the
+    /// reply frame to `out`. Lease changes are saved to the lease file at once.
+    pub fn serve_dhcp(&self, gw: &Gateway, frame: &[u8], out: &mut Vec<u8>) -> bool {
+        let Some(dhcp) = self.dhcp.as_ref() else {
+            return false;
+        };
+        let Some((_, payload)) = udp_payload(frame, SERVER_PORT) else {
+            return false;
+        };
+        let Ok(msg) = DhcpMessage::parse(payload) else {
+            return false;
+        };
+        let now = unix_now();
+        let mut server = dhcp.lock().unwrap_or_else(|e| e.into_inner());
+        let reply = server.handle(&msg, now);
+        if matches!(
+            msg.msg_type,
+            MessageType::Request | MessageType::Release | MessageType::Decline
+        ) {
+            if let Some(path) = &self.lease_file {
+                if let Err(e) = save_leases(path, &server.leases(now)) {
+                    warn!(network = %self.name, file = %path.display(), "cannot save DHCP leases: {e}");
+                }
+            }
+        }
+        drop(server);
+        match reply {
+            Some(r) => {
+                build_udp(
+                    out,
+                    gw.mac,
+                    r.dst_mac,
+                    gw.ip,
+                    r.dst_ip,
+                    SERVER_PORT,
+                    CLIENT_PORT,
+                    &r.payload,
+                );
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn port(&self, name: &str) -> Option<Arc<GuestPort>> {
@@ -157,6 +208,12 @@ impl Daemon {
                 }
             }
         }
+        if let Some(dir) = &cfg.state_dir {
+            std::fs::create_dir_all(dir).map_err(|e| StartError::StateDir {
+                path: dir.clone(),
+                reason: io_reason(&e),
+            })?;
+        }
         let internal_dir = private_dir().map_err(|e| {
             StartError::Host(format!(
                 "cannot create a private directory in {}: {}",
@@ -167,7 +224,7 @@ impl Daemon {
         let mut listeners = listeners.into_iter();
         let mut networks = Vec::new();
         for (ni, n) in cfg.networks.iter().enumerate() {
-            let net = Arc::new(new_network(n));
+            let net = Arc::new(new_network(n, cfg.state_dir.as_deref()));
             for port in net.ports.read().unwrap_or_else(|e| e.into_inner()).iter() {
                 let listener = listeners.next().flatten();
                 let internal_path = internal_dir.join(format!("n{ni}p{}.sock", port.id));
@@ -193,7 +250,73 @@ impl Daemon {
     }
 }
 
-fn new_network(n: &NetworkConfig) -> Network {
+/// Seconds since the Unix epoch: the DHCP server's clock, so lease expiries survive restarts.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Writes the lease file atomically: a temporary file, fsync, rename.
+fn save_leases(path: &Path, leases: &[Lease]) -> io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("leases.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(lease_file::serialize(leases).as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Reads the lease file. A corrupt or truncated one is set aside (renamed `.corrupt`) with a
+/// warning and vunet starts without those leases; it never refuses to start over it.
+fn load_leases(net: &str, path: &Path) -> Vec<Lease> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return vec![],
+        Err(e) => {
+            warn!(network = %net, file = %path.display(), "cannot read the lease file: {}", io_reason(&e));
+            return vec![];
+        }
+    };
+    match lease_file::parse(&text) {
+        Ok(l) => l,
+        Err(e) => {
+            let aside = path.with_extension("leases.corrupt");
+            let _ = std::fs::rename(path, &aside);
+            warn!(network = %net, file = %path.display(), "lease file is corrupt ({e}); set aside as {}, starting without it", aside.display());
+            vec![]
+        }
+    }
+}
+
+fn dhcp_server(n: &NetworkConfig, lease_file: Option<&Path>) -> Option<DhcpServer> {
+    let d = n.dhcp.as_ref()?;
+    let (ip, prefix) = n.gateway?;
+    let mut server = DhcpServer::new(ServerConfig {
+        server_ip: ip,
+        prefix,
+        range: d.range,
+        hosts: d.hosts.clone(),
+        lease_secs: d.lease_secs,
+        // A router is announced only where the gateway routes (libvirt's isolated networks
+        // give none).
+        router: matches!(n.mode, Mode::Nat | Mode::Route),
+        // Announced once the gateway answers DNS.
+        dns: None,
+        domain: None,
+        mtu: (n.mtu != 1500).then_some(n.mtu),
+    });
+    if let Some(path) = lease_file {
+        let restored = server.restore(&load_leases(&n.name, path), unix_now());
+        if restored > 0 {
+            info!(network = %n.name, "restored {restored} DHCP lease(s) from {}", path.display());
+        }
+    }
+    Some(server)
+}
+
+fn new_network(n: &NetworkConfig, state_dir: Option<&Path>) -> Network {
     let ports = n
         .ports
         .iter()
@@ -220,11 +343,17 @@ fn new_network(n: &NetworkConfig) -> Network {
         ip,
         prefix,
     });
+    let lease_file = state_dir
+        .filter(|_| n.dhcp.is_some())
+        .map(|d| d.join(format!("{}.leases", n.name)));
+    let dhcp = dhcp_server(n, lease_file.as_deref()).map(Mutex::new);
     Network {
         name: n.name.clone(),
         mode: n.mode,
         mtu: n.mtu,
         gateway,
+        dhcp,
+        lease_file,
         ports: RwLock::new(ports),
         macs: Mutex::new(MacTable::default()),
         epoch: Instant::now(),

@@ -221,6 +221,47 @@ impl ReplyBuilder {
     }
 }
 
+/// Builds a client's BOOTREQUEST, as a DHCP client would send it (tests, benchmarks).
+pub fn build_client_message(
+    t: MessageType,
+    mac: Mac,
+    xid: u32,
+    requested: Option<Ipv4Addr>,
+    server_id: Option<Ipv4Addr>,
+    hostname: Option<&str>,
+) -> Vec<u8> {
+    let mut b = vec![0u8; FIXED_LEN];
+    b[0] = BOOTREQUEST;
+    b[1] = 1;
+    b[2] = 6;
+    b[4..8].copy_from_slice(&xid.to_be_bytes());
+    b[28..34].copy_from_slice(&mac);
+    b.extend_from_slice(&MAGIC);
+    b.extend_from_slice(&[opt::MSG_TYPE, 1, t.code()]);
+    if let Some(r) = requested {
+        b.extend_from_slice(&[opt::REQUESTED_IP, 4]);
+        b.extend_from_slice(&r.octets());
+    }
+    if let Some(sid) = server_id {
+        b.extend_from_slice(&[opt::SERVER_ID, 4]);
+        b.extend_from_slice(&sid.octets());
+    }
+    if let Some(h) = hostname {
+        b.extend_from_slice(&[opt::HOSTNAME, h.len().min(255) as u8]);
+        b.extend_from_slice(&h.as_bytes()[..h.len().min(255)]);
+    }
+    b.push(opt::END);
+    b
+}
+
+/// The message type of a reply.
+pub fn reply_type(b: &[u8]) -> Option<MessageType> {
+    reply_options(b)
+        .into_iter()
+        .find(|(c, v)| *c == opt::MSG_TYPE && v.len() == 1)
+        .and_then(|(_, v)| MessageType::from_u8(v[0]))
+}
+
 /// Reads the options of a reply (for tests and for clients of this crate).
 pub fn reply_options(b: &[u8]) -> Vec<(u8, Vec<u8>)> {
     let mut out = Vec::new();

@@ -10,6 +10,7 @@ use crate::Mac;
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_IPV4: u16 = 0x0800;
 const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_UDP: u8 = 17;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
 
@@ -127,6 +128,84 @@ impl Gateway {
     }
 }
 
+/// If `frame` is an unfragmented IPv4 UDP datagram to `port` with valid IP and UDP
+/// checksums, returns its source address and payload.
+pub fn udp_payload(frame: &[u8], port: u16) -> Option<(Ipv4Addr, &[u8])> {
+    if frame.len() < 14 + 20 + 8 || u16::from_be_bytes([frame[12], frame[13]]) != ETH_P_IPV4 {
+        return None;
+    }
+    let ip = &frame[14..];
+    let ihl = (ip[0] & 0xf) as usize * 4;
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    if ip[0] >> 4 != 4
+        || ihl < 20
+        || total < ihl + 8
+        || total > ip.len()
+        || checksum(&ip[..ihl]) != 0
+    {
+        return None;
+    }
+    if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 || ip[9] != IPPROTO_UDP {
+        return None;
+    }
+    let udp = &ip[ihl..total];
+    let ulen = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+    if u16::from_be_bytes([udp[2], udp[3]]) != port || ulen < 8 || ulen > udp.len() {
+        return None;
+    }
+    let src: [u8; 4] = ip[12..16].try_into().ok()?;
+    let dst: [u8; 4] = ip[16..20].try_into().ok()?;
+    if udp[6..8] != [0, 0] {
+        let pseudo = crate::checksum::pseudo_v4(&src, &dst, IPPROTO_UDP, ulen as u16);
+        if crate::checksum::finish(crate::checksum::sum(&udp[..ulen], pseudo)) != 0 {
+            return None;
+        }
+    }
+    Some((Ipv4Addr::from(src), &udp[8..ulen]))
+}
+
+/// Builds an Ethernet + IPv4 + UDP frame (checksums included) into `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn build_udp(
+    out: &mut Vec<u8>,
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) {
+    out.clear();
+    out.extend_from_slice(&dst_mac);
+    out.extend_from_slice(&src_mac);
+    out.extend_from_slice(&ETH_P_IPV4.to_be_bytes());
+    let l3 = out.len();
+    let udp_len = (8 + payload.len()) as u16;
+    out.extend_from_slice(&[0x45, 0]);
+    out.extend_from_slice(&(20 + udp_len).to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0x40, 0, 64, IPPROTO_UDP, 0, 0]);
+    out.extend_from_slice(&src.octets());
+    out.extend_from_slice(&dst.octets());
+    let c = checksum(&out[l3..l3 + 20]);
+    out[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+    let l4 = out.len();
+    out.extend_from_slice(&sport.to_be_bytes());
+    out.extend_from_slice(&dport.to_be_bytes());
+    out.extend_from_slice(&udp_len.to_be_bytes());
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(payload);
+    let pseudo = crate::checksum::pseudo_v4(&src.octets(), &dst.octets(), IPPROTO_UDP, udp_len);
+    let mut c = crate::checksum::finish(crate::checksum::sum(&out[l4..], pseudo));
+    if c == 0 {
+        c = 0xffff;
+    }
+    out[l4 + 6..l4 + 8].copy_from_slice(&c.to_be_bytes());
+    if out.len() < 60 {
+        out.resize(60, 0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,6 +317,35 @@ mod tests {
         let mut frag = echo_request(g.mac, [192, 168, 122, 1], b"hello");
         frag[20] = 0x20;
         assert!(!g.handle(&frag, &mut out), "fragment");
+    }
+
+    #[test]
+    fn udp_round_trip_and_refusals() {
+        let mut f = Vec::new();
+        let (a, b) = (Ipv4Addr::new(0, 0, 0, 0), Ipv4Addr::BROADCAST);
+        build_udp(&mut f, GUEST, [0xff; 6], a, b, 68, 67, b"dhcp payload");
+        assert_eq!(udp_payload(&f, 67), Some((a, &b"dhcp payload"[..])));
+        assert_eq!(udp_payload(&f, 53), None);
+        // Checked by etherparse too.
+        let p = SlicedPacket::from_ethernet(&f).unwrap();
+        let Some(TransportSlice::Udp(u)) = p.transport else {
+            panic!()
+        };
+        assert_eq!(u.payload(), b"dhcp payload");
+        let mut bad = f.clone();
+        bad[14 + 20 + 8] ^= 1;
+        assert_eq!(udp_payload(&bad, 67), None, "UDP checksum");
+        let mut nock = f.clone();
+        nock[14 + 20 + 8] ^= 1;
+        nock[14 + 20 + 6] = 0;
+        nock[14 + 20 + 7] = 0;
+        assert!(
+            udp_payload(&nock, 67).is_some(),
+            "no UDP checksum is allowed"
+        );
+        for cut in 0..f.len() {
+            let _ = udp_payload(&f[..cut], 67);
+        }
     }
 
     #[test]

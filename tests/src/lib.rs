@@ -691,14 +691,26 @@ impl Drop for TempDir {
 /// Starts an in-process vunet with one isolated network of `ports` server-mode ports named
 /// `p0`, `p1`, … in `dir`. Returns the daemon and the socket paths.
 pub fn start_network(dir: &Path, ports: usize) -> (vunet::Daemon, Vec<PathBuf>) {
-    let mut toml = String::from(
-        "[[network]]\nname = \"test\"\nmode = \"isolated\"\ngateway = \"10.0.0.1/24\"\n",
+    start_network_with(dir, ports, "", "")
+}
+
+/// Like [`start_network`], with extra top-level TOML (e.g. `state_dir`) and extra network
+/// TOML appended after the ports (e.g. a `[network.dhcp]` table).
+pub fn start_network_with(
+    dir: &Path,
+    ports: usize,
+    top: &str,
+    network_extra: &str,
+) -> (vunet::Daemon, Vec<PathBuf>) {
+    let mut toml = format!(
+        "{top}\n[[network]]\nname = \"test\"\nmode = \"isolated\"\ngateway = \"10.0.0.1/24\"\n"
     );
     for i in 0..ports {
         toml.push_str(&format!(
             "[[network.port]]\nname = \"p{i}\"\nsocket = \"p{i}.sock\"\n"
         ));
     }
+    toml.push_str(network_extra);
     let cfg = vunet::Config::parse(&toml, "test.toml", dir).expect("config");
     let d = vunet::Daemon::start(&cfg).expect("start");
     let socks = (0..ports).map(|i| dir.join(format!("p{i}.sock"))).collect();

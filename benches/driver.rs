@@ -19,10 +19,7 @@ const A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xa];
 const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xb];
 
 fn secs() -> f64 {
-    std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3.0)
+    std::env::var("BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0)
 }
 
 /// memcpy bandwidth in GB/s for `chunk`-byte copies cycling through `src_total` bytes of
@@ -56,12 +53,7 @@ fn tso_frame() -> (VnetHeader, Vec<u8>) {
         .ack(1)
         .write(&mut f, &payload)
         .unwrap();
-    let partial = !finish(pseudo_v4(
-        &[10, 0, 0, 1],
-        &[10, 0, 0, 2],
-        6,
-        (f.len() - 34) as u16,
-    ));
+    let partial = !finish(pseudo_v4(&[10, 0, 0, 1], &[10, 0, 0, 2], 6, (f.len() - 34) as u16));
     f[50..52].copy_from_slice(&partial.to_be_bytes());
     (
         VnetHeader {
@@ -108,10 +100,7 @@ struct Result {
 }
 
 fn measure(sock_a: &Path, sock_b: &Path, rx_buf: u32) -> Result {
-    let opts = SimOptions {
-        rx_buf_size: rx_buf,
-        ..SimOptions::full()
-    };
+    let opts = SimOptions { rx_buf_size: rx_buf, ..SimOptions::full() };
     let mut a = VmSim::connect(sock_a, opts.clone()).expect("connect a");
     let mut b = VmSim::connect(sock_b, opts).expect("connect b");
     a.post_rx(QUEUE_SIZE);
@@ -138,39 +127,19 @@ fn vunet_run() -> Result {
 }
 
 fn testpmd_run() -> Option<Result> {
-    let bin = ["dpdk-testpmd", "testpmd"].into_iter().find(|b| {
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {b}"))
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    })?;
+    let bin = ["dpdk-testpmd", "testpmd"]
+        .into_iter()
+        .find(|b| Command::new("sh").arg("-c").arg(format!("command -v {b}")).output().map(|o| o.status.success()).unwrap_or(false))?;
     let dir = TempDir::new("testpmd");
     let s0 = dir.path().join("pmd0.sock");
     let s1 = dir.path().join("pmd1.sock");
     let mut child = Command::new(bin)
-        .args([
-            "-l",
-            "0-1",
-            "--no-huge",
-            "-m",
-            "1024",
-            "--no-pci",
-            "--file-prefix",
-            &format!("vunetbench{}", std::process::id()),
-        ])
+        .args(["-l", "0-1", "--no-huge", "-m", "1024", "--no-pci", "--file-prefix", &format!("vunetbench{}", std::process::id())])
         .arg("--vdev")
         .arg(format!("net_vhost0,iface={},queues=1", s0.display()))
         .arg("--vdev")
         .arg(format!("net_vhost1,iface={},queues=1", s1.display()))
-        .args([
-            "--",
-            "--forward-mode=io",
-            "--auto-start",
-            "--total-num-mbufs=16384",
-            "--nb-cores=1",
-        ])
+        .args(["--", "--forward-mode=io", "--auto-start", "--total-num-mbufs=16384", "--nb-cores=1"])
         .stdin(Stdio::piped())
         .stdout(std::fs::File::create(std::env::temp_dir().join("vunet-bench-testpmd.log")).ok()?)
         .stderr(Stdio::null())
@@ -198,18 +167,13 @@ fn main() {
     // vunet alone (for profiling).
     if std::env::var("VUNET_BENCH_ONLY").as_deref() == Ok("vunet") {
         let v = vunet_run();
-        println!(
-            "vunet port->port: 64 B {:.3} Mpps, 64 KiB TSO {:.2} Gbit/s",
-            v.mpps_64, v.gbps_64k
-        );
+        println!("vunet port->port: 64 B {:.3} Mpps, 64 KiB TSO {:.2} Gbit/s", v.mpps_64, v.gbps_64k);
         return;
     }
     println!(
         "vunet frontend-driver benchmark ({} s per measurement, {} cores)",
         secs(),
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     const DRAM: usize = 256 << 20;
     let m64 = memcpy_gbps(64, DRAM, DRAM);
@@ -225,11 +189,7 @@ fn main() {
     println!("vunet port->port, 64 KiB TSO frames: {:.2} Gbit/s = {:.2} GB/s = {:.2}x memcpy(64 KiB, same working set), {:.2}x memcpy(64 KiB, DRAM)", v.gbps_64k, v.gbps_64k / 8.0, v.gbps_64k / 8.0 / m64k, v.gbps_64k / 8.0 / m64k_dram);
     match pmd {
         Some(p) => {
-            println!(
-                "testpmd io-fwd (busy-polling), 64 B: {:.3} Mpps -> vunet/testpmd = {:.2}x",
-                p.mpps_64,
-                v.mpps_64 / p.mpps_64
-            );
+            println!("testpmd io-fwd (busy-polling), 64 B: {:.3} Mpps -> vunet/testpmd = {:.2}x", p.mpps_64, v.mpps_64 / p.mpps_64);
             println!(
                 "testpmd io-fwd, 64 KiB TSO frames:   {:.2} Gbit/s -> vunet/testpmd = {:.2}x",
                 p.gbps_64k,

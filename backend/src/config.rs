@@ -16,11 +16,7 @@ pub enum ConfigError {
     #[error("{file}: {msg}")]
     File { file: String, msg: String },
     #[error("{file}:{line}: {msg}")]
-    At {
-        file: String,
-        line: usize,
-        msg: String,
-    },
+    At { file: String, line: usize, msg: String },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +52,9 @@ pub struct PortConfig {
     pub socket: PathBuf,
     pub mode: PortMode,
     pub mac: Option<Mac>,
+    /// Port security (own MAC, own leased IP, no DHCP server); `None`: on where the network
+    /// has a gateway.
+    pub port_security: Option<bool>,
 }
 
 /// `[network.dhcp]`: the gateway's DHCP server.
@@ -134,6 +133,7 @@ struct RawPort {
     socket: Spanned<String>,
     mode: Option<Spanned<String>>,
     mac: Option<Spanned<String>>,
+    port_security: Option<bool>,
 }
 
 struct Ctx<'a> {
@@ -147,11 +147,7 @@ impl Ctx<'_> {
         self.text[..at].bytes().filter(|&b| b == b'\n').count() + 1
     }
     fn err(&self, span: Range<usize>, msg: impl Into<String>) -> ConfigError {
-        ConfigError::At {
-            file: self.file.to_string(),
-            line: self.line_of(span),
-            msg: msg.into(),
-        }
+        ConfigError::At { file: self.file.to_string(), line: self.line_of(span), msg: msg.into() }
     }
 }
 
@@ -161,36 +157,22 @@ fn in_subnet(ip: Ipv4Addr, (gw, prefix): (Ipv4Addr, u8)) -> bool {
     a & mask == g & mask && a & !mask != 0 && a & !mask != !mask
 }
 
-fn parse_dhcp(
-    cx: &Ctx,
-    d: &Spanned<RawDhcp>,
-    net: &str,
-    gateway: Option<(Ipv4Addr, u8)>,
-) -> Result<DhcpConfig, ConfigError> {
+fn parse_dhcp(cx: &Ctx, d: &Spanned<RawDhcp>, net: &str, gateway: Option<(Ipv4Addr, u8)>) -> Result<DhcpConfig, ConfigError> {
     let raw = d.get_ref();
     let Some(gw) = gateway else {
-        return Err(cx.err(
-            d.span(),
-            format!("network {net:?}: [network.dhcp] needs a gateway address to serve from"),
-        ));
+        return Err(cx.err(d.span(), format!("network {net:?}: [network.dhcp] needs a gateway address to serve from")));
     };
     let subnet = format!("{}/{}", gw.0, gw.1);
     let r = raw.range.get_ref();
     let ip = |s: &str| s.parse::<Ipv4Addr>().ok();
     let (Some(lo), Some(hi)) = (r.first().and_then(|s| ip(s)), r.get(1).and_then(|s| ip(s))) else {
-        return Err(cx.err(
-            raw.range.span(),
-            "range must be two IPv4 addresses, e.g. [\"192.168.122.2\", \"192.168.122.254\"]",
-        ));
+        return Err(cx.err(raw.range.span(), "range must be two IPv4 addresses, e.g. [\"192.168.122.2\", \"192.168.122.254\"]"));
     };
     if r.len() != 2 || lo > hi {
         return Err(cx.err(raw.range.span(), format!("invalid range {lo} - {hi}")));
     }
     if !in_subnet(lo, gw) || !in_subnet(hi, gw) {
-        return Err(cx.err(
-            raw.range.span(),
-            format!("range {lo} - {hi} is outside the gateway's subnet {subnet}"),
-        ));
+        return Err(cx.err(raw.range.span(), format!("range {lo} - {hi} is outside the gateway's subnet {subnet}")));
     }
     let mut hosts: Vec<vunet_dhcp::StaticHost> = Vec::new();
     for h in &raw.hosts {
@@ -198,53 +180,30 @@ fn parse_dhcp(
         let mac = parse_mac(&v.mac)
             .filter(|m| !vunet_switch::is_multicast(m) && *m != [0; 6])
             .ok_or_else(|| cx.err(h.span(), format!("invalid MAC address {:?}", v.mac)))?;
-        let hip =
-            ip(&v.ip).ok_or_else(|| cx.err(h.span(), format!("invalid IP address {:?}", v.ip)))?;
+        let hip = ip(&v.ip).ok_or_else(|| cx.err(h.span(), format!("invalid IP address {:?}", v.ip)))?;
         if !in_subnet(hip, gw) || hip == gw.0 {
-            return Err(cx.err(
-                h.span(),
-                format!("static host {hip} is not a host address of the gateway's subnet {subnet}"),
-            ));
+            return Err(cx.err(h.span(), format!("static host {hip} is not a host address of the gateway's subnet {subnet}")));
         }
         if hosts.iter().any(|o| o.mac == mac) {
-            return Err(cx.err(
-                h.span(),
-                format!("static host MAC {} is listed twice", v.mac),
-            ));
+            return Err(cx.err(h.span(), format!("static host MAC {} is listed twice", v.mac)));
         }
         if hosts.iter().any(|o| o.ip == hip) {
-            return Err(cx.err(
-                h.span(),
-                format!("static hosts overlap: {hip} is given twice"),
-            ));
+            return Err(cx.err(h.span(), format!("static hosts overlap: {hip} is given twice")));
         }
         let name = match &v.name {
-            Some(n)
-                if n.is_empty()
-                    || n.len() > 63
-                    || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') =>
-            {
-                return Err(cx.err(
-                    h.span(),
-                    format!("invalid host name {n:?} (letters, digits and '-')"),
-                ))
+            Some(n) if n.is_empty() || n.len() > 63 || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => {
+                return Err(cx.err(h.span(), format!("invalid host name {n:?} (letters, digits and '-')")))
             }
             n => n.clone(),
         };
         hosts.push(vunet_dhcp::StaticHost { mac, ip: hip, name });
     }
     let lease_secs = match &raw.lease_time {
-        Some(t) if !(60..=31_536_000).contains(t.get_ref()) => {
-            return Err(cx.err(t.span(), "lease_time must be 60 to 31536000 seconds"))
-        }
+        Some(t) if !(60..=31_536_000).contains(t.get_ref()) => return Err(cx.err(t.span(), "lease_time must be 60 to 31536000 seconds")),
         Some(t) => *t.get_ref() as u32,
         None => 3600,
     };
-    Ok(DhcpConfig {
-        range: (lo, hi),
-        hosts,
-        lease_secs,
-    })
+    Ok(DhcpConfig { range: (lo, hi), hosts, lease_secs })
 }
 
 /// Parses "192.168.122.1/24".
@@ -259,10 +218,8 @@ impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-            file: file.clone(),
-            msg: format!("cannot read: {}", io_reason(&e)),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::File { file: file.clone(), msg: format!("cannot read: {}", io_reason(&e)) })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::parse(&text, &file, base)
     }
@@ -275,10 +232,7 @@ impl Config {
             let msg = e.message().trim().replace('\n', " ");
             match e.span() {
                 Some(span) => cx.err(span, msg),
-                None => ConfigError::File {
-                    file: file.to_string(),
-                    msg,
-                },
+                None => ConfigError::File { file: file.to_string(), msg },
             }
         })?;
         let mut networks = Vec::new();
@@ -286,27 +240,16 @@ impl Config {
         let mut net_names = HashSet::new();
         let mut sockets = HashSet::new();
         if raw.network.is_empty() {
-            return Err(ConfigError::File {
-                file: file.to_string(),
-                msg: "no [[network]] defined".into(),
-            });
+            return Err(ConfigError::File { file: file.to_string(), msg: "no [[network]] defined".into() });
         }
         for n in raw.network {
             let n_span = n.span();
             let n = n.into_inner();
             let name = n.name.get_ref().trim().to_string();
-            if name.is_empty()
-                || name.len() > 64
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
+            if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
                 return Err(cx.err(
                     n.name.span(),
-                    format!(
-                        "invalid network name {:?} (letters, digits, '-', '_', '.', at most 64)",
-                        n.name.get_ref()
-                    ),
+                    format!("invalid network name {:?} (letters, digits, '-', '_', '.', at most 64)", n.name.get_ref()),
                 ));
             }
             if !net_names.insert(name.clone()) {
@@ -317,16 +260,21 @@ impl Config {
                 "nat" => Mode::Nat,
                 "route" => Mode::Route,
                 "bridge" => Mode::Bridge,
-                other => {
-                    return Err(cx.err(
-                        n.mode.span(),
-                        format!("unknown mode {other:?} (expected isolated, nat, route or bridge)"),
-                    ))
-                }
+                other => return Err(cx.err(n.mode.span(), format!("unknown mode {other:?} (expected isolated, nat, route or bridge)"))),
             };
             let gateway = match &n.gateway {
-                Some(g) => Some(parse_cidr(g.get_ref()).ok_or_else(|| cx.err(g.span(), format!("invalid gateway {:?} (expected an IPv4 address with a prefix, e.g. 192.168.122.1/24)", g.get_ref())))?),
-                None if mode != Mode::Bridge => return Err(cx.err(n_span.clone(), format!("network {name:?}: mode {} needs a gateway (e.g. gateway = \"192.168.122.1/24\")", mode.name()))),
+                Some(g) => Some(parse_cidr(g.get_ref()).ok_or_else(|| {
+                    cx.err(
+                        g.span(),
+                        format!("invalid gateway {:?} (expected an IPv4 address with a prefix, e.g. 192.168.122.1/24)", g.get_ref()),
+                    )
+                })?),
+                None if mode != Mode::Bridge => {
+                    return Err(cx.err(
+                        n_span.clone(),
+                        format!("network {name:?}: mode {} needs a gateway (e.g. gateway = \"192.168.122.1/24\")", mode.name()),
+                    ))
+                }
                 None => None,
             };
             let mtu = match &n.mtu {
@@ -343,13 +291,13 @@ impl Config {
                 Some(d) => Some(parse_dhcp(&cx, d, &name, gateway)?),
                 None => None,
             };
-            for (key, v) in [
-                ("dns", &n.dns),
-                ("uplink", &n.uplink),
-                ("port_forward", &n.port_forward),
-            ] {
+            for (key, v) in [("dns", &n.dns), ("uplink", &n.uplink), ("port_forward", &n.port_forward)] {
                 if let Some(v) = v {
-                    warnings.push(format!("{}:{}: network {name:?}: [{key}] is not supported by this version of vunet yet and is ignored", file, cx.line_of(v.span())));
+                    warnings.push(format!(
+                        "{}:{}: network {name:?}: [{key}] is not supported by this version of vunet yet and is ignored",
+                        file,
+                        cx.line_of(v.span())
+                    ));
                 }
             }
             if gateway.is_some() || matches!(mode, Mode::Nat | Mode::Route) {
@@ -366,32 +314,18 @@ impl Config {
             for p in n.port {
                 let p = p.into_inner();
                 let pname = p.name.get_ref().trim().to_string();
-                if pname.is_empty()
-                    || pname.len() > 64
-                    || !pname
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                {
-                    return Err(cx.err(
-                        p.name.span(),
-                        format!("invalid port name {:?}", p.name.get_ref()),
-                    ));
+                if pname.is_empty() || pname.len() > 64 || !pname.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                    return Err(cx.err(p.name.span(), format!("invalid port name {:?}", p.name.get_ref())));
                 }
                 if !port_names.insert(pname.clone()) {
-                    return Err(cx.err(
-                        p.name.span(),
-                        format!("duplicate port name {pname:?} in network {name:?}"),
-                    ));
+                    return Err(cx.err(p.name.span(), format!("duplicate port name {pname:?} in network {name:?}")));
                 }
                 if p.socket.get_ref().is_empty() {
                     return Err(cx.err(p.socket.span(), "empty socket path"));
                 }
                 let socket = base.join(p.socket.get_ref());
                 if !sockets.insert(socket.clone()) {
-                    return Err(cx.err(
-                        p.socket.span(),
-                        format!("socket {} is used by two ports", socket.display()),
-                    ));
+                    return Err(cx.err(p.socket.span(), format!("socket {} is used by two ports", socket.display())));
                 }
                 let mode = match p.mode.as_ref().map(|m| m.get_ref().as_str()) {
                     None | Some("server") => PortMode::Server,
@@ -405,41 +339,20 @@ impl Config {
                 };
                 let mac = match &p.mac {
                     Some(m) => {
-                        let mac = parse_mac(m.get_ref()).ok_or_else(|| {
-                            cx.err(m.span(), format!("invalid MAC address {:?}", m.get_ref()))
-                        })?;
+                        let mac =
+                            parse_mac(m.get_ref()).ok_or_else(|| cx.err(m.span(), format!("invalid MAC address {:?}", m.get_ref())))?;
                         if vunet_switch::is_multicast(&mac) || mac == [0; 6] {
-                            return Err(cx.err(
-                                m.span(),
-                                format!("MAC address {:?} is not a unicast address", m.get_ref()),
-                            ));
+                            return Err(cx.err(m.span(), format!("MAC address {:?} is not a unicast address", m.get_ref())));
                         }
                         Some(mac)
                     }
                     None => None,
                 };
-                ports.push(PortConfig {
-                    name: pname,
-                    socket,
-                    mode,
-                    mac,
-                });
+                ports.push(PortConfig { name: pname, socket, mode, mac, port_security: p.port_security });
             }
-            networks.push(NetworkConfig {
-                name,
-                mode,
-                gateway,
-                mtu,
-                dhcp,
-                ports,
-            });
+            networks.push(NetworkConfig { name, mode, gateway, mtu, dhcp, ports });
         }
-        Ok(Config {
-            state_dir: raw.state_dir,
-            control_socket: raw.control_socket,
-            networks,
-            warnings,
-        })
+        Ok(Config { state_dir: raw.state_dir, control_socket: raw.control_socket, networks, warnings })
     }
 
     /// The embedded default: network `default`, isolated, gateway 192.168.122.1/24, and four
@@ -451,6 +364,7 @@ impl Config {
                 socket: runtime_dir.join(format!("vm{i}.sock")),
                 mode: PortMode::Server,
                 mac: None,
+                port_security: None,
             })
             .collect();
         Config {
@@ -462,10 +376,7 @@ impl Config {
                 gateway: Some((Ipv4Addr::new(192, 168, 122, 1), 24)),
                 mtu: 1500,
                 dhcp: Some(DhcpConfig {
-                    range: (
-                        Ipv4Addr::new(192, 168, 122, 2),
-                        Ipv4Addr::new(192, 168, 122, 254),
-                    ),
+                    range: (Ipv4Addr::new(192, 168, 122, 2), Ipv4Addr::new(192, 168, 122, 254)),
                     hosts: vec![],
                     lease_secs: 3600,
                 }),
@@ -518,10 +429,7 @@ mac = "52:54:00:00:00:02"
         let c = parse(GOOD).unwrap();
         assert_eq!(c.state_dir, Some(PathBuf::from("/var/lib/vunet")));
         let n = &c.networks[0];
-        assert_eq!(
-            (n.name.as_str(), n.mode, n.mtu),
-            ("default", Mode::Isolated, 1500)
-        );
+        assert_eq!((n.name.as_str(), n.mode, n.mtu), ("default", Mode::Isolated, 1500));
         assert_eq!(n.gateway, Some((Ipv4Addr::new(192, 168, 122, 1), 24)));
         assert_eq!(n.ports[0].socket, PathBuf::from("/run/vunet/vm1.sock"));
         assert_eq!(n.ports[0].mode, PortMode::Server);
@@ -556,21 +464,9 @@ mode = "server"
 "#;
         let c = parse(t).unwrap();
         assert_eq!(c.networks[0].mode, Mode::Nat);
-        assert!(
-            c.warnings
-                .iter()
-                .any(|w| w.contains("[uplink]") && w.starts_with("vunet.toml:11:")),
-            "{:?}",
-            c.warnings
-        );
+        assert!(c.warnings.iter().any(|w| w.contains("[uplink]") && w.starts_with("vunet.toml:11:")), "{:?}", c.warnings);
         assert!(c.warnings.iter().any(|w| w.contains("[uplink]")));
-        assert!(
-            c.warnings
-                .iter()
-                .any(|w| w.contains("routing and NAT are not implemented")),
-            "{:?}",
-            c.warnings
-        );
+        assert!(c.warnings.iter().any(|w| w.contains("routing and NAT are not implemented")), "{:?}", c.warnings);
     }
 
     #[test]
@@ -601,13 +497,7 @@ mode = "server"
         let base = "[[network]]\nname = \"a\"\nmode = \"isolated\"\ngateway = \"192.168.122.1/24\"\n[network.dhcp]\n";
         let ok = format!("{base}range = [\"192.168.122.2\", \"192.168.122.254\"]\nlease_time = 600\nhosts = [{{ mac = \"52:54:00:00:00:10\", ip = \"192.168.122.10\", name = \"web\" }}]\n");
         let d = parse(&ok).unwrap().networks[0].dhcp.clone().unwrap();
-        assert_eq!(
-            d.range,
-            (
-                Ipv4Addr::new(192, 168, 122, 2),
-                Ipv4Addr::new(192, 168, 122, 254)
-            )
-        );
+        assert_eq!(d.range, (Ipv4Addr::new(192, 168, 122, 2), Ipv4Addr::new(192, 168, 122, 254)));
         assert_eq!(d.lease_secs, 600);
         assert_eq!(d.hosts[0].name.as_deref(), Some("web"));
         let cases: &[(&str, &str)] = &[
@@ -623,20 +513,12 @@ mode = "server"
             assert!(e.starts_with(want), "got: {e}\nwant: {want}");
         }
         let no_gw = "[[network]]\nname = \"b\"\nmode = \"bridge\"\n[network.dhcp]\nrange = [\"10.0.0.2\", \"10.0.0.9\"]\n";
-        assert!(parse(no_gw)
-            .unwrap_err()
-            .to_string()
-            .contains("[network.dhcp] needs a gateway"));
+        assert!(parse(no_gw).unwrap_err().to_string().contains("[network.dhcp] needs a gateway"));
     }
 
     #[test]
     fn unreadable_file_is_one_line() {
-        let e = Config::load(Path::new("/nonexistent/vunet.toml"))
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            e,
-            "/nonexistent/vunet.toml: cannot read: No such file or directory"
-        );
+        let e = Config::load(Path::new("/nonexistent/vunet.toml")).unwrap_err().to_string();
+        assert_eq!(e, "/nonexistent/vunet.toml: cannot read: No such file or directory");
     }
 }

@@ -16,10 +16,9 @@ use std::time::Instant;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 use vunet_switch::offload::{complete_checksum, segment_tcp};
+use vunet_switch::port_security;
 use vunet_switch::vnet::{delivery, rx_header, Delivery, RxCaps, VnetHeader, HDR_LEN};
-use vunet_switch::{
-    dst_mac, is_multicast, src_mac, Decision, DropReason, PortId, MAX_FRAME_LEN, MIN_FRAME_LEN,
-};
+use vunet_switch::{dst_mac, is_multicast, src_mac, Decision, DropReason, PortId, MAX_FRAME_LEN, MIN_FRAME_LEN};
 
 use crate::network::{GuestPort, Network};
 use crate::vhost_port::Vring;
@@ -46,17 +45,11 @@ unsafe impl Send for Seg {}
 impl Seg {
     /// A read-only source segment over a byte slice.
     fn of_slice(b: &[u8]) -> Seg {
-        Seg {
-            ptr: b.as_ptr() as *mut u8,
-            len: b.len(),
-        }
+        Seg { ptr: b.as_ptr() as *mut u8, len: b.len() }
     }
     /// A destination segment over a mutable byte slice.
     fn of_mut(b: &mut [u8]) -> Seg {
-        Seg {
-            ptr: b.as_mut_ptr(),
-            len: b.len(),
-        }
+        Seg { ptr: b.as_mut_ptr(), len: b.len() }
     }
 }
 
@@ -79,9 +72,7 @@ fn copy_segs(dst: &[Seg], mut dst_off: usize, src: &[Seg], mut src_off: usize, m
         // memory guard for the duration of this call, or a scratch Vec borrowed by the caller)
         // and `n` stays within each segment. Source and destination are different buffers
         // (different guests, or a scratch buffer), so they do not overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src[si].ptr.add(src_off), dst[di].ptr.add(dst_off), n)
-        };
+        unsafe { std::ptr::copy_nonoverlapping(src[si].ptr.add(src_off), dst[di].ptr.add(dst_off), n) };
         len -= n;
         dst_off += n;
         src_off += n;
@@ -105,28 +96,17 @@ fn gather(src: &[Seg], off: usize, out: &mut [u8]) -> usize {
 }
 
 /// Resolves `len` bytes at `addr` into one or more segments (a buffer may straddle regions).
-fn resolve(
-    mem: &Mem,
-    addr: vm_memory::GuestAddress,
-    len: usize,
-    out: &mut Vec<Seg>,
-) -> Result<(), DropReason> {
+fn resolve(mem: &Mem, addr: vm_memory::GuestAddress, len: usize, out: &mut Vec<Seg>) -> Result<(), DropReason> {
     if len == 0 {
         return Ok(());
     }
     if let Ok(s) = mem.get_slice(addr, len) {
-        out.push(Seg {
-            ptr: s.ptr_guard_mut().as_ptr(),
-            len,
-        });
+        out.push(Seg { ptr: s.ptr_guard_mut().as_ptr(), len });
         return Ok(());
     }
     for s in mem.get_slices(addr, len) {
         let s = s.map_err(|_| DropReason::BadAddress)?;
-        out.push(Seg {
-            ptr: s.ptr_guard_mut().as_ptr(),
-            len: s.len(),
-        });
+        out.push(Seg { ptr: s.ptr_guard_mut().as_ptr(), len: s.len() });
     }
     Ok(())
 }
@@ -135,13 +115,7 @@ fn resolve(
 /// `writable == false`) or write (RX, `writable == true`). Returns the total length.
 /// A chain that ends while still flagged NEXT was cut short by the queue-size bound (a loop)
 /// or by an unreadable descriptor table, and is refused.
-fn collect_chain(
-    chain: DescriptorChain<&Mem>,
-    mem: &Mem,
-    writable: bool,
-    limit: usize,
-    out: &mut Vec<Seg>,
-) -> Result<usize, DropReason> {
+fn collect_chain(chain: DescriptorChain<&Mem>, mem: &Mem, writable: bool, limit: usize, out: &mut Vec<Seg>) -> Result<usize, DropReason> {
     let mut total = 0usize;
     let mut count = 0usize;
     let mut last_has_next = false;
@@ -207,13 +181,7 @@ impl Backlog {
         self.frames.is_empty()
     }
 
-    fn push(
-        &mut self,
-        hdr: VnetHeader,
-        src: &[Seg],
-        off: usize,
-        len: usize,
-    ) -> Result<(), DropReason> {
+    fn push(&mut self, hdr: VnetHeader, src: &[Seg], off: usize, len: usize) -> Result<(), DropReason> {
         if self.frames.len() >= BACKLOG_MAX_FRAMES || self.bytes + len > BACKLOG_MAX_BYTES {
             return Err(DropReason::NoRxBuffer);
         }
@@ -287,8 +255,7 @@ pub fn flush_pending(port: &GuestPort, cx: &mut TxScratch) {
             break;
         }
     }
-    port.backlogged
-        .store(!t.backlog.is_empty(), Ordering::Release);
+    port.backlogged.store(!t.backlog.is_empty(), Ordering::Release);
     if moved && vs.needs_notification().unwrap_or(true) {
         let _ = vs.signal_used_queue();
     }
@@ -338,15 +305,7 @@ struct TxFrame<'a> {
 }
 
 /// Drains `port`'s TX ring: validate, switch, deliver. Called on every TX kick.
-pub fn process_tx(
-    net: &Network,
-    port: &GuestPort,
-    vring: &Vring,
-    mem: &Mem,
-    hdr_len: usize,
-    event_idx: bool,
-    cx: &mut TxScratch,
-) {
+pub fn process_tx(net: &Network, port: &GuestPort, vring: &Vring, mem: &Mem, hdr_len: usize, event_idx: bool, cx: &mut TxScratch) {
     let ports = net.ports.read().unwrap_or_else(|e| e.into_inner());
     // One read of the guest's avail index per batch, not one per frame: that cache line is
     // the one the guest keeps writing.
@@ -377,8 +336,7 @@ pub fn process_tx(
             match collect_chain(chain, mem, false, hdr_len + MAX_FRAME_LEN, &mut cx.tx_segs) {
                 Ok(total) => {
                     let segs = std::mem::take(&mut cx.tx_segs);
-                    if let Err(r) = switch_frame(net, &ports, port, &segs, total, hdr_len, now, cx)
-                    {
+                    if let Err(r) = switch_frame(net, &ports, port, &segs, total, hdr_len, now, cx) {
                         port.counters.dropped(r);
                         net.log_drop(port, r);
                     }
@@ -423,8 +381,10 @@ fn switch_frame(
         return Err(DropReason::ShortFrame);
     }
     let len = total - hdr_len;
-    let mut head = [0u8; HDR_LEN + 14];
-    gather(segs, 0, &mut head[..hdr_len + 14]);
+    // The virtio-net header and enough of the frame for the switch and port security.
+    let mut head = [0u8; HDR_LEN + port_security::HEADER_BYTES];
+    let seen = hdr_len + port_security::HEADER_BYTES.min(len);
+    gather(segs, 0, &mut head[..seen]);
     let hdr = VnetHeader::parse(&head[..hdr_len]);
     hdr.validate_tx(len, net.mtu as usize)?;
     let eth = &head[hdr_len..hdr_len + 14];
@@ -432,13 +392,12 @@ fn switch_frame(
     if is_multicast(&src) || net.gateway.is_some_and(|g| g.mac == src) {
         return Err(DropReason::BadSourceMac);
     }
+    if port.security {
+        let mac = port.lock_mac(src, net);
+        port_security::check(&head[hdr_len..seen], &mac, port.leased_ip())?;
+    }
     port.counters.received(len);
-    let frame = TxFrame {
-        segs,
-        offset: hdr_len,
-        len,
-        hdr,
-    };
+    let frame = TxFrame { segs, offset: hdr_len, len, hdr };
     let to_gateway = net.gateway.is_some_and(|g| g.wants(&dst));
     let decision = {
         let mut macs = net.macs.lock().unwrap_or_else(|e| e.into_inner());
@@ -482,20 +441,9 @@ fn answer_gateway(net: &Network, port: &GuestPort, f: &TxFrame, cx: &mut TxScrat
     let mut reply = std::mem::take(&mut cx.gw_out);
     input.resize(f.len, 0);
     gather(f.segs, f.offset, &mut input);
-    let complete = !f.hdr.needs_csum()
-        || complete_checksum(
-            &mut input,
-            f.hdr.csum_start as usize,
-            f.hdr.csum_offset as usize,
-        )
-        .is_ok();
-    if complete && (gw.handle(&input, &mut reply) || net.serve_dhcp(gw, &input, &mut reply)) {
-        let answer = TxFrame {
-            segs: &[Seg::of_slice(&reply)],
-            offset: 0,
-            len: reply.len(),
-            hdr: VnetHeader::default(),
-        };
+    let complete = !f.hdr.needs_csum() || complete_checksum(&mut input, f.hdr.csum_start as usize, f.hdr.csum_offset as usize).is_ok();
+    if complete && (gw.handle(&input, &mut reply) || net.serve_dhcp(port, gw, &input, &mut reply)) {
+        let answer = TxFrame { segs: &[Seg::of_slice(&reply)], offset: 0, len: reply.len(), hdr: VnetHeader::default() };
         deliver(port, &answer, cx);
     }
     cx.gw_in = input;
@@ -524,40 +472,13 @@ fn deliver(dest: &GuestPort, f: &TxFrame, cx: &mut TxScratch) {
     let backlog = &mut t.backlog;
     let q = vs.get_queue_mut();
     let result = match delivery(&f.hdr, &caps) {
-        Delivery::PassThrough => deliver_or_queue(
-            dest,
-            backlog,
-            q,
-            &dmem,
-            &caps,
-            rx_header(&f.hdr, 0),
-            f.segs,
-            f.offset,
-            f.len,
-            cx,
-        ),
+        Delivery::PassThrough => deliver_or_queue(dest, backlog, q, &dmem, &caps, rx_header(&f.hdr, 0), f.segs, f.offset, f.len, cx),
         Delivery::CompleteChecksum => {
             let mut frame = std::mem::take(&mut cx.frame);
             frame.resize(f.len, 0);
             gather(f.segs, f.offset, &mut frame);
-            let r = complete_checksum(
-                &mut frame,
-                f.hdr.csum_start as usize,
-                f.hdr.csum_offset as usize,
-            )
-            .and_then(|_| {
-                deliver_or_queue(
-                    dest,
-                    backlog,
-                    q,
-                    &dmem,
-                    &caps,
-                    VnetHeader::default(),
-                    &[Seg::of_slice(&frame)],
-                    0,
-                    frame.len(),
-                    cx,
-                )
+            let r = complete_checksum(&mut frame, f.hdr.csum_start as usize, f.hdr.csum_offset as usize).and_then(|_| {
+                deliver_or_queue(dest, backlog, q, &dmem, &caps, VnetHeader::default(), &[Seg::of_slice(&frame)], 0, frame.len(), cx)
             });
             cx.frame = frame;
             r
@@ -568,18 +489,8 @@ fn deliver(dest: &GuestPort, f: &TxFrame, cx: &mut TxScratch) {
             frame.resize(f.len, 0);
             gather(f.segs, f.offset, &mut frame);
             let r = segment_tcp(&frame, &f.hdr, &mut seg, |s| {
-                if let Err(e) = deliver_or_queue(
-                    dest,
-                    backlog,
-                    q,
-                    &dmem,
-                    &caps,
-                    VnetHeader::default(),
-                    &[Seg::of_slice(s)],
-                    0,
-                    s.len(),
-                    cx,
-                ) {
+                if let Err(e) = deliver_or_queue(dest, backlog, q, &dmem, &caps, VnetHeader::default(), &[Seg::of_slice(s)], 0, s.len(), cx)
+                {
                     dest.counters.dropped(e);
                 }
             });
@@ -588,8 +499,7 @@ fn deliver(dest: &GuestPort, f: &TxFrame, cx: &mut TxScratch) {
             r.map(|_| ())
         }
     };
-    dest.backlogged
-        .store(!backlog.is_empty(), Ordering::Release);
+    dest.backlogged.store(!backlog.is_empty(), Ordering::Release);
     match result {
         Ok(()) => mark_notify(cx, dest.id),
         Err(e) => dest.counters.dropped(e),
@@ -677,13 +587,7 @@ fn write_rx(
     hdr.num_buffers = cx.rx_chains.len() as u16;
     let mut h = [0u8; HDR_LEN];
     hdr.write(&mut h[..caps.hdr_len]);
-    copy_segs(
-        &cx.rx_segs,
-        0,
-        &[Seg::of_slice(&h[..caps.hdr_len])],
-        0,
-        caps.hdr_len,
-    );
+    copy_segs(&cx.rx_segs, 0, &[Seg::of_slice(&h[..caps.hdr_len])], 0, caps.hdr_len);
     copy_segs(&cx.rx_segs, caps.hdr_len, src, src_off, len);
     let mut left = need;
     for &(head, c) in &cx.rx_chains {
@@ -711,11 +615,7 @@ mod tests {
         let mut d2 = vec![0u8; 3];
         let mut d3 = vec![0u8; 20];
         let src = [Seg::of_slice(&src_a), Seg::of_slice(&src_b)];
-        let dst = [
-            Seg::of_mut(&mut d1),
-            Seg::of_mut(&mut d2),
-            Seg::of_mut(&mut d3),
-        ];
+        let dst = [Seg::of_mut(&mut d1), Seg::of_mut(&mut d2), Seg::of_mut(&mut d3)];
         copy_segs(&dst, 2, &src, 3, 20);
         let mut all = d1.clone();
         all.extend(&d2);

@@ -36,18 +36,12 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VUNET_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VUNET_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Run {
-            config,
-            runtime_dir,
-        } => match run(config.as_deref(), runtime_dir) {
+        Command::Run { config, runtime_dir } => match run(config.as_deref(), runtime_dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(msg) => {
                 eprintln!("vunet: {msg}");
@@ -75,13 +69,8 @@ fn run(config: Option<&Path>, runtime_dir: Option<PathBuf>) -> Result<(), String
         Some(path) => Config::load(path).map_err(|e| e.to_string())?,
         None => {
             let dir = runtime_dir.unwrap_or_else(default_runtime_dir);
-            std::fs::create_dir_all(&dir).map_err(|e| {
-                format!(
-                    "cannot create runtime directory {}: {}",
-                    dir.display(),
-                    vunet::config::io_reason(&e)
-                )
-            })?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create runtime directory {}: {}", dir.display(), vunet::config::io_reason(&e)))?;
             Config::default_in(&dir)
         }
     };
@@ -101,12 +90,7 @@ fn run(config: Option<&Path>, runtime_dir: Option<PathBuf>) -> Result<(), String
     eprintln!("vunet: signal {sig}, stopping");
     for n in &daemon.networks {
         for p in n.ports.read().unwrap_or_else(|e| e.into_inner()).iter() {
-            eprintln!(
-                "vunet: network {:?} port {:?}: {}",
-                n.name,
-                p.name,
-                p.counters.snapshot()
-            );
+            eprintln!("vunet: network {:?} port {:?}: {}", n.name, p.name, p.counters.snapshot());
         }
     }
     for n in &cfg.networks {
@@ -132,38 +116,18 @@ fn stop_signals() -> libc::sigset_t {
 /// Tells the user where the sockets are and exactly how to connect QEMU to each.
 fn print_summary(cfg: &Config) {
     for n in &cfg.networks {
-        let gw = n
-            .gateway
-            .map(|(a, p)| format!(", gateway {a}/{p}"))
-            .unwrap_or_default();
-        println!(
-            "network {:?}: mode {}{}, mtu {}, {} guest port(s)",
-            n.name,
-            n.mode.name(),
-            gw,
-            n.mtu,
-            n.ports.len()
-        );
+        let gw = n.gateway.map(|(a, p)| format!(", gateway {a}/{p}")).unwrap_or_default();
+        println!("network {:?}: mode {}{}, mtu {}, {} guest port(s)", n.name, n.mode.name(), gw, n.mtu, n.ports.len());
         for (i, p) in n.ports.iter().enumerate() {
-            let mac = p
-                .mac
-                .map(|m| vunet_switch::format_mac(&m))
-                .unwrap_or_else(|| format!("52:54:00:00:00:{:02x}", i + 1));
+            let mac = p.mac.map(|m| vunet_switch::format_mac(&m)).unwrap_or_else(|| format!("52:54:00:00:00:{:02x}", i + 1));
             let chardev = match p.mode {
                 PortMode::Server => format!("-chardev socket,id=vu0,path={}", p.socket.display()),
-                PortMode::Client => format!(
-                    "-chardev socket,id=vu0,path={},server=on,wait=off",
-                    p.socket.display()
-                ),
+                PortMode::Client => format!("-chardev socket,id=vu0,path={},server=on,wait=off", p.socket.display()),
             };
             println!(
                 "  port {} ({}): {}",
                 p.name,
-                if p.mode == PortMode::Server {
-                    "vunet listens"
-                } else {
-                    "vunet connects"
-                },
+                if p.mode == PortMode::Server { "vunet listens" } else { "vunet connects" },
                 p.socket.display()
             );
             println!(

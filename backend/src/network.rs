@@ -3,9 +3,10 @@
 //! one after another, for as long as vunet runs.
 
 use std::io;
+use std::net::Ipv4Addr;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use tracing::{debug, info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vunet_dhcp::message::{CLIENT_PORT, SERVER_PORT};
+use vunet_dhcp::message::{reply_yiaddr, CLIENT_PORT, SERVER_PORT};
 use vunet_dhcp::{lease_file, DhcpMessage, DhcpServer, Lease, MessageType, ServerConfig};
 use vunet_switch::gateway::{build_udp, gateway_mac, udp_payload, Gateway};
 use vunet_switch::vnet::RxCaps;
@@ -34,11 +35,7 @@ pub enum StartError {
     #[error("port {port}: {path} exists and is not a socket")]
     NotASocket { port: String, path: PathBuf },
     #[error("port {port}: cannot listen on {path}: {reason}")]
-    Listen {
-        port: String,
-        path: PathBuf,
-        reason: String,
-    },
+    Listen { port: String, path: PathBuf, reason: String },
     #[error("state_dir {path}: {reason}")]
     StateDir { path: PathBuf, reason: String },
     /// A failure of the host (threads, the private socket directory), not of the config.
@@ -64,6 +61,13 @@ pub struct GuestPort {
     pub mac: Option<Mac>,
     pub counters: PortCounters,
     pub rx: Mutex<Option<RxTarget>>,
+    /// Port security on this port (own MAC, own leased IP, no DHCP server).
+    pub security: bool,
+    /// The MAC the port is locked to (bit 48 set when locked): the configured one, else the
+    /// first one its guest sends with.
+    locked_mac: AtomicU64,
+    /// The IPv4 address the port's guest holds a lease for (0: none).
+    leased_ip: AtomicU32,
     /// Set while frames wait in the receive backlog, so an RX kick with nothing to flush does
     /// not take the lock the senders are using.
     pub backlogged: AtomicBool,
@@ -90,6 +94,48 @@ pub struct Network {
     epoch: Instant,
 }
 
+const LOCKED: u64 = 1 << 48;
+
+fn mac_word(m: &Mac) -> u64 {
+    m.iter().fold(LOCKED, |w, &b| (w & !LOCKED) << 8 | b as u64 | LOCKED)
+}
+
+impl GuestPort {
+    /// The MAC this port is locked to, locking it to `seen` if it is not yet. On first lock
+    /// the address leased to that MAC (if any) becomes the port's.
+    pub fn lock_mac(&self, seen: Mac, net: &Network) -> Mac {
+        let w = self.locked_mac.load(Ordering::Relaxed);
+        if w & LOCKED != 0 {
+            return (w & !LOCKED).to_be_bytes()[2..8].try_into().unwrap_or(seen);
+        }
+        if self.locked_mac.compare_exchange(0, mac_word(&seen), Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            if let Some(ip) = net.dhcp.as_ref().and_then(|d| d.lock().unwrap_or_else(|e| e.into_inner()).ip_of(&seen, unix_now())) {
+                self.leased_ip.store(u32::from(ip), Ordering::Relaxed);
+            }
+            return seen;
+        }
+        self.lock_mac(seen, net)
+    }
+
+    pub fn locked_mac(&self) -> Option<Mac> {
+        let w = self.locked_mac.load(Ordering::Relaxed);
+        (w & LOCKED != 0).then(|| (w & !LOCKED).to_be_bytes()[2..8].try_into().unwrap_or([0; 6]))
+    }
+
+    pub fn leased_ip(&self) -> Option<Ipv4Addr> {
+        match self.leased_ip.load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(Ipv4Addr::from(v)),
+        }
+    }
+
+    /// A guest left: the next one may have another MAC and must lease its address anew.
+    fn forget_guest(&self) {
+        self.locked_mac.store(self.mac.map(|m| mac_word(&m)).unwrap_or(0), Ordering::Relaxed);
+        self.leased_ip.store(0, Ordering::Relaxed);
+    }
+}
+
 impl Network {
     pub fn now_ms(&self) -> u64 {
         ms_since(self.epoch)
@@ -97,7 +143,7 @@ impl Network {
 
     /// Answers a DHCP message from a guest (a UDP datagram to port 67 in `frame`), writing the
     /// reply frame to `out`. Lease changes are saved to the lease file at once.
-    pub fn serve_dhcp(&self, gw: &Gateway, frame: &[u8], out: &mut Vec<u8>) -> bool {
+    pub fn serve_dhcp(&self, port: &GuestPort, gw: &Gateway, frame: &[u8], out: &mut Vec<u8>) -> bool {
         let Some(dhcp) = self.dhcp.as_ref() else {
             return false;
         };
@@ -107,13 +153,26 @@ impl Network {
         let Ok(msg) = DhcpMessage::parse(payload) else {
             return false;
         };
+        // With port security a guest leases only for its own MAC (no pool exhaustion with
+        // made-up client addresses).
+        if port.security && port.locked_mac() != Some(msg.chaddr) {
+            port.counters.dropped(DropReason::SpoofedMac);
+            return false;
+        }
         let now = unix_now();
         let mut server = dhcp.lock().unwrap_or_else(|e| e.into_inner());
         let reply = server.handle(&msg, now);
-        if matches!(
-            msg.msg_type,
-            MessageType::Request | MessageType::Release | MessageType::Decline
-        ) {
+        match (&reply, msg.msg_type) {
+            (_, MessageType::Inform) => {}
+            (Some(r), _) if r.msg_type == MessageType::Ack => {
+                if let Some(ip) = reply_yiaddr(&r.payload).filter(|ip| !ip.is_unspecified()) {
+                    port.leased_ip.store(u32::from(ip), Ordering::Relaxed);
+                }
+            }
+            (_, MessageType::Release | MessageType::Decline) => port.leased_ip.store(0, Ordering::Relaxed),
+            _ => {}
+        }
+        if matches!(msg.msg_type, MessageType::Request | MessageType::Release | MessageType::Decline) {
             if let Some(path) = &self.lease_file {
                 if let Err(e) = save_leases(path, &server.leases(now)) {
                     warn!(network = %self.name, file = %path.display(), "cannot save DHCP leases: {e}");
@@ -123,16 +182,7 @@ impl Network {
         drop(server);
         match reply {
             Some(r) => {
-                build_udp(
-                    out,
-                    gw.mac,
-                    r.dst_mac,
-                    gw.ip,
-                    r.dst_ip,
-                    SERVER_PORT,
-                    CLIENT_PORT,
-                    &r.payload,
-                );
+                build_udp(out, gw.mac, r.dst_mac, gw.ip, r.dst_ip, SERVER_PORT, CLIENT_PORT, &r.payload);
                 true
             }
             None => false,
@@ -140,12 +190,7 @@ impl Network {
     }
 
     pub fn port(&self, name: &str) -> Option<Arc<GuestPort>> {
-        self.ports
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .find(|p| p.name == name)
-            .cloned()
+        self.ports.read().unwrap_or_else(|e| e.into_inner()).iter().find(|p| p.name == name).cloned()
     }
 
     /// Logs a dropped frame at most once per second per port: a hostile guest can make drops
@@ -153,12 +198,7 @@ impl Network {
     pub fn log_drop(&self, port: &GuestPort, r: DropReason) {
         let now = self.now_ms() + 1000;
         let last = port.last_log_ms.load(Ordering::Relaxed);
-        if now >= last + 1000
-            && port
-                .last_log_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if now >= last + 1000 && port.last_log_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
             warn!(network = %self.name, port = %port.name, reason = r.name(), "dropped a frame from the guest (further drops counted, logged at most once a second)");
         }
     }
@@ -181,11 +221,7 @@ fn private_dir() -> io::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     loop {
-        let dir = std::env::temp_dir().join(format!(
-            "vunet-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
+        let dir = std::env::temp_dir().join(format!("vunet-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => return Ok(dir),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
@@ -209,17 +245,10 @@ impl Daemon {
             }
         }
         if let Some(dir) = &cfg.state_dir {
-            std::fs::create_dir_all(dir).map_err(|e| StartError::StateDir {
-                path: dir.clone(),
-                reason: io_reason(&e),
-            })?;
+            std::fs::create_dir_all(dir).map_err(|e| StartError::StateDir { path: dir.clone(), reason: io_reason(&e) })?;
         }
         let internal_dir = private_dir().map_err(|e| {
-            StartError::Host(format!(
-                "cannot create a private directory in {}: {}",
-                std::env::temp_dir().display(),
-                io_reason(&e)
-            ))
+            StartError::Host(format!("cannot create a private directory in {}: {}", std::env::temp_dir().display(), io_reason(&e)))
         })?;
         let mut listeners = listeners.into_iter();
         let mut networks = Vec::new();
@@ -228,9 +257,8 @@ impl Daemon {
             for port in net.ports.read().unwrap_or_else(|e| e.into_inner()).iter() {
                 let listener = listeners.next().flatten();
                 let internal_path = internal_dir.join(format!("n{ni}p{}.sock", port.id));
-                let internal = Listener::new(&internal_path, true).map_err(|e| {
-                    StartError::Host(format!("internal socket {}: {e}", internal_path.display()))
-                })?;
+                let internal = Listener::new(&internal_path, true)
+                    .map_err(|e| StartError::Host(format!("internal socket {}: {e}", internal_path.display())))?;
                 let (net2, port2) = (net.clone(), port.clone());
                 thread::Builder::new()
                     .name(format!("port-{}", port.name))
@@ -239,10 +267,7 @@ impl Daemon {
             }
             networks.push(net);
         }
-        Ok(Daemon {
-            networks,
-            internal_dir,
-        })
+        Ok(Daemon { networks, internal_dir })
     }
 
     pub fn network(&self, name: &str) -> Option<&Arc<Network>> {
@@ -252,10 +277,7 @@ impl Daemon {
 
 /// Seconds since the Unix epoch: the DHCP server's clock, so lease expiries survive restarts.
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Writes the lease file atomically: a temporary file, fsync, rename.
@@ -330,6 +352,9 @@ fn new_network(n: &NetworkConfig, state_dir: Option<&Path>) -> Network {
                 mac: p.mac,
                 counters: PortCounters::default(),
                 rx: Mutex::new(None),
+                security: p.port_security.unwrap_or(n.gateway.is_some()),
+                locked_mac: AtomicU64::new(p.mac.map(|m| mac_word(&m)).unwrap_or(0)),
+                leased_ip: AtomicU32::new(0),
                 backlogged: AtomicBool::new(false),
                 connected: AtomicBool::new(false),
                 features: AtomicU64::new(0),
@@ -338,14 +363,8 @@ fn new_network(n: &NetworkConfig, state_dir: Option<&Path>) -> Network {
             })
         })
         .collect();
-    let gateway = n.gateway.map(|(ip, prefix)| Gateway {
-        mac: gateway_mac(&n.name),
-        ip,
-        prefix,
-    });
-    let lease_file = state_dir
-        .filter(|_| n.dhcp.is_some())
-        .map(|d| d.join(format!("{}.leases", n.name)));
+    let gateway = n.gateway.map(|(ip, prefix)| Gateway { mac: gateway_mac(&n.name), ip, prefix });
+    let lease_file = state_dir.filter(|_| n.dhcp.is_some()).map(|d| d.join(format!("{}.leases", n.name)));
     let dhcp = dhcp_server(n, lease_file.as_deref()).map(Mutex::new);
     Network {
         name: n.name.clone(),
@@ -365,37 +384,21 @@ fn new_network(n: &NetworkConfig, state_dir: Option<&Path>) -> Network {
 pub fn bind_socket(p: &PortConfig) -> Result<UnixListener, StartError> {
     let path = &p.socket;
     let port = p.name.clone();
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !dir.is_dir() {
-        return Err(StartError::NoDirectory {
-            port,
-            path: path.clone(),
-        });
+        return Err(StartError::NoDirectory { port, path: path.clone() });
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if !meta.file_type().is_socket() {
-            return Err(StartError::NotASocket {
-                port,
-                path: path.clone(),
-            });
+            return Err(StartError::NotASocket { port, path: path.clone() });
         }
         if UnixStream::connect(path).is_ok() {
-            return Err(StartError::SocketInUse {
-                port,
-                path: path.clone(),
-            });
+            return Err(StartError::SocketInUse { port, path: path.clone() });
         }
         let _ = std::fs::remove_file(path);
     }
-    UnixListener::bind(path).map_err(|e| StartError::Listen {
-        port,
-        path: path.clone(),
-        reason: io_reason(&e),
-    })
+    UnixListener::bind(path).map_err(|e| StartError::Listen { port, path: path.clone(), reason: io_reason(&e) })
 }
 
 /// Waits for the next VMM connection: accepted on the port's socket (server mode), or made to
@@ -429,13 +432,7 @@ fn next_frontend(net: &Network, port: &GuestPort, listener: Option<&UnixListener
 
 /// Serves one port forever: one vhost-user connection after another, each with a fresh
 /// device and daemon.
-fn serve_port(
-    net: Arc<Network>,
-    port: Arc<GuestPort>,
-    listener: Option<UnixListener>,
-    mut internal: Listener,
-    internal_path: PathBuf,
-) {
+fn serve_port(net: Arc<Network>, port: Arc<GuestPort>, listener: Option<UnixListener>, mut internal: Listener, internal_path: PathBuf) {
     loop {
         let frontend = next_frontend(&net, &port, listener.as_ref());
         let mem: GuestMem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -443,14 +440,11 @@ fn serve_port(
             .map_err(|e| e.to_string())
             .and_then(|d| {
                 let d = Arc::new(d);
-                VhostUserDaemon::new(format!("vu-{}", port.name), d.clone(), mem)
-                    .map(|daemon| (d, daemon))
-                    .map_err(|e| e.to_string())
+                VhostUserDaemon::new(format!("vu-{}", port.name), d.clone(), mem).map(|daemon| (d, daemon)).map_err(|e| e.to_string())
             })
             .and_then(|(d, mut daemon)| {
                 let backend_end = UnixStream::connect(&internal_path).map_err(|e| e.to_string())?;
-                crate::proxy::spawn(frontend, backend_end, &port.name)
-                    .map_err(|e| e.to_string())?;
+                crate::proxy::spawn(frontend, backend_end, &port.name).map_err(|e| e.to_string())?;
                 match daemon.start(&mut internal) {
                     Ok(()) => Ok((d, daemon)),
                     Err(e) => {
@@ -475,10 +469,8 @@ fn serve_port(
         // behind this port is stale.
         port.connected.store(false, Ordering::Release);
         *port.rx.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        net.macs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .forget_port(port.id);
+        port.forget_guest();
+        net.macs.lock().unwrap_or_else(|e| e.into_inner()).forget_port(port.id);
         for h in daemon.get_epoll_handlers() {
             h.send_exit_event();
         }

@@ -32,21 +32,17 @@ pub fn spawn(frontend: UnixStream, backend: UnixStream, name: &str) -> io::Resul
     let frontend = Arc::new(frontend);
     let backend = Arc::new(backend);
     let (f1, b1) = (frontend.clone(), backend.clone());
-    thread::Builder::new()
-        .name(format!("vu-relay-{name}"))
-        .spawn(move || {
-            let _ = relay_requests(&f1, &b1);
-            let _ = f1.shutdown(Shutdown::Both);
-            let _ = b1.shutdown(Shutdown::Both);
-        })?;
-    thread::Builder::new()
-        .name(format!("vu-reply-{name}"))
-        .spawn(move || {
-            // Replies carry no file descriptors (vunet offers no feature that would add any).
-            let _ = io::copy(&mut &*backend, &mut &*frontend);
-            let _ = frontend.shutdown(Shutdown::Both);
-            let _ = backend.shutdown(Shutdown::Both);
-        })?;
+    thread::Builder::new().name(format!("vu-relay-{name}")).spawn(move || {
+        let _ = relay_requests(&f1, &b1);
+        let _ = f1.shutdown(Shutdown::Both);
+        let _ = b1.shutdown(Shutdown::Both);
+    })?;
+    thread::Builder::new().name(format!("vu-reply-{name}")).spawn(move || {
+        // Replies carry no file descriptors (vunet offers no feature that would add any).
+        let _ = io::copy(&mut &*backend, &mut &*frontend);
+        let _ = frontend.shutdown(Shutdown::Both);
+        let _ = backend.shutdown(Shutdown::Both);
+    })?;
     Ok(())
 }
 
@@ -58,13 +54,9 @@ fn relay_requests(frontend: &UnixStream, backend: &UnixStream) -> io::Result<()>
     loop {
         let mut hdr = [0u8; HDR];
         let mut raw_fds = [-1 as RawFd; MAX_FDS];
-        let mut iov = [libc::iovec {
-            iov_base: hdr.as_mut_ptr().cast(),
-            iov_len: HDR,
-        }];
+        let mut iov = [libc::iovec { iov_base: hdr.as_mut_ptr().cast(), iov_len: HDR }];
         // SAFETY: the iovec points at `hdr`, which outlives the call and is HDR bytes long.
-        let (n, nfds) = unsafe { frontend.recv_with_fds(&mut iov, &mut raw_fds) }
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        let (n, nfds) = unsafe { frontend.recv_with_fds(&mut iov, &mut raw_fds) }.map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
         // Own the received descriptors at once so they are closed whatever happens next.
         let fds: Vec<OwnedFd> = raw_fds[..nfds]
             .iter()
@@ -108,18 +100,11 @@ fn relay_requests(frontend: &UnixStream, backend: &UnixStream) -> io::Result<()>
         }
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let bufs: [&[u8]; 2] = [&hdr, &payload[..size]];
-        let mut sent = backend
-            .send_with_fds(&bufs[..], &raw)
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        let mut sent = backend.send_with_fds(&bufs[..], &raw).map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
         // sendmsg on a stream socket may be partial; the fds went with the first byte.
         let total = HDR + size;
         while sent < total {
-            let rest: Vec<u8> = hdr
-                .iter()
-                .chain(&payload[..size])
-                .skip(sent)
-                .copied()
-                .collect();
+            let rest: Vec<u8> = hdr.iter().chain(&payload[..size]).skip(sent).copied().collect();
             sent += (&*backend).write(&rest)?;
         }
         drop(fds);

@@ -13,9 +13,7 @@ use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 use vunet_switch::vnet::{RxCaps, HDR_LEN, HDR_LEN_LEGACY};
 
 use crate::datapath::{flush_pending, process_tx, TxScratch};
@@ -98,12 +96,8 @@ impl PortDevice {
         // sets VRING_USED_F_NO_NOTIFY, saving the guest an exit per refill.
         let _ = rx.disable_notification();
         let caps = rx_caps(self.acked.load(Ordering::Acquire));
-        *self.port.rx.lock().unwrap_or_else(|e| e.into_inner()) = Some(RxTarget {
-            vring: rx.clone(),
-            mem: self.mem.clone(),
-            caps,
-            backlog: Default::default(),
-        });
+        *self.port.rx.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(RxTarget { vring: rx.clone(), mem: self.mem.clone(), caps, backlog: Default::default() });
         self.published.store(true, Ordering::Release);
     }
 
@@ -128,11 +122,7 @@ impl VhostUserBackend for PortDevice {
     fn features(&self) -> u64 {
         // The MAC is offered only when the port has one configured: a VMM that takes the
         // backend's MAC (cloud-hypervisor) must not get the same made-up one for every guest.
-        let mac = if self.port.mac.is_some() {
-            1 << VIRTIO_NET_F_MAC
-        } else {
-            0
-        };
+        let mac = if self.port.mac.is_some() { 1 << VIRTIO_NET_F_MAC } else { 0 };
         OFFERED_FEATURES | mac | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
@@ -141,13 +131,7 @@ impl VhostUserBackend for PortDevice {
         self.acked.store(features, Ordering::Release);
         self.port.features.store(features, Ordering::Relaxed);
         // A renegotiation (guest driver reload) changes what the receiver accepts.
-        if let Some(t) = self
-            .port
-            .rx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        if let Some(t) = self.port.rx.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             t.caps = rx_caps(features);
         }
     }
@@ -171,9 +155,7 @@ impl VhostUserBackend for PortDevice {
         cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
         cfg[10..12].copy_from_slice(&self.net.mtu.to_le_bytes());
         let start = (offset as usize).min(cfg.len());
-        let end = (offset as usize)
-            .saturating_add(size as usize)
-            .min(cfg.len());
+        let end = (offset as usize).saturating_add(size as usize).min(cfg.len());
         cfg[start..end].to_vec()
     }
 
@@ -186,13 +168,7 @@ impl VhostUserBackend for PortDevice {
         Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
     }
 
-    fn handle_event(
-        &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[Vring],
-        _thread: usize,
-    ) -> io::Result<()> {
+    fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[Vring], _thread: usize) -> io::Result<()> {
         // Never return an error for anything a guest did: an error ends the worker thread.
         tracing::trace!(port = %self.port.name, device_event, "event");
         if evset != EventSet::IN || vrings.len() < NUM_QUEUES {

@@ -5,11 +5,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn vunet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vunet"))
-        .args(args)
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .expect("run vunet")
+    Command::new(env!("CARGO_BIN_EXE_vunet")).args(args).env("RUST_BACKTRACE", "1").output().expect("run vunet")
 }
 
 fn tmp(tag: &str) -> PathBuf {
@@ -24,11 +20,7 @@ fn assert_user_error(out: &Output, want: &str) {
     assert_eq!(out.status.code(), Some(2), "exit code, stderr: {err}");
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 1, "exactly one line: {err:?}");
-    assert!(
-        lines[0].starts_with("vunet: ") && lines[0].contains(want),
-        "{:?} should contain {want:?}",
-        lines[0]
-    );
+    assert!(lines[0].starts_with("vunet: ") && lines[0].contains(want), "{:?} should contain {want:?}", lines[0]);
     assert!(!err.contains("panicked") && !err.contains("backtrace"));
 }
 
@@ -36,11 +28,7 @@ fn assert_user_error(out: &Output, want: &str) {
 fn unknown_mode_names_file_and_line() {
     let d = tmp("mode");
     let f = d.join("vunet.toml");
-    std::fs::write(
-        &f,
-        "[[network]]\nname = \"default\"\n\nmode = \"nta\"\ngateway = \"192.168.122.1/24\"\n",
-    )
-    .unwrap();
+    std::fs::write(&f, "[[network]]\nname = \"default\"\n\nmode = \"nta\"\ngateway = \"192.168.122.1/24\"\n").unwrap();
     let out = vunet(&["run", "--config", f.to_str().unwrap()]);
     assert_user_error(&out, &format!("{}:4: unknown mode \"nta\"", f.display()));
 }
@@ -48,22 +36,20 @@ fn unknown_mode_names_file_and_line() {
 #[test]
 fn unreadable_config() {
     let out = vunet(&["run", "--config", "/nonexistent/vunet.toml"]);
-    assert_user_error(
-        &out,
-        "/nonexistent/vunet.toml: cannot read: No such file or directory",
-    );
+    assert_user_error(&out, "/nonexistent/vunet.toml: cannot read: No such file or directory");
 }
 
 #[test]
 fn missing_socket_directory() {
     let d = tmp("nodir");
     let f = d.join("vunet.toml");
-    std::fs::write(&f, "[[network]]\nname = \"n\"\nmode = \"bridge\"\n[[network.port]]\nname = \"vm1\"\nsocket = \"/nonexistent/dir/vm1.sock\"\n").unwrap();
+    std::fs::write(
+        &f,
+        "[[network]]\nname = \"n\"\nmode = \"bridge\"\n[[network.port]]\nname = \"vm1\"\nsocket = \"/nonexistent/dir/vm1.sock\"\n",
+    )
+    .unwrap();
     let out = vunet(&["run", "--config", f.to_str().unwrap()]);
-    assert_user_error(
-        &out,
-        "port vm1: socket /nonexistent/dir/vm1.sock: directory does not exist",
-    );
+    assert_user_error(&out, "port vm1: socket /nonexistent/dir/vm1.sock: directory does not exist");
 }
 
 #[test]
@@ -123,10 +109,7 @@ fn stale_socket_from_a_crash_is_replaced() {
     }
     let _ = child.kill();
     let _ = child.wait();
-    assert!(
-        connected,
-        "vunet listens on the socket a dead process left behind"
-    );
+    assert!(connected, "vunet listens on the socket a dead process left behind");
 }
 
 #[test]

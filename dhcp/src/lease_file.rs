@@ -21,10 +21,7 @@ impl std::fmt::Display for LeaseFileError {
 }
 
 fn fmt_mac(m: &[u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 fn parse_mac(s: &str) -> Option<[u8; 6]> {
@@ -45,13 +42,7 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
 pub fn serialize(leases: &[Lease]) -> String {
     let mut s = format!("{HEADER}\n");
     for l in leases {
-        s.push_str(&format!(
-            "{} {} {} {}\n",
-            fmt_mac(&l.mac),
-            l.ip,
-            l.expires,
-            l.hostname.as_deref().unwrap_or("-")
-        ));
+        s.push_str(&format!("{} {} {} {}\n", fmt_mac(&l.mac), l.ip, l.expires, l.hostname.as_deref().unwrap_or("-")));
     }
     s.push_str("# end\n");
     s
@@ -62,22 +53,14 @@ pub fn parse(text: &str) -> Result<Vec<Lease>, LeaseFileError> {
     let mut lines = text.lines().enumerate();
     match lines.next() {
         Some((_, HEADER)) => {}
-        _ => {
-            return Err(LeaseFileError {
-                line: 1,
-                reason: "missing header",
-            })
-        }
+        _ => return Err(LeaseFileError { line: 1, reason: "missing header" }),
     }
     let mut out = Vec::new();
     for (i, line) in lines {
         if line == "# end" {
             return Ok(out);
         }
-        let err = |reason| LeaseFileError {
-            line: i + 1,
-            reason,
-        };
+        let err = |reason| LeaseFileError { line: i + 1, reason };
         let f: Vec<&str> = line.split(' ').collect();
         if f.len() != 4 {
             return Err(err("expected: MAC IP EXPIRY NAME"));
@@ -87,25 +70,12 @@ pub fn parse(text: &str) -> Result<Vec<Lease>, LeaseFileError> {
         let expires: u64 = f[2].parse().map_err(|_| err("bad expiry"))?;
         let hostname = match f[3] {
             "-" => None,
-            n if !n.is_empty()
-                && n.len() <= 63
-                && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') =>
-            {
-                Some(n.to_string())
-            }
+            n if !n.is_empty() && n.len() <= 63 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => Some(n.to_string()),
             _ => return Err(err("bad name")),
         };
-        out.push(Lease {
-            mac,
-            ip,
-            expires,
-            hostname,
-        });
+        out.push(Lease { mac, ip, expires, hostname });
     }
-    Err(LeaseFileError {
-        line: text.lines().count() + 1,
-        reason: "truncated (no end line)",
-    })
+    Err(LeaseFileError { line: text.lines().count() + 1, reason: "truncated (no end line)" })
 }
 
 #[cfg(test)]
@@ -120,12 +90,7 @@ mod tests {
                 expires: 1_800_000_000,
                 hostname: Some("alpha".into()),
             },
-            Lease {
-                mac: [0x52, 0x54, 0, 0, 0, 2],
-                ip: Ipv4Addr::new(192, 168, 122, 3),
-                expires: 1_800_000_100,
-                hostname: None,
-            },
+            Lease { mac: [0x52, 0x54, 0, 0, 0, 2], ip: Ipv4Addr::new(192, 168, 122, 3), expires: 1_800_000_100, hostname: None },
         ]
     }
 

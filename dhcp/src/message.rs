@@ -106,11 +106,7 @@ fn ip_at(b: &[u8], i: usize) -> Ipv4Addr {
 /// A host name as DHCP clients send it: kept only if it is a plausible DNS label.
 fn clean_hostname(v: &[u8]) -> Option<String> {
     let v = v.strip_suffix(&[0]).unwrap_or(v);
-    if v.is_empty()
-        || v.len() > 63
-        || !v.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
-        || v[0] == b'-'
-    {
+    if v.is_empty() || v.len() > 63 || !v.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-') || v[0] == b'-' {
         return None;
     }
     Some(String::from_utf8_lossy(v).to_ascii_lowercase())
@@ -176,12 +172,7 @@ pub struct ReplyBuilder {
 
 impl ReplyBuilder {
     /// Starts a reply to `req` with `yiaddr`, from server `siaddr`.
-    pub fn new(
-        req: &DhcpMessage,
-        msg_type: MessageType,
-        yiaddr: Ipv4Addr,
-        server: Ipv4Addr,
-    ) -> Self {
+    pub fn new(req: &DhcpMessage, msg_type: MessageType, yiaddr: Ipv4Addr, server: Ipv4Addr) -> Self {
         let mut buf = vec![0u8; FIXED_LEN];
         buf[0] = BOOTREPLY;
         buf[1] = 1;
@@ -256,10 +247,7 @@ pub fn build_client_message(
 
 /// The message type of a reply.
 pub fn reply_type(b: &[u8]) -> Option<MessageType> {
-    reply_options(b)
-        .into_iter()
-        .find(|(c, v)| *c == opt::MSG_TYPE && v.len() == 1)
-        .and_then(|(_, v)| MessageType::from_u8(v[0]))
+    reply_options(b).into_iter().find(|(c, v)| *c == opt::MSG_TYPE && v.len() == 1).and_then(|(_, v)| MessageType::from_u8(v[0]))
 }
 
 /// Reads the options of a reply (for tests and for clients of this crate).
@@ -316,11 +304,7 @@ pub(crate) mod tests {
             MessageType::Request,
             mac,
             0xdeadbeef,
-            &[
-                (opt::REQUESTED_IP, vec![10, 0, 0, 5]),
-                (opt::SERVER_ID, vec![10, 0, 0, 1]),
-                (opt::HOSTNAME, b"Web-1".to_vec()),
-            ],
+            &[(opt::REQUESTED_IP, vec![10, 0, 0, 5]), (opt::SERVER_ID, vec![10, 0, 0, 1]), (opt::HOSTNAME, b"Web-1".to_vec())],
         );
         let m = DhcpMessage::parse(&b).unwrap();
         assert_eq!(m.msg_type, MessageType::Request);
@@ -350,11 +334,7 @@ pub(crate) mod tests {
         b.extend_from_slice(&[opt::HOSTNAME, 50, b'a']);
         assert_eq!(DhcpMessage::parse(&b), Err(ParseError::BadOption));
         let b = client_msg(MessageType::Discover, [2; 6], 1, &[]);
-        let no_type: Vec<u8> = b[..FIXED_LEN + 4]
-            .iter()
-            .copied()
-            .chain([opt::END])
-            .collect();
+        let no_type: Vec<u8> = b[..FIXED_LEN + 4].iter().copied().chain([opt::END]).collect();
         assert_eq!(DhcpMessage::parse(&no_type), Err(ParseError::NoMessageType));
         // Garbage everywhere never panics.
         let mut x = good.clone();

@@ -83,12 +83,7 @@ fn mask(prefix: u8) -> u32 {
 
 impl DhcpServer {
     pub fn new(cfg: ServerConfig) -> Self {
-        DhcpServer {
-            cfg,
-            bindings: BTreeMap::new(),
-            by_ip: BTreeMap::new(),
-            declined: BTreeMap::new(),
-        }
+        DhcpServer { cfg, bindings: BTreeMap::new(), by_ip: BTreeMap::new(), declined: BTreeMap::new() }
     }
 
     pub fn config(&self) -> &ServerConfig {
@@ -121,9 +116,7 @@ impl DhcpServer {
             return false;
         }
         match self.by_ip.get(&ip) {
-            Some(owner) if owner != mac => {
-                self.bindings.get(owner).is_none_or(|b| b.expires <= now)
-            }
+            Some(owner) if owner != mac => self.bindings.get(owner).is_none_or(|b| b.expires <= now),
             _ => true,
         }
     }
@@ -143,20 +136,11 @@ impl DhcpServer {
             return Some(r);
         }
         let (lo, hi) = (u32::from(self.cfg.range.0), u32::from(self.cfg.range.1));
-        (lo..=hi)
-            .map(Ipv4Addr::from)
-            .find(|&ip| self.in_range(ip) && self.free_for(ip, mac, now))
+        (lo..=hi).map(Ipv4Addr::from).find(|&ip| self.in_range(ip) && self.free_for(ip, mac, now))
     }
 
     /// Records `ip` for `mac`, evicting an expired holder of that address.
-    fn bind(
-        &mut self,
-        mac: Mac,
-        ip: Ipv4Addr,
-        expires: u64,
-        bound: bool,
-        hostname: Option<String>,
-    ) {
+    fn bind(&mut self, mac: Mac, ip: Ipv4Addr, expires: u64, bound: bool, hostname: Option<String>) {
         if let Some(old) = self.bindings.get(&mac) {
             if old.ip != ip {
                 self.by_ip.remove(&old.ip);
@@ -167,15 +151,7 @@ impl DhcpServer {
                 self.bindings.remove(&prev);
             }
         }
-        self.bindings.insert(
-            mac,
-            Binding {
-                ip,
-                expires,
-                bound,
-                hostname,
-            },
-        );
+        self.bindings.insert(mac, Binding { ip, expires, bound, hostname });
     }
 
     fn unbind(&mut self, mac: &Mac) {
@@ -192,14 +168,7 @@ impl DhcpServer {
             .or_else(|| self.bindings.get(mac).and_then(|b| b.hostname.clone()))
     }
 
-    fn reply(
-        &self,
-        req: &DhcpMessage,
-        t: MessageType,
-        yiaddr: Ipv4Addr,
-        lease: bool,
-        hostname: Option<&str>,
-    ) -> Reply {
+    fn reply(&self, req: &DhcpMessage, t: MessageType, yiaddr: Ipv4Addr, lease: bool, hostname: Option<&str>) -> Reply {
         let mut r = ReplyBuilder::new(req, t, yiaddr, self.cfg.server_ip);
         if t != MessageType::Nak {
             if lease {
@@ -210,10 +179,7 @@ impl DhcpServer {
             }
             let m = mask(self.cfg.prefix);
             r.option(opt::SUBNET_MASK, &m.to_be_bytes());
-            r.option(
-                opt::BROADCAST,
-                &(u32::from(self.cfg.server_ip) | !m).to_be_bytes(),
-            );
+            r.option(opt::BROADCAST, &(u32::from(self.cfg.server_ip) | !m).to_be_bytes());
             if self.cfg.router {
                 r.option(opt::ROUTER, &self.cfg.server_ip.octets());
             }
@@ -244,12 +210,7 @@ impl DhcpServer {
         } else {
             (yiaddr, req.chaddr)
         };
-        Reply {
-            payload: r.finish(),
-            dst_ip,
-            dst_mac,
-            msg_type: t,
-        }
+        Reply { payload: r.finish(), dst_ip, dst_mac, msg_type: t }
     }
 
     /// Handles one client message at time `now`; returns the answer to send, if any.
@@ -262,10 +223,7 @@ impl DhcpServer {
             MessageType::Discover => {
                 let ip = self.choose(&mac, msg.requested_ip, now)?;
                 let hostname = self.hostname_for(&mac, msg);
-                let keep_bound = self
-                    .bindings
-                    .get(&mac)
-                    .is_some_and(|b| b.bound && b.ip == ip && b.expires > now);
+                let keep_bound = self.bindings.get(&mac).is_some_and(|b| b.bound && b.ip == ip && b.expires > now);
                 if !keep_bound {
                     self.bind(mac, ip, now + OFFER_SECS, false, hostname.clone());
                 }
@@ -281,9 +239,7 @@ impl DhcpServer {
                         return None;
                     }
                 }
-                let wanted = msg
-                    .requested_ip
-                    .or((!msg.ciaddr.is_unspecified()).then_some(msg.ciaddr))?;
+                let wanted = msg.requested_ip.or((!msg.ciaddr.is_unspecified()).then_some(msg.ciaddr))?;
                 let ok = match self.static_for(&mac) {
                     Some(h) => h.ip == wanted,
                     None => self.in_range(wanted) && self.free_for(wanted, &mac, now),
@@ -291,22 +247,10 @@ impl DhcpServer {
                 if !ok {
                     // Wrong for this network (or taken): tell the client to start over. A
                     // request for an address outside our subnet is answered the same way.
-                    return Some(self.reply(
-                        msg,
-                        MessageType::Nak,
-                        Ipv4Addr::UNSPECIFIED,
-                        false,
-                        None,
-                    ));
+                    return Some(self.reply(msg, MessageType::Nak, Ipv4Addr::UNSPECIFIED, false, None));
                 }
                 let hostname = self.hostname_for(&mac, msg);
-                self.bind(
-                    mac,
-                    wanted,
-                    now + self.cfg.lease_secs as u64,
-                    true,
-                    hostname.clone(),
-                );
+                self.bind(mac, wanted, now + self.cfg.lease_secs as u64, true, hostname.clone());
                 Some(self.reply(msg, MessageType::Ack, wanted, true, hostname.as_deref()))
             }
             MessageType::Release => {
@@ -333,13 +277,7 @@ impl DhcpServer {
                     return None;
                 }
                 let hostname = self.hostname_for(&mac, msg);
-                Some(self.reply(
-                    msg,
-                    MessageType::Ack,
-                    Ipv4Addr::UNSPECIFIED,
-                    false,
-                    hostname.as_deref(),
-                ))
+                Some(self.reply(msg, MessageType::Ack, Ipv4Addr::UNSPECIFIED, false, hostname.as_deref()))
             }
             MessageType::Offer | MessageType::Ack | MessageType::Nak => None,
         }
@@ -350,21 +288,13 @@ impl DhcpServer {
         self.bindings
             .iter()
             .filter(|(_, b)| b.bound && b.expires > now)
-            .map(|(mac, b)| Lease {
-                mac: *mac,
-                ip: b.ip,
-                expires: b.expires,
-                hostname: b.hostname.clone(),
-            })
+            .map(|(mac, b)| Lease { mac: *mac, ip: b.ip, expires: b.expires, hostname: b.hostname.clone() })
             .collect()
     }
 
     /// The IP currently leased to `mac`.
     pub fn ip_of(&self, mac: &Mac, now: u64) -> Option<Ipv4Addr> {
-        self.bindings
-            .get(mac)
-            .filter(|b| b.bound && b.expires > now)
-            .map(|b| b.ip)
+        self.bindings.get(mac).filter(|b| b.bound && b.expires > now).map(|b| b.ip)
     }
 
     /// Restores persisted leases (after a restart). Leases that no longer fit the
@@ -401,15 +331,8 @@ mod tests {
         DhcpServer::new(ServerConfig {
             server_ip: SERVER,
             prefix: 24,
-            range: (
-                Ipv4Addr::new(192, 168, 122, 2),
-                Ipv4Addr::new(192, 168, 122, 254),
-            ),
-            hosts: vec![StaticHost {
-                mac: WEB,
-                ip: Ipv4Addr::new(192, 168, 122, 10),
-                name: Some("web".into()),
-            }],
+            range: (Ipv4Addr::new(192, 168, 122, 2), Ipv4Addr::new(192, 168, 122, 254)),
+            hosts: vec![StaticHost { mac: WEB, ip: Ipv4Addr::new(192, 168, 122, 10), name: Some("web".into()) }],
             lease_secs: 3600,
             router: true,
             dns: Some(SERVER),
@@ -423,29 +346,17 @@ mod tests {
     }
 
     fn opt_of(r: &Reply, code: u8) -> Option<Vec<u8>> {
-        reply_options(&r.payload)
-            .into_iter()
-            .find(|(c, _)| *c == code)
-            .map(|(_, v)| v)
+        reply_options(&r.payload).into_iter().find(|(c, _)| *c == code).map(|(_, v)| v)
     }
 
     /// DISCOVER → OFFER → REQUEST → ACK; returns the address.
     fn bind(s: &mut DhcpServer, mac: Mac, now: u64) -> Ipv4Addr {
-        let offer = s
-            .handle(&msg(MessageType::Discover, mac, &[]), now)
-            .expect("offer");
+        let offer = s.handle(&msg(MessageType::Discover, mac, &[]), now).expect("offer");
         assert_eq!(offer.msg_type, MessageType::Offer);
         let ip = reply_yiaddr(&offer.payload).unwrap();
         let ack = s
             .handle(
-                &msg(
-                    MessageType::Request,
-                    mac,
-                    &[
-                        (opt::REQUESTED_IP, ip.octets().to_vec()),
-                        (opt::SERVER_ID, SERVER.octets().to_vec()),
-                    ],
-                ),
+                &msg(MessageType::Request, mac, &[(opt::REQUESTED_IP, ip.octets().to_vec()), (opt::SERVER_ID, SERVER.octets().to_vec())]),
                 now,
             )
             .expect("ack");
@@ -457,53 +368,23 @@ mod tests {
     #[test]
     fn full_exchange_with_the_options_a_guest_needs() {
         let mut s = server();
-        let offer = s
-            .handle(
-                &msg(
-                    MessageType::Discover,
-                    M1,
-                    &[(opt::HOSTNAME, b"alpha".to_vec())],
-                ),
-                1000,
-            )
-            .unwrap();
-        assert_eq!(
-            reply_yiaddr(&offer.payload),
-            Some(Ipv4Addr::new(192, 168, 122, 2))
-        );
+        let offer = s.handle(&msg(MessageType::Discover, M1, &[(opt::HOSTNAME, b"alpha".to_vec())]), 1000).unwrap();
+        assert_eq!(reply_yiaddr(&offer.payload), Some(Ipv4Addr::new(192, 168, 122, 2)));
         assert_eq!(opt_of(&offer, opt::MSG_TYPE), Some(vec![2]));
-        assert_eq!(
-            opt_of(&offer, opt::SERVER_ID),
-            Some(SERVER.octets().to_vec())
-        );
-        assert_eq!(
-            opt_of(&offer, opt::SUBNET_MASK),
-            Some(vec![255, 255, 255, 0])
-        );
+        assert_eq!(opt_of(&offer, opt::SERVER_ID), Some(SERVER.octets().to_vec()));
+        assert_eq!(opt_of(&offer, opt::SUBNET_MASK), Some(vec![255, 255, 255, 0]));
         assert_eq!(opt_of(&offer, opt::ROUTER), Some(SERVER.octets().to_vec()));
         assert_eq!(opt_of(&offer, opt::DNS), Some(SERVER.octets().to_vec()));
         assert_eq!(opt_of(&offer, opt::DOMAIN), Some(b"vunet".to_vec()));
-        assert_eq!(
-            opt_of(&offer, opt::MTU),
-            Some(1500u16.to_be_bytes().to_vec())
-        );
-        assert_eq!(
-            opt_of(&offer, opt::LEASE_TIME),
-            Some(3600u32.to_be_bytes().to_vec())
-        );
+        assert_eq!(opt_of(&offer, opt::MTU), Some(1500u16.to_be_bytes().to_vec()));
+        assert_eq!(opt_of(&offer, opt::LEASE_TIME), Some(3600u32.to_be_bytes().to_vec()));
         assert_eq!(opt_of(&offer, opt::HOSTNAME), Some(b"alpha".to_vec()));
-        assert_eq!(
-            (offer.dst_mac, offer.dst_ip),
-            (M1, Ipv4Addr::new(192, 168, 122, 2))
-        );
+        assert_eq!((offer.dst_mac, offer.dst_ip), (M1, Ipv4Addr::new(192, 168, 122, 2)));
         assert!(s.leases(1000).is_empty(), "an offer is not a lease");
         let ip = bind(&mut s, M1, 1001);
         let leases = s.leases(1001);
         assert_eq!(leases.len(), 1);
-        assert_eq!(
-            (leases[0].mac, leases[0].ip, leases[0].expires),
-            (M1, ip, 1001 + 3600)
-        );
+        assert_eq!((leases[0].mac, leases[0].ip, leases[0].expires), (M1, ip, 1001 + 3600));
         assert_eq!(leases[0].hostname.as_deref(), Some("alpha"));
     }
 
@@ -514,30 +395,9 @@ mod tests {
         let r = s.handle(&msg(MessageType::Discover, WEB, &[]), 1).unwrap();
         assert_eq!(opt_of(&r, opt::HOSTNAME), Some(b"web".to_vec()));
         // Another client asking for .10 gets something else, and is NAKed if it insists.
-        let offer = s
-            .handle(
-                &msg(
-                    MessageType::Discover,
-                    M1,
-                    &[(opt::REQUESTED_IP, vec![192, 168, 122, 10])],
-                ),
-                2,
-            )
-            .unwrap();
-        assert_ne!(
-            reply_yiaddr(&offer.payload),
-            Some(Ipv4Addr::new(192, 168, 122, 10))
-        );
-        let nak = s
-            .handle(
-                &msg(
-                    MessageType::Request,
-                    M1,
-                    &[(opt::REQUESTED_IP, vec![192, 168, 122, 10])],
-                ),
-                3,
-            )
-            .unwrap();
+        let offer = s.handle(&msg(MessageType::Discover, M1, &[(opt::REQUESTED_IP, vec![192, 168, 122, 10])]), 2).unwrap();
+        assert_ne!(reply_yiaddr(&offer.payload), Some(Ipv4Addr::new(192, 168, 122, 10)));
+        let nak = s.handle(&msg(MessageType::Request, M1, &[(opt::REQUESTED_IP, vec![192, 168, 122, 10])]), 3).unwrap();
         assert_eq!(nak.msg_type, MessageType::Nak);
         assert_eq!(nak.dst_mac, [0xff; 6]);
     }
@@ -554,29 +414,14 @@ mod tests {
         assert_eq!(ack.dst_ip, ip, "answered to ciaddr");
         assert_eq!(s.leases(1800)[0].expires, 1800 + 3600);
         // Init-reboot with the right address: ACK; with a foreign one: NAK.
-        let reboot = msg(
-            MessageType::Request,
-            M1,
-            &[(opt::REQUESTED_IP, ip.octets().to_vec())],
-        );
+        let reboot = msg(MessageType::Request, M1, &[(opt::REQUESTED_IP, ip.octets().to_vec())]);
         assert_eq!(s.handle(&reboot, 1900).unwrap().msg_type, MessageType::Ack);
-        let wrong = msg(
-            MessageType::Request,
-            M1,
-            &[(opt::REQUESTED_IP, vec![10, 9, 9, 9])],
-        );
+        let wrong = msg(MessageType::Request, M1, &[(opt::REQUESTED_IP, vec![10, 9, 9, 9])]);
         assert_eq!(s.handle(&wrong, 1901).unwrap().msg_type, MessageType::Nak);
         // A client that chose another server: our offer is dropped, no answer.
-        s.handle(&msg(MessageType::Discover, M2, &[]), 2000)
-            .unwrap();
-        let other = msg(
-            MessageType::Request,
-            M2,
-            &[
-                (opt::SERVER_ID, vec![192, 168, 122, 99]),
-                (opt::REQUESTED_IP, vec![192, 168, 122, 3]),
-            ],
-        );
+        s.handle(&msg(MessageType::Discover, M2, &[]), 2000).unwrap();
+        let other =
+            msg(MessageType::Request, M2, &[(opt::SERVER_ID, vec![192, 168, 122, 99]), (opt::REQUESTED_IP, vec![192, 168, 122, 3])]);
         assert!(s.handle(&other, 2001).is_none());
     }
 
@@ -591,16 +436,7 @@ mod tests {
         // The same client gets the same address back.
         assert_eq!(bind(&mut s, M1, 20), ip);
         // DECLINE: the address is in use by someone else; it is not offered for a while.
-        assert!(s
-            .handle(
-                &msg(
-                    MessageType::Decline,
-                    M1,
-                    &[(opt::REQUESTED_IP, ip.octets().to_vec())]
-                ),
-                30
-            )
-            .is_none());
+        assert!(s.handle(&msg(MessageType::Decline, M1, &[(opt::REQUESTED_IP, ip.octets().to_vec())]), 30).is_none());
         let next = bind(&mut s, M1, 31);
         assert_ne!(next, ip);
         assert!(s.leases(31).iter().all(|l| l.ip != ip));
@@ -630,20 +466,8 @@ mod tests {
         assert_eq!(s.by_ip.len(), s.bindings.len());
         assert_eq!(s.leases(1).len(), 64, "bound leases survive the flood");
         // After the offers expire, the addresses are offered again.
-        assert!(
-            s.handle(
-                &msg(MessageType::Discover, [0x52, 0x56, 0, 0, 0, 1], &[]),
-                1
-            )
-            .is_none(),
-            "range exhausted"
-        );
-        assert!(s
-            .handle(
-                &msg(MessageType::Discover, [0x52, 0x56, 0, 0, 0, 1], &[]),
-                1 + OFFER_SECS
-            )
-            .is_some());
+        assert!(s.handle(&msg(MessageType::Discover, [0x52, 0x56, 0, 0, 0, 1], &[]), 1).is_none(), "range exhausted");
+        assert!(s.handle(&msg(MessageType::Discover, [0x52, 0x56, 0, 0, 0, 1], &[]), 1 + OFFER_SECS).is_some());
     }
 
     #[test]
@@ -657,24 +481,9 @@ mod tests {
         assert_eq!(bind(&mut t, M1, 200), ip, "same address after a restart");
         // Expired and misfit leases are not restored.
         let stale = [
-            Lease {
-                mac: M2,
-                ip: Ipv4Addr::new(192, 168, 122, 50),
-                expires: 5,
-                hostname: None,
-            },
-            Lease {
-                mac: M2,
-                ip: Ipv4Addr::new(10, 0, 0, 5),
-                expires: 9999,
-                hostname: None,
-            },
-            Lease {
-                mac: M2,
-                ip: Ipv4Addr::new(192, 168, 122, 10),
-                expires: 9999,
-                hostname: None,
-            },
+            Lease { mac: M2, ip: Ipv4Addr::new(192, 168, 122, 50), expires: 5, hostname: None },
+            Lease { mac: M2, ip: Ipv4Addr::new(10, 0, 0, 5), expires: 9999, hostname: None },
+            Lease { mac: M2, ip: Ipv4Addr::new(192, 168, 122, 10), expires: 9999, hostname: None },
         ];
         assert_eq!(server().restore(&stale, 10), 0);
         assert!(s.leases(3601).is_empty(), "expired");
@@ -686,11 +495,7 @@ mod tests {
         let mut m = msg(MessageType::Discover, M1, &[]);
         m.giaddr = Ipv4Addr::new(10, 0, 0, 1);
         assert!(s.handle(&m, 0).is_none());
-        assert!(s
-            .handle(&msg(MessageType::Discover, [0xff; 6], &[]), 0)
-            .is_none());
-        assert!(s
-            .handle(&msg(MessageType::Discover, [0; 6], &[]), 0)
-            .is_none());
+        assert!(s.handle(&msg(MessageType::Discover, [0xff; 6], &[]), 0).is_none());
+        assert!(s.handle(&msg(MessageType::Discover, [0; 6], &[]), 0).is_none());
     }
 }

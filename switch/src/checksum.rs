@@ -62,11 +62,7 @@ mod tests {
     fn reference(data: &[u8]) -> u16 {
         let mut s: u32 = 0;
         for c in data.chunks(2) {
-            let w = if c.len() == 2 {
-                u16::from_be_bytes([c[0], c[1]])
-            } else {
-                u16::from_be_bytes([c[0], 0])
-            };
+            let w = if c.len() == 2 { u16::from_be_bytes([c[0], c[1]]) } else { u16::from_be_bytes([c[0], 0]) };
             s += w as u32;
             s = (s & 0xffff) + (s >> 16);
         }
@@ -85,10 +81,7 @@ mod tests {
     #[test]
     fn ipv4_header_checksum_verifies_to_zero() {
         // A real IPv4 header (checksum 0xb861 at bytes 10..12).
-        let h = [
-            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8,
-            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
-        ];
+        let h = [0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7];
         assert_eq!(checksum(&h), 0);
         let mut z = h;
         z[10] = 0;

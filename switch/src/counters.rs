@@ -31,10 +31,16 @@ pub enum DropReason {
     SegmentationFailed,
     /// The receiving port is not connected or its queue is not running.
     PortDown,
+    /// Port security: a source (or ARP sender) MAC that is not the port's.
+    SpoofedMac,
+    /// Port security: a source (or ARP sender) IPv4 address that is not the port's lease.
+    SpoofedIp,
+    /// Port security: a DHCP server message (UDP from port 67) from a guest.
+    RogueDhcpServer,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::BadAddress,
         DropReason::ChainLoop,
         DropReason::BadDescriptor,
@@ -46,6 +52,9 @@ impl DropReason {
         DropReason::RxBufferTooSmall,
         DropReason::SegmentationFailed,
         DropReason::PortDown,
+        DropReason::SpoofedMac,
+        DropReason::SpoofedIp,
+        DropReason::RogueDhcpServer,
     ];
 
     /// Stable name used in listings and metrics.
@@ -62,6 +71,9 @@ impl DropReason {
             DropReason::RxBufferTooSmall => "rx_buffer_too_small",
             DropReason::SegmentationFailed => "segmentation_failed",
             DropReason::PortDown => "port_down",
+            DropReason::SpoofedMac => "spoofed_mac",
+            DropReason::SpoofedIp => "spoofed_ip",
+            DropReason::RogueDhcpServer => "rogue_dhcp_server",
         }
     }
 }
@@ -89,11 +101,7 @@ pub struct CounterSnapshot {
 impl std::fmt::Display for CounterSnapshot {
     /// `rx 12 frames/3456 bytes, tx 7 frames/890 bytes, drops: no_rx_buffer=3 oversize=1`
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "rx {} frames/{} bytes, tx {} frames/{} bytes, drops:",
-            self.rx_frames, self.rx_bytes, self.tx_frames, self.tx_bytes
-        )?;
+        write!(f, "rx {} frames/{} bytes, tx {} frames/{} bytes, drops:", self.rx_frames, self.rx_bytes, self.tx_frames, self.tx_bytes)?;
         let mut any = false;
         for r in DropReason::ALL {
             let n = self.drop_count(r);
@@ -159,24 +167,14 @@ mod tests {
         c.dropped(DropReason::ChainLoop);
         c.dropped(DropReason::Oversize);
         let s = c.snapshot();
-        assert_eq!(
-            (s.rx_frames, s.rx_bytes, s.tx_frames, s.tx_bytes),
-            (2, 160, 1, 42)
-        );
+        assert_eq!((s.rx_frames, s.rx_bytes, s.tx_frames, s.tx_bytes), (2, 160, 1, 42));
         assert_eq!(s.drop_count(DropReason::ChainLoop), 2);
         assert_eq!(s.drop_count(DropReason::Oversize), 1);
         assert_eq!(s.drop_count(DropReason::BadAddress), 0);
         assert_eq!(s.total_drops(), 3);
-        assert_eq!(
-            s.to_string(),
-            "rx 2 frames/160 bytes, tx 1 frames/42 bytes, drops: chain_loop=2 oversize=1"
-        );
-        assert_eq!(
-            PortCounters::default().snapshot().to_string(),
-            "rx 0 frames/0 bytes, tx 0 frames/0 bytes, drops: none"
-        );
-        let names: std::collections::HashSet<_> =
-            DropReason::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(s.to_string(), "rx 2 frames/160 bytes, tx 1 frames/42 bytes, drops: chain_loop=2 oversize=1");
+        assert_eq!(PortCounters::default().snapshot().to_string(), "rx 0 frames/0 bytes, tx 0 frames/0 bytes, drops: none");
+        let names: std::collections::HashSet<_> = DropReason::ALL.iter().map(|r| r.name()).collect();
         assert_eq!(names.len(), DropReason::ALL.len());
         for (i, r) in DropReason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i);

@@ -26,9 +26,7 @@ pub struct Gateway {
 /// guests' ARP caches stay valid.
 pub fn gateway_mac(network: &str) -> Mac {
     // FNV-1a: any stable spread will do.
-    let h = network.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    });
+    let h = network.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
     let b = h.to_be_bytes();
     [0x02, 0x76, 0x75, b[0], b[1], b[2]]
 }
@@ -137,12 +135,7 @@ pub fn udp_payload(frame: &[u8], port: u16) -> Option<(Ipv4Addr, &[u8])> {
     let ip = &frame[14..];
     let ihl = (ip[0] & 0xf) as usize * 4;
     let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-    if ip[0] >> 4 != 4
-        || ihl < 20
-        || total < ihl + 8
-        || total > ip.len()
-        || checksum(&ip[..ihl]) != 0
-    {
+    if ip[0] >> 4 != 4 || ihl < 20 || total < ihl + 8 || total > ip.len() || checksum(&ip[..ihl]) != 0 {
         return None;
     }
     if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 || ip[9] != IPPROTO_UDP {
@@ -166,16 +159,7 @@ pub fn udp_payload(frame: &[u8], port: u16) -> Option<(Ipv4Addr, &[u8])> {
 
 /// Builds an Ethernet + IPv4 + UDP frame (checksums included) into `out`.
 #[allow(clippy::too_many_arguments)]
-pub fn build_udp(
-    out: &mut Vec<u8>,
-    src_mac: Mac,
-    dst_mac: Mac,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    sport: u16,
-    dport: u16,
-    payload: &[u8],
-) {
+pub fn build_udp(out: &mut Vec<u8>, src_mac: Mac, dst_mac: Mac, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) {
     out.clear();
     out.extend_from_slice(&dst_mac);
     out.extend_from_slice(&src_mac);
@@ -214,11 +198,7 @@ mod tests {
     const GUEST: Mac = [0x52, 0x54, 0, 0, 0, 7];
 
     fn gw() -> Gateway {
-        Gateway {
-            mac: gateway_mac("default"),
-            ip: Ipv4Addr::new(192, 168, 122, 1),
-            prefix: 24,
-        }
+        Gateway { mac: gateway_mac("default"), ip: Ipv4Addr::new(192, 168, 122, 1), prefix: 24 }
     }
 
     fn arp_request(target: [u8; 4]) -> Vec<u8> {
@@ -278,19 +258,12 @@ mod tests {
         let mut out = Vec::new();
         assert!(g.handle(&echo_request(g.mac, [192, 168, 122, 1], &payload), &mut out));
         let p = SlicedPacket::from_ethernet(&out).unwrap();
-        let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
-            panic!("not IPv4")
-        };
+        let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else { panic!("not IPv4") };
         assert_eq!(ip.header().source(), [192, 168, 122, 1]);
         assert_eq!(ip.header().destination(), [192, 168, 122, 7]);
         assert_eq!(checksum(ip.header().slice()), 0);
-        let Some(TransportSlice::Icmpv4(icmp)) = p.transport else {
-            panic!("not ICMP")
-        };
-        assert_eq!(
-            icmp.icmp_type(),
-            Icmpv4Type::EchoReply(etherparse::IcmpEchoHeader { id: 0x1234, seq: 7 })
-        );
+        let Some(TransportSlice::Icmpv4(icmp)) = p.transport else { panic!("not ICMP") };
+        assert_eq!(icmp.icmp_type(), Icmpv4Type::EchoReply(etherparse::IcmpEchoHeader { id: 0x1234, seq: 7 }));
         assert_eq!(icmp.payload(), &payload[..]);
         assert_eq!(checksum(icmp.slice()), 0);
         assert_eq!(&out[0..6], &GUEST);
@@ -300,17 +273,8 @@ mod tests {
     fn ignores_what_is_not_an_echo_to_it() {
         let g = gw();
         let mut out = Vec::new();
-        assert!(
-            !g.handle(&echo_request(g.mac, [192, 168, 122, 9], b"x"), &mut out),
-            "other address"
-        );
-        assert!(
-            !g.handle(
-                &echo_request([0x52, 0, 0, 0, 0, 1], [192, 168, 122, 1], b"x"),
-                &mut out
-            ),
-            "other MAC"
-        );
+        assert!(!g.handle(&echo_request(g.mac, [192, 168, 122, 9], b"x"), &mut out), "other address");
+        assert!(!g.handle(&echo_request([0x52, 0, 0, 0, 0, 1], [192, 168, 122, 1], b"x"), &mut out), "other MAC");
         let mut bad = echo_request(g.mac, [192, 168, 122, 1], b"hello");
         bad[24] ^= 0xff;
         assert!(!g.handle(&bad, &mut out), "bad IP checksum");
@@ -328,9 +292,7 @@ mod tests {
         assert_eq!(udp_payload(&f, 53), None);
         // Checked by etherparse too.
         let p = SlicedPacket::from_ethernet(&f).unwrap();
-        let Some(TransportSlice::Udp(u)) = p.transport else {
-            panic!()
-        };
+        let Some(TransportSlice::Udp(u)) = p.transport else { panic!() };
         assert_eq!(u.payload(), b"dhcp payload");
         let mut bad = f.clone();
         bad[14 + 20 + 8] ^= 1;
@@ -339,10 +301,7 @@ mod tests {
         nock[14 + 20 + 8] ^= 1;
         nock[14 + 20 + 6] = 0;
         nock[14 + 20 + 7] = 0;
-        assert!(
-            udp_payload(&nock, 67).is_some(),
-            "no UDP checksum is allowed"
-        );
+        assert!(udp_payload(&nock, 67).is_some(), "no UDP checksum is allowed");
         for cut in 0..f.len() {
             let _ = udp_payload(&f[..cut], 67);
         }
@@ -352,10 +311,7 @@ mod tests {
     fn truncated_and_garbage_frames_never_panic() {
         let g = gw();
         let mut out = Vec::new();
-        let frames = [
-            arp_request([192, 168, 122, 1]),
-            echo_request(g.mac, [192, 168, 122, 1], &[7; 100]),
-        ];
+        let frames = [arp_request([192, 168, 122, 1]), echo_request(g.mac, [192, 168, 122, 1], &[7; 100])];
         for f in &frames {
             for cut in 0..f.len() {
                 g.handle(&f[..cut], &mut out);

@@ -14,6 +14,7 @@ pub mod counters;
 pub mod gateway;
 pub mod mac_table;
 pub mod offload;
+pub mod port_security;
 pub mod vnet;
 
 pub use counters::{DropReason, PortCounters};
@@ -64,10 +65,7 @@ pub fn parse_mac(s: &str) -> Option<Mac> {
 
 /// Formats a MAC as "52:54:00:12:34:56".
 pub fn format_mac(mac: &Mac) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 #[cfg(test)]

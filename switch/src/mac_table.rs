@@ -74,11 +74,7 @@ impl Default for MacTable {
 
 impl MacTable {
     pub fn new(aging_ms: u64, capacity: usize) -> Self {
-        MacTable {
-            entries: HashMap::default(),
-            aging_ms,
-            capacity,
-        }
+        MacTable { entries: HashMap::default(), aging_ms, capacity }
     }
 
     /// Learns `src` on `port` at time `now_ms`. Multicast sources are never learned. A full
@@ -99,13 +95,7 @@ impl MacTable {
                 return;
             }
         }
-        self.entries.insert(
-            key(&src),
-            Entry {
-                port,
-                seen_ms: now_ms,
-            },
-        );
+        self.entries.insert(key(&src), Entry { port, seen_ms: now_ms });
     }
 
     /// Looks up where a frame to `dst`, received on `src_port`, goes.
@@ -134,8 +124,7 @@ impl MacTable {
     /// Removes every entry older than the aging time.
     pub fn expire(&mut self, now_ms: u64) {
         let aging = self.aging_ms;
-        self.entries
-            .retain(|_, e| now_ms.saturating_sub(e.seen_ms) < aging);
+        self.entries.retain(|_, e| now_ms.saturating_sub(e.seen_ms) < aging);
     }
 
     /// Forgets everything learned on `port` (the port went down or was removed).
@@ -145,10 +134,7 @@ impl MacTable {
 
     /// The port `mac` is currently learned on, if it has not aged out.
     pub fn port_of(&self, mac: &Mac, now_ms: u64) -> Option<PortId> {
-        self.entries
-            .get(&key(mac))
-            .filter(|e| now_ms.saturating_sub(e.seen_ms) < self.aging_ms)
-            .map(|e| e.port)
+        self.entries.get(&key(mac)).filter(|e| now_ms.saturating_sub(e.seen_ms) < self.aging_ms).map(|e| e.port)
     }
 
     pub fn len(&self) -> usize {

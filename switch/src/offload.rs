@@ -19,11 +19,7 @@ const TCP_CWR: u8 = 0x80;
 /// Completes the checksum of a frame whose header said `NEEDS_CSUM`: the one's-complement sum
 /// from `csum_start` to the end, stored at `csum_start + csum_offset` (the field already holds
 /// the pseudo-header sum, as the sender left it).
-pub fn complete_checksum(
-    frame: &mut [u8],
-    csum_start: usize,
-    csum_offset: usize,
-) -> Result<(), DropReason> {
+pub fn complete_checksum(frame: &mut [u8], csum_start: usize, csum_offset: usize) -> Result<(), DropReason> {
     let at = csum_start + csum_offset;
     if csum_start > frame.len() || at + 2 > frame.len() {
         return Err(DropReason::BadHeader);
@@ -79,24 +75,14 @@ pub fn tcp_layout(frame: &[u8]) -> Option<TcpLayout> {
         _ => return None,
     };
     let tcp = TcpHeaderSlice::from_slice(frame.get(l4..)?).ok()?;
-    Some(TcpLayout {
-        l3,
-        l4,
-        headers: l4 + tcp.slice().len(),
-        ipv6,
-    })
+    Some(TcpLayout { l3, l4, headers: l4 + tcp.slice().len(), ipv6 })
 }
 
 /// Splits a TSO frame into segments of at most `hdr.gso_size` payload bytes. Each segment is
 /// built in `scratch` (reused, so steady state does not allocate) and handed to `emit`, with
 /// correct IP lengths, IPv4 IDs and header checksums, TCP sequence numbers, flags and checksums.
 /// Returns the number of segments.
-pub fn segment_tcp(
-    frame: &[u8],
-    hdr: &VnetHeader,
-    scratch: &mut Vec<u8>,
-    mut emit: impl FnMut(&[u8]),
-) -> Result<usize, DropReason> {
+pub fn segment_tcp(frame: &[u8], hdr: &VnetHeader, scratch: &mut Vec<u8>, mut emit: impl FnMut(&[u8])) -> Result<usize, DropReason> {
     let lay = tcp_layout(frame).ok_or(DropReason::SegmentationFailed)?;
     let mss = hdr.gso_size as usize;
     if mss == 0 {
@@ -120,8 +106,7 @@ pub fn segment_tcp(
         } else {
             let tot = (seg.len() - lay.l3) as u16;
             seg[lay.l3 + 2..lay.l3 + 4].copy_from_slice(&tot.to_be_bytes());
-            seg[lay.l3 + 4..lay.l3 + 6]
-                .copy_from_slice(&ip_id0.wrapping_add(i as u16).to_be_bytes());
+            seg[lay.l3 + 4..lay.l3 + 6].copy_from_slice(&ip_id0.wrapping_add(i as u16).to_be_bytes());
             seg[lay.l3 + 10..lay.l3 + 12].copy_from_slice(&[0, 0]);
             let ihl = lay.l4 - lay.l3;
             let c = finish(sum(&seg[lay.l3..lay.l3 + ihl], 0));
@@ -188,14 +173,8 @@ mod tests {
         complete_checksum(&mut f, lay.l4, 16).unwrap();
         assert_eq!(f, good);
         let end = f.len();
-        assert_eq!(
-            complete_checksum(&mut f, end - 10, 16),
-            Err(DropReason::BadHeader)
-        );
-        assert_eq!(
-            complete_checksum(&mut f, 2000, 0),
-            Err(DropReason::BadHeader)
-        );
+        assert_eq!(complete_checksum(&mut f, end - 10, 16), Err(DropReason::BadHeader));
+        assert_eq!(complete_checksum(&mut f, 2000, 0), Err(DropReason::BadHeader));
     }
 
     fn check_segments(frame: &[u8], hdr: VnetHeader, ipv6: bool) {
@@ -208,25 +187,15 @@ mod tests {
         let mut joined = Vec::new();
         for (i, s) in segs.iter().enumerate() {
             let p = SlicedPacket::from_ethernet(s).unwrap();
-            let Some(TransportSlice::Tcp(tcp)) = p.transport else {
-                panic!("not tcp")
-            };
+            let Some(TransportSlice::Tcp(tcp)) = p.transport else { panic!("not tcp") };
             assert!(tcp.payload().len() <= hdr.gso_size as usize);
-            assert_eq!(
-                tcp.sequence_number(),
-                1000 + (i * hdr.gso_size as usize) as u32
-            );
+            assert_eq!(tcp.sequence_number(), 1000 + (i * hdr.gso_size as usize) as u32);
             assert_eq!(tcp.fin(), i + 1 == n, "FIN only on the last segment");
             assert_eq!(tcp.psh(), i + 1 == n);
             // Verify the TCP checksum as a receiver would.
             let l4_len = s.len() - lay.l4;
             let pseudo = if ipv6 {
-                pseudo_v6(
-                    s[lay.l3 + 8..lay.l3 + 24].try_into().unwrap(),
-                    s[lay.l3 + 24..lay.l3 + 40].try_into().unwrap(),
-                    6,
-                    l4_len as u32,
-                )
+                pseudo_v6(s[lay.l3 + 8..lay.l3 + 24].try_into().unwrap(), s[lay.l3 + 24..lay.l3 + 40].try_into().unwrap(), 6, l4_len as u32)
             } else {
                 assert_eq!(checksum(&s[lay.l3..lay.l4]), 0, "IPv4 header checksum");
                 let tot = u16::from_be_bytes([s[lay.l3 + 2], s[lay.l3 + 3]]) as usize;
@@ -238,11 +207,7 @@ mod tests {
                     l4_len as u16,
                 )
             };
-            assert_eq!(
-                finish(sum(&s[lay.l4..], pseudo)),
-                0,
-                "TCP checksum of segment {i}"
-            );
+            assert_eq!(finish(sum(&s[lay.l4..], pseudo)), 0, "TCP checksum of segment {i}");
             joined.extend_from_slice(tcp.payload());
         }
         assert_eq!(joined, payload);
@@ -288,12 +253,7 @@ mod tests {
 
     #[test]
     fn garbage_is_refused_not_panicked_on() {
-        let hdr = VnetHeader {
-            flags: F_NEEDS_CSUM,
-            gso_type: GSO_TCPV4,
-            gso_size: 1000,
-            ..Default::default()
-        };
+        let hdr = VnetHeader { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV4, gso_size: 1000, ..Default::default() };
         let mut scratch = Vec::new();
         let good = tcp_v4(3000, false);
         for cut in 0..60 {
@@ -304,9 +264,6 @@ mod tests {
         udp[23] = 17;
         assert!(segment_tcp(&udp, &hdr, &mut scratch, |_| {}).is_err());
         let zero = VnetHeader { gso_size: 0, ..hdr };
-        assert_eq!(
-            segment_tcp(&good, &zero, &mut scratch, |_| {}),
-            Err(DropReason::BadHeader)
-        );
+        assert_eq!(segment_tcp(&good, &zero, &mut scratch, |_| {}), Err(DropReason::BadHeader));
     }
 }

@@ -36,15 +36,7 @@ impl VnetHeader {
         let n = b.len().min(HDR_LEN);
         h[..n].copy_from_slice(&b[..n]);
         let w = |i: usize| u16::from_le_bytes([h[i], h[i + 1]]);
-        VnetHeader {
-            flags: h[0],
-            gso_type: h[1],
-            hdr_len: w(2),
-            gso_size: w(4),
-            csum_start: w(6),
-            csum_offset: w(8),
-            num_buffers: w(10),
-        }
+        VnetHeader { flags: h[0], gso_type: h[1], hdr_len: w(2), gso_size: w(4), csum_start: w(6), csum_offset: w(8), num_buffers: w(10) }
     }
 
     /// Encodes into `out` (10 or 12 bytes, the length of `out` decides).
@@ -118,21 +110,9 @@ pub struct RxCaps {
 
 impl RxCaps {
     /// A receiver that accepts every offload vunet can pass through.
-    pub const FULL: RxCaps = RxCaps {
-        csum: true,
-        tso4: true,
-        tso6: true,
-        mrg_rxbuf: true,
-        hdr_len: HDR_LEN,
-    };
+    pub const FULL: RxCaps = RxCaps { csum: true, tso4: true, tso6: true, mrg_rxbuf: true, hdr_len: HDR_LEN };
     /// A receiver that takes only complete, checksummed frames of at most the MTU.
-    pub const NONE: RxCaps = RxCaps {
-        csum: false,
-        tso4: false,
-        tso6: false,
-        mrg_rxbuf: false,
-        hdr_len: HDR_LEN,
-    };
+    pub const NONE: RxCaps = RxCaps { csum: false, tso4: false, tso6: false, mrg_rxbuf: false, hdr_len: HDR_LEN };
 }
 
 /// How a validated frame must be delivered to a given receiver.
@@ -160,11 +140,7 @@ pub fn delivery(h: &VnetHeader, rx: &RxCaps) -> Delivery {
 /// The header a receiver gets for a pass-through frame: the sender's offload fields, with
 /// DATA_VALID cleared (it is a receive-side flag a sender cannot vouch for).
 pub fn rx_header(h: &VnetHeader, num_buffers: u16) -> VnetHeader {
-    VnetHeader {
-        flags: h.flags & F_NEEDS_CSUM,
-        num_buffers,
-        ..*h
-    }
+    VnetHeader { flags: h.flags & F_NEEDS_CSUM, num_buffers, ..*h }
 }
 
 #[cfg(test)]
@@ -173,27 +149,13 @@ mod tests {
 
     #[test]
     fn parse_write_round_trip() {
-        let h = VnetHeader {
-            flags: 1,
-            gso_type: 1,
-            hdr_len: 54,
-            gso_size: 1448,
-            csum_start: 34,
-            csum_offset: 16,
-            num_buffers: 3,
-        };
+        let h = VnetHeader { flags: 1, gso_type: 1, hdr_len: 54, gso_size: 1448, csum_start: 34, csum_offset: 16, num_buffers: 3 };
         let mut b = [0u8; 12];
         h.write(&mut b);
         assert_eq!(VnetHeader::parse(&b), h);
         let mut legacy = [0u8; 10];
         h.write(&mut legacy);
-        assert_eq!(
-            VnetHeader::parse(&legacy),
-            VnetHeader {
-                num_buffers: 0,
-                ..h
-            }
-        );
+        assert_eq!(VnetHeader::parse(&legacy), VnetHeader { num_buffers: 0, ..h });
     }
 
     #[test]
@@ -210,114 +172,39 @@ mod tests {
         assert_eq!(ok.validate_tx(65000, 1500), Ok(()));
         assert_eq!(VnetHeader::default().validate_tx(60, 1500), Ok(()));
         assert_eq!(VnetHeader::default().validate_tx(1518, 1500), Ok(()));
-        assert_eq!(
-            VnetHeader::default().validate_tx(1519, 1500),
-            Err(DropReason::Oversize)
-        );
+        assert_eq!(VnetHeader::default().validate_tx(1519, 1500), Err(DropReason::Oversize));
         assert_eq!(VnetHeader::default().validate_tx(9018, 9000), Ok(()));
-        assert_eq!(
-            VnetHeader {
-                gso_size: 1501,
-                ..ok
-            }
-            .validate_tx(65000, 1500),
-            Err(DropReason::BadHeader)
-        );
-        assert_eq!(
-            VnetHeader {
-                gso_size: 8960,
-                ..ok
-            }
-            .validate_tx(65000, 9000),
-            Ok(())
-        );
+        assert_eq!(VnetHeader { gso_size: 1501, ..ok }.validate_tx(65000, 1500), Err(DropReason::BadHeader));
+        assert_eq!(VnetHeader { gso_size: 8960, ..ok }.validate_tx(65000, 9000), Ok(()));
         let bad = [
             VnetHeader { flags: 0x80, ..ok },
-            VnetHeader {
-                gso_type: 0x42,
-                ..ok
-            },
-            VnetHeader {
-                gso_type: GSO_UDP,
-                ..ok
-            },
-            VnetHeader {
-                gso_type: GSO_TCPV4 | GSO_ECN,
-                ..ok
-            },
+            VnetHeader { gso_type: 0x42, ..ok },
+            VnetHeader { gso_type: GSO_UDP, ..ok },
+            VnetHeader { gso_type: GSO_TCPV4 | GSO_ECN, ..ok },
             VnetHeader { gso_size: 0, ..ok },
             VnetHeader { flags: 0, ..ok },
-            VnetHeader {
-                csum_start: 64990,
-                ..ok
-            },
-            VnetHeader {
-                csum_offset: 0xffff,
-                ..ok
-            },
-            VnetHeader {
-                csum_start: 2,
-                ..ok
-            },
+            VnetHeader { csum_start: 64990, ..ok },
+            VnetHeader { csum_offset: 0xffff, ..ok },
+            VnetHeader { csum_start: 2, ..ok },
         ];
         for b in bad {
-            assert_eq!(
-                b.validate_tx(65000, 1500),
-                Err(DropReason::BadHeader),
-                "{b:?}"
-            );
+            assert_eq!(b.validate_tx(65000, 1500), Err(DropReason::BadHeader), "{b:?}");
         }
     }
 
     #[test]
     fn delivery_follows_receiver_features() {
-        let tso = VnetHeader {
-            flags: F_NEEDS_CSUM,
-            gso_type: GSO_TCPV4,
-            gso_size: 1448,
-            csum_start: 34,
-            csum_offset: 16,
-            ..Default::default()
-        };
-        let partial = VnetHeader {
-            gso_type: GSO_NONE,
-            ..tso
-        };
+        let tso =
+            VnetHeader { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV4, gso_size: 1448, csum_start: 34, csum_offset: 16, ..Default::default() };
+        let partial = VnetHeader { gso_type: GSO_NONE, ..tso };
         let full = VnetHeader::default();
         assert_eq!(delivery(&tso, &RxCaps::FULL), Delivery::PassThrough);
         assert_eq!(delivery(&tso, &RxCaps::NONE), Delivery::Segment);
-        assert_eq!(
-            delivery(
-                &tso,
-                &RxCaps {
-                    tso4: false,
-                    ..RxCaps::FULL
-                }
-            ),
-            Delivery::Segment
-        );
-        assert_eq!(
-            delivery(
-                &VnetHeader {
-                    gso_type: GSO_TCPV6,
-                    ..tso
-                },
-                &RxCaps {
-                    tso6: false,
-                    ..RxCaps::FULL
-                }
-            ),
-            Delivery::Segment
-        );
+        assert_eq!(delivery(&tso, &RxCaps { tso4: false, ..RxCaps::FULL }), Delivery::Segment);
+        assert_eq!(delivery(&VnetHeader { gso_type: GSO_TCPV6, ..tso }, &RxCaps { tso6: false, ..RxCaps::FULL }), Delivery::Segment);
         assert_eq!(delivery(&partial, &RxCaps::FULL), Delivery::PassThrough);
-        assert_eq!(
-            delivery(&partial, &RxCaps::NONE),
-            Delivery::CompleteChecksum
-        );
+        assert_eq!(delivery(&partial, &RxCaps::NONE), Delivery::CompleteChecksum);
         assert_eq!(delivery(&full, &RxCaps::NONE), Delivery::PassThrough);
-        assert_eq!(
-            rx_header(&VnetHeader { flags: 3, ..tso }, 2).flags,
-            F_NEEDS_CSUM
-        );
+        assert_eq!(rx_header(&VnetHeader { flags: 3, ..tso }, 2).flags, F_NEEDS_CSUM);
     }
 }

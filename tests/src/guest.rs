@@ -10,10 +10,7 @@ use std::time::{Duration, Instant};
 
 /// The repository root (this crate lives in `tests/`).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repo root")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
 }
 
 /// Kernel and base initramfs of the test guest.
@@ -28,19 +25,14 @@ pub fn guest_image() -> &'static GuestImage {
     static IMG: OnceLock<GuestImage> = OnceLock::new();
     IMG.get_or_init(|| {
         let root = repo_root();
-        let dir = std::env::var_os("VUNET_GUEST_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("guest"));
+        let dir = std::env::var_os("VUNET_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("guest"));
         let st = Command::new("bash")
             .arg(root.join("scripts/build-guest.sh"))
             .env("VUNET_GUEST_DIR", &dir)
             .status()
             .expect("run scripts/build-guest.sh");
         assert!(st.success(), "scripts/build-guest.sh failed");
-        GuestImage {
-            kernel: dir.join("vmlinuz"),
-            initrd: dir.join("initramfs.gz"),
-        }
+        GuestImage { kernel: dir.join("vmlinuz"), initrd: dir.join("initramfs.gz") }
     })
 }
 
@@ -58,11 +50,7 @@ pub fn vunet_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
     let bin = dir.join("vunet");
-    assert!(
-        bin.exists(),
-        "{} not built: run `cargo build -p vunet` first (the README's test command does)",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} not built: run `cargo build -p vunet` first (the README's test command does)", bin.display());
     bin
 }
 
@@ -114,22 +102,13 @@ pub struct VunetProcess {
 impl VunetProcess {
     /// Starts `vunet run` with the given arguments and waits for its summary on stdout.
     pub fn start(args: &[&str], log: &Path) -> VunetProcess {
-        let mut child = Command::new(vunet_binary())
-            .arg("run")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn vunet");
+        let mut child =
+            Command::new(vunet_binary()).arg("run").args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn vunet");
         let console = Console::default();
         console.attach(child.stdout.take().expect("stdout"), None);
-        console.attach(
-            child.stderr.take().expect("stderr"),
-            Some(log.to_path_buf()),
-        );
+        console.attach(child.stderr.take().expect("stderr"), Some(log.to_path_buf()));
         assert!(
-            console.wait_for("QEMU", Duration::from_secs(10))
-                || console.wait_for("qemu", Duration::from_secs(1)),
+            console.wait_for("QEMU", Duration::from_secs(10)) || console.wait_for("qemu", Duration::from_secs(1)),
             "vunet did not start:\n{}",
             console.text()
         );
@@ -175,14 +154,7 @@ pub struct Guest {
 impl Guest {
     /// Boots a guest whose /test.sh is `script`. `device_extra` is appended to the
     /// virtio-net-pci options (e.g. ",guest_tso4=off,guest_csum=off").
-    pub fn boot(
-        name: &str,
-        workdir: &Path,
-        socket: &Socket,
-        mac: &str,
-        device_extra: &str,
-        script: &str,
-    ) -> Guest {
+    pub fn boot(name: &str, workdir: &Path, socket: &Socket, mac: &str, device_extra: &str, script: &str) -> Guest {
         let img = guest_image();
         let dir = workdir.join(name);
         let _ = std::fs::remove_dir_all(&dir);
@@ -194,11 +166,7 @@ impl Guest {
             .current_dir(&dir)
             .output()
             .expect("cpio");
-        assert!(
-            add.status.success(),
-            "cpio failed: {}",
-            String::from_utf8_lossy(&add.stderr)
-        );
+        assert!(add.status.success(), "cpio failed: {}", String::from_utf8_lossy(&add.stderr));
         let mut initrd = std::fs::read(&img.initrd).expect("initramfs");
         initrd.extend_from_slice(&add.stdout);
         let initrd_path = dir.join("initrd.gz");
@@ -230,10 +198,7 @@ impl Guest {
             .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
             .args(["-chardev", &chardev])
             .args(["-netdev", "vhost-user,id=n0,chardev=c0"])
-            .args([
-                "-device",
-                &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=,vectors=0{device_extra}"),
-            ])
+            .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=,vectors=0{device_extra}")])
             .args(["-append", "console=ttyS0 quiet panic=-1"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -241,19 +206,9 @@ impl Guest {
             .spawn()
             .expect("qemu-system-x86_64 (scripts/install-deps.sh installs it)");
         let console = Console::default();
-        console.attach(
-            child.stdout.take().expect("stdout"),
-            Some(dir.join("console.log")),
-        );
-        console.attach(
-            child.stderr.take().expect("stderr"),
-            Some(dir.join("qemu.log")),
-        );
-        Guest {
-            name: name.to_string(),
-            child,
-            console,
-        }
+        console.attach(child.stdout.take().expect("stdout"), Some(dir.join("console.log")));
+        console.attach(child.stderr.take().expect("stderr"), Some(dir.join("qemu.log")));
+        Guest { name: name.to_string(), child, console }
     }
 
     /// Waits for the test script to finish; returns its exit status.

@@ -16,9 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
-};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -97,21 +95,12 @@ pub struct SimOptions {
 impl SimOptions {
     /// A modern Linux guest: every offload, mergeable receive buffers of 2 KiB.
     pub fn full() -> Self {
-        SimOptions {
-            accept_features: feat::DRIVER & !feat::EVENT_IDX,
-            rx_buf_size: 2048,
-            handshake: Handshake::Qemu,
-        }
+        SimOptions { accept_features: feat::DRIVER & !feat::EVENT_IDX, rx_buf_size: 2048, handshake: Handshake::Qemu }
     }
     /// A guest without receive offloads (`guest_tso4=off,guest_csum=off`, no MRG_RXBUF).
     pub fn no_offloads() -> Self {
         SimOptions {
-            accept_features: feat::DRIVER
-                & !(feat::GUEST_CSUM
-                    | feat::GUEST_TSO4
-                    | feat::GUEST_TSO6
-                    | feat::MRG_RXBUF
-                    | feat::EVENT_IDX),
+            accept_features: feat::DRIVER & !(feat::GUEST_CSUM | feat::GUEST_TSO4 | feat::GUEST_TSO6 | feat::MRG_RXBUF | feat::EVENT_IDX),
             rx_buf_size: 2048,
             handshake: Handshake::Qemu,
         }
@@ -133,13 +122,7 @@ impl DriverQueue {
         let desc = base;
         let avail = desc + 16 * q;
         let used = (avail + 6 + 2 * q + 4095) & !4095;
-        DriverQueue {
-            desc,
-            avail,
-            used,
-            avail_idx: 0,
-            used_seen: 0,
-        }
+        DriverQueue { desc, avail, used, avail_idx: 0, used_seen: 0 }
     }
 }
 
@@ -169,12 +152,8 @@ fn memfd_memory() -> std::io::Result<GuestMemoryMmap> {
     // SAFETY: fd was just created and is owned by nothing else.
     let f = unsafe { File::from_raw_fd(fd) };
     f.set_len(MEM_SIZE as u64)?;
-    GuestMemoryMmap::from_ranges_with_files(&[(
-        GuestAddress(0),
-        MEM_SIZE,
-        Some(FileOffset::new(f, 0)),
-    )])
-    .map_err(|e| std::io::Error::other(format!("{e:?}")))
+    GuestMemoryMmap::from_ranges_with_files(&[(GuestAddress(0), MEM_SIZE, Some(FileOffset::new(f, 0)))])
+        .map_err(|e| std::io::Error::other(format!("{e:?}")))
 }
 
 fn err(e: impl std::fmt::Debug) -> std::io::Error {
@@ -217,18 +196,13 @@ impl VmSim {
             tx_next: 0,
             rx_posted: 0,
         };
-        let region = VhostUserMemoryRegionInfo::from_guest_region(
-            sim.mem
-                .find_region(GuestAddress(0))
-                .ok_or_else(|| err("no region"))?,
-        )
-        .map_err(err)?;
+        let region = VhostUserMemoryRegionInfo::from_guest_region(sim.mem.find_region(GuestAddress(0)).ok_or_else(|| err("no region"))?)
+            .map_err(err)?;
         match opts.handshake {
             Handshake::Qemu => {
                 if offered & PROTOCOL_FEATURES != 0 {
                     let p = sim.fe.get_protocol_features().map_err(err)?;
-                    let want =
-                        p & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK);
+                    let want = p & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK);
                     sim.fe.set_protocol_features(want).map_err(err)?;
                     sim.protocol_features = want;
                     sim.queue_num = Some(sim.fe.get_queue_num().map_err(err)?);
@@ -256,10 +230,7 @@ impl VmSim {
                 sim.protocol_features = want;
                 sim.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
                 sim.queue_num = Some(sim.fe.get_queue_num().map_err(err)?);
-                let (_, cfg) = sim
-                    .fe
-                    .get_config(0, 12, VhostUserConfigFlags::WRITABLE, &[0u8; 12])
-                    .map_err(err)?;
+                let (_, cfg) = sim.fe.get_config(0, 12, VhostUserConfigFlags::WRITABLE, &[0u8; 12]).map_err(err)?;
                 sim.config = Some(cfg.to_vec());
                 sim.fe.set_features(features).map_err(err)?;
                 sim.fe.add_mem_region(&region).map_err(err)?;
@@ -284,12 +255,7 @@ impl VmSim {
 
     fn setup_queue_rest(&mut self, i: usize) -> std::io::Result<()> {
         let q = if i == 0 { &self.rx } else { &self.tx };
-        let va = |gpa: u64| {
-            self.mem
-                .get_host_address(GuestAddress(gpa))
-                .map(|p| p as u64)
-                .map_err(err)
-        };
+        let va = |gpa: u64| self.mem.get_host_address(GuestAddress(gpa)).map(|p| p as u64).map_err(err);
         let cfg = VringConfigData {
             queue_max_size: QUEUE_SIZE,
             queue_size: QUEUE_SIZE,
@@ -331,12 +297,10 @@ impl VmSim {
 
     fn push_avail(mem: &GuestMemoryMmap, q: &mut DriverQueue, head: u16) {
         let slot = q.avail_idx % QUEUE_SIZE;
-        mem.write_obj(head, GuestAddress(q.avail + 4 + 2 * slot as u64))
-            .expect("avail ring");
+        mem.write_obj(head, GuestAddress(q.avail + 4 + 2 * slot as u64)).expect("avail ring");
         fence(Ordering::Release);
         q.avail_idx = q.avail_idx.wrapping_add(1);
-        mem.write_obj(q.avail_idx, GuestAddress(q.avail + 2))
-            .expect("avail idx");
+        mem.write_obj(q.avail_idx, GuestAddress(q.avail + 2)).expect("avail idx");
         fence(Ordering::SeqCst);
     }
 
@@ -345,10 +309,7 @@ impl VmSim {
     fn kick_wanted(&self, q: &DriverQueue, old: u16, new: u16) -> bool {
         fence(Ordering::SeqCst);
         if self.has(feat::EVENT_IDX) {
-            let ev: u16 = self
-                .mem
-                .read_obj(GuestAddress(q.used + 4 + 8 * QUEUE_SIZE as u64))
-                .unwrap_or(0);
+            let ev: u16 = self.mem.read_obj(GuestAddress(q.used + 4 + 8 * QUEUE_SIZE as u64)).unwrap_or(0);
             new.wrapping_sub(ev).wrapping_sub(1) < new.wrapping_sub(old)
         } else {
             let flags: u16 = self.mem.read_obj(GuestAddress(q.used)).unwrap_or(0);
@@ -357,20 +318,14 @@ impl VmSim {
     }
 
     fn used_idx(&self, q: &DriverQueue) -> u16 {
-        let v: u16 = self
-            .mem
-            .read_obj(GuestAddress(q.used + 2))
-            .expect("used idx");
+        let v: u16 = self.mem.read_obj(GuestAddress(q.used + 2)).expect("used idx");
         fence(Ordering::Acquire);
         v
     }
 
     fn used_elem(&self, q: &DriverQueue, i: u16) -> (u32, u32) {
         let at = q.used + 4 + 8 * (i % QUEUE_SIZE) as u64;
-        (
-            self.mem.read_obj(GuestAddress(at)).expect("used id"),
-            self.mem.read_obj(GuestAddress(at + 4)).expect("used len"),
-        )
+        (self.mem.read_obj(GuestAddress(at)).expect("used id"), self.mem.read_obj(GuestAddress(at + 4)).expect("used len"))
     }
 
     /// Posts receive buffers until `n` are outstanding (descriptor i ↔ buffer i).
@@ -383,14 +338,7 @@ impl VmSim {
         while self.rx_posted < n {
             let i = self.rx.avail_idx % QUEUE_SIZE;
             let addr = RX_BUFS + i as u64 * self.opts.rx_buf_size as u64;
-            self.write_desc(
-                self.rx.desc,
-                i,
-                addr,
-                self.opts.rx_buf_size,
-                VIRTQ_DESC_F_WRITE,
-                0,
-            );
+            self.write_desc(self.rx.desc, i, addr, self.opts.rx_buf_size, VIRTQ_DESC_F_WRITE, 0);
             Self::push_avail(&self.mem, &mut self.rx, i);
             self.rx_posted += 1;
         }
@@ -409,23 +357,12 @@ impl VmSim {
         let hl = self.hdr_len();
         let mut h = [0u8; 12];
         hdr.write(&mut h[..hl]);
-        self.mem
-            .write_slice(&h[..hl], GuestAddress(base))
-            .expect("hdr");
-        self.mem
-            .write_slice(frame, GuestAddress(base + hl as u64))
-            .expect("frame");
+        self.mem.write_slice(&h[..hl], GuestAddress(base)).expect("hdr");
+        self.mem.write_slice(frame, GuestAddress(base + hl as u64)).expect("frame");
         let d0 = slot * 2;
         if split {
             self.write_desc(self.tx.desc, d0, base, hl as u32, VIRTQ_DESC_F_NEXT, d0 + 1);
-            self.write_desc(
-                self.tx.desc,
-                d0 + 1,
-                base + hl as u64,
-                frame.len() as u32,
-                0,
-                0,
-            );
+            self.write_desc(self.tx.desc, d0 + 1, base + hl as u64, frame.len() as u32, 0, 0);
         } else {
             self.write_desc(self.tx.desc, d0, base, (hl + frame.len()) as u32, 0, 0);
         }
@@ -454,9 +391,7 @@ impl VmSim {
 
     /// Writes bytes at a guest-physical address.
     pub fn write_mem(&self, gpa: u64, data: &[u8]) {
-        self.mem
-            .write_slice(data, GuestAddress(gpa))
-            .expect("write_mem");
+        self.mem.write_slice(data, GuestAddress(gpa)).expect("write_mem");
     }
 
     /// Number of TX chains vunet has completed.
@@ -481,10 +416,7 @@ impl VmSim {
         // At most QUEUE_SIZE/2 TX chains in flight (two descriptors each).
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.tx.avail_idx.wrapping_sub(self.used_idx(&self.tx)) >= QUEUE_SIZE / 2 {
-            assert!(
-                Instant::now() < deadline,
-                "vunet stopped completing TX chains"
-            );
+            assert!(Instant::now() < deadline, "vunet stopped completing TX chains");
             std::thread::yield_now();
         }
     }
@@ -508,17 +440,11 @@ impl VmSim {
         self.rx.used_seen = self.rx.used_seen.wrapping_add(1);
         let buf = |id: u32| RX_BUFS + id as u64 * self.opts.rx_buf_size as u64;
         let mut first = vec![0u8; len as usize];
-        self.mem
-            .read_slice(&mut first, GuestAddress(buf(id)))
-            .expect("rx read");
+        self.mem.read_slice(&mut first, GuestAddress(buf(id))).expect("rx read");
         let hdr = VnetHeader::parse(&first[..hl.min(first.len())]);
         data.extend_from_slice(&first[hl.min(first.len())..]);
         let mut consumed = 1u16;
-        let nb = if self.has(feat::MRG_RXBUF) {
-            hdr.num_buffers.max(1)
-        } else {
-            1
-        };
+        let nb = if self.has(feat::MRG_RXBUF) { hdr.num_buffers.max(1) } else { 1 };
         while consumed < nb {
             while self.used_idx(&self.rx) == self.rx.used_seen {
                 if Instant::now() > deadline {
@@ -529,9 +455,7 @@ impl VmSim {
             let (id, len) = self.used_elem(&self.rx, self.rx.used_seen);
             self.rx.used_seen = self.rx.used_seen.wrapping_add(1);
             let mut more = vec![0u8; len as usize];
-            self.mem
-                .read_slice(&mut more, GuestAddress(buf(id)))
-                .expect("rx read");
+            self.mem.read_slice(&mut more, GuestAddress(buf(id))).expect("rx read");
             data.extend_from_slice(&more);
             consumed += 1;
         }
@@ -557,20 +481,9 @@ impl VmSim {
         hdr.write(&mut h[..hl]);
         for slot in 0..QUEUE_SIZE / 2 {
             let base = TX_BUFS + slot as u64 * TX_SLOT;
-            self.mem
-                .write_slice(&h[..hl], GuestAddress(base))
-                .expect("hdr");
-            self.mem
-                .write_slice(frame, GuestAddress(base + hl as u64))
-                .expect("frame");
-            self.write_desc(
-                self.tx.desc,
-                slot * 2,
-                base,
-                (hl + frame.len()) as u32,
-                0,
-                0,
-            );
+            self.mem.write_slice(&h[..hl], GuestAddress(base)).expect("hdr");
+            self.mem.write_slice(frame, GuestAddress(base + hl as u64)).expect("frame");
+            self.write_desc(self.tx.desc, slot * 2, base, (hl + frame.len()) as u32, 0, 0);
         }
     }
 
@@ -586,17 +499,13 @@ impl VmSim {
             let slot_head = slot * 2;
             let q = &mut self.tx;
             let ring_slot = q.avail_idx % QUEUE_SIZE;
-            self.mem
-                .write_obj(slot_head, GuestAddress(q.avail + 4 + 2 * ring_slot as u64))
-                .expect("avail ring");
+            self.mem.write_obj(slot_head, GuestAddress(q.avail + 4 + 2 * ring_slot as u64)).expect("avail ring");
             q.avail_idx = q.avail_idx.wrapping_add(1);
             n += 1;
         }
         if n > 0 {
             fence(Ordering::Release);
-            self.mem
-                .write_obj(self.tx.avail_idx, GuestAddress(self.tx.avail + 2))
-                .expect("avail idx");
+            self.mem.write_obj(self.tx.avail_idx, GuestAddress(self.tx.avail + 2)).expect("avail idx");
             if self.kick_wanted(&self.tx, old, self.tx.avail_idx) {
                 let _ = self.kicks[1].write(1);
             }
@@ -617,12 +526,7 @@ impl VmSim {
             let mut i = 0u16;
             while i < n {
                 let (id, _) = self.used_elem(&self.rx, self.rx.used_seen.wrapping_add(i));
-                let nb: u16 = self
-                    .mem
-                    .read_obj(GuestAddress(
-                        RX_BUFS + id as u64 * self.opts.rx_buf_size as u64 + 10,
-                    ))
-                    .unwrap_or(1);
+                let nb: u16 = self.mem.read_obj(GuestAddress(RX_BUFS + id as u64 * self.opts.rx_buf_size as u64 + 10)).unwrap_or(1);
                 if i + nb.max(1) > n {
                     break;
                 }
@@ -646,13 +550,7 @@ impl VmSim {
 }
 
 /// Builds an Ethernet frame.
-pub fn eth_frame(
-    dst: [u8; 6],
-    src: [u8; 6],
-    ethertype: u16,
-    payload_len: usize,
-    fill: u8,
-) -> Vec<u8> {
+pub fn eth_frame(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload_len: usize, fill: u8) -> Vec<u8> {
     let mut f = Vec::with_capacity(14 + payload_len);
     f.extend_from_slice(&dst);
     f.extend_from_slice(&src);
@@ -668,11 +566,7 @@ impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         use std::sync::atomic::AtomicU32;
         static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "vunet-test-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
+        let p = std::env::temp_dir().join(format!("vunet-test-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("temp dir");
         TempDir(p)
@@ -688,27 +582,24 @@ impl Drop for TempDir {
     }
 }
 
-/// Starts an in-process vunet with one isolated network of `ports` server-mode ports named
-/// `p0`, `p1`, … in `dir`. Returns the daemon and the socket paths.
+/// Starts an in-process vunet with one isolated network (gateway 10.0.0.1/24) of `ports`
+/// server-mode ports named `p0`, `p1`, … in `dir`, with port security off so tests can send
+/// arbitrary frames. Returns the daemon and the socket paths.
 pub fn start_network(dir: &Path, ports: usize) -> (vunet::Daemon, Vec<PathBuf>) {
-    start_network_with(dir, ports, "", "")
+    build_network(dir, ports, "", "", "port_security = false\n")
 }
 
 /// Like [`start_network`], with extra top-level TOML (e.g. `state_dir`) and extra network
-/// TOML appended after the ports (e.g. a `[network.dhcp]` table).
-pub fn start_network_with(
-    dir: &Path,
-    ports: usize,
-    top: &str,
-    network_extra: &str,
-) -> (vunet::Daemon, Vec<PathBuf>) {
-    let mut toml = format!(
-        "{top}\n[[network]]\nname = \"test\"\nmode = \"isolated\"\ngateway = \"10.0.0.1/24\"\n"
-    );
+/// TOML appended after the ports (e.g. a `[network.dhcp]` table). Port security is on (the
+/// default where a network has a gateway).
+pub fn start_network_with(dir: &Path, ports: usize, top: &str, network_extra: &str) -> (vunet::Daemon, Vec<PathBuf>) {
+    build_network(dir, ports, top, network_extra, "")
+}
+
+fn build_network(dir: &Path, ports: usize, top: &str, network_extra: &str, port_extra: &str) -> (vunet::Daemon, Vec<PathBuf>) {
+    let mut toml = format!("{top}\n[[network]]\nname = \"test\"\nmode = \"isolated\"\ngateway = \"10.0.0.1/24\"\n");
     for i in 0..ports {
-        toml.push_str(&format!(
-            "[[network.port]]\nname = \"p{i}\"\nsocket = \"p{i}.sock\"\n"
-        ));
+        toml.push_str(&format!("[[network.port]]\nname = \"p{i}\"\nsocket = \"p{i}.sock\"\n{port_extra}"));
     }
     toml.push_str(network_extra);
     let cfg = vunet::Config::parse(&toml, "test.toml", dir).expect("config");

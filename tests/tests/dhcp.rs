@@ -4,9 +4,7 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use vunet_dhcp::message::{
-    build_client_message, reply_options, reply_type, reply_yiaddr, CLIENT_PORT, SERVER_PORT,
-};
+use vunet_dhcp::message::{build_client_message, reply_options, reply_type, reply_yiaddr, CLIENT_PORT, SERVER_PORT};
 use vunet_dhcp::MessageType;
 use vunet_switch::gateway::{build_udp, udp_payload};
 use vunet_tests::*;
@@ -16,34 +14,16 @@ const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const DHCP: &str = "[network.dhcp]\nrange = [\"10.0.0.100\", \"10.0.0.150\"]\nhosts = [{ mac = \"52:54:00:00:00:10\", ip = \"10.0.0.10\", name = \"web\" }]\n";
 
 /// Sends a DHCP message from `vm` (MAC `mac`) and returns the reply's DHCP payload.
-fn exchange(
-    vm: &mut VmSim,
-    mac: [u8; 6],
-    t: MessageType,
-    requested: Option<Ipv4Addr>,
-    server: Option<Ipv4Addr>,
-) -> Option<Vec<u8>> {
+fn exchange(vm: &mut VmSim, mac: [u8; 6], t: MessageType, requested: Option<Ipv4Addr>, server: Option<Ipv4Addr>) -> Option<Vec<u8>> {
     let msg = build_client_message(t, mac, 0x1234, requested, server, Some("guest"));
     let mut frame = Vec::new();
-    build_udp(
-        &mut frame,
-        mac,
-        [0xff; 6],
-        Ipv4Addr::UNSPECIFIED,
-        Ipv4Addr::BROADCAST,
-        CLIENT_PORT,
-        SERVER_PORT,
-        &msg,
-    );
+    build_udp(&mut frame, mac, [0xff; 6], Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST, CLIENT_PORT, SERVER_PORT, &msg);
     vm.send(&frame);
     loop {
         let (_, f) = vm.recv(T)?;
         if let Some((src, payload)) = udp_payload(&f, CLIENT_PORT) {
             assert_eq!(src, GW);
-            assert!(
-                f[0..6] == mac || f[0..6] == [0xff; 6],
-                "to the client's MAC, or broadcast (NAK)"
-            );
+            assert!(f[0..6] == mac || f[0..6] == [0xff; 6], "to the client's MAC, or broadcast (NAK)");
             return Some(payload.to_vec());
         }
     }
@@ -63,10 +43,7 @@ fn lease(vm: &mut VmSim, mac: [u8; 6]) -> Ipv4Addr {
 fn guests_get_addresses_from_the_range_and_static_hosts_their_own() {
     let dir = TempDir::new("dhcp");
     let (_d, socks) = start_network_with(dir.path(), 3, "", DHCP);
-    let mut vms: Vec<VmSim> = socks
-        .iter()
-        .map(|s| VmSim::connect(s, SimOptions::full()).unwrap())
-        .collect();
+    let mut vms: Vec<VmSim> = socks.iter().map(|s| VmSim::connect(s, SimOptions::full()).unwrap()).collect();
     for vm in vms.iter_mut() {
         vm.post_rx(QUEUE_SIZE);
     }
@@ -75,30 +52,17 @@ fn guests_get_addresses_from_the_range_and_static_hosts_their_own() {
     let b = lease(&mut vms[1], [0x52, 0x54, 0, 0, 0, 2]);
     assert_ne!(a, b);
     for ip in [a, b] {
-        assert!(
-            (Ipv4Addr::new(10, 0, 0, 100)..=Ipv4Addr::new(10, 0, 0, 150)).contains(&ip),
-            "{ip} in the range"
-        );
+        assert!((Ipv4Addr::new(10, 0, 0, 100)..=Ipv4Addr::new(10, 0, 0, 150)).contains(&ip), "{ip} in the range");
     }
     let web = [0x52, 0x54, 0, 0, 0, 0x10];
     assert_eq!(lease(&mut vms[2], web), Ipv4Addr::new(10, 0, 0, 10));
     let offer = exchange(&mut vms[2], web, MessageType::Discover, None, None).unwrap();
     let opts = reply_options(&offer);
-    assert!(
-        opts.contains(&(12, b"web".to_vec())),
-        "static name: {opts:?}"
-    );
+    assert!(opts.contains(&(12, b"web".to_vec())), "static name: {opts:?}");
     assert!(opts.contains(&(1, vec![255, 255, 255, 0])));
     assert!(!opts.iter().any(|(c, _)| *c == 3), "isolated: no router");
     // A request for an address that is not the client's is refused.
-    let nak = exchange(
-        &mut vms[0],
-        [0x52, 0x54, 0, 0, 0, 1],
-        MessageType::Request,
-        Some(Ipv4Addr::new(10, 0, 0, 10)),
-        None,
-    )
-    .unwrap();
+    let nak = exchange(&mut vms[0], [0x52, 0x54, 0, 0, 0, 1], MessageType::Request, Some(Ipv4Addr::new(10, 0, 0, 10)), None).unwrap();
     assert_eq!(reply_type(&nak), Some(MessageType::Nak));
 }
 
@@ -111,13 +75,13 @@ fn leases_survive_a_restart_and_a_corrupt_file_does_not_stop_one() {
     let first = {
         let sub = dir.path().join("one");
         std::fs::create_dir_all(&sub).unwrap();
-        let (_d, socks) = start_network_with(&sub, 1, &top, DHCP);
-        let mut vm = VmSim::connect(&socks[0], SimOptions::full()).unwrap();
-        vm.post_rx(QUEUE_SIZE);
+        let (_d, socks) = start_network_with(&sub, 2, &top, DHCP);
+        let mut vms: Vec<VmSim> = socks.iter().map(|s| VmSim::connect(s, SimOptions::full()).unwrap()).collect();
+        vms.iter_mut().for_each(|vm| vm.post_rx(QUEUE_SIZE));
         std::thread::sleep(Duration::from_millis(100));
-        // Take two leases so the second MAC does not simply get the first free address.
-        lease(&mut vm, [0x52, 0x54, 0, 0, 0, 0x32]);
-        lease(&mut vm, mac)
+        // Two leases, so the second MAC does not simply get the first free address.
+        lease(&mut vms[0], [0x52, 0x54, 0, 0, 0, 0x32]);
+        lease(&mut vms[1], mac)
     };
     let file = std::fs::read_to_string(state.join("test.leases")).expect("lease file written");
     assert!(file.contains(&first.to_string()), "{file}");
@@ -126,13 +90,13 @@ fn leases_survive_a_restart_and_a_corrupt_file_does_not_stop_one() {
     // and a different client does not get that address.
     let sub = dir.path().join("two");
     std::fs::create_dir_all(&sub).unwrap();
-    let (_d2, socks) = start_network_with(&sub, 1, &top, DHCP);
-    let mut vm = VmSim::connect(&socks[0], SimOptions::full()).unwrap();
-    vm.post_rx(QUEUE_SIZE);
+    let (_d2, socks) = start_network_with(&sub, 2, &top, DHCP);
+    let mut vms: Vec<VmSim> = socks.iter().map(|s| VmSim::connect(s, SimOptions::full()).unwrap()).collect();
+    vms.iter_mut().for_each(|vm| vm.post_rx(QUEUE_SIZE));
     std::thread::sleep(Duration::from_millis(100));
-    let other = lease(&mut vm, [0x52, 0x54, 0, 0, 0, 0x99]);
+    let other = lease(&mut vms[0], [0x52, 0x54, 0, 0, 0, 0x99]);
     assert_ne!(other, first);
-    assert_eq!(lease(&mut vm, mac), first, "same address after the restart");
+    assert_eq!(lease(&mut vms[1], mac), first, "same address after the restart");
 
     // A truncated lease file is set aside, and vunet still starts and serves.
     let text = std::fs::read_to_string(state.join("test.leases")).unwrap();
@@ -140,10 +104,7 @@ fn leases_survive_a_restart_and_a_corrupt_file_does_not_stop_one() {
     let sub = dir.path().join("three");
     std::fs::create_dir_all(&sub).unwrap();
     let (_d3, socks) = start_network_with(&sub, 1, &top, DHCP);
-    assert!(
-        state.join("test.leases.corrupt").exists(),
-        "corrupt file set aside"
-    );
+    assert!(state.join("test.leases.corrupt").exists(), "corrupt file set aside");
     let mut vm = VmSim::connect(&socks[0], SimOptions::full()).unwrap();
     vm.post_rx(QUEUE_SIZE);
     std::thread::sleep(Duration::from_millis(100));

@@ -9,9 +9,7 @@ use vunet_tests::TempDir;
 const BOOT_AND_RUN: Duration = Duration::from_secs(120);
 
 fn ping_ok(out: &str, count: u32) -> bool {
-    out.contains(&format!(
-        "{count} packets transmitted, {count} packets received"
-    ))
+    out.contains(&format!("{count} packets transmitted, {count} packets received"))
 }
 
 #[test]
@@ -20,10 +18,7 @@ fn two_guests_ping_each_other_and_the_gateway_and_run_iperf3() {
     let dir = TempDir::new("guests-iperf");
     let rt = dir.path().join("rt");
     std::fs::create_dir_all(&rt).unwrap();
-    let _vunet = VunetProcess::start(
-        &["--runtime-dir", rt.to_str().unwrap()],
-        &dir.path().join("vunet.log"),
-    );
+    let _vunet = VunetProcess::start(&["--runtime-dir", rt.to_str().unwrap()], &dir.path().join("vunet.log"));
     // The default network: 192.168.122.0/24 with vunet's gateway at .1.
     let server = Guest::boot(
         "g1",
@@ -41,38 +36,13 @@ fn two_guests_ping_each_other_and_the_gateway_and_run_iperf3() {
         "",
         "ip addr add 192.168.122.12/24 dev eth0\nsleep 2\nping -c 3 -W 5 192.168.122.1 || exit 1\nping -c 3 -W 5 192.168.122.11 || exit 1\niperf3 -c 192.168.122.11 -t 10 -J\n",
     );
-    assert_eq!(
-        client.wait_exit(BOOT_AND_RUN),
-        Some(0),
-        "client guest:\n{}",
-        client.console.text()
-    );
-    assert_eq!(
-        server.wait_exit(Duration::from_secs(30)),
-        Some(0),
-        "server guest:\n{}",
-        server.console.text()
-    );
+    assert_eq!(client.wait_exit(BOOT_AND_RUN), Some(0), "client guest:\n{}", client.console.text());
+    assert_eq!(server.wait_exit(Duration::from_secs(30)), Some(0), "server guest:\n{}", server.console.text());
     let out = client.console.text();
-    assert!(
-        out.contains("PING 192.168.122.1 ") && ping_ok(&out, 3),
-        "client pings the gateway and the server:\n{out}"
-    );
-    assert_eq!(
-        out.matches("3 packets transmitted, 3 packets received")
-            .count(),
-        2,
-        "both pings answered:\n{out}"
-    );
-    assert!(
-        ping_ok(&server.console.text(), 3),
-        "server ping:\n{}",
-        server.console.text()
-    );
-    assert!(
-        !out.contains("\"error\""),
-        "iperf3 reported an error:\n{out}"
-    );
+    assert!(out.contains("PING 192.168.122.1 ") && ping_ok(&out, 3), "client pings the gateway and the server:\n{out}");
+    assert_eq!(out.matches("3 packets transmitted, 3 packets received").count(), 2, "both pings answered:\n{out}");
+    assert!(ping_ok(&server.console.text(), 3), "server ping:\n{}", server.console.text());
+    assert!(!out.contains("\"error\""), "iperf3 reported an error:\n{out}");
     let bps = iperf3_receiver_bps(&out).expect("iperf3 JSON result");
     eprintln!("iperf3 guest->guest through vunet: {:.2} Gbit/s", bps / 1e9);
     assert!(bps > 0.0);
@@ -84,10 +54,7 @@ fn guest_without_receive_offloads_gets_segmented_frames() {
     let dir = TempDir::new("guests-seg");
     let rt = dir.path().join("rt");
     std::fs::create_dir_all(&rt).unwrap();
-    let _vunet = VunetProcess::start(
-        &["--runtime-dir", rt.to_str().unwrap()],
-        &dir.path().join("vunet.log"),
-    );
+    let _vunet = VunetProcess::start(&["--runtime-dir", rt.to_str().unwrap()], &dir.path().join("vunet.log"));
     // The receiver refuses TSO and partial checksums: the sender's 64 KiB segments must be
     // cut and checksummed by vunet, or TCP would not get through at all.
     let receiver = Guest::boot(
@@ -98,26 +65,20 @@ fn guest_without_receive_offloads_gets_segmented_frames() {
         ",guest_tso4=off,guest_tso6=off,guest_csum=off,mrg_rxbuf=off",
         "ip addr add 10.0.0.1/24 dev eth0\niperf3 -s -1 >/dev/null\n",
     );
-    let sender = Guest::boot("tso", dir.path(), &Socket::Connect(rt.join("vm2.sock")), "52:54:00:00:00:02", "", "ip addr add 10.0.0.2/24 dev eth0\nsleep 2\nping -c 2 -W 5 10.0.0.1 || exit 1\niperf3 -c 10.0.0.1 -t 5 -J\n");
-    assert_eq!(
-        sender.wait_exit(BOOT_AND_RUN),
-        Some(0),
-        "sender:\n{}",
-        sender.console.text()
+    let sender = Guest::boot(
+        "tso",
+        dir.path(),
+        &Socket::Connect(rt.join("vm2.sock")),
+        "52:54:00:00:00:02",
+        "",
+        "ip addr add 10.0.0.2/24 dev eth0\nsleep 2\nping -c 2 -W 5 10.0.0.1 || exit 1\niperf3 -c 10.0.0.1 -t 5 -J\n",
     );
+    assert_eq!(sender.wait_exit(BOOT_AND_RUN), Some(0), "sender:\n{}", sender.console.text());
     let out = sender.console.text();
     let bps = iperf3_receiver_bps(&out).expect("iperf3 JSON result");
-    eprintln!(
-        "iperf3 to a guest without receive offloads: {:.2} Gbit/s",
-        bps / 1e9
-    );
+    eprintln!("iperf3 to a guest without receive offloads: {:.2} Gbit/s", bps / 1e9);
     assert!(bps > 0.0);
-    assert_eq!(
-        receiver.wait_exit(Duration::from_secs(30)),
-        Some(0),
-        "receiver:\n{}",
-        receiver.console.text()
-    );
+    assert_eq!(receiver.wait_exit(Duration::from_secs(30)), Some(0), "receiver:\n{}", receiver.console.text());
 }
 
 #[test]
@@ -126,11 +87,15 @@ fn killed_guest_frees_its_port_and_a_new_one_takes_it_while_others_keep_working(
     let dir = TempDir::new("guests-restart");
     let rt = dir.path().join("rt");
     std::fs::create_dir_all(&rt).unwrap();
-    let vunet = VunetProcess::start(
-        &["--runtime-dir", rt.to_str().unwrap()],
-        &dir.path().join("vunet.log"),
+    let vunet = VunetProcess::start(&["--runtime-dir", rt.to_str().unwrap()], &dir.path().join("vunet.log"));
+    let server = Guest::boot(
+        "server",
+        dir.path(),
+        &Socket::Connect(rt.join("vm1.sock")),
+        "52:54:00:00:00:01",
+        "",
+        "ip addr add 10.0.0.1/24 dev eth0\niperf3 -s >/dev/null &\niperf3 -s -p 5202 >/dev/null &\nsleep 300\n",
     );
-    let server = Guest::boot("server", dir.path(), &Socket::Connect(rt.join("vm1.sock")), "52:54:00:00:00:01", "", "ip addr add 10.0.0.1/24 dev eth0\niperf3 -s >/dev/null &\niperf3 -s -p 5202 >/dev/null &\nsleep 300\n");
     // A bystander on port 3 pings the server the whole time.
     let bystander = Guest::boot(
         "bystander",
@@ -140,42 +105,32 @@ fn killed_guest_frees_its_port_and_a_new_one_takes_it_while_others_keep_working(
         "",
         "ip addr add 10.0.0.3/24 dev eth0\nsleep 3\nping -c 40 -i 0.5 -W 3 10.0.0.1\n",
     );
-    let mut victim = Guest::boot("victim", dir.path(), &Socket::Connect(rt.join("vm2.sock")), "52:54:00:00:00:02", "", "ip addr add 10.0.0.2/24 dev eth0\nsleep 2\necho STARTING-IPERF\niperf3 -c 10.0.0.1 -t 60\n");
-    assert!(
-        victim.console.wait_for("STARTING-IPERF", BOOT_AND_RUN),
-        "victim:\n{}",
-        victim.console.text()
+    let mut victim = Guest::boot(
+        "victim",
+        dir.path(),
+        &Socket::Connect(rt.join("vm2.sock")),
+        "52:54:00:00:00:02",
+        "",
+        "ip addr add 10.0.0.2/24 dev eth0\nsleep 2\necho STARTING-IPERF\niperf3 -c 10.0.0.1 -t 60\n",
     );
-    assert!(
-        victim.console.wait_for("sec", Duration::from_secs(30)),
-        "transfer running:\n{}",
-        victim.console.text()
-    );
+    assert!(victim.console.wait_for("STARTING-IPERF", BOOT_AND_RUN), "victim:\n{}", victim.console.text());
+    assert!(victim.console.wait_for("sec", Duration::from_secs(30)), "transfer running:\n{}", victim.console.text());
     // SIGKILL mid-transfer.
     victim.kill();
-    assert!(
-        vunet
-            .console
-            .wait_for("guest disconnected", Duration::from_secs(10)),
-        "vunet log:\n{}",
-        vunet.console.text()
-    );
+    assert!(vunet.console.wait_for("guest disconnected", Duration::from_secs(10)), "vunet log:\n{}", vunet.console.text());
     // A new QEMU on the same socket, same vunet. (The dead client's iperf3 session still
     // holds the first server, so the newcomer uses the second.)
-    let newcomer = Guest::boot("newcomer", dir.path(), &Socket::Connect(rt.join("vm2.sock")), "52:54:00:00:00:22", "", "ip addr add 10.0.0.2/24 dev eth0\nsleep 2\nping -c 3 -W 5 10.0.0.1 || exit 1\niperf3 -c 10.0.0.1 -p 5202 -t 3\n");
-    assert_eq!(
-        newcomer.wait_exit(BOOT_AND_RUN),
-        Some(0),
-        "newcomer:\n{}",
-        newcomer.console.text()
+    let newcomer = Guest::boot(
+        "newcomer",
+        dir.path(),
+        &Socket::Connect(rt.join("vm2.sock")),
+        "52:54:00:00:00:22",
+        "",
+        "ip addr add 10.0.0.2/24 dev eth0\nsleep 2\nping -c 3 -W 5 10.0.0.1 || exit 1\niperf3 -c 10.0.0.1 -p 5202 -t 3\n",
     );
+    assert_eq!(newcomer.wait_exit(BOOT_AND_RUN), Some(0), "newcomer:\n{}", newcomer.console.text());
     assert!(ping_ok(&newcomer.console.text(), 3));
-    assert_eq!(
-        bystander.wait_exit(BOOT_AND_RUN),
-        Some(0),
-        "bystander:\n{}",
-        bystander.console.text()
-    );
+    assert_eq!(bystander.wait_exit(BOOT_AND_RUN), Some(0), "bystander:\n{}", bystander.console.text());
     let b = bystander.console.text();
     let received: u32 = b
         .lines()
@@ -184,10 +139,7 @@ fn killed_guest_frees_its_port_and_a_new_one_takes_it_while_others_keep_working(
         .and_then(|s| s.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    assert!(
-        received >= 36,
-        "the bystander lost pings while the other guest died and came back ({received}/40):\n{b}"
-    );
+    assert!(received >= 36, "the bystander lost pings while the other guest died and came back ({received}/40):\n{b}");
     drop(server);
 }
 
@@ -204,10 +156,7 @@ fn client_mode_port_with_qemu_as_the_listener() {
         ),
     )
     .unwrap();
-    let _vunet = VunetProcess::start(
-        &["--config", cfg.to_str().unwrap()],
-        &dir.path().join("vunet.log"),
-    );
+    let _vunet = VunetProcess::start(&["--config", cfg.to_str().unwrap()], &dir.path().join("vunet.log"));
     let a = Guest::boot(
         "a",
         dir.path(),
@@ -224,12 +173,7 @@ fn client_mode_port_with_qemu_as_the_listener() {
         "",
         "ip addr add 10.0.0.2/24 dev eth0\nsleep 2\nping -c 3 -W 5 10.0.0.1\n",
     );
-    assert_eq!(
-        b.wait_exit(BOOT_AND_RUN),
-        Some(0),
-        "client-mode guest:\n{}",
-        b.console.text()
-    );
+    assert_eq!(b.wait_exit(BOOT_AND_RUN), Some(0), "client-mode guest:\n{}", b.console.text());
     assert!(ping_ok(&b.console.text(), 3));
     drop(a);
 }
@@ -265,38 +209,19 @@ fn vunet_restarts_under_running_guests_on_client_mode_ports() {
         "",
         "ip addr add 10.0.0.2/24 dev eth0\nping -c 50 -i 0.5 -W 1 10.0.0.1\n",
     );
-    assert!(
-        b.console.wait_for("seq=5 ", BOOT_AND_RUN),
-        "pings flow before the restart:\n{}",
-        b.console.text()
-    );
+    assert!(b.console.wait_for("seq=5 ", BOOT_AND_RUN), "pings flow before the restart:\n{}", b.console.text());
     // vunet dies (SIGKILL, no cleanup) and a new one starts: it reconnects to both QEMUs,
     // which renegotiate with it while their guests keep running.
     let _ = first.child.kill();
     let _ = first.child.wait();
     std::thread::sleep(Duration::from_secs(2));
     let _second = VunetProcess::start(&args, &dir.path().join("vunet2.log"));
-    assert_eq!(
-        b.wait_exit(BOOT_AND_RUN),
-        Some(0),
-        "guest b:\n{}",
-        b.console.text()
-    );
+    assert_eq!(b.wait_exit(BOOT_AND_RUN), Some(0), "guest b:\n{}", b.console.text());
     let out = b.console.text();
-    let last_seqs: Vec<u32> = out
-        .lines()
-        .filter_map(|l| l.split("seq=").nth(1))
-        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
-        .collect();
-    assert!(
-        last_seqs.iter().any(|&s| s >= 40),
-        "pings answered after the restart:\n{out}"
-    );
-    assert!(
-        last_seqs.len() >= 35,
-        "at most a few seconds of pings lost ({} of 50 answered):\n{out}",
-        last_seqs.len()
-    );
+    let last_seqs: Vec<u32> =
+        out.lines().filter_map(|l| l.split("seq=").nth(1)).filter_map(|s| s.split_whitespace().next()?.parse().ok()).collect();
+    assert!(last_seqs.iter().any(|&s| s >= 40), "pings answered after the restart:\n{out}");
+    assert!(last_seqs.len() >= 35, "at most a few seconds of pings lost ({} of 50 answered):\n{out}", last_seqs.len());
     drop(a);
 }
 
@@ -317,10 +242,7 @@ fn guests_get_addresses_by_dhcp_from_vunet() {
         ),
     )
     .unwrap();
-    let _vunet = VunetProcess::start(
-        &["--config", cfg.to_str().unwrap()],
-        &dir.path().join("vunet.log"),
-    );
+    let _vunet = VunetProcess::start(&["--config", cfg.to_str().unwrap()], &dir.path().join("vunet.log"));
     let web = Guest::boot(
         "web",
         dir.path(),
@@ -335,36 +257,19 @@ fn guests_get_addresses_by_dhcp_from_vunet() {
         &Socket::Connect(dir.path().join("vm2.sock")),
         "52:54:00:00:00:21",
         "",
-        &format!("{UDHCPC}ip -4 addr show dev eth0\nping -c 2 -W 5 192.168.122.1 || exit 4\nsleep 3\nping -c 3 -W 5 192.168.122.10 || exit 5\n"),
+        &format!(
+            "{UDHCPC}ip -4 addr show dev eth0\nping -c 2 -W 5 192.168.122.1 || exit 4\nsleep 3\nping -c 3 -W 5 192.168.122.10 || exit 5\n"
+        ),
     );
-    assert_eq!(
-        client.wait_exit(BOOT_AND_RUN),
-        Some(0),
-        "client:\n{}",
-        client.console.text()
-    );
+    assert_eq!(client.wait_exit(BOOT_AND_RUN), Some(0), "client:\n{}", client.console.text());
     let c = client.console.text();
-    let leased: std::net::Ipv4Addr = c
-        .split("LEASED ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .expect("client leased an address");
+    let leased: std::net::Ipv4Addr =
+        c.split("LEASED ").nth(1).and_then(|s| s.split_whitespace().next()).and_then(|s| s.parse().ok()).expect("client leased an address");
     assert!(
-        (std::net::Ipv4Addr::new(192, 168, 122, 100)..=std::net::Ipv4Addr::new(192, 168, 122, 199))
-            .contains(&leased),
+        (std::net::Ipv4Addr::new(192, 168, 122, 100)..=std::net::Ipv4Addr::new(192, 168, 122, 199)).contains(&leased),
         "{leased} from the range"
     );
-    assert!(
-        web.console
-            .wait_for("LEASED 192.168.122.10", Duration::from_secs(5)),
-        "static host got its address:\n{}",
-        web.console.text()
-    );
-    let leases =
-        std::fs::read_to_string(dir.path().join("state/default.leases")).expect("lease file");
-    assert!(
-        leases.contains("52:54:00:00:00:21") && leases.contains(&leased.to_string()),
-        "{leases}"
-    );
+    assert!(web.console.wait_for("LEASED 192.168.122.10", Duration::from_secs(5)), "static host got its address:\n{}", web.console.text());
+    let leases = std::fs::read_to_string(dir.path().join("state/default.leases")).expect("lease file");
+    assert!(leases.contains("52:54:00:00:00:21") && leases.contains(&leased.to_string()), "{leases}");
 }

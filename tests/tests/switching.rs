@@ -29,12 +29,7 @@ fn connect_all(socks: &[std::path::PathBuf], opts: &[SimOptions]) -> Vec<VmSim> 
 }
 
 fn counters(d: &vunet::Daemon, port: &str) -> vunet_switch::counters::CounterSnapshot {
-    d.network("test")
-        .unwrap()
-        .port(port)
-        .unwrap()
-        .counters
-        .snapshot()
+    d.network("test").unwrap().port(port).unwrap().counters.snapshot()
 }
 
 /// Waits until the port's worker has seen the guest's rings (the first event publishes them).
@@ -46,10 +41,7 @@ fn settle() {
 fn three_guests_learning_flooding_unicast_no_echo() {
     let dir = TempDir::new("three");
     let (d, socks) = start_network(dir.path(), 3);
-    let mut vms = connect_all(
-        &socks,
-        &[SimOptions::full(), SimOptions::full(), SimOptions::full()],
-    );
+    let mut vms = connect_all(&socks, &[SimOptions::full(), SimOptions::full(), SimOptions::full()]);
     settle();
 
     // Broadcast from A reaches B and C, never A itself.
@@ -69,10 +61,7 @@ fn three_guests_learning_flooding_unicast_no_echo() {
     let ba = eth_frame(A, B, 0x0800, 100, 3);
     vms[1].send(&ba);
     assert_eq!(vms[0].recv(T).unwrap().1, ba);
-    assert!(
-        vms[2].recv(QUIET).is_none(),
-        "learned unicast is not flooded"
-    );
+    assert!(vms[2].recv(QUIET).is_none(), "learned unicast is not flooded");
 
     // Now B is learned too: A -> B goes only to B.
     let ab2 = eth_frame(B, A, 0x0800, 200, 4);
@@ -129,14 +118,7 @@ fn tso_frame(payload_len: usize) -> (VnetHeader, Vec<u8>) {
 fn tso_frame_passes_whole_to_tso_guest_and_segmented_to_others() {
     let dir = TempDir::new("tso");
     let (d, socks) = start_network(dir.path(), 3);
-    let mut vms = connect_all(
-        &socks,
-        &[
-            SimOptions::full(),
-            SimOptions::full(),
-            SimOptions::no_offloads(),
-        ],
-    );
+    let mut vms = connect_all(&socks, &[SimOptions::full(), SimOptions::full(), SimOptions::no_offloads()]);
     settle();
     assert!(vms[1].has(feat::GUEST_TSO4) && vms[1].has(feat::MRG_RXBUF));
     assert!(!vms[2].has(feat::GUEST_TSO4) && !vms[2].has(feat::GUEST_CSUM));
@@ -149,14 +131,8 @@ fn tso_frame_passes_whole_to_tso_guest_and_segmented_to_others() {
     let (h, got) = vms[1].recv(T).expect("B receives the TSO frame");
     assert_eq!(got.len(), frame.len());
     assert_eq!(got, frame, "passed through unchanged");
-    assert_eq!(
-        (h.gso_type, h.gso_size, h.csum_start, h.csum_offset, h.flags),
-        (GSO_TCPV4, 1448, 34, 16, F_NEEDS_CSUM)
-    );
-    assert!(
-        h.num_buffers > 1,
-        "64 KiB spread over 2 KiB mergeable buffers"
-    );
+    assert_eq!((h.gso_type, h.gso_size, h.csum_start, h.csum_offset, h.flags), (GSO_TCPV4, 1448, 34, 16, F_NEEDS_CSUM));
+    assert!(h.num_buffers > 1, "64 KiB spread over 2 KiB mergeable buffers");
     assert!(vms[1].recv(QUIET).is_none(), "exactly one frame");
 
     // C did not: MSS-sized frames with valid checksums that carry the same byte stream.
@@ -164,34 +140,14 @@ fn tso_frame_passes_whole_to_tso_guest_and_segmented_to_others() {
     assert_eq!(segs.len(), 65000usize.div_ceil(1448));
     let mut stream = Vec::new();
     for (i, (h, s)) in segs.iter().enumerate() {
-        assert_eq!(
-            *h,
-            VnetHeader {
-                num_buffers: 1,
-                ..Default::default()
-            },
-            "no offload metadata for a guest without offloads"
-        );
+        assert_eq!(*h, VnetHeader { num_buffers: 1, ..Default::default() }, "no offload metadata for a guest without offloads");
         assert!(s.len() <= 14 + 20 + 20 + 1448);
         let p = SlicedPacket::from_ethernet(s).unwrap();
-        let Some(TransportSlice::Tcp(tcp)) = p.transport else {
-            panic!("segment {i} is not TCP")
-        };
+        let Some(TransportSlice::Tcp(tcp)) = p.transport else { panic!("segment {i} is not TCP") };
         assert_eq!(tcp.sequence_number(), 7 + (i * 1448) as u32);
-        assert_eq!(
-            vunet_switch::checksum::checksum(&s[14..34]),
-            0,
-            "IPv4 header checksum of segment {i}"
-        );
+        assert_eq!(vunet_switch::checksum::checksum(&s[14..34]), 0, "IPv4 header checksum of segment {i}");
         let l4 = &s[34..];
-        assert_eq!(
-            finish(sum(
-                l4,
-                pseudo_v4(&[10, 0, 0, 1], &[10, 0, 0, 2], 6, l4.len() as u16)
-            )),
-            0,
-            "TCP checksum of segment {i}"
-        );
+        assert_eq!(finish(sum(l4, pseudo_v4(&[10, 0, 0, 1], &[10, 0, 0, 2], 6, l4.len() as u16))), 0, "TCP checksum of segment {i}");
         stream.extend_from_slice(tcp.payload());
     }
     assert_eq!(stream, &frame[54..]);
@@ -213,13 +169,7 @@ fn partial_checksum_is_completed_for_a_guest_without_guest_csum() {
     let (h, got) = vms[1].recv(T).unwrap();
     assert_eq!(h.flags, 0);
     let l4 = &got[34..];
-    assert_eq!(
-        finish(sum(
-            l4,
-            pseudo_v4(&[10, 0, 0, 1], &[10, 0, 0, 2], 6, l4.len() as u16)
-        )),
-        0
-    );
+    assert_eq!(finish(sum(l4, pseudo_v4(&[10, 0, 0, 1], &[10, 0, 0, 2], 6, l4.len() as u16))), 0);
     assert_eq!(&got[54..], &frame[54..]);
 }
 
@@ -243,16 +193,10 @@ fn hostile(reason: DropReason, build: impl FnOnce(&mut VmSim)) {
     count_panics();
     let dir = TempDir::new("hostile");
     let (d, socks) = start_network(dir.path(), 3);
-    let mut vms = connect_all(
-        &socks,
-        &[SimOptions::full(), SimOptions::full(), SimOptions::full()],
-    );
+    let mut vms = connect_all(&socks, &[SimOptions::full(), SimOptions::full(), SimOptions::full()]);
     settle();
     build(&mut vms[0]);
-    assert!(
-        vms[0].wait_tx_all(T),
-        "the bad chain is completed, not leaked"
-    );
+    assert!(vms[0].wait_tx_all(T), "the bad chain is completed, not leaked");
     assert!(vms[1].recv(QUIET).is_none(), "nothing of it was forwarded");
     let s = counters(&d, "p0");
     assert_eq!(s.drop_count(reason), 1, "dropped as {reason:?}: {s:?}");
@@ -265,25 +209,17 @@ fn hostile(reason: DropReason, build: impl FnOnce(&mut VmSim)) {
     vms[2].send(&g);
     assert_eq!(vms[0].recv(T).expect("port 2 still forwards").1, g);
     assert_eq!(vms[1].recv(T).unwrap().1, g);
-    assert_eq!(
-        PANICS.load(std::sync::atomic::Ordering::SeqCst),
-        0,
-        "a thread panicked"
-    );
+    assert_eq!(PANICS.load(std::sync::atomic::Ordering::SeqCst), 0, "a thread panicked");
 }
 
 #[test]
 fn hostile_descriptor_outside_guest_memory() {
-    hostile(DropReason::BadAddress, |vm| {
-        vm.send_raw_chain(250, &[(0x7fff_0000_0000, 100, 0, 0)], 250)
-    });
+    hostile(DropReason::BadAddress, |vm| vm.send_raw_chain(250, &[(0x7fff_0000_0000, 100, 0, 0)], 250));
 }
 
 #[test]
 fn hostile_descriptor_straddling_the_end_of_memory() {
-    hostile(DropReason::BadAddress, |vm| {
-        vm.send_raw_chain(250, &[(MEM_SIZE as u64 - 40, 100, 0, 0)], 250)
-    });
+    hostile(DropReason::BadAddress, |vm| vm.send_raw_chain(250, &[(MEM_SIZE as u64 - 40, 100, 0, 0)], 250));
 }
 
 #[test]
@@ -291,14 +227,7 @@ fn hostile_looping_chain() {
     hostile(DropReason::ChainLoop, |vm| {
         let a = vm.scratch_gpa();
         vm.write_mem(a, &[0u8; 12]);
-        vm.send_raw_chain(
-            250,
-            &[
-                (a, 40, VIRTQ_DESC_F_NEXT, 251),
-                (a, 40, VIRTQ_DESC_F_NEXT, 250),
-            ],
-            250,
-        )
+        vm.send_raw_chain(250, &[(a, 40, VIRTQ_DESC_F_NEXT, 251), (a, 40, VIRTQ_DESC_F_NEXT, 250)], 250)
     });
 }
 
@@ -339,9 +268,7 @@ fn hostile_frame_over_64k() {
 
 #[test]
 fn hostile_frame_over_the_mtu() {
-    hostile(DropReason::Oversize, |vm| {
-        vm.send(&eth_frame(BCAST, A, 0x0800, 1600, 1))
-    });
+    hostile(DropReason::Oversize, |vm| vm.send(&eth_frame(BCAST, A, 0x0800, 1600, 1)));
 }
 
 #[test]
@@ -370,19 +297,14 @@ fn hostile_device_writable_descriptor_on_tx() {
 
 #[test]
 fn hostile_broadcast_source_mac() {
-    hostile(DropReason::BadSourceMac, |vm| {
-        vm.send(&eth_frame(B, BCAST, 0x0800, 60, 1))
-    });
+    hostile(DropReason::BadSourceMac, |vm| vm.send(&eth_frame(B, BCAST, 0x0800, 60, 1)));
 }
 
 #[test]
 fn full_receiver_ring_queues_then_drops_and_counts_without_blocking_others() {
     let dir = TempDir::new("full");
     let (d, socks) = start_network(dir.path(), 3);
-    let mut vms = connect_all(
-        &socks,
-        &[SimOptions::full(), SimOptions::full(), SimOptions::full()],
-    );
+    let mut vms = connect_all(&socks, &[SimOptions::full(), SimOptions::full(), SimOptions::full()]);
     settle();
     // Port 1 does not take its frames for a while: its ring (256) fills, then its backlog
     // (1024 frames), then frames are dropped. Port 2 drains as it goes and misses nothing.
@@ -392,20 +314,14 @@ fn full_receiver_ring_queues_then_drops_and_counts_without_blocking_others() {
         for i in 0..100u32 {
             vms[0].send(&eth_frame(BCAST, A, 0x0800, 60, (round * 100 + i) as u8));
         }
-        assert!(
-            vms[0].wait_tx_all(T),
-            "the sender is never blocked by a full receiver"
-        );
+        assert!(vms[0].wait_tx_all(T), "the sender is never blocked by a full receiver");
         got += vms[2].recv_all(QUIET).len();
     }
     assert_eq!(got, total as usize, "port 2 got everything");
     let s = counters(&d, "p1");
     let queued = vunet::datapath::BACKLOG_MAX_FRAMES as u64;
     assert_eq!(s.tx_frames, QUEUE_SIZE as u64, "port 1 filled its ring");
-    assert_eq!(
-        s.drop_count(DropReason::NoRxBuffer),
-        total as u64 - QUEUE_SIZE as u64 - queued
-    );
+    assert_eq!(s.drop_count(DropReason::NoRxBuffer), total as u64 - QUEUE_SIZE as u64 - queued);
     // Port 1 wakes up: the ring's frames, then the backlog, in order.
     let late = vms[1].recv_all(QUIET);
     assert_eq!(late.len() as u64, QUEUE_SIZE as u64 + queued);
@@ -419,11 +335,7 @@ fn full_receiver_ring_queues_then_drops_and_counts_without_blocking_others() {
 fn cloud_hypervisor_handshake_then_frames() {
     let dir = TempDir::new("ch");
     let (d, socks) = start_network(dir.path(), 2);
-    let ch = SimOptions {
-        handshake: Handshake::CloudHypervisor,
-        accept_features: feat::DRIVER,
-        ..SimOptions::full()
-    };
+    let ch = SimOptions { handshake: Handshake::CloudHypervisor, accept_features: feat::DRIVER, ..SimOptions::full() };
     let mut vms = connect_all(&socks, &[ch.clone(), ch]);
     settle();
     let vm = &vms[0];
@@ -451,23 +363,14 @@ fn cloud_hypervisor_handshake_then_frames() {
 fn guest_reconnects_to_the_same_port_without_disturbing_others() {
     let dir = TempDir::new("reconnect");
     let (d, socks) = start_network(dir.path(), 3);
-    let mut vms = connect_all(
-        &socks,
-        &[SimOptions::full(), SimOptions::full(), SimOptions::full()],
-    );
+    let mut vms = connect_all(&socks, &[SimOptions::full(), SimOptions::full(), SimOptions::full()]);
     settle();
     // Port 1's guest vanishes mid-transfer (its socket closes; like QEMU killed).
     vms[0].send(&eth_frame(BCAST, A, 0x0800, 60, 1));
     let gone = vms.remove(1);
     drop(gone);
     std::thread::sleep(Duration::from_millis(200));
-    assert!(!d
-        .network("test")
-        .unwrap()
-        .port("p1")
-        .unwrap()
-        .connected
-        .load(std::sync::atomic::Ordering::Relaxed));
+    assert!(!d.network("test").unwrap().port("p1").unwrap().connected.load(std::sync::atomic::Ordering::Relaxed));
     // The others keep talking.
     let f = eth_frame(BCAST, A, 0x0800, 60, 2);
     vms[0].send(&f);
@@ -483,15 +386,7 @@ fn guest_reconnects_to_the_same_port_without_disturbing_others() {
     let h = eth_frame(A, B, 0x0800, 60, 4);
     again.send(&h);
     assert_eq!(vms[0].recv(T).unwrap().1, h);
-    assert_eq!(
-        d.network("test")
-            .unwrap()
-            .port("p1")
-            .unwrap()
-            .connections
-            .load(std::sync::atomic::Ordering::Relaxed),
-        2
-    );
+    assert_eq!(d.network("test").unwrap().port("p1").unwrap().connections.load(std::sync::atomic::Ordering::Relaxed), 2);
 }
 
 #[test]
@@ -545,25 +440,14 @@ fn hostile_random_descriptor_soup() {
     count_panics();
     let dir = TempDir::new("soup");
     let (d, socks) = start_network(dir.path(), 3);
-    let mut vms = connect_all(
-        &socks,
-        &[SimOptions::full(), SimOptions::full(), SimOptions::full()],
-    );
+    let mut vms = connect_all(&socks, &[SimOptions::full(), SimOptions::full(), SimOptions::full()]);
     settle();
     let mut rng = Rng(0x5eed_cafe_f00d_d00d);
     let scratch = vms[0].scratch_gpa();
     // Random bytes where random descriptors may point (headers, frames, indirect tables).
     let junk: Vec<u8> = (0..0x2_0000).map(|_| rng.next() as u8).collect();
     vms[0].write_mem(scratch, &junk);
-    let interesting_addrs = [
-        scratch,
-        scratch + 12,
-        MEM_SIZE as u64 - 16,
-        MEM_SIZE as u64,
-        0,
-        u64::MAX - 8,
-        0x7fff_0000_0000,
-    ];
+    let interesting_addrs = [scratch, scratch + 12, MEM_SIZE as u64 - 16, MEM_SIZE as u64, 0, u64::MAX - 8, 0x7fff_0000_0000];
     for round in 0..40 {
         for _ in 0..50 {
             let n = 1 + (rng.next() % 4) as usize;
@@ -589,10 +473,7 @@ fn hostile_random_descriptor_soup() {
                 })
                 .collect();
             vms[0].send_raw_chain(250, &descs, 250 + (rng.next() % n as u64) as u16);
-            assert!(
-                vms[0].wait_tx_all(T),
-                "round {round}: every chain is completed"
-            );
+            assert!(vms[0].wait_tx_all(T), "round {round}: every chain is completed");
         }
         // Whatever went through is junk for port 1 and 2; drop it.
         vms[1].recv_all(Duration::from_millis(1));
@@ -610,11 +491,7 @@ fn hostile_random_descriptor_soup() {
     let g = eth_frame(BCAST, C, 0x0800, 60, 8);
     vms[2].send(&g);
     assert_eq!(vms[0].recv(T).expect("port 2 still forwards").1, g);
-    assert_eq!(
-        PANICS.load(std::sync::atomic::Ordering::SeqCst),
-        0,
-        "a thread panicked"
-    );
+    assert_eq!(PANICS.load(std::sync::atomic::Ordering::SeqCst), 0, "a thread panicked");
 }
 
 #[test]
@@ -636,10 +513,7 @@ fn legacy_guest_with_the_10_byte_header_talks_to_a_modern_one() {
     vms[0].send_with(&hdr, &frame, true);
     let (h, got) = vms[1].recv(T).expect("legacy guest receives");
     assert_eq!(got, frame);
-    assert_eq!(
-        (h.gso_type, h.gso_size, h.csum_start),
-        (GSO_TCPV4, 1448, 34)
-    );
+    assert_eq!((h.gso_type, h.gso_size, h.csum_start), (GSO_TCPV4, 1448, 34));
     // ...and the legacy guest's 10-byte header is read as such.
     let f = eth_frame(A, B, 0x0800, 300, 7);
     vms[1].send_with(&VnetHeader::default(), &f, false);
@@ -680,14 +554,9 @@ fn gateway_answers_arp_and_ping_and_is_not_impersonated() {
     vms[0].send(&ping);
     let (_, pong) = vms[0].recv(T).expect("echo reply");
     let p = SlicedPacket::from_ethernet(&pong).unwrap();
-    let Some(TransportSlice::Icmpv4(icmp)) = p.transport else {
-        panic!("not ICMP: {pong:?}")
-    };
+    let Some(TransportSlice::Icmpv4(icmp)) = p.transport else { panic!("not ICMP: {pong:?}") };
     assert_eq!(icmp.payload(), b"vunet gateway ping");
-    assert!(
-        vms[1].recv(QUIET).is_none(),
-        "unicast to the gateway is not flooded"
-    );
+    assert!(vms[1].recv(QUIET).is_none(), "unicast to the gateway is not flooded");
 
     // A guest sending with the gateway's MAC is dropped.
     vms[1].send(&eth_frame(BCAST, gw, 0x0800, 60, 1));

@@ -1,0 +1,128 @@
+//! Port security on a network with a gateway (the default): a guest keeps to its MAC and,
+//! once it has a lease, to its address; it cannot play DHCP server. Each refusal is counted.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use etherparse::PacketBuilder;
+use vunet_dhcp::message::{build_client_message, reply_yiaddr, CLIENT_PORT, SERVER_PORT};
+use vunet_dhcp::MessageType;
+use vunet_switch::gateway::{build_udp, udp_payload};
+use vunet_switch::DropReason;
+use vunet_tests::*;
+
+const T: Duration = Duration::from_secs(5);
+const QUIET: Duration = Duration::from_millis(400);
+const A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xa];
+const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xb];
+const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const DHCP: &str = "[network.dhcp]\nrange = [\"10.0.0.100\", \"10.0.0.150\"]\n";
+
+fn udp_from(mac: [u8; 6], src: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(mac, [0xff; 6]).ipv4(src, [10, 0, 0, 255], 64).udp(sport, dport).write(&mut f, b"hello").unwrap();
+    f
+}
+
+fn arp_from(mac: [u8; 6], sha: [u8; 6], spa: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&sha);
+    f.extend_from_slice(&spa);
+    f.extend_from_slice(&[0, 0, 0, 0, 0, 0, 10, 0, 0, 77]);
+    f.resize(60, 0);
+    f
+}
+
+fn dhcp_lease(vm: &mut VmSim, chaddr: [u8; 6]) -> Option<Ipv4Addr> {
+    let mut ip = None;
+    for (t, req) in [(MessageType::Discover, None), (MessageType::Request, Some(()))] {
+        let msg = build_client_message(t, chaddr, 7, req.and(ip), req.map(|_| GW), None);
+        let mut f = Vec::new();
+        build_udp(&mut f, A, [0xff; 6], Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST, CLIENT_PORT, SERVER_PORT, &msg);
+        vm.send(&f);
+        let reply = std::iter::from_fn(|| vm.recv(QUIET)).find_map(|(_, f)| udp_payload(&f, CLIENT_PORT).map(|(_, p)| p.to_vec()))?;
+        ip = reply_yiaddr(&reply);
+    }
+    ip
+}
+
+fn setup() -> (TempDir, vunet::Daemon, Vec<VmSim>) {
+    let dir = TempDir::new("portsec");
+    let (d, socks) = start_network_with(dir.path(), 2, "", DHCP);
+    let mut vms: Vec<VmSim> = socks.iter().map(|s| VmSim::connect(s, SimOptions::full()).unwrap()).collect();
+    vms.iter_mut().for_each(|vm| vm.post_rx(QUEUE_SIZE));
+    std::thread::sleep(Duration::from_millis(100));
+    (dir, d, vms)
+}
+
+fn drops(d: &vunet::Daemon, port: &str, r: DropReason) -> u64 {
+    d.network("test").unwrap().port(port).unwrap().counters.snapshot().drop_count(r)
+}
+
+#[test]
+fn a_port_keeps_to_the_first_mac_it_uses() {
+    let (_dir, d, mut vms) = setup();
+    let ok = udp_from(A, [10, 0, 0, 7], 5000, 5001);
+    vms[0].send(&ok);
+    assert_eq!(vms[1].recv(T).expect("first MAC passes").1, ok);
+    vms[0].send(&udp_from([0x52, 0x54, 0, 0, 0, 0xee], [10, 0, 0, 7], 5000, 5001));
+    vms[0].send(&arp_from(A, B, [10, 0, 0, 7]));
+    assert!(vms[0].wait_tx_all(T));
+    assert!(vms[1].recv(QUIET).is_none(), "neither the foreign MAC nor the ARP with a foreign sender got through");
+    assert_eq!(drops(&d, "p0", DropReason::SpoofedMac), 2);
+    vms[0].send(&ok);
+    assert_eq!(vms[1].recv(T).expect("its own MAC still passes").1, ok);
+}
+
+#[test]
+fn after_a_lease_a_port_keeps_to_its_address() {
+    let (_dir, d, mut vms) = setup();
+    let ip = dhcp_lease(&mut vms[0], A).expect("lease");
+    vms[1].recv_all(QUIET);
+    let own = udp_from(A, ip.octets(), 5000, 5001);
+    vms[0].send(&own);
+    assert_eq!(vms[1].recv(T).expect("own address passes").1, own);
+    vms[0].send(&udp_from(A, [10, 0, 0, 149], 5000, 5001));
+    vms[0].send(&arp_from(A, A, [10, 0, 0, 1]));
+    assert!(vms[0].wait_tx_all(T));
+    assert!(vms[1].recv(QUIET).is_none());
+    assert_eq!(drops(&d, "p0", DropReason::SpoofedIp), 2, "a foreign source address and an ARP claiming the gateway");
+    vms[0].send(&arp_from(A, A, ip.octets()));
+    assert!(vms[1].recv(T).is_some(), "its own ARP passes");
+}
+
+#[test]
+fn guests_cannot_be_dhcp_servers_or_lease_for_other_macs() {
+    let (_dir, d, mut vms) = setup();
+    vms[0].send(&udp_from(A, [10, 0, 0, 7], 67, 68));
+    assert!(vms[0].wait_tx_all(T));
+    assert!(vms[1].recv(QUIET).is_none(), "a DHCP answer from a guest reaches nobody");
+    assert_eq!(drops(&d, "p0", DropReason::RogueDhcpServer), 1);
+    // Port 0 is locked to A: a DISCOVER for another client address gets no offer.
+    assert!(dhcp_lease(&mut vms[0], [0x52, 0x54, 0, 0, 0, 0x77]).is_none());
+    assert!(drops(&d, "p0", DropReason::SpoofedMac) >= 1);
+    assert!(dhcp_lease(&mut vms[0], A).is_some(), "its own MAC leases");
+}
+
+#[test]
+fn port_security_can_be_turned_off_per_port() {
+    let dir = TempDir::new("portsec-off");
+    let toml = format!(
+        "[[network]]\nname = \"test\"\nmode = \"isolated\"\ngateway = \"10.0.0.1/24\"\n[[network.port]]\nname = \"p0\"\nsocket = \"{0}/p0.sock\"\nport_security = false\n[[network.port]]\nname = \"p1\"\nsocket = \"{0}/p1.sock\"\n",
+        dir.path().display()
+    );
+    let cfg = vunet::Config::parse(&toml, "t.toml", dir.path()).unwrap();
+    let _d = vunet::Daemon::start(&cfg).unwrap();
+    let mut a = VmSim::connect(&dir.path().join("p0.sock"), SimOptions::full()).unwrap();
+    let mut b = VmSim::connect(&dir.path().join("p1.sock"), SimOptions::full()).unwrap();
+    a.post_rx(QUEUE_SIZE);
+    b.post_rx(QUEUE_SIZE);
+    std::thread::sleep(Duration::from_millis(100));
+    for mac in [A, [0x52, 0x54, 0, 0, 0, 0xee]] {
+        let f = udp_from(mac, [10, 0, 0, 7], 5000, 5001);
+        a.send(&f);
+        assert_eq!(b.recv(T).unwrap().1, f, "any MAC passes with port_security = false");
+    }
+}

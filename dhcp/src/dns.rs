@@ -1,0 +1,319 @@
+//! The gateway's DNS responder, as pure logic: a query's bytes and the local zone in, an
+//! answer's bytes (or "forward it upstream") out. Local names are the network's guests: static
+//! hosts, DHCP clients that sent a host name, and configured `dns.hosts`; they answer to their
+//! bare name and, with a domain, to `name.domain`, and by PTR in the subnet's reverse zone.
+//! Bare names and names under the local domain that nobody has are NXDOMAIN here, never
+//! forwarded (dnsmasq's domain-needed); everything else is forwarded.
+
+use std::net::Ipv4Addr;
+
+pub const PORT: u16 = 53;
+const TYPE_A: u16 = 1;
+const TYPE_PTR: u16 = 12;
+const CLASS_IN: u16 = 1;
+const RCODE_FORMERR: u16 = 1;
+const RCODE_NXDOMAIN: u16 = 3;
+const RCODE_NOTIMP: u16 = 4;
+/// TTL of local answers: short, names follow DHCP leases.
+const TTL: u32 = 60;
+
+/// The names the gateway answers for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalZone {
+    /// Lowercase, without trailing dot.
+    pub domain: Option<String>,
+    /// (lowercase name, address).
+    pub names: Vec<(String, Ipv4Addr)>,
+    /// The network's subnet (address, prefix): its reverse zone is local.
+    pub subnet: (Ipv4Addr, u8),
+}
+
+/// What to do with a query.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DnsAction {
+    /// Send these bytes back to the client.
+    Answer(Vec<u8>),
+    /// Not ours: forward the query unchanged to an upstream resolver.
+    Forward,
+}
+
+/// A parsed question.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Question {
+    /// Lowercase labels joined by '.', no trailing dot.
+    pub name: String,
+    pub qtype: u16,
+    pub qclass: u16,
+    /// Offset of the end of the question in the query.
+    pub end: usize,
+}
+
+/// Parses the single question of a query. Compression pointers are not allowed in a question.
+pub fn parse_question(q: &[u8]) -> Option<Question> {
+    let mut i = 12;
+    let mut name = String::new();
+    loop {
+        let len = *q.get(i)? as usize;
+        i += 1;
+        if len == 0 {
+            break;
+        }
+        if len > 63 || name.len() + len + 1 > 255 {
+            return None;
+        }
+        let label = q.get(i..i + len)?;
+        if !label.iter().all(|c| c.is_ascii_graphic() && *c != b'.') {
+            return None;
+        }
+        if !name.is_empty() {
+            name.push('.');
+        }
+        name.push_str(&String::from_utf8_lossy(label).to_ascii_lowercase());
+        i += len;
+    }
+    let qtype = u16::from_be_bytes([*q.get(i)?, *q.get(i + 1)?]);
+    let qclass = u16::from_be_bytes([*q.get(i + 2)?, *q.get(i + 3)?]);
+    Some(Question { name, qtype, qclass, end: i + 4 })
+}
+
+fn header(query: &[u8], rcode: u16, authoritative: bool, answers: u16) -> Vec<u8> {
+    let rd = u16::from_be_bytes([query[2], query[3]]) & 0x0100;
+    let flags = 0x8000 | rd | 0x0080 | if authoritative { 0x0400 } else { 0 } | rcode;
+    let mut r = Vec::with_capacity(512);
+    r.extend_from_slice(&query[0..2]);
+    r.extend_from_slice(&flags.to_be_bytes());
+    r.extend_from_slice(&[0, 1]);
+    r.extend_from_slice(&answers.to_be_bytes());
+    r.extend_from_slice(&[0, 0, 0, 0]);
+    r
+}
+
+fn encode_name(out: &mut Vec<u8>, name: &str) {
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        out.push(label.len() as u8);
+        out.extend_from_slice(label.as_bytes());
+    }
+    out.push(0);
+}
+
+/// An error answer with only the header (for a query too broken to echo its question).
+fn bare_error(query: &[u8], rcode: u16) -> Vec<u8> {
+    let mut r = header(query, rcode, false, 0);
+    r[4..6].copy_from_slice(&[0, 0]);
+    r
+}
+
+impl LocalZone {
+    fn strip_domain<'a>(&self, name: &'a str) -> Option<&'a str> {
+        if !name.contains('.') {
+            return Some(name);
+        }
+        let d = self.domain.as_deref()?;
+        let host = name.strip_suffix(d)?.strip_suffix('.')?;
+        (!host.contains('.')).then_some(host)
+    }
+
+    fn full_name(&self, host: &str) -> String {
+        match &self.domain {
+            Some(d) => format!("{host}.{d}"),
+            None => host.to_string(),
+        }
+    }
+
+    fn in_subnet(&self, ip: Ipv4Addr) -> bool {
+        let mask = if self.subnet.1 == 0 { 0 } else { u32::MAX << (32 - self.subnet.1 as u32) };
+        u32::from(ip) & mask == u32::from(self.subnet.0) & mask
+    }
+
+    /// Whether `name` is in the local domain (so it is answered here, if only NXDOMAIN).
+    fn is_local(&self, name: &str) -> bool {
+        !name.contains('.') || self.domain.as_deref().is_some_and(|d| name == d || name.ends_with(&format!(".{d}")))
+    }
+
+    /// Answers a query, or says to forward it. `None`: not worth an answer (not a query, or
+    /// too short to carry an id).
+    pub fn respond(&self, query: &[u8]) -> Option<DnsAction> {
+        if query.len() < 12 || query[2] & 0x80 != 0 {
+            return None;
+        }
+        let opcode = (query[2] >> 3) & 0xf;
+        if opcode != 0 {
+            return Some(DnsAction::Answer(bare_error(query, RCODE_NOTIMP)));
+        }
+        if u16::from_be_bytes([query[4], query[5]]) != 1 {
+            return Some(DnsAction::Answer(bare_error(query, RCODE_FORMERR)));
+        }
+        let Some(q) = parse_question(query) else {
+            return Some(DnsAction::Answer(bare_error(query, RCODE_FORMERR)));
+        };
+        let mut answers: Vec<(u16, Vec<u8>)> = Vec::new();
+        let rcode;
+        if let Some(rev) = q.name.strip_suffix(".in-addr.arpa") {
+            let octets: Vec<u8> = rev.split('.').filter_map(|o| o.parse().ok()).collect();
+            if octets.len() != 4 || rev.split('.').count() != 4 {
+                return Some(DnsAction::Forward);
+            }
+            let ip = Ipv4Addr::new(octets[3], octets[2], octets[1], octets[0]);
+            if !self.in_subnet(ip) {
+                return Some(DnsAction::Forward);
+            }
+            let found: Vec<&String> = self.names.iter().filter(|(_, a)| *a == ip).map(|(n, _)| n).collect();
+            rcode = if found.is_empty() { RCODE_NXDOMAIN } else { 0 };
+            if q.qtype == TYPE_PTR && q.qclass == CLASS_IN {
+                for n in found {
+                    let mut rdata = Vec::new();
+                    encode_name(&mut rdata, &self.full_name(n));
+                    answers.push((TYPE_PTR, rdata));
+                }
+            }
+        } else if self.is_local(&q.name) {
+            let host = self.strip_domain(&q.name);
+            let found: Vec<Ipv4Addr> = host.map(|h| self.names.iter().filter(|(n, _)| n == h).map(|(_, a)| *a).collect()).unwrap_or_default();
+            rcode = if found.is_empty() { RCODE_NXDOMAIN } else { 0 };
+            if q.qtype == TYPE_A && q.qclass == CLASS_IN {
+                answers.extend(found.iter().map(|a| (TYPE_A, a.octets().to_vec())));
+            }
+        } else {
+            return Some(DnsAction::Forward);
+        }
+        let mut r = header(query, rcode, true, answers.len() as u16);
+        r.extend_from_slice(&query[12..q.end]);
+        for (t, rdata) in answers {
+            r.extend_from_slice(&[0xc0, 0x0c]);
+            r.extend_from_slice(&t.to_be_bytes());
+            r.extend_from_slice(&CLASS_IN.to_be_bytes());
+            r.extend_from_slice(&TTL.to_be_bytes());
+            r.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+            r.extend_from_slice(&rdata);
+        }
+        Some(DnsAction::Answer(r))
+    }
+}
+
+/// Builds a query (tests, benchmarks).
+pub fn build_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut q = Vec::new();
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    encode_name(&mut q, name);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&CLASS_IN.to_be_bytes());
+    q
+}
+
+/// The rcode and the A/PTR answers of a response (tests, benchmarks).
+pub fn read_answers(r: &[u8]) -> Option<(u16, Vec<Ipv4Addr>, Vec<String>)> {
+    let rcode = u16::from_be_bytes([*r.get(2)?, *r.get(3)?]) & 0xf;
+    let an = u16::from_be_bytes([r[6], r[7]]);
+    let q = parse_question(r)?;
+    let mut i = q.end;
+    let (mut a, mut ptr) = (Vec::new(), Vec::new());
+    for _ in 0..an {
+        i += 2; // name pointer
+        let t = u16::from_be_bytes([*r.get(i)?, *r.get(i + 1)?]);
+        let len = u16::from_be_bytes([*r.get(i + 8)?, *r.get(i + 9)?]) as usize;
+        let rdata = r.get(i + 10..i + 10 + len)?;
+        match t {
+            TYPE_A if len == 4 => a.push(Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3])),
+            TYPE_PTR => {
+                let mut fake = vec![0u8; 12];
+                fake.extend_from_slice(rdata);
+                fake.extend_from_slice(&[0, 0, 0, 0]);
+                ptr.push(parse_question(&fake)?.name);
+            }
+            _ => {}
+        }
+        i += 10 + len;
+    }
+    Some((rcode, a, ptr))
+}
+
+pub const QTYPE_A: u16 = TYPE_A;
+pub const QTYPE_PTR: u16 = TYPE_PTR;
+pub const QTYPE_AAAA: u16 = 28;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zone() -> LocalZone {
+        LocalZone {
+            domain: Some("vunet".into()),
+            names: vec![("web".into(), Ipv4Addr::new(192, 168, 122, 10)), ("alpha".into(), Ipv4Addr::new(192, 168, 122, 100))],
+            subnet: (Ipv4Addr::new(192, 168, 122, 1), 24),
+        }
+    }
+
+    fn answer(q: &[u8]) -> Vec<u8> {
+        match zone().respond(q) {
+            Some(DnsAction::Answer(a)) => a,
+            other => panic!("expected an answer, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn local_names_answer_bare_and_under_the_domain() {
+        for name in ["web", "web.vunet", "WEB.Vunet"] {
+            let (rcode, a, _) = read_answers(&answer(&build_query(7, name, QTYPE_A))).unwrap();
+            assert_eq!((rcode, a), (0, vec![Ipv4Addr::new(192, 168, 122, 10)]), "{name}");
+        }
+        let r = answer(&build_query(9, "alpha", QTYPE_A));
+        assert_eq!(&r[0..2], &[0, 9], "same id");
+        assert_eq!(r[2] & 0x84, 0x84, "response, authoritative");
+    }
+
+    #[test]
+    fn unknown_local_names_are_nxdomain_and_aaaa_is_nodata() {
+        for name in ["nosuch", "nosuch.vunet"] {
+            let (rcode, a, _) = read_answers(&answer(&build_query(1, name, QTYPE_A))).unwrap();
+            assert_eq!((rcode, a.len()), (3, 0), "{name}");
+        }
+        let (rcode, a, _) = read_answers(&answer(&build_query(1, "web", QTYPE_AAAA))).unwrap();
+        assert_eq!((rcode, a.len()), (0, 0));
+    }
+
+    #[test]
+    fn reverse_lookups_in_the_subnet() {
+        let (rcode, _, ptr) = read_answers(&answer(&build_query(2, "10.122.168.192.in-addr.arpa", QTYPE_PTR))).unwrap();
+        assert_eq!((rcode, ptr), (0, vec!["web.vunet".to_string()]));
+        let (rcode, _, ptr) = read_answers(&answer(&build_query(2, "77.122.168.192.in-addr.arpa", QTYPE_PTR))).unwrap();
+        assert_eq!((rcode, ptr.len()), (3, 0));
+        assert_eq!(zone().respond(&build_query(2, "8.8.8.8.in-addr.arpa", QTYPE_PTR)), Some(DnsAction::Forward));
+    }
+
+    #[test]
+    fn other_names_are_forwarded() {
+        assert_eq!(zone().respond(&build_query(3, "example.org", QTYPE_A)), Some(DnsAction::Forward));
+        let no_domain = LocalZone { domain: None, ..zone() };
+        assert_eq!(no_domain.respond(&build_query(3, "web.vunet", QTYPE_A)), Some(DnsAction::Forward));
+    }
+
+    #[test]
+    fn malformed_queries_get_formerr_or_nothing_and_never_panic() {
+        let good = build_query(5, "web.vunet", QTYPE_A);
+        for cut in 0..good.len() {
+            match zone().respond(&good[..cut]) {
+                None => assert!(cut < 12),
+                Some(DnsAction::Answer(a)) => assert_eq!(u16::from_be_bytes([a[2], a[3]]) & 0xf, 1, "FORMERR at {cut}"),
+                Some(DnsAction::Forward) => panic!("a cut query is not forwarded"),
+            }
+        }
+        let mut two = good.clone();
+        two[5] = 2;
+        assert!(matches!(zone().respond(&two), Some(DnsAction::Answer(a)) if a[3] & 0xf == 1));
+        let mut pointer = good.clone();
+        pointer[12] = 0xc0;
+        assert!(matches!(zone().respond(&pointer), Some(DnsAction::Answer(a)) if a[3] & 0xf == 1));
+        let mut update = good.clone();
+        update[2] = 5 << 3;
+        assert!(matches!(zone().respond(&update), Some(DnsAction::Answer(a)) if a[3] & 0xf == 4));
+        let mut response = good.clone();
+        response[2] |= 0x80;
+        assert_eq!(zone().respond(&response), None, "responses are not answered");
+        let mut x = good.clone();
+        for i in 0..x.len() {
+            x[i] = x[i].wrapping_mul(7).wrapping_add(i as u8);
+            let _ = zone().respond(&x);
+        }
+    }
+}

@@ -57,6 +57,16 @@ pub struct PortConfig {
     pub port_security: Option<bool>,
 }
 
+/// `[network.dns]`: the gateway's DNS service (on whenever the network has a gateway).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct DnsConfig {
+    pub domain: Option<String>,
+    /// Extra local names (libvirt `<dns><host>`).
+    pub hosts: Vec<(String, Ipv4Addr)>,
+    /// Upstream resolvers; `None`: the host's /etc/resolv.conf.
+    pub forwarders: Option<Vec<std::net::SocketAddr>>,
+}
+
 /// `[network.dhcp]`: the gateway's DHCP server.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DhcpConfig {
@@ -73,6 +83,7 @@ pub struct NetworkConfig {
     pub gateway: Option<(Ipv4Addr, u8)>,
     pub mtu: u16,
     pub dhcp: Option<DhcpConfig>,
+    pub dns: DnsConfig,
     pub ports: Vec<PortConfig>,
 }
 
@@ -102,7 +113,7 @@ struct RawNetwork {
     gateway: Option<Spanned<String>>,
     mtu: Option<Spanned<i64>>,
     dhcp: Option<Spanned<RawDhcp>>,
-    dns: Option<Spanned<toml::Value>>,
+    dns: Option<Spanned<RawDns>>,
     uplink: Option<Spanned<toml::Value>>,
     port_forward: Option<Spanned<toml::Value>>,
     #[serde(default)]
@@ -116,6 +127,22 @@ struct RawDhcp {
     #[serde(default)]
     hosts: Vec<Spanned<RawHost>>,
     lease_time: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    domain: Option<String>,
+    #[serde(default)]
+    hosts: Vec<Spanned<RawDnsHost>>,
+    forwarders: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDnsHost {
+    name: String,
+    ip: String,
 }
 
 #[derive(Deserialize)]
@@ -155,6 +182,43 @@ fn in_subnet(ip: Ipv4Addr, (gw, prefix): (Ipv4Addr, u8)) -> bool {
     let mask = u32::MAX << (32 - prefix as u32);
     let (a, g) = (u32::from(ip), u32::from(gw));
     a & mask == g & mask && a & !mask != 0 && a & !mask != !mask
+}
+
+fn valid_dns_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 253
+        && n.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+}
+
+fn parse_dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
+    let raw = d.get_ref();
+    let domain = match &raw.domain {
+        Some(dom) if !valid_dns_name(dom) => return Err(cx.err(d.span(), format!("invalid domain {dom:?}"))),
+        dom => dom.as_ref().map(|s| s.to_ascii_lowercase()),
+    };
+    let mut hosts = Vec::new();
+    for h in &raw.hosts {
+        let v = h.get_ref();
+        if !valid_dns_name(&v.name) || v.name.contains('.') {
+            return Err(cx.err(h.span(), format!("invalid host name {:?} (one label: letters, digits and '-')", v.name)));
+        }
+        let ip: Ipv4Addr = v.ip.parse().map_err(|_| cx.err(h.span(), format!("invalid IP address {:?}", v.ip)))?;
+        hosts.push((v.name.to_ascii_lowercase(), ip));
+    }
+    let forwarders = match &raw.forwarders {
+        None => None,
+        Some(list) => Some(
+            list.iter()
+                .map(|f| {
+                    let s = f.get_ref();
+                    s.parse::<std::net::SocketAddr>()
+                        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| std::net::SocketAddr::new(ip, 53)))
+                        .map_err(|_| cx.err(f.span(), format!("invalid forwarder {s:?} (an IP address, optionally with :port)")))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    Ok(DnsConfig { domain, hosts, forwarders })
 }
 
 fn parse_dhcp(cx: &Ctx, d: &Spanned<RawDhcp>, net: &str, gateway: Option<(Ipv4Addr, u8)>) -> Result<DhcpConfig, ConfigError> {
@@ -291,7 +355,14 @@ impl Config {
                 Some(d) => Some(parse_dhcp(&cx, d, &name, gateway)?),
                 None => None,
             };
-            for (key, v) in [("dns", &n.dns), ("uplink", &n.uplink), ("port_forward", &n.port_forward)] {
+            let dns = match &n.dns {
+                Some(d) if gateway.is_none() => {
+                    return Err(cx.err(d.span(), format!("network {name:?}: [network.dns] needs a gateway address to serve from")))
+                }
+                Some(d) => parse_dns(&cx, d)?,
+                None => DnsConfig::default(),
+            };
+            for (key, v) in [("uplink", &n.uplink), ("port_forward", &n.port_forward)] {
                 if let Some(v) = v {
                     warnings.push(format!(
                         "{}:{}: network {name:?}: [{key}] is not supported by this version of vunet yet and is ignored",
@@ -302,11 +373,11 @@ impl Config {
             }
             if gateway.is_some() || matches!(mode, Mode::Nat | Mode::Route) {
                 warnings.push(format!(
-                    "{}:{}: network {name:?}: the gateway answers ARP and ping{}; DNS{} are not implemented in this version",
+                    "{}:{}: network {name:?}: the gateway answers ARP, ping and DNS{}{}",
                     file,
                     cx.line_of(n.mode.span()),
                     if dhcp.is_some() { " and serves DHCP" } else { "" },
-                    if mode == Mode::Nat || mode == Mode::Route { ", routing and NAT" } else { "" }
+                    if mode == Mode::Nat || mode == Mode::Route { "; routing and NAT are not implemented in this version" } else { "" }
                 ));
             }
             let mut ports = Vec::new();
@@ -350,7 +421,7 @@ impl Config {
                 };
                 ports.push(PortConfig { name: pname, socket, mode, mac, port_security: p.port_security });
             }
-            networks.push(NetworkConfig { name, mode, gateway, mtu, dhcp, ports });
+            networks.push(NetworkConfig { name, mode, gateway, mtu, dhcp, dns, ports });
         }
         Ok(Config { state_dir: raw.state_dir, control_socket: raw.control_socket, networks, warnings })
     }
@@ -380,6 +451,7 @@ impl Config {
                     hosts: vec![],
                     lease_secs: 3600,
                 }),
+                dns: DnsConfig::default(),
                 ports,
             }],
             warnings: vec![],

@@ -428,6 +428,21 @@ fn switch_frame(
     Ok(())
 }
 
+/// Hands a frame made by vunet itself (a gateway answer from another thread, such as an
+/// upstream DNS answer) to a port, and interrupts its guest if it wants that.
+pub fn deliver_frame(port: &GuestPort, frame: &[u8], cx: &mut TxScratch) {
+    let f = TxFrame { segs: &[Seg::of_slice(frame)], offset: 0, len: frame.len(), hdr: VnetHeader::default() };
+    deliver(port, &f, cx);
+    cx.notify.clear();
+    let target = port.rx.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = target.as_ref() {
+        let mut vs = t.vring.get_mut();
+        if vs.needs_notification().unwrap_or(true) {
+            let _ = vs.signal_used_queue();
+        }
+    }
+}
+
 /// Lets the gateway see a frame addressed to it (or broadcast) and sends its answer, if any,
 /// back to the sending port. TSO frames are not for the gateway (it speaks ARP and ICMP).
 fn answer_gateway(net: &Network, port: &GuestPort, f: &TxFrame, cx: &mut TxScratch) {
@@ -442,7 +457,9 @@ fn answer_gateway(net: &Network, port: &GuestPort, f: &TxFrame, cx: &mut TxScrat
     input.resize(f.len, 0);
     gather(f.segs, f.offset, &mut input);
     let complete = !f.hdr.needs_csum() || complete_checksum(&mut input, f.hdr.csum_start as usize, f.hdr.csum_offset as usize).is_ok();
-    if complete && (gw.handle(&input, &mut reply) || net.serve_dhcp(port, gw, &input, &mut reply)) {
+    if complete
+        && (gw.handle(&input, &mut reply) || net.serve_dhcp(port, gw, &input, &mut reply) || net.serve_dns(port, gw, &input, &mut reply))
+    {
         let answer = TxFrame { segs: &[Seg::of_slice(&reply)], offset: 0, len: reply.len(), hdr: VnetHeader::default() };
         deliver(port, &answer, cx);
     }

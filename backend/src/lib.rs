@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod datapath;
+pub mod dns_service;
 pub mod network;
 pub mod proxy;
 pub mod vhost_port;

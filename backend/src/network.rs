@@ -15,14 +15,16 @@ use tracing::{debug, info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vunet_dhcp::dns::{DnsAction, LocalZone};
 use vunet_dhcp::message::{reply_yiaddr, CLIENT_PORT, SERVER_PORT};
 use vunet_dhcp::{lease_file, DhcpMessage, DhcpServer, Lease, MessageType, ServerConfig};
-use vunet_switch::gateway::{build_udp, gateway_mac, udp_payload, Gateway};
+use vunet_switch::gateway::{build_udp, gateway_mac, udp_datagram, udp_payload, Gateway};
 use vunet_switch::vnet::RxCaps;
 use vunet_switch::{format_mac, DropReason, Mac, MacTable, PortCounters, PortId};
 
 use crate::config::{io_reason, Config, Mode, NetworkConfig, PortConfig, PortMode};
 use crate::datapath::ms_since;
+use crate::dns_service::DnsService;
 use crate::vhost_port::{GuestMem, PortDevice, Vring};
 
 /// A failure to start that a user can fix: printed as one line.
@@ -86,6 +88,8 @@ pub struct Network {
     pub mtu: u16,
     /// The network's own endpoint at its gateway address (ARP, ping), if it has one.
     pub gateway: Option<Gateway>,
+    /// The gateway's DNS service.
+    pub dns: Option<DnsService>,
     /// The gateway's DHCP server, and the file its leases persist in.
     pub dhcp: Option<Mutex<DhcpServer>>,
     pub lease_file: Option<PathBuf>,
@@ -139,6 +143,42 @@ impl GuestPort {
 impl Network {
     pub fn now_ms(&self) -> u64 {
         ms_since(self.epoch)
+    }
+
+    /// The names the gateway answers for right now: `dns.hosts`, named static DHCP hosts, and
+    /// DHCP clients that sent a host name.
+    pub fn dns_zone(&self, gw: &Gateway) -> LocalZone {
+        let mut names: Vec<(String, Ipv4Addr)> = self.dns.as_ref().map(|d| d.hosts.clone()).unwrap_or_default();
+        if let Some(dhcp) = &self.dhcp {
+            let server = dhcp.lock().unwrap_or_else(|e| e.into_inner());
+            names.extend(server.config().hosts.iter().filter_map(|h| Some((h.name.clone()?, h.ip))));
+            names.extend(server.leases(unix_now()).into_iter().filter_map(|l| Some((l.hostname?, l.ip))));
+        }
+        LocalZone { domain: self.dns.as_ref().and_then(|d| d.domain.clone()), names, subnet: (gw.ip, gw.prefix) }
+    }
+
+    /// Answers a DNS query from a guest (UDP to port 53 of the gateway) into `out`, or
+    /// forwards it upstream (then the answer comes later, from the forwarder's thread).
+    pub fn serve_dns(&self, port: &GuestPort, gw: &Gateway, frame: &[u8], out: &mut Vec<u8>) -> bool {
+        let Some(dns) = self.dns.as_ref() else { return false };
+        if frame[0..6] != gw.mac {
+            return false;
+        }
+        let Some((client_ip, client_port, query)) = udp_datagram(frame, vunet_dhcp::dns::PORT) else { return false };
+        let client_mac: Mac = frame[6..12].try_into().unwrap_or([0; 6]);
+        let answer = match self.dns_zone(gw).respond(query) {
+            Some(DnsAction::Answer(a)) => a,
+            Some(DnsAction::Forward) => match &dns.forwarder {
+                Some(f) => {
+                    f.forward(query, port.id, client_mac, client_ip, client_port);
+                    return false;
+                }
+                None => vunet_dhcp::dns::refused(query),
+            },
+            None => return false,
+        };
+        build_udp(out, gw.mac, client_mac, gw.ip, client_ip, vunet_dhcp::dns::PORT, client_port, &answer);
+        true
     }
 
     /// Answers a DHCP message from a guest (a UDP datagram to port 67 in `frame`), writing the
@@ -254,6 +294,13 @@ impl Daemon {
         let mut networks = Vec::new();
         for (ni, n) in cfg.networks.iter().enumerate() {
             let net = Arc::new(new_network(n, cfg.state_dir.as_deref()));
+            if let (Some(gw), Some(f)) = (net.gateway, net.dns.as_ref().and_then(|d| d.forwarder.clone())) {
+                let net2 = net.clone();
+                thread::Builder::new()
+                    .name(format!("dns-{}", net.name))
+                    .spawn(move || f.run(net2, gw))
+                    .map_err(|e| StartError::Host(format!("cannot start a thread: {e}")))?;
+            }
             for port in net.ports.read().unwrap_or_else(|e| e.into_inner()).iter() {
                 let listener = listeners.next().flatten();
                 let internal_path = internal_dir.join(format!("n{ni}p{}.sock", port.id));
@@ -365,6 +412,7 @@ fn new_network(n: &NetworkConfig, state_dir: Option<&Path>) -> Network {
         .collect();
     let gateway = n.gateway.map(|(ip, prefix)| Gateway { mac: gateway_mac(&n.name), ip, prefix });
     let lease_file = state_dir.filter(|_| n.dhcp.is_some()).map(|d| d.join(format!("{}.leases", n.name)));
+    let dns = gateway.map(|_| DnsService::new(&n.name, &n.dns));
     let dhcp = dhcp_server(n, lease_file.as_deref()).map(Mutex::new);
     Network {
         name: n.name.clone(),
@@ -372,6 +420,7 @@ fn new_network(n: &NetworkConfig, state_dir: Option<&Path>) -> Network {
         mtu: n.mtu,
         gateway,
         dhcp,
+        dns,
         lease_file,
         ports: RwLock::new(ports),
         macs: Mutex::new(MacTable::default()),

@@ -168,7 +168,8 @@ impl LocalZone {
             }
         } else if self.is_local(&q.name) {
             let host = self.strip_domain(&q.name);
-            let found: Vec<Ipv4Addr> = host.map(|h| self.names.iter().filter(|(n, _)| n == h).map(|(_, a)| *a).collect()).unwrap_or_default();
+            let found: Vec<Ipv4Addr> =
+                host.map(|h| self.names.iter().filter(|(n, _)| n == h).map(|(_, a)| *a).collect()).unwrap_or_default();
             rcode = if found.is_empty() { RCODE_NXDOMAIN } else { 0 };
             if q.qtype == TYPE_A && q.qclass == CLASS_IN {
                 answers.extend(found.iter().map(|a| (TYPE_A, a.octets().to_vec())));
@@ -187,6 +188,21 @@ impl LocalZone {
             r.extend_from_slice(&rdata);
         }
         Some(DnsAction::Answer(r))
+    }
+}
+
+/// REFUSED, for a query the gateway cannot resolve (no upstream resolver).
+pub fn refused(query: &[u8]) -> Vec<u8> {
+    if query.len() < 12 {
+        return Vec::new();
+    }
+    match parse_question(query) {
+        Some(q) if query.len() >= 12 => {
+            let mut r = header(query, 5, false, 0);
+            r.extend_from_slice(&query[12..q.end]);
+            r
+        }
+        _ => bare_error(query, 5),
     }
 }
 

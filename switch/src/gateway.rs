@@ -129,6 +129,11 @@ impl Gateway {
 /// If `frame` is an unfragmented IPv4 UDP datagram to `port` with valid IP and UDP
 /// checksums, returns its source address and payload.
 pub fn udp_payload(frame: &[u8], port: u16) -> Option<(Ipv4Addr, &[u8])> {
+    udp_datagram(frame, port).map(|(src, _, payload)| (src, payload))
+}
+
+/// Like [`udp_payload`], with the source port too.
+pub fn udp_datagram(frame: &[u8], port: u16) -> Option<(Ipv4Addr, u16, &[u8])> {
     if frame.len() < 14 + 20 + 8 || u16::from_be_bytes([frame[12], frame[13]]) != ETH_P_IPV4 {
         return None;
     }
@@ -154,7 +159,7 @@ pub fn udp_payload(frame: &[u8], port: u16) -> Option<(Ipv4Addr, &[u8])> {
             return None;
         }
     }
-    Some((Ipv4Addr::from(src), &udp[8..ulen]))
+    Some((Ipv4Addr::from(src), u16::from_be_bytes([udp[0], udp[1]]), &udp[8..ulen]))
 }
 
 /// Builds an Ethernet + IPv4 + UDP frame (checksums included) into `out`.

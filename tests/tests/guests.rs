@@ -227,17 +227,19 @@ fn vunet_restarts_under_running_guests_on_client_mode_ports() {
 
 /// The DHCP client part of a guest script: busybox udhcpc with a small hook that sets the
 /// address it is given and prints it.
-const UDHCPC: &str = "cat > /tmp/hook.sh <<'EOF'\n#!/bin/sh\ncase \"$1\" in bound|renew) ip addr flush dev $interface; ip addr add $ip/$mask dev $interface; echo \"LEASED $ip\" ;; esac\nEOF\nchmod +x /tmp/hook.sh\nudhcpc -i eth0 -s /tmp/hook.sh -n -q -t 10 -T 2 -x hostname:$(cat /proc/sys/kernel/hostname) || exit 3\n";
+fn udhcpc(hostname: &str) -> String {
+    format!("cat > /tmp/hook.sh <<'EOF'\n#!/bin/sh\ncase \"$1\" in bound|renew) ip addr flush dev $interface; ip addr add $ip/$mask dev $interface; echo \"LEASED $ip\" ;; esac\nEOF\nchmod +x /tmp/hook.sh\nudhcpc -i eth0 -s /tmp/hook.sh -n -q -t 10 -T 2 -x hostname:{hostname} || exit 3\n")
+}
 
 #[test]
-fn guests_get_addresses_by_dhcp_from_vunet() {
+fn guests_get_addresses_by_dhcp_and_resolve_each_other_by_name() {
     let _turn = serial();
     let dir = TempDir::new("guests-dhcp");
     let cfg = dir.path().join("vunet.toml");
     std::fs::write(
         &cfg,
         format!(
-            "state_dir = \"{0}/state\"\n[[network]]\nname = \"default\"\nmode = \"isolated\"\ngateway = \"192.168.122.1/24\"\n[[network.port]]\nname = \"vm1\"\nsocket = \"{0}/vm1.sock\"\n[[network.port]]\nname = \"vm2\"\nsocket = \"{0}/vm2.sock\"\n[network.dhcp]\nrange = [\"192.168.122.100\", \"192.168.122.199\"]\nhosts = [{{ mac = \"52:54:00:00:00:10\", ip = \"192.168.122.10\", name = \"web\" }}]\n",
+            "state_dir = \"{0}/state\"\n[[network]]\nname = \"default\"\nmode = \"isolated\"\ngateway = \"192.168.122.1/24\"\n[[network.port]]\nname = \"vm1\"\nsocket = \"{0}/vm1.sock\"\n[[network.port]]\nname = \"vm2\"\nsocket = \"{0}/vm2.sock\"\n[network.dhcp]\nrange = [\"192.168.122.100\", \"192.168.122.199\"]\nhosts = [{{ mac = \"52:54:00:00:00:10\", ip = \"192.168.122.10\", name = \"web\" }}]\n[network.dns]\nforwarders = []\n",
             dir.path().display()
         ),
     )
@@ -249,7 +251,7 @@ fn guests_get_addresses_by_dhcp_from_vunet() {
         &Socket::Connect(dir.path().join("vm1.sock")),
         "52:54:00:00:00:10",
         "",
-        &format!("{UDHCPC}sleep 40\n"),
+        &format!("{}sleep 12\nnslookup client 192.168.122.1\nsleep 30\n", udhcpc("web")),
     );
     let client = Guest::boot(
         "client",
@@ -258,7 +260,8 @@ fn guests_get_addresses_by_dhcp_from_vunet() {
         "52:54:00:00:00:21",
         "",
         &format!(
-            "{UDHCPC}ip -4 addr show dev eth0\nping -c 2 -W 5 192.168.122.1 || exit 4\nsleep 3\nping -c 3 -W 5 192.168.122.10 || exit 5\n"
+            "{}ip -4 addr show dev eth0\nping -c 2 -W 5 192.168.122.1 || exit 4\nsleep 3\nping -c 3 -W 5 192.168.122.10 || exit 5\nnslookup web 192.168.122.1 || exit 6\nnslookup nosuch 192.168.122.1\necho NSLOOKUP-NOSUCH-EXIT $?\nsleep 5\n",
+            udhcpc("client")
         ),
     );
     assert_eq!(client.wait_exit(BOOT_AND_RUN), Some(0), "client:\n{}", client.console.text());
@@ -270,6 +273,14 @@ fn guests_get_addresses_by_dhcp_from_vunet() {
         "{leased} from the range"
     );
     assert!(web.console.wait_for("LEASED 192.168.122.10", Duration::from_secs(5)), "static host got its address:\n{}", web.console.text());
+    // DNS on the gateway: the static name, the other guest's DHCP name, and a name nobody has.
+    assert!(c.contains("Address: 192.168.122.10") || c.contains("Address 1: 192.168.122.10"), "nslookup web:\n{c}");
+    assert!(c.contains("NXDOMAIN"), "nslookup nosuch answers NXDOMAIN:\n{c}");
+    assert!(
+        web.console.wait_for(&format!("{leased}"), Duration::from_secs(30)) && web.console.text().contains("Name:"),
+        "nslookup client from the web guest:\n{}",
+        web.console.text()
+    );
     let leases = std::fs::read_to_string(dir.path().join("state/default.leases")).expect("lease file");
     assert!(leases.contains("52:54:00:00:00:21") && leases.contains(&leased.to_string()), "{leases}");
 }

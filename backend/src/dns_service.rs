@@ -1,0 +1,198 @@
+//! The gateway's DNS service: local names are answered by `vunet_dhcp::dns` (pure); everything
+//! else is forwarded over UDP to upstream resolvers (the configured `forwarders`, else the
+//! host's /etc/resolv.conf), with a bounded table of outstanding queries that expire.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+use vunet_dhcp::dns::PORT as DNS_PORT;
+use vunet_switch::gateway::{build_udp, Gateway};
+use vunet_switch::{Mac, PortId};
+
+use crate::datapath::{deliver_frame, TxScratch};
+use crate::network::Network;
+
+/// At most this many queries wait for upstream answers per network; the oldest is dropped
+/// to make room (its client retries).
+pub const MAX_PENDING: usize = 512;
+/// An upstream answer later than this is dropped.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Pending {
+    orig_id: [u8; 2],
+    port: PortId,
+    client_mac: Mac,
+    client_ip: Ipv4Addr,
+    client_port: u16,
+    sent: Instant,
+}
+
+#[derive(Default)]
+struct Table {
+    by_id: HashMap<u16, Pending>,
+    order: VecDeque<u16>,
+    seed: u64,
+}
+
+impl Table {
+    /// A fresh, unpredictable-enough query id that is not in use.
+    fn next_id(&mut self) -> u16 {
+        loop {
+            self.seed ^= self.seed << 13;
+            self.seed ^= self.seed >> 7;
+            self.seed ^= self.seed << 17;
+            let id = (self.seed >> 24) as u16;
+            if !self.by_id.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+}
+
+pub struct Forwarder {
+    socket: UdpSocket,
+    upstreams: Vec<SocketAddr>,
+    table: Mutex<Table>,
+}
+
+/// Upstream resolvers from resolv.conf text (IPv4 only: the forwarding socket is IPv4).
+pub fn resolv_conf_servers(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+        .map(|ip| SocketAddr::new(ip.into(), DNS_PORT))
+        .collect()
+}
+
+impl Forwarder {
+    pub fn new(upstreams: Vec<SocketAddr>) -> std::io::Result<Option<Forwarder>> {
+        let upstreams: Vec<SocketAddr> = upstreams.into_iter().filter(|a| a.is_ipv4()).collect();
+        if upstreams.is_empty() {
+            return Ok(None);
+        }
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0x9e37) | 1;
+        Ok(Some(Forwarder { socket, upstreams, table: Mutex::new(Table { seed, ..Default::default() }) }))
+    }
+
+    /// Sends a guest's query upstream under a new id, remembering where the answer goes.
+    pub fn forward(&self, query: &[u8], port: PortId, client_mac: Mac, client_ip: Ipv4Addr, client_port: u16) {
+        if query.len() < 12 {
+            return;
+        }
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        while t.by_id.len() >= MAX_PENDING {
+            match t.order.pop_front() {
+                Some(old) => {
+                    t.by_id.remove(&old);
+                }
+                None => break,
+            }
+        }
+        let id = t.next_id();
+        t.by_id.insert(id, Pending { orig_id: [query[0], query[1]], port, client_mac, client_ip, client_port, sent: Instant::now() });
+        t.order.push_back(id);
+        drop(t);
+        let mut q = query.to_vec();
+        q[0..2].copy_from_slice(&id.to_be_bytes());
+        for up in &self.upstreams {
+            if self.socket.send_to(&q, up).is_ok() {
+                return;
+            }
+        }
+    }
+
+    /// Receives upstream answers and hands them to the guests that asked. Runs for the life
+    /// of the network on its own thread.
+    pub fn run(self: Arc<Self>, net: Arc<Network>, gw: Gateway) {
+        let mut buf = vec![0u8; 65536];
+        let mut frame = Vec::new();
+        let mut cx = TxScratch::default();
+        loop {
+            let got = self.socket.recv_from(&mut buf);
+            self.expire();
+            let Ok((n, from)) = got else { continue };
+            if n < 12 || !self.upstreams.contains(&from) {
+                continue;
+            }
+            let id = u16::from_be_bytes([buf[0], buf[1]]);
+            let Some(p) = self.take(id) else { continue };
+            let answer = &mut buf[..n];
+            answer[0..2].copy_from_slice(&p.orig_id);
+            // No IP fragmentation here: an answer that does not fit the MTU goes back
+            // truncated (TC set, header and question only) so the client knows.
+            let max = net.mtu as usize - 28;
+            let len = if n > max { truncate(answer) } else { n };
+            build_udp(&mut frame, gw.mac, p.client_mac, gw.ip, p.client_ip, DNS_PORT, p.client_port, &answer[..len]);
+            let port = net.ports.read().unwrap_or_else(|e| e.into_inner()).get(p.port).cloned();
+            if let Some(port) = port {
+                deliver_frame(&port, &frame, &mut cx);
+            }
+        }
+    }
+
+    fn take(&self, id: u16) -> Option<Pending> {
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let p = t.by_id.remove(&id)?;
+        t.order.retain(|&x| x != id);
+        Some(p)
+    }
+
+    fn expire(&self) {
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(&old) = t.order.front() {
+            if t.by_id.get(&old).is_some_and(|p| p.sent.elapsed() < QUERY_TIMEOUT) {
+                break;
+            }
+            t.order.pop_front();
+            t.by_id.remove(&old);
+        }
+    }
+
+    pub fn pending(&self) -> usize {
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).by_id.len()
+    }
+}
+
+/// Keeps the header and the question of a DNS message, sets TC and zeroes the other counts.
+fn truncate(m: &mut [u8]) -> usize {
+    let end = vunet_dhcp::dns::parse_question(m).map(|q| q.end).unwrap_or(12);
+    m[2] |= 0x02;
+    m[6..12].copy_from_slice(&[0; 6]);
+    end
+}
+
+/// The DNS service of one network.
+pub struct DnsService {
+    pub domain: Option<String>,
+    pub hosts: Vec<(String, Ipv4Addr)>,
+    pub forwarder: Option<Arc<Forwarder>>,
+}
+
+impl DnsService {
+    pub fn new(network: &str, cfg: &crate::config::DnsConfig) -> DnsService {
+        let upstreams = match &cfg.forwarders {
+            Some(f) => f.clone(),
+            None => resolv_conf_servers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()),
+        };
+        let forwarder = match Forwarder::new(upstreams.clone()) {
+            Ok(Some(f)) => {
+                info!(network = %network, "DNS: names outside the network are forwarded to {upstreams:?}");
+                Some(Arc::new(f))
+            }
+            Ok(None) => {
+                info!(network = %network, "DNS: no upstream resolver; names outside the network are refused");
+                None
+            }
+            Err(e) => {
+                warn!(network = %network, "DNS: cannot open the forwarding socket ({e}); names outside the network are refused");
+                None
+            }
+        };
+        DnsService { domain: cfg.domain.clone(), hosts: cfg.hosts.clone(), forwarder }
+    }
+}

@@ -371,9 +371,9 @@ fn dhcp_server(n: &NetworkConfig, lease_file: Option<&Path>) -> Option<DhcpServe
         // A router is announced only where the gateway routes (libvirt's isolated networks
         // give none).
         router: matches!(n.mode, Mode::Nat | Mode::Route),
-        // Announced once the gateway answers DNS.
-        dns: None,
-        domain: None,
+        // The gateway answers DNS wherever it exists.
+        dns: Some(ip),
+        domain: n.dns.domain.clone(),
         mtu: (n.mtu != 1500).then_some(n.mtu),
     });
     if let Some(path) = lease_file {

@@ -61,6 +61,7 @@ fn guests_get_addresses_from_the_range_and_static_hosts_their_own() {
     assert!(opts.contains(&(12, b"web".to_vec())), "static name: {opts:?}");
     assert!(opts.contains(&(1, vec![255, 255, 255, 0])));
     assert!(!opts.iter().any(|(c, _)| *c == 3), "isolated: no router");
+    assert!(opts.contains(&(6, GW.octets().to_vec())), "the gateway is the DNS server: {opts:?}");
     // A request for an address that is not the client's is refused.
     let nak = exchange(&mut vms[0], [0x52, 0x54, 0, 0, 0, 1], MessageType::Request, Some(Ipv4Addr::new(10, 0, 0, 10)), None).unwrap();
     assert_eq!(reply_type(&nak), Some(MessageType::Nak));

@@ -423,7 +423,12 @@ impl Config {
             }
             networks.push(NetworkConfig { name, mode, gateway, mtu, dhcp, dns, ports });
         }
-        Ok(Config { state_dir: raw.state_dir, control_socket: raw.control_socket, networks, warnings })
+        Ok(Config {
+            state_dir: raw.state_dir.map(|p| base.join(p)),
+            control_socket: raw.control_socket.map(|p| base.join(p)),
+            networks,
+            warnings,
+        })
     }
 
     /// The embedded default: network `default`, isolated, gateway 192.168.122.1/24, and four

@@ -7,6 +7,7 @@
 //! configuration file and the CLI.
 
 pub mod config;
+pub mod control;
 pub mod datapath;
 pub mod dns_service;
 pub mod network;

@@ -20,6 +20,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// List the DHCP leases of a network (from the running daemon).
+    DhcpLeases {
+        /// Network name.
+        network: String,
+        #[command(flatten)]
+        at: DaemonAt,
+    },
+    /// List the guest ports of a network with their state and counters.
+    PortList {
+        /// Network name.
+        network: String,
+        #[command(flatten)]
+        at: DaemonAt,
+    },
+    /// List the networks of the running daemon.
+    NetList {
+        #[command(flatten)]
+        at: DaemonAt,
+    },
     /// Run the networks of a configuration file (or the embedded default network).
     Run {
         /// TOML configuration file. Without it vunet serves network "default" (isolated,
@@ -33,6 +52,50 @@ enum Command {
     },
 }
 
+/// Where to find the running daemon: `--control`, else the `control_socket` of `--config`,
+/// else /run/vunet/control.sock.
+#[derive(clap::Args)]
+struct DaemonAt {
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// The daemon's configuration file (its control_socket is used).
+    #[arg(short, long, value_name = "FILE", conflicts_with = "control")]
+    config: Option<PathBuf>,
+}
+
+impl DaemonAt {
+    fn path(&self) -> Result<PathBuf, String> {
+        if let Some(p) = &self.control {
+            return Ok(p.clone());
+        }
+        if let Some(c) = &self.config {
+            let cfg = Config::load(c).map_err(|e| e.to_string())?;
+            return cfg.control_socket.ok_or_else(|| format!("{}: no control_socket in this configuration", c.display()));
+        }
+        Ok(vunet::control::default_path())
+    }
+}
+
+/// Sends a request to the daemon and prints the answer; errors are one line, exit 1.
+fn client(at: &DaemonAt, req: &str) -> ExitCode {
+    let r = at.path().and_then(|p| vunet::control::request(&p, req));
+    match r {
+        Ok(text) if text.starts_with("error: ") => {
+            eprint!("vunet: {}", &text["error: ".len()..]);
+            ExitCode::from(1)
+        }
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vunet: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -41,6 +104,9 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
+        Command::DhcpLeases { network, at } => client(&at, &format!("dhcp-leases {network}")),
+        Command::PortList { network, at } => client(&at, &format!("port-list {network}")),
+        Command::NetList { at } => client(&at, "net-list"),
         Command::Run { config, runtime_dir } => match run(config.as_deref(), runtime_dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(msg) => {
@@ -98,6 +164,9 @@ fn run(config: Option<&Path>, runtime_dir: Option<PathBuf>) -> Result<(), String
             let _ = std::fs::remove_file(&p.socket);
         }
     }
+    if let Some(c) = &cfg.control_socket {
+        let _ = std::fs::remove_file(c);
+    }
     drop(daemon);
     Ok(())
 }
@@ -134,6 +203,9 @@ fn print_summary(cfg: &Config) {
                 "    qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=512M,share=on -machine memory-backend=mem {chardev} -netdev vhost-user,id=net0,chardev=vu0 -device virtio-net-pci,netdev=net0,mac={mac}"
             );
         }
+    }
+    if let Some(c) = &cfg.control_socket {
+        println!("control socket: {} (vunet net-list --control {})", c.display(), c.display());
     }
     println!("(guest RAM must be shared: memory-backend-memfd with share=on. Under TCG with QEMU 7.2 add vectors=0 to -device.)");
     use std::io::Write;

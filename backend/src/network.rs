@@ -38,6 +38,8 @@ pub enum StartError {
     NotASocket { port: String, path: PathBuf },
     #[error("port {port}: cannot listen on {path}: {reason}")]
     Listen { port: String, path: PathBuf, reason: String },
+    #[error("control socket {path}: {reason}")]
+    Control { path: PathBuf, reason: String },
     #[error("state_dir {path}: {reason}")]
     StateDir { path: PathBuf, reason: String },
     /// A failure of the host (threads, the private socket directory), not of the config.
@@ -313,6 +315,14 @@ impl Daemon {
                     .map_err(|e| StartError::Host(format!("cannot start a thread: {e}")))?;
             }
             networks.push(net);
+        }
+        if let Some(path) = &cfg.control_socket {
+            let listener = crate::control::bind(path)?;
+            let nets = networks.clone();
+            thread::Builder::new()
+                .name("control".into())
+                .spawn(move || crate::control::serve(listener, nets))
+                .map_err(|e| StartError::Host(format!("cannot start a thread: {e}")))?;
         }
         Ok(Daemon { networks, internal_dir })
     }

@@ -127,3 +127,54 @@ fn help_describes_run() {
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("--config") && s.contains("--runtime-dir"));
 }
+
+#[test]
+fn subcommands_talk_to_the_running_daemon() {
+    let d = tmp("control");
+    let f = d.join("vunet.toml");
+    std::fs::write(
+        &f,
+        "control_socket = \"ctl/control.sock\"\n[[network]]\nname = \"lab\"\nmode = \"isolated\"\ngateway = \"10.9.0.1/24\"\n[[network.port]]\nname = \"vm1\"\nsocket = \"vm1.sock\"\n[network.dhcp]\nrange = [\"10.9.0.10\", \"10.9.0.20\"]\n",
+    )
+    .unwrap();
+    // Relative paths are relative to the config file: the control socket is d/ctl/control.sock.
+    let f = f.to_str().unwrap().to_string();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_vunet"))
+        .args(["run", "--config", &f])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ctl = d.join("ctl/control.sock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ctl.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let net = vunet(&["net-list", "--config", &f]);
+    let ports = vunet(&["port-list", "lab", "--control", ctl.to_str().unwrap()]);
+    let leases = vunet(&["dhcp-leases", "lab", "--config", &f]);
+    let unknown = vunet(&["dhcp-leases", "nope", "--config", &f]);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let text = |o: &Output| String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        net.status.success() && text(&net).contains("lab") && text(&net).contains("isolated") && text(&net).contains("0/1 connected"),
+        "{net:?}"
+    );
+    assert!(ports.status.success() && text(&ports).starts_with("vm1 ") && text(&ports).contains("waiting"), "{ports:?}");
+    assert!(leases.status.success() && text(&leases).starts_with("MAC"), "{leases:?}");
+    assert_eq!(unknown.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&unknown.stderr), "vunet: no network named \"nope\"\n");
+    let mode = std::fs::metadata(&ctl).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
+    assert_eq!(mode.ok(), Some(0o600), "owner-only control socket");
+}
+
+#[test]
+fn subcommand_without_a_daemon_is_one_line() {
+    let out = vunet(&["net-list", "--control", "/nonexistent/control.sock"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "vunet: cannot reach the vunet daemon at /nonexistent/control.sock: No such file or directory\n"
+    );
+}

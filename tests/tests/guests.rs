@@ -239,7 +239,7 @@ fn guests_get_addresses_by_dhcp_and_resolve_each_other_by_name() {
     std::fs::write(
         &cfg,
         format!(
-            "state_dir = \"{0}/state\"\n[[network]]\nname = \"default\"\nmode = \"isolated\"\ngateway = \"192.168.122.1/24\"\n[[network.port]]\nname = \"vm1\"\nsocket = \"{0}/vm1.sock\"\n[[network.port]]\nname = \"vm2\"\nsocket = \"{0}/vm2.sock\"\n[network.dhcp]\nrange = [\"192.168.122.100\", \"192.168.122.199\"]\nhosts = [{{ mac = \"52:54:00:00:00:10\", ip = \"192.168.122.10\", name = \"web\" }}]\n[network.dns]\nforwarders = []\n",
+            "state_dir = \"{0}/state\"\ncontrol_socket = \"{0}/control.sock\"\n[[network]]\nname = \"default\"\nmode = \"isolated\"\ngateway = \"192.168.122.1/24\"\n[[network.port]]\nname = \"vm1\"\nsocket = \"{0}/vm1.sock\"\n[[network.port]]\nname = \"vm2\"\nsocket = \"{0}/vm2.sock\"\n[network.dhcp]\nrange = [\"192.168.122.100\", \"192.168.122.199\"]\nhosts = [{{ mac = \"52:54:00:00:00:10\", ip = \"192.168.122.10\", name = \"web\" }}]\n[network.dns]\nforwarders = []\n",
             dir.path().display()
         ),
     )
@@ -281,6 +281,12 @@ fn guests_get_addresses_by_dhcp_and_resolve_each_other_by_name() {
         "nslookup client from the web guest:\n{}",
         web.console.text()
     );
+    // The daemon lists the leases: MAC, IP, expiry, name.
+    let listed =
+        std::process::Command::new(vunet_binary()).args(["dhcp-leases", "default", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    let line = listed.lines().find(|l| l.starts_with("52:54:00:00:00:21")).unwrap_or_else(|| panic!("client's lease listed:\n{listed}"));
+    assert!(line.contains(&leased.to_string()) && line.trim_end().ends_with("client") && line.contains(" 20"), "{line}");
     let leases = std::fs::read_to_string(dir.path().join("state/default.leases")).expect("lease file");
     assert!(leases.contains("52:54:00:00:00:21") && leases.contains(&leased.to_string()), "{leases}");
 }

@@ -290,3 +290,67 @@ fn guests_get_addresses_by_dhcp_and_resolve_each_other_by_name() {
     let leases = std::fs::read_to_string(dir.path().join("state/default.leases")).expect("lease file");
     assert!(leases.contains("52:54:00:00:00:21") && leases.contains(&leased.to_string()), "{leases}");
 }
+
+#[test]
+fn spoofing_guests_and_a_rogue_dhcp_server_get_nowhere() {
+    let _turn = serial();
+    let dir = TempDir::new("guests-spoof");
+    let cfg = dir.path().join("vunet.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "control_socket = \"{0}/control.sock\"\n[[network]]\nname = \"default\"\nmode = \"isolated\"\ngateway = \"192.168.122.1/24\"\n[[network.port]]\nname = \"rogue\"\nsocket = \"{0}/vm1.sock\"\n[[network.port]]\nname = \"client\"\nsocket = \"{0}/vm2.sock\"\n[[network.port]]\nname = \"spoofer\"\nsocket = \"{0}/vm3.sock\"\n[network.dhcp]\nrange = [\"192.168.122.100\", \"192.168.122.199\"]\nhosts = [{{ mac = \"52:54:00:00:00:20\", ip = \"192.168.122.20\", name = \"client\" }}]\n[network.dns]\nforwarders = []\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let _vunet = VunetProcess::start(&["--config", cfg.to_str().unwrap()], &dir.path().join("vunet.log"));
+    // A guest runs busybox udhcpd offering 192.168.122.200-210.
+    let rogue = Guest::boot(
+        "rogue",
+        dir.path(),
+        &Socket::Connect(dir.path().join("vm1.sock")),
+        "52:54:00:00:00:66",
+        "",
+        "ip addr add 192.168.122.66/24 dev eth0\nprintf 'start 192.168.122.200\\nend 192.168.122.210\\ninterface eth0\\nlease_file /tmp/udhcpd.leases\\nopt subnet 255.255.255.0\\n' > /tmp/udhcpd.conf\ntouch /tmp/udhcpd.leases\nudhcpd -f /tmp/udhcpd.conf &\necho ROGUE-UP\nsleep 60\n",
+    );
+    assert!(rogue.console.wait_for("ROGUE-UP", BOOT_AND_RUN), "rogue:\n{}", rogue.console.text());
+    std::thread::sleep(Duration::from_secs(2));
+    let client = Guest::boot(
+        "client",
+        dir.path(),
+        &Socket::Connect(dir.path().join("vm2.sock")),
+        "52:54:00:00:00:20",
+        "",
+        &format!("{}sleep 40\n", udhcpc("client")),
+    );
+    let spoofer = Guest::boot(
+        "spoofer",
+        dir.path(),
+        &Socket::Connect(dir.path().join("vm3.sock")),
+        "52:54:00:00:00:33",
+        "",
+        &format!(
+            "{}sleep 4\nping -c 2 -W 3 192.168.122.20 && echo OWN-ADDRESS-WORKS\nip addr flush dev eth0\nip addr add 192.168.122.150/24 dev eth0\nping -c 2 -W 3 192.168.122.20 || echo FOREIGN-IP-BLOCKED\nip addr flush dev eth0\nip addr add $(cat /tmp/leased)/24 dev eth0\nip link set eth0 down\nip link set eth0 address 52:54:00:99:99:99\nip link set eth0 up\nping -c 2 -W 3 192.168.122.20 || echo FOREIGN-MAC-BLOCKED\n",
+            udhcpc("spoofer").replace("echo \"LEASED $ip\"", "echo \"LEASED $ip\"; echo $ip > /tmp/leased")
+        ),
+    );
+    assert_eq!(spoofer.wait_exit(BOOT_AND_RUN), Some(0), "spoofer:\n{}", spoofer.console.text());
+    let s = spoofer.console.text();
+    assert!(s.contains("OWN-ADDRESS-WORKS"), "with its own address the spoofer reaches the client:\n{s}");
+    assert!(s.contains("FOREIGN-IP-BLOCKED"), "a foreign IP reaches nobody:\n{s}");
+    assert!(s.contains("FOREIGN-MAC-BLOCKED"), "a foreign MAC reaches nobody:\n{s}");
+    // The client's lease came from vunet (its static address), never from the rogue server.
+    let c = client.console.text();
+    let leased: Vec<&str> = c.split("LEASED ").skip(1).filter_map(|s| s.split_whitespace().next()).collect();
+    assert!(
+        !leased.is_empty() && leased.iter().all(|ip| *ip == "192.168.122.20"),
+        "only vunet's lease, never the rogue's .200-.210: {leased:?}\n{c}"
+    );
+    let ports =
+        std::process::Command::new(vunet_binary()).args(["port-list", "default", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    let ports = String::from_utf8_lossy(&ports.stdout).to_string();
+    let line = |name: &str| ports.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or("").to_string();
+    assert!(line("rogue").contains("rogue_dhcp_server="), "the rogue server's offers were dropped:\n{ports}");
+    assert!(line("spoofer").contains("spoofed_ip=") && line("spoofer").contains("spoofed_mac="), "{ports}");
+}

@@ -2,7 +2,8 @@
 # Coverage-guided fuzzing (cargo fuzz / libFuzzer, on the stable toolchain through
 # RUSTC_BOOTSTRAP=1) of the DHCP and DNS parsers, the DHCP server, the lease file, and the
 # gateway's frame handling. Usage: scripts/fuzz.sh [SECONDS_PER_TARGET] (default 20).
-# Installs cargo-fuzz from crates.io if it is missing. Corpora stay in tests/fuzz/corpus/.
+# Installs cargo-fuzz from crates.io if it is missing. Seeds are in tests/fuzz/seeds/ (kept in
+# git); what the fuzzer finds stays in tests/fuzz/corpus/ (not kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-20}
@@ -12,5 +13,12 @@ cd tests/fuzz
 for t in dhcp_server dns_query gateway_frame lease_file; do
   mkdir -p corpus/$t
   echo "== fuzz $t for ${secs}s"
-  cargo fuzz run --fuzz-dir . "$t" "corpus/$t" -- -max_total_time="$secs" -max_len=2048 2>&1 | grep -E "^#[0-9]+.*(DONE|pulse)|Done|ERROR|panicked|SUMMARY" | tail -3
+  log=$(mktemp)
+  if ! cargo fuzz run --fuzz-dir . "$t" "corpus/$t" "seeds/$t" -- -max_total_time="$secs" -max_len=2048 > "$log" 2>&1; then
+    tail -40 "$log"
+    echo "fuzz target $t FAILED (crash input in tests/fuzz/artifacts/$t/)"
+    exit 1
+  fi
+  grep -E "DONE|^Done" "$log" | tail -2
+  rm -f "$log"
 done

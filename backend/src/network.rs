@@ -384,7 +384,7 @@ fn dhcp_server(n: &NetworkConfig, lease_file: Option<&Path>) -> Option<DhcpServe
         // The gateway answers DNS wherever it exists.
         dns: Some(ip),
         domain: n.dns.domain.clone(),
-        mtu: (n.mtu != 1500).then_some(n.mtu),
+        mtu: Some(n.mtu),
     });
     if let Some(path) = lease_file {
         let restored = server.restore(&load_leases(&n.name, path), unix_now());

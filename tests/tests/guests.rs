@@ -179,14 +179,14 @@ fn client_mode_port_with_qemu_as_the_listener() {
 }
 
 #[test]
-fn vunet_restarts_under_running_guests_on_client_mode_ports() {
+fn vunet_restarts_under_running_guests_on_client_mode_ports_and_guests_keep_their_addresses() {
     let _turn = serial();
     let dir = TempDir::new("guests-restart-vunet");
     let cfg = dir.path().join("vunet.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[[network]]\nname = \"lab\"\nmode = \"isolated\"\ngateway = \"10.0.0.254/24\"\n[[network.port]]\nname = \"a\"\nsocket = \"{0}/qemu-a.sock\"\nmode = \"client\"\n[[network.port]]\nname = \"b\"\nsocket = \"{0}/qemu-b.sock\"\nmode = \"client\"\n",
+            "state_dir = \"{0}/state\"\n[[network]]\nname = \"lab\"\nmode = \"isolated\"\ngateway = \"10.0.0.254/24\"\n[[network.port]]\nname = \"a\"\nsocket = \"{0}/qemu-a.sock\"\nmode = \"client\"\n[[network.port]]\nname = \"b\"\nsocket = \"{0}/qemu-b.sock\"\nmode = \"client\"\n[network.dhcp]\nrange = [\"10.0.0.100\", \"10.0.0.150\"]\nhosts = [{{ mac = \"52:54:00:00:00:0a\", ip = \"10.0.0.1\" }}]\n[network.dns]\nforwarders = []\n",
             dir.path().display()
         ),
     )
@@ -199,7 +199,7 @@ fn vunet_restarts_under_running_guests_on_client_mode_ports() {
         &Socket::Listen(dir.path().join("qemu-a.sock")),
         "52:54:00:00:00:0a",
         "",
-        "ip addr add 10.0.0.1/24 dev eth0\nsleep 90\n",
+        &format!("{}sleep 90\n", udhcpc("a")),
     );
     let b = Guest::boot(
         "b",
@@ -207,7 +207,8 @@ fn vunet_restarts_under_running_guests_on_client_mode_ports() {
         &Socket::Listen(dir.path().join("qemu-b.sock")),
         "52:54:00:00:00:0b",
         "",
-        "ip addr add 10.0.0.2/24 dev eth0\nping -c 50 -i 0.5 -W 1 10.0.0.1\n",
+        // Leases by DHCP, pings through the restart, then asks DHCP again: the same address.
+        &format!("{0}ping -c 50 -i 0.5 -W 1 10.0.0.1\n{0}", udhcpc("b")),
     );
     assert!(b.console.wait_for("seq=5 ", BOOT_AND_RUN), "pings flow before the restart:\n{}", b.console.text());
     // vunet dies (SIGKILL, no cleanup) and a new one starts: it reconnects to both QEMUs,
@@ -222,6 +223,9 @@ fn vunet_restarts_under_running_guests_on_client_mode_ports() {
         out.lines().filter_map(|l| l.split("seq=").nth(1)).filter_map(|s| s.split_whitespace().next()?.parse().ok()).collect();
     assert!(last_seqs.iter().any(|&s| s >= 40), "pings answered after the restart:\n{out}");
     assert!(last_seqs.len() >= 35, "at most a few seconds of pings lost ({} of 50 answered):\n{out}", last_seqs.len());
+    let leased: Vec<&str> = out.split("LEASED ").skip(1).filter_map(|s| s.split_whitespace().next()).collect();
+    assert_eq!(leased.len(), 2, "{out}");
+    assert_eq!(leased[0], leased[1], "the guest keeps its address across the restart (lease restored from state_dir)");
     drop(a);
 }
 

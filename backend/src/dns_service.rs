@@ -196,3 +196,32 @@ impl DnsService {
         DnsService { domain: cfg.domain.clone(), hosts: cfg.hosts.clone(), forwarder }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_parsing() {
+        let t = "# comment\nnameserver 10.0.0.53\nnameserver  fe80::1\nsearch lab\nnameserver 127.0.0.53\n";
+        assert_eq!(resolv_conf_servers(t), vec!["10.0.0.53:53".parse().unwrap(), "127.0.0.53:53".parse().unwrap()]);
+    }
+
+    #[test]
+    fn outstanding_queries_are_bounded() {
+        // An upstream on loopback that never answers.
+        let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let f = Forwarder::new(vec![silent.local_addr().unwrap()]).unwrap().unwrap();
+        let q = vunet_dhcp::dns::build_query(1, "example.org", 1);
+        for i in 0..2000u16 {
+            f.forward(&q, 0, [2, 0, 0, 0, 0, 1], Ipv4Addr::new(10, 0, 0, 7), 1000 + i);
+        }
+        assert_eq!(f.pending(), MAX_PENDING);
+        // Every query went upstream under an id of vunet's choosing.
+        let mut buf = [0u8; 512];
+        silent.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let (n, _) = silent.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[2..n], &q[2..]);
+        assert!(Forwarder::new(vec![]).unwrap().is_none(), "no upstream, no forwarder");
+    }
+}

@@ -11,9 +11,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vunet_switch::checksum::{finish, pseudo_v4};
-use vunet_switch::vnet::{VnetHeader, F_NEEDS_CSUM, GSO_TCPV4};
-use vunet_tests::{eth_frame, start_network, SimOptions, TempDir, VmSim, QUEUE_SIZE};
+use vunet_switch::vnet::VnetHeader;
+use vunet_tests::{eth_frame, start_network, tso_frame, SimOptions, TempDir, VmSim, QUEUE_SIZE};
 
 const A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xa];
 const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xb];
@@ -42,31 +41,6 @@ fn memcpy_gbps(chunk: usize, src_total: usize, dst_total: usize) -> f64 {
     }
     std::hint::black_box(&dst);
     bytes as f64 / start.elapsed().as_secs_f64() / 1e9
-}
-
-fn tso_frame() -> (VnetHeader, Vec<u8>) {
-    let payload = vec![0x5au8; 65000];
-    let mut f = Vec::new();
-    etherparse::PacketBuilder::ethernet2(A, B)
-        .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
-        .tcp(40000, 5201, 7, 64000)
-        .ack(1)
-        .write(&mut f, &payload)
-        .unwrap();
-    let partial = !finish(pseudo_v4(&[10, 0, 0, 1], &[10, 0, 0, 2], 6, (f.len() - 34) as u16));
-    f[50..52].copy_from_slice(&partial.to_be_bytes());
-    (
-        VnetHeader {
-            flags: F_NEEDS_CSUM,
-            gso_type: GSO_TCPV4,
-            hdr_len: 66,
-            gso_size: 1448,
-            csum_start: 34,
-            csum_offset: 16,
-            num_buffers: 0,
-        },
-        f,
-    )
 }
 
 /// Pushes prepared frames from `tx` and drains `rx` for the benchmark duration; returns
@@ -114,7 +88,7 @@ fn measure(sock_a: &Path, sock_b: &Path, rx_buf: u32) -> Result {
     let small = eth_frame(B, A, 0x0800, 46, 1);
     let (n, t) = pump(&mut a, &mut b, &VnetHeader::default(), &small);
     let mpps_64 = n as f64 / t / 1e6;
-    let (hdr, big) = tso_frame();
+    let (hdr, big) = tso_frame(A, B, 65000);
     let (n, t) = pump(&mut a, &mut b, &hdr, &big);
     let gbps_64k = n as f64 * big.len() as f64 * 8.0 / t / 1e9;
     Result { mpps_64, gbps_64k }

@@ -280,14 +280,8 @@ pub(crate) mod tests {
 
     /// A client message as busybox udhcpc sends it.
     pub fn client_msg(t: MessageType, mac: Mac, xid: u32, extra: &[(u8, Vec<u8>)]) -> Vec<u8> {
-        let mut b = vec![0u8; FIXED_LEN];
-        b[0] = BOOTREQUEST;
-        b[1] = 1;
-        b[2] = 6;
-        b[4..8].copy_from_slice(&xid.to_be_bytes());
-        b[28..34].copy_from_slice(&mac);
-        b.extend_from_slice(&MAGIC);
-        b.extend_from_slice(&[opt::MSG_TYPE, 1, t.code()]);
+        let mut b = build_client_message(t, mac, xid, None, None, None);
+        b.pop(); // END; the extra options go before it.
         for (c, v) in extra {
             b.push(*c);
             b.push(v.len() as u8);

@@ -549,6 +549,34 @@ impl VmSim {
     }
 }
 
+/// A TCP segment of `payload_len` bytes (up to 64 KiB) with a partial checksum, as Linux hands
+/// it to virtio-net with TSO, and its virtio-net header (MSS 1448).
+pub fn tso_frame(src: [u8; 6], dst: [u8; 6], payload_len: usize) -> (VnetHeader, Vec<u8>) {
+    use vunet_switch::checksum::{finish, pseudo_v4};
+    let payload: Vec<u8> = (0..payload_len).map(|i| (i * 31 % 251) as u8).collect();
+    let mut f = Vec::new();
+    etherparse::PacketBuilder::ethernet2(src, dst)
+        .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+        .tcp(40000, 5201, 7, 64000)
+        .ack(1)
+        .psh()
+        .write(&mut f, &payload)
+        .expect("build TCP frame");
+    // The full TCP checksum is replaced by the pseudo-header sum, as a CSUM-offloading sender does.
+    let partial = !finish(pseudo_v4(&[10, 0, 0, 1], &[10, 0, 0, 2], 6, (f.len() - 34) as u16));
+    f[34 + 16..34 + 18].copy_from_slice(&partial.to_be_bytes());
+    let hdr = VnetHeader {
+        flags: vunet_switch::vnet::F_NEEDS_CSUM,
+        gso_type: vunet_switch::vnet::GSO_TCPV4,
+        hdr_len: 66,
+        gso_size: 1448,
+        csum_start: 34,
+        csum_offset: 16,
+        num_buffers: 0,
+    };
+    (hdr, f)
+}
+
 /// Builds an Ethernet frame.
 pub fn eth_frame(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload_len: usize, fill: u8) -> Vec<u8> {
     let mut f = Vec::with_capacity(14 + payload_len);

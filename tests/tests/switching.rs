@@ -86,34 +86,6 @@ fn three_guests_learning_flooding_unicast_no_echo() {
     assert_eq!(d.network("test").unwrap().macs.lock().unwrap().len(), 3);
 }
 
-/// A 64 KiB TCP segment with a partial checksum, as Linux hands it to virtio-net with TSO.
-fn tso_frame(payload_len: usize) -> (VnetHeader, Vec<u8>) {
-    let payload: Vec<u8> = (0..payload_len).map(|i| (i * 31 % 251) as u8).collect();
-    let mut f = Vec::new();
-    PacketBuilder::ethernet2(A, BCAST)
-        .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
-        .tcp(40000, 5201, 7, 64000)
-        .ack(1)
-        .psh()
-        .write(&mut f, &payload)
-        .unwrap();
-    // Replace the full TCP checksum by the pseudo-header sum, as a CSUM-offloading sender does.
-    let l4_len = (f.len() - 34) as u16;
-    let partial = !finish(pseudo_v4(&[10, 0, 0, 1], &[10, 0, 0, 2], 6, l4_len));
-    f[34 + 16..34 + 18].copy_from_slice(&partial.to_be_bytes());
-    // The IPv4 total length of a GSO frame may exceed 16 bits' worth in theory; here it fits.
-    let hdr = VnetHeader {
-        flags: F_NEEDS_CSUM,
-        gso_type: GSO_TCPV4,
-        hdr_len: 66,
-        gso_size: 1448,
-        csum_start: 34,
-        csum_offset: 16,
-        num_buffers: 0,
-    };
-    (hdr, f)
-}
-
 #[test]
 fn tso_frame_passes_whole_to_tso_guest_and_segmented_to_others() {
     let dir = TempDir::new("tso");
@@ -123,7 +95,7 @@ fn tso_frame_passes_whole_to_tso_guest_and_segmented_to_others() {
     assert!(vms[1].has(feat::GUEST_TSO4) && vms[1].has(feat::MRG_RXBUF));
     assert!(!vms[2].has(feat::GUEST_TSO4) && !vms[2].has(feat::GUEST_CSUM));
 
-    let (hdr, frame) = tso_frame(65000);
+    let (hdr, frame) = tso_frame(A, BCAST, 65000);
     assert!(frame.len() > 65000);
     vms[0].send_with(&hdr, &frame, true);
 
@@ -162,7 +134,7 @@ fn partial_checksum_is_completed_for_a_guest_without_guest_csum() {
     let (_d, socks) = start_network(dir.path(), 2);
     let mut vms = connect_all(&socks, &[SimOptions::full(), SimOptions::no_offloads()]);
     settle();
-    let (mut hdr, frame) = tso_frame(1000);
+    let (mut hdr, frame) = tso_frame(A, BCAST, 1000);
     hdr.gso_type = 0;
     hdr.gso_size = 0;
     vms[0].send_with(&hdr, &frame, false);
@@ -509,7 +481,7 @@ fn legacy_guest_with_the_10_byte_header_talks_to_a_modern_one() {
     settle();
     assert_eq!((vms[0].hdr_len(), vms[1].hdr_len()), (12, 10));
     // A TSO frame from the modern guest reaches the legacy one whole (it has GUEST_TSO4)...
-    let (hdr, frame) = tso_frame(20_000);
+    let (hdr, frame) = tso_frame(A, BCAST, 20_000);
     vms[0].send_with(&hdr, &frame, true);
     let (h, got) = vms[1].recv(T).expect("legacy guest receives");
     assert_eq!(got, frame);

@@ -5,12 +5,9 @@
 use std::net::Ipv4Addr;
 
 use crate::checksum::checksum;
+use crate::proto::{ETH_P_ARP, ETH_P_IPV4, IPPROTO_ICMP, IPPROTO_UDP};
 use crate::Mac;
 
-const ETH_P_ARP: u16 = 0x0806;
-const ETH_P_IPV4: u16 = 0x0800;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_UDP: u8 = 17;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
 

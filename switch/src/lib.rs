@@ -15,6 +15,7 @@ pub mod gateway;
 pub mod mac_table;
 pub mod offload;
 pub mod port_security;
+pub mod proto;
 pub mod vnet;
 
 pub use counters::{DropReason, PortCounters};

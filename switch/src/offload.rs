@@ -4,14 +4,11 @@
 //! takes this path when the one-copy pass-through is impossible.
 
 use crate::checksum::{finish, pseudo_v4, pseudo_v6, sum};
+use crate::proto::{ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP};
 use crate::vnet::VnetHeader;
 use crate::DropReason;
 use etherparse::{Ipv4HeaderSlice, Ipv6HeaderSlice, TcpHeaderSlice};
 
-const ETH_P_IPV4: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const IPPROTO_TCP: u8 = 6;
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
 const TCP_CWR: u8 = 0x80;

@@ -5,11 +5,8 @@
 
 use std::net::Ipv4Addr;
 
+use crate::proto::{ETH_P_ARP, ETH_P_IPV4, IPPROTO_UDP};
 use crate::{DropReason, Mac};
-
-const ETH_P_IPV4: u16 = 0x0800;
-const ETH_P_ARP: u16 = 0x0806;
-const IPPROTO_UDP: u8 = 17;
 
 /// How many bytes of a frame [`check`] needs to see (Ethernet, IPv4 with options, UDP ports).
 pub const HEADER_BYTES: usize = 14 + 60 + 4;

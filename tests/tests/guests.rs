@@ -207,10 +207,15 @@ fn vunet_restarts_under_running_guests_on_client_mode_ports_and_guests_keep_thei
         &Socket::Listen(dir.path().join("qemu-b.sock")),
         "52:54:00:00:00:0b",
         "",
-        // Leases by DHCP, pings through the restart, then asks DHCP again: the same address.
-        &format!("{0}ping -c 50 -i 0.5 -W 1 10.0.0.1\n{0}", udhcpc("b")),
+        // Leases by DHCP, waits until guest a answers (it may still be booting), pings through
+        // the restart, then asks DHCP again: the same address.
+        &format!(
+            "{0}i=0\nuntil ping -c 1 -W 1 10.0.0.1 >/dev/null; do i=$((i+1)); [ $i -gt 120 ] && exit 7; done\necho PEER-UP\nping -c 50 -i 0.5 -W 1 10.0.0.1\n{0}",
+            udhcpc("b")
+        ),
     );
-    assert!(b.console.wait_for("seq=5 ", BOOT_AND_RUN), "pings flow before the restart:\n{}", b.console.text());
+    assert!(b.console.wait_for("PEER-UP", BOOT_AND_RUN), "guest a answers before the restart:\n{}", b.console.text());
+    assert!(b.console.wait_for("64 bytes from", Duration::from_secs(10)), "pings flow before the restart:\n{}", b.console.text());
     // vunet dies (SIGKILL, no cleanup) and a new one starts: it reconnects to both QEMUs,
     // which renegotiate with it while their guests keep running.
     let _ = first.child.kill();

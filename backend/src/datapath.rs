@@ -457,7 +457,9 @@ fn answer_gateway(net: &Network, port: &GuestPort, f: &TxFrame, cx: &mut TxScrat
     input.resize(f.len, 0);
     gather(f.segs, f.offset, &mut input);
     let complete = !f.hdr.needs_csum() || complete_checksum(&mut input, f.hdr.csum_start as usize, f.hdr.csum_offset as usize).is_ok();
-    if complete
+    if let Some(dns) = net.dns.as_ref().filter(|_| complete && crate::dns_tcp::is_for_dns_tcp(gw, &input)) {
+        dns.tcp.input(port.id, &input);
+    } else if complete
         && (gw.handle(&input, &mut reply) || net.serve_dhcp(port, gw, &input, &mut reply) || net.serve_dns(port, gw, &input, &mut reply))
     {
         let answer = TxFrame { segs: &[Seg::of_slice(&reply)], offset: 0, len: reply.len(), hdr: VnetHeader::default() };

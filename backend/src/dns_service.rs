@@ -171,6 +171,10 @@ pub struct DnsService {
     pub domain: Option<String>,
     pub hosts: Vec<(String, Ipv4Addr)>,
     pub forwarder: Option<Arc<Forwarder>>,
+    /// The resolvers asked for names outside the network (over UDP and over TCP).
+    pub upstreams: Vec<SocketAddr>,
+    /// DNS over TCP, for answers that do not fit a datagram.
+    pub tcp: Arc<crate::dns_tcp::DnsTcp>,
 }
 
 impl DnsService {
@@ -193,7 +197,8 @@ impl DnsService {
                 None
             }
         };
-        DnsService { domain: cfg.domain.clone(), hosts: cfg.hosts.clone(), forwarder }
+        let upstreams = if forwarder.is_some() { upstreams.into_iter().filter(|a| a.is_ipv4()).collect() } else { Vec::new() };
+        DnsService { domain: cfg.domain.clone(), hosts: cfg.hosts.clone(), forwarder, upstreams, tcp: Default::default() }
     }
 }
 

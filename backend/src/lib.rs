@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod dns_service;
+pub mod dns_tcp;
 pub mod network;
 pub mod proxy;
 pub mod vhost_port;

@@ -303,6 +303,13 @@ impl Daemon {
                     .spawn(move || f.run(net2, gw))
                     .map_err(|e| StartError::Host(format!("cannot start a thread: {e}")))?;
             }
+            if let (Some(gw), Some(dns)) = (net.gateway, net.dns.as_ref()) {
+                let (net2, tcp, upstreams) = (net.clone(), dns.tcp.clone(), dns.upstreams.clone());
+                thread::Builder::new()
+                    .name(format!("dns-tcp-{}", net.name))
+                    .spawn(move || tcp.run(net2, gw, upstreams))
+                    .map_err(|e| StartError::Host(format!("cannot start a thread: {e}")))?;
+            }
             for port in net.ports.read().unwrap_or_else(|e| e.into_inner()).iter() {
                 let listener = listeners.next().flatten();
                 let internal_path = internal_dir.join(format!("n{ni}p{}.sock", port.id));

@@ -193,16 +193,26 @@ impl LocalZone {
 
 /// REFUSED, for a query the gateway cannot resolve (no upstream resolver).
 pub fn refused(query: &[u8]) -> Vec<u8> {
+    error_answer(query, 5)
+}
+
+/// SERVFAIL, for a forwarded query no upstream resolver answered.
+pub fn servfail(query: &[u8]) -> Vec<u8> {
+    error_answer(query, 2)
+}
+
+/// An answer with `rcode` and the query's question, or empty if `query` has no header.
+fn error_answer(query: &[u8], rcode: u16) -> Vec<u8> {
     if query.len() < 12 {
         return Vec::new();
     }
     match parse_question(query) {
-        Some(q) if query.len() >= 12 => {
-            let mut r = header(query, 5, false, 0);
+        Some(q) => {
+            let mut r = header(query, rcode, false, 0);
             r.extend_from_slice(&query[12..q.end]);
             r
         }
-        _ => bare_error(query, 5),
+        None => bare_error(query, rcode),
     }
 }
 
@@ -295,6 +305,17 @@ mod tests {
         let (rcode, _, ptr) = read_answers(&answer(&build_query(2, "77.122.168.192.in-addr.arpa", QTYPE_PTR))).unwrap();
         assert_eq!((rcode, ptr.len()), (3, 0));
         assert_eq!(zone().respond(&build_query(2, "8.8.8.8.in-addr.arpa", QTYPE_PTR)), Some(DnsAction::Forward));
+    }
+
+    #[test]
+    fn error_answers_keep_id_and_question() {
+        let q = build_query(0x1234, "example.org", QTYPE_A);
+        for (a, rcode) in [(refused(&q), 5), (servfail(&q), 2)] {
+            assert_eq!(&a[0..2], &[0x12, 0x34]);
+            assert_eq!(u16::from_be_bytes([a[2], a[3]]) & 0x800f, 0x8000 | rcode);
+            assert_eq!(&a[12..], &q[12..], "the question");
+        }
+        assert!(servfail(&q[..5]).is_empty());
     }
 
     #[test]

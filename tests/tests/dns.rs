@@ -97,3 +97,175 @@ fn without_an_upstream_outside_names_are_refused() {
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(query(&mut vm, Ipv4Addr::new(10, 0, 0, 7), 1, "example.org", QTYPE_A).0, 5, "REFUSED");
 }
+
+/// A minimal TCP client for one DNS exchange, built on raw frames so the test sees exactly
+/// what the gateway sends: handshake, one length-prefixed query, the answer (possibly in
+/// several segments), then FIN.
+struct TcpClient {
+    ip: Ipv4Addr,
+    port: u16,
+    seq: u32,
+    ack: u32,
+}
+
+impl TcpClient {
+    fn segment(&self, vm: &mut VmSim, flags: &str, payload: &[u8]) {
+        let mut b = etherparse::PacketBuilder::ethernet2(A, gateway_mac("test"))
+            .ipv4(self.ip.octets(), GW.octets(), 64)
+            .tcp(self.port, 53, self.seq, 64000);
+        if flags.contains('S') {
+            b = b.syn();
+        }
+        if flags.contains('A') {
+            b = b.ack(self.ack);
+        }
+        if flags.contains('F') {
+            b = b.fin();
+        }
+        let mut f = Vec::new();
+        b.write(&mut f, payload).unwrap();
+        vm.send(&f);
+    }
+
+    /// The next TCP segment from the gateway to this client: (syn, fin, rst, seq, payload).
+    fn next(&self, vm: &mut VmSim) -> Option<(bool, bool, bool, u32, Vec<u8>)> {
+        loop {
+            let (_, f) = vm.recv(T)?;
+            let Ok(p) = etherparse::SlicedPacket::from_ethernet(&f) else { continue };
+            if let Some(etherparse::TransportSlice::Tcp(t)) = p.transport {
+                if t.destination_port() == self.port {
+                    return Some((t.syn(), t.fin(), t.rst(), t.sequence_number(), t.payload().to_vec()));
+                }
+            }
+        }
+    }
+
+    /// Connects, sends `query`, reads one answer and closes. None if the gateway reset the
+    /// connection.
+    fn exchange(vm: &mut VmSim, ip: Ipv4Addr, port: u16, query: &[u8]) -> Option<Vec<u8>> {
+        let mut msg = (query.len() as u16).to_be_bytes().to_vec();
+        msg.extend_from_slice(query);
+        TcpClient::exchange_raw(vm, ip, port, &msg)
+    }
+
+    /// As `exchange`, with the bytes sent as they are (no length prefix added).
+    fn exchange_raw(vm: &mut VmSim, ip: Ipv4Addr, port: u16, msg: &[u8]) -> Option<Vec<u8>> {
+        let mut c = TcpClient { ip, port, seq: 1000, ack: 0 };
+        c.segment(vm, "S", &[]);
+        let (syn, _, rst, seq, _) = c.next(vm).expect("SYN-ACK");
+        assert!(syn && !rst, "the gateway accepts the connection");
+        (c.seq, c.ack) = (c.seq + 1, seq.wrapping_add(1));
+        c.segment(vm, "A", msg);
+        c.seq += msg.len() as u32;
+        let mut stream = Vec::new();
+        loop {
+            let (_, fin, rst, seq, payload) = c.next(vm).expect("the answer arrives");
+            if rst {
+                return None;
+            }
+            if seq == c.ack && !payload.is_empty() {
+                stream.extend_from_slice(&payload);
+                c.ack = c.ack.wrapping_add(payload.len() as u32);
+                c.segment(vm, "A", &[]);
+            }
+            if fin {
+                break;
+            }
+            if stream.len() >= 2 && stream.len() >= 2 + u16::from_be_bytes([stream[0], stream[1]]) as usize {
+                break;
+            }
+        }
+        c.segment(vm, "AF", &[]);
+        assert!(stream.len() >= 2, "a length-prefixed answer");
+        let len = u16::from_be_bytes([stream[0], stream[1]]) as usize;
+        assert_eq!(stream.len(), 2 + len, "exactly one message");
+        Some(stream[2..].to_vec())
+    }
+}
+
+/// A fake upstream on loopback, on the same port over UDP and TCP, whose A answers hold 120
+/// addresses: about 2 KB, more than one datagram on a 1500-byte MTU.
+fn big_upstream() -> u16 {
+    let (udp, tcp) = loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        if let Ok(tcp) = std::net::TcpListener::bind(udp.local_addr().unwrap()) {
+            break (udp, tcp);
+        }
+    };
+    fn answer(q: &[u8]) -> Vec<u8> {
+        let mut r = q.to_vec();
+        r[2] |= 0x80;
+        r[6..8].copy_from_slice(&120u16.to_be_bytes());
+        for i in 0..120u8 {
+            r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 198, 51, 100, i]);
+        }
+        r
+    }
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(&answer(&buf[..n]), from);
+        }
+    });
+    let port = tcp.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut s in tcp.incoming().flatten() {
+            let mut len = [0u8; 2];
+            let _ = s.read_exact(&mut len);
+            let mut q = vec![0; u16::from_be_bytes(len) as usize];
+            if s.read_exact(&mut q).is_ok() {
+                let a = answer(&q);
+                let mut m = (a.len() as u16).to_be_bytes().to_vec();
+                m.extend_from_slice(&a);
+                let _ = s.write_all(&m);
+            }
+        }
+    });
+    port
+}
+
+#[test]
+fn large_answers_come_truncated_over_udp_and_whole_over_tcp() {
+    let up_port = big_upstream();
+    let dir = TempDir::new("dns-tcp");
+    let extra = format!(
+        "[network.dns]\ndomain = \"lab\"\nhosts = [{{ name = \"files\", ip = \"10.0.0.50\" }}]\nforwarders = [\"127.0.0.1:{up_port}\"]\n"
+    );
+    let (_d, socks) = start_network_with(dir.path(), 1, "", &extra);
+    let mut vm = VmSim::connect(&socks[0], SimOptions::full()).unwrap();
+    vm.post_rx(QUEUE_SIZE);
+    std::thread::sleep(Duration::from_millis(100));
+    let me = Ipv4Addr::new(10, 0, 0, 7);
+
+    // Over UDP the 2 KB answer does not fit: TC set, no records.
+    let mut f = Vec::new();
+    build_udp(&mut f, A, gateway_mac("test"), me, GW, 40000, 53, &build_query(9, "big.example", QTYPE_A));
+    vm.send(&f);
+    let udp_answer = std::iter::from_fn(|| vm.recv(T)).find_map(|(_, f)| udp_payload(&f, 40000).map(|(_, p)| p.to_vec())).unwrap();
+    assert_ne!(udp_answer[2] & 0x02, 0, "TC: truncated");
+    assert!(read_answers(&udp_answer).unwrap().1.is_empty());
+
+    // Over TCP the client gets all of it (forwarded upstream over TCP), in several segments.
+    let whole = TcpClient::exchange(&mut vm, me, 41000, &build_query(10, "big.example", QTYPE_A)).expect("answer over TCP");
+    assert_eq!(u16::from_be_bytes([whole[0], whole[1]]), 10, "the client's id");
+    let (rcode, addrs, _) = read_answers(&whole).unwrap();
+    assert_eq!(rcode, 0);
+    assert_eq!(addrs.len(), 120);
+    assert_eq!(addrs[119], Ipv4Addr::new(198, 51, 100, 119));
+
+    // Local names are answered over TCP too, and several connections in a row work.
+    for (i, port) in (41001..41004).enumerate() {
+        let a = TcpClient::exchange(&mut vm, me, port, &build_query(20 + i as u16, "files.lab", QTYPE_A)).expect("local answer");
+        assert_eq!(read_answers(&a).unwrap(), (0, vec![Ipv4Addr::new(10, 0, 0, 50)], vec![]));
+    }
+
+    // Garbage in a DNS-sized message gets an error answer under its id, not a crash.
+    let junk = TcpClient::exchange(&mut vm, me, 41010, b"GET / HTTP/1.0\r\n\r\n").expect("an error answer");
+    assert_eq!(&junk[0..2], b"GE");
+    assert_ne!(junk[3] & 0x0f, 0, "an error rcode");
+    // Something that is not DNS at all (an HTTP request read as a 18 KB length): reset.
+    assert_eq!(TcpClient::exchange_raw(&mut vm, me, 41011, b"GET / HTTP/1.0\r\n\r\n"), None);
+    // And the service still answers afterwards.
+    assert!(TcpClient::exchange(&mut vm, me, 41012, &build_query(30, "files", QTYPE_A)).is_some());
+}

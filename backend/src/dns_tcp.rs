@@ -1,0 +1,371 @@
+//! DNS over TCP on the gateway (RFC 7766). A client whose UDP answer came back truncated
+//! (TC set: it did not fit the MTU) asks again over TCP. The TCP endpoint is smoltcp's, fed
+//! only with the frames guests send to the gateway's port 53; local names are answered from
+//! the network's zone, other names are asked upstream over TCP on a short-lived helper
+//! thread, so a slow resolver never holds up the service's own thread.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant as NetInstant;
+use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr};
+use vunet_dhcp::dns::{DnsAction, PORT as DNS_PORT};
+use vunet_switch::gateway::Gateway;
+use vunet_switch::proto::{ETH_P_ARP, ETH_P_IPV4, IPPROTO_TCP};
+use vunet_switch::{Mac, PortId};
+
+use crate::datapath::{deliver_frame, TxScratch};
+use crate::dns_service::QUERY_TIMEOUT;
+use crate::network::Network;
+
+/// Connections served at once; a SYN beyond these is answered with a reset.
+pub const CONNECTIONS: usize = 8;
+/// A connection with no query for this long is closed (RFC 7766 §6.2.3 asks for seconds).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames waiting for the service thread; more are dropped (TCP resends them).
+const QUEUE: usize = 256;
+/// DNS queries are small; a longer one is not a query.
+const MAX_QUERY: usize = 4096;
+
+enum Event {
+    Frame(PortId, Vec<u8>),
+    Answer { slot: usize, generation: u64, message: Vec<u8> },
+}
+
+/// The handle the data path holds: frames for the gateway's TCP port 53 go in here.
+pub struct DnsTcp {
+    events: SyncSender<Event>,
+    receiver: Mutex<Option<Receiver<Event>>>,
+    /// Frames dropped because the service thread was behind.
+    pub dropped: AtomicU64,
+}
+
+impl Default for DnsTcp {
+    fn default() -> Self {
+        let (events, receiver) = sync_channel(QUEUE);
+        DnsTcp { events, receiver: Mutex::new(Some(receiver)), dropped: AtomicU64::new(0) }
+    }
+}
+
+/// Whether `frame` is TCP to port 53 of the gateway (unicast to its MAC and IP).
+pub fn is_for_dns_tcp(gw: &Gateway, frame: &[u8]) -> bool {
+    if frame.len() < 14 + 20 + 20 || frame[0..6] != gw.mac || u16::from_be_bytes([frame[12], frame[13]]) != ETH_P_IPV4 {
+        return false;
+    }
+    let ip = &frame[14..];
+    let ihl = (ip[0] & 0x0f) as usize * 4;
+    ip[0] >> 4 == 4
+        && ihl >= 20
+        && ip.len() >= ihl + 20
+        && ip[9] == IPPROTO_TCP
+        && ip[16..20] == gw.ip.octets()
+        && ip[ihl + 2..ihl + 4] == DNS_PORT.to_be_bytes()
+}
+
+impl DnsTcp {
+    /// Queues a frame for the service thread; never blocks the data path.
+    pub fn input(&self, port: PortId, frame: &[u8]) {
+        match self.events.try_send(Event::Frame(port, frame.to_vec())) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Runs the service for the life of the network on its own thread.
+    pub fn run(self: Arc<Self>, net: Arc<Network>, gw: Gateway, upstreams: Vec<SocketAddr>) {
+        let Some(rx) = self.receiver.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+        let mut svc = Service::new(&gw, net.mtu, upstreams, self.events.clone());
+        let mut cx = TxScratch::default();
+        loop {
+            let delay = svc.poll_delay().min(Duration::from_secs(1));
+            match rx.recv_timeout(delay) {
+                Ok(ev) => svc.handle(ev),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            while let Ok(ev) = rx.try_recv() {
+                svc.handle(ev);
+            }
+            svc.poll(&net, &gw);
+            svc.send_out(&net, &mut cx);
+        }
+    }
+}
+
+/// The frames between smoltcp and the switch.
+struct Frames {
+    rx: VecDeque<Vec<u8>>,
+    tx: Vec<Vec<u8>>,
+    mtu: usize,
+}
+
+struct RxToken(Vec<u8>);
+struct TxToken<'a>(&'a mut Vec<Vec<u8>>);
+
+impl smoltcp::phy::RxToken for RxToken {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl smoltcp::phy::TxToken for TxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut frame = vec![0; len];
+        let r = f(&mut frame);
+        self.0.push(frame);
+        r
+    }
+}
+
+impl Device for Frames {
+    type RxToken<'a> = RxToken;
+    type TxToken<'a> = TxToken<'a>;
+
+    fn receive(&mut self, _: NetInstant) -> Option<(RxToken, TxToken<'_>)> {
+        let frame = self.rx.pop_front()?;
+        Some((RxToken(frame), TxToken(&mut self.tx)))
+    }
+
+    fn transmit(&mut self, _: NetInstant) -> Option<TxToken<'_>> {
+        Some(TxToken(&mut self.tx))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = self.mtu + 14;
+        caps
+    }
+}
+
+/// One of the listening sockets and the query it is reading.
+struct Conn {
+    handle: SocketHandle,
+    /// Bumped whenever the socket starts over, so a late upstream answer for an earlier
+    /// connection is not sent on this one.
+    generation: u64,
+    buf: Vec<u8>,
+    waiting_upstream: bool,
+    last_active: NetInstant,
+}
+
+struct Service {
+    dev: Frames,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    conns: Vec<Conn>,
+    /// Which port each client MAC spoke from (bounded: cleared when full).
+    ports: HashMap<Mac, PortId>,
+    upstreams: Vec<SocketAddr>,
+    events: SyncSender<Event>,
+}
+
+fn now() -> NetInstant {
+    NetInstant::now()
+}
+
+impl Service {
+    fn new(gw: &Gateway, mtu: u16, upstreams: Vec<SocketAddr>, events: SyncSender<Event>) -> Service {
+        let mut dev = Frames { rx: VecDeque::new(), tx: Vec::new(), mtu: mtu as usize };
+        let mut config = Config::new(EthernetAddress(gw.mac).into());
+        config.random_seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7);
+        let mut iface = Interface::new(config, &mut dev, now());
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(IpAddress::Ipv4(gw.ip), gw.prefix));
+        });
+        let mut sockets = SocketSet::new(Vec::new());
+        let conns = (0..CONNECTIONS)
+            .map(|_| {
+                let rx = tcp::SocketBuffer::new(vec![0; MAX_QUERY + 2]);
+                let tx = tcp::SocketBuffer::new(vec![0; 65535 + 2]);
+                let mut s = tcp::Socket::new(rx, tx);
+                s.set_timeout(Some(smoltcp::time::Duration::from_secs(QUERY_TIMEOUT.as_secs() * 2)));
+                let _ = s.listen(DNS_PORT);
+                Conn { handle: sockets.add(s), generation: 0, buf: Vec::new(), waiting_upstream: false, last_active: now() }
+            })
+            .collect();
+        Service { dev, iface, sockets, conns, ports: HashMap::new(), upstreams, events }
+    }
+
+    fn poll_delay(&mut self) -> Duration {
+        self.iface.poll_delay(now(), &self.sockets).map(|d| Duration::from_micros(d.total_micros())).unwrap_or(IDLE_TIMEOUT)
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Frame(port, frame) => {
+                if self.dev.rx.len() >= QUEUE {
+                    return;
+                }
+                let mac: Mac = frame[6..12].try_into().unwrap_or([0; 6]);
+                if self.ports.len() >= 1024 && !self.ports.contains_key(&mac) {
+                    self.ports.clear();
+                }
+                self.ports.insert(mac, port);
+                // smoltcp learns neighbours only from ARP; the sender's address pair is known
+                // (and was checked by port security), so tell it in an ARP reply of our own
+                // instead of making it ask and wait.
+                self.dev.rx.push_back(arp_reply_from(&frame));
+                self.dev.rx.push_back(frame);
+            }
+            Event::Answer { slot, generation, message } => {
+                let Some(c) = self.conns.get_mut(slot) else { return };
+                if c.generation != generation {
+                    return;
+                }
+                c.waiting_upstream = false;
+                let s = self.sockets.get_mut::<tcp::Socket>(c.handle);
+                send_message(s, &message);
+            }
+        }
+    }
+
+    /// Runs the TCP machinery and serves every socket until nothing more happens.
+    fn poll(&mut self, net: &Network, gw: &Gateway) {
+        for _ in 0..4 {
+            self.iface.poll(now(), &mut self.dev, &mut self.sockets);
+            if !self.serve_sockets(net, gw) {
+                break;
+            }
+        }
+    }
+
+    /// Reads queries and answers them; true if anything was sent or changed.
+    fn serve_sockets(&mut self, net: &Network, gw: &Gateway) -> bool {
+        let t = now();
+        let mut progress = false;
+        for (slot, c) in self.conns.iter_mut().enumerate() {
+            let s = self.sockets.get_mut::<tcp::Socket>(c.handle);
+            if !s.is_open() {
+                // Closed (or in TIME-WAIT): listen again for the next client.
+                c.generation += 1;
+                c.buf.clear();
+                c.waiting_upstream = false;
+                let _ = s.listen(DNS_PORT);
+                continue;
+            }
+            if s.state() == tcp::State::Listen || s.state() == tcp::State::SynReceived {
+                c.last_active = t;
+                continue;
+            }
+            while s.can_recv() && c.buf.len() < MAX_QUERY + 2 {
+                let mut chunk = [0u8; 1024];
+                let want = chunk.len().min(MAX_QUERY + 2 - c.buf.len());
+                match s.recv_slice(&mut chunk[..want]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        c.buf.extend_from_slice(&chunk[..n]);
+                        c.last_active = t;
+                    }
+                }
+            }
+            if !c.waiting_upstream && c.buf.len() >= 2 {
+                let len = u16::from_be_bytes([c.buf[0], c.buf[1]]) as usize;
+                if len > MAX_QUERY {
+                    s.abort();
+                    progress = true;
+                    continue;
+                }
+                if c.buf.len() >= 2 + len {
+                    let query: Vec<u8> = c.buf.drain(..2 + len).skip(2).collect();
+                    progress = true;
+                    match net.dns_zone(gw).respond(&query) {
+                        Some(DnsAction::Answer(a)) => send_message(s, &a),
+                        Some(DnsAction::Forward) if !self.upstreams.is_empty() => {
+                            c.waiting_upstream = true;
+                            let (upstreams, events, generation) = (self.upstreams.clone(), self.events.clone(), c.generation);
+                            let spawned = std::thread::Builder::new().name("dns-tcp-upstream".into()).spawn(move || {
+                                let message = ask_upstream(&upstreams, &query).unwrap_or_else(|| vunet_dhcp::dns::servfail(&query));
+                                let _ = events.send(Event::Answer { slot, generation, message });
+                            });
+                            if spawned.is_err() {
+                                c.waiting_upstream = false;
+                                s.abort();
+                            }
+                        }
+                        Some(DnsAction::Forward) => send_message(s, &vunet_dhcp::dns::refused(&query)),
+                        // Not a DNS query: RFC 7766 lets the server close the connection.
+                        None => s.abort(),
+                    }
+                    continue;
+                }
+            }
+            if c.waiting_upstream {
+                continue;
+            }
+            let idle = t - c.last_active > smoltcp::time::Duration::from_millis(IDLE_TIMEOUT.as_millis() as u64);
+            // The client is done (FIN) or silent too long: close after what is queued is sent.
+            if (!s.may_recv() || idle) && s.state() != tcp::State::Closing && s.may_send() {
+                s.close();
+                progress = true;
+            }
+        }
+        progress
+    }
+
+    /// Hands what smoltcp sent to the guests it is for.
+    fn send_out(&mut self, net: &Network, cx: &mut TxScratch) {
+        if self.dev.tx.is_empty() {
+            return;
+        }
+        let ports = net.ports.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for frame in self.dev.tx.drain(..) {
+            let dst: Mac = frame[0..6].try_into().unwrap_or([0; 6]);
+            if let Some(port) = self.ports.get(&dst).and_then(|id| ports.iter().find(|p| p.id == *id)) {
+                deliver_frame(port, &frame, cx);
+            }
+        }
+    }
+}
+
+/// A DNS message on a TCP stream: a two-byte length, then the message.
+fn send_message(s: &mut tcp::Socket, message: &[u8]) {
+    if message.is_empty() || message.len() > 65535 || s.send_capacity() - s.send_queue() < message.len() + 2 {
+        s.abort();
+        return;
+    }
+    let _ = s.send_slice(&(message.len() as u16).to_be_bytes());
+    let _ = s.send_slice(message);
+}
+
+/// An ARP reply to the gateway saying that the sender of `frame` (an IPv4 frame) has its
+/// source MAC.
+fn arp_reply_from(frame: &[u8]) -> Vec<u8> {
+    let mut a = Vec::with_capacity(42);
+    a.extend_from_slice(&frame[0..6]);
+    a.extend_from_slice(&frame[6..12]);
+    a.extend_from_slice(&ETH_P_ARP.to_be_bytes());
+    a.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 2]);
+    a.extend_from_slice(&frame[6..12]);
+    a.extend_from_slice(&frame[26..30]);
+    a.extend_from_slice(&frame[0..6]);
+    a.extend_from_slice(&frame[30..34]);
+    a
+}
+
+/// Asks the upstream resolvers in turn over TCP; the first answer wins.
+fn ask_upstream(upstreams: &[SocketAddr], query: &[u8]) -> Option<Vec<u8>> {
+    let mut msg = (query.len() as u16).to_be_bytes().to_vec();
+    msg.extend_from_slice(query);
+    upstreams.iter().find_map(|up| {
+        let mut s = TcpStream::connect_timeout(up, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(QUERY_TIMEOUT)).ok()?;
+        s.set_write_timeout(Some(QUERY_TIMEOUT)).ok()?;
+        s.write_all(&msg).ok()?;
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).ok()?;
+        let mut answer = vec![0; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut answer).ok()?;
+        (answer.len() >= 12 && answer[0..2] == query[0..2]).then_some(answer)
+    })
+}

@@ -75,6 +75,38 @@ pub struct DhcpConfig {
     pub lease_secs: u32,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UplinkKind {
+    AfPacket,
+    Macvtap,
+    Tap,
+}
+
+impl UplinkKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            UplinkKind::AfPacket => "af-packet",
+            UplinkKind::Macvtap => "macvtap",
+            UplinkKind::Tap => "tap",
+        }
+    }
+}
+
+/// `[network.uplink]`: the way out of the network to a host interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UplinkConfig {
+    pub kind: UplinkKind,
+    /// af-packet: the interface to attach to; macvtap: its parent; tap: the tap to create.
+    pub interface: String,
+    /// macvtap: the name of the macvtap (default `vu` + the network name).
+    pub name: Option<String>,
+    /// macvtap: its MAC address.
+    pub mac: Option<Mac>,
+    /// The uplink carries the gateway's own traffic only (nat/route: a macvtap in bridge mode
+    /// with its own MAC) rather than every guest's (bridge: passthru).
+    pub own_mac: bool,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetworkConfig {
     pub name: String,
@@ -84,6 +116,7 @@ pub struct NetworkConfig {
     pub mtu: u16,
     pub dhcp: Option<DhcpConfig>,
     pub dns: DnsConfig,
+    pub uplink: Option<UplinkConfig>,
     pub ports: Vec<PortConfig>,
 }
 
@@ -114,7 +147,7 @@ struct RawNetwork {
     mtu: Option<Spanned<i64>>,
     dhcp: Option<Spanned<RawDhcp>>,
     dns: Option<Spanned<RawDns>>,
-    uplink: Option<Spanned<toml::Value>>,
+    uplink: Option<Spanned<RawUplink>>,
     port_forward: Option<Spanned<toml::Value>>,
     #[serde(default)]
     port: Vec<Spanned<RawPort>>,
@@ -136,6 +169,17 @@ struct RawDns {
     #[serde(default)]
     hosts: Vec<Spanned<RawDnsHost>>,
     forwarders: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUplink {
+    kind: Spanned<String>,
+    interface: Spanned<String>,
+    name: Option<Spanned<String>>,
+    mac: Option<Spanned<String>>,
+    address: Option<Spanned<String>>,
+    router: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -219,6 +263,72 @@ fn parse_dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
         ),
     };
     Ok(DnsConfig { domain, hosts, forwarders })
+}
+
+/// A Linux interface name: 1 to 15 bytes, no '/', ':' or whitespace.
+fn valid_ifname(n: &str) -> bool {
+    !n.is_empty() && n.len() <= 15 && n != "." && n != ".." && !n.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+}
+
+fn parse_uplink(
+    cx: &Ctx,
+    u: &Spanned<RawUplink>,
+    net: &str,
+    mode: Mode,
+    warnings: &mut Vec<String>,
+) -> Result<Option<UplinkConfig>, ConfigError> {
+    let raw = u.get_ref();
+    let kind = match raw.kind.get_ref().as_str() {
+        "af-packet" => UplinkKind::AfPacket,
+        "macvtap" => UplinkKind::Macvtap,
+        "tap" => UplinkKind::Tap,
+        other => return Err(cx.err(raw.kind.span(), format!("unknown uplink kind {other:?} (expected af-packet, macvtap or tap)"))),
+    };
+    let interface = raw.interface.get_ref().clone();
+    if !valid_ifname(&interface) {
+        return Err(
+            cx.err(raw.interface.span(), format!("invalid interface name {interface:?} (1 to 15 characters, no '/', ':' or spaces)"))
+        );
+    }
+    let name = match &raw.name {
+        Some(n) if kind != UplinkKind::Macvtap => return Err(cx.err(n.span(), "uplink name is only for kind = \"macvtap\"")),
+        Some(n) if !valid_ifname(n.get_ref()) => return Err(cx.err(n.span(), format!("invalid interface name {:?}", n.get_ref()))),
+        Some(n) => Some(n.get_ref().clone()),
+        None => None,
+    };
+    let mac = match &raw.mac {
+        Some(m) if kind != UplinkKind::Macvtap => return Err(cx.err(m.span(), "uplink mac is only for kind = \"macvtap\"")),
+        Some(m) => match parse_mac(m.get_ref()) {
+            Some(mac) if !vunet_switch::is_multicast(&mac) && mac != [0; 6] => Some(mac),
+            _ => return Err(cx.err(m.span(), format!("invalid MAC address {:?}", m.get_ref()))),
+        },
+        None => None,
+    };
+    if mode == Mode::Isolated && kind != UplinkKind::Tap {
+        return Err(cx.err(
+            raw.kind.span(),
+            format!("network {net:?}: an isolated network has no way out to a LAN (a tap uplink to the host only); use mode = \"bridge\""),
+        ));
+    }
+    for (key, v) in [("address", &raw.address), ("router", &raw.router)] {
+        if let Some(v) = v {
+            warnings.push(format!(
+                "{}:{}: network {net:?}: uplink {key} is not supported by this version of vunet yet and is ignored",
+                cx.file,
+                cx.line_of(v.span())
+            ));
+        }
+    }
+    if matches!(mode, Mode::Nat | Mode::Route) {
+        warnings.push(format!(
+            "{}:{}: network {net:?}: mode {} does not route to its uplink in this version of vunet; the uplink is not attached",
+            cx.file,
+            cx.line_of(u.span()),
+            mode.name()
+        ));
+        return Ok(None);
+    }
+    Ok(Some(UplinkConfig { kind, interface, name, mac, own_mac: false }))
 }
 
 fn parse_dhcp(cx: &Ctx, d: &Spanned<RawDhcp>, net: &str, gateway: Option<(Ipv4Addr, u8)>) -> Result<DhcpConfig, ConfigError> {
@@ -362,15 +472,17 @@ impl Config {
                 Some(d) => parse_dns(&cx, d)?,
                 None => DnsConfig::default(),
             };
-            for (key, v) in [("uplink", &n.uplink), ("port_forward", &n.port_forward)] {
-                if let Some(v) = v {
-                    warnings.push(format!(
-                        "{}:{}: network {name:?}: [{key}] is not supported by this version of vunet yet and is ignored",
-                        file,
-                        cx.line_of(v.span())
-                    ));
-                }
+            if let Some(v) = &n.port_forward {
+                warnings.push(format!(
+                    "{}:{}: network {name:?}: [port_forward] is not supported by this version of vunet yet and is ignored",
+                    file,
+                    cx.line_of(v.span())
+                ));
             }
+            let uplink = match &n.uplink {
+                Some(u) => parse_uplink(&cx, u, &name, mode, &mut warnings)?,
+                None => None,
+            };
             if gateway.is_some() || matches!(mode, Mode::Nat | Mode::Route) {
                 warnings.push(format!(
                     "{}:{}: network {name:?}: the gateway answers ARP, ping and DNS{}{}",
@@ -421,7 +533,7 @@ impl Config {
                 };
                 ports.push(PortConfig { name: pname, socket, mode, mac, port_security: p.port_security });
             }
-            networks.push(NetworkConfig { name, mode, gateway, mtu, dhcp, dns, ports });
+            networks.push(NetworkConfig { name, mode, gateway, mtu, dhcp, dns, uplink, ports });
         }
         Ok(Config {
             state_dir: raw.state_dir.map(|p| base.join(p)),
@@ -457,6 +569,7 @@ impl Config {
                     lease_secs: 3600,
                 }),
                 dns: DnsConfig::default(),
+                uplink: None,
                 ports,
             }],
             warnings: vec![],

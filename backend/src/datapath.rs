@@ -21,6 +21,7 @@ use vunet_switch::vnet::{delivery, rx_header, Delivery, RxCaps, VnetHeader, HDR_
 use vunet_switch::{dst_mac, is_multicast, src_mac, Decision, DropReason, PortId, MAX_FRAME_LEN, MIN_FRAME_LEN};
 
 use crate::network::{GuestPort, Network};
+use crate::uplink::Uplink;
 use crate::vhost_port::Vring;
 use vhost_user_backend::VringT;
 
@@ -469,9 +470,125 @@ fn answer_gateway(net: &Network, port: &GuestPort, f: &TxFrame, cx: &mut TxScrat
     cx.gw_out = reply;
 }
 
+/// Switches frames read from an uplink (each with a virtio-net header of `hdr_len` bytes) as
+/// if the uplink were a guest sending them, then interrupts the guests that got any.
+/// Frames the host itself sent out the uplink's interface (`outgoing`) are taken too, so the
+/// host can reach guests through a bridge, unless their source is one of our own ports (an
+/// echo of what vunet sent).
+pub fn switch_from_uplink(net: &Network, port: &GuestPort, frames: &[(&[u8], bool)], hdr_len: usize, cx: &mut TxScratch) {
+    let ports = net.ports.read().unwrap_or_else(|e| e.into_inner());
+    let now = net.now_ms();
+    for &(frame, outgoing) in frames {
+        if outgoing && frame.len() >= hdr_len + 12 {
+            let src: vunet_switch::Mac = frame[hdr_len + 6..hdr_len + 12].try_into().unwrap_or([0; 6]);
+            let home = net.macs.lock().unwrap_or_else(|e| e.into_inner()).port_of(&src, now);
+            if home.is_some_and(|p| p != port.id) {
+                continue;
+            }
+        }
+        if let Err(r) = switch_frame(net, &ports, port, &[Seg::of_slice(frame)], frame.len(), hdr_len, now, cx) {
+            port.counters.dropped(r);
+            net.log_drop(port, r);
+        }
+    }
+    notify_receivers(&ports, cx);
+}
+
+/// Most iovecs one frame is written with; a frame in more pieces is gathered first.
+const MAX_IOV: usize = 64;
+
+/// Sends `len` bytes of `src` from `off` on, behind a vnet header when the uplink takes one.
+fn send_uplink(
+    up: &Uplink,
+    caps: &RxCaps,
+    hdr: &VnetHeader,
+    src: &[Seg],
+    off: usize,
+    len: usize,
+    gathered: &mut Vec<u8>,
+) -> Result<(), DropReason> {
+    let mut h = [0u8; HDR_LEN];
+    hdr.write(&mut h[..caps.hdr_len]);
+    let empty = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
+    let mut iov = [empty; MAX_IOV];
+    let mut n = 0;
+    if caps.hdr_len > 0 {
+        iov[0] = libc::iovec { iov_base: h.as_mut_ptr().cast(), iov_len: caps.hdr_len };
+        n = 1;
+    }
+    let (mut skip, mut left) = (off, len);
+    for s in src {
+        if left == 0 {
+            break;
+        }
+        if skip >= s.len {
+            skip -= s.len;
+            continue;
+        }
+        if n == MAX_IOV {
+            // Too many pieces: one contiguous copy instead.
+            gathered.resize(len, 0);
+            gather(src, off, gathered);
+            n = caps.hdr_len.min(1);
+            iov[n] = libc::iovec { iov_base: gathered.as_mut_ptr().cast(), iov_len: len };
+            return up.send(&iov[..n + 1]);
+        }
+        let take = (s.len - skip).min(left);
+        // SAFETY: within the segment, which is live for this call.
+        iov[n] = libc::iovec { iov_base: unsafe { s.ptr.add(skip) }.cast(), iov_len: take };
+        n += 1;
+        left -= take;
+        skip = 0;
+    }
+    up.send(&iov[..n])
+}
+
+/// Delivers a frame to an uplink: offloads pass to the kernel with the vnet header; without
+/// one, checksums are completed and TSO frames segmented here.
+fn deliver_uplink(dest: &GuestPort, up: &Uplink, f: &TxFrame, cx: &mut TxScratch) {
+    let Some(caps) = up.caps() else {
+        dest.counters.dropped(DropReason::PortDown);
+        return;
+    };
+    let mut frame = std::mem::take(&mut cx.frame);
+    let mut seg = std::mem::take(&mut cx.segment);
+    let result = match delivery(&f.hdr, &caps) {
+        Delivery::PassThrough => send_uplink(up, &caps, &rx_header(&f.hdr, 0), f.segs, f.offset, f.len, &mut frame).map(|()| f.len),
+        Delivery::CompleteChecksum => {
+            frame.resize(f.len, 0);
+            gather(f.segs, f.offset, &mut frame);
+            complete_checksum(&mut frame, f.hdr.csum_start as usize, f.hdr.csum_offset as usize)
+                .and_then(|_| send_uplink(up, &caps, &VnetHeader::default(), &[Seg::of_slice(&frame)], 0, frame.len(), &mut Vec::new()))
+                .map(|()| f.len)
+        }
+        Delivery::Segment => {
+            frame.resize(f.len, 0);
+            gather(f.segs, f.offset, &mut frame);
+            let mut sent = 0;
+            segment_tcp(&frame, &f.hdr, &mut seg, |s| {
+                match send_uplink(up, &caps, &VnetHeader::default(), &[Seg::of_slice(s)], 0, s.len(), &mut Vec::new()) {
+                    Ok(()) => sent += s.len(),
+                    Err(e) => dest.counters.dropped(e),
+                }
+            })
+            .map(|_| sent)
+        }
+    };
+    cx.frame = frame;
+    cx.segment = seg;
+    match result {
+        Ok(n) => dest.counters.delivered(n),
+        Err(e) => dest.counters.dropped(e),
+    }
+}
+
 /// Delivers one frame to one receiving port, counting a drop on the receiver if it cannot take
 /// it (not connected, ring and backlog full, buffers too small).
 fn deliver(dest: &GuestPort, f: &TxFrame, cx: &mut TxScratch) {
+    if let Some(up) = dest.uplink.as_deref() {
+        deliver_uplink(dest, up, f, cx);
+        return;
+    }
     if !dest.connected.load(Ordering::Relaxed) {
         dest.counters.dropped(DropReason::PortDown);
         return;

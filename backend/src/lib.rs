@@ -11,8 +11,10 @@ pub mod control;
 pub mod datapath;
 pub mod dns_service;
 pub mod dns_tcp;
+pub mod netlink;
 pub mod network;
 pub mod proxy;
+pub mod uplink;
 pub mod vhost_port;
 
 pub use config::{Config, ConfigError, Mode, PortMode};

@@ -42,6 +42,8 @@ pub enum StartError {
     Control { path: PathBuf, reason: String },
     #[error("state_dir {path}: {reason}")]
     StateDir { path: PathBuf, reason: String },
+    #[error("network {network}: {source}")]
+    Uplink { network: String, source: crate::uplink::UplinkError },
     /// A failure of the host (threads, the private socket directory), not of the config.
     #[error("{0}")]
     Host(String),
@@ -81,6 +83,8 @@ pub struct GuestPort {
     /// Number of vhost-user connections so far.
     pub connections: AtomicU64,
     last_log_ms: AtomicU64,
+    /// Set on the network's uplink port: frames for it go to a host interface, not a guest.
+    pub uplink: Option<Arc<crate::uplink::Uplink>>,
 }
 
 /// One virtual network: its ports and its switch.
@@ -296,6 +300,18 @@ impl Daemon {
         let mut networks = Vec::new();
         for (ni, n) in cfg.networks.iter().enumerate() {
             let net = Arc::new(new_network(n, cfg.state_dir.as_deref()));
+            if let Some(u) = &n.uplink {
+                let up = Arc::new(
+                    crate::uplink::Uplink::open(&n.name, u).map_err(|source| StartError::Uplink { network: n.name.clone(), source })?,
+                );
+                let port = Arc::new(uplink_port(&net, up.clone()));
+                net.ports.write().unwrap_or_else(|e| e.into_inner()).push(port.clone());
+                let net2 = net.clone();
+                thread::Builder::new()
+                    .name(format!("uplink-{}", net.name))
+                    .spawn(move || crate::uplink::run(net2, port, up))
+                    .map_err(|e| StartError::Host(format!("cannot start a thread: {e}")))?;
+            }
             if let (Some(gw), Some(f)) = (net.gateway, net.dns.as_ref().and_then(|d| d.forwarder.clone())) {
                 let net2 = net.clone();
                 thread::Builder::new()
@@ -310,7 +326,7 @@ impl Daemon {
                     .spawn(move || tcp.run(net2, gw, upstreams))
                     .map_err(|e| StartError::Host(format!("cannot start a thread: {e}")))?;
             }
-            for port in net.ports.read().unwrap_or_else(|e| e.into_inner()).iter() {
+            for port in net.ports.read().unwrap_or_else(|e| e.into_inner()).iter().filter(|p| p.uplink.is_none()) {
                 let listener = listeners.next().flatten();
                 let internal_path = internal_dir.join(format!("n{ni}p{}.sock", port.id));
                 let internal = Listener::new(&internal_path, true)
@@ -402,6 +418,29 @@ fn dhcp_server(n: &NetworkConfig, lease_file: Option<&Path>) -> Option<DhcpServe
     Some(server)
 }
 
+/// The switch port of a network's uplink (always "connected"; the uplink itself knows whether
+/// its interface is there).
+fn uplink_port(net: &Network, up: Arc<crate::uplink::Uplink>) -> GuestPort {
+    GuestPort {
+        id: net.ports.read().unwrap_or_else(|e| e.into_inner()).len(),
+        name: format!("uplink:{}", up.ifname),
+        socket: PathBuf::new(),
+        mode: PortMode::Server,
+        mac: None,
+        counters: PortCounters::default(),
+        rx: Mutex::new(None),
+        security: false,
+        locked_mac: AtomicU64::new(0),
+        leased_ip: AtomicU32::new(0),
+        backlogged: AtomicBool::new(false),
+        connected: AtomicBool::new(true),
+        features: AtomicU64::new(0),
+        connections: AtomicU64::new(0),
+        last_log_ms: AtomicU64::new(0),
+        uplink: Some(up),
+    }
+}
+
 fn new_network(n: &NetworkConfig, state_dir: Option<&Path>) -> Network {
     let ports = n
         .ports
@@ -424,6 +463,7 @@ fn new_network(n: &NetworkConfig, state_dir: Option<&Path>) -> Network {
                 features: AtomicU64::new(0),
                 connections: AtomicU64::new(0),
                 last_log_ms: AtomicU64::new(0),
+                uplink: None,
             })
         })
         .collect();

@@ -76,6 +76,11 @@ impl Console {
         });
     }
 
+    /// Collects another output stream into this console.
+    pub fn attach_pub(&self, r: impl std::io::Read + Send + 'static) {
+        self.attach(r, None);
+    }
+
     pub fn text(&self) -> String {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -102,8 +107,12 @@ pub struct VunetProcess {
 impl VunetProcess {
     /// Starts `vunet run` with the given arguments and waits for its summary on stdout.
     pub fn start(args: &[&str], log: &Path) -> VunetProcess {
-        let mut child =
-            Command::new(vunet_binary()).arg("run").args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn vunet");
+        VunetProcess::start_with(Command::new(vunet_binary()), args, log)
+    }
+
+    /// As `start`, with `cmd` as the program that runs vunet (e.g. `ip netns exec NS vunet`).
+    pub fn start_with(mut cmd: Command, args: &[&str], log: &Path) -> VunetProcess {
+        let mut child = cmd.arg("run").args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn vunet");
         let console = Console::default();
         console.attach(child.stdout.take().expect("stdout"), None);
         console.attach(child.stderr.take().expect("stderr"), Some(log.to_path_buf()));

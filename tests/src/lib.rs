@@ -8,6 +8,7 @@
 //! `0x0200_0000` TX buffers.
 
 pub mod guest;
+pub mod netns;
 
 use std::fs::File;
 use std::os::fd::FromRawFd;

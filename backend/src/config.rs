@@ -654,9 +654,51 @@ mode = "server"
 "#;
         let c = parse(t).unwrap();
         assert_eq!(c.networks[0].mode, Mode::Nat);
-        assert!(c.warnings.iter().any(|w| w.contains("[uplink]") && w.starts_with("vunet.toml:11:")), "{:?}", c.warnings);
-        assert!(c.warnings.iter().any(|w| w.contains("[uplink]")));
+        assert!(
+            c.warnings.iter().any(|w| w.contains("does not route to its uplink") && w.starts_with("vunet.toml:11:")),
+            "{:?}",
+            c.warnings
+        );
+        assert!(
+            c.warnings.iter().any(|w| w.contains("uplink address is not supported") && w.starts_with("vunet.toml:14:")),
+            "{:?}",
+            c.warnings
+        );
+        assert_eq!(c.networks[0].uplink, None, "not attached in nat mode yet");
         assert!(c.warnings.iter().any(|w| w.contains("routing and NAT are not implemented")), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn uplinks_parse_and_their_mistakes_name_the_line() {
+        let net = |mode: &str, uplink: &str| {
+            format!("[[network]]\nname = \"a\"\nmode = \"{mode}\"\ngateway = \"10.0.0.1/24\"\n[network.uplink]\n{uplink}\n")
+        };
+        let c = parse(&net("bridge", "kind = \"macvtap\"\ninterface = \"eth1\"\nname = \"mv-a\"\nmac = \"52:54:00:aa:bb:cc\"")).unwrap();
+        let u = c.networks[0].uplink.clone().unwrap();
+        assert_eq!(
+            (u.kind, u.interface.as_str(), u.name.as_deref(), u.mac),
+            (UplinkKind::Macvtap, "eth1", Some("mv-a"), Some([0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]))
+        );
+        let c = parse(&net("isolated", "kind = \"tap\"\ninterface = \"vutap0\"")).unwrap();
+        assert_eq!(c.networks[0].uplink.as_ref().map(|u| u.kind), Some(UplinkKind::Tap), "a host-only tap on an isolated network");
+        let cases = [
+            (net("bridge", "kind = \"vde\"\ninterface = \"eth1\""), "vunet.toml:6: unknown uplink kind \"vde\""),
+            (net("bridge", "kind = \"tap\"\ninterface = \"a/b\""), "vunet.toml:7: invalid interface name \"a/b\""),
+            (net("bridge", "kind = \"tap\"\ninterface = \"averyveryverylongname\""), "vunet.toml:7: invalid interface name"),
+            (
+                net("isolated", "kind = \"af-packet\"\ninterface = \"eth1\""),
+                "vunet.toml:6: network \"a\": an isolated network has no way out",
+            ),
+            (
+                net("bridge", "kind = \"af-packet\"\ninterface = \"eth1\"\nmac = \"52:54:00:00:00:01\""),
+                "vunet.toml:8: uplink mac is only for kind = \"macvtap\"",
+            ),
+            (net("bridge", "kind = \"tap\"\ninterface = \"eth1\"\ncolour = 1"), "vunet.toml:8: unknown field `colour`"),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{e:?} should start with {want:?}");
+        }
     }
 
     #[test]

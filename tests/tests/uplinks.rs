@@ -171,3 +171,43 @@ fn a_missing_uplink_interface_is_a_clear_error_at_start() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert_eq!(err.trim(), "vunet: network lan: uplink interface \"eth9\" does not exist");
 }
+
+/// Interop: ISC dhclient (not busybox) on vunet's tap takes a lease from vunet's DHCP server.
+#[test]
+fn isc_dhclient_on_a_tap_uplink_leases_from_vunet() {
+    let host = Netns::new("dhcl");
+    let dir = TempDir::new("uplink-dhclient");
+    let d = dir.path();
+    let cfg = d.join("vunet.toml");
+    std::fs::write(
+        &cfg,
+        "[[network]]\nname = \"hostonly\"\nmode = \"isolated\"\ngateway = \"10.0.0.1/24\"\n[network.dhcp]\nrange = [\"10.0.0.100\", \"10.0.0.150\"]\n\
+         [network.dns]\ndomain = \"lab\"\nforwarders = []\n[network.uplink]\nkind = \"tap\"\ninterface = \"vutap0\"\n",
+    )
+    .unwrap();
+    let _v = host.vunet(&["--config", cfg.to_str().unwrap()], &d.join("vunet.log"));
+    // dhclient's own script would rewrite /etc/resolv.conf; this one only records the lease.
+    let script = d.join("record.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$reason $new_ip_address $new_routers $new_domain_name $new_domain_name_servers\" >> {}/events\n",
+            d.display()
+        ),
+    )
+    .unwrap();
+    host.run(&format!("chmod +x {}", script.display()));
+    let out = host.try_run(&format!(
+        "timeout 30 dhclient -1 -v -sf {0}/record.sh -lf {0}/dhclient.leases -pf {0}/dhclient.pid vutap0; kill $(cat {0}/dhclient.pid) 2>/dev/null; true",
+        d.display()
+    ));
+    let events = std::fs::read_to_string(d.join("events")).unwrap_or_default();
+    let bound = events
+        .lines()
+        .find(|l| l.starts_with("BOUND "))
+        .unwrap_or_else(|| panic!("dhclient got no lease; events:\n{events}\ndhclient:\n{}", String::from_utf8_lossy(&out.stderr)));
+    let f: Vec<&str> = bound.split_whitespace().collect();
+    let ip: Ipv4Addr = f[1].parse().unwrap();
+    assert!((Ipv4Addr::new(10, 0, 0, 100)..=Ipv4Addr::new(10, 0, 0, 150)).contains(&ip), "{bound}");
+    assert_eq!(f[2..], ["lab", "10.0.0.1"], "isolated: no router; the domain and the gateway as DNS server ({bound})");
+}

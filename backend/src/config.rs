@@ -49,7 +49,10 @@ pub enum PortMode {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortConfig {
     pub name: String,
+    /// The vhost-user socket (empty for a tap port).
     pub socket: PathBuf,
+    /// A tap port: the host-side tap interface vunet creates instead of a guest socket.
+    pub tap: Option<String>,
     pub mode: PortMode,
     pub mac: Option<Mac>,
     /// Port security (own MAC, own leased IP, no DHCP server); `None`: on where the network
@@ -201,7 +204,9 @@ struct RawHost {
 #[serde(deny_unknown_fields)]
 struct RawPort {
     name: Spanned<String>,
-    socket: Spanned<String>,
+    kind: Option<Spanned<String>>,
+    interface: Option<Spanned<String>>,
+    socket: Option<Spanned<String>>,
     mode: Option<Spanned<String>>,
     mac: Option<Spanned<String>>,
     port_security: Option<bool>,
@@ -413,6 +418,7 @@ impl Config {
         let mut warnings = Vec::new();
         let mut net_names = HashSet::new();
         let mut sockets = HashSet::new();
+        let mut taps = HashSet::new();
         if raw.network.is_empty() {
             return Err(ConfigError::File { file: file.to_string(), msg: "no [[network]] defined".into() });
         }
@@ -483,6 +489,11 @@ impl Config {
                 Some(u) => parse_uplink(&cx, u, &name, mode, &mut warnings)?,
                 None => None,
             };
+            if let Some(u) = uplink.as_ref().filter(|u| u.kind == UplinkKind::Tap) {
+                if !taps.insert(u.interface.clone()) {
+                    return Err(cx.err(n.uplink.as_ref().map(|u| u.span()).unwrap_or(0..0), format!("tap {} is used twice", u.interface)));
+                }
+            }
             if gateway.is_some() || matches!(mode, Mode::Nat | Mode::Route) {
                 warnings.push(format!(
                     "{}:{}: network {name:?}: the gateway answers ARP, ping and DNS{}{}",
@@ -503,13 +514,48 @@ impl Config {
                 if !port_names.insert(pname.clone()) {
                     return Err(cx.err(p.name.span(), format!("duplicate port name {pname:?} in network {name:?}")));
                 }
-                if p.socket.get_ref().is_empty() {
-                    return Err(cx.err(p.socket.span(), "empty socket path"));
+                let tap = match p.kind.as_ref().map(|k| k.get_ref().as_str()) {
+                    None | Some("vhost-user") => None,
+                    Some("tap") => {
+                        let Some(i) = &p.interface else {
+                            return Err(cx.err(p.name.span(), format!("port {pname:?}: a tap port needs interface = \"NAME\"")));
+                        };
+                        if !valid_ifname(i.get_ref()) {
+                            return Err(cx.err(
+                                i.span(),
+                                format!("invalid interface name {:?} (1 to 15 characters, no '/', ':' or spaces)", i.get_ref()),
+                            ));
+                        }
+                        if let Some(s) = &p.socket {
+                            return Err(cx.err(s.span(), format!("port {pname:?}: a tap port has no socket")));
+                        }
+                        if !taps.insert(i.get_ref().clone()) {
+                            return Err(cx.err(i.span(), format!("tap {} is used by two ports", i.get_ref())));
+                        }
+                        Some(i.get_ref().clone())
+                    }
+                    Some(other) => {
+                        let span = p.kind.as_ref().map(|k| k.span()).unwrap_or(0..0);
+                        return Err(cx.err(span, format!("unknown port kind {other:?} (expected vhost-user or tap)")));
+                    }
+                };
+                if tap.is_none() {
+                    if let Some(i) = &p.interface {
+                        return Err(cx.err(i.span(), format!("port {pname:?}: interface is only for kind = \"tap\"")));
+                    }
                 }
-                let socket = base.join(p.socket.get_ref());
-                if !sockets.insert(socket.clone()) {
-                    return Err(cx.err(p.socket.span(), format!("socket {} is used by two ports", socket.display())));
-                }
+                let socket = match (&p.socket, &tap) {
+                    (_, Some(_)) => PathBuf::new(),
+                    (None, None) => return Err(cx.err(p.name.span(), format!("port {pname:?} needs a socket path"))),
+                    (Some(s), None) if s.get_ref().is_empty() => return Err(cx.err(s.span(), "empty socket path")),
+                    (Some(s), None) => {
+                        let socket = base.join(s.get_ref());
+                        if !sockets.insert(socket.clone()) {
+                            return Err(cx.err(s.span(), format!("socket {} is used by two ports", socket.display())));
+                        }
+                        socket
+                    }
+                };
                 let mode = match p.mode.as_ref().map(|m| m.get_ref().as_str()) {
                     None | Some("server") => PortMode::Server,
                     Some("client") => PortMode::Client,
@@ -531,7 +577,11 @@ impl Config {
                     }
                     None => None,
                 };
-                ports.push(PortConfig { name: pname, socket, mode, mac, port_security: p.port_security });
+                if tap.is_some() && (p.mode.is_some() || p.mac.is_some()) {
+                    let span = p.mode.as_ref().or(p.mac.as_ref()).map(|m| m.span()).unwrap_or(0..0);
+                    return Err(cx.err(span, format!("port {pname:?}: mode and mac are for vhost-user ports, not taps")));
+                }
+                ports.push(PortConfig { name: pname, socket, tap, mode, mac, port_security: p.port_security });
             }
             networks.push(NetworkConfig { name, mode, gateway, mtu, dhcp, dns, uplink, ports });
         }
@@ -549,6 +599,7 @@ impl Config {
         let ports = (1..=4)
             .map(|i| PortConfig {
                 name: format!("vm{i}"),
+                tap: None,
                 socket: runtime_dir.join(format!("vm{i}.sock")),
                 mode: PortMode::Server,
                 mac: None,
@@ -694,6 +745,36 @@ mode = "server"
                 "vunet.toml:8: uplink mac is only for kind = \"macvtap\"",
             ),
             (net("bridge", "kind = \"tap\"\ninterface = \"eth1\"\ncolour = 1"), "vunet.toml:8: unknown field `colour`"),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{e:?} should start with {want:?}");
+        }
+    }
+
+    #[test]
+    fn tap_ports_parse_and_their_mistakes_name_the_line() {
+        let net = |port: &str| format!("[[network]]\nname = \"a\"\nmode = \"bridge\"\n[[network.port]]\nname = \"h\"\n{port}\n");
+        let c = parse(&net("kind = \"tap\"\ninterface = \"vutap0\"")).unwrap();
+        let p = &c.networks[0].ports[0];
+        assert_eq!((p.tap.as_deref(), p.socket.as_os_str().is_empty()), (Some("vutap0"), true));
+        let cases = [
+            (net("kind = \"tap\""), "vunet.toml:5: port \"h\": a tap port needs interface"),
+            (net("kind = \"tap\"\ninterface = \"t0\"\nsocket = \"x.sock\""), "vunet.toml:8: port \"h\": a tap port has no socket"),
+            (
+                net("kind = \"tap\"\ninterface = \"t0\"\nmode = \"client\""),
+                "vunet.toml:8: port \"h\": mode and mac are for vhost-user ports",
+            ),
+            (net("kind = \"vde\"\nsocket = \"x\""), "vunet.toml:6: unknown port kind \"vde\""),
+            (net("interface = \"t0\"\nsocket = \"x\""), "vunet.toml:6: port \"h\": interface is only for kind = \"tap\""),
+            (net("mode = \"server\""), "vunet.toml:5: port \"h\" needs a socket path"),
+            (
+                format!(
+                    "{}[[network.port]]\nname = \"i\"\nkind = \"tap\"\ninterface = \"t0\"\n",
+                    net("kind = \"tap\"\ninterface = \"t0\"")
+                ),
+                "vunet.toml:11: tap t0 is used by two ports",
+            ),
         ];
         for (text, want) in cases {
             let e = parse(&text).unwrap_err().to_string();

@@ -96,10 +96,14 @@ fn port_list(n: &Network) -> String {
         let up = p.connected.load(std::sync::atomic::Ordering::Relaxed);
         let mac = p.locked_mac().map(|m| format_mac(&m)).unwrap_or_else(|| "-".into());
         let ip = p.leased_ip().map(|i| i.to_string()).unwrap_or_else(|| "-".into());
+        let attach = match &p.uplink {
+            Some(u) => format!("{}={}", u.kind.name(), u.ifname),
+            None => format!("socket={}", p.socket.display()),
+        };
         s.push_str(&format!(
-            "{} socket={} {} mac={} ip={}: {}\n",
+            "{} {} {} mac={} ip={}: {}\n",
             p.name,
-            p.socket.display(),
+            attach,
             if up { "connected" } else { "waiting" },
             mac,
             ip,

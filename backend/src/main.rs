@@ -160,7 +160,7 @@ fn run(config: Option<&Path>, runtime_dir: Option<PathBuf>) -> Result<(), String
         }
     }
     for n in &cfg.networks {
-        for p in n.ports.iter().filter(|p| p.mode == PortMode::Server) {
+        for p in n.ports.iter().filter(|p| p.mode == PortMode::Server && p.tap.is_none()) {
             let _ = std::fs::remove_file(&p.socket);
         }
     }
@@ -186,8 +186,17 @@ fn stop_signals() -> libc::sigset_t {
 fn print_summary(cfg: &Config) {
     for n in &cfg.networks {
         let gw = n.gateway.map(|(a, p)| format!(", gateway {a}/{p}")).unwrap_or_default();
-        println!("network {:?}: mode {}{}, mtu {}, {} guest port(s)", n.name, n.mode.name(), gw, n.mtu, n.ports.len());
-        for (i, p) in n.ports.iter().enumerate() {
+        let guests = n.ports.iter().filter(|p| p.tap.is_none()).count();
+        println!("network {:?}: mode {}{}, mtu {}, {} guest port(s)", n.name, n.mode.name(), gw, n.mtu, guests);
+        if let Some(u) = &n.uplink {
+            println!("  uplink {} on {}", u.kind.name(), u.interface);
+        }
+        for p in &n.ports {
+            if let Some(tap) = &p.tap {
+                println!("  port {}: tap {} on the host", p.name, tap);
+            }
+        }
+        for (i, p) in n.ports.iter().filter(|p| p.tap.is_none()).enumerate() {
             let mac = p.mac.map(|m| vunet_switch::format_mac(&m)).unwrap_or_else(|| format!("52:54:00:00:00:{:02x}", i + 1));
             let chardev = match p.mode {
                 PortMode::Server => format!("-chardev socket,id=vu0,path={}", p.socket.display()),

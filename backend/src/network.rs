@@ -2,6 +2,7 @@
 //! per-port thread that accepts (server mode) or makes (client mode) vhost-user connections,
 //! one after another, for as long as vunet runs.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -22,9 +23,10 @@ use vunet_switch::gateway::{build_udp, gateway_mac, udp_datagram, udp_payload, G
 use vunet_switch::vnet::RxCaps;
 use vunet_switch::{format_mac, DropReason, Mac, MacTable, PortCounters, PortId};
 
-use crate::config::{io_reason, Config, Mode, NetworkConfig, PortConfig, PortMode};
+use crate::config::{io_reason, Config, Mode, NetworkConfig, PortConfig, PortMode, UplinkConfig, UplinkKind};
 use crate::datapath::ms_since;
 use crate::dns_service::DnsService;
+use crate::uplink::Uplink;
 use crate::vhost_port::{GuestMem, PortDevice, Vring};
 
 /// A failure to start that a user can fix: printed as one line.
@@ -282,7 +284,7 @@ impl Daemon {
     pub fn start(cfg: &Config) -> Result<Daemon, StartError> {
         let mut listeners = Vec::new();
         for n in &cfg.networks {
-            for p in &n.ports {
+            for p in n.ports.iter().filter(|p| p.tap.is_none()) {
                 if p.mode == PortMode::Server {
                     listeners.push(Some(bind_socket(p)?));
                 } else {
@@ -299,7 +301,24 @@ impl Daemon {
         let mut listeners = listeners.into_iter();
         let mut networks = Vec::new();
         for (ni, n) in cfg.networks.iter().enumerate() {
-            let net = Arc::new(new_network(n, cfg.state_dir.as_deref()));
+            let mut taps = HashMap::new();
+            for p in &n.ports {
+                if let Some(tap) = &p.tap {
+                    let u = UplinkConfig { kind: UplinkKind::Tap, interface: tap.clone(), name: None, mac: None, own_mac: false };
+                    let up = Uplink::open(&n.name, &u).map_err(|source| StartError::Uplink { network: n.name.clone(), source })?;
+                    taps.insert(p.name.clone(), Arc::new(up));
+                }
+            }
+            let net = Arc::new(new_network(n, cfg.state_dir.as_deref(), &mut taps));
+            for port in net.ports.read().unwrap_or_else(|e| e.into_inner()).iter() {
+                if let Some(up) = port.uplink.clone() {
+                    let (net2, port2) = (net.clone(), port.clone());
+                    thread::Builder::new()
+                        .name(format!("tap-{}", port.name))
+                        .spawn(move || crate::uplink::run(net2, port2, up))
+                        .map_err(|e| StartError::Host(format!("cannot start a thread: {e}")))?;
+                }
+            }
             if let Some(u) = &n.uplink {
                 let up = Arc::new(
                     crate::uplink::Uplink::open(&n.name, u).map_err(|source| StartError::Uplink { network: n.name.clone(), source })?,
@@ -441,7 +460,7 @@ fn uplink_port(net: &Network, up: Arc<crate::uplink::Uplink>) -> GuestPort {
     }
 }
 
-fn new_network(n: &NetworkConfig, state_dir: Option<&Path>) -> Network {
+fn new_network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &mut HashMap<String, Arc<Uplink>>) -> Network {
     let ports = n
         .ports
         .iter()
@@ -455,15 +474,16 @@ fn new_network(n: &NetworkConfig, state_dir: Option<&Path>) -> Network {
                 mac: p.mac,
                 counters: PortCounters::default(),
                 rx: Mutex::new(None),
-                security: p.port_security.unwrap_or(n.gateway.is_some()),
+                // A tap port is the host's own interface: trusted unless asked otherwise.
+                security: p.port_security.unwrap_or(n.gateway.is_some() && p.tap.is_none()),
                 locked_mac: AtomicU64::new(p.mac.map(|m| mac_word(&m)).unwrap_or(0)),
                 leased_ip: AtomicU32::new(0),
                 backlogged: AtomicBool::new(false),
-                connected: AtomicBool::new(false),
+                connected: AtomicBool::new(p.tap.is_some()),
                 features: AtomicU64::new(0),
                 connections: AtomicU64::new(0),
                 last_log_ms: AtomicU64::new(0),
-                uplink: None,
+                uplink: taps.remove(&p.name),
             })
         })
         .collect();

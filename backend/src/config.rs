@@ -17,6 +17,9 @@ pub enum ConfigError {
     File { file: String, msg: String },
     #[error("{file}:{line}: {msg}")]
     At { file: String, line: usize, msg: String },
+    /// A message that already names its place (libvirt XML import).
+    #[error("{0}")]
+    Import(String),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +130,10 @@ pub struct NetworkConfig {
 pub struct Config {
     pub state_dir: Option<PathBuf>,
     pub control_socket: Option<PathBuf>,
+    /// A group that may use the control socket too (mode 0660 instead of 0600).
+    pub control_group: Option<String>,
+    /// Where the port counters are served in Prometheus text format (`GET /metrics`).
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub networks: Vec<NetworkConfig>,
     /// Settings that parsed but that this version does not act on, one line each.
     pub warnings: Vec<String>,
@@ -137,6 +144,8 @@ pub struct Config {
 struct RawConfig {
     state_dir: Option<PathBuf>,
     control_socket: Option<PathBuf>,
+    control_group: Option<String>,
+    metrics_listen: Option<Spanned<String>>,
     #[serde(default)]
     network: Vec<Spanned<RawNetwork>>,
 }
@@ -400,6 +409,23 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::File { file: file.clone(), msg: format!("cannot read: {}", io_reason(&e)) })?;
         let base = path.parent().unwrap_or(Path::new("."));
+        if text.trim_start().starts_with('<') {
+            // A libvirt network definition, taken as `vunet import-libvirt` converts it.
+            let imported = crate::libvirt::import(&text, &file).map_err(ConfigError::Import)?;
+            // Line numbers of the generated TOML mean nothing in the XML: name the file only.
+            let mut c = Self::parse(&imported.toml, &file, base).map_err(|e| match e {
+                ConfigError::At { file, msg, .. } => ConfigError::File { file, msg },
+                e => e,
+            })?;
+            let prefix = format!("{file}:");
+            for w in c.warnings.iter_mut() {
+                if let Some((_, msg)) = w.strip_prefix(&prefix).and_then(|r| r.split_once(": ")) {
+                    *w = format!("{file}: {msg}");
+                }
+            }
+            c.warnings.splice(0..0, imported.warnings);
+            return Ok(c);
+        }
         Self::parse(&text, &file, base)
     }
 
@@ -414,6 +440,12 @@ impl Config {
                 None => ConfigError::File { file: file.to_string(), msg },
             }
         })?;
+        let metrics_listen = match &raw.metrics_listen {
+            Some(m) => Some(m.get_ref().parse::<std::net::SocketAddr>().map_err(|_| {
+                cx.err(m.span(), format!("invalid metrics_listen {:?} (expected ADDRESS:PORT, e.g. \"127.0.0.1:9477\")", m.get_ref()))
+            })?),
+            None => None,
+        };
         let mut networks = Vec::new();
         let mut warnings = Vec::new();
         let mut net_names = HashSet::new();
@@ -588,6 +620,8 @@ impl Config {
         Ok(Config {
             state_dir: raw.state_dir.map(|p| base.join(p)),
             control_socket: raw.control_socket.map(|p| base.join(p)),
+            control_group: raw.control_group,
+            metrics_listen,
             networks,
             warnings,
         })
@@ -609,6 +643,8 @@ impl Config {
         Config {
             state_dir: None,
             control_socket: None,
+            control_group: None,
+            metrics_listen: None,
             networks: vec![NetworkConfig {
                 name: "default".into(),
                 mode: Mode::Isolated,

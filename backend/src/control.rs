@@ -1,22 +1,42 @@
-//! The control socket: a unix socket (owner-only) on which the running daemon answers one
-//! request per connection, one line in, text out. The `vunet` subcommands (`dhcp-leases`,
-//! `port-list`, `net-list`) are its clients.
+//! The control socket: a unix socket (owner-only, or owner and one group) on which the running
+//! daemon answers one request per connection. A request is one line of JSON
+//! (`{"cmd":"port-list","network":"default"}`); the answer is one JSON document,
+//! `{"ok": ...}` or `{"error": "..."}`. The `vunet` subcommands are its clients and print the
+//! answers as tables, or as they are with `--json`. `capture` is the one streaming request:
+//! after its `{"ok":...}` line come pcap bytes until the client hangs up.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 use tracing::warn;
-use vunet_switch::format_mac;
+use vunet_switch::counters::DropReason;
+use vunet_switch::{format_mac, parse_mac};
 
-use crate::config::io_reason;
-use crate::network::{unix_now, Network, StartError};
+use crate::config::{io_reason, PortConfig, PortMode};
+use crate::network::{unix_now, GuestPort, Network, Shared, StartError};
 
-/// Binds the control socket (refusing one a live daemon is using) with mode 0600.
-pub fn bind(path: &Path) -> Result<UnixListener, StartError> {
+/// A request to the daemon.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    NetList,
+    PortList { network: String },
+    DhcpLeases { network: String },
+    PortAdd { network: String, name: String, socket: Option<PathBuf>, mac: Option<String>, mode: Option<String> },
+    PortDel { network: String, name: String },
+    Capture { network: String, port: String },
+}
+
+/// Binds the control socket (refusing one a live daemon is using): mode 0600, or 0660 with
+/// `group` as its group.
+pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, StartError> {
     let err = |reason: String| StartError::Control { path: path.to_path_buf(), reason };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| err(io_reason(&e)))?;
@@ -28,105 +48,222 @@ pub fn bind(path: &Path) -> Result<UnixListener, StartError> {
         let _ = std::fs::remove_file(path);
     }
     let l = UnixListener::bind(path).map_err(|e| err(io_reason(&e)))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| err(io_reason(&e)))?;
+    let mode = match group {
+        Some(g) => {
+            let gid = group_id(g).ok_or_else(|| err(format!("no group named {g:?}")))?;
+            std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| err(io_reason(&e)))?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| err(io_reason(&e)))?;
     Ok(l)
 }
 
-/// Serves requests for as long as the daemon runs.
-pub fn serve(listener: UnixListener, networks: Vec<Arc<Network>>) {
+fn group_id(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getgrnam returns a pointer into static storage or null; read at once.
+    let g = unsafe { libc::getgrnam(c.as_ptr()) };
+    // SAFETY: non-null results point at a valid struct group.
+    (!g.is_null()).then(|| unsafe { (*g).gr_gid })
+}
+
+/// Serves requests for as long as the daemon runs, each on a short-lived thread (a capture
+/// streams for as long as its client listens).
+pub fn serve(listener: UnixListener, shared: Arc<Shared>) {
     for conn in listener.incoming() {
-        let Ok(mut conn) = conn else { continue };
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-        let mut line = String::new();
-        // A bounded read: a request is one short line.
-        let mut reader = BufReader::new((&conn).take_bytes(1024));
-        if reader.read_line(&mut line).is_err() {
-            continue;
-        }
-        let reply = answer(line.trim(), &networks);
-        if conn.write_all(reply.as_bytes()).is_err() {
-            warn!("control socket: client went away");
-        }
+        let Ok(conn) = conn else { continue };
+        let s = shared.clone();
+        let _ = std::thread::Builder::new().name("control-conn".into()).spawn(move || handle(conn, &s));
     }
 }
 
-trait TakeBytes {
-    fn take_bytes(self, n: u64) -> std::io::Take<Self>
-    where
-        Self: Sized;
-}
-
-impl<R: std::io::Read> TakeBytes for R {
-    fn take_bytes(self, n: u64) -> std::io::Take<Self> {
-        self.take(n)
+fn handle(mut conn: UnixStream, shared: &Arc<Shared>) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut line = String::new();
+    // A bounded read: a request is one short line.
+    if BufReader::new((&conn).take(4096)).read_line(&mut line).is_err() {
+        return;
     }
-}
-
-/// The answer to one request; an error starts with "error: ".
-pub fn answer(request: &str, networks: &[Arc<Network>]) -> String {
-    let mut words = request.split_whitespace();
-    let cmd = words.next().unwrap_or("");
-    let find = |name: Option<&str>| -> Result<&Arc<Network>, String> {
-        let name = name.ok_or("error: which network?\n")?;
-        networks.iter().find(|n| n.name == name).ok_or_else(|| format!("error: no network named {name:?}\n"))
+    let reply = match serde_json::from_str::<Request>(line.trim()) {
+        Ok(Request::Capture { network, port }) => match find_port(shared, &network, &port) {
+            Ok(p) => return crate::capture::stream(conn, &p),
+            Err(e) => json!({ "error": e }),
+        },
+        Ok(req) => match answer(req, shared) {
+            Ok(v) => json!({ "ok": v }),
+            Err(e) => json!({ "error": e }),
+        },
+        Err(e) => json!({ "error": format!("bad request: {e}") }),
     };
-    let r = match cmd {
-        "net-list" => Ok(net_list(networks)),
-        "port-list" => find(words.next()).map(|n| port_list(n)),
-        "dhcp-leases" => find(words.next()).map(|n| dhcp_leases(n)),
-        other => Err(format!("error: unknown request {other:?}\n")),
+    if conn.write_all(format!("{reply}\n").as_bytes()).is_err() {
+        warn!("control socket: client went away");
+    }
+}
+
+fn find(shared: &Shared, name: &str) -> Result<Arc<Network>, String> {
+    shared.network(name).ok_or_else(|| format!("no network named {name:?}"))
+}
+
+fn find_port(shared: &Shared, network: &str, port: &str) -> Result<Arc<GuestPort>, String> {
+    let n = find(shared, network)?;
+    n.port(port).ok_or_else(|| format!("network {network:?} has no port named {port:?}"))
+}
+
+/// The answer to one request.
+pub fn answer(req: Request, shared: &Arc<Shared>) -> Result<Value, String> {
+    match req {
+        Request::NetList => Ok(Value::Array(shared.networks().iter().map(|n| net_info(n)).collect())),
+        Request::PortList { network } => Ok(Value::Array(find(shared, &network)?.live_ports().iter().map(|p| port_info(p)).collect())),
+        Request::DhcpLeases { network } => dhcp_leases(&*find(shared, &network)?),
+        Request::PortAdd { network, name, socket, mac, mode } => {
+            let net = find(shared, &network)?;
+            if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return Err(format!("invalid port name {name:?} (letters, digits, '-', '_', '.', at most 64)"));
+            }
+            let mac = match mac {
+                Some(m) => Some(
+                    parse_mac(&m).filter(|m| !vunet_switch::is_multicast(m) && *m != [0; 6]).ok_or(format!("invalid MAC address {m:?}"))?,
+                ),
+                None => None,
+            };
+            let mode = match mode.as_deref() {
+                None | Some("server") => PortMode::Server,
+                Some("client") => PortMode::Client,
+                Some(other) => return Err(format!("unknown port mode {other:?} (expected server or client)")),
+            };
+            let cfg = PortConfig { name, socket: socket.unwrap_or_default(), tap: None, mode, mac, port_security: None };
+            let port = shared.add_port(&net, cfg)?;
+            Ok(port_info(&port))
+        }
+        Request::PortDel { network, name } => {
+            let net = find(shared, &network)?;
+            shared.remove_port(&net, &name)?;
+            Ok(json!({ "removed": name }))
+        }
+        Request::Capture { .. } => Err("capture streams; it is not answered here".into()),
+    }
+}
+
+fn net_info(n: &Network) -> Value {
+    let ports = n.live_ports();
+    let uplink = ports
+        .iter()
+        .find(|p| p.name.starts_with("uplink:"))
+        .and_then(|p| p.uplink.as_ref())
+        .map(|u| format!("{} {}", u.kind.name(), u.ifname));
+    json!({
+        "name": n.name,
+        "mode": n.mode.name(),
+        "gateway": n.gateway.map(|g| format!("{}/{}", g.ip, g.prefix)),
+        "mtu": n.mtu,
+        "uplink": uplink,
+        "ports": ports.len(),
+        "connected": ports.iter().filter(|p| p.connected.load(Ordering::Relaxed)).count(),
+        "state": "active",
+    })
+}
+
+fn port_info(p: &GuestPort) -> Value {
+    let c = p.counters.snapshot();
+    let drops: serde_json::Map<String, Value> =
+        DropReason::ALL.iter().zip(c.drops.iter()).filter(|(_, &n)| n > 0).map(|(r, &n)| (r.name().to_string(), json!(n))).collect();
+    let (kind, attach) = match &p.uplink {
+        Some(u) if p.name.starts_with("uplink:") => (format!("uplink {}", u.kind.name()), u.ifname.clone()),
+        Some(u) => ("tap".to_string(), u.ifname.clone()),
+        None => ("vhost-user".to_string(), p.socket.display().to_string()),
     };
-    r.unwrap_or_else(|e| e)
+    json!({
+        "name": p.name,
+        "kind": kind,
+        "socket": if p.uplink.is_none() { Some(attach.clone()) } else { None },
+        "interface": if p.uplink.is_some() { Some(attach) } else { None },
+        "mode": if p.mode == PortMode::Server { "server" } else { "client" },
+        "mac": p.locked_mac().map(|m| format_mac(&m)),
+        "ip": p.leased_ip().map(|i| i.to_string()),
+        "connected": p.connected.load(Ordering::Relaxed),
+        "features": crate::vhost_port::feature_names(p.features.load(Ordering::Relaxed)),
+        "rx_frames": c.rx_frames,
+        "rx_bytes": c.rx_bytes,
+        "tx_frames": c.tx_frames,
+        "tx_bytes": c.tx_bytes,
+        "drops": drops,
+    })
 }
 
-fn net_list(networks: &[Arc<Network>]) -> String {
-    let mut s = format!("{:<16} {:<9} {:<20} {}\n", "NAME", "MODE", "GATEWAY", "PORTS");
-    for n in networks {
-        let gw = n.gateway.map(|g| format!("{}/{}", g.ip, g.prefix)).unwrap_or_else(|| "-".into());
-        let ports = n.ports.read().unwrap_or_else(|e| e.into_inner());
-        let up = ports.iter().filter(|p| p.connected.load(std::sync::atomic::Ordering::Relaxed)).count();
-        s.push_str(&format!("{:<16} {:<9} {:<20} {}/{} connected\n", n.name, n.mode.name(), gw, up, ports.len()));
-    }
-    s
-}
-
-fn port_list(n: &Network) -> String {
-    let mut s = String::new();
-    for p in n.ports.read().unwrap_or_else(|e| e.into_inner()).iter() {
-        let up = p.connected.load(std::sync::atomic::Ordering::Relaxed);
-        let mac = p.locked_mac().map(|m| format_mac(&m)).unwrap_or_else(|| "-".into());
-        let ip = p.leased_ip().map(|i| i.to_string()).unwrap_or_else(|| "-".into());
-        let attach = match &p.uplink {
-            Some(u) => format!("{}={}", u.kind.name(), u.ifname),
-            None => format!("socket={}", p.socket.display()),
-        };
-        s.push_str(&format!(
-            "{} {} {} mac={} ip={}: {}\n",
-            p.name,
-            attach,
-            if up { "connected" } else { "waiting" },
-            mac,
-            ip,
-            p.counters.snapshot()
-        ));
-    }
-    s
-}
-
-fn dhcp_leases(n: &Network) -> String {
-    let Some(dhcp) = n.dhcp.as_ref() else { return format!("error: network {:?} has no DHCP server\n", n.name) };
+fn dhcp_leases(n: &Network) -> Result<Value, String> {
+    let dhcp = n.dhcp.as_ref().ok_or_else(|| format!("network {:?} has no DHCP server", n.name))?;
     let leases = dhcp.lock().unwrap_or_else(|e| e.into_inner()).leases(unix_now());
-    let mut s = format!("{:<17}  {:<15}  {:<20}  {}\n", "MAC", "IP", "EXPIRES (UTC)", "NAME");
-    for l in leases {
-        s.push_str(&format!(
-            "{:<17}  {:<15}  {:<20}  {}\n",
-            format_mac(&l.mac),
-            l.ip,
-            utc(l.expires),
-            l.hostname.as_deref().unwrap_or("-")
-        ));
+    Ok(Value::Array(
+        leases
+            .iter()
+            .map(|l| json!({ "mac": format_mac(&l.mac), "ip": l.ip.to_string(), "name": l.hostname, "expires": l.expires, "expires_utc": utc(l.expires) }))
+            .collect(),
+    ))
+}
+
+/// Renders an answer as the table the CLI prints without `--json`.
+pub fn render(req: &Request, v: &Value) -> String {
+    let s = |v: &Value, k: &str| match &v[k] {
+        Value::String(x) => x.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let rows = v.as_array().cloned().unwrap_or_default();
+    let mut out = String::new();
+    match req {
+        Request::NetList => {
+            out.push_str(&format!("{:<16} {:<9} {:<20} {:<22} {:<8} {}\n", "NAME", "MODE", "GATEWAY", "UPLINK", "STATE", "PORTS"));
+            for n in &rows {
+                out.push_str(&format!(
+                    "{:<16} {:<9} {:<20} {:<22} {:<8} {}/{} connected\n",
+                    s(n, "name"),
+                    s(n, "mode"),
+                    s(n, "gateway"),
+                    s(n, "uplink"),
+                    s(n, "state"),
+                    s(n, "connected"),
+                    s(n, "ports")
+                ));
+            }
+        }
+        Request::PortList { .. } | Request::PortAdd { .. } => {
+            let rows = if rows.is_empty() && v.is_object() { vec![v.clone()] } else { rows };
+            for p in &rows {
+                let attach =
+                    if p["socket"].is_null() { format!("interface={}", s(p, "interface")) } else { format!("socket={}", s(p, "socket")) };
+                let drops: Vec<String> =
+                    p["drops"].as_object().map(|d| d.iter().map(|(k, n)| format!("{k}={n}")).collect()).unwrap_or_default();
+                let feats: Vec<String> =
+                    p["features"].as_array().map(|f| f.iter().map(|x| x.as_str().unwrap_or("").to_string()).collect()).unwrap_or_default();
+                out.push_str(&format!(
+                    "{} ({}, {}) {} {} mac={} ip={}\n  rx {} frames/{} bytes, tx {} frames/{} bytes, drops: {}\n  features: {}\n",
+                    s(p, "name"),
+                    s(p, "kind"),
+                    s(p, "mode"),
+                    attach,
+                    if p["connected"] == Value::Bool(true) { "connected" } else { "waiting" },
+                    s(p, "mac"),
+                    s(p, "ip"),
+                    s(p, "rx_frames"),
+                    s(p, "rx_bytes"),
+                    s(p, "tx_frames"),
+                    s(p, "tx_bytes"),
+                    if drops.is_empty() { "none".to_string() } else { drops.join(" ") },
+                    if feats.is_empty() { "-".to_string() } else { feats.join(" ") },
+                ));
+            }
+        }
+        Request::DhcpLeases { .. } => {
+            out.push_str(&format!("{:<17}  {:<15}  {:<20}  {}\n", "MAC", "IP", "EXPIRES (UTC)", "NAME"));
+            for l in &rows {
+                out.push_str(&format!("{:<17}  {:<15}  {:<20}  {}\n", s(l, "mac"), s(l, "ip"), s(l, "expires_utc"), s(l, "name")));
+            }
+        }
+        Request::PortDel { name, .. } => out.push_str(&format!("port {name} removed\n")),
+        Request::Capture { .. } => {}
     }
-    s
+    out
 }
 
 /// "2026-11-22 14:40:33" for seconds since the Unix epoch (civil-from-days, proleptic
@@ -146,14 +283,26 @@ pub fn utc(secs: u64) -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-/// Sends one request to a daemon and returns its answer.
-pub fn request(path: &Path, req: &str) -> Result<String, String> {
+/// Connects to the daemon and sends one request.
+pub fn connect(path: &Path, req: &Request) -> Result<UnixStream, String> {
     let mut s = UnixStream::connect(path).map_err(|e| format!("cannot reach the vunet daemon at {}: {}", path.display(), io_reason(&e)))?;
+    let line = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    s.write_all(format!("{line}\n").as_bytes()).map_err(|e| format!("control socket {}: {}", path.display(), io_reason(&e)))?;
+    Ok(s)
+}
+
+/// Sends one request and returns the daemon's answer (its error as Err).
+pub fn request(path: &Path, req: &Request) -> Result<Value, String> {
+    let mut s = connect(path, req)?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    s.write_all(format!("{req}\n").as_bytes()).map_err(|e| format!("control socket {}: {}", path.display(), io_reason(&e)))?;
     let mut out = String::new();
-    std::io::Read::read_to_string(&mut s, &mut out).map_err(|e| format!("control socket {}: {}", path.display(), io_reason(&e)))?;
-    Ok(out)
+    s.read_to_string(&mut out).map_err(|e| format!("control socket {}: {}", path.display(), io_reason(&e)))?;
+    let v: Value = serde_json::from_str(out.trim()).map_err(|e| format!("control socket {}: bad answer ({e})", path.display()))?;
+    match (v.get("ok"), v.get("error")) {
+        (Some(ok), _) => Ok(ok.clone()),
+        (_, Some(Value::String(e))) => Err(e.clone()),
+        _ => Err(format!("control socket {}: bad answer", path.display())),
+    }
 }
 
 /// The default control socket when the configuration names none.
@@ -170,5 +319,14 @@ mod tests {
         assert_eq!(utc(0), "1970-01-01 00:00:00");
         assert_eq!(utc(951_782_400), "2000-02-29 00:00:00");
         assert_eq!(utc(1_795_358_433), "2026-11-22 14:40:33");
+    }
+
+    #[test]
+    fn requests_are_one_line_of_json() {
+        let r = Request::PortAdd { network: "n".into(), name: "p".into(), socket: None, mac: Some("52:54:00:00:00:01".into()), mode: None };
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(line.starts_with("{\"cmd\":\"port-add\""), "{line}");
+        assert!(matches!(serde_json::from_str::<Request>(&line).unwrap(), Request::PortAdd { .. }));
+        assert!(serde_json::from_str::<Request>("{\"cmd\":\"reboot\"}").is_err());
     }
 }

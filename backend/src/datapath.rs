@@ -399,6 +399,9 @@ fn switch_frame(
     }
     port.counters.received(len);
     let frame = TxFrame { segs, offset: hdr_len, len, hdr };
+    if port.capturing.load(Ordering::Relaxed) {
+        capture(port, &frame, cx);
+    }
     let to_gateway = net.gateway.is_some_and(|g| g.wants(&dst));
     let decision = {
         let mut macs = net.macs.lock().unwrap_or_else(|e| e.into_inner());
@@ -494,6 +497,15 @@ pub fn switch_from_uplink(net: &Network, port: &GuestPort, frames: &[(&[u8], boo
     notify_receivers(&ports, cx);
 }
 
+/// Copies a frame for the port's captures (only while somebody captures).
+fn capture(port: &GuestPort, f: &TxFrame, cx: &mut TxScratch) {
+    let mut frame = std::mem::take(&mut cx.frame);
+    frame.resize(f.len, 0);
+    gather(f.segs, f.offset, &mut frame);
+    port.capture(&frame);
+    cx.frame = frame;
+}
+
 /// Most iovecs one frame is written with; a frame in more pieces is gathered first.
 const MAX_IOV: usize = 64;
 
@@ -585,6 +597,9 @@ fn deliver_uplink(dest: &GuestPort, up: &Uplink, f: &TxFrame, cx: &mut TxScratch
 /// Delivers one frame to one receiving port, counting a drop on the receiver if it cannot take
 /// it (not connected, ring and backlog full, buffers too small).
 fn deliver(dest: &GuestPort, f: &TxFrame, cx: &mut TxScratch) {
+    if dest.capturing.load(Ordering::Relaxed) {
+        capture(dest, f, cx);
+    }
     if let Some(up) = dest.uplink.as_deref() {
         deliver_uplink(dest, up, f, cx);
         return;

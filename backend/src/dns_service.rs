@@ -112,7 +112,7 @@ impl Forwarder {
         let mut buf = vec![0u8; 65536];
         let mut frame = Vec::new();
         let mut cx = TxScratch::default();
-        loop {
+        while !net.stopped.load(std::sync::atomic::Ordering::Acquire) {
             let got = self.socket.recv_from(&mut buf);
             self.expire();
             let Ok((n, from)) = got else { continue };

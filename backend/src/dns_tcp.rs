@@ -86,7 +86,7 @@ impl DnsTcp {
         let Some(rx) = self.receiver.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
         let mut svc = Service::new(&gw, net.mtu, upstreams, self.events.clone());
         let mut cx = TxScratch::default();
-        loop {
+        while !net.stopped.load(Ordering::Acquire) {
             let delay = svc.poll_delay().min(Duration::from_secs(1));
             match rx.recv_timeout(delay) {
                 Ok(ev) => svc.handle(ev),

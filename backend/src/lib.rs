@@ -6,11 +6,14 @@
 //! This crate owns every file descriptor and thread: vhost-user sockets, worker threads, the
 //! configuration file and the CLI.
 
+pub mod capture;
 pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod dns_service;
 pub mod dns_tcp;
+pub mod libvirt;
+pub mod metrics;
 pub mod netlink;
 pub mod network;
 pub mod proxy;

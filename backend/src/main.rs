@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use vunet::config::{Config, PortMode};
+use vunet::control::Request;
 use vunet::Daemon;
 
 #[derive(Parser)]
@@ -20,35 +21,100 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// List the DHCP leases of a network (from the running daemon).
-    DhcpLeases {
-        /// Network name.
-        network: String,
-        #[command(flatten)]
-        at: DaemonAt,
-    },
-    /// List the guest ports of a network with their state and counters.
-    PortList {
-        /// Network name.
-        network: String,
-        #[command(flatten)]
-        at: DaemonAt,
-    },
-    /// List the networks of the running daemon.
-    NetList {
-        #[command(flatten)]
-        at: DaemonAt,
-    },
     /// Run the networks of a configuration file (or the embedded default network).
+    #[command(after_help = "Signals: SIGINT/SIGTERM stop; SIGHUP re-reads --config and applies added and removed networks and ports.")]
     Run {
-        /// TOML configuration file. Without it vunet serves network "default" (isolated,
-        /// 192.168.122.1/24) with four guest sockets in a runtime directory.
+        /// TOML configuration file, or a libvirt network XML file. Without it vunet serves
+        /// network "default" (isolated, 192.168.122.1/24) with four guest sockets in a runtime
+        /// directory.
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// Directory for the default network's sockets (default: $XDG_RUNTIME_DIR/vunet,
         /// /run/vunet as root, else /tmp/vunet-UID).
         #[arg(long, value_name = "DIR", conflicts_with = "config")]
         runtime_dir: Option<PathBuf>,
+    },
+    /// List the networks of the running daemon: name, mode, gateway, uplink, state, ports.
+    NetList {
+        #[command(flatten)]
+        at: DaemonAt,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the ports of a network: socket or interface, MAC, IP, connected or not,
+    /// negotiated features, rx/tx frames and bytes, drops by reason.
+    PortList {
+        /// Network name.
+        network: String,
+        #[command(flatten)]
+        at: DaemonAt,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the DHCP leases of a network: MAC, IP, expiry, name.
+    DhcpLeases {
+        /// Network name.
+        network: String,
+        #[command(flatten)]
+        at: DaemonAt,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a guest port to a running network (other ports are not disturbed).
+    PortAdd {
+        /// Network name.
+        network: String,
+        /// Port name.
+        name: String,
+        /// The vhost-user socket (default: NETWORK-NAME.sock next to the control socket).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// The guest's MAC (offered to VMMs that read it; locks port security to it).
+        #[arg(long)]
+        mac: Option<String>,
+        /// server: vunet listens (default); client: the VMM listens, vunet connects.
+        #[arg(long, value_name = "server|client")]
+        mode: Option<String>,
+        #[command(flatten)]
+        at: DaemonAt,
+        /// Print the new port as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a port from a running network; only its guest is disconnected.
+    PortDel {
+        /// Network name.
+        network: String,
+        /// Port name.
+        name: String,
+        #[command(flatten)]
+        at: DaemonAt,
+    },
+    /// Write the frames of one port (both directions) as pcap while traffic flows.
+    Capture {
+        /// Network name.
+        network: String,
+        /// Port name.
+        port: String,
+        /// Output file ("-" or none: standard output, e.g. `| tcpdump -r -`).
+        #[arg(short = 'w', value_name = "FILE")]
+        write: Option<PathBuf>,
+        /// Stop after this many frames.
+        #[arg(short = 'c', long, value_name = "N")]
+        count: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long, value_name = "SECONDS")]
+        duration: Option<u64>,
+        #[command(flatten)]
+        at: DaemonAt,
+    },
+    /// Convert a libvirt network definition (XML) to vunet's TOML and print it.
+    ImportLibvirt {
+        /// The libvirt network XML file (as `virsh net-dumpxml` writes it).
+        file: PathBuf,
     },
 }
 
@@ -77,16 +143,16 @@ impl DaemonAt {
     }
 }
 
-/// Sends a request to the daemon and prints the answer; errors are one line, exit 1.
-fn client(at: &DaemonAt, req: &str) -> ExitCode {
-    let r = at.path().and_then(|p| vunet::control::request(&p, req));
-    match r {
-        Ok(text) if text.starts_with("error: ") => {
-            eprint!("vunet: {}", &text["error: ".len()..]);
-            ExitCode::from(1)
+/// Sends a request to the daemon and prints the answer as a table or JSON; errors are one
+/// line, exit 1.
+fn client(at: &DaemonAt, req: Request, json: bool) -> ExitCode {
+    match at.path().and_then(|p| vunet::control::request(&p, &req)) {
+        Ok(v) if json => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
         }
-        Ok(text) => {
-            print!("{text}");
+        Ok(v) => {
+            print!("{}", vunet::control::render(&req, &v));
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -103,18 +169,79 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let one_line = |r: Result<(), String>, code: u8| match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("vunet: {msg}");
+            ExitCode::from(code)
+        }
+    };
     match cli.command {
-        Command::DhcpLeases { network, at } => client(&at, &format!("dhcp-leases {network}")),
-        Command::PortList { network, at } => client(&at, &format!("port-list {network}")),
-        Command::NetList { at } => client(&at, "net-list"),
-        Command::Run { config, runtime_dir } => match run(config.as_deref(), runtime_dir) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(msg) => {
-                eprintln!("vunet: {msg}");
-                ExitCode::from(2)
-            }
-        },
+        Command::NetList { at, json } => client(&at, Request::NetList, json),
+        Command::PortList { network, at, json } => client(&at, Request::PortList { network }, json),
+        Command::DhcpLeases { network, at, json } => client(&at, Request::DhcpLeases { network }, json),
+        Command::PortAdd { network, name, socket, mac, mode, at, json } => {
+            let socket = socket.map(|s| std::path::absolute(&s).unwrap_or(s));
+            client(&at, Request::PortAdd { network, name, socket, mac, mode }, json)
+        }
+        Command::PortDel { network, name, at } => client(&at, Request::PortDel { network, name }, false),
+        Command::Capture { network, port, write, count, duration, at } => {
+            one_line(capture(&at, Request::Capture { network, port }, write.as_deref(), count, duration), 1)
+        }
+        Command::ImportLibvirt { file } => one_line(import_libvirt(&file), 2),
+        Command::Run { config, runtime_dir } => one_line(run(config.as_deref(), runtime_dir), 2),
     }
+}
+
+fn import_libvirt(file: &Path) -> Result<(), String> {
+    let name = file.display().to_string();
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{name}: cannot read: {}", vunet::config::io_reason(&e)))?;
+    let imported = vunet::libvirt::import(&text, &name)?;
+    for w in &imported.warnings {
+        eprintln!("vunet: warning: {w}");
+    }
+    print!("{}", imported.toml);
+    Ok(())
+}
+
+/// Copies a port's pcap stream to a file or standard output, frame by frame (so the file is
+/// readable at any moment), until `count` frames or `duration` seconds.
+fn capture(at: &DaemonAt, req: Request, out: Option<&Path>, count: Option<u64>, duration: Option<u64>) -> Result<(), String> {
+    use std::io::BufRead;
+    let path = at.path()?;
+    let conn = vunet::control::connect(&path, &req)?;
+    if let Some(d) = duration {
+        let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(d.max(1))));
+    }
+    let deadline = duration.map(|d| std::time::Instant::now() + std::time::Duration::from_secs(d));
+    let mut r = std::io::BufReader::new(conn);
+    let mut line = String::new();
+    r.read_line(&mut line).map_err(|e| format!("control socket {}: {}", path.display(), vunet::config::io_reason(&e)))?;
+    let v: serde_json::Value = serde_json::from_str(line.trim()).map_err(|_| format!("control socket {}: bad answer", path.display()))?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        return Err(e.to_string());
+    }
+    let sink: Box<dyn std::io::Write> = match out {
+        Some(p) if p != Path::new("-") => {
+            Box::new(std::fs::File::create(p).map_err(|e| format!("{}: {}", p.display(), vunet::config::io_reason(&e)))?)
+        }
+        _ => Box::new(std::io::stdout()),
+    };
+    let mut reader = pcap_file::pcap::PcapReader::new(r).map_err(|e| format!("capture stream: {e}"))?;
+    let mut writer = pcap_file::pcap::PcapWriter::with_header(sink, reader.header()).map_err(|e| format!("capture output: {e}"))?;
+    let mut n = 0u64;
+    while count.is_none_or(|c| n < c) && deadline.is_none_or(|d| std::time::Instant::now() < d) {
+        match reader.next_packet() {
+            Some(Ok(p)) => {
+                writer.write_packet(&p).map_err(|e| format!("capture output: {e}"))?;
+                n += 1;
+            }
+            // The daemon went away, or the duration's read timeout passed.
+            Some(Err(_)) | None => break,
+        }
+    }
+    eprintln!("vunet: {n} frames captured");
+    Ok(())
 }
 
 fn default_runtime_dir() -> PathBuf {
@@ -150,17 +277,40 @@ fn run(config: Option<&Path>, runtime_dir: Option<PathBuf>) -> Result<(), String
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut()) };
     let daemon = Daemon::start(&cfg).map_err(|e| e.to_string())?;
     print_summary(&cfg);
-    let mut sig: libc::c_int = 0;
-    // SAFETY: both pointers are valid for the call.
-    unsafe { libc::sigwait(&sigs, &mut sig) };
-    eprintln!("vunet: signal {sig}, stopping");
-    for n in &daemon.networks {
-        for p in n.ports.read().unwrap_or_else(|e| e.into_inner()).iter() {
+    let mut cfg = cfg;
+    loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: both pointers are valid for the call.
+        unsafe { libc::sigwait(&sigs, &mut sig) };
+        if sig != libc::SIGHUP {
+            eprintln!("vunet: signal {sig}, stopping");
+            break;
+        }
+        let Some(path) = config else {
+            eprintln!("vunet: SIGHUP: no configuration file to re-read (started without --config)");
+            continue;
+        };
+        match Config::load(path) {
+            Ok(new) => {
+                for w in &new.warnings {
+                    eprintln!("vunet: warning: {w}");
+                }
+                for line in daemon.apply(&new) {
+                    eprintln!("vunet: reload: {line}");
+                }
+                eprintln!("vunet: reload of {} done", path.display());
+                cfg.networks = new.networks;
+            }
+            Err(e) => eprintln!("vunet: reload refused, nothing changed: {e}"),
+        }
+    }
+    for n in daemon.networks() {
+        for p in n.live_ports() {
             eprintln!("vunet: network {:?} port {:?}: {}", n.name, p.name, p.counters.snapshot());
         }
     }
-    for n in &cfg.networks {
-        for p in n.ports.iter().filter(|p| p.mode == PortMode::Server && p.tap.is_none()) {
+    for n in daemon.networks() {
+        for p in n.live_ports().iter().filter(|p| p.mode == PortMode::Server && p.uplink.is_none()) {
             let _ = std::fs::remove_file(&p.socket);
         }
     }
@@ -178,6 +328,7 @@ fn stop_signals() -> libc::sigset_t {
         libc::sigemptyset(&mut s);
         libc::sigaddset(&mut s, libc::SIGINT);
         libc::sigaddset(&mut s, libc::SIGTERM);
+        libc::sigaddset(&mut s, libc::SIGHUP);
         s
     }
 }

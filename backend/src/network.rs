@@ -87,6 +87,14 @@ pub struct GuestPort {
     last_log_ms: AtomicU64,
     /// Set on the network's uplink port: frames for it go to a host interface, not a guest.
     pub uplink: Option<Arc<crate::uplink::Uplink>>,
+    /// Set when the port is deleted at run time; its thread ends, its slot stays (port ids
+    /// index the network's port list).
+    pub removed: AtomicBool,
+    /// The current VMM connection, to cut it when the port is removed.
+    conn: Mutex<Option<UnixStream>>,
+    /// Set while at least one `vunet capture` listens on this port.
+    pub capturing: AtomicBool,
+    captures: Mutex<Vec<std::sync::mpsc::SyncSender<crate::capture::Captured>>>,
 }
 
 /// One virtual network: its ports and its switch.
@@ -104,6 +112,8 @@ pub struct Network {
     pub ports: RwLock<Vec<Arc<GuestPort>>>,
     pub macs: Mutex<MacTable>,
     epoch: Instant,
+    /// Set when the network is taken out of a running daemon; its threads end.
+    pub stopped: AtomicBool,
 }
 
 const LOCKED: u64 = 1 << 48;
@@ -138,6 +148,45 @@ impl GuestPort {
         match self.leased_ip.load(Ordering::Relaxed) {
             0 => None,
             v => Some(Ipv4Addr::from(v)),
+        }
+    }
+
+    /// Takes the port out of its network: the guest is disconnected, the socket removed, the
+    /// port's thread ends.
+    pub fn remove(&self, net: &Network) {
+        if self.removed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Some(up) = &self.uplink {
+            up.close();
+        }
+        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        if self.uplink.is_none() && self.mode == PortMode::Server {
+            // Wakes the port's thread in accept(); it sees `removed` and ends.
+            let _ = UnixStream::connect(&self.socket);
+            let _ = std::fs::remove_file(&self.socket);
+        }
+        self.connected.store(false, Ordering::Release);
+        net.macs.lock().unwrap_or_else(|e| e.into_inner()).forget_port(self.id);
+    }
+
+    /// Starts sending this port's frames to a capture.
+    pub fn add_capture(&self, tx: std::sync::mpsc::SyncSender<crate::capture::Captured>) {
+        let mut c = self.captures.lock().unwrap_or_else(|e| e.into_inner());
+        c.push(tx);
+        self.capturing.store(true, Ordering::Release);
+    }
+
+    /// Hands a copy of a frame seen on this port to its captures; forgets captures whose
+    /// client is gone. Called only while `capturing` is set.
+    pub fn capture(&self, frame: &[u8]) {
+        let ts = crate::capture::now();
+        let mut c = self.captures.lock().unwrap_or_else(|e| e.into_inner());
+        c.retain(|tx| !matches!(tx.try_send((ts, frame.to_vec())), Err(std::sync::mpsc::TrySendError::Disconnected(_))));
+        if c.is_empty() {
+            self.capturing.store(false, Ordering::Release);
         }
     }
 
@@ -237,8 +286,14 @@ impl Network {
         }
     }
 
+    /// The live port named `name`.
     pub fn port(&self, name: &str) -> Option<Arc<GuestPort>> {
-        self.ports.read().unwrap_or_else(|e| e.into_inner()).iter().find(|p| p.name == name).cloned()
+        self.ports.read().unwrap_or_else(|e| e.into_inner()).iter().find(|p| p.name == name && !p.removed.load(Ordering::Acquire)).cloned()
+    }
+
+    /// The ports that have not been removed.
+    pub fn live_ports(&self) -> Vec<Arc<GuestPort>> {
+        self.ports.read().unwrap_or_else(|e| e.into_inner()).iter().filter(|p| !p.removed.load(Ordering::Acquire)).cloned().collect()
     }
 
     /// Logs a dropped frame at most once per second per port: a hostile guest can make drops
@@ -252,14 +307,26 @@ impl Network {
     }
 }
 
-/// The running daemon: every network of a configuration.
+/// The running daemon: every network of a configuration, changeable at run time (control
+/// socket `port-add`/`port-del`, SIGHUP reload).
 pub struct Daemon {
-    pub networks: Vec<Arc<Network>>,
-    /// Private (0700) directory for the sockets between the relay and the vhost-user daemons.
-    internal_dir: PathBuf,
+    pub shared: Arc<Shared>,
 }
 
-impl Drop for Daemon {
+/// What the daemon's threads share.
+pub struct Shared {
+    networks: RwLock<Vec<Arc<Network>>>,
+    /// Private (0700) directory for the sockets between the relay and the vhost-user daemons.
+    internal_dir: PathBuf,
+    internal_seq: AtomicU64,
+    /// Where `port-add` puts a socket it is not given a path for.
+    pub socket_dir: PathBuf,
+    pub state_dir: Option<PathBuf>,
+    /// The configuration each running network has now, to tell what a reload changes.
+    configs: Mutex<Vec<NetworkConfig>>,
+}
+
+impl Drop for Shared {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.internal_dir);
     }
@@ -278,19 +345,26 @@ fn private_dir() -> io::Result<PathBuf> {
     }
 }
 
+fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<(), StartError> {
+    thread::Builder::new().name(name).spawn(f).map(|_| ()).map_err(|e| StartError::Host(format!("cannot start a thread: {e}")))
+}
+
+/// Binds the server-mode sockets of `n`'s guest ports (None for client-mode ones), in order.
+fn bind_sockets(n: &NetworkConfig) -> Result<Vec<Option<UnixListener>>, StartError> {
+    n.ports
+        .iter()
+        .filter(|p| p.tap.is_none())
+        .map(|p| if p.mode == PortMode::Server { bind_socket(p).map(Some) } else { Ok(None) })
+        .collect()
+}
+
 impl Daemon {
     /// Starts every network and port of `cfg`. Sockets are checked and bound before this
     /// returns, so a mistake is reported here, not later in a thread.
     pub fn start(cfg: &Config) -> Result<Daemon, StartError> {
         let mut listeners = Vec::new();
         for n in &cfg.networks {
-            for p in n.ports.iter().filter(|p| p.tap.is_none()) {
-                if p.mode == PortMode::Server {
-                    listeners.push(Some(bind_socket(p)?));
-                } else {
-                    listeners.push(None);
-                }
-            }
+            listeners.push(bind_sockets(n)?);
         }
         if let Some(dir) = &cfg.state_dir {
             std::fs::create_dir_all(dir).map_err(|e| StartError::StateDir { path: dir.clone(), reason: io_reason(&e) })?;
@@ -298,79 +372,214 @@ impl Daemon {
         let internal_dir = private_dir().map_err(|e| {
             StartError::Host(format!("cannot create a private directory in {}: {}", std::env::temp_dir().display(), io_reason(&e)))
         })?;
-        let mut listeners = listeners.into_iter();
-        let mut networks = Vec::new();
-        for (ni, n) in cfg.networks.iter().enumerate() {
-            let mut taps = HashMap::new();
-            for p in &n.ports {
-                if let Some(tap) = &p.tap {
-                    let u = UplinkConfig { kind: UplinkKind::Tap, interface: tap.clone(), name: None, mac: None, own_mac: false };
-                    let up = Uplink::open(&n.name, &u).map_err(|source| StartError::Uplink { network: n.name.clone(), source })?;
-                    taps.insert(p.name.clone(), Arc::new(up));
-                }
-            }
-            let net = Arc::new(new_network(n, cfg.state_dir.as_deref(), &mut taps));
-            for port in net.ports.read().unwrap_or_else(|e| e.into_inner()).iter() {
-                if let Some(up) = port.uplink.clone() {
-                    let (net2, port2) = (net.clone(), port.clone());
-                    thread::Builder::new()
-                        .name(format!("tap-{}", port.name))
-                        .spawn(move || crate::uplink::run(net2, port2, up))
-                        .map_err(|e| StartError::Host(format!("cannot start a thread: {e}")))?;
-                }
-            }
-            if let Some(u) = &n.uplink {
-                let up = Arc::new(
-                    crate::uplink::Uplink::open(&n.name, u).map_err(|source| StartError::Uplink { network: n.name.clone(), source })?,
-                );
-                let port = Arc::new(uplink_port(&net, up.clone()));
-                net.ports.write().unwrap_or_else(|e| e.into_inner()).push(port.clone());
-                let net2 = net.clone();
-                thread::Builder::new()
-                    .name(format!("uplink-{}", net.name))
-                    .spawn(move || crate::uplink::run(net2, port, up))
-                    .map_err(|e| StartError::Host(format!("cannot start a thread: {e}")))?;
-            }
-            if let (Some(gw), Some(f)) = (net.gateway, net.dns.as_ref().and_then(|d| d.forwarder.clone())) {
-                let net2 = net.clone();
-                thread::Builder::new()
-                    .name(format!("dns-{}", net.name))
-                    .spawn(move || f.run(net2, gw))
-                    .map_err(|e| StartError::Host(format!("cannot start a thread: {e}")))?;
-            }
-            if let (Some(gw), Some(dns)) = (net.gateway, net.dns.as_ref()) {
-                let (net2, tcp, upstreams) = (net.clone(), dns.tcp.clone(), dns.upstreams.clone());
-                thread::Builder::new()
-                    .name(format!("dns-tcp-{}", net.name))
-                    .spawn(move || tcp.run(net2, gw, upstreams))
-                    .map_err(|e| StartError::Host(format!("cannot start a thread: {e}")))?;
-            }
-            for port in net.ports.read().unwrap_or_else(|e| e.into_inner()).iter().filter(|p| p.uplink.is_none()) {
-                let listener = listeners.next().flatten();
-                let internal_path = internal_dir.join(format!("n{ni}p{}.sock", port.id));
-                let internal = Listener::new(&internal_path, true)
-                    .map_err(|e| StartError::Host(format!("internal socket {}: {e}", internal_path.display())))?;
-                let (net2, port2) = (net.clone(), port.clone());
-                thread::Builder::new()
-                    .name(format!("port-{}", port.name))
-                    .spawn(move || serve_port(net2, port2, listener, internal, internal_path))
-                    .map_err(|e| StartError::Host(format!("cannot start a thread: {e}")))?;
-            }
-            networks.push(net);
+        let socket_dir = cfg
+            .control_socket
+            .as_deref()
+            .and_then(|c| c.parent())
+            .filter(|d| !d.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .or_else(|| cfg.networks.iter().flat_map(|n| &n.ports).find_map(|p| p.socket.parent().map(Path::to_path_buf)))
+            .unwrap_or_else(std::env::temp_dir);
+        let shared = Arc::new(Shared {
+            networks: RwLock::new(Vec::new()),
+            internal_dir,
+            internal_seq: AtomicU64::new(0),
+            socket_dir,
+            state_dir: cfg.state_dir.clone(),
+            configs: Mutex::new(Vec::new()),
+        });
+        for (n, l) in cfg.networks.iter().zip(listeners) {
+            shared.start_network(n, l)?;
         }
         if let Some(path) = &cfg.control_socket {
-            let listener = crate::control::bind(path)?;
-            let nets = networks.clone();
-            thread::Builder::new()
-                .name("control".into())
-                .spawn(move || crate::control::serve(listener, nets))
-                .map_err(|e| StartError::Host(format!("cannot start a thread: {e}")))?;
+            let listener = crate::control::bind(path, cfg.control_group.as_deref())?;
+            let s = shared.clone();
+            spawn("control".into(), move || crate::control::serve(listener, s))?;
         }
-        Ok(Daemon { networks, internal_dir })
+        if let Some(addr) = cfg.metrics_listen {
+            crate::metrics::start(addr, shared.clone())
+                .map_err(|e| StartError::Host(format!("metrics_listen {addr}: {}", io_reason(&e))))?;
+        }
+        Ok(Daemon { shared })
     }
 
-    pub fn network(&self, name: &str) -> Option<&Arc<Network>> {
-        self.networks.iter().find(|n| n.name == name)
+    pub fn network(&self, name: &str) -> Option<Arc<Network>> {
+        self.shared.network(name)
+    }
+
+    pub fn networks(&self) -> Vec<Arc<Network>> {
+        self.shared.networks()
+    }
+
+    /// Applies a re-read configuration (SIGHUP): networks and ports that were added are
+    /// started, those removed are stopped; untouched networks and ports keep running with their
+    /// guests. Other changes to a running network are reported, and apply at the next start.
+    /// Returns one line per thing done or refused.
+    pub fn apply(&self, new: &Config) -> Vec<String> {
+        let sh = &self.shared;
+        let mut log = Vec::new();
+        for net in sh.networks() {
+            if !new.networks.iter().any(|n| n.name == net.name) {
+                match sh.stop_network(&net.name) {
+                    Ok(()) => log.push(format!("network {}: removed", net.name)),
+                    Err(e) => log.push(format!("network {}: {e}", net.name)),
+                }
+                sh.configs.lock().unwrap_or_else(|e| e.into_inner()).retain(|c| c.name != net.name);
+            }
+        }
+        for nc in &new.networks {
+            let old = sh.configs.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|c| c.name == nc.name).cloned();
+            let Some(old) = old else {
+                match bind_sockets(nc).and_then(|l| sh.start_network(nc, l)) {
+                    Ok(_) => log.push(format!("network {}: added", nc.name)),
+                    Err(e) => log.push(format!("network {}: cannot start: {e}", nc.name)),
+                }
+                continue;
+            };
+            let Some(net) = sh.network(&nc.name) else { continue };
+            let settings = |c: &NetworkConfig| NetworkConfig { ports: Vec::new(), ..c.clone() };
+            if settings(&old) != settings(nc) {
+                log.push(format!("network {}: changes other than ports apply when vunet restarts", nc.name));
+            }
+            for p in old.ports.iter().filter(|p| !nc.ports.contains(p)) {
+                match sh.remove_port(&net, &p.name) {
+                    Ok(()) => log.push(format!("network {}: port {} removed", nc.name, p.name)),
+                    Err(e) => log.push(format!("network {}: {e}", nc.name)),
+                }
+            }
+            for p in nc.ports.iter().filter(|p| !old.ports.contains(p)) {
+                match sh.add_port(&net, p.clone()) {
+                    Ok(_) => log.push(format!("network {}: port {} added", nc.name, p.name)),
+                    Err(e) => log.push(format!("network {}: port {}: {e}", nc.name, p.name)),
+                }
+            }
+            let mut configs = sh.configs.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(c) = configs.iter_mut().find(|c| c.name == nc.name) {
+                c.ports = nc.ports.clone();
+            }
+        }
+        log
+    }
+}
+
+impl Shared {
+    pub fn network(&self, name: &str) -> Option<Arc<Network>> {
+        self.networks.read().unwrap_or_else(|e| e.into_inner()).iter().find(|n| n.name == name).cloned()
+    }
+
+    pub fn networks(&self) -> Vec<Arc<Network>> {
+        self.networks.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Starts one network: its taps and uplink, its gateway's DNS threads, its guest ports
+    /// (`listeners`: the bound sockets of its server-mode ports, in order).
+    pub fn start_network(self: &Arc<Self>, n: &NetworkConfig, listeners: Vec<Option<UnixListener>>) -> Result<Arc<Network>, StartError> {
+        if self.network(&n.name).is_some() {
+            return Err(StartError::Host(format!("network {} already runs", n.name)));
+        }
+        let mut taps = HashMap::new();
+        for p in &n.ports {
+            if let Some(tap) = &p.tap {
+                let u = UplinkConfig { kind: UplinkKind::Tap, interface: tap.clone(), name: None, mac: None, own_mac: false };
+                let up = Uplink::open(&n.name, &u).map_err(|source| StartError::Uplink { network: n.name.clone(), source })?;
+                taps.insert(p.name.clone(), Arc::new(up));
+            }
+        }
+        let uplink = match &n.uplink {
+            Some(u) => Some(Arc::new(Uplink::open(&n.name, u).map_err(|source| StartError::Uplink { network: n.name.clone(), source })?)),
+            None => None,
+        };
+        let net = Arc::new(new_network(n, self.state_dir.as_deref(), &mut taps));
+        if let Some(up) = uplink {
+            let port = Arc::new(uplink_port(&net, up));
+            net.ports.write().unwrap_or_else(|e| e.into_inner()).push(port);
+        }
+        if let (Some(gw), Some(f)) = (net.gateway, net.dns.as_ref().and_then(|d| d.forwarder.clone())) {
+            let net2 = net.clone();
+            spawn(format!("dns-{}", net.name), move || f.run(net2, gw))?;
+        }
+        if let (Some(gw), Some(dns)) = (net.gateway, net.dns.as_ref()) {
+            let (net2, tcp, upstreams) = (net.clone(), dns.tcp.clone(), dns.upstreams.clone());
+            spawn(format!("dns-tcp-{}", net.name), move || tcp.run(net2, gw, upstreams))?;
+        }
+        let ports = net.ports.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut listeners = listeners.into_iter();
+        for port in ports {
+            match port.uplink.clone() {
+                Some(up) => {
+                    let net2 = net.clone();
+                    spawn(format!("uplink-{}", port.name), move || crate::uplink::run(net2, port, up))?;
+                }
+                None => self.serve(&net, port, listeners.next().flatten())?,
+            }
+        }
+        self.networks.write().unwrap_or_else(|e| e.into_inner()).push(net.clone());
+        self.configs.lock().unwrap_or_else(|e| e.into_inner()).push(n.clone());
+        Ok(net)
+    }
+
+    /// Starts serving a guest port's connections on a thread of its own.
+    fn serve(&self, net: &Arc<Network>, port: Arc<GuestPort>, listener: Option<UnixListener>) -> Result<(), StartError> {
+        let internal_path = self.internal_dir.join(format!("c{}.sock", self.internal_seq.fetch_add(1, Ordering::Relaxed)));
+        let internal = Listener::new(&internal_path, true)
+            .map_err(|e| StartError::Host(format!("internal socket {}: {e}", internal_path.display())))?;
+        let net2 = net.clone();
+        spawn(format!("port-{}", port.name), move || serve_port(net2, port, listener, internal, internal_path))
+    }
+
+    /// Adds a guest port to a running network (control socket `port-add`).
+    pub fn add_port(&self, net: &Arc<Network>, mut p: PortConfig) -> Result<Arc<GuestPort>, String> {
+        if p.socket.as_os_str().is_empty() && p.tap.is_none() {
+            p.socket = self.socket_dir.join(format!("{}-{}.sock", net.name, p.name));
+        }
+        let mut ports = net.ports.write().unwrap_or_else(|e| e.into_inner());
+        if ports.iter().any(|q| q.name == p.name && !q.removed.load(Ordering::Acquire)) {
+            return Err(format!("network {:?} already has a port named {:?}", net.name, p.name));
+        }
+        if p.tap.is_none() && self.networks().iter().flat_map(|n| n.live_ports()).any(|q| q.uplink.is_none() && q.socket == p.socket) {
+            return Err(format!("socket {} is used by another port", p.socket.display()));
+        }
+        if let Some(tap) = &p.tap {
+            let u = UplinkConfig { kind: UplinkKind::Tap, interface: tap.clone(), name: None, mac: None, own_mac: false };
+            let up = Arc::new(Uplink::open(&net.name, &u).map_err(|e| e.to_string())?);
+            let port = Arc::new(guest_port(ports.len(), &p, net.gateway.is_some(), Some(up.clone())));
+            ports.push(port.clone());
+            drop(ports);
+            let (net2, port2) = (net.clone(), port.clone());
+            spawn(format!("uplink-{}", port.name), move || crate::uplink::run(net2, port2, up)).map_err(|e| e.to_string())?;
+            info!(network = %net.name, port = %p.name, "tap port added");
+            return Ok(port);
+        }
+        let listener = if p.mode == PortMode::Server { Some(bind_socket(&p).map_err(|e| e.to_string())?) } else { None };
+        let port = Arc::new(guest_port(ports.len(), &p, net.gateway.is_some(), None));
+        ports.push(port.clone());
+        drop(ports);
+        self.serve(net, port.clone(), listener).map_err(|e| e.to_string())?;
+        info!(network = %net.name, port = %p.name, socket = %p.socket.display(), "port added");
+        Ok(port)
+    }
+
+    /// Removes a port: its guest is disconnected, its socket removed; other ports go on.
+    pub fn remove_port(&self, net: &Network, name: &str) -> Result<(), String> {
+        let port = net.port(name).ok_or_else(|| format!("network {:?} has no port named {name:?}", net.name))?;
+        if port.uplink.is_some() && port.name.starts_with("uplink:") {
+            return Err(format!("{name:?} is the network's uplink, not a port"));
+        }
+        port.remove(net);
+        info!(network = %net.name, port = %name, "port removed");
+        Ok(())
+    }
+
+    /// Stops a network: every port removed, its threads told to end.
+    pub fn stop_network(&self, name: &str) -> Result<(), String> {
+        let net = self.network(name).ok_or_else(|| format!("no network named {name:?}"))?;
+        self.networks.write().unwrap_or_else(|e| e.into_inner()).retain(|n| n.name != name);
+        net.stopped.store(true, Ordering::Release);
+        for p in net.live_ports() {
+            p.remove(&net);
+        }
+        info!(network = %name, "network stopped");
+        Ok(())
     }
 }
 
@@ -457,36 +666,42 @@ fn uplink_port(net: &Network, up: Arc<crate::uplink::Uplink>) -> GuestPort {
         connections: AtomicU64::new(0),
         last_log_ms: AtomicU64::new(0),
         uplink: Some(up),
+        removed: AtomicBool::new(false),
+        conn: Mutex::new(None),
+        capturing: AtomicBool::new(false),
+        captures: Mutex::new(Vec::new()),
+    }
+}
+
+/// A port of a network (`has_gateway`: port security defaults on), with its tap if it is one.
+fn guest_port(id: PortId, p: &PortConfig, has_gateway: bool, tap: Option<Arc<Uplink>>) -> GuestPort {
+    GuestPort {
+        id,
+        name: p.name.clone(),
+        socket: p.socket.clone(),
+        mode: p.mode,
+        mac: p.mac,
+        counters: PortCounters::default(),
+        rx: Mutex::new(None),
+        // A tap port is the host's own interface: trusted unless asked otherwise.
+        security: p.port_security.unwrap_or(has_gateway && p.tap.is_none()),
+        locked_mac: AtomicU64::new(p.mac.map(|m| mac_word(&m)).unwrap_or(0)),
+        leased_ip: AtomicU32::new(0),
+        backlogged: AtomicBool::new(false),
+        connected: AtomicBool::new(p.tap.is_some()),
+        features: AtomicU64::new(0),
+        connections: AtomicU64::new(0),
+        last_log_ms: AtomicU64::new(0),
+        uplink: tap,
+        removed: AtomicBool::new(false),
+        conn: Mutex::new(None),
+        capturing: AtomicBool::new(false),
+        captures: Mutex::new(Vec::new()),
     }
 }
 
 fn new_network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &mut HashMap<String, Arc<Uplink>>) -> Network {
-    let ports = n
-        .ports
-        .iter()
-        .enumerate()
-        .map(|(id, p)| {
-            Arc::new(GuestPort {
-                id,
-                name: p.name.clone(),
-                socket: p.socket.clone(),
-                mode: p.mode,
-                mac: p.mac,
-                counters: PortCounters::default(),
-                rx: Mutex::new(None),
-                // A tap port is the host's own interface: trusted unless asked otherwise.
-                security: p.port_security.unwrap_or(n.gateway.is_some() && p.tap.is_none()),
-                locked_mac: AtomicU64::new(p.mac.map(|m| mac_word(&m)).unwrap_or(0)),
-                leased_ip: AtomicU32::new(0),
-                backlogged: AtomicBool::new(false),
-                connected: AtomicBool::new(p.tap.is_some()),
-                features: AtomicU64::new(0),
-                connections: AtomicU64::new(0),
-                last_log_ms: AtomicU64::new(0),
-                uplink: taps.remove(&p.name),
-            })
-        })
-        .collect();
+    let ports = n.ports.iter().enumerate().map(|(id, p)| Arc::new(guest_port(id, p, n.gateway.is_some(), taps.remove(&p.name)))).collect();
     let gateway = n.gateway.map(|(ip, prefix)| Gateway { mac: gateway_mac(&n.name), ip, prefix });
     let lease_file = state_dir.filter(|_| n.dhcp.is_some()).map(|d| d.join(format!("{}.leases", n.name)));
     let dns = gateway.map(|_| DnsService::new(&n.name, &n.dns));
@@ -502,6 +717,7 @@ fn new_network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &mut HashMap<S
         ports: RwLock::new(ports),
         macs: Mutex::new(MacTable::default()),
         epoch: Instant::now(),
+        stopped: AtomicBool::new(false),
     }
 }
 
@@ -529,15 +745,18 @@ pub fn bind_socket(p: &PortConfig) -> Result<UnixListener, StartError> {
 
 /// Waits for the next VMM connection: accepted on the port's socket (server mode), or made to
 /// the VMM's socket, retried every 100 ms (client mode).
-fn next_frontend(net: &Network, port: &GuestPort, listener: Option<&UnixListener>) -> UnixStream {
+fn next_frontend(net: &Network, port: &GuestPort, listener: Option<&UnixListener>) -> Option<UnixStream> {
     let mut waiting_logged = false;
     loop {
+        if port.removed.load(Ordering::Acquire) {
+            return None;
+        }
         let r = match listener {
             Some(l) => l.accept().map(|(s, _)| s),
             None => UnixStream::connect(&port.socket),
         };
         match r {
-            Ok(s) => return s,
+            Ok(s) => return Some(s),
             Err(e) => {
                 if !waiting_logged {
                     match listener {
@@ -560,7 +779,11 @@ fn next_frontend(net: &Network, port: &GuestPort, listener: Option<&UnixListener
 /// device and daemon.
 fn serve_port(net: Arc<Network>, port: Arc<GuestPort>, listener: Option<UnixListener>, mut internal: Listener, internal_path: PathBuf) {
     loop {
-        let frontend = next_frontend(&net, &port, listener.as_ref());
+        let Some(frontend) = next_frontend(&net, &port, listener.as_ref()) else { break };
+        if port.removed.load(Ordering::Acquire) {
+            break;
+        }
+        *port.conn.lock().unwrap_or_else(|e| e.into_inner()) = frontend.try_clone().ok();
         let mem: GuestMem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let started = PortDevice::new(net.clone(), port.clone(), mem.clone())
             .map_err(|e| e.to_string())
@@ -612,8 +835,13 @@ fn serve_port(net: Arc<Network>, port: Arc<GuestPort>, listener: Option<UnixList
         if let Some(m) = port.mac {
             debug!(port = %port.name, mac = %format_mac(&m), "port ready for a new connection");
         }
+        port.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if port.removed.load(Ordering::Acquire) {
+            break;
+        }
         if listener.is_none() {
             thread::sleep(Duration::from_millis(100));
         }
     }
+    debug!(network = %net.name, port = %port.name, "port thread ends");
 }

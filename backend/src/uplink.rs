@@ -269,6 +269,12 @@ impl Uplink {
         }
     }
 
+    /// Closes the uplink for good (its port or network was removed); a tap vunet made goes
+    /// away with its descriptor.
+    pub fn close(&self) {
+        *self.io.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// Whether the uplink's interface is still the one it opened; logs changes once.
     fn watch(&self, network: &str) -> bool {
         let current = self.io.read().unwrap_or_else(|e| e.into_inner()).as_ref().map(|io| io.ifindex);
@@ -321,6 +327,10 @@ pub fn run(net: Arc<Network>, port: Arc<GuestPort>, up: Arc<Uplink>) {
     let mut cx = TxScratch::default();
     let mut last_watch = Instant::now();
     loop {
+        if port.removed.load(Ordering::Acquire) || net.stopped.load(Ordering::Acquire) {
+            up.close();
+            return;
+        }
         if last_watch.elapsed() >= WATCH {
             last_watch = Instant::now();
             if !up.watch(&net.name) {

@@ -204,3 +204,23 @@ impl VhostUserBackend for PortDevice {
         }
     }
 }
+
+/// The names of the virtio-net features in `bits` that vunet knows, for `port-list`.
+pub fn feature_names(bits: u64) -> Vec<&'static str> {
+    const NAMES: &[(u32, &str)] = &[
+        (VIRTIO_F_VERSION_1, "VERSION_1"),
+        (VIRTIO_NET_F_CSUM, "CSUM"),
+        (VIRTIO_NET_F_GUEST_CSUM, "GUEST_CSUM"),
+        (VIRTIO_NET_F_HOST_TSO4, "HOST_TSO4"),
+        (VIRTIO_NET_F_HOST_TSO6, "HOST_TSO6"),
+        (VIRTIO_NET_F_GUEST_TSO4, "GUEST_TSO4"),
+        (VIRTIO_NET_F_GUEST_TSO6, "GUEST_TSO6"),
+        (VIRTIO_NET_F_MRG_RXBUF, "MRG_RXBUF"),
+        (VIRTIO_RING_F_EVENT_IDX, "EVENT_IDX"),
+        (VIRTIO_RING_F_INDIRECT_DESC, "INDIRECT_DESC"),
+        (VIRTIO_NET_F_MTU, "MTU"),
+        (VIRTIO_NET_F_STATUS, "STATUS"),
+        (VIRTIO_NET_F_MAC, "MAC"),
+    ];
+    NAMES.iter().filter(|(b, _)| bits & (1u64 << b) != 0).map(|&(_, n)| n).collect()
+}

@@ -356,10 +356,14 @@ fn spoofing_guests_and_a_rogue_dhcp_server_get_nowhere() {
         !leased.is_empty() && leased.iter().all(|ip| *ip == "192.168.122.20"),
         "only vunet's lease, never the rogue's .200-.210: {leased:?}\n{c}"
     );
-    let ports =
-        std::process::Command::new(vunet_binary()).args(["port-list", "default", "--config", cfg.to_str().unwrap()]).output().unwrap();
-    let ports = String::from_utf8_lossy(&ports.stdout).to_string();
-    let line = |name: &str| ports.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or("").to_string();
-    assert!(line("rogue").contains("rogue_dhcp_server="), "the rogue server's offers were dropped:\n{ports}");
-    assert!(line("spoofer").contains("spoofed_ip=") && line("spoofer").contains("spoofed_mac="), "{ports}");
+    let ports = std::process::Command::new(vunet_binary())
+        .args(["port-list", "default", "--json", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let ports: serde_json::Value = serde_json::from_slice(&ports.stdout).expect("port-list --json");
+    let drops = |name: &str, reason: &str| {
+        ports.as_array().unwrap().iter().find(|p| p["name"] == name).map(|p| p["drops"][reason].as_u64().unwrap_or(0)).unwrap_or(0)
+    };
+    assert!(drops("rogue", "rogue_dhcp_server") > 0, "the rogue server's offers were dropped:\n{ports:#}");
+    assert!(drops("spoofer", "spoofed_ip") > 0 && drops("spoofer", "spoofed_mac") > 0, "{ports:#}");
 }

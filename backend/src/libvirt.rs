@@ -1,0 +1,387 @@
+//! libvirt network XML → vunet TOML (`vunet import-libvirt FILE.xml`, and `vunet run --config
+//! FILE.xml`). The seeds' networks import as they are: `default` (NAT with DHCP), routed,
+//! isolated (no `<forward>`), bridged (`<forward mode='bridge'/><bridge name='br0'/>`), with
+//! `<dhcp><host>`, `<dns><host>`/`<forwarder>` and `<mtu>`. Whatever vunet cannot honour is
+//! named in one warning line each, never dropped silently.
+
+use std::net::Ipv4Addr;
+
+use quick_xml::events::{BytesStart, Event};
+use quick_xml::Reader;
+
+/// An XML element with what vunet reads of it.
+#[derive(Debug, Default)]
+struct Element {
+    name: String,
+    attrs: Vec<(String, String)>,
+    children: Vec<Element>,
+    text: String,
+    line: usize,
+}
+
+impl Element {
+    fn attr(&self, k: &str) -> Option<&str> {
+        self.attrs.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str())
+    }
+    fn child(&self, n: &str) -> Option<&Element> {
+        self.children.iter().find(|c| c.name == n)
+    }
+    fn all<'a>(&'a self, n: &'a str) -> impl Iterator<Item = &'a Element> + 'a {
+        self.children.iter().filter(move |c| c.name == n)
+    }
+}
+
+/// A conversion result: the TOML text and one line per thing not honoured.
+#[derive(Debug)]
+pub struct Imported {
+    pub toml: String,
+    pub warnings: Vec<String>,
+}
+
+fn line_at(text: &str, pos: usize) -> usize {
+    text.as_bytes()[..pos.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+fn start(text: &str, file: &str, e: &BytesStart, pos: usize) -> Result<Element, String> {
+    let mut el = Element { name: String::from_utf8_lossy(e.name().as_ref()).into_owned(), line: line_at(text, pos), ..Default::default() };
+    for a in e.attributes() {
+        let a = a.map_err(|err| format!("{file}:{}: malformed XML: {err}", line_at(text, pos)))?;
+        let v = a.unescape_value().map_err(|err| format!("{file}:{}: malformed XML: {err}", line_at(text, pos)))?;
+        el.attrs.push((String::from_utf8_lossy(a.key.as_ref()).into_owned(), v.into_owned()));
+    }
+    Ok(el)
+}
+
+fn parse_xml(text: &str, file: &str) -> Result<Element, String> {
+    let mut r = Reader::from_str(text);
+    r.config_mut().trim_text(true);
+    let mut stack: Vec<Element> = Vec::new();
+    let mut root = None;
+    loop {
+        let before = r.buffer_position() as usize;
+        // Whitespace before a tag is read with it: the element starts at its '<'.
+        let pos = text.get(before..).and_then(|t| t.find('<')).map_or(before, |o| before + o);
+        let ev = r.read_event().map_err(|e| format!("{file}:{}: malformed XML: {e}", line_at(text, r.error_position() as usize)))?;
+        match ev {
+            Event::Start(e) => stack.push(start(text, file, &e, pos)?),
+            Event::Empty(e) => {
+                let el = start(text, file, &e, pos)?;
+                match stack.last_mut() {
+                    Some(parent) => parent.children.push(el),
+                    None => root = Some(el),
+                }
+            }
+            Event::End(_) => {
+                let el = stack.pop().ok_or_else(|| format!("{file}:{}: malformed XML: unexpected end tag", line_at(text, pos)))?;
+                match stack.last_mut() {
+                    Some(parent) => parent.children.push(el),
+                    None => root = Some(el),
+                }
+            }
+            Event::Text(t) => {
+                if let Some(top) = stack.last_mut() {
+                    top.text.push_str(&t.unescape().map_err(|e| format!("{file}:{}: malformed XML: {e}", line_at(text, pos)))?);
+                }
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    if !stack.is_empty() {
+        return Err(format!("{file}:{}: malformed XML: <{}> is not closed", stack[0].line, stack[0].name));
+    }
+    root.ok_or_else(|| format!("{file}: no XML element"))
+}
+
+/// A TOML string literal.
+fn q(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+fn prefix_of(ip: &Element, file: &str) -> Result<u8, String> {
+    if let Some(p) = ip.attr("prefix") {
+        return p.parse::<u8>().ok().filter(|p| *p <= 32).ok_or_else(|| format!("{file}:{}: invalid prefix {p:?}", ip.line));
+    }
+    let mask = ip.attr("netmask").unwrap_or("255.255.255.0");
+    let m: Ipv4Addr = mask.parse().map_err(|_| format!("{file}:{}: invalid netmask {mask:?}", ip.line))?;
+    let bits = u32::from(m);
+    if bits.leading_ones() + bits.trailing_zeros() != 32 {
+        return Err(format!("{file}:{}: invalid netmask {mask}", ip.line));
+    }
+    Ok(bits.leading_ones() as u8)
+}
+
+/// Converts one libvirt `<network>` definition.
+pub fn import(text: &str, file: &str) -> Result<Imported, String> {
+    let net = parse_xml(text, file)?;
+    if net.name != "network" {
+        return Err(format!("{file}:{}: expected a libvirt <network>, found <{}>", net.line, net.name));
+    }
+    let mut warnings = Vec::new();
+    let mut warn = |line: usize, what: String| warnings.push(format!("{file}:{line}: {what}"));
+    let name = net.child("name").map(|n| n.text.trim().to_string()).filter(|n| !n.is_empty());
+    let name = name.ok_or_else(|| format!("{file}:{}: <network> has no <name>", net.line))?;
+
+    let forward = net.child("forward");
+    let fmode = forward.map(|f| f.attr("mode").unwrap_or("nat"));
+    let (mode, uplink) = match fmode {
+        None => ("isolated", None),
+        Some("nat") => ("nat", None),
+        Some("route") => ("route", None),
+        Some("open") => {
+            warn(forward.map(|f| f.line).unwrap_or(0), "forward mode 'open' (no firewall rules) is imported as route".into());
+            ("route", None)
+        }
+        Some("bridge") => {
+            let dev = net
+                .child("bridge")
+                .and_then(|b| b.attr("name"))
+                .or_else(|| forward.and_then(|f| f.child("interface")).and_then(|i| i.attr("dev")));
+            let dev = dev.ok_or_else(|| {
+                format!("{file}:{}: forward mode 'bridge' needs <bridge name='...'/>", forward.map(|f| f.line).unwrap_or(0))
+            })?;
+            ("bridge", Some(("af-packet", dev.to_string())))
+        }
+        Some(m @ ("passthrough" | "private" | "vepa")) => {
+            let f = forward.unwrap_or(&net);
+            let dev = f.attr("dev").or_else(|| f.child("interface").and_then(|i| i.attr("dev")));
+            let dev = dev.ok_or_else(|| format!("{file}:{}: forward mode '{m}' needs <interface dev='...'/>", f.line))?;
+            if m != "passthrough" {
+                warn(
+                    f.line,
+                    format!("forward mode '{m}' is imported as a macvtap uplink in passthru mode (vunet switches the guests itself)"),
+                );
+            }
+            ("bridge", Some(("macvtap", dev.to_string())))
+        }
+        Some(other) => {
+            return Err(format!(
+                "{file}:{}: unknown forward mode {other:?} (expected nat, route, open, bridge, passthrough, private or vepa)",
+                forward.map(|f| f.line).unwrap_or(0)
+            ))
+        }
+    };
+
+    let mut t = format!("# imported from {file} by vunet import-libvirt\n\n[[network]]\nname = {}\nmode = {}\n", q(&name), q(mode));
+    let ips: Vec<&Element> = net.all("ip").filter(|i| i.attr("family").is_none_or(|f| f == "ipv4")).collect();
+    for extra in net.all("ip").filter(|i| i.attr("family").is_some_and(|f| f != "ipv4")) {
+        warn(
+            extra.line,
+            format!("<ip family='{}'> is not supported (vunet's gateway is IPv4); ignored", extra.attr("family").unwrap_or("")),
+        );
+    }
+    for extra in ips.iter().skip(1) {
+        warn(extra.line, "a second IPv4 <ip> is not supported (one gateway address per network); ignored".into());
+    }
+    let ip = ips.first().copied();
+    if let Some(ip) = ip {
+        let addr = ip.attr("address").ok_or_else(|| format!("{file}:{}: <ip> has no address", ip.line))?;
+        addr.parse::<Ipv4Addr>().map_err(|_| format!("{file}:{}: invalid address {addr:?}", ip.line))?;
+        t.push_str(&format!("gateway = {}\n", q(&format!("{addr}/{}", prefix_of(ip, file)?))));
+    } else if mode != "bridge" {
+        return Err(format!("{file}:{}: a {mode} network needs an <ip address=... prefix=...>", net.line));
+    }
+    if let Some(m) = net.child("mtu") {
+        let size = m.attr("size").unwrap_or("");
+        size.parse::<u16>().map_err(|_| format!("{file}:{}: invalid mtu size {size:?}", m.line))?;
+        t.push_str(&format!("mtu = {size}\n"));
+    }
+
+    // DHCP: the first range and every static host.
+    if let Some(dhcp) = ip.and_then(|i| i.child("dhcp")) {
+        let ranges: Vec<&Element> = dhcp.all("range").collect();
+        if let Some(r) = ranges.first() {
+            let (s, e) = (r.attr("start").unwrap_or(""), r.attr("end").unwrap_or(""));
+            t.push_str(&format!("[network.dhcp]\nrange = [{}, {}]\n", q(s), q(e)));
+            if let Some(l) = r.child("lease") {
+                let secs = match (l.attr("expiry"), l.attr("unit").unwrap_or("minutes")) {
+                    (Some(x), "seconds") => x.parse::<u64>().ok(),
+                    (Some(x), "minutes") => x.parse::<u64>().ok().map(|m| m * 60),
+                    (Some(x), "hours") => x.parse::<u64>().ok().map(|h| h * 3600),
+                    _ => None,
+                };
+                match secs {
+                    Some(s) if s > 0 => t.push_str(&format!("lease_time = {s}\n")),
+                    _ => warn(l.line, "an infinite or unreadable <lease> is not supported; the default lease time is used".into()),
+                }
+            }
+        } else {
+            warn(dhcp.line, "<dhcp> without a <range> serves only static hosts in libvirt; vunet needs a range, so DHCP is off".into());
+        }
+        for extra in ranges.iter().skip(1) {
+            warn(extra.line, "only the first DHCP <range> is used".into());
+        }
+        let hosts: Vec<String> = dhcp
+            .all("host")
+            .filter_map(|h| {
+                let (mac, hip) = (h.attr("mac")?, h.attr("ip")?);
+                let name = h.attr("name").map(|n| format!(", name = {}", q(n))).unwrap_or_default();
+                Some(format!("{{ mac = {}, ip = {}{name} }}", q(mac), q(hip)))
+            })
+            .collect();
+        for h in dhcp.all("host").filter(|h| h.attr("mac").is_none() || h.attr("ip").is_none()) {
+            warn(h.line, "a DHCP <host> without both mac and ip is not supported; ignored".into());
+        }
+        if !ranges.is_empty() && !hosts.is_empty() {
+            t.push_str(&format!("hosts = [\n  {},\n]\n", hosts.join(",\n  ")));
+        }
+        for b in dhcp.all("bootp") {
+            warn(b.line, "<bootp> (network boot) is not supported; ignored".into());
+        }
+    }
+
+    // DNS: domain, static hosts, forwarders.
+    let dns = net.child("dns");
+    let domain = net.child("domain").and_then(|d| d.attr("name"));
+    if ip.is_some() && (dns.is_some() || domain.is_some()) {
+        t.push_str("[network.dns]\n");
+        if let Some(d) = domain {
+            t.push_str(&format!("domain = {}\n", q(d)));
+        }
+        if let Some(dns) = dns {
+            if dns.attr("enable") == Some("no") {
+                warn(dns.line, "<dns enable='no'>: vunet's gateway always answers DNS; local answers only are kept".into());
+            }
+            let hosts: Vec<String> = dns
+                .all("host")
+                .flat_map(|h| {
+                    let hip = h.attr("ip").unwrap_or("").to_string();
+                    h.all("hostname").map(move |n| format!("{{ name = {}, ip = {} }}", q(n.text.trim()), q(&hip))).collect::<Vec<_>>()
+                })
+                .collect();
+            if !hosts.is_empty() {
+                t.push_str(&format!("hosts = [\n  {},\n]\n", hosts.join(",\n  ")));
+            }
+            let fwd: Vec<String> = dns.all("forwarder").filter_map(|f| f.attr("addr")).map(q).collect();
+            for f in dns.all("forwarder").filter(|f| f.attr("addr").is_none()) {
+                warn(f.line, "a <forwarder> for a domain only is not supported; ignored".into());
+            }
+            if !fwd.is_empty() {
+                t.push_str(&format!("forwarders = [{}]\n", fwd.join(", ")));
+            }
+            for what in ["txt", "srv"] {
+                for x in dns.all(what) {
+                    warn(x.line, format!("DNS <{what}> records are not supported; ignored"));
+                }
+            }
+        }
+        if let Some(d) = net.child("domain").filter(|d| d.attr("localOnly").is_some()) {
+            warn(d.line, "<domain localOnly> is what vunet always does (names under the domain are never forwarded)".into());
+        }
+    } else if let Some(d) = dns.or(net.child("domain")) {
+        warn(d.line, "DNS needs a gateway <ip>; ignored".into());
+    }
+
+    if let Some((kind, dev)) = &uplink {
+        t.push_str(&format!("[network.uplink]\nkind = {}\ninterface = {}\n", q(kind), q(dev)));
+    }
+    if let Some(b) = net.child("bridge") {
+        if mode != "bridge" {
+            warn(
+                b.line,
+                format!(
+                    "<bridge name='{}'> is not created: vunet needs no kernel bridge (guests attach through vhost-user sockets)",
+                    b.attr("name").unwrap_or("")
+                ),
+            );
+        }
+    }
+    if let Some(f) = forward {
+        if matches!(mode, "nat" | "route") {
+            warn(
+                f.line,
+                format!(
+                    "forward mode '{mode}': vunet needs an uplink to route through (add [network.uplink] kind/interface{}); this version does not route yet",
+                    f.attr("dev").map(|d| format!(", e.g. interface = \"{d}\"")).unwrap_or_default()
+                ),
+            );
+        }
+        if let Some(n) = f.child("nat") {
+            warn(n.line, "<nat> port and address ranges are not supported yet; ignored".into());
+        }
+    }
+    let known = ["name", "uuid", "forward", "bridge", "mtu", "domain", "dns", "ip", "mac"];
+    if let Some(m) = net.child("mac") {
+        warn(m.line, "<mac> of the bridge is not used: the gateway's MAC is derived from the network name".into());
+    }
+    for c in net.children.iter().filter(|c| !known.contains(&c.name.as_str())) {
+        warn(c.line, format!("<{}> is not supported; ignored", c.name));
+    }
+    t.push_str("\n# Guests attach through vhost-user sockets: add [[network.port]] tables here, or use\n# `vunet port-add NETWORK NAME` on the running daemon.\n");
+    Ok(Imported { toml: t, warnings })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Mode, UplinkKind};
+    use std::path::Path;
+
+    fn imported(xml: &str) -> (Config, Vec<String>) {
+        let i = import(xml, "net.xml").unwrap();
+        (Config::parse(&i.toml, "net.xml", Path::new("/")).unwrap_or_else(|e| panic!("{e}\n{}", i.toml)), i.warnings)
+    }
+
+    #[test]
+    fn libvirt_default_network() {
+        let (c, w) = imported(
+            "<network>\n  <name>default</name>\n  <uuid>9a05da11-e96b-47f3-8253-a3a482e445f5</uuid>\n  <forward mode='nat'>\n    <nat><port start='1024' end='65535'/></nat>\n  </forward>\n  <bridge name='virbr0' stp='on' delay='0'/>\n  <mac address='52:54:00:0a:cd:21'/>\n  <ip address='192.168.122.1' netmask='255.255.255.0'>\n    <dhcp>\n      <range start='192.168.122.2' end='192.168.122.254'/>\n      <host mac='52:54:00:00:00:10' name='web' ip='192.168.122.10'/>\n    </dhcp>\n  </ip>\n</network>\n",
+        );
+        let n = &c.networks[0];
+        assert_eq!((n.name.as_str(), n.mode, n.gateway), ("default", Mode::Nat, Some((Ipv4Addr::new(192, 168, 122, 1), 24))));
+        let d = n.dhcp.as_ref().unwrap();
+        assert_eq!(d.range, (Ipv4Addr::new(192, 168, 122, 2), Ipv4Addr::new(192, 168, 122, 254)));
+        assert_eq!(d.hosts[0].name.as_deref(), Some("web"));
+        assert!(w.iter().any(|l| l.starts_with("net.xml:7:") && l.contains("virbr0")), "{w:?}");
+        assert!(w.iter().any(|l| l.starts_with("net.xml:5:") && l.contains("<nat>")), "{w:?}");
+        assert!(w.iter().any(|l| l.starts_with("net.xml:8:") && l.contains("<mac>")), "{w:?}");
+    }
+
+    #[test]
+    fn routed_isolated_and_bridged_networks() {
+        let (c, _) =
+            imported("<network><name>r</name><forward mode='route'/><ip address='10.10.0.1' prefix='24'/><mtu size='9000'/></network>");
+        assert_eq!((c.networks[0].mode, c.networks[0].mtu), (Mode::Route, 9000));
+        let (c, w) = imported(
+            "<network><name>iso</name><domain name='lab'/><dns><forwarder addr='192.0.2.53'/><host ip='10.0.0.50'><hostname>files</hostname><hostname>nas</hostname></host></dns><ip address='10.0.0.1' prefix='24'/></network>",
+        );
+        let n = &c.networks[0];
+        assert_eq!(n.mode, Mode::Isolated);
+        assert_eq!(n.dns.domain.as_deref(), Some("lab"));
+        assert_eq!(n.dns.hosts, vec![("files".to_string(), Ipv4Addr::new(10, 0, 0, 50)), ("nas".to_string(), Ipv4Addr::new(10, 0, 0, 50))]);
+        assert_eq!(n.dns.forwarders.as_ref().map(|f| f[0].to_string()), Some("192.0.2.53:53".to_string()));
+        assert!(w.is_empty(), "{w:?}");
+        let (c, w) = imported("<network><name>host-bridge</name><forward mode='bridge'/><bridge name='br0'/></network>");
+        let n = &c.networks[0];
+        assert_eq!((n.mode, n.gateway), (Mode::Bridge, None));
+        let u = n.uplink.as_ref().unwrap();
+        assert_eq!((u.kind, u.interface.as_str()), (UplinkKind::AfPacket, "br0"));
+        assert!(w.is_empty(), "{w:?}");
+        let (c, _) = imported("<network><name>mv</name><forward mode='passthrough'><interface dev='eth1'/></forward></network>");
+        assert_eq!(c.networks[0].uplink.as_ref().map(|u| u.kind), Some(UplinkKind::Macvtap));
+    }
+
+    #[test]
+    fn mistakes_are_one_line_with_the_place() {
+        let e = import("<network><name>x</name>\n<forward mode='hostdev'/><ip address='10.0.0.1' prefix='24'/></network>", "n.xml")
+            .unwrap_err();
+        assert_eq!(e, "n.xml:2: unknown forward mode \"hostdev\" (expected nat, route, open, bridge, passthrough, private or vepa)");
+        let e = import("<network><name>x</name>\n<ip address='10.0.0.1'>\n</network>", "n.xml").unwrap_err();
+        assert!(e.starts_with("n.xml:3: malformed XML"), "{e}");
+        let e = import("<network><name>x</name><forward mode='nat'/></network>", "n.xml").unwrap_err();
+        assert!(e.contains("a nat network needs an <ip"), "{e}");
+        assert!(import("<domain/>", "n.xml").unwrap_err().contains("expected a libvirt <network>"));
+        assert!(import("", "n.xml").is_err());
+        assert!(import("<network><name>x</name><ip address='10.0.0.1' netmask='255.0.255.0'/></network>", "n.xml")
+            .unwrap_err()
+            .contains("netmask"));
+    }
+
+    #[test]
+    fn unknown_elements_are_named() {
+        let i = import("<network><name>x</name><ip address='10.0.0.1' prefix='24'/><bandwidth/><portgroup name='p'/></network>", "n.xml")
+            .unwrap();
+        assert_eq!(i.warnings.len(), 2, "{:?}", i.warnings);
+        assert!(i.warnings[0].contains("<bandwidth> is not supported"));
+    }
+}

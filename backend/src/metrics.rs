@@ -1,0 +1,101 @@
+//! The port counters in Prometheus text format (`metrics_listen = "127.0.0.1:9477"`), served
+//! over plain HTTP/1.0 at `/metrics`: one short-lived connection per scrape.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vunet_switch::counters::DropReason;
+
+use crate::network::{unix_now, Network, Shared};
+
+/// Binds the listen address and serves scrapes on a thread of their own.
+pub fn start(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        for conn in listener.incoming().flatten() {
+            serve(conn, &shared);
+        }
+    })?;
+    Ok(())
+}
+
+fn serve(mut conn: TcpStream, shared: &Shared) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut line = String::new();
+    if BufReader::new((&conn).take(1024)).read_line(&mut line).is_err() {
+        return;
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("");
+    let (status, body) = if path == "/metrics" || path.starts_with("/metrics?") {
+        ("200 OK", render(&shared.networks()))
+    } else {
+        ("404 Not Found", "only /metrics is here\n".to_string())
+    };
+    let _ = write!(conn, "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+}
+
+/// A label value with `\`, `"` and newlines escaped.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// One counter of a port's snapshot.
+type Counter = fn(&vunet_switch::counters::CounterSnapshot) -> u64;
+
+/// The exposition text for every network and live port.
+pub fn render(networks: &[Arc<Network>]) -> String {
+    let mut out = String::new();
+    let counters: [(&str, &str, Counter); 4] = [
+        ("vunet_port_rx_frames_total", "Frames the switch received from the port.", |c| c.rx_frames),
+        ("vunet_port_rx_bytes_total", "Bytes the switch received from the port.", |c| c.rx_bytes),
+        ("vunet_port_tx_frames_total", "Frames the switch delivered to the port.", |c| c.tx_frames),
+        ("vunet_port_tx_bytes_total", "Bytes the switch delivered to the port.", |c| c.tx_bytes),
+    ];
+    let ports: Vec<_> = networks.iter().flat_map(|n| n.live_ports().into_iter().map(move |p| (n.name.clone(), p))).collect();
+    let snaps: Vec<_> = ports.iter().map(|(_, p)| p.counters.snapshot()).collect();
+    for (name, help, get) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for ((net, p), c) in ports.iter().zip(&snaps) {
+            let _ = writeln!(out, "{name}{{network=\"{}\",port=\"{}\"}} {}", esc(net), esc(&p.name), get(c));
+        }
+    }
+    let _ = writeln!(out, "# HELP vunet_port_drops_total Frames dropped at the port, by reason.\n# TYPE vunet_port_drops_total counter");
+    for ((net, p), c) in ports.iter().zip(&snaps) {
+        for (r, n) in DropReason::ALL.iter().zip(c.drops.iter()) {
+            let _ =
+                writeln!(out, "vunet_port_drops_total{{network=\"{}\",port=\"{}\",reason=\"{}\"}} {n}", esc(net), esc(&p.name), r.name());
+        }
+    }
+    let _ = writeln!(out, "# HELP vunet_port_connected Whether a guest (or the uplink) is attached.\n# TYPE vunet_port_connected gauge");
+    for (net, p) in &ports {
+        let _ = writeln!(
+            out,
+            "vunet_port_connected{{network=\"{}\",port=\"{}\"}} {}",
+            esc(net),
+            esc(&p.name),
+            p.connected.load(Ordering::Relaxed) as u8
+        );
+    }
+    let _ = writeln!(out, "# HELP vunet_dhcp_leases Active DHCP leases of the network.\n# TYPE vunet_dhcp_leases gauge");
+    for n in networks {
+        if let Some(d) = &n.dhcp {
+            let leases = d.lock().unwrap_or_else(|e| e.into_inner()).leases(unix_now()).len();
+            let _ = writeln!(out, "vunet_dhcp_leases{{network=\"{}\"}} {leases}", esc(&n.name));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::esc;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

@@ -103,7 +103,7 @@ enum Command {
         #[arg(short = 'w', value_name = "FILE")]
         write: Option<PathBuf>,
         /// Stop after this many frames.
-        #[arg(short = 'c', long, value_name = "N")]
+        #[arg(long, value_name = "N")]
         count: Option<u64>,
         /// Stop after this many seconds.
         #[arg(long, value_name = "SECONDS")]

@@ -532,12 +532,15 @@ impl Shared {
         if p.socket.as_os_str().is_empty() && p.tap.is_none() {
             p.socket = self.socket_dir.join(format!("{}-{}.sock", net.name, p.name));
         }
-        let mut ports = net.ports.write().unwrap_or_else(|e| e.into_inner());
-        if ports.iter().any(|q| q.name == p.name && !q.removed.load(Ordering::Acquire)) {
+        if net.port(&p.name).is_some() {
             return Err(format!("network {:?} already has a port named {:?}", net.name, p.name));
         }
         if p.tap.is_none() && self.networks().iter().flat_map(|n| n.live_ports()).any(|q| q.uplink.is_none() && q.socket == p.socket) {
             return Err(format!("socket {} is used by another port", p.socket.display()));
+        }
+        let mut ports = net.ports.write().unwrap_or_else(|e| e.into_inner());
+        if ports.iter().any(|q| q.name == p.name && !q.removed.load(Ordering::Acquire)) {
+            return Err(format!("network {:?} already has a port named {:?}", net.name, p.name));
         }
         if let Some(tap) = &p.tap {
             let u = UplinkConfig { kind: UplinkKind::Tap, interface: tap.clone(), name: None, mac: None, own_mac: false };

@@ -162,6 +162,16 @@ fn err(e: impl std::fmt::Debug) -> std::io::Error {
 }
 
 impl VmSim {
+    /// Whether vunet still holds the vhost-user connection (a peek that reads end-of-file
+    /// means it closed it).
+    pub fn is_connected(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut b = [0u8; 1];
+        // SAFETY: a non-blocking peek into a one-byte buffer on the frontend's own socket.
+        let n = unsafe { libc::recv(self.fe.as_raw_fd(), b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+        n != 0
+    }
+
     /// Connects to a server-mode port's socket (retrying briefly while vunet starts).
     pub fn connect(path: &Path, opts: SimOptions) -> std::io::Result<VmSim> {
         let deadline = Instant::now() + Duration::from_secs(10);

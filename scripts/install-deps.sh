@@ -2,7 +2,7 @@
 # Installs the Debian packages vunet's tests and benchmarks need. Idempotent: does nothing when
 # everything is present. Usage: scripts/install-deps.sh [--bench]
 set -euo pipefail
-pkgs=(qemu-system-x86 busybox-static iperf3 cpio dnsmasq-base isc-dhcp-client iproute2 tshark)
+pkgs=(qemu-system-x86 busybox-static iperf3 cpio dnsmasq-base isc-dhcp-client iproute2 tshark systemd)
 [ "${1:-}" = "--bench" ] && pkgs+=(dpdk-dev bridge-utils)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -151,6 +151,8 @@ pub enum Socket {
     Connect(PathBuf),
     /// QEMU listens (client-mode port); vunet connects.
     Listen(PathBuf),
+    /// vunet listens; QEMU connects and reconnects (`reconnect=1`) after vunet restarts.
+    Reconnect(PathBuf),
 }
 
 /// One QEMU guest.
@@ -183,6 +185,7 @@ impl Guest {
         let chardev = match socket {
             Socket::Connect(p) => format!("socket,id=c0,path={}", p.display()),
             Socket::Listen(p) => format!("socket,id=c0,path={},server=on,wait=on", p.display()),
+            Socket::Reconnect(p) => format!("socket,id=c0,path={},reconnect=1", p.display()),
         };
         let mut child = Command::new("qemu-system-x86_64")
             .args([

@@ -386,3 +386,21 @@ fn help_is_complete() {
     assert!(stdout(&cli(&["capture", "--help"])).contains("-w"));
     assert!(stdout(&cli(&["run", "--help"])).contains("SIGHUP"));
 }
+
+/// contrib/vunet.service passes `systemd-analyze verify` (with ExecStart pointing at the
+/// binary built here).
+#[test]
+fn systemd_unit_verifies() {
+    let dir = TempDir::new("control-systemd");
+    let unit = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/vunet.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/vunet run --config /etc/vunet/vunet.toml"));
+    assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    let here = dir.path().join("vunet.service");
+    std::fs::write(&here, unit.replace("/usr/local/bin/vunet", vunet_binary().to_str().unwrap())).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&here)
+        .output()
+        .expect("systemd-analyze (scripts/install-deps.sh installs systemd)");
+    assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -234,6 +234,44 @@ fn vunet_restarts_under_running_guests_on_client_mode_ports_and_guests_keep_thei
     drop(a);
 }
 
+/// docs/qemu.md's recipe for server-mode ports: QEMU with `reconnect=1` comes back by itself
+/// after vunet restarts, and the guest's traffic resumes.
+#[test]
+fn qemu_with_reconnect_comes_back_after_vunet_restarts_on_a_server_mode_port() {
+    let _turn = serial();
+    let dir = TempDir::new("guests-reconnect");
+    let cfg = dir.path().join("vunet.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[network]]\nname = \"lab\"\nmode = \"isolated\"\ngateway = \"10.0.0.254/24\"\n[network.dns]\nforwarders = []\n[[network.port]]\nname = \"a\"\nsocket = \"{}/a.sock\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let args = ["--config", cfg.to_str().unwrap()];
+    let mut first = VunetProcess::start(&args, &dir.path().join("vunet1.log"));
+    let a = Guest::boot(
+        "a",
+        dir.path(),
+        &Socket::Reconnect(dir.path().join("a.sock")),
+        "52:54:00:00:00:0a",
+        "",
+        "ip addr add 10.0.0.1/24 dev eth0\nping -c 50 -i 0.5 -W 1 10.0.0.254\n",
+    );
+    assert!(a.console.wait_for("64 bytes from", BOOT_AND_RUN), "pings flow before the restart:\n{}", a.console.text());
+    let _ = first.child.kill();
+    let _ = first.child.wait();
+    std::thread::sleep(Duration::from_secs(2));
+    let second = VunetProcess::start(&args, &dir.path().join("vunet2.log"));
+    assert!(second.console.wait_for("guest connected", Duration::from_secs(20)), "QEMU reconnected:\n{}", second.console.text());
+    assert_eq!(a.wait_exit(BOOT_AND_RUN), Some(0), "guest:\n{}", a.console.text());
+    let out = a.console.text();
+    let seqs: Vec<u32> =
+        out.lines().filter_map(|l| l.split("seq=").nth(1)).filter_map(|s| s.split_whitespace().next()?.parse().ok()).collect();
+    assert!(seqs.iter().any(|&s| s >= 45), "pings answered after the restart:\n{out}");
+}
+
 /// The DHCP client part of a guest script: busybox udhcpc with a small hook that sets the
 /// address it is given and prints it.
 fn udhcpc(hostname: &str) -> String {

@@ -162,6 +162,21 @@ pub struct TxScratch {
     gw_in: Vec<u8>,
     gw_out: Vec<u8>,
     notify: Vec<PortId>,
+    /// Frames for uplinks gathered during a TX batch, sent with one `sendmmsg` per uplink
+    /// when the batch ends (they still point into the sender's guest memory, so the batch's
+    /// TX buffers are returned to the guest only after that).
+    uplink_sends: Vec<UplinkSend>,
+    uplink_segs: Vec<Seg>,
+    batching: bool,
+}
+
+/// One frame waiting in the TX batch for its uplink.
+struct UplinkSend {
+    port: PortId,
+    len: usize,
+    hdr: [u8; HDR_LEN],
+    hdr_len: usize,
+    segs: std::ops::Range<usize>,
 }
 
 /// Frames waiting for a receiver whose ring was full, like a tap device's queue: a TCP
@@ -331,8 +346,11 @@ pub fn process_tx(net: &Network, port: &GuestPort, vring: &Vring, mem: &Mem, hdr
             }
         }
         let n = chains.len();
-        for chain in chains.drain(..) {
+        let mut heads = [0u16; TX_BATCH];
+        cx.batching = true;
+        for (i, chain) in chains.drain(..).enumerate() {
             let head = chain.head_index();
+            heads[i] = head;
             cx.tx_segs.clear();
             match collect_chain(chain, mem, false, hdr_len + MAX_FRAME_LEN, &mut cx.tx_segs) {
                 Ok(total) => {
@@ -348,7 +366,12 @@ pub fn process_tx(net: &Network, port: &GuestPort, vring: &Vring, mem: &Mem, hdr
                     net.log_drop(port, r);
                 }
             }
-            // TX buffers are returned with length 0 whatever happened to the frame.
+        }
+        cx.batching = false;
+        flush_uplinks(&ports, cx);
+        // TX buffers are returned with length 0 whatever happened to the frame, and only now:
+        // the uplink sends above read from them.
+        for &head in &heads[..n] {
             if vs.get_queue_mut().add_used(mem, head, 0).is_err() {
                 break;
             }
@@ -555,6 +578,71 @@ fn send_uplink(
     up.send(&iov[..n])
 }
 
+/// Adds a frame to the batch's uplink sends: its header, and its bytes as segments of the
+/// sender's memory (no copy).
+fn queue_uplink(port: PortId, caps: &RxCaps, hdr: &VnetHeader, src: &[Seg], off: usize, len: usize, cx: &mut TxScratch) {
+    let mut h = [0u8; HDR_LEN];
+    hdr.write(&mut h[..caps.hdr_len]);
+    let start = cx.uplink_segs.len();
+    let (mut skip, mut left) = (off, len);
+    for s in src {
+        if left == 0 {
+            break;
+        }
+        if skip >= s.len {
+            skip -= s.len;
+            continue;
+        }
+        let take = (s.len - skip).min(left);
+        // SAFETY: within the segment, which stays live until the batch is flushed.
+        cx.uplink_segs.push(Seg { ptr: unsafe { s.ptr.add(skip) }, len: take });
+        left -= take;
+        skip = 0;
+    }
+    cx.uplink_sends.push(UplinkSend { port, len, hdr: h, hdr_len: caps.hdr_len, segs: start..cx.uplink_segs.len() });
+}
+
+/// Sends the batch's uplink frames: one `sendmmsg` per uplink for all of its frames.
+fn flush_uplinks(ports: &[std::sync::Arc<GuestPort>], cx: &mut TxScratch) {
+    if cx.uplink_sends.is_empty() {
+        return;
+    }
+    let mut sends = std::mem::take(&mut cx.uplink_sends);
+    sends.sort_by_key(|s| s.port);
+    let mut iov: Vec<libc::iovec> = Vec::with_capacity(cx.uplink_segs.len() + sends.len());
+    let mut spans = Vec::with_capacity(sends.len());
+    for s in sends.iter_mut() {
+        let start = iov.len();
+        if s.hdr_len > 0 {
+            iov.push(libc::iovec { iov_base: s.hdr.as_mut_ptr().cast(), iov_len: s.hdr_len });
+        }
+        for seg in &cx.uplink_segs[s.segs.clone()] {
+            iov.push(libc::iovec { iov_base: seg.ptr.cast(), iov_len: seg.len });
+        }
+        spans.push(start..iov.len());
+    }
+    let mut i = 0;
+    while i < sends.len() {
+        let port = sends[i].port;
+        let j = sends[i..].iter().position(|s| s.port != port).map_or(sends.len(), |k| i + k);
+        if let Some(dest) = ports.get(port) {
+            if let Some(up) = dest.uplink.as_deref() {
+                let failed = up.send_batch(&mut iov, &spans[i..j]);
+                for (k, s) in sends[i..j].iter().enumerate() {
+                    match failed.iter().find(|(at, _)| *at == k) {
+                        Some(&(_, e)) => dest.counters.dropped(e),
+                        None => dest.counters.delivered(s.len),
+                    }
+                }
+            }
+        }
+        i = j;
+    }
+    sends.clear();
+    cx.uplink_sends = sends;
+    cx.uplink_segs.clear();
+}
+
 /// Delivers a frame to an uplink: offloads pass to the kernel with the vnet header; without
 /// one, checksums are completed and TSO frames segmented here.
 fn deliver_uplink(dest: &GuestPort, up: &Uplink, f: &TxFrame, cx: &mut TxScratch) {
@@ -565,6 +653,11 @@ fn deliver_uplink(dest: &GuestPort, up: &Uplink, f: &TxFrame, cx: &mut TxScratch
     let mut frame = std::mem::take(&mut cx.frame);
     let mut seg = std::mem::take(&mut cx.segment);
     let result = match delivery(&f.hdr, &caps) {
+        Delivery::PassThrough if cx.batching && up.batches() => {
+            // Counted when the batch is sent.
+            queue_uplink(dest.id, &caps, &rx_header(&f.hdr, 0), f.segs, f.offset, f.len, cx);
+            Ok(0)
+        }
         Delivery::PassThrough => send_uplink(up, &caps, &rx_header(&f.hdr, 0), f.segs, f.offset, f.len, &mut frame).map(|()| f.len),
         Delivery::CompleteChecksum => {
             frame.resize(f.len, 0);
@@ -589,6 +682,7 @@ fn deliver_uplink(dest: &GuestPort, up: &Uplink, f: &TxFrame, cx: &mut TxScratch
     cx.frame = frame;
     cx.segment = seg;
     match result {
+        Ok(0) => {}
         Ok(n) => dest.counters.delivered(n),
         Err(e) => dest.counters.dropped(e),
     }

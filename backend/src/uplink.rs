@@ -269,6 +269,47 @@ impl Uplink {
         }
     }
 
+    /// Whether frames for this uplink are sent in batches (`sendmmsg`, packet sockets) rather
+    /// than one write each (taps and macvtaps take one frame per write).
+    pub fn batches(&self) -> bool {
+        self.kind == UplinkKind::AfPacket
+    }
+
+    /// Sends several frames with `sendmmsg`; `spans` are each frame's iovecs within `iov`.
+    /// Returns the frames (by index in `spans`) that did not go, and why.
+    pub fn send_batch(&self, iov: &mut [libc::iovec], spans: &[std::ops::Range<usize>]) -> Vec<(usize, DropReason)> {
+        let io = self.io.read().unwrap_or_else(|e| e.into_inner());
+        let Some(io) = io.as_ref() else { return (0..spans.len()).map(|i| (i, DropReason::PortDown)).collect() };
+        let mut msgs: Vec<libc::mmsghdr> = spans
+            .iter()
+            .map(|r| {
+                // SAFETY: a zeroed mmsghdr is valid; it is pointed at this frame's iovecs.
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_iov = iov[r.clone()].as_mut_ptr();
+                m.msg_hdr.msg_iovlen = r.len();
+                m
+            })
+            .collect();
+        let mut done = 0;
+        let mut failed = Vec::new();
+        while done < msgs.len() {
+            // SAFETY: every message points at iovecs over memory the caller keeps alive.
+            let n = unsafe { libc::sendmmsg(io.fd.as_raw_fd(), msgs[done..].as_mut_ptr(), (msgs.len() - done) as u32, libc::MSG_DONTWAIT) };
+            if n > 0 {
+                done += n as usize;
+                continue;
+            }
+            // The first frame of the rest failed: count it and go on with the others.
+            let why = match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::ENOBUFS) => DropReason::NoRxBuffer,
+                _ => DropReason::PortDown,
+            };
+            failed.push((done, why));
+            done += 1;
+        }
+        failed
+    }
+
     /// Closes the uplink for good (its port or network was removed); a tap vunet made goes
     /// away with its descriptor.
     pub fn close(&self) {

@@ -103,6 +103,12 @@ fn guest_reaches_lan(vm: &mut VmSim, lan: &Netns) {
         "a 64 KiB TSO frame reaches the LAN ({} bytes arrived)",
         lan.rx_bytes("lan0") - before
     );
+    // A burst: 128 frames posted at once (one TX batch) all reach the LAN.
+    let packets = || lan.run("cat /sys/class/net/lan0/statistics/rx_packets").trim().parse::<u64>().unwrap();
+    let before = packets();
+    vm.prepare_tx(&vunet_switch::vnet::VnetHeader::default(), &eth_frame(lan_mac, GUEST, 0x88b5, 100, 1));
+    assert_eq!(vm.post_prepared(128), 128);
+    assert!(wait_until(T, || packets() >= before + 128), "a burst of 128 frames reaches the LAN ({} arrived)", packets() - before);
 }
 
 #[test]

@@ -37,10 +37,25 @@ pub enum DropReason {
     SpoofedIp,
     /// Port security: a DHCP server message (UDP from port 67) from a guest.
     RogueDhcpServer,
+    /// Routing: a malformed or truncated IPv4 header (or transport header where NAT needs it).
+    BadIpHeader,
+    /// Routing: no route to the destination, or a martian source or destination.
+    NoRoute,
+    /// Routing: the TTL ran out (an ICMP time-exceeded went back).
+    TtlExceeded,
+    /// Routing: the next hop did not answer ARP, or its pending queue was full.
+    NeighborUnreachable,
+    /// NAT: inbound traffic that is neither a reply nor a port forward, or a protocol NAT
+    /// does not translate (fragments, non-echo ICMP without a connection).
+    NatNoConnection,
+    /// NAT: no source port free, or the connection table full of connections it keeps.
+    NatTableFull,
+    /// Firewall: a deny or reject rule (or the default policy) matched.
+    Firewall,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::BadAddress,
         DropReason::ChainLoop,
         DropReason::BadDescriptor,
@@ -55,6 +70,13 @@ impl DropReason {
         DropReason::SpoofedMac,
         DropReason::SpoofedIp,
         DropReason::RogueDhcpServer,
+        DropReason::BadIpHeader,
+        DropReason::NoRoute,
+        DropReason::TtlExceeded,
+        DropReason::NeighborUnreachable,
+        DropReason::NatNoConnection,
+        DropReason::NatTableFull,
+        DropReason::Firewall,
     ];
 
     /// Stable name used in listings and metrics.
@@ -74,6 +96,13 @@ impl DropReason {
             DropReason::SpoofedMac => "spoofed_mac",
             DropReason::SpoofedIp => "spoofed_ip",
             DropReason::RogueDhcpServer => "rogue_dhcp_server",
+            DropReason::BadIpHeader => "bad_ip_header",
+            DropReason::NoRoute => "no_route",
+            DropReason::TtlExceeded => "ttl_exceeded",
+            DropReason::NeighborUnreachable => "neighbor_unreachable",
+            DropReason::NatNoConnection => "nat_no_connection",
+            DropReason::NatTableFull => "nat_table_full",
+            DropReason::Firewall => "firewall",
         }
     }
 }

@@ -12,7 +12,9 @@
 pub mod checksum;
 pub mod counters;
 pub mod gateway;
+pub mod ipv4;
 pub mod mac_table;
+pub mod nat;
 pub mod offload;
 pub mod port_security;
 pub mod proto;

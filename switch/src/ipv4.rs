@@ -187,6 +187,7 @@ pub fn is_martian(ip: Ipv4Addr) -> bool {
 /// the original header and up to 548 bytes after it, as Linux does (576-byte datagram).
 /// Returns false for packets that must not get an error (RFC 1122 3.2.2: ICMP errors,
 /// fragments after the first, broadcast or multicast).
+#[allow(clippy::too_many_arguments)]
 pub fn icmp_error(out: &mut Vec<u8>, src_mac: Mac, dst_mac: Mac, src: Ipv4Addr, orig: &[u8], kind: u8, code: u8, mtu: u16) -> bool {
     out.clear();
     let Ok(h) = parse(orig, true) else { return false };

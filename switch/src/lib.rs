@@ -9,8 +9,10 @@
 //!   negotiate the offload the sender used.
 //! - [`checksum`]: the Internet checksum.
 
+pub mod arp;
 pub mod checksum;
 pub mod counters;
+pub mod firewall;
 pub mod gateway;
 pub mod ipv4;
 pub mod mac_table;
@@ -18,6 +20,7 @@ pub mod nat;
 pub mod offload;
 pub mod port_security;
 pub mod proto;
+pub mod router;
 pub mod vnet;
 
 pub use counters::{DropReason, PortCounters};

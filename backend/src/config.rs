@@ -113,6 +113,31 @@ pub struct UplinkConfig {
     pub own_mac: bool,
 }
 
+/// Where a routed network's uplink address comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UplinkAddress {
+    /// `address = "10.10.11.50/24"`, with `router = "10.10.11.1"` as the default next hop.
+    Static { addr: (Ipv4Addr, u8), router: Option<Ipv4Addr> },
+    /// `address = "dhcp"`: leased from the LAN's DHCP server over the uplink.
+    Dhcp,
+}
+
+/// How a `nat` or `route` network routes to its uplink.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoutingConfig {
+    pub address: UplinkAddress,
+    /// The router's MAC on the uplink's LAN.
+    pub mac: Mac,
+    pub proxy_arp: bool,
+    /// Networks behind guests (`[[network.route]]`).
+    pub routes: Vec<vunet_switch::router::StaticRoute>,
+    /// Masquerade settings and `[[network.port_forward]]` (nat mode).
+    pub nat: vunet_switch::nat::NatConfig,
+    /// `[[network.firewall]]` and `firewall_default` (route mode).
+    pub firewall: Vec<vunet_switch::firewall::Rule>,
+    pub firewall_default: vunet_switch::firewall::Action,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetworkConfig {
     pub name: String,
@@ -123,6 +148,8 @@ pub struct NetworkConfig {
     pub dhcp: Option<DhcpConfig>,
     pub dns: DnsConfig,
     pub uplink: Option<UplinkConfig>,
+    /// Set for `nat` and `route` networks with an uplink.
+    pub routing: Option<RoutingConfig>,
     pub ports: Vec<PortConfig>,
 }
 
@@ -160,7 +187,14 @@ struct RawNetwork {
     dhcp: Option<Spanned<RawDhcp>>,
     dns: Option<Spanned<RawDns>>,
     uplink: Option<Spanned<RawUplink>>,
-    port_forward: Option<Spanned<toml::Value>>,
+    nat: Option<Spanned<RawNat>>,
+    #[serde(default)]
+    port_forward: Vec<Spanned<RawForward>>,
+    #[serde(default)]
+    firewall: Vec<Spanned<RawRule>>,
+    firewall_default: Option<Spanned<String>>,
+    #[serde(default)]
+    route: Vec<Spanned<RawRoute>>,
     #[serde(default)]
     port: Vec<Spanned<RawPort>>,
 }
@@ -192,6 +226,42 @@ struct RawUplink {
     mac: Option<Spanned<String>>,
     address: Option<Spanned<String>>,
     router: Option<Spanned<String>>,
+    proxy_arp: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNat {
+    ports: Option<Spanned<Vec<i64>>>,
+    max_entries: Option<Spanned<i64>>,
+    tcp_timeout: Option<Spanned<i64>>,
+    udp_timeout: Option<Spanned<i64>>,
+    icmp_timeout: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForward {
+    proto: Spanned<String>,
+    port: Spanned<toml::Value>,
+    to: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    action: Spanned<String>,
+    proto: Option<Spanned<String>>,
+    port: Option<Spanned<toml::Value>>,
+    from: Option<Spanned<String>>,
+    to: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    address: Spanned<String>,
+    via: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -289,7 +359,6 @@ fn parse_uplink(
     u: &Spanned<RawUplink>,
     net: &str,
     mode: Mode,
-    warnings: &mut Vec<String>,
 ) -> Result<Option<UplinkConfig>, ConfigError> {
     let raw = u.get_ref();
     let kind = match raw.kind.get_ref().as_str() {
@@ -310,8 +379,11 @@ fn parse_uplink(
         Some(n) => Some(n.get_ref().clone()),
         None => None,
     };
+    let routed = matches!(mode, Mode::Nat | Mode::Route);
     let mac = match &raw.mac {
-        Some(m) if kind != UplinkKind::Macvtap => return Err(cx.err(m.span(), "uplink mac is only for kind = \"macvtap\"")),
+        Some(m) if kind != UplinkKind::Macvtap && !routed => {
+            return Err(cx.err(m.span(), "uplink mac is only for kind = \"macvtap\" (or a nat or route network's router)"))
+        }
         Some(m) => match parse_mac(m.get_ref()) {
             Some(mac) if !vunet_switch::is_multicast(&mac) && mac != [0; 6] => Some(mac),
             _ => return Err(cx.err(m.span(), format!("invalid MAC address {:?}", m.get_ref()))),
@@ -324,25 +396,221 @@ fn parse_uplink(
             format!("network {net:?}: an isolated network has no way out to a LAN (a tap uplink to the host only); use mode = \"bridge\""),
         ));
     }
-    for (key, v) in [("address", &raw.address), ("router", &raw.router)] {
-        if let Some(v) = v {
-            warnings.push(format!(
-                "{}:{}: network {net:?}: uplink {key} is not supported by this version of vunet yet and is ignored",
-                cx.file,
-                cx.line_of(v.span())
-            ));
+    if !routed {
+        for (key, v) in [("address", &raw.address), ("router", &raw.router)] {
+            if let Some(v) = v {
+                return Err(cx.err(v.span(), format!("network {net:?}: uplink {key} is for nat and route networks (a bridge network's guests are LAN hosts themselves)")));
+            }
+        }
+        if raw.proxy_arp.is_some() {
+            return Err(cx.err(u.span(), format!("network {net:?}: proxy_arp is for route networks")));
         }
     }
-    if matches!(mode, Mode::Nat | Mode::Route) {
+    Ok(Some(UplinkConfig { kind, interface, name, mac, own_mac: routed }))
+}
+
+/// A port or port range: `22`, `"22"` or `"8000-8010"`.
+fn port_range(v: &toml::Value) -> Option<(u16, u16)> {
+    let (lo, hi) = match v {
+        toml::Value::Integer(p) => (*p, *p),
+        toml::Value::String(s) => match s.split_once('-') {
+            Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
+            None => {
+                let p = s.trim().parse().ok()?;
+                (p, p)
+            }
+        },
+        _ => return None,
+    };
+    (1..=65535).contains(&lo).then_some(())?;
+    (lo..=65535).contains(&hi).then_some((lo as u16, hi as u16))
+}
+
+fn proto_number(s: &str) -> Option<u8> {
+    match s {
+        "tcp" => Some(vunet_switch::proto::IPPROTO_TCP),
+        "udp" => Some(vunet_switch::proto::IPPROTO_UDP),
+        _ => None,
+    }
+}
+
+/// Routing of a `nat` or `route` network: the uplink address, NAT settings and port forwards,
+/// firewall rules, static routes. `uplink` is the parsed `[network.uplink]`.
+fn parse_routing(
+    cx: &Ctx,
+    n: &RawNetwork,
+    net: &str,
+    mode: Mode,
+    gateway: Option<(Ipv4Addr, u8)>,
+    uplink: Option<&UplinkConfig>,
+    warnings: &mut Vec<String>,
+) -> Result<Option<RoutingConfig>, ConfigError> {
+    use vunet_switch::firewall::{Action, Proto, Rule};
+    use vunet_switch::nat::{NatConfig, PortForward};
+    let routed = matches!(mode, Mode::Nat | Mode::Route);
+    let misplaced = |span: Range<usize>, what: &str, for_mode: &str| cx.err(span, format!("network {net:?}: {what} is for mode = \"{for_mode}\""));
+    if mode != Mode::Nat {
+        if let Some(f) = n.port_forward.first() {
+            return Err(misplaced(f.span(), "[[network.port_forward]]", "nat"));
+        }
+        if let Some(v) = &n.nat {
+            return Err(misplaced(v.span(), "[network.nat]", "nat"));
+        }
+    }
+    if mode != Mode::Route {
+        if let Some(f) = n.firewall.first() {
+            return Err(cx.err(f.span(), format!("network {net:?}: [[network.firewall]] is for mode = \"route\" (a nat network lets in only replies and port forwards)")));
+        }
+        if let Some(f) = &n.firewall_default {
+            return Err(misplaced(f.span(), "firewall_default", "route"));
+        }
+    }
+    if !routed {
+        if let Some(r) = n.route.first() {
+            return Err(cx.err(r.span(), format!("network {net:?}: [[network.route]] is for nat and route networks")));
+        }
+        return Ok(None);
+    }
+    let Some(gw) = gateway else { return Ok(None) };
+    let host_of_subnet = |ip: Ipv4Addr| in_subnet(ip, gw) && ip != gw.0;
+    let mut routes = Vec::new();
+    for r in &n.route {
+        let raw = r.get_ref();
+        let (net_ip, prefix) = parse_cidr(raw.address.get_ref())
+            .ok_or_else(|| cx.err(raw.address.span(), format!("invalid route address {:?} (e.g. \"172.20.0.0/16\")", raw.address.get_ref())))?;
+        let via: Ipv4Addr = raw.via.get_ref().parse().map_err(|_| cx.err(raw.via.span(), format!("invalid address {:?}", raw.via.get_ref())))?;
+        if !host_of_subnet(via) {
+            return Err(cx.err(raw.via.span(), format!("route via {via}: not a guest address of the gateway's subnet {}/{}", gw.0, gw.1)));
+        }
+        routes.push(vunet_switch::router::StaticRoute { net: net_ip, prefix, via });
+    }
+    let mut nat = NatConfig::default();
+    if let Some(v) = &n.nat {
+        let raw = v.get_ref();
+        if let Some(p) = &raw.ports {
+            match p.get_ref()[..] {
+                [lo, hi] if (1..=65535).contains(&lo) && (lo..=65535).contains(&hi) => nat.ports = (lo as u16, hi as u16),
+                _ => return Err(cx.err(p.span(), "nat ports must be [start, end] within 1-65535, e.g. [1024, 65535]")),
+            }
+        }
+        if let Some(m) = &raw.max_entries {
+            if !(16..=4_000_000).contains(m.get_ref()) {
+                return Err(cx.err(m.span(), format!("invalid max_entries {} (16 to 4000000)", m.get_ref())));
+            }
+            nat.max_entries = *m.get_ref() as usize;
+        }
+        for (t, field) in [(&raw.tcp_timeout, &mut nat.timeouts.tcp_established), (&raw.udp_timeout, &mut nat.timeouts.udp_replied), (&raw.icmp_timeout, &mut nat.timeouts.icmp)] {
+            if let Some(t) = t {
+                if !(1..=864_000).contains(t.get_ref()) {
+                    return Err(cx.err(t.span(), format!("invalid timeout {} (seconds, 1 to 864000)", t.get_ref())));
+                }
+                *field = *t.get_ref() as u64 * 1000;
+            }
+        }
+    }
+    for f in &n.port_forward {
+        let raw = f.get_ref();
+        let proto = proto_number(raw.proto.get_ref())
+            .ok_or_else(|| cx.err(raw.proto.span(), format!("unknown port_forward proto {:?} (expected tcp or udp)", raw.proto.get_ref())))?;
+        let external = port_range(raw.port.get_ref()).ok_or_else(|| cx.err(raw.port.span(), "port_forward port must be a port or a range, e.g. 2222 or \"8000-8010\""))?;
+        let (ip, port) = raw
+            .to
+            .get_ref()
+            .rsplit_once(':')
+            .and_then(|(ip, port)| Some((ip.parse::<Ipv4Addr>().ok()?, port.parse::<u16>().ok().filter(|&p| p > 0)?)))
+            .ok_or_else(|| cx.err(raw.to.span(), format!("port_forward to must be a guest address and port, e.g. \"192.168.122.10:22\", not {:?}", raw.to.get_ref())))?;
+        if !host_of_subnet(ip) {
+            return Err(cx.err(raw.to.span(), format!("port_forward to {ip}: not a guest address of the gateway's subnet {}/{}", gw.0, gw.1)));
+        }
+        if port as u32 + (external.1 - external.0) as u32 > 65535 {
+            return Err(cx.err(raw.to.span(), "port_forward: the guest port range goes past 65535"));
+        }
+        if nat.forwards.iter().any(|o: &PortForward| o.proto == proto && o.external.0 <= external.1 && external.0 <= o.external.1) {
+            return Err(cx.err(raw.port.span(), "port_forward: this port is already forwarded"));
+        }
+        nat.forwards.push(PortForward { proto, external, guest: ip, guest_port: port });
+    }
+    let action = |s: &Spanned<String>| match s.get_ref().as_str() {
+        "allow" => Ok(Action::Allow),
+        "deny" => Ok(Action::Deny),
+        "reject" => Ok(Action::Reject),
+        other => Err(cx.err(s.span(), format!("unknown firewall action {other:?} (expected allow, deny or reject)"))),
+    };
+    let mut firewall = Vec::new();
+    for r in &n.firewall {
+        let raw = r.get_ref();
+        let proto = match raw.proto.as_ref().map(|p| (p, p.get_ref().as_str())) {
+            None | Some((_, "any")) => Proto::Any,
+            Some((_, "tcp")) => Proto::Tcp,
+            Some((_, "udp")) => Proto::Udp,
+            Some((_, "icmp")) => Proto::Icmp,
+            Some((p, other)) => return Err(cx.err(p.span(), format!("unknown firewall proto {other:?} (expected tcp, udp, icmp or any)"))),
+        };
+        let ports = match &raw.port {
+            None => None,
+            Some(_) if !matches!(proto, Proto::Tcp | Proto::Udp) => return Err(cx.err(r.span(), "a firewall port needs proto = \"tcp\" or \"udp\"")),
+            Some(p) => Some(port_range(p.get_ref()).ok_or_else(|| cx.err(p.span(), "firewall port must be a port or a range, e.g. 22 or \"8000-8010\""))?),
+        };
+        let subnet = |v: &Option<Spanned<String>>| -> Result<Option<(Ipv4Addr, u8)>, ConfigError> {
+            match v {
+                None => Ok(None),
+                Some(v) if v.get_ref() == "any" => Ok(None),
+                Some(v) => {
+                    let s = v.get_ref();
+                    let parsed = if s.contains('/') { parse_cidr(s) } else { s.parse::<Ipv4Addr>().ok().map(|ip| (ip, 32)) };
+                    parsed.map(Some).ok_or_else(|| cx.err(v.span(), format!("invalid address {s:?} (an IPv4 address or subnet, or \"any\")")))
+                }
+            }
+        };
+        firewall.push(Rule { action: action(&raw.action)?, proto, ports, from: subnet(&raw.from)?, to: subnet(&raw.to)? });
+    }
+    let firewall_default = match &n.firewall_default {
+        Some(f) => action(f)?,
+        None => Action::Allow,
+    };
+    let Some(up) = uplink else {
         warnings.push(format!(
-            "{}:{}: network {net:?}: mode {} does not route to its uplink in this version of vunet; the uplink is not attached",
+            "{}:{}: network {net:?}: mode {} without an [network.uplink]: the guests have their gateway but no way out",
             cx.file,
-            cx.line_of(u.span()),
+            cx.line_of(n.mode.span()),
             mode.name()
         ));
         return Ok(None);
+    };
+    let raw_up = n.uplink.as_ref().map(|u| u.get_ref());
+    let router = match raw_up.and_then(|u| u.router.as_ref()) {
+        Some(r) => Some(r.get_ref().parse::<Ipv4Addr>().map_err(|_| cx.err(r.span(), format!("invalid router address {:?}", r.get_ref())))?),
+        None => None,
+    };
+    let address = match raw_up.and_then(|u| u.address.as_ref()) {
+        None => return Err(cx.err(n.uplink.as_ref().map(|u| u.span()).unwrap_or(0..0), format!("network {net:?}: a {} network's uplink needs an address (\"dhcp\", or e.g. \"10.10.11.50/24\" with router = \"10.10.11.1\")", mode.name()))),
+        Some(a) if a.get_ref() == "dhcp" => {
+            if let Some(r) = raw_up.and_then(|u| u.router.as_ref()) {
+                return Err(cx.err(r.span(), "router comes from the DHCP lease when address = \"dhcp\""));
+            }
+            UplinkAddress::Dhcp
+        }
+        Some(a) => {
+            let addr = parse_cidr(a.get_ref()).filter(|c| in_subnet(c.0, *c) || c.1 == 32).ok_or_else(|| {
+                cx.err(a.span(), format!("invalid uplink address {:?} (\"dhcp\", or an address with its prefix, e.g. \"10.10.11.50/24\")", a.get_ref()))
+            })?;
+            if let Some(r) = router {
+                if !in_subnet(r, addr) {
+                    return Err(cx.err(raw_up.and_then(|u| u.router.as_ref()).map(|r| r.span()).unwrap_or(0..0), format!("router {r} is not on the uplink's subnet {}/{}", addr.0, addr.1)));
+                }
+            }
+            if in_subnet(addr.0, gw) || addr.0 == gw.0 {
+                return Err(cx.err(a.span(), format!("uplink address {} is inside the guests' subnet {}/{}", addr.0, gw.0, gw.1)));
+            }
+            UplinkAddress::Static { addr, router }
+        }
+    };
+    let proxy_arp = raw_up.and_then(|u| u.proxy_arp).unwrap_or(false);
+    if proxy_arp && mode != Mode::Route {
+        return Err(cx.err(n.uplink.as_ref().map(|u| u.span()).unwrap_or(0..0), format!("network {net:?}: proxy_arp is for route networks")));
     }
-    Ok(Some(UplinkConfig { kind, interface, name, mac, own_mac: false }))
+    let mac = up.mac.unwrap_or_else(|| vunet_switch::gateway::gateway_mac(&format!("{net}/uplink")));
+    Ok(Some(RoutingConfig { address, mac, proxy_arp, routes, nat, firewall, firewall_default }))
 }
 
 fn parse_dhcp(cx: &Ctx, d: &Spanned<RawDhcp>, net: &str, gateway: Option<(Ipv4Addr, u8)>) -> Result<DhcpConfig, ConfigError> {
@@ -510,15 +778,8 @@ impl Config {
                 Some(d) => parse_dns(&cx, d)?,
                 None => DnsConfig::default(),
             };
-            if let Some(v) = &n.port_forward {
-                warnings.push(format!(
-                    "{}:{}: network {name:?}: [port_forward] is not supported by this version of vunet yet and is ignored",
-                    file,
-                    cx.line_of(v.span())
-                ));
-            }
             let uplink = match &n.uplink {
-                Some(u) => parse_uplink(&cx, u, &name, mode, &mut warnings)?,
+                Some(u) => parse_uplink(&cx, u, &name, mode)?,
                 None => None,
             };
             if let Some(u) = uplink.as_ref().filter(|u| u.kind == UplinkKind::Tap) {
@@ -526,15 +787,12 @@ impl Config {
                     return Err(cx.err(n.uplink.as_ref().map(|u| u.span()).unwrap_or(0..0), format!("tap {} is used twice", u.interface)));
                 }
             }
-            if gateway.is_some() || matches!(mode, Mode::Nat | Mode::Route) {
-                warnings.push(format!(
-                    "{}:{}: network {name:?}: the gateway answers ARP, ping and DNS{}{}",
-                    file,
-                    cx.line_of(n.mode.span()),
-                    if dhcp.is_some() { " and serves DHCP" } else { "" },
-                    if mode == Mode::Nat || mode == Mode::Route { "; routing and NAT are not implemented in this version" } else { "" }
-                ));
-            }
+            let routing = parse_routing(&cx, &n, &name, mode, gateway, uplink.as_ref(), &mut warnings)?;
+            // A routed macvtap is created with the router's MAC.
+            let uplink = uplink.map(|u| match &routing {
+                Some(r) if u.kind == UplinkKind::Macvtap => UplinkConfig { mac: Some(r.mac), ..u },
+                _ => u,
+            });
             let mut ports = Vec::new();
             let mut port_names = HashSet::new();
             for p in n.port {
@@ -615,7 +873,7 @@ impl Config {
                 }
                 ports.push(PortConfig { name: pname, socket, tap, mode, mac, port_security: p.port_security });
             }
-            networks.push(NetworkConfig { name, mode, gateway, mtu, dhcp, dns, uplink, ports });
+            networks.push(NetworkConfig { name, mode, gateway, mtu, dhcp, dns, uplink, routing, ports });
         }
         Ok(Config {
             state_dir: raw.state_dir.map(|p| base.join(p)),
@@ -657,6 +915,7 @@ impl Config {
                 }),
                 dns: DnsConfig::default(),
                 uplink: None,
+                routing: None,
                 ports,
             }],
             warnings: vec![],
@@ -715,7 +974,8 @@ mac = "52:54:00:00:00:02"
     }
 
     #[test]
-    fn full_contract_document_parses_with_warnings_for_later_features() {
+    fn full_contract_document_parses_with_routing() {
+        use vunet_switch::firewall::{Action, Proto, Rule};
         let t = r#"
 state_dir = "/var/lib/vunet"
 control_socket = "/run/vunet/control.sock"
@@ -730,29 +990,89 @@ hosts = [{ mac = "52:54:00:00:00:10", ip = "192.168.122.10", name = "web" }]
 kind = "macvtap"
 interface = "eth1"
 address = "dhcp"
+[network.nat]
+ports = [20000, 30000]
+max_entries = 1000
+udp_timeout = 60
 [[network.port_forward]]
 proto = "tcp"
 port = 2222
 to = "192.168.122.10:22"
+[[network.port_forward]]
+proto = "udp"
+port = "6000-6009"
+to = "192.168.122.10:7000"
 [[network.port]]
 name = "vm1"
 socket = "/run/vunet/vm1.sock"
 mode = "server"
+
+[[network]]
+name = "lab"
+mode = "route"
+gateway = "10.10.12.1/24"
+firewall_default = "allow"
+[network.uplink]
+kind = "af-packet"
+interface = "eth2"
+address = "10.10.11.50/24"
+router = "10.10.11.1"
+proxy_arp = true
+mac = "52:54:00:aa:bb:cc"
+[[network.firewall]]
+action = "reject"
+proto = "tcp"
+port = 22
+[[network.firewall]]
+action = "deny"
+from = "10.10.11.0/24"
+[[network.route]]
+address = "172.20.0.0/16"
+via = "10.10.12.10"
 "#;
         let c = parse(t).unwrap();
-        assert_eq!(c.networks[0].mode, Mode::Nat);
-        assert!(
-            c.warnings.iter().any(|w| w.contains("does not route to its uplink") && w.starts_with("vunet.toml:11:")),
-            "{:?}",
-            c.warnings
-        );
-        assert!(
-            c.warnings.iter().any(|w| w.contains("uplink address is not supported") && w.starts_with("vunet.toml:14:")),
-            "{:?}",
-            c.warnings
-        );
-        assert_eq!(c.networks[0].uplink, None, "not attached in nat mode yet");
-        assert!(c.warnings.iter().any(|w| w.contains("routing and NAT are not implemented")), "{:?}", c.warnings);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let (nat, lab) = (&c.networks[0], &c.networks[1]);
+        let r = nat.routing.as_ref().unwrap();
+        assert_eq!(r.address, UplinkAddress::Dhcp);
+        assert_eq!((r.nat.ports, r.nat.max_entries, r.nat.timeouts.udp_replied), ((20000, 30000), 1000, 60_000));
+        assert_eq!(r.nat.forwards[1].external, (6000, 6009));
+        let u = nat.uplink.as_ref().unwrap();
+        assert!(u.own_mac && u.mac == Some(r.mac), "a routed macvtap has the router's MAC");
+        let r = lab.routing.as_ref().unwrap();
+        assert_eq!(r.address, UplinkAddress::Static { addr: (Ipv4Addr::new(10, 10, 11, 50), 24), router: Some(Ipv4Addr::new(10, 10, 11, 1)) });
+        assert!(r.proxy_arp);
+        assert_eq!(r.mac, [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
+        assert_eq!(r.firewall[0], Rule { action: Action::Reject, proto: Proto::Tcp, ports: Some((22, 22)), from: None, to: None });
+        assert_eq!(r.firewall[1].from, Some((Ipv4Addr::new(10, 10, 11, 0), 24)));
+        assert_eq!(r.routes[0].via, Ipv4Addr::new(10, 10, 12, 10));
+    }
+
+    #[test]
+    fn routing_mistakes_name_their_line() {
+        let net = |mode: &str, extra: &str| {
+            format!("[[network]]\nname = \"a\"\nmode = \"{mode}\"\ngateway = \"10.0.0.1/24\"\n[network.uplink]\nkind = \"af-packet\"\ninterface = \"eth1\"\n{extra}")
+        };
+        for (doc, want) in [
+            (net("nat", ""), "vunet.toml:5: network \"a\": a nat network's uplink needs an address"),
+            (net("nat", "address = \"10.0.0.9/24\"\n"), "vunet.toml:8: uplink address 10.0.0.9 is inside the guests' subnet"),
+            (net("nat", "address = \"10.1.0.9/24\"\nrouter = \"10.2.0.1\"\n"), "vunet.toml:9: router 10.2.0.1 is not on the uplink's subnet"),
+            (net("nat", "address = \"dhcp\"\nrouter = \"10.2.0.1\"\n"), "vunet.toml:9: router comes from the DHCP lease"),
+            (net("bridge", "address = \"10.1.0.9/24\"\n"), "vunet.toml:8: network \"a\": uplink address is for nat and route networks"),
+            (net("nat", "address = \"dhcp\"\nproxy_arp = true\n"), "vunet.toml:5: network \"a\": proxy_arp is for route networks"),
+            (net("route", "address = \"dhcp\"\n[[network.port_forward]]\nproto = \"tcp\"\nport = 1\nto = \"10.0.0.5:1\"\n"), "vunet.toml:9: network \"a\": [[network.port_forward]] is for mode = \"nat\""),
+            (net("nat", "address = \"dhcp\"\n[[network.port_forward]]\nproto = \"sctp\"\nport = 1\nto = \"10.0.0.5:1\"\n"), "vunet.toml:10: unknown port_forward proto \"sctp\""),
+            (net("nat", "address = \"dhcp\"\n[[network.port_forward]]\nproto = \"tcp\"\nport = \"9-1\"\nto = \"10.0.0.5:1\"\n"), "vunet.toml:11: port_forward port must be a port or a range"),
+            (net("nat", "address = \"dhcp\"\n[[network.port_forward]]\nproto = \"tcp\"\nport = 1\nto = \"10.9.0.5:1\"\n"), "vunet.toml:12: port_forward to 10.9.0.5: not a guest address"),
+            (net("nat", "address = \"dhcp\"\n[[network.firewall]]\naction = \"deny\"\n"), "vunet.toml:9: network \"a\": [[network.firewall]] is for mode = \"route\""),
+            (net("route", "address = \"dhcp\"\n[[network.firewall]]\naction = \"drop\"\n"), "vunet.toml:10: unknown firewall action \"drop\""),
+            (net("route", "address = \"dhcp\"\n[[network.firewall]]\naction = \"deny\"\nproto = \"icmp\"\nport = 1\n"), "vunet.toml:9: a firewall port needs proto"),
+            (net("route", "address = \"dhcp\"\n[[network.route]]\naddress = \"172.20.0.0/16\"\nvia = \"10.5.0.1\"\n"), "vunet.toml:11: route via 10.5.0.1: not a guest address"),
+            (net("nat", "address = \"dhcp\"\n[network.nat]\nports = [2000, 1000]\n"), "vunet.toml:10: nat ports must be [start, end]"),
+        ] {
+            let e = parse(&doc).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{doc}\n→ {e}\nwanted {want}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 use vunet_switch::offload::{complete_checksum, segment_tcp};
 use vunet_switch::port_security;
+use vunet_switch::router::{Side, Verdict};
 use vunet_switch::vnet::{delivery, rx_header, Delivery, RxCaps, VnetHeader, HDR_LEN};
 use vunet_switch::{dst_mac, is_multicast, src_mac, Decision, DropReason, PortId, MAX_FRAME_LEN, MIN_FRAME_LEN};
 
@@ -437,7 +438,7 @@ fn switch_frame(
         }
     };
     if to_gateway {
-        answer_gateway(net, port, &frame, cx);
+        answer_gateway(net, ports, port, &frame, cx);
     }
     match decision {
         Decision::Unicast(to) => {
@@ -446,7 +447,8 @@ fn switch_frame(
             }
         }
         Decision::Flood => {
-            for dest in ports.iter().filter(|p| p.id != port.id) {
+            // A routed uplink is not on the guests' L2 segment.
+            for dest in ports.iter().filter(|p| p.id != port.id && !p.routed) {
                 deliver(dest, &frame, cx);
             }
         }
@@ -472,17 +474,53 @@ pub fn deliver_frame(port: &GuestPort, frame: &[u8], cx: &mut TxScratch) {
 
 /// Lets the gateway see a frame addressed to it (or broadcast) and sends its answer, if any,
 /// back to the sending port. TSO frames are not for the gateway (it speaks ARP and ICMP).
-fn answer_gateway(net: &Network, port: &GuestPort, f: &TxFrame, cx: &mut TxScratch) {
+fn answer_gateway(net: &Network, ports: &[std::sync::Arc<GuestPort>], port: &GuestPort, f: &TxFrame, cx: &mut TxScratch) {
     let Some(gw) = net.gateway.as_ref() else {
         return;
     };
-    if f.hdr.is_gso() {
+    if f.hdr.is_gso() && net.router.is_none() {
         return;
     }
     let mut input = std::mem::take(&mut cx.gw_in);
     let mut reply = std::mem::take(&mut cx.gw_out);
     input.resize(f.len, 0);
     gather(f.segs, f.offset, &mut input);
+    if let Some(router) = net.router.as_ref() {
+        let routed = input.len() >= 34 && input[0..6] == gw.mac && input[12..14] == [0x08, 0x00] && input[30..34] != gw.ip.octets();
+        if routed || input[12..14] == [0x08, 0x06] {
+            let mut emit = Vec::new();
+            let verdict = {
+                let mut r = router.lock().unwrap_or_else(|e| e.into_inner());
+                if routed {
+                    r.from_guest(&mut input, &f.hdr, net.now_ms(), &mut emit)
+                } else {
+                    r.guest_arp(&input, net.now_ms(), &mut emit);
+                    Ok(Verdict::NotMine)
+                }
+            };
+            match verdict {
+                Ok(Verdict::Forward(side)) => send_routed(net, ports, side, &f.hdr, &input, cx),
+                Ok(_) => {}
+                Err(r) => {
+                    port.counters.dropped(r);
+                    net.log_drop(port, r);
+                }
+            }
+            for e in emit {
+                send_routed(net, ports, e.to, &e.hdr, &e.frame, cx);
+            }
+            if routed || f.hdr.is_gso() {
+                cx.gw_in = input;
+                cx.gw_out = reply;
+                return;
+            }
+        }
+    }
+    if f.hdr.is_gso() {
+        cx.gw_in = input;
+        cx.gw_out = reply;
+        return;
+    }
     let complete = !f.hdr.needs_csum() || complete_checksum(&mut input, f.hdr.csum_start as usize, f.hdr.csum_offset as usize).is_ok();
     if let Some(dns) = net.dns.as_ref().filter(|_| complete && crate::dns_tcp::is_for_dns_tcp(gw, &input)) {
         dns.tcp.input(port.id, &input);
@@ -516,6 +554,94 @@ pub fn switch_from_uplink(net: &Network, port: &GuestPort, frames: &[(&[u8], boo
             port.counters.dropped(r);
             net.log_drop(port, r);
         }
+    }
+    notify_receivers(&ports, cx);
+}
+
+/// Sends a frame the router forwarded or made: to the uplink, or to the guest its
+/// destination MAC names (every guest for broadcast or an unknown MAC).
+fn send_routed(net: &Network, ports: &[std::sync::Arc<GuestPort>], side: Side, hdr: &VnetHeader, frame: &[u8], cx: &mut TxScratch) {
+    if frame.len() < MIN_FRAME_LEN {
+        return;
+    }
+    let f = TxFrame { segs: &[Seg::of_slice(frame)], offset: 0, len: frame.len(), hdr: *hdr };
+    // The frame lives in a scratch buffer that the next frame reuses: no batching.
+    let batching = std::mem::replace(&mut cx.batching, false);
+    match side {
+        Side::Uplink => {
+            if let Some(up) = ports.iter().find(|p| p.routed) {
+                deliver(up, &f, cx);
+            }
+        }
+        Side::Guests => {
+            let dst = dst_mac(frame);
+            let to = (!is_multicast(&dst)).then(|| net.macs.lock().unwrap_or_else(|e| e.into_inner()).port_of(&dst, net.now_ms())).flatten();
+            match to.and_then(|id| ports.get(id)) {
+                Some(dest) => deliver(dest, &f, cx),
+                None => {
+                    for dest in ports.iter().filter(|p| !p.routed && !p.removed.load(Ordering::Relaxed)) {
+                        deliver(dest, &f, cx);
+                    }
+                }
+            }
+        }
+    }
+    cx.batching = batching;
+}
+
+/// Routes frames read from a nat or route network's uplink (each behind a virtio-net header
+/// of `hdr_len` bytes, rewritten in place), then interrupts the guests that got any.
+pub fn route_from_uplink(net: &Network, port: &GuestPort, frames: &mut [&mut [u8]], hdr_len: usize, cx: &mut TxScratch) {
+    let Some(router) = net.router.as_ref() else { return };
+    let ports = net.ports.read().unwrap_or_else(|e| e.into_inner());
+    let now = net.now_ms();
+    let mut emit = Vec::new();
+    for buf in frames.iter_mut() {
+        if buf.len() < hdr_len + MIN_FRAME_LEN {
+            continue;
+        }
+        let (h, frame) = buf.split_at_mut(hdr_len);
+        let hdr = VnetHeader::parse(h);
+        let verdict = router.lock().unwrap_or_else(|e| e.into_inner()).from_uplink(frame, &hdr, now, &mut emit);
+        match verdict {
+            Ok(Verdict::NotMine) => continue,
+            Ok(Verdict::Forward(side)) => {
+                port.counters.received(frame.len());
+                if port.capturing.load(Ordering::Relaxed) {
+                    port.capture(frame);
+                }
+                send_routed(net, &ports, side, &hdr, frame, cx);
+            }
+            Ok(Verdict::Consumed) => port.counters.received(frame.len()),
+            Err(r) => {
+                port.counters.received(frame.len());
+                port.counters.dropped(r);
+                net.log_drop(port, r);
+            }
+        }
+        for e in emit.drain(..) {
+            send_routed(net, &ports, e.to, &e.hdr, &e.frame, cx);
+        }
+    }
+    notify_receivers(&ports, cx);
+}
+
+/// Runs the router's timers (ARP retries, expiry) and sends what they produce.
+pub fn router_tick(net: &Network, cx: &mut TxScratch) {
+    let Some(router) = net.router.as_ref() else { return };
+    let mut emit = Vec::new();
+    router.lock().unwrap_or_else(|e| e.into_inner()).tick(net.now_ms(), &mut emit);
+    send_router_frames(net, emit, cx);
+}
+
+/// Sends frames the router made outside of any frame's handling (timers, a new address).
+pub fn send_router_frames(net: &Network, emit: Vec<vunet_switch::router::Emit>, cx: &mut TxScratch) {
+    if emit.is_empty() {
+        return;
+    }
+    let ports = net.ports.read().unwrap_or_else(|e| e.into_inner());
+    for e in emit {
+        send_routed(net, &ports, e.to, &e.hdr, &e.frame, cx);
     }
     notify_receivers(&ports, cx);
 }

@@ -23,7 +23,7 @@ use vunet_switch::gateway::{build_udp, gateway_mac, udp_datagram, udp_payload, G
 use vunet_switch::vnet::RxCaps;
 use vunet_switch::{format_mac, DropReason, Mac, MacTable, PortCounters, PortId};
 
-use crate::config::{io_reason, Config, Mode, NetworkConfig, PortConfig, PortMode, UplinkConfig, UplinkKind};
+use crate::config::{io_reason, Config, Mode, NetworkConfig, PortConfig, PortMode, UplinkAddress, UplinkConfig, UplinkKind};
 use crate::datapath::ms_since;
 use crate::dns_service::DnsService;
 use crate::uplink::Uplink;
@@ -87,6 +87,9 @@ pub struct GuestPort {
     last_log_ms: AtomicU64,
     /// Set on the network's uplink port: frames for it go to a host interface, not a guest.
     pub uplink: Option<Arc<crate::uplink::Uplink>>,
+    /// The uplink of a nat or route network: not switched at L2 with the guests; its frames
+    /// go through the router.
+    pub routed: bool,
     /// Set when the port is deleted at run time; its thread ends, its slot stays (port ids
     /// index the network's port list).
     pub removed: AtomicBool,
@@ -114,6 +117,10 @@ pub struct Network {
     epoch: Instant,
     /// Set when the network is taken out of a running daemon; its threads end.
     pub stopped: AtomicBool,
+    /// The router between the guests and the uplink (nat and route networks).
+    pub router: Option<Mutex<vunet_switch::router::Router>>,
+    /// Whether the uplink address comes from a DHCP lease over the uplink.
+    pub uplink_dhcp: bool,
 }
 
 const LOCKED: u64 = 1 << 48;
@@ -669,6 +676,7 @@ fn uplink_port(net: &Network, up: Arc<crate::uplink::Uplink>) -> GuestPort {
         connections: AtomicU64::new(0),
         last_log_ms: AtomicU64::new(0),
         uplink: Some(up),
+        routed: net.router.is_some(),
         removed: AtomicBool::new(false),
         conn: Mutex::new(None),
         capturing: AtomicBool::new(false),
@@ -696,6 +704,7 @@ fn guest_port(id: PortId, p: &PortConfig, has_gateway: bool, tap: Option<Arc<Upl
         connections: AtomicU64::new(0),
         last_log_ms: AtomicU64::new(0),
         uplink: tap,
+        routed: false,
         removed: AtomicBool::new(false),
         conn: Mutex::new(None),
         capturing: AtomicBool::new(false),
@@ -721,7 +730,33 @@ fn new_network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &mut HashMap<S
         macs: Mutex::new(MacTable::default()),
         epoch: Instant::now(),
         stopped: AtomicBool::new(false),
+        router: router(n, gateway),
+        uplink_dhcp: n.routing.as_ref().is_some_and(|r| r.address == UplinkAddress::Dhcp),
     }
+}
+
+/// The router of a nat or route network with an uplink; a static uplink address is set at
+/// once, a leased one when the lease comes.
+fn router(n: &NetworkConfig, gateway: Option<Gateway>) -> Option<Mutex<vunet_switch::router::Router>> {
+    use vunet_switch::router::{RouteMode, Router, RouterConfig};
+    let (r, inside) = (n.routing.as_ref()?, gateway?);
+    let cfg = RouterConfig {
+        mode: if n.mode == Mode::Nat { RouteMode::Nat } else { RouteMode::Route },
+        inside,
+        outside_mac: r.mac,
+        next_hop: None,
+        routes: r.routes.clone(),
+        proxy_arp: r.proxy_arp,
+        nat: r.nat.clone(),
+        firewall: r.firewall.clone(),
+        firewall_default: r.firewall_default,
+    };
+    let mut router = Router::new(cfg, None);
+    if let UplinkAddress::Static { addr, router: next_hop } = r.address {
+        // The gratuitous ARP goes out when the uplink thread starts.
+        router.set_outside(Some(addr), next_hop, &mut Vec::new());
+    }
+    Some(Mutex::new(router))
 }
 
 /// Binds a server-mode socket, refusing to steal one a live process is listening on and

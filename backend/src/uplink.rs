@@ -367,6 +367,7 @@ pub fn run(net: Arc<Network>, port: Arc<GuestPort>, up: Arc<Uplink>) {
     let mut outgoing = [false; BATCH];
     let mut cx = TxScratch::default();
     let mut last_watch = Instant::now();
+    let mut announced = false;
     loop {
         if port.removed.load(Ordering::Acquire) || net.stopped.load(Ordering::Acquire) {
             up.close();
@@ -387,8 +388,17 @@ pub fn run(net: Arc<Network>, port: Arc<GuestPort>, up: Arc<Uplink>) {
         let fd = io.fd.as_raw_fd();
         let hdr_len = io.hdr_len;
         let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // A router has timers (ARP retries, expiry) to run between frames.
+        let timeout = if net.router.is_some() { ROUTER_TICK } else { WATCH };
         // SAFETY: one valid pollfd.
-        let ready = unsafe { libc::poll(&mut pfd, 1, WATCH.as_millis() as i32) };
+        let ready = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+        if net.router.is_some() {
+            if !announced {
+                announced = true;
+                announce(&net, &mut cx);
+            }
+            crate::datapath::router_tick(&net, &mut cx);
+        }
         if ready <= 0 {
             continue;
         }
@@ -398,6 +408,11 @@ pub fn run(net: Arc<Network>, port: Arc<GuestPort>, up: Arc<Uplink>) {
         };
         drop(guard);
         match got {
+            Ok(n) if net.router.is_some() => {
+                // The host's own transmissions on the interface are not for the router.
+                let mut frames: Vec<&mut [u8]> = bufs[..n].iter_mut().zip(&lens[..n]).zip(&outgoing[..n]).filter(|((_, &l), &o)| l > 0 && !o).map(|((b, &l), _)| &mut b[..l]).collect();
+                crate::datapath::route_from_uplink(&net, &port, &mut frames, hdr_len, &mut cx);
+            }
             Ok(n) => {
                 let frames: Vec<(&[u8], bool)> = (0..n).filter(|&i| lens[i] > 0).map(|i| (&bufs[i][..lens[i]], outgoing[i])).collect();
                 crate::datapath::switch_from_uplink(&net, &port, &frames, hdr_len, &mut cx);
@@ -419,6 +434,22 @@ pub fn run(net: Arc<Network>, port: Arc<GuestPort>, up: Arc<Uplink>) {
             }
         }
     }
+}
+
+const ROUTER_TICK: Duration = Duration::from_millis(100);
+
+/// Announces a static uplink address with a gratuitous ARP when the uplink starts.
+fn announce(net: &Network, cx: &mut TxScratch) {
+    let Some(router) = net.router.as_ref() else { return };
+    let mut emit = Vec::new();
+    {
+        let mut r = router.lock().unwrap_or_else(|e| e.into_inner());
+        let (addr, next_hop) = (r.outside(), r.cfg.next_hop);
+        if addr.is_some() {
+            r.set_outside(addr, next_hop, &mut emit);
+        }
+    }
+    crate::datapath::send_router_frames(net, emit, cx);
 }
 
 /// One `recvmmsg` of up to BATCH frames; `outgoing[i]` marks frames this host sent out the

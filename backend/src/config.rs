@@ -354,12 +354,7 @@ fn valid_ifname(n: &str) -> bool {
     !n.is_empty() && n.len() <= 15 && n != "." && n != ".." && !n.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
 }
 
-fn parse_uplink(
-    cx: &Ctx,
-    u: &Spanned<RawUplink>,
-    net: &str,
-    mode: Mode,
-) -> Result<Option<UplinkConfig>, ConfigError> {
+fn parse_uplink(cx: &Ctx, u: &Spanned<RawUplink>, net: &str, mode: Mode) -> Result<Option<UplinkConfig>, ConfigError> {
     let raw = u.get_ref();
     let kind = match raw.kind.get_ref().as_str() {
         "af-packet" => UplinkKind::AfPacket,
@@ -399,7 +394,12 @@ fn parse_uplink(
     if !routed {
         for (key, v) in [("address", &raw.address), ("router", &raw.router)] {
             if let Some(v) = v {
-                return Err(cx.err(v.span(), format!("network {net:?}: uplink {key} is for nat and route networks (a bridge network's guests are LAN hosts themselves)")));
+                return Err(cx.err(
+                    v.span(),
+                    format!(
+                        "network {net:?}: uplink {key} is for nat and route networks (a bridge network's guests are LAN hosts themselves)"
+                    ),
+                ));
             }
         }
         if raw.proxy_arp.is_some() {
@@ -448,7 +448,8 @@ fn parse_routing(
     use vunet_switch::firewall::{Action, Proto, Rule};
     use vunet_switch::nat::{NatConfig, PortForward};
     let routed = matches!(mode, Mode::Nat | Mode::Route);
-    let misplaced = |span: Range<usize>, what: &str, for_mode: &str| cx.err(span, format!("network {net:?}: {what} is for mode = \"{for_mode}\""));
+    let misplaced =
+        |span: Range<usize>, what: &str, for_mode: &str| cx.err(span, format!("network {net:?}: {what} is for mode = \"{for_mode}\""));
     if mode != Mode::Nat {
         if let Some(f) = n.port_forward.first() {
             return Err(misplaced(f.span(), "[[network.port_forward]]", "nat"));
@@ -459,7 +460,12 @@ fn parse_routing(
     }
     if mode != Mode::Route {
         if let Some(f) = n.firewall.first() {
-            return Err(cx.err(f.span(), format!("network {net:?}: [[network.firewall]] is for mode = \"route\" (a nat network lets in only replies and port forwards)")));
+            return Err(cx.err(
+                f.span(),
+                format!(
+                    "network {net:?}: [[network.firewall]] is for mode = \"route\" (a nat network lets in only replies and port forwards)"
+                ),
+            ));
         }
         if let Some(f) = &n.firewall_default {
             return Err(misplaced(f.span(), "firewall_default", "route"));
@@ -476,9 +482,11 @@ fn parse_routing(
     let mut routes = Vec::new();
     for r in &n.route {
         let raw = r.get_ref();
-        let (net_ip, prefix) = parse_cidr(raw.address.get_ref())
-            .ok_or_else(|| cx.err(raw.address.span(), format!("invalid route address {:?} (e.g. \"172.20.0.0/16\")", raw.address.get_ref())))?;
-        let via: Ipv4Addr = raw.via.get_ref().parse().map_err(|_| cx.err(raw.via.span(), format!("invalid address {:?}", raw.via.get_ref())))?;
+        let (net_ip, prefix) = parse_cidr(raw.address.get_ref()).ok_or_else(|| {
+            cx.err(raw.address.span(), format!("invalid route address {:?} (e.g. \"172.20.0.0/16\")", raw.address.get_ref()))
+        })?;
+        let via: Ipv4Addr =
+            raw.via.get_ref().parse().map_err(|_| cx.err(raw.via.span(), format!("invalid address {:?}", raw.via.get_ref())))?;
         if !host_of_subnet(via) {
             return Err(cx.err(raw.via.span(), format!("route via {via}: not a guest address of the gateway's subnet {}/{}", gw.0, gw.1)));
         }
@@ -499,7 +507,11 @@ fn parse_routing(
             }
             nat.max_entries = *m.get_ref() as usize;
         }
-        for (t, field) in [(&raw.tcp_timeout, &mut nat.timeouts.tcp_established), (&raw.udp_timeout, &mut nat.timeouts.udp_replied), (&raw.icmp_timeout, &mut nat.timeouts.icmp)] {
+        for (t, field) in [
+            (&raw.tcp_timeout, &mut nat.timeouts.tcp_established),
+            (&raw.udp_timeout, &mut nat.timeouts.udp_replied),
+            (&raw.icmp_timeout, &mut nat.timeouts.icmp),
+        ] {
             if let Some(t) = t {
                 if !(1..=864_000).contains(t.get_ref()) {
                     return Err(cx.err(t.span(), format!("invalid timeout {} (seconds, 1 to 864000)", t.get_ref())));
@@ -510,17 +522,26 @@ fn parse_routing(
     }
     for f in &n.port_forward {
         let raw = f.get_ref();
-        let proto = proto_number(raw.proto.get_ref())
-            .ok_or_else(|| cx.err(raw.proto.span(), format!("unknown port_forward proto {:?} (expected tcp or udp)", raw.proto.get_ref())))?;
-        let external = port_range(raw.port.get_ref()).ok_or_else(|| cx.err(raw.port.span(), "port_forward port must be a port or a range, e.g. 2222 or \"8000-8010\""))?;
+        let proto = proto_number(raw.proto.get_ref()).ok_or_else(|| {
+            cx.err(raw.proto.span(), format!("unknown port_forward proto {:?} (expected tcp or udp)", raw.proto.get_ref()))
+        })?;
+        let external = port_range(raw.port.get_ref())
+            .ok_or_else(|| cx.err(raw.port.span(), "port_forward port must be a port or a range, e.g. 2222 or \"8000-8010\""))?;
         let (ip, port) = raw
             .to
             .get_ref()
             .rsplit_once(':')
             .and_then(|(ip, port)| Some((ip.parse::<Ipv4Addr>().ok()?, port.parse::<u16>().ok().filter(|&p| p > 0)?)))
-            .ok_or_else(|| cx.err(raw.to.span(), format!("port_forward to must be a guest address and port, e.g. \"192.168.122.10:22\", not {:?}", raw.to.get_ref())))?;
+            .ok_or_else(|| {
+                cx.err(
+                    raw.to.span(),
+                    format!("port_forward to must be a guest address and port, e.g. \"192.168.122.10:22\", not {:?}", raw.to.get_ref()),
+                )
+            })?;
         if !host_of_subnet(ip) {
-            return Err(cx.err(raw.to.span(), format!("port_forward to {ip}: not a guest address of the gateway's subnet {}/{}", gw.0, gw.1)));
+            return Err(
+                cx.err(raw.to.span(), format!("port_forward to {ip}: not a guest address of the gateway's subnet {}/{}", gw.0, gw.1))
+            );
         }
         if port as u32 + (external.1 - external.0) as u32 > 65535 {
             return Err(cx.err(raw.to.span(), "port_forward: the guest port range goes past 65535"));
@@ -548,8 +569,13 @@ fn parse_routing(
         };
         let ports = match &raw.port {
             None => None,
-            Some(_) if !matches!(proto, Proto::Tcp | Proto::Udp) => return Err(cx.err(r.span(), "a firewall port needs proto = \"tcp\" or \"udp\"")),
-            Some(p) => Some(port_range(p.get_ref()).ok_or_else(|| cx.err(p.span(), "firewall port must be a port or a range, e.g. 22 or \"8000-8010\""))?),
+            Some(_) if !matches!(proto, Proto::Tcp | Proto::Udp) => {
+                return Err(cx.err(r.span(), "a firewall port needs proto = \"tcp\" or \"udp\""))
+            }
+            Some(p) => Some(
+                port_range(p.get_ref())
+                    .ok_or_else(|| cx.err(p.span(), "firewall port must be a port or a range, e.g. 22 or \"8000-8010\""))?,
+            ),
         };
         let subnet = |v: &Option<Spanned<String>>| -> Result<Option<(Ipv4Addr, u8)>, ConfigError> {
             match v {
@@ -558,7 +584,9 @@ fn parse_routing(
                 Some(v) => {
                     let s = v.get_ref();
                     let parsed = if s.contains('/') { parse_cidr(s) } else { s.parse::<Ipv4Addr>().ok().map(|ip| (ip, 32)) };
-                    parsed.map(Some).ok_or_else(|| cx.err(v.span(), format!("invalid address {s:?} (an IPv4 address or subnet, or \"any\")")))
+                    parsed
+                        .map(Some)
+                        .ok_or_else(|| cx.err(v.span(), format!("invalid address {s:?} (an IPv4 address or subnet, or \"any\")")))
                 }
             }
         };
@@ -579,7 +607,9 @@ fn parse_routing(
     };
     let raw_up = n.uplink.as_ref().map(|u| u.get_ref());
     let router = match raw_up.and_then(|u| u.router.as_ref()) {
-        Some(r) => Some(r.get_ref().parse::<Ipv4Addr>().map_err(|_| cx.err(r.span(), format!("invalid router address {:?}", r.get_ref())))?),
+        Some(r) => {
+            Some(r.get_ref().parse::<Ipv4Addr>().map_err(|_| cx.err(r.span(), format!("invalid router address {:?}", r.get_ref())))?)
+        }
         None => None,
     };
     let address = match raw_up.and_then(|u| u.address.as_ref()) {
@@ -607,7 +637,9 @@ fn parse_routing(
     };
     let proxy_arp = raw_up.and_then(|u| u.proxy_arp).unwrap_or(false);
     if proxy_arp && mode != Mode::Route {
-        return Err(cx.err(n.uplink.as_ref().map(|u| u.span()).unwrap_or(0..0), format!("network {net:?}: proxy_arp is for route networks")));
+        return Err(
+            cx.err(n.uplink.as_ref().map(|u| u.span()).unwrap_or(0..0), format!("network {net:?}: proxy_arp is for route networks"))
+        );
     }
     let mac = up.mac.unwrap_or_else(|| vunet_switch::gateway::gateway_mac(&format!("{net}/uplink")));
     Ok(Some(RoutingConfig { address, mac, proxy_arp, routes, nat, firewall, firewall_default }))
@@ -1040,7 +1072,10 @@ via = "10.10.12.10"
         let u = nat.uplink.as_ref().unwrap();
         assert!(u.own_mac && u.mac == Some(r.mac), "a routed macvtap has the router's MAC");
         let r = lab.routing.as_ref().unwrap();
-        assert_eq!(r.address, UplinkAddress::Static { addr: (Ipv4Addr::new(10, 10, 11, 50), 24), router: Some(Ipv4Addr::new(10, 10, 11, 1)) });
+        assert_eq!(
+            r.address,
+            UplinkAddress::Static { addr: (Ipv4Addr::new(10, 10, 11, 50), 24), router: Some(Ipv4Addr::new(10, 10, 11, 1)) }
+        );
         assert!(r.proxy_arp);
         assert_eq!(r.mac, [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
         assert_eq!(r.firewall[0], Rule { action: Action::Reject, proto: Proto::Tcp, ports: Some((22, 22)), from: None, to: None });
@@ -1056,18 +1091,45 @@ via = "10.10.12.10"
         for (doc, want) in [
             (net("nat", ""), "vunet.toml:5: network \"a\": a nat network's uplink needs an address"),
             (net("nat", "address = \"10.0.0.9/24\"\n"), "vunet.toml:8: uplink address 10.0.0.9 is inside the guests' subnet"),
-            (net("nat", "address = \"10.1.0.9/24\"\nrouter = \"10.2.0.1\"\n"), "vunet.toml:9: router 10.2.0.1 is not on the uplink's subnet"),
+            (
+                net("nat", "address = \"10.1.0.9/24\"\nrouter = \"10.2.0.1\"\n"),
+                "vunet.toml:9: router 10.2.0.1 is not on the uplink's subnet",
+            ),
             (net("nat", "address = \"dhcp\"\nrouter = \"10.2.0.1\"\n"), "vunet.toml:9: router comes from the DHCP lease"),
             (net("bridge", "address = \"10.1.0.9/24\"\n"), "vunet.toml:8: network \"a\": uplink address is for nat and route networks"),
             (net("nat", "address = \"dhcp\"\nproxy_arp = true\n"), "vunet.toml:5: network \"a\": proxy_arp is for route networks"),
-            (net("route", "address = \"dhcp\"\n[[network.port_forward]]\nproto = \"tcp\"\nport = 1\nto = \"10.0.0.5:1\"\n"), "vunet.toml:9: network \"a\": [[network.port_forward]] is for mode = \"nat\""),
-            (net("nat", "address = \"dhcp\"\n[[network.port_forward]]\nproto = \"sctp\"\nport = 1\nto = \"10.0.0.5:1\"\n"), "vunet.toml:10: unknown port_forward proto \"sctp\""),
-            (net("nat", "address = \"dhcp\"\n[[network.port_forward]]\nproto = \"tcp\"\nport = \"9-1\"\nto = \"10.0.0.5:1\"\n"), "vunet.toml:11: port_forward port must be a port or a range"),
-            (net("nat", "address = \"dhcp\"\n[[network.port_forward]]\nproto = \"tcp\"\nport = 1\nto = \"10.9.0.5:1\"\n"), "vunet.toml:12: port_forward to 10.9.0.5: not a guest address"),
-            (net("nat", "address = \"dhcp\"\n[[network.firewall]]\naction = \"deny\"\n"), "vunet.toml:9: network \"a\": [[network.firewall]] is for mode = \"route\""),
-            (net("route", "address = \"dhcp\"\n[[network.firewall]]\naction = \"drop\"\n"), "vunet.toml:10: unknown firewall action \"drop\""),
-            (net("route", "address = \"dhcp\"\n[[network.firewall]]\naction = \"deny\"\nproto = \"icmp\"\nport = 1\n"), "vunet.toml:9: a firewall port needs proto"),
-            (net("route", "address = \"dhcp\"\n[[network.route]]\naddress = \"172.20.0.0/16\"\nvia = \"10.5.0.1\"\n"), "vunet.toml:11: route via 10.5.0.1: not a guest address"),
+            (
+                net("route", "address = \"dhcp\"\n[[network.port_forward]]\nproto = \"tcp\"\nport = 1\nto = \"10.0.0.5:1\"\n"),
+                "vunet.toml:9: network \"a\": [[network.port_forward]] is for mode = \"nat\"",
+            ),
+            (
+                net("nat", "address = \"dhcp\"\n[[network.port_forward]]\nproto = \"sctp\"\nport = 1\nto = \"10.0.0.5:1\"\n"),
+                "vunet.toml:10: unknown port_forward proto \"sctp\"",
+            ),
+            (
+                net("nat", "address = \"dhcp\"\n[[network.port_forward]]\nproto = \"tcp\"\nport = \"9-1\"\nto = \"10.0.0.5:1\"\n"),
+                "vunet.toml:11: port_forward port must be a port or a range",
+            ),
+            (
+                net("nat", "address = \"dhcp\"\n[[network.port_forward]]\nproto = \"tcp\"\nport = 1\nto = \"10.9.0.5:1\"\n"),
+                "vunet.toml:12: port_forward to 10.9.0.5: not a guest address",
+            ),
+            (
+                net("nat", "address = \"dhcp\"\n[[network.firewall]]\naction = \"deny\"\n"),
+                "vunet.toml:9: network \"a\": [[network.firewall]] is for mode = \"route\"",
+            ),
+            (
+                net("route", "address = \"dhcp\"\n[[network.firewall]]\naction = \"drop\"\n"),
+                "vunet.toml:10: unknown firewall action \"drop\"",
+            ),
+            (
+                net("route", "address = \"dhcp\"\n[[network.firewall]]\naction = \"deny\"\nproto = \"icmp\"\nport = 1\n"),
+                "vunet.toml:9: a firewall port needs proto",
+            ),
+            (
+                net("route", "address = \"dhcp\"\n[[network.route]]\naddress = \"172.20.0.0/16\"\nvia = \"10.5.0.1\"\n"),
+                "vunet.toml:11: route via 10.5.0.1: not a guest address",
+            ),
             (net("nat", "address = \"dhcp\"\n[network.nat]\nports = [2000, 1000]\n"), "vunet.toml:10: nat ports must be [start, end]"),
         ] {
             let e = parse(&doc).unwrap_err().to_string();

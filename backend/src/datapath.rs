@@ -575,7 +575,8 @@ fn send_routed(net: &Network, ports: &[std::sync::Arc<GuestPort>], side: Side, h
         }
         Side::Guests => {
             let dst = dst_mac(frame);
-            let to = (!is_multicast(&dst)).then(|| net.macs.lock().unwrap_or_else(|e| e.into_inner()).port_of(&dst, net.now_ms())).flatten();
+            let to =
+                (!is_multicast(&dst)).then(|| net.macs.lock().unwrap_or_else(|e| e.into_inner()).port_of(&dst, net.now_ms())).flatten();
             match to.and_then(|id| ports.get(id)) {
                 Some(dest) => deliver(dest, &f, cx),
                 None => {

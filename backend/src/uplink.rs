@@ -410,7 +410,13 @@ pub fn run(net: Arc<Network>, port: Arc<GuestPort>, up: Arc<Uplink>) {
         match got {
             Ok(n) if net.router.is_some() => {
                 // The host's own transmissions on the interface are not for the router.
-                let mut frames: Vec<&mut [u8]> = bufs[..n].iter_mut().zip(&lens[..n]).zip(&outgoing[..n]).filter(|((_, &l), &o)| l > 0 && !o).map(|((b, &l), _)| &mut b[..l]).collect();
+                let mut frames: Vec<&mut [u8]> = bufs[..n]
+                    .iter_mut()
+                    .zip(&lens[..n])
+                    .zip(&outgoing[..n])
+                    .filter(|((_, &l), &o)| l > 0 && !o)
+                    .map(|((b, &l), _)| &mut b[..l])
+                    .collect();
                 crate::datapath::route_from_uplink(&net, &port, &mut frames, hdr_len, &mut cx);
             }
             Ok(n) => {

@@ -142,3 +142,113 @@ fn nat_guests_reach_the_lan_behind_the_uplink_address_and_only_port_forwards_com
     let listing = String::from_utf8_lossy(&ports.stdout);
     assert!(listing.contains("nat_no_connection"), "the refused inbound packets are counted on the uplink:\n{listing}");
 }
+
+/// The guest part of the routed tests: lease, reach the LAN, fetch the page (the server sees
+/// the guest's own address), then serve TCP 7000 ("hello-routed"), 22 and 23.
+fn routed_guest_script(lan_addr: &str) -> String {
+    format!(
+        "{UDHCPC}ping -c 3 -W 5 {lan_addr} || exit 4\n\
+         printf 'GET /cgi-bin/whoami HTTP/1.0\\r\\n\\r\\n' | nc -w 20 {lan_addr} 8080 || exit 6\n\
+         nc -ll -p 7000 -e echo hello-routed &\nnc -ll -p 22 -e echo ssh-answered &\nnc -ll -p 23 -e echo telnet-answered &\n\
+         sleep 1\necho GUEST-DONE\nsleep 600\n"
+    )
+}
+
+fn guest_done(g: &Guest, dir: &Path) -> String {
+    assert!(
+        g.console.wait_for("GUEST-DONE", BOOT_AND_RUN),
+        "guest:\n{}\nvunet:\n{}",
+        g.console.text(),
+        std::fs::read_to_string(dir.join("vunet.log")).unwrap_or_default()
+    );
+    g.console.text()
+}
+
+/// The seed's routed walkthrough with its ufw part: the LAN routes the guest subnet to the
+/// uplink address; the guest keeps its address both ways; "reject" refuses at once, "deny"
+/// times out.
+#[test]
+fn routed_guest_keeps_its_address_and_the_firewall_rejects_and_denies() {
+    let _turn = serial();
+    let dir = TempDir::new("route-guests");
+    let lan = lan("rte", dir.path());
+    let _v = vunet(
+        &lan,
+        dir.path(),
+        "[[network]]\nname = \"routed\"\nmode = \"route\"\ngateway = \"192.168.100.1/24\"\n\
+         [network.dhcp]\nrange = [\"192.168.100.100\", \"192.168.100.200\"]\nhosts = [{ mac = \"52:54:00:09:00:01\", ip = \"192.168.100.10\" }]\n\
+         [network.uplink]\nkind = \"af-packet\"\ninterface = \"up0\"\naddress = \"10.9.0.50/24\"\nrouter = \"10.9.0.1\"\n\
+         [[network.firewall]]\naction = \"reject\"\nproto = \"tcp\"\nport = 22\n\
+         [[network.firewall]]\naction = \"deny\"\nproto = \"tcp\"\nport = 23\n\
+         [[network.port]]\nname = \"vm1\"\nsocket = \"vm1.sock\"\n",
+    );
+    lan.lan.run("ip route add 192.168.100.0/24 via 10.9.0.50");
+    let g = Guest::boot(
+        "g1",
+        dir.path(),
+        &Socket::Connect(dir.path().join("vm1.sock")),
+        "52:54:00:09:00:01",
+        "",
+        &routed_guest_script("10.9.0.1"),
+    );
+    let out = guest_done(&g, dir.path());
+    assert!(
+        out.contains("SEEN [::ffff:192.168.100.10]") || out.contains("SEEN 192.168.100.10\n"),
+        "the LAN sees the guest's own address:\n{out}"
+    );
+    let mut got = String::new();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            got = lan_connect(&lan, "192.168.100.10", 7000).0;
+            got.contains("hello-routed")
+        }),
+        "the LAN reaches the guest at its own address: {got:?}"
+    );
+    let (out, took) = lan_connect(&lan, "192.168.100.10", 22);
+    assert!(out.contains("refused") && took < Duration::from_secs(3), "reject: connection refused at once ({took:?}): {out:?}");
+    let (out, took) = lan_connect(&lan, "192.168.100.10", 23);
+    assert!(
+        !out.contains("answered") && !out.contains("refused") && took >= Duration::from_secs(3),
+        "deny: a time-out ({took:?}): {out:?}"
+    );
+    lan.lan.run("busybox ping -c 2 -W 5 192.168.100.10");
+}
+
+/// Xen's network-route with proxy ARP: the guest takes an address of the LAN's own subnet and
+/// the LAN reaches it with no route at all.
+#[test]
+fn proxy_arp_lets_the_lan_reach_a_guest_on_its_own_subnet_without_a_route() {
+    let _turn = serial();
+    let dir = TempDir::new("route-parp");
+    let lan = lan("parp", dir.path());
+    let _v = vunet(
+        &lan,
+        dir.path(),
+        "[[network]]\nname = \"xen\"\nmode = \"route\"\ngateway = \"10.9.0.129/25\"\n\
+         [network.dhcp]\nrange = [\"10.9.0.200\", \"10.9.0.210\"]\nhosts = [{ mac = \"52:54:00:09:00:01\", ip = \"10.9.0.140\" }]\n\
+         [network.uplink]\nkind = \"af-packet\"\ninterface = \"up0\"\naddress = \"10.9.0.50/24\"\nproxy_arp = true\n\
+         [[network.port]]\nname = \"vm1\"\nsocket = \"vm1.sock\"\n",
+    );
+    let g = Guest::boot(
+        "g1",
+        dir.path(),
+        &Socket::Connect(dir.path().join("vm1.sock")),
+        "52:54:00:09:00:01",
+        "",
+        &routed_guest_script("10.9.0.1"),
+    );
+    let out = guest_done(&g, dir.path());
+    assert!(out.contains("SEEN [::ffff:10.9.0.140]") || out.contains("SEEN 10.9.0.140\n"), "{out}");
+    assert!(lan.lan.run("ip route").lines().all(|l| !l.contains("via")), "the LAN has no route to the guest");
+    let mut got = String::new();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            got = lan_connect(&lan, "10.9.0.140", 7000).0;
+            got.contains("hello-routed")
+        }),
+        "the LAN reaches the guest through proxy ARP: {got:?}"
+    );
+    let neigh = lan.lan.run("ip neigh show 10.9.0.140");
+    let up_mac = lan.host.run("cat /sys/class/net/up0/address");
+    assert!(!neigh.contains(up_mac.trim()), "the answer is the router's own MAC, not the host's: {neigh}");
+}

@@ -368,6 +368,12 @@ pub fn run(net: Arc<Network>, port: Arc<GuestPort>, up: Arc<Uplink>) {
     let mut cx = TxScratch::default();
     let mut last_watch = Instant::now();
     let mut announced = false;
+    // A routed network with `address = "dhcp"` leases its uplink address here.
+    let mut dhcp = net.router.as_ref().filter(|_| net.uplink_dhcp).map(|r| {
+        let mac = r.lock().unwrap_or_else(|e| e.into_inner()).cfg.outside_mac;
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.subsec_nanos()) ^ std::process::id();
+        vunet_dhcp::client::DhcpClient::new(mac, seed)
+    });
     loop {
         if port.removed.load(Ordering::Acquire) || net.stopped.load(Ordering::Acquire) {
             up.close();
@@ -398,6 +404,13 @@ pub fn run(net: Arc<Network>, port: Arc<GuestPort>, up: Arc<Uplink>) {
                 announce(&net, &mut cx);
             }
             crate::datapath::router_tick(&net, &mut cx);
+            if let Some(c) = dhcp.as_mut() {
+                let (out, event) = c.poll(net.now_ms());
+                dhcp_event(&net, event, &mut cx);
+                if let Some(o) = out {
+                    dhcp_send(&net, o, &mut cx);
+                }
+            }
         }
         if ready <= 0 {
             continue;
@@ -417,6 +430,9 @@ pub fn run(net: Arc<Network>, port: Arc<GuestPort>, up: Arc<Uplink>) {
                     .filter(|((_, &l), &o)| l > 0 && !o)
                     .map(|((b, &l), _)| &mut b[..l])
                     .collect();
+                if let Some(c) = dhcp.as_mut() {
+                    frames.retain_mut(|f| !dhcp_reply(&net, c, f, hdr_len, &mut cx));
+                }
                 crate::datapath::route_from_uplink(&net, &port, &mut frames, hdr_len, &mut cx);
             }
             Ok(n) => {
@@ -443,6 +459,80 @@ pub fn run(net: Arc<Network>, port: Arc<GuestPort>, up: Arc<Uplink>) {
 }
 
 const ROUTER_TICK: Duration = Duration::from_millis(100);
+
+/// Hands a DHCP reply for the router's uplink address (UDP to port 68, to its MAC or
+/// broadcast) to the client; true if the frame was one.
+fn dhcp_reply(net: &Network, c: &mut vunet_dhcp::client::DhcpClient, buf: &mut [u8], hdr_len: usize, cx: &mut TxScratch) -> bool {
+    let Some(router) = net.router.as_ref() else { return false };
+    if buf.len() < hdr_len + 14 + 28 {
+        return false;
+    }
+    let mac = router.lock().unwrap_or_else(|e| e.into_inner()).cfg.outside_mac;
+    let (h, frame) = buf.split_at_mut(hdr_len);
+    if frame[0..6] != mac && frame[0..6] != [0xff; 6] {
+        return false;
+    }
+    let hdr = vunet_switch::VnetHeader::parse(h);
+    // From a host on the same machine the UDP checksum may be left to "hardware".
+    if hdr.needs_csum() && vunet_switch::offload::complete_checksum(frame, hdr.csum_start as usize, hdr.csum_offset as usize).is_err() {
+        return false;
+    }
+    let Some((_, payload)) = vunet_switch::gateway::udp_payload(frame, vunet_dhcp::message::CLIENT_PORT) else { return false };
+    let (out, event) = c.input(payload, net.now_ms());
+    dhcp_event(net, event, cx);
+    if let Some(o) = out {
+        dhcp_send(net, o, cx);
+    }
+    true
+}
+
+fn dhcp_event(net: &Network, event: Option<vunet_dhcp::client::ClientEvent>, cx: &mut TxScratch) {
+    use vunet_dhcp::client::ClientEvent;
+    let Some(router) = net.router.as_ref() else { return };
+    let mut emit = Vec::new();
+    match event {
+        None => return,
+        Some(ClientEvent::Bound(l)) => {
+            let mut r = router.lock().unwrap_or_else(|e| e.into_inner());
+            if r.outside() != Some((l.addr, l.prefix)) {
+                info!(network = %net.name, "uplink address {}/{} leased from {} (router {}), for {} s", l.addr, l.prefix, l.server, l.router.map_or("none".into(), |r| r.to_string()), l.lease_ms / 1000);
+            }
+            r.set_outside(Some((l.addr, l.prefix)), l.router, &mut emit);
+        }
+        Some(ClientEvent::Lost) => {
+            warn!(network = %net.name, "uplink address lease lost; asking again");
+            router.lock().unwrap_or_else(|e| e.into_inner()).set_outside(None, None, &mut emit);
+        }
+    }
+    crate::datapath::send_router_frames(net, emit, cx);
+}
+
+/// Sends a DHCP client message out the uplink (broadcast, or to the server's MAC when it is
+/// a known neighbor).
+fn dhcp_send(net: &Network, o: vunet_dhcp::client::Outgoing, cx: &mut TxScratch) {
+    let Some(router) = net.router.as_ref() else { return };
+    let (mac, dst_mac) = {
+        let r = router.lock().unwrap_or_else(|e| e.into_inner());
+        let dst = if o.dst.is_broadcast() { None } else { r.outside_neighbor(o.dst, net.now_ms()) };
+        (r.cfg.outside_mac, dst.unwrap_or([0xff; 6]))
+    };
+    let mut frame = Vec::new();
+    vunet_switch::gateway::build_udp(
+        &mut frame,
+        mac,
+        dst_mac,
+        o.src,
+        o.dst,
+        vunet_dhcp::message::CLIENT_PORT,
+        vunet_dhcp::message::SERVER_PORT,
+        &o.payload,
+    );
+    crate::datapath::send_router_frames(
+        net,
+        vec![vunet_switch::router::Emit { to: vunet_switch::router::Side::Uplink, hdr: Default::default(), frame }],
+        cx,
+    );
+}
 
 /// Announces a static uplink address with a gratuitous ARP when the uplink starts.
 fn announce(net: &Network, cx: &mut TxScratch) {

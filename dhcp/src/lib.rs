@@ -7,6 +7,7 @@
 //!   state machine.
 //! - [`lease_file`]: the text format leases persist in.
 
+pub mod client;
 pub mod dns;
 pub mod lease_file;
 pub mod message;

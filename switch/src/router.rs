@@ -117,6 +117,11 @@ impl Router {
         self.outside
     }
 
+    /// The MAC of a neighbor on the uplink's LAN, if known.
+    pub fn outside_neighbor(&self, ip: Ipv4Addr, now: u64) -> Option<Mac> {
+        self.outside_neighbors.lookup(ip, now)
+    }
+
     /// Sets (or clears) the uplink address, as a DHCP lease comes or goes, and announces it
     /// with a gratuitous ARP.
     pub fn set_outside(&mut self, addr: Option<(Ipv4Addr, u8)>, next_hop: Option<Ipv4Addr>, emit: &mut Vec<Emit>) {

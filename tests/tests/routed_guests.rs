@@ -252,3 +252,36 @@ fn proxy_arp_lets_the_lan_reach_a_guest_on_its_own_subnet_without_a_route() {
     let up_mac = lan.host.run("cat /sys/class/net/up0/address");
     assert!(!neigh.contains(up_mac.trim()), "the answer is the router's own MAC, not the host's: {neigh}");
 }
+
+/// `address = "dhcp"`: the router leases its uplink address from the LAN's dnsmasq, and the
+/// LAN reaches it there (ARP and ping on the leased address).
+#[test]
+fn the_uplink_address_comes_from_the_lans_dhcp_server() {
+    let _turn = serial();
+    let dir = TempDir::new("nat-dhcp");
+    let lan = lan("ndhc", dir.path());
+    let _v = vunet(
+        &lan,
+        dir.path(),
+        "[[network]]\nname = \"default\"\nmode = \"nat\"\ngateway = \"192.168.122.1/24\"\n\
+         [network.uplink]\nkind = \"af-packet\"\ninterface = \"up0\"\naddress = \"dhcp\"\nmac = \"52:54:00:0a:0b:0c\"\n",
+    );
+    let leases = dir.path().join("dnsmasq.leases");
+    let mut leased = String::new();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            leased = std::fs::read_to_string(&leases).unwrap_or_default();
+            leased.contains("52:54:00:0a:0b:0c")
+        }),
+        "dnsmasq leased to the router's MAC: {leased:?}\nvunet:\n{}",
+        std::fs::read_to_string(dir.path().join("vunet.log")).unwrap_or_default()
+    );
+    let ip = leased.split_whitespace().nth(2).expect("lease address").to_string();
+    assert!(ip.starts_with("10.9.0.1"), "{ip}");
+    assert!(
+        wait_until(Duration::from_secs(10), || lan.lan.try_run(&format!("busybox ping -c 1 -W 2 {ip}")).status.success()),
+        "the leased address answers ping"
+    );
+    let log = std::fs::read_to_string(dir.path().join("vunet.log")).unwrap_or_default();
+    assert!(log.contains(&format!("uplink address {ip}/24 leased from 10.9.0.1")), "{log}");
+}

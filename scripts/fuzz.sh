@@ -10,7 +10,7 @@ secs=${1:-20}
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
 cd tests/fuzz
-for t in dhcp_server dns_query gateway_frame lease_file; do
+for t in dhcp_server dns_query gateway_frame lease_file router_frame; do
   mkdir -p corpus/$t
   echo "== fuzz $t for ${secs}s"
   log=$(mktemp)

@@ -135,7 +135,7 @@ impl DhcpClient {
                 // apart, scaled down for short leases.
                 let until = if self.state == State::Renewing { l.t2_ms } else { l.lease_ms };
                 let left = until.saturating_sub(now.saturating_sub(l.obtained_ms));
-                self.next_ms = now + (left / 2).max(1_000).min(60_000);
+                self.next_ms = now + (left / 2).clamp(1_000, 60_000);
                 let msg = self.message(MessageType::Request, Some(l.addr), None, None);
                 Some(if self.state == State::Renewing {
                     Outgoing { payload: msg, src: l.addr, dst: l.server }

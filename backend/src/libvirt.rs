@@ -291,13 +291,13 @@ pub fn import(text: &str, file: &str) -> Result<Imported, String> {
             warn(
                 f.line,
                 format!(
-                    "forward mode '{mode}': vunet needs an uplink to route through (add [network.uplink] kind/interface{}); this version does not route yet",
+                    "forward mode '{mode}': vunet routes through an uplink of its own: add [network.uplink] with kind, interface{} and address (\"dhcp\" or a static one)",
                     f.attr("dev").map(|d| format!(", e.g. interface = \"{d}\"")).unwrap_or_default()
                 ),
             );
         }
         if let Some(n) = f.child("nat") {
-            warn(n.line, "<nat> port and address ranges are not supported yet; ignored".into());
+            warn(n.line, "<nat> port and address ranges are not imported; set [network.nat] ports = [start, end] by hand".into());
         }
     }
     let known = ["name", "uuid", "forward", "bridge", "mtu", "domain", "dns", "ip", "mac"];

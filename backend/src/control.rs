@@ -152,12 +152,22 @@ fn net_info(n: &Network) -> Value {
         .find(|p| p.name.starts_with("uplink:"))
         .and_then(|p| p.uplink.as_ref())
         .map(|u| format!("{} {}", u.kind.name(), u.ifname));
+    // A routed network's uplink address (none until a DHCP lease comes) and NAT connections.
+    let (uplink_address, nat_connections) = match n.router.as_ref() {
+        Some(r) => {
+            let r = r.lock().unwrap_or_else(|e| e.into_inner());
+            (r.outside().map(|(ip, p)| format!("{ip}/{p}")), Some(r.nat.len()))
+        }
+        None => (None, None),
+    };
     json!({
         "name": n.name,
         "mode": n.mode.name(),
         "gateway": n.gateway.map(|g| format!("{}/{}", g.ip, g.prefix)),
         "mtu": n.mtu,
         "uplink": uplink,
+        "uplink_address": uplink_address,
+        "nat_connections": nat_connections,
         "ports": ports.len(),
         "connected": ports.iter().filter(|p| p.connected.load(Ordering::Relaxed)).count(),
         "state": "active",
@@ -225,6 +235,14 @@ pub fn render(req: &Request, v: &Value) -> String {
                     s(n, "connected"),
                     s(n, "ports")
                 ));
+                if n["uplink_address"].is_string() || n["nat_connections"].is_number() {
+                    out.push_str(&format!(
+                        "{:<16} uplink address {}, {} NAT connections\n",
+                        "",
+                        s(n, "uplink_address"),
+                        s(n, "nat_connections")
+                    ));
+                }
             }
         }
         Request::PortList { .. } | Request::PortAdd { .. } => {

@@ -69,6 +69,43 @@ impl Netns {
         VunetProcess::start_with(cmd, args, log)
     }
 
+    /// Sends raw Ethernet frames out of interface `ifname` inside the namespace, from a thread
+    /// that enters it (AF_PACKET), for input no program there would send.
+    pub fn send_raw(&self, ifname: &str, frames: &[Vec<u8>]) {
+        let (name, ifname, frames) = (self.name.clone(), ifname.to_string(), frames.to_vec());
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(format!("/var/run/netns/{name}")).expect("netns file");
+            use std::os::fd::AsRawFd;
+            // SAFETY: plain syscalls on descriptors this thread owns; setns moves only this thread.
+            unsafe {
+                assert_eq!(libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET), 0, "setns");
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+                assert!(fd >= 0, "packet socket");
+                let c = std::ffi::CString::new(ifname).unwrap();
+                let index = libc::if_nametoindex(c.as_ptr());
+                assert!(index > 0, "interface");
+                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                addr.sll_family = libc::AF_PACKET as u16;
+                addr.sll_ifindex = index as i32;
+                addr.sll_halen = 6;
+                for f in &frames {
+                    let n = libc::sendto(
+                        fd,
+                        f.as_ptr().cast(),
+                        f.len(),
+                        0,
+                        (&addr as *const libc::sockaddr_ll).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    );
+                    assert_eq!(n, f.len() as isize, "sendto");
+                }
+                libc::close(fd);
+            }
+        })
+        .join()
+        .expect("raw sender");
+    }
+
     /// Bytes received on an interface inside.
     pub fn rx_bytes(&self, ifname: &str) -> u64 {
         self.run(&format!("cat /sys/class/net/{ifname}/statistics/rx_bytes")).trim().parse().expect("rx_bytes")

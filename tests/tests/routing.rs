@@ -22,7 +22,7 @@ const MAX_ENTRIES: usize = 1000;
 
 struct Setup {
     _host: Netns,
-    _lan: Netns,
+    lan: Netns,
     _dns: Background,
     vunet: VunetProcess,
     cfg: std::path::PathBuf,
@@ -50,7 +50,7 @@ fn setup(dir: &Path) -> Setup {
     )
     .unwrap();
     let vunet = host.vunet(&["--config", cfg.to_str().unwrap()], &dir.join("vunet.log"));
-    Setup { _host: host, _lan: lan, _dns: dns, vunet, cfg }
+    Setup { _host: host, lan, _dns: dns, vunet, cfg }
 }
 
 /// The gateway's MAC, asked with ARP.
@@ -123,6 +123,10 @@ fn a_flooding_guest_fills_the_nat_table_only_to_its_limit_and_others_keep_workin
         }
     }
     assert!(ok, "the LAN's DNS server answers through NAT\nvunet:\n{}", s.vunet.console.text());
+    // Two guests, the same source port, the same server port, at the same moment: both answered.
+    flooder.send(&dns_query(FLOODER, gw, FLOODER_IP, 40000));
+    victim.send(&dns_query(VICTIM, gw, VICTIM_IP, 40000));
+    assert!(answered(&mut flooder, FLOODER_IP, 40000) && answered(&mut victim, VICTIM_IP, 40000), "both guests' queries are answered");
     let rss_before = rss_kib(s.vunet.child.id());
 
     // 100 000 UDP flows and 20 000 SYNs to addresses beyond the LAN's router.
@@ -187,5 +191,47 @@ fn a_flooding_guest_fills_the_nat_table_only_to_its_limit_and_others_keep_workin
     let vm1 = ports.as_array().unwrap().iter().find(|p| p["name"] == "vm1").unwrap();
     let counted = vm1["drops"]["bad_ip_header"].as_u64().unwrap_or(0);
     assert_eq!(counted, bad.len() as u64, "each malformed header is dropped and counted: {vm1}");
+
+    // The same from the LAN, to the router's MAC and the uplink address.
+    let router_mac: [u8; 6] = {
+        let n = s.lan.run("busybox ping -c 1 -W 2 10.9.0.50 > /dev/null; ip neigh show 10.9.0.50");
+        vunet_switch::parse_mac(n.split_whitespace().nth(4).expect("the router's MAC in the LAN's neighbor table")).unwrap()
+    };
+    let lan_mac = vunet_switch::parse_mac(s.lan.run("cat /sys/class/net/lan0/address").trim()).unwrap();
+    let from_lan: Vec<Vec<u8>> = bad
+        .iter()
+        .map(|f| {
+            let mut f = f.clone();
+            f[0..6].copy_from_slice(&router_mac);
+            f[6..12].copy_from_slice(&lan_mac);
+            f[26..30].copy_from_slice(&[10, 9, 0, 1]);
+            f[30..34].copy_from_slice(&[10, 9, 0, 50]);
+            f
+        })
+        .enumerate()
+        .map(|(i, mut f)| {
+            if i == 3 {
+                // The truncated UDP keeps a valid IP header: it must fail on its UDP header.
+                f[24..26].copy_from_slice(&[0, 0]);
+                let c = vunet_switch::checksum::checksum(&f[14..34]);
+                f[24..26].copy_from_slice(&c.to_be_bytes());
+            }
+            f
+        })
+        .collect();
+    s.lan.send_raw("lan0", &from_lan);
+    let mut seen = 0;
+    let uplink_drops = || {
+        let ports = vunet_json(&s.cfg, &["port-list", "default"]);
+        let up = ports.as_array().unwrap().iter().find(|p| p["name"].as_str().is_some_and(|n| n.starts_with("uplink:"))).cloned().unwrap();
+        up["drops"]["bad_ip_header"].as_u64().unwrap_or(0)
+    };
+    assert!(
+        vunet_tests::netns::wait_until(T, || {
+            seen = uplink_drops();
+            seen == from_lan.len() as u64
+        }),
+        "malformed headers from the LAN are dropped and counted on the uplink: {seen}"
+    );
     assert!(vunet_json(&s.cfg, &["net-list"])[0]["name"] == "default", "vunet still answers");
 }

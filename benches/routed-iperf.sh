@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# iperf3 TCP from one TCG guest to a server on the "LAN" through vunet's router, in `nat` and
+# `route` mode, against the same guest through a `bridge` network on the same af-packet uplink
+# (the reference, measured in the same run). Then short TCP connections per second from the
+# guest to a LAN server through NAT, next to the same loop bridged. The LAN is a namespace this
+# script creates (10.9.0.1/24: iperf3 -s, a busybox nc server), joined by a veth pair to the
+# namespace vunet runs in; both are deleted at the end.
+#
+# Usage: benches/routed-iperf.sh [SECONDS] [ROUNDS]   (default 10 s, 1 round)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-10}
+rounds=${2:-1}
+scripts/install-deps.sh
+scripts/build-guest.sh
+cargo build --release -p vunet >&2
+work=$(mktemp -d)
+h=vurth$$
+l=vurtl$$
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true
+  wait 2>/dev/null || true
+  ip netns del "$h" 2>/dev/null || true
+  ip netns del "$l" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+initrd() { # name script
+  mkdir -p "$work/$1/add"
+  printf '%s\n' "$2" > "$work/$1/add/test.sh"
+  (cd "$work/$1/add" && echo test.sh | cpio -o -H newc --quiet | gzip -1) | cat guest/initramfs.gz - > "$work/$1/initrd.gz"
+}
+qemu() { # name
+  qemu-system-x86_64 -accel tcg -machine memory-backend=mem -m 512 -smp 1 -nographic -no-reboot -nodefaults -serial stdio \
+    -kernel guest/vmlinuz -initrd "$work/$1/initrd.gz" \
+    -object memory-backend-memfd,id=mem,size=512M,share=on \
+    -chardev socket,id=c0,path="$work/vm1.sock" -netdev vhost-user,id=n0,chardev=c0 \
+    -device virtio-net-pci,netdev=n0,mac=52:54:00:09:00:02,romfile=,vectors=0 \
+    -append 'console=ttyS0 quiet panic=-1' < /dev/null > "$work/$1.console" 2>&1 &
+}
+# The guest: address, iperf3 for $secs, then 5 s of short TCP connections (nc, one line each).
+client_script() { # address/prefix default-route
+  echo "ip addr add $1 dev eth0; ip route add default via $2; sleep 2; ping -c 2 -W 5 10.9.0.1 >/dev/null
+iperf3 -c 10.9.0.1 -t $secs -J > /tmp/r.json; echo IPERF-JSON-BEGIN; cat /tmp/r.json; echo IPERF-JSON-END
+n=0; end=\$((\$(date +%s) + 5)); while [ \$(date +%s) -lt \$end ]; do echo x | nc -w 2 10.9.0.1 9000 > /dev/null && n=\$((n + 1)); done; echo \"CONNS \$n\""
+}
+rate() { # console file -> Gbit/s
+  sed -n '/IPERF-JSON-BEGIN/,/IPERF-JSON-END/p' "$1" | sed '1d;$d' | tr -d '\r' | python3 -c 'import json,sys; print("%.3f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))'
+}
+conns() { grep -a 'CONNS ' "$1" | tr -d '\r' | awk '{print $2 / 5}'; }
+wait_done() { for _ in $(seq $((secs + 120))); do grep -q VUNET-TEST-EXIT "$1" 2>/dev/null && return 0; sleep 1; done; return 1; }
+
+lan_up() {
+  ip netns add "$h"; ip netns add "$l"
+  ip -n "$h" link set lo up; ip -n "$l" link set lo up
+  ip link add up0 netns "$h" type veth peer name lan0 netns "$l"
+  ip -n "$h" link set up0 up; ip -n "$l" link set lan0 up
+  ip -n "$l" addr add 10.9.0.1/24 dev lan0
+  ip netns exec "$l" iperf3 -s > /dev/null 2>&1 &
+  ip netns exec "$l" busybox nc -ll -p 9000 -e cat > /dev/null 2>&1 &
+  sleep 0.5
+}
+lan_down() {
+  kill $(jobs -p) 2>/dev/null || true
+  wait 2>/dev/null || true
+  ip netns del "$h"; ip netns del "$l"
+}
+
+run() { # mode -> "Gbit/s conns/s"
+  lan_up
+  rm -f "$work/vm1.sock"
+  case $1 in
+    bridge)
+      printf '[[network]]\nname = "lan"\nmode = "bridge"\n[network.uplink]\nkind = "af-packet"\ninterface = "up0"\n' > "$work/vunet.toml"
+      initrd "c-$1" "$(client_script 10.9.0.2/24 10.9.0.1)" ;;
+    nat|route)
+      printf '[[network]]\nname = "r"\nmode = "%s"\ngateway = "192.168.122.1/24"\n[network.uplink]\nkind = "af-packet"\ninterface = "up0"\naddress = "10.9.0.50/24"\nrouter = "10.9.0.1"\n' "$1" > "$work/vunet.toml"
+      [ "$1" = route ] && ip -n "$l" route add 192.168.122.0/24 via 10.9.0.50
+      initrd "c-$1" "$(client_script 192.168.122.10/24 192.168.122.1)" ;;
+  esac
+  printf '[[network.port]]\nname = "vm1"\nsocket = "%s/vm1.sock"\nport_security = false\n' "$work" >> "$work/vunet.toml"
+  ip netns exec "$h" target/release/vunet run --config "$work/vunet.toml" > "$work/vunet.out" 2> "$work/vunet-$1.log" &
+  for _ in $(seq 50); do [ -S "$work/vm1.sock" ] && break; sleep 0.1; done
+  qemu "c-$1"
+  wait_done "$work/c-$1.console"
+  echo "$(rate "$work/c-$1.console") $(conns "$work/c-$1.console")"
+  lan_down
+}
+
+echo "iperf3 TCP, TCG guest (1 vCPU, 512 MiB) -> LAN namespace over veth (af-packet uplink), ${secs} s, $(nproc) cores, $(date -u +%F)"
+for r in $(seq "$rounds"); do
+  read -r bg bc <<< "$(run bridge)"
+  read -r ng nc <<< "$(run nat)"
+  read -r rg rc <<< "$(run route)"
+  python3 -c "
+b, n, r = float('$bg'), float('$ng'), float('$rg')
+bc, nc = float('$bc'), float('$nc')
+print('round $r: nat %.3f Gbit/s (%.2fx), route %.3f Gbit/s (%.2fx), bridge %.3f Gbit/s (1.00x); short TCP connections/s: nat %.1f, bridge %.1f (%.2fx)' % (n, n / b, r, r / b, b, nc, bc, nc / bc if bc else 0))"
+done

@@ -93,7 +93,7 @@ fn nat_guests_reach_the_lan_behind_the_uplink_address_and_only_port_forwards_com
         &Socket::Connect(dir.path().join("vm1.sock")),
         "52:54:00:09:00:01",
         "",
-        &client("iperf3 -s -D\nnc -ll -p 22 -e echo hello-through-the-forward &\nsleep 1\n"),
+        &client("iperf3 -c 10.9.0.1 -t 3 -f m || exit 8\niperf3 -s -D\nnc -ll -p 22 -e echo hello-through-the-forward &\nsleep 1\n"),
     );
     let g2 = Guest::boot("g2", dir.path(), &Socket::Connect(dir.path().join("vm2.sock")), "52:54:00:09:00:02", "", &client(""));
     for g in [&g1, &g2] {
@@ -111,6 +111,7 @@ fn nat_guests_reach_the_lan_behind_the_uplink_address_and_only_port_forwards_com
         );
         assert!(out.contains("10.9.0.77"), "dnsmasq on the LAN answered the guest's UDP query:\n{out}");
     }
+    assert!(g1.console.text().contains("receiver"), "a TCP stream (TSO frames) runs through NAT:\n{}", g1.console.text());
 
     // In through the TCP forward.
     let mut got = String::new();

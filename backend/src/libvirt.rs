@@ -296,11 +296,34 @@ pub fn import(text: &str, file: &str) -> Result<Imported, String> {
                 ),
             );
         }
-        if let Some(n) = f.child("nat") {
-            warn(n.line, "<nat> port and address ranges are not imported; set [network.nat] ports = [start, end] by hand".into());
+        if let Some(n) = f.child("nat").filter(|_| mode == "nat") {
+            if let Some(p) = n.child("port") {
+                match (p.attr("start").and_then(|v| v.parse::<u16>().ok()), p.attr("end").and_then(|v| v.parse::<u16>().ok())) {
+                    (Some(lo), Some(hi)) if lo > 0 && lo <= hi => t.push_str(&format!("[network.nat]\nports = [{lo}, {hi}]\n")),
+                    _ => warn(p.line, "<nat><port> needs start and end ports; ignored".into()),
+                }
+            }
+            for x in n.all("address") {
+                warn(x.line, "<nat><address> ranges are not supported: vunet masquerades to its one uplink address".into());
+            }
+            if n.attr("ipv6").is_some() {
+                warn(n.line, "<nat ipv6> is not supported (IPv4 only)".into());
+            }
         }
     }
-    let known = ["name", "uuid", "forward", "bridge", "mtu", "domain", "dns", "ip", "mac"];
+    // Networks behind guests (libvirt <route>): for the networks vunet routes.
+    for r in net.all("route") {
+        let gw = r.attr("gateway").unwrap_or("");
+        let addr = r.attr("address").unwrap_or("");
+        if r.attr("family").is_some_and(|f| f == "ipv6") || addr.contains(':') {
+            warn(r.line, "IPv6 <route> is not supported; ignored".into());
+        } else if !matches!(mode, "nat" | "route") {
+            warn(r.line, "<route> needs a nat or route network; ignored".into());
+        } else {
+            t.push_str(&format!("[[network.route]]\naddress = {}\nvia = {}\n", q(&format!("{addr}/{}", prefix_of(r, file)?)), q(gw)));
+        }
+    }
+    let known = ["name", "uuid", "forward", "bridge", "mtu", "domain", "dns", "ip", "mac", "route"];
     if let Some(m) = net.child("mac") {
         warn(m.line, "<mac> of the bridge is not used: the gateway's MAC is derived from the network name".into());
     }
@@ -333,7 +356,15 @@ mod tests {
         assert_eq!(d.range, (Ipv4Addr::new(192, 168, 122, 2), Ipv4Addr::new(192, 168, 122, 254)));
         assert_eq!(d.hosts[0].name.as_deref(), Some("web"));
         assert!(w.iter().any(|l| l.starts_with("net.xml:7:") && l.contains("virbr0")), "{w:?}");
-        assert!(w.iter().any(|l| l.starts_with("net.xml:5:") && l.contains("<nat>")), "{w:?}");
+        assert!(!w.iter().any(|l| l.contains("<nat>")), "the NAT port range is imported: {w:?}");
+        let t = super::import(
+            "<network><name>d</name><forward mode='nat'><nat><port start='20000' end='30000'/></nat></forward><ip address='192.168.122.1' prefix='24'/><route address='172.20.0.0' prefix='16' gateway='192.168.122.10'/></network>",
+            "d.xml",
+        )
+        .unwrap();
+        assert!(t.toml.contains("[network.nat]\nports = [20000, 30000]\n"), "{}", t.toml);
+        assert!(t.toml.contains("[[network.route]]\naddress = \"172.20.0.0/16\"\nvia = \"192.168.122.10\"\n"), "{}", t.toml);
+        Config::parse(&t.toml, "d.toml", std::path::Path::new("/")).expect("the import is a valid config");
         assert!(w.iter().any(|l| l.starts_with("net.xml:8:") && l.contains("<mac>")), "{w:?}");
     }
 

@@ -419,7 +419,10 @@ fn switch_frame(
     }
     if port.security {
         let mac = port.lock_mac(src, net);
-        port_security::check(&head[hdr_len..seen], &mac, port.leased_ip())?;
+        match port_security::check(&head[hdr_len..seen], &mac, port.leased_ip()) {
+            Err(DropReason::SpoofedIp) if routes_behind(net, port, &head[hdr_len..seen]) => {}
+            r => r?,
+        }
     }
     port.counters.received(len);
     let frame = TxFrame { segs, offset: hdr_len, len, hdr };
@@ -455,6 +458,18 @@ fn switch_frame(
         Decision::Discard => {}
     }
     Ok(())
+}
+
+/// Whether an IPv4 packet comes from a network the port's guest routes for (it is the `via`
+/// of a `[[network.route]]` holding the source): a router guest may send from there.
+fn routes_behind(net: &Network, port: &GuestPort, frame: &[u8]) -> bool {
+    let (Some(router), Some(me)) = (net.router.as_ref(), port.leased_ip()) else { return false };
+    if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
+        return false;
+    }
+    let src = std::net::Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]);
+    let r = router.lock().unwrap_or_else(|e| e.into_inner());
+    r.cfg.routes.iter().any(|rt| rt.via == me && vunet_switch::ipv4::in_subnet(src, rt.net, rt.prefix))
 }
 
 /// Hands a frame made by vunet itself (a gateway answer from another thread, such as an

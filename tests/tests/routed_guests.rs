@@ -148,7 +148,7 @@ fn nat_guests_reach_the_lan_behind_the_uplink_address_and_only_port_forwards_com
 /// the guest's own address), then serve TCP 7000 ("hello-routed"), 22 and 23.
 fn routed_guest_script(lan_addr: &str) -> String {
     format!(
-        "{UDHCPC}ping -c 3 -W 5 {lan_addr} || exit 4\n\
+        "{UDHCPC}ip addr add 172.20.0.1/32 dev lo\nping -c 3 -W 5 {lan_addr} || exit 4\n\
          printf 'GET /cgi-bin/whoami HTTP/1.0\\r\\n\\r\\n' | nc -w 20 {lan_addr} 8080 || exit 6\n\
          nc -ll -p 7000 -e echo hello-routed &\nnc -ll -p 22 -e echo ssh-answered &\nnc -ll -p 23 -e echo telnet-answered &\n\
          sleep 1\necho GUEST-DONE\nsleep 600\n"
@@ -181,6 +181,7 @@ fn routed_guest_keeps_its_address_and_the_firewall_rejects_and_denies() {
          [network.uplink]\nkind = \"af-packet\"\ninterface = \"up0\"\naddress = \"10.9.0.50/24\"\nrouter = \"10.9.0.1\"\n\
          [[network.firewall]]\naction = \"reject\"\nproto = \"tcp\"\nport = 22\n\
          [[network.firewall]]\naction = \"deny\"\nproto = \"tcp\"\nport = 23\n\
+         [[network.route]]\naddress = \"172.20.0.0/16\"\nvia = \"192.168.100.10\"\n\
          [[network.port]]\nname = \"vm1\"\nsocket = \"vm1.sock\"\n",
     );
     lan.lan.run("ip route add 192.168.100.0/24 via 10.9.0.50");
@@ -213,6 +214,10 @@ fn routed_guest_keeps_its_address_and_the_firewall_rejects_and_denies() {
         "deny: a time-out ({took:?}): {out:?}"
     );
     lan.lan.run("busybox ping -c 2 -W 5 192.168.100.10");
+    // A network behind the guest (libvirt <route>): the guest holds 172.20.0.1.
+    lan.lan.run("ip route add 172.20.0.0/16 via 10.9.0.50");
+    let ping = lan.lan.try_run("busybox ping -c 2 -W 5 172.20.0.1");
+    assert!(ping.status.success(), "the LAN reaches the network behind the guest: {}", String::from_utf8_lossy(&ping.stdout));
 }
 
 /// Xen's network-route with proxy ARP: the guest takes an address of the LAN's own subnet and

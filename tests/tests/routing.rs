@@ -28,9 +28,9 @@ struct Setup {
     cfg: std::path::PathBuf,
 }
 
-fn setup(dir: &Path) -> Setup {
-    let host = Netns::new("rt-h");
-    let lan = Netns::new("rt-l");
+fn setup(dir: &Path, tag: &str, uplink_kind: &str) -> Setup {
+    let host = Netns::new(&format!("{tag}-h"));
+    let lan = Netns::new(&format!("{tag}-l"));
     veth(&host, "up0", &lan, "lan0");
     lan.run("ip addr add 10.9.0.1/24 dev lan0");
     let dns = lan.spawn(&format!(
@@ -43,7 +43,7 @@ fn setup(dir: &Path) -> Setup {
         &cfg,
         format!(
             "control_socket = \"control.sock\"\n[[network]]\nname = \"default\"\nmode = \"nat\"\ngateway = \"192.168.122.1/24\"\n\
-             [network.uplink]\nkind = \"af-packet\"\ninterface = \"up0\"\naddress = \"10.9.0.50/24\"\nrouter = \"10.9.0.1\"\n\
+             [network.uplink]\nkind = \"{uplink_kind}\"\ninterface = \"up0\"\naddress = \"10.9.0.50/24\"\nrouter = \"10.9.0.1\"\n\
              [network.nat]\nmax_entries = {MAX_ENTRIES}\n\
              [[network.port]]\nname = \"vm1\"\nsocket = \"vm1.sock\"\n[[network.port]]\nname = \"vm2\"\nsocket = \"vm2.sock\"\n"
         ),
@@ -105,7 +105,7 @@ fn rss_kib(pid: u32) -> u64 {
 #[test]
 fn a_flooding_guest_fills_the_nat_table_only_to_its_limit_and_others_keep_working() {
     let dir = TempDir::new("nat-flood");
-    let s = setup(dir.path());
+    let s = setup(dir.path(), "rt", "af-packet");
     let mut flooder = VmSim::connect(&dir.path().join("vm1.sock"), SimOptions::full()).unwrap();
     let mut victim = VmSim::connect(&dir.path().join("vm2.sock"), SimOptions::full()).unwrap();
     flooder.post_rx(QUEUE_SIZE);
@@ -234,4 +234,26 @@ fn a_flooding_guest_fills_the_nat_table_only_to_its_limit_and_others_keep_workin
         "malformed headers from the LAN are dropped and counted on the uplink: {seen}"
     );
     assert!(vunet_json(&s.cfg, &["net-list"])[0]["name"] == "default", "vunet still answers");
+}
+
+/// The same masquerade through a macvtap uplink (bridge mode, with the router's own MAC).
+#[test]
+fn nat_through_a_macvtap_uplink() {
+    let dir = TempDir::new("nat-mvt");
+    let s = setup(dir.path(), "rtm", "macvtap");
+    let mut vm = VmSim::connect(&dir.path().join("vm2.sock"), SimOptions::full()).unwrap();
+    vm.post_rx(QUEUE_SIZE);
+    let gw = gateway_mac(&mut vm, VICTIM, VICTIM_IP);
+    let mut ok = false;
+    for _ in 0..5 {
+        vm.send(&dns_query(VICTIM, gw, VICTIM_IP, 40000));
+        if answered(&mut vm, VICTIM_IP, 40000) {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "the LAN's DNS server answers through NAT over macvtap\nvunet:\n{}", s.vunet.console.text());
+    let nets = vunet_json(&s.cfg, &["net-list"]);
+    assert_eq!(nets[0]["uplink_address"], "10.9.0.50/24");
+    assert!(nets[0]["uplink"].as_str().is_some_and(|u| u.starts_with("macvtap")), "{nets}");
 }

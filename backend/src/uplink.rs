@@ -372,7 +372,7 @@ pub fn run(net: Arc<Network>, port: Arc<GuestPort>, up: Arc<Uplink>) {
     let mut dhcp = net.router.as_ref().filter(|_| net.uplink_dhcp).map(|r| {
         let mac = r.lock().unwrap_or_else(|e| e.into_inner()).cfg.outside_mac;
         let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.subsec_nanos()) ^ std::process::id();
-        vunet_dhcp::client::DhcpClient::new(mac, seed)
+        (mac, vunet_dhcp::client::DhcpClient::new(mac, seed))
     });
     loop {
         if port.removed.load(Ordering::Acquire) || net.stopped.load(Ordering::Acquire) {
@@ -404,7 +404,7 @@ pub fn run(net: Arc<Network>, port: Arc<GuestPort>, up: Arc<Uplink>) {
                 announce(&net, &mut cx);
             }
             crate::datapath::router_tick(&net, &mut cx);
-            if let Some(c) = dhcp.as_mut() {
+            if let Some((_, c)) = dhcp.as_mut() {
                 let (out, event) = c.poll(net.now_ms());
                 dhcp_event(&net, event, &mut cx);
                 if let Some(o) = out {
@@ -462,12 +462,11 @@ const ROUTER_TICK: Duration = Duration::from_millis(100);
 
 /// Hands a DHCP reply for the router's uplink address (UDP to port 68, to its MAC or
 /// broadcast) to the client; true if the frame was one.
-fn dhcp_reply(net: &Network, c: &mut vunet_dhcp::client::DhcpClient, buf: &mut [u8], hdr_len: usize, cx: &mut TxScratch) -> bool {
-    let Some(router) = net.router.as_ref() else { return false };
+fn dhcp_reply(net: &Network, c: &mut (Mac, vunet_dhcp::client::DhcpClient), buf: &mut [u8], hdr_len: usize, cx: &mut TxScratch) -> bool {
+    let (mac, c) = (c.0, &mut c.1);
     if buf.len() < hdr_len + 14 + 28 {
         return false;
     }
-    let mac = router.lock().unwrap_or_else(|e| e.into_inner()).cfg.outside_mac;
     let (h, frame) = buf.split_at_mut(hdr_len);
     if frame[0..6] != mac && frame[0..6] != [0xff; 6] {
         return false;

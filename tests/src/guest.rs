@@ -87,9 +87,20 @@ impl Console {
 
     /// Waits until the output contains `needle`.
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
+        self.wait_until(|t| t.contains(needle), timeout)
+    }
+
+    /// Waits until `count` lines of the output contain `needle`: an event counted, never a
+    /// label whose text depends on timing (iperf3 prints "3.00-4.01" as often as "3.00-4.00").
+    pub fn wait_for_lines(&self, needle: &str, count: usize, timeout: Duration) -> bool {
+        self.wait_until(|t| t.lines().filter(|l| l.contains(needle)).count() >= count, timeout)
+    }
+
+    /// Waits until `done` holds for the output so far.
+    pub fn wait_until(&self, done: impl Fn(&str) -> bool, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if self.text().contains(needle) {
+            if done(&self.text()) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(100));

@@ -114,7 +114,7 @@ fn killed_guest_frees_its_port_and_a_new_one_takes_it_while_others_keep_working(
         "ip addr add 10.0.0.2/24 dev eth0\nsleep 2\necho STARTING-IPERF\niperf3 -c 10.0.0.1 -t 60\n",
     );
     assert!(victim.console.wait_for("STARTING-IPERF", BOOT_AND_RUN), "victim:\n{}", victim.console.text());
-    assert!(victim.console.wait_for("sec", Duration::from_secs(30)), "transfer running:\n{}", victim.console.text());
+    assert!(victim.console.wait_for_lines("bits/sec", 1, Duration::from_secs(30)), "transfer running:\n{}", victim.console.text());
     // SIGKILL mid-transfer.
     victim.kill();
     assert!(vunet.console.wait_for("guest disconnected", Duration::from_secs(10)), "vunet log:\n{}", vunet.console.text());

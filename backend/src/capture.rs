@@ -9,28 +9,20 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, RecvTimeoutError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use pcap_file::pcap::{PcapPacket, PcapWriter};
 use tracing::info;
 
-use crate::network::GuestPort;
+use crate::datapath::{Captured, Port};
 
 /// Frames queued per capture before new ones are dropped.
 pub const QUEUE: usize = 4096;
 /// pcap's usual snapshot length; longer (TSO) frames are cut, with their real length kept.
 pub const SNAPLEN: usize = 65535;
 
-/// A captured frame: when, and its bytes.
-pub type Captured = (Duration, Vec<u8>);
-
-/// The current time as a pcap timestamp.
-pub fn now() -> Duration {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
-}
-
 /// Streams the port's frames to `conn` as pcap until the client hangs up or the port goes.
-pub fn stream(mut conn: UnixStream, port: &GuestPort) {
+pub fn stream(mut conn: UnixStream, port: &Port) {
     let (tx, rx) = sync_channel::<Captured>(QUEUE);
     port.add_capture(tx);
     if conn.write_all(format!("{}\n", serde_json::json!({ "ok": { "capture": port.name } })).as_bytes()).is_err() {

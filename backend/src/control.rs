@@ -20,7 +20,8 @@ use vunet_switch::counters::DropReason;
 use vunet_switch::{format_mac, parse_mac};
 
 use crate::config::{io_reason, PortConfig, PortMode};
-use crate::network::{unix_now, GuestPort, Network, Shared, StartError};
+use crate::datapath::{unix_now, Network, Port, PortKind};
+use crate::runtime::{PortError, StartError, Supervisor};
 
 /// A request to the daemon.
 #[derive(Debug, Serialize, Deserialize)]
@@ -70,7 +71,7 @@ fn group_id(name: &str) -> Option<u32> {
 
 /// Serves requests for as long as the daemon runs, each on a short-lived thread (a capture
 /// streams for as long as its client listens).
-pub fn serve(listener: UnixListener, shared: Arc<Shared>) {
+pub fn serve(listener: UnixListener, shared: Arc<Supervisor>) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let s = shared.clone();
@@ -78,7 +79,7 @@ pub fn serve(listener: UnixListener, shared: Arc<Shared>) {
     }
 }
 
-fn handle(mut conn: UnixStream, shared: &Arc<Shared>) {
+fn handle(mut conn: UnixStream, shared: &Arc<Supervisor>) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
     let mut line = String::new();
     // A bounded read: a request is one short line.
@@ -88,11 +89,11 @@ fn handle(mut conn: UnixStream, shared: &Arc<Shared>) {
     let reply = match serde_json::from_str::<Request>(line.trim()) {
         Ok(Request::Capture { network, port }) => match find_port(shared, &network, &port) {
             Ok(p) => return crate::capture::stream(conn, &p),
-            Err(e) => json!({ "error": e }),
+            Err(e) => json!({ "error": e.to_string() }),
         },
         Ok(req) => match answer(req, shared) {
             Ok(v) => json!({ "ok": v }),
-            Err(e) => json!({ "error": e }),
+            Err(e) => json!({ "error": e.to_string() }),
         },
         Err(e) => json!({ "error": format!("bad request: {e}") }),
     };
@@ -101,17 +102,34 @@ fn handle(mut conn: UnixStream, shared: &Arc<Shared>) {
     }
 }
 
-fn find(shared: &Shared, name: &str) -> Result<Arc<Network>, String> {
-    shared.network(name).ok_or_else(|| format!("no network named {name:?}"))
+/// Why a request was refused: the one line the CLI prints.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Port(#[from] PortError),
+    #[error("invalid port name {0:?} (letters, digits, '-', '_', '.', at most 64)")]
+    PortName(String),
+    #[error("invalid MAC address {0:?}")]
+    Mac(String),
+    #[error("unknown port mode {0:?} (expected server or client)")]
+    PortMode(String),
+    #[error("network {0:?} has no DHCP server")]
+    NoDhcp(String),
+    #[error("capture streams; it is not answered here")]
+    Streams,
 }
 
-fn find_port(shared: &Shared, network: &str, port: &str) -> Result<Arc<GuestPort>, String> {
+fn find(shared: &Supervisor, name: &str) -> Result<Arc<Network>, PortError> {
+    shared.network(name).ok_or_else(|| PortError::NoNetwork(name.to_string()))
+}
+
+fn find_port(shared: &Supervisor, network: &str, port: &str) -> Result<Arc<Port>, PortError> {
     let n = find(shared, network)?;
-    n.port(port).ok_or_else(|| format!("network {network:?} has no port named {port:?}"))
+    n.port(port).ok_or_else(|| PortError::NoPort { network: network.to_string(), port: port.to_string() })
 }
 
 /// The answer to one request.
-pub fn answer(req: Request, shared: &Arc<Shared>) -> Result<Value, String> {
+pub fn answer(req: Request, shared: &Arc<Supervisor>) -> Result<Value, ControlError> {
     match req {
         Request::NetList => Ok(Value::Array(shared.networks().iter().map(|n| net_info(n)).collect())),
         Request::PortList { network } => Ok(Value::Array(find(shared, &network)?.live_ports().iter().map(|p| port_info(p)).collect())),
@@ -119,18 +137,16 @@ pub fn answer(req: Request, shared: &Arc<Shared>) -> Result<Value, String> {
         Request::PortAdd { network, name, socket, mac, mode } => {
             let net = find(shared, &network)?;
             if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-                return Err(format!("invalid port name {name:?} (letters, digits, '-', '_', '.', at most 64)"));
+                return Err(ControlError::PortName(name));
             }
             let mac = match mac {
-                Some(m) => Some(
-                    parse_mac(&m).filter(|m| !vunet_switch::is_multicast(m) && *m != [0; 6]).ok_or(format!("invalid MAC address {m:?}"))?,
-                ),
+                Some(m) => Some(parse_mac(&m).filter(|m| !vunet_switch::is_multicast(m) && *m != [0; 6]).ok_or(ControlError::Mac(m))?),
                 None => None,
             };
             let mode = match mode.as_deref() {
                 None | Some("server") => PortMode::Server,
                 Some("client") => PortMode::Client,
-                Some(other) => return Err(format!("unknown port mode {other:?} (expected server or client)")),
+                Some(other) => return Err(ControlError::PortMode(other.to_string())),
             };
             let cfg = PortConfig { name, socket: socket.unwrap_or_default(), tap: None, mode, mac, port_security: None };
             let port = shared.add_port(&net, cfg)?;
@@ -141,7 +157,7 @@ pub fn answer(req: Request, shared: &Arc<Shared>) -> Result<Value, String> {
             shared.remove_port(&net, &name)?;
             Ok(json!({ "removed": name }))
         }
-        Request::Capture { .. } => Err("capture streams; it is not answered here".into()),
+        Request::Capture { .. } => Err(ControlError::Streams),
     }
 }
 
@@ -149,9 +165,10 @@ fn net_info(n: &Network) -> Value {
     let ports = n.live_ports();
     let uplink = ports
         .iter()
-        .find(|p| p.name.starts_with("uplink:"))
-        .and_then(|p| p.uplink.as_ref())
-        .map(|u| format!("{} {}", u.kind.name(), u.ifname));
+        .find(|p| p.kind == PortKind::Uplink)
+        .and_then(|p| p.link.as_ref())
+        .map(|l| l.describe())
+        .map(|(kind, interface)| format!("{kind} {interface}"));
     // A routed network's uplink address (none until a DHCP lease comes) and NAT connections.
     let (uplink_address, nat_connections) = match n.router.as_ref() {
         Some(r) => {
@@ -174,25 +191,25 @@ fn net_info(n: &Network) -> Value {
     })
 }
 
-fn port_info(p: &GuestPort) -> Value {
+fn port_info(p: &Port) -> Value {
     let c = p.counters.snapshot();
     let drops: serde_json::Map<String, Value> =
         DropReason::ALL.iter().zip(c.drops.iter()).filter(|(_, &n)| n > 0).map(|(r, &n)| (r.name().to_string(), json!(n))).collect();
-    let (kind, attach) = match &p.uplink {
-        Some(u) if p.name.starts_with("uplink:") => (format!("uplink {}", u.kind.name()), u.ifname.clone()),
-        Some(u) => ("tap".to_string(), u.ifname.clone()),
-        None => ("vhost-user".to_string(), p.socket.display().to_string()),
+    let (kind, attach) = match (p.kind, p.link.as_ref().map(|l| l.describe())) {
+        (PortKind::Uplink, Some((link, interface))) => (format!("uplink {link}"), interface),
+        (_, Some((_, interface))) => ("tap".to_string(), interface),
+        (_, None) => ("vhost-user".to_string(), p.socket.display().to_string()),
     };
     json!({
         "name": p.name,
         "kind": kind,
-        "socket": if p.uplink.is_none() { Some(attach.clone()) } else { None },
-        "interface": if p.uplink.is_some() { Some(attach) } else { None },
+        "socket": if p.link.is_none() { Some(attach.clone()) } else { None },
+        "interface": if p.link.is_some() { Some(attach) } else { None },
         "mode": if p.mode == PortMode::Server { "server" } else { "client" },
         "mac": p.locked_mac().map(|m| format_mac(&m)),
         "ip": p.leased_ip().map(|i| i.to_string()),
         "connected": p.connected.load(Ordering::Relaxed),
-        "features": crate::vhost_port::feature_names(p.features.load(Ordering::Relaxed)),
+        "features": crate::ports::vhost::device::feature_names(p.features.load(Ordering::Relaxed)),
         "rx_frames": c.rx_frames,
         "rx_bytes": c.rx_bytes,
         "tx_frames": c.tx_frames,
@@ -201,8 +218,8 @@ fn port_info(p: &GuestPort) -> Value {
     })
 }
 
-fn dhcp_leases(n: &Network) -> Result<Value, String> {
-    let dhcp = n.dhcp.as_ref().ok_or_else(|| format!("network {:?} has no DHCP server", n.name))?;
+fn dhcp_leases(n: &Network) -> Result<Value, ControlError> {
+    let dhcp = n.dhcp.as_ref().ok_or_else(|| ControlError::NoDhcp(n.name.clone()))?;
     let leases = dhcp.lock().unwrap_or_else(|e| e.into_inner()).leases(unix_now());
     Ok(Value::Array(
         leases

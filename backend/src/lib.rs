@@ -3,22 +3,30 @@
 //! pure logic of `vunet-switch`, with one copy from the sender's TX descriptors into the
 //! receiver's RX descriptors.
 //!
-//! This crate owns every file descriptor and thread: vhost-user sockets, worker threads, the
-//! configuration file and the CLI.
+//! This crate owns every file descriptor and thread. Its modules are layers, each importing
+//! only those below it (backend/tests/layers.rs checks this):
+//!
+//! | layer | modules |
+//! |---|---|
+//! | CLI and daemon | `main.rs`, `daemon` |
+//! | control and metrics | `control`, `capture`, `metrics` |
+//! | run-time supervision | `runtime` (networks and ports at run time, reload, building a network) |
+//! | port kinds, gateway services | `ports` (vhost-user, uplinks), `services` (ARP/ICMP, DHCP, DNS); never each other |
+//! | the data path | `datapath` (port state, rings, delivery, the switching step, `Inject`) |
+//! | configuration | `config`, `libvirt`; below them the pure crates `vunet-switch`, `vunet-dhcp` |
 
-pub mod capture;
+mod capture;
 pub mod config;
 pub mod control;
-pub mod datapath;
-pub mod dns_service;
-pub mod dns_tcp;
+mod daemon;
+mod datapath;
 pub mod libvirt;
-pub mod metrics;
-pub mod netlink;
-pub mod network;
-pub mod proxy;
-pub mod uplink;
-pub mod vhost_port;
+mod metrics;
+mod ports;
+mod runtime;
+mod services;
 
 pub use config::{Config, ConfigError, Mode, PortMode};
-pub use network::{Daemon, GuestPort, Network, StartError};
+pub use daemon::Daemon;
+pub use datapath::{Network, Port, PortKind, BACKLOG_MAX_FRAMES};
+pub use runtime::{PortError, StartError};

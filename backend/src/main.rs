@@ -310,7 +310,7 @@ fn run(config: Option<&Path>, runtime_dir: Option<PathBuf>) -> Result<(), String
         }
     }
     for n in daemon.networks() {
-        for p in n.live_ports().iter().filter(|p| p.mode == PortMode::Server && p.uplink.is_none()) {
+        for p in n.live_ports().iter().filter(|p| p.mode == PortMode::Server && p.kind == vunet::PortKind::Vhost) {
             let _ = std::fs::remove_file(&p.socket);
         }
     }

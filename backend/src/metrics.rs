@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use vunet_switch::counters::DropReason;
 
-use crate::network::{unix_now, Network, Shared};
+use crate::datapath::{unix_now, Network};
+use crate::runtime::Supervisor;
 
 /// Binds the listen address and serves scrapes on a thread of their own.
-pub fn start(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<()> {
+pub fn start(addr: SocketAddr, shared: Arc<Supervisor>) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)?;
     std::thread::Builder::new().name("metrics".into()).spawn(move || {
         for conn in listener.incoming().flatten() {
@@ -23,7 +24,7 @@ pub fn start(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<()> {
     Ok(())
 }
 
-fn serve(mut conn: TcpStream, shared: &Shared) {
+fn serve(mut conn: TcpStream, shared: &Supervisor) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
     let mut line = String::new();
     if BufReader::new((&conn).take(1024)).read_line(&mut line).is_err() {

@@ -291,7 +291,7 @@ fn full_receiver_ring_queues_then_drops_and_counts_without_blocking_others() {
     }
     assert_eq!(got, total as usize, "port 2 got everything");
     let s = counters(&d, "p1");
-    let queued = vunet::datapath::BACKLOG_MAX_FRAMES as u64;
+    let queued = vunet::BACKLOG_MAX_FRAMES as u64;
     assert_eq!(s.tx_frames, QUEUE_SIZE as u64, "port 1 filled its ring");
     assert_eq!(s.drop_count(DropReason::NoRxBuffer), total as u64 - QUEUE_SIZE as u64 - queued);
     // Port 1 wakes up: the ring's frames, then the backlog, in order.

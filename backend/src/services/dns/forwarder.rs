@@ -1,19 +1,18 @@
-//! The gateway's DNS service: local names are answered by `vunet_dhcp::dns` (pure); everything
-//! else is forwarded over UDP to upstream resolvers (the configured `forwarders`, else the
-//! host's /etc/resolv.conf), with a bounded table of outstanding queries that expire.
+//! Forwarding over UDP: names outside the network go to upstream resolvers (the configured
+//! `forwarders`, else the host's /etc/resolv.conf), with a bounded table of outstanding
+//! queries that expire. Answers come back on the forwarder's own thread and enter the data
+//! path through `Inject`.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
 use vunet_dhcp::dns::PORT as DNS_PORT;
 use vunet_switch::gateway::{build_udp, Gateway};
 use vunet_switch::{Mac, PortId};
 
-use crate::datapath::{deliver_frame, TxScratch};
-use crate::network::Network;
+use crate::datapath::Inject;
 
 /// At most this many queries wait for upstream answers per network; the oldest is dropped
 /// to make room (its client retries).
@@ -108,11 +107,11 @@ impl Forwarder {
 
     /// Receives upstream answers and hands them to the guests that asked. Runs for the life
     /// of the network on its own thread.
-    pub fn run(self: Arc<Self>, net: Arc<Network>, gw: Gateway) {
+    pub fn run(self: Arc<Self>, mut inject: Inject, gw: Gateway) {
         let mut buf = vec![0u8; 65536];
         let mut frame = Vec::new();
-        let mut cx = TxScratch::default();
-        while !net.stopped.load(std::sync::atomic::Ordering::Acquire) {
+        let mtu = inject.network().mtu as usize;
+        while !inject.stopped() {
             let got = self.socket.recv_from(&mut buf);
             self.expire();
             let Ok((n, from)) = got else { continue };
@@ -125,13 +124,10 @@ impl Forwarder {
             answer[0..2].copy_from_slice(&p.orig_id);
             // No IP fragmentation here: an answer that does not fit the MTU goes back
             // truncated (TC set, header and question only) so the client knows.
-            let max = net.mtu as usize - 28;
+            let max = mtu - 28;
             let len = if n > max { truncate(answer) } else { n };
             build_udp(&mut frame, gw.mac, p.client_mac, gw.ip, p.client_ip, DNS_PORT, p.client_port, &answer[..len]);
-            let port = net.ports.read().unwrap_or_else(|e| e.into_inner()).get(p.port).cloned();
-            if let Some(port) = port {
-                deliver_frame(&port, &frame, &mut cx);
-            }
+            inject.send_to_port(p.port, &frame);
         }
     }
 
@@ -153,7 +149,8 @@ impl Forwarder {
         }
     }
 
-    pub fn pending(&self) -> usize {
+    #[cfg(test)]
+    fn pending(&self) -> usize {
         self.table.lock().unwrap_or_else(|e| e.into_inner()).by_id.len()
     }
 }
@@ -164,42 +161,6 @@ fn truncate(m: &mut [u8]) -> usize {
     m[2] |= 0x02;
     m[6..12].copy_from_slice(&[0; 6]);
     end
-}
-
-/// The DNS service of one network.
-pub struct DnsService {
-    pub domain: Option<String>,
-    pub hosts: Vec<(String, Ipv4Addr)>,
-    pub forwarder: Option<Arc<Forwarder>>,
-    /// The resolvers asked for names outside the network (over UDP and over TCP).
-    pub upstreams: Vec<SocketAddr>,
-    /// DNS over TCP, for answers that do not fit a datagram.
-    pub tcp: Arc<crate::dns_tcp::DnsTcp>,
-}
-
-impl DnsService {
-    pub fn new(network: &str, cfg: &crate::config::DnsConfig) -> DnsService {
-        let upstreams = match &cfg.forwarders {
-            Some(f) => f.clone(),
-            None => resolv_conf_servers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()),
-        };
-        let forwarder = match Forwarder::new(upstreams.clone()) {
-            Ok(Some(f)) => {
-                info!(network = %network, "DNS: names outside the network are forwarded to {upstreams:?}");
-                Some(Arc::new(f))
-            }
-            Ok(None) => {
-                info!(network = %network, "DNS: no upstream resolver; names outside the network are refused");
-                None
-            }
-            Err(e) => {
-                warn!(network = %network, "DNS: cannot open the forwarding socket ({e}); names outside the network are refused");
-                None
-            }
-        };
-        let upstreams = if forwarder.is_some() { upstreams.into_iter().filter(|a| a.is_ipv4()).collect() } else { Vec::new() };
-        DnsService { domain: cfg.domain.clone(), hosts: cfg.hosts.clone(), forwarder, upstreams, tcp: Default::default() }
-    }
 }
 
 #[cfg(test)]

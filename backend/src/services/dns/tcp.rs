@@ -22,9 +22,8 @@ use vunet_switch::gateway::Gateway;
 use vunet_switch::proto::{ETH_P_ARP, ETH_P_IPV4, IPPROTO_TCP};
 use vunet_switch::{Mac, PortId};
 
-use crate::datapath::{deliver_frame, TxScratch};
-use crate::dns_service::QUERY_TIMEOUT;
-use crate::network::Network;
+use super::{DnsService, QUERY_TIMEOUT};
+use crate::datapath::{GatewayService, Handled, Inject, Network, Port};
 
 /// Connections served at once; a SYN beyond these is answered with a reset.
 pub const CONNECTIONS: usize = 8;
@@ -81,12 +80,13 @@ impl DnsTcp {
         }
     }
 
-    /// Runs the service for the life of the network on its own thread.
-    pub fn run(self: Arc<Self>, net: Arc<Network>, gw: Gateway, upstreams: Vec<SocketAddr>) {
+    /// Runs the service for the life of the network on its own thread; `names` answers for
+    /// the network's own names.
+    pub fn run(self: Arc<Self>, mut inject: Inject, gw: Gateway, names: Arc<DnsService>) {
         let Some(rx) = self.receiver.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
-        let mut svc = Service::new(&gw, net.mtu, upstreams, self.events.clone());
-        let mut cx = TxScratch::default();
-        while !net.stopped.load(Ordering::Acquire) {
+        let net = inject.network().clone();
+        let mut svc = Service::new(&gw, net.mtu, names.upstreams.clone(), self.events.clone());
+        while !inject.stopped() {
             let delay = svc.poll_delay().min(Duration::from_secs(1));
             match rx.recv_timeout(delay) {
                 Ok(ev) => svc.handle(ev),
@@ -96,9 +96,20 @@ impl DnsTcp {
             while let Ok(ev) = rx.try_recv() {
                 svc.handle(ev);
             }
-            svc.poll(&net, &gw);
-            svc.send_out(&net, &mut cx);
+            svc.poll(&net, &gw, &names);
+            svc.send_out(&mut inject);
         }
+    }
+}
+
+/// TCP to port 53 of the gateway goes to the service thread; the data path never waits on it.
+impl GatewayService for DnsTcp {
+    fn handle(&self, _net: &Network, gw: &Gateway, port: &Port, frame: &[u8], _reply: &mut Vec<u8>) -> Handled {
+        if !is_for_dns_tcp(gw, frame) {
+            return Handled::NotMine;
+        }
+        self.input(port.id, frame);
+        Handled::Consumed
     }
 }
 
@@ -231,17 +242,17 @@ impl Service {
     }
 
     /// Runs the TCP machinery and serves every socket until nothing more happens.
-    fn poll(&mut self, net: &Network, gw: &Gateway) {
+    fn poll(&mut self, net: &Network, gw: &Gateway, names: &DnsService) {
         for _ in 0..4 {
             self.iface.poll(now(), &mut self.dev, &mut self.sockets);
-            if !self.serve_sockets(net, gw) {
+            if !self.serve_sockets(net, gw, names) {
                 break;
             }
         }
     }
 
     /// Reads queries and answers them; true if anything was sent or changed.
-    fn serve_sockets(&mut self, net: &Network, gw: &Gateway) -> bool {
+    fn serve_sockets(&mut self, net: &Network, gw: &Gateway, names: &DnsService) -> bool {
         let t = now();
         let mut progress = false;
         for (slot, c) in self.conns.iter_mut().enumerate() {
@@ -279,7 +290,7 @@ impl Service {
                 if c.buf.len() >= 2 + len {
                     let query: Vec<u8> = c.buf.drain(..2 + len).skip(2).collect();
                     progress = true;
-                    match net.dns_zone(gw).respond(&query) {
+                    match names.zone(net, gw).respond(&query) {
                         Some(DnsAction::Answer(a)) => send_message(s, &a),
                         Some(DnsAction::Forward) if !self.upstreams.is_empty() => {
                             c.waiting_upstream = true;
@@ -314,15 +325,11 @@ impl Service {
     }
 
     /// Hands what smoltcp sent to the guests it is for.
-    fn send_out(&mut self, net: &Network, cx: &mut TxScratch) {
-        if self.dev.tx.is_empty() {
-            return;
-        }
-        let ports = net.ports.read().unwrap_or_else(|e| e.into_inner()).clone();
+    fn send_out(&mut self, inject: &mut Inject) {
         for frame in self.dev.tx.drain(..) {
             let dst: Mac = frame[0..6].try_into().unwrap_or([0; 6]);
-            if let Some(port) = self.ports.get(&dst).and_then(|id| ports.iter().find(|p| p.id == *id)) {
-                deliver_frame(port, &frame, cx);
+            if let Some(&id) = self.ports.get(&dst) {
+                inject.send_to_port(id, &frame);
             }
         }
     }

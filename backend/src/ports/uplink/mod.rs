@@ -13,20 +13,24 @@
 //! the uplink closes, logs once, and reopens when the interface is back; a link that goes down
 //! and up is logged once each way. Guest ports and other networks never wait on an uplink.
 
+mod netlink;
+mod rx;
+
+pub use rx::run;
+
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::RwLock;
+use std::time::Duration;
 
 use tracing::{info, warn};
 use vunet_switch::vnet::{RxCaps, HDR_LEN_LEGACY};
 use vunet_switch::{DropReason, Mac};
 
 use crate::config::{UplinkConfig, UplinkKind};
-use crate::datapath::TxScratch;
-use crate::network::{GuestPort, Network};
+use crate::datapath::HostLink;
 
 /// Frames read per batch.
 pub const BATCH: usize = 32;
@@ -39,10 +43,10 @@ const MACVLAN_MODE_BRIDGE: u32 = 4;
 const MACVLAN_MODE_PASSTHRU: u32 = 8;
 
 /// An open uplink descriptor.
-struct Io {
-    fd: OwnedFd,
+pub(super) struct Io {
+    pub(super) fd: OwnedFd,
     /// 10 when every frame carries a virtio-net header, 0 when none does.
-    hdr_len: usize,
+    pub(super) hdr_len: usize,
     /// The index of the interface it is bound to, to notice a re-created interface.
     ifindex: u32,
 }
@@ -56,8 +60,8 @@ pub struct Uplink {
     mac: Option<Mac>,
     /// macvtap mode: passthru (all of the parent's frames, for bridged guests) or bridge.
     macvtap_mode: u32,
-    io: RwLock<Option<Io>>,
-    link_up: AtomicBool,
+    pub(super) io: RwLock<Option<Io>>,
+    pub(super) link_up: AtomicBool,
 }
 
 /// Why an uplink could not start.
@@ -201,7 +205,7 @@ fn open_tap(name: &str) -> io::Result<Io> {
 fn open_macvtap(parent: &str, name: &str, mac: Option<Mac>, mode: u32) -> io::Result<Io> {
     let parent_index = ifindex(parent).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
     if ifindex(name).is_none() {
-        crate::netlink::create_macvtap(parent_index, name, mac, mode)?;
+        netlink::create_macvtap(parent_index, name, mac, mode)?;
     }
     set_up(name)?;
     let index = ifindex(name).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
@@ -244,9 +248,47 @@ impl Uplink {
         }
     }
 
+    /// Whether the uplink's interface is still the one it opened; logs changes once.
+    pub(super) fn watch(&self, network: &str) -> bool {
+        let current = self.io.read().unwrap_or_else(|e| e.into_inner()).as_ref().map(|io| io.ifindex);
+        let Some(index) = current else { return false };
+        if ifindex(&self.ifname) != Some(index) {
+            warn!(network = %network, "uplink {}: the interface is gone; waiting for it to come back", self.ifname);
+            *self.io.write().unwrap_or_else(|e| e.into_inner()) = None;
+            return false;
+        }
+        let running = if_flags(&self.ifname).map(|f| f & (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short != 0).unwrap_or(false);
+        if running != self.link_up.swap(running, Ordering::Relaxed) {
+            if running {
+                info!(network = %network, "uplink {}: link is up again", self.ifname);
+            } else {
+                warn!(network = %network, "uplink {}: link is down", self.ifname);
+            }
+        }
+        true
+    }
+
+    /// Reopens a closed uplink once its interface is back.
+    pub(super) fn try_reopen(&self, network: &str) {
+        let lower = self.parent.as_deref().unwrap_or(&self.ifname);
+        if self.kind != UplinkKind::Tap && ifindex(lower).is_none() {
+            return;
+        }
+        match self.open_io() {
+            Ok(io) => {
+                info!(network = %network, "uplink {}: back", self.ifname);
+                self.link_up.store(true, Ordering::Relaxed);
+                *self.io.write().unwrap_or_else(|e| e.into_inner()) = Some(io);
+            }
+            Err(e) => warn!(network = %network, "uplink {}: cannot reopen yet: {e}", self.ifname),
+        }
+    }
+}
+
+impl HostLink for Uplink {
     /// What the uplink accepts, as a receiver: everything with a vnet header (the kernel
     /// segments what it must), complete frames of at most the MTU without. None while closed.
-    pub fn caps(&self) -> Option<RxCaps> {
+    fn caps(&self) -> Option<RxCaps> {
         let io = self.io.read().unwrap_or_else(|e| e.into_inner());
         let hdr_len = io.as_ref()?.hdr_len;
         let offloads = hdr_len > 0;
@@ -255,7 +297,7 @@ impl Uplink {
 
     /// Sends one frame given as an iovec list (the vnet header first when the uplink has
     /// one). Never blocks: a full socket buffer drops the frame.
-    pub fn send(&self, iov: &[libc::iovec]) -> Result<(), DropReason> {
+    fn send(&self, iov: &[libc::iovec]) -> Result<(), DropReason> {
         let io = self.io.read().unwrap_or_else(|e| e.into_inner());
         let Some(io) = io.as_ref() else { return Err(DropReason::PortDown) };
         // SAFETY: the iovecs point at memory the caller keeps alive for this call.
@@ -271,13 +313,13 @@ impl Uplink {
 
     /// Whether frames for this uplink are sent in batches (`sendmmsg`, packet sockets) rather
     /// than one write each (taps and macvtaps take one frame per write).
-    pub fn batches(&self) -> bool {
+    fn batches(&self) -> bool {
         self.kind == UplinkKind::AfPacket
     }
 
     /// Sends several frames with `sendmmsg`; `spans` are each frame's iovecs within `iov`.
     /// Returns the frames (by index in `spans`) that did not go, and why.
-    pub fn send_batch(&self, iov: &mut [libc::iovec], spans: &[std::ops::Range<usize>]) -> Vec<(usize, DropReason)> {
+    fn send_batch(&self, iov: &mut [libc::iovec], spans: &[std::ops::Range<usize>]) -> Vec<(usize, DropReason)> {
         let io = self.io.read().unwrap_or_else(|e| e.into_inner());
         let Some(io) = io.as_ref() else { return (0..spans.len()).map(|i| (i, DropReason::PortDown)).collect() };
         let mut msgs: Vec<libc::mmsghdr> = spans
@@ -312,44 +354,12 @@ impl Uplink {
 
     /// Closes the uplink for good (its port or network was removed); a tap vunet made goes
     /// away with its descriptor.
-    pub fn close(&self) {
+    fn close(&self) {
         *self.io.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// Whether the uplink's interface is still the one it opened; logs changes once.
-    fn watch(&self, network: &str) -> bool {
-        let current = self.io.read().unwrap_or_else(|e| e.into_inner()).as_ref().map(|io| io.ifindex);
-        let Some(index) = current else { return false };
-        if ifindex(&self.ifname) != Some(index) {
-            warn!(network = %network, "uplink {}: the interface is gone; waiting for it to come back", self.ifname);
-            *self.io.write().unwrap_or_else(|e| e.into_inner()) = None;
-            return false;
-        }
-        let running = if_flags(&self.ifname).map(|f| f & (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short != 0).unwrap_or(false);
-        if running != self.link_up.swap(running, Ordering::Relaxed) {
-            if running {
-                info!(network = %network, "uplink {}: link is up again", self.ifname);
-            } else {
-                warn!(network = %network, "uplink {}: link is down", self.ifname);
-            }
-        }
-        true
-    }
-
-    /// Reopens a closed uplink once its interface is back.
-    fn try_reopen(&self, network: &str) {
-        let lower = self.parent.as_deref().unwrap_or(&self.ifname);
-        if self.kind != UplinkKind::Tap && ifindex(lower).is_none() {
-            return;
-        }
-        match self.open_io() {
-            Ok(io) => {
-                info!(network = %network, "uplink {}: back", self.ifname);
-                self.link_up.store(true, Ordering::Relaxed);
-                *self.io.write().unwrap_or_else(|e| e.into_inner()) = Some(io);
-            }
-            Err(e) => warn!(network = %network, "uplink {}: cannot reopen yet: {e}", self.ifname),
-        }
+    fn describe(&self) -> (&'static str, String) {
+        (self.kind.name(), self.ifname.clone())
     }
 }
 
@@ -358,242 +368,4 @@ pub fn macvtap_name(network: &str) -> String {
     let mut n = format!("vu{network}");
     n.truncate(15);
     n
-}
-
-/// Reads frames from the uplink and switches them, for the life of the network.
-pub fn run(net: Arc<Network>, port: Arc<GuestPort>, up: Arc<Uplink>) {
-    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; BUF_LEN]).collect();
-    let mut lens = [0usize; BATCH];
-    let mut outgoing = [false; BATCH];
-    let mut cx = TxScratch::default();
-    let mut last_watch = Instant::now();
-    let mut announced = false;
-    // A routed network with `address = "dhcp"` leases its uplink address here.
-    let mut dhcp = net.router.as_ref().filter(|_| net.uplink_dhcp).map(|r| {
-        let mac = r.lock().unwrap_or_else(|e| e.into_inner()).cfg.outside_mac;
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.subsec_nanos()) ^ std::process::id();
-        (mac, vunet_dhcp::client::DhcpClient::new(mac, seed))
-    });
-    loop {
-        if port.removed.load(Ordering::Acquire) || net.stopped.load(Ordering::Acquire) {
-            up.close();
-            return;
-        }
-        if last_watch.elapsed() >= WATCH {
-            last_watch = Instant::now();
-            if !up.watch(&net.name) {
-                up.try_reopen(&net.name);
-            }
-        }
-        let guard = up.io.read().unwrap_or_else(|e| e.into_inner());
-        let Some(io) = guard.as_ref() else {
-            drop(guard);
-            std::thread::sleep(WATCH);
-            continue;
-        };
-        let fd = io.fd.as_raw_fd();
-        let hdr_len = io.hdr_len;
-        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-        // A router has timers (ARP retries, expiry) to run between frames.
-        let timeout = if net.router.is_some() { ROUTER_TICK } else { WATCH };
-        // SAFETY: one valid pollfd.
-        let ready = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
-        if net.router.is_some() {
-            if !announced {
-                announced = true;
-                announce(&net, &mut cx);
-            }
-            crate::datapath::router_tick(&net, &mut cx);
-            if let Some((_, c)) = dhcp.as_mut() {
-                let (out, event) = c.poll(net.now_ms());
-                dhcp_event(&net, event, &mut cx);
-                if let Some(o) = out {
-                    dhcp_send(&net, o, &mut cx);
-                }
-            }
-        }
-        if ready <= 0 {
-            continue;
-        }
-        let got = match up.kind {
-            UplinkKind::AfPacket => recv_packets(fd, &mut bufs, &mut lens, &mut outgoing),
-            _ => read_frames(fd, &mut bufs, &mut lens),
-        };
-        drop(guard);
-        match got {
-            Ok(n) if net.router.is_some() => {
-                // The host's own transmissions on the interface are not for the router.
-                let mut frames: Vec<&mut [u8]> = bufs[..n]
-                    .iter_mut()
-                    .zip(&lens[..n])
-                    .zip(&outgoing[..n])
-                    .filter(|((_, &l), &o)| l > 0 && !o)
-                    .map(|((b, &l), _)| &mut b[..l])
-                    .collect();
-                if let Some(c) = dhcp.as_mut() {
-                    frames.retain_mut(|f| !dhcp_reply(&net, c, f, hdr_len, &mut cx));
-                }
-                crate::datapath::route_from_uplink(&net, &port, &mut frames, hdr_len, &mut cx);
-            }
-            Ok(n) => {
-                let frames: Vec<(&[u8], bool)> = (0..n).filter(|&i| lens[i] > 0).map(|i| (&bufs[i][..lens[i]], outgoing[i])).collect();
-                crate::datapath::switch_from_uplink(&net, &port, &frames, hdr_len, &mut cx);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
-            // A packet socket reports its link going down once (and again while it stays down);
-            // it keeps working when the link comes back. The watch logs the change.
-            Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => {
-                if up.link_up.load(Ordering::Relaxed) {
-                    last_watch = Instant::now() - WATCH;
-                } else {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-            Err(e) => {
-                // The interface went away under the socket (ENETDOWN, EBADFD...).
-                warn!(network = %net.name, "uplink {}: {e}; reopening when the interface is back", up.ifname);
-                *up.io.write().unwrap_or_else(|e| e.into_inner()) = None;
-            }
-        }
-    }
-}
-
-const ROUTER_TICK: Duration = Duration::from_millis(100);
-
-/// Hands a DHCP reply for the router's uplink address (UDP to port 68, to its MAC or
-/// broadcast) to the client; true if the frame was one.
-fn dhcp_reply(net: &Network, c: &mut (Mac, vunet_dhcp::client::DhcpClient), buf: &mut [u8], hdr_len: usize, cx: &mut TxScratch) -> bool {
-    let (mac, c) = (c.0, &mut c.1);
-    if buf.len() < hdr_len + 14 + 28 {
-        return false;
-    }
-    let (h, frame) = buf.split_at_mut(hdr_len);
-    if frame[0..6] != mac && frame[0..6] != [0xff; 6] {
-        return false;
-    }
-    let hdr = vunet_switch::VnetHeader::parse(h);
-    // From a host on the same machine the UDP checksum may be left to "hardware".
-    if hdr.needs_csum() && vunet_switch::offload::complete_checksum(frame, hdr.csum_start as usize, hdr.csum_offset as usize).is_err() {
-        return false;
-    }
-    let Some((_, payload)) = vunet_switch::gateway::udp_payload(frame, vunet_dhcp::message::CLIENT_PORT) else { return false };
-    let (out, event) = c.input(payload, net.now_ms());
-    dhcp_event(net, event, cx);
-    if let Some(o) = out {
-        dhcp_send(net, o, cx);
-    }
-    true
-}
-
-fn dhcp_event(net: &Network, event: Option<vunet_dhcp::client::ClientEvent>, cx: &mut TxScratch) {
-    use vunet_dhcp::client::ClientEvent;
-    let Some(router) = net.router.as_ref() else { return };
-    let mut emit = Vec::new();
-    match event {
-        None => return,
-        Some(ClientEvent::Bound(l)) => {
-            let mut r = router.lock().unwrap_or_else(|e| e.into_inner());
-            if r.outside() != Some((l.addr, l.prefix)) {
-                info!(network = %net.name, "uplink address {}/{} leased from {} (router {}), for {} s", l.addr, l.prefix, l.server, l.router.map_or("none".into(), |r| r.to_string()), l.lease_ms / 1000);
-            }
-            r.set_outside(Some((l.addr, l.prefix)), l.router, &mut emit);
-        }
-        Some(ClientEvent::Lost) => {
-            warn!(network = %net.name, "uplink address lease lost; asking again");
-            router.lock().unwrap_or_else(|e| e.into_inner()).set_outside(None, None, &mut emit);
-        }
-    }
-    crate::datapath::send_router_frames(net, emit, cx);
-}
-
-/// Sends a DHCP client message out the uplink (broadcast, or to the server's MAC when it is
-/// a known neighbor).
-fn dhcp_send(net: &Network, o: vunet_dhcp::client::Outgoing, cx: &mut TxScratch) {
-    let Some(router) = net.router.as_ref() else { return };
-    let (mac, dst_mac) = {
-        let r = router.lock().unwrap_or_else(|e| e.into_inner());
-        let dst = if o.dst.is_broadcast() { None } else { r.outside_neighbor(o.dst, net.now_ms()) };
-        (r.cfg.outside_mac, dst.unwrap_or([0xff; 6]))
-    };
-    let mut frame = Vec::new();
-    vunet_switch::gateway::build_udp(
-        &mut frame,
-        mac,
-        dst_mac,
-        o.src,
-        o.dst,
-        vunet_dhcp::message::CLIENT_PORT,
-        vunet_dhcp::message::SERVER_PORT,
-        &o.payload,
-    );
-    crate::datapath::send_router_frames(
-        net,
-        vec![vunet_switch::router::Emit { to: vunet_switch::router::Side::Uplink, hdr: Default::default(), frame }],
-        cx,
-    );
-}
-
-/// Announces a static uplink address with a gratuitous ARP when the uplink starts.
-fn announce(net: &Network, cx: &mut TxScratch) {
-    let Some(router) = net.router.as_ref() else { return };
-    let mut emit = Vec::new();
-    {
-        let mut r = router.lock().unwrap_or_else(|e| e.into_inner());
-        let (addr, next_hop) = (r.outside(), r.cfg.next_hop);
-        if addr.is_some() {
-            r.set_outside(addr, next_hop, &mut emit);
-        }
-    }
-    crate::datapath::send_router_frames(net, emit, cx);
-}
-
-/// One `recvmmsg` of up to BATCH frames; `outgoing[i]` marks frames this host sent out the
-/// interface (the kernel shows them to packet sockets too).
-fn recv_packets(fd: RawFd, bufs: &mut [Vec<u8>], lens: &mut [usize], outgoing: &mut [bool]) -> io::Result<usize> {
-    let mut iovs: Vec<libc::iovec> = bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
-    // SAFETY: zeroed sockaddr_ll and mmsghdr are valid initial values.
-    let mut addrs: Vec<libc::sockaddr_ll> = (0..bufs.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
-    let mut msgs: Vec<libc::mmsghdr> = (0..bufs.len())
-        .map(|i| {
-            // SAFETY: as above.
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_iov = &mut iovs[i];
-            m.msg_hdr.msg_iovlen = 1;
-            m.msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_ll).cast();
-            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-            m
-        })
-        .collect();
-    // SAFETY: every mmsghdr points at a live iovec, buffer and address of this frame.
-    let n = unsafe { libc::recvmmsg(fd, msgs.as_mut_ptr(), msgs.len() as u32, libc::MSG_DONTWAIT | libc::MSG_TRUNC, std::ptr::null_mut()) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let n = n as usize;
-    for i in 0..n {
-        let len = msgs[i].msg_len as usize;
-        // A frame longer than the buffer (MSG_TRUNC gives its real length) is dropped whole.
-        lens[i] = if len > bufs[i].len() { 0 } else { len };
-        outgoing[i] = addrs[i].sll_pkttype == libc::PACKET_OUTGOING;
-    }
-    Ok(n)
-}
-
-/// Reads up to BATCH frames from a tap or macvtap (one frame per read).
-fn read_frames(fd: RawFd, bufs: &mut [Vec<u8>], lens: &mut [usize]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < bufs.len() {
-        // SAFETY: reading into an owned buffer of its length.
-        let r = unsafe { libc::read(fd, bufs[n].as_mut_ptr().cast(), bufs[n].len()) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if n > 0 && e.kind() == io::ErrorKind::WouldBlock {
-                break;
-            }
-            return Err(e);
-        }
-        lens[n] = r as usize;
-        n += 1;
-    }
-    Ok(n)
 }

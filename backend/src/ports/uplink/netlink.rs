@@ -5,7 +5,6 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 const RTM_NEWLINK: u16 = 16;
-const RTM_DELLINK: u16 = 17;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const NLM_F_EXCL: u16 = 0x200;
@@ -113,9 +112,4 @@ pub fn create_macvtap(parent_index: u32, name: &str, mac: Option<[u8; 6]>, mode:
     r.end_nest(data);
     r.end_nest(info);
     r.send()
-}
-
-/// `ip link del` by interface index.
-pub fn delete_link(index: u32) -> io::Result<()> {
-    Request::new(RTM_DELLINK, 0, index as i32).send()
 }

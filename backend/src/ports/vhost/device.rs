@@ -7,20 +7,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringMutex, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 use vunet_switch::vnet::{RxCaps, HDR_LEN, HDR_LEN_LEGACY};
 
-use crate::datapath::{flush_pending, process_tx, TxScratch};
-use crate::network::{GuestPort, Network, RxTarget};
-
-pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
-pub type Vring = VringMutex<GuestMem>;
+use crate::datapath::{flush_pending, process_tx, GuestMem, Network, Port, RxTarget, TxScratch, Vring};
 
 pub const RX_QUEUE: u16 = 0;
 pub const TX_QUEUE: u16 = 1;
@@ -66,7 +62,7 @@ pub fn hdr_len(features: u64) -> usize {
 /// The vhost-user backend of one guest port for one connection.
 pub struct PortDevice {
     net: Arc<Network>,
-    port: Arc<GuestPort>,
+    port: Arc<Port>,
     mem: GuestMem,
     acked: AtomicU64,
     event_idx: AtomicBool,
@@ -76,7 +72,7 @@ pub struct PortDevice {
 }
 
 impl PortDevice {
-    pub fn new(net: Arc<Network>, port: Arc<GuestPort>, mem: GuestMem) -> io::Result<Self> {
+    pub fn new(net: Arc<Network>, port: Arc<Port>, mem: GuestMem) -> io::Result<Self> {
         Ok(PortDevice {
             net,
             port,

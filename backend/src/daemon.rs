@@ -1,0 +1,68 @@
+//! The daemon: starts the networks of a configuration under a `Supervisor`, then the control
+//! socket and the metrics endpoint over it. The top of the backend's layers; `main.rs` only
+//! turns the command line into a call here.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::config::{io_reason, Config};
+use crate::datapath::Network;
+use crate::runtime::{private_dir, spawn, StartError, Supervisor};
+
+/// The running daemon: every network of a configuration, changeable at run time (control
+/// socket `port-add`/`port-del`, SIGHUP reload).
+pub struct Daemon {
+    pub shared: Arc<Supervisor>,
+}
+
+impl Daemon {
+    /// Starts every network and port of `cfg`. Sockets are checked and bound before this
+    /// returns, so a mistake is reported here, not later in a thread.
+    pub fn start(cfg: &Config) -> Result<Daemon, StartError> {
+        let mut listeners = Vec::new();
+        for n in &cfg.networks {
+            listeners.push(crate::runtime::bind_sockets(n)?);
+        }
+        if let Some(dir) = &cfg.state_dir {
+            std::fs::create_dir_all(dir).map_err(|e| StartError::StateDir { path: dir.clone(), reason: io_reason(&e) })?;
+        }
+        let internal_dir = private_dir().map_err(|e| {
+            StartError::Host(format!("cannot create a private directory in {}: {}", std::env::temp_dir().display(), io_reason(&e)))
+        })?;
+        let socket_dir = cfg
+            .control_socket
+            .as_deref()
+            .and_then(|c| c.parent())
+            .filter(|d| !d.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .or_else(|| cfg.networks.iter().flat_map(|n| &n.ports).find_map(|p| p.socket.parent().map(Path::to_path_buf)))
+            .unwrap_or_else(std::env::temp_dir);
+        let shared = Arc::new(Supervisor::new(internal_dir, socket_dir, cfg.state_dir.clone()));
+        for (n, l) in cfg.networks.iter().zip(listeners) {
+            shared.start_network(n, l)?;
+        }
+        if let Some(path) = &cfg.control_socket {
+            let listener = crate::control::bind(path, cfg.control_group.as_deref())?;
+            let s = shared.clone();
+            spawn("control".into(), move || crate::control::serve(listener, s))?;
+        }
+        if let Some(addr) = cfg.metrics_listen {
+            crate::metrics::start(addr, shared.clone())
+                .map_err(|e| StartError::Host(format!("metrics_listen {addr}: {}", io_reason(&e))))?;
+        }
+        Ok(Daemon { shared })
+    }
+
+    pub fn network(&self, name: &str) -> Option<Arc<Network>> {
+        self.shared.network(name)
+    }
+
+    pub fn networks(&self) -> Vec<Arc<Network>> {
+        self.shared.networks()
+    }
+
+    /// Applies a re-read configuration (SIGHUP); one line per thing done or refused.
+    pub fn apply(&self, new: &Config) -> Vec<String> {
+        self.shared.apply(new)
+    }
+}

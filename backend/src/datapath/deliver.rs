@@ -1,0 +1,448 @@
+//! Delivery: one frame into one receiver, with exactly one copy from the sender's memory.
+//! A guest receiver gets it in its RX ring (or behind a bounded backlog while its ring is
+//! full); a host link gets it with one `writev`, or queued for one batched send per TX batch.
+//! Only a receiver that cannot take the sender's offloads makes the frame go through a
+//! scratch buffer, completed or segmented in software.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use vhost_user_backend::VringT;
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
+use vunet_switch::offload::{complete_checksum, segment_tcp};
+use vunet_switch::vnet::{delivery, rx_header, Delivery, RxCaps, VnetHeader, HDR_LEN};
+use vunet_switch::{DropReason, PortId};
+
+use super::link::HostLink;
+use super::port::Port;
+use super::ring::{gather, write_rx, Mem, RxScratch, Seg};
+
+/// Per-worker reusable buffers, so the steady state never allocates.
+#[derive(Default)]
+pub struct TxScratch {
+    pub(super) tx_segs: Vec<Seg>,
+    pub(super) rx: RxScratch,
+    frame: Vec<u8>,
+    segment: Vec<u8>,
+    pub(super) gw_in: Vec<u8>,
+    pub(super) gw_out: Vec<u8>,
+    notify: Vec<PortId>,
+    /// Frames for uplinks gathered during a TX batch, sent with one `sendmmsg` per uplink
+    /// when the batch ends (they still point into the sender's guest memory, so the batch's
+    /// TX buffers are returned to the guest only after that).
+    link_sends: Vec<LinkSend>,
+    link_segs: Vec<Seg>,
+    pub(super) batching: bool,
+}
+
+/// One frame waiting in the TX batch for its uplink.
+struct LinkSend {
+    port: PortId,
+    len: usize,
+    hdr: [u8; HDR_LEN],
+    hdr_len: usize,
+    segs: std::ops::Range<usize>,
+}
+
+/// Frames waiting for a receiver whose ring was full, like a tap device's queue: a TCP
+/// burst into a momentarily slow guest is held (one extra copy) instead of dropped, and the
+/// sender never waits. Bounded in frames and bytes; beyond that, frames are dropped and counted.
+#[derive(Default)]
+pub struct Backlog {
+    frames: VecDeque<(VnetHeader, Vec<u8>)>,
+    bytes: usize,
+    pool: Vec<Vec<u8>>,
+}
+
+pub const BACKLOG_MAX_FRAMES: usize = 1024;
+pub const BACKLOG_MAX_BYTES: usize = 4 << 20;
+
+impl Backlog {
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    fn push(&mut self, hdr: VnetHeader, src: &[Seg], off: usize, len: usize) -> Result<(), DropReason> {
+        if self.frames.len() >= BACKLOG_MAX_FRAMES || self.bytes + len > BACKLOG_MAX_BYTES {
+            return Err(DropReason::NoRxBuffer);
+        }
+        let mut buf = self.pool.pop().unwrap_or_default();
+        buf.resize(len, 0);
+        gather(src, off, &mut buf);
+        self.bytes += len;
+        self.frames.push_back((hdr, buf));
+        Ok(())
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((_, buf)) = self.frames.pop_front() {
+            self.bytes -= buf.len();
+            if self.pool.len() < 64 {
+                self.pool.push(buf);
+            }
+        }
+    }
+}
+
+/// Writes as much of the backlog as the receiver's ring takes. Returns true if it emptied.
+fn flush_backlog(dest: &Port, backlog: &mut Backlog, q: &mut virtio_queue::Queue, mem: &Mem, caps: &RxCaps, cx: &mut TxScratch) -> bool {
+    while let Some((h, data)) = backlog.frames.front() {
+        match write_rx(q, mem, caps, *h, &[Seg::of_slice(data)], 0, data.len(), &mut cx.rx) {
+            Ok(()) => dest.counters.delivered(data.len()),
+            Err(DropReason::NoRxBuffer) => return false,
+            Err(e) => dest.counters.dropped(e),
+        }
+        backlog.pop_front();
+    }
+    true
+}
+
+/// Called when the receiving guest posts buffers (its RX kick): drain what waited for them.
+pub fn flush_pending(port: &Port, cx: &mut TxScratch) {
+    if !port.backlogged.load(Ordering::Acquire) {
+        return;
+    }
+    let mut target = port.rx.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(t) = target.as_mut() else { return };
+    if t.backlog.is_empty() {
+        return;
+    }
+    let dmem = t.mem.memory();
+    let mut vs = t.vring.get_mut();
+    if !vs.get_queue().ready() || !vs.is_enabled() {
+        return;
+    }
+    let caps = t.caps;
+    let q = vs.get_queue_mut();
+    let mut moved = false;
+    for _ in 0..4 {
+        let before = t.backlog.frames.len();
+        let done = flush_backlog(port, &mut t.backlog, q, &dmem, &caps, cx);
+        moved |= t.backlog.frames.len() != before;
+        if done {
+            // Nothing waits any more: no kicks needed until the ring is full again.
+            let _ = q.disable_notification(&*dmem);
+            break;
+        }
+        // Still waiting: ask for a kick when more buffers come; if some came meanwhile, retry.
+        if !q.enable_notification(&*dmem).unwrap_or(false) {
+            break;
+        }
+    }
+    port.backlogged.store(!t.backlog.is_empty(), Ordering::Release);
+    if moved && vs.needs_notification().unwrap_or(true) {
+        let _ = vs.signal_used_queue();
+    }
+}
+
+/// Delivers `len` bytes from `src` with header `hdr` into a receiver: straight into its ring,
+/// or behind frames already waiting in its backlog, or into the backlog if the ring is full.
+#[allow(clippy::too_many_arguments)]
+fn deliver_or_queue(
+    dest: &Port,
+    backlog: &mut Backlog,
+    q: &mut virtio_queue::Queue,
+    mem: &Mem,
+    caps: &RxCaps,
+    hdr: VnetHeader,
+    src: &[Seg],
+    off: usize,
+    len: usize,
+    cx: &mut TxScratch,
+) -> Result<(), DropReason> {
+    if !backlog.is_empty() && !flush_backlog(dest, backlog, q, mem, caps, cx) {
+        return backlog.push(hdr, src, off, len);
+    }
+    match write_rx(q, mem, caps, hdr, src, off, len, &mut cx.rx) {
+        Err(DropReason::NoRxBuffer) => {
+            backlog.push(hdr, src, off, len)?;
+            // Publish "something waits" before asking for the kick, so the kick's handler
+            // cannot miss it.
+            dest.backlogged.store(true, Ordering::SeqCst);
+            // Ask the guest to kick when it posts buffers; if it already did, flush now.
+            if q.enable_notification(mem).unwrap_or(false) {
+                flush_backlog(dest, backlog, q, mem, caps, cx);
+            }
+            Ok(())
+        }
+        r => r.map(|()| dest.counters.delivered(len)),
+    }
+}
+
+/// A frame from a TX chain, validated, still in the sender's memory.
+pub(super) struct TxFrame<'a> {
+    pub(super) segs: &'a [Seg],
+    /// Offset of the Ethernet header within `segs` (the sender's virtio-net header length).
+    pub(super) offset: usize,
+    pub(super) len: usize,
+    pub(super) hdr: VnetHeader,
+}
+
+/// Hands a frame made by vunet itself (a gateway answer from another thread, such as an
+/// upstream DNS answer) to a port, and interrupts its guest if it wants that.
+pub(super) fn deliver_made(port: &Port, frame: &[u8], cx: &mut TxScratch) {
+    let f = TxFrame { segs: &[Seg::of_slice(frame)], offset: 0, len: frame.len(), hdr: VnetHeader::default() };
+    deliver(port, &f, cx);
+    cx.notify.clear();
+    let target = port.rx.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = target.as_ref() {
+        let mut vs = t.vring.get_mut();
+        if vs.needs_notification().unwrap_or(true) {
+            let _ = vs.signal_used_queue();
+        }
+    }
+}
+
+/// Copies a frame for the port's captures (only while somebody captures).
+pub(super) fn capture(port: &Port, f: &TxFrame, cx: &mut TxScratch) {
+    let mut frame = std::mem::take(&mut cx.frame);
+    frame.resize(f.len, 0);
+    gather(f.segs, f.offset, &mut frame);
+    port.capture(&frame);
+    cx.frame = frame;
+}
+
+/// Most iovecs one frame is written with; a frame in more pieces is gathered first.
+const MAX_IOV: usize = 64;
+
+/// Sends `len` bytes of `src` from `off` on, behind a vnet header when the uplink takes one.
+fn send_link(
+    up: &dyn HostLink,
+    caps: &RxCaps,
+    hdr: &VnetHeader,
+    src: &[Seg],
+    off: usize,
+    len: usize,
+    gathered: &mut Vec<u8>,
+) -> Result<(), DropReason> {
+    let mut h = [0u8; HDR_LEN];
+    hdr.write(&mut h[..caps.hdr_len]);
+    let empty = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
+    let mut iov = [empty; MAX_IOV];
+    let mut n = 0;
+    if caps.hdr_len > 0 {
+        iov[0] = libc::iovec { iov_base: h.as_mut_ptr().cast(), iov_len: caps.hdr_len };
+        n = 1;
+    }
+    let (mut skip, mut left) = (off, len);
+    for s in src {
+        if left == 0 {
+            break;
+        }
+        if skip >= s.len {
+            skip -= s.len;
+            continue;
+        }
+        if n == MAX_IOV {
+            // Too many pieces: one contiguous copy instead.
+            gathered.resize(len, 0);
+            gather(src, off, gathered);
+            n = caps.hdr_len.min(1);
+            iov[n] = libc::iovec { iov_base: gathered.as_mut_ptr().cast(), iov_len: len };
+            return up.send(&iov[..n + 1]);
+        }
+        let take = (s.len - skip).min(left);
+        // SAFETY: within the segment, which is live for this call.
+        iov[n] = libc::iovec { iov_base: unsafe { s.ptr.add(skip) }.cast(), iov_len: take };
+        n += 1;
+        left -= take;
+        skip = 0;
+    }
+    up.send(&iov[..n])
+}
+
+/// Adds a frame to the batch's uplink sends: its header, and its bytes as segments of the
+/// sender's memory (no copy).
+fn queue_link(port: PortId, caps: &RxCaps, hdr: &VnetHeader, src: &[Seg], off: usize, len: usize, cx: &mut TxScratch) {
+    let mut h = [0u8; HDR_LEN];
+    hdr.write(&mut h[..caps.hdr_len]);
+    let start = cx.link_segs.len();
+    let (mut skip, mut left) = (off, len);
+    for s in src {
+        if left == 0 {
+            break;
+        }
+        if skip >= s.len {
+            skip -= s.len;
+            continue;
+        }
+        let take = (s.len - skip).min(left);
+        // SAFETY: within the segment, which stays live until the batch is flushed.
+        cx.link_segs.push(Seg { ptr: unsafe { s.ptr.add(skip) }, len: take });
+        left -= take;
+        skip = 0;
+    }
+    cx.link_sends.push(LinkSend { port, len, hdr: h, hdr_len: caps.hdr_len, segs: start..cx.link_segs.len() });
+}
+
+/// Sends the batch's uplink frames: one `sendmmsg` per uplink for all of its frames.
+pub(super) fn flush_links(ports: &[Arc<Port>], cx: &mut TxScratch) {
+    if cx.link_sends.is_empty() {
+        return;
+    }
+    let mut sends = std::mem::take(&mut cx.link_sends);
+    sends.sort_by_key(|s| s.port);
+    let mut iov: Vec<libc::iovec> = Vec::with_capacity(cx.link_segs.len() + sends.len());
+    let mut spans = Vec::with_capacity(sends.len());
+    for s in sends.iter_mut() {
+        let start = iov.len();
+        if s.hdr_len > 0 {
+            iov.push(libc::iovec { iov_base: s.hdr.as_mut_ptr().cast(), iov_len: s.hdr_len });
+        }
+        for seg in &cx.link_segs[s.segs.clone()] {
+            iov.push(libc::iovec { iov_base: seg.ptr.cast(), iov_len: seg.len });
+        }
+        spans.push(start..iov.len());
+    }
+    let mut i = 0;
+    while i < sends.len() {
+        let port = sends[i].port;
+        let j = sends[i..].iter().position(|s| s.port != port).map_or(sends.len(), |k| i + k);
+        if let Some(dest) = ports.get(port) {
+            if let Some(up) = dest.link.as_deref() {
+                let failed = up.send_batch(&mut iov, &spans[i..j]);
+                for (k, s) in sends[i..j].iter().enumerate() {
+                    match failed.iter().find(|(at, _)| *at == k) {
+                        Some(&(_, e)) => dest.counters.dropped(e),
+                        None => dest.counters.delivered(s.len),
+                    }
+                }
+            }
+        }
+        i = j;
+    }
+    sends.clear();
+    cx.link_sends = sends;
+    cx.link_segs.clear();
+}
+
+/// Delivers a frame to an uplink: offloads pass to the kernel with the vnet header; without
+/// one, checksums are completed and TSO frames segmented here.
+fn deliver_link(dest: &Port, up: &dyn HostLink, f: &TxFrame, cx: &mut TxScratch) {
+    let Some(caps) = up.caps() else {
+        dest.counters.dropped(DropReason::PortDown);
+        return;
+    };
+    let mut frame = std::mem::take(&mut cx.frame);
+    let mut seg = std::mem::take(&mut cx.segment);
+    let result = match delivery(&f.hdr, &caps) {
+        Delivery::PassThrough if cx.batching && up.batches() => {
+            // Counted when the batch is sent.
+            queue_link(dest.id, &caps, &rx_header(&f.hdr, 0), f.segs, f.offset, f.len, cx);
+            Ok(0)
+        }
+        Delivery::PassThrough => send_link(up, &caps, &rx_header(&f.hdr, 0), f.segs, f.offset, f.len, &mut frame).map(|()| f.len),
+        Delivery::CompleteChecksum => {
+            frame.resize(f.len, 0);
+            gather(f.segs, f.offset, &mut frame);
+            complete_checksum(&mut frame, f.hdr.csum_start as usize, f.hdr.csum_offset as usize)
+                .and_then(|_| send_link(up, &caps, &VnetHeader::default(), &[Seg::of_slice(&frame)], 0, frame.len(), &mut Vec::new()))
+                .map(|()| f.len)
+        }
+        Delivery::Segment => {
+            frame.resize(f.len, 0);
+            gather(f.segs, f.offset, &mut frame);
+            let mut sent = 0;
+            segment_tcp(&frame, &f.hdr, &mut seg, |s| {
+                match send_link(up, &caps, &VnetHeader::default(), &[Seg::of_slice(s)], 0, s.len(), &mut Vec::new()) {
+                    Ok(()) => sent += s.len(),
+                    Err(e) => dest.counters.dropped(e),
+                }
+            })
+            .map(|_| sent)
+        }
+    };
+    cx.frame = frame;
+    cx.segment = seg;
+    match result {
+        Ok(0) => {}
+        Ok(n) => dest.counters.delivered(n),
+        Err(e) => dest.counters.dropped(e),
+    }
+}
+
+/// Delivers one frame to one receiving port, counting a drop on the receiver if it cannot take
+/// it (not connected, ring and backlog full, buffers too small).
+pub(super) fn deliver(dest: &Port, f: &TxFrame, cx: &mut TxScratch) {
+    if dest.capturing.load(Ordering::Relaxed) {
+        capture(dest, f, cx);
+    }
+    if let Some(up) = dest.link.as_deref() {
+        deliver_link(dest, up, f, cx);
+        return;
+    }
+    if !dest.connected.load(Ordering::Relaxed) {
+        dest.counters.dropped(DropReason::PortDown);
+        return;
+    }
+    let mut target = dest.rx.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(t) = target.as_mut() else {
+        dest.counters.dropped(DropReason::PortDown);
+        return;
+    };
+    let dmem = t.mem.memory();
+    let mut vs = t.vring.get_mut();
+    if !vs.get_queue().ready() || !vs.is_enabled() {
+        dest.counters.dropped(DropReason::PortDown);
+        return;
+    }
+    let caps = t.caps;
+    let backlog = &mut t.backlog;
+    let q = vs.get_queue_mut();
+    let result = match delivery(&f.hdr, &caps) {
+        Delivery::PassThrough => deliver_or_queue(dest, backlog, q, &dmem, &caps, rx_header(&f.hdr, 0), f.segs, f.offset, f.len, cx),
+        Delivery::CompleteChecksum => {
+            let mut frame = std::mem::take(&mut cx.frame);
+            frame.resize(f.len, 0);
+            gather(f.segs, f.offset, &mut frame);
+            let r = complete_checksum(&mut frame, f.hdr.csum_start as usize, f.hdr.csum_offset as usize).and_then(|_| {
+                deliver_or_queue(dest, backlog, q, &dmem, &caps, VnetHeader::default(), &[Seg::of_slice(&frame)], 0, frame.len(), cx)
+            });
+            cx.frame = frame;
+            r
+        }
+        Delivery::Segment => {
+            let mut frame = std::mem::take(&mut cx.frame);
+            let mut seg = std::mem::take(&mut cx.segment);
+            frame.resize(f.len, 0);
+            gather(f.segs, f.offset, &mut frame);
+            let r = segment_tcp(&frame, &f.hdr, &mut seg, |s| {
+                if let Err(e) = deliver_or_queue(dest, backlog, q, &dmem, &caps, VnetHeader::default(), &[Seg::of_slice(s)], 0, s.len(), cx)
+                {
+                    dest.counters.dropped(e);
+                }
+            });
+            cx.frame = frame;
+            cx.segment = seg;
+            r.map(|_| ())
+        }
+    };
+    dest.backlogged.store(!backlog.is_empty(), Ordering::Release);
+    match result {
+        Ok(()) => mark_notify(cx, dest.id),
+        Err(e) => dest.counters.dropped(e),
+    }
+}
+
+fn mark_notify(cx: &mut TxScratch, id: PortId) {
+    if !cx.notify.contains(&id) {
+        cx.notify.push(id);
+    }
+}
+
+/// One interrupt per receiver per batch (and none when EVENT_IDX says the guest is not
+/// waiting).
+pub(super) fn notify_receivers(ports: &[Arc<Port>], cx: &mut TxScratch) {
+    for id in cx.notify.drain(..) {
+        let Some(dest) = ports.get(id) else { continue };
+        let target = dest.rx.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = target.as_ref() {
+            let mut vs = t.vring.get_mut();
+            if vs.needs_notification().unwrap_or(true) {
+                let _ = vs.signal_used_queue();
+            }
+        }
+    }
+}

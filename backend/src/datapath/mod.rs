@@ -1,0 +1,32 @@
+//! The data path: the bottom layer of the backend. It holds the state that frames are
+//! switched with (networks, ports, the seams to host links and gateway services) and moves
+//! frames from a guest's TX ring to the receivers' RX rings with exactly one copy, done by the
+//! sender's worker thread: descriptor addresses are resolved into host pointers once, and bytes
+//! move straight from the sender's guest memory into the receiver's.
+//!
+//! It imports only `config` and the pure crates below it (`vunet-switch`, `vunet-dhcp`); port
+//! kinds (`ports/`) and gateway services (`services/`) plug in through `HostLink`,
+//! `GatewayService` and `Inject` (a test in backend/tests/layers.rs keeps that true).
+//!
+//! - `port`: `Network`, `Port`, `PortKind`, `RxTarget`
+//! - `link`: trait `HostLink`; `service`: trait `GatewayService`
+//! - `ring`: guest memory, descriptor chains, RX writes
+//! - `deliver`: one frame into one receiver, backlog, notification, link sends
+//! - `switch`: the switching step (`process_tx`), the router, service dispatch
+//! - `inject`: the door for frames vunet makes or reads from host links
+
+mod deliver;
+mod inject;
+mod link;
+mod port;
+mod ring;
+mod service;
+mod switch;
+
+pub use deliver::{flush_pending, TxScratch, BACKLOG_MAX_FRAMES};
+pub use inject::Inject;
+pub use link::HostLink;
+pub use port::{unix_now, Captured, Network, Port, PortKind, RxTarget};
+pub use ring::{GuestMem, Vring};
+pub use service::{GatewayService, Handled};
+pub use switch::process_tx;

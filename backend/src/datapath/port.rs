@@ -1,0 +1,271 @@
+//! The state the data path reads: a network, its ports, and where each port's receivers
+//! write. Built by the run-time layer, shared by every thread of the network.
+
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tracing::warn;
+use vunet_dhcp::DhcpServer;
+use vunet_switch::gateway::Gateway;
+use vunet_switch::router::Router;
+use vunet_switch::vnet::RxCaps;
+use vunet_switch::{DropReason, Mac, MacTable, PortCounters, PortId};
+
+use super::deliver::Backlog;
+use super::link::HostLink;
+use super::ring::{GuestMem, Vring};
+use super::service::GatewayService;
+use crate::config::{Mode, PortMode};
+
+/// What a port is attached to. Read where behaviour differs (listings, removal, the
+/// uplink's own thread), never from the port's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortKind {
+    /// A guest NIC served over a vhost-user socket.
+    Vhost,
+    /// The network's way out: a host link (af-packet, macvtap, tap uplink).
+    Uplink,
+    /// A tap on the host attached like a guest (`[[network.port]] tap = ...`).
+    Tap,
+}
+
+/// A captured frame: when, and its bytes.
+pub type Captured = (Duration, Vec<u8>);
+
+/// Where a port's senders write: the RX ring and memory of the guest connected right now.
+pub struct RxTarget {
+    pub vring: Vring,
+    pub mem: GuestMem,
+    pub caps: RxCaps,
+    /// Frames waiting for receive buffers.
+    pub backlog: Backlog,
+}
+
+/// A switch port: its kind, counters, and where frames for it go (a guest's RX ring, or a
+/// host link).
+pub struct Port {
+    pub id: PortId,
+    pub name: String,
+    pub kind: PortKind,
+    pub socket: PathBuf,
+    pub mode: PortMode,
+    pub mac: Option<Mac>,
+    pub counters: PortCounters,
+    pub rx: Mutex<Option<RxTarget>>,
+    /// Port security on this port (own MAC, own leased IP, no DHCP server).
+    pub security: bool,
+    /// The MAC the port is locked to (bit 48 set when locked): the configured one, else the
+    /// first one its guest sends with.
+    locked_mac: AtomicU64,
+    /// The IPv4 address the port's guest holds a lease for (0: none).
+    leased_ip: AtomicU32,
+    /// Set while frames wait in the receive backlog, so an RX kick with nothing to flush does
+    /// not take the lock the senders are using.
+    pub backlogged: AtomicBool,
+    pub connected: AtomicBool,
+    /// Virtio features acked on the current connection.
+    pub features: AtomicU64,
+    /// Number of vhost-user connections so far.
+    pub connections: AtomicU64,
+    last_log_ms: AtomicU64,
+    /// Set on uplinks and taps: frames for this port go to a host link, not a guest.
+    pub link: Option<Arc<dyn HostLink>>,
+    /// The uplink of a nat or route network: not switched at L2 with the guests; its frames
+    /// go through the router.
+    pub routed: bool,
+    /// Set when the port is deleted at run time; its thread ends, its slot stays (port ids
+    /// index the network's port list).
+    pub removed: AtomicBool,
+    /// The current VMM connection, to cut it when the port is removed.
+    pub conn: Mutex<Option<UnixStream>>,
+    /// Set while at least one `vunet capture` listens on this port.
+    pub capturing: AtomicBool,
+    captures: Mutex<Vec<SyncSender<Captured>>>,
+}
+
+/// One virtual network: its ports, its switch, and the gateway services it runs.
+pub struct Network {
+    pub name: String,
+    pub mode: Mode,
+    pub mtu: u16,
+    /// The network's own endpoint at its gateway address, if it has one.
+    pub gateway: Option<Gateway>,
+    /// What answers frames for the gateway, in order (ARP/ICMP, DHCP, DNS...).
+    pub services: Vec<Arc<dyn GatewayService>>,
+    /// The gateway's DHCP server state (port security and the listings read its leases).
+    pub dhcp: Option<Mutex<DhcpServer>>,
+    pub ports: RwLock<Vec<Arc<Port>>>,
+    pub macs: Mutex<MacTable>,
+    epoch: Instant,
+    /// Set when the network is taken out of a running daemon; its threads end.
+    pub stopped: AtomicBool,
+    /// The router between the guests and the uplink (nat and route networks).
+    pub router: Option<Mutex<Router>>,
+    /// Whether the uplink address comes from a DHCP lease over the uplink.
+    pub uplink_dhcp: bool,
+}
+
+const LOCKED: u64 = 1 << 48;
+
+fn mac_word(m: &Mac) -> u64 {
+    m.iter().fold(LOCKED, |w, &b| (w & !LOCKED) << 8 | b as u64 | LOCKED)
+}
+
+impl Port {
+    /// A port with nothing attached yet: not connected, no security, no link.
+    pub fn new(id: PortId, name: impl Into<String>, kind: PortKind) -> Port {
+        Port {
+            id,
+            name: name.into(),
+            kind,
+            socket: PathBuf::new(),
+            mode: PortMode::Server,
+            mac: None,
+            counters: PortCounters::default(),
+            rx: Mutex::new(None),
+            security: false,
+            locked_mac: AtomicU64::new(0),
+            leased_ip: AtomicU32::new(0),
+            backlogged: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+            features: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            last_log_ms: AtomicU64::new(0),
+            link: None,
+            routed: false,
+            removed: AtomicBool::new(false),
+            conn: Mutex::new(None),
+            capturing: AtomicBool::new(false),
+            captures: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Sets the configured MAC, which the port is locked to from the start.
+    pub fn with_mac(mut self, mac: Option<Mac>) -> Port {
+        self.mac = mac;
+        self.locked_mac = AtomicU64::new(mac.map(|m| mac_word(&m)).unwrap_or(0));
+        self
+    }
+
+    /// The MAC this port is locked to, locking it to `seen` if it is not yet. On first lock
+    /// the address leased to that MAC (if any) becomes the port's.
+    pub fn lock_mac(&self, seen: Mac, net: &Network) -> Mac {
+        let w = self.locked_mac.load(Ordering::Relaxed);
+        if w & LOCKED != 0 {
+            return (w & !LOCKED).to_be_bytes()[2..8].try_into().unwrap_or(seen);
+        }
+        if self.locked_mac.compare_exchange(0, mac_word(&seen), Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            if let Some(ip) = net.dhcp.as_ref().and_then(|d| d.lock().unwrap_or_else(|e| e.into_inner()).ip_of(&seen, unix_now())) {
+                self.leased_ip.store(u32::from(ip), Ordering::Relaxed);
+            }
+            return seen;
+        }
+        self.lock_mac(seen, net)
+    }
+
+    pub fn locked_mac(&self) -> Option<Mac> {
+        let w = self.locked_mac.load(Ordering::Relaxed);
+        (w & LOCKED != 0).then(|| (w & !LOCKED).to_be_bytes()[2..8].try_into().unwrap_or([0; 6]))
+    }
+
+    pub fn leased_ip(&self) -> Option<Ipv4Addr> {
+        match self.leased_ip.load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(Ipv4Addr::from(v)),
+        }
+    }
+
+    /// Records the address the port's guest leased (None: released, declined).
+    pub fn set_leased_ip(&self, ip: Option<Ipv4Addr>) {
+        self.leased_ip.store(ip.map_or(0, u32::from), Ordering::Relaxed);
+    }
+
+    /// Starts sending this port's frames to a capture.
+    pub fn add_capture(&self, tx: SyncSender<Captured>) {
+        let mut c = self.captures.lock().unwrap_or_else(|e| e.into_inner());
+        c.push(tx);
+        self.capturing.store(true, Ordering::Release);
+    }
+
+    /// Hands a copy of a frame seen on this port to its captures; forgets captures whose
+    /// client is gone. Called only while `capturing` is set.
+    pub fn capture(&self, frame: &[u8]) {
+        let ts = wall_clock();
+        let mut c = self.captures.lock().unwrap_or_else(|e| e.into_inner());
+        c.retain(|tx| !matches!(tx.try_send((ts, frame.to_vec())), Err(std::sync::mpsc::TrySendError::Disconnected(_))));
+        if c.is_empty() {
+            self.capturing.store(false, Ordering::Release);
+        }
+    }
+
+    /// A guest left: the next one may have another MAC and must lease its address anew.
+    pub fn forget_guest(&self) {
+        self.locked_mac.store(self.mac.map(|m| mac_word(&m)).unwrap_or(0), Ordering::Relaxed);
+        self.leased_ip.store(0, Ordering::Relaxed);
+    }
+}
+
+impl Network {
+    /// A network with no gateway, services, router or ports yet.
+    pub fn new(name: impl Into<String>, mode: Mode, mtu: u16) -> Network {
+        Network {
+            name: name.into(),
+            mode,
+            mtu,
+            gateway: None,
+            services: Vec::new(),
+            dhcp: None,
+            ports: RwLock::new(Vec::new()),
+            macs: Mutex::new(MacTable::default()),
+            epoch: Instant::now(),
+            stopped: AtomicBool::new(false),
+            router: None,
+            uplink_dhcp: false,
+        }
+    }
+
+    /// Milliseconds since the network started: the switch's clock.
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The live port named `name`.
+    pub fn port(&self, name: &str) -> Option<Arc<Port>> {
+        self.ports.read().unwrap_or_else(|e| e.into_inner()).iter().find(|p| p.name == name && !p.removed.load(Ordering::Acquire)).cloned()
+    }
+
+    /// The port with id `id`, removed or not.
+    pub fn port_by_id(&self, id: PortId) -> Option<Arc<Port>> {
+        self.ports.read().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+    }
+
+    /// The ports that have not been removed.
+    pub fn live_ports(&self) -> Vec<Arc<Port>> {
+        self.ports.read().unwrap_or_else(|e| e.into_inner()).iter().filter(|p| !p.removed.load(Ordering::Acquire)).cloned().collect()
+    }
+
+    /// Logs a dropped frame at most once per second per port: a hostile guest can make drops
+    /// at line rate, the log must not follow it.
+    pub fn log_drop(&self, port: &Port, r: DropReason) {
+        let now = self.now_ms() + 1000;
+        let last = port.last_log_ms.load(Ordering::Relaxed);
+        if now >= last + 1000 && port.last_log_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            warn!(network = %self.name, port = %port.name, reason = r.name(), "dropped a frame from the guest (further drops counted, logged at most once a second)");
+        }
+    }
+}
+
+/// Seconds since the Unix epoch: the DHCP server's clock, so lease expiries survive restarts.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The current time as a pcap timestamp.
+pub fn wall_clock() -> Duration {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
+}

@@ -1,0 +1,248 @@
+//! Guest memory and virtqueue rings: descriptor chains resolved into bounds-checked host
+//! segments, copies between scatter lists, and writing a frame into a receiver's RX ring.
+//! Nothing here knows about switching or ports.
+
+use vhost_user_backend::VringMutex;
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
+use vunet_switch::vnet::{RxCaps, VnetHeader, HDR_LEN};
+use vunet_switch::DropReason;
+
+/// A guest's memory as the data path reads it.
+pub type Mem = GuestMemoryMmap<()>;
+/// The memory of the guest connected to a port right now (swapped on each connection).
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// One virtqueue of a guest port, with its own lock.
+pub type Vring = VringMutex<GuestMem>;
+
+/// A resolved, bounds-checked piece of guest memory (or of a scratch buffer).
+#[derive(Clone, Copy)]
+pub struct Seg {
+    pub(super) ptr: *mut u8,
+    pub(super) len: usize,
+}
+
+// SAFETY: a Seg is only dereferenced while the memory guard it was resolved from is alive,
+// within one call on one thread; storing it in a struct that crosses threads between calls is
+// harmless because stale Segs are cleared before reuse.
+unsafe impl Send for Seg {}
+
+impl Seg {
+    /// A read-only source segment over a byte slice.
+    pub(super) fn of_slice(b: &[u8]) -> Seg {
+        Seg { ptr: b.as_ptr() as *mut u8, len: b.len() }
+    }
+    /// A destination segment over a mutable byte slice.
+    pub(super) fn of_mut(b: &mut [u8]) -> Seg {
+        Seg { ptr: b.as_mut_ptr(), len: b.len() }
+    }
+}
+
+/// Copies `len` bytes from the scatter list `src` (starting `src_off` bytes in) into the
+/// scatter list `dst` (starting `dst_off` bytes in). The caller guarantees both lists hold
+/// enough bytes.
+pub(super) fn copy_segs(dst: &[Seg], mut dst_off: usize, src: &[Seg], mut src_off: usize, mut len: usize) {
+    let (mut di, mut si) = (0, 0);
+    while di < dst.len() && dst_off >= dst[di].len {
+        dst_off -= dst[di].len;
+        di += 1;
+    }
+    while si < src.len() && src_off >= src[si].len {
+        src_off -= src[si].len;
+        si += 1;
+    }
+    while len > 0 && di < dst.len() && si < src.len() {
+        let n = len.min(dst[di].len - dst_off).min(src[si].len - src_off);
+        // SAFETY: both ranges were resolved from live mappings (guest memory regions held by a
+        // memory guard for the duration of this call, or a scratch Vec borrowed by the caller)
+        // and `n` stays within each segment. Source and destination are different buffers
+        // (different guests, or a scratch buffer), so they do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src[si].ptr.add(src_off), dst[di].ptr.add(dst_off), n) };
+        len -= n;
+        dst_off += n;
+        src_off += n;
+        if dst_off == dst[di].len {
+            di += 1;
+            dst_off = 0;
+        }
+        if src_off == src[si].len {
+            si += 1;
+            src_off = 0;
+        }
+    }
+}
+
+/// Gathers up to `out.len()` bytes starting at `off` of a scatter list; returns how many.
+pub(super) fn gather(src: &[Seg], off: usize, out: &mut [u8]) -> usize {
+    let total: usize = src.iter().map(|s| s.len).sum();
+    let n = out.len().min(total.saturating_sub(off));
+    copy_segs(&[Seg::of_mut(out)], 0, src, off, n);
+    n
+}
+
+/// Resolves `len` bytes at `addr` into one or more segments (a buffer may straddle regions).
+pub(super) fn resolve(mem: &Mem, addr: vm_memory::GuestAddress, len: usize, out: &mut Vec<Seg>) -> Result<(), DropReason> {
+    if len == 0 {
+        return Ok(());
+    }
+    if let Ok(s) = mem.get_slice(addr, len) {
+        out.push(Seg { ptr: s.ptr_guard_mut().as_ptr(), len });
+        return Ok(());
+    }
+    for s in mem.get_slices(addr, len) {
+        let s = s.map_err(|_| DropReason::BadAddress)?;
+        out.push(Seg { ptr: s.ptr_guard_mut().as_ptr(), len: s.len() });
+    }
+    Ok(())
+}
+
+/// Walks a descriptor chain, resolving every descriptor that the device may read (TX,
+/// `writable == false`) or write (RX, `writable == true`). Returns the total length.
+/// A chain that ends while still flagged NEXT was cut short by the queue-size bound (a loop)
+/// or by an unreadable descriptor table, and is refused.
+pub(super) fn collect_chain(
+    chain: DescriptorChain<&Mem>,
+    mem: &Mem,
+    writable: bool,
+    limit: usize,
+    out: &mut Vec<Seg>,
+) -> Result<usize, DropReason> {
+    let mut total = 0usize;
+    let mut count = 0usize;
+    let mut last_has_next = false;
+    let mut err = None;
+    for d in chain {
+        count += 1;
+        last_has_next = d.has_next();
+        if d.is_write_only() != writable {
+            err = err.or(Some(DropReason::BadDescriptor));
+            continue;
+        }
+        total += d.len() as usize;
+        if total > limit {
+            err = err.or(Some(DropReason::Oversize));
+            continue;
+        }
+        if err.is_none() {
+            if let Err(e) = resolve(mem, d.addr(), d.len() as usize, out) {
+                err = Some(e);
+            }
+        }
+    }
+    if last_has_next {
+        return Err(DropReason::ChainLoop);
+    }
+    if count == 0 {
+        return Err(DropReason::ShortFrame);
+    }
+    match err {
+        Some(e) => Err(e),
+        None => Ok(total),
+    }
+}
+
+/// Reusable lists for one RX write, so the steady state never allocates.
+#[derive(Default)]
+pub struct RxScratch {
+    segs: Vec<Seg>,
+    chains: Vec<(u16, usize)>,
+}
+
+/// Writes a virtio-net header and `len` bytes from `src` (from `src_off` on) into the
+/// receiver's RX ring: one chain, or with MRG_RXBUF as many as needed (`num_buffers`).
+/// On failure every chain taken is put back untouched.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn write_rx(
+    q: &mut virtio_queue::Queue,
+    mem: &Mem,
+    caps: &RxCaps,
+    mut hdr: VnetHeader,
+    src: &[Seg],
+    src_off: usize,
+    len: usize,
+    rx: &mut RxScratch,
+) -> Result<(), DropReason> {
+    let need = caps.hdr_len + len;
+    rx.segs.clear();
+    rx.chains.clear();
+    let mut cap = 0usize;
+    let rollback = |q: &mut virtio_queue::Queue, n: usize| {
+        for _ in 0..n {
+            q.go_to_previous_position();
+        }
+    };
+    while cap < need {
+        // Not pop_descriptor_chain: it logs every failure, and a guest with a corrupt avail
+        // index would turn each frame sent to it into a log line.
+        let next = match q.iter(mem) {
+            Ok(mut it) => it.next(),
+            Err(_) => None,
+        };
+        let Some(chain) = next else {
+            rollback(q, rx.chains.len());
+            return Err(DropReason::NoRxBuffer);
+        };
+        let head = chain.head_index();
+        let start = rx.segs.len();
+        match collect_chain(chain, mem, true, usize::MAX >> 1, &mut rx.segs) {
+            Ok(c) => {
+                rx.chains.push((head, c));
+                cap += c;
+            }
+            Err(_) if rx.chains.is_empty() => {
+                // A broken receive buffer is handed back empty so the guest gets it back.
+                rx.segs.truncate(start);
+                let _ = q.add_used(mem, head, 0);
+                continue;
+            }
+            Err(e) => {
+                rollback(q, rx.chains.len() + 1);
+                return Err(e);
+            }
+        }
+        if !caps.mrg_rxbuf && cap < need {
+            rollback(q, 1);
+            return Err(DropReason::RxBufferTooSmall);
+        }
+    }
+    hdr.num_buffers = rx.chains.len() as u16;
+    let mut h = [0u8; HDR_LEN];
+    hdr.write(&mut h[..caps.hdr_len]);
+    copy_segs(&rx.segs, 0, &[Seg::of_slice(&h[..caps.hdr_len])], 0, caps.hdr_len);
+    copy_segs(&rx.segs, caps.hdr_len, src, src_off, len);
+    let mut left = need;
+    for &(head, c) in &rx.chains {
+        let used = c.min(left);
+        left -= used;
+        let _ = q.add_used(mem, head, used as u32);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_across_uneven_segments() {
+        let src_a: Vec<u8> = (0..10).collect();
+        let src_b: Vec<u8> = (10..25).collect();
+        let mut d1 = vec![0u8; 7];
+        let mut d2 = vec![0u8; 3];
+        let mut d3 = vec![0u8; 20];
+        let src = [Seg::of_slice(&src_a), Seg::of_slice(&src_b)];
+        let dst = [Seg::of_mut(&mut d1), Seg::of_mut(&mut d2), Seg::of_mut(&mut d3)];
+        copy_segs(&dst, 2, &src, 3, 20);
+        let mut all = d1.clone();
+        all.extend(&d2);
+        all.extend(&d3);
+        let want: Vec<u8> = [vec![0, 0], (3..23).collect::<Vec<u8>>(), vec![0; 8]].concat();
+        assert_eq!(all, want);
+        let mut out = [0u8; 30];
+        assert_eq!(gather(&src, 20, &mut out), 5);
+        assert_eq!(&out[..5], &[20, 21, 22, 23, 24]);
+        d1.clear();
+        d2.clear();
+        d3.clear();
+    }
+}

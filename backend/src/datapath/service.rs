@@ -1,0 +1,26 @@
+//! The seam between the switching step and the gateway's services. A frame for the gateway
+//! (its MAC, or broadcast) is offered to the network's services in order; the first that
+//! takes it ends the search. A new service (router advertisements, DHCPv6) is a new type in
+//! `services/` and one more entry in the list the run-time layer builds.
+
+use vunet_switch::gateway::Gateway;
+
+use super::port::{Network, Port};
+
+/// What a service did with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// Not for this service: offer it to the next.
+    NotMine,
+    /// Taken; nothing to send now (an answer may come later through `Inject`).
+    Consumed,
+    /// Taken; `reply` holds the frame to send back to the sending port.
+    Reply,
+}
+
+/// One service the gateway runs (ARP/ICMP, DHCP, DNS over UDP or TCP...).
+pub trait GatewayService: Send + Sync {
+    /// Looks at a complete frame (checksums filled in, no GSO) that `port` sent to the
+    /// gateway `gw` or broadcast; writes an answer into `reply` when it returns `Reply`.
+    fn handle(&self, net: &Network, gw: &Gateway, port: &Port, frame: &[u8], reply: &mut Vec<u8>) -> Handled;
+}

@@ -1,0 +1,358 @@
+//! The switching step: frames leave a guest's TX ring (or come from a host link) and are
+//! validated, checked against port security, learned, and switched: to one port, flooded, to
+//! the router of a nat or route network, or to the gateway's services.
+//!
+//! Locks: a sender holds its own TX vring and takes one receiver's RX lock at a time, so two
+//! guests sending to each other never wait on each other in a cycle.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use vhost_user_backend::VringT;
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vunet_switch::offload::complete_checksum;
+use vunet_switch::port_security;
+use vunet_switch::router::{Emit, Side, Verdict};
+use vunet_switch::vnet::{VnetHeader, HDR_LEN};
+use vunet_switch::{dst_mac, is_multicast, src_mac, Decision, DropReason, MAX_FRAME_LEN, MIN_FRAME_LEN};
+
+use super::deliver::{capture, deliver, flush_links, notify_receivers, TxFrame, TxScratch};
+use super::port::{Network, Port};
+use super::ring::{collect_chain, gather, Mem, Seg, Vring};
+use super::service::Handled;
+
+/// Frames taken from a TX ring per round before the used ring is published and receivers are
+/// notified. Bounds the latency one busy sender adds to the others.
+pub const TX_BATCH: usize = 128;
+
+/// Drains `port`'s TX ring: validate, switch, deliver. Called on every TX kick.
+pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len: usize, event_idx: bool, cx: &mut TxScratch) {
+    let ports = net.ports.read().unwrap_or_else(|e| e.into_inner());
+    // One read of the guest's avail index per batch, not one per frame: that cache line is
+    // the one the guest keeps writing.
+    let mut chains: Vec<DescriptorChain<&Mem>> = Vec::with_capacity(TX_BATCH);
+    loop {
+        let mut vs = vring.get_mut();
+        if !vs.get_queue().ready() || !vs.is_enabled() {
+            return;
+        }
+        if event_idx {
+            let _ = vs.disable_notification();
+        }
+        let now = net.now_ms();
+        chains.clear();
+        match vs.get_queue_mut().iter(mem) {
+            Ok(it) => chains.extend(it.take(TX_BATCH)),
+            // An avail index more than a ring ahead: the guest's ring is corrupt. Leave it
+            // alone; the guest's reset will set it up again.
+            Err(_) => {
+                port.counters.dropped(DropReason::BadDescriptor);
+                return;
+            }
+        }
+        let n = chains.len();
+        let mut heads = [0u16; TX_BATCH];
+        cx.batching = true;
+        for (i, chain) in chains.drain(..).enumerate() {
+            let head = chain.head_index();
+            heads[i] = head;
+            cx.tx_segs.clear();
+            match collect_chain(chain, mem, false, hdr_len + MAX_FRAME_LEN, &mut cx.tx_segs) {
+                Ok(total) => {
+                    let segs = std::mem::take(&mut cx.tx_segs);
+                    if let Err(r) = switch_frame(net, &ports, port, &segs, total, hdr_len, now, cx) {
+                        port.counters.dropped(r);
+                        net.log_drop(port, r);
+                    }
+                    cx.tx_segs = segs;
+                }
+                Err(r) => {
+                    port.counters.dropped(r);
+                    net.log_drop(port, r);
+                }
+            }
+        }
+        cx.batching = false;
+        flush_links(&ports, cx);
+        // TX buffers are returned with length 0 whatever happened to the frame, and only now:
+        // the uplink sends above read from them.
+        for &head in &heads[..n] {
+            if vs.get_queue_mut().add_used(mem, head, 0).is_err() {
+                break;
+            }
+        }
+        notify_receivers(&ports, cx);
+        if vs.needs_notification().unwrap_or(true) {
+            let _ = vs.signal_used_queue();
+        }
+        if n == TX_BATCH {
+            continue;
+        }
+        if event_idx && vs.enable_notification().unwrap_or(false) {
+            continue;
+        }
+        return;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn switch_frame(
+    net: &Network,
+    ports: &[Arc<Port>],
+    port: &Port,
+    segs: &[Seg],
+    total: usize,
+    hdr_len: usize,
+    now: u64,
+    cx: &mut TxScratch,
+) -> Result<(), DropReason> {
+    if total < hdr_len + MIN_FRAME_LEN {
+        return Err(DropReason::ShortFrame);
+    }
+    let len = total - hdr_len;
+    // The virtio-net header and enough of the frame for the switch and port security.
+    let mut head = [0u8; HDR_LEN + port_security::HEADER_BYTES];
+    let seen = hdr_len + port_security::HEADER_BYTES.min(len);
+    gather(segs, 0, &mut head[..seen]);
+    let hdr = VnetHeader::parse(&head[..hdr_len]);
+    hdr.validate_tx(len, net.mtu as usize)?;
+    let eth = &head[hdr_len..hdr_len + 14];
+    let (src, dst) = (src_mac(eth), dst_mac(eth));
+    if is_multicast(&src) || net.gateway.is_some_and(|g| g.mac == src) {
+        return Err(DropReason::BadSourceMac);
+    }
+    if port.security {
+        let mac = port.lock_mac(src, net);
+        match port_security::check(&head[hdr_len..seen], &mac, port.leased_ip()) {
+            Err(DropReason::SpoofedIp) if routes_behind(net, port, &head[hdr_len..seen]) => {}
+            r => r?,
+        }
+    }
+    port.counters.received(len);
+    let frame = TxFrame { segs, offset: hdr_len, len, hdr };
+    if port.capturing.load(Ordering::Relaxed) {
+        capture(port, &frame, cx);
+    }
+    let to_gateway = net.gateway.is_some_and(|g| g.wants(&dst));
+    let decision = {
+        let mut macs = net.macs.lock().unwrap_or_else(|e| e.into_inner());
+        if net.gateway.is_some_and(|g| g.mac == dst) {
+            // For the gateway alone: learn the sender, forward nowhere.
+            macs.learn(src, port.id, now);
+            Decision::Discard
+        } else {
+            macs.forward(src, dst, port.id, now)
+        }
+    };
+    if to_gateway {
+        answer_gateway(net, ports, port, &frame, cx);
+    }
+    match decision {
+        Decision::Unicast(to) => {
+            if let Some(dest) = ports.get(to) {
+                deliver(dest, &frame, cx);
+            }
+        }
+        Decision::Flood => {
+            // A routed uplink is not on the guests' L2 segment.
+            for dest in ports.iter().filter(|p| p.id != port.id && !p.routed) {
+                deliver(dest, &frame, cx);
+            }
+        }
+        Decision::Discard => {}
+    }
+    Ok(())
+}
+
+/// Whether an IPv4 packet comes from a network the port's guest routes for (it is the `via`
+/// of a `[[network.route]]` holding the source): a router guest may send from there.
+fn routes_behind(net: &Network, port: &Port, frame: &[u8]) -> bool {
+    let (Some(router), Some(me)) = (net.router.as_ref(), port.leased_ip()) else { return false };
+    if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
+        return false;
+    }
+    let src = std::net::Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]);
+    let r = router.lock().unwrap_or_else(|e| e.into_inner());
+    r.cfg.routes.iter().any(|rt| rt.via == me && vunet_switch::ipv4::in_subnet(src, rt.net, rt.prefix))
+}
+
+/// Lets the gateway see a frame addressed to it (or broadcast) and sends its answer, if any,
+/// back to the sending port. TSO frames are not for the gateway (it speaks ARP and ICMP).
+fn answer_gateway(net: &Network, ports: &[Arc<Port>], port: &Port, f: &TxFrame, cx: &mut TxScratch) {
+    let Some(gw) = net.gateway.as_ref() else {
+        return;
+    };
+    if f.hdr.is_gso() && net.router.is_none() {
+        return;
+    }
+    let mut input = std::mem::take(&mut cx.gw_in);
+    let mut reply = std::mem::take(&mut cx.gw_out);
+    input.resize(f.len, 0);
+    gather(f.segs, f.offset, &mut input);
+    if let Some(router) = net.router.as_ref() {
+        let routed = input.len() >= 34 && input[0..6] == gw.mac && input[12..14] == [0x08, 0x00] && input[30..34] != gw.ip.octets();
+        if routed || input[12..14] == [0x08, 0x06] {
+            let mut emit = Vec::new();
+            let verdict = {
+                let mut r = router.lock().unwrap_or_else(|e| e.into_inner());
+                if routed {
+                    r.from_guest(&mut input, &f.hdr, net.now_ms(), &mut emit)
+                } else {
+                    r.guest_arp(&input, net.now_ms(), &mut emit);
+                    Ok(Verdict::NotMine)
+                }
+            };
+            match verdict {
+                Ok(Verdict::Forward(side)) => send_routed(net, ports, side, &f.hdr, &input, cx),
+                Ok(_) => {}
+                Err(r) => {
+                    port.counters.dropped(r);
+                    net.log_drop(port, r);
+                }
+            }
+            for e in emit {
+                send_routed(net, ports, e.to, &e.hdr, &e.frame, cx);
+            }
+            if routed || f.hdr.is_gso() {
+                cx.gw_in = input;
+                cx.gw_out = reply;
+                return;
+            }
+        }
+    }
+    if f.hdr.is_gso() {
+        cx.gw_in = input;
+        cx.gw_out = reply;
+        return;
+    }
+    let complete = !f.hdr.needs_csum() || complete_checksum(&mut input, f.hdr.csum_start as usize, f.hdr.csum_offset as usize).is_ok();
+    // The gateway's services in the order the network lists them; the first that takes the
+    // frame ends the search.
+    for service in net.services.iter().filter(|_| complete) {
+        reply.clear();
+        match service.handle(net, gw, port, &input, &mut reply) {
+            Handled::NotMine => continue,
+            Handled::Consumed => break,
+            Handled::Reply => {
+                let answer = TxFrame { segs: &[Seg::of_slice(&reply)], offset: 0, len: reply.len(), hdr: VnetHeader::default() };
+                deliver(port, &answer, cx);
+                break;
+            }
+        }
+    }
+    cx.gw_in = input;
+    cx.gw_out = reply;
+}
+
+/// Switches frames read from an uplink (each with a virtio-net header of `hdr_len` bytes) as
+/// if the uplink were a guest sending them, then interrupts the guests that got any.
+/// Frames the host itself sent out the uplink's interface (`outgoing`) are taken too, so the
+/// host can reach guests through a bridge, unless their source is one of our own ports (an
+/// echo of what vunet sent).
+pub(super) fn switch_from_link(net: &Network, port: &Port, frames: &[(&[u8], bool)], hdr_len: usize, cx: &mut TxScratch) {
+    let ports = net.ports.read().unwrap_or_else(|e| e.into_inner());
+    let now = net.now_ms();
+    for &(frame, outgoing) in frames {
+        if outgoing && frame.len() >= hdr_len + 12 {
+            let src: vunet_switch::Mac = frame[hdr_len + 6..hdr_len + 12].try_into().unwrap_or([0; 6]);
+            let home = net.macs.lock().unwrap_or_else(|e| e.into_inner()).port_of(&src, now);
+            if home.is_some_and(|p| p != port.id) {
+                continue;
+            }
+        }
+        if let Err(r) = switch_frame(net, &ports, port, &[Seg::of_slice(frame)], frame.len(), hdr_len, now, cx) {
+            port.counters.dropped(r);
+            net.log_drop(port, r);
+        }
+    }
+    notify_receivers(&ports, cx);
+}
+
+/// Sends a frame the router forwarded or made: to the uplink, or to the guest its
+/// destination MAC names (every guest for broadcast or an unknown MAC).
+fn send_routed(net: &Network, ports: &[Arc<Port>], side: Side, hdr: &VnetHeader, frame: &[u8], cx: &mut TxScratch) {
+    if frame.len() < MIN_FRAME_LEN {
+        return;
+    }
+    let f = TxFrame { segs: &[Seg::of_slice(frame)], offset: 0, len: frame.len(), hdr: *hdr };
+    // The frame lives in a scratch buffer that the next frame reuses: no batching.
+    let batching = std::mem::replace(&mut cx.batching, false);
+    match side {
+        Side::Uplink => {
+            if let Some(up) = ports.iter().find(|p| p.routed) {
+                deliver(up, &f, cx);
+            }
+        }
+        Side::Guests => {
+            let dst = dst_mac(frame);
+            let to =
+                (!is_multicast(&dst)).then(|| net.macs.lock().unwrap_or_else(|e| e.into_inner()).port_of(&dst, net.now_ms())).flatten();
+            match to.and_then(|id| ports.get(id)) {
+                Some(dest) => deliver(dest, &f, cx),
+                None => {
+                    for dest in ports.iter().filter(|p| !p.routed && !p.removed.load(Ordering::Relaxed)) {
+                        deliver(dest, &f, cx);
+                    }
+                }
+            }
+        }
+    }
+    cx.batching = batching;
+}
+
+/// Routes frames read from a nat or route network's uplink (each behind a virtio-net header
+/// of `hdr_len` bytes, rewritten in place), then interrupts the guests that got any.
+pub(super) fn route_from_link(net: &Network, port: &Port, frames: &mut [&mut [u8]], hdr_len: usize, cx: &mut TxScratch) {
+    let Some(router) = net.router.as_ref() else { return };
+    let ports = net.ports.read().unwrap_or_else(|e| e.into_inner());
+    let now = net.now_ms();
+    let mut emit = Vec::new();
+    for buf in frames.iter_mut() {
+        if buf.len() < hdr_len + MIN_FRAME_LEN {
+            continue;
+        }
+        let (h, frame) = buf.split_at_mut(hdr_len);
+        let hdr = VnetHeader::parse(h);
+        let verdict = router.lock().unwrap_or_else(|e| e.into_inner()).from_uplink(frame, &hdr, now, &mut emit);
+        match verdict {
+            Ok(Verdict::NotMine) => continue,
+            Ok(Verdict::Forward(side)) => {
+                port.counters.received(frame.len());
+                if port.capturing.load(Ordering::Relaxed) {
+                    port.capture(frame);
+                }
+                send_routed(net, &ports, side, &hdr, frame, cx);
+            }
+            Ok(Verdict::Consumed) => port.counters.received(frame.len()),
+            Err(r) => {
+                port.counters.received(frame.len());
+                port.counters.dropped(r);
+                net.log_drop(port, r);
+            }
+        }
+        for e in emit.drain(..) {
+            send_routed(net, &ports, e.to, &e.hdr, &e.frame, cx);
+        }
+    }
+    notify_receivers(&ports, cx);
+}
+
+/// Runs the router's timers (ARP retries, expiry) and sends what they produce.
+pub(super) fn router_tick(net: &Network, cx: &mut TxScratch) {
+    let Some(router) = net.router.as_ref() else { return };
+    let mut emit = Vec::new();
+    router.lock().unwrap_or_else(|e| e.into_inner()).tick(net.now_ms(), &mut emit);
+    send_router_frames(net, emit, cx);
+}
+
+/// Sends frames the router made outside of any frame's handling (timers, a new address).
+pub(super) fn send_router_frames(net: &Network, emit: Vec<Emit>, cx: &mut TxScratch) {
+    if emit.is_empty() {
+        return;
+    }
+    let ports = net.ports.read().unwrap_or_else(|e| e.into_inner());
+    for e in emit {
+        send_routed(net, &ports, e.to, &e.hdr, &e.frame, cx);
+    }
+    notify_receivers(&ports, cx);
+}

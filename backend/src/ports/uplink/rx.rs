@@ -1,0 +1,255 @@
+//! An uplink's receive thread: reads frames from the host interface in batches and hands
+//! them to the data path through `Inject` (switched at L2 in bridge and isolated networks,
+//! routed in nat and route networks); runs the router's timers and the DHCP client that
+//! leases a routed uplink's address; watches the interface and reopens it when it returns.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+use vunet_switch::Mac;
+
+use super::{Uplink, BATCH, BUF_LEN, WATCH};
+use crate::config::UplinkKind;
+use crate::datapath::{HostLink, Inject, Port};
+
+/// Reads frames from the uplink and switches them, for the life of the network.
+pub fn run(mut inject: Inject, port: Arc<Port>, up: Arc<Uplink>) {
+    let net = inject.network().clone();
+    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; BUF_LEN]).collect();
+    let mut lens = [0usize; BATCH];
+    let mut outgoing = [false; BATCH];
+    let mut last_watch = Instant::now();
+    let mut announced = false;
+    // A routed network with `address = "dhcp"` leases its uplink address here.
+    let mut dhcp = net.router.as_ref().filter(|_| net.uplink_dhcp).map(|r| {
+        let mac = r.lock().unwrap_or_else(|e| e.into_inner()).cfg.outside_mac;
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.subsec_nanos()) ^ std::process::id();
+        (mac, vunet_dhcp::client::DhcpClient::new(mac, seed))
+    });
+    loop {
+        if port.removed.load(Ordering::Acquire) || net.stopped.load(Ordering::Acquire) {
+            up.close();
+            return;
+        }
+        if last_watch.elapsed() >= WATCH {
+            last_watch = Instant::now();
+            if !up.watch(&net.name) {
+                up.try_reopen(&net.name);
+            }
+        }
+        let guard = up.io.read().unwrap_or_else(|e| e.into_inner());
+        let Some(io) = guard.as_ref() else {
+            drop(guard);
+            std::thread::sleep(WATCH);
+            continue;
+        };
+        let fd = io.fd.as_raw_fd();
+        let hdr_len = io.hdr_len;
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // A router has timers (ARP retries, expiry) to run between frames.
+        let timeout = if net.router.is_some() { ROUTER_TICK } else { WATCH };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+        if net.router.is_some() {
+            if !announced {
+                announced = true;
+                announce(&mut inject);
+            }
+            inject.router_tick();
+            if let Some((_, c)) = dhcp.as_mut() {
+                let (out, event) = c.poll(net.now_ms());
+                dhcp_event(&mut inject, event);
+                if let Some(o) = out {
+                    dhcp_send(&mut inject, o);
+                }
+            }
+        }
+        if ready <= 0 {
+            continue;
+        }
+        let got = match up.kind {
+            UplinkKind::AfPacket => recv_packets(fd, &mut bufs, &mut lens, &mut outgoing),
+            _ => read_frames(fd, &mut bufs, &mut lens),
+        };
+        drop(guard);
+        match got {
+            Ok(n) if net.router.is_some() => {
+                // The host's own transmissions on the interface are not for the router.
+                let mut frames: Vec<&mut [u8]> = bufs[..n]
+                    .iter_mut()
+                    .zip(&lens[..n])
+                    .zip(&outgoing[..n])
+                    .filter(|((_, &l), &o)| l > 0 && !o)
+                    .map(|((b, &l), _)| &mut b[..l])
+                    .collect();
+                if let Some(c) = dhcp.as_mut() {
+                    frames.retain_mut(|f| !dhcp_reply(&mut inject, c, f, hdr_len));
+                }
+                inject.route_from_link(&port, &mut frames, hdr_len);
+            }
+            Ok(n) => {
+                let frames: Vec<(&[u8], bool)> = (0..n).filter(|&i| lens[i] > 0).map(|i| (&bufs[i][..lens[i]], outgoing[i])).collect();
+                inject.switch_from_link(&port, &frames, hdr_len);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+            // A packet socket reports its link going down once (and again while it stays down);
+            // it keeps working when the link comes back. The watch logs the change.
+            Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => {
+                if up.link_up.load(Ordering::Relaxed) {
+                    last_watch = Instant::now() - WATCH;
+                } else {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            Err(e) => {
+                // The interface went away under the socket (ENETDOWN, EBADFD...).
+                warn!(network = %net.name, "uplink {}: {e}; reopening when the interface is back", up.ifname);
+                *up.io.write().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+        }
+    }
+}
+
+const ROUTER_TICK: Duration = Duration::from_millis(100);
+
+/// Hands a DHCP reply for the router's uplink address (UDP to port 68, to its MAC or
+/// broadcast) to the client; true if the frame was one.
+fn dhcp_reply(inject: &mut Inject, c: &mut (Mac, vunet_dhcp::client::DhcpClient), buf: &mut [u8], hdr_len: usize) -> bool {
+    let net = inject.network().clone();
+    let (mac, c) = (c.0, &mut c.1);
+    if buf.len() < hdr_len + 14 + 28 {
+        return false;
+    }
+    let (h, frame) = buf.split_at_mut(hdr_len);
+    if frame[0..6] != mac && frame[0..6] != [0xff; 6] {
+        return false;
+    }
+    let hdr = vunet_switch::VnetHeader::parse(h);
+    // From a host on the same machine the UDP checksum may be left to "hardware".
+    if hdr.needs_csum() && vunet_switch::offload::complete_checksum(frame, hdr.csum_start as usize, hdr.csum_offset as usize).is_err() {
+        return false;
+    }
+    let Some((_, payload)) = vunet_switch::gateway::udp_payload(frame, vunet_dhcp::message::CLIENT_PORT) else { return false };
+    let (out, event) = c.input(payload, net.now_ms());
+    dhcp_event(inject, event);
+    if let Some(o) = out {
+        dhcp_send(inject, o);
+    }
+    true
+}
+
+fn dhcp_event(inject: &mut Inject, event: Option<vunet_dhcp::client::ClientEvent>) {
+    let net = inject.network().clone();
+    use vunet_dhcp::client::ClientEvent;
+    let Some(router) = net.router.as_ref() else { return };
+    let mut emit = Vec::new();
+    match event {
+        None => return,
+        Some(ClientEvent::Bound(l)) => {
+            let mut r = router.lock().unwrap_or_else(|e| e.into_inner());
+            if r.outside() != Some((l.addr, l.prefix)) {
+                info!(network = %net.name, "uplink address {}/{} leased from {} (router {}), for {} s", l.addr, l.prefix, l.server, l.router.map_or("none".into(), |r| r.to_string()), l.lease_ms / 1000);
+            }
+            r.set_outside(Some((l.addr, l.prefix)), l.router, &mut emit);
+        }
+        Some(ClientEvent::Lost) => {
+            warn!(network = %net.name, "uplink address lease lost; asking again");
+            router.lock().unwrap_or_else(|e| e.into_inner()).set_outside(None, None, &mut emit);
+        }
+    }
+    inject.router_frames(emit);
+}
+
+/// Sends a DHCP client message out the uplink (broadcast, or to the server's MAC when it is
+/// a known neighbor).
+fn dhcp_send(inject: &mut Inject, o: vunet_dhcp::client::Outgoing) {
+    let net = inject.network().clone();
+    let Some(router) = net.router.as_ref() else { return };
+    let (mac, dst_mac) = {
+        let r = router.lock().unwrap_or_else(|e| e.into_inner());
+        let dst = if o.dst.is_broadcast() { None } else { r.outside_neighbor(o.dst, net.now_ms()) };
+        (r.cfg.outside_mac, dst.unwrap_or([0xff; 6]))
+    };
+    let mut frame = Vec::new();
+    vunet_switch::gateway::build_udp(
+        &mut frame,
+        mac,
+        dst_mac,
+        o.src,
+        o.dst,
+        vunet_dhcp::message::CLIENT_PORT,
+        vunet_dhcp::message::SERVER_PORT,
+        &o.payload,
+    );
+    inject.router_frames(vec![vunet_switch::router::Emit { to: vunet_switch::router::Side::Uplink, hdr: Default::default(), frame }]);
+}
+
+/// Announces a static uplink address with a gratuitous ARP when the uplink starts.
+fn announce(inject: &mut Inject) {
+    let net = inject.network().clone();
+    let Some(router) = net.router.as_ref() else { return };
+    let mut emit = Vec::new();
+    {
+        let mut r = router.lock().unwrap_or_else(|e| e.into_inner());
+        let (addr, next_hop) = (r.outside(), r.cfg.next_hop);
+        if addr.is_some() {
+            r.set_outside(addr, next_hop, &mut emit);
+        }
+    }
+    inject.router_frames(emit);
+}
+
+/// One `recvmmsg` of up to BATCH frames; `outgoing[i]` marks frames this host sent out the
+/// interface (the kernel shows them to packet sockets too).
+fn recv_packets(fd: RawFd, bufs: &mut [Vec<u8>], lens: &mut [usize], outgoing: &mut [bool]) -> io::Result<usize> {
+    let mut iovs: Vec<libc::iovec> = bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
+    // SAFETY: zeroed sockaddr_ll and mmsghdr are valid initial values.
+    let mut addrs: Vec<libc::sockaddr_ll> = (0..bufs.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
+    let mut msgs: Vec<libc::mmsghdr> = (0..bufs.len())
+        .map(|i| {
+            // SAFETY: as above.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = &mut iovs[i];
+            m.msg_hdr.msg_iovlen = 1;
+            m.msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_ll).cast();
+            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            m
+        })
+        .collect();
+    // SAFETY: every mmsghdr points at a live iovec, buffer and address of this frame.
+    let n = unsafe { libc::recvmmsg(fd, msgs.as_mut_ptr(), msgs.len() as u32, libc::MSG_DONTWAIT | libc::MSG_TRUNC, std::ptr::null_mut()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    for i in 0..n {
+        let len = msgs[i].msg_len as usize;
+        // A frame longer than the buffer (MSG_TRUNC gives its real length) is dropped whole.
+        lens[i] = if len > bufs[i].len() { 0 } else { len };
+        outgoing[i] = addrs[i].sll_pkttype == libc::PACKET_OUTGOING;
+    }
+    Ok(n)
+}
+
+/// Reads up to BATCH frames from a tap or macvtap (one frame per read).
+fn read_frames(fd: RawFd, bufs: &mut [Vec<u8>], lens: &mut [usize]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < bufs.len() {
+        // SAFETY: reading into an owned buffer of its length.
+        let r = unsafe { libc::read(fd, bufs[n].as_mut_ptr().cast(), bufs[n].len()) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if n > 0 && e.kind() == io::ErrorKind::WouldBlock {
+                break;
+            }
+            return Err(e);
+        }
+        lens[n] = r as usize;
+        n += 1;
+    }
+    Ok(n)
+}

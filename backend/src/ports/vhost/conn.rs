@@ -1,0 +1,159 @@
+//! A vhost-user port's connections: the socket it listens on (server mode) or connects to
+//! (client mode), and the thread that serves one VMM connection after another for as long as
+//! the port exists, each with a fresh device and vhost-user daemon behind the relay.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use thiserror::Error;
+use tracing::{debug, info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vunet_switch::format_mac;
+
+use super::device::PortDevice;
+use crate::config::{io_reason, PortConfig};
+use crate::datapath::{GuestMem, Network, Port};
+
+/// Why a server-mode socket cannot be bound: a user mistake, printed as one line.
+#[derive(Debug, Error)]
+pub enum BindError {
+    #[error("port {port}: socket {path}: directory does not exist")]
+    NoDirectory { port: String, path: PathBuf },
+    #[error("port {port}: socket {path} is in use by another process")]
+    SocketInUse { port: String, path: PathBuf },
+    #[error("port {port}: {path} exists and is not a socket")]
+    NotASocket { port: String, path: PathBuf },
+    #[error("port {port}: cannot listen on {path}: {reason}")]
+    Listen { port: String, path: PathBuf, reason: String },
+}
+
+/// Binds a server-mode socket, refusing to steal one a live process is listening on and
+/// replacing a stale one left by a crash.
+pub fn bind_socket(p: &PortConfig) -> Result<UnixListener, BindError> {
+    let path = &p.socket;
+    let port = p.name.clone();
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(BindError::NoDirectory { port, path: path.clone() });
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(BindError::NotASocket { port, path: path.clone() });
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(BindError::SocketInUse { port, path: path.clone() });
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|e| BindError::Listen { port, path: path.clone(), reason: io_reason(&e) })
+}
+
+/// Waits for the next VMM connection: accepted on the port's socket (server mode), or made to
+/// the VMM's socket, retried every 100 ms (client mode).
+fn next_frontend(net: &Network, port: &Port, listener: Option<&UnixListener>) -> Option<UnixStream> {
+    let mut waiting_logged = false;
+    loop {
+        if port.removed.load(Ordering::Acquire) {
+            return None;
+        }
+        let r = match listener {
+            Some(l) => l.accept().map(|(s, _)| s),
+            None => UnixStream::connect(&port.socket),
+        };
+        match r {
+            Ok(s) => return Some(s),
+            Err(e) => {
+                if !waiting_logged {
+                    match listener {
+                        Some(_) => {
+                            warn!(network = %net.name, port = %port.name, "accept failed: {}", io_reason(&e))
+                        }
+                        None => {
+                            info!(network = %net.name, port = %port.name, socket = %port.socket.display(), "waiting for the VMM to listen on the socket ({})", io_reason(&e))
+                        }
+                    }
+                    waiting_logged = true;
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Serves one port forever: one vhost-user connection after another, each with a fresh
+/// device and daemon.
+pub fn serve_port(net: Arc<Network>, port: Arc<Port>, listener: Option<UnixListener>, mut internal: Listener, internal_path: PathBuf) {
+    loop {
+        let Some(frontend) = next_frontend(&net, &port, listener.as_ref()) else { break };
+        if port.removed.load(Ordering::Acquire) {
+            break;
+        }
+        *port.conn.lock().unwrap_or_else(|e| e.into_inner()) = frontend.try_clone().ok();
+        let mem: GuestMem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let started = PortDevice::new(net.clone(), port.clone(), mem.clone())
+            .map_err(|e| e.to_string())
+            .and_then(|d| {
+                let d = Arc::new(d);
+                VhostUserDaemon::new(format!("vu-{}", port.name), d.clone(), mem).map(|daemon| (d, daemon)).map_err(|e| e.to_string())
+            })
+            .and_then(|(d, mut daemon)| {
+                let backend_end = UnixStream::connect(&internal_path).map_err(|e| e.to_string())?;
+                super::relay::spawn(frontend, backend_end, &port.name).map_err(|e| e.to_string())?;
+                match daemon.start(&mut internal) {
+                    Ok(()) => Ok((d, daemon)),
+                    Err(e) => {
+                        d.notify_exit();
+                        Err(e.to_string())
+                    }
+                }
+            });
+        let (_device, mut daemon) = match started {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(network = %net.name, port = %port.name, "cannot serve the connection: {e}");
+                thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        port.connections.fetch_add(1, Ordering::Relaxed);
+        port.connected.store(true, Ordering::Release);
+        info!(network = %net.name, port = %port.name, "guest connected");
+        let result = daemon.wait();
+        // The guest is gone: nobody may write into its memory any more, and what was learned
+        // behind this port is stale.
+        port.connected.store(false, Ordering::Release);
+        *port.rx.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        port.forget_guest();
+        net.macs.lock().unwrap_or_else(|e| e.into_inner()).forget_port(port.id);
+        for h in daemon.get_epoll_handlers() {
+            h.send_exit_event();
+        }
+        let counters = port.counters.snapshot();
+        match result {
+            Ok(()) => {
+                info!(network = %net.name, port = %port.name, "guest disconnected; port totals: {counters}")
+            }
+            Err(e) => {
+                info!(network = %net.name, port = %port.name, "guest disconnected ({e}); port totals: {counters}")
+            }
+        }
+        if let Some(m) = port.mac {
+            debug!(port = %port.name, mac = %format_mac(&m), "port ready for a new connection");
+        }
+        port.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if port.removed.load(Ordering::Acquire) {
+            break;
+        }
+        if listener.is_none() {
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+    debug!(network = %net.name, port = %port.name, "port thread ends");
+}

@@ -1,0 +1,95 @@
+//! From a network's configuration to the data path's state: the `Network` with its ports,
+//! gateway, DHCP state, router and the list of gateway services, in the order they are asked.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use vunet_switch::gateway::{gateway_mac, Gateway};
+use vunet_switch::router::{RouteMode, Router, RouterConfig};
+use vunet_switch::PortId;
+
+use crate::config::{Mode, NetworkConfig, PortConfig, UplinkAddress};
+use crate::datapath::{GatewayService, HostLink, Network, Port, PortKind};
+use crate::ports::uplink::Uplink;
+use crate::services::arp_icmp::ArpIcmp;
+use crate::services::dhcp::{self, DhcpService};
+use crate::services::dns::DnsService;
+
+/// A network as built: the data path's state, and its DNS service whose threads the
+/// supervisor starts (None without a gateway).
+pub struct Built {
+    pub net: Network,
+    pub dns: Option<Arc<DnsService>>,
+}
+
+/// Builds network `n`; `taps` holds the opened taps of its tap ports, by port name.
+pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<String, Arc<Uplink>>) -> Built {
+    let mut net = Network::new(n.name.clone(), n.mode, n.mtu);
+    let gateway = n.gateway.map(|(ip, prefix)| Gateway { mac: gateway_mac(&n.name), ip, prefix });
+    let lease_file = state_dir.filter(|_| n.dhcp.is_some()).map(|d| d.join(format!("{}.leases", n.name)));
+    net.gateway = gateway;
+    net.dhcp = dhcp::server(n, lease_file.as_deref()).map(Mutex::new);
+    net.router = router(n, gateway).map(Mutex::new);
+    net.uplink_dhcp = n.routing.as_ref().is_some_and(|r| r.address == UplinkAddress::Dhcp);
+    let ports: Vec<Arc<Port>> =
+        n.ports.iter().enumerate().map(|(id, p)| Arc::new(guest_port(id, p, gateway.is_some(), taps.get(&p.name).cloned()))).collect();
+    net.ports = ports.into();
+    // The gateway's services, in the order a frame for the gateway is offered to them.
+    let dns = gateway.map(|_| Arc::new(DnsService::new(&n.name, &n.dns)));
+    if let Some(dns) = &dns {
+        let services: Vec<Arc<dyn GatewayService>> =
+            vec![dns.tcp.clone(), Arc::new(ArpIcmp), Arc::new(DhcpService { lease_file }), dns.clone()];
+        net.services = services;
+    }
+    Built { net, dns }
+}
+
+/// A port of a network (`has_gateway`: port security defaults on), with its tap if it is one.
+pub fn guest_port(id: PortId, p: &PortConfig, has_gateway: bool, tap: Option<Arc<Uplink>>) -> Port {
+    let kind = if tap.is_some() { PortKind::Tap } else { PortKind::Vhost };
+    let mut port = Port::new(id, p.name.clone(), kind).with_mac(p.mac);
+    port.socket = p.socket.clone();
+    port.mode = p.mode;
+    // A tap port is the host's own interface: trusted unless asked otherwise.
+    port.security = p.port_security.unwrap_or(has_gateway && p.tap.is_none());
+    // A tap is there from the start; a guest port is connected when its VMM comes.
+    port.connected = AtomicBool::new(tap.is_some());
+    port.link = tap.map(|t| t as Arc<dyn HostLink>);
+    port
+}
+
+/// The switch port of a network's uplink (always "connected"; the uplink itself knows whether
+/// its interface is there).
+pub fn uplink_port(net: &Network, up: Arc<Uplink>) -> Port {
+    let id = net.ports.read().unwrap_or_else(|e| e.into_inner()).len();
+    let mut port = Port::new(id, format!("uplink:{}", up.ifname), PortKind::Uplink);
+    port.connected = AtomicBool::new(true);
+    port.routed = net.router.is_some();
+    port.link = Some(up);
+    port
+}
+
+/// The router of a nat or route network with an uplink; a static uplink address is set at
+/// once, a leased one when the lease comes.
+fn router(n: &NetworkConfig, gateway: Option<Gateway>) -> Option<Router> {
+    let (r, inside) = (n.routing.as_ref()?, gateway?);
+    let cfg = RouterConfig {
+        mode: if n.mode == Mode::Nat { RouteMode::Nat } else { RouteMode::Route },
+        inside,
+        outside_mac: r.mac,
+        next_hop: None,
+        routes: r.routes.clone(),
+        proxy_arp: r.proxy_arp,
+        nat: r.nat.clone(),
+        firewall: r.firewall.clone(),
+        firewall_default: r.firewall_default,
+    };
+    let mut router = Router::new(cfg, None);
+    if let UplinkAddress::Static { addr, router: next_hop } = r.address {
+        // The gratuitous ARP goes out when the uplink thread starts.
+        router.set_outside(Some(addr), next_hop, &mut Vec::new());
+    }
+    Some(router)
+}

@@ -4,7 +4,6 @@
 //! Only a receiver that cannot take the sender's offloads makes the frame go through a
 //! scratch buffer, completed or segmented in software.
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -15,6 +14,7 @@ use vunet_switch::offload::{complete_checksum, segment_tcp};
 use vunet_switch::vnet::{delivery, rx_header, Delivery, RxCaps, VnetHeader, HDR_LEN};
 use vunet_switch::{DropReason, PortId};
 
+use super::backlog::Backlog;
 use super::link::HostLink;
 use super::port::Port;
 use super::ring::{gather, write_rx, Mem, RxScratch, Seg};
@@ -44,46 +44,6 @@ struct LinkSend {
     hdr: [u8; HDR_LEN],
     hdr_len: usize,
     segs: std::ops::Range<usize>,
-}
-
-/// Frames waiting for a receiver whose ring was full, like a tap device's queue: a TCP
-/// burst into a momentarily slow guest is held (one extra copy) instead of dropped, and the
-/// sender never waits. Bounded in frames and bytes; beyond that, frames are dropped and counted.
-#[derive(Default)]
-pub struct Backlog {
-    frames: VecDeque<(VnetHeader, Vec<u8>)>,
-    bytes: usize,
-    pool: Vec<Vec<u8>>,
-}
-
-pub const BACKLOG_MAX_FRAMES: usize = 1024;
-pub const BACKLOG_MAX_BYTES: usize = 4 << 20;
-
-impl Backlog {
-    pub fn is_empty(&self) -> bool {
-        self.frames.is_empty()
-    }
-
-    fn push(&mut self, hdr: VnetHeader, src: &[Seg], off: usize, len: usize) -> Result<(), DropReason> {
-        if self.frames.len() >= BACKLOG_MAX_FRAMES || self.bytes + len > BACKLOG_MAX_BYTES {
-            return Err(DropReason::NoRxBuffer);
-        }
-        let mut buf = self.pool.pop().unwrap_or_default();
-        buf.resize(len, 0);
-        gather(src, off, &mut buf);
-        self.bytes += len;
-        self.frames.push_back((hdr, buf));
-        Ok(())
-    }
-
-    fn pop_front(&mut self) {
-        if let Some((_, buf)) = self.frames.pop_front() {
-            self.bytes -= buf.len();
-            if self.pool.len() < 64 {
-                self.pool.push(buf);
-            }
-        }
-    }
 }
 
 /// Writes as much of the backlog as the receiver's ring takes. Returns true if it emptied.

@@ -9,7 +9,8 @@ use vunet_switch::router::Emit;
 use vunet_switch::PortId;
 
 use super::deliver::{deliver_made, TxScratch};
-use super::port::{Network, Port};
+use super::network::Network;
+use super::port::Port;
 use super::switch::{route_from_link, router_tick, send_router_frames, switch_from_link};
 
 /// A thread's handle on one network's data path, with the scratch buffers it delivers with.

@@ -8,25 +8,29 @@
 //! kinds (`ports/`) and gateway services (`services/`) plug in through `HostLink`,
 //! `GatewayService` and `Inject` (a test in backend/tests/layers.rs keeps that true).
 //!
-//! - `port`: `Network`, `Port`, `PortKind`, `RxTarget`
+//! - `network`: `Network`; `port`: `Port`, `PortKind`, `RxTarget`
 //! - `link`: trait `HostLink`; `service`: trait `GatewayService`
-//! - `ring`: guest memory, descriptor chains, RX writes
-//! - `deliver`: one frame into one receiver, backlog, notification, link sends
+//! - `ring`: guest memory, descriptor chains, RX writes; `backlog`: frames waiting for a full ring
+//! - `deliver`: one frame into one receiver, notification, link sends
 //! - `switch`: the switching step (`process_tx`), the router, service dispatch
 //! - `inject`: the door for frames vunet makes or reads from host links
 
+mod backlog;
 mod deliver;
 mod inject;
 mod link;
+mod network;
 mod port;
 mod ring;
 mod service;
 mod switch;
 
-pub use deliver::{flush_pending, TxScratch, BACKLOG_MAX_FRAMES};
+pub use backlog::BACKLOG_MAX_FRAMES;
+pub use deliver::{flush_pending, TxScratch};
 pub use inject::Inject;
 pub use link::HostLink;
-pub use port::{unix_now, Captured, Network, Port, PortKind, RxTarget};
+pub use network::Network;
+pub use port::{unix_now, Captured, Port, PortKind, RxTarget};
 pub use ring::{GuestMem, Vring};
-pub use service::{GatewayService, Handled};
+pub use service::{GatewayCx, GatewayService, Handled};
 pub use switch::process_tx;

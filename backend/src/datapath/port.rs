@@ -1,26 +1,22 @@
-//! The state the data path reads: a network, its ports, and where each port's receivers
-//! write. Built by the run-time layer, shared by every thread of the network.
+//! A switch port as the data path reads it: its kind, counters, port-security state, and
+//! where frames for it go (a guest's RX ring, or a host link).
 
 use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tracing::warn;
 use vunet_dhcp::DhcpServer;
-use vunet_switch::gateway::Gateway;
-use vunet_switch::router::Router;
 use vunet_switch::vnet::RxCaps;
-use vunet_switch::{DropReason, Mac, MacTable, PortCounters, PortId};
+use vunet_switch::{Mac, PortCounters, PortId};
 
-use super::deliver::Backlog;
+use super::backlog::Backlog;
 use super::link::HostLink;
 use super::ring::{GuestMem, Vring};
-use super::service::GatewayService;
-use crate::config::{Mode, PortMode};
+use crate::config::PortMode;
 
 /// What a port is attached to. Read where behaviour differs (listings, removal, the
 /// uplink's own thread), never from the port's name.
@@ -72,7 +68,7 @@ pub struct Port {
     pub features: AtomicU64,
     /// Number of vhost-user connections so far.
     pub connections: AtomicU64,
-    last_log_ms: AtomicU64,
+    pub(super) last_log_ms: AtomicU64,
     /// Set on uplinks and taps: frames for this port go to a host link, not a guest.
     pub link: Option<Arc<dyn HostLink>>,
     /// The uplink of a nat or route network: not switched at L2 with the guests; its frames
@@ -86,28 +82,6 @@ pub struct Port {
     /// Set while at least one `vunet capture` listens on this port.
     pub capturing: AtomicBool,
     captures: Mutex<Vec<SyncSender<Captured>>>,
-}
-
-/// One virtual network: its ports, its switch, and the gateway services it runs.
-pub struct Network {
-    pub name: String,
-    pub mode: Mode,
-    pub mtu: u16,
-    /// The network's own endpoint at its gateway address, if it has one.
-    pub gateway: Option<Gateway>,
-    /// What answers frames for the gateway, in order (ARP/ICMP, DHCP, DNS...).
-    pub services: Vec<Arc<dyn GatewayService>>,
-    /// The gateway's DHCP server state (port security and the listings read its leases).
-    pub dhcp: Option<Mutex<DhcpServer>>,
-    pub ports: RwLock<Vec<Arc<Port>>>,
-    pub macs: Mutex<MacTable>,
-    epoch: Instant,
-    /// Set when the network is taken out of a running daemon; its threads end.
-    pub stopped: AtomicBool,
-    /// The router between the guests and the uplink (nat and route networks).
-    pub router: Option<Mutex<Router>>,
-    /// Whether the uplink address comes from a DHCP lease over the uplink.
-    pub uplink_dhcp: bool,
 }
 
 const LOCKED: u64 = 1 << 48;
@@ -154,18 +128,18 @@ impl Port {
 
     /// The MAC this port is locked to, locking it to `seen` if it is not yet. On first lock
     /// the address leased to that MAC (if any) becomes the port's.
-    pub fn lock_mac(&self, seen: Mac, net: &Network) -> Mac {
+    pub fn lock_mac(&self, seen: Mac, dhcp: Option<&Mutex<DhcpServer>>) -> Mac {
         let w = self.locked_mac.load(Ordering::Relaxed);
         if w & LOCKED != 0 {
             return (w & !LOCKED).to_be_bytes()[2..8].try_into().unwrap_or(seen);
         }
         if self.locked_mac.compare_exchange(0, mac_word(&seen), Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-            if let Some(ip) = net.dhcp.as_ref().and_then(|d| d.lock().unwrap_or_else(|e| e.into_inner()).ip_of(&seen, unix_now())) {
+            if let Some(ip) = dhcp.and_then(|d| d.lock().unwrap_or_else(|e| e.into_inner()).ip_of(&seen, unix_now())) {
                 self.leased_ip.store(u32::from(ip), Ordering::Relaxed);
             }
             return seen;
         }
-        self.lock_mac(seen, net)
+        self.lock_mac(seen, dhcp)
     }
 
     pub fn locked_mac(&self) -> Option<Mac> {
@@ -207,56 +181,6 @@ impl Port {
     pub fn forget_guest(&self) {
         self.locked_mac.store(self.mac.map(|m| mac_word(&m)).unwrap_or(0), Ordering::Relaxed);
         self.leased_ip.store(0, Ordering::Relaxed);
-    }
-}
-
-impl Network {
-    /// A network with no gateway, services, router or ports yet.
-    pub fn new(name: impl Into<String>, mode: Mode, mtu: u16) -> Network {
-        Network {
-            name: name.into(),
-            mode,
-            mtu,
-            gateway: None,
-            services: Vec::new(),
-            dhcp: None,
-            ports: RwLock::new(Vec::new()),
-            macs: Mutex::new(MacTable::default()),
-            epoch: Instant::now(),
-            stopped: AtomicBool::new(false),
-            router: None,
-            uplink_dhcp: false,
-        }
-    }
-
-    /// Milliseconds since the network started: the switch's clock.
-    pub fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
-    /// The live port named `name`.
-    pub fn port(&self, name: &str) -> Option<Arc<Port>> {
-        self.ports.read().unwrap_or_else(|e| e.into_inner()).iter().find(|p| p.name == name && !p.removed.load(Ordering::Acquire)).cloned()
-    }
-
-    /// The port with id `id`, removed or not.
-    pub fn port_by_id(&self, id: PortId) -> Option<Arc<Port>> {
-        self.ports.read().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
-    }
-
-    /// The ports that have not been removed.
-    pub fn live_ports(&self) -> Vec<Arc<Port>> {
-        self.ports.read().unwrap_or_else(|e| e.into_inner()).iter().filter(|p| !p.removed.load(Ordering::Acquire)).cloned().collect()
-    }
-
-    /// Logs a dropped frame at most once per second per port: a hostile guest can make drops
-    /// at line rate, the log must not follow it.
-    pub fn log_drop(&self, port: &Port, r: DropReason) {
-        let now = self.now_ms() + 1000;
-        let last = port.last_log_ms.load(Ordering::Relaxed);
-        if now >= last + 1000 && port.last_log_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
-            warn!(network = %self.name, port = %port.name, reason = r.name(), "dropped a frame from the guest (further drops counted, logged at most once a second)");
-        }
     }
 }
 

@@ -3,9 +3,21 @@
 //! takes it ends the search. A new service (router advertisements, DHCPv6) is a new type in
 //! `services/` and one more entry in the list the run-time layer builds.
 
+use std::sync::Mutex;
+
+use vunet_dhcp::DhcpServer;
 use vunet_switch::gateway::Gateway;
 
-use super::port::{Network, Port};
+use super::port::Port;
+
+/// What a service may read of its network while it handles a frame.
+pub struct GatewayCx<'a> {
+    /// The network's name, for logs.
+    pub network: &'a str,
+    pub gateway: &'a Gateway,
+    /// The network's DHCP state (leases name guests for DNS; the DHCP service serves them).
+    pub dhcp: Option<&'a Mutex<DhcpServer>>,
+}
 
 /// What a service did with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +33,6 @@ pub enum Handled {
 /// One service the gateway runs (ARP/ICMP, DHCP, DNS over UDP or TCP...).
 pub trait GatewayService: Send + Sync {
     /// Looks at a complete frame (checksums filled in, no GSO) that `port` sent to the
-    /// gateway `gw` or broadcast; writes an answer into `reply` when it returns `Reply`.
-    fn handle(&self, net: &Network, gw: &Gateway, port: &Port, frame: &[u8], reply: &mut Vec<u8>) -> Handled;
+    /// gateway or broadcast; writes an answer into `reply` when it returns `Reply`.
+    fn handle(&self, cx: &GatewayCx, port: &Port, frame: &[u8], reply: &mut Vec<u8>) -> Handled;
 }

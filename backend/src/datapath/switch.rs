@@ -17,9 +17,10 @@ use vunet_switch::vnet::{VnetHeader, HDR_LEN};
 use vunet_switch::{dst_mac, is_multicast, src_mac, Decision, DropReason, MAX_FRAME_LEN, MIN_FRAME_LEN};
 
 use super::deliver::{capture, deliver, flush_links, notify_receivers, TxFrame, TxScratch};
-use super::port::{Network, Port};
+use super::network::Network;
+use super::port::Port;
 use super::ring::{collect_chain, gather, Mem, Seg, Vring};
-use super::service::Handled;
+use super::service::{GatewayCx, Handled};
 
 /// Frames taken from a TX ring per round before the used ring is published and receivers are
 /// notified. Bounds the latency one busy sender adds to the others.
@@ -122,7 +123,7 @@ fn switch_frame(
         return Err(DropReason::BadSourceMac);
     }
     if port.security {
-        let mac = port.lock_mac(src, net);
+        let mac = port.lock_mac(src, net.dhcp.as_ref());
         match port_security::check(&head[hdr_len..seen], &mac, port.leased_ip()) {
             Err(DropReason::SpoofedIp) if routes_behind(net, port, &head[hdr_len..seen]) => {}
             r => r?,
@@ -230,7 +231,7 @@ fn answer_gateway(net: &Network, ports: &[Arc<Port>], port: &Port, f: &TxFrame, 
     // frame ends the search.
     for service in net.services.iter().filter(|_| complete) {
         reply.clear();
-        match service.handle(net, gw, port, &input, &mut reply) {
+        match service.handle(&GatewayCx { network: &net.name, gateway: gw, dhcp: net.dhcp.as_ref() }, port, &input, &mut reply) {
             Handled::NotMine => continue,
             Handled::Consumed => break,
             Handled::Reply => {

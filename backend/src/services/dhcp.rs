@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use tracing::{info, warn};
 use vunet_dhcp::message::{reply_yiaddr, CLIENT_PORT, SERVER_PORT};
 use vunet_dhcp::{lease_file, DhcpMessage, DhcpServer, Lease, MessageType, ServerConfig};
-use vunet_switch::gateway::{build_udp, udp_payload, Gateway};
+use vunet_switch::gateway::{build_udp, udp_payload};
 use vunet_switch::DropReason;
 
 use crate::config::{io_reason, Mode, NetworkConfig};
-use crate::datapath::{unix_now, GatewayService, Handled, Network, Port};
+use crate::datapath::{unix_now, GatewayCx, GatewayService, Handled, Port};
 
 /// DHCP on a network's gateway, with the file its leases persist in.
 pub struct DhcpService {
@@ -23,8 +23,8 @@ pub struct DhcpService {
 impl GatewayService for DhcpService {
     /// A DHCP message from a guest (a UDP datagram to port 67): the reply goes back to the
     /// port. Lease changes are saved to the lease file at once.
-    fn handle(&self, net: &Network, gw: &Gateway, port: &Port, frame: &[u8], reply: &mut Vec<u8>) -> Handled {
-        let Some(dhcp) = net.dhcp.as_ref() else { return Handled::NotMine };
+    fn handle(&self, cx: &GatewayCx, port: &Port, frame: &[u8], reply: &mut Vec<u8>) -> Handled {
+        let (Some(dhcp), gw) = (cx.dhcp, cx.gateway) else { return Handled::NotMine };
         let Some((_, payload)) = udp_payload(frame, SERVER_PORT) else { return Handled::NotMine };
         let Ok(msg) = DhcpMessage::parse(payload) else { return Handled::NotMine };
         // With port security a guest leases only for its own MAC (no pool exhaustion with
@@ -49,7 +49,7 @@ impl GatewayService for DhcpService {
         if matches!(msg.msg_type, MessageType::Request | MessageType::Release | MessageType::Decline) {
             if let Some(path) = &self.lease_file {
                 if let Err(e) = save_leases(path, &server.leases(now)) {
-                    warn!(network = %net.name, file = %path.display(), "cannot save DHCP leases: {e}");
+                    warn!(network = %cx.network, file = %path.display(), "cannot save DHCP leases: {e}");
                 }
             }
         }

@@ -7,17 +7,18 @@ mod forwarder;
 mod tcp;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tracing::{info, warn};
 use vunet_dhcp::dns::{DnsAction, LocalZone};
+use vunet_dhcp::DhcpServer;
 use vunet_switch::gateway::{build_udp, udp_datagram, Gateway};
 use vunet_switch::Mac;
 
 pub use forwarder::{resolv_conf_servers, Forwarder, QUERY_TIMEOUT};
 pub use tcp::DnsTcp;
 
-use crate::datapath::{unix_now, GatewayService, Handled, Network, Port};
+use crate::datapath::{unix_now, GatewayCx, GatewayService, Handled, Port};
 
 /// The DNS service of one network.
 pub struct DnsService {
@@ -58,9 +59,9 @@ impl DnsService {
 impl DnsService {
     /// The names the gateway answers for right now: `dns.hosts`, named static DHCP hosts, and
     /// DHCP clients that sent a host name.
-    pub fn zone(&self, net: &Network, gw: &Gateway) -> LocalZone {
+    pub fn zone(&self, dhcp: Option<&Mutex<DhcpServer>>, gw: &Gateway) -> LocalZone {
         let mut names: Vec<(String, Ipv4Addr)> = self.hosts.clone();
-        if let Some(dhcp) = &net.dhcp {
+        if let Some(dhcp) = dhcp {
             let server = dhcp.lock().unwrap_or_else(|e| e.into_inner());
             names.extend(server.config().hosts.iter().filter_map(|h| Some((h.name.clone()?, h.ip))));
             names.extend(server.leases(unix_now()).into_iter().filter_map(|l| Some((l.hostname?, l.ip))));
@@ -72,13 +73,14 @@ impl DnsService {
 /// DNS over UDP to port 53 of the gateway: answered at once into the reply, or forwarded
 /// upstream (the answer comes later, from the forwarder's thread).
 impl GatewayService for DnsService {
-    fn handle(&self, net: &Network, gw: &Gateway, port: &Port, frame: &[u8], reply: &mut Vec<u8>) -> Handled {
+    fn handle(&self, cx: &GatewayCx, port: &Port, frame: &[u8], reply: &mut Vec<u8>) -> Handled {
+        let gw = cx.gateway;
         if frame[0..6] != gw.mac {
             return Handled::NotMine;
         }
         let Some((client_ip, client_port, query)) = udp_datagram(frame, vunet_dhcp::dns::PORT) else { return Handled::NotMine };
         let client_mac: Mac = frame[6..12].try_into().unwrap_or([0; 6]);
-        let answer = match self.zone(net, gw).respond(query) {
+        let answer = match self.zone(cx.dhcp, gw).respond(query) {
             Some(DnsAction::Answer(a)) => a,
             Some(DnsAction::Forward) => match &self.forwarder {
                 Some(f) => {

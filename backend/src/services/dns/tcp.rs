@@ -23,7 +23,7 @@ use vunet_switch::proto::{ETH_P_ARP, ETH_P_IPV4, IPPROTO_TCP};
 use vunet_switch::{Mac, PortId};
 
 use super::{DnsService, QUERY_TIMEOUT};
-use crate::datapath::{GatewayService, Handled, Inject, Network, Port};
+use crate::datapath::{GatewayCx, GatewayService, Handled, Inject, Network, Port};
 
 /// Connections served at once; a SYN beyond these is answered with a reset.
 pub const CONNECTIONS: usize = 8;
@@ -104,8 +104,8 @@ impl DnsTcp {
 
 /// TCP to port 53 of the gateway goes to the service thread; the data path never waits on it.
 impl GatewayService for DnsTcp {
-    fn handle(&self, _net: &Network, gw: &Gateway, port: &Port, frame: &[u8], _reply: &mut Vec<u8>) -> Handled {
-        if !is_for_dns_tcp(gw, frame) {
+    fn handle(&self, cx: &GatewayCx, port: &Port, frame: &[u8], _reply: &mut Vec<u8>) -> Handled {
+        if !is_for_dns_tcp(cx.gateway, frame) {
             return Handled::NotMine;
         }
         self.input(port.id, frame);
@@ -290,7 +290,7 @@ impl Service {
                 if c.buf.len() >= 2 + len {
                     let query: Vec<u8> = c.buf.drain(..2 + len).skip(2).collect();
                     progress = true;
-                    match names.zone(net, gw).respond(&query) {
+                    match names.zone(net.dhcp.as_ref(), gw).respond(&query) {
                         Some(DnsAction::Answer(a)) => send_message(s, &a),
                         Some(DnsAction::Forward) if !self.upstreams.is_empty() => {
                             c.waiting_upstream = true;

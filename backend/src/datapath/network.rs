@@ -1,0 +1,89 @@
+//! A network as the data path reads it: its ports, its MAC table, its gateway with the
+//! services it runs, its DHCP state and its router. Built by the run-time layer, shared by
+//! every thread of the network.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use tracing::warn;
+use vunet_dhcp::DhcpServer;
+use vunet_switch::gateway::Gateway;
+use vunet_switch::router::Router;
+use vunet_switch::{DropReason, MacTable, PortId};
+
+use super::port::Port;
+use super::service::GatewayService;
+use crate::config::Mode;
+
+/// One virtual network: its ports, its switch, and the gateway services it runs.
+pub struct Network {
+    pub name: String,
+    pub mode: Mode,
+    pub mtu: u16,
+    /// The network's own endpoint at its gateway address, if it has one.
+    pub gateway: Option<Gateway>,
+    /// What answers frames for the gateway, in order (ARP/ICMP, DHCP, DNS...).
+    pub services: Vec<Arc<dyn GatewayService>>,
+    /// The gateway's DHCP server state (port security and the listings read its leases).
+    pub dhcp: Option<Mutex<DhcpServer>>,
+    pub ports: RwLock<Vec<Arc<Port>>>,
+    pub macs: Mutex<MacTable>,
+    epoch: Instant,
+    /// Set when the network is taken out of a running daemon; its threads end.
+    pub stopped: AtomicBool,
+    /// The router between the guests and the uplink (nat and route networks).
+    pub router: Option<Mutex<Router>>,
+    /// Whether the uplink address comes from a DHCP lease over the uplink.
+    pub uplink_dhcp: bool,
+}
+
+impl Network {
+    /// A network with no gateway, services, router or ports yet.
+    pub fn new(name: impl Into<String>, mode: Mode, mtu: u16) -> Network {
+        Network {
+            name: name.into(),
+            mode,
+            mtu,
+            gateway: None,
+            services: Vec::new(),
+            dhcp: None,
+            ports: RwLock::new(Vec::new()),
+            macs: Mutex::new(MacTable::default()),
+            epoch: Instant::now(),
+            stopped: AtomicBool::new(false),
+            router: None,
+            uplink_dhcp: false,
+        }
+    }
+
+    /// Milliseconds since the network started: the switch's clock.
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The live port named `name`.
+    pub fn port(&self, name: &str) -> Option<Arc<Port>> {
+        self.ports.read().unwrap_or_else(|e| e.into_inner()).iter().find(|p| p.name == name && !p.removed.load(Ordering::Acquire)).cloned()
+    }
+
+    /// The port with id `id`, removed or not.
+    pub fn port_by_id(&self, id: PortId) -> Option<Arc<Port>> {
+        self.ports.read().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+    }
+
+    /// The ports that have not been removed.
+    pub fn live_ports(&self) -> Vec<Arc<Port>> {
+        self.ports.read().unwrap_or_else(|e| e.into_inner()).iter().filter(|p| !p.removed.load(Ordering::Acquire)).cloned().collect()
+    }
+
+    /// Logs a dropped frame at most once per second per port: a hostile guest can make drops
+    /// at line rate, the log must not follow it.
+    pub fn log_drop(&self, port: &Port, r: DropReason) {
+        let now = self.now_ms() + 1000;
+        let last = port.last_log_ms.load(Ordering::Relaxed);
+        if now >= last + 1000 && port.last_log_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            warn!(network = %self.name, port = %port.name, reason = r.name(), "dropped a frame from the guest (further drops counted, logged at most once a second)");
+        }
+    }
+}

@@ -1,11 +1,74 @@
 //! The `vunet` command's user errors: one clear line on stderr, exit code 2, no backtrace.
 
+use std::io::BufRead;
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+fn cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vunet"));
+    c.args(args).env("RUST_BACKTRACE", "1");
+    c
+}
+
 fn vunet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vunet")).args(args).env("RUST_BACKTRACE", "1").output().expect("run vunet")
+    cmd(args).output().expect("run vunet")
+}
+
+/// A `vunet run` in the background, killed when dropped. Its standard output is read on a
+/// thread so that a test waits for the line it needs rather than for a guessed time.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    out: String,
+    stderr: PathBuf,
+}
+
+impl Running {
+    fn spawn(c: &mut Command, stderr: PathBuf) -> Running {
+        let mut child =
+            c.stdout(Stdio::piped()).stderr(std::fs::File::create(&stderr).expect("stderr file")).spawn().expect("start vunet run");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running { child, lines, out: String::new(), stderr }
+    }
+
+    /// Waits until a printed line contains `needle`; false if vunet exits or 20 s pass first.
+    fn wait_for(&mut self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.out.lines().any(|l| l.contains(needle)) {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => {
+                    self.out.push_str(&line);
+                    self.out.push('\n');
+                }
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Waits for the end of the start-up summary: every socket, the control socket too, is
+    /// listening by then.
+    fn ready(&mut self) {
+        let done = self.wait_for("(guest RAM must be shared");
+        assert!(done, "vunet run did not start:\n{}\nstderr: {}", self.out, std::fs::read_to_string(&self.stderr).unwrap_or_default());
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn tmp(tag: &str) -> PathBuf {
@@ -67,19 +130,10 @@ fn socket_in_use_by_another_vunet() {
     let d = tmp("inuse");
     let f = d.join("vunet.toml");
     std::fs::write(&f, "[[network]]\nname = \"n\"\nmode = \"bridge\"\n[[network.port]]\nname = \"vm1\"\nsocket = \"vm1.sock\"\n").unwrap();
-    let mut first = Command::new(env!("CARGO_BIN_EXE_vunet"))
-        .args(["run", "--config", f.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !d.join("vm1.sock").exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut first = Running::spawn(&mut cmd(&["run", "--config", f.to_str().unwrap()]), d.join("first.log"));
+    first.ready();
     let out = vunet(&["run", "--config", f.to_str().unwrap()]);
-    let _ = first.kill();
-    let _ = first.wait();
+    drop(first);
     assert_user_error(&out, "port vm1: socket");
     assert!(String::from_utf8_lossy(&out.stderr).contains("is in use by another process"));
 }
@@ -92,24 +146,11 @@ fn stale_socket_from_a_crash_is_replaced() {
     assert!(sock.exists());
     let f = d.join("vunet.toml");
     std::fs::write(&f, "[[network]]\nname = \"n\"\nmode = \"bridge\"\n[[network.port]]\nname = \"vm1\"\nsocket = \"vm1.sock\"\n").unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vunet"))
-        .args(["run", "--config", f.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut connected = false;
-    while Instant::now() < deadline {
-        if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
-            connected = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(connected, "vunet listens on the socket a dead process left behind");
+    let mut daemon = Running::spawn(&mut cmd(&["run", "--config", f.to_str().unwrap()]), d.join("vunet.log"));
+    daemon.ready();
+    let connected = std::os::unix::net::UnixStream::connect(&sock);
+    drop(daemon);
+    assert!(connected.is_ok(), "vunet listens on the socket a dead process left behind: {connected:?}");
 }
 
 #[test]
@@ -139,23 +180,14 @@ fn subcommands_talk_to_the_running_daemon() {
     .unwrap();
     // Relative paths are relative to the config file: the control socket is d/ctl/control.sock.
     let f = f.to_str().unwrap().to_string();
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_vunet"))
-        .args(["run", "--config", &f])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = Running::spawn(&mut cmd(&["run", "--config", &f]), d.join("vunet.log"));
     let ctl = d.join("ctl/control.sock");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ctl.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    daemon.ready();
     let net = vunet(&["net-list", "--config", &f]);
     let ports = vunet(&["port-list", "lab", "--control", ctl.to_str().unwrap()]);
     let leases = vunet(&["dhcp-leases", "lab", "--config", &f]);
     let unknown = vunet(&["dhcp-leases", "nope", "--config", &f]);
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    drop(daemon);
     let text = |o: &Output| String::from_utf8_lossy(&o.stdout).to_string();
     assert!(
         net.status.success() && text(&net).contains("lab") && text(&net).contains("isolated") && text(&net).contains("0/1 connected"),

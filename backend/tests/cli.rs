@@ -1,7 +1,9 @@
-//! The `vunet` command's user errors: one clear line on stderr, exit code 2, no backtrace.
+//! The `vunet` command: user errors are one clear line on stderr, exit code 2, no backtrace;
+//! the subcommands find the daemon `vunet run` started, with or without flags.
 
 use std::io::BufRead;
-use std::path::PathBuf;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -14,6 +16,11 @@ fn cmd(args: &[&str]) -> Command {
 
 fn vunet(args: &[&str]) -> Output {
     cmd(args).output().expect("run vunet")
+}
+
+/// `vunet` with its runtime directory rules pointed at `xdg` (`$XDG_RUNTIME_DIR/vunet`).
+fn vunet_in(xdg: &Path, args: &[&str]) -> Output {
+    cmd(args).env("XDG_RUNTIME_DIR", xdg).output().expect("run vunet")
 }
 
 /// A `vunet run` in the background, killed when dropped. Its standard output is read on a
@@ -79,8 +86,12 @@ fn tmp(tag: &str) -> PathBuf {
 }
 
 fn assert_user_error(out: &Output, want: &str) {
+    assert_one_line_error(out, 2, want);
+}
+
+fn assert_one_line_error(out: &Output, code: i32, want: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "exit code, stderr: {err}");
+    assert_eq!(out.status.code(), Some(code), "exit code, stderr: {err}");
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 1, "exactly one line: {err:?}");
     assert!(lines[0].starts_with("vunet: ") && lines[0].contains(want), "{:?} should contain {want:?}", lines[0]);
@@ -182,6 +193,7 @@ fn subcommands_talk_to_the_running_daemon() {
     let f = f.to_str().unwrap().to_string();
     let mut daemon = Running::spawn(&mut cmd(&["run", "--config", &f]), d.join("vunet.log"));
     let ctl = d.join("ctl/control.sock");
+    assert!(daemon.wait_for(&format!("control socket: {} (owner-only; vunet net-list --control", ctl.display())), "{}", daemon.out);
     daemon.ready();
     let net = vunet(&["net-list", "--config", &f]);
     let ports = vunet(&["port-list", "lab", "--control", ctl.to_str().unwrap()]);
@@ -209,4 +221,137 @@ fn subcommand_without_a_daemon_is_one_line() {
         String::from_utf8_lossy(&out.stderr),
         "vunet: cannot reach the vunet daemon at /nonexistent/control.sock: No such file or directory\n"
     );
+}
+
+/// The system daemon's socket, the CLI's last default place: a test that expects nobody to
+/// answer anywhere cannot say so on a machine where a vunet runs as a service.
+fn system_daemon_answers() -> bool {
+    std::os::unix::net::UnixStream::connect("/run/vunet/control.sock").is_ok()
+}
+
+#[test]
+fn the_default_network_is_reached_with_no_flags() {
+    let xdg = tmp("newcomer");
+    let rt = xdg.join("vunet");
+    let mut daemon = Running::spawn(cmd(&["run"]).env("XDG_RUNTIME_DIR", &xdg), xdg.join("vunet.log"));
+    let ctl = rt.join("control.sock");
+    assert!(
+        daemon.wait_for(&format!("control socket: {} (owner-only; `vunet net-list` finds it with no flags)", ctl.display())),
+        "vunet run prints its control socket:\n{}",
+        daemon.out
+    );
+    daemon.ready();
+    assert!(daemon.out.contains("mode isolated, gateway 192.168.122.1/24, DHCP 192.168.122.2-192.168.122.254, DNS"), "{}", daemon.out);
+    let text = |o: &Output| String::from_utf8_lossy(&o.stdout).to_string();
+
+    let net = vunet_in(&xdg, &["net-list"]);
+    assert!(net.status.success() && text(&net).contains("default          isolated  192.168.122.1/24"), "{net:?}");
+    assert!(text(&net).contains("0/4 connected"), "{net:?}");
+    let ports = vunet_in(&xdg, &["port-list", "default"]);
+    assert!(ports.status.success(), "{ports:?}");
+    for i in 1..=4 {
+        assert!(
+            text(&ports).contains(&format!("vm{i} (vhost-user, server) socket={}", rt.join(format!("vm{i}.sock")).display())),
+            "{ports:?}"
+        );
+    }
+    let added = vunet_in(&xdg, &["port-add", "default", "vm5"]);
+    let vm5 = rt.join("default-vm5.sock");
+    assert!(added.status.success() && text(&added).contains(&format!("socket={}", vm5.display())), "{added:?}");
+    assert!(std::os::unix::net::UnixStream::connect(&vm5).is_ok(), "the added port listens");
+    let ports = vunet_in(&xdg, &["port-list", "default", "--json"]);
+    assert!(text(&ports).contains("\"name\": \"vm5\""), "{ports:?}");
+    let mode = std::fs::metadata(&ctl).map(|m| m.permissions().mode() & 0o777);
+    assert_eq!(mode.ok(), Some(0o600), "owner-only control socket");
+    drop(daemon);
+
+    // With the daemon gone, the failure names the places looked at, in one line.
+    if system_daemon_answers() {
+        eprintln!("skipped the no-daemon half: a vunet answers at /run/vunet/control.sock");
+        return;
+    }
+    let gone = vunet_in(&xdg, &["net-list"]);
+    assert_one_line_error(&gone, 1, &format!("cannot reach the vunet daemon at {} (", ctl.display()));
+    assert!(String::from_utf8_lossy(&gone.stderr).contains(" or /run/vunet/control.sock ("), "{gone:?}");
+}
+
+#[test]
+fn without_a_daemon_every_default_place_is_named() {
+    if system_daemon_answers() {
+        eprintln!("skipped: a vunet answers at /run/vunet/control.sock");
+        return;
+    }
+    let xdg = tmp("nodaemon");
+    let out = vunet_in(&xdg, &["port-list", "default"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "vunet: cannot reach the vunet daemon at {}/vunet/control.sock (No such file or directory) or /run/vunet/control.sock ({}); start one with `vunet run`, or name its socket with --control or --config\n",
+            xdg.display(),
+            match std::fs::metadata("/run/vunet/control.sock") {
+                Ok(_) => "Connection refused",
+                Err(_) => "No such file or directory",
+            }
+        )
+    );
+    assert_eq!(out.status.code(), Some(1));
+}
+
+/// Runs the vunet binary as user nobody (65534) with no XDG_RUNTIME_DIR: the per-user
+/// directory in /tmp is its runtime directory.
+fn as_nobody(bin: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(bin).args(args);
+    c.env_remove("XDG_RUNTIME_DIR").env_remove("TMPDIR").env("RUST_BACKTRACE", "1");
+    c
+}
+
+#[test]
+fn another_user_gets_a_private_runtime_directory() {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("skipped: switching to user nobody with setpriv needs root");
+        return;
+    }
+    // nobody may not be able to reach the build directory: run a copy it can execute.
+    let d = tmp("nobody");
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = d.join("vunet");
+    std::fs::copy(env!("CARGO_BIN_EXE_vunet"), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let private = PathBuf::from("/tmp/vunet-65534");
+    let _ = std::fs::remove_dir_all(&private);
+    let nobody = |args: &[&str]| as_nobody(&bin, args).output().expect("setpriv");
+    let text = |o: &Output| String::from_utf8_lossy(&o.stdout).to_string();
+
+    // A directory another user made first is neither served from nor believed.
+    std::fs::create_dir(&private).unwrap();
+    std::os::unix::fs::chown(&private, Some(65533), Some(65533)).unwrap();
+    assert_user_error(&nobody(&["run"]), "runtime directory /tmp/vunet-65534 belongs to uid 65533, not to you");
+    let err = nobody(&["net-list"]);
+    assert_eq!(err.status.code(), Some(1), "{err:?}");
+    assert!(
+        String::from_utf8_lossy(&err.stderr).contains("/tmp/vunet-65534/control.sock (its directory belongs to uid 65533, not to you)"),
+        "{err:?}"
+    );
+    std::fs::remove_dir(&private).unwrap();
+
+    let mut daemon = Running::spawn(&mut as_nobody(&bin, &["run"]), d.join("vunet.log"));
+    assert!(
+        daemon.wait_for("control socket: /tmp/vunet-65534/control.sock (owner-only; `vunet net-list` finds it with no flags)"),
+        "{}\nstderr: {}",
+        daemon.out,
+        std::fs::read_to_string(d.join("vunet.log")).unwrap_or_default()
+    );
+    daemon.ready();
+    let meta = std::fs::symlink_metadata(&private).unwrap();
+    assert_eq!((meta.is_dir(), meta.uid(), meta.mode() & 0o777), (true, 65534, 0o700), "a private directory");
+    let net = nobody(&["net-list"]);
+    assert!(net.status.success() && text(&net).contains("default          isolated"), "{net:?}");
+    let added = nobody(&["port-add", "default", "vm5"]);
+    assert!(added.status.success() && text(&added).contains("socket=/tmp/vunet-65534/default-vm5.sock"), "{added:?}");
+    let ports = nobody(&["port-list", "default"]);
+    assert!(text(&ports).contains("vm5 (vhost-user, server)") && text(&ports).contains("socket=/tmp/vunet-65534/vm1.sock"), "{ports:?}");
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&private);
 }

@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vunet::config::{io_reason, Config, PortMode};
+use vunet::config::{io_reason, Config, PortMode, UplinkKind};
 use vunet::control::Request;
-use vunet::Daemon;
+use vunet::uplink::UplinkError;
+use vunet::{Daemon, StartError};
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +35,18 @@ enum Command {
         /// /run/vunet as root, else /tmp/vunet-UID).
         #[arg(long, value_name = "DIR", conflicts_with = "config")]
         runtime_dir: Option<PathBuf>,
+        /// Only check: load and validate, print the summary and warnings, start nothing (as
+        /// `vunet check`).
+        #[arg(long)]
+        check: bool,
+    },
+    /// Load and validate a configuration (TOML or libvirt XML) as `vunet run` would, print its
+    /// summary and every warning, and start nothing: exit 0 if it would run, 2 if not.
+    /// Useful before a SIGHUP.
+    Check {
+        /// TOML configuration file, or a libvirt network XML file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
     },
     /// List the networks of the running daemon: name, mode, gateway, uplink, state, ports.
     NetList {
@@ -204,7 +217,9 @@ fn main() -> ExitCode {
             one_line(capture(&at, Request::Capture { network, port }, write.as_deref(), count, duration), 1)
         }
         Command::ImportLibvirt { file } => one_line(import_libvirt(&file), 2),
-        Command::Run { config, runtime_dir } => one_line(run(config.as_deref(), runtime_dir), 2),
+        Command::Check { config } => one_line(check(Some(&config), None), 2),
+        Command::Run { config, runtime_dir, check: true } => one_line(check(config.as_deref(), runtime_dir), 2),
+        Command::Run { config, runtime_dir, check: false } => one_line(run(config.as_deref(), runtime_dir), 2),
     }
 }
 
@@ -310,15 +325,79 @@ fn make_runtime_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn run(config: Option<&Path>, runtime_dir: Option<PathBuf>) -> Result<(), String> {
-    let cfg = match config {
-        Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+/// The configuration `vunet run` serves: the file, or the embedded default in the runtime
+/// directory (created only when `create`: a check creates nothing).
+fn load(config: Option<&Path>, runtime_dir: Option<PathBuf>, create: bool) -> Result<Config, String> {
+    match config {
+        Some(path) => Config::load(path).map_err(|e| e.to_string()),
         None => {
             let dir = runtime_dir.unwrap_or_else(default_runtime_dir);
-            make_runtime_dir(&dir)?;
-            Config::default_in(&dir)
+            if create {
+                make_runtime_dir(&dir)?;
+            }
+            Ok(Config::default_in(&dir))
         }
-    };
+    }
+}
+
+/// `vunet check` / `vunet run --check`: what `run` would print, and its refusals, with nothing
+/// started, bound or created.
+fn check(config: Option<&Path>, runtime_dir: Option<PathBuf>) -> Result<(), String> {
+    let cfg = load(config, runtime_dir, false)?;
+    for w in &cfg.warnings {
+        eprintln!("vunet: warning: {w}");
+    }
+    // The embedded default's sockets go in the runtime directory `run` creates: nothing on the
+    // host to look at yet.
+    if config.is_some() {
+        preflight(&cfg).map_err(|e| e.to_string())?;
+    }
+    print_summary(&cfg);
+    let what = config.map(|c| c.display().to_string()).unwrap_or_else(|| "the embedded default".into());
+    println!("{what}: valid, {} warning(s); nothing was started", cfg.warnings.len());
+    Ok(())
+}
+
+/// What `Daemon::start` would refuse on this host, found without binding or creating
+/// anything: a server socket's directory that does not exist, a socket path taken by another
+/// kind of file, an uplink interface that does not exist, an unknown control group. A socket
+/// in use passes: before a SIGHUP, the running daemon holds it.
+fn preflight(cfg: &Config) -> Result<(), StartError> {
+    use std::os::unix::fs::FileTypeExt;
+    for n in &cfg.networks {
+        for p in n.ports.iter().filter(|p| p.tap.is_none() && p.mode == PortMode::Server) {
+            let dir = p.socket.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                return Err(StartError::NoDirectory { port: p.name.clone(), path: p.socket.clone() });
+            }
+            if std::fs::symlink_metadata(&p.socket).is_ok_and(|m| !m.file_type().is_socket()) {
+                return Err(StartError::NotASocket { port: p.name.clone(), path: p.socket.clone() });
+            }
+        }
+        // A tap uplink is created by vunet; the others attach to an interface that must exist.
+        if let Some(u) = n.uplink.as_ref().filter(|u| u.kind != UplinkKind::Tap) {
+            let exists = std::ffi::CString::new(u.interface.as_str())
+                // SAFETY: the argument is a valid NUL-terminated string.
+                .is_ok_and(|c| unsafe { libc::if_nametoindex(c.as_ptr()) } != 0);
+            if !exists {
+                return Err(StartError::Uplink { network: n.name.clone(), source: UplinkError::NoInterface(u.interface.clone()) });
+            }
+        }
+    }
+    if let (Some(path), Some(group)) = (&cfg.control_socket, &cfg.control_group) {
+        let exists = std::ffi::CString::new(group.as_str())
+            // SAFETY: the argument is a valid NUL-terminated string; only the null test reads
+            // the result.
+            .is_ok_and(|c| !unsafe { libc::getgrnam(c.as_ptr()) }.is_null());
+        if !exists {
+            return Err(StartError::Control { path: path.clone(), reason: format!("no group named {group:?}") });
+        }
+    }
+    Ok(())
+}
+
+fn run(config: Option<&Path>, runtime_dir: Option<PathBuf>) -> Result<(), String> {
+    let cfg = load(config, runtime_dir, true)?;
     for w in &cfg.warnings {
         eprintln!("vunet: warning: {w}");
     }

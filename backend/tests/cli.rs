@@ -1,5 +1,6 @@
 //! The `vunet` command: user errors are one clear line on stderr, exit code 2, no backtrace;
-//! the subcommands find the daemon `vunet run` started, with or without flags.
+//! the subcommands find the daemon `vunet run` started, with or without flags; `vunet check`
+//! validates without starting anything.
 
 use std::io::BufRead;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -354,4 +355,101 @@ fn another_user_gets_a_private_runtime_directory() {
     assert!(text(&ports).contains("vm5 (vhost-user, server)") && text(&ports).contains("socket=/tmp/vunet-65534/vm1.sock"), "{ports:?}");
     drop(daemon);
     let _ = std::fs::remove_dir_all(&private);
+}
+
+fn libvirt_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/libvirt").join(name)
+}
+
+/// A successful check: exit 0, the summary on stdout, each warning one line on stderr, and
+/// the last line counts them.
+fn assert_checks(out: &Output, file: &Path, summary: &str) {
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains(summary), "{stdout}");
+    assert!(stderr.lines().all(|l| l.starts_with("vunet: warning: ")), "{stderr}");
+    let last = format!("{}: valid, {} warning(s); nothing was started", file.display(), stderr.lines().count());
+    assert_eq!(stdout.lines().last(), Some(last.as_str()), "{stdout}");
+}
+
+#[test]
+fn check_takes_the_seed_networks() {
+    for (file, summary) in [
+        ("default.xml", "network \"default\": mode nat, gateway 192.168.122.1/24, DHCP 192.168.122.2-192.168.122.254, DNS, mtu 1500"),
+        ("isolated.xml", "network \"isolated\": mode isolated, gateway 10.11.0.1/24, DHCP 10.11.0.100-10.11.0.199, DNS, mtu 9000"),
+        ("routed.xml", "network \"routed\": mode route, gateway 192.168.200.1/24"),
+    ] {
+        let f = libvirt_fixture(file);
+        assert_checks(&vunet(&["check", "--config", f.to_str().unwrap()]), &f, summary);
+    }
+    let default = vunet(&["check", "--config", libvirt_fixture("default.xml").to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&default.stderr).contains("<bridge name='virbr0'> is not created"), "warnings are printed");
+    // The bridged seed attaches to br0: the check says what `run` would say on this host.
+    let f = libvirt_fixture("bridged.xml");
+    let out = vunet(&["check", "--config", f.to_str().unwrap()]);
+    if Path::new("/sys/class/net/br0").exists() {
+        assert_checks(&out, &f, "network \"host-bridge\": mode bridge");
+    } else {
+        assert_user_error(&out, "network host-bridge: uplink interface \"br0\" does not exist");
+    }
+}
+
+#[test]
+fn check_refuses_broken_files_in_one_line() {
+    let d = tmp("check-bad");
+    let write = |name: &str, text: &str| {
+        let f = d.join(name);
+        std::fs::write(&f, text).unwrap();
+        f.to_str().unwrap().to_string()
+    };
+    let mode = write("mode.toml", "[[network]]\nname = \"default\"\n\nmode = \"nta\"\ngateway = \"192.168.122.1/24\"\n");
+    assert_user_error(&vunet(&["check", "--config", &mode]), &format!("{mode}:4: unknown mode \"nta\""));
+    assert_user_error(&vunet(&["run", "--check", "--config", &mode]), &format!("{mode}:4: unknown mode \"nta\""));
+    let xml = write("broken.xml", "<network>\n  <name>broken</name>\n  <ip address='10.0.0.1' prefix='24'>\n");
+    assert_user_error(&vunet(&["check", "--config", &xml]), &format!("{xml}:1: malformed XML: <network> is not closed"));
+    let nodir = write(
+        "nodir.toml",
+        "[[network]]\nname = \"n\"\nmode = \"bridge\"\n[[network.port]]\nname = \"vm1\"\nsocket = \"/nonexistent/dir/vm1.sock\"\n",
+    );
+    assert_user_error(&vunet(&["check", "--config", &nodir]), "port vm1: socket /nonexistent/dir/vm1.sock: directory does not exist");
+    let group = write(
+        "group.toml",
+        "control_socket = \"control.sock\"\ncontrol_group = \"no-such-group-vunet\"\n[[network]]\nname = \"n\"\nmode = \"bridge\"\n",
+    );
+    let control = d.join("control.sock");
+    assert_user_error(
+        &vunet(&["check", "--config", &group]),
+        &format!("control socket {}: no group named \"no-such-group-vunet\"", control.display()),
+    );
+    assert_user_error(
+        &vunet(&["check", "--config", "/nonexistent/vunet.toml"]),
+        "/nonexistent/vunet.toml: cannot read: No such file or directory",
+    );
+    let out = vunet(&["check"]);
+    assert_eq!(out.status.code(), Some(2), "--config is required");
+}
+
+#[test]
+fn check_before_a_reload_starts_nothing_and_passes_sockets_in_use() {
+    let d = tmp("check-reload");
+    let f = d.join("vunet.toml");
+    let one = "control_socket = \"control.sock\"\n[[network]]\nname = \"lab\"\nmode = \"isolated\"\ngateway = \"10.9.0.1/24\"\n[[network.port]]\nname = \"vm1\"\nsocket = \"vm1.sock\"\n";
+    std::fs::write(&f, one).unwrap();
+    let fs = f.to_str().unwrap();
+    let out = vunet(&["check", "--config", fs]);
+    assert_checks(&out, &f, &format!("port vm1 (vunet listens): {}", d.join("vm1.sock").display()));
+    assert_eq!(vunet(&["run", "--check", "--config", fs]).stdout, out.stdout, "run --check is check");
+    assert!(!d.join("vm1.sock").exists() && !d.join("control.sock").exists(), "a check binds nothing");
+
+    let mut daemon = Running::spawn(&mut cmd(&["run", "--config", fs]), d.join("vunet.log"));
+    daemon.ready();
+    // The running daemon holds vm1.sock: the check of an edited file does not mind.
+    std::fs::write(&f, format!("{one}[[network.port]]\nname = \"vm2\"\nsocket = \"vm2.sock\"\n")).unwrap();
+    assert_checks(&vunet(&["check", "--config", fs]), &f, "port vm2 (vunet listens)");
+    assert!(!d.join("vm2.sock").exists(), "a check binds nothing");
+    std::fs::write(&f, format!("{one}[[network.port]]\nname = \"vm2\"\nsocket = \"vm1.sock\"\n")).unwrap();
+    let out = vunet(&["check", "--config", fs]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with(&format!("vunet: {fs}:")), "{out:?}");
+    drop(daemon);
 }

@@ -40,9 +40,11 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
-    /// Load and validate a configuration (TOML or libvirt XML) as `vunet run` would, print its
-    /// summary and every warning, and start nothing: exit 0 if it would run, 2 if not.
-    /// Useful before a SIGHUP.
+    /// Validate a configuration file as `vunet run` would, and start nothing (exit 0 or 2).
+    ///
+    /// Loads the TOML or libvirt XML file, looks for what the start would refuse on this host
+    /// (without binding or creating anything), prints every warning and the summary `vunet run`
+    /// would print. Useful before a SIGHUP: a socket the running daemon holds is fine.
     Check {
         /// TOML configuration file, or a libvirt network XML file.
         #[arg(short, long, value_name = "FILE")]
@@ -137,7 +139,9 @@ enum Command {
 /// as root, else /tmp/vunet-UID), then /run/vunet/control.sock.
 #[derive(clap::Args)]
 struct DaemonAt {
-    /// The daemon's control socket.
+    /// The daemon's control socket (default: where `vunet run` without a configuration puts
+    /// it, $XDG_RUNTIME_DIR/vunet, /run/vunet as root or /tmp/vunet-UID, then
+    /// /run/vunet/control.sock).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
     /// The daemon's configuration file (its control_socket is used).

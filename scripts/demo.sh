@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The main job in one command: starts vunet's default network, boots two QEMU guests (TCG) on
-# it, pings vunet's gateway and from one guest to the other, and runs iperf3 between them for 10 s, then prints the result.
+# The newcomer's path in one command: `vunet run` with no configuration (network "default"),
+# two QEMU guests (TCG) on it that take DHCP leases from vunet's gateway and find each other by
+# name through its DNS, ping the gateway and each other, run iperf3 between them for 10 s, and
+# then `vunet port-list default` shows each port's counters.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -9,11 +11,16 @@ cargo build --release -p vunet >&2
 work=$(mktemp -d)
 cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-mkdir -p "$work/rt"
-echo "== vunet run (default network, sockets in $work/rt)"
-target/release/vunet run --runtime-dir "$work/rt" > "$work/vunet.out" 2> "$work/vunet.log" &
-for _ in $(seq 50); do [ -S "$work/rt/vm2.sock" ] && break; sleep 0.1; done
+# A runtime directory of the demo's own, so that it never meets a vunet already running here;
+# `vunet run` puts its sockets in $XDG_RUNTIME_DIR/vunet and the CLI looks there, no flags.
+export XDG_RUNTIME_DIR=$work
+vunet=target/release/vunet
+echo "== vunet run"
+"$vunet" run > "$work/vunet.out" 2> "$work/vunet.log" &
+# The summary's last line is printed once every socket listens.
+for _ in $(seq 100); do grep -q "guest RAM must be shared" "$work/vunet.out" && break; sleep 0.1; done
 cat "$work/vunet.out"
+grep -q "guest RAM must be shared" "$work/vunet.out" || { cat "$work/vunet.log"; exit 1; }
 
 guest() { # name socket mac script
   mkdir -p "$work/$1/add"
@@ -26,10 +33,44 @@ guest() { # name socket mac script
     -device virtio-net-pci,netdev=n0,mac="$3",romfile=,vectors=0 \
     -append 'console=ttyS0 quiet panic=-1' < /dev/null > "$work/$1.console" 2>&1 &
 }
-echo "== booting guest vm1 (192.168.122.11, iperf3 server) and vm2 (192.168.122.12, client)"
-guest vm1 "$work/rt/vm1.sock" 52:54:00:00:00:01 'ip addr add 192.168.122.11/24 dev eth0; iperf3 -s -1 >/dev/null'
-guest vm2 "$work/rt/vm2.sock" 52:54:00:00:00:02 'ip addr add 192.168.122.12/24 dev eth0; sleep 2; ping -c 2 192.168.122.1 && ping -c 3 192.168.122.11 && iperf3 -c 192.168.122.11 -t 10'
-for _ in $(seq 120); do grep -q VUNET-TEST-EXIT "$work/vm2.console" 2>/dev/null && break; sleep 1; done
-echo "== vm2's console"
-sed -n '/PING/,/VUNET-TEST-EXIT/p' "$work/vm2.console"
+# Busybox udhcpc asks for a lease under the guest's name (which the gateway's DNS then
+# answers); the hook sets the address it got.
+dhcp() {
+  cat <<EOF
+cat > /tmp/hook.sh <<'HOOK'
+#!/bin/sh
+case "\$1" in bound|renew) ip addr flush dev \$interface; ip addr add \$ip/\$mask dev \$interface; echo "LEASED \$ip (DNS \$dns)" ;; esac
+HOOK
+chmod +x /tmp/hook.sh
+udhcpc -i eth0 -s /tmp/hook.sh -n -q -t 10 -T 2 -x hostname:$1 || exit 3
+EOF
+}
+# Asks the gateway for a name until the other guest has its lease; prints the answer and sets
+# $addr to the address.
+resolve() {
+  cat <<EOF
+for i in \$(seq 40); do nslookup $1 192.168.122.1 > /tmp/ns 2>&1 && break; sleep 2; done
+cat /tmp/ns
+addr=\$(sed -n '/^Name:/,\$ s/^Address[^:]*: *\([0-9.]*\).*/\1/p' /tmp/ns | head -n1)
+[ -n "\$addr" ] || exit 4
+echo "RESOLVED $1 = \$addr"
+EOF
+}
+echo "== booting guests vm1 (iperf3 server) and vm2 (client) on vm1.sock and vm2.sock; both ask for DHCP leases"
+guest vm1 "$work/vunet/vm1.sock" 52:54:00:00:00:01 "$(dhcp vm1)
+($(resolve vm2)) &
+iperf3 -s -1 >/dev/null
+wait"
+guest vm2 "$work/vunet/vm2.sock" 52:54:00:00:00:02 "$(dhcp vm2)
+$(resolve vm1)
+ping -c 2 192.168.122.1 && ping -c 3 \$addr && iperf3 -c \$addr -t 10"
+for _ in $(seq 180); do grep -q VUNET-TEST-EXIT "$work/vm2.console" 2>/dev/null && break; sleep 1; done
+echo "== vm1's console: its lease, and vm2 by name"
+sed -n '/^LEASED/,/^RESOLVED/p' "$work/vm1.console"
+echo "== vm2's console: its lease, vm1 by name, ping, iperf3"
+sed -n '/^LEASED/,/VUNET-TEST-EXIT/p' "$work/vm2.console"
 grep -q "VUNET-TEST-EXIT 0" "$work/vm2.console"
+echo "== vunet dhcp-leases default"
+"$vunet" dhcp-leases default
+echo "== vunet port-list default"
+"$vunet" port-list default

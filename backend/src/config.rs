@@ -917,8 +917,9 @@ impl Config {
         })
     }
 
-    /// The embedded default: network `default`, isolated, gateway 192.168.122.1/24, and four
-    /// server-mode guest sockets `vm1.sock` … `vm4.sock` in `runtime_dir`.
+    /// The embedded default: network `default`, isolated, gateway 192.168.122.1/24 with DHCP
+    /// (.2–.254) and DNS, four server-mode guest sockets `vm1.sock` … `vm4.sock` and the
+    /// control socket `control.sock` in `runtime_dir`.
     pub fn default_in(runtime_dir: &Path) -> Config {
         let ports = (1..=4)
             .map(|i| PortConfig {
@@ -932,7 +933,8 @@ impl Config {
             .collect();
         Config {
             state_dir: None,
-            control_socket: None,
+            // Where the CLI looks first (`vunet net-list` with no flags), owner-only as always.
+            control_socket: Some(runtime_dir.join("control.sock")),
             control_group: None,
             metrics_listen: None,
             networks: vec![NetworkConfig {
@@ -1245,6 +1247,18 @@ via = "10.10.12.10"
         }
         let no_gw = "[[network]]\nname = \"b\"\nmode = \"bridge\"\n[network.dhcp]\nrange = [\"10.0.0.2\", \"10.0.0.9\"]\n";
         assert!(parse(no_gw).unwrap_err().to_string().contains("[network.dhcp] needs a gateway"));
+    }
+
+    #[test]
+    fn the_embedded_default_has_a_control_socket_dhcp_and_four_guest_sockets() {
+        let c = Config::default_in(Path::new("/tmp/rt"));
+        assert_eq!(c.control_socket.as_deref(), Some(Path::new("/tmp/rt/control.sock")));
+        assert_eq!(c.control_group, None, "owner-only");
+        let n = &c.networks[0];
+        assert_eq!((n.name.as_str(), n.mode, n.gateway), ("default", Mode::Isolated, Some((Ipv4Addr::new(192, 168, 122, 1), 24))));
+        assert_eq!(n.dhcp.as_ref().map(|d| d.range), Some((Ipv4Addr::new(192, 168, 122, 2), Ipv4Addr::new(192, 168, 122, 254))));
+        let sockets: Vec<_> = n.ports.iter().map(|p| p.socket.clone()).collect();
+        assert_eq!(sockets, (1..=4).map(|i| PathBuf::from(format!("/tmp/rt/vm{i}.sock"))).collect::<Vec<_>>());
     }
 
     #[test]

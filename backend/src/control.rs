@@ -320,15 +320,52 @@ pub fn utc(secs: u64) -> String {
 
 /// Connects to the daemon and sends one request.
 pub fn connect(path: &Path, req: &Request) -> Result<UnixStream, String> {
-    let mut s = UnixStream::connect(path).map_err(|e| format!("cannot reach the vunet daemon at {}: {}", path.display(), io_reason(&e)))?;
+    let s = UnixStream::connect(path).map_err(|e| format!("cannot reach the vunet daemon at {}: {}", path.display(), io_reason(&e)))?;
+    send(s, path, req)
+}
+
+fn send(mut s: UnixStream, path: &Path, req: &Request) -> Result<UnixStream, String> {
     let line = serde_json::to_string(req).map_err(|e| e.to_string())?;
     s.write_all(format!("{line}\n").as_bytes()).map_err(|e| format!("control socket {}: {}", path.display(), io_reason(&e)))?;
     Ok(s)
 }
 
-/// Sends one request and returns the daemon's answer (its error as Err).
-pub fn request(path: &Path, req: &Request) -> Result<Value, String> {
-    let mut s = connect(path, req)?;
+/// Connects to the first of the default `places` where a daemon answers and sends one request
+/// there; returns the connection and the place. A place whose directory belongs to neither
+/// root nor the user is passed over: anybody may create a directory in /tmp, and the answer
+/// of whoever listens there would be taken for the daemon's. Failure is one line naming every
+/// place and why it did not answer.
+pub fn connect_first(places: &[PathBuf], req: &Request) -> Result<(UnixStream, PathBuf), String> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let mut tried = Vec::new();
+    for path in places {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let owner = match std::fs::metadata(dir) {
+            Ok(m) => m.uid(),
+            Err(e) => {
+                tried.push(format!("{} ({})", path.display(), io_reason(&e)));
+                continue;
+            }
+        };
+        if owner != 0 && owner != uid {
+            tried.push(format!("{} (its directory belongs to uid {owner}, not to you)", path.display()));
+            continue;
+        }
+        match UnixStream::connect(path) {
+            Ok(s) => return send(s, path, req).map(|s| (s, path.clone())),
+            Err(e) => tried.push(format!("{} ({})", path.display(), io_reason(&e))),
+        }
+    }
+    Err(format!(
+        "cannot reach the vunet daemon at {}; start one with `vunet run`, or name its socket with --control or --config",
+        tried.join(" or ")
+    ))
+}
+
+/// Reads the daemon's answer to the request sent on `s` (its error as Err).
+pub fn read_answer(mut s: UnixStream, path: &Path) -> Result<Value, String> {
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
     let mut out = String::new();
     s.read_to_string(&mut out).map_err(|e| format!("control socket {}: {}", path.display(), io_reason(&e)))?;
@@ -340,7 +377,13 @@ pub fn request(path: &Path, req: &Request) -> Result<Value, String> {
     }
 }
 
-/// The default control socket when the configuration names none.
+/// Sends one request and returns the daemon's answer (its error as Err).
+pub fn request(path: &Path, req: &Request) -> Result<Value, String> {
+    read_answer(connect(path, req)?, path)
+}
+
+/// The system daemon's control socket (contrib/vunet.service, or `vunet run` as root): the
+/// CLI's last default place.
 pub fn default_path() -> PathBuf {
     PathBuf::from("/run/vunet/control.sock")
 }
@@ -354,6 +397,36 @@ mod tests {
         assert_eq!(utc(0), "1970-01-01 00:00:00");
         assert_eq!(utc(951_782_400), "2000-02-29 00:00:00");
         assert_eq!(utc(1_795_358_433), "2026-11-22 14:40:33");
+    }
+
+    #[test]
+    fn the_first_default_place_that_answers_is_used_and_a_failure_names_them_all() {
+        let d = std::env::temp_dir().join(format!("vunet-control-places-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let (none, live) = (d.join("none/control.sock"), d.join("control.sock"));
+        let e = connect_first(&[none.clone(), live.clone()], &Request::NetList).unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "cannot reach the vunet daemon at {} (No such file or directory) or {} (No such file or directory); start one with `vunet run`, or name its socket with --control or --config",
+                none.display(),
+                live.display()
+            )
+        );
+        let l = UnixListener::bind(&live).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&c).read_line(&mut line).unwrap();
+            c.write_all(b"{\"ok\":[]}\n").unwrap();
+            line
+        });
+        let (s, at) = connect_first(&[none, live.clone()], &Request::NetList).unwrap();
+        assert_eq!(at, live);
+        assert_eq!(read_answer(s, &at), Ok(json!([])));
+        assert_eq!(server.join().unwrap(), "{\"cmd\":\"net-list\"}\n");
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! The `vunet` command.
 
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vunet::config::{Config, PortMode};
+use vunet::config::{io_reason, Config, PortMode, UplinkKind};
 use vunet::control::Request;
-use vunet::Daemon;
+use vunet::uplink::UplinkError;
+use vunet::{Daemon, StartError};
 
 #[derive(Parser)]
 #[command(
@@ -25,14 +27,28 @@ enum Command {
     #[command(after_help = "Signals: SIGINT/SIGTERM stop; SIGHUP re-reads --config and applies added and removed networks and ports.")]
     Run {
         /// TOML configuration file, or a libvirt network XML file. Without it vunet serves
-        /// network "default" (isolated, 192.168.122.1/24) with four guest sockets in a runtime
-        /// directory.
+        /// network "default" (isolated, 192.168.122.1/24, DHCP, DNS) with four guest sockets
+        /// and the control socket in a runtime directory.
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// Directory for the default network's sockets (default: $XDG_RUNTIME_DIR/vunet,
         /// /run/vunet as root, else /tmp/vunet-UID).
         #[arg(long, value_name = "DIR", conflicts_with = "config")]
         runtime_dir: Option<PathBuf>,
+        /// Only check: load and validate, print the summary and warnings, start nothing (as
+        /// `vunet check`).
+        #[arg(long)]
+        check: bool,
+    },
+    /// Validate a configuration file as `vunet run` would, and start nothing (exit 0 or 2).
+    ///
+    /// Loads the TOML or libvirt XML file, looks for what the start would refuse on this host
+    /// (without binding or creating anything), prints every warning and the summary `vunet run`
+    /// would print. Useful before a SIGHUP: a socket the running daemon holds is fine.
+    Check {
+        /// TOML configuration file, or a libvirt network XML file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
     },
     /// List the networks of the running daemon: name, mode, gateway, uplink, state, ports.
     NetList {
@@ -119,10 +135,13 @@ enum Command {
 }
 
 /// Where to find the running daemon: `--control`, else the `control_socket` of `--config`,
-/// else /run/vunet/control.sock.
+/// else where `vunet run` without a configuration puts it ($XDG_RUNTIME_DIR/vunet, /run/vunet
+/// as root, else /tmp/vunet-UID), then /run/vunet/control.sock.
 #[derive(clap::Args)]
 struct DaemonAt {
-    /// The daemon's control socket.
+    /// The daemon's control socket (default: where `vunet run` without a configuration puts
+    /// it, $XDG_RUNTIME_DIR/vunet, /run/vunet as root or /tmp/vunet-UID, then
+    /// /run/vunet/control.sock).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
     /// The daemon's configuration file (its control_socket is used).
@@ -131,22 +150,35 @@ struct DaemonAt {
 }
 
 impl DaemonAt {
-    fn path(&self) -> Result<PathBuf, String> {
-        if let Some(p) = &self.control {
-            return Ok(p.clone());
-        }
-        if let Some(c) = &self.config {
-            let cfg = Config::load(c).map_err(|e| e.to_string())?;
-            return cfg.control_socket.ok_or_else(|| format!("{}: no control_socket in this configuration", c.display()));
-        }
-        Ok(vunet::control::default_path())
+    /// Connects to the daemon and sends `req`; returns the connection and the socket used.
+    fn connect(&self, req: &Request) -> Result<(UnixStream, PathBuf), String> {
+        let path = match (&self.control, &self.config) {
+            (Some(p), _) => p.clone(),
+            (None, Some(c)) => {
+                let cfg = Config::load(c).map_err(|e| e.to_string())?;
+                cfg.control_socket.ok_or_else(|| format!("{}: no control_socket in this configuration", c.display()))?
+            }
+            (None, None) => return vunet::control::connect_first(&default_control_places(), req),
+        };
+        vunet::control::connect(&path, req).map(|s| (s, path))
     }
+}
+
+/// Where the CLI looks for the daemon without `--control` or `--config`: where `vunet run`
+/// without a configuration puts its control socket, then the system daemon's.
+fn default_control_places() -> Vec<PathBuf> {
+    let mut places = vec![default_runtime_dir().join("control.sock")];
+    let system = vunet::control::default_path();
+    if !places.contains(&system) {
+        places.push(system);
+    }
+    places
 }
 
 /// Sends a request to the daemon and prints the answer as a table or JSON; errors are one
 /// line, exit 1.
 fn client(at: &DaemonAt, req: Request, json: bool) -> ExitCode {
-    match at.path().and_then(|p| vunet::control::request(&p, &req)) {
+    match at.connect(&req).and_then(|(conn, path)| vunet::control::read_answer(conn, &path)) {
         Ok(v) if json => {
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             ExitCode::SUCCESS
@@ -189,13 +221,15 @@ fn main() -> ExitCode {
             one_line(capture(&at, Request::Capture { network, port }, write.as_deref(), count, duration), 1)
         }
         Command::ImportLibvirt { file } => one_line(import_libvirt(&file), 2),
-        Command::Run { config, runtime_dir } => one_line(run(config.as_deref(), runtime_dir), 2),
+        Command::Check { config } => one_line(check(Some(&config), None), 2),
+        Command::Run { config, runtime_dir, check: true } => one_line(check(config.as_deref(), runtime_dir), 2),
+        Command::Run { config, runtime_dir, check: false } => one_line(run(config.as_deref(), runtime_dir), 2),
     }
 }
 
 fn import_libvirt(file: &Path) -> Result<(), String> {
     let name = file.display().to_string();
-    let text = std::fs::read_to_string(file).map_err(|e| format!("{name}: cannot read: {}", vunet::config::io_reason(&e)))?;
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{name}: cannot read: {}", io_reason(&e)))?;
     let imported = vunet::libvirt::import(&text, &name)?;
     for w in &imported.warnings {
         eprintln!("vunet: warning: {w}");
@@ -208,8 +242,7 @@ fn import_libvirt(file: &Path) -> Result<(), String> {
 /// readable at any moment), until `count` frames or `duration` seconds.
 fn capture(at: &DaemonAt, req: Request, out: Option<&Path>, count: Option<u64>, duration: Option<u64>) -> Result<(), String> {
     use std::io::BufRead;
-    let path = at.path()?;
-    let conn = vunet::control::connect(&path, &req)?;
+    let (conn, path) = at.connect(&req)?;
     if let Some(d) = duration {
         let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(d.max(1))));
     }
@@ -244,29 +277,131 @@ fn capture(at: &DaemonAt, req: Request, out: Option<&Path>, count: Option<u64>, 
     Ok(())
 }
 
+fn uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// Where `vunet run` without a configuration puts its sockets, and so where the CLI looks
+/// first: $XDG_RUNTIME_DIR/vunet, /run/vunet as root, else a private directory in /tmp.
 fn default_runtime_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(d).join("vunet");
     }
-    // SAFETY: getuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::getuid() };
-    if uid == 0 {
-        PathBuf::from("/run/vunet")
-    } else {
-        PathBuf::from(format!("/tmp/vunet-{uid}"))
+    match uid() {
+        0 => PathBuf::from("/run/vunet"),
+        uid => private_tmp_dir(uid),
     }
 }
 
-fn run(config: Option<&Path>, runtime_dir: Option<PathBuf>) -> Result<(), String> {
-    let cfg = match config {
-        Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+fn private_tmp_dir(uid: u32) -> PathBuf {
+    PathBuf::from(format!("/tmp/vunet-{uid}"))
+}
+
+/// Creates the runtime directory. The per-user fallback lives in /tmp, where anybody could
+/// have created it first: it is made owner-only, and one that is not the user's own directory
+/// is refused rather than used.
+fn make_runtime_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let cannot = |e: std::io::Error| format!("cannot create runtime directory {}: {}", dir.display(), io_reason(&e));
+    let uid = uid();
+    if dir != private_tmp_dir(uid) {
+        return std::fs::create_dir_all(dir).map_err(cannot);
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(cannot(e)),
+        _ => {}
+    }
+    let m = std::fs::symlink_metadata(dir).map_err(cannot)?;
+    if !m.is_dir() {
+        return Err(format!("runtime directory {} is not a directory (remove it, or use --runtime-dir DIR)", dir.display()));
+    }
+    if m.uid() != uid {
+        return Err(format!(
+            "runtime directory {} belongs to uid {}, not to you (remove it, or use --runtime-dir DIR)",
+            dir.display(),
+            m.uid()
+        ));
+    }
+    if m.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(cannot)?;
+    }
+    Ok(())
+}
+
+/// The configuration `vunet run` serves: the file, or the embedded default in the runtime
+/// directory (created only when `create`: a check creates nothing).
+fn load(config: Option<&Path>, runtime_dir: Option<PathBuf>, create: bool) -> Result<Config, String> {
+    match config {
+        Some(path) => Config::load(path).map_err(|e| e.to_string()),
         None => {
             let dir = runtime_dir.unwrap_or_else(default_runtime_dir);
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| format!("cannot create runtime directory {}: {}", dir.display(), vunet::config::io_reason(&e)))?;
-            Config::default_in(&dir)
+            if create {
+                make_runtime_dir(&dir)?;
+            }
+            Ok(Config::default_in(&dir))
         }
-    };
+    }
+}
+
+/// `vunet check` / `vunet run --check`: what `run` would print, and its refusals, with nothing
+/// started, bound or created.
+fn check(config: Option<&Path>, runtime_dir: Option<PathBuf>) -> Result<(), String> {
+    let cfg = load(config, runtime_dir, false)?;
+    for w in &cfg.warnings {
+        eprintln!("vunet: warning: {w}");
+    }
+    // The embedded default's sockets go in the runtime directory `run` creates: nothing on the
+    // host to look at yet.
+    if config.is_some() {
+        preflight(&cfg).map_err(|e| e.to_string())?;
+    }
+    print_summary(&cfg);
+    let what = config.map(|c| c.display().to_string()).unwrap_or_else(|| "the embedded default".into());
+    println!("{what}: valid, {} warning(s); nothing was started", cfg.warnings.len());
+    Ok(())
+}
+
+/// What `Daemon::start` would refuse on this host, found without binding or creating
+/// anything: a server socket's directory that does not exist, a socket path taken by another
+/// kind of file, an uplink interface that does not exist, an unknown control group. A socket
+/// in use passes: before a SIGHUP, the running daemon holds it.
+fn preflight(cfg: &Config) -> Result<(), StartError> {
+    use std::os::unix::fs::FileTypeExt;
+    for n in &cfg.networks {
+        for p in n.ports.iter().filter(|p| p.tap.is_none() && p.mode == PortMode::Server) {
+            let dir = p.socket.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                return Err(StartError::NoDirectory { port: p.name.clone(), path: p.socket.clone() });
+            }
+            if std::fs::symlink_metadata(&p.socket).is_ok_and(|m| !m.file_type().is_socket()) {
+                return Err(StartError::NotASocket { port: p.name.clone(), path: p.socket.clone() });
+            }
+        }
+        // A tap uplink is created by vunet; the others attach to an interface that must exist.
+        if let Some(u) = n.uplink.as_ref().filter(|u| u.kind != UplinkKind::Tap) {
+            let exists = std::ffi::CString::new(u.interface.as_str())
+                // SAFETY: the argument is a valid NUL-terminated string.
+                .is_ok_and(|c| unsafe { libc::if_nametoindex(c.as_ptr()) } != 0);
+            if !exists {
+                return Err(StartError::Uplink { network: n.name.clone(), source: UplinkError::NoInterface(u.interface.clone()) });
+            }
+        }
+    }
+    if let (Some(path), Some(group)) = (&cfg.control_socket, &cfg.control_group) {
+        let exists = std::ffi::CString::new(group.as_str())
+            // SAFETY: the argument is a valid NUL-terminated string; only the null test reads
+            // the result.
+            .is_ok_and(|c| !unsafe { libc::getgrnam(c.as_ptr()) }.is_null());
+        if !exists {
+            return Err(StartError::Control { path: path.clone(), reason: format!("no group named {group:?}") });
+        }
+    }
+    Ok(())
+}
+
+fn run(config: Option<&Path>, runtime_dir: Option<PathBuf>) -> Result<(), String> {
+    let cfg = load(config, runtime_dir, true)?;
     for w in &cfg.warnings {
         eprintln!("vunet: warning: {w}");
     }
@@ -336,9 +471,12 @@ fn stop_signals() -> libc::sigset_t {
 /// Tells the user where the sockets are and exactly how to connect QEMU to each.
 fn print_summary(cfg: &Config) {
     for n in &cfg.networks {
+        // The gateway's services are on wherever there is a gateway: DNS always, DHCP if set.
         let gw = n.gateway.map(|(a, p)| format!(", gateway {a}/{p}")).unwrap_or_default();
+        let dhcp = n.dhcp.as_ref().map(|d| format!(", DHCP {}-{}", d.range.0, d.range.1)).unwrap_or_default();
+        let dns = if n.gateway.is_some() { ", DNS" } else { "" };
         let guests = n.ports.iter().filter(|p| p.tap.is_none()).count();
-        println!("network {:?}: mode {}{}, mtu {}, {} guest port(s)", n.name, n.mode.name(), gw, n.mtu, guests);
+        println!("network {:?}: mode {}{gw}{dhcp}{dns}, mtu {}, {} guest port(s)", n.name, n.mode.name(), n.mtu, guests);
         if let Some(u) = &n.uplink {
             println!("  uplink {} on {}", u.kind.name(), u.interface);
         }
@@ -365,7 +503,13 @@ fn print_summary(cfg: &Config) {
         }
     }
     if let Some(c) = &cfg.control_socket {
-        println!("control socket: {} (vunet net-list --control {})", c.display(), c.display());
+        let who = cfg.control_group.as_ref().map(|g| format!("owner and group {g}")).unwrap_or_else(|| "owner-only".into());
+        // Say whether the bare CLI finds this daemon, or how to name it.
+        if default_control_places().contains(c) {
+            println!("control socket: {} ({who}; `vunet net-list` finds it with no flags)", c.display());
+        } else {
+            println!("control socket: {} ({who}; vunet net-list --control {})", c.display(), c.display());
+        }
     }
     println!("(guest RAM must be shared: memory-backend-memfd with share=on. Under TCG with QEMU 7.2 add vectors=0 to -device.)");
     use std::io::Write;

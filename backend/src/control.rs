@@ -61,7 +61,7 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, StartError
     Ok(l)
 }
 
-fn group_id(name: &str) -> Option<u32> {
+pub(crate) fn group_id(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
     // SAFETY: getgrnam returns a pointer into static storage or null; read at once.
     let g = unsafe { libc::getgrnam(c.as_ptr()) };

@@ -5,8 +5,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::config::{io_reason, Config};
+use crate::config::{io_reason, Config, PortMode};
 use crate::datapath::Network;
+use crate::ports::uplink::Uplink;
+use crate::ports::vhost::conn::check_socket;
 use crate::runtime::{private_dir, spawn, StartError, Supervisor};
 
 /// The running daemon: every network of a configuration, changeable at run time (control
@@ -51,6 +53,26 @@ impl Daemon {
                 .map_err(|e| StartError::Host(format!("metrics_listen {addr}: {}", io_reason(&e))))?;
         }
         Ok(Daemon { shared })
+    }
+
+    /// What `start` would refuse on this host, found without binding or creating anything: a
+    /// server socket's directory that does not exist, a socket path taken by another kind of
+    /// file, an uplink interface that does not exist, an unknown control group. A socket in use
+    /// passes: before a SIGHUP, the running daemon holds it.
+    pub fn check(cfg: &Config) -> Result<(), StartError> {
+        for n in &cfg.networks {
+            for p in n.ports.iter().filter(|p| p.tap.is_none() && p.mode == PortMode::Server) {
+                check_socket(p)?;
+            }
+            if let Some(u) = &n.uplink {
+                Uplink::check(u).map_err(|source| StartError::Uplink { network: n.name.clone(), source })?;
+            }
+        }
+        if let (Some(path), Some(group)) = (&cfg.control_socket, &cfg.control_group) {
+            crate::control::group_id(group)
+                .ok_or_else(|| StartError::Control { path: path.clone(), reason: format!("no group named {group:?}") })?;
+        }
+        Ok(())
     }
 
     pub fn network(&self, name: &str) -> Option<Arc<Network>> {

@@ -5,10 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vunet::config::{io_reason, Config, PortMode, UplinkKind};
+use vunet::config::{io_reason, Config, PortMode};
 use vunet::control::Request;
-use vunet::uplink::UplinkError;
-use vunet::{Daemon, StartError};
+use vunet::Daemon;
 
 #[derive(Parser)]
 #[command(
@@ -354,49 +353,11 @@ fn check(config: Option<&Path>, runtime_dir: Option<PathBuf>) -> Result<(), Stri
     // The embedded default's sockets go in the runtime directory `run` creates: nothing on the
     // host to look at yet.
     if config.is_some() {
-        preflight(&cfg).map_err(|e| e.to_string())?;
+        Daemon::check(&cfg).map_err(|e| e.to_string())?;
     }
     print_summary(&cfg);
     let what = config.map(|c| c.display().to_string()).unwrap_or_else(|| "the embedded default".into());
     println!("{what}: valid, {} warning(s); nothing was started", cfg.warnings.len());
-    Ok(())
-}
-
-/// What `Daemon::start` would refuse on this host, found without binding or creating
-/// anything: a server socket's directory that does not exist, a socket path taken by another
-/// kind of file, an uplink interface that does not exist, an unknown control group. A socket
-/// in use passes: before a SIGHUP, the running daemon holds it.
-fn preflight(cfg: &Config) -> Result<(), StartError> {
-    use std::os::unix::fs::FileTypeExt;
-    for n in &cfg.networks {
-        for p in n.ports.iter().filter(|p| p.tap.is_none() && p.mode == PortMode::Server) {
-            let dir = p.socket.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            if !dir.is_dir() {
-                return Err(StartError::NoDirectory { port: p.name.clone(), path: p.socket.clone() });
-            }
-            if std::fs::symlink_metadata(&p.socket).is_ok_and(|m| !m.file_type().is_socket()) {
-                return Err(StartError::NotASocket { port: p.name.clone(), path: p.socket.clone() });
-            }
-        }
-        // A tap uplink is created by vunet; the others attach to an interface that must exist.
-        if let Some(u) = n.uplink.as_ref().filter(|u| u.kind != UplinkKind::Tap) {
-            let exists = std::ffi::CString::new(u.interface.as_str())
-                // SAFETY: the argument is a valid NUL-terminated string.
-                .is_ok_and(|c| unsafe { libc::if_nametoindex(c.as_ptr()) } != 0);
-            if !exists {
-                return Err(StartError::Uplink { network: n.name.clone(), source: UplinkError::NoInterface(u.interface.clone()) });
-            }
-        }
-    }
-    if let (Some(path), Some(group)) = (&cfg.control_socket, &cfg.control_group) {
-        let exists = std::ffi::CString::new(group.as_str())
-            // SAFETY: the argument is a valid NUL-terminated string; only the null test reads
-            // the result.
-            .is_ok_and(|c| !unsafe { libc::getgrnam(c.as_ptr()) }.is_null());
-        if !exists {
-            return Err(StartError::Control { path: path.clone(), reason: format!("no group named {group:?}") });
-        }
-    }
     Ok(())
 }
 

@@ -215,6 +215,15 @@ fn open_macvtap(parent: &str, name: &str, mac: Option<Mac>, mode: u32) -> io::Re
 }
 
 impl Uplink {
+    /// What `open` would refuse for a missing interface, found without opening or creating
+    /// anything (a tap is made by vunet; the other kinds attach to an interface that exists).
+    pub fn check(cfg: &UplinkConfig) -> Result<(), UplinkError> {
+        if cfg.kind != UplinkKind::Tap && ifindex(&cfg.interface).is_none() {
+            return Err(UplinkError::NoInterface(cfg.interface.clone()));
+        }
+        Ok(())
+    }
+
     /// Opens the uplink of network `network`; a missing interface is the caller's error.
     pub fn open(network: &str, cfg: &UplinkConfig) -> Result<Uplink, UplinkError> {
         let (ifname, parent) = match cfg.kind {

@@ -36,23 +36,31 @@ pub enum BindError {
 /// Binds a server-mode socket, refusing to steal one a live process is listening on and
 /// replacing a stale one left by a crash.
 pub fn bind_socket(p: &PortConfig) -> Result<UnixListener, BindError> {
-    let path = &p.socket;
-    let port = p.name.clone();
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        return Err(BindError::NoDirectory { port, path: path.clone() });
-    }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if !meta.file_type().is_socket() {
-            return Err(BindError::NotASocket { port, path: path.clone() });
-        }
+    let (path, port) = (&p.socket, p.name.clone());
+    if check_socket(p)? {
         if UnixStream::connect(path).is_ok() {
             return Err(BindError::SocketInUse { port, path: path.clone() });
         }
         let _ = std::fs::remove_file(path);
     }
     UnixListener::bind(path).map_err(|e| BindError::Listen { port, path: path.clone(), reason: io_reason(&e) })
+}
+
+/// What `bind_socket` would refuse, found without binding or removing anything: a directory
+/// that does not exist, a path taken by another kind of file. Returns whether a socket is
+/// there already (stale, or held by a running vunet).
+pub fn check_socket(p: &PortConfig) -> Result<bool, BindError> {
+    use std::os::unix::fs::FileTypeExt;
+    let path = &p.socket;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(BindError::NoDirectory { port: p.name.clone(), path: path.clone() });
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => Err(BindError::NotASocket { port: p.name.clone(), path: path.clone() }),
+        Ok(_) => Ok(true),
+        Err(_) => Ok(false),
+    }
 }
 
 /// Waits for the next VMM connection: accepted on the port's socket (server mode), or made to

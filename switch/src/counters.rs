@@ -12,7 +12,8 @@ pub enum DropReason {
     BadAddress,
     /// A descriptor chain loops or is longer than the queue.
     ChainLoop,
-    /// A TX chain containing a device-writable descriptor, or an RX chain with a readable one.
+    /// A TX chain containing a device-writable descriptor, an RX chain with a readable one, a
+    /// zero-length descriptor, or a chain of more descriptors than a queue holds.
     BadDescriptor,
     /// The chain is too short to hold a virtio-net header and an Ethernet header.
     ShortFrame,
@@ -27,8 +28,12 @@ pub enum DropReason {
     NoRxBuffer,
     /// The receiving guest's buffers cannot hold the frame (no MRG_RXBUF and a short buffer).
     RxBufferTooSmall,
-    /// Software segmentation could not parse the headers of a GSO frame.
+    /// Software segmentation could not parse the headers of a GSO frame, or it would make more
+    /// than `offload::MAX_SEGMENTS` segments.
     SegmentationFailed,
+    /// A GSO frame's MSS (`gso_size`) is below `vnet::MIN_GSO_SIZE`: segmenting it in software
+    /// would turn one frame into hundreds.
+    GsoTooSmall,
     /// The receiving port is not connected or its queue is not running.
     PortDown,
     /// Port security: a source (or ARP sender) MAC that is not the port's.
@@ -55,7 +60,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 22] = [
         DropReason::BadAddress,
         DropReason::ChainLoop,
         DropReason::BadDescriptor,
@@ -66,6 +71,7 @@ impl DropReason {
         DropReason::NoRxBuffer,
         DropReason::RxBufferTooSmall,
         DropReason::SegmentationFailed,
+        DropReason::GsoTooSmall,
         DropReason::PortDown,
         DropReason::SpoofedMac,
         DropReason::SpoofedIp,
@@ -92,6 +98,7 @@ impl DropReason {
             DropReason::NoRxBuffer => "no_rx_buffer",
             DropReason::RxBufferTooSmall => "rx_buffer_too_small",
             DropReason::SegmentationFailed => "segmentation_failed",
+            DropReason::GsoTooSmall => "gso_too_small",
             DropReason::PortDown => "port_down",
             DropReason::SpoofedMac => "spoofed_mac",
             DropReason::SpoofedIp => "spoofed_ip",

@@ -15,6 +15,9 @@ pub const GSO_ECN: u8 = 0x80;
 pub const HDR_LEN: usize = 12;
 /// Length of the legacy header without MRG_RXBUF.
 pub const HDR_LEN_LEGACY: usize = 10;
+/// The smallest MSS a GSO frame may carry: Linux's own floor (TCP_MIN_MSS). Below it, one
+/// 64 KiB frame would become up to 65,000 segments when a receiver needs them in software.
+pub const MIN_GSO_SIZE: u16 = 88;
 
 /// The header fields, decoded (little-endian on the wire for VERSION_1, and for legacy on the
 /// little-endian hosts vunet runs on).
@@ -84,6 +87,8 @@ impl VnetHeader {
             GSO_TCPV4 | GSO_TCPV6 => {
                 if !self.needs_csum() || self.gso_size == 0 || self.gso_size as usize > mtu {
                     Err(DropReason::BadHeader)
+                } else if self.gso_size < MIN_GSO_SIZE {
+                    Err(DropReason::GsoTooSmall)
                 } else {
                     Ok(())
                 }
@@ -176,6 +181,10 @@ mod tests {
         assert_eq!(VnetHeader::default().validate_tx(9018, 9000), Ok(()));
         assert_eq!(VnetHeader { gso_size: 1501, ..ok }.validate_tx(65000, 1500), Err(DropReason::BadHeader));
         assert_eq!(VnetHeader { gso_size: 8960, ..ok }.validate_tx(65000, 9000), Ok(()));
+        // An MSS of 1 would make software segmentation cut one frame into 65,000.
+        assert_eq!(VnetHeader { gso_size: 1, ..ok }.validate_tx(65000, 1500), Err(DropReason::GsoTooSmall));
+        assert_eq!(VnetHeader { gso_size: MIN_GSO_SIZE - 1, ..ok }.validate_tx(65000, 1500), Err(DropReason::GsoTooSmall));
+        assert_eq!(VnetHeader { gso_size: MIN_GSO_SIZE, ..ok }.validate_tx(65000, 1500), Ok(()));
         let bad = [
             VnetHeader { flags: 0x80, ..ok },
             VnetHeader { gso_type: 0x42, ..ok },

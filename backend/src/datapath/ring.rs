@@ -96,38 +96,47 @@ pub(super) fn resolve(mem: &Mem, addr: vm_memory::GuestAddress, len: usize, out:
     Ok(())
 }
 
+/// Most descriptors the data path walks for one frame: one TX chain, or all the RX chains one
+/// frame is written into (a queue's size). Bounds the work a guest's descriptors can cost.
+pub const MAX_FRAME_DESCS: usize = 1024;
+
+/// Most receive chains one frame may fill with MRG_RXBUF. Linux posts mergeable buffers of at
+/// least 1518 bytes (44 for a 64 KiB frame); a guest posting tiny ones gets the frame dropped
+/// as `RxBufferTooSmall`, not written across thousands of chains.
+pub const MAX_RX_CHAINS: usize = 128;
+
 /// Walks a descriptor chain, resolving every descriptor that the device may read (TX,
 /// `writable == false`) or write (RX, `writable == true`). Returns the total length.
-/// A chain that ends while still flagged NEXT was cut short by the queue-size bound (a loop)
-/// or by an unreadable descriptor table, and is refused.
+/// Stops at the first fault: a descriptor of the wrong direction or of length zero, more
+/// descriptors than `budget` has left (each one walked is taken from it), more bytes than
+/// `limit`, an address outside guest memory. A chain that ends while still flagged NEXT was cut
+/// short by the queue-size bound (a loop) or by an unreadable descriptor table.
 pub(super) fn collect_chain(
     chain: DescriptorChain<&Mem>,
     mem: &Mem,
     writable: bool,
     limit: usize,
+    budget: &mut usize,
     out: &mut Vec<Seg>,
 ) -> Result<usize, DropReason> {
     let mut total = 0usize;
     let mut count = 0usize;
     let mut last_has_next = false;
-    let mut err = None;
     for d in chain {
+        if *budget == 0 {
+            return Err(DropReason::ChainLoop);
+        }
+        *budget -= 1;
         count += 1;
         last_has_next = d.has_next();
-        if d.is_write_only() != writable {
-            err = err.or(Some(DropReason::BadDescriptor));
-            continue;
+        if d.is_write_only() != writable || d.len() == 0 {
+            return Err(DropReason::BadDescriptor);
         }
         total += d.len() as usize;
         if total > limit {
-            err = err.or(Some(DropReason::Oversize));
-            continue;
+            return Err(DropReason::Oversize);
         }
-        if err.is_none() {
-            if let Err(e) = resolve(mem, d.addr(), d.len() as usize, out) {
-                err = Some(e);
-            }
-        }
+        resolve(mem, d.addr(), d.len() as usize, out)?;
     }
     if last_has_next {
         return Err(DropReason::ChainLoop);
@@ -135,10 +144,7 @@ pub(super) fn collect_chain(
     if count == 0 {
         return Err(DropReason::ShortFrame);
     }
-    match err {
-        Some(e) => Err(e),
-        None => Ok(total),
-    }
+    Ok(total)
 }
 
 /// Reusable lists for one RX write, so the steady state never allocates.
@@ -166,6 +172,7 @@ pub(super) fn write_rx(
     rx.segs.clear();
     rx.chains.clear();
     let mut cap = 0usize;
+    let mut budget = MAX_FRAME_DESCS;
     let rollback = |q: &mut virtio_queue::Queue, n: usize| {
         for _ in 0..n {
             q.go_to_previous_position();
@@ -182,9 +189,15 @@ pub(super) fn write_rx(
             rollback(q, rx.chains.len());
             return Err(DropReason::NoRxBuffer);
         };
+        // The receiver's ring is a maze of tiny or broken chains: this frame is not written
+        // (what was walked so far is put back; broken chains were handed back already).
+        if budget == 0 || rx.chains.len() == MAX_RX_CHAINS {
+            rollback(q, rx.chains.len() + 1);
+            return Err(DropReason::RxBufferTooSmall);
+        }
         let head = chain.head_index();
         let start = rx.segs.len();
-        match collect_chain(chain, mem, true, usize::MAX >> 1, &mut rx.segs) {
+        match collect_chain(chain, mem, true, usize::MAX >> 1, &mut budget, &mut rx.segs) {
             Ok(c) => {
                 rx.chains.push((head, c));
                 cap += c;

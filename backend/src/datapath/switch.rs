@@ -19,7 +19,7 @@ use vunet_switch::{dst_mac, is_multicast, src_mac, Decision, DropReason, MAX_FRA
 use super::deliver::{capture, deliver, flush_links, notify_receivers, TxFrame, TxScratch};
 use super::network::Network;
 use super::port::Port;
-use super::ring::{collect_chain, gather, Mem, Seg, Vring};
+use super::ring::{collect_chain, gather, Mem, Seg, Vring, MAX_FRAME_DESCS};
 use super::service::{GatewayCx, Handled};
 
 /// Frames taken from a TX ring per round before the used ring is published and receivers are
@@ -58,7 +58,8 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
             let head = chain.head_index();
             heads[i] = head;
             cx.tx_segs.clear();
-            match collect_chain(chain, mem, false, hdr_len + MAX_FRAME_LEN, &mut cx.tx_segs) {
+            let mut budget = MAX_FRAME_DESCS;
+            match collect_chain(chain, mem, false, hdr_len + MAX_FRAME_LEN, &mut budget, &mut cx.tx_segs) {
                 Ok(total) => {
                     let segs = std::mem::take(&mut cx.tx_segs);
                     if let Err(r) = switch_frame(net, &ports, port, &segs, total, hdr_len, now, cx) {

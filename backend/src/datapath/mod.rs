@@ -24,6 +24,8 @@ mod port;
 mod ring;
 mod service;
 mod switch;
+#[cfg(test)]
+mod tests;
 
 pub use backlog::BACKLOG_MAX_FRAMES;
 pub use deliver::{flush_pending, TxScratch};

@@ -1,0 +1,959 @@
+//! Unit tests of the data path on its own, as smoltcp tests its stack over a loopback device:
+//! ports on fake host links that keep what they are sent, and guest rings laid out by hand in
+//! plain memory. They cover delivery, flooding, the receive backlog, offload fix-ups, the
+//! batched link path, and the gateway's service and router dispatch.
+//!
+//! Like the rest of the data path, this imports only the data path, `config` and the pure
+//! crates: no port kind, no service, no run-time layer.
+
+use std::net::Ipv4Addr;
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+
+use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+use vhost_user_backend::{VringMutex, VringT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vunet_switch::arp::{self, Arp, OP_REPLY, OP_REQUEST};
+use vunet_switch::firewall::Action;
+use vunet_switch::gateway::{gateway_mac, Gateway};
+use vunet_switch::nat::NatConfig;
+use vunet_switch::router::{RouteMode, Router, RouterConfig};
+use vunet_switch::vnet::{RxCaps, VnetHeader, F_NEEDS_CSUM, GSO_TCPV4, HDR_LEN};
+use vunet_switch::{DropReason, Mac, PortId};
+
+use super::{
+    flush_pending, process_tx, GatewayCx, GatewayService, GuestMem, Handled, HostLink, Inject, Network, Port, PortKind, RxTarget,
+    TxScratch, Vring, BACKLOG_MAX_FRAMES,
+};
+use crate::config::Mode;
+
+// ---------------------------------------------------------------------------------------------
+// A fake host link.
+
+/// What a link was handed for one frame: the virtio-net header (when the link takes one) and
+/// the frame.
+#[derive(Clone, Debug)]
+struct Sent {
+    hdr: VnetHeader,
+    frame: Vec<u8>,
+}
+
+/// A host link that keeps every frame it is sent, like smoltcp's loopback device.
+struct FakeLink {
+    caps: Option<RxCaps>,
+    batches: bool,
+    sent: Mutex<Vec<Sent>>,
+    /// How many frames each `send_batch` call carried.
+    batch_sizes: Mutex<Vec<usize>>,
+}
+
+impl FakeLink {
+    fn with(caps: Option<RxCaps>, batches: bool) -> Arc<FakeLink> {
+        Arc::new(FakeLink { caps, batches, sent: Mutex::new(Vec::new()), batch_sizes: Mutex::new(Vec::new()) })
+    }
+
+    /// A link with a virtio-net header that takes every offload (a tap or af-packet with
+    /// PACKET_VNET_HDR).
+    fn offloading() -> Arc<FakeLink> {
+        FakeLink::with(Some(RxCaps::FULL), false)
+    }
+
+    /// A link without a virtio-net header: complete, checksummed, MTU-sized frames only.
+    fn plain() -> Arc<FakeLink> {
+        FakeLink::with(Some(RxCaps { hdr_len: 0, ..RxCaps::NONE }), false)
+    }
+
+    /// Takes what the link was sent so far.
+    fn take(&self) -> Vec<Sent> {
+        std::mem::take(&mut *self.sent.lock().unwrap())
+    }
+
+    /// Takes the frames the link was sent so far, without their headers.
+    fn frames(&self) -> Vec<Vec<u8>> {
+        self.take().into_iter().map(|s| s.frame).collect()
+    }
+}
+
+impl HostLink for FakeLink {
+    fn caps(&self) -> Option<RxCaps> {
+        self.caps
+    }
+
+    fn send(&self, iov: &[libc::iovec]) -> Result<(), DropReason> {
+        let mut bytes = Vec::new();
+        for v in iov.iter().filter(|v| v.iov_len > 0) {
+            // SAFETY: the data path hands a link iovecs over memory that is live for the call.
+            bytes.extend_from_slice(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) });
+        }
+        let hdr_len = self.caps.map_or(0, |c| c.hdr_len);
+        let hdr = VnetHeader::parse(&bytes[..hdr_len]);
+        self.sent.lock().unwrap().push(Sent { hdr, frame: bytes[hdr_len..].to_vec() });
+        Ok(())
+    }
+
+    fn batches(&self) -> bool {
+        self.batches
+    }
+
+    fn send_batch(&self, iov: &mut [libc::iovec], spans: &[Range<usize>]) -> Vec<(usize, DropReason)> {
+        self.batch_sizes.lock().unwrap().push(spans.len());
+        spans.iter().enumerate().filter_map(|(i, r)| self.send(&iov[r.clone()]).err().map(|e| (i, e))).collect()
+    }
+
+    fn close(&self) {}
+
+    fn describe(&self) -> (&'static str, String) {
+        ("fake", "fake0".into())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A fake guest ring: a split virtqueue (virtio 1.x §2.7) in plain memory, the driver's side
+// written by hand.
+
+const QUEUE_SIZE: u16 = 256;
+const DESC_TABLE: u64 = 0x1000;
+const AVAIL_RING: u64 = 0x2000;
+const USED_RING: u64 = 0x3000;
+/// Descriptor `i` always points at the buffer `BUFFERS + i * BUFFER_LEN`.
+const BUFFERS: u64 = 0x1_0000;
+const BUFFER_LEN: u32 = 2048;
+const VRING_DESC_F_WRITE: u16 = 2;
+
+/// One virtqueue of a fake guest, with its own memory.
+struct GuestRing {
+    mem: GuestMem,
+    vring: Vring,
+    /// The driver's avail index (also the next descriptor to use, modulo the queue size).
+    avail_idx: u16,
+    /// The used index up to which `used` has read.
+    used_seen: u16,
+}
+
+impl GuestRing {
+    fn new() -> GuestRing {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
+        let vring: Vring = VringMutex::new(mem.clone(), QUEUE_SIZE).unwrap();
+        vring.set_queue_size(QUEUE_SIZE);
+        vring.set_queue_info(DESC_TABLE, AVAIL_RING, USED_RING).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        GuestRing { mem, vring, avail_idx: 0, used_seen: 0 }
+    }
+
+    fn buffer(desc: u16) -> GuestAddress {
+        GuestAddress(BUFFERS + desc as u64 * BUFFER_LEN as u64)
+    }
+
+    /// Makes one single-descriptor chain over the next buffer available to the device.
+    fn offer(&mut self, len: u32, flags: u16) {
+        let m = self.mem.memory();
+        let desc = self.avail_idx % QUEUE_SIZE;
+        let d = DESC_TABLE + desc as u64 * 16;
+        m.write_obj(Self::buffer(desc).0, GuestAddress(d)).unwrap();
+        m.write_obj(len, GuestAddress(d + 8)).unwrap();
+        m.write_obj(flags, GuestAddress(d + 12)).unwrap();
+        m.write_obj(0u16, GuestAddress(d + 14)).unwrap();
+        m.write_obj(desc, GuestAddress(AVAIL_RING + 4 + 2 * (self.avail_idx % QUEUE_SIZE) as u64)).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        m.write_obj(self.avail_idx, GuestAddress(AVAIL_RING + 2)).unwrap();
+    }
+
+    /// Posts `n` empty receive buffers.
+    fn post_rx(&mut self, n: usize) {
+        for _ in 0..n {
+            self.offer(BUFFER_LEN, VRING_DESC_F_WRITE);
+        }
+    }
+
+    /// Posts a frame to send, behind a virtio-net header.
+    fn post_tx(&mut self, hdr: VnetHeader, frame: &[u8]) {
+        let bytes = with_header(hdr, frame);
+        let desc = self.avail_idx % QUEUE_SIZE;
+        self.mem.memory().write_slice(&bytes, Self::buffer(desc)).unwrap();
+        self.offer(bytes.len() as u32, 0);
+    }
+
+    /// The device's used index.
+    fn used_idx(&self) -> u16 {
+        self.mem.memory().read_obj(GuestAddress(USED_RING + 2)).unwrap()
+    }
+
+    /// The used entries (descriptor, length) the device added since the last call.
+    fn used(&mut self) -> Vec<(u16, u32)> {
+        let m = self.mem.memory();
+        let mut out = Vec::new();
+        while self.used_seen != self.used_idx() {
+            let e = USED_RING + 4 + 8 * (self.used_seen % QUEUE_SIZE) as u64;
+            let id: u32 = m.read_obj(GuestAddress(e)).unwrap();
+            let len: u32 = m.read_obj(GuestAddress(e + 4)).unwrap();
+            out.push((id as u16, len));
+            self.used_seen = self.used_seen.wrapping_add(1);
+        }
+        out
+    }
+
+    /// What the device wrote into the receive buffers it used since the last call.
+    fn received(&mut self) -> Vec<Sent> {
+        let m = self.mem.memory();
+        self.used()
+            .into_iter()
+            .map(|(desc, len)| {
+                let mut b = vec![0u8; len as usize];
+                m.read_slice(&mut b, Self::buffer(desc)).unwrap();
+                Sent { hdr: VnetHeader::parse(&b[..HDR_LEN]), frame: b[HDR_LEN..].to_vec() }
+            })
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Networks, ports, frames.
+
+const A: Mac = [0x52, 0x54, 0, 0, 0, 0x0a];
+const B: Mac = [0x52, 0x54, 0, 0, 0, 0x0b];
+const C: Mac = [0x52, 0x54, 0, 0, 0, 0x0c];
+const NOBODY: Mac = [0x52, 0x54, 0, 0, 0, 0x99];
+const BROADCAST: Mac = [0xff; 6];
+const IP_A: [u8; 4] = [192, 168, 122, 10];
+const IP_B: [u8; 4] = [192, 168, 122, 11];
+const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 122, 1);
+
+/// The gateway of the test network "t".
+fn gateway() -> Gateway {
+    Gateway { mac: gateway_mac("t"), ip: GATEWAY_IP, prefix: 24 }
+}
+
+/// Network "t" with its gateway, no services yet.
+fn with_gateway(mode: Mode) -> Network {
+    let mut net = Network::new("t", mode, 1500);
+    net.gateway = Some(gateway());
+    net
+}
+
+/// A port on a fake host link, connected.
+fn link_port(id: PortId, kind: PortKind, link: &Arc<FakeLink>) -> Port {
+    let mut p = Port::new(id, format!("p{id}"), kind);
+    p.link = Some(link.clone());
+    p.connected.store(true, Ordering::Relaxed);
+    p
+}
+
+/// A guest port whose receive ring is `ring`, connected.
+fn guest_port(id: PortId, ring: &GuestRing, caps: RxCaps) -> Port {
+    let p = Port::new(id, format!("p{id}"), PortKind::Vhost);
+    *p.rx.lock().unwrap() = Some(RxTarget { vring: ring.vring.clone(), mem: ring.mem.clone(), caps, backlog: Default::default() });
+    p.connected.store(true, Ordering::Relaxed);
+    p
+}
+
+/// A network with its ports (their ids are their places in the list), and an `Inject` into it
+/// that frames from host links come in through.
+struct Lan {
+    net: Arc<Network>,
+    inject: Inject,
+}
+
+impl Lan {
+    fn new(mut net: Network, ports: Vec<Port>) -> Lan {
+        for (i, p) in ports.iter().enumerate() {
+            assert_eq!(p.id, i, "a port's id is its place in the list");
+        }
+        net.ports = RwLock::new(ports.into_iter().map(Arc::new).collect());
+        let net = Arc::new(net);
+        Lan { inject: Inject::new(net.clone()), net }
+    }
+
+    /// A plain switch (no gateway) over `ports`.
+    fn switch(ports: Vec<Port>) -> Lan {
+        Lan::new(Network::new("t", Mode::Isolated, 1500), ports)
+    }
+
+    fn port(&self, id: PortId) -> Arc<Port> {
+        self.net.port_by_id(id).unwrap()
+    }
+
+    /// Port `from`'s host link reads `frame`, without offloads.
+    fn send(&mut self, from: PortId, frame: &[u8]) {
+        self.send_with(from, VnetHeader::default(), frame);
+    }
+
+    /// Port `from`'s host link reads `frame` behind the virtio-net header `hdr`.
+    fn send_with(&mut self, from: PortId, hdr: VnetHeader, frame: &[u8]) {
+        let port = self.port(from);
+        self.inject.switch_from_link(&port, &[(&with_header(hdr, frame), false)], HDR_LEN);
+    }
+
+    /// The routed uplink `from` reads `frame` (a nat or route network).
+    fn route(&mut self, from: PortId, frame: &[u8]) {
+        let port = self.port(from);
+        let mut buf = with_header(VnetHeader::default(), frame);
+        self.inject.route_from_link(&port, &mut [&mut buf[..]], HDR_LEN);
+    }
+}
+
+fn with_header(hdr: VnetHeader, frame: &[u8]) -> Vec<u8> {
+    let mut b = vec![0u8; HDR_LEN];
+    hdr.write(&mut b);
+    b.extend_from_slice(frame);
+    b
+}
+
+/// A UDP datagram between two guests' addresses, checksums complete.
+fn udp(src: Mac, dst: Mac, payload: &[u8]) -> Vec<u8> {
+    udp_ip(src, dst, IP_A, IP_B, 5000, 6000, payload)
+}
+
+fn udp_ip(src: Mac, dst: Mac, src_ip: [u8; 4], dst_ip: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(src, dst).ipv4(src_ip, dst_ip, 64).udp(sport, dport).write(&mut f, payload).unwrap();
+    f
+}
+
+fn tcp(src: Mac, dst: Mac, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(src, dst).ipv4(IP_A, IP_B, 64).tcp(40000, 5201, 1000, 64000).psh().write(&mut f, payload).unwrap();
+    f
+}
+
+/// Frame number `n` of a sequence: a UDP datagram carrying `n`.
+fn numbered(src: Mac, dst: Mac, n: u32) -> Vec<u8> {
+    udp(src, dst, &n.to_be_bytes())
+}
+
+/// The number a `numbered` frame carries.
+fn number(frame: &[u8]) -> u32 {
+    u32::from_be_bytes(frame[42..46].try_into().unwrap())
+}
+
+/// An ARP request from `(mac, ip)` for `target`.
+fn arp_request(mac: Mac, ip: [u8; 4], target: Ipv4Addr) -> Vec<u8> {
+    let mut f = Vec::new();
+    arp::build(&mut f, &Arp { op: OP_REQUEST, sender_mac: mac, sender_ip: ip.into(), target_mac: [0; 6], target_ip: target });
+    f
+}
+
+/// The folded one's-complement sum of `data` (RFC 1071), not complemented.
+fn ones_sum(data: &[u8], initial: u64) -> u16 {
+    let mut acc = initial + data.chunks(2).map(|w| u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]) as u64).sum::<u64>();
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+/// The IPv4 pseudo-header sum of an Ethernet/IPv4 frame's TCP or UDP part.
+fn pseudo_sum(frame: &[u8]) -> u16 {
+    let ip = &frame[14..];
+    let ihl = (ip[0] & 0xf) as usize * 4;
+    let l4_len = u16::from_be_bytes([ip[2], ip[3]]) - ihl as u16;
+    let mut p = ip[12..20].to_vec();
+    p.extend_from_slice(&[0, ip[9]]);
+    p.extend_from_slice(&l4_len.to_be_bytes());
+    ones_sum(&p, 0)
+}
+
+/// Whether an Ethernet/IPv4 frame's IP header checksum and its TCP or UDP checksum are right.
+fn checksums_ok(frame: &[u8]) -> bool {
+    let ip = &frame[14..];
+    let ihl = (ip[0] & 0xf) as usize * 4;
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    ones_sum(&ip[..ihl], 0) == 0xffff && ones_sum(&ip[ihl..total], pseudo_sum(frame) as u64) == 0xffff
+}
+
+/// Turns a complete TCP or UDP frame into what a guest with checksum offload sends: the
+/// checksum field holds only the pseudo-header sum, and the header says where to finish it.
+fn partial(frame: &[u8]) -> (Vec<u8>, VnetHeader) {
+    let mut f = frame.to_vec();
+    let csum_offset = if f[14 + 9] == 6 { 16 } else { 6 };
+    let at = 34 + csum_offset;
+    let p = pseudo_sum(&f);
+    f[at..at + 2].copy_from_slice(&p.to_be_bytes());
+    (f, VnetHeader { flags: F_NEEDS_CSUM, csum_start: 34, csum_offset: csum_offset as u16, ..VnetHeader::default() })
+}
+
+/// A TCP frame of `payload_len` bytes of payload as a guest with TSO sends it (MSS 1448).
+fn tso(payload_len: usize) -> (Vec<u8>, VnetHeader, Vec<u8>) {
+    let payload: Vec<u8> = (0..payload_len).map(|i| (i % 251) as u8).collect();
+    let (f, h) = partial(&tcp(A, B, &payload));
+    (f, VnetHeader { gso_type: GSO_TCPV4, gso_size: 1448, hdr_len: 54, ..h }, payload)
+}
+
+/// Checks segments of a `tso` frame: each a complete, MTU-sized IPv4/TCP frame with right
+/// lengths and checksums, in sequence, together carrying `payload`.
+fn assert_segments_of(segments: &[Vec<u8>], payload: &[u8]) {
+    assert_eq!(segments.len(), payload.len().div_ceil(1448));
+    let mut joined = Vec::new();
+    for (i, s) in segments.iter().enumerate() {
+        assert!(s.len() <= 14 + 1500, "segment {i} fits the MTU: {} bytes", s.len());
+        assert_eq!(u16::from_be_bytes([s[16], s[17]]) as usize, s.len() - 14, "IP total length of segment {i}");
+        assert!(checksums_ok(s), "checksums of segment {i}");
+        let p = SlicedPacket::from_ethernet(s).unwrap();
+        let Some(TransportSlice::Tcp(t)) = p.transport else { panic!("segment {i} is not TCP") };
+        assert_eq!(t.sequence_number(), 1000 + (i * 1448) as u32);
+        joined.extend_from_slice(t.payload());
+    }
+    assert_eq!(joined, payload);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delivery and flooding.
+
+#[test]
+fn unicast_to_a_learned_mac_reaches_only_its_port() {
+    let links = [FakeLink::offloading(), FakeLink::offloading(), FakeLink::offloading()];
+    let mut lan = Lan::switch(vec![
+        link_port(0, PortKind::Tap, &links[0]),
+        link_port(1, PortKind::Tap, &links[1]),
+        link_port(2, PortKind::Tap, &links[2]),
+    ]);
+    lan.send(1, &udp(B, BROADCAST, b"hello, I am B"));
+    links.iter().for_each(|l| drop(l.take()));
+
+    let f = udp(A, B, b"for B");
+    lan.send(0, &f);
+
+    assert_eq!(links[1].frames(), vec![f.clone()]);
+    assert!(links[0].take().is_empty() && links[2].take().is_empty(), "nobody else gets it");
+    let (a, b, c) = (lan.port(0).counters.snapshot(), lan.port(1).counters.snapshot(), lan.port(2).counters.snapshot());
+    assert_eq!((a.rx_frames, a.rx_bytes), (1, f.len() as u64), "counted received on the sender");
+    assert_eq!((b.rx_frames, b.tx_frames, b.tx_bytes), (1, 1, f.len() as u64), "counted delivered on the receiver");
+    assert_eq!(c.tx_frames, 1, "C got B's broadcast only");
+    assert_eq!(a.total_drops() + b.total_drops() + c.total_drops(), 0);
+}
+
+#[test]
+fn a_frame_with_no_offloads_reaches_a_link_behind_an_empty_header() {
+    let (from, to) = (FakeLink::offloading(), FakeLink::offloading());
+    let mut lan = Lan::switch(vec![link_port(0, PortKind::Tap, &from), link_port(1, PortKind::Uplink, &to)]);
+    let f = udp(A, B, b"x");
+    lan.send(0, &f);
+    let sent = to.take();
+    assert_eq!(sent.len(), 1);
+    assert_eq!((sent[0].hdr, &sent[0].frame), (VnetHeader::default(), &f));
+}
+
+#[test]
+fn broadcast_floods_every_port_but_the_sender_and_a_routed_uplink() {
+    let links = [FakeLink::offloading(), FakeLink::offloading(), FakeLink::offloading(), FakeLink::offloading()];
+    let mut routed = link_port(3, PortKind::Uplink, &links[3]);
+    routed.routed = true;
+    let mut lan = Lan::switch(vec![
+        link_port(0, PortKind::Tap, &links[0]),
+        link_port(1, PortKind::Tap, &links[1]),
+        link_port(2, PortKind::Uplink, &links[2]),
+        routed,
+    ]);
+    let f = udp(A, BROADCAST, b"everyone");
+    lan.send(0, &f);
+    assert_eq!(links[1].frames(), vec![f.clone()]);
+    assert_eq!(links[2].frames(), vec![f.clone()], "an uplink that is not routed is on the segment");
+    assert!(links[0].take().is_empty(), "not back to the sender");
+    assert!(links[3].take().is_empty(), "a routed uplink is not on the guests' segment");
+}
+
+#[test]
+fn unknown_unicast_floods_every_port_but_the_sender_and_a_routed_uplink() {
+    let links = [FakeLink::offloading(), FakeLink::offloading(), FakeLink::offloading(), FakeLink::offloading()];
+    let mut routed = link_port(3, PortKind::Uplink, &links[3]);
+    routed.routed = true;
+    let mut lan = Lan::switch(vec![
+        link_port(0, PortKind::Tap, &links[0]),
+        link_port(1, PortKind::Tap, &links[1]),
+        link_port(2, PortKind::Tap, &links[2]),
+        routed,
+    ]);
+    let f = udp(A, NOBODY, b"who?");
+    lan.send(0, &f);
+    assert_eq!(links[1].frames(), vec![f.clone()]);
+    assert_eq!(links[2].frames(), vec![f.clone()]);
+    assert!(links[0].take().is_empty() && links[3].take().is_empty());
+}
+
+#[test]
+fn a_frame_for_a_mac_learned_on_its_own_port_goes_nowhere() {
+    let (a, b) = (FakeLink::offloading(), FakeLink::offloading());
+    let mut lan = Lan::switch(vec![link_port(0, PortKind::Uplink, &a), link_port(1, PortKind::Tap, &b)]);
+    lan.send(0, &udp(C, BROADCAST, b"C lives behind the uplink"));
+    drop(b.take());
+    lan.send(0, &udp(A, C, b"A to C, both behind the uplink"));
+    assert!(a.take().is_empty() && b.take().is_empty());
+}
+
+#[test]
+fn a_link_that_is_down_counts_port_down() {
+    let (a, down) = (FakeLink::offloading(), FakeLink::with(None, false));
+    let mut lan = Lan::switch(vec![link_port(0, PortKind::Tap, &a), link_port(1, PortKind::Uplink, &down)]);
+    lan.send(0, &udp(A, BROADCAST, b"x"));
+    assert!(down.take().is_empty());
+    let s = lan.port(1).counters.snapshot();
+    assert_eq!((s.tx_frames, s.drop_count(DropReason::PortDown)), (0, 1));
+}
+
+#[test]
+fn invalid_frames_are_dropped_and_counted_on_the_sender() {
+    let (a, b) = (FakeLink::offloading(), FakeLink::offloading());
+    let mut lan = Lan::new(with_gateway(Mode::Isolated), vec![link_port(0, PortKind::Tap, &a), link_port(1, PortKind::Tap, &b)]);
+    lan.send(0, &udp([0x01, 0, 0x5e, 0, 0, 1], B, b"multicast source"));
+    lan.send(0, &udp(gateway().mac, B, b"the gateway's source"));
+    lan.send(0, &udp(A, B, b"")[..13]);
+    lan.send(0, &udp(A, B, &[0; 1500]));
+    lan.send_with(0, VnetHeader { flags: 0x80, ..VnetHeader::default() }, &udp(A, B, b"bad header"));
+    assert!(b.take().is_empty(), "none of them is forwarded");
+    let s = lan.port(0).counters.snapshot();
+    assert_eq!(s.drop_count(DropReason::BadSourceMac), 2);
+    assert_eq!(s.drop_count(DropReason::ShortFrame), 1);
+    assert_eq!(s.drop_count(DropReason::Oversize), 1);
+    assert_eq!(s.drop_count(DropReason::BadHeader), 1);
+    assert_eq!(s.rx_frames, 0, "a dropped frame is not counted as received");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A guest receiver and its backlog.
+
+#[test]
+fn a_frame_for_a_guest_lands_in_its_rx_ring() {
+    let a = FakeLink::offloading();
+    let mut ring = GuestRing::new();
+    let mut lan = Lan::switch(vec![link_port(0, PortKind::Tap, &a), guest_port(1, &ring, RxCaps::FULL)]);
+    ring.post_rx(4);
+    let f = udp(A, B, b"into the ring");
+    lan.send(0, &f);
+    let got = ring.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].frame, f);
+    assert_eq!(got[0].hdr, VnetHeader { num_buffers: 1, ..VnetHeader::default() }, "MRG_RXBUF: one buffer");
+    assert_eq!(lan.port(1).counters.snapshot().tx_frames, 1);
+    assert!(!lan.port(1).backlogged.load(Ordering::Acquire));
+}
+
+#[test]
+fn frames_for_a_full_ring_wait_in_the_backlog_and_arrive_in_order() {
+    let a = FakeLink::offloading();
+    let mut ring = GuestRing::new();
+    let mut lan = Lan::switch(vec![link_port(0, PortKind::Tap, &a), guest_port(1, &ring, RxCaps::FULL)]);
+    let guest = lan.port(1);
+    for n in 0..5 {
+        lan.send(0, &numbered(A, B, n));
+    }
+    assert!(ring.used().is_empty(), "no buffers, nothing written");
+    assert!(guest.backlogged.load(Ordering::Acquire));
+    let s = guest.counters.snapshot();
+    assert_eq!((s.tx_frames, s.total_drops()), (0, 0), "waiting, neither delivered nor dropped");
+
+    ring.post_rx(3);
+    flush_pending(&guest, &mut TxScratch::default());
+    assert_eq!(ring.received().iter().map(|r| number(&r.frame)).collect::<Vec<_>>(), [0, 1, 2]);
+    assert!(guest.backlogged.load(Ordering::Acquire), "two still wait");
+
+    ring.post_rx(10);
+    flush_pending(&guest, &mut TxScratch::default());
+    assert_eq!(ring.received().iter().map(|r| number(&r.frame)).collect::<Vec<_>>(), [3, 4]);
+    assert!(!guest.backlogged.load(Ordering::Acquire));
+    let s = guest.counters.snapshot();
+    assert_eq!((s.tx_frames, s.total_drops()), (5, 0));
+}
+
+#[test]
+fn a_new_frame_for_a_guest_goes_behind_the_waiting_ones() {
+    let a = FakeLink::offloading();
+    let mut ring = GuestRing::new();
+    let mut lan = Lan::switch(vec![link_port(0, PortKind::Tap, &a), guest_port(1, &ring, RxCaps::FULL)]);
+    for n in 0..3 {
+        lan.send(0, &numbered(A, B, n));
+    }
+    // Buffers come, but the sender gets there before the guest's kick is handled.
+    ring.post_rx(10);
+    lan.send(0, &numbered(A, B, 3));
+    assert_eq!(ring.received().iter().map(|r| number(&r.frame)).collect::<Vec<_>>(), [0, 1, 2, 3]);
+    assert!(!lan.port(1).backlogged.load(Ordering::Acquire));
+}
+
+#[test]
+fn a_full_backlog_drops_further_frames_as_no_rx_buffer() {
+    let a = FakeLink::offloading();
+    let mut ring = GuestRing::new();
+    let mut lan = Lan::switch(vec![link_port(0, PortKind::Tap, &a), guest_port(1, &ring, RxCaps::FULL)]);
+    let guest = lan.port(1);
+    let total = BACKLOG_MAX_FRAMES as u32 + 3;
+    for n in 0..total {
+        lan.send(0, &numbered(A, B, n));
+    }
+    let s = guest.counters.snapshot();
+    assert_eq!((s.tx_frames, s.drop_count(DropReason::NoRxBuffer)), (0, 3));
+
+    // The guest drains it a ring at a time: every frame that was kept arrives, in order.
+    let mut got = Vec::new();
+    let mut cx = TxScratch::default();
+    while guest.backlogged.load(Ordering::Acquire) {
+        ring.post_rx(QUEUE_SIZE as usize);
+        flush_pending(&guest, &mut cx);
+        got.extend(ring.received().iter().map(|r| number(&r.frame)));
+        assert!(got.len() <= BACKLOG_MAX_FRAMES, "flushing must end");
+    }
+    assert_eq!(got, (0..BACKLOG_MAX_FRAMES as u32).collect::<Vec<_>>());
+    let s = guest.counters.snapshot();
+    assert_eq!((s.tx_frames, s.drop_count(DropReason::NoRxBuffer)), (BACKLOG_MAX_FRAMES as u64, 3));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Offload fix-ups.
+
+#[test]
+fn a_partial_checksum_is_completed_for_a_link_without_checksum_offload() {
+    for complete in [udp(A, B, b"finish my checksum"), tcp(A, B, b"finish my checksum")] {
+        let (from, to) = (FakeLink::offloading(), FakeLink::plain());
+        let mut lan = Lan::switch(vec![link_port(0, PortKind::Tap, &from), link_port(1, PortKind::Uplink, &to)]);
+        let (f, hdr) = partial(&complete);
+        assert!(!checksums_ok(&f), "the test frame's checksum is partial");
+        lan.send_with(0, hdr, &f);
+        assert_eq!(to.frames(), vec![complete]);
+    }
+}
+
+#[test]
+fn a_partial_checksum_passes_through_to_a_link_with_checksum_offload() {
+    let (from, to) = (FakeLink::offloading(), FakeLink::offloading());
+    let mut lan = Lan::switch(vec![link_port(0, PortKind::Tap, &from), link_port(1, PortKind::Uplink, &to)]);
+    let (f, hdr) = partial(&udp(A, B, b"the kernel finishes it"));
+    lan.send_with(0, hdr, &f);
+    let sent = to.take();
+    assert_eq!(sent.len(), 1);
+    assert_eq!((sent[0].hdr, &sent[0].frame), (hdr, &f), "untouched, header and all");
+}
+
+#[test]
+fn a_partial_checksum_is_completed_for_a_guest_without_checksum_offload() {
+    let a = FakeLink::offloading();
+    let mut ring = GuestRing::new();
+    let no_offloads = RxCaps { mrg_rxbuf: true, ..RxCaps::NONE };
+    let mut lan = Lan::switch(vec![link_port(0, PortKind::Tap, &a), guest_port(1, &ring, no_offloads)]);
+    ring.post_rx(4);
+    let complete = tcp(A, B, b"finish my checksum");
+    let (f, hdr) = partial(&complete);
+    lan.send_with(0, hdr, &f);
+    let got = ring.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].frame, complete);
+    assert!(!got[0].hdr.needs_csum());
+}
+
+#[test]
+fn a_tso_frame_is_segmented_for_a_link_without_tso() {
+    let (from, to) = (FakeLink::offloading(), FakeLink::plain());
+    let mut lan = Lan::switch(vec![link_port(0, PortKind::Tap, &from), link_port(1, PortKind::Uplink, &to)]);
+    let (f, hdr, payload) = tso(60_000);
+    lan.send_with(0, hdr, &f);
+    assert_segments_of(&to.frames(), &payload);
+    assert_eq!(lan.port(1).counters.snapshot().total_drops(), 0);
+}
+
+#[test]
+fn a_tso_frame_passes_whole_to_a_link_with_tso() {
+    let (from, to) = (FakeLink::offloading(), FakeLink::offloading());
+    let mut lan = Lan::switch(vec![link_port(0, PortKind::Tap, &from), link_port(1, PortKind::Uplink, &to)]);
+    let (f, hdr, _) = tso(60_000);
+    lan.send_with(0, hdr, &f);
+    let sent = to.take();
+    assert_eq!(sent.len(), 1);
+    assert_eq!((sent[0].hdr, &sent[0].frame), (hdr, &f));
+}
+
+#[test]
+fn a_tso_frame_is_segmented_into_a_guest_ring_without_tso() {
+    let a = FakeLink::offloading();
+    let mut ring = GuestRing::new();
+    let no_offloads = RxCaps { mrg_rxbuf: true, ..RxCaps::NONE };
+    let mut lan = Lan::switch(vec![link_port(0, PortKind::Tap, &a), guest_port(1, &ring, no_offloads)]);
+    ring.post_rx(64);
+    let (f, hdr, payload) = tso(60_000);
+    lan.send_with(0, hdr, &f);
+    let got = ring.received();
+    assert!(got.iter().all(|r| !r.hdr.is_gso() && !r.hdr.needs_csum()), "plain frames");
+    assert_segments_of(&got.into_iter().map(|r| r.frame).collect::<Vec<_>>(), &payload);
+    assert_eq!(lan.port(1).counters.snapshot().tx_frames, payload.len().div_ceil(1448) as u64, "each segment counted");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A guest's TX ring and the batched link path.
+
+#[test]
+fn frames_from_a_guest_tx_ring_reach_a_batching_link_in_one_batch() {
+    let up = FakeLink::with(Some(RxCaps::FULL), true);
+    let mut tx = GuestRing::new();
+    let lan = Lan::switch(vec![Port::new(0, "guest", PortKind::Vhost), link_port(1, PortKind::Uplink, &up)]);
+    let frames: Vec<Vec<u8>> = (0..5).map(|n| numbered(A, NOBODY, n)).collect();
+    for f in &frames {
+        tx.post_tx(VnetHeader::default(), f);
+    }
+    let guest = lan.port(0);
+    process_tx(&lan.net, &guest, &tx.vring, &tx.mem.memory(), HDR_LEN, false, &mut TxScratch::default());
+
+    assert_eq!(*up.batch_sizes.lock().unwrap(), [5], "one send_batch for the TX batch");
+    assert_eq!(up.frames(), frames);
+    assert_eq!(tx.used(), (0..5).map(|d| (d, 0)).collect::<Vec<_>>());
+    assert_eq!((guest.counters.snapshot().rx_frames, lan.port(1).counters.snapshot().tx_frames), (5, 5));
+}
+
+#[test]
+fn a_guest_frame_needing_a_fix_up_is_not_batched_but_still_sent() {
+    let up = FakeLink::with(Some(RxCaps { hdr_len: 0, ..RxCaps::NONE }), true);
+    let mut tx = GuestRing::new();
+    let lan = Lan::switch(vec![Port::new(0, "guest", PortKind::Vhost), link_port(1, PortKind::Uplink, &up)]);
+    let complete = udp(A, NOBODY, b"partial");
+    let (f, hdr) = partial(&complete);
+    tx.post_tx(hdr, &f);
+    tx.post_tx(VnetHeader::default(), &numbered(A, NOBODY, 1));
+    process_tx(&lan.net, &lan.port(0), &tx.vring, &tx.mem.memory(), HDR_LEN, false, &mut TxScratch::default());
+    assert_eq!(*up.batch_sizes.lock().unwrap(), [1], "only the pass-through frame is batched");
+    let got = up.frames();
+    assert!(got.contains(&complete) && got.contains(&numbered(A, NOBODY, 1)), "both went out");
+    assert_eq!(tx.used().len(), 2);
+}
+
+/// What the batched path should keep and does not yet: within one TX batch a frame that
+/// needs a software fix-up overtakes pass-through frames queued before it for the same link.
+/// Run with `--ignored`; drop the `ignore` once the data path keeps the order.
+#[test]
+#[ignore = "known reordering: pass-through frames wait for the batch's send_batch, fix-ups go at once"]
+fn frames_from_a_guest_to_one_batching_link_keep_their_order() {
+    let up = FakeLink::with(Some(RxCaps { hdr_len: 0, ..RxCaps::NONE }), true);
+    let mut tx = GuestRing::new();
+    let lan = Lan::switch(vec![Port::new(0, "guest", PortKind::Vhost), link_port(1, PortKind::Uplink, &up)]);
+    let first = numbered(A, NOBODY, 1);
+    let complete = udp(A, NOBODY, b"partial");
+    let (second, hdr) = partial(&complete);
+    tx.post_tx(VnetHeader::default(), &first);
+    tx.post_tx(hdr, &second);
+    process_tx(&lan.net, &lan.port(0), &tx.vring, &tx.mem.memory(), HDR_LEN, false, &mut TxScratch::default());
+    assert_eq!(up.frames(), vec![first, complete]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gateway's services.
+
+/// What the fake services were asked, in order: the service's name and the frame.
+type Asked = Arc<Mutex<Vec<(&'static str, Vec<u8>)>>>;
+
+/// A gateway service that writes down that it was asked and answers as it was told to.
+struct FakeService {
+    name: &'static str,
+    answer: Handled,
+    asked: Asked,
+}
+
+impl GatewayService for FakeService {
+    fn handle(&self, cx: &GatewayCx, _port: &Port, frame: &[u8], reply: &mut Vec<u8>) -> Handled {
+        assert_eq!((cx.network, cx.gateway), ("t", &gateway()));
+        self.asked.lock().unwrap().push((self.name, frame.to_vec()));
+        if self.answer == Handled::Reply {
+            reply.extend_from_slice(&reply_from(self.name, frame));
+        }
+        self.answer
+    }
+}
+
+/// The reply service `name` makes for `frame`.
+fn reply_from(name: &str, frame: &[u8]) -> Vec<u8> {
+    udp(gateway().mac, frame[6..12].try_into().unwrap(), name.as_bytes())
+}
+
+/// The gateway's own ARP answer, as the ARP/ICMP service gives it.
+struct GatewayArp;
+
+impl GatewayService for GatewayArp {
+    fn handle(&self, cx: &GatewayCx, _port: &Port, frame: &[u8], reply: &mut Vec<u8>) -> Handled {
+        if cx.gateway.handle(frame, reply) {
+            Handled::Reply
+        } else {
+            Handled::NotMine
+        }
+    }
+}
+
+/// A network with a gateway running `services` (named fakes answering as given), over three
+/// host-link ports.
+fn gateway_lan(services: &[(&'static str, Handled)]) -> (Lan, [Arc<FakeLink>; 3], Asked) {
+    let asked = Asked::default();
+    let services = services
+        .iter()
+        .map(|&(name, answer)| Arc::new(FakeService { name, answer, asked: asked.clone() }) as Arc<dyn GatewayService>)
+        .collect();
+    let (lan, links) = gateway_lan_with(services);
+    (lan, links, asked)
+}
+
+fn gateway_lan_with(services: Vec<Arc<dyn GatewayService>>) -> (Lan, [Arc<FakeLink>; 3]) {
+    let links = [FakeLink::offloading(), FakeLink::offloading(), FakeLink::offloading()];
+    let mut net = with_gateway(Mode::Isolated);
+    net.services = services;
+    let lan = Lan::new(
+        net,
+        vec![link_port(0, PortKind::Tap, &links[0]), link_port(1, PortKind::Tap, &links[1]), link_port(2, PortKind::Tap, &links[2])],
+    );
+    (lan, links)
+}
+
+fn names(asked: &Asked) -> Vec<&'static str> {
+    asked.lock().unwrap().iter().map(|a| a.0).collect()
+}
+
+#[test]
+fn services_are_asked_in_order_until_one_takes_the_frame() {
+    let (mut lan, links, asked) = gateway_lan(&[("a", Handled::NotMine), ("b", Handled::Consumed), ("c", Handled::Reply)]);
+    let f = udp(A, gateway().mac, b"for the gateway");
+    lan.send(0, &f);
+    assert_eq!(names(&asked), ["a", "b"], "c is not asked once b took it");
+    assert!(asked.lock().unwrap().iter().all(|(_, seen)| *seen == f));
+    assert!(links.iter().all(|l| l.take().is_empty()), "consumed: nothing sent, the gateway's MAC is not flooded");
+}
+
+#[test]
+fn a_service_reply_goes_back_to_the_sending_port_only() {
+    let (mut lan, links, asked) = gateway_lan(&[("a", Handled::NotMine), ("b", Handled::Reply), ("c", Handled::Consumed)]);
+    let f = udp(A, gateway().mac, b"ask b");
+    lan.send(1, &f);
+    assert_eq!(names(&asked), ["a", "b"]);
+    assert_eq!(links[1].frames(), vec![reply_from("b", &f)]);
+    assert!(links[0].take().is_empty() && links[2].take().is_empty());
+    assert_eq!(lan.port(1).counters.snapshot().tx_frames, 1);
+}
+
+#[test]
+fn frames_not_for_the_gateway_are_not_offered_to_its_services() {
+    let (mut lan, links, asked) = gateway_lan(&[("a", Handled::NotMine)]);
+    lan.send(1, &udp(B, NOBODY, b"B is learned"));
+    lan.send(0, &udp(A, B, b"to a guest"));
+    lan.send(0, &udp(A, NOBODY, b"to nobody known"));
+    assert!(names(&asked).is_empty(), "unicast between guests, known or not, is not the gateway's");
+    lan.send(0, &udp(A, BROADCAST, b"broadcast is"));
+    assert_eq!(names(&asked), ["a"]);
+    assert!(links[1].frames().iter().any(|f| f == &udp(A, BROADCAST, b"broadcast is")), "and flooded as well");
+}
+
+#[test]
+fn services_see_frames_with_their_checksums_completed() {
+    let (mut lan, _links, asked) = gateway_lan(&[("a", Handled::Consumed)]);
+    let complete = udp(A, gateway().mac, b"check me");
+    let (f, hdr) = partial(&complete);
+    lan.send_with(0, hdr, &f);
+    assert_eq!(asked.lock().unwrap().clone(), [("a", complete)]);
+}
+
+#[test]
+fn tso_frames_are_not_offered_to_services_without_a_router() {
+    let (mut lan, _links, asked) = gateway_lan(&[("a", Handled::Consumed)]);
+    let (mut f, hdr, _) = tso(10_000);
+    f[0..6].copy_from_slice(&gateway().mac);
+    lan.send_with(0, hdr, &f);
+    assert!(names(&asked).is_empty());
+}
+
+#[test]
+fn the_gateway_answers_arp_for_its_address_to_the_asker_only() {
+    let (mut lan, links) = gateway_lan_with(vec![Arc::new(GatewayArp)]);
+    let req = arp_request(A, IP_A, GATEWAY_IP);
+    lan.send(0, &req);
+    let got = links[0].frames();
+    assert_eq!(got.len(), 1);
+    let a = arp::parse(&got[0]).expect("an ARP reply");
+    assert_eq!((&got[0][0..6], &got[0][6..12]), (&A[..], &gateway().mac[..]));
+    assert_eq!((a.op, a.sender_mac, a.sender_ip, a.target_mac, a.target_ip), (OP_REPLY, gateway().mac, GATEWAY_IP, A, IP_A.into()));
+    assert_eq!(links[1].frames(), vec![req.clone()], "the others see the broadcast request, not the reply");
+    assert_eq!(links[2].frames(), vec![req]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The router of a nat network.
+
+const OUTSIDE_MAC: Mac = [0x02, 0x76, 0x75, 0, 0, 0x0e];
+const OUTSIDE_IP: [u8; 4] = [10, 0, 0, 50];
+const LAN_ROUTER: [u8; 4] = [10, 0, 0, 1];
+const LAN_ROUTER_MAC: Mac = [0x52, 0x54, 0, 0, 1, 1];
+const FAR: [u8; 4] = [8, 8, 8, 8];
+
+/// A nat network as the run-time layer builds one with a static uplink address: a guest-side
+/// port (0) and the routed uplink (1).
+fn nat_lan() -> (Lan, Arc<FakeLink>, Arc<FakeLink>) {
+    let cfg = RouterConfig {
+        mode: RouteMode::Nat,
+        inside: gateway(),
+        outside_mac: OUTSIDE_MAC,
+        next_hop: None,
+        routes: Vec::new(),
+        proxy_arp: false,
+        nat: NatConfig::default(),
+        firewall: Vec::new(),
+        firewall_default: Action::Allow,
+    };
+    let mut router = Router::new(cfg, None);
+    router.set_outside(Some((OUTSIDE_IP.into(), 24)), Some(LAN_ROUTER.into()), &mut Vec::new());
+    let mut net = with_gateway(Mode::Nat);
+    net.router = Some(Mutex::new(router));
+    let (guest, up) = (FakeLink::offloading(), FakeLink::offloading());
+    let mut uplink = link_port(1, PortKind::Uplink, &up);
+    uplink.routed = true;
+    (Lan::new(net, vec![link_port(0, PortKind::Tap, &guest), uplink]), guest, up)
+}
+
+/// The guest sends a datagram to the far host through the gateway; the router asks for its
+/// next hop on the uplink, the LAN router answers, and the datagram goes out. Returns it.
+fn guest_datagram_goes_out(lan: &mut Lan, up: &FakeLink) -> Vec<u8> {
+    lan.send(0, &udp_ip(A, gateway().mac, IP_A, FAR, 40000, 53, b"query"));
+    let asked = up.frames();
+    assert_eq!(asked.len(), 1, "first an ARP request for the next hop: {asked:?}");
+    let a = arp::parse(&asked[0]).expect("ARP");
+    assert_eq!((a.op, a.sender_mac, a.sender_ip, a.target_ip), (OP_REQUEST, OUTSIDE_MAC, OUTSIDE_IP.into(), LAN_ROUTER.into()));
+
+    let mut answer = Vec::new();
+    let reply = Arp {
+        op: OP_REPLY,
+        sender_mac: LAN_ROUTER_MAC,
+        sender_ip: LAN_ROUTER.into(),
+        target_mac: OUTSIDE_MAC,
+        target_ip: OUTSIDE_IP.into(),
+    };
+    arp::build(&mut answer, &reply);
+    lan.route(1, &answer);
+    let out = up.frames();
+    assert_eq!(out.len(), 1, "the waiting datagram goes out");
+    out.into_iter().next().unwrap()
+}
+
+#[test]
+fn a_nat_network_masquerades_guest_traffic_out_of_the_uplink_once_arp_answers() {
+    let (mut lan, guest, up) = nat_lan();
+    let out = guest_datagram_goes_out(&mut lan, &up);
+    assert_eq!((&out[0..6], &out[6..12]), (&LAN_ROUTER_MAC[..], &OUTSIDE_MAC[..]));
+    let ip = &out[14..];
+    assert_eq!((&ip[12..16], &ip[16..20], ip[8]), (&OUTSIDE_IP[..], &FAR[..], 63), "masqueraded, TTL decremented");
+    assert!(checksums_ok(&out));
+    assert_eq!(&out[42..], b"query");
+    assert!(guest.take().is_empty(), "nothing comes back to the guest side");
+    assert_eq!(lan.port(1).counters.snapshot().tx_frames, 2, "the ARP request and the datagram");
+}
+
+#[test]
+fn a_nat_reply_from_outside_is_translated_back_to_the_guest() {
+    let (mut lan, guest, up) = nat_lan();
+    let out = guest_datagram_goes_out(&mut lan, &up);
+    let sport = u16::from_be_bytes([out[34], out[35]]);
+    lan.route(1, &udp_ip(LAN_ROUTER_MAC, OUTSIDE_MAC, FAR, OUTSIDE_IP, 53, sport, b"answer"));
+    let back = guest.frames();
+    assert_eq!(back.len(), 1);
+    let f = &back[0];
+    assert_eq!((&f[0..6], &f[6..12]), (&A[..], &gateway().mac[..]));
+    assert_eq!((&f[26..30], &f[30..34], u16::from_be_bytes([f[36], f[37]])), (&FAR[..], &IP_A[..], 40000));
+    assert!(checksums_ok(f));
+    assert!(up.take().is_empty());
+}
+
+#[test]
+fn frames_between_guests_of_a_nat_network_stay_off_the_uplink() {
+    let (mut lan, guest, up) = nat_lan();
+    lan.send(0, &udp(A, BROADCAST, b"guests only"));
+    lan.send(0, &udp(A, NOBODY, b"unknown guest"));
+    assert!(up.take().is_empty());
+    assert!(guest.take().is_empty());
+}

@@ -324,7 +324,11 @@ fn libvirt_seed_networks_import_and_run() {
     let xml = dir.path().join("isolated.xml");
     std::fs::copy(fixture("isolated.xml"), &xml).unwrap();
     let v = VunetProcess::start(&["--config", xml.to_str().unwrap()], &dir.path().join("vunet.log"));
-    assert!(v.console.text().contains("network \"isolated\": mode isolated, gateway 10.11.0.1/24, DHCP 10.11.0.100-10.11.0.199, DNS, mtu 9000"), "{}", v.console.text());
+    assert!(
+        v.console.text().contains("network \"isolated\": mode isolated, gateway 10.11.0.1/24, DHCP 10.11.0.100-10.11.0.199, DNS, mtu 9000"),
+        "{}",
+        v.console.text()
+    );
     drop(v);
     // The default (NAT) and routed seeds start too, with their warnings.
     for (file, line) in [("default.xml", "network \"default\": mode nat"), ("routed.xml", "network \"routed\": mode route")] {

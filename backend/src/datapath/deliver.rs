@@ -237,45 +237,64 @@ fn queue_link(port: PortId, caps: &RxCaps, hdr: &VnetHeader, src: &[Seg], off: u
     cx.link_sends.push(LinkSend { port, len, hdr: h, hdr_len: caps.hdr_len, segs: start..cx.link_segs.len() });
 }
 
-/// Sends the batch's uplink frames: one `sendmmsg` per uplink for all of its frames.
-pub(super) fn flush_links(ports: &[Arc<Port>], cx: &mut TxScratch) {
-    if cx.link_sends.is_empty() {
-        return;
-    }
-    let mut sends = std::mem::take(&mut cx.link_sends);
-    sends.sort_by_key(|s| s.port);
-    let mut iov: Vec<libc::iovec> = Vec::with_capacity(cx.link_segs.len() + sends.len());
+/// Sends a link's queued frames (`sends`, all for `dest`, in order) with one batched send,
+/// and counts them.
+fn send_queued(dest: &Port, up: &dyn HostLink, sends: &mut [LinkSend], segs: &[Seg]) {
+    let mut iov: Vec<libc::iovec> = Vec::with_capacity(segs.len() + 2 * sends.len());
     let mut spans = Vec::with_capacity(sends.len());
     for s in sends.iter_mut() {
         let start = iov.len();
         if s.hdr_len > 0 {
             iov.push(libc::iovec { iov_base: s.hdr.as_mut_ptr().cast(), iov_len: s.hdr_len });
         }
-        for seg in &cx.link_segs[s.segs.clone()] {
+        for seg in &segs[s.segs.clone()] {
             iov.push(libc::iovec { iov_base: seg.ptr.cast(), iov_len: seg.len });
         }
         spans.push(start..iov.len());
     }
-    let mut i = 0;
-    while i < sends.len() {
-        let port = sends[i].port;
-        let j = sends[i..].iter().position(|s| s.port != port).map_or(sends.len(), |k| i + k);
-        if let Some(dest) = ports.get(port) {
+    let failed = up.send_batch(&mut iov, &spans);
+    for (k, s) in sends.iter().enumerate() {
+        match failed.iter().find(|(at, _)| *at == k) {
+            Some(&(_, e)) => dest.counters.dropped(e),
+            None => dest.counters.delivered(s.len),
+        }
+    }
+}
+
+/// Sends the batch's link frames: one batched send (`sendmmsg`) per link for all of its
+/// frames, in the order they were queued.
+pub(super) fn flush_links(ports: &[Arc<Port>], cx: &mut TxScratch) {
+    if cx.link_sends.is_empty() {
+        return;
+    }
+    let mut sends = std::mem::take(&mut cx.link_sends);
+    // Stable: each link's frames keep their order.
+    sends.sort_by_key(|s| s.port);
+    for group in sends.chunk_by_mut(|a, b| a.port == b.port) {
+        if let Some(dest) = ports.get(group[0].port) {
             if let Some(up) = dest.link.as_deref() {
-                let failed = up.send_batch(&mut iov, &spans[i..j]);
-                for (k, s) in sends[i..j].iter().enumerate() {
-                    match failed.iter().find(|(at, _)| *at == k) {
-                        Some(&(_, e)) => dest.counters.dropped(e),
-                        None => dest.counters.delivered(s.len),
-                    }
-                }
+                send_queued(dest, up, group, &cx.link_segs);
             }
         }
-        i = j;
     }
     sends.clear();
     cx.link_sends = sends;
     cx.link_segs.clear();
+}
+
+/// Sends now what waits in the batch for `dest`: a frame about to go to it outside the batch
+/// (one that needs a fix-up, or a routed frame) must not overtake them.
+fn flush_link(dest: &Port, up: &dyn HostLink, cx: &mut TxScratch) {
+    if !cx.link_sends.iter().any(|s| s.port == dest.id) {
+        return;
+    }
+    let mut sends = std::mem::take(&mut cx.link_sends);
+    // Stable: `dest`'s frames to the front, in their order; the others keep theirs.
+    sends.sort_by_key(|s| s.port != dest.id);
+    let n = sends.iter().take_while(|s| s.port == dest.id).count();
+    send_queued(dest, up, &mut sends[..n], &cx.link_segs);
+    sends.drain(..n);
+    cx.link_sends = sends;
 }
 
 /// Delivers a frame to an uplink: offloads pass to the kernel with the vnet header; without
@@ -285,14 +304,16 @@ fn deliver_link(dest: &Port, up: &dyn HostLink, f: &TxFrame, cx: &mut TxScratch)
         dest.counters.dropped(DropReason::PortDown);
         return;
     };
+    let how = delivery(&f.hdr, &caps);
+    if how == Delivery::PassThrough && cx.batching && up.batches() {
+        // Counted when the batch is sent.
+        queue_link(dest.id, &caps, &rx_header(&f.hdr, 0), f.segs, f.offset, f.len, cx);
+        return;
+    }
+    flush_link(dest, up, cx);
     let mut frame = std::mem::take(&mut cx.frame);
     let mut seg = std::mem::take(&mut cx.segment);
-    let result = match delivery(&f.hdr, &caps) {
-        Delivery::PassThrough if cx.batching && up.batches() => {
-            // Counted when the batch is sent.
-            queue_link(dest.id, &caps, &rx_header(&f.hdr, 0), f.segs, f.offset, f.len, cx);
-            Ok(0)
-        }
+    let result = match how {
         Delivery::PassThrough => send_link(up, &caps, &rx_header(&f.hdr, 0), f.segs, f.offset, f.len, &mut frame).map(|()| f.len),
         Delivery::CompleteChecksum => {
             frame.resize(f.len, 0);
@@ -304,14 +325,14 @@ fn deliver_link(dest: &Port, up: &dyn HostLink, f: &TxFrame, cx: &mut TxScratch)
         Delivery::Segment => {
             frame.resize(f.len, 0);
             gather(f.segs, f.offset, &mut frame);
-            let mut sent = 0;
+            // Each segment is a frame on the link, counted as one (as for a guest receiver).
             segment_tcp(&frame, &f.hdr, &mut seg, |s| {
                 match send_link(up, &caps, &VnetHeader::default(), &[Seg::of_slice(s)], 0, s.len(), &mut Vec::new()) {
-                    Ok(()) => sent += s.len(),
+                    Ok(()) => dest.counters.delivered(s.len()),
                     Err(e) => dest.counters.dropped(e),
                 }
             })
-            .map(|_| sent)
+            .map(|_| 0)
         }
     };
     cx.frame = frame;

@@ -157,7 +157,7 @@ fn switch_frame(
         }
         Decision::Flood => {
             // A routed uplink is not on the guests' L2 segment.
-            for dest in ports.iter().filter(|p| p.id != port.id && !p.routed) {
+            for dest in ports.iter().filter(|p| p.id != port.id && !p.routed && !p.removed.load(Ordering::Relaxed)) {
                 deliver(dest, &frame, cx);
             }
         }

@@ -646,7 +646,10 @@ fn a_tso_frame_is_segmented_for_a_link_without_tso() {
     let (f, hdr, payload) = tso(60_000);
     lan.send_with(0, hdr, &f);
     assert_segments_of(&to.frames(), &payload);
-    assert_eq!(lan.port(1).counters.snapshot().total_drops(), 0);
+    let s = lan.port(1).counters.snapshot();
+    assert_eq!(s.total_drops(), 0);
+    // Each segment is a frame on the link, counted as for a guest receiver.
+    assert_eq!(s.tx_frames, payload.len().div_ceil(1448) as u64, "each segment counted");
 }
 
 #[test]
@@ -712,11 +715,9 @@ fn a_guest_frame_needing_a_fix_up_is_not_batched_but_still_sent() {
     assert_eq!(tx.used().len(), 2);
 }
 
-/// What the batched path should keep and does not yet: within one TX batch a frame that
-/// needs a software fix-up overtakes pass-through frames queued before it for the same link.
-/// Run with `--ignored`; drop the `ignore` once the data path keeps the order.
+/// Within one TX batch a frame that needs a software fix-up does not overtake pass-through
+/// frames queued before it for the same link: those are sent first.
 #[test]
-#[ignore = "known reordering: pass-through frames wait for the batch's send_batch, fix-ups go at once"]
 fn frames_from_a_guest_to_one_batching_link_keep_their_order() {
     let up = FakeLink::with(Some(RxCaps { hdr_len: 0, ..RxCaps::NONE }), true);
     let mut tx = GuestRing::new();
@@ -956,4 +957,67 @@ fn frames_between_guests_of_a_nat_network_stay_off_the_uplink() {
     lan.send(0, &udp(A, NOBODY, b"unknown guest"));
     assert!(up.take().is_empty());
     assert!(guest.take().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounded work per frame.
+
+#[test]
+fn a_frame_is_not_written_across_hundreds_of_tiny_receive_buffers() {
+    let a = FakeLink::offloading();
+    let mut ring = GuestRing::new();
+    let mut lan = Lan::switch(vec![link_port(0, PortKind::Tap, &a), guest_port(1, &ring, RxCaps::FULL)]);
+    // 8-byte buffers: a 1,400-byte frame would need 177 of them.
+    for _ in 0..200 {
+        ring.offer(8, VRING_DESC_F_WRITE);
+    }
+    lan.send(0, &udp(A, B, &[7; 1358]));
+    assert!(ring.used().is_empty(), "no buffer was used or lost");
+    let s = lan.port(1).counters.snapshot();
+    assert_eq!((s.tx_frames, s.drop_count(DropReason::RxBufferTooSmall)), (0, 1));
+    // A frame that fits in MAX_RX_CHAINS of them still goes.
+    lan.send(0, &udp(A, B, &[7; 100]));
+    assert_eq!(ring.used().len(), 20, "142 bytes and a 12-byte header in 8-byte buffers");
+    assert_eq!(lan.port(1).counters.snapshot().tx_frames, 1);
+}
+
+#[test]
+fn zero_length_receive_buffers_are_handed_back_empty() {
+    let a = FakeLink::offloading();
+    let mut ring = GuestRing::new();
+    let mut lan = Lan::switch(vec![link_port(0, PortKind::Tap, &a), guest_port(1, &ring, RxCaps::FULL)]);
+    for _ in 0..3 {
+        ring.offer(0, VRING_DESC_F_WRITE);
+    }
+    ring.post_rx(1);
+    let f = udp(A, B, b"after the broken ones");
+    lan.send(0, &f);
+    let used = ring.used();
+    assert_eq!(used.iter().map(|&(_, len)| len).collect::<Vec<_>>(), vec![0, 0, 0, (HDR_LEN + f.len()) as u32]);
+    // The frame is in the one real buffer alone, not spread over the empty ones.
+    let mut b = vec![0u8; HDR_LEN + f.len()];
+    ring.mem.memory().read_slice(&mut b, GuestRing::buffer(used[3].0)).unwrap();
+    assert_eq!((VnetHeader::parse(&b[..HDR_LEN]).num_buffers, &b[HDR_LEN..]), (1, &f[..]));
+    assert_eq!(lan.port(1).counters.snapshot().tx_frames, 1);
+}
+
+#[test]
+fn a_gso_size_below_the_floor_is_refused_and_counted() {
+    let (a, b) = (FakeLink::offloading(), FakeLink::plain());
+    let mut lan = Lan::switch(vec![link_port(0, PortKind::Tap, &a), link_port(1, PortKind::Uplink, &b)]);
+    let (f, hdr, _) = tso(60_000);
+    lan.send_with(0, VnetHeader { gso_size: 1, ..hdr }, &f);
+    assert!(b.take().is_empty(), "not segmented into 60,000 frames, not sent at all");
+    assert_eq!(lan.port(0).counters.snapshot().drop_count(DropReason::GsoTooSmall), 1);
+}
+
+#[test]
+fn a_removed_port_gets_no_flooded_frames() {
+    let (a, b, c) = (FakeLink::offloading(), FakeLink::offloading(), FakeLink::with(None, false));
+    let gone = link_port(2, PortKind::Tap, &c);
+    gone.removed.store(true, Ordering::Release);
+    let mut lan = Lan::switch(vec![link_port(0, PortKind::Tap, &a), link_port(1, PortKind::Tap, &b), gone]);
+    lan.send(0, &udp(A, BROADCAST, b"to all"));
+    assert_eq!(b.take().len(), 1);
+    assert_eq!(lan.port(2).counters.snapshot().total_drops(), 0, "not offered, so not counted as port_down");
 }

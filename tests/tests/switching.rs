@@ -213,7 +213,8 @@ fn hostile_next_index_outside_the_table() {
 
 #[test]
 fn hostile_zero_length_chain() {
-    hostile(DropReason::ShortFrame, |vm| {
+    // A zero-length descriptor is refused outright (it bounds nothing and costs a walk).
+    hostile(DropReason::BadDescriptor, |vm| {
         let a = vm.scratch_gpa();
         vm.send_raw_chain(250, &[(a, 0, 0, 0)], 250)
     });

@@ -127,12 +127,26 @@ impl VunetProcess {
         let console = Console::default();
         console.attach(child.stdout.take().expect("stdout"), None);
         console.attach(child.stderr.take().expect("stderr"), Some(log.to_path_buf()));
-        assert!(
-            console.wait_for("QEMU", Duration::from_secs(10)) || console.wait_for("qemu", Duration::from_secs(1)),
-            "vunet did not start:\n{}",
-            console.text()
-        );
+        // The summary on stdout ends with the line naming QEMU; a vunet that exits (a config
+        // error) fails the test at once, not after the deadline.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !console.text().contains("QEMU") {
+            let exited = child.try_wait().ok().flatten();
+            assert!(exited.is_none() && Instant::now() < deadline, "vunet did not start ({exited:?}):\n{}", console.text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
         VunetProcess { child, console }
+    }
+
+    /// Waits until vunet has logged `count` guest connections on port `port` ("guest
+    /// connected ... port=NAME"): from then on the port forwards to that guest. A simulated
+    /// guest that sends at once could otherwise see its first reply dropped (PortDown).
+    pub fn wait_connected(&self, port: &str, count: usize, timeout: Duration) -> bool {
+        let field = format!("port={port}");
+        self.console.wait_until(
+            |t| t.lines().filter(|l| l.contains("guest connected") && l.split_whitespace().any(|w| w == field)).count() >= count,
+            timeout,
+        )
     }
 }
 

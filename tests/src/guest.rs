@@ -271,6 +271,24 @@ impl Drop for Guest {
     }
 }
 
+/// Guest-script lines that wait until `ip` answers ping: a peer guest may still be booting (or
+/// a restarted vunet not yet back), so what follows counts on the peer, not on boot order or a
+/// guessed sleep. The script exits with `code` if no answer comes within about five minutes.
+pub fn await_peer(ip: &str, code: u8) -> String {
+    format!("i=0\nuntil ping -c 1 -W 1 {ip} >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 200 ] && exit {code}; sleep 0.5; done\n")
+}
+
+/// Guest-script lines that wait until something in the guest listens on `port` (`proto` "tcp"
+/// or "udp", IPv4 or IPv6): a socket bound to that local port with no peer, as /proc/net
+/// shows (an old connection to that port elsewhere does not count). A server started in the
+/// background is then ready before the script goes on, e.g. before it gives the guest the
+/// address its clients wait for. The script exits with `code` after about a minute.
+pub fn await_listening(proto: &str, port: u16, code: u8) -> String {
+    format!(
+        "i=0\nuntil cat /proc/net/{proto} /proc/net/{proto}6 2>/dev/null | grep -q ':{port:04X} [0-9A-F]*:0000 '; do i=$((i+1)); [ $i -gt 300 ] && exit {code}; sleep 0.2; done\n"
+    )
+}
+
 /// Extracts "N Gbits/sec"-style receiver throughput (bits/s) from `iperf3 -J` output.
 pub fn iperf3_receiver_bps(output: &str) -> Option<f64> {
     let at = output.find("\"sum_received\"")?;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use vunet_tests::*;
 
 const T: Duration = Duration::from_secs(10);
-/// Silence that shows no frame arrives (only for negatives).
+/// Silence that shows no frame arrives (for negatives, and to drain frames already there).
 const QUIET: Duration = Duration::from_millis(300);
 
 #[test]

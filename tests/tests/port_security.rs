@@ -12,7 +12,8 @@ use vunet_switch::DropReason;
 use vunet_tests::*;
 
 const T: Duration = Duration::from_secs(10);
-/// Silence that shows a frame was NOT let through (only for negatives).
+/// Silence that shows a frame was NOT let through (for negatives, and to drain frames already
+/// there).
 const QUIET: Duration = Duration::from_millis(400);
 const A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xa];
 const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xb];

@@ -127,12 +127,26 @@ impl VunetProcess {
         let console = Console::default();
         console.attach(child.stdout.take().expect("stdout"), None);
         console.attach(child.stderr.take().expect("stderr"), Some(log.to_path_buf()));
-        assert!(
-            console.wait_for("QEMU", Duration::from_secs(10)) || console.wait_for("qemu", Duration::from_secs(1)),
-            "vunet did not start:\n{}",
-            console.text()
-        );
+        // The summary on stdout ends with the line naming QEMU; a vunet that exits (a config
+        // error) fails the test at once, not after the deadline.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !console.text().contains("QEMU") {
+            let exited = child.try_wait().ok().flatten();
+            assert!(exited.is_none() && Instant::now() < deadline, "vunet did not start ({exited:?}):\n{}", console.text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
         VunetProcess { child, console }
+    }
+
+    /// Waits until vunet has logged `count` guest connections on port `port` ("guest
+    /// connected ... port=NAME"): from then on the port forwards to that guest. A simulated
+    /// guest that sends at once could otherwise see its first reply dropped (PortDown).
+    pub fn wait_connected(&self, port: &str, count: usize, timeout: Duration) -> bool {
+        let field = format!("port={port}");
+        self.console.wait_until(
+            |t| t.lines().filter(|l| l.contains("guest connected") && l.split_whitespace().any(|w| w == field)).count() >= count,
+            timeout,
+        )
     }
 }
 
@@ -255,6 +269,24 @@ impl Drop for Guest {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Guest-script lines that wait until `ip` answers ping: a peer guest may still be booting (or
+/// a restarted vunet not yet back), so what follows counts on the peer, not on boot order or a
+/// guessed sleep. The script exits with `code` if no answer comes within about five minutes.
+pub fn await_peer(ip: &str, code: u8) -> String {
+    format!("i=0\nuntil ping -c 1 -W 1 {ip} >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 200 ] && exit {code}; sleep 0.5; done\n")
+}
+
+/// Guest-script lines that wait until something in the guest listens on `port` (`proto` "tcp"
+/// or "udp", IPv4 or IPv6): a socket bound to that local port with no peer, as /proc/net
+/// shows (an old connection to that port elsewhere does not count). A server started in the
+/// background is then ready before the script goes on, e.g. before it gives the guest the
+/// address its clients wait for. The script exits with `code` after about a minute.
+pub fn await_listening(proto: &str, port: u16, code: u8) -> String {
+    format!(
+        "i=0\nuntil cat /proc/net/{proto} /proc/net/{proto}6 2>/dev/null | grep -q ':{port:04X} [0-9A-F]*:0000 '; do i=$((i+1)); [ $i -gt 300 ] && exit {code}; sleep 0.2; done\n"
+    )
 }
 
 /// Extracts "N Gbits/sec"-style receiver throughput (bits/s) from `iperf3 -J` output.

@@ -588,6 +588,80 @@ pub fn tso_frame(src: [u8; 6], dst: [u8; 6], payload_len: usize) -> (VnetHeader,
     (hdr, f)
 }
 
+/// Polls `cond` until it holds (true) or `timeout` passes (false): a test waits for an event (a
+/// counter reaching a value, a port becoming ready, a connection cut), goes on as soon as it
+/// happens and fails only after a generous deadline, never after a guessed sleep. Polls every
+/// millisecond at first, backing off to every 100 ms, so a condition that runs a command is
+/// not run in a tight loop. `cond` is tried once more after the deadline.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// How long a simulated guest's port may take to become ready before a test gives up.
+pub const READY: Duration = Duration::from_secs(10);
+
+/// Whether every live guest port of `network` can take frames: its guest is connected and the
+/// port's worker has published the guest's receive ring, which it does at the guest's first
+/// kick (`post_rx`). Until then frames for the port are dropped (PortDown), so a test that
+/// sends to a port waits for this, not for a guessed time.
+pub fn network_ready(d: &vunet::Daemon, network: &str) -> bool {
+    let Some(n) = d.network(network) else { return false };
+    let ports = n.ports.read().unwrap_or_else(|e| e.into_inner()).clone();
+    ports
+        .iter()
+        .filter(|p| p.kind == vunet::PortKind::Vhost && !p.removed.load(Ordering::Acquire))
+        .all(|p| p.connected.load(Ordering::Acquire) && p.rx.lock().unwrap_or_else(|e| e.into_inner()).is_some())
+}
+
+/// Waits until [`network_ready`]; panics, naming the ports that are not, after [`READY`].
+pub fn wait_network_ready(d: &vunet::Daemon, network: &str) {
+    if wait_until(READY, || network_ready(d, network)) {
+        return;
+    }
+    let n = d.network(network).unwrap_or_else(|| panic!("no network {network}"));
+    let ports = n.ports.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let states: Vec<String> = ports
+        .iter()
+        .filter(|p| p.kind == vunet::PortKind::Vhost && !p.removed.load(Ordering::Acquire))
+        .map(|p| {
+            let published = p.rx.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+            format!("{}: connected {}, rx ring published {published}", p.name, p.connected.load(Ordering::Acquire))
+        })
+        .collect();
+    panic!("network {network}: ports not ready after {READY:?}: {states:?}");
+}
+
+/// A port's counters right now.
+pub fn port_counters(d: &vunet::Daemon, network: &str, port: &str) -> vunet_switch::counters::CounterSnapshot {
+    d.network(network).and_then(|n| n.port(port)).unwrap_or_else(|| panic!("no port {network}/{port}")).counters.snapshot()
+}
+
+/// A port's counters once `ok` holds for them (or after [`READY`], for the caller's assertions
+/// to report). A receiver counts a frame just after it put it in the guest's ring, so a test
+/// that has just received the frame may read the counter a moment too early: it waits for the
+/// count, then asserts on it exactly. (A sender's counters, drops included, are final once its
+/// TX chains are completed: `wait_tx_all`.)
+pub fn wait_counters(
+    d: &vunet::Daemon,
+    network: &str,
+    port: &str,
+    ok: impl Fn(&vunet_switch::counters::CounterSnapshot) -> bool,
+) -> vunet_switch::counters::CounterSnapshot {
+    wait_until(READY, || ok(&port_counters(d, network, port)));
+    port_counters(d, network, port)
+}
+
 /// Builds an Ethernet frame.
 pub fn eth_frame(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload_len: usize, fill: u8) -> Vec<u8> {
     let mut f = Vec::with_capacity(14 + payload_len);

@@ -5,7 +5,6 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use crate::guest::{vunet_binary, Console, VunetProcess};
 
@@ -139,14 +138,5 @@ impl Drop for Background {
     }
 }
 
-/// Waits until `f` is true or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
-}
+/// Waits until `f` is true or `timeout` passes (the crate's [`crate::wait_until`]).
+pub use crate::wait_until;

@@ -13,10 +13,9 @@ use vunet_dhcp::message::{build_client_message, reply_yiaddr, CLIENT_PORT, SERVE
 use vunet_dhcp::MessageType;
 use vunet_switch::gateway::{build_udp, gateway_mac, udp_payload};
 use vunet_tests::guest::{vunet_binary, VunetProcess};
-use vunet_tests::netns::wait_until;
 use vunet_tests::*;
 
-const T: Duration = Duration::from_secs(5);
+const T: Duration = Duration::from_secs(10);
 const VM1: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x01];
 const VM2: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x02];
 const GW: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 1);
@@ -87,10 +86,11 @@ fn arp_to_gateway(vm: &mut VmSim, mac: [u8; 6], ip: Ipv4Addr) -> bool {
 #[test]
 fn every_subcommand_with_and_without_json_and_their_errors() {
     let dir = TempDir::new("control-cli");
-    let (_v, ctl) = daemon(dir.path(), "");
+    let (v, ctl) = daemon(dir.path(), "");
     let c = ctl.to_str().unwrap();
     let mut vm1 = VmSim::connect(&dir.path().join("vm1.sock"), SimOptions::full()).unwrap();
     vm1.post_rx(QUEUE_SIZE);
+    assert!(v.wait_connected("vm1", 1, T), "{}", v.console.text());
     let ip1 = lease(&mut vm1, VM1);
 
     // net-list
@@ -109,7 +109,12 @@ fn every_subcommand_with_and_without_json_and_their_errors() {
         text.starts_with("vm1 (vhost-user, server) socket=") && text.contains("connected") && text.contains(&format!("ip={ip1}")),
         "{text}"
     );
-    let ports = json(&cli(&["port-list", "lab", "--json", "--control", c]));
+    // The ACK is counted as sent just after vm1 could see it: wait for the count.
+    let mut ports = Value::Null;
+    wait_until(T, || {
+        ports = json(&cli(&["port-list", "lab", "--json", "--control", c]));
+        ports[0]["tx_frames"].as_u64().is_some_and(|n| n >= 2)
+    });
     let p = &ports[0];
     assert_eq!((p["name"].as_str(), p["connected"].as_bool(), p["mac"].as_str()), (Some("vm1"), Some(true), Some("52:54:00:00:00:01")));
     assert_eq!(p["ip"].as_str(), Some(ip1.to_string().as_str()));
@@ -134,6 +139,7 @@ fn every_subcommand_with_and_without_json_and_their_errors() {
     assert_eq!(sock2, dir.path().join("ctl/lab-vm2.sock"));
     let mut vm2 = VmSim::connect(&sock2, SimOptions::full()).unwrap();
     vm2.post_rx(QUEUE_SIZE);
+    assert!(v.wait_connected("vm2", 1, T), "{}", v.console.text());
     let ip2 = lease(&mut vm2, VM2);
     assert_ne!(ip1, ip2);
     let hello = eth_frame(VM1, VM2, 0x88b5, 64, 3);
@@ -218,9 +224,10 @@ fn the_control_socket_is_owner_only_unless_a_group_is_given() {
 #[test]
 fn capture_writes_both_directions_as_pcap() {
     let dir = TempDir::new("control-capture");
-    let (_v, ctl) = daemon(dir.path(), "");
+    let (v, ctl) = daemon(dir.path(), "");
     let mut vm1 = VmSim::connect(&dir.path().join("vm1.sock"), SimOptions::full()).unwrap();
     vm1.post_rx(QUEUE_SIZE);
+    assert!(v.wait_connected("vm1", 1, T), "{}", v.console.text());
     let ip1 = lease(&mut vm1, VM1);
     let pcap = dir.path().join("vm1.pcap");
     let mut cap = Command::new(vunet_binary())
@@ -228,7 +235,7 @@ fn capture_writes_both_directions_as_pcap() {
         .spawn()
         .unwrap();
     // The capture is on once the daemon says so; then one ARP request and its reply.
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(v.console.wait_for("capture started", T), "{}", v.console.text());
     assert!(arp_to_gateway(&mut vm1, VM1, ip1));
     assert!(wait_until(T, || cap.try_wait().ok().flatten().is_some()), "capture stops after 2 frames");
     assert!(cap.wait().unwrap().success());
@@ -251,9 +258,10 @@ fn pcap_reader(p: &Path) -> pcap_file::pcap::PcapReader<std::fs::File> {
 fn metrics_in_prometheus_text_format() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let dir = TempDir::new("control-metrics");
-    let (_v, _ctl) = daemon(dir.path(), &format!("metrics_listen = \"127.0.0.1:{port}\""));
+    let (v, _ctl) = daemon(dir.path(), &format!("metrics_listen = \"127.0.0.1:{port}\""));
     let mut vm1 = VmSim::connect(&dir.path().join("vm1.sock"), SimOptions::full()).unwrap();
     vm1.post_rx(QUEUE_SIZE);
+    assert!(v.wait_connected("vm1", 1, T), "{}", v.console.text());
     lease(&mut vm1, VM1);
     let get = |path: &str| {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -324,6 +332,7 @@ fn libvirt_seed_networks_import_and_run() {
     let xml = dir.path().join("isolated.xml");
     std::fs::copy(fixture("isolated.xml"), &xml).unwrap();
     let v = VunetProcess::start(&["--config", xml.to_str().unwrap()], &dir.path().join("vunet.log"));
+    // The summary is on stdout, before the line start() waited for: there now.
     assert!(
         v.console.text().contains("network \"isolated\": mode isolated, gateway 10.11.0.1/24, DHCP 10.11.0.100-10.11.0.199, DNS, mtu 9000"),
         "{}",
@@ -335,7 +344,9 @@ fn libvirt_seed_networks_import_and_run() {
         let xml = dir.path().join(file);
         std::fs::copy(fixture(file), &xml).unwrap();
         let v = VunetProcess::start(&["--config", xml.to_str().unwrap()], &dir.path().join(format!("{file}.log")));
-        assert!(v.console.text().contains("warning:") && v.console.text().contains(line), "{}", v.console.text());
+        // The warnings are on stderr, read by another thread than the summary start() waited
+        // for: wait for them too.
+        assert!(v.console.wait_for("warning:", T) && v.console.text().contains(line), "{}", v.console.text());
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use vunet_tests::guest::{serial, vunet_binary, Guest, Socket, VunetProcess};
+use vunet_tests::guest::{await_listening, await_peer, serial, vunet_binary, Guest, Socket, VunetProcess};
 use vunet_tests::TempDir;
 
 const BOOT_AND_RUN: Duration = Duration::from_secs(240);
@@ -38,7 +38,12 @@ fn a_port_added_at_run_time_carries_a_guest_is_captured_and_removing_it_cuts_onl
         &Socket::Connect(dir.path().join("vm1.sock")),
         "52:54:00:00:00:0a",
         "",
-        "ip addr add 10.0.0.1/24 dev eth0\necho A-UP\nping -c 60 -i 0.5 -W 1 10.0.0.254\n",
+        // Its 30 s of counted pings start once guest b is there, so the removal of b's port
+        // falls in them.
+        &format!(
+            "ip addr add 10.0.0.1/24 dev eth0\necho A-UP\n{}echo A-SEES-B\nping -c 60 -i 0.5 -W 1 10.0.0.254\n",
+            await_peer("10.0.0.2", 9)
+        ),
     );
     let added = cli(&["port-add", "lab", "vm2", "--control", c]);
     assert!(added.status.success(), "{added:?}");
@@ -56,8 +61,13 @@ fn a_port_added_at_run_time_carries_a_guest_is_captured_and_removing_it_cuts_onl
         &Socket::Connect(sock2),
         "52:54:00:00:00:0b",
         "",
-        "ip addr add 10.0.0.2/24 dev eth0\nping -c 3 -W 5 10.0.0.1 || exit 4\necho B-PINGED\nsleep 15\n\
-         if ping -c 3 -W 1 10.0.0.1; then echo B-STILL-CONNECTED; else echo B-CUT-OFF; fi\n",
+        // After reaching guest a, b pings the gateway (always there) until three pings in a
+        // row go unanswered: cut off when its port is removed, whenever the test gets there.
+        &format!(
+            "ip addr add 10.0.0.2/24 dev eth0\n{}ping -c 3 -W 5 10.0.0.1 || exit 4\necho B-PINGED\n\
+             i=0\nwhile ping -c 3 -W 1 10.0.0.254 >/dev/null; do i=$((i+1)); [ $i -gt 150 ] && echo B-STILL-CONNECTED && exit 0; done\necho B-CUT-OFF\n",
+            await_peer("10.0.0.1", 9)
+        ),
     );
     assert!(b.console.wait_for("B-PINGED", BOOT_AND_RUN), "the guest on the added port reaches the other:\n{}", b.console.text());
     let _ = capture.kill();
@@ -71,7 +81,7 @@ fn a_port_added_at_run_time_carries_a_guest_is_captured_and_removing_it_cuts_onl
     assert!(shown.contains("10.0.0.1 → 10.0.0.2") && shown.contains("Echo (ping) reply"), "{shown}");
 
     // Removing vm2 cuts guest b off; guest a goes on pinging the gateway.
-    assert!(a.console.text().contains("A-UP"), "{}", a.console.text());
+    assert!(a.console.wait_for("A-SEES-B", Duration::from_secs(60)), "{}", a.console.text());
     let del = cli(&["port-del", "lab", "vm2", "--control", c]);
     assert!(del.status.success(), "{del:?}");
     assert!(b.console.wait_for("B-CUT-OFF", Duration::from_secs(60)), "guest b lost its network:\n{}", b.console.text());
@@ -82,7 +92,7 @@ fn a_port_added_at_run_time_carries_a_guest_is_captured_and_removing_it_cuts_onl
     assert!(received >= 55, "guest a kept its network through the removal ({received} of 60 answered):\n{out}");
     let ports = String::from_utf8_lossy(&cli(&["port-list", "lab", "--control", c]).stdout).into_owned();
     assert!(ports.starts_with("vm1 ") && !ports.contains("vm2"), "{ports}");
-    assert!(vunet.console.text().contains("port removed"), "{}", vunet.console.text());
+    assert!(vunet.console.wait_for("port removed", Duration::from_secs(10)), "{}", vunet.console.text());
 }
 
 #[test]
@@ -99,7 +109,8 @@ fn sighup_adding_a_network_leaves_a_running_iperf3_stream_alone() {
         &Socket::Connect(dir.path().join("vm1.sock")),
         "52:54:00:00:00:01",
         "",
-        "ip addr add 10.0.0.1/24 dev eth0\niperf3 -s -1\n",
+        // iperf3 listens before the address its client waits for is up.
+        &format!("iperf3 -s -1 &\nsrv=$!\n{}ip addr add 10.0.0.1/24 dev eth0\nwait $srv\n", await_listening("tcp", 5201, 8)),
     );
     let client = Guest::boot(
         "cli",
@@ -107,7 +118,10 @@ fn sighup_adding_a_network_leaves_a_running_iperf3_stream_alone() {
         &Socket::Connect(dir.path().join("vm2.sock")),
         "52:54:00:00:00:02",
         "",
-        "ip addr add 10.0.0.2/24 dev eth0\nsleep 2\nping -c 2 -W 5 10.0.0.1 >/dev/null\necho IPERF-START\niperf3 -c 10.0.0.1 -t 12 -i 1 -f m || exit 5\n",
+        &format!(
+            "ip addr add 10.0.0.2/24 dev eth0\n{}echo IPERF-START\niperf3 -c 10.0.0.1 -t 12 -i 1 -f m || exit 5\n",
+            await_peer("10.0.0.1", 9)
+        ),
     );
     assert!(client.console.wait_for("IPERF-START", BOOT_AND_RUN), "{}", client.console.text());
     // Four one-second reports: the stream runs (counted, not matched on iperf3's interval

@@ -9,7 +9,7 @@ use vunet_dhcp::MessageType;
 use vunet_switch::gateway::{build_udp, udp_payload};
 use vunet_tests::*;
 
-const T: Duration = Duration::from_secs(5);
+const T: Duration = Duration::from_secs(10);
 const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const DHCP: &str = "[network.dhcp]\nrange = [\"10.0.0.100\", \"10.0.0.150\"]\nhosts = [{ mac = \"52:54:00:00:00:10\", ip = \"10.0.0.10\", name = \"web\" }]\n";
 
@@ -42,12 +42,12 @@ fn lease(vm: &mut VmSim, mac: [u8; 6]) -> Ipv4Addr {
 #[test]
 fn guests_get_addresses_from_the_range_and_static_hosts_their_own() {
     let dir = TempDir::new("dhcp");
-    let (_d, socks) = start_network_with(dir.path(), 3, "", DHCP);
+    let (d, socks) = start_network_with(dir.path(), 3, "", DHCP);
     let mut vms: Vec<VmSim> = socks.iter().map(|s| VmSim::connect(s, SimOptions::full()).unwrap()).collect();
     for vm in vms.iter_mut() {
         vm.post_rx(QUEUE_SIZE);
     }
-    std::thread::sleep(Duration::from_millis(100));
+    wait_network_ready(&d, "test");
     let a = lease(&mut vms[0], [0x52, 0x54, 0, 0, 0, 1]);
     let b = lease(&mut vms[1], [0x52, 0x54, 0, 0, 0, 2]);
     assert_ne!(a, b);
@@ -76,14 +76,15 @@ fn leases_survive_a_restart_and_a_corrupt_file_does_not_stop_one() {
     let first = {
         let sub = dir.path().join("one");
         std::fs::create_dir_all(&sub).unwrap();
-        let (_d, socks) = start_network_with(&sub, 2, &top, DHCP);
+        let (d, socks) = start_network_with(&sub, 2, &top, DHCP);
         let mut vms: Vec<VmSim> = socks.iter().map(|s| VmSim::connect(s, SimOptions::full()).unwrap()).collect();
         vms.iter_mut().for_each(|vm| vm.post_rx(QUEUE_SIZE));
-        std::thread::sleep(Duration::from_millis(100));
+        wait_network_ready(&d, "test");
         // Two leases, so the second MAC does not simply get the first free address.
         lease(&mut vms[0], [0x52, 0x54, 0, 0, 0, 0x32]);
         lease(&mut vms[1], mac)
     };
+    // Saved before the ACK was sent: there now.
     let file = std::fs::read_to_string(state.join("test.leases")).expect("lease file written");
     assert!(file.contains(&first.to_string()), "{file}");
 
@@ -91,10 +92,10 @@ fn leases_survive_a_restart_and_a_corrupt_file_does_not_stop_one() {
     // and a different client does not get that address.
     let sub = dir.path().join("two");
     std::fs::create_dir_all(&sub).unwrap();
-    let (_d2, socks) = start_network_with(&sub, 2, &top, DHCP);
+    let (d2, socks) = start_network_with(&sub, 2, &top, DHCP);
     let mut vms: Vec<VmSim> = socks.iter().map(|s| VmSim::connect(s, SimOptions::full()).unwrap()).collect();
     vms.iter_mut().for_each(|vm| vm.post_rx(QUEUE_SIZE));
-    std::thread::sleep(Duration::from_millis(100));
+    wait_network_ready(&d2, "test");
     let other = lease(&mut vms[0], [0x52, 0x54, 0, 0, 0, 0x99]);
     assert_ne!(other, first);
     assert_eq!(lease(&mut vms[1], mac), first, "same address after the restart");
@@ -104,10 +105,10 @@ fn leases_survive_a_restart_and_a_corrupt_file_does_not_stop_one() {
     std::fs::write(state.join("test.leases"), &text[..text.len() / 2]).unwrap();
     let sub = dir.path().join("three");
     std::fs::create_dir_all(&sub).unwrap();
-    let (_d3, socks) = start_network_with(&sub, 1, &top, DHCP);
+    let (d3, socks) = start_network_with(&sub, 1, &top, DHCP);
     assert!(state.join("test.leases.corrupt").exists(), "corrupt file set aside");
     let mut vm = VmSim::connect(&socks[0], SimOptions::full()).unwrap();
     vm.post_rx(QUEUE_SIZE);
-    std::thread::sleep(Duration::from_millis(100));
+    wait_network_ready(&d3, "test");
     lease(&mut vm, mac);
 }

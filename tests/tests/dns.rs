@@ -2,6 +2,8 @@
 //! reverse lookups, NXDOMAIN, and forwarding to an upstream resolver (a fake one on loopback).
 
 use std::net::{Ipv4Addr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use vunet_dhcp::dns::{build_query, read_answers, QTYPE_A, QTYPE_PTR};
@@ -10,29 +12,41 @@ use vunet_dhcp::MessageType;
 use vunet_switch::gateway::{build_udp, gateway_mac, udp_payload};
 use vunet_tests::*;
 
-const T: Duration = Duration::from_secs(5);
+const T: Duration = Duration::from_secs(10);
 const A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xa];
 const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 
-/// A fake upstream resolver on loopback: answers every A query with 192.0.2.1.
-fn fake_upstream() -> (u16, std::thread::JoinHandle<usize>) {
+/// A fake upstream resolver on loopback: answers every A query with 192.0.2.1 until told to
+/// stop (not until an idle time passes, which a slow run could exceed before the one query
+/// comes); its thread returns how many queries it answered.
+fn fake_upstream() -> (u16, Arc<AtomicBool>, std::thread::JoinHandle<usize>) {
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    // Only how often the thread looks at the stop flag.
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
     let port = s.local_addr().unwrap().port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
     let h = std::thread::spawn(move || {
         let mut buf = [0u8; 512];
         let mut served = 0;
-        while let Ok((n, from)) = s.recv_from(&mut buf) {
+        loop {
+            // Stops once told to and nothing more is waiting in the socket.
+            let Ok((n, from)) = s.recv_from(&mut buf) else {
+                if stopped.load(Ordering::Acquire) {
+                    break;
+                }
+                continue;
+            };
             let mut r = buf[..n].to_vec();
             r[2] |= 0x80; // response
             r[7] = 1; // one answer
             r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 1]);
-            s.send_to(&r, from).unwrap();
             served += 1;
+            s.send_to(&r, from).unwrap();
         }
         served
     });
-    (port, h)
+    (port, stop, h)
 }
 
 fn query(vm: &mut VmSim, src_ip: Ipv4Addr, id: u16, name: &str, qtype: u16) -> (u16, Vec<Ipv4Addr>, Vec<String>) {
@@ -51,15 +65,15 @@ fn query(vm: &mut VmSim, src_ip: Ipv4Addr, id: u16, name: &str, qtype: u16) -> (
 
 #[test]
 fn local_names_reverse_lookups_nxdomain_and_forwarding() {
-    let (up_port, upstream) = fake_upstream();
+    let (up_port, stop_upstream, upstream) = fake_upstream();
     let dir = TempDir::new("dns");
     let extra = format!(
         "[network.dhcp]\nrange = [\"10.0.0.100\", \"10.0.0.150\"]\nhosts = [{{ mac = \"52:54:00:00:00:10\", ip = \"10.0.0.10\", name = \"web\" }}]\n[network.dns]\ndomain = \"lab\"\nhosts = [{{ name = \"files\", ip = \"10.0.0.50\" }}]\nforwarders = [\"127.0.0.1:{up_port}\"]\n"
     );
-    let (_d, socks) = start_network_with(dir.path(), 1, "", &extra);
+    let (d, socks) = start_network_with(dir.path(), 1, "", &extra);
     let mut vm = VmSim::connect(&socks[0], SimOptions::full()).unwrap();
     vm.post_rx(QUEUE_SIZE);
-    std::thread::sleep(Duration::from_millis(100));
+    wait_network_ready(&d, "test");
 
     // The guest takes a lease under the name "alpha".
     let mut ip = None;
@@ -84,17 +98,19 @@ fn local_names_reverse_lookups_nxdomain_and_forwarding() {
     assert_eq!(query(&mut vm, me, 7, &rev, QTYPE_PTR), (0, vec![], vec!["alpha.lab".to_string()]));
     // Not ours: forwarded upstream, answered under the client's own id.
     assert_eq!(query(&mut vm, me, 0x4242, "example.org", QTYPE_A), (0, vec![Ipv4Addr::new(192, 0, 2, 1)], vec![]));
-    drop(_d);
+    // Stop vunet first, so nothing it could still send upstream is missed.
+    drop(d);
+    stop_upstream.store(true, Ordering::Release);
     assert_eq!(upstream.join().unwrap(), 1, "exactly the one outside name went upstream");
 }
 
 #[test]
 fn without_an_upstream_outside_names_are_refused() {
     let dir = TempDir::new("dns-refused");
-    let (_d, socks) = start_network_with(dir.path(), 1, "", "[network.dns]\nforwarders = []\n");
+    let (d, socks) = start_network_with(dir.path(), 1, "", "[network.dns]\nforwarders = []\n");
     let mut vm = VmSim::connect(&socks[0], SimOptions::full()).unwrap();
     vm.post_rx(QUEUE_SIZE);
-    std::thread::sleep(Duration::from_millis(100));
+    wait_network_ready(&d, "test");
     assert_eq!(query(&mut vm, Ipv4Addr::new(10, 0, 0, 7), 1, "example.org", QTYPE_A).0, 5, "REFUSED");
 }
 
@@ -232,10 +248,10 @@ fn large_answers_come_truncated_over_udp_and_whole_over_tcp() {
     let extra = format!(
         "[network.dns]\ndomain = \"lab\"\nhosts = [{{ name = \"files\", ip = \"10.0.0.50\" }}]\nforwarders = [\"127.0.0.1:{up_port}\"]\n"
     );
-    let (_d, socks) = start_network_with(dir.path(), 1, "", &extra);
+    let (d, socks) = start_network_with(dir.path(), 1, "", &extra);
     let mut vm = VmSim::connect(&socks[0], SimOptions::full()).unwrap();
     vm.post_rx(QUEUE_SIZE);
-    std::thread::sleep(Duration::from_millis(100));
+    wait_network_ready(&d, "test");
     let me = Ipv4Addr::new(10, 0, 0, 7);
 
     // Over UDP the 2 KB answer does not fit: TC set, no records.

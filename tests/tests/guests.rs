@@ -26,7 +26,13 @@ fn two_guests_ping_each_other_and_the_gateway_and_run_iperf3() {
         &Socket::Connect(rt.join("vm1.sock")),
         "52:54:00:00:00:01",
         "",
-        "ip addr add 192.168.122.11/24 dev eth0\niperf3 -s -1 >/dev/null &\nsleep 1\nping -c 3 -W 5 192.168.122.12\nwait\n",
+        // The iperf3 server listens before the address its client waits for is up; the
+        // counted pings start once the client answers (it may boot later).
+        &format!(
+            "iperf3 -s -1 >/dev/null &\n{}ip addr add 192.168.122.11/24 dev eth0\n{}ping -c 3 -W 5 192.168.122.12\nwait\n",
+            await_listening("tcp", 5201, 8),
+            await_peer("192.168.122.12", 9)
+        ),
     );
     let client = Guest::boot(
         "g2",
@@ -34,7 +40,11 @@ fn two_guests_ping_each_other_and_the_gateway_and_run_iperf3() {
         &Socket::Connect(rt.join("vm2.sock")),
         "52:54:00:00:00:02",
         "",
-        "ip addr add 192.168.122.12/24 dev eth0\nsleep 2\nping -c 3 -W 5 192.168.122.1 || exit 1\nping -c 3 -W 5 192.168.122.11 || exit 1\niperf3 -c 192.168.122.11 -t 10 -J\n",
+        &format!(
+            "ip addr add 192.168.122.12/24 dev eth0\n{}ping -c 3 -W 5 192.168.122.1 || exit 1\n{}ping -c 3 -W 5 192.168.122.11 || exit 1\niperf3 -c 192.168.122.11 -t 10 -J\n",
+            await_peer("192.168.122.1", 8),
+            await_peer("192.168.122.11", 9)
+        ),
     );
     assert_eq!(client.wait_exit(BOOT_AND_RUN), Some(0), "client guest:\n{}", client.console.text());
     assert_eq!(server.wait_exit(Duration::from_secs(30)), Some(0), "server guest:\n{}", server.console.text());
@@ -63,7 +73,9 @@ fn guest_without_receive_offloads_gets_segmented_frames() {
         &Socket::Connect(rt.join("vm1.sock")),
         "52:54:00:00:00:01",
         ",guest_tso4=off,guest_tso6=off,guest_csum=off,mrg_rxbuf=off",
-        "ip addr add 10.0.0.1/24 dev eth0\niperf3 -s -1 >/dev/null\n",
+        // iperf3 listens before the address its client waits for is up; its exit status is
+        // the script's.
+        &format!("iperf3 -s -1 >/dev/null &\nsrv=$!\n{}ip addr add 10.0.0.1/24 dev eth0\nwait $srv\n", await_listening("tcp", 5201, 8)),
     );
     let sender = Guest::boot(
         "tso",
@@ -71,7 +83,10 @@ fn guest_without_receive_offloads_gets_segmented_frames() {
         &Socket::Connect(rt.join("vm2.sock")),
         "52:54:00:00:00:02",
         "",
-        "ip addr add 10.0.0.2/24 dev eth0\nsleep 2\nping -c 2 -W 5 10.0.0.1 || exit 1\niperf3 -c 10.0.0.1 -t 5 -J\n",
+        &format!(
+            "ip addr add 10.0.0.2/24 dev eth0\n{}ping -c 2 -W 5 10.0.0.1 || exit 1\niperf3 -c 10.0.0.1 -t 5 -J\n",
+            await_peer("10.0.0.1", 9)
+        ),
     );
     assert_eq!(sender.wait_exit(BOOT_AND_RUN), Some(0), "sender:\n{}", sender.console.text());
     let out = sender.console.text();
@@ -94,7 +109,11 @@ fn killed_guest_frees_its_port_and_a_new_one_takes_it_while_others_keep_working(
         &Socket::Connect(rt.join("vm1.sock")),
         "52:54:00:00:00:01",
         "",
-        "ip addr add 10.0.0.1/24 dev eth0\niperf3 -s >/dev/null &\niperf3 -s -p 5202 >/dev/null &\nsleep 300\n",
+        &format!(
+            "iperf3 -s >/dev/null &\niperf3 -s -p 5202 >/dev/null &\n{}{}ip addr add 10.0.0.1/24 dev eth0\nsleep 600\n",
+            await_listening("tcp", 5201, 8),
+            await_listening("tcp", 5202, 8)
+        ),
     );
     // A bystander on port 3 pings the server the whole time.
     let bystander = Guest::boot(
@@ -103,7 +122,10 @@ fn killed_guest_frees_its_port_and_a_new_one_takes_it_while_others_keep_working(
         &Socket::Connect(rt.join("vm3.sock")),
         "52:54:00:00:00:03",
         "",
-        "ip addr add 10.0.0.3/24 dev eth0\nsleep 3\nping -c 40 -i 0.5 -W 3 10.0.0.1\n",
+        &format!(
+            "ip addr add 10.0.0.3/24 dev eth0\n{}echo BYSTANDER-PINGING\nping -c 40 -i 0.5 -W 3 10.0.0.1\n",
+            await_peer("10.0.0.1", 9)
+        ),
     );
     let mut victim = Guest::boot(
         "victim",
@@ -111,9 +133,11 @@ fn killed_guest_frees_its_port_and_a_new_one_takes_it_while_others_keep_working(
         &Socket::Connect(rt.join("vm2.sock")),
         "52:54:00:00:00:02",
         "",
-        "ip addr add 10.0.0.2/24 dev eth0\nsleep 2\necho STARTING-IPERF\niperf3 -c 10.0.0.1 -t 60\n",
+        &format!("ip addr add 10.0.0.2/24 dev eth0\n{}echo STARTING-IPERF\niperf3 -c 10.0.0.1 -t 60\n", await_peer("10.0.0.1", 9)),
     );
     assert!(victim.console.wait_for("STARTING-IPERF", BOOT_AND_RUN), "victim:\n{}", victim.console.text());
+    // The bystander's 20 s of counted pings are under way when the victim dies.
+    assert!(bystander.console.wait_for("BYSTANDER-PINGING", BOOT_AND_RUN), "bystander:\n{}", bystander.console.text());
     assert!(victim.console.wait_for_lines("bits/sec", 1, Duration::from_secs(30)), "transfer running:\n{}", victim.console.text());
     // SIGKILL mid-transfer.
     victim.kill();
@@ -126,7 +150,10 @@ fn killed_guest_frees_its_port_and_a_new_one_takes_it_while_others_keep_working(
         &Socket::Connect(rt.join("vm2.sock")),
         "52:54:00:00:00:22",
         "",
-        "ip addr add 10.0.0.2/24 dev eth0\nsleep 2\nping -c 3 -W 5 10.0.0.1 || exit 1\niperf3 -c 10.0.0.1 -p 5202 -t 3\n",
+        &format!(
+            "ip addr add 10.0.0.2/24 dev eth0\n{}ping -c 3 -W 5 10.0.0.1 || exit 1\niperf3 -c 10.0.0.1 -p 5202 -t 3\n",
+            await_peer("10.0.0.1", 9)
+        ),
     );
     assert_eq!(newcomer.wait_exit(BOOT_AND_RUN), Some(0), "newcomer:\n{}", newcomer.console.text());
     assert!(ping_ok(&newcomer.console.text(), 3));
@@ -163,7 +190,8 @@ fn client_mode_port_with_qemu_as_the_listener() {
         &Socket::Connect(dir.path().join("a.sock")),
         "52:54:00:00:00:0a",
         "",
-        "ip addr add 10.0.0.1/24 dev eth0\nsleep 30\n",
+        // Up until the test ends (and kills it), however long guest b takes.
+        "ip addr add 10.0.0.1/24 dev eth0\nsleep 600\n",
     );
     let b = Guest::boot(
         "b",
@@ -171,7 +199,7 @@ fn client_mode_port_with_qemu_as_the_listener() {
         &Socket::Listen(dir.path().join("qemu-b.sock")),
         "52:54:00:00:00:0b",
         "",
-        "ip addr add 10.0.0.2/24 dev eth0\nsleep 2\nping -c 3 -W 5 10.0.0.1\n",
+        &format!("ip addr add 10.0.0.2/24 dev eth0\n{}ping -c 3 -W 5 10.0.0.1\n", await_peer("10.0.0.1", 9)),
     );
     assert_eq!(b.wait_exit(BOOT_AND_RUN), Some(0), "client-mode guest:\n{}", b.console.text());
     assert!(ping_ok(&b.console.text(), 3));
@@ -199,7 +227,8 @@ fn vunet_restarts_under_running_guests_on_client_mode_ports_and_guests_keep_thei
         &Socket::Listen(dir.path().join("qemu-a.sock")),
         "52:54:00:00:00:0a",
         "",
-        &format!("{}sleep 90\n", udhcpc("a")),
+        // Up until the test ends (and kills it), however long guest b takes.
+        &format!("{}sleep 600\n", udhcpc("a")),
     );
     let b = Guest::boot(
         "b",
@@ -220,6 +249,8 @@ fn vunet_restarts_under_running_guests_on_client_mode_ports_and_guests_keep_thei
     // which renegotiate with it while their guests keep running.
     let _ = first.child.kill();
     let _ = first.child.wait();
+    // Not a wait for anything: vunet stays down a while, as a crashed one would (this counts
+    // against the pings the test allows to be lost).
     std::thread::sleep(Duration::from_secs(2));
     let _second = VunetProcess::start(&args, &dir.path().join("vunet2.log"));
     assert_eq!(b.wait_exit(BOOT_AND_RUN), Some(0), "guest b:\n{}", b.console.text());
@@ -257,19 +288,27 @@ fn qemu_with_reconnect_comes_back_after_vunet_restarts_on_a_server_mode_port() {
         &Socket::Reconnect(dir.path().join("a.sock")),
         "52:54:00:00:00:0a",
         "",
-        "ip addr add 10.0.0.1/24 dev eth0\nping -c 50 -i 0.5 -W 1 10.0.0.254\n",
+        // Pings until the test ends: the test waits for answers after the restart, however
+        // long the restart takes, not for answers within a fixed count of pings.
+        "ip addr add 10.0.0.1/24 dev eth0\nping -i 0.5 -W 1 10.0.0.254\n",
     );
     assert!(a.console.wait_for("64 bytes from", BOOT_AND_RUN), "pings flow before the restart:\n{}", a.console.text());
     let _ = first.child.kill();
     let _ = first.child.wait();
+    // The last ping answered by the first vunet (it is dead now). Answers to pings sent five
+    // seconds later (10 pings at 0.5 s: far more than an answer in flight and the console's
+    // delay) can only come from the second vunet.
+    let answered = |t: &str| t.lines().filter_map(|l| l.split("seq=").nth(1)?.split_whitespace().next()?.parse::<u32>().ok()).max();
+    let last_before = answered(&a.console.text()).expect("a seq= line");
+    // Not a wait for anything: vunet stays down a while, as a crashed one would.
     std::thread::sleep(Duration::from_secs(2));
     let second = VunetProcess::start(&args, &dir.path().join("vunet2.log"));
-    assert!(second.console.wait_for("guest connected", Duration::from_secs(20)), "QEMU reconnected:\n{}", second.console.text());
-    assert_eq!(a.wait_exit(BOOT_AND_RUN), Some(0), "guest:\n{}", a.console.text());
-    let out = a.console.text();
-    let seqs: Vec<u32> =
-        out.lines().filter_map(|l| l.split("seq=").nth(1)).filter_map(|s| s.split_whitespace().next()?.parse().ok()).collect();
-    assert!(seqs.iter().any(|&s| s >= 45), "pings answered after the restart:\n{out}");
+    assert!(second.console.wait_for("guest connected", Duration::from_secs(60)), "QEMU reconnected:\n{}", second.console.text());
+    assert!(
+        a.console.wait_until(|t| answered(t).is_some_and(|s| s >= last_before + 10), Duration::from_secs(60)),
+        "pings answered after the restart (last one before: seq={last_before}):\n{}",
+        a.console.text()
+    );
 }
 
 /// The DHCP client part of a guest script: busybox udhcpc with a small hook that sets the
@@ -298,7 +337,12 @@ fn guests_get_addresses_by_dhcp_and_resolve_each_other_by_name() {
         &Socket::Connect(dir.path().join("vm1.sock")),
         "52:54:00:00:00:10",
         "",
-        &format!("{}sleep 12\nnslookup client 192.168.122.1\nsleep 30\n", udhcpc("web")),
+        // Looks the other guest up once it has a lease (it may boot later): tried until the
+        // answer has a name, then printed.
+        &format!(
+            "{}i=0\nuntil nslookup client 192.168.122.1 >/tmp/ns 2>&1; grep -q Name: /tmp/ns; do i=$((i+1)); [ $i -gt 200 ] && break; sleep 1; done\ncat /tmp/ns\necho WEB-LOOKUP-DONE\nsleep 600\n",
+            udhcpc("web")
+        ),
     );
     let client = Guest::boot(
         "client",
@@ -307,8 +351,9 @@ fn guests_get_addresses_by_dhcp_and_resolve_each_other_by_name() {
         "52:54:00:00:00:21",
         "",
         &format!(
-            "{}ip -4 addr show dev eth0\nping -c 2 -W 5 192.168.122.1 || exit 4\nsleep 3\nping -c 3 -W 5 192.168.122.10 || exit 5\nnslookup web 192.168.122.1 || exit 6\nnslookup nosuch 192.168.122.1\necho NSLOOKUP-NOSUCH-EXIT $?\nsleep 5\n",
-            udhcpc("client")
+            "{}ip -4 addr show dev eth0\nping -c 2 -W 5 192.168.122.1 || exit 4\n{}ping -c 3 -W 5 192.168.122.10 || exit 5\nnslookup web 192.168.122.1 || exit 6\nnslookup nosuch 192.168.122.1\necho NSLOOKUP-NOSUCH-EXIT $?\nsleep 5\n",
+            udhcpc("client"),
+            await_peer("192.168.122.10", 9)
         ),
     );
     assert_eq!(client.wait_exit(BOOT_AND_RUN), Some(0), "client:\n{}", client.console.text());
@@ -323,11 +368,9 @@ fn guests_get_addresses_by_dhcp_and_resolve_each_other_by_name() {
     // DNS on the gateway: the static name, the other guest's DHCP name, and a name nobody has.
     assert!(c.contains("Address: 192.168.122.10") || c.contains("Address 1: 192.168.122.10"), "nslookup web:\n{c}");
     assert!(c.contains("NXDOMAIN"), "nslookup nosuch answers NXDOMAIN:\n{c}");
-    assert!(
-        web.console.wait_for(&format!("{leased}"), Duration::from_secs(30)) && web.console.text().contains("Name:"),
-        "nslookup client from the web guest:\n{}",
-        web.console.text()
-    );
+    assert!(web.console.wait_for("WEB-LOOKUP-DONE", BOOT_AND_RUN), "nslookup client from the web guest:\n{}", web.console.text());
+    let w = web.console.text();
+    assert!(w.contains(&leased.to_string()) && w.contains("Name:"), "nslookup client from the web guest:\n{w}");
     // The daemon lists the leases: MAC, IP, expiry, name.
     let listed =
         std::process::Command::new(vunet_binary()).args(["dhcp-leases", "default", "--config", cfg.to_str().unwrap()]).output().unwrap();
@@ -359,17 +402,21 @@ fn spoofing_guests_and_a_rogue_dhcp_server_get_nowhere() {
         &Socket::Connect(dir.path().join("vm1.sock")),
         "52:54:00:00:00:66",
         "",
-        "ip addr add 192.168.122.66/24 dev eth0\nprintf 'start 192.168.122.200\\nend 192.168.122.210\\ninterface eth0\\nlease_file /tmp/udhcpd.leases\\nopt subnet 255.255.255.0\\n' > /tmp/udhcpd.conf\ntouch /tmp/udhcpd.leases\nudhcpd -f /tmp/udhcpd.conf &\necho ROGUE-UP\nsleep 60\n",
+        // ROGUE-UP once udhcpd listens; up until the test ends (and kills it).
+        &format!(
+            "ip addr add 192.168.122.66/24 dev eth0\nprintf 'start 192.168.122.200\\nend 192.168.122.210\\ninterface eth0\\nlease_file /tmp/udhcpd.leases\\nopt subnet 255.255.255.0\\n' > /tmp/udhcpd.conf\ntouch /tmp/udhcpd.leases\nudhcpd -f /tmp/udhcpd.conf &\n{}echo ROGUE-UP\nsleep 600\n",
+            await_listening("udp", 67, 8)
+        ),
     );
     assert!(rogue.console.wait_for("ROGUE-UP", BOOT_AND_RUN), "rogue:\n{}", rogue.console.text());
-    std::thread::sleep(Duration::from_secs(2));
     let client = Guest::boot(
         "client",
         dir.path(),
         &Socket::Connect(dir.path().join("vm2.sock")),
         "52:54:00:00:00:20",
         "",
-        &format!("{}sleep 40\n", udhcpc("client")),
+        // Up until the test ends (and kills it), however long the spoofer takes.
+        &format!("{}sleep 600\n", udhcpc("client")),
     );
     let spoofer = Guest::boot(
         "spoofer",
@@ -378,8 +425,10 @@ fn spoofing_guests_and_a_rogue_dhcp_server_get_nowhere() {
         "52:54:00:00:00:33",
         "",
         &format!(
-            "{}sleep 4\nping -c 2 -W 3 192.168.122.20 && echo OWN-ADDRESS-WORKS\nip addr flush dev eth0\nip addr add 192.168.122.150/24 dev eth0\nping -c 2 -W 3 192.168.122.20 || echo FOREIGN-IP-BLOCKED\nip addr flush dev eth0\nip addr add $(cat /tmp/leased)/24 dev eth0\nip link set eth0 down\nip link set eth0 address 52:54:00:99:99:99\nip link set eth0 up\nping -c 2 -W 3 192.168.122.20 || echo FOREIGN-MAC-BLOCKED\n",
-            udhcpc("spoofer").replace("echo \"LEASED $ip\"", "echo \"LEASED $ip\"; echo $ip > /tmp/leased")
+            "{}{}ping -c 2 -W 3 192.168.122.20 && echo OWN-ADDRESS-WORKS\nip addr flush dev eth0\nip addr add 192.168.122.150/24 dev eth0\nping -c 2 -W 3 192.168.122.20 || echo FOREIGN-IP-BLOCKED\nip addr flush dev eth0\nip addr add $(cat /tmp/leased)/24 dev eth0\nip link set eth0 down\nip link set eth0 address 52:54:00:99:99:99\nip link set eth0 up\nping -c 2 -W 3 192.168.122.20 || echo FOREIGN-MAC-BLOCKED\n",
+            udhcpc("spoofer").replace("echo \"LEASED $ip\"", "echo \"LEASED $ip\"; echo $ip > /tmp/leased"),
+            // The client may boot later; the spoofer's own address must reach it first.
+            await_peer("192.168.122.20", 9)
         ),
     );
     assert_eq!(spoofer.wait_exit(BOOT_AND_RUN), Some(0), "spoofer:\n{}", spoofer.console.text());

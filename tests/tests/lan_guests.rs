@@ -144,8 +144,10 @@ fn tap_uplink_with_a_host_address_reaches_guests_both_ways() {
         "52:54:00:0a:00:01",
         "",
         "cat > /tmp/hook.sh <<'EOF'\n#!/bin/sh\ncase \"$1\" in bound|renew) ip addr flush dev $interface; ip addr add $ip/$mask dev $interface; echo \"LEASED $ip\" ;; esac\nEOF\n\
-         chmod +x /tmp/hook.sh\nudhcpc -i eth0 -s /tmp/hook.sh -n -q -t 10 -T 2 || exit 3\nping -c 3 -W 5 10.0.0.200 || exit 4\necho PINGED-HOST\nsleep 20\n",
+         chmod +x /tmp/hook.sh\nudhcpc -i eth0 -s /tmp/hook.sh -n -q -t 10 -T 2 || exit 3\nping -c 3 -W 5 10.0.0.200 || exit 4\necho PINGED-HOST\nsleep 600\n",
     );
+    // The guest stays up (sleep 600) until the test ends and kills it, however long the host's
+    // ping takes to start.
     assert!(g.console.wait_for("PINGED-HOST", BOOT_AND_RUN), "the guest pings the host:\n{}", g.console.text());
     let out = g.console.text();
     let ip = out.split("LEASED ").nth(1).and_then(|s| s.split_whitespace().next()).expect("a lease").to_string();

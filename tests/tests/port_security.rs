@@ -11,7 +11,9 @@ use vunet_switch::gateway::{build_udp, udp_payload};
 use vunet_switch::DropReason;
 use vunet_tests::*;
 
-const T: Duration = Duration::from_secs(5);
+const T: Duration = Duration::from_secs(10);
+/// Silence that shows a frame was NOT let through (for negatives, and to drain frames already
+/// there).
 const QUIET: Duration = Duration::from_millis(400);
 const A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xa];
 const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xb];
@@ -35,14 +37,16 @@ fn arp_from(mac: [u8; 6], sha: [u8; 6], spa: [u8; 4]) -> Vec<u8> {
     f
 }
 
-fn dhcp_lease(vm: &mut VmSim, chaddr: [u8; 6]) -> Option<Ipv4Addr> {
+/// A DHCP exchange from `vm` (MAC A) for client address `chaddr`; the address leased, or None
+/// if no answer came within `wait` (T where one must come, QUIET to show none does).
+fn dhcp_lease(vm: &mut VmSim, chaddr: [u8; 6], wait: Duration) -> Option<Ipv4Addr> {
     let mut ip = None;
     for (t, req) in [(MessageType::Discover, None), (MessageType::Request, Some(()))] {
         let msg = build_client_message(t, chaddr, 7, req.and(ip), req.map(|_| GW), None);
         let mut f = Vec::new();
         build_udp(&mut f, A, [0xff; 6], Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST, CLIENT_PORT, SERVER_PORT, &msg);
         vm.send(&f);
-        let reply = std::iter::from_fn(|| vm.recv(QUIET)).find_map(|(_, f)| udp_payload(&f, CLIENT_PORT).map(|(_, p)| p.to_vec()))?;
+        let reply = std::iter::from_fn(|| vm.recv(wait)).find_map(|(_, f)| udp_payload(&f, CLIENT_PORT).map(|(_, p)| p.to_vec()))?;
         ip = reply_yiaddr(&reply);
     }
     ip
@@ -53,7 +57,7 @@ fn setup() -> (TempDir, vunet::Daemon, Vec<VmSim>) {
     let (d, socks) = start_network_with(dir.path(), 2, "", DHCP);
     let mut vms: Vec<VmSim> = socks.iter().map(|s| VmSim::connect(s, SimOptions::full()).unwrap()).collect();
     vms.iter_mut().for_each(|vm| vm.post_rx(QUEUE_SIZE));
-    std::thread::sleep(Duration::from_millis(100));
+    wait_network_ready(&d, "test");
     (dir, d, vms)
 }
 
@@ -71,6 +75,7 @@ fn a_port_keeps_to_the_first_mac_it_uses() {
     vms[0].send(&arp_from(A, B, [10, 0, 0, 7]));
     assert!(vms[0].wait_tx_all(T));
     assert!(vms[1].recv(QUIET).is_none(), "neither the foreign MAC nor the ARP with a foreign sender got through");
+    // Drops are counted before the chains are completed (wait_tx_all above).
     assert_eq!(drops(&d, "p0", DropReason::SpoofedMac), 2);
     vms[0].send(&ok);
     assert_eq!(vms[1].recv(T).expect("its own MAC still passes").1, ok);
@@ -79,7 +84,10 @@ fn a_port_keeps_to_the_first_mac_it_uses() {
 #[test]
 fn after_a_lease_a_port_keeps_to_its_address() {
     let (_dir, d, mut vms) = setup();
-    let ip = dhcp_lease(&mut vms[0], A).expect("lease");
+    let ip = dhcp_lease(&mut vms[0], A, T).expect("lease");
+    // The DHCP broadcasts flooded to port 1 are in its ring once port 0's chains are
+    // completed: drain them.
+    assert!(vms[0].wait_tx_all(T));
     vms[1].recv_all(QUIET);
     let own = udp_from(A, ip.octets(), 5000, 5001);
     vms[0].send(&own);
@@ -101,9 +109,10 @@ fn guests_cannot_be_dhcp_servers_or_lease_for_other_macs() {
     assert!(vms[1].recv(QUIET).is_none(), "a DHCP answer from a guest reaches nobody");
     assert_eq!(drops(&d, "p0", DropReason::RogueDhcpServer), 1);
     // Port 0 is locked to A: a DISCOVER for another client address gets no offer.
-    assert!(dhcp_lease(&mut vms[0], [0x52, 0x54, 0, 0, 0, 0x77]).is_none());
+    assert!(dhcp_lease(&mut vms[0], [0x52, 0x54, 0, 0, 0, 0x77], QUIET).is_none());
+    assert!(vms[0].wait_tx_all(T));
     assert!(drops(&d, "p0", DropReason::SpoofedMac) >= 1);
-    assert!(dhcp_lease(&mut vms[0], A).is_some(), "its own MAC leases");
+    assert!(dhcp_lease(&mut vms[0], A, T).is_some(), "its own MAC leases");
 }
 
 #[test]
@@ -114,12 +123,12 @@ fn port_security_can_be_turned_off_per_port() {
         dir.path().display()
     );
     let cfg = vunet::Config::parse(&toml, "t.toml", dir.path()).unwrap();
-    let _d = vunet::Daemon::start(&cfg).unwrap();
+    let d = vunet::Daemon::start(&cfg).unwrap();
     let mut a = VmSim::connect(&dir.path().join("p0.sock"), SimOptions::full()).unwrap();
     let mut b = VmSim::connect(&dir.path().join("p1.sock"), SimOptions::full()).unwrap();
     a.post_rx(QUEUE_SIZE);
     b.post_rx(QUEUE_SIZE);
-    std::thread::sleep(Duration::from_millis(100));
+    wait_network_ready(&d, "test");
     for mac in [A, [0x52, 0x54, 0, 0, 0, 0xee]] {
         let f = udp_from(mac, [10, 0, 0, 7], 5000, 5001);
         a.send(&f);

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vunet_tests::guest::{serial, Guest, Socket};
+use vunet_tests::guest::{await_listening, serial, Guest, Socket};
 use vunet_tests::netns::{veth, wait_until, Background, Netns};
 use vunet_tests::TempDir;
 
@@ -93,7 +93,13 @@ fn nat_guests_reach_the_lan_behind_the_uplink_address_and_only_port_forwards_com
         &Socket::Connect(dir.path().join("vm1.sock")),
         "52:54:00:09:00:01",
         "",
-        &client("iperf3 -c 10.9.0.1 -t 3 -f m || exit 8\niperf3 -s -D\nnc -ll -p 22 -e echo hello-through-the-forward &\nsleep 1\n"),
+        // GUEST-DONE once its servers listen (the LAN's one iperf3 run through the forward is
+        // not retried).
+        &client(&format!(
+            "iperf3 -c 10.9.0.1 -t 3 -f m || exit 8\niperf3 -s -D\nnc -ll -p 22 -e echo hello-through-the-forward &\n{}{}",
+            await_listening("tcp", 5201, 9),
+            await_listening("tcp", 22, 9)
+        )),
     );
     let g2 = Guest::boot("g2", dir.path(), &Socket::Connect(dir.path().join("vm2.sock")), "52:54:00:09:00:02", "", &client(""));
     for g in [&g1, &g2] {
@@ -151,7 +157,10 @@ fn routed_guest_script(lan_addr: &str) -> String {
         "{UDHCPC}ip addr add 172.20.0.1/32 dev lo\nping -c 3 -W 5 {lan_addr} || exit 4\n\
          printf 'GET /cgi-bin/whoami HTTP/1.0\\r\\n\\r\\n' | nc -w 20 {lan_addr} 8080 || exit 6\n\
          nc -ll -p 7000 -e echo hello-routed &\nnc -ll -p 22 -e echo ssh-answered &\nnc -ll -p 23 -e echo telnet-answered &\n\
-         sleep 1\necho GUEST-DONE\nsleep 600\n"
+         {}{}{}echo GUEST-DONE\nsleep 600\n",
+        await_listening("tcp", 7000, 9),
+        await_listening("tcp", 22, 9),
+        await_listening("tcp", 23, 9)
     )
 }
 
@@ -266,7 +275,7 @@ fn the_uplink_address_comes_from_the_lans_dhcp_server() {
     let _turn = serial();
     let dir = TempDir::new("nat-dhcp");
     let lan = lan("ndhc", dir.path());
-    let _v = vunet(
+    let v = vunet(
         &lan,
         dir.path(),
         "[[network]]\nname = \"default\"\nmode = \"nat\"\ngateway = \"192.168.122.1/24\"\n\
@@ -288,6 +297,6 @@ fn the_uplink_address_comes_from_the_lans_dhcp_server() {
         wait_until(Duration::from_secs(10), || lan.lan.try_run(&format!("busybox ping -c 1 -W 2 {ip}")).status.success()),
         "the leased address answers ping"
     );
-    let log = std::fs::read_to_string(dir.path().join("vunet.log")).unwrap_or_default();
-    assert!(log.contains(&format!("uplink address {ip}/24 leased from 10.9.0.1")), "{log}");
+    // Logged when the lease came (the log file is written behind the console: wait on that).
+    assert!(v.console.wait_for(&format!("uplink address {ip}/24 leased from 10.9.0.1"), Duration::from_secs(10)), "{}", v.console.text());
 }

@@ -12,7 +12,7 @@ use vunet_tests::guest::{vunet_binary, VunetProcess};
 use vunet_tests::netns::{veth, Background, Netns};
 use vunet_tests::*;
 
-const T: Duration = Duration::from_secs(5);
+const T: Duration = Duration::from_secs(10);
 const FLOODER: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x10];
 const FLOODER_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 122, 10);
 const VICTIM: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x11];
@@ -110,6 +110,7 @@ fn a_flooding_guest_fills_the_nat_table_only_to_its_limit_and_others_keep_workin
     let mut victim = VmSim::connect(&dir.path().join("vm2.sock"), SimOptions::full()).unwrap();
     flooder.post_rx(QUEUE_SIZE);
     victim.post_rx(QUEUE_SIZE);
+    assert!(s.vunet.wait_connected("vm1", 1, T) && s.vunet.wait_connected("vm2", 1, T), "{}", s.vunet.console.text());
     let gw = gateway_mac(&mut victim, VICTIM, VICTIM_IP);
     gateway_mac(&mut flooder, FLOODER, FLOODER_IP);
 
@@ -193,10 +194,16 @@ fn a_flooding_guest_fills_the_nat_table_only_to_its_limit_and_others_keep_workin
     assert_eq!(counted, bad.len() as u64, "each malformed header is dropped and counted: {vm1}");
 
     // The same from the LAN, to the router's MAC and the uplink address.
-    let router_mac: [u8; 6] = {
-        let n = s.lan.run("busybox ping -c 1 -W 2 10.9.0.50 > /dev/null; ip neigh show 10.9.0.50");
-        vunet_switch::parse_mac(n.split_whitespace().nth(4).expect("the router's MAC in the LAN's neighbor table")).unwrap()
-    };
+    // A ping makes the LAN resolve the router's MAC; tried until its neighbor table has it.
+    let mut neigh = String::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            neigh = s.lan.run("busybox ping -c 1 -W 2 10.9.0.50 > /dev/null; ip neigh show 10.9.0.50");
+            neigh.contains("lladdr")
+        }),
+        "the router's MAC in the LAN's neighbor table: {neigh:?}"
+    );
+    let router_mac: [u8; 6] = vunet_switch::parse_mac(neigh.split_whitespace().nth(4).unwrap()).unwrap();
     let lan_mac = vunet_switch::parse_mac(s.lan.run("cat /sys/class/net/lan0/address").trim()).unwrap();
     let from_lan: Vec<Vec<u8>> = bad
         .iter()
@@ -227,7 +234,7 @@ fn a_flooding_guest_fills_the_nat_table_only_to_its_limit_and_others_keep_workin
         up["drops"]["bad_ip_header"].as_u64().unwrap_or(0)
     };
     assert!(
-        vunet_tests::netns::wait_until(T, || {
+        wait_until(T, || {
             seen = uplink_drops();
             seen == from_lan.len() as u64
         }),
@@ -243,6 +250,7 @@ fn nat_through_a_macvtap_uplink() {
     let s = setup(dir.path(), "rtm", "macvtap");
     let mut vm = VmSim::connect(&dir.path().join("vm2.sock"), SimOptions::full()).unwrap();
     vm.post_rx(QUEUE_SIZE);
+    assert!(s.vunet.wait_connected("vm2", 1, T), "{}", s.vunet.console.text());
     let gw = gateway_mac(&mut vm, VICTIM, VICTIM_IP);
     let mut ok = false;
     for _ in 0..5 {

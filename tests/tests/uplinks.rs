@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use vunet_tests::guest::VunetProcess;
-use vunet_tests::netns::{veth, wait_until, Netns};
+use vunet_tests::netns::{veth, Netns};
 use vunet_tests::*;
 
-const T: Duration = Duration::from_secs(5);
+const T: Duration = Duration::from_secs(10);
 const GUEST: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 50);
 const LAN_IP: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 1);
@@ -118,8 +118,9 @@ fn af_packet_uplink_bridges_guests_to_the_lan() {
     let (vunet, sock) = start_bridged(&host, dir.path(), "kind = \"af-packet\"\ninterface = \"up0\"");
     let mut vm = VmSim::connect(&sock, SimOptions::full()).unwrap();
     vm.post_rx(QUEUE_SIZE);
+    assert!(vunet.wait_connected("vm1", 1, T), "{}", vunet.console.text());
     guest_reaches_lan(&mut vm, &lan);
-    assert!(vunet.console.text().contains("uplink af-packet up0 ready (offloads on)"), "{}", vunet.console.text());
+    assert!(vunet.console.wait_for("uplink af-packet up0 ready (offloads on)", T), "{}", vunet.console.text());
 }
 
 #[test]
@@ -129,6 +130,7 @@ fn macvtap_uplink_bridges_guests_to_the_lan() {
     let (vunet, sock) = start_bridged(&host, dir.path(), "kind = \"macvtap\"\ninterface = \"up0\"");
     let mut vm = VmSim::connect(&sock, SimOptions::full()).unwrap();
     vm.post_rx(QUEUE_SIZE);
+    assert!(vunet.wait_connected("vm1", 1, T), "{}", vunet.console.text());
     guest_reaches_lan(&mut vm, &lan);
     assert!(host.run("ip -d link show vulan").contains("macvtap"), "vunet made the macvtap vulan on up0");
     drop(vunet);
@@ -141,6 +143,7 @@ fn uplink_that_goes_away_and_comes_back_resumes_and_is_logged_once() {
     let (vunet, sock) = start_bridged(&host, dir.path(), "kind = \"af-packet\"\ninterface = \"up0\"");
     let mut vm = VmSim::connect(&sock, SimOptions::full()).unwrap();
     vm.post_rx(QUEUE_SIZE);
+    assert!(vunet.wait_connected("vm1", 1, T), "{}", vunet.console.text());
     assert!(resolve(&mut vm, LAN_IP).is_some());
 
     // Link down and up: logged once each way, traffic resumes.
@@ -148,7 +151,8 @@ fn uplink_that_goes_away_and_comes_back_resumes_and_is_logged_once() {
     assert!(vunet.console.wait_for("link is down", T), "{}", vunet.console.text());
     host.run("ip link set up0 up");
     assert!(vunet.console.wait_for("link is up again", T), "{}", vunet.console.text());
-    assert!(wait_until(T, || resolve(&mut vm, LAN_IP).is_some()), "traffic flows after the link came back");
+    // Each try waits up to T for an answer: a few tries.
+    assert!(wait_until(3 * T, || resolve(&mut vm, LAN_IP).is_some()), "traffic flows after the link came back");
 
     // Deleted and re-created: the uplink waits, then reopens on the new interface.
     host.run("ip link del up0");
@@ -156,7 +160,7 @@ fn uplink_that_goes_away_and_comes_back_resumes_and_is_logged_once() {
     veth(&host, "up0", &lan, "lan0");
     lan.run("ip addr add 10.9.0.1/24 dev lan0");
     assert!(vunet.console.wait_for("uplink up0: back", T), "{}", vunet.console.text());
-    assert!(wait_until(Duration::from_secs(10), || resolve(&mut vm, LAN_IP).is_some()), "traffic flows on the new interface");
+    assert!(wait_until(3 * T, || resolve(&mut vm, LAN_IP).is_some()), "traffic flows on the new interface");
     let log = vunet.console.text();
     assert_eq!(log.matches("the interface is gone").count(), 1, "logged once:\n{log}");
     assert_eq!(log.matches("link is down").count(), 1, "logged once:\n{log}");
@@ -237,6 +241,7 @@ fn a_tap_port_gives_the_host_a_way_to_guests_behind_a_macvtap() {
     host.run("ip addr add 10.9.0.3/24 dev vuhost0");
     let mut vm = VmSim::connect(&dir.path().join("vm1.sock"), SimOptions::full()).unwrap();
     vm.post_rx(QUEUE_SIZE);
+    assert!(vunet.wait_connected("vm1", 1, T), "{}", vunet.console.text());
     assert!(resolve(&mut vm, LAN_IP).is_some(), "the LAN through the macvtap");
     let host_ip = Ipv4Addr::new(10, 9, 0, 3);
     let host_mac = resolve(&mut vm, host_ip).expect("the host through the tap port");

@@ -498,6 +498,12 @@ impl VmSim {
         }
     }
 
+    /// Guest-physical address of the frame (after its virtio-net header) in prepared TX slot
+    /// `slot` (0..QUEUE_SIZE/2): what a test's second vCPU can rewrite while it is in flight.
+    pub fn tx_frame_gpa(&self, slot: u16) -> u64 {
+        TX_BUFS + slot as u64 * TX_SLOT + self.hdr_len() as u64
+    }
+
     /// Puts prepared TX chains on the ring until `in_flight` are outstanding; kicks once.
     /// Returns how many were added.
     pub fn post_prepared(&mut self, in_flight: u16) -> u16 {

@@ -135,3 +135,65 @@ fn port_security_can_be_turned_off_per_port() {
         assert_eq!(b.recv(T).unwrap().1, f, "any MAC passes with port_security = false");
     }
 }
+
+/// A guest's second vCPU rewrites the source MAC and IP of TX buffers that are already on the
+/// ring, as fast as it can, while frames flow. vunet reads what it checks once and delivers
+/// those checked bytes: not one frame with the other addresses reaches the other port.
+#[test]
+fn tx_buffers_rewritten_in_flight_never_deliver_a_spoofed_frame() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use vm_memory::{Bytes, GuestAddress};
+    let (_dir, d, mut vms) = setup();
+    // A lease, so the port is held to its IP address as well as to its MAC.
+    let ip = dhcp_lease(&mut vms[0], A, T).expect("a lease").octets();
+    let ok = udp_from(A, ip, 5000, 5001);
+    vms[0].send(&ok);
+    while vms[1].recv(QUIET).is_some_and(|(_, f)| f != ok) {}
+    let evil = udp_from([0x52, 0x54, 0, 0, 0, 0xee], [10, 0, 0, 66], 5000, 5001);
+    // Source MAC (6..12) and the IPv4 header from the source address on (26..34 with the
+    // checksum at 24..26 kept consistent by writing the whole header) differ.
+    let (good_hdr, evil_hdr) = (ok[6..34].to_vec(), evil[6..34].to_vec());
+    vms[0].prepare_tx(&vunet_switch::vnet::VnetHeader::default(), &ok);
+    let slots: Vec<u64> = (0..QUEUE_SIZE / 2).map(|s| vms[0].tx_frame_gpa(s)).collect();
+    let mem = vms[0].mem.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flipper = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut flips = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for &gpa in &slots {
+                    let bytes = if flips.is_multiple_of(2) { &evil_hdr } else { &good_hdr };
+                    mem.write_slice(bytes, GuestAddress(gpa + 6)).unwrap();
+                }
+                flips += 1;
+            }
+            flips
+        })
+    };
+    let (mut sent, mut got, mut spoofed) = (0u64, 0u64, 0u64);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < deadline {
+        sent += vms[0].post_prepared(64) as u64;
+        while let Some((_, f)) = vms[1].recv(Duration::from_millis(1)) {
+            got += 1;
+            if f[6..34] != ok[6..34] {
+                spoofed += 1;
+            }
+        }
+        vms[1].refill_rx();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let flips = flipper.join().unwrap();
+    assert!(vms[0].wait_tx_all(T));
+    while let Some((_, f)) = vms[1].recv(QUIET) {
+        got += 1;
+        spoofed += u64::from(f[6..34] != ok[6..34]);
+    }
+    let refused = drops(&d, "p0", DropReason::SpoofedMac) + drops(&d, "p0", DropReason::SpoofedIp);
+    eprintln!("sent {sent}, delivered {got}, refused as spoofed {refused}, flips {flips}");
+    assert!(flips > 100 && refused > 0, "the rewriting raced with vunet's reads (refused {refused}, flips {flips})");
+    assert!(got > 0, "frames read with the good addresses were delivered");
+    assert_eq!(spoofed, 0, "frames delivered with addresses that were not checked");
+}

@@ -20,9 +20,17 @@ use super::port::Port;
 use super::ring::{gather, write_rx, Mem, RxScratch, Seg};
 
 /// Per-worker reusable buffers, so the steady state never allocates.
-#[derive(Default)]
 pub struct TxScratch {
     pub(super) tx_segs: Vec<Seg>,
+    /// Each frame of a TX batch as it is delivered: its checked head (below) followed by the
+    /// rest of its bytes in the sender's memory.
+    pub(super) view: Vec<Seg>,
+    /// The head of each frame of a TX batch (virtio-net header, Ethernet, IP, the start of
+    /// L4), copied once out of the sender's memory. Port security and the MAC table decide
+    /// on these bytes, and these bytes are what receivers get: a guest rewriting its TX
+    /// buffer after the check changes nothing. Boxed, never resized: batched link sends point
+    /// into it until the batch ends.
+    pub(super) heads: Box<[[u8; HEAD_LEN]; TX_BATCH]>,
     pub(super) rx: RxScratch,
     frame: Vec<u8>,
     segment: Vec<u8>,
@@ -35,6 +43,32 @@ pub struct TxScratch {
     link_sends: Vec<LinkSend>,
     link_segs: Vec<Seg>,
     pub(super) batching: bool,
+}
+
+/// The bytes of a frame's head that are checked and delivered from one copy.
+pub const HEAD_LEN: usize = HDR_LEN + vunet_switch::port_security::HEADER_BYTES;
+
+/// Frames taken from a TX ring per round before the used ring is published and receivers are
+/// notified. Bounds the latency one busy sender adds to the others.
+pub const TX_BATCH: usize = 128;
+
+impl Default for TxScratch {
+    fn default() -> Self {
+        TxScratch {
+            tx_segs: Vec::new(),
+            view: Vec::new(),
+            heads: Box::new([[0; HEAD_LEN]; TX_BATCH]),
+            rx: RxScratch::default(),
+            frame: Vec::new(),
+            segment: Vec::new(),
+            gw_in: Vec::new(),
+            gw_out: Vec::new(),
+            notify: Vec::new(),
+            link_sends: Vec::new(),
+            link_segs: Vec::new(),
+            batching: false,
+        }
+    }
 }
 
 /// One frame waiting in the TX batch for its uplink.

@@ -72,6 +72,19 @@ pub(super) fn copy_segs(dst: &[Seg], mut dst_off: usize, src: &[Seg], mut src_of
     }
 }
 
+/// Appends to `out` the pieces of `src` from byte `off` on (no copy).
+pub(super) fn push_tail(src: &[Seg], mut off: usize, out: &mut Vec<Seg>) {
+    for s in src {
+        if off >= s.len {
+            off -= s.len;
+            continue;
+        }
+        // SAFETY: `off` is within the segment, which stays as live as `src`'s.
+        out.push(Seg { ptr: unsafe { s.ptr.add(off) }, len: s.len - off });
+        off = 0;
+    }
+}
+
 /// Gathers up to `out.len()` bytes starting at `off` of a scatter list; returns how many.
 pub(super) fn gather(src: &[Seg], off: usize, out: &mut [u8]) -> usize {
     let total: usize = src.iter().map(|s| s.len).sum();

@@ -13,18 +13,14 @@ use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vunet_switch::offload::complete_checksum;
 use vunet_switch::port_security;
 use vunet_switch::router::{Emit, Side, Verdict};
-use vunet_switch::vnet::{VnetHeader, HDR_LEN};
+use vunet_switch::vnet::VnetHeader;
 use vunet_switch::{dst_mac, is_multicast, src_mac, Decision, DropReason, MAX_FRAME_LEN, MIN_FRAME_LEN};
 
-use super::deliver::{capture, deliver, flush_links, notify_receivers, TxFrame, TxScratch};
+use super::deliver::{capture, deliver, flush_links, notify_receivers, TxFrame, TxScratch, HEAD_LEN, TX_BATCH};
 use super::network::Network;
 use super::port::Port;
-use super::ring::{collect_chain, gather, Mem, Seg, Vring, MAX_FRAME_DESCS};
+use super::ring::{collect_chain, gather, push_tail, Mem, Seg, Vring, MAX_FRAME_DESCS};
 use super::service::{GatewayCx, Handled};
-
-/// Frames taken from a TX ring per round before the used ring is published and receivers are
-/// notified. Bounds the latency one busy sender adds to the others.
-pub const TX_BATCH: usize = 128;
 
 /// Drains `port`'s TX ring: validate, switch, deliver. Called on every TX kick.
 pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len: usize, event_idx: bool, cx: &mut TxScratch) {
@@ -62,7 +58,7 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
             match collect_chain(chain, mem, false, hdr_len + MAX_FRAME_LEN, &mut budget, &mut cx.tx_segs) {
                 Ok(total) => {
                     let segs = std::mem::take(&mut cx.tx_segs);
-                    if let Err(r) = switch_frame(net, &ports, port, &segs, total, hdr_len, now, cx) {
+                    if let Err(r) = switch_frame(net, &ports, port, &segs, total, hdr_len, now, i, cx) {
                         port.counters.dropped(r);
                         net.log_drop(port, r);
                     }
@@ -106,16 +102,43 @@ fn switch_frame(
     total: usize,
     hdr_len: usize,
     now: u64,
+    slot: usize,
     cx: &mut TxScratch,
 ) -> Result<(), DropReason> {
     if total < hdr_len + MIN_FRAME_LEN {
         return Err(DropReason::ShortFrame);
     }
     let len = total - hdr_len;
-    // The virtio-net header and enough of the frame for the switch and port security.
-    let mut head = [0u8; HDR_LEN + port_security::HEADER_BYTES];
+    // The virtio-net header and enough of the frame for the switch and port security, read
+    // once: what is checked below is what is delivered (the view puts it in front of the rest).
     let seen = hdr_len + port_security::HEADER_BYTES.min(len);
+    let head: &mut [u8; HEAD_LEN] = &mut cx.heads[slot];
     gather(segs, 0, &mut head[..seen]);
+    let head = *head;
+    let mut view = std::mem::take(&mut cx.view);
+    view.clear();
+    view.push(Seg::of_slice(&cx.heads[slot][..seen]));
+    push_tail(segs, seen, &mut view);
+    let r = decide_and_deliver(net, ports, port, &view, &head[..seen], len, hdr_len, now, cx);
+    cx.view = view;
+    r
+}
+
+/// Validates a frame whose first `head.len()` bytes (checked copy) and whole bytes (`view`)
+/// are given, and switches it.
+#[allow(clippy::too_many_arguments)]
+fn decide_and_deliver(
+    net: &Network,
+    ports: &[Arc<Port>],
+    port: &Port,
+    view: &[Seg],
+    head: &[u8],
+    len: usize,
+    hdr_len: usize,
+    now: u64,
+    cx: &mut TxScratch,
+) -> Result<(), DropReason> {
+    let seen = head.len();
     let hdr = VnetHeader::parse(&head[..hdr_len]);
     hdr.validate_tx(len, net.mtu as usize)?;
     let eth = &head[hdr_len..hdr_len + 14];
@@ -131,7 +154,7 @@ fn switch_frame(
         }
     }
     port.counters.received(len);
-    let frame = TxFrame { segs, offset: hdr_len, len, hdr };
+    let frame = TxFrame { segs: view, offset: hdr_len, len, hdr };
     if port.capturing.load(Ordering::Relaxed) {
         capture(port, &frame, cx);
     }
@@ -262,7 +285,8 @@ pub(super) fn switch_from_link(net: &Network, port: &Port, frames: &[(&[u8], boo
                 continue;
             }
         }
-        if let Err(r) = switch_frame(net, &ports, port, &[Seg::of_slice(frame)], frame.len(), hdr_len, now, cx) {
+        // Not batching: slot 0's head is reused for each frame.
+        if let Err(r) = switch_frame(net, &ports, port, &[Seg::of_slice(frame)], frame.len(), hdr_len, now, 0, cx) {
             port.counters.dropped(r);
             net.log_drop(port, r);
         }

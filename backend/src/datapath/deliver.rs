@@ -16,8 +16,9 @@ use vunet_switch::{DropReason, PortId};
 
 use super::backlog::Backlog;
 use super::link::HostLink;
-use super::port::Port;
-use super::ring::{gather, write_rx, Mem, RxScratch, Seg};
+use super::port::{Port, RxTarget};
+use super::ring::{gather, Seg};
+use super::split::{write_rx, MemMap, Ring, RxQueue, RxScratch};
 
 /// Per-worker reusable buffers, so the steady state never allocates.
 pub struct TxScratch {
@@ -81,9 +82,9 @@ struct LinkSend {
 }
 
 /// Writes as much of the backlog as the receiver's ring takes. Returns true if it emptied.
-fn flush_backlog(dest: &Port, backlog: &mut Backlog, q: &mut virtio_queue::Queue, mem: &Mem, caps: &RxCaps, cx: &mut TxScratch) -> bool {
+fn flush_backlog(dest: &Port, backlog: &mut Backlog, rxq: &mut RxQueue, cx: &mut TxScratch) -> bool {
     while let Some((h, data)) = backlog.frames.front() {
-        match write_rx(q, mem, caps, *h, &[Seg::of_slice(data)], 0, data.len(), &mut cx.rx) {
+        match write_rx(rxq, *h, &[Seg::of_slice(data)], 0, data.len(), &mut cx.rx) {
             Ok(()) => dest.counters.delivered(data.len()),
             Err(DropReason::NoRxBuffer) => return false,
             Err(e) => dest.counters.dropped(e),
@@ -108,26 +109,28 @@ pub fn flush_pending(port: &Port, cx: &mut TxScratch) {
     if !vs.get_queue().ready() || !vs.is_enabled() {
         return;
     }
-    let caps = t.caps;
-    let q = vs.get_queue_mut();
+    let map = MemMap::new(&dmem);
+    let Some(ring) = Ring::new(vs.get_queue(), &map) else { return };
+    let mut rxq = RxQueue { q: vs.get_queue_mut(), ring, map, caps: t.caps };
     let mut moved = false;
     for _ in 0..4 {
         let before = t.backlog.frames.len();
-        let done = flush_backlog(port, &mut t.backlog, q, &dmem, &caps, cx);
+        let done = flush_backlog(port, &mut t.backlog, &mut rxq, cx);
         moved |= t.backlog.frames.len() != before;
         if done {
             // Nothing waits any more: no kicks needed until the ring is full again.
-            let _ = q.disable_notification(&*dmem);
+            let _ = rxq.q.disable_notification(&*dmem);
             break;
         }
         // Still waiting: ask for a kick when more buffers come; if some came meanwhile, retry.
-        if !q.enable_notification(&*dmem).unwrap_or(false) {
+        if !rxq.q.enable_notification(&*dmem).unwrap_or(false) {
             break;
         }
     }
     port.backlogged.store(!t.backlog.is_empty(), Ordering::Release);
-    if moved && vs.needs_notification().unwrap_or(true) {
-        let _ = vs.signal_used_queue();
+    drop(vs);
+    if moved {
+        signal_if_wanted(t);
     }
 }
 
@@ -137,27 +140,25 @@ pub fn flush_pending(port: &Port, cx: &mut TxScratch) {
 fn deliver_or_queue(
     dest: &Port,
     backlog: &mut Backlog,
-    q: &mut virtio_queue::Queue,
-    mem: &Mem,
-    caps: &RxCaps,
+    rxq: &mut RxQueue,
     hdr: VnetHeader,
     src: &[Seg],
     off: usize,
     len: usize,
     cx: &mut TxScratch,
 ) -> Result<(), DropReason> {
-    if !backlog.is_empty() && !flush_backlog(dest, backlog, q, mem, caps, cx) {
+    if !backlog.is_empty() && !flush_backlog(dest, backlog, rxq, cx) {
         return backlog.push(hdr, src, off, len);
     }
-    match write_rx(q, mem, caps, hdr, src, off, len, &mut cx.rx) {
+    match write_rx(rxq, hdr, src, off, len, &mut cx.rx) {
         Err(DropReason::NoRxBuffer) => {
             backlog.push(hdr, src, off, len)?;
             // Publish "something waits" before asking for the kick, so the kick's handler
             // cannot miss it.
             dest.backlogged.store(true, Ordering::SeqCst);
             // Ask the guest to kick when it posts buffers; if it already did, flush now.
-            if q.enable_notification(mem).unwrap_or(false) {
-                flush_backlog(dest, backlog, q, mem, caps, cx);
+            if rxq.q.enable_notification(rxq.map.mem()).unwrap_or(false) {
+                flush_backlog(dest, backlog, rxq, cx);
             }
             Ok(())
         }
@@ -180,12 +181,8 @@ pub(super) fn deliver_made(port: &Port, frame: &[u8], cx: &mut TxScratch) {
     let f = TxFrame { segs: &[Seg::of_slice(frame)], offset: 0, len: frame.len(), hdr: VnetHeader::default() };
     deliver(port, &f, cx);
     cx.notify.clear();
-    let target = port.rx.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(t) = target.as_ref() {
-        let mut vs = t.vring.get_mut();
-        if vs.needs_notification().unwrap_or(true) {
-            let _ = vs.signal_used_queue();
-        }
+    if let Some(t) = port.rx.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        signal_if_wanted(t);
     }
 }
 
@@ -404,17 +401,21 @@ pub(super) fn deliver(dest: &Port, f: &TxFrame, cx: &mut TxScratch) {
         return;
     }
     let caps = t.caps;
+    let map = MemMap::new(&dmem);
+    let Some(ring) = Ring::new(vs.get_queue(), &map) else {
+        dest.counters.dropped(DropReason::BadAddress);
+        return;
+    };
+    let rxq = &mut RxQueue { q: vs.get_queue_mut(), ring, map, caps };
     let backlog = &mut t.backlog;
-    let q = vs.get_queue_mut();
     let result = match delivery(&f.hdr, &caps) {
-        Delivery::PassThrough => deliver_or_queue(dest, backlog, q, &dmem, &caps, rx_header(&f.hdr, 0), f.segs, f.offset, f.len, cx),
+        Delivery::PassThrough => deliver_or_queue(dest, backlog, rxq, rx_header(&f.hdr, 0), f.segs, f.offset, f.len, cx),
         Delivery::CompleteChecksum => {
             let mut frame = std::mem::take(&mut cx.frame);
             frame.resize(f.len, 0);
             gather(f.segs, f.offset, &mut frame);
-            let r = complete_checksum(&mut frame, f.hdr.csum_start as usize, f.hdr.csum_offset as usize).and_then(|_| {
-                deliver_or_queue(dest, backlog, q, &dmem, &caps, VnetHeader::default(), &[Seg::of_slice(&frame)], 0, frame.len(), cx)
-            });
+            let r = complete_checksum(&mut frame, f.hdr.csum_start as usize, f.hdr.csum_offset as usize)
+                .and_then(|_| deliver_or_queue(dest, backlog, rxq, VnetHeader::default(), &[Seg::of_slice(&frame)], 0, frame.len(), cx));
             cx.frame = frame;
             r
         }
@@ -424,8 +425,7 @@ pub(super) fn deliver(dest: &Port, f: &TxFrame, cx: &mut TxScratch) {
             frame.resize(f.len, 0);
             gather(f.segs, f.offset, &mut frame);
             let r = segment_tcp(&frame, &f.hdr, &mut seg, |s| {
-                if let Err(e) = deliver_or_queue(dest, backlog, q, &dmem, &caps, VnetHeader::default(), &[Seg::of_slice(s)], 0, s.len(), cx)
-                {
+                if let Err(e) = deliver_or_queue(dest, backlog, rxq, VnetHeader::default(), &[Seg::of_slice(s)], 0, s.len(), cx) {
                     dest.counters.dropped(e);
                 }
             });
@@ -452,12 +452,24 @@ fn mark_notify(cx: &mut TxScratch, id: PortId) {
 pub(super) fn notify_receivers(ports: &[Arc<Port>], cx: &mut TxScratch) {
     for id in cx.notify.drain(..) {
         let Some(dest) = ports.get(id) else { continue };
-        let target = dest.rx.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = target.as_ref() {
-            let mut vs = t.vring.get_mut();
-            if vs.needs_notification().unwrap_or(true) {
-                let _ = vs.signal_used_queue();
-            }
+        if let Some(t) = dest.rx.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            signal_if_wanted(t);
         }
     }
+}
+
+/// Interrupts the guest behind `t` if it asked to hear about the used entries added since the
+/// last time anyone looked (EVENT_IDX's window, or NO_INTERRUPT without it).
+fn signal_if_wanted(t: &mut RxTarget) {
+    let dmem = t.mem.memory();
+    let map = MemMap::new(&dmem);
+    let vs = t.vring.get_mut();
+    let q = vs.get_queue();
+    let new = q.next_used();
+    if let Some(ring) = Ring::new(q, &map) {
+        if ring.wants_interrupt(q.event_idx_enabled(), t.signalled, new) {
+            let _ = vs.signal_used_queue();
+        }
+    }
+    t.signalled = new;
 }

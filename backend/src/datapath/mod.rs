@@ -10,7 +10,9 @@
 //!
 //! - `network`: `Network`; `port`: `Port`, `PortKind`, `RxTarget`
 //! - `link`: trait `HostLink`; `service`: trait `GatewayService`
-//! - `ring`: guest memory, descriptor chains, RX writes; `backlog`: frames waiting for a full ring
+//! - `ring`: guest memory segments and copies; `split`: split virtqueues through host pointers,
+//!   a burst at a time (descriptor chains, RX writes, used ring, interrupts); `backlog`: frames
+//!   waiting for a full ring
 //! - `deliver`: one frame into one receiver, notification, link sends
 //! - `switch`: the switching step (`process_tx`), the router, service dispatch
 //! - `inject`: the door for frames vunet makes or reads from host links
@@ -23,6 +25,7 @@ mod network;
 mod port;
 mod ring;
 mod service;
+mod split;
 mod switch;
 #[cfg(test)]
 mod tests;

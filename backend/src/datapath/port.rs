@@ -40,6 +40,9 @@ pub struct RxTarget {
     pub caps: RxCaps,
     /// Frames waiting for receive buffers.
     pub backlog: Backlog,
+    /// The used index when the guest's interrupt was last considered: the start of the
+    /// window EVENT_IDX is checked against.
+    pub signalled: u16,
 }
 
 /// A switch port: its kind, counters, and where frames for it go (a guest's RX ring, or a

@@ -1,11 +1,9 @@
-//! Guest memory and virtqueue rings: descriptor chains resolved into bounds-checked host
-//! segments, copies between scatter lists, and writing a frame into a receiver's RX ring.
-//! Nothing here knows about switching or ports.
+//! Guest memory as the data path touches it: bounds-checked host segments (`Seg`) of guest
+//! buffers or scratch buffers, and copies between scatter lists. Nothing here knows about
+//! rings, switching or ports.
 
 use vhost_user_backend::VringMutex;
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
-use vunet_switch::vnet::{RxCaps, VnetHeader, HDR_LEN};
 use vunet_switch::DropReason;
 
 /// A guest's memory as the data path reads it.
@@ -105,142 +103,6 @@ pub(super) fn resolve(mem: &Mem, addr: vm_memory::GuestAddress, len: usize, out:
     for s in mem.get_slices(addr, len) {
         let s = s.map_err(|_| DropReason::BadAddress)?;
         out.push(Seg { ptr: s.ptr_guard_mut().as_ptr(), len: s.len() });
-    }
-    Ok(())
-}
-
-/// Most descriptors the data path walks for one frame: one TX chain, or all the RX chains one
-/// frame is written into (a queue's size). Bounds the work a guest's descriptors can cost.
-pub const MAX_FRAME_DESCS: usize = 1024;
-
-/// Most receive chains one frame may fill with MRG_RXBUF. Linux posts mergeable buffers of at
-/// least 1518 bytes (44 for a 64 KiB frame); a guest posting tiny ones gets the frame dropped
-/// as `RxBufferTooSmall`, not written across thousands of chains.
-pub const MAX_RX_CHAINS: usize = 128;
-
-/// Walks a descriptor chain, resolving every descriptor that the device may read (TX,
-/// `writable == false`) or write (RX, `writable == true`). Returns the total length.
-/// Stops at the first fault: a descriptor of the wrong direction or of length zero, more
-/// descriptors than `budget` has left (each one walked is taken from it), more bytes than
-/// `limit`, an address outside guest memory. A chain that ends while still flagged NEXT was cut
-/// short by the queue-size bound (a loop) or by an unreadable descriptor table.
-pub(super) fn collect_chain(
-    chain: DescriptorChain<&Mem>,
-    mem: &Mem,
-    writable: bool,
-    limit: usize,
-    budget: &mut usize,
-    out: &mut Vec<Seg>,
-) -> Result<usize, DropReason> {
-    let mut total = 0usize;
-    let mut count = 0usize;
-    let mut last_has_next = false;
-    for d in chain {
-        if *budget == 0 {
-            return Err(DropReason::ChainLoop);
-        }
-        *budget -= 1;
-        count += 1;
-        last_has_next = d.has_next();
-        if d.is_write_only() != writable || d.len() == 0 {
-            return Err(DropReason::BadDescriptor);
-        }
-        total += d.len() as usize;
-        if total > limit {
-            return Err(DropReason::Oversize);
-        }
-        resolve(mem, d.addr(), d.len() as usize, out)?;
-    }
-    if last_has_next {
-        return Err(DropReason::ChainLoop);
-    }
-    if count == 0 {
-        return Err(DropReason::ShortFrame);
-    }
-    Ok(total)
-}
-
-/// Reusable lists for one RX write, so the steady state never allocates.
-#[derive(Default)]
-pub struct RxScratch {
-    segs: Vec<Seg>,
-    chains: Vec<(u16, usize)>,
-}
-
-/// Writes a virtio-net header and `len` bytes from `src` (from `src_off` on) into the
-/// receiver's RX ring: one chain, or with MRG_RXBUF as many as needed (`num_buffers`).
-/// On failure every chain taken is put back untouched.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn write_rx(
-    q: &mut virtio_queue::Queue,
-    mem: &Mem,
-    caps: &RxCaps,
-    mut hdr: VnetHeader,
-    src: &[Seg],
-    src_off: usize,
-    len: usize,
-    rx: &mut RxScratch,
-) -> Result<(), DropReason> {
-    let need = caps.hdr_len + len;
-    rx.segs.clear();
-    rx.chains.clear();
-    let mut cap = 0usize;
-    let mut budget = MAX_FRAME_DESCS;
-    let rollback = |q: &mut virtio_queue::Queue, n: usize| {
-        for _ in 0..n {
-            q.go_to_previous_position();
-        }
-    };
-    while cap < need {
-        // Not pop_descriptor_chain: it logs every failure, and a guest with a corrupt avail
-        // index would turn each frame sent to it into a log line.
-        let next = match q.iter(mem) {
-            Ok(mut it) => it.next(),
-            Err(_) => None,
-        };
-        let Some(chain) = next else {
-            rollback(q, rx.chains.len());
-            return Err(DropReason::NoRxBuffer);
-        };
-        // The receiver's ring is a maze of tiny or broken chains: this frame is not written
-        // (what was walked so far is put back; broken chains were handed back already).
-        if budget == 0 || rx.chains.len() == MAX_RX_CHAINS {
-            rollback(q, rx.chains.len() + 1);
-            return Err(DropReason::RxBufferTooSmall);
-        }
-        let head = chain.head_index();
-        let start = rx.segs.len();
-        match collect_chain(chain, mem, true, usize::MAX >> 1, &mut budget, &mut rx.segs) {
-            Ok(c) => {
-                rx.chains.push((head, c));
-                cap += c;
-            }
-            Err(_) if rx.chains.is_empty() => {
-                // A broken receive buffer is handed back empty so the guest gets it back.
-                rx.segs.truncate(start);
-                let _ = q.add_used(mem, head, 0);
-                continue;
-            }
-            Err(e) => {
-                rollback(q, rx.chains.len() + 1);
-                return Err(e);
-            }
-        }
-        if !caps.mrg_rxbuf && cap < need {
-            rollback(q, 1);
-            return Err(DropReason::RxBufferTooSmall);
-        }
-    }
-    hdr.num_buffers = rx.chains.len() as u16;
-    let mut h = [0u8; HDR_LEN];
-    hdr.write(&mut h[..caps.hdr_len]);
-    copy_segs(&rx.segs, 0, &[Seg::of_slice(&h[..caps.hdr_len])], 0, caps.hdr_len);
-    copy_segs(&rx.segs, caps.hdr_len, src, src_off, len);
-    let mut left = need;
-    for &(head, c) in &rx.chains {
-        let used = c.min(left);
-        left -= used;
-        let _ = q.add_used(mem, head, used as u32);
     }
     Ok(())
 }

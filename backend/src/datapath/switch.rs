@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vhost_user_backend::VringT;
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use virtio_queue::QueueT;
 use vunet_switch::offload::complete_checksum;
 use vunet_switch::port_security;
 use vunet_switch::router::{Emit, Side, Verdict};
@@ -19,15 +19,14 @@ use vunet_switch::{dst_mac, is_multicast, src_mac, Decision, DropReason, MAX_FRA
 use super::deliver::{capture, deliver, flush_links, notify_receivers, TxFrame, TxScratch, HEAD_LEN, TX_BATCH};
 use super::network::Network;
 use super::port::Port;
-use super::ring::{collect_chain, gather, push_tail, Mem, Seg, Vring, MAX_FRAME_DESCS};
+use super::ring::{gather, push_tail, Mem, Seg, Vring};
 use super::service::{GatewayCx, Handled};
+use super::split::{walk_chain, MemMap, Ring, MAX_FRAME_DESCS};
 
 /// Drains `port`'s TX ring: validate, switch, deliver. Called on every TX kick.
 pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len: usize, event_idx: bool, cx: &mut TxScratch) {
     let ports = net.ports.read().unwrap_or_else(|e| e.into_inner());
-    // One read of the guest's avail index per batch, not one per frame: that cache line is
-    // the one the guest keeps writing.
-    let mut chains: Vec<DescriptorChain<&Mem>> = Vec::with_capacity(TX_BATCH);
+    let map = MemMap::new(mem);
     loop {
         let mut vs = vring.get_mut();
         if !vs.get_queue().ready() || !vs.is_enabled() {
@@ -37,25 +36,29 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
             let _ = vs.disable_notification();
         }
         let now = net.now_ms();
-        chains.clear();
-        match vs.get_queue_mut().iter(mem) {
-            Ok(it) => chains.extend(it.take(TX_BATCH)),
+        let Some(ring) = Ring::new(vs.get_queue(), &map) else {
+            // The guest's rings are not in its memory: leave them alone until it sets them up.
+            port.counters.dropped(DropReason::BadAddress);
+            return;
+        };
+        // One read of the guest's avail index per burst, not one per frame: that cache line
+        // is the one the guest keeps writing.
+        let (next, used) = (vs.get_queue().next_avail(), vs.get_queue().next_used());
+        let posted = ring.avail_idx().wrapping_sub(next);
+        if posted > ring.size {
             // An avail index more than a ring ahead: the guest's ring is corrupt. Leave it
             // alone; the guest's reset will set it up again.
-            Err(_) => {
-                port.counters.dropped(DropReason::BadDescriptor);
-                return;
-            }
+            port.counters.dropped(DropReason::BadDescriptor);
+            return;
         }
-        let n = chains.len();
+        let n = (posted as usize).min(TX_BATCH);
         let mut heads = [0u16; TX_BATCH];
         cx.batching = true;
-        for (i, chain) in chains.drain(..).enumerate() {
-            let head = chain.head_index();
-            heads[i] = head;
+        for (i, head) in heads[..n].iter_mut().enumerate() {
+            *head = ring.avail_entry(next.wrapping_add(i as u16));
             cx.tx_segs.clear();
             let mut budget = MAX_FRAME_DESCS;
-            match collect_chain(chain, mem, false, hdr_len + MAX_FRAME_LEN, &mut budget, &mut cx.tx_segs) {
+            match walk_chain(&ring, &map, *head, false, hdr_len + MAX_FRAME_LEN, &mut budget, &mut cx.tx_segs) {
                 Ok(total) => {
                     let segs = std::mem::take(&mut cx.tx_segs);
                     if let Err(r) = switch_frame(net, &ports, port, &segs, total, hdr_len, now, i, cx) {
@@ -72,15 +75,20 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
         }
         cx.batching = false;
         flush_links(&ports, cx);
-        // TX buffers are returned with length 0 whatever happened to the frame, and only now:
-        // the uplink sends above read from them.
-        for &head in &heads[..n] {
-            if vs.get_queue_mut().add_used(mem, head, 0).is_err() {
-                break;
-            }
+        // TX buffers are returned with length 0 whatever happened to the frame, all at once
+        // and only now: the link sends above read from them. A head outside the table is not
+        // returned (it names no buffer).
+        let mut new_used = used;
+        for &head in heads[..n].iter().filter(|&&h| h < ring.size) {
+            ring.write_used(new_used, head, 0);
+            new_used = new_used.wrapping_add(1);
         }
+        ring.publish_used(new_used);
+        let q = vs.get_queue_mut();
+        q.set_next_avail(next.wrapping_add(n as u16));
+        q.set_next_used(new_used);
         notify_receivers(&ports, cx);
-        if vs.needs_notification().unwrap_or(true) {
+        if ring.wants_interrupt(event_idx, used, new_used) {
             let _ = vs.signal_used_queue();
         }
         if n == TX_BATCH {

@@ -243,7 +243,8 @@ fn link_port(id: PortId, kind: PortKind, link: &Arc<FakeLink>) -> Port {
 /// A guest port whose receive ring is `ring`, connected.
 fn guest_port(id: PortId, ring: &GuestRing, caps: RxCaps) -> Port {
     let p = Port::new(id, format!("p{id}"), PortKind::Vhost);
-    *p.rx.lock().unwrap() = Some(RxTarget { vring: ring.vring.clone(), mem: ring.mem.clone(), caps, backlog: Default::default() });
+    *p.rx.lock().unwrap() =
+        Some(RxTarget { vring: ring.vring.clone(), mem: ring.mem.clone(), caps, backlog: Default::default(), signalled: 0 });
     p.connected.store(true, Ordering::Relaxed);
     p
 }

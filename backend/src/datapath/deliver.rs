@@ -18,7 +18,7 @@ use super::backlog::Backlog;
 use super::link::HostLink;
 use super::port::{Port, RxTarget};
 use super::ring::{gather, Seg};
-use super::split::{write_rx, MemMap, Ring, RxQueue, RxScratch};
+use super::split::{write_rx, MemMap, RingCache, RxQueue, RxScratch};
 
 /// Per-worker reusable buffers, so the steady state never allocates.
 pub struct TxScratch {
@@ -109,9 +109,8 @@ pub fn flush_pending(port: &Port, cx: &mut TxScratch) {
     if !vs.get_queue().ready() || !vs.is_enabled() {
         return;
     }
-    let map = MemMap::new(&dmem);
-    let Some(ring) = Ring::new(vs.get_queue(), &map) else { return };
-    let mut rxq = RxQueue { q: vs.get_queue_mut(), ring, map, caps: t.caps };
+    let Some((regions, ring)) = RingCache::get(&mut t.cache, &dmem, vs.get_queue()) else { return };
+    let mut rxq = RxQueue { q: vs.get_queue_mut(), ring, map: MemMap::with(regions, &dmem), caps: t.caps };
     let mut moved = false;
     for _ in 0..4 {
         let before = t.backlog.frames.len();
@@ -401,12 +400,11 @@ pub(super) fn deliver(dest: &Port, f: &TxFrame, cx: &mut TxScratch) {
         return;
     }
     let caps = t.caps;
-    let map = MemMap::new(&dmem);
-    let Some(ring) = Ring::new(vs.get_queue(), &map) else {
+    let Some((regions, ring)) = RingCache::get(&mut t.cache, &dmem, vs.get_queue()) else {
         dest.counters.dropped(DropReason::BadAddress);
         return;
     };
-    let rxq = &mut RxQueue { q: vs.get_queue_mut(), ring, map, caps };
+    let rxq = &mut RxQueue { q: vs.get_queue_mut(), ring, map: MemMap::with(regions, &dmem), caps };
     let backlog = &mut t.backlog;
     let result = match delivery(&f.hdr, &caps) {
         Delivery::PassThrough => deliver_or_queue(dest, backlog, rxq, rx_header(&f.hdr, 0), f.segs, f.offset, f.len, cx),
@@ -462,11 +460,10 @@ pub(super) fn notify_receivers(ports: &[Arc<Port>], cx: &mut TxScratch) {
 /// last time anyone looked (EVENT_IDX's window, or NO_INTERRUPT without it).
 fn signal_if_wanted(t: &mut RxTarget) {
     let dmem = t.mem.memory();
-    let map = MemMap::new(&dmem);
     let vs = t.vring.get_mut();
     let q = vs.get_queue();
     let new = q.next_used();
-    if let Some(ring) = Ring::new(q, &map) {
+    if let Some((_, ring)) = RingCache::get(&mut t.cache, &dmem, q) {
         if ring.wants_interrupt(q.event_idx_enabled(), t.signalled, new) {
             let _ = vs.signal_used_queue();
         }

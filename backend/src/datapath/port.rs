@@ -16,6 +16,7 @@ use vunet_switch::{Mac, PortCounters, PortId};
 use super::backlog::Backlog;
 use super::link::HostLink;
 use super::ring::{GuestMem, Vring};
+use super::split::RingCache;
 use crate::config::PortMode;
 
 /// What a port is attached to. Read where behaviour differs (listings, removal, the
@@ -43,6 +44,8 @@ pub struct RxTarget {
     /// The used index when the guest's interrupt was last considered: the start of the
     /// window EVENT_IDX is checked against.
     pub signalled: u16,
+    /// The ring's translation for the current memory table.
+    pub cache: Option<RingCache>,
 }
 
 /// A switch port: its kind, counters, and where frames for it go (a guest's RX ring, or a

@@ -39,11 +39,35 @@ const AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// Most regions a memory table is expected to have; more are looked up in the slow path.
 const MAX_REGIONS: usize = 8;
 
-/// The regions of one memory table as (guest start, length, host start), for translation
-/// without a search. Valid while the memory guard it was built from is held.
-pub struct MemMap<'a> {
-    regions: [(u64, u64, *mut u8); MAX_REGIONS],
+/// The regions of one memory table as (guest start, length, host start). Plain data: valid
+/// while the memory table it was read from is held.
+#[derive(Clone, Copy)]
+pub struct Regions {
+    list: [(u64, u64, *mut u8); MAX_REGIONS],
     count: usize,
+}
+
+impl Regions {
+    pub fn of(mem: &Mem) -> Regions {
+        let mut list = [(0, 0, std::ptr::null_mut()); MAX_REGIONS];
+        let mut count = 0;
+        for r in mem.iter() {
+            if count == MAX_REGIONS {
+                break;
+            }
+            if let Ok(host) = r.get_host_address(MemoryRegionAddress(0)) {
+                list[count] = (r.start_addr().0, r.len(), host);
+                count += 1;
+            }
+        }
+        Regions { list, count }
+    }
+}
+
+/// Translation of guest addresses through the regions of one memory table, without a search.
+/// Valid while the memory guard it was built from is held.
+pub struct MemMap<'a> {
+    regions: Regions,
     /// The region the last lookup hit: buffers of a burst mostly sit in the same one.
     last: std::cell::Cell<usize>,
     mem: &'a Mem,
@@ -51,18 +75,12 @@ pub struct MemMap<'a> {
 
 impl<'a> MemMap<'a> {
     pub fn new(mem: &'a Mem) -> MemMap<'a> {
-        let mut regions = [(0, 0, std::ptr::null_mut()); MAX_REGIONS];
-        let mut count = 0;
-        for r in mem.iter() {
-            if count == MAX_REGIONS {
-                break;
-            }
-            if let Ok(host) = r.get_host_address(MemoryRegionAddress(0)) {
-                regions[count] = (r.start_addr().0, r.len(), host);
-                count += 1;
-            }
-        }
-        MemMap { regions, count, last: std::cell::Cell::new(0), mem }
+        MemMap::with(Regions::of(mem), mem)
+    }
+
+    /// A map over `regions`, which were read from `mem`.
+    pub fn with(regions: Regions, mem: &'a Mem) -> MemMap<'a> {
+        MemMap { regions, last: std::cell::Cell::new(0), mem }
     }
 
     /// The memory table this map lists.
@@ -80,11 +98,12 @@ impl<'a> MemMap<'a> {
                 unsafe { host.add(off as usize) }
             })
         };
+        let (list, count) = (&self.regions.list, self.regions.count);
         let last = self.last.get();
-        if let Some(p) = self.regions.get(last).filter(|_| last < self.count).and_then(hit) {
+        if let Some(p) = list.get(last).filter(|_| last < count).and_then(hit) {
             return Some(p);
         }
-        for (i, r) in self.regions[..self.count].iter().enumerate() {
+        for (i, r) in list[..count].iter().enumerate() {
             if let Some(p) = hit(r) {
                 self.last.set(i);
                 return Some(p);
@@ -113,6 +132,7 @@ pub struct Desc {
 }
 
 /// A split virtqueue's three areas, translated once.
+#[derive(Clone, Copy)]
 pub struct Ring {
     desc: *mut u8,
     avail: *mut u8,
@@ -292,6 +312,41 @@ pub fn walk_chain(
             Some(_) => return Err(DropReason::ChainLoop),
             None => ring.desc(d.next).ok_or(DropReason::ChainLoop)?,
         };
+    }
+}
+
+/// A receiver's ring as translated for its current memory table and ring addresses, kept
+/// between deliveries: the translation is redone only when the VMM changes either.
+pub struct RingCache {
+    /// Holds the memory table the pointers below point into, so it stays mapped (and its
+    /// address cannot be reused by another table) while cached.
+    mem: std::sync::Arc<Mem>,
+    /// desc, avail, used, size.
+    key: (u64, u64, u64, u16),
+    regions: Regions,
+    ring: Ring,
+}
+
+// SAFETY: the raw pointers point into the mappings of `mem`, which the cache keeps alive;
+// the cache is only used under the receiver's RX lock.
+unsafe impl Send for RingCache {}
+
+impl RingCache {
+    /// The translation for `q` in the memory table `guard` holds: the cached one if it still
+    /// applies, else a fresh one (None: the ring lies outside guest memory).
+    pub fn get<Q: virtio_queue::QueueT>(
+        cache: &mut Option<RingCache>,
+        guard: &vm_memory::atomic::GuestMemoryLoadGuard<Mem>,
+        q: &Q,
+    ) -> Option<(Regions, Ring)> {
+        let key = (q.desc_table(), q.avail_ring(), q.used_ring(), q.size());
+        if let Some(c) = cache.as_ref().filter(|c| c.key == key && std::ptr::eq(&*c.mem, &**guard)) {
+            return Some((c.regions, c.ring));
+        }
+        let regions = Regions::of(guard);
+        let ring = Ring::new(q, &MemMap::with(regions, guard))?;
+        *cache = Some(RingCache { mem: guard.clone().into_inner(), key, regions, ring });
+        Some((regions, ring))
     }
 }
 

@@ -32,9 +32,9 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
         if !vs.get_queue().ready() || !vs.is_enabled() {
             return;
         }
-        if event_idx {
-            let _ = vs.disable_notification();
-        }
+        // No kicks while this worker drains the ring (NO_NOTIFY; with EVENT_IDX the avail
+        // event is simply not moved): the guest posts without a syscall meanwhile.
+        let _ = vs.disable_notification();
         let now = net.now_ms();
         let Some(ring) = Ring::new(vs.get_queue(), &map) else {
             // The guest's rings are not in its memory: leave them alone until it sets them up.
@@ -94,7 +94,8 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
         if n == TX_BATCH {
             continue;
         }
-        if event_idx && vs.enable_notification().unwrap_or(false) {
+        // Empty: ask for kicks again, and look once more, for what came meanwhile.
+        if vs.enable_notification().unwrap_or(false) {
             continue;
         }
         return;

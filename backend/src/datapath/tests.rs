@@ -244,7 +244,7 @@ fn link_port(id: PortId, kind: PortKind, link: &Arc<FakeLink>) -> Port {
 fn guest_port(id: PortId, ring: &GuestRing, caps: RxCaps) -> Port {
     let p = Port::new(id, format!("p{id}"), PortKind::Vhost);
     *p.rx.lock().unwrap() =
-        Some(RxTarget { vring: ring.vring.clone(), mem: ring.mem.clone(), caps, backlog: Default::default(), signalled: 0 });
+        Some(RxTarget { vring: ring.vring.clone(), mem: ring.mem.clone(), caps, backlog: Default::default(), signalled: 0, cache: None });
     p.connected.store(true, Ordering::Relaxed);
     p
 }

@@ -93,7 +93,7 @@ impl PortDevice {
         let _ = rx.disable_notification();
         let caps = rx_caps(self.acked.load(Ordering::Acquire));
         *self.port.rx.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(RxTarget { vring: rx.clone(), mem: self.mem.clone(), caps, backlog: Default::default(), signalled: 0 });
+            Some(RxTarget { vring: rx.clone(), mem: self.mem.clone(), caps, backlog: Default::default(), signalled: 0, cache: None });
         self.published.store(true, Ordering::Release);
     }
 

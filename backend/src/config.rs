@@ -145,6 +145,10 @@ pub struct NetworkConfig {
     /// Gateway address and prefix length.
     pub gateway: Option<(Ipv4Addr, u8)>,
     pub mtu: u16,
+    /// How long a worker polls its ring for more frames before it sleeps (µs; 0: it sleeps
+    /// at once and is woken by the guest's kick). Like SO_BUSY_POLL or vhost-net's busyloop
+    /// timeout: lower latency and fewer kicks under load, for CPU time.
+    pub busy_poll_us: u32,
     pub dhcp: Option<DhcpConfig>,
     pub dns: DnsConfig,
     pub uplink: Option<UplinkConfig>,
@@ -184,6 +188,7 @@ struct RawNetwork {
     mode: Spanned<String>,
     gateway: Option<Spanned<String>>,
     mtu: Option<Spanned<i64>>,
+    busy_poll_us: Option<Spanned<i64>>,
     dhcp: Option<Spanned<RawDhcp>>,
     dns: Option<Spanned<RawDns>>,
     uplink: Option<Spanned<RawUplink>>,
@@ -799,6 +804,16 @@ impl Config {
                 }
                 None => 1500,
             };
+            let busy_poll_us = match &n.busy_poll_us {
+                Some(b) => {
+                    let v = *b.get_ref();
+                    if !(0..=100_000).contains(&v) {
+                        return Err(cx.err(b.span(), format!("invalid busy_poll_us {v} (0 to 100000)")));
+                    }
+                    v as u32
+                }
+                None => 0,
+            };
             let dhcp = match &n.dhcp {
                 Some(d) => Some(parse_dhcp(&cx, d, &name, gateway)?),
                 None => None,
@@ -905,7 +920,7 @@ impl Config {
                 }
                 ports.push(PortConfig { name: pname, socket, tap, mode, mac, port_security: p.port_security });
             }
-            networks.push(NetworkConfig { name, mode, gateway, mtu, dhcp, dns, uplink, routing, ports });
+            networks.push(NetworkConfig { name, mode, gateway, mtu, busy_poll_us, dhcp, dns, uplink, routing, ports });
         }
         Ok(Config {
             state_dir: raw.state_dir.map(|p| base.join(p)),
@@ -942,6 +957,7 @@ impl Config {
                 mode: Mode::Isolated,
                 gateway: Some((Ipv4Addr::new(192, 168, 122, 1), 24)),
                 mtu: 1500,
+                busy_poll_us: 0,
                 dhcp: Some(DhcpConfig {
                     range: (Ipv4Addr::new(192, 168, 122, 2), Ipv4Addr::new(192, 168, 122, 254)),
                     hosts: vec![],
@@ -1209,6 +1225,7 @@ via = "10.10.12.10"
             ("[[network]]\nname = \"a\"\nmode = \"isolated\"\n", "vunet.toml:1: network \"a\": mode isolated needs a gateway"),
             ("[[network]]\nname = \"a\"\nmode = \"bridge\"\ngateway = \"10.0.0.1\"\n", "vunet.toml:4: invalid gateway"),
             ("[[network]]\nname = \"a\"\nmode = \"bridge\"\nmtu = 10\n", "vunet.toml:4: invalid mtu 10"),
+            ("[[network]]\nname = \"a\"\nmode = \"bridge\"\nbusy_poll_us = -1\n", "vunet.toml:4: invalid busy_poll_us -1"),
             ("[[network]]\nname = \"a\"\nmode = \"bridge\"\ncolour = 1\n", "vunet.toml:4: unknown field `colour`"),
             ("[[network]]\nname = \"a\"\nmode = \"bridge\"\n[[network.port]]\nname = \"p\"\nsocket = \"x\"\nmode = \"both\"\n", "vunet.toml:7: unknown port mode \"both\""),
             ("[[network]]\nname = \"a\"\nmode = \"bridge\"\n[[network.port]]\nname = \"p\"\nsocket = \"x\"\nmac = \"01:00:00:00:00:01\"\n", "vunet.toml:7: MAC address"),

@@ -21,6 +21,8 @@ pub struct Network {
     pub name: String,
     pub mode: Mode,
     pub mtu: u16,
+    /// How long a worker polls its TX ring before it sleeps (µs; 0: not at all).
+    pub busy_poll_us: u32,
     /// The network's own endpoint at its gateway address, if it has one.
     pub gateway: Option<Gateway>,
     /// What answers frames for the gateway, in order (ARP/ICMP, DHCP, DNS...).
@@ -45,6 +47,7 @@ impl Network {
             name: name.into(),
             mode,
             mtu,
+            busy_poll_us: 0,
             gateway: None,
             services: Vec::new(),
             dhcp: None,

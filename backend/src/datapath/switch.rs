@@ -94,11 +94,36 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
         if n == TX_BATCH {
             continue;
         }
-        // Empty: ask for kicks again, and look once more, for what came meanwhile.
+        // Empty. With busy polling, watch the avail index a while before sleeping (without
+        // the ring's lock): under load the next frames come without a kick.
+        if net.busy_poll_us > 0 {
+            drop(vs);
+            if poll_avail(&ring, next.wrapping_add(n as u16), net.busy_poll_us) {
+                continue;
+            }
+            vs = vring.get_mut();
+        }
+        // Ask for kicks again, and look once more, for what came meanwhile.
         if vs.enable_notification().unwrap_or(false) {
             continue;
         }
         return;
+    }
+}
+
+/// Spins up to `us` microseconds for the avail index to move past `next`; true if it did.
+fn poll_avail(ring: &Ring, next: u16, us: u32) -> bool {
+    let until = std::time::Instant::now() + std::time::Duration::from_micros(us as u64);
+    loop {
+        for _ in 0..64 {
+            if ring.avail_idx() != next {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        if std::time::Instant::now() >= until {
+            return false;
+        }
     }
 }
 

@@ -27,6 +27,7 @@ pub struct Built {
 /// Builds network `n`; `taps` holds the opened taps of its tap ports, by port name.
 pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<String, Arc<Uplink>>) -> Built {
     let mut net = Network::new(n.name.clone(), n.mode, n.mtu);
+    net.busy_poll_us = n.busy_poll_us;
     let gateway = n.gateway.map(|(ip, prefix)| Gateway { mac: gateway_mac(&n.name), ip, prefix });
     let lease_file = state_dir.filter(|_| n.dhcp.is_some()).map(|d| d.join(format!("{}.leases", n.name)));
     net.gateway = gateway;

@@ -395,6 +395,25 @@ impl VmSim {
         let _ = self.kicks[1].write(1);
     }
 
+    /// Posts a hand-made receive chain: `descs` are written at RX table indices
+    /// `first..first+descs.len()`, `head` goes on the RX ring (a hostile receiver's buffers).
+    pub fn post_raw_rx_chain(&mut self, first: u16, descs: &[(u64, u32, u16, u16)], head: u16) {
+        let old = self.rx.avail_idx;
+        for (k, &(addr, len, flags, next)) in descs.iter().enumerate() {
+            self.write_desc(self.rx.desc, first + k as u16, addr, len, flags, next);
+        }
+        Self::push_avail(&self.mem, &mut self.rx, head);
+        self.rx_posted += 1;
+        if self.kick_wanted(&self.rx, old, self.rx.avail_idx) {
+            let _ = self.kicks[0].write(1);
+        }
+    }
+
+    /// How many receive chains the device has handed back so far (its RX used index).
+    pub fn rx_used(&self) -> u16 {
+        self.used_idx(&self.rx)
+    }
+
     /// Guest-physical address of a scratch area tests may fill for raw chains.
     pub fn scratch_gpa(&self) -> u64 {
         TX_BUFS + (QUEUE_SIZE as u64 / 2) * TX_SLOT

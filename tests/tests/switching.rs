@@ -558,3 +558,94 @@ fn gateway_answers_arp_and_ping_and_is_not_impersonated() {
     // Counted before the chain was completed.
     assert_eq!(counters(&d, "p1").drop_count(DropReason::BadSourceMac), 1);
 }
+
+/// A receiver whose ring holds only hostile chains (indirect tables of 65,535 zero-length
+/// descriptors, zero-length buffers, indirect tables of 4,096 one-byte buffers), reposted as
+/// fast as vunet hands them back, while a broadcast stream flows past it to another port.
+/// Each chain costs vunet a bounded walk: the other port keeps at least half the rate it has
+/// when the same receiver simply has no buffers.
+#[test]
+fn hostile_receive_chains_cost_a_bounded_walk_and_do_not_stall_the_others() {
+    const INDIRECT: u16 = 4;
+    const ROUNDS: usize = 20;
+    const PER_ROUND: usize = 100;
+    let dir = TempDir::new("hostile-rx");
+    let (d, socks) = start_network(dir.path(), 3);
+    let mut vms = connect_all(&socks[..2], &[SimOptions::full(), SimOptions::full()]);
+    let mut h = VmSim::connect(&socks[2], SimOptions::full()).expect("connect the hostile receiver");
+    // The hostile receiver's tables, in its scratch area.
+    let base = h.scratch_gpa();
+    let (zero_table, tiny_table, buf) = (base, base + 0x10_0000, base + 0x20_0000);
+    let mut zeros = Vec::with_capacity(65535 * 16);
+    for i in 0..65535u32 {
+        let last = i == 65534;
+        zeros.extend_from_slice(&buf.to_le_bytes());
+        zeros.extend_from_slice(&0u32.to_le_bytes());
+        zeros.extend_from_slice(&(VIRTQ_DESC_F_WRITE | if last { 0 } else { VIRTQ_DESC_F_NEXT }).to_le_bytes());
+        zeros.extend_from_slice(&(if last { 0 } else { i as u16 + 1 }).to_le_bytes());
+    }
+    h.write_mem(zero_table, &zeros);
+    let mut tiny = Vec::with_capacity(4096 * 16);
+    for i in 0..4096u32 {
+        let last = i == 4095;
+        tiny.extend_from_slice(&(buf + i as u64).to_le_bytes());
+        tiny.extend_from_slice(&1u32.to_le_bytes());
+        tiny.extend_from_slice(&(VIRTQ_DESC_F_WRITE | if last { 0 } else { VIRTQ_DESC_F_NEXT }).to_le_bytes());
+        tiny.extend_from_slice(&(if last { 0 } else { i as u16 + 1 }).to_le_bytes());
+    }
+    h.write_mem(tiny_table, &tiny);
+    // Descriptor i of the hostile ring: one of the three kinds, by i.
+    let hostile = |i: u16| -> (u64, u32, u16, u16) {
+        match i % 3 {
+            0 => (zero_table, 65535 * 16, INDIRECT, 0),
+            1 => (buf, 0, VIRTQ_DESC_F_WRITE, 0),
+            _ => (tiny_table, 4096 * 16, INDIRECT, 0),
+        }
+    };
+    let mut posted = 0u16;
+    let repost = |h: &mut VmSim, posted: &mut u16| {
+        // Keep the ring full: as many new hostile chains as vunet handed back.
+        while posted.wrapping_sub(h.rx_used()) < QUEUE_SIZE - 1 {
+            let i = *posted % QUEUE_SIZE;
+            h.post_raw_rx_chain(i, &[hostile(i)], i);
+            *posted = posted.wrapping_add(1);
+        }
+    };
+    // A broadcast stream from A, all of it received by B; how long it takes.
+    let stream = |vms: &mut Vec<VmSim>, h: Option<(&mut VmSim, &mut u16)>| -> Duration {
+        let mut h = h;
+        // The hostile guest's own reposting is its time, not vunet's.
+        let mut reposting = Duration::ZERO;
+        let start = std::time::Instant::now();
+        for round in 0..ROUNDS {
+            for k in 0..PER_ROUND {
+                vms[0].send(&eth_frame(BCAST, A, 0x0800, 60, (round * PER_ROUND + k) as u8));
+            }
+            assert_eq!(recv_n(&mut vms[1], PER_ROUND).len(), PER_ROUND, "B gets the whole stream");
+            vms[1].refill_rx();
+            if let Some((h, posted)) = h.as_mut() {
+                let t = std::time::Instant::now();
+                repost(h, posted);
+                reposting += t.elapsed();
+            }
+        }
+        start.elapsed() - reposting
+    };
+    // The hostile receiver's first kick publishes its (empty) ring.
+    h.post_raw_rx_chain(0, &[hostile(0)], 0);
+    posted += 1;
+    settle(&d);
+    let hostile_port_idle = counters(&d, "p2");
+    let without = stream(&mut vms, None);
+    repost(&mut h, &mut posted);
+    let with = stream(&mut vms, Some((&mut h, &mut posted)));
+    eprintln!("B's stream: {with:?} past the hostile receiver, {without:?} past one with no buffers");
+    let s = counters(&d, "p2");
+    assert!(
+        s.total_drops() > hostile_port_idle.total_drops() && s.tx_frames == 0,
+        "nothing was written into the hostile chains, every frame for them was counted: {s:?}"
+    );
+    assert!(h.rx_used() > 100, "the hostile chains were handed back ({} so far)", h.rx_used());
+    assert!(with <= without * 2, "B's stream took {with:?} past a hostile receiver against {without:?} past a receiver with no buffers");
+    assert!(vms[0].wait_tx_all(T));
+}

@@ -14,6 +14,9 @@ use super::ring::{gather, Seg};
 #[derive(Default)]
 pub struct Backlog {
     pub(super) frames: VecDeque<(VnetHeader, Vec<u8>)>,
+    /// The receiver's ring was a maze: senders queue here without walking it again until the
+    /// guest kicks.
+    pub(super) stalled: bool,
     bytes: usize,
     pool: Vec<Vec<u8>>,
 }

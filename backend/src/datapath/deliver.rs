@@ -86,7 +86,10 @@ fn flush_backlog(dest: &Port, backlog: &mut Backlog, rxq: &mut RxQueue, cx: &mut
     while let Some((h, data)) = backlog.frames.front() {
         match write_rx(rxq, *h, &[Seg::of_slice(data)], 0, data.len(), &mut cx.rx) {
             Ok(()) => dest.counters.delivered(data.len()),
-            Err(DropReason::NoRxBuffer) => return false,
+            Err(DropReason::NoRxBuffer) => {
+                backlog.stalled = std::mem::take(&mut rxq.maze);
+                return false;
+            }
             Err(e) => dest.counters.dropped(e),
         }
         backlog.pop_front();
@@ -110,7 +113,9 @@ pub fn flush_pending(port: &Port, cx: &mut TxScratch) {
         return;
     }
     let Some((regions, ring)) = RingCache::get(&mut t.cache, &dmem, vs.get_queue()) else { return };
-    let mut rxq = RxQueue { q: vs.get_queue_mut(), ring, map: MemMap::with(regions, &dmem), caps: t.caps };
+    let mut rxq = RxQueue { q: vs.get_queue_mut(), ring, map: MemMap::with(regions, &dmem), caps: t.caps, maze: false };
+    // The guest kicked: it posted buffers; look at its ring again.
+    t.backlog.stalled = false;
     let mut moved = false;
     for _ in 0..4 {
         let before = t.backlog.frames.len();
@@ -146,11 +151,12 @@ fn deliver_or_queue(
     len: usize,
     cx: &mut TxScratch,
 ) -> Result<(), DropReason> {
-    if !backlog.is_empty() && !flush_backlog(dest, backlog, rxq, cx) {
+    if backlog.stalled || (!backlog.is_empty() && !flush_backlog(dest, backlog, rxq, cx)) {
         return backlog.push(hdr, src, off, len);
     }
     match write_rx(rxq, hdr, src, off, len, &mut cx.rx) {
         Err(DropReason::NoRxBuffer) => {
+            backlog.stalled = std::mem::take(&mut rxq.maze);
             backlog.push(hdr, src, off, len)?;
             // Publish "something waits" before asking for the kick, so the kick's handler
             // cannot miss it.
@@ -404,7 +410,7 @@ pub(super) fn deliver(dest: &Port, f: &TxFrame, cx: &mut TxScratch) {
         dest.counters.dropped(DropReason::BadAddress);
         return;
     };
-    let rxq = &mut RxQueue { q: vs.get_queue_mut(), ring, map: MemMap::with(regions, &dmem), caps };
+    let rxq = &mut RxQueue { q: vs.get_queue_mut(), ring, map: MemMap::with(regions, &dmem), caps, maze: false };
     let backlog = &mut t.backlog;
     let result = match delivery(&f.hdr, &caps) {
         Delivery::PassThrough => deliver_or_queue(dest, backlog, rxq, rx_header(&f.hdr, 0), f.segs, f.offset, f.len, cx),

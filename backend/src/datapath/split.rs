@@ -22,9 +22,15 @@ use vunet_switch::DropReason;
 
 use super::ring::{copy_segs, Mem, Seg};
 
-/// Most descriptors the data path walks for one frame: one TX chain, or all the RX chains one
-/// frame is written into (a queue's size). Bounds the work a guest's descriptors can cost.
+/// Most descriptors the data path walks for one TX frame (a queue's size). Linux sends a frame
+/// in at most 19 (MAX_SKB_FRAGS + 2), directly or in an indirect table.
 pub const MAX_FRAME_DESCS: usize = 1024;
+
+/// Most descriptors walked to write one frame into a receiver, over all the chains it fills
+/// (and the broken ones handed back on the way). Linux posts one descriptor per mergeable
+/// buffer (44 for a 64 KiB frame) or up to 19 in big-packet mode; a receiver posting mazes of
+/// tiny descriptors costs each sender this much per frame, no more.
+pub const MAX_RX_DESCS: usize = 256;
 
 /// Most receive chains one frame may fill with MRG_RXBUF. Linux posts mergeable buffers of at
 /// least 1518 bytes (44 for a 64 KiB frame); a guest posting tiny ones gets the frame dropped
@@ -363,6 +369,21 @@ pub struct RxQueue<'a> {
     pub ring: Ring,
     pub map: MemMap<'a>,
     pub caps: RxCaps,
+    /// Set by `write_rx` when the ring was a maze (more descriptors or chains than a frame may
+    /// cost): what it walked was handed back empty, and the receiver should be left alone
+    /// until it kicks.
+    pub maze: bool,
+}
+
+/// Returns `chains` (and `extra`, a head outside them) to the guest unused, as used elements
+/// of length 0 from position `used` on; returns the next position. A head outside the table
+/// names no buffer and is not returned.
+fn hand_back(ring: &Ring, chains: &[(u16, usize)], extra: Option<u16>, mut used: u16) -> u16 {
+    for head in chains.iter().map(|&(h, _)| h).chain(extra).filter(|&h| h < ring.size) {
+        ring.write_used(used, head, 0);
+        used = used.wrapping_add(1);
+    }
+    used
 }
 
 /// Writes a virtio-net header and `len` bytes from `src` (from `src_off` on) into the
@@ -388,7 +409,7 @@ pub fn write_rx(
     // Where the chains of this frame start (after any broken ones handed back).
     let mut first = next;
     let mut cap = 0usize;
-    let mut budget = MAX_FRAME_DESCS;
+    let mut budget = MAX_RX_DESCS;
     let result = loop {
         if cap >= need {
             break Ok(());
@@ -398,9 +419,15 @@ pub fn write_rx(
         if posted == 0 || posted > ring.size {
             break Err(DropReason::NoRxBuffer);
         }
-        // The receiver's ring is a maze of tiny or broken chains: this frame is not written.
+        // The receiver's ring is a maze of tiny or broken chains: this frame is not written,
+        // what it walked goes back empty (so the ring moves on), and the receiver waits for
+        // its next kick: a sender pays this walk once, not once per frame.
         if budget == 0 || rx.chains.len() == MAX_RX_CHAINS {
-            break Err(DropReason::RxBufferTooSmall);
+            used = hand_back(ring, &rx.chains, None, used);
+            rx.chains.clear();
+            first = next;
+            rxq.maze = true;
+            break Err(DropReason::NoRxBuffer);
         }
         let head = ring.avail_entry(next);
         next = next.wrapping_add(1);
@@ -410,12 +437,17 @@ pub fn write_rx(
                 rx.chains.push((head, c));
                 cap += c;
             }
+            Err(_) if budget == 0 => {
+                used = hand_back(ring, &rx.chains, Some(head), used);
+                rx.chains.clear();
+                first = next;
+                rxq.maze = true;
+                break Err(DropReason::NoRxBuffer);
+            }
             Err(_) if rx.chains.is_empty() => {
+                // A broken receive buffer is handed back empty so the guest gets it back.
                 rx.segs.truncate(start);
-                if head < ring.size {
-                    ring.write_used(used, head, 0);
-                    used = used.wrapping_add(1);
-                }
+                used = hand_back(ring, &[], Some(head), used);
                 first = next;
                 continue;
             }

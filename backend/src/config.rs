@@ -61,6 +61,9 @@ pub struct PortConfig {
     /// Port security (own MAC, own leased IP, no DHCP server); `None`: on where the network
     /// has a gateway.
     pub port_security: Option<bool>,
+    /// virtio-net queue pairs offered to the guest (1 to 8; QEMU: `-netdev
+    /// vhost-user,...,queues=N` and `-device virtio-net-pci,mq=on`).
+    pub queues: u16,
 }
 
 /// `[network.dns]`: the gateway's DNS service (on whenever the network has a gateway).
@@ -149,6 +152,8 @@ pub struct NetworkConfig {
     /// at once and is woken by the guest's kick). Like SO_BUSY_POLL or vhost-net's busyloop
     /// timeout: lower latency and fewer kicks under load, for CPU time.
     pub busy_poll_us: u32,
+    /// Most threads one guest port's queue pairs are served by (default: the host's cores).
+    pub workers: u16,
     pub dhcp: Option<DhcpConfig>,
     pub dns: DnsConfig,
     pub uplink: Option<UplinkConfig>,
@@ -189,6 +194,7 @@ struct RawNetwork {
     gateway: Option<Spanned<String>>,
     mtu: Option<Spanned<i64>>,
     busy_poll_us: Option<Spanned<i64>>,
+    workers: Option<Spanned<i64>>,
     dhcp: Option<Spanned<RawDhcp>>,
     dns: Option<Spanned<RawDns>>,
     uplink: Option<Spanned<RawUplink>>,
@@ -294,6 +300,7 @@ struct RawPort {
     mode: Option<Spanned<String>>,
     mac: Option<Spanned<String>>,
     port_security: Option<bool>,
+    queues: Option<Spanned<i64>>,
 }
 
 struct Ctx<'a> {
@@ -707,6 +714,11 @@ pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
     (1..=30).contains(&prefix).then_some((addr, prefix))
 }
 
+/// The worker threads a port's queue pairs get by default: one per core of the host.
+pub fn default_workers() -> u16 {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(64) as u16)
+}
+
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -814,6 +826,13 @@ impl Config {
                 }
                 None => 0,
             };
+            let workers = match &n.workers {
+                Some(w) if !(1..=64).contains(w.get_ref()) => {
+                    return Err(cx.err(w.span(), format!("invalid workers {} (1 to 64)", w.get_ref())))
+                }
+                Some(w) => *w.get_ref() as u16,
+                None => default_workers(),
+            };
             let dhcp = match &n.dhcp {
                 Some(d) => Some(parse_dhcp(&cx, d, &name, gateway)?),
                 None => None,
@@ -918,9 +937,19 @@ impl Config {
                     let span = p.mode.as_ref().or(p.mac.as_ref()).map(|m| m.span()).unwrap_or(0..0);
                     return Err(cx.err(span, format!("port {pname:?}: mode and mac are for vhost-user ports, not taps")));
                 }
-                ports.push(PortConfig { name: pname, socket, tap, mode, mac, port_security: p.port_security });
+                let queues = match &p.queues {
+                    Some(q) if tap.is_some() => {
+                        return Err(cx.err(q.span(), format!("port {pname:?}: queues are for vhost-user ports, not taps")))
+                    }
+                    Some(q) if !(1..=8).contains(q.get_ref()) => {
+                        return Err(cx.err(q.span(), format!("port {pname:?}: invalid queues {} (1 to 8)", q.get_ref())))
+                    }
+                    Some(q) => *q.get_ref() as u16,
+                    None => 1,
+                };
+                ports.push(PortConfig { name: pname, socket, tap, mode, mac, port_security: p.port_security, queues });
             }
-            networks.push(NetworkConfig { name, mode, gateway, mtu, busy_poll_us, dhcp, dns, uplink, routing, ports });
+            networks.push(NetworkConfig { name, mode, gateway, mtu, busy_poll_us, workers, dhcp, dns, uplink, routing, ports });
         }
         Ok(Config {
             state_dir: raw.state_dir.map(|p| base.join(p)),
@@ -944,6 +973,7 @@ impl Config {
                 mode: PortMode::Server,
                 mac: None,
                 port_security: None,
+                queues: 1,
             })
             .collect();
         Config {
@@ -958,6 +988,7 @@ impl Config {
                 gateway: Some((Ipv4Addr::new(192, 168, 122, 1), 24)),
                 mtu: 1500,
                 busy_poll_us: 0,
+                workers: default_workers(),
                 dhcp: Some(DhcpConfig {
                     range: (Ipv4Addr::new(192, 168, 122, 2), Ipv4Addr::new(192, 168, 122, 254)),
                     hosts: vec![],
@@ -1226,6 +1257,11 @@ via = "10.10.12.10"
             ("[[network]]\nname = \"a\"\nmode = \"bridge\"\ngateway = \"10.0.0.1\"\n", "vunet.toml:4: invalid gateway"),
             ("[[network]]\nname = \"a\"\nmode = \"bridge\"\nmtu = 10\n", "vunet.toml:4: invalid mtu 10"),
             ("[[network]]\nname = \"a\"\nmode = \"bridge\"\nbusy_poll_us = -1\n", "vunet.toml:4: invalid busy_poll_us -1"),
+            ("[[network]]\nname = \"a\"\nmode = \"bridge\"\nworkers = 0\n", "vunet.toml:4: invalid workers 0"),
+            (
+                "[[network]]\nname = \"a\"\nmode = \"bridge\"\n[[network.port]]\nname = \"p\"\nsocket = \"p.sock\"\nqueues = 9\n",
+                "vunet.toml:7: port \"p\": invalid queues 9 (1 to 8)",
+            ),
             ("[[network]]\nname = \"a\"\nmode = \"bridge\"\ncolour = 1\n", "vunet.toml:4: unknown field `colour`"),
             ("[[network]]\nname = \"a\"\nmode = \"bridge\"\n[[network.port]]\nname = \"p\"\nsocket = \"x\"\nmode = \"both\"\n", "vunet.toml:7: unknown port mode \"both\""),
             ("[[network]]\nname = \"a\"\nmode = \"bridge\"\n[[network.port]]\nname = \"p\"\nsocket = \"x\"\nmac = \"01:00:00:00:00:01\"\n", "vunet.toml:7: MAC address"),

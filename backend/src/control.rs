@@ -148,7 +148,7 @@ pub fn answer(req: Request, shared: &Arc<Supervisor>) -> Result<Value, ControlEr
                 Some("client") => PortMode::Client,
                 Some(other) => return Err(ControlError::PortMode(other.to_string())),
             };
-            let cfg = PortConfig { name, socket: socket.unwrap_or_default(), tap: None, mode, mac, port_security: None };
+            let cfg = PortConfig { name, socket: socket.unwrap_or_default(), tap: None, mode, mac, port_security: None, queues: 1 };
             let port = shared.add_port(&net, cfg)?;
             Ok(port_info(&port))
         }
@@ -213,6 +213,7 @@ fn port_info(p: &Port) -> Value {
         "rx_frames": c.rx_frames,
         "rx_bytes": c.rx_bytes,
         "tx_frames": c.tx_frames,
+        "queues": p.queues.iter().map(|q| json!({ "to_guest": q.to_guest.load(Ordering::Relaxed), "from_guest": q.from_guest.load(Ordering::Relaxed) })).collect::<Vec<_>>(),
         "tx_bytes": c.tx_bytes,
         "drops": drops,
     })

@@ -191,6 +191,22 @@ impl Guest {
     /// Boots a guest whose /test.sh is `script`. `device_extra` is appended to the
     /// virtio-net-pci options (e.g. ",guest_tso4=off,guest_csum=off").
     pub fn boot(name: &str, workdir: &Path, socket: &Socket, mac: &str, device_extra: &str, script: &str) -> Guest {
+        Guest::boot_with(name, workdir, socket, mac, device_extra, script, 1, 1)
+    }
+
+    /// As `boot`, with `cpus` vCPUs and `queues` virtio-net queue pairs (`mq=on` with more
+    /// than one).
+    #[allow(clippy::too_many_arguments)]
+    pub fn boot_with(
+        name: &str,
+        workdir: &Path,
+        socket: &Socket,
+        mac: &str,
+        device_extra: &str,
+        script: &str,
+        cpus: u32,
+        queues: u32,
+    ) -> Guest {
         let img = guest_image();
         let dir = workdir.join(name);
         let _ = std::fs::remove_dir_all(&dir);
@@ -220,8 +236,6 @@ impl Guest {
                 "memory-backend=mem",
                 "-m",
                 "512",
-                "-smp",
-                "1",
                 "-nographic",
                 "-no-reboot",
                 "-nodefaults",
@@ -234,8 +248,12 @@ impl Guest {
             .arg(&initrd_path)
             .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
             .args(["-chardev", &chardev])
-            .args(["-netdev", "vhost-user,id=n0,chardev=c0"])
-            .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=,vectors=0{device_extra}")])
+            .args(["-smp", &cpus.to_string()])
+            .args(["-netdev", &format!("vhost-user,id=n0,chardev=c0,queues={queues}")])
+            .args([
+                "-device",
+                &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=,vectors=0{}{device_extra}", if queues > 1 { ",mq=on" } else { "" }),
+            ])
             .args(["-append", "console=ttyS0 quiet panic=-1"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

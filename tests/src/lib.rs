@@ -646,7 +646,7 @@ pub fn network_ready(d: &vunet::Daemon, network: &str) -> bool {
     ports
         .iter()
         .filter(|p| p.kind == vunet::PortKind::Vhost && !p.removed.load(Ordering::Acquire))
-        .all(|p| p.connected.load(Ordering::Acquire) && p.rx.lock().unwrap_or_else(|e| e.into_inner()).is_some())
+        .all(|p| p.connected.load(Ordering::Acquire) && p.rx_published())
 }
 
 /// Waits until [`network_ready`]; panics, naming the ports that are not, after [`READY`].
@@ -660,7 +660,7 @@ pub fn wait_network_ready(d: &vunet::Daemon, network: &str) {
         .iter()
         .filter(|p| p.kind == vunet::PortKind::Vhost && !p.removed.load(Ordering::Acquire))
         .map(|p| {
-            let published = p.rx.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+            let published = p.rx_published();
             format!("{}: connected {}, rx ring published {published}", p.name, p.connected.load(Ordering::Acquire))
         })
         .collect();

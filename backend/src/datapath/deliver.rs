@@ -4,7 +4,7 @@
 //! Only a receiver that cannot take the sender's offloads makes the frame go through a
 //! scratch buffer, completed or segmented in software.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use vhost_user_backend::VringT;
@@ -37,7 +37,8 @@ pub struct TxScratch {
     segment: Vec<u8>,
     pub(super) gw_in: Vec<u8>,
     pub(super) gw_out: Vec<u8>,
-    notify: Vec<PortId>,
+    /// Receivers (port, queue pair) that got frames in this batch, to interrupt once.
+    notify: Vec<(PortId, usize)>,
     /// Frames for uplinks gathered during a TX batch, sent with one `sendmmsg` per uplink
     /// when the batch ends (they still point into the sender's guest memory, so the batch's
     /// TX buffers are returned to the guest only after that).
@@ -98,11 +99,12 @@ fn flush_backlog(dest: &Port, backlog: &mut Backlog, rxq: &mut RxQueue, cx: &mut
 }
 
 /// Called when the receiving guest posts buffers (its RX kick): drain what waited for them.
-pub fn flush_pending(port: &Port, cx: &mut TxScratch) {
-    if !port.backlogged.load(Ordering::Acquire) {
+pub fn flush_pending(port: &Port, pair: usize, cx: &mut TxScratch) {
+    let Some(slot) = port.queues.get(pair) else { return };
+    if !slot.backlogged.load(Ordering::Acquire) {
         return;
     }
-    let mut target = port.rx.lock().unwrap_or_else(|e| e.into_inner());
+    let mut target = slot.rx.lock().unwrap_or_else(|e| e.into_inner());
     let Some(t) = target.as_mut() else { return };
     if t.backlog.is_empty() {
         return;
@@ -131,7 +133,7 @@ pub fn flush_pending(port: &Port, cx: &mut TxScratch) {
             break;
         }
     }
-    port.backlogged.store(!t.backlog.is_empty(), Ordering::Release);
+    slot.backlogged.store(!t.backlog.is_empty(), Ordering::Release);
     drop(vs);
     if moved {
         signal_if_wanted(t);
@@ -143,6 +145,7 @@ pub fn flush_pending(port: &Port, cx: &mut TxScratch) {
 #[allow(clippy::too_many_arguments)]
 fn deliver_or_queue(
     dest: &Port,
+    backlogged: &AtomicBool,
     backlog: &mut Backlog,
     rxq: &mut RxQueue,
     hdr: VnetHeader,
@@ -160,7 +163,7 @@ fn deliver_or_queue(
             backlog.push(hdr, src, off, len)?;
             // Publish "something waits" before asking for the kick, so the kick's handler
             // cannot miss it.
-            dest.backlogged.store(true, Ordering::SeqCst);
+            backlogged.store(true, Ordering::SeqCst);
             // Ask the guest to kick when it posts buffers; if it already did, flush now.
             if rxq.q.enable_notification(rxq.map.mem()).unwrap_or(false) {
                 flush_backlog(dest, backlog, rxq, cx);
@@ -185,9 +188,10 @@ pub(super) struct TxFrame<'a> {
 pub(super) fn deliver_made(port: &Port, frame: &[u8], cx: &mut TxScratch) {
     let f = TxFrame { segs: &[Seg::of_slice(frame)], offset: 0, len: frame.len(), hdr: VnetHeader::default() };
     deliver(port, &f, cx);
-    cx.notify.clear();
-    if let Some(t) = port.rx.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-        signal_if_wanted(t);
+    for (_, pair) in cx.notify.drain(..) {
+        if let Some(t) = port.queues[pair].rx.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            signal_if_wanted(t);
+        }
     }
 }
 
@@ -394,7 +398,9 @@ pub(super) fn deliver(dest: &Port, f: &TxFrame, cx: &mut TxScratch) {
         dest.counters.dropped(DropReason::PortDown);
         return;
     }
-    let mut target = dest.rx.lock().unwrap_or_else(|e| e.into_inner());
+    let pair = pick_pair(dest, f);
+    let slot = &dest.queues[pair];
+    let mut target = slot.rx.lock().unwrap_or_else(|e| e.into_inner());
     let Some(t) = target.as_mut() else {
         dest.counters.dropped(DropReason::PortDown);
         return;
@@ -413,13 +419,14 @@ pub(super) fn deliver(dest: &Port, f: &TxFrame, cx: &mut TxScratch) {
     let rxq = &mut RxQueue { q: vs.get_queue_mut(), ring, map: MemMap::with(regions, &dmem), caps, maze: false };
     let backlog = &mut t.backlog;
     let result = match delivery(&f.hdr, &caps) {
-        Delivery::PassThrough => deliver_or_queue(dest, backlog, rxq, rx_header(&f.hdr, 0), f.segs, f.offset, f.len, cx),
+        Delivery::PassThrough => deliver_or_queue(dest, &slot.backlogged, backlog, rxq, rx_header(&f.hdr, 0), f.segs, f.offset, f.len, cx),
         Delivery::CompleteChecksum => {
             let mut frame = std::mem::take(&mut cx.frame);
             frame.resize(f.len, 0);
             gather(f.segs, f.offset, &mut frame);
-            let r = complete_checksum(&mut frame, f.hdr.csum_start as usize, f.hdr.csum_offset as usize)
-                .and_then(|_| deliver_or_queue(dest, backlog, rxq, VnetHeader::default(), &[Seg::of_slice(&frame)], 0, frame.len(), cx));
+            let r = complete_checksum(&mut frame, f.hdr.csum_start as usize, f.hdr.csum_offset as usize).and_then(|_| {
+                deliver_or_queue(dest, &slot.backlogged, backlog, rxq, VnetHeader::default(), &[Seg::of_slice(&frame)], 0, frame.len(), cx)
+            });
             cx.frame = frame;
             r
         }
@@ -429,7 +436,9 @@ pub(super) fn deliver(dest: &Port, f: &TxFrame, cx: &mut TxScratch) {
             frame.resize(f.len, 0);
             gather(f.segs, f.offset, &mut frame);
             let r = segment_tcp(&frame, &f.hdr, &mut seg, |s| {
-                if let Err(e) = deliver_or_queue(dest, backlog, rxq, VnetHeader::default(), &[Seg::of_slice(s)], 0, s.len(), cx) {
+                if let Err(e) =
+                    deliver_or_queue(dest, &slot.backlogged, backlog, rxq, VnetHeader::default(), &[Seg::of_slice(s)], 0, s.len(), cx)
+                {
                     dest.counters.dropped(e);
                 }
             });
@@ -438,25 +447,88 @@ pub(super) fn deliver(dest: &Port, f: &TxFrame, cx: &mut TxScratch) {
             r.map(|_| ())
         }
     };
-    dest.backlogged.store(!backlog.is_empty(), Ordering::Release);
+    slot.backlogged.store(!backlog.is_empty(), Ordering::Release);
     match result {
-        Ok(()) => mark_notify(cx, dest.id),
+        Ok(()) => {
+            slot.to_guest.fetch_add(1, Ordering::Relaxed);
+            mark_notify(cx, dest.id, pair)
+        }
         Err(e) => dest.counters.dropped(e),
     }
 }
 
-fn mark_notify(cx: &mut TxScratch, id: PortId) {
-    if !cx.notify.contains(&id) {
-        cx.notify.push(id);
+fn mark_notify(cx: &mut TxScratch, id: PortId, pair: usize) {
+    if !cx.notify.contains(&(id, pair)) {
+        cx.notify.push((id, pair));
+    }
+}
+
+/// The queue pair a frame goes to on a guest with several: by a hash of its flow (addresses
+/// and ports), so one TCP or UDP flow stays on one queue; the next running pair if that one is
+/// not (the guest enabled fewer pairs than it has).
+fn pick_pair(dest: &Port, f: &TxFrame) -> usize {
+    let n = dest.queues.len();
+    if n == 1 {
+        return 0;
+    }
+    let mut head = [0u8; 14 + 40 + 4];
+    let got = gather(f.segs, f.offset, &mut head);
+    let h = flow_hash(&head[..got]) as usize;
+    for k in 0..n {
+        let pair = (h + k) % n;
+        let running = dest.queues[pair].rx.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|t| {
+            let vs = t.vring.get_ref();
+            vs.get_queue().ready() && vs.is_enabled()
+        });
+        if running {
+            return pair;
+        }
+    }
+    0
+}
+
+/// A hash of a frame's flow: IPv4 or IPv6 addresses with TCP/UDP ports, else the MACs.
+fn flow_hash(frame: &[u8]) -> u32 {
+    let fnv = |data: &[u8], mut h: u32| {
+        for &b in data {
+            h = (h ^ b as u32).wrapping_mul(0x0100_0193);
+        }
+        h
+    };
+    // FNV-1a's low bits follow the inputs' low bits; the queue is chosen by the low bits, so
+    // the sum is mixed (murmur3's finalizer) first.
+    let mix = |mut h: u32| {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^ (h >> 16)
+    };
+    let h = 0x811c_9dc5;
+    if frame.len() < 14 {
+        return mix(fnv(frame, h));
+    }
+    let ports = |at: usize| frame.get(at..at + 4).unwrap_or(&[]);
+    match (u16::from_be_bytes([frame[12], frame[13]]), frame.get(14).map(|v| v >> 4)) {
+        (0x0800, Some(4)) if frame.len() >= 34 => {
+            let ihl = (frame[14] & 0x0f) as usize * 4;
+            let l4 = if matches!(frame[23], 6 | 17) { ports(14 + ihl) } else { &[] };
+            mix(fnv(l4, fnv(&frame[26..34], h)))
+        }
+        (0x86dd, Some(6)) if frame.len() >= 54 => {
+            let l4 = if matches!(frame[20], 6 | 17) { ports(54) } else { &[] };
+            mix(fnv(l4, fnv(&frame[22..54], h)))
+        }
+        _ => mix(fnv(&frame[0..12], h)),
     }
 }
 
 /// One interrupt per receiver per batch (and none when EVENT_IDX says the guest is not
 /// waiting).
 pub(super) fn notify_receivers(ports: &[Arc<Port>], cx: &mut TxScratch) {
-    for id in cx.notify.drain(..) {
-        let Some(dest) = ports.get(id) else { continue };
-        if let Some(t) = dest.rx.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+    for (id, pair) in cx.notify.drain(..) {
+        let Some(slot) = ports.get(id).and_then(|p| p.queues.get(pair)) else { continue };
+        if let Some(t) = slot.rx.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             signal_if_wanted(t);
         }
     }

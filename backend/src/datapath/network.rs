@@ -23,6 +23,8 @@ pub struct Network {
     pub mtu: u16,
     /// How long a worker polls its TX ring before it sleeps (µs; 0: not at all).
     pub busy_poll_us: u32,
+    /// Most worker threads one guest port's queue pairs are served by.
+    pub workers: usize,
     /// The network's own endpoint at its gateway address, if it has one.
     pub gateway: Option<Gateway>,
     /// What answers frames for the gateway, in order (ARP/ICMP, DHCP, DNS...).
@@ -48,6 +50,7 @@ impl Network {
             mode,
             mtu,
             busy_poll_us: 0,
+            workers: 1,
             gateway: None,
             services: Vec::new(),
             dhcp: None,

@@ -48,7 +48,23 @@ pub struct RxTarget {
     pub cache: Option<RingCache>,
 }
 
-/// A switch port: its kind, counters, and where frames for it go (a guest's RX ring, or a
+/// Most queue pairs a guest port may have (`queues` in the port's config).
+pub const MAX_QUEUE_PAIRS: usize = 8;
+
+/// One virtio-net queue pair of a guest port, as the data path sees it.
+#[derive(Default)]
+pub struct QueuePair {
+    /// Where senders write: this pair's RX ring, while a guest is connected.
+    pub rx: Mutex<Option<RxTarget>>,
+    /// Set while frames wait in this pair's receive backlog, so an RX kick with nothing to
+    /// flush does not take the lock the senders are using.
+    pub backlogged: AtomicBool,
+    /// Frames delivered into this pair's RX ring, and taken from its TX ring.
+    pub to_guest: AtomicU64,
+    pub from_guest: AtomicU64,
+}
+
+/// A switch port: its kind, counters, and where frames for it go (a guest's RX rings, or a
 /// host link).
 pub struct Port {
     pub id: PortId,
@@ -58,7 +74,8 @@ pub struct Port {
     pub mode: PortMode,
     pub mac: Option<Mac>,
     pub counters: PortCounters,
-    pub rx: Mutex<Option<RxTarget>>,
+    /// The guest's queue pairs (one unless the port has `queues = N`).
+    pub queues: Vec<QueuePair>,
     /// Port security on this port (own MAC, own leased IP, no DHCP server).
     pub security: bool,
     /// The MAC the port is locked to (bit 48 set when locked): the configured one, else the
@@ -66,9 +83,6 @@ pub struct Port {
     locked_mac: AtomicU64,
     /// The IPv4 address the port's guest holds a lease for (0: none).
     leased_ip: AtomicU32,
-    /// Set while frames wait in the receive backlog, so an RX kick with nothing to flush does
-    /// not take the lock the senders are using.
-    pub backlogged: AtomicBool,
     pub connected: AtomicBool,
     /// Virtio features acked on the current connection.
     pub features: AtomicU64,
@@ -107,11 +121,10 @@ impl Port {
             mode: PortMode::Server,
             mac: None,
             counters: PortCounters::default(),
-            rx: Mutex::new(None),
+            queues: vec![QueuePair::default()],
             security: false,
             locked_mac: AtomicU64::new(0),
             leased_ip: AtomicU32::new(0),
-            backlogged: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             features: AtomicU64::new(0),
             connections: AtomicU64::new(0),
@@ -122,6 +135,30 @@ impl Port {
             conn: Mutex::new(None),
             capturing: AtomicBool::new(false),
             captures: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Gives the port `n` queue pairs (1 to MAX_QUEUE_PAIRS).
+    pub fn with_queues(mut self, n: usize) -> Port {
+        self.queues = (0..n.clamp(1, MAX_QUEUE_PAIRS)).map(|_| QueuePair::default()).collect();
+        self
+    }
+
+    /// Whether frames wait in any of the port's receive backlogs.
+    pub fn backlogged(&self) -> bool {
+        self.queues.iter().any(|q| q.backlogged.load(Ordering::Acquire))
+    }
+
+    /// Whether the guest's first receive ring is reachable for senders.
+    pub fn rx_published(&self) -> bool {
+        self.queues[0].rx.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    /// Forgets every queue's RX target (the guest left: nobody may write into its memory).
+    pub fn unpublish_rx(&self) {
+        for q in &self.queues {
+            *q.rx.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            q.backlogged.store(false, Ordering::Release);
         }
     }
 

@@ -23,14 +23,16 @@ use super::ring::{gather, push_tail, Mem, Seg, Vring};
 use super::service::{GatewayCx, Handled};
 use super::split::{walk_chain, MemMap, Ring, MAX_FRAME_DESCS};
 
-/// Drains `port`'s TX ring: validate, switch, deliver. Called on every TX kick.
-pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len: usize, event_idx: bool, cx: &mut TxScratch) {
+/// Drains `port`'s TX ring `vring`: validate, switch, deliver. Called on every TX kick;
+/// returns how many frames it took.
+pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len: usize, event_idx: bool, cx: &mut TxScratch) -> usize {
+    let mut taken = 0;
     let ports = net.ports.read().unwrap_or_else(|e| e.into_inner());
     let map = MemMap::new(mem);
     loop {
         let mut vs = vring.get_mut();
         if !vs.get_queue().ready() || !vs.is_enabled() {
-            return;
+            return taken;
         }
         // No kicks while this worker drains the ring (NO_NOTIFY; with EVENT_IDX the avail
         // event is simply not moved): the guest posts without a syscall meanwhile.
@@ -39,7 +41,7 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
         let Some(ring) = Ring::new(vs.get_queue(), &map) else {
             // The guest's rings are not in its memory: leave them alone until it sets them up.
             port.counters.dropped(DropReason::BadAddress);
-            return;
+            return taken;
         };
         // One read of the guest's avail index per burst, not one per frame: that cache line
         // is the one the guest keeps writing.
@@ -49,9 +51,10 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
             // An avail index more than a ring ahead: the guest's ring is corrupt. Leave it
             // alone; the guest's reset will set it up again.
             port.counters.dropped(DropReason::BadDescriptor);
-            return;
+            return taken;
         }
         let n = (posted as usize).min(TX_BATCH);
+        taken += n;
         let mut heads = [0u16; TX_BATCH];
         cx.batching = true;
         for (i, head) in heads[..n].iter_mut().enumerate() {
@@ -107,7 +110,7 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
         if vs.enable_notification().unwrap_or(false) {
             continue;
         }
-        return;
+        return taken;
     }
 }
 

@@ -244,7 +244,7 @@ fn link_port(id: PortId, kind: PortKind, link: &Arc<FakeLink>) -> Port {
 /// A guest port whose receive ring is `ring`, connected.
 fn guest_port(id: PortId, ring: &GuestRing, caps: RxCaps) -> Port {
     let p = Port::new(id, format!("p{id}"), PortKind::Vhost);
-    *p.rx.lock().unwrap() =
+    *p.queues[0].rx.lock().unwrap() =
         Some(RxTarget { vring: ring.vring.clone(), mem: ring.mem.clone(), caps, backlog: Default::default(), signalled: 0, cache: None });
     p.connected.store(true, Ordering::Relaxed);
     p
@@ -527,7 +527,7 @@ fn a_frame_for_a_guest_lands_in_its_rx_ring() {
     assert_eq!(got[0].frame, f);
     assert_eq!(got[0].hdr, VnetHeader { num_buffers: 1, ..VnetHeader::default() }, "MRG_RXBUF: one buffer");
     assert_eq!(lan.port(1).counters.snapshot().tx_frames, 1);
-    assert!(!lan.port(1).backlogged.load(Ordering::Acquire));
+    assert!(!lan.port(1).backlogged());
 }
 
 #[test]
@@ -540,19 +540,19 @@ fn frames_for_a_full_ring_wait_in_the_backlog_and_arrive_in_order() {
         lan.send(0, &numbered(A, B, n));
     }
     assert!(ring.used().is_empty(), "no buffers, nothing written");
-    assert!(guest.backlogged.load(Ordering::Acquire));
+    assert!(guest.backlogged());
     let s = guest.counters.snapshot();
     assert_eq!((s.tx_frames, s.total_drops()), (0, 0), "waiting, neither delivered nor dropped");
 
     ring.post_rx(3);
-    flush_pending(&guest, &mut TxScratch::default());
+    flush_pending(&guest, 0, &mut TxScratch::default());
     assert_eq!(ring.received().iter().map(|r| number(&r.frame)).collect::<Vec<_>>(), [0, 1, 2]);
-    assert!(guest.backlogged.load(Ordering::Acquire), "two still wait");
+    assert!(guest.backlogged(), "two still wait");
 
     ring.post_rx(10);
-    flush_pending(&guest, &mut TxScratch::default());
+    flush_pending(&guest, 0, &mut TxScratch::default());
     assert_eq!(ring.received().iter().map(|r| number(&r.frame)).collect::<Vec<_>>(), [3, 4]);
-    assert!(!guest.backlogged.load(Ordering::Acquire));
+    assert!(!guest.backlogged());
     let s = guest.counters.snapshot();
     assert_eq!((s.tx_frames, s.total_drops()), (5, 0));
 }
@@ -569,7 +569,7 @@ fn a_new_frame_for_a_guest_goes_behind_the_waiting_ones() {
     ring.post_rx(10);
     lan.send(0, &numbered(A, B, 3));
     assert_eq!(ring.received().iter().map(|r| number(&r.frame)).collect::<Vec<_>>(), [0, 1, 2, 3]);
-    assert!(!lan.port(1).backlogged.load(Ordering::Acquire));
+    assert!(!lan.port(1).backlogged());
 }
 
 #[test]
@@ -588,9 +588,9 @@ fn a_full_backlog_drops_further_frames_as_no_rx_buffer() {
     // The guest drains it a ring at a time: every frame that was kept arrives, in order.
     let mut got = Vec::new();
     let mut cx = TxScratch::default();
-    while guest.backlogged.load(Ordering::Acquire) {
+    while guest.backlogged() {
         ring.post_rx(QUEUE_SIZE as usize);
-        flush_pending(&guest, &mut cx);
+        flush_pending(&guest, 0, &mut cx);
         got.extend(ring.received().iter().map(|r| number(&r.frame)));
         assert!(got.len() <= BACKLOG_MAX_FRAMES, "flushing must end");
     }
@@ -980,17 +980,17 @@ fn a_frame_is_not_written_across_hundreds_of_tiny_receive_buffers() {
     assert_eq!(used.len(), MAX_RX_CHAINS);
     assert!(used.iter().all(|&(_, len)| len == 0), "nothing written into them");
     assert_eq!(guest.counters.snapshot().tx_frames, 0);
-    assert!(guest.backlogged.load(Ordering::Acquire));
+    assert!(guest.backlogged());
     // Until the guest kicks, senders queue without walking its ring again.
     lan.send(0, &udp(A, B, &[8; 100]));
     assert!(ring.used().is_empty(), "the ring was not walked again");
     // The guest posts real buffers and kicks: both frames arrive (the first across the 72
     // tiny buffers left and a real one).
     ring.post_rx(4);
-    flush_pending(&guest, &mut TxScratch::default());
+    flush_pending(&guest, 0, &mut TxScratch::default());
     let s = guest.counters.snapshot();
     assert_eq!((s.tx_frames, s.total_drops()), (2, 0));
-    assert!(!guest.backlogged.load(Ordering::Acquire));
+    assert!(!guest.backlogged());
 }
 
 #[test]
@@ -1032,4 +1032,63 @@ fn a_removed_port_gets_no_flooded_frames() {
     lan.send(0, &udp(A, BROADCAST, b"to all"));
     assert_eq!(b.take().len(), 1);
     assert_eq!(lan.port(2).counters.snapshot().total_drops(), 0, "not offered, so not counted as port_down");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several queue pairs.
+
+/// A guest port with one receive ring per queue pair.
+fn multiqueue_port(id: PortId, rings: &[&GuestRing]) -> Port {
+    let p = Port::new(id, format!("p{id}"), PortKind::Vhost).with_queues(rings.len());
+    for (q, ring) in p.queues.iter().zip(rings) {
+        *q.rx.lock().unwrap() = Some(RxTarget {
+            vring: ring.vring.clone(),
+            mem: ring.mem.clone(),
+            caps: RxCaps::FULL,
+            backlog: Default::default(),
+            signalled: 0,
+            cache: None,
+        });
+    }
+    p.connected.store(true, Ordering::Relaxed);
+    p
+}
+
+#[test]
+fn flows_spread_over_a_guests_queue_pairs_and_each_flow_keeps_its_queue() {
+    let a = FakeLink::offloading();
+    let (mut r0, mut r1) = (GuestRing::new(), GuestRing::new());
+    let mut lan = Lan::switch(vec![link_port(0, PortKind::Tap, &a), multiqueue_port(1, &[&r0, &r1])]);
+    r0.post_rx(200);
+    r1.post_rx(200);
+    // 64 flows (source ports two apart, as parallel streams get them), two frames each.
+    for round in 0..2u8 {
+        for sport in 0..64u16 {
+            lan.send(0, &udp_ip(A, B, IP_A, IP_B, 10_000 + 2 * sport, 53, &[round]));
+        }
+    }
+    let sport = |f: &Sent| u16::from_be_bytes([f.frame[34], f.frame[35]]);
+    let (got0, got1) = (r0.received(), r1.received());
+    assert_eq!(got0.len() + got1.len(), 128);
+    assert!(got0.len() >= 32 && got1.len() >= 32, "both queues used evenly enough: {} and {}", got0.len(), got1.len());
+    let on0: std::collections::HashSet<u16> = got0.iter().map(sport).collect();
+    assert!(got1.iter().all(|f| !on0.contains(&sport(f))), "a flow never splits over two queues");
+    let port = lan.port(1);
+    let counted: Vec<u64> = port.queues.iter().map(|q| q.to_guest.load(Ordering::Relaxed)).collect();
+    assert_eq!(counted, vec![got0.len() as u64, got1.len() as u64]);
+}
+
+#[test]
+fn frames_go_to_the_running_pairs_only() {
+    let a = FakeLink::offloading();
+    let (mut r0, r1) = (GuestRing::new(), GuestRing::new());
+    // The guest enabled one pair of two.
+    r1.vring.set_enabled(false);
+    let mut lan = Lan::switch(vec![link_port(0, PortKind::Tap, &a), multiqueue_port(1, &[&r0, &r1])]);
+    r0.post_rx(100);
+    for sport in 0..32u16 {
+        lan.send(0, &udp_ip(A, B, IP_A, IP_B, 20_000 + sport, 53, b"x"));
+    }
+    assert_eq!(r0.received().len(), 32, "every flow on the running pair");
+    assert_eq!(lan.port(1).counters.snapshot().total_drops(), 0);
 }

@@ -28,6 +28,7 @@ pub struct Built {
 pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<String, Arc<Uplink>>) -> Built {
     let mut net = Network::new(n.name.clone(), n.mode, n.mtu);
     net.busy_poll_us = n.busy_poll_us;
+    net.workers = n.workers as usize;
     let gateway = n.gateway.map(|(ip, prefix)| Gateway { mac: gateway_mac(&n.name), ip, prefix });
     let lease_file = state_dir.filter(|_| n.dhcp.is_some()).map(|d| d.join(format!("{}.leases", n.name)));
     net.gateway = gateway;
@@ -50,7 +51,7 @@ pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<Strin
 /// A port of a network (`has_gateway`: port security defaults on), with its tap if it is one.
 pub fn guest_port(id: PortId, p: &PortConfig, has_gateway: bool, tap: Option<Arc<Uplink>>) -> Port {
     let kind = if tap.is_some() { PortKind::Tap } else { PortKind::Vhost };
-    let mut port = Port::new(id, p.name.clone(), kind).with_mac(p.mac);
+    let mut port = Port::new(id, p.name.clone(), kind).with_mac(p.mac).with_queues(p.queues as usize);
     port.socket = p.socket.clone();
     port.mode = p.mode;
     // A tap port is the host's own interface: trusted unless asked otherwise.

@@ -137,7 +137,7 @@ pub fn serve_port(net: Arc<Network>, port: Arc<Port>, listener: Option<UnixListe
         // The guest is gone: nobody may write into its memory any more, and what was learned
         // behind this port is stale.
         port.connected.store(false, Ordering::Release);
-        *port.rx.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        port.unpublish_rx();
         port.forget_guest();
         net.macs.lock().unwrap_or_else(|e| e.into_inner()).forget_port(port.id);
         for h in daemon.get_epoll_handlers() {

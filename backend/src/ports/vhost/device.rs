@@ -1,6 +1,10 @@
 //! One guest port as a vhost-user-net device. A `PortDevice` lives for one vhost-user
-//! connection: a fresh one (with a fresh exit event) is built for every connection, because a
+//! connection: a fresh one (with fresh exit events) is built for every connection, because a
 //! vhost-user-backend daemon's workers cannot be reused after an exit (reference §6 P9).
+//!
+//! With `queues = N` the device has N queue pairs (VIRTIO_NET_F_MQ; QEMU handles the control
+//! queue itself) served by up to `workers` threads: pair p by thread p % threads, so one
+//! busy pair never holds up another thread's.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,10 +22,9 @@ use vunet_switch::vnet::{RxCaps, HDR_LEN, HDR_LEN_LEGACY};
 
 use crate::datapath::{flush_pending, process_tx, GuestMem, Network, Port, RxTarget, TxScratch, Vring};
 
-pub const RX_QUEUE: u16 = 0;
-pub const TX_QUEUE: u16 = 1;
-pub const NUM_QUEUES: usize = 2;
 pub const QUEUE_SIZE: usize = 1024;
+/// Most rings a device has: RX and TX of each of MAX_QUEUE_PAIRS pairs.
+pub const MAX_QUEUES: usize = 2 * crate::datapath::MAX_QUEUE_PAIRS;
 
 /// The virtio feature bits vunet offers. UFO/USO and ECN are not offered: the switch does not
 /// segment them in software, so it must not accept them.
@@ -66,40 +69,55 @@ pub struct PortDevice {
     mem: GuestMem,
     acked: AtomicU64,
     event_idx: AtomicBool,
-    published: AtomicBool,
-    exit: (EventConsumer, EventNotifier),
-    scratch: Mutex<TxScratch>,
+    /// Worker threads; pair p is served by thread p % threads.
+    threads: usize,
+    /// Per thread: whether it has published its pairs' RX rings yet.
+    published: Vec<AtomicBool>,
+    /// Per thread: its exit event (one each, so every thread sees its own).
+    exit: Vec<(EventConsumer, EventNotifier)>,
+    /// Per thread: the scratch buffers its TX rings are drained with.
+    scratch: Vec<Mutex<TxScratch>>,
 }
 
 impl PortDevice {
     pub fn new(net: Arc<Network>, port: Arc<Port>, mem: GuestMem) -> io::Result<Self> {
+        let threads = port.queues.len().min(net.workers.max(1));
         Ok(PortDevice {
             net,
             port,
             mem,
             acked: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
-            published: AtomicBool::new(false),
-            exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
-            scratch: Mutex::new(TxScratch::default()),
+            threads,
+            published: (0..threads).map(|_| AtomicBool::new(false)).collect(),
+            exit: (0..threads).map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK)).collect::<io::Result<_>>()?,
+            scratch: (0..threads).map(|_| Mutex::new(TxScratch::default())).collect(),
         })
     }
 
-    /// Makes this connection's RX ring reachable for the other ports' senders.
-    fn publish_rx(&self, rx: &Vring) {
+    /// The port's pair that a thread's `local` pair is (its pairs in ring order).
+    fn pair_of(&self, thread: usize, local: usize) -> usize {
+        thread + local * self.threads
+    }
+
+    /// Makes pair `pair`'s RX ring of this connection reachable for the other ports' senders.
+    fn publish_rx(&self, pair: usize, rx: &Vring) {
         // Senders write into this ring whenever it has buffers; a kick is only wanted while
         // frames wait in the backlog (the data path turns it on then). Without EVENT_IDX this
         // sets VRING_USED_F_NO_NOTIFY, saving the guest an exit per refill.
         let _ = rx.disable_notification();
         let caps = rx_caps(self.acked.load(Ordering::Acquire));
-        *self.port.rx.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(RxTarget { vring: rx.clone(), mem: self.mem.clone(), caps, backlog: Default::default(), signalled: 0, cache: None });
-        self.published.store(true, Ordering::Release);
+        if let Some(q) = self.port.queues.get(pair) {
+            *q.rx.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(RxTarget { vring: rx.clone(), mem: self.mem.clone(), caps, backlog: Default::default(), signalled: 0, cache: None });
+        }
     }
 
-    /// Tells the worker thread to exit (after a disconnect).
+    /// Tells the worker threads to exit (after a disconnect).
     pub fn notify_exit(&self) {
-        let _ = self.exit.1.notify();
+        for (_, notifier) in &self.exit {
+            let _ = notifier.notify();
+        }
     }
 }
 
@@ -108,7 +126,15 @@ impl VhostUserBackend for PortDevice {
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
-        NUM_QUEUES
+        2 * self.port.queues.len()
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        let mut masks = vec![0u64; self.threads];
+        for pair in 0..self.port.queues.len() {
+            masks[pair % self.threads] |= 0b11 << (2 * pair);
+        }
+        masks
     }
 
     fn max_queue_size(&self) -> usize {
@@ -119,7 +145,8 @@ impl VhostUserBackend for PortDevice {
         // The MAC is offered only when the port has one configured: a VMM that takes the
         // backend's MAC (cloud-hypervisor) must not get the same made-up one for every guest.
         let mac = if self.port.mac.is_some() { 1 << VIRTIO_NET_F_MAC } else { 0 };
-        OFFERED_FEATURES | mac | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        let mq = if self.port.queues.len() > 1 { 1 << VIRTIO_NET_F_MQ } else { 0 };
+        OFFERED_FEATURES | mac | mq | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
     fn acked_features(&self, features: u64) {
@@ -127,16 +154,23 @@ impl VhostUserBackend for PortDevice {
         self.acked.store(features, Ordering::Release);
         self.port.features.store(features, Ordering::Relaxed);
         // A renegotiation (guest driver reload) changes what the receiver accepts.
-        if let Some(t) = self.port.rx.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            t.caps = rx_caps(features);
+        for q in &self.port.queues {
+            if let Some(t) = q.rx.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                t.caps = rx_caps(features);
+            }
         }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::CONFIG
+        let f = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIG;
+        // QEMU sends ADD_MEM_REG once per queue pair (it is not one of its one-time requests),
+        // and vhost-user-backend refuses the second copy of a region: with several pairs, the
+        // memory table comes whole with SET_MEM_TABLE, which QEMU sends once.
+        if self.port.queues.len() == 1 {
+            f | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        } else {
+            f
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -148,7 +182,7 @@ impl VhostUserBackend for PortDevice {
         let mut cfg = [0u8; 12];
         cfg[..6].copy_from_slice(&self.port.mac.unwrap_or([0x52, 0x54, 0, 0, 0, 0]));
         cfg[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
+        cfg[8..10].copy_from_slice(&(self.port.queues.len() as u16).to_le_bytes());
         cfg[10..12].copy_from_slice(&self.net.mtu.to_le_bytes());
         let start = (offset as usize).min(cfg.len());
         let end = (offset as usize).saturating_add(size as usize).min(cfg.len());
@@ -160,44 +194,47 @@ impl VhostUserBackend for PortDevice {
         Ok(())
     }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = self.exit.get(thread_index)?;
+        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
     }
 
-    fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[Vring], _thread: usize) -> io::Result<()> {
+    fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[Vring], thread: usize) -> io::Result<()> {
         // Never return an error for anything a guest did: an error ends the worker thread.
-        tracing::trace!(port = %self.port.name, device_event, "event");
-        if evset != EventSet::IN || vrings.len() < NUM_QUEUES {
+        // `vrings` are this thread's: its pairs' RX and TX rings, in order.
+        tracing::trace!(port = %self.port.name, device_event, thread, "event");
+        let local = device_event as usize / 2;
+        if evset != EventSet::IN || thread >= self.threads || 2 * local + 1 >= vrings.len() {
             return Ok(());
         }
-        if !self.published.load(Ordering::Acquire) {
-            self.publish_rx(&vrings[RX_QUEUE as usize]);
+        if !self.published[thread].swap(true, Ordering::AcqRel) {
+            for (k, rings) in vrings.chunks_exact(2).enumerate() {
+                self.publish_rx(self.pair_of(thread, k), &rings[0]);
+            }
         }
-        match device_event {
+        let pair = self.pair_of(thread, local);
+        let mut cx = self.scratch[thread].lock().unwrap_or_else(|e| e.into_inner());
+        if device_event.is_multiple_of(2) {
             // New receive buffers: senders write straight into them; only frames that found
             // the ring full wait in the backlog for this moment.
-            RX_QUEUE => {
-                let mut cx = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-                flush_pending(&self.port, &mut cx);
-                Ok(())
+            flush_pending(&self.port, pair, &mut cx);
+        } else {
+            let mem = self.mem.memory();
+            let features = self.acked.load(Ordering::Acquire);
+            let taken = process_tx(
+                &self.net,
+                &self.port,
+                &vrings[2 * local + 1],
+                &mem,
+                hdr_len(features),
+                self.event_idx.load(Ordering::Acquire),
+                &mut cx,
+            );
+            if let Some(q) = self.port.queues.get(pair) {
+                q.from_guest.fetch_add(taken as u64, Ordering::Relaxed);
             }
-            TX_QUEUE => {
-                let mem = self.mem.memory();
-                let features = self.acked.load(Ordering::Acquire);
-                let mut cx = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-                process_tx(
-                    &self.net,
-                    &self.port,
-                    &vrings[TX_QUEUE as usize],
-                    &mem,
-                    hdr_len(features),
-                    self.event_idx.load(Ordering::Acquire),
-                    &mut cx,
-                );
-                Ok(())
-            }
-            _ => Ok(()),
         }
+        Ok(())
     }
 }
 

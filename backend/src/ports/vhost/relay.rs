@@ -49,7 +49,7 @@ pub fn spawn(frontend: UnixStream, backend: UnixStream, name: &str) -> io::Resul
 fn relay_requests(frontend: &UnixStream, backend: &UnixStream) -> io::Result<()> {
     let mut acked: u64 = 0;
     // Ring enable states asked for before SET_FEATURES, by ring index.
-    let mut early_enable: [Option<u32>; super::device::NUM_QUEUES] = Default::default();
+    let mut early_enable: [Option<u32>; super::device::MAX_QUEUES] = Default::default();
     let mut payload = vec![0u8; MAX_PAYLOAD];
     loop {
         let mut hdr = [0u8; HDR];

@@ -17,7 +17,7 @@ use vunet_switch::{DropReason, PortId};
 use super::backlog::Backlog;
 use super::link::HostLink;
 use super::port::{Port, RxTarget};
-use super::ring::{gather, Seg};
+use super::ring::{gather, window, Seg};
 use super::split::{write_rx, MemMap, RingCache, RxQueue, RxScratch};
 
 /// Per-worker reusable buffers, so the steady state never allocates.
@@ -226,15 +226,7 @@ fn send_link(
         iov[0] = libc::iovec { iov_base: h.as_mut_ptr().cast(), iov_len: caps.hdr_len };
         n = 1;
     }
-    let (mut skip, mut left) = (off, len);
-    for s in src {
-        if left == 0 {
-            break;
-        }
-        if skip >= s.len {
-            skip -= s.len;
-            continue;
-        }
+    for piece in window(src, off, len) {
         if n == MAX_IOV {
             // Too many pieces: one contiguous copy instead.
             gathered.resize(len, 0);
@@ -243,12 +235,8 @@ fn send_link(
             iov[n] = libc::iovec { iov_base: gathered.as_mut_ptr().cast(), iov_len: len };
             return up.send(&iov[..n + 1]);
         }
-        let take = (s.len - skip).min(left);
-        // SAFETY: within the segment, which is live for this call.
-        iov[n] = libc::iovec { iov_base: unsafe { s.ptr.add(skip) }.cast(), iov_len: take };
+        iov[n] = libc::iovec { iov_base: piece.ptr.cast(), iov_len: piece.len };
         n += 1;
-        left -= take;
-        skip = 0;
     }
     up.send(&iov[..n])
 }
@@ -259,21 +247,8 @@ fn queue_link(port: PortId, caps: &RxCaps, hdr: &VnetHeader, src: &[Seg], off: u
     let mut h = [0u8; HDR_LEN];
     hdr.write(&mut h[..caps.hdr_len]);
     let start = cx.link_segs.len();
-    let (mut skip, mut left) = (off, len);
-    for s in src {
-        if left == 0 {
-            break;
-        }
-        if skip >= s.len {
-            skip -= s.len;
-            continue;
-        }
-        let take = (s.len - skip).min(left);
-        // SAFETY: within the segment, which stays live until the batch is flushed.
-        cx.link_segs.push(Seg { ptr: unsafe { s.ptr.add(skip) }, len: take });
-        left -= take;
-        skip = 0;
-    }
+    // The pieces stay live until the batch is flushed.
+    cx.link_segs.extend(window(src, off, len));
     cx.link_sends.push(LinkSend { port, len, hdr: h, hdr_len: caps.hdr_len, segs: start..cx.link_segs.len() });
 }
 

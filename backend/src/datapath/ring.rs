@@ -70,17 +70,29 @@ pub(super) fn copy_segs(dst: &[Seg], mut dst_off: usize, src: &[Seg], mut src_of
     }
 }
 
-/// Appends to `out` the pieces of `src` from byte `off` on (no copy).
-pub(super) fn push_tail(src: &[Seg], mut off: usize, out: &mut Vec<Seg>) {
-    for s in src {
-        if off >= s.len {
-            off -= s.len;
-            continue;
+/// The pieces of the scatter list `src` that hold its bytes `off..off + len` (no copy).
+pub(super) fn window(src: &[Seg], off: usize, len: usize) -> impl Iterator<Item = Seg> + '_ {
+    let (mut skip, mut left) = (off, len);
+    src.iter().filter_map(move |s| {
+        if left == 0 {
+            return None;
         }
-        // SAFETY: `off` is within the segment, which stays as live as `src`'s.
-        out.push(Seg { ptr: unsafe { s.ptr.add(off) }, len: s.len - off });
-        off = 0;
-    }
+        if skip >= s.len {
+            skip -= s.len;
+            return None;
+        }
+        let take = (s.len - skip).min(left);
+        // SAFETY: `skip + take` is within the segment, which stays as live as `src`'s.
+        let piece = Seg { ptr: unsafe { s.ptr.add(skip) }, len: take };
+        left -= take;
+        skip = 0;
+        Some(piece)
+    })
+}
+
+/// Appends to `out` the pieces of `src` from byte `off` on (no copy).
+pub(super) fn push_tail(src: &[Seg], off: usize, out: &mut Vec<Seg>) {
+    out.extend(window(src, off, usize::MAX));
 }
 
 /// Gathers up to `out.len()` bytes starting at `off` of a scatter list; returns how many.

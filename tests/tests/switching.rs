@@ -636,9 +636,16 @@ fn hostile_receive_chains_cost_a_bounded_walk_and_do_not_stall_the_others() {
     posted += 1;
     settle(&d);
     let hostile_port_idle = counters(&d, "p2");
-    let without = stream(&mut vms, None);
-    repost(&mut h, &mut posted);
-    let with = stream(&mut vms, Some((&mut h, &mut posted)));
+    // Three of each, alternating; the fastest of each counts (the other tests of this file
+    // run at the same time and may take the cores for a while).
+    let (mut without, mut with) = (Duration::MAX, Duration::MAX);
+    for _ in 0..3 {
+        without = without.min(stream(&mut vms, None));
+        repost(&mut h, &mut posted);
+        with = with.min(stream(&mut vms, Some((&mut h, &mut posted))));
+        // Let vunet hand back what is left, so the next "without" round has no buffers again.
+        assert!(vms[0].wait_tx_all(T));
+    }
     eprintln!("B's stream: {with:?} past the hostile receiver, {without:?} past one with no buffers");
     let s = counters(&d, "p2");
     assert!(

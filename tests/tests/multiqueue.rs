@@ -2,7 +2,8 @@
 //! (`queues = 2` on the port; QEMU `-netdev vhost-user,...,queues=2`, `-device
 //! virtio-net-pci,mq=on`). The guests' drivers bring up both pairs; an iperf3 client on each
 //! vCPU sends on its own TX queue, vunet steers the flows over the receiver's two RX queues,
-//! and vunet's per-queue counters show every queue carried frames.
+//! and vunet's per-queue counters show every queue carried frames. Sixteen flows, so that the
+//! flow hash putting them all on one queue (2 in 65,536) is not what the test measures.
 
 use std::path::Path;
 use std::process::Command;
@@ -45,8 +46,8 @@ fn two_queue_pairs_each_carry_traffic_between_two_vcpu_guests() {
         Guest::boot_with("srv", dir.path(), &Socket::Connect(dir.path().join("vm1.sock")), "52:54:00:00:00:01", "", &server_script, 2, 2);
     let client_script = format!(
         "ip addr add 10.0.0.2/24 dev eth0\necho CPUS $(nproc)\nls /sys/class/net/eth0/queues\n{}\
-         taskset -c 0 iperf3 -c 10.0.0.1 -p 5201 -t 4 -P 2 > /tmp/a 2>&1 &\n\
-         taskset -c 1 iperf3 -c 10.0.0.1 -p 5202 -t 4 -P 2 > /tmp/b 2>&1\nwait\ncat /tmp/a /tmp/b\n\
+         taskset -c 0 iperf3 -c 10.0.0.1 -p 5201 -t 4 -P 8 > /tmp/a 2>&1 &\n\
+         taskset -c 1 iperf3 -c 10.0.0.1 -p 5202 -t 4 -P 8 > /tmp/b 2>&1\nwait\ncat /tmp/a /tmp/b\n\
          [ $(grep -c receiver /tmp/a /tmp/b | grep -c ':[1-9]') = 2 ] || exit 4\n",
         await_peer("10.0.0.1", 5)
     );

@@ -49,12 +49,14 @@ fn lan_guest_script(iperf: bool) -> String {
 /// and a LAN client reaching the guest's nc server.
 fn guest_on_the_lan(lan: &Lan, dir: &Path, sock: &Path, iperf: bool) -> String {
     let g = Guest::boot("g", dir, &Socket::Connect(sock.to_path_buf()), "52:54:00:09:00:01", "", &lan_guest_script(iperf));
-    assert!(g.console.wait_for("NC-READY", BOOT_AND_RUN), "guest:\n{}", g.console.text());
+    // vunet's log goes with a failure: the directory is removed when the test ends.
+    let log = || std::fs::read_to_string(dir.join("vunet.log")).unwrap_or_default();
+    assert!(g.console.wait_for("NC-READY", BOOT_AND_RUN), "guest:\n{}\nvunet:\n{}", g.console.text(), log());
     let out = g.console.text();
     let ip = out.split("LEASED ").nth(1).and_then(|s| s.split_whitespace().next()).expect("a lease").to_string();
     assert!(ip.starts_with("10.9.0.1"), "leased from dnsmasq's range: {ip}");
     if iperf {
-        assert!(out.contains("receiver"), "iperf3 ran to the LAN:\n{out}");
+        assert!(out.contains("receiver"), "iperf3 ran to the LAN:\n{out}\nvunet:\n{}", log());
     }
     let mut reply = String::new();
     assert!(

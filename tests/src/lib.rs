@@ -642,7 +642,7 @@ pub const READY: Duration = Duration::from_secs(10);
 /// sends to a port waits for this, not for a guessed time.
 pub fn network_ready(d: &vunet::Daemon, network: &str) -> bool {
     let Some(n) = d.network(network) else { return false };
-    let ports = n.ports.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let ports = n.ports.snapshot().to_vec();
     ports
         .iter()
         .filter(|p| p.kind == vunet::PortKind::Vhost && !p.removed.load(Ordering::Acquire))
@@ -655,7 +655,7 @@ pub fn wait_network_ready(d: &vunet::Daemon, network: &str) {
         return;
     }
     let n = d.network(network).unwrap_or_else(|| panic!("no network {network}"));
-    let ports = n.ports.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let ports = n.ports.snapshot().to_vec();
     let states: Vec<String> = ports
         .iter()
         .filter(|p| p.kind == vunet::PortKind::Vhost && !p.removed.load(Ordering::Acquire))

@@ -3,7 +3,9 @@
 //! every thread of the network.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::{ArcSwap, Guard};
 use std::time::Instant;
 
 use tracing::warn;
@@ -31,7 +33,7 @@ pub struct Network {
     pub services: Vec<Arc<dyn GatewayService>>,
     /// The gateway's DHCP server state (port security and the listings read its leases).
     pub dhcp: Option<Mutex<DhcpServer>>,
-    pub ports: RwLock<Vec<Arc<Port>>>,
+    pub ports: PortList,
     pub macs: Mutex<MacTable>,
     epoch: Instant,
     /// Set when the network is taken out of a running daemon; its threads end.
@@ -54,7 +56,7 @@ impl Network {
             gateway: None,
             services: Vec::new(),
             dhcp: None,
-            ports: RwLock::new(Vec::new()),
+            ports: PortList::default(),
             macs: Mutex::new(MacTable::default()),
             epoch: Instant::now(),
             stopped: AtomicBool::new(false),
@@ -70,17 +72,17 @@ impl Network {
 
     /// The live port named `name`.
     pub fn port(&self, name: &str) -> Option<Arc<Port>> {
-        self.ports.read().unwrap_or_else(|e| e.into_inner()).iter().find(|p| p.name == name && !p.removed.load(Ordering::Acquire)).cloned()
+        self.ports.snapshot().iter().find(|p| p.name == name && !p.removed.load(Ordering::Acquire)).cloned()
     }
 
     /// The port with id `id`, removed or not.
     pub fn port_by_id(&self, id: PortId) -> Option<Arc<Port>> {
-        self.ports.read().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+        self.ports.snapshot().get(id).cloned()
     }
 
     /// The ports that have not been removed.
     pub fn live_ports(&self) -> Vec<Arc<Port>> {
-        self.ports.read().unwrap_or_else(|e| e.into_inner()).iter().filter(|p| !p.removed.load(Ordering::Acquire)).cloned().collect()
+        self.ports.snapshot().iter().filter(|p| !p.removed.load(Ordering::Acquire)).cloned().collect()
     }
 
     /// Logs a dropped frame at most once per second per port: a hostile guest can make drops
@@ -91,5 +93,43 @@ impl Network {
         if now >= last + 1000 && port.last_log_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
             warn!(network = %self.name, port = %port.name, reason = r.name(), "dropped a frame from the guest (further drops counted, logged at most once a second)");
         }
+    }
+}
+
+/// A network's ports, indexed by `PortId`. Readers (every burst of every TX thread, the
+/// uplinks, DNS) take a snapshot without a lock, so a port being added or removed never makes
+/// a sender wait, and a busy sender never holds up the control socket. Ports are only ever
+/// appended (a removed port stays, marked `removed`), so an id stays valid in every snapshot
+/// taken after its port was added.
+#[derive(Default)]
+pub struct PortList {
+    current: ArcSwap<Vec<Arc<Port>>>,
+    /// Serializes the (rare) writers, so two adds never take the same id.
+    edit: Mutex<()>,
+}
+
+impl PortList {
+    /// The ports as they are now. Cheap; meant to be held for one burst, not for long.
+    pub fn snapshot(&self) -> Guard<Arc<Vec<Arc<Port>>>> {
+        self.current.load()
+    }
+
+    /// Appends the port `make` builds for the next id, unless `make` refuses, seeing the
+    /// current ports. `make` runs under the writers' lock: nothing that blocks goes in it.
+    pub fn add<E>(&self, make: impl FnOnce(PortId, &[Arc<Port>]) -> Result<Port, E>) -> Result<Arc<Port>, E> {
+        let _edit = self.edit.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.current.load_full();
+        let port = Arc::new(make(old.len(), &old)?);
+        let mut ports = Vec::with_capacity(old.len() + 1);
+        ports.extend(old.iter().cloned());
+        ports.push(port.clone());
+        self.current.store(Arc::new(ports));
+        Ok(port)
+    }
+}
+
+impl From<Vec<Arc<Port>>> for PortList {
+    fn from(ports: Vec<Arc<Port>>) -> PortList {
+        PortList { current: ArcSwap::from_pointee(ports), edit: Mutex::new(()) }
     }
 }

@@ -27,9 +27,10 @@ use super::split::{walk_chain, MemMap, Ring, MAX_FRAME_DESCS};
 /// returns how many frames it took.
 pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len: usize, event_idx: bool, cx: &mut TxScratch) -> usize {
     let mut taken = 0;
-    let ports = net.ports.read().unwrap_or_else(|e| e.into_inner());
     let map = MemMap::new(mem);
     loop {
+        // The ports as they are for this burst: a port added meanwhile is seen by the next.
+        let ports = net.ports.snapshot();
         let mut vs = vring.get_mut();
         if !vs.get_queue().ready() || !vs.is_enabled() {
             return taken;
@@ -312,7 +313,7 @@ fn answer_gateway(net: &Network, ports: &[Arc<Port>], port: &Port, f: &TxFrame, 
 /// host can reach guests through a bridge, unless their source is one of our own ports (an
 /// echo of what vunet sent).
 pub(super) fn switch_from_link(net: &Network, port: &Port, frames: &[(&[u8], bool)], hdr_len: usize, cx: &mut TxScratch) {
-    let ports = net.ports.read().unwrap_or_else(|e| e.into_inner());
+    let ports = net.ports.snapshot();
     let now = net.now_ms();
     for &(frame, outgoing) in frames {
         if outgoing && frame.len() >= hdr_len + 12 {
@@ -367,7 +368,7 @@ fn send_routed(net: &Network, ports: &[Arc<Port>], side: Side, hdr: &VnetHeader,
 /// of `hdr_len` bytes, rewritten in place), then interrupts the guests that got any.
 pub(super) fn route_from_link(net: &Network, port: &Port, frames: &mut [&mut [u8]], hdr_len: usize, cx: &mut TxScratch) {
     let Some(router) = net.router.as_ref() else { return };
-    let ports = net.ports.read().unwrap_or_else(|e| e.into_inner());
+    let ports = net.ports.snapshot();
     let now = net.now_ms();
     let mut emit = Vec::new();
     for buf in frames.iter_mut() {
@@ -413,7 +414,7 @@ pub(super) fn send_router_frames(net: &Network, emit: Vec<Emit>, cx: &mut TxScra
     if emit.is_empty() {
         return;
     }
-    let ports = net.ports.read().unwrap_or_else(|e| e.into_inner());
+    let ports = net.ports.snapshot();
     for e in emit {
         send_routed(net, &ports, e.to, &e.hdr, &e.frame, cx);
     }

@@ -9,7 +9,7 @@
 use std::net::Ipv4Addr;
 use std::ops::Range;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use vhost_user_backend::{VringMutex, VringT};
@@ -262,7 +262,7 @@ impl Lan {
         for (i, p) in ports.iter().enumerate() {
             assert_eq!(p.id, i, "a port's id is its place in the list");
         }
-        net.ports = RwLock::new(ports.into_iter().map(Arc::new).collect());
+        net.ports = ports.into_iter().map(Arc::new).collect::<Vec<_>>().into();
         let net = Arc::new(net);
         Lan { inject: Inject::new(net.clone()), net }
     }
@@ -1091,4 +1091,105 @@ fn frames_go_to_the_running_pairs_only() {
     }
     assert_eq!(r0.received().len(), 32, "every flow on the running pair");
     assert_eq!(lan.port(1).counters.snapshot().total_drops(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A sender stuck in a host link's send holds up nobody.
+
+/// A host link whose `send` blocks until the test opens its gate: a sender stuck in a slow
+/// system call.
+struct GateLink {
+    entered: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    open: Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl HostLink for GateLink {
+    fn caps(&self) -> Option<RxCaps> {
+        Some(RxCaps::FULL)
+    }
+
+    fn send(&self, _iov: &[libc::iovec]) -> Result<(), DropReason> {
+        if let Some(tx) = self.entered.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.opened.wait(open).unwrap();
+        }
+        Ok(())
+    }
+
+    fn batches(&self) -> bool {
+        false
+    }
+
+    fn send_batch(&self, iov: &mut [libc::iovec], spans: &[Range<usize>]) -> Vec<(usize, DropReason)> {
+        spans.iter().enumerate().filter_map(|(i, r)| self.send(&iov[r.clone()]).err().map(|e| (i, e))).collect()
+    }
+
+    fn close(&self) {}
+
+    fn describe(&self) -> (&'static str, String) {
+        ("gate", "gate0".into())
+    }
+}
+
+/// Issue 12 point 4: a guest whose frame is stuck in a slow link send must not keep a port
+/// from being added, nor (through that waiting add) every other guest from sending.
+#[test]
+fn a_sender_stuck_in_a_link_send_blocks_neither_a_port_add_nor_the_other_senders() {
+    use std::sync::mpsc::channel;
+    use std::time::Duration;
+    let (entered_tx, entered) = channel();
+    let gate = Arc::new(GateLink { entered: Mutex::new(Some(entered_tx)), open: Mutex::new(false), opened: Default::default() });
+    let mut rx_c = GuestRing::new();
+    rx_c.post_rx(8);
+    let mut link = Port::new(1, "slow", PortKind::Uplink);
+    link.link = Some(gate.clone());
+    link.connected.store(true, Ordering::Relaxed);
+    let lan = Lan::switch(vec![
+        Port::new(0, "a", PortKind::Vhost),
+        link,
+        Port::new(2, "b", PortKind::Vhost),
+        guest_port(3, &rx_c, RxCaps::FULL),
+    ]);
+    lan.net.macs.lock().unwrap().learn(C, 3, lan.net.now_ms());
+
+    // Guest A floods a frame: the slow link's send takes it and does not return.
+    let mut tx_a = GuestRing::new();
+    tx_a.post_tx(VnetHeader::default(), &numbered(A, NOBODY, 1));
+    let net = lan.net.clone();
+    let stuck = std::thread::spawn(move || {
+        let a = net.port_by_id(0).unwrap();
+        process_tx(&net, &a, &tx_a.vring, &tx_a.mem.memory(), HDR_LEN, false, &mut TxScratch::default());
+    });
+    entered.recv_timeout(Duration::from_secs(10)).expect("guest A's frame reaches the slow link");
+
+    // The control socket adds a port meanwhile.
+    let (added_tx, added) = channel();
+    let net = lan.net.clone();
+    std::thread::spawn(move || {
+        let p = net.ports.add(|id, _| Ok::<_, ()>(Port::new(id, "new", PortKind::Vhost))).unwrap();
+        let _ = added_tx.send(p.id);
+    });
+    assert_eq!(added.recv_timeout(Duration::from_secs(10)), Ok(4), "the port add waits for nobody");
+
+    // Guest B sends to guest C meanwhile.
+    let mut tx_b = GuestRing::new();
+    tx_b.post_tx(VnetHeader::default(), &numbered(B, C, 2));
+    let (sent_tx, sent) = channel();
+    let net = lan.net.clone();
+    std::thread::spawn(move || {
+        let b = net.port_by_id(2).unwrap();
+        let _ = sent_tx.send(process_tx(&net, &b, &tx_b.vring, &tx_b.mem.memory(), HDR_LEN, false, &mut TxScratch::default()));
+    });
+    assert_eq!(sent.recv_timeout(Duration::from_secs(10)), Ok(1), "guest B's sending waits for nobody");
+    let got = rx_c.received();
+    assert!(got.iter().any(|s| s.frame == numbered(B, C, 2)), "guest C got B's frame");
+
+    *gate.open.lock().unwrap() = true;
+    gate.opened.notify_all();
+    stuck.join().unwrap();
+    assert!(lan.net.port("new").is_some(), "the added port is listed");
 }

@@ -64,11 +64,10 @@ pub fn guest_port(id: PortId, p: &PortConfig, has_gateway: bool, tap: Option<Arc
 
 /// The switch port of a network's uplink (always "connected"; the uplink itself knows whether
 /// its interface is there).
-pub fn uplink_port(net: &Network, up: Arc<Uplink>) -> Port {
-    let id = net.ports.read().unwrap_or_else(|e| e.into_inner()).len();
+pub fn uplink_port(id: PortId, routed: bool, up: Arc<Uplink>) -> Port {
     let mut port = Port::new(id, format!("uplink:{}", up.ifname), PortKind::Uplink);
     port.connected = AtomicBool::new(true);
-    port.routed = net.router.is_some();
+    port.routed = routed;
     port.link = Some(up);
     port
 }

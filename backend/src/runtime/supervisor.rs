@@ -113,15 +113,14 @@ impl Supervisor {
         let built = build::network(n, self.state_dir.as_deref(), &taps);
         let net = Arc::new(built.net);
         let mut links: HashMap<usize, Arc<Uplink>> = HashMap::new();
-        for port in net.ports.read().unwrap_or_else(|e| e.into_inner()).iter() {
+        for port in net.ports.snapshot().iter() {
             if let Some(t) = taps.get(&port.name).filter(|_| port.kind == PortKind::Tap) {
                 links.insert(port.id, t.clone());
             }
         }
         if let Some(up) = uplink {
-            let port = Arc::new(build::uplink_port(&net, up.clone()));
+            let port = net.ports.add(|id, _| Ok::<_, StartError>(build::uplink_port(id, net.router.is_some(), up.clone())))?;
             links.insert(port.id, up);
-            net.ports.write().unwrap_or_else(|e| e.into_inner()).push(port);
         }
         if let (Some(gw), Some(dns)) = (net.gateway, built.dns) {
             if let Some(f) = dns.forwarder.clone() {
@@ -131,7 +130,7 @@ impl Supervisor {
             let (inject, tcp) = (Inject::new(net.clone()), dns.tcp.clone());
             spawn(format!("dns-tcp-{}", net.name), move || tcp.run(inject, gw, dns))?;
         }
-        let ports = net.ports.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let ports = net.ports.snapshot().to_vec();
         let mut listeners = listeners.into_iter();
         for port in ports {
             match links.remove(&port.id) {
@@ -172,25 +171,39 @@ impl Supervisor {
         {
             return Err(PortError::SocketTaken(p.socket.clone()));
         }
-        let mut ports = net.ports.write().unwrap_or_else(|e| e.into_inner());
-        if ports.iter().any(|q| q.name == p.name && !q.removed.load(Ordering::Acquire)) {
-            return Err(duplicate());
+        // The tap or socket is opened before the port is listed, outside the port list's
+        // writers' lock: nothing a sender waits for is held across a system call.
+        let tap = match &p.tap {
+            Some(tap) => Some(Arc::new(open_tap(&net.name, tap)?)),
+            None => None,
+        };
+        let listener = if p.tap.is_none() && p.mode == PortMode::Server { Some(bind_socket(&p)?) } else { None };
+        let added = net.ports.add(|id, ports| {
+            if ports.iter().any(|q| q.name == p.name && !q.removed.load(Ordering::Acquire)) {
+                return Err(duplicate());
+            }
+            Ok(build::guest_port(id, &p, net.gateway.is_some(), tap.clone()))
+        });
+        let port = match added {
+            Ok(port) => port,
+            Err(e) => {
+                // Another add of the same name won the race: what was opened for this one goes.
+                if listener.is_some() {
+                    let _ = std::fs::remove_file(&p.socket);
+                }
+                return Err(e);
+            }
+        };
+        match tap {
+            Some(up) => {
+                self.run_link(net, port.clone(), up)?;
+                info!(network = %net.name, port = %p.name, "tap port added");
+            }
+            None => {
+                self.serve(net, port.clone(), listener)?;
+                info!(network = %net.name, port = %p.name, socket = %p.socket.display(), "port added");
+            }
         }
-        if let Some(tap) = &p.tap {
-            let up = Arc::new(open_tap(&net.name, tap)?);
-            let port = Arc::new(build::guest_port(ports.len(), &p, net.gateway.is_some(), Some(up.clone())));
-            ports.push(port.clone());
-            drop(ports);
-            self.run_link(net, port.clone(), up)?;
-            info!(network = %net.name, port = %p.name, "tap port added");
-            return Ok(port);
-        }
-        let listener = if p.mode == PortMode::Server { Some(bind_socket(&p)?) } else { None };
-        let port = Arc::new(build::guest_port(ports.len(), &p, net.gateway.is_some(), None));
-        ports.push(port.clone());
-        drop(ports);
-        self.serve(net, port.clone(), listener)?;
-        info!(network = %net.name, port = %p.name, socket = %p.socket.display(), "port added");
         Ok(port)
     }
 

@@ -22,7 +22,10 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::RwLock;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use std::time::Duration;
 
 use tracing::{info, warn};
@@ -38,6 +41,9 @@ pub const BATCH: usize = 32;
 const BUF_LEN: usize = 65536 + HDR_LEN_LEGACY + 64;
 /// How often an idle uplink checks its interface.
 const WATCH: Duration = Duration::from_secs(1);
+
+/// The longest `close` waits for the RX thread to let go of the descriptor.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 const MACVLAN_MODE_BRIDGE: u32 = 4;
 const MACVLAN_MODE_PASSTHRU: u32 = 8;
@@ -60,7 +66,13 @@ pub struct Uplink {
     mac: Option<Mac>,
     /// macvtap mode: passthru (all of the parent's frames, for bridged guests) or bridge.
     macvtap_mode: u32,
-    pub(super) io: RwLock<Option<Io>>,
+    /// The open descriptor, None while closed. Taken without a lock: the RX thread keeps
+    /// its own reference across `poll`, a sender for one write, and neither ever waits for
+    /// the other or for `close` (a lock held across `poll` made `close` wait behind the RX
+    /// thread, and a send from the RX thread's router tick then wait behind `close`).
+    pub(super) io: ArcSwapOption<Io>,
+    /// Written by `close` to wake the RX thread out of `poll`, so it lets go of the descriptor.
+    pub(super) wake: EventFd,
     pub(super) link_up: AtomicBool,
 }
 
@@ -236,7 +248,8 @@ impl Uplink {
             parent,
             mac: cfg.mac,
             macvtap_mode: if cfg.own_mac { MACVLAN_MODE_BRIDGE } else { MACVLAN_MODE_PASSTHRU },
-            io: RwLock::new(None),
+            io: ArcSwapOption::empty(),
+            wake: EventFd::new(EFD_NONBLOCK).map_err(|e| UplinkError::Open { name: cfg.interface.clone(), reason: e.to_string() })?,
             link_up: AtomicBool::new(true),
         };
         let lower = up.parent.as_deref().unwrap_or(&up.ifname);
@@ -245,7 +258,7 @@ impl Uplink {
         }
         let io = up.open_io().map_err(|e| UplinkError::Open { name: up.ifname.clone(), reason: crate::config::io_reason(&e) })?;
         info!(network = %network, "uplink {} {} ready ({})", cfg.kind.name(), up.ifname, if io.hdr_len > 0 { "offloads on" } else { "no vnet header: TSO segmented in software" });
-        *up.io.write().unwrap_or_else(|e| e.into_inner()) = Some(io);
+        up.io.store(Some(Arc::new(io)));
         Ok(up)
     }
 
@@ -259,11 +272,11 @@ impl Uplink {
 
     /// Whether the uplink's interface is still the one it opened; logs changes once.
     pub(super) fn watch(&self, network: &str) -> bool {
-        let current = self.io.read().unwrap_or_else(|e| e.into_inner()).as_ref().map(|io| io.ifindex);
+        let current = self.io.load().as_ref().map(|io| io.ifindex);
         let Some(index) = current else { return false };
         if ifindex(&self.ifname) != Some(index) {
             warn!(network = %network, "uplink {}: the interface is gone; waiting for it to come back", self.ifname);
-            *self.io.write().unwrap_or_else(|e| e.into_inner()) = None;
+            self.io.store(None);
             return false;
         }
         let running = if_flags(&self.ifname).map(|f| f & (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short != 0).unwrap_or(false);
@@ -287,7 +300,7 @@ impl Uplink {
             Ok(io) => {
                 info!(network = %network, "uplink {}: back", self.ifname);
                 self.link_up.store(true, Ordering::Relaxed);
-                *self.io.write().unwrap_or_else(|e| e.into_inner()) = Some(io);
+                self.io.store(Some(Arc::new(io)));
             }
             Err(e) => warn!(network = %network, "uplink {}: cannot reopen yet: {e}", self.ifname),
         }
@@ -298,8 +311,7 @@ impl HostLink for Uplink {
     /// What the uplink accepts, as a receiver: everything with a vnet header (the kernel
     /// segments what it must), complete frames of at most the MTU without. None while closed.
     fn caps(&self) -> Option<RxCaps> {
-        let io = self.io.read().unwrap_or_else(|e| e.into_inner());
-        let hdr_len = io.as_ref()?.hdr_len;
+        let hdr_len = self.io.load().as_ref()?.hdr_len;
         let offloads = hdr_len > 0;
         Some(RxCaps { csum: offloads, tso4: offloads, tso6: offloads, mrg_rxbuf: false, hdr_len })
     }
@@ -307,7 +319,7 @@ impl HostLink for Uplink {
     /// Sends one frame given as an iovec list (the vnet header first when the uplink has
     /// one). Never blocks: a full socket buffer drops the frame.
     fn send(&self, iov: &[libc::iovec]) -> Result<(), DropReason> {
-        let io = self.io.read().unwrap_or_else(|e| e.into_inner());
+        let io = self.io.load();
         let Some(io) = io.as_ref() else { return Err(DropReason::PortDown) };
         // SAFETY: the iovecs point at memory the caller keeps alive for this call.
         let n = unsafe { libc::writev(io.fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
@@ -329,7 +341,7 @@ impl HostLink for Uplink {
     /// Sends several frames with `sendmmsg`; `spans` are each frame's iovecs within `iov`.
     /// Returns the frames (by index in `spans`) that did not go, and why.
     fn send_batch(&self, iov: &mut [libc::iovec], spans: &[std::ops::Range<usize>]) -> Vec<(usize, DropReason)> {
-        let io = self.io.read().unwrap_or_else(|e| e.into_inner());
+        let io = self.io.load();
         let Some(io) = io.as_ref() else { return (0..spans.len()).map(|i| (i, DropReason::PortDown)).collect() };
         let mut msgs: Vec<libc::mmsghdr> = spans
             .iter()
@@ -364,7 +376,15 @@ impl HostLink for Uplink {
     /// Closes the uplink for good (its port or network was removed); a tap vunet made goes
     /// away with its descriptor.
     fn close(&self) {
-        *self.io.write().unwrap_or_else(|e| e.into_inner()) = None;
+        let Some(io) = self.io.swap(None) else { return };
+        let _ = self.wake.write(1);
+        // The descriptor closes when its last holder lets go: the RX thread (woken above, it
+        // drops its reference at once) and a sender in the middle of one write. Waiting for
+        // them, briefly, makes closing synchronous: the same tap can be made again at once.
+        let until = std::time::Instant::now() + CLOSE_WAIT;
+        while Arc::strong_count(&io) > 1 && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     fn describe(&self) -> (&'static str, String) {
@@ -377,4 +397,75 @@ pub fn macvtap_name(network: &str) -> String {
     let mut n = format!("vu{network}");
     n.truncate(15);
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::sync::mpsc::channel;
+
+    use super::*;
+
+    /// A tap-kind uplink over one end of a socket pair; the other end is returned.
+    fn over_socketpair() -> (Arc<Uplink>, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair fills two descriptors we then own.
+        assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) }, 0);
+        let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let up = Uplink {
+            kind: UplinkKind::Tap,
+            ifname: "test0".into(),
+            parent: None,
+            mac: None,
+            macvtap_mode: MACVLAN_MODE_BRIDGE,
+            io: ArcSwapOption::from_pointee(Io { fd: ours, hdr_len: 0, ifindex: 0 }),
+            wake: EventFd::new(EFD_NONBLOCK).unwrap(),
+            link_up: AtomicBool::new(true),
+        };
+        (Arc::new(up), theirs)
+    }
+
+    fn frame_iov(frame: &[u8]) -> [libc::iovec; 1] {
+        [libc::iovec { iov_base: frame.as_ptr() as *mut libc::c_void, iov_len: frame.len() }]
+    }
+
+    /// Issue 12 point 5: the RX thread holds the descriptor across `poll` and then sends (its
+    /// router's timers do) while `close` is waiting; nothing may wait in a cycle. Before, the
+    /// RX thread held the read lock across `poll`, `close` queued for the write lock, and the
+    /// RX thread's own send queued behind `close`: a deadlock.
+    #[test]
+    fn close_and_a_send_from_the_rx_thread_never_wait_on_each_other() {
+        let (up, peer) = over_socketpair();
+        // What the RX thread holds while it polls.
+        let held = up.io.load_full().unwrap();
+        let (closed_tx, closed) = channel();
+        let closer = up.clone();
+        std::thread::spawn(move || {
+            closer.close();
+            let _ = closed_tx.send(());
+        });
+        // Wait until `close` took the descriptor out (it then waits for the holder).
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while up.io.load().is_some() && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The RX thread's router tick sends now: it must return, not wait for `close`.
+        let (sent_tx, sent) = channel();
+        let sender = up.clone();
+        std::thread::spawn(move || {
+            let f = [0u8; 60];
+            let _ = sent_tx.send(sender.send(&frame_iov(&f)));
+        });
+        assert_eq!(sent.recv_timeout(Duration::from_secs(10)), Ok(Err(DropReason::PortDown)), "a send while closing returns");
+        // `close` woke the RX thread; it lets go, and `close` returns with the descriptor closed.
+        let mut v = 0u64;
+        // SAFETY: reading 8 bytes from our eventfd into a u64.
+        assert_eq!(unsafe { libc::read(up.wake.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) }, 8, "close woke the RX thread");
+        drop(held);
+        closed.recv_timeout(Duration::from_secs(10)).expect("close returns once the RX thread let go");
+        let mut b = [0u8; 1];
+        // SAFETY: a one-byte read into our buffer; the peer's end sees the close as end of file.
+        let n = unsafe { libc::recv(peer.as_raw_fd(), b.as_mut_ptr() as *mut libc::c_void, 1, libc::MSG_DONTWAIT) };
+        assert_eq!(n, 0, "the descriptor is closed when close returns");
+    }
 }

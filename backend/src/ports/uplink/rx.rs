@@ -41,19 +41,27 @@ pub fn run(mut inject: Inject, port: Arc<Port>, up: Arc<Uplink>) {
                 up.try_reopen(&net.name);
             }
         }
-        let guard = up.io.read().unwrap_or_else(|e| e.into_inner());
-        let Some(io) = guard.as_ref() else {
-            drop(guard);
+        // The RX thread's own reference to the descriptor: no lock is held across `poll` or
+        // the router's work, so `close` and the senders never wait for this thread.
+        let Some(io) = up.io.load_full() else {
             std::thread::sleep(WATCH);
             continue;
         };
         let fd = io.fd.as_raw_fd();
         let hdr_len = io.hdr_len;
-        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        let mut pfd = [
+            libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: up.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
         // A router has timers (ARP retries, expiry) to run between frames.
         let timeout = if net.router.is_some() { ROUTER_TICK } else { WATCH };
-        // SAFETY: one valid pollfd.
-        let ready = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+        // SAFETY: two valid pollfds.
+        let ready = unsafe { libc::poll(pfd.as_mut_ptr(), 2, timeout.as_millis() as i32) };
+        if pfd[1].revents != 0 {
+            // `close` asks for the descriptor: let go of it and look at why.
+            let _ = up.wake.read();
+            continue;
+        }
         if net.router.is_some() {
             if !announced {
                 announced = true;
@@ -68,14 +76,14 @@ pub fn run(mut inject: Inject, port: Arc<Port>, up: Arc<Uplink>) {
                 }
             }
         }
-        if ready <= 0 {
+        if ready <= 0 || pfd[0].revents == 0 {
             continue;
         }
         let got = match up.kind {
             UplinkKind::AfPacket => recv_packets(fd, &mut bufs, &mut lens, &mut outgoing),
             _ => read_frames(fd, &mut bufs, &mut lens),
         };
-        drop(guard);
+        drop(io);
         match got {
             Ok(n) if net.router.is_some() => {
                 // The host's own transmissions on the interface are not for the router.
@@ -108,7 +116,7 @@ pub fn run(mut inject: Inject, port: Arc<Port>, up: Arc<Uplink>) {
             Err(e) => {
                 // The interface went away under the socket (ENETDOWN, EBADFD...).
                 warn!(network = %net.name, "uplink {}: {e}; reopening when the interface is back", up.ifname);
-                *up.io.write().unwrap_or_else(|e| e.into_inner()) = None;
+                up.io.store(None);
             }
         }
     }

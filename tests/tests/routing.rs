@@ -265,3 +265,42 @@ fn nat_through_a_macvtap_uplink() {
     assert_eq!(nets[0]["uplink_address"], "10.9.0.50/24");
     assert!(nets[0]["uplink"].as_str().is_some_and(|u| u.starts_with("macvtap")), "{nets}");
 }
+
+/// Issue 12 point 8: a tap port of a nat network is a port like a guest's. The host behind it
+/// leases an address from the gateway's DHCP server and reaches the LAN through the NAT.
+/// (Before, the tap's frames went to the router as if they came from the LAN, so DHCP got no
+/// answer, and the tap's thread ran a second copy of the router's timers.)
+#[test]
+fn a_tap_port_of_a_nat_network_leases_and_reaches_the_lan_like_a_guest() {
+    let dir = TempDir::new("nat-tap");
+    let d = dir.path();
+    let host = Netns::new("rtt-h");
+    let lan = Netns::new("rtt-l");
+    veth(&host, "up0", &lan, "lan0");
+    lan.run("ip addr add 10.9.0.1/24 dev lan0");
+    let cfg = d.join("vunet.toml");
+    std::fs::write(
+        &cfg,
+        "[[network]]\nname = \"default\"\nmode = \"nat\"\ngateway = \"192.168.122.1/24\"\n\
+         [network.dhcp]\nrange = [\"192.168.122.100\", \"192.168.122.150\"]\n\
+         [network.uplink]\nkind = \"af-packet\"\ninterface = \"up0\"\naddress = \"10.9.0.50/24\"\nrouter = \"10.9.0.1\"\n\
+         [[network.port]]\nname = \"host\"\nkind = \"tap\"\ninterface = \"vutp0\"\n",
+    )
+    .unwrap();
+    let vunet = host.vunet(&["--config", cfg.to_str().unwrap()], &d.join("vunet.log"));
+    let out = host.try_run("busybox udhcpc -i vutp0 -n -q -f -t 5 -T 1 -s /bin/true 2>&1");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let ip = text
+        .lines()
+        .find_map(|l| l.split("lease of ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|a| a.parse::<Ipv4Addr>().ok()))
+        .unwrap_or_else(|| panic!("the host on the tap port got no lease:\n{text}\nvunet:\n{}", vunet.console.text()));
+    assert!((Ipv4Addr::new(192, 168, 122, 100)..=Ipv4Addr::new(192, 168, 122, 150)).contains(&ip), "{text}");
+    host.run(&format!("ip addr add {ip}/24 dev vutp0 && ip route add 10.9.0.0/24 via 192.168.122.1"));
+    let ping = host.try_run("busybox ping -c 3 -W 3 10.9.0.1");
+    assert!(
+        ping.status.success(),
+        "the LAN answers the tap host's ping through NAT:\n{}\nvunet:\n{}",
+        String::from_utf8_lossy(&ping.stdout),
+        vunet.console.text()
+    );
+}

@@ -14,7 +14,7 @@ use vunet_switch::Mac;
 
 use super::{Uplink, BATCH, BUF_LEN, WATCH};
 use crate::config::UplinkKind;
-use crate::datapath::{HostLink, Inject, Port};
+use crate::datapath::{HostLink, Inject, Port, PortKind};
 
 /// Reads frames from the uplink and switches them, for the life of the network.
 pub fn run(mut inject: Inject, port: Arc<Port>, up: Arc<Uplink>) {
@@ -24,8 +24,12 @@ pub fn run(mut inject: Inject, port: Arc<Port>, up: Arc<Uplink>) {
     let mut outgoing = [false; BATCH];
     let mut last_watch = Instant::now();
     let mut announced = false;
+    // The uplink of a nat or route network feeds the router and runs its timers; a tap port
+    // is a port like a guest's (its frames are switched, and routed by the gateway only when
+    // they are addressed to it), whatever the network's mode.
+    let routes = net.router.is_some() && port.kind == PortKind::Uplink;
     // A routed network with `address = "dhcp"` leases its uplink address here.
-    let mut dhcp = net.router.as_ref().filter(|_| net.uplink_dhcp).map(|r| {
+    let mut dhcp = net.router.as_ref().filter(|_| net.uplink_dhcp && routes).map(|r| {
         let mac = r.lock().unwrap_or_else(|e| e.into_inner()).cfg.outside_mac;
         let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.subsec_nanos()) ^ std::process::id();
         (mac, vunet_dhcp::client::DhcpClient::new(mac, seed))
@@ -54,7 +58,7 @@ pub fn run(mut inject: Inject, port: Arc<Port>, up: Arc<Uplink>) {
             libc::pollfd { fd: up.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
         // A router has timers (ARP retries, expiry) to run between frames.
-        let timeout = if net.router.is_some() { ROUTER_TICK } else { WATCH };
+        let timeout = if routes { ROUTER_TICK } else { WATCH };
         // SAFETY: two valid pollfds.
         let ready = unsafe { libc::poll(pfd.as_mut_ptr(), 2, timeout.as_millis() as i32) };
         if pfd[1].revents != 0 {
@@ -62,7 +66,7 @@ pub fn run(mut inject: Inject, port: Arc<Port>, up: Arc<Uplink>) {
             let _ = up.wake.read();
             continue;
         }
-        if net.router.is_some() {
+        if routes {
             if !announced {
                 announced = true;
                 announce(&mut inject);
@@ -85,7 +89,7 @@ pub fn run(mut inject: Inject, port: Arc<Port>, up: Arc<Uplink>) {
         };
         drop(io);
         match got {
-            Ok(n) if net.router.is_some() => {
+            Ok(n) if routes => {
                 // The host's own transmissions on the interface are not for the router.
                 let mut frames: Vec<&mut [u8]> = bufs[..n]
                     .iter_mut()

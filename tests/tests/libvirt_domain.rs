@@ -174,12 +174,15 @@ fn libvirt_domain_on_a_vunet_port_leases_and_pings_the_gateway() {
     // Declared before the guard, so removed after the domain is gone.
     let dir = TempDir::new("libvirt");
     let mut cleanup = Cleanup { domain: None, daemons: Vec::new() };
-    let started = ok(Command::new("bash").arg(root.join("scripts/start-libvirtd.sh")));
-    for line in started.lines() {
+    // The daemons it started are recorded before its status is looked at, so a libvirtd that
+    // fails to come up does not leave the virtlogd started for it running.
+    let started = run(Command::new("bash").arg(root.join("scripts/start-libvirtd.sh")));
+    for line in String::from_utf8_lossy(&started.stdout).lines() {
         if let ["started", name, pid] = line.split_whitespace().collect::<Vec<_>>()[..] {
             cleanup.daemons.push((name.to_string(), pid.parse().expect("pid")));
         }
     }
+    assert!(started.status.success(), "scripts/start-libvirtd.sh failed:\n{}", String::from_utf8_lossy(&started.stderr));
 
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     // vunet's own directory: its user's, entered by the socket group only (libvirt's QEMU

@@ -3,6 +3,8 @@
 # everything is present. Usage: scripts/install-deps.sh [--bench]
 set -euo pipefail
 pkgs=(qemu-system-x86 busybox-static iperf3 cpio dnsmasq-base isc-dhcp-client iproute2 tshark systemd)
+# libvirt's system daemon for tests/tests/libvirt_domain.rs (scripts/start-libvirtd.sh starts it).
+pkgs+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
 [ "${1:-}" = "--bench" ] && pkgs+=(dpdk-dev bridge-utils)
 missing=()
 for p in "${pkgs[@]}"; do

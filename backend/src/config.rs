@@ -64,6 +64,19 @@ pub struct PortConfig {
     /// virtio-net queue pairs offered to the guest (1 to 8; QEMU: `-netdev
     /// vhost-user,...,queues=N` and `-device virtio-net-pci,mq=on`).
     pub queues: u16,
+    /// A server-mode socket's file mode (`socket_mode`, the port's or else its network's);
+    /// `None`: 0660 with a group, else 0600.
+    pub socket_mode: Option<u32>,
+    /// The group a server-mode socket is given (`socket_group`, resolved to a gid), so that a
+    /// VMM running as another user (libvirt's `libvirt-qemu`) can connect.
+    pub socket_group: Option<u32>,
+}
+
+impl PortConfig {
+    /// The mode a server-mode socket is bound with.
+    pub fn effective_socket_mode(&self) -> u32 {
+        self.socket_mode.unwrap_or(if self.socket_group.is_some() { 0o660 } else { 0o600 })
+    }
 }
 
 /// `[network.dns]`: the gateway's DNS service (on whenever the network has a gateway).
@@ -159,6 +172,10 @@ pub struct NetworkConfig {
     pub uplink: Option<UplinkConfig>,
     /// Set for `nat` and `route` networks with an uplink.
     pub routing: Option<RoutingConfig>,
+    /// The network's `socket_mode`/`socket_group`: what its server-mode guest ports (those
+    /// added at run time too) get unless a port sets its own.
+    pub socket_mode: Option<u32>,
+    pub socket_group: Option<u32>,
     pub ports: Vec<PortConfig>,
 }
 
@@ -206,6 +223,8 @@ struct RawNetwork {
     firewall_default: Option<Spanned<String>>,
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
+    socket_mode: Option<Spanned<toml::Value>>,
+    socket_group: Option<Spanned<toml::Value>>,
     #[serde(default)]
     port: Vec<Spanned<RawPort>>,
 }
@@ -301,6 +320,8 @@ struct RawPort {
     mac: Option<Spanned<String>>,
     port_security: Option<bool>,
     queues: Option<Spanned<i64>>,
+    socket_mode: Option<Spanned<toml::Value>>,
+    socket_group: Option<Spanned<toml::Value>>,
 }
 
 struct Ctx<'a> {
@@ -315,6 +336,54 @@ impl Ctx<'_> {
     }
     fn err(&self, span: Range<usize>, msg: impl Into<String>) -> ConfigError {
         ConfigError::At { file: self.file.to_string(), line: self.line_of(span), msg: msg.into() }
+    }
+}
+
+/// `socket_mode`: an octal string ("0660") or a TOML octal integer (0o660), permission bits
+/// only (no setuid, setgid or sticky bit).
+fn parse_socket_mode(cx: &Ctx, v: &Spanned<toml::Value>) -> Result<u32, ConfigError> {
+    let mode = match v.get_ref() {
+        toml::Value::String(s) => {
+            let digits = s.strip_prefix("0o").unwrap_or(s);
+            (!digits.is_empty() && digits.len() <= 4).then(|| u32::from_str_radix(digits, 8).ok()).flatten()
+        }
+        toml::Value::Integer(i) => u32::try_from(*i).ok(),
+        _ => None,
+    };
+    mode.filter(|m| *m <= 0o777)
+        .ok_or_else(|| cx.err(v.span(), format!("invalid socket_mode {} (an octal mode such as \"0660\", at most 0777)", v.get_ref())))
+}
+
+/// `socket_group`: a group name of this host, or a numeric gid.
+fn parse_socket_group(cx: &Ctx, v: &Spanned<toml::Value>) -> Result<u32, ConfigError> {
+    match v.get_ref() {
+        toml::Value::String(name) => group_id(name)
+            .or_else(|| name.parse::<u32>().ok().filter(|g| *g != u32::MAX))
+            .ok_or_else(|| cx.err(v.span(), format!("unknown socket_group {name:?} (no such group on this host)"))),
+        toml::Value::Integer(g) => u32::try_from(*g)
+            .ok()
+            .filter(|g| *g != u32::MAX)
+            .ok_or_else(|| cx.err(v.span(), format!("invalid socket_group {g} (a group name or a gid)"))),
+        other => Err(cx.err(v.span(), format!("invalid socket_group {other} (a group name or a gid)"))),
+    }
+}
+
+/// The gid of the group `name` on this host (getgrnam_r: a reload may parse while other
+/// threads run).
+pub fn group_id(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // SAFETY: all-zero bytes are a valid `struct group` (null pointers, zero gid).
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer points at memory owned here, `buf` for `buf.len()` bytes.
+        let rc = unsafe { libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr().cast(), buf.len(), &mut result) };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 4, 0);
+            continue;
+        }
+        return (rc == 0 && !result.is_null()).then_some(grp.gr_gid);
     }
 }
 
@@ -859,6 +928,8 @@ impl Config {
                 Some(r) if u.kind == UplinkKind::Macvtap => UplinkConfig { mac: Some(r.mac), ..u },
                 _ => u,
             });
+            let net_socket_mode = n.socket_mode.as_ref().map(|m| parse_socket_mode(&cx, m)).transpose()?;
+            let net_socket_group = n.socket_group.as_ref().map(|g| parse_socket_group(&cx, g)).transpose()?;
             let mut ports = Vec::new();
             let mut port_names = HashSet::new();
             for p in n.port {
@@ -947,9 +1018,43 @@ impl Config {
                     Some(q) => *q.get_ref() as u16,
                     None => 1,
                 };
-                ports.push(PortConfig { name: pname, socket, tap, mode, mac, port_security: p.port_security, queues });
+                // Only a socket vunet binds has a mode and group of vunet's choosing: QEMU creates
+                // a client-mode port's socket.
+                if let Some(v) = p.socket_mode.as_ref().or(p.socket_group.as_ref()).filter(|_| tap.is_some() || mode == PortMode::Client) {
+                    return Err(cx.err(
+                        v.span(),
+                        format!("port {pname:?}: socket_mode and socket_group are for server-mode vhost-user ports (the VMM creates a client-mode port's socket)"),
+                    ));
+                }
+                let socket_mode = p.socket_mode.as_ref().map(|m| parse_socket_mode(&cx, m)).transpose()?.or(net_socket_mode);
+                let socket_group = p.socket_group.as_ref().map(|g| parse_socket_group(&cx, g)).transpose()?.or(net_socket_group);
+                ports.push(PortConfig {
+                    name: pname,
+                    socket,
+                    tap,
+                    mode,
+                    mac,
+                    port_security: p.port_security,
+                    queues,
+                    socket_mode,
+                    socket_group,
+                });
             }
-            networks.push(NetworkConfig { name, mode, gateway, mtu, busy_poll_us, workers, dhcp, dns, uplink, routing, ports });
+            networks.push(NetworkConfig {
+                name,
+                mode,
+                gateway,
+                mtu,
+                busy_poll_us,
+                workers,
+                dhcp,
+                dns,
+                uplink,
+                routing,
+                socket_mode: net_socket_mode,
+                socket_group: net_socket_group,
+                ports,
+            });
         }
         Ok(Config {
             state_dir: raw.state_dir.map(|p| base.join(p)),
@@ -974,6 +1079,8 @@ impl Config {
                 mac: None,
                 port_security: None,
                 queues: 1,
+                socket_mode: None,
+                socket_group: None,
             })
             .collect();
         Config {
@@ -997,6 +1104,8 @@ impl Config {
                 dns: DnsConfig::default(),
                 uplink: None,
                 routing: None,
+                socket_mode: None,
+                socket_group: None,
                 ports,
             }],
             warnings: vec![],
@@ -1276,6 +1385,85 @@ via = "10.10.12.10"
             assert!(e.starts_with(want), "{text:?}\n got: {e}\nwant: {want}");
             assert!(!e.contains('\n'), "one line: {e:?}");
         }
+    }
+
+    #[test]
+    fn socket_mode_and_group_per_network_with_port_overrides() {
+        let t = r#"
+[[network]]
+name = "a"
+mode = "bridge"
+socket_group = "nogroup"
+socket_mode = "0640"
+[[network.port]]
+name = "inherits"
+socket = "i.sock"
+[[network.port]]
+name = "own"
+socket = "o.sock"
+socket_mode = 0o600
+socket_group = 4242
+[[network.port]]
+name = "vmm-listens"
+socket = "c.sock"
+mode = "client"
+[[network]]
+name = "b"
+mode = "bridge"
+[[network.port]]
+name = "plain"
+socket = "p.sock"
+[[network.port]]
+name = "grouped"
+socket = "g.sock"
+socket_group = "4243"
+"#;
+        let c = parse(t).unwrap();
+        let nogroup = group_id("nogroup").expect("the host has a group nogroup");
+        let (a, b) = (&c.networks[0], &c.networks[1]);
+        assert_eq!((a.socket_mode, a.socket_group), (Some(0o640), Some(nogroup)), "network defaults kept for port-add");
+        let perms = |p: &PortConfig| (p.socket_mode, p.socket_group, p.effective_socket_mode());
+        assert_eq!(perms(&a.ports[0]), (Some(0o640), Some(nogroup), 0o640), "a port inherits its network's");
+        assert_eq!(perms(&a.ports[1]), (Some(0o600), Some(4242), 0o600), "a port's own win");
+        assert_eq!(perms(&b.ports[0]), (None, None, 0o600), "owner-only by default");
+        assert_eq!(perms(&b.ports[1]), (None, Some(4243), 0o660), "a group means owner and group by default");
+    }
+
+    #[test]
+    fn socket_mode_and_group_mistakes_name_the_line() {
+        let net = |extra: &str, port: &str| {
+            format!("[[network]]\nname = \"a\"\nmode = \"bridge\"\n{extra}[[network.port]]\nname = \"p\"\nsocket = \"p.sock\"\n{port}")
+        };
+        let cases = [
+            (
+                net("socket_group = \"no-such-group-here\"\n", ""),
+                "vunet.toml:4: unknown socket_group \"no-such-group-here\" (no such group on this host)",
+            ),
+            (net("", "socket_group = \"no-such-group-here\"\n"), "vunet.toml:7: unknown socket_group \"no-such-group-here\""),
+            (net("", "socket_group = -1\n"), "vunet.toml:7: invalid socket_group -1"),
+            (net("", "socket_group = true\n"), "vunet.toml:7: invalid socket_group true"),
+            (
+                net("socket_mode = \"0999\"\n", ""),
+                "vunet.toml:4: invalid socket_mode \"0999\" (an octal mode such as \"0660\", at most 0777)",
+            ),
+            (net("", "socket_mode = \"4755\"\n"), "vunet.toml:7: invalid socket_mode \"4755\""),
+            (net("", "socket_mode = 660\n"), "vunet.toml:7: invalid socket_mode 660"),
+            (net("", "socket_mode = \"\"\n"), "vunet.toml:7: invalid socket_mode \"\""),
+            (
+                net("", "mode = \"client\"\nsocket_mode = \"0660\"\n"),
+                "vunet.toml:8: port \"p\": socket_mode and socket_group are for server-mode vhost-user ports",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{text:?}\n got: {e}\nwant: {want}");
+            assert!(!e.contains('\n'), "one line: {e:?}");
+        }
+        let tap = "[[network]]\nname = \"a\"\nmode = \"bridge\"\n[[network.port]]\nname = \"t\"\nkind = \"tap\"\ninterface = \"t0\"\nsocket_group = \"nogroup\"\n";
+        assert!(parse(tap)
+            .unwrap_err()
+            .to_string()
+            .starts_with("vunet.toml:8: port \"t\": socket_mode and socket_group are for server-mode"));
     }
 
     #[test]

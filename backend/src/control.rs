@@ -148,7 +148,17 @@ pub fn answer(req: Request, shared: &Arc<Supervisor>) -> Result<Value, ControlEr
                 Some("client") => PortMode::Client,
                 Some(other) => return Err(ControlError::PortMode(other.to_string())),
             };
-            let cfg = PortConfig { name, socket: socket.unwrap_or_default(), tap: None, mode, mac, port_security: None, queues: 1 };
+            let cfg = PortConfig {
+                name,
+                socket: socket.unwrap_or_default(),
+                tap: None,
+                mode,
+                mac,
+                port_security: None,
+                queues: 1,
+                socket_mode: None,
+                socket_group: None,
+            };
             let port = shared.add_port(&net, cfg)?;
             Ok(port_info(&port))
         }

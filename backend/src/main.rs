@@ -452,8 +452,14 @@ fn print_summary(cfg: &Config) {
                 PortMode::Server => format!("-chardev socket,id=vu0,path={}", p.socket.display()),
                 PortMode::Client => format!("-chardev socket,id=vu0,path={},server=on,wait=off", p.socket.display()),
             };
+            // Who may connect to a socket vunet binds: QEMU run by another user needs the group.
+            let perms = match (p.mode, p.socket_group) {
+                (PortMode::Client, _) => String::new(),
+                (PortMode::Server, None) => format!(" (mode {:04o})", p.effective_socket_mode()),
+                (PortMode::Server, Some(g)) => format!(" (mode {:04o}, group {g})", p.effective_socket_mode()),
+            };
             println!(
-                "  port {} ({}): {}",
+                "  port {} ({}): {}{perms}",
                 p.name,
                 if p.mode == PortMode::Server { "vunet listens" } else { "vunet connects" },
                 p.socket.display()

@@ -425,6 +425,13 @@ fn check_refuses_broken_files_in_one_line() {
         &vunet(&["check", "--config", "/nonexistent/vunet.toml"]),
         "/nonexistent/vunet.toml: cannot read: No such file or directory",
     );
+    let sgroup = write(
+        "sgroup.toml",
+        "[[network]]\nname = \"n\"\nmode = \"bridge\"\nsocket_group = \"no-such-group-vunet\"\n[[network.port]]\nname = \"vm1\"\nsocket = \"vm1.sock\"\n",
+    );
+    let want = format!("{sgroup}:4: unknown socket_group \"no-such-group-vunet\" (no such group on this host)");
+    assert_user_error(&vunet(&["check", "--config", &sgroup]), &want);
+    assert_user_error(&vunet(&["run", "--config", &sgroup]), &want);
     let out = vunet(&["check"]);
     assert_eq!(out.status.code(), Some(2), "--config is required");
 }
@@ -437,7 +444,7 @@ fn check_before_a_reload_starts_nothing_and_passes_sockets_in_use() {
     std::fs::write(&f, one).unwrap();
     let fs = f.to_str().unwrap();
     let out = vunet(&["check", "--config", fs]);
-    assert_checks(&out, &f, &format!("port vm1 (vunet listens): {}", d.join("vm1.sock").display()));
+    assert_checks(&out, &f, &format!("port vm1 (vunet listens): {} (mode 0600)", d.join("vm1.sock").display()));
     assert_eq!(vunet(&["run", "--check", "--config", fs]).stdout, out.stdout, "run --check is check");
     assert!(!d.join("vm1.sock").exists() && !d.join("control.sock").exists(), "a check binds nothing");
 

@@ -169,6 +169,26 @@ impl Drop for VunetProcess {
     }
 }
 
+/// Writes `dir/initrd.gz`: the guest's initramfs with `script` as its /test.sh (the guest's
+/// /init runs it, prints `VUNET-TEST-EXIT <status>` and powers off). Creates `dir`.
+pub fn guest_initrd(dir: &Path, script: &str) -> PathBuf {
+    let img = guest_image();
+    std::fs::create_dir_all(dir.join("add")).expect("guest dir");
+    std::fs::write(dir.join("add/test.sh"), script).expect("test.sh");
+    let add = Command::new("sh")
+        .arg("-c")
+        .arg("cd add && echo test.sh | cpio -o -H newc --quiet | gzip -1")
+        .current_dir(dir)
+        .output()
+        .expect("cpio");
+    assert!(add.status.success(), "cpio failed: {}", String::from_utf8_lossy(&add.stderr));
+    let mut initrd = std::fs::read(&img.initrd).expect("initramfs");
+    initrd.extend_from_slice(&add.stdout);
+    let initrd_path = dir.join("initrd.gz");
+    std::fs::write(&initrd_path, initrd).expect("write initrd");
+    initrd_path
+}
+
 /// How the guest's vhost-user socket is set up on the QEMU side.
 #[derive(Clone, Debug)]
 pub enum Socket {
@@ -210,19 +230,7 @@ impl Guest {
         let img = guest_image();
         let dir = workdir.join(name);
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("add")).expect("guest dir");
-        std::fs::write(dir.join("add/test.sh"), script).expect("test.sh");
-        let add = Command::new("sh")
-            .arg("-c")
-            .arg("cd add && echo test.sh | cpio -o -H newc --quiet | gzip -1")
-            .current_dir(&dir)
-            .output()
-            .expect("cpio");
-        assert!(add.status.success(), "cpio failed: {}", String::from_utf8_lossy(&add.stderr));
-        let mut initrd = std::fs::read(&img.initrd).expect("initramfs");
-        initrd.extend_from_slice(&add.stdout);
-        let initrd_path = dir.join("initrd.gz");
-        std::fs::write(&initrd_path, initrd).expect("write initrd");
+        let initrd_path = guest_initrd(&dir, script);
         let chardev = match socket {
             Socket::Connect(p) => format!("socket,id=c0,path={}", p.display()),
             Socket::Listen(p) => format!("socket,id=c0,path={},server=on,wait=on", p.display()),

@@ -163,6 +163,13 @@ impl Supervisor {
         if p.socket.as_os_str().is_empty() && p.tap.is_none() {
             p.socket = self.socket_dir.join(format!("{}-{}.sock", net.name, p.name));
         }
+        // A port added at run time gets its network's socket_mode and socket_group.
+        if p.tap.is_none() && p.mode == PortMode::Server {
+            if let Some(nc) = self.configs.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|c| c.name == net.name) {
+                p.socket_mode = p.socket_mode.or(nc.socket_mode);
+                p.socket_group = p.socket_group.or(nc.socket_group);
+            }
+        }
         let duplicate = || PortError::Duplicate { network: net.name.clone(), port: p.name.clone() };
         if net.port(&p.name).is_some() {
             return Err(duplicate());

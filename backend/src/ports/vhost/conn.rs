@@ -2,6 +2,7 @@
 //! (client mode), and the thread that serves one VMM connection after another for as long as
 //! the port exists, each with a fresh device and vhost-user daemon behind the relay.
 
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -33,17 +34,56 @@ pub enum BindError {
     Listen { port: String, path: PathBuf, reason: String },
 }
 
-/// Binds a server-mode socket, refusing to steal one a live process is listening on and
-/// replacing a stale one left by a crash.
+/// Binds a server-mode socket with the port's mode and group, refusing to steal one a live
+/// process is listening on and replacing a stale one left by a crash.
 pub fn bind_socket(p: &PortConfig) -> Result<UnixListener, BindError> {
     let (path, port) = (&p.socket, p.name.clone());
-    if check_socket(p)? {
-        if UnixStream::connect(path).is_ok() {
-            return Err(BindError::SocketInUse { port, path: path.clone() });
-        }
-        let _ = std::fs::remove_file(path);
+    if check_socket(p)? && UnixStream::connect(path).is_ok() {
+        return Err(BindError::SocketInUse { port, path: path.clone() });
     }
-    UnixListener::bind(path).map_err(|e| BindError::Listen { port, path: path.clone(), reason: io_reason(&e) })
+    let listen = |reason: String| BindError::Listen { port: p.name.clone(), path: path.clone(), reason };
+    // The socket is bound in a private (0700) directory next to its path, given its group and
+    // mode there, and renamed into place (over a stale socket, atomically): it is never
+    // reachable with the process umask's permissions, and nothing is changed through a path
+    // another user could swap for a symlink. The directory is on the same file system, so
+    // the rename cannot fail for crossing one.
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let staging =
+        staging_dir(dir).map_err(|e| listen(format!("cannot create a private directory in {}: {}", dir.display(), io_reason(&e))))?;
+    let staged = staging.join("s");
+    let result = (|| {
+        let l = UnixListener::bind(&staged).map_err(|e| listen(io_reason(&e)))?;
+        if let Some(gid) = p.socket_group {
+            std::os::unix::fs::lchown(&staged, None, Some(gid))
+                .map_err(|e| listen(format!("cannot give the socket group {gid}: {}", io_reason(&e))))?;
+        }
+        // By path, but inside the private directory no one else can enter.
+        let mode = p.effective_socket_mode();
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| listen(format!("cannot set mode {mode:04o}: {}", io_reason(&e))))?;
+        std::fs::rename(&staged, path).map_err(|e| listen(io_reason(&e)))?;
+        Ok(l)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&staged);
+    }
+    let _ = std::fs::remove_dir(&staging);
+    result
+}
+
+/// A new private (0700) directory in `dir`, with a short name so that the staged socket's
+/// path stays within the 107 bytes a unix socket address holds.
+fn staging_dir(dir: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    use std::sync::atomic::AtomicU32;
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    loop {
+        let d = dir.join(format!(".vu{}.{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+        match std::fs::DirBuilder::new().mode(0o700).create(&d) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            r => return r.map(|()| d),
+        }
+    }
 }
 
 /// What `bind_socket` would refuse, found without binding or removing anything: a directory

@@ -50,8 +50,12 @@ fn fake_upstream() -> (u16, Arc<AtomicBool>, std::thread::JoinHandle<usize>) {
 }
 
 fn query(vm: &mut VmSim, src_ip: Ipv4Addr, id: u16, name: &str, qtype: u16) -> (u16, Vec<Ipv4Addr>, Vec<String>) {
+    query_from(vm, A, src_ip, id, name, qtype)
+}
+
+fn query_from(vm: &mut VmSim, mac: [u8; 6], src_ip: Ipv4Addr, id: u16, name: &str, qtype: u16) -> (u16, Vec<Ipv4Addr>, Vec<String>) {
     let mut f = Vec::new();
-    build_udp(&mut f, A, gateway_mac("test"), src_ip, GW, 40000, 53, &build_query(id, name, qtype));
+    build_udp(&mut f, mac, gateway_mac("test"), src_ip, GW, 40000, 53, &build_query(id, name, qtype));
     vm.send(&f);
     loop {
         let (_, f) = vm.recv(T).unwrap_or_else(|| panic!("no answer for {name}"));
@@ -102,6 +106,48 @@ fn local_names_reverse_lookups_nxdomain_and_forwarding() {
     drop(d);
     stop_upstream.store(true, Ordering::Release);
     assert_eq!(upstream.join().unwrap(), 1, "exactly the one outside name went upstream");
+}
+
+/// DISCOVER and REQUEST from `mac` under host name `name`; the address leased.
+fn lease(vm: &mut VmSim, mac: [u8; 6], name: &str) -> Ipv4Addr {
+    let mut ip = None;
+    for (t, req) in [(MessageType::Discover, false), (MessageType::Request, true)] {
+        let msg = build_client_message(t, mac, 9, if req { ip } else { None }, req.then_some(GW), Some(name));
+        let mut f = Vec::new();
+        build_udp(&mut f, mac, [0xff; 6], Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST, CLIENT_PORT, SERVER_PORT, &msg);
+        vm.send(&f);
+        let reply = std::iter::from_fn(|| vm.recv(T)).find_map(|(_, f)| udp_payload(&f, CLIENT_PORT).map(|(_, p)| p.to_vec())).unwrap();
+        ip = reply_yiaddr(&reply);
+    }
+    ip.unwrap()
+}
+
+#[test]
+fn guests_cannot_take_configured_reserved_or_taken_names() {
+    const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xb];
+    const C: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xc];
+    let dir = TempDir::new("dns-names");
+    let extra = "[network.dhcp]\nrange = [\"10.0.0.100\", \"10.0.0.150\"]\nhosts = [{ mac = \"52:54:00:00:00:10\", ip = \"10.0.0.10\", name = \"web\" }]\n[network.dns]\nhosts = [{ name = \"files\", ip = \"10.0.0.50\" }]\nforwarders = []\n";
+    let (d, socks) = start_network_with(dir.path(), 3, "", extra);
+    let mut vms: Vec<VmSim> = socks.iter().map(|s| VmSim::connect(s, SimOptions::full()).unwrap()).collect();
+    for vm in &mut vms {
+        vm.post_rx(QUEUE_SIZE);
+    }
+    wait_network_ready(&d, "test");
+    let [a, b, c] = &mut vms[..] else { unreachable!() };
+    let ip_a = lease(a, A, "alpha");
+    let ip_b = lease(b, B, "alpha");
+    let ip_c = lease(c, C, "files");
+    assert_eq!(query_from(a, A, ip_a, 1, "alpha", QTYPE_A), (0, vec![ip_a], vec![]), "the first holder keeps its name");
+    assert_eq!(query_from(c, C, ip_c, 2, "files", QTYPE_A), (0, vec![Ipv4Addr::new(10, 0, 0, 50)], vec![]), "dns.hosts wins");
+    let o = ip_b.octets();
+    let rev = format!("{}.{}.{}.{}.in-addr.arpa", o[3], o[2], o[1], o[0]);
+    assert_eq!(query_from(b, B, ip_b, 3, &rev, QTYPE_PTR).0, 3, "the second guest has no name");
+    // Names that steer others' traffic, and the static host's.
+    for (i, name) in ["wpad", "isatap", "web"].iter().enumerate() {
+        let ip = lease(c, C, name);
+        assert!(!query_from(c, C, ip, 10 + i as u16, name, QTYPE_A).1.contains(&ip), "{name}");
+    }
 }
 
 #[test]

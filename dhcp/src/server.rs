@@ -58,12 +58,22 @@ pub struct Reply {
     pub msg_type: MessageType,
 }
 
+/// Names no DHCP client gets as its DNS name: they steer other hosts' traffic (proxy
+/// auto-discovery, IPv6 transition, the loopback, the gateway itself).
+pub const RESERVED_NAMES: &[&str] = &["localhost", "wpad", "isatap", "gateway", "_gateway"];
+
+/// At most this many refused names wait to be logged (`take_name_refusals`).
+const MAX_REFUSALS: usize = 64;
+
 #[derive(Clone, Debug)]
 struct Binding {
     ip: Ipv4Addr,
     expires: u64,
     bound: bool,
+    /// The client's DNS name (checked: nobody else holds it).
     hostname: Option<String>,
+    /// The last name this client asked for and did not get, so it is reported once.
+    refused_name: Option<String>,
 }
 
 pub struct DhcpServer {
@@ -71,6 +81,10 @@ pub struct DhcpServer {
     bindings: BTreeMap<Mac, Binding>,
     by_ip: BTreeMap<Ipv4Addr, Mac>,
     declined: BTreeMap<Ipv4Addr, u64>,
+    /// Names of the network's own (configured DNS hosts, the gateway's): never a client's.
+    reserved: Vec<String>,
+    /// Names refused since the last `take_name_refusals`, for the caller to log.
+    refusals: Vec<(Mac, String)>,
 }
 
 fn mask(prefix: u8) -> u32 {
@@ -83,7 +97,33 @@ fn mask(prefix: u8) -> u32 {
 
 impl DhcpServer {
     pub fn new(cfg: ServerConfig) -> Self {
-        DhcpServer { cfg, bindings: BTreeMap::new(), by_ip: BTreeMap::new(), declined: BTreeMap::new() }
+        DhcpServer {
+            cfg,
+            bindings: BTreeMap::new(),
+            by_ip: BTreeMap::new(),
+            declined: BTreeMap::new(),
+            reserved: Vec::new(),
+            refusals: Vec::new(),
+        }
+    }
+
+    /// Adds names that belong to the network itself (its configured DNS hosts): no client
+    /// gets them, and a client that holds one now (from a lease file) loses it.
+    pub fn reserve_names<I: IntoIterator<Item = String>>(&mut self, names: I) {
+        self.reserved.extend(names.into_iter().map(|n| n.to_ascii_lowercase()));
+        let reserved = std::mem::take(&mut self.reserved);
+        for b in self.bindings.values_mut() {
+            if b.hostname.as_ref().is_some_and(|h| reserved.contains(h)) {
+                b.refused_name = b.hostname.take();
+            }
+        }
+        self.reserved = reserved;
+    }
+
+    /// Host names refused to clients since the last call (taken by another client, or
+    /// reserved), each reported once per client and name.
+    pub fn take_name_refusals(&mut self) -> Vec<(Mac, String)> {
+        std::mem::take(&mut self.refusals)
     }
 
     pub fn config(&self) -> &ServerConfig {
@@ -139,8 +179,11 @@ impl DhcpServer {
         (lo..=hi).map(Ipv4Addr::from).find(|&ip| self.in_range(ip) && self.free_for(ip, mac, now))
     }
 
-    /// Records `ip` for `mac`, evicting an expired holder of that address.
-    fn bind(&mut self, mac: Mac, ip: Ipv4Addr, expires: u64, bound: bool, hostname: Option<String>) {
+    /// Records `ip` for `mac`, evicting an expired holder of that address. `hostname` is
+    /// the name the client asks for: it keeps it only if `dns_name` allows.
+    fn bind(&mut self, mac: Mac, ip: Ipv4Addr, expires: u64, bound: bool, hostname: Option<String>, now: u64) {
+        let (hostname, refused) = self.dns_name(&mac, hostname, now);
+        let mut refused_name = self.bindings.get(&mac).and_then(|b| b.refused_name.clone());
         if let Some(old) = self.bindings.get(&mac) {
             if old.ip != ip {
                 self.by_ip.remove(&old.ip);
@@ -151,7 +194,34 @@ impl DhcpServer {
                 self.bindings.remove(&prev);
             }
         }
-        self.bindings.insert(mac, Binding { ip, expires, bound, hostname });
+        if let Some(name) = refused {
+            if refused_name.as_ref() != Some(&name) && self.refusals.len() < MAX_REFUSALS {
+                self.refusals.push((mac, name.clone()));
+            }
+            refused_name = Some(name);
+        }
+        self.bindings.insert(mac, Binding { ip, expires, bound, hostname, refused_name });
+    }
+
+    /// Whether `mac` may be known by `name` in DNS: a static host's own name always; else a
+    /// name that is not reserved, not a static host's, and not held by another live lease
+    /// (the first holder keeps it). Returns (the name it gets, the name refused).
+    fn dns_name(&self, mac: &Mac, name: Option<String>, now: u64) -> (Option<String>, Option<String>) {
+        let Some(name) = name else { return (None, None) };
+        if self.static_for(mac).and_then(|h| h.name.as_ref()).is_some_and(|n| n.eq_ignore_ascii_case(&name)) {
+            return (Some(name), None);
+        }
+        let taken = RESERVED_NAMES.iter().any(|r| r.eq_ignore_ascii_case(&name))
+            || self.reserved.iter().any(|r| r.eq_ignore_ascii_case(&name))
+            || self.cfg.hosts.iter().any(|h| h.name.as_ref().is_some_and(|n| n.eq_ignore_ascii_case(&name)))
+            || self.bindings.iter().any(|(m, b)| {
+                m != mac && b.bound && b.expires > now && b.hostname.as_ref().is_some_and(|n| n.eq_ignore_ascii_case(&name))
+            });
+        if taken {
+            (None, Some(name))
+        } else {
+            (Some(name), None)
+        }
     }
 
     fn unbind(&mut self, mac: &Mac) {
@@ -222,10 +292,11 @@ impl DhcpServer {
         match msg.msg_type {
             MessageType::Discover => {
                 let ip = self.choose(&mac, msg.requested_ip, now)?;
-                let hostname = self.hostname_for(&mac, msg);
+                let wanted = self.hostname_for(&mac, msg);
+                let hostname = self.dns_name(&mac, wanted.clone(), now).0;
                 let keep_bound = self.bindings.get(&mac).is_some_and(|b| b.bound && b.ip == ip && b.expires > now);
                 if !keep_bound {
-                    self.bind(mac, ip, now + OFFER_SECS, false, hostname.clone());
+                    self.bind(mac, ip, now + OFFER_SECS, false, wanted, now);
                 }
                 Some(self.reply(msg, MessageType::Offer, ip, true, hostname.as_deref()))
             }
@@ -249,8 +320,9 @@ impl DhcpServer {
                     // request for an address outside our subnet is answered the same way.
                     return Some(self.reply(msg, MessageType::Nak, Ipv4Addr::UNSPECIFIED, false, None));
                 }
-                let hostname = self.hostname_for(&mac, msg);
-                self.bind(mac, wanted, now + self.cfg.lease_secs as u64, true, hostname.clone());
+                let name = self.hostname_for(&mac, msg);
+                let hostname = self.dns_name(&mac, name.clone(), now).0;
+                self.bind(mac, wanted, now + self.cfg.lease_secs as u64, true, name, now);
                 Some(self.reply(msg, MessageType::Ack, wanted, true, hostname.as_deref()))
             }
             MessageType::Release => {
@@ -276,7 +348,7 @@ impl DhcpServer {
                 if msg.ciaddr.is_unspecified() {
                     return None;
                 }
-                let hostname = self.hostname_for(&mac, msg);
+                let hostname = self.dns_name(&mac, self.hostname_for(&mac, msg), now).0;
                 Some(self.reply(msg, MessageType::Ack, Ipv4Addr::UNSPECIFIED, false, hostname.as_deref()))
             }
             MessageType::Offer | MessageType::Ack | MessageType::Nak => None,
@@ -308,7 +380,7 @@ impl DhcpServer {
                 None => self.in_subnet(l.ip) && self.free_for(l.ip, &l.mac, now),
             };
             if fits && l.expires > now && !self.by_ip.contains_key(&l.ip) {
-                self.bind(l.mac, l.ip, l.expires, true, l.hostname.clone());
+                self.bind(l.mac, l.ip, l.expires, true, l.hostname.clone(), now);
                 n += 1;
             }
         }
@@ -487,6 +559,84 @@ mod tests {
         ];
         assert_eq!(server().restore(&stale, 10), 0);
         assert!(s.leases(3601).is_empty(), "expired");
+    }
+
+    /// DISCOVER → REQUEST under host name `name`; returns the ACK.
+    fn bind_named(s: &mut DhcpServer, mac: Mac, name: &str, now: u64) -> Reply {
+        let h = (opt::HOSTNAME, name.as_bytes().to_vec());
+        let offer = s.handle(&msg(MessageType::Discover, mac, &[h.clone()]), now).expect("offer");
+        let ip = reply_yiaddr(&offer.payload).unwrap().octets().to_vec();
+        let req = msg(MessageType::Request, mac, &[h, (opt::REQUESTED_IP, ip), (opt::SERVER_ID, SERVER.octets().to_vec())]);
+        let ack = s.handle(&req, now).expect("ack");
+        assert_eq!(ack.msg_type, MessageType::Ack);
+        ack
+    }
+
+    fn name_of(s: &DhcpServer, mac: Mac, now: u64) -> Option<String> {
+        s.leases(now).into_iter().find(|l| l.mac == mac).and_then(|l| l.hostname)
+    }
+
+    #[test]
+    fn the_first_holder_of_a_host_name_keeps_it() {
+        let mut s = server();
+        bind_named(&mut s, M1, "alpha", 0);
+        assert_eq!(name_of(&s, M1, 0).as_deref(), Some("alpha"));
+        assert!(s.take_name_refusals().is_empty());
+        // A second guest asking for the same name gets its address, but no name.
+        let ack = bind_named(&mut s, M2, "Alpha", 1);
+        assert_eq!(opt_of(&ack, opt::HOSTNAME), None, "the name is not confirmed to the second guest");
+        assert_eq!(name_of(&s, M2, 1), None);
+        assert_eq!(name_of(&s, M1, 1).as_deref(), Some("alpha"), "the first holder keeps it");
+        assert_eq!(s.take_name_refusals(), vec![(M2, "alpha".to_string())]);
+        // Renewing does not take it either, and is not reported again.
+        bind_named(&mut s, M2, "alpha", 2);
+        assert_eq!(name_of(&s, M2, 2), None);
+        assert!(s.take_name_refusals().is_empty(), "reported once");
+        // The first holder renews and keeps it; once its lease is gone, the name is free.
+        bind_named(&mut s, M1, "alpha", 3);
+        assert_eq!(name_of(&s, M1, 3).as_deref(), Some("alpha"));
+        let mut rel = msg(MessageType::Release, M1, &[]);
+        rel.ciaddr = s.ip_of(&M1, 3).unwrap();
+        s.handle(&rel, 4);
+        bind_named(&mut s, M2, "alpha", 5);
+        assert_eq!(name_of(&s, M2, 5).as_deref(), Some("alpha"));
+        bind_named(&mut s, M1, "alpha", 6);
+        assert_eq!(name_of(&s, M1, 6), None, "now M1 is second");
+    }
+
+    #[test]
+    fn reserved_static_and_configured_names_are_never_a_clients() {
+        let mut s = server();
+        s.reserve_names(["files".to_string()]);
+        for (i, name) in ["wpad", "WPAD", "localhost", "isatap", "gateway", "web", "files"].iter().enumerate() {
+            let mac = [0x52, 0x54, 0, 0, 1, i as u8];
+            let ack = bind_named(&mut s, mac, name, 0);
+            assert_eq!(name_of(&s, mac, 0), None, "{name}");
+            assert_eq!(opt_of(&ack, opt::HOSTNAME), None, "{name}");
+        }
+        assert_eq!(s.take_name_refusals().len(), 7);
+        // The static host has its name even though it sends another one, or none.
+        bind_named(&mut s, WEB, "other", 0);
+        assert_eq!(name_of(&s, WEB, 0).as_deref(), Some("web"));
+    }
+
+    #[test]
+    fn restored_leases_follow_the_same_name_rules() {
+        let l = |mac: Mac, last: u8, name: &str| Lease {
+            mac,
+            ip: Ipv4Addr::new(192, 168, 122, last),
+            expires: 9999,
+            hostname: Some(name.to_string()),
+        };
+        let mut s = server();
+        let saved = [l(M1, 20, "dup"), l(M2, 21, "dup"), l([0x52, 0x54, 0, 0, 0, 3], 22, "web"), l([0x52, 0x54, 0, 0, 0, 4], 23, "nas")];
+        assert_eq!(s.restore(&saved, 10), 4, "every lease is restored, names or not");
+        assert_eq!(name_of(&s, M1, 10).as_deref(), Some("dup"));
+        assert_eq!(name_of(&s, M2, 10), None);
+        assert_eq!(name_of(&s, [0x52, 0x54, 0, 0, 0, 3], 10), None, "a static host's name");
+        // A name the configuration now gives to a DNS host is taken from the lease.
+        s.reserve_names(["NAS".to_string()]);
+        assert_eq!(name_of(&s, [0x52, 0x54, 0, 0, 0, 4], 10), None);
     }
 
     #[test]

@@ -50,8 +50,12 @@ fn fake_upstream() -> (u16, Arc<AtomicBool>, std::thread::JoinHandle<usize>) {
 }
 
 fn query(vm: &mut VmSim, src_ip: Ipv4Addr, id: u16, name: &str, qtype: u16) -> (u16, Vec<Ipv4Addr>, Vec<String>) {
+    query_from(vm, A, src_ip, id, name, qtype)
+}
+
+fn query_from(vm: &mut VmSim, mac: [u8; 6], src_ip: Ipv4Addr, id: u16, name: &str, qtype: u16) -> (u16, Vec<Ipv4Addr>, Vec<String>) {
     let mut f = Vec::new();
-    build_udp(&mut f, A, gateway_mac("test"), src_ip, GW, 40000, 53, &build_query(id, name, qtype));
+    build_udp(&mut f, mac, gateway_mac("test"), src_ip, GW, 40000, 53, &build_query(id, name, qtype));
     vm.send(&f);
     loop {
         let (_, f) = vm.recv(T).unwrap_or_else(|| panic!("no answer for {name}"));
@@ -104,6 +108,48 @@ fn local_names_reverse_lookups_nxdomain_and_forwarding() {
     assert_eq!(upstream.join().unwrap(), 1, "exactly the one outside name went upstream");
 }
 
+/// DISCOVER and REQUEST from `mac` under host name `name`; the address leased.
+fn lease(vm: &mut VmSim, mac: [u8; 6], name: &str) -> Ipv4Addr {
+    let mut ip = None;
+    for (t, req) in [(MessageType::Discover, false), (MessageType::Request, true)] {
+        let msg = build_client_message(t, mac, 9, if req { ip } else { None }, req.then_some(GW), Some(name));
+        let mut f = Vec::new();
+        build_udp(&mut f, mac, [0xff; 6], Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST, CLIENT_PORT, SERVER_PORT, &msg);
+        vm.send(&f);
+        let reply = std::iter::from_fn(|| vm.recv(T)).find_map(|(_, f)| udp_payload(&f, CLIENT_PORT).map(|(_, p)| p.to_vec())).unwrap();
+        ip = reply_yiaddr(&reply);
+    }
+    ip.unwrap()
+}
+
+#[test]
+fn guests_cannot_take_configured_reserved_or_taken_names() {
+    const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xb];
+    const C: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xc];
+    let dir = TempDir::new("dns-names");
+    let extra = "[network.dhcp]\nrange = [\"10.0.0.100\", \"10.0.0.150\"]\nhosts = [{ mac = \"52:54:00:00:00:10\", ip = \"10.0.0.10\", name = \"web\" }]\n[network.dns]\nhosts = [{ name = \"files\", ip = \"10.0.0.50\" }]\nforwarders = []\n";
+    let (d, socks) = start_network_with(dir.path(), 3, "", extra);
+    let mut vms: Vec<VmSim> = socks.iter().map(|s| VmSim::connect(s, SimOptions::full()).unwrap()).collect();
+    for vm in &mut vms {
+        vm.post_rx(QUEUE_SIZE);
+    }
+    wait_network_ready(&d, "test");
+    let [a, b, c] = &mut vms[..] else { unreachable!() };
+    let ip_a = lease(a, A, "alpha");
+    let ip_b = lease(b, B, "alpha");
+    let ip_c = lease(c, C, "files");
+    assert_eq!(query_from(a, A, ip_a, 1, "alpha", QTYPE_A), (0, vec![ip_a], vec![]), "the first holder keeps its name");
+    assert_eq!(query_from(c, C, ip_c, 2, "files", QTYPE_A), (0, vec![Ipv4Addr::new(10, 0, 0, 50)], vec![]), "dns.hosts wins");
+    let o = ip_b.octets();
+    let rev = format!("{}.{}.{}.{}.in-addr.arpa", o[3], o[2], o[1], o[0]);
+    assert_eq!(query_from(b, B, ip_b, 3, &rev, QTYPE_PTR).0, 3, "the second guest has no name");
+    // Names that steer others' traffic, and the static host's.
+    for (i, name) in ["wpad", "isatap", "web"].iter().enumerate() {
+        let ip = lease(c, C, name);
+        assert!(!query_from(c, C, ip, 10 + i as u16, name, QTYPE_A).1.contains(&ip), "{name}");
+    }
+}
+
 #[test]
 fn without_an_upstream_outside_names_are_refused() {
     let dir = TempDir::new("dns-refused");
@@ -118,6 +164,7 @@ fn without_an_upstream_outside_names_are_refused() {
 /// what the gateway sends: handshake, one length-prefixed query, the answer (possibly in
 /// several segments), then FIN.
 struct TcpClient {
+    mac: [u8; 6],
     ip: Ipv4Addr,
     port: u16,
     seq: u32,
@@ -126,7 +173,7 @@ struct TcpClient {
 
 impl TcpClient {
     fn segment(&self, vm: &mut VmSim, flags: &str, payload: &[u8]) {
-        let mut b = etherparse::PacketBuilder::ethernet2(A, gateway_mac("test"))
+        let mut b = etherparse::PacketBuilder::ethernet2(self.mac, gateway_mac("test"))
             .ipv4(self.ip.octets(), GW.octets(), 64)
             .tcp(self.port, 53, self.seq, 64000);
         if flags.contains('S') {
@@ -137,6 +184,9 @@ impl TcpClient {
         }
         if flags.contains('F') {
             b = b.fin();
+        }
+        if flags.contains('R') {
+            b = b.rst();
         }
         let mut f = Vec::new();
         b.write(&mut f, payload).unwrap();
@@ -156,6 +206,28 @@ impl TcpClient {
         }
     }
 
+    /// Opens a connection from `mac`: None if the gateway answers the SYN with a reset.
+    fn open(vm: &mut VmSim, mac: [u8; 6], ip: Ipv4Addr, port: u16) -> Option<TcpClient> {
+        let mut c = TcpClient { mac, ip, port, seq: 1000, ack: 0 };
+        c.segment(vm, "S", &[]);
+        let (syn, _, rst, seq, _) = c.next(vm).expect("an answer to the SYN");
+        if rst {
+            return None;
+        }
+        assert!(syn, "SYN-ACK");
+        (c.seq, c.ack) = (c.seq + 1, seq.wrapping_add(1));
+        c.segment(vm, "A", &[]);
+        Some(c)
+    }
+
+    /// Sends one length-prefixed query on an open connection.
+    fn send_query(&mut self, vm: &mut VmSim, query: &[u8]) {
+        let mut msg = (query.len() as u16).to_be_bytes().to_vec();
+        msg.extend_from_slice(query);
+        self.segment(vm, "A", &msg);
+        self.seq += msg.len() as u32;
+    }
+
     /// Connects, sends `query`, reads one answer and closes. None if the gateway reset the
     /// connection.
     fn exchange(vm: &mut VmSim, ip: Ipv4Addr, port: u16, query: &[u8]) -> Option<Vec<u8>> {
@@ -166,7 +238,7 @@ impl TcpClient {
 
     /// As `exchange`, with the bytes sent as they are (no length prefix added).
     fn exchange_raw(vm: &mut VmSim, ip: Ipv4Addr, port: u16, msg: &[u8]) -> Option<Vec<u8>> {
-        let mut c = TcpClient { ip, port, seq: 1000, ack: 0 };
+        let mut c = TcpClient { mac: A, ip, port, seq: 1000, ack: 0 };
         c.segment(vm, "S", &[]);
         let (syn, _, rst, seq, _) = c.next(vm).expect("SYN-ACK");
         assert!(syn && !rst, "the gateway accepts the connection");
@@ -174,6 +246,7 @@ impl TcpClient {
         c.segment(vm, "A", msg);
         c.seq += msg.len() as u32;
         let mut stream = Vec::new();
+        let mut gateway_closed = false;
         loop {
             let (_, fin, rst, seq, payload) = c.next(vm).expect("the answer arrives");
             if rst {
@@ -185,6 +258,8 @@ impl TcpClient {
                 c.segment(vm, "A", &[]);
             }
             if fin {
+                c.ack = c.ack.wrapping_add(1);
+                gateway_closed = true;
                 break;
             }
             if stream.len() >= 2 && stream.len() >= 2 + u16::from_be_bytes([stream[0], stream[1]]) as usize {
@@ -192,6 +267,20 @@ impl TcpClient {
             }
         }
         c.segment(vm, "AF", &[]);
+        c.seq += 1;
+        // The gateway closes its side in turn: acknowledge that as a real client does, so the
+        // connection is gone at once (a half-closed one still counts to the port's share).
+        while !gateway_closed {
+            let Some((_, fin, rst, seq, payload)) = c.next(vm) else { break };
+            if rst {
+                break;
+            }
+            if fin {
+                c.ack = seq.wrapping_add(payload.len() as u32).wrapping_add(1);
+                c.segment(vm, "A", &[]);
+                gateway_closed = true;
+            }
+        }
         assert!(stream.len() >= 2, "a length-prefixed answer");
         let len = u16::from_be_bytes([stream[0], stream[1]]) as usize;
         assert_eq!(stream.len(), 2 + len, "exactly one message");
@@ -284,4 +373,99 @@ fn large_answers_come_truncated_over_udp_and_whole_over_tcp() {
     assert_eq!(TcpClient::exchange_raw(&mut vm, me, 41011, b"GET / HTTP/1.0\r\n\r\n"), None);
     // And the service still answers afterwards.
     assert!(TcpClient::exchange(&mut vm, me, 41012, &build_query(30, "files", QTYPE_A)).is_some());
+}
+
+/// Threads of this process that ask upstream over TCP for the DNS services: named
+/// `dns-tcp-…`, except the services' own threads, `dns-tcp-NETWORK` (all networks here are
+/// named "test").
+fn dns_tcp_helper_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .filter(|c| c.starts_with("dns-tcp-") && c.trim_end() != "dns-tcp-test")
+        .count()
+}
+
+#[test]
+fn one_port_holds_at_most_two_tcp_connections() {
+    const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xb];
+    let dir = TempDir::new("dns-tcp-share");
+    let (d, socks) = start_network_with(dir.path(), 2, "", "[network.dns]\nhosts = [{ name = \"files\", ip = \"10.0.0.50\" }]\nforwarders = []\n");
+    let mut a = VmSim::connect(&socks[0], SimOptions::full()).unwrap();
+    let mut b = VmSim::connect(&socks[1], SimOptions::full()).unwrap();
+    a.post_rx(QUEUE_SIZE);
+    b.post_rx(QUEUE_SIZE);
+    wait_network_ready(&d, "test");
+    let (ip_a, ip_b) = (Ipv4Addr::new(10, 0, 0, 7), Ipv4Addr::new(10, 0, 0, 8));
+
+    let first = TcpClient::open(&mut a, A, ip_a, 42001).expect("a first connection");
+    let _second = TcpClient::open(&mut a, A, ip_a, 42002).expect("a second connection");
+    assert!(TcpClient::open(&mut a, A, ip_a, 42003).is_none(), "a third connection from the same port is reset");
+    assert!(TcpClient::open(&mut a, A, ip_a, 42004).is_none(), "and a fourth");
+    // Another port still gets connections, and answers on them.
+    let mut c = TcpClient::open(&mut b, B, ip_b, 42010).expect("another port's connection");
+    c.send_query(&mut b, &build_query(1, "files", QTYPE_A));
+    let (_, _, rst, _, payload) = c.next(&mut b).expect("an answer");
+    assert!(!rst);
+    assert_eq!(read_answers(&payload[2..]).unwrap().1, vec![Ipv4Addr::new(10, 0, 0, 50)]);
+    let _other = TcpClient::open(&mut b, B, ip_b, 42011).expect("its second connection");
+    // Once the first port closes one of its connections, it may open another.
+    first.segment(&mut a, "RA", &[]);
+    let again = std::iter::repeat_with(|| {
+        std::thread::sleep(Duration::from_millis(20));
+        TcpClient::open(&mut a, A, ip_a, 42005)
+    })
+    .take(50)
+    .find_map(|c| c);
+    assert!(again.is_some(), "a connection after closing one");
+}
+
+#[test]
+fn tcp_queries_upstream_take_a_bounded_pool_of_threads() {
+    // An upstream that accepts connections and never answers.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_port = hung.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in hung.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xc];
+    let dir = TempDir::new("dns-tcp-pool");
+    let extra = format!("[network.dns]\nhosts = [{{ name = \"files\", ip = \"10.0.0.50\" }}]\nforwarders = [\"127.0.0.1:{up_port}\"]\n");
+    let (d, socks) = start_network_with(dir.path(), 2, "", &extra);
+    let mut a = VmSim::connect(&socks[0], SimOptions::full()).unwrap();
+    let mut b = VmSim::connect(&socks[1], SimOptions::full()).unwrap();
+    a.post_rx(QUEUE_SIZE);
+    b.post_rx(QUEUE_SIZE);
+    wait_network_ready(&d, "test");
+    let me = Ipv4Addr::new(10, 0, 0, 7);
+
+    // A guest asks for outside names over connection after connection, resetting each once
+    // the gateway has its query: every query waits on the silent resolver (5 s).
+    let (mut most, mut servfails) = (0, 0);
+    for i in 0..60u16 {
+        let mut c = TcpClient::open(&mut a, A, me, 43000 + i).unwrap_or_else(|| panic!("connection {i}"));
+        c.send_query(&mut a, &build_query(i, &format!("n{i}.example"), QTYPE_A));
+        // Its ACK, or at once an answer: SERVFAIL when the port has its share upstream.
+        let (_, _, _, _, payload) = c.next(&mut a).expect("the gateway takes the query");
+        if payload.len() > 2 && read_answers(&payload[2..]).is_some_and(|(rcode, _, _)| rcode == 2) {
+            servfails += 1;
+        }
+        c.segment(&mut a, "RA", &[]);
+        most = most.max(dns_tcp_helper_threads());
+    }
+    // At most two pools of four workers (this test's and the large-answer test's, which may
+    // run at the same time), however many queries.
+    assert!(most <= 2 * 4, "{most} threads asking upstream over TCP");
+    assert!(servfails > 0, "queries beyond the port's share are answered SERVFAIL at once");
+    // The service still answers another port at once.
+    let mut c = TcpClient::open(&mut b, B, Ipv4Addr::new(10, 0, 0, 8), 43100).expect("another port's connection");
+    c.send_query(&mut b, &build_query(1, "files", QTYPE_A));
+    let (_, _, rst, _, payload) = c.next(&mut b).expect("an answer");
+    assert!(!rst);
+    assert_eq!(read_answers(&payload[2..]).unwrap().1, vec![Ipv4Addr::new(10, 0, 0, 50)]);
+    drop(d);
 }

@@ -32,7 +32,11 @@ pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<Strin
     let gateway = n.gateway.map(|(ip, prefix)| Gateway { mac: gateway_mac(&n.name), ip, prefix });
     let lease_file = state_dir.filter(|_| n.dhcp.is_some()).map(|d| d.join(format!("{}.leases", n.name)));
     net.gateway = gateway;
-    net.dhcp = dhcp::server(n, lease_file.as_deref()).map(Mutex::new);
+    net.dhcp = dhcp::server(n, lease_file.as_deref()).map(|mut server| {
+        // The network's own DNS names are never a DHCP client's.
+        server.reserve_names(n.dns.hosts.iter().map(|(name, _)| name.clone()));
+        Mutex::new(server)
+    });
     net.router = router(n, gateway).map(Mutex::new);
     net.uplink_dhcp = n.routing.as_ref().is_some_and(|r| r.address == UplinkAddress::Dhcp);
     let ports: Vec<Arc<Port>> =

@@ -36,6 +36,9 @@ impl GatewayService for DhcpService {
         let now = unix_now();
         let mut server = dhcp.lock().unwrap_or_else(|e| e.into_inner());
         let answer = server.handle(&msg, now);
+        for (mac, name) in server.take_name_refusals() {
+            warn!(network = %cx.network, port = %port.name, "DHCP client {} asked for host name {name:?}: reserved or held by another guest; it gets no DNS name", vunet_switch::format_mac(&mac));
+        }
         match (&answer, msg.msg_type) {
             (_, MessageType::Inform) => {}
             (Some(r), _) if r.msg_type == MessageType::Ack => {

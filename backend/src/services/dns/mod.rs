@@ -6,11 +6,13 @@
 mod forwarder;
 mod tcp;
 
+use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use tracing::{info, warn};
 use vunet_dhcp::dns::{DnsAction, LocalZone};
+use vunet_dhcp::server::RESERVED_NAMES;
 use vunet_dhcp::DhcpServer;
 use vunet_switch::gateway::{build_udp, udp_datagram, Gateway};
 use vunet_switch::Mac;
@@ -58,13 +60,22 @@ impl DnsService {
 
 impl DnsService {
     /// The names the gateway answers for right now: `dns.hosts`, named static DHCP hosts, and
-    /// DHCP clients that sent a host name.
+    /// DHCP clients that sent a host name. The DHCP server gives a client's name to one lease
+    /// only and never a configured one; a lease name that still collides (none should) is
+    /// left out, so configured names always win.
     pub fn zone(&self, dhcp: Option<&Mutex<DhcpServer>>, gw: &Gateway) -> LocalZone {
         let mut names: Vec<(String, Ipv4Addr)> = self.hosts.clone();
         if let Some(dhcp) = dhcp {
             let server = dhcp.lock().unwrap_or_else(|e| e.into_inner());
             names.extend(server.config().hosts.iter().filter_map(|h| Some((h.name.clone()?, h.ip))));
-            names.extend(server.leases(unix_now()).into_iter().filter_map(|l| Some((l.hostname?, l.ip))));
+            let configured: HashSet<String> = names.iter().map(|(n, _)| n.to_ascii_lowercase()).collect();
+            names.extend(
+                server
+                    .leases(unix_now())
+                    .into_iter()
+                    .filter_map(|l| Some((l.hostname?, l.ip)))
+                    .filter(|(n, _)| !configured.contains(n) && !RESERVED_NAMES.contains(&n.as_str())),
+            );
         }
         LocalZone { domain: self.domain.clone(), names, subnet: (gw.ip, gw.prefix) }
     }

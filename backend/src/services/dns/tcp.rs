@@ -1,12 +1,17 @@
 //! DNS over TCP on the gateway (RFC 7766). A client whose UDP answer came back truncated
 //! (TC set: it did not fit the MTU) asks again over TCP. The TCP endpoint is smoltcp's, fed
 //! only with the frames guests send to the gateway's port 53; local names are answered from
-//! the network's zone, other names are asked upstream over TCP on a short-lived helper
-//! thread, so a slow resolver never holds up the service's own thread.
+//! the network's zone, other names are asked upstream over TCP by a small pool of worker
+//! threads, so a slow resolver never holds up the service's own thread and a guest opening
+//! connection after connection never makes more threads.
+//!
+//! Shares: a port holds at most `PORT_CONNECTIONS` of the `CONNECTIONS` sockets (a SYN beyond
+//! is reset) and has at most as many queries upstream; a query beyond, or beyond the pool's
+//! queue, is answered SERVFAIL at once.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -27,6 +32,13 @@ use crate::datapath::{GatewayCx, GatewayService, Handled, Inject, Network, Port}
 
 /// Connections served at once; a SYN beyond these is answered with a reset.
 pub const CONNECTIONS: usize = 8;
+/// Connections one port may hold at once, and queries it may have upstream; a SYN beyond is
+/// answered with a reset, a query beyond with SERVFAIL.
+pub const PORT_CONNECTIONS: usize = 2;
+/// Threads asking upstream resolvers over TCP (started at the first query that needs one).
+pub const WORKERS: usize = 4;
+/// Queries waiting for a worker; a query beyond is answered SERVFAIL.
+const JOBS: usize = 8;
 /// A connection with no query for this long is closed (RFC 7766 §6.2.3 asks for seconds).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames waiting for the service thread; more are dropped (TCP resends them).
@@ -36,7 +48,17 @@ const MAX_QUERY: usize = 4096;
 
 enum Event {
     Frame(PortId, Vec<u8>),
-    Answer { slot: usize, generation: u64, message: Vec<u8> },
+    /// A worker is done with a query of `port`: the answer, or None if the connection it
+    /// was for had gone before the worker came to it.
+    Answer { slot: usize, generation: u64, port: PortId, message: Option<Vec<u8>> },
+}
+
+/// A query for the workers.
+struct Job {
+    slot: usize,
+    generation: u64,
+    port: PortId,
+    query: Vec<u8>,
 }
 
 /// The handle the data path holds: frames for the gateway's TCP port 53 go in here.
@@ -45,12 +67,23 @@ pub struct DnsTcp {
     receiver: Mutex<Option<Receiver<Event>>>,
     /// Frames dropped because the service thread was behind.
     pub dropped: AtomicU64,
+    /// Connections refused because their port held its share.
+    pub refused: AtomicU64,
+    /// Queries answered SERVFAIL because their port had its share upstream or the workers'
+    /// queue was full.
+    pub busy: AtomicU64,
 }
 
 impl Default for DnsTcp {
     fn default() -> Self {
         let (events, receiver) = sync_channel(QUEUE);
-        DnsTcp { events, receiver: Mutex::new(Some(receiver)), dropped: AtomicU64::new(0) }
+        DnsTcp {
+            events,
+            receiver: Mutex::new(Some(receiver)),
+            dropped: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
+        }
     }
 }
 
@@ -87,6 +120,7 @@ impl DnsTcp {
         let net = inject.network().clone();
         let mut svc = Service::new(&gw, net.mtu, names.upstreams.clone(), self.events.clone());
         while !inject.stopped() {
+            svc.counters(&self);
             let delay = svc.poll_delay().min(Duration::from_secs(1));
             match rx.recv_timeout(delay) {
                 Ok(ev) => svc.handle(ev),
@@ -179,6 +213,20 @@ struct Service {
     ports: HashMap<Mac, PortId>,
     upstreams: Vec<SocketAddr>,
     events: SyncSender<Event>,
+    /// The workers' queue (None until the first query for upstream).
+    jobs: Option<SyncSender<Job>>,
+    /// Each slot's current generation, for the workers to skip queries of gone connections.
+    generations: Arc<Vec<AtomicU64>>,
+    /// Queries of each port queued or with a worker.
+    upstream_of: HashMap<PortId, usize>,
+    /// The port each admitted client endpoint came from (bounded: pruned to live
+    /// connections when it grows).
+    owners: HashMap<(Ipv4Addr, u16), PortId>,
+    /// Endpoints admitted since the last poll (smoltcp has not made them a connection yet).
+    fresh: HashSet<(Ipv4Addr, u16)>,
+    /// Counted here, added to `DnsTcp`'s counters by the loop.
+    refused: u64,
+    busy: u64,
 }
 
 fn now() -> NetInstant {
@@ -205,7 +253,106 @@ impl Service {
                 Conn { handle: sockets.add(s), generation: 0, buf: Vec::new(), waiting_upstream: false, last_active: now() }
             })
             .collect();
-        Service { dev, iface, sockets, conns, ports: HashMap::new(), upstreams, events }
+        Service {
+            dev,
+            iface,
+            sockets,
+            conns,
+            ports: HashMap::new(),
+            upstreams,
+            events,
+            jobs: None,
+            generations: Arc::new((0..CONNECTIONS).map(|_| AtomicU64::new(0)).collect()),
+            upstream_of: HashMap::new(),
+            owners: HashMap::new(),
+            fresh: HashSet::new(),
+            refused: 0,
+            busy: 0,
+        }
+    }
+
+    fn counters(&mut self, t: &DnsTcp) {
+        t.refused.fetch_add(std::mem::take(&mut self.refused), Ordering::Relaxed);
+        t.busy.fetch_add(std::mem::take(&mut self.busy), Ordering::Relaxed);
+    }
+
+    /// The worker pool's queue, started on first use; None if no worker could be started.
+    fn jobs(&mut self) -> Option<&SyncSender<Job>> {
+        if self.jobs.is_none() {
+            let (tx, rx) = sync_channel::<Job>(JOBS);
+            let rx = Arc::new(Mutex::new(rx));
+            let mut started = 0;
+            for i in 0..WORKERS {
+                let (rx, events, upstreams, generations) = (rx.clone(), self.events.clone(), self.upstreams.clone(), self.generations.clone());
+                let spawned = std::thread::Builder::new()
+                    .name(format!("dns-tcp-worker{i}"))
+                    .spawn(move || worker(&rx, &events, &upstreams, &generations));
+                started += spawned.is_ok() as usize;
+            }
+            if started == 0 {
+                return None;
+            }
+            self.jobs = Some(tx);
+        }
+        self.jobs.as_ref()
+    }
+
+    /// Connections of `port` now: open ones it owns, and SYNs admitted since the last poll.
+    fn connections_of(&self, port: PortId) -> usize {
+        let open = self
+            .conns
+            .iter()
+            .filter(|c| {
+                let s = self.sockets.get::<tcp::Socket>(c.handle);
+                s.is_open() && s.state() != tcp::State::Listen && self.owner(s) == Some(port)
+            })
+            .count();
+        open + self.fresh.iter().filter(|e| self.owners.get(e) == Some(&port)).count()
+    }
+
+    fn owner(&self, s: &tcp::Socket) -> Option<PortId> {
+        let e = s.remote_endpoint()?;
+        let IpAddress::Ipv4(ip) = e.addr;
+        self.owners.get(&(ip, e.port)).copied()
+    }
+
+    /// Whether a frame from `port` may go to smoltcp: anything but a new connection beyond
+    /// the port's share, which is answered with a reset here instead.
+    fn admit(&mut self, port: PortId, frame: &[u8]) -> bool {
+        let Some(syn) = parse_syn(frame) else { return true };
+        let endpoint = (syn.src_ip, syn.src_port);
+        let known = self.fresh.contains(&endpoint)
+            || self.conns.iter().any(|c| {
+                let s = self.sockets.get::<tcp::Socket>(c.handle);
+                s.state() != tcp::State::Listen && s.remote_endpoint().is_some_and(|e| e.addr == IpAddress::Ipv4(syn.src_ip) && e.port == syn.src_port)
+            });
+        if known {
+            return true; // a retransmitted SYN
+        }
+        if self.connections_of(port) >= PORT_CONNECTIONS {
+            self.refused += 1;
+            let reset = reset_for(frame, &syn);
+            if !reset.is_empty() {
+                self.dev.tx.push(reset);
+            }
+            return false;
+        }
+        if self.owners.len() >= 4 * CONNECTIONS {
+            let live: HashSet<(Ipv4Addr, u16)> = self
+                .conns
+                .iter()
+                .filter_map(|c| self.sockets.get::<tcp::Socket>(c.handle).remote_endpoint())
+                .map(|e| {
+                    let IpAddress::Ipv4(ip) = e.addr;
+                    (ip, e.port)
+                })
+                .chain(self.fresh.iter().copied())
+                .collect();
+            self.owners.retain(|e, _| live.contains(e));
+        }
+        self.owners.insert(endpoint, port);
+        self.fresh.insert(endpoint);
+        true
     }
 
     fn poll_delay(&mut self) -> Duration {
@@ -223,17 +370,24 @@ impl Service {
                     self.ports.clear();
                 }
                 self.ports.insert(mac, port);
+                if !self.admit(port, &frame) {
+                    return;
+                }
                 // smoltcp learns neighbours only from ARP; the sender's address pair is known
                 // (and was checked by port security), so tell it in an ARP reply of our own
                 // instead of making it ask and wait.
                 self.dev.rx.push_back(arp_reply_from(&frame));
                 self.dev.rx.push_back(frame);
             }
-            Event::Answer { slot, generation, message } => {
-                let Some(c) = self.conns.get_mut(slot) else { return };
-                if c.generation != generation {
-                    return;
+            Event::Answer { slot, generation, port, message } => {
+                if let Some(n) = self.upstream_of.get_mut(&port) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.upstream_of.remove(&port);
+                    }
                 }
+                let Some(c) = self.conns.get_mut(slot) else { return };
+                let Some(message) = message.filter(|_| c.generation == generation) else { return };
                 c.waiting_upstream = false;
                 let s = self.sockets.get_mut::<tcp::Socket>(c.handle);
                 send_message(s, &message);
@@ -249,17 +403,21 @@ impl Service {
                 break;
             }
         }
+        // smoltcp has taken the admitted SYNs (or reset them, all sockets busy).
+        self.fresh.clear();
     }
 
     /// Reads queries and answers them; true if anything was sent or changed.
     fn serve_sockets(&mut self, net: &Network, gw: &Gateway, names: &DnsService) -> bool {
         let t = now();
         let mut progress = false;
+        let mut upstream = Vec::new();
         for (slot, c) in self.conns.iter_mut().enumerate() {
             let s = self.sockets.get_mut::<tcp::Socket>(c.handle);
             if !s.is_open() {
                 // Closed (or in TIME-WAIT): listen again for the next client.
                 c.generation += 1;
+                self.generations[slot].store(c.generation, Ordering::Relaxed);
                 c.buf.clear();
                 c.waiting_upstream = false;
                 let _ = s.listen(DNS_PORT);
@@ -294,15 +452,7 @@ impl Service {
                         Some(DnsAction::Answer(a)) => send_message(s, &a),
                         Some(DnsAction::Forward) if !self.upstreams.is_empty() => {
                             c.waiting_upstream = true;
-                            let (upstreams, events, generation) = (self.upstreams.clone(), self.events.clone(), c.generation);
-                            let spawned = std::thread::Builder::new().name("dns-tcp-upstream".into()).spawn(move || {
-                                let message = ask_upstream(&upstreams, &query).unwrap_or_else(|| vunet_dhcp::dns::servfail(&query));
-                                let _ = events.send(Event::Answer { slot, generation, message });
-                            });
-                            if spawned.is_err() {
-                                c.waiting_upstream = false;
-                                s.abort();
-                            }
+                            upstream.push((slot, c.generation, query));
                         }
                         Some(DnsAction::Forward) => send_message(s, &vunet_dhcp::dns::refused(&query)),
                         // Not a DNS query: RFC 7766 lets the server close the connection.
@@ -321,7 +471,40 @@ impl Service {
                 progress = true;
             }
         }
+        for (slot, generation, query) in upstream {
+            self.ask_upstream(slot, generation, query);
+        }
         progress
+    }
+
+    /// Hands a query to the workers, or answers SERVFAIL if its port has its share upstream
+    /// or the workers' queue is full.
+    fn ask_upstream(&mut self, slot: usize, generation: u64, query: Vec<u8>) {
+        let handle = self.conns[slot].handle;
+        let port = self.owner(self.sockets.get::<tcp::Socket>(handle));
+        let query = match port.filter(|p| self.upstream_of.get(p).copied().unwrap_or(0) < PORT_CONNECTIONS) {
+            Some(port) => match self.jobs().map(|jobs| jobs.try_send(Job { slot, generation, port, query })) {
+                Some(Ok(())) => {
+                    *self.upstream_of.entry(port).or_default() += 1;
+                    return;
+                }
+                Some(Err(TrySendError::Full(job) | TrySendError::Disconnected(job))) => job.query,
+                None => return self.servfail(slot, None),
+            },
+            None => query,
+        };
+        self.servfail(slot, Some(&query));
+    }
+
+    fn servfail(&mut self, slot: usize, query: Option<&[u8]>) {
+        self.busy += 1;
+        let c = &mut self.conns[slot];
+        c.waiting_upstream = false;
+        let s = self.sockets.get_mut::<tcp::Socket>(c.handle);
+        match query {
+            Some(q) => send_message(s, &vunet_dhcp::dns::servfail(q)),
+            None => s.abort(),
+        }
     }
 
     /// Hands what smoltcp sent to the guests it is for.
@@ -333,6 +516,60 @@ impl Service {
             }
         }
     }
+}
+
+/// A worker of the pool: asks upstream for each query whose connection is still there,
+/// until the service (the queue's sender) or its event queue is gone.
+fn worker(jobs: &Mutex<Receiver<Job>>, events: &SyncSender<Event>, upstreams: &[SocketAddr], generations: &[AtomicU64]) {
+    loop {
+        let Ok(job) = jobs.lock().unwrap_or_else(|e| e.into_inner()).recv() else { return };
+        let current = generations[job.slot].load(Ordering::Relaxed) == job.generation;
+        let message = current.then(|| ask_upstream(upstreams, &job.query).unwrap_or_else(|| vunet_dhcp::dns::servfail(&job.query)));
+        if events.send(Event::Answer { slot: job.slot, generation: job.generation, port: job.port, message }).is_err() {
+            return;
+        }
+    }
+}
+
+/// The parts of a SYN (without ACK) that a reset to it needs.
+struct Syn {
+    src_ip: Ipv4Addr,
+    src_port: u16,
+    seq: u32,
+}
+
+/// A SYN opening a connection, from an IPv4/TCP frame (checked by `is_for_dns_tcp`).
+fn parse_syn(frame: &[u8]) -> Option<Syn> {
+    let ip = frame.get(14..)?;
+    let ihl = (*ip.first()? & 0x0f) as usize * 4;
+    let tcp = ip.get(ihl..ihl + 20)?;
+    let flags = tcp[13];
+    // SYN set; ACK and RST not.
+    if flags & 0x16 != 0x02 {
+        return None;
+    }
+    Some(Syn {
+        src_ip: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        src_port: u16::from_be_bytes([tcp[0], tcp[1]]),
+        seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+    })
+}
+
+/// The reset refusing `syn` (RFC 9293 §3.10.7.1: RST|ACK, acknowledging the SYN).
+fn reset_for(frame: &[u8], syn: &Syn) -> Vec<u8> {
+    let (client_mac, gw_mac): (Mac, Mac) = (frame[6..12].try_into().unwrap_or([0; 6]), frame[0..6].try_into().unwrap_or([0; 6]));
+    let gw_ip: [u8; 4] = frame[30..34].try_into().unwrap_or([0; 4]);
+    let mut out = Vec::with_capacity(54);
+    let built = etherparse::PacketBuilder::ethernet2(gw_mac, client_mac)
+        .ipv4(gw_ip, syn.src_ip.octets(), 64)
+        .tcp(DNS_PORT, syn.src_port, 0, 0)
+        .rst()
+        .ack(syn.seq.wrapping_add(1))
+        .write(&mut out, &[]);
+    if built.is_err() {
+        out.clear();
+    }
+    out
 }
 
 /// A DNS message on a TCP stream: a two-byte length, then the message.

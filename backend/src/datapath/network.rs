@@ -106,6 +106,9 @@ pub struct PortList {
     current: ArcSwap<Vec<Arc<Port>>>,
     /// Serializes the (rare) writers, so two adds never take the same id.
     edit: Mutex<()>,
+    /// What stands in the slot of a removed port (one for all of them): the port itself is
+    /// let go, so ports added and removed all day cost a pointer each, not a port each.
+    tombstone: std::sync::OnceLock<Arc<Port>>,
 }
 
 impl PortList {
@@ -126,10 +129,29 @@ impl PortList {
         self.current.store(Arc::new(ports));
         Ok(port)
     }
+
+    /// Lets go of removed port `id`: its slot keeps a placeholder that is never connected (so
+    /// ids stay stable and a late frame for it is dropped as for a port that is down), and the
+    /// port goes once its own threads have ended.
+    pub fn retire(&self, id: PortId) {
+        let _edit = self.edit.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.current.load_full();
+        if !old.get(id).is_some_and(|p| p.removed.load(Ordering::Acquire)) {
+            return;
+        }
+        let tombstone = self.tombstone.get_or_init(|| {
+            let t = Port::new(PortId::MAX, "", super::PortKind::Vhost);
+            t.removed.store(true, Ordering::Release);
+            Arc::new(t)
+        });
+        let mut ports: Vec<Arc<Port>> = old.iter().cloned().collect();
+        ports[id] = tombstone.clone();
+        self.current.store(Arc::new(ports));
+    }
 }
 
 impl From<Vec<Arc<Port>>> for PortList {
     fn from(ports: Vec<Arc<Port>>) -> PortList {
-        PortList { current: ArcSwap::from_pointee(ports), edit: Mutex::new(()) }
+        PortList { current: ArcSwap::from_pointee(ports), edit: Mutex::new(()), tombstone: Default::default() }
     }
 }

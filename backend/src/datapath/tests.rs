@@ -1193,3 +1193,24 @@ fn a_sender_stuck_in_a_link_send_blocks_neither_a_port_add_nor_the_other_senders
     stuck.join().unwrap();
     assert!(lan.net.port("new").is_some(), "the added port is listed");
 }
+
+/// Issue 12 soak: a port added and removed every second must not cost a port's memory each
+/// time. A retired port's slot keeps a shared placeholder that takes no frames.
+#[test]
+fn a_retired_port_is_let_go_and_its_slot_takes_no_frames() {
+    let mut rx = GuestRing::new();
+    rx.post_rx(4);
+    let mut lan = Lan::switch(vec![Port::new(0, "sender", PortKind::Vhost), guest_port(1, &rx, RxCaps::FULL)]);
+    let gone = Arc::downgrade(&lan.port(1));
+    lan.port(1).removed.store(true, Ordering::Release);
+    lan.net.ports.retire(1);
+    assert!(gone.upgrade().is_none(), "nothing holds the removed port any more");
+    assert!(lan.net.port_by_id(1).is_some_and(|p| p.removed.load(Ordering::Acquire)), "its id still names a removed port");
+    // A frame still addressed to it (a stale MAC entry) is dropped, not delivered anywhere.
+    lan.net.macs.lock().unwrap().learn(B, 1, lan.net.now_ms());
+    lan.send(0, &numbered(A, B, 1));
+    assert!(rx.received().is_empty());
+    // A port that is not removed is never retired.
+    lan.net.ports.retire(0);
+    assert_eq!(lan.port(0).name, "sender");
+}

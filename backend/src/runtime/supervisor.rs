@@ -244,6 +244,7 @@ impl Supervisor {
         }
         port.connected.store(false, Ordering::Release);
         net.macs.lock().unwrap_or_else(|e| e.into_inner()).forget_port(port.id);
+        net.ports.retire(port.id);
     }
 
     /// Stops a network: every port removed, its threads told to end.

@@ -14,7 +14,7 @@ use crate::config::{Mode, NetworkConfig, PortConfig, UplinkAddress};
 use crate::datapath::{GatewayService, HostLink, Network, Port, PortKind};
 use crate::ports::uplink::Uplink;
 use crate::services::arp_icmp::ArpIcmp;
-use crate::services::dhcp::{self, DhcpService};
+use crate::services::dhcp::{self, DhcpService, LeaseFileUnreadable};
 use crate::services::dns::DnsService;
 
 /// A network as built: the data path's state, and its DNS service whose threads the
@@ -24,15 +24,16 @@ pub struct Built {
     pub dns: Option<Arc<DnsService>>,
 }
 
-/// Builds network `n`; `taps` holds the opened taps of its tap ports, by port name.
-pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<String, Arc<Uplink>>) -> Built {
+/// Builds network `n`; `taps` holds the opened taps of its tap ports, by port name. Fails
+/// only on a lease file that exists but cannot be read.
+pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<String, Arc<Uplink>>) -> Result<Built, LeaseFileUnreadable> {
     let mut net = Network::new(n.name.clone(), n.mode, n.mtu);
     net.busy_poll_us = n.busy_poll_us;
     net.workers = n.workers as usize;
     let gateway = n.gateway.map(|(ip, prefix)| Gateway { mac: gateway_mac(&n.name), ip, prefix });
     let lease_file = state_dir.filter(|_| n.dhcp.is_some()).map(|d| d.join(format!("{}.leases", n.name)));
     net.gateway = gateway;
-    net.dhcp = dhcp::server(n, lease_file.as_deref()).map(Mutex::new);
+    net.dhcp = dhcp::server(n, lease_file.as_deref())?.map(Mutex::new);
     net.router = router(n, gateway).map(Mutex::new);
     net.uplink_dhcp = n.routing.as_ref().is_some_and(|r| r.address == UplinkAddress::Dhcp);
     let ports: Vec<Arc<Port>> =
@@ -45,7 +46,7 @@ pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<Strin
             vec![dns.tcp.clone(), Arc::new(ArpIcmp), Arc::new(DhcpService { lease_file }), dns.clone()];
         net.services = services;
     }
-    Built { net, dns }
+    Ok(Built { net, dns })
 }
 
 /// A port of a network (`has_gateway`: port security defaults on), with its tap if it is one.

@@ -110,7 +110,7 @@ impl Supervisor {
             Some(u) => Some(Arc::new(Uplink::open(&n.name, u).map_err(uplink_err)?)),
             None => None,
         };
-        let built = build::network(n, self.state_dir.as_deref(), &taps);
+        let built = build::network(n, self.state_dir.as_deref(), &taps)?;
         let net = Arc::new(built.net);
         let mut links: HashMap<usize, Arc<Uplink>> = HashMap::new();
         for port in net.ports.read().unwrap_or_else(|e| e.into_inner()).iter() {

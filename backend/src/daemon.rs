@@ -83,6 +83,11 @@ impl Daemon {
         self.shared.networks()
     }
 
+    /// Saves the leases not saved yet (before the process exits); one line per failure.
+    pub fn save_leases(&self) -> Vec<String> {
+        self.shared.save_leases()
+    }
+
     /// Applies a re-read configuration (SIGHUP); one line per thing done or refused.
     pub fn apply(&self, new: &Config) -> Vec<String> {
         self.shared.apply(new)

@@ -413,6 +413,9 @@ fn run(config: Option<&Path>, runtime_dir: Option<PathBuf>) -> Result<(), String
     if let Some(c) = &cfg.control_socket {
         let _ = std::fs::remove_file(c);
     }
+    for e in daemon.save_leases() {
+        eprintln!("vunet: {e}");
+    }
     drop(daemon);
     Ok(())
 }

@@ -84,9 +84,10 @@ fn leases_survive_a_restart_and_a_corrupt_file_does_not_stop_one() {
         lease(&mut vms[0], [0x52, 0x54, 0, 0, 0, 0x32]);
         lease(&mut vms[1], mac)
     };
-    // Saved before the ACK was sent: there now.
-    let file = std::fs::read_to_string(state.join("test.leases")).expect("lease file written");
-    assert!(file.contains(&first.to_string()), "{file}");
+    // Saved by the lease writer's thread, moments after the ACK (the guest does not wait for
+    // the disk).
+    let saved = || std::fs::read_to_string(state.join("test.leases")).unwrap_or_default();
+    assert!(wait_until(T, || saved().contains(&first.to_string())), "lease file written: {}", saved());
 
     // "Restart": a new daemon with the same state_dir, fresh sockets. The lease comes back,
     // and a different client does not get that address.
@@ -99,6 +100,9 @@ fn leases_survive_a_restart_and_a_corrupt_file_does_not_stop_one() {
     let other = lease(&mut vms[0], [0x52, 0x54, 0, 0, 0, 0x99]);
     assert_ne!(other, first);
     assert_eq!(lease(&mut vms[1], mac), first, "same address after the restart");
+    // What the writer's thread has not saved yet is saved now (as at exit), so it cannot
+    // overwrite the damage done below.
+    assert_eq!(d2.save_leases(), Vec::<String>::new());
 
     // A truncated lease file is set aside, and vunet still starts and serves.
     let text = std::fs::read_to_string(state.join("test.leases")).unwrap();

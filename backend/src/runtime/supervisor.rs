@@ -19,6 +19,7 @@ use crate::config::{Config, NetworkConfig, PortConfig, PortMode, UplinkConfig, U
 use crate::datapath::{Inject, Network, Port, PortKind};
 use crate::ports::uplink::{self, Uplink};
 use crate::ports::vhost::conn::{bind_socket, serve_port};
+use crate::services::dhcp::LeaseWriter;
 
 /// What the daemon's threads share: the running networks and what it takes to add to them.
 pub struct Supervisor {
@@ -31,6 +32,8 @@ pub struct Supervisor {
     pub state_dir: Option<PathBuf>,
     /// The configuration each running network has now, to tell what a reload changes.
     configs: Mutex<Vec<NetworkConfig>>,
+    /// Each running network's lease writer, by network name, for the last save at exit.
+    lease_writers: Mutex<Vec<(String, Arc<LeaseWriter>)>>,
 }
 
 impl Drop for Supervisor {
@@ -82,6 +85,7 @@ impl Supervisor {
             socket_dir,
             state_dir,
             configs: Mutex::new(Vec::new()),
+            lease_writers: Mutex::new(Vec::new()),
         }
     }
 
@@ -130,6 +134,16 @@ impl Supervisor {
             }
             let (inject, tcp) = (Inject::new(net.clone()), dns.tcp.clone());
             spawn(format!("dns-tcp-{}", net.name), move || tcp.run(inject, gw, dns))?;
+        }
+        if let Some(w) = built.leases {
+            let net2 = net.clone();
+            let w2 = w.clone();
+            spawn(format!("leases-{}", net.name), move || {
+                if let Some(dhcp) = &net2.dhcp {
+                    w2.run(dhcp, &net2.stopped)
+                }
+            })?;
+            self.lease_writers.lock().unwrap_or_else(|e| e.into_inner()).push((net.name.clone(), w));
         }
         let ports = net.ports.read().unwrap_or_else(|e| e.into_inner()).clone();
         let mut listeners = listeners.into_iter();
@@ -231,11 +245,28 @@ impl Supervisor {
         let net = self.network(name).ok_or_else(|| PortError::NoNetwork(name.to_string()))?;
         self.networks.write().unwrap_or_else(|e| e.into_inner()).retain(|n| n.name != name);
         net.stopped.store(true, Ordering::Release);
+        // Its lease writer sees `stopped`, saves a last time and ends.
+        self.lease_writers.lock().unwrap_or_else(|e| e.into_inner()).retain(|(n, _)| n != name);
         for p in net.live_ports() {
             self.take_out(&net, &p);
         }
         info!(network = %name, "network stopped");
         Ok(())
+    }
+
+    /// Saves every network's leases that are not saved yet (at exit: the writers' threads
+    /// may be between two writes). One line per lease file that could not be written.
+    pub fn save_leases(&self) -> Vec<String> {
+        let writers = self.lease_writers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut errors = Vec::new();
+        for (name, w) in writers {
+            let Some(net) = self.network(&name) else { continue };
+            let Some(dhcp) = &net.dhcp else { continue };
+            if let Err(e) = w.write_if_changed(dhcp) {
+                errors.push(format!("lease file {}: cannot write it: {}", w.path.display(), crate::config::io_reason(&e)));
+            }
+        }
+        errors
     }
 
     /// Applies a re-read configuration (SIGHUP): networks and ports that were added are

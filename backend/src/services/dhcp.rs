@@ -1,10 +1,14 @@
 //! The gateway's DHCP server: answers guests' DHCP messages with the pure server of
 //! `vunet_dhcp` (state in `Network::dhcp`, which port security and the listings read too),
-//! records a port's leased address for port security, and keeps the lease file: written
-//! atomically at every change, read at start, set aside (never fatal) when corrupt.
+//! records a port's leased address for port security, and keeps the lease file: read at
+//! start, set aside when corrupt, refused when unreadable, and written atomically after
+//! changes by a thread of its own (`LeaseWriter`), so a guest's DHCP never waits for a disk.
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
 use tracing::{info, warn};
 use vunet_dhcp::message::{reply_yiaddr, CLIENT_PORT, SERVER_PORT};
@@ -15,14 +19,14 @@ use vunet_switch::DropReason;
 use crate::config::{io_reason, Mode, NetworkConfig};
 use crate::datapath::{unix_now, GatewayCx, GatewayService, Handled, Port};
 
-/// DHCP on a network's gateway, with the file its leases persist in.
+/// DHCP on a network's gateway, with the writer of the file its leases persist in.
 pub struct DhcpService {
-    pub lease_file: Option<PathBuf>,
+    pub leases: Option<std::sync::Arc<LeaseWriter>>,
 }
 
 impl GatewayService for DhcpService {
     /// A DHCP message from a guest (a UDP datagram to port 67): the reply goes back to the
-    /// port. Lease changes are saved to the lease file at once.
+    /// port. A change to the leases wakes the lease writer; nothing waits for it.
     fn handle(&self, cx: &GatewayCx, port: &Port, frame: &[u8], reply: &mut Vec<u8>) -> Handled {
         let (Some(dhcp), gw) = (cx.dhcp, cx.gateway) else { return Handled::NotMine };
         let Some((_, payload)) = udp_payload(frame, SERVER_PORT) else { return Handled::NotMine };
@@ -46,14 +50,12 @@ impl GatewayService for DhcpService {
             (_, MessageType::Release | MessageType::Decline) => port.set_leased_ip(None),
             _ => {}
         }
+        drop(server);
         if matches!(msg.msg_type, MessageType::Request | MessageType::Release | MessageType::Decline) {
-            if let Some(path) = &self.lease_file {
-                if let Err(e) = save_leases(path, &server.leases(now)) {
-                    warn!(network = %cx.network, file = %path.display(), "cannot save DHCP leases: {e}");
-                }
+            if let Some(w) = &self.leases {
+                w.mark_dirty();
             }
         }
-        drop(server);
         match answer {
             Some(r) => {
                 build_udp(reply, gw.mac, r.dst_mac, gw.ip, r.dst_ip, SERVER_PORT, CLIENT_PORT, &r.payload);
@@ -89,6 +91,90 @@ pub fn server(n: &NetworkConfig, lease_file: Option<&Path>) -> Result<Option<Dhc
         }
     }
     Ok(Some(server))
+}
+
+/// Least time between two writes of one lease file: changes in between (a guest renewing in
+/// a loop) make one write, so a guest cannot keep the disk busy with fsyncs.
+const MIN_WRITE_INTERVAL: Duration = Duration::from_millis(250);
+/// After a failed write (disk full, directory gone), the next try.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// Writes one network's lease file from a thread of its own. The guests' path only marks the
+/// leases changed; the writer takes a copy of them under the DHCP lock (briefly) and writes
+/// outside it, at most once per `MIN_WRITE_INTERVAL`, and not at all when what would be
+/// written is what the file already holds (a renewal within the same second).
+pub struct LeaseWriter {
+    pub path: PathBuf,
+    network: String,
+    dirty: Mutex<bool>,
+    wake: Condvar,
+    /// The leases the file holds now, as last written by this writer; held for the whole of
+    /// a write, so the thread and a final `write_if_changed` never write at the same time.
+    written: Mutex<Option<Vec<Lease>>>,
+    /// Writes done, for tests and logs.
+    pub writes: AtomicU64,
+}
+
+impl LeaseWriter {
+    pub fn new(network: &str, path: PathBuf) -> LeaseWriter {
+        LeaseWriter {
+            path,
+            network: network.to_string(),
+            dirty: Mutex::new(false),
+            wake: Condvar::new(),
+            written: Mutex::new(None),
+            writes: AtomicU64::new(0),
+        }
+    }
+
+    /// The leases changed: the writer will save them. Never blocks on a write.
+    pub fn mark_dirty(&self) {
+        *self.dirty.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.wake.notify_one();
+    }
+
+    /// Saves the leases of `dhcp` if they differ from what the file holds; true if written.
+    pub fn write_if_changed(&self, dhcp: &Mutex<DhcpServer>) -> io::Result<bool> {
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        let leases = dhcp.lock().unwrap_or_else(|e| e.into_inner()).leases(unix_now());
+        if written.as_ref() == Some(&leases) {
+            return Ok(false);
+        }
+        save_leases(&self.path, &leases)?;
+        *written = Some(leases);
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// The writer's thread: waits for changes and saves them until `stopped` is set, then
+    /// saves once more and returns.
+    pub fn run(&self, dhcp: &Mutex<DhcpServer>, stopped: &AtomicBool) {
+        loop {
+            let stop = {
+                let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+                while !*dirty && !stopped.load(Ordering::Acquire) {
+                    // A timeout, so a stopped network is noticed without a wake-up.
+                    dirty = self.wake.wait_timeout(dirty, Duration::from_secs(1)).unwrap_or_else(|e| e.into_inner()).0;
+                }
+                *dirty = false;
+                stopped.load(Ordering::Acquire)
+            };
+            match self.write_if_changed(dhcp) {
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(network = %self.network, file = %self.path.display(), "cannot save DHCP leases: {}", io_reason(&e));
+                    if !stop {
+                        *self.dirty.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                        std::thread::sleep(RETRY_AFTER);
+                    }
+                }
+            }
+            if stop {
+                return;
+            }
+            std::thread::sleep(MIN_WRITE_INTERVAL);
+        }
+    }
 }
 
 /// Why a network's lease file cannot be used: vunet refuses to start rather than begin with
@@ -158,8 +244,98 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::path::PathBuf;
 
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    use vunet_dhcp::message::{build_client_message, reply_type, CLIENT_PORT, SERVER_PORT};
+    use vunet_dhcp::{DhcpServer, MessageType, ServerConfig};
+    use vunet_switch::gateway::{build_udp, Gateway};
+
+    use crate::datapath::{GatewayCx, GatewayService, Handled, Port, PortKind};
     // By its full path: layers.rs reads `super::` as the services layer.
-    use crate::services::dhcp::{lease_file, load_leases, save_leases, Lease};
+    use crate::services::dhcp::{lease_file, load_leases, save_leases, DhcpService, Lease, LeaseWriter};
+
+    const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 7];
+
+    fn dhcp_server() -> Mutex<DhcpServer> {
+        Mutex::new(DhcpServer::new(ServerConfig {
+            server_ip: GW,
+            prefix: 24,
+            range: (Ipv4Addr::new(10, 0, 0, 100), Ipv4Addr::new(10, 0, 0, 150)),
+            hosts: vec![],
+            lease_secs: 3600,
+            router: false,
+            dns: None,
+            domain: None,
+            mtu: None,
+        }))
+    }
+
+    /// A guest's DHCP message through the service, as the data path hands it over; the type of
+    /// the answer.
+    fn send(svc: &DhcpService, dhcp: &Mutex<DhcpServer>, port: &Port, t: MessageType) -> Option<MessageType> {
+        let gw = Gateway { mac: [2, 0, 0, 0, 0, 1], ip: GW, prefix: 24 };
+        let msg = build_client_message(t, MAC, 7, Some(Ipv4Addr::new(10, 0, 0, 100)), Some(GW), Some("g"));
+        let mut frame = Vec::new();
+        build_udp(&mut frame, MAC, [0xff; 6], Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST, CLIENT_PORT, SERVER_PORT, &msg);
+        let mut reply = Vec::new();
+        let cx = GatewayCx { network: "n", gateway: &gw, dhcp: Some(dhcp) };
+        match svc.handle(&cx, port, &frame, &mut reply) {
+            Handled::Reply => vunet_switch::gateway::udp_payload(&reply, CLIENT_PORT).and_then(|(_, p)| reply_type(p)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_guest_never_waits_for_a_lease_write() {
+        let d = tmp("slow");
+        let writer = std::sync::Arc::new(LeaseWriter::new("n", d.join("n.leases")));
+        let svc = DhcpService { leases: Some(writer.clone()) };
+        let (dhcp, port) = (dhcp_server(), Port::new(0, "p0", PortKind::Vhost));
+        assert_eq!(send(&svc, &dhcp, &port, MessageType::Discover), Some(MessageType::Offer));
+        // A write that takes forever (a slow or hung disk) holds the writer.
+        let writing = writer.written.lock().unwrap();
+        let answered = std::thread::scope(|s| {
+            let guest = s.spawn(|| send(&svc, &dhcp, &port, MessageType::Request));
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while !guest.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let finished = guest.is_finished();
+            drop(writing);
+            (finished, guest.join().unwrap())
+        });
+        assert_eq!(answered, (true, Some(MessageType::Ack)), "the ACK did not wait for the lease file");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn renewals_that_change_nothing_are_not_written() {
+        let d = tmp("renew");
+        let path = d.join("n.leases");
+        let writer = std::sync::Arc::new(LeaseWriter::new("n", path.clone()));
+        let svc = DhcpService { leases: Some(writer.clone()) };
+        let (dhcp, port) = (dhcp_server(), Port::new(0, "p0", PortKind::Vhost));
+        let stopped = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| writer.run(&dhcp, &stopped));
+            send(&svc, &dhcp, &port, MessageType::Discover);
+            // A guest renewing in a loop: the same lease, within a second or two.
+            for _ in 0..50 {
+                assert_eq!(send(&svc, &dhcp, &port, MessageType::Request), Some(MessageType::Ack));
+            }
+            std::thread::sleep(Duration::from_millis(800));
+            stopped.store(true, Ordering::Release);
+            writer.mark_dirty();
+        });
+        let writes = writer.writes.load(Ordering::Relaxed);
+        assert!((1..=2).contains(&writes), "{writes} writes for 50 identical renewals");
+        let saved = lease_file::parse(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(saved, dhcp.lock().unwrap().leases(crate::datapath::unix_now()));
+        let _ = std::fs::remove_dir_all(&d);
+    }
 
     fn tmp(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("vunet-leases-{tag}-{}", std::process::id()));

@@ -141,6 +141,58 @@ pub enum ControlError {
     NoDhcp(String),
     #[error("capture streams; it is not answered here")]
     Streams,
+    #[error(
+        "socket {} is outside the socket directory {} (port-add creates and connects to sockets only there; socket_dir in the configuration sets it)",
+        path.display(),
+        dir.display()
+    )]
+    SocketOutside { path: PathBuf, dir: PathBuf },
+    #[error("socket {}: {reason}", path.display())]
+    Socket { path: PathBuf, reason: String },
+}
+
+/// The socket a run-time port may use: `socket` (relative: in `dir`) when it lies in the socket
+/// directory `dir` or below it, with `..` resolved and every link of its directory followed
+/// (a link out of `dir` is outside), and is not itself a link; the empty path (the supervisor
+/// then names one in `dir`) when none is given. Anything else is refused, naming `dir`.
+pub fn confine_socket(dir: &Path, socket: Option<PathBuf>) -> Result<PathBuf, ControlError> {
+    use std::path::Component;
+    let Some(socket) = socket.filter(|s| !s.as_os_str().is_empty()) else { return Ok(PathBuf::new()) };
+    let outside = || ControlError::SocketOutside { path: socket.clone(), dir: dir.to_path_buf() };
+    let fail = |e: std::io::Error, p: &Path| ControlError::Socket { path: p.to_path_buf(), reason: io_reason(&e) };
+    let real_dir = dir.canonicalize().map_err(|e| fail(e, dir))?;
+    let joined = if socket.is_absolute() { socket.clone() } else { real_dir.join(&socket) };
+    // `..` resolved by the names first, so a path that says it leaves is refused as such
+    // even where its directories do not exist.
+    let plain = |p: &Path| {
+        let mut out = PathBuf::new();
+        for c in p.components() {
+            match c {
+                Component::ParentDir => {
+                    out.pop();
+                }
+                Component::CurDir => {}
+                other => out.push(other),
+            }
+        }
+        out
+    };
+    let named = plain(&joined);
+    if !named.starts_with(&real_dir) && !std::path::absolute(dir).is_ok_and(|d| named.starts_with(plain(&d))) {
+        return Err(outside());
+    }
+    let (Some(parent), Some(name)) = (named.parent(), named.file_name()) else { return Err(outside()) };
+    let real_parent = parent.canonicalize().map_err(|e| fail(e, &socket))?;
+    if !real_parent.starts_with(&real_dir) {
+        return Err(outside());
+    }
+    let path = real_parent.join(name);
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            Err(ControlError::Socket { path: socket.clone(), reason: "is a symbolic link (port-add follows none)".into() })
+        }
+        _ => Ok(path),
+    }
 }
 
 fn find(shared: &Supervisor, name: &str) -> Result<Arc<Network>, PortError> {
@@ -172,7 +224,10 @@ pub fn answer(req: Request, shared: &Arc<Supervisor>) -> Result<Value, ControlEr
                 Some("client") => PortMode::Client,
                 Some(other) => return Err(ControlError::PortMode(other.to_string())),
             };
-            let cfg = PortConfig { name, socket: socket.unwrap_or_default(), tap: None, mode, mac, port_security: None, queues: 1 };
+            // Sockets in the configuration file are the operator's; a control client's stay in
+            // the socket directory.
+            let socket = confine_socket(&shared.socket_dir, socket)?;
+            let cfg = PortConfig { name, socket, tap: None, mode, mac, port_security: None, queues: 1 };
             let port = shared.add_port(&net, cfg)?;
             Ok(port_info(&port))
         }
@@ -533,6 +588,42 @@ mod tests {
             watcher.join().unwrap()
         });
         assert!(seen.iter().all(|&m| m == 0o600), "modes seen at the path: {:?}", seen.iter().map(|m| format!("{m:o}")).collect::<Vec<_>>());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn port_add_sockets_stay_in_the_socket_directory() {
+        let d = bind_dir("confine");
+        let dir = d.join("sockets");
+        std::fs::create_dir_all(dir.join("tenant")).unwrap();
+        std::fs::create_dir_all(d.join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(d.join("elsewhere"), dir.join("way-out")).unwrap();
+        std::os::unix::fs::symlink(d.join("elsewhere/vm.sock"), dir.join("link.sock")).unwrap();
+        let ok = |s: &str| confine_socket(&dir, Some(PathBuf::from(s))).unwrap();
+        let refused = |s: &str| confine_socket(&dir, Some(PathBuf::from(s))).unwrap_err().to_string();
+        assert_eq!(confine_socket(&dir, None).unwrap(), PathBuf::new(), "none given: the supervisor names one in the directory");
+        assert_eq!(ok(dir.join("vm5.sock").to_str().unwrap()), dir.join("vm5.sock"));
+        assert_eq!(ok("vm6.sock"), dir.join("vm6.sock"), "relative: in the directory");
+        assert_eq!(ok(dir.join("tenant/../tenant/vm7.sock").to_str().unwrap()), dir.join("tenant/vm7.sock"));
+        let outside = |p: &str| {
+            format!(
+                "socket {p} is outside the socket directory {} (port-add creates and connects to sockets only there; socket_dir in the configuration sets it)",
+                dir.display()
+            )
+        };
+        for p in [
+            d.join("other.sock").display().to_string(),
+            "/etc/passwd".to_string(),
+            format!("{}/../other.sock", dir.display()),
+            format!("{}/tenant/../../nowhere/x.sock", dir.display()),
+            "../other.sock".to_string(),
+            format!("{}/way-out/vm.sock", dir.display()),
+            "way-out/vm.sock".to_string(),
+        ] {
+            assert_eq!(refused(&p), outside(&p));
+        }
+        assert!(refused("link.sock").ends_with("is a symbolic link (port-add follows none)"));
+        assert!(refused("nosuch/vm.sock").contains("No such file or directory"));
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -31,12 +31,14 @@ impl Daemon {
         let internal_dir = private_dir().map_err(|e| {
             StartError::Host(format!("cannot create a private directory in {}: {}", std::env::temp_dir().display(), io_reason(&e)))
         })?;
+        // Where `port-add` creates sockets, and the only place it may.
+        if let Some(dir) = &cfg.socket_dir {
+            std::fs::create_dir_all(dir).map_err(|e| StartError::SocketDir { path: dir.clone(), reason: io_reason(&e) })?;
+        }
         let socket_dir = cfg
-            .control_socket
-            .as_deref()
-            .and_then(|c| c.parent())
-            .filter(|d| !d.as_os_str().is_empty())
-            .map(Path::to_path_buf)
+            .socket_dir
+            .clone()
+            .or_else(|| cfg.control_socket.as_deref().and_then(|c| c.parent()).filter(|d| !d.as_os_str().is_empty()).map(Path::to_path_buf))
             .or_else(|| cfg.networks.iter().flat_map(|n| &n.ports).find_map(|p| p.socket.parent().map(Path::to_path_buf)))
             .unwrap_or_else(std::env::temp_dir);
         let shared = Arc::new(Supervisor::new(internal_dir, socket_dir, cfg.state_dir.clone()));

@@ -84,7 +84,9 @@ enum Command {
         network: String,
         /// Port name.
         name: String,
-        /// The vhost-user socket (default: NETWORK-NAME.sock next to the control socket).
+        /// The vhost-user socket (default: NETWORK-NAME.sock in the daemon's socket directory:
+        /// its socket_dir, else the control socket's directory). A path outside that directory
+        /// is refused.
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
         /// The guest's MAC (offered to VMMs that read it; locks port security to it).

@@ -16,6 +16,8 @@ pub enum StartError {
     Bind(#[from] BindError),
     #[error("control socket {path}: {reason}")]
     Control { path: PathBuf, reason: String },
+    #[error("socket_dir {}: {reason}", path.display())]
+    SocketDir { path: PathBuf, reason: String },
     #[error("state_dir {path}: {reason}")]
     StateDir { path: PathBuf, reason: String },
     #[error(transparent)]

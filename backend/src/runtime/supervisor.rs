@@ -27,7 +27,8 @@ pub struct Supervisor {
     /// Private (0700) directory for the sockets between the relay and the vhost-user daemons.
     internal_dir: PathBuf,
     internal_seq: AtomicU64,
-    /// Where `port-add` puts a socket it is not given a path for.
+    /// Where `port-add` puts a socket it is not given a path for, and the only directory
+    /// (with those under it) where it may create or connect to one.
     pub socket_dir: PathBuf,
     pub state_dir: Option<PathBuf>,
     /// The configuration each running network has now, to tell what a reload changes.

@@ -26,7 +26,13 @@ impl Daemon {
             listeners.push(crate::runtime::bind_sockets(n)?);
         }
         if let Some(dir) = &cfg.state_dir {
-            std::fs::create_dir_all(dir).map_err(|e| StartError::StateDir { path: dir.clone(), reason: io_reason(&e) })?;
+            // Made owner-only if vunet makes it: the leases name every guest.
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| StartError::StateDir { path: dir.clone(), reason: io_reason(&e) })?;
         }
         let internal_dir = private_dir().map_err(|e| {
             StartError::Host(format!("cannot create a private directory in {}: {}", std::env::temp_dir().display(), io_reason(&e)))

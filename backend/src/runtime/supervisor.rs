@@ -246,8 +246,21 @@ impl Supervisor {
         let net = self.network(name).ok_or_else(|| PortError::NoNetwork(name.to_string()))?;
         self.networks.write().unwrap_or_else(|e| e.into_inner()).retain(|n| n.name != name);
         net.stopped.store(true, Ordering::Release);
-        // Its lease writer sees `stopped`, saves a last time and ends.
-        self.lease_writers.lock().unwrap_or_else(|e| e.into_inner()).retain(|(n, _)| n != name);
+        // Its leases are saved now (a network of that name started again reads them), then its
+        // writer sees `stopped` and ends.
+        let mine: Vec<Arc<LeaseWriter>> = {
+            let mut writers = self.lease_writers.lock().unwrap_or_else(|e| e.into_inner());
+            let mine = writers.iter().filter(|(n, _)| n == name).map(|(_, w)| w.clone()).collect();
+            writers.retain(|(n, _)| n != name);
+            mine
+        };
+        if let Some(dhcp) = &net.dhcp {
+            for w in mine {
+                if let Err(e) = w.write_if_changed(dhcp) {
+                    tracing::warn!(network = %name, file = %w.path.display(), "cannot save DHCP leases: {}", crate::config::io_reason(&e));
+                }
+            }
+        }
         for p in net.live_ports() {
             self.take_out(&net, &p);
         }

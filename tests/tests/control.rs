@@ -467,3 +467,25 @@ fn systemd_unit_verifies() {
         .expect("systemd-analyze (scripts/install-deps.sh installs systemd)");
     assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn leases_not_yet_saved_are_saved_when_vunet_stops() {
+    let dir = TempDir::new("control-exit-leases");
+    let state = dir.path().join("state");
+    let (v, _ctl) = daemon(dir.path(), &format!("state_dir = \"{}\"", state.display()));
+    let mut vm1 = VmSim::connect(&dir.path().join("vm1.sock"), SimOptions::full()).unwrap();
+    vm1.post_rx(QUEUE_SIZE);
+    assert!(v.wait_connected("vm1", 1, T), "{}", v.console.text());
+    let ip = lease(&mut vm1, VM1);
+    // A renewal under a new name, ACKed at once, while the lease writer waits out its interval
+    // after the first write; then SIGTERM.
+    let msg = build_client_message(MessageType::Request, VM1, 4, Some(ip), Some(GW), Some("beta"));
+    let mut f = Vec::new();
+    build_udp(&mut f, VM1, [0xff; 6], Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST, CLIENT_PORT, SERVER_PORT, &msg);
+    vm1.send(&f);
+    let acked = std::iter::from_fn(|| vm1.recv(T)).find_map(|(_, f)| udp_payload(&f, CLIENT_PORT).map(|(_, p)| p.to_vec())).unwrap();
+    assert_eq!(reply_yiaddr(&acked), Some(ip));
+    drop(v);
+    let file = std::fs::read_to_string(state.join("lab.leases")).unwrap();
+    assert!(file.contains(&format!("52:54:00:00:00:01 {ip} ")) && file.contains(" beta\n"), "{file}");
+}

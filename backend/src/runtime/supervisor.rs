@@ -136,6 +136,15 @@ impl Supervisor {
             let (inject, tcp) = (Inject::new(net.clone()), dns.tcp.clone());
             spawn(format!("dns-tcp-{}", net.name), move || tcp.run(inject, gw, dns))?;
         }
+        let ports = net.ports.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut listeners = listeners.into_iter();
+        for port in ports {
+            match links.remove(&port.id) {
+                Some(link) => self.run_link(&net, port, link)?,
+                None => self.serve(&net, port, listeners.next().flatten())?,
+            }
+        }
+        // Last, so a network that failed to start leaves no writer behind.
         if let Some(w) = built.leases {
             let net2 = net.clone();
             let w2 = w.clone();
@@ -145,14 +154,6 @@ impl Supervisor {
                 }
             })?;
             self.lease_writers.lock().unwrap_or_else(|e| e.into_inner()).push((net.name.clone(), w));
-        }
-        let ports = net.ports.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut listeners = listeners.into_iter();
-        for port in ports {
-            match links.remove(&port.id) {
-                Some(link) => self.run_link(&net, port, link)?,
-                None => self.serve(&net, port, listeners.next().flatten())?,
-            }
         }
         self.networks.write().unwrap_or_else(|e| e.into_inner()).push(net.clone());
         self.configs.lock().unwrap_or_else(|e| e.into_inner()).push(n.clone());

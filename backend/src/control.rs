@@ -587,7 +587,11 @@ mod tests {
             done.store(true, Ordering::Relaxed);
             watcher.join().unwrap()
         });
-        assert!(seen.iter().all(|&m| m == 0o600), "modes seen at the path: {:?}", seen.iter().map(|m| format!("{m:o}")).collect::<Vec<_>>());
+        assert!(
+            seen.iter().all(|&m| m == 0o600),
+            "modes seen at the path: {:?}",
+            seen.iter().map(|m| format!("{m:o}")).collect::<Vec<_>>()
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 

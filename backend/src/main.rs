@@ -304,8 +304,7 @@ fn private_tmp_dir(uid: u32) -> PathBuf {
 fn make_runtime_dir(dir: &Path) -> Result<(), String> {
     let uid = uid();
     if dir != private_tmp_dir(uid) {
-        return std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create runtime directory {}: {}", dir.display(), io_reason(&e)));
+        return std::fs::create_dir_all(dir).map_err(|e| format!("cannot create runtime directory {}: {}", dir.display(), io_reason(&e)));
     }
     make_private_dir(dir, uid)
 }

@@ -217,7 +217,10 @@ fn port_add_creates_and_connects_to_sockets_only_in_the_socket_directory() {
         (ctl_dir.join("up/vm9.sock"), "server"),
         (victim_vm.clone(), "client"),
     ] {
-        assert_error(&cli(&["port-add", "lab", "vm9", "--socket", p.to_str().unwrap(), "--mode", mode, "--control", c]), &outside(&p, &ctl_dir));
+        assert_error(
+            &cli(&["port-add", "lab", "vm9", "--socket", p.to_str().unwrap(), "--mode", mode, "--control", c]),
+            &outside(&p, &ctl_dir),
+        );
     }
     assert!(!dir.path().join("vm9.sock").exists(), "nothing created outside");
     let ports = json(&cli(&["port-list", "lab", "--json", "--control", c]));

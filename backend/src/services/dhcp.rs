@@ -206,10 +206,8 @@ pub fn save_leases(path: &Path, leases: &[Lease]) -> io::Result<()> {
             Err(e) => return Err(e),
         }
     };
-    let written = f
-        .write_all(lease_file::serialize(leases).as_bytes())
-        .and_then(|()| f.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path));
+    let written =
+        f.write_all(lease_file::serialize(leases).as_bytes()).and_then(|()| f.sync_all()).and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);

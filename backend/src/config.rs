@@ -185,6 +185,9 @@ pub struct Config {
     pub control_socket: Option<PathBuf>,
     /// A group that may use the control socket too (mode 0660 instead of 0600).
     pub control_group: Option<String>,
+    /// The directory `port-add` (the control socket) may create or connect to sockets in
+    /// (default: the control socket's directory). Sockets in this file are not confined.
+    pub socket_dir: Option<PathBuf>,
     /// Where the port counters are served in Prometheus text format (`GET /metrics`).
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub networks: Vec<NetworkConfig>,
@@ -198,6 +201,7 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     control_socket: Option<PathBuf>,
     control_group: Option<String>,
+    socket_dir: Option<PathBuf>,
     metrics_listen: Option<Spanned<String>>,
     #[serde(default)]
     network: Vec<Spanned<RawNetwork>>,
@@ -1060,6 +1064,7 @@ impl Config {
             state_dir: raw.state_dir.map(|p| base.join(p)),
             control_socket: raw.control_socket.map(|p| base.join(p)),
             control_group: raw.control_group,
+            socket_dir: raw.socket_dir.map(|p| base.join(p)),
             metrics_listen,
             networks,
             warnings,
@@ -1088,6 +1093,7 @@ impl Config {
             // Where the CLI looks first (`vunet net-list` with no flags), owner-only as always.
             control_socket: Some(runtime_dir.join("control.sock")),
             control_group: None,
+            socket_dir: None,
             metrics_listen: None,
             networks: vec![NetworkConfig {
                 name: "default".into(),
@@ -1154,6 +1160,8 @@ mac = "52:54:00:00:00:02"
     fn parses_the_contract_keys() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.state_dir, Some(PathBuf::from("/var/lib/vunet")));
+        assert_eq!(c.socket_dir, None, "port-add's sockets go next to the control socket");
+        assert_eq!(parse(&format!("socket_dir = \"guests\"\n{GOOD}")).unwrap().socket_dir, Some(PathBuf::from("/run/vunet/guests")));
         let n = &c.networks[0];
         assert_eq!((n.name.as_str(), n.mode, n.mtu), ("default", Mode::Isolated, 1500));
         assert_eq!(n.gateway, Some((Ipv4Addr::new(192, 168, 122, 1), 24)));

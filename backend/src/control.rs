@@ -36,29 +36,53 @@ pub enum Request {
 }
 
 /// Binds the control socket (refusing one a live daemon is using): mode 0600, or 0660 with
-/// `group` as its group.
+/// `group` as its group. What is at the path is looked at without following a link: a stale
+/// socket is replaced, anything else is refused and left alone. The socket is bound in a new
+/// private (0700) directory next to the path, given its group and mode there, and only then
+/// renamed into place: nobody can connect to it, or swap it for a link, before that.
 pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, StartError> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
     let err = |reason: String| StartError::Control { path: path.to_path_buf(), reason };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| err(io_reason(&e)))?;
-    }
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(err("in use by another vunet".into()));
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| err(io_reason(&e)))?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(err("in use by another vunet".into()));
+            }
         }
-        let _ = std::fs::remove_file(path);
+        Ok(_) => return Err(err("exists and is not a socket (vunet leaves it alone; remove it or choose another path)".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(io_reason(&e))),
     }
-    let l = UnixListener::bind(path).map_err(|e| err(io_reason(&e)))?;
-    let mode = match group {
-        Some(g) => {
-            let gid = group_id(g).ok_or_else(|| err(format!("no group named {g:?}")))?;
-            std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| err(io_reason(&e)))?;
-            0o660
-        }
-        None => 0o600,
+    let gid = match group {
+        Some(g) => Some(group_id(g).ok_or_else(|| err(format!("no group named {g:?}")))?),
+        None => None,
     };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| err(io_reason(&e)))?;
-    Ok(l)
+    // Short names: a unix socket path has at most 107 bytes.
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let private = loop {
+        let d = dir.join(format!(".vu{:x}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+        match std::fs::DirBuilder::new().mode(0o700).create(&d) {
+            Ok(()) => break d,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(err(io_reason(&e))),
+        }
+    };
+    let tmp = private.join("s");
+    let placed = (|| {
+        let l = UnixListener::bind(&tmp)?;
+        if gid.is_some() {
+            std::os::unix::fs::lchown(&tmp, None, gid)?;
+        }
+        // Inside the private directory the path cannot be a link: nobody else can write there.
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(if gid.is_some() { 0o660 } else { 0o600 }))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&private);
+    placed.map_err(|e: std::io::Error| err(io_reason(&e)))
 }
 
 pub(crate) fn group_id(name: &str) -> Option<u32> {
@@ -117,6 +141,58 @@ pub enum ControlError {
     NoDhcp(String),
     #[error("capture streams; it is not answered here")]
     Streams,
+    #[error(
+        "socket {} is outside the socket directory {} (port-add creates and connects to sockets only there; socket_dir in the configuration sets it)",
+        path.display(),
+        dir.display()
+    )]
+    SocketOutside { path: PathBuf, dir: PathBuf },
+    #[error("socket {}: {reason}", path.display())]
+    Socket { path: PathBuf, reason: String },
+}
+
+/// The socket a run-time port may use: `socket` (relative: in `dir`) when it lies in the socket
+/// directory `dir` or below it, with `..` resolved and every link of its directory followed
+/// (a link out of `dir` is outside), and is not itself a link; the empty path (the supervisor
+/// then names one in `dir`) when none is given. Anything else is refused, naming `dir`.
+pub fn confine_socket(dir: &Path, socket: Option<PathBuf>) -> Result<PathBuf, ControlError> {
+    use std::path::Component;
+    let Some(socket) = socket.filter(|s| !s.as_os_str().is_empty()) else { return Ok(PathBuf::new()) };
+    let outside = || ControlError::SocketOutside { path: socket.clone(), dir: dir.to_path_buf() };
+    let fail = |e: std::io::Error, p: &Path| ControlError::Socket { path: p.to_path_buf(), reason: io_reason(&e) };
+    let real_dir = dir.canonicalize().map_err(|e| fail(e, dir))?;
+    let joined = if socket.is_absolute() { socket.clone() } else { real_dir.join(&socket) };
+    // `..` resolved by the names first, so a path that says it leaves is refused as such
+    // even where its directories do not exist.
+    let plain = |p: &Path| {
+        let mut out = PathBuf::new();
+        for c in p.components() {
+            match c {
+                Component::ParentDir => {
+                    out.pop();
+                }
+                Component::CurDir => {}
+                other => out.push(other),
+            }
+        }
+        out
+    };
+    let named = plain(&joined);
+    if !named.starts_with(&real_dir) && !std::path::absolute(dir).is_ok_and(|d| named.starts_with(plain(&d))) {
+        return Err(outside());
+    }
+    let (Some(parent), Some(name)) = (named.parent(), named.file_name()) else { return Err(outside()) };
+    let real_parent = parent.canonicalize().map_err(|e| fail(e, &socket))?;
+    if !real_parent.starts_with(&real_dir) {
+        return Err(outside());
+    }
+    let path = real_parent.join(name);
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            Err(ControlError::Socket { path: socket.clone(), reason: "is a symbolic link (port-add follows none)".into() })
+        }
+        _ => Ok(path),
+    }
 }
 
 fn find(shared: &Supervisor, name: &str) -> Result<Arc<Network>, PortError> {
@@ -148,17 +224,10 @@ pub fn answer(req: Request, shared: &Arc<Supervisor>) -> Result<Value, ControlEr
                 Some("client") => PortMode::Client,
                 Some(other) => return Err(ControlError::PortMode(other.to_string())),
             };
-            let cfg = PortConfig {
-                name,
-                socket: socket.unwrap_or_default(),
-                tap: None,
-                mode,
-                mac,
-                port_security: None,
-                queues: 1,
-                socket_mode: None,
-                socket_group: None,
-            };
+            // Sockets in the configuration file are the operator's; a control client's stay in
+            // the socket directory.
+            let socket = confine_socket(&shared.socket_dir, socket)?;
+            let cfg = PortConfig { name, socket, tap: None, mode, mac, port_security: None, queues: 1, socket_mode: None, socket_group: None };
             let port = shared.add_port(&net, cfg)?;
             Ok(port_info(&port))
         }
@@ -437,6 +506,128 @@ mod tests {
         assert_eq!(at, live);
         assert_eq!(read_answer(s, &at), Ok(json!([])));
         assert_eq!(server.join().unwrap(), "{\"cmd\":\"net-list\"}\n");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    fn bind_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("vunet-control-bind-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn entries(d: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn the_control_socket_replaces_only_a_stale_socket_and_follows_no_link() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let d = bind_dir("kinds");
+        let path = d.join("control.sock");
+        let victim = d.join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+        // A regular file, and a link to one: refused, left as they are.
+        std::fs::write(&path, "not a socket").unwrap();
+        let e = bind(&path, None).unwrap_err().to_string();
+        assert!(e.contains("exists and is not a socket"), "{e}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a socket");
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let e = bind(&path, None).unwrap_err().to_string();
+        assert!(e.contains("exists and is not a socket"), "{e}");
+        assert!(std::fs::symlink_metadata(&path).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(std::fs::metadata(&victim).unwrap().permissions().mode() & 0o777, 0o644);
+        std::fs::remove_file(&path).unwrap();
+
+        // A stale socket is replaced; a live one is refused.
+        drop(UnixListener::bind(&path).unwrap());
+        let l = bind(&path, None).unwrap();
+        let m = std::fs::symlink_metadata(&path).unwrap();
+        assert!(m.file_type().is_socket());
+        assert_eq!(m.mode() & 0o777, 0o600);
+        assert!(UnixStream::connect(&path).is_ok());
+        assert!(bind(&path, None).unwrap_err().to_string().contains("in use by another vunet"));
+        drop(l);
+        // With a group: 0660, that group.
+        std::fs::remove_file(&path).unwrap();
+        let _l = bind(&path, Some("root")).unwrap();
+        let m = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!((m.mode() & 0o777, m.gid()), (0o660, 0));
+        assert_eq!(entries(&d), vec!["control.sock", "victim"], "no private directory left behind");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn nobody_sees_the_control_socket_before_its_mode_is_set() {
+        use std::os::unix::fs::MetadataExt;
+        let d = bind_dir("window");
+        let path = d.join("control.sock");
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let seen = std::thread::scope(|s| {
+            let watcher = s.spawn(|| {
+                let mut seen = std::collections::BTreeSet::new();
+                while !done.load(Ordering::Relaxed) {
+                    if let Ok(m) = std::fs::symlink_metadata(&path) {
+                        seen.insert(m.mode() & 0o777);
+                    }
+                }
+                seen
+            });
+            for _ in 0..300 {
+                let l = bind(&path, None).unwrap();
+                drop(l);
+                let _ = std::fs::remove_file(&path);
+            }
+            done.store(true, Ordering::Relaxed);
+            watcher.join().unwrap()
+        });
+        assert!(
+            seen.iter().all(|&m| m == 0o600),
+            "modes seen at the path: {:?}",
+            seen.iter().map(|m| format!("{m:o}")).collect::<Vec<_>>()
+        );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn port_add_sockets_stay_in_the_socket_directory() {
+        let d = bind_dir("confine");
+        let dir = d.join("sockets");
+        std::fs::create_dir_all(dir.join("tenant")).unwrap();
+        std::fs::create_dir_all(d.join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(d.join("elsewhere"), dir.join("way-out")).unwrap();
+        std::os::unix::fs::symlink(d.join("elsewhere/vm.sock"), dir.join("link.sock")).unwrap();
+        let ok = |s: &str| confine_socket(&dir, Some(PathBuf::from(s))).unwrap();
+        let refused = |s: &str| confine_socket(&dir, Some(PathBuf::from(s))).unwrap_err().to_string();
+        assert_eq!(confine_socket(&dir, None).unwrap(), PathBuf::new(), "none given: the supervisor names one in the directory");
+        assert_eq!(ok(dir.join("vm5.sock").to_str().unwrap()), dir.join("vm5.sock"));
+        assert_eq!(ok("vm6.sock"), dir.join("vm6.sock"), "relative: in the directory");
+        assert_eq!(ok(dir.join("tenant/../tenant/vm7.sock").to_str().unwrap()), dir.join("tenant/vm7.sock"));
+        let outside = |p: &str| {
+            format!(
+                "socket {p} is outside the socket directory {} (port-add creates and connects to sockets only there; socket_dir in the configuration sets it)",
+                dir.display()
+            )
+        };
+        for p in [
+            d.join("other.sock").display().to_string(),
+            "/etc/passwd".to_string(),
+            format!("{}/../other.sock", dir.display()),
+            format!("{}/tenant/../../nowhere/x.sock", dir.display()),
+            "../other.sock".to_string(),
+            format!("{}/way-out/vm.sock", dir.display()),
+            "way-out/vm.sock".to_string(),
+        ] {
+            assert_eq!(refused(&p), outside(&p));
+        }
+        assert!(refused("link.sock").ends_with("is a symbolic link (port-add follows none)"));
+        assert!(refused("nosuch/vm.sock").contains("No such file or directory"));
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -26,17 +26,25 @@ impl Daemon {
             listeners.push(crate::runtime::bind_sockets(n)?);
         }
         if let Some(dir) = &cfg.state_dir {
-            std::fs::create_dir_all(dir).map_err(|e| StartError::StateDir { path: dir.clone(), reason: io_reason(&e) })?;
+            // Made owner-only if vunet makes it: the leases name every guest.
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| StartError::StateDir { path: dir.clone(), reason: io_reason(&e) })?;
         }
         let internal_dir = private_dir().map_err(|e| {
             StartError::Host(format!("cannot create a private directory in {}: {}", std::env::temp_dir().display(), io_reason(&e)))
         })?;
+        // Where `port-add` creates sockets, and the only place it may.
+        if let Some(dir) = &cfg.socket_dir {
+            std::fs::create_dir_all(dir).map_err(|e| StartError::SocketDir { path: dir.clone(), reason: io_reason(&e) })?;
+        }
         let socket_dir = cfg
-            .control_socket
-            .as_deref()
-            .and_then(|c| c.parent())
-            .filter(|d| !d.as_os_str().is_empty())
-            .map(Path::to_path_buf)
+            .socket_dir
+            .clone()
+            .or_else(|| cfg.control_socket.as_deref().and_then(|c| c.parent()).filter(|d| !d.as_os_str().is_empty()).map(Path::to_path_buf))
             .or_else(|| cfg.networks.iter().flat_map(|n| &n.ports).find_map(|p| p.socket.parent().map(Path::to_path_buf)))
             .unwrap_or_else(std::env::temp_dir);
         let shared = Arc::new(Supervisor::new(internal_dir, socket_dir, cfg.state_dir.clone()));
@@ -81,6 +89,11 @@ impl Daemon {
 
     pub fn networks(&self) -> Vec<Arc<Network>> {
         self.shared.networks()
+    }
+
+    /// Saves the leases not saved yet (before the process exits); one line per failure.
+    pub fn save_leases(&self) -> Vec<String> {
+        self.shared.save_leases()
     }
 
     /// Applies a re-read configuration (SIGHUP); one line per thing done or refused.

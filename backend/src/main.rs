@@ -84,7 +84,9 @@ enum Command {
         network: String,
         /// Port name.
         name: String,
-        /// The vhost-user socket (default: NETWORK-NAME.sock next to the control socket).
+        /// The vhost-user socket (default: NETWORK-NAME.sock in the daemon's socket directory:
+        /// its socket_dir, else the control socket's directory). A path outside that directory
+        /// is refused.
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
         /// The guest's MAC (offered to VMMs that read it; locks port security to it).
@@ -298,32 +300,45 @@ fn private_tmp_dir(uid: u32) -> PathBuf {
 }
 
 /// Creates the runtime directory. The per-user fallback lives in /tmp, where anybody could
-/// have created it first: it is made owner-only, and one that is not the user's own directory
-/// is refused rather than used.
+/// have created it first: see `make_private_dir`.
 fn make_runtime_dir(dir: &Path) -> Result<(), String> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    let cannot = |e: std::io::Error| format!("cannot create runtime directory {}: {}", dir.display(), io_reason(&e));
     let uid = uid();
     if dir != private_tmp_dir(uid) {
-        return std::fs::create_dir_all(dir).map_err(cannot);
+        return std::fs::create_dir_all(dir).map_err(|e| format!("cannot create runtime directory {}: {}", dir.display(), io_reason(&e)));
     }
+    make_private_dir(dir, uid)
+}
+
+/// Creates `dir` owner-only (0700), or takes the one there if it is a real directory (not a
+/// link) of user `uid` that nobody else may write to; anything else is refused in one line,
+/// never used. Checked on an fd opened without following a link, so the directory checked
+/// is the one whose mode is tightened.
+fn make_private_dir(dir: &Path, uid: u32) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+    let cannot = |e: std::io::Error| format!("cannot create runtime directory {}: {}", dir.display(), io_reason(&e));
+    let refuse = |why: String| format!("runtime directory {} {why} (remove it, or use --runtime-dir DIR)", dir.display());
     match std::fs::DirBuilder::new().mode(0o700).create(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(cannot(e)),
         _ => {}
     }
-    let m = std::fs::symlink_metadata(dir).map_err(cannot)?;
-    if !m.is_dir() {
-        return Err(format!("runtime directory {} is not a directory (remove it, or use --runtime-dir DIR)", dir.display()));
-    }
+    let fd = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW).open(dir) {
+        Ok(fd) => fd,
+        // A link gives ELOOP or ENOTDIR (O_DIRECTORY is looked at first); lstat tells which.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+            let link = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
+            return Err(refuse(if link { "is a symbolic link, not a directory" } else { "is not a directory" }.into()));
+        }
+        Err(e) => return Err(cannot(e)),
+    };
+    let m = fd.metadata().map_err(cannot)?;
     if m.uid() != uid {
-        return Err(format!(
-            "runtime directory {} belongs to uid {}, not to you (remove it, or use --runtime-dir DIR)",
-            dir.display(),
-            m.uid()
-        ));
+        return Err(refuse(format!("belongs to uid {}, not to you", m.uid())));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(refuse(format!("may be written by others (mode {:o})", m.mode() & 0o777)));
     }
     if m.mode() & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(cannot)?;
+        fd.set_permissions(std::fs::Permissions::from_mode(0o700)).map_err(cannot)?;
     }
     Ok(())
 }
@@ -413,6 +428,9 @@ fn run(config: Option<&Path>, runtime_dir: Option<PathBuf>) -> Result<(), String
     if let Some(c) = &cfg.control_socket {
         let _ = std::fs::remove_file(c);
     }
+    for e in daemon.save_leases() {
+        eprintln!("vunet: {e}");
+    }
     drop(daemon);
     Ok(())
 }
@@ -481,4 +499,59 @@ fn print_summary(cfg: &Config) {
     println!("(guest RAM must be shared: memory-backend-memfd with share=on. Under TCG with QEMU 7.2 add vectors=0 to -device.)");
     use std::io::Write;
     let _ = std::io::stdout().flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    use super::*;
+
+    #[test]
+    fn the_private_runtime_directory_is_ours_alone_or_refused() {
+        let base = std::env::temp_dir().join(format!("vunet-private-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let me = uid();
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o777;
+
+        // Made 0700; taken again as it is.
+        let fresh = base.join("fresh");
+        make_private_dir(&fresh, me).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        make_private_dir(&fresh, me).unwrap();
+        // Ours, readable by others: tightened.
+        let loose = base.join("loose");
+        std::fs::create_dir(&loose).unwrap();
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755)).unwrap();
+        make_private_dir(&loose, me).unwrap();
+        assert_eq!(mode(&loose), 0o700);
+
+        // Writable by others: somebody may have put sockets in it. Refused, left alone.
+        let open = base.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(
+            make_private_dir(&open, me).unwrap_err(),
+            format!("runtime directory {} may be written by others (mode 777) (remove it, or use --runtime-dir DIR)", open.display())
+        );
+        assert_eq!(mode(&open), 0o777);
+        let group = base.join("group");
+        std::fs::create_dir(&group).unwrap();
+        std::fs::set_permissions(&group, std::fs::Permissions::from_mode(0o770)).unwrap();
+        assert!(make_private_dir(&group, me).unwrap_err().contains("may be written by others (mode 770)"));
+
+        // A link to a directory of ours, a file, another user's directory: refused.
+        let link = base.join("link");
+        std::os::unix::fs::symlink(&fresh, &link).unwrap();
+        assert_eq!(
+            make_private_dir(&link, me).unwrap_err(),
+            format!("runtime directory {} is a symbolic link, not a directory (remove it, or use --runtime-dir DIR)", link.display())
+        );
+        let file = base.join("file");
+        std::fs::write(&file, "").unwrap();
+        assert!(make_private_dir(&file, me).unwrap_err().ends_with("is not a directory (remove it, or use --runtime-dir DIR)"));
+        assert!(make_private_dir(&fresh, me + 1).unwrap_err().contains(&format!("belongs to uid {me}, not to you")));
+        let _ = std::fs::remove_dir_all(&base);
+    }
 }

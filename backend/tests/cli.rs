@@ -166,6 +166,22 @@ fn stale_socket_from_a_crash_is_replaced() {
 }
 
 #[test]
+fn an_unreadable_lease_file_refuses_the_start_rather_than_be_overwritten() {
+    let d = tmp("leases");
+    let leases = d.join("state/n.leases");
+    std::fs::create_dir_all(&leases).unwrap();
+    let f = d.join("vunet.toml");
+    std::fs::write(
+        &f,
+        "state_dir = \"state\"\n[[network]]\nname = \"n\"\nmode = \"isolated\"\ngateway = \"10.9.0.1/24\"\n[network.dhcp]\nrange = [\"10.9.0.2\", \"10.9.0.9\"]\n[[network.port]]\nname = \"vm1\"\nsocket = \"vm1.sock\"\n",
+    )
+    .unwrap();
+    let out = vunet(&["run", "--config", f.to_str().unwrap()]);
+    assert_user_error(&out, &format!("lease file {}: cannot read it: Is a directory", leases.display()));
+    assert!(leases.is_dir());
+}
+
+#[test]
 fn bad_command_line_is_exit_2() {
     let out = vunet(&["run", "--confg", "x"]);
     assert_eq!(out.status.code(), Some(2));

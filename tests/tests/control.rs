@@ -148,12 +148,11 @@ fn every_subcommand_with_and_without_json_and_their_errors() {
 
     // port-add mistakes
     assert_error(&cli(&["port-add", "lab", "vm2", "--control", c]), "network \"lab\" already has a port named \"vm2\"");
-    let vm1_sock = dir.path().join("vm1.sock");
     assert_error(
-        &cli(&["port-add", "lab", "vm3", "--socket", vm1_sock.to_str().unwrap(), "--control", c]),
-        &format!("socket {} is used by another port", vm1_sock.display()),
+        &cli(&["port-add", "lab", "vm3", "--socket", sock2.to_str().unwrap(), "--control", c]),
+        &format!("socket {} is used by another port", sock2.display()),
     );
-    let taken = dir.path().join("taken.sock");
+    let taken = dir.path().join("ctl/taken.sock");
     let _other = std::os::unix::net::UnixListener::bind(&taken).unwrap();
     assert_error(
         &cli(&["port-add", "lab", "vm3", "--socket", taken.to_str().unwrap(), "--control", c]),
@@ -192,6 +191,58 @@ fn every_subcommand_with_and_without_json_and_their_errors() {
         a.extend(["--control", c]);
         assert_error(&cli(&a), "no network named \"nope\"");
     }
+}
+
+#[test]
+fn port_add_creates_and_connects_to_sockets_only_in_the_socket_directory() {
+    let dir = TempDir::new("control-confine");
+    let (_v, ctl) = daemon(dir.path(), "");
+    let c = ctl.to_str().unwrap();
+    let ctl_dir = dir.path().join("ctl");
+    let outside = |p: &Path, d: &Path| {
+        format!(
+            "socket {} is outside the socket directory {} (port-add creates and connects to sockets only there; socket_dir in the configuration sets it)",
+            p.display(),
+            d.display()
+        )
+    };
+    // Next to the configuration's own vm1.sock, but not in the control socket's directory; up
+    // and out with `..`; through a link to elsewhere; in client mode to another VM's socket.
+    let victim_vm = dir.path().join("other-vm.sock");
+    let _victim = std::os::unix::net::UnixListener::bind(&victim_vm).unwrap();
+    std::os::unix::fs::symlink(dir.path(), ctl_dir.join("up")).unwrap();
+    for (p, mode) in [
+        (dir.path().join("vm9.sock"), "server"),
+        (ctl_dir.join("../vm9.sock"), "server"),
+        (ctl_dir.join("up/vm9.sock"), "server"),
+        (victim_vm.clone(), "client"),
+    ] {
+        assert_error(
+            &cli(&["port-add", "lab", "vm9", "--socket", p.to_str().unwrap(), "--mode", mode, "--control", c]),
+            &outside(&p, &ctl_dir),
+        );
+    }
+    assert!(!dir.path().join("vm9.sock").exists(), "nothing created outside");
+    let ports = json(&cli(&["port-list", "lab", "--json", "--control", c]));
+    assert_eq!(ports.as_array().unwrap().len(), 1, "nothing added: {ports}");
+    // In the directory: added.
+    let inside = ctl_dir.join("vm9.sock");
+    let added = json(&cli(&["port-add", "lab", "vm9", "--socket", inside.to_str().unwrap(), "--json", "--control", c]));
+    assert_eq!(added["socket"].as_str(), inside.to_str());
+    assert!(inside.exists());
+
+    // socket_dir moves the directory (and port-add's default place) elsewhere.
+    let dir2 = TempDir::new("control-confine-dir");
+    let (_v2, ctl2) = daemon(dir2.path(), "socket_dir = \"guests\"");
+    let c2 = ctl2.to_str().unwrap();
+    let guests = dir2.path().join("guests");
+    let added = json(&cli(&["port-add", "lab", "vm2", "--json", "--control", c2]));
+    assert_eq!(added["socket"].as_str(), guests.join("lab-vm2.sock").to_str());
+    let next_to_control = dir2.path().join("ctl/vm3.sock");
+    assert_error(
+        &cli(&["port-add", "lab", "vm3", "--socket", next_to_control.to_str().unwrap(), "--control", c2]),
+        &outside(&next_to_control, &guests),
+    );
 }
 
 #[test]
@@ -418,4 +469,26 @@ fn systemd_unit_verifies() {
         .output()
         .expect("systemd-analyze (scripts/install-deps.sh installs systemd)");
     assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn leases_not_yet_saved_are_saved_when_vunet_stops() {
+    let dir = TempDir::new("control-exit-leases");
+    let state = dir.path().join("state");
+    let (v, _ctl) = daemon(dir.path(), &format!("state_dir = \"{}\"", state.display()));
+    let mut vm1 = VmSim::connect(&dir.path().join("vm1.sock"), SimOptions::full()).unwrap();
+    vm1.post_rx(QUEUE_SIZE);
+    assert!(v.wait_connected("vm1", 1, T), "{}", v.console.text());
+    let ip = lease(&mut vm1, VM1);
+    // A renewal under a new name, ACKed at once, while the lease writer waits out its interval
+    // after the first write; then SIGTERM.
+    let msg = build_client_message(MessageType::Request, VM1, 4, Some(ip), Some(GW), Some("beta"));
+    let mut f = Vec::new();
+    build_udp(&mut f, VM1, [0xff; 6], Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST, CLIENT_PORT, SERVER_PORT, &msg);
+    vm1.send(&f);
+    let acked = std::iter::from_fn(|| vm1.recv(T)).find_map(|(_, f)| udp_payload(&f, CLIENT_PORT).map(|(_, p)| p.to_vec())).unwrap();
+    assert_eq!(reply_yiaddr(&acked), Some(ip));
+    drop(v);
+    let file = std::fs::read_to_string(state.join("lab.leases")).unwrap();
+    assert!(file.contains(&format!("52:54:00:00:00:01 {ip} ")) && file.contains(" beta\n"), "{file}");
 }

@@ -84,9 +84,14 @@ fn leases_survive_a_restart_and_a_corrupt_file_does_not_stop_one() {
         lease(&mut vms[0], [0x52, 0x54, 0, 0, 0, 0x32]);
         lease(&mut vms[1], mac)
     };
-    // Saved before the ACK was sent: there now.
-    let file = std::fs::read_to_string(state.join("test.leases")).expect("lease file written");
-    assert!(file.contains(&first.to_string()), "{file}");
+    // Saved by the lease writer's thread, moments after the ACK (the guest does not wait for
+    // the disk).
+    let saved = || std::fs::read_to_string(state.join("test.leases")).unwrap_or_default();
+    assert!(wait_until(T, || saved().contains(&first.to_string())), "lease file written: {}", saved());
+    // The leases name every guest: for vunet's user only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!((mode(&state), mode(&state.join("test.leases"))), (0o700, 0o600));
 
     // "Restart": a new daemon with the same state_dir, fresh sockets. The lease comes back,
     // and a different client does not get that address.
@@ -99,6 +104,9 @@ fn leases_survive_a_restart_and_a_corrupt_file_does_not_stop_one() {
     let other = lease(&mut vms[0], [0x52, 0x54, 0, 0, 0, 0x99]);
     assert_ne!(other, first);
     assert_eq!(lease(&mut vms[1], mac), first, "same address after the restart");
+    // What the writer's thread has not saved yet is saved now (as at exit), so it cannot
+    // overwrite the damage done below.
+    assert_eq!(d2.save_leases(), Vec::<String>::new());
 
     // A truncated lease file is set aside, and vunet still starts and serves.
     let text = std::fs::read_to_string(state.join("test.leases")).unwrap();
@@ -111,4 +119,21 @@ fn leases_survive_a_restart_and_a_corrupt_file_does_not_stop_one() {
     vm.post_rx(QUEUE_SIZE);
     wait_network_ready(&d3, "test");
     lease(&mut vm, mac);
+}
+
+#[test]
+fn a_stopped_network_has_saved_its_leases() {
+    let dir = TempDir::new("dhcp-stop");
+    let state = dir.path().join("state");
+    let (d, socks) = start_network_with(dir.path(), 2, &format!("state_dir = \"{}\"", state.display()), DHCP);
+    let mut vms: Vec<VmSim> = socks.iter().map(|s| VmSim::connect(s, SimOptions::full()).unwrap()).collect();
+    vms.iter_mut().for_each(|vm| vm.post_rx(QUEUE_SIZE));
+    wait_network_ready(&d, "test");
+    // The second lease comes while the writer waits out its interval after the first.
+    lease(&mut vms[0], [0x52, 0x54, 0, 0, 0, 0x41]);
+    let second = lease(&mut vms[1], [0x52, 0x54, 0, 0, 0, 0x42]);
+    d.shared.stop_network("test").unwrap();
+    // A network of that name started now reads the file: both leases are in it already.
+    let file = std::fs::read_to_string(state.join("test.leases")).unwrap();
+    assert!(file.contains("52:54:00:00:00:41") && file.contains(&format!("52:54:00:00:00:42 {second} ")), "{file}");
 }

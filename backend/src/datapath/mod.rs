@@ -35,7 +35,7 @@ pub use deliver::{flush_pending, TxScratch};
 pub use inject::Inject;
 pub use link::HostLink;
 pub use network::Network;
-pub use port::{unix_now, Captured, Port, PortKind, RxTarget, MAX_QUEUE_PAIRS};
+pub use port::{unix_now, CaptureBudget, Captured, Port, PortKind, RxTarget, MAX_QUEUE_PAIRS};
 pub use ring::{GuestMem, Vring};
 pub use service::{GatewayCx, GatewayService, Handled};
 pub use switch::process_tx;

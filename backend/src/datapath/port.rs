@@ -4,8 +4,8 @@
 use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::SyncSender;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +33,51 @@ pub enum PortKind {
 
 /// A captured frame: when, and its bytes.
 pub type Captured = (Duration, Vec<u8>);
+
+/// What one capture may hold: frames wait for its reader while their bytes stay under
+/// `limit`; the data path drops (and counts) the others rather than wait or grow.
+pub struct CaptureBudget {
+    pub limit: usize,
+    /// Bytes of the frames queued and not yet taken by the reader.
+    pub queued: AtomicUsize,
+    /// Frames not queued: over the byte limit, or the queue full.
+    pub dropped: AtomicU64,
+    /// Set by the reader when it ends: the data path forgets the capture.
+    pub closed: AtomicBool,
+}
+
+impl CaptureBudget {
+    pub fn new(limit: usize) -> CaptureBudget {
+        CaptureBudget { limit, queued: AtomicUsize::new(0), dropped: AtomicU64::new(0), closed: AtomicBool::new(false) }
+    }
+
+    /// The reader took a frame of `len` bytes off the queue.
+    pub fn taken(&self, len: usize) {
+        self.queued.fetch_sub(len, Ordering::Relaxed);
+    }
+
+    /// Queues a copy of `frame` if it fits; false once the reader is gone.
+    fn offer(&self, tx: &SyncSender<Captured>, ts: Duration, frame: &[u8]) -> bool {
+        if self.closed.load(Ordering::Relaxed) {
+            return false;
+        }
+        // Only this port's senders add, under the captures lock: no race past the limit.
+        if self.queued.load(Ordering::Relaxed) + frame.len() > self.limit {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        self.queued.fetch_add(frame.len(), Ordering::Relaxed);
+        match tx.try_send((ts, frame.to_vec())) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.queued.fetch_sub(frame.len(), Ordering::Relaxed);
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+}
 
 /// Where a port's senders write: the RX ring and memory of the guest connected right now.
 pub struct RxTarget {
@@ -101,7 +146,7 @@ pub struct Port {
     pub conn: Mutex<Option<UnixStream>>,
     /// Set while at least one `vunet capture` listens on this port.
     pub capturing: AtomicBool,
-    captures: Mutex<Vec<SyncSender<Captured>>>,
+    captures: Mutex<Vec<(SyncSender<Captured>, Arc<CaptureBudget>)>>,
 }
 
 const LOCKED: u64 = 1 << 48;
@@ -202,19 +247,20 @@ impl Port {
         self.leased_ip.store(ip.map_or(0, u32::from), Ordering::Relaxed);
     }
 
-    /// Starts sending this port's frames to a capture.
-    pub fn add_capture(&self, tx: SyncSender<Captured>) {
+    /// Starts sending this port's frames to a capture, within `budget`.
+    pub fn add_capture(&self, tx: SyncSender<Captured>, budget: Arc<CaptureBudget>) {
         let mut c = self.captures.lock().unwrap_or_else(|e| e.into_inner());
-        c.push(tx);
+        c.push((tx, budget));
         self.capturing.store(true, Ordering::Release);
     }
 
-    /// Hands a copy of a frame seen on this port to its captures; forgets captures whose
-    /// client is gone. Called only while `capturing` is set.
+    /// Hands a copy of a frame seen on this port to its captures that have room for it (the
+    /// others count a drop); forgets captures whose reader is gone. Never waits for a
+    /// reader. Called only while `capturing` is set.
     pub fn capture(&self, frame: &[u8]) {
         let ts = wall_clock();
         let mut c = self.captures.lock().unwrap_or_else(|e| e.into_inner());
-        c.retain(|tx| !matches!(tx.try_send((ts, frame.to_vec())), Err(std::sync::mpsc::TrySendError::Disconnected(_))));
+        c.retain(|(tx, budget)| budget.offer(tx, ts, frame));
         if c.is_empty() {
             self.capturing.store(false, Ordering::Release);
         }

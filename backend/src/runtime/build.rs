@@ -14,7 +14,7 @@ use crate::config::{Mode, NetworkConfig, PortConfig, UplinkAddress};
 use crate::datapath::{GatewayService, HostLink, Network, Port, PortKind};
 use crate::ports::uplink::Uplink;
 use crate::services::arp_icmp::ArpIcmp;
-use crate::services::dhcp::{self, DhcpService};
+use crate::services::dhcp::{self, DhcpService, LeaseFileUnreadable, LeaseWriter};
 use crate::services::dns::DnsService;
 
 /// A network as built: the data path's state, and its DNS service whose threads the
@@ -22,21 +22,26 @@ use crate::services::dns::DnsService;
 pub struct Built {
     pub net: Network,
     pub dns: Option<Arc<DnsService>>,
+    /// The writer of the network's lease file (a state_dir and a DHCP server), whose thread
+    /// the supervisor starts.
+    pub leases: Option<Arc<LeaseWriter>>,
 }
 
-/// Builds network `n`; `taps` holds the opened taps of its tap ports, by port name.
-pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<String, Arc<Uplink>>) -> Built {
+/// Builds network `n`; `taps` holds the opened taps of its tap ports, by port name. Fails
+/// only on a lease file that exists but cannot be read.
+pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<String, Arc<Uplink>>) -> Result<Built, LeaseFileUnreadable> {
     let mut net = Network::new(n.name.clone(), n.mode, n.mtu);
     net.busy_poll_us = n.busy_poll_us;
     net.workers = n.workers as usize;
     let gateway = n.gateway.map(|(ip, prefix)| Gateway { mac: gateway_mac(&n.name), ip, prefix });
     let lease_file = state_dir.filter(|_| n.dhcp.is_some()).map(|d| d.join(format!("{}.leases", n.name)));
     net.gateway = gateway;
-    net.dhcp = dhcp::server(n, lease_file.as_deref()).map(|mut server| {
+    net.dhcp = dhcp::server(n, lease_file.as_deref())?.map(|mut server| {
         // The network's own DNS names are never a DHCP client's.
         server.reserve_names(n.dns.hosts.iter().map(|(name, _)| name.clone()));
         Mutex::new(server)
     });
+    let leases = lease_file.filter(|_| net.dhcp.is_some()).map(|f| Arc::new(LeaseWriter::new(&n.name, f)));
     net.router = router(n, gateway).map(Mutex::new);
     net.uplink_dhcp = n.routing.as_ref().is_some_and(|r| r.address == UplinkAddress::Dhcp);
     let ports: Vec<Arc<Port>> =
@@ -46,10 +51,10 @@ pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<Strin
     let dns = gateway.map(|_| Arc::new(DnsService::new(&n.name, &n.dns)));
     if let Some(dns) = &dns {
         let services: Vec<Arc<dyn GatewayService>> =
-            vec![dns.tcp.clone(), Arc::new(ArpIcmp), Arc::new(DhcpService { lease_file }), dns.clone()];
+            vec![dns.tcp.clone(), Arc::new(ArpIcmp), Arc::new(DhcpService { leases: leases.clone() }), dns.clone()];
         net.services = services;
     }
-    Built { net, dns }
+    Ok(Built { net, dns, leases })
 }
 
 /// A port of a network (`has_gateway`: port security defaults on), with its tap if it is one.

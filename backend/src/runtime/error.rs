@@ -7,6 +7,7 @@ use thiserror::Error;
 
 use crate::ports::uplink::UplinkError;
 use crate::ports::vhost::conn::BindError;
+use crate::services::dhcp::LeaseFileUnreadable;
 
 /// A failure to start that a user can fix: printed as one line.
 #[derive(Debug, Error)]
@@ -15,8 +16,12 @@ pub enum StartError {
     Bind(#[from] BindError),
     #[error("control socket {path}: {reason}")]
     Control { path: PathBuf, reason: String },
+    #[error("socket_dir {}: {reason}", path.display())]
+    SocketDir { path: PathBuf, reason: String },
     #[error("state_dir {path}: {reason}")]
     StateDir { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Leases(#[from] LeaseFileUnreadable),
     #[error("network {network}: {source}")]
     Uplink { network: String, source: UplinkError },
     #[error("network {0} already runs")]

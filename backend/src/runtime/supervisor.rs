@@ -19,6 +19,7 @@ use crate::config::{Config, NetworkConfig, PortConfig, PortMode, UplinkConfig, U
 use crate::datapath::{Inject, Network, Port, PortKind};
 use crate::ports::uplink::{self, Uplink};
 use crate::ports::vhost::conn::{bind_socket, serve_port};
+use crate::services::dhcp::LeaseWriter;
 
 /// What the daemon's threads share: the running networks and what it takes to add to them.
 pub struct Supervisor {
@@ -26,11 +27,14 @@ pub struct Supervisor {
     /// Private (0700) directory for the sockets between the relay and the vhost-user daemons.
     internal_dir: PathBuf,
     internal_seq: AtomicU64,
-    /// Where `port-add` puts a socket it is not given a path for.
+    /// Where `port-add` puts a socket it is not given a path for, and the only directory
+    /// (with those under it) where it may create or connect to one.
     pub socket_dir: PathBuf,
     pub state_dir: Option<PathBuf>,
     /// The configuration each running network has now, to tell what a reload changes.
     configs: Mutex<Vec<NetworkConfig>>,
+    /// Each running network's lease writer, by network name, for the last save at exit.
+    lease_writers: Mutex<Vec<(String, Arc<LeaseWriter>)>>,
 }
 
 impl Drop for Supervisor {
@@ -82,6 +86,7 @@ impl Supervisor {
             socket_dir,
             state_dir,
             configs: Mutex::new(Vec::new()),
+            lease_writers: Mutex::new(Vec::new()),
         }
     }
 
@@ -110,7 +115,7 @@ impl Supervisor {
             Some(u) => Some(Arc::new(Uplink::open(&n.name, u).map_err(uplink_err)?)),
             None => None,
         };
-        let built = build::network(n, self.state_dir.as_deref(), &taps);
+        let built = build::network(n, self.state_dir.as_deref(), &taps)?;
         let net = Arc::new(built.net);
         let mut links: HashMap<usize, Arc<Uplink>> = HashMap::new();
         for port in net.ports.snapshot().iter() {
@@ -137,6 +142,17 @@ impl Supervisor {
                 Some(link) => self.run_link(&net, port, link)?,
                 None => self.serve(&net, port, listeners.next().flatten())?,
             }
+        }
+        // Last, so a network that failed to start leaves no writer behind.
+        if let Some(w) = built.leases {
+            let net2 = net.clone();
+            let w2 = w.clone();
+            spawn(format!("leases-{}", net.name), move || {
+                if let Some(dhcp) = &net2.dhcp {
+                    w2.run(dhcp, &net2.stopped)
+                }
+            })?;
+            self.lease_writers.lock().unwrap_or_else(|e| e.into_inner()).push((net.name.clone(), w));
         }
         self.networks.write().unwrap_or_else(|e| e.into_inner()).push(net.clone());
         self.configs.lock().unwrap_or_else(|e| e.into_inner()).push(n.clone());
@@ -252,11 +268,41 @@ impl Supervisor {
         let net = self.network(name).ok_or_else(|| PortError::NoNetwork(name.to_string()))?;
         self.networks.write().unwrap_or_else(|e| e.into_inner()).retain(|n| n.name != name);
         net.stopped.store(true, Ordering::Release);
+        // Its leases are saved now (a network of that name started again reads them), then its
+        // writer sees `stopped` and ends.
+        let mine: Vec<Arc<LeaseWriter>> = {
+            let mut writers = self.lease_writers.lock().unwrap_or_else(|e| e.into_inner());
+            let mine = writers.iter().filter(|(n, _)| n == name).map(|(_, w)| w.clone()).collect();
+            writers.retain(|(n, _)| n != name);
+            mine
+        };
+        if let Some(dhcp) = &net.dhcp {
+            for w in mine {
+                if let Err(e) = w.write_if_changed(dhcp) {
+                    tracing::warn!(network = %name, file = %w.path.display(), "cannot save DHCP leases: {}", crate::config::io_reason(&e));
+                }
+            }
+        }
         for p in net.live_ports() {
             self.take_out(&net, &p);
         }
         info!(network = %name, "network stopped");
         Ok(())
+    }
+
+    /// Saves every network's leases that are not saved yet (at exit: the writers' threads
+    /// may be between two writes). One line per lease file that could not be written.
+    pub fn save_leases(&self) -> Vec<String> {
+        let writers = self.lease_writers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut errors = Vec::new();
+        for (name, w) in writers {
+            let Some(net) = self.network(&name) else { continue };
+            let Some(dhcp) = &net.dhcp else { continue };
+            if let Err(e) = w.write_if_changed(dhcp) {
+                errors.push(format!("lease file {}: cannot write it: {}", w.path.display(), crate::config::io_reason(&e)));
+            }
+        }
+        errors
     }
 
     /// Applies a re-read configuration (SIGHUP): networks and ports that were added are

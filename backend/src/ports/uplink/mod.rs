@@ -404,7 +404,7 @@ mod tests {
     use std::os::fd::{FromRawFd, OwnedFd};
     use std::sync::mpsc::channel;
 
-    use super::*;
+    use crate::ports::uplink::*;
 
     /// A tap-kind uplink over one end of a socket pair; the other end is returned.
     fn over_socketpair() -> (Arc<Uplink>, OwnedFd) {

@@ -56,7 +56,7 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, StartError
         Err(e) => return Err(err(io_reason(&e))),
     }
     let gid = match group {
-        Some(g) => Some(group_id(g).ok_or_else(|| err(format!("no group named {g:?}")))?),
+        Some(g) => Some(crate::config::group_id(g).ok_or_else(|| err(format!("no group named {g:?}")))?),
         None => None,
     };
     // Short names: a unix socket path has at most 107 bytes.
@@ -83,14 +83,6 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, StartError
     let _ = std::fs::remove_file(&tmp);
     let _ = std::fs::remove_dir(&private);
     placed.map_err(|e: std::io::Error| err(io_reason(&e)))
-}
-
-pub(crate) fn group_id(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: getgrnam returns a pointer into static storage or null; read at once.
-    let g = unsafe { libc::getgrnam(c.as_ptr()) };
-    // SAFETY: non-null results point at a valid struct group.
-    (!g.is_null()).then(|| unsafe { (*g).gr_gid })
 }
 
 /// Serves requests for as long as the daemon runs, each on a short-lived thread (a capture

@@ -77,7 +77,7 @@ impl Daemon {
             }
         }
         if let (Some(path), Some(group)) = (&cfg.control_socket, &cfg.control_group) {
-            crate::control::group_id(group)
+            crate::config::group_id(group)
                 .ok_or_else(|| StartError::Control { path: path.clone(), reason: format!("no group named {group:?}") })?;
         }
         Ok(())

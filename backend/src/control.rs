@@ -6,7 +6,6 @@
 //! after its `{"ok":...}` line come pcap bytes until the client hangs up.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -21,6 +20,7 @@ use vunet_switch::{format_mac, parse_mac};
 
 use crate::config::{io_reason, PortConfig, PortMode};
 use crate::datapath::{unix_now, Network, Port, PortKind};
+use crate::ports::vhost::conn::bind_private;
 use crate::runtime::{PortError, StartError, Supervisor};
 
 /// A request to the daemon.
@@ -41,7 +41,7 @@ pub enum Request {
 /// private (0700) directory next to the path, given its group and mode there, and only then
 /// renamed into place: nobody can connect to it, or swap it for a link, before that.
 pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, StartError> {
-    use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+    use std::os::unix::fs::FileTypeExt;
     let err = |reason: String| StartError::Control { path: path.to_path_buf(), reason };
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| err(io_reason(&e)))?;
@@ -59,30 +59,7 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, StartError
         Some(g) => Some(crate::config::group_id(g).ok_or_else(|| err(format!("no group named {g:?}")))?),
         None => None,
     };
-    // Short names: a unix socket path has at most 107 bytes.
-    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let private = loop {
-        let d = dir.join(format!(".vu{:x}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
-        match std::fs::DirBuilder::new().mode(0o700).create(&d) {
-            Ok(()) => break d,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(err(io_reason(&e))),
-        }
-    };
-    let tmp = private.join("s");
-    let placed = (|| {
-        let l = UnixListener::bind(&tmp)?;
-        if gid.is_some() {
-            std::os::unix::fs::lchown(&tmp, None, gid)?;
-        }
-        // Inside the private directory the path cannot be a link: nobody else can write there.
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(if gid.is_some() { 0o660 } else { 0o600 }))?;
-        std::fs::rename(&tmp, path)?;
-        Ok(l)
-    })();
-    let _ = std::fs::remove_file(&tmp);
-    let _ = std::fs::remove_dir(&private);
-    placed.map_err(|e: std::io::Error| err(io_reason(&e)))
+    bind_private(path, if gid.is_some() { 0o660 } else { 0o600 }, gid).map_err(|(step, e)| err(format!("{step}{}", io_reason(&e))))
 }
 
 /// Serves requests for as long as the daemon runs, each on a short-lived thread (a capture
@@ -219,7 +196,8 @@ pub fn answer(req: Request, shared: &Arc<Supervisor>) -> Result<Value, ControlEr
             // Sockets in the configuration file are the operator's; a control client's stay in
             // the socket directory.
             let socket = confine_socket(&shared.socket_dir, socket)?;
-            let cfg = PortConfig { name, socket, tap: None, mode, mac, port_security: None, queues: 1, socket_mode: None, socket_group: None };
+            let cfg =
+                PortConfig { name, socket, tap: None, mode, mac, port_security: None, queues: 1, socket_mode: None, socket_group: None };
             let port = shared.add_port(&net, cfg)?;
             Ok(port_info(&port))
         }
@@ -462,6 +440,8 @@ pub fn default_path() -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]

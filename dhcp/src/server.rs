@@ -214,9 +214,10 @@ impl DhcpServer {
         let taken = RESERVED_NAMES.iter().any(|r| r.eq_ignore_ascii_case(&name))
             || self.reserved.iter().any(|r| r.eq_ignore_ascii_case(&name))
             || self.cfg.hosts.iter().any(|h| h.name.as_ref().is_some_and(|n| n.eq_ignore_ascii_case(&name)))
-            || self.bindings.iter().any(|(m, b)| {
-                m != mac && b.bound && b.expires > now && b.hostname.as_ref().is_some_and(|n| n.eq_ignore_ascii_case(&name))
-            });
+            || self
+                .bindings
+                .iter()
+                .any(|(m, b)| m != mac && b.bound && b.expires > now && b.hostname.as_ref().is_some_and(|n| n.eq_ignore_ascii_case(&name)));
         if taken {
             (None, Some(name))
         } else {

@@ -391,7 +391,8 @@ fn dns_tcp_helper_threads() -> usize {
 fn one_port_holds_at_most_two_tcp_connections() {
     const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xb];
     let dir = TempDir::new("dns-tcp-share");
-    let (d, socks) = start_network_with(dir.path(), 2, "", "[network.dns]\nhosts = [{ name = \"files\", ip = \"10.0.0.50\" }]\nforwarders = []\n");
+    let (d, socks) =
+        start_network_with(dir.path(), 2, "", "[network.dns]\nhosts = [{ name = \"files\", ip = \"10.0.0.50\" }]\nforwarders = []\n");
     let mut a = VmSim::connect(&socks[0], SimOptions::full()).unwrap();
     let mut b = VmSim::connect(&socks[1], SimOptions::full()).unwrap();
     a.post_rx(QUEUE_SIZE);

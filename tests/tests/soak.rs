@@ -44,7 +44,8 @@ fn cli(ctl: &Path, args: &[&str]) -> std::process::Output {
 /// descriptors.
 fn usage(pid: u32) -> (u64, u64, usize) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib = |key: &str| status.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok());
+    let kib =
+        |key: &str| status.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok());
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
     (kib("VmRSS:").unwrap_or(0), kib("RssAnon:").unwrap_or(0), fds)
 }

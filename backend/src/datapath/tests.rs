@@ -1148,12 +1148,8 @@ fn a_sender_stuck_in_a_link_send_blocks_neither_a_port_add_nor_the_other_senders
     let mut link = Port::new(1, "slow", PortKind::Uplink);
     link.link = Some(gate.clone());
     link.connected.store(true, Ordering::Relaxed);
-    let lan = Lan::switch(vec![
-        Port::new(0, "a", PortKind::Vhost),
-        link,
-        Port::new(2, "b", PortKind::Vhost),
-        guest_port(3, &rx_c, RxCaps::FULL),
-    ]);
+    let lan =
+        Lan::switch(vec![Port::new(0, "a", PortKind::Vhost), link, Port::new(2, "b", PortKind::Vhost), guest_port(3, &rx_c, RxCaps::FULL)]);
     lan.net.macs.lock().unwrap().learn(C, 3, lan.net.now_ms());
 
     // Guest A floods a frame: the slow link's send takes it and does not return.

@@ -25,8 +25,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use std::time::Duration;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use tracing::{info, warn};
 use vunet_switch::vnet::{RxCaps, HDR_LEN_LEGACY};

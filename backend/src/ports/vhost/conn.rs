@@ -42,26 +42,29 @@ pub fn bind_socket(p: &PortConfig) -> Result<UnixListener, BindError> {
         return Err(BindError::SocketInUse { port, path: path.clone() });
     }
     let listen = |reason: String| BindError::Listen { port: p.name.clone(), path: path.clone(), reason };
-    // The socket is bound in a private (0700) directory next to its path, given its group and
-    // mode there, and renamed into place (over a stale socket, atomically): it is never
-    // reachable with the process umask's permissions, and nothing is changed through a path
-    // another user could swap for a symlink. The directory is on the same file system, so
-    // the rename cannot fail for crossing one.
+    let mode = p.effective_socket_mode();
+    bind_private(path, mode, p.socket_group).map_err(|(step, e)| listen(format!("{step}{}", io_reason(&e))))
+}
+
+/// Binds a listening unix socket at `path` with `mode` and group `gid`, never reachable with
+/// looser permissions: it is bound in a private (0700) directory next to its path, given its
+/// group and mode there, and renamed into place (over a stale socket, atomically), so nothing
+/// is changed through a path another user could swap for a symlink. The directory is on the
+/// same file system, so the rename cannot fail for crossing one. An error says which step
+/// failed ("" for the bind itself).
+pub fn bind_private(path: &Path, mode: u32, gid: Option<u32>) -> Result<UnixListener, (String, std::io::Error)> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let staging =
-        staging_dir(dir).map_err(|e| listen(format!("cannot create a private directory in {}: {}", dir.display(), io_reason(&e))))?;
+    let staging = staging_dir(dir).map_err(|e| (format!("cannot create a private directory in {}: ", dir.display()), e))?;
     let staged = staging.join("s");
     let result = (|| {
-        let l = UnixListener::bind(&staged).map_err(|e| listen(io_reason(&e)))?;
-        if let Some(gid) = p.socket_group {
-            std::os::unix::fs::lchown(&staged, None, Some(gid))
-                .map_err(|e| listen(format!("cannot give the socket group {gid}: {}", io_reason(&e))))?;
+        let l = UnixListener::bind(&staged).map_err(|e| (String::new(), e))?;
+        if let Some(gid) = gid {
+            std::os::unix::fs::lchown(&staged, None, Some(gid)).map_err(|e| (format!("cannot give the socket group {gid}: "), e))?;
         }
         // By path, but inside the private directory no one else can enter.
-        let mode = p.effective_socket_mode();
         std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| listen(format!("cannot set mode {mode:04o}: {}", io_reason(&e))))?;
-        std::fs::rename(&staged, path).map_err(|e| listen(io_reason(&e)))?;
+            .map_err(|e| (format!("cannot set mode {mode:04o}: "), e))?;
+        std::fs::rename(&staged, path).map_err(|e| (String::new(), e))?;
         Ok(l)
     })();
     if result.is_err() {

@@ -188,7 +188,17 @@ impl Forwarder {
         // The first resolver that takes the datagram is the one the answer must come from.
         let Some(&upstream) = self.upstreams.iter().find(|up| socket.send_to(&msg, up).is_ok()) else { return };
         let question = query[12..q.end].to_vec();
-        let pending = Pending { orig_id: [query[0], query[1]], port, client_mac, client_ip, client_port, sent: Instant::now(), upstream, socket: serial, question };
+        let pending = Pending {
+            orig_id: [query[0], query[1]],
+            port,
+            client_mac,
+            client_ip,
+            client_port,
+            sent: Instant::now(),
+            upstream,
+            socket: serial,
+            question,
+        };
         t.by_id.insert(id, pending);
         t.order.push_back(id);
         t.by_port.entry(port).or_default().push_back(id);
@@ -220,7 +230,8 @@ impl Forwarder {
             let s = self.sockets.lock().unwrap_or_else(|e| e.into_inner());
             s.live.iter().chain(s.retiring.iter().map(|(r, _)| r)).map(|s| (s.serial, s.socket.clone())).collect()
         };
-        let mut fds: Vec<libc::pollfd> = socks.iter().map(|(_, s)| libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+        let mut fds: Vec<libc::pollfd> =
+            socks.iter().map(|(_, s)| libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
         // SAFETY: `fds` is a valid array of pollfd for its length; the sockets outlive the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout.as_millis() as libc::c_int) };
         if n <= 0 {

@@ -50,7 +50,12 @@ enum Event {
     Frame(PortId, Vec<u8>),
     /// A worker is done with a query of `port`: the answer, or None if the connection it
     /// was for had gone before the worker came to it.
-    Answer { slot: usize, generation: u64, port: PortId, message: Option<Vec<u8>> },
+    Answer {
+        slot: usize,
+        generation: u64,
+        port: PortId,
+        message: Option<Vec<u8>>,
+    },
 }
 
 /// A query for the workers.
@@ -283,7 +288,8 @@ impl Service {
             let rx = Arc::new(Mutex::new(rx));
             let mut started = 0;
             for i in 0..WORKERS {
-                let (rx, events, upstreams, generations) = (rx.clone(), self.events.clone(), self.upstreams.clone(), self.generations.clone());
+                let (rx, events, upstreams, generations) =
+                    (rx.clone(), self.events.clone(), self.upstreams.clone(), self.generations.clone());
                 let spawned = std::thread::Builder::new()
                     .name(format!("dns-tcp-worker{i}"))
                     .spawn(move || worker(&rx, &events, &upstreams, &generations));
@@ -324,7 +330,8 @@ impl Service {
         let known = self.fresh.contains(&endpoint)
             || self.conns.iter().any(|c| {
                 let s = self.sockets.get::<tcp::Socket>(c.handle);
-                s.state() != tcp::State::Listen && s.remote_endpoint().is_some_and(|e| e.addr == IpAddress::Ipv4(syn.src_ip) && e.port == syn.src_port)
+                s.state() != tcp::State::Listen
+                    && s.remote_endpoint().is_some_and(|e| e.addr == IpAddress::Ipv4(syn.src_ip) && e.port == syn.src_port)
             });
         if known {
             return true; // a retransmitted SYN

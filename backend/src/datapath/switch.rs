@@ -263,9 +263,9 @@ fn answer_gateway(net: &Network, ports: &[Arc<Port>], port: &Port, f: &TxFrame, 
             let verdict = {
                 let mut r = router.lock().unwrap_or_else(|e| e.into_inner());
                 if routed {
-                    r.from_guest(&mut input, &f.hdr, net.now_ms(), &mut emit)
+                    r.from_guest(port.id, &mut input, &f.hdr, net.now_ms(), &mut emit)
                 } else {
-                    r.guest_arp(&input, net.now_ms(), &mut emit);
+                    r.guest_arp(port.id, &input, net.now_ms(), &mut emit);
                     Ok(Verdict::NotMine)
                 }
             };

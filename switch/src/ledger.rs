@@ -89,12 +89,6 @@ impl<K: Copy> Ledger<K> {
         self.push(key, owner)
     }
 
-    /// An entry that now belongs to `to` instead of `from` (a station that moved).
-    pub fn moved(&mut self, key: K, from: Owner, to: Owner) -> u64 {
-        self.removed(from);
-        self.add(key, to)
-    }
-
     /// The table removed an entry of `owner`.
     pub fn removed(&mut self, owner: Owner) {
         self.live = self.live.saturating_sub(1);

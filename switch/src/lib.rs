@@ -8,6 +8,8 @@
 //! - [`offload`]: software checksum completion and TCP segmentation for receivers that did not
 //!   negotiate the offload the sender used.
 //! - [`checksum`]: the Internet checksum.
+//! - [`ledger`]: eviction order with per-port quotas for the bounded tables (MAC table,
+//!   firewall flows, ARP neighbours).
 
 pub mod arp;
 pub mod checksum;
@@ -15,6 +17,7 @@ pub mod counters;
 pub mod firewall;
 pub mod gateway;
 pub mod ipv4;
+pub mod ledger;
 pub mod mac_table;
 pub mod nat;
 pub mod offload;

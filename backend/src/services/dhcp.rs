@@ -50,7 +50,9 @@ impl GatewayService for DhcpService {
                     port.set_leased_ip(Some(ip));
                 }
             }
-            (_, MessageType::Release | MessageType::Decline) => port.set_leased_ip(None),
+            // The server keeps a binding whose release or decline names another address: the
+            // port keeps its lease (and port security its check) unless the binding went.
+            (_, MessageType::Release | MessageType::Decline) => port.set_leased_ip(server.ip_of(&msg.chaddr, now)),
             _ => {}
         }
         drop(server);

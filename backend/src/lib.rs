@@ -31,9 +31,10 @@ pub use daemon::Daemon;
 pub use datapath::{Network, Port, PortKind, BACKLOG_MAX_FRAMES};
 pub use runtime::{PortError, StartError};
 
-/// The parsers of input from outside (the VMM's vhost-user messages), reachable from the fuzz
-/// targets in tests/fuzz. Not an API.
+/// The parsers of input from outside (the VMM's vhost-user messages, the guests' rings),
+/// reachable from the fuzz targets in tests/fuzz. Not an API.
 #[doc(hidden)]
 pub mod fuzzing {
+    pub use crate::datapath::fuzzing::*;
     pub use crate::ports::vhost::relay::relay_requests;
 }

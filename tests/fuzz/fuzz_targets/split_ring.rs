@@ -5,7 +5,7 @@
 //!
 //! Input: `[log2 size][next_avail: u16 LE][next_used: u16 LE][caps][frame length: u16 LE]`,
 //! then bytes copied into guest memory from address 0 (avail ring at 0, descriptor table at
-//! 0x200, used ring at 0x1200). Guest memory: 0..0x3000 and 0x3000..0x4000 (adjacent, so
+//! 0x210, used ring at 0x1400). Guest memory: 0..0x3000 and 0x3000..0x4000 (adjacent, so
 //! buffers straddle regions) and 0x8000..0x9000 (after a hole).
 //! Checks: no panic; every segment the walker returns lies inside one region's mapping and
 //! the segments add up to the length it reports; the used ring only names descriptors of the
@@ -18,8 +18,9 @@ use vunet::fuzzing::{seg_of, seg_span, walk_chain, write_rx, Mem, MemMap, Ring, 
 use vunet_switch::vnet::{RxCaps, VnetHeader};
 
 const AVAIL: u64 = 0;
-const DESC: u64 = 0x200;
-const USED: u64 = 0x1200;
+// The avail ring of 256 entries ends at 0x206, the table of 256 descriptors at 0x1210.
+const DESC: u64 = 0x210;
+const USED: u64 = 0x1400;
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 8 {

@@ -45,7 +45,8 @@ fn cli(ctl: &Path, args: &[&str]) -> std::process::Output {
 /// connection closing, are there for an instant).
 fn usage(pid: u32) -> (u64, u64, usize) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib = |key: &str| status.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok());
+    let kib =
+        |key: &str| status.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok());
     let fds = (0..5)
         .map(|i| {
             if i > 0 {
@@ -69,14 +70,15 @@ fn floor(samples: &[(u64, u64, u64, usize)], from: u64, to: u64) -> Option<(u64,
 fn exchange(vm: &mut VmSim, t: MessageType, xid: u32, requested: Option<Ipv4Addr>, ciaddr: Option<Ipv4Addr>) -> Option<Vec<u8>> {
     let mut msg = build_client_message(t, DRIVER_MAC, xid, requested, Some(GW).filter(|_| t != MessageType::Discover), Some("soak"));
     let mut frame = Vec::new();
-    match ciaddr {
+    let built = match ciaddr {
         // A release goes to the server from the leased address, and gets no answer.
         Some(ip) => {
             msg[12..16].copy_from_slice(&ip.octets());
-            build_udp(&mut frame, DRIVER_MAC, [0xff; 6], ip, GW, CLIENT_PORT, SERVER_PORT, &msg);
+            build_udp(&mut frame, DRIVER_MAC, [0xff; 6], ip, GW, CLIENT_PORT, SERVER_PORT, &msg)
         }
         None => build_udp(&mut frame, DRIVER_MAC, [0xff; 6], Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST, CLIENT_PORT, SERVER_PORT, &msg),
-    }
+    };
+    assert!(built, "a DHCP message fits a datagram");
     vm.send(&frame);
     if ciaddr.is_some() {
         return Some(Vec::new());

@@ -63,8 +63,11 @@ impl GatewayService for DhcpService {
         }
         match answer {
             Some(r) => {
-                build_udp(reply, gw.mac, r.dst_mac, gw.ip, r.dst_ip, SERVER_PORT, CLIENT_PORT, &r.payload);
-                Handled::Reply
+                // A DHCP reply is a few hundred bytes: it always fits a datagram.
+                match build_udp(reply, gw.mac, r.dst_mac, gw.ip, r.dst_ip, SERVER_PORT, CLIENT_PORT, &r.payload) {
+                    true => Handled::Reply,
+                    false => Handled::Consumed,
+                }
             }
             None => Handled::NotMine,
         }

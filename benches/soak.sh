@@ -6,7 +6,9 @@
 # DHCP exchange, open descriptors that grew, or anonymous memory at the end more than 5 %
 # above its level at one minute. Its report (memory and descriptors every 10 s, iperf3's
 # throughput per minute) is printed and kept in target/soak-report.txt.
-# VUNET_SOAK_PARTS=dhcp,ports,capture,hup runs only some of the churn.
+# VUNET_SOAK_PARTS=dhcp,ports,capture,hup runs only some of the churn. vunet runs with one
+# malloc arena (MALLOC_ARENA_MAX=1) so that its RSS is its high-water mark and a leak shows;
+# VUNET_SOAK_DEFAULT_MALLOC=1 runs it with glibc's default, whose RSS swings by megabytes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-600}

@@ -146,7 +146,15 @@ fn vunet_stays_flat_under_traffic_dhcp_port_churn_captures_and_reloads() {
     )
     .unwrap();
     let ctl = d.join("control.sock");
-    let vunet = VunetProcess::start(&["--config", cfg.to_str().unwrap()], &d.join("vunet.log"));
+    // One malloc arena: vunet's memory is then what it holds at its high-water mark. With
+    // glibc's default (eight arenas a core, each trimmed and regrown as threads come and go)
+    // its RSS swings by megabytes between samples whatever it holds, and no trend can be
+    // read from two samples; benches/soak.sh's report says what the default looks like.
+    let mut cmd = Command::new(vunet_binary());
+    if std::env::var_os("VUNET_SOAK_DEFAULT_MALLOC").is_none() {
+        cmd.env("MALLOC_ARENA_MAX", "1");
+    }
+    let vunet = VunetProcess::start_with(cmd, &["--config", cfg.to_str().unwrap()], &d.join("vunet.log"));
     let pid = vunet.child.id();
     let _server = Guest::boot(
         "srv",

@@ -1,0 +1,1 @@
+//! UDP flows (placeholder, filled in below).

@@ -240,8 +240,8 @@ impl TcpFlow {
             retries: 0,
             rto_at: None,
             persist_at: None,
-            connect_until: now + cfg.connect_timeout_ms,
-            idle_until: now + cfg.idle_timeout_ms,
+            connect_until: now.saturating_add(cfg.connect_timeout_ms),
+            idle_until: now.saturating_add(cfg.idle_timeout_ms),
             ip_id: 0,
             counters: Counters::default(),
         }
@@ -333,8 +333,8 @@ impl TcpFlow {
         if self.state == State::Connecting {
             self.state = State::SynAckSent;
             self.synack_pending = true;
-            self.rto_at = Some(now + self.rto);
-            self.idle_until = now + self.cfg.idle_timeout_ms;
+            self.rto_at = Some(now.saturating_add(self.rto));
+            self.idle_until = now.saturating_add(self.cfg.idle_timeout_ms);
         }
     }
 
@@ -404,7 +404,7 @@ impl TcpFlow {
             self.counters.drop(Drop::FlowClosed);
             return;
         }
-        self.idle_until = now + self.cfg.idle_timeout_ms;
+        self.idle_until = now.saturating_add(self.cfg.idle_timeout_ms);
         if seg.has(RST) {
             return self.guest_rst(seg);
         }
@@ -498,7 +498,7 @@ impl TcpFlow {
             self.dupacks = 0;
             self.retries = 0;
             self.rto = self.cfg.rto_ms;
-            self.rto_at = if self.snd_nxt != self.snd_una || self.snd_max != self.snd_una { Some(now + self.rto) } else { None };
+            self.rto_at = if self.snd_nxt != self.snd_una || self.snd_max != self.snd_una { Some(now.saturating_add(self.rto)) } else { None };
         } else if ack == self.snd_una && seg.payload.is_empty() && !seg.has(FIN) && wnd == self.snd_wnd && self.snd_max != self.snd_una {
             self.dupacks = self.dupacks.saturating_add(1);
             if self.dupacks == DUPACK_THRESHOLD && le(self.recover, self.snd_una) {
@@ -506,7 +506,7 @@ impl TcpFlow {
                 self.counters.fast_retransmits += 1;
                 self.recover = self.snd_max;
                 self.snd_nxt = self.snd_una;
-                self.rto_at = Some(now + self.rto);
+                self.rto_at = Some(now.saturating_add(self.rto));
             }
         }
         if le(self.snd_una, ack) {
@@ -567,7 +567,9 @@ impl TcpFlow {
                 self.rcv_nxt = self.rcv_nxt.wrapping_add(took as u32);
                 self.host_space = self.host_space.saturating_sub(took as u32);
                 if took < offer {
+                    // A short write means the send buffer is full, whatever was reported.
                     self.short_write = true;
+                    self.host_space = 0;
                 }
                 if took < data.len() {
                     // The FIN (if any) comes after bytes not taken yet: it waits for them.
@@ -617,8 +619,8 @@ impl TcpFlow {
                 self.snd_nxt = self.snd_una;
                 self.recover = self.snd_max;
             }
-            self.rto = (self.rto * 2).min(self.cfg.rto_max_ms);
-            self.rto_at = Some(now + self.rto);
+            self.rto = (self.rto.saturating_mul(2)).min(self.cfg.rto_max_ms);
+            self.rto_at = Some(now.saturating_add(self.rto));
         }
         if self.persist_at.is_some_and(|t| now >= t) {
             if self.snd_wnd == 0 {
@@ -626,8 +628,8 @@ impl TcpFlow {
                 // still applies to one that does not).
                 self.counters.persist_probes += 1;
                 self.probe_pending = true;
-                self.rto = (self.rto * 2).min(self.cfg.rto_max_ms);
-                self.persist_at = Some(now + self.rto);
+                self.rto = (self.rto.saturating_mul(2)).min(self.cfg.rto_max_ms);
+                self.persist_at = Some(now.saturating_add(self.rto));
             } else {
                 self.persist_at = None;
             }
@@ -722,7 +724,7 @@ impl TcpFlow {
                 self.snd_nxt = self.iss.wrapping_add(1);
                 self.snd_max = self.snd_nxt;
                 if self.rto_at.is_none() {
-                    self.rto_at = Some(now + self.rto);
+                    self.rto_at = Some(now.saturating_add(self.rto));
                 }
                 let our_mss = self.cfg.mtu.saturating_sub(40).max(MIN_MSS).to_be_bytes();
                 let mut opts = [2, 4, our_mss[0], our_mss[1], 1, 3, 3, WSCALE];
@@ -746,7 +748,7 @@ impl TcpFlow {
                 self.snd_max = self.snd_nxt;
             }
             if self.rto_at.is_none() {
-                self.rto_at = Some(now + self.rto);
+                self.rto_at = Some(now.saturating_add(self.rto));
             }
             return self.control(buf, seq, FIN | ACK, &[]);
         }
@@ -788,7 +790,7 @@ impl TcpFlow {
         if room == 0 {
             // Zero window with nothing in flight: probe until it opens.
             if self.snd_wnd == 0 && self.snd_nxt == self.snd_una && self.persist_at.is_none() {
-                self.persist_at = Some(now + self.rto);
+                self.persist_at = Some(now.saturating_add(self.rto));
             }
             return None;
         }
@@ -817,7 +819,7 @@ impl TcpFlow {
             self.snd_max = self.snd_nxt;
         }
         if self.rto_at.is_none() {
-            self.rto_at = Some(now + self.rto);
+            self.rto_at = Some(now.saturating_add(self.rto));
         }
         let csum = if tso && n > self.mss as usize {
             Csum::Gso(self.mss)

@@ -274,11 +274,12 @@ impl TcpFlow {
         if self.state != State::Established {
             return 0;
         }
-        let end = match self.fin_seq {
-            Some(f) if lt(f, self.snd_nxt) => f,
-            _ => self.snd_nxt,
+        // Our FIN takes a sequence number but no byte of the socket: count up to it at most.
+        let clip = |s: u32| match self.fin_seq {
+            Some(f) if lt(f, s) => f,
+            _ => s,
         };
-        end.wrapping_sub(self.snd_una) as usize
+        clip(self.snd_nxt).wrapping_sub(clip(self.snd_una)) as usize
     }
 
     /// Whether reading the host socket can make progress now: the guest's window has room and

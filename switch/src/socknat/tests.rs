@@ -658,6 +658,7 @@ fn host_fin_first_then_guest_keeps_sending() {
     assert!(out[0].fin);
     h.ack(iss + 101, 2000);
     assert_eq!(h.take_ops(), vec![HostOp::Discard(100)]);
+    assert_eq!(h.flow().peek_offset(), 0, "our FIN, acknowledged, is no byte of the socket");
     // Half-closed the other way: the guest still sends.
     let out = h.data(iss + 101, &pattern(50));
     assert_eq!(h.sock.written.len(), 50);

@@ -28,7 +28,7 @@
 use std::net::SocketAddr;
 
 use super::wire::{self, Csum, Link, TcpOut, TcpSegment, ACK, FIN, PSH, RST, SYN, TCP_FRAME_HDR};
-use super::{Counters, Drop};
+use super::{Counters, Drop, FlowKey};
 use crate::proto::IPPROTO_TCP;
 use crate::vnet::{RxCaps, VnetHeader};
 
@@ -300,7 +300,7 @@ impl TcpFlow {
             return None;
         }
         let base = if self.state == State::Connecting { self.connect_until } else { self.idle_until };
-        [self.rto_at, self.persist_at].into_iter().flatten().fold(Some(base), |m, t| m.map(|m| m.min(t)))
+        [self.rto_at, self.persist_at].into_iter().flatten().min().map_or(Some(base), |t| Some(t.min(base)))
     }
 
     fn send_room(&self) -> u32 {
@@ -476,6 +476,11 @@ impl TcpFlow {
             self.rto_at = None;
             self.retries = 0;
             self.rto = self.cfg.rto_ms;
+            // Space reported only after a SYN-ACK that offered less than a segment: tell the
+            // guest now, or it waits on its zero-window probes.
+            if self.adv_wnd < self.mss as u32 && self.window_now() > self.adv_wnd {
+                self.ack_pending = true;
+            }
             return true;
         }
         if lt(self.snd_max, ack) {
@@ -713,7 +718,7 @@ impl TcpFlow {
         if let Some(code) = self.icmp_pending.take() {
             let id = self.next_id();
             let vnet = VnetHeader::default();
-            return wire::write_icmp_unreach(buf, &self.link, self.guest, self.remote, IPPROTO_TCP, self.irs, code, id).map(|len| TxFrame { len, vnet });
+            return wire::write_icmp_unreach(buf, &self.link, &FlowKey { guest: self.guest, remote: self.remote }, IPPROTO_TCP, self.irs, code, id).map(|len| TxFrame { len, vnet });
         }
         match self.state {
             State::Connecting | State::Closed => return None,

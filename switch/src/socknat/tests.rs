@@ -210,8 +210,7 @@ impl H {
 
     /// Guest data at its next sequence number, acknowledging `ack`.
     fn data(&mut self, ack: u32, payload: &[u8]) -> Vec<Out> {
-        let out = self.seg(G { seq: self.gseq, ack: Some(ack), window: 1000, ..G::default() }, payload);
-        out
+        self.seg(G { seq: self.gseq, ack: Some(ack), window: 1000, ..G::default() }, payload)
     }
 
     /// A pure ACK from the guest with window field `wnd` (scaled by 7).
@@ -928,4 +927,19 @@ fn data_before_the_handshake_and_without_ack_is_dropped() {
     assert!(h.take_ops().iter().all(|o| !matches!(o, HostOp::Discard(_))));
     h.seg(G { seq: h.gseq, window: 100, ..G::default() }, &pattern(10));
     assert_eq!(h.table.counters().dropped(Drop::NoAck), 1);
+}
+
+#[test]
+fn space_reported_late_is_announced_when_the_handshake_completes() {
+    let mut h = H::new(RxCaps::NONE);
+    h.seg(G { seq: GISN, syn: true, window: 64240, opts: true, ..G::default() }, &[]);
+    let now = h.now;
+    h.flow().connected(now);
+    let sa = h.drain();
+    assert_eq!(sa[0].window, 0, "no space reported yet");
+    h.flow().set_host_send_space(1 << 20);
+    assert!(h.drain().is_empty(), "nothing to say before the handshake completes");
+    let out = h.ack(sa[0].seq + 1, 2000);
+    assert_eq!(out.len(), 1, "a window update right after the handshake");
+    assert_eq!(out[0].window as u32, (1 << 20) >> tcp::WSCALE);
 }

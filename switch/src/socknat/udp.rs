@@ -142,7 +142,7 @@ impl UdpTable {
         let (link, key) = (f.link, f.key);
         self.counters.unreachable += 1;
         self.ip_id = self.ip_id.wrapping_add(1);
-        wire::write_icmp_unreach(buf, &link, key.guest, key.remote, IPPROTO_UDP, 0, code, self.ip_id)
+        wire::write_icmp_unreach(buf, &link, &key, IPPROTO_UDP, 0, code, self.ip_id)
     }
 
     /// Removes the flows idle too long and passes each id to `closed`, for the I/O layer to

@@ -5,7 +5,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
-use super::Drop;
+use super::{Drop, FlowKey};
 use crate::checksum::{finish, pseudo_v4, sum};
 use crate::proto::{ETH_P_IPV4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 use crate::vnet::{VnetHeader, F_NEEDS_CSUM, GSO_TCPV4};
@@ -254,7 +254,7 @@ pub fn write_tcp(buf: &mut [u8], link: &Link, h: &TcpOut, opts: &[u8], payload_l
     let (from, to) = (v4(h.from)?, v4(h.to)?);
     let l4_len = TCP_LEN + opts.len() + payload_len;
     let len = ETH_LEN + IPV4_LEN + l4_len;
-    if opts.len() % 4 != 0 || opts.len() > 40 || IPV4_LEN + l4_len > MAX_IP_PACKET || buf.len() < len {
+    if !opts.len().is_multiple_of(4) || opts.len() > 40 || IPV4_LEN + l4_len > MAX_IP_PACKET || buf.len() < len {
         return None;
     }
     write_eth_ipv4(buf, link, *from.ip(), *to.ip(), IPPROTO_TCP, l4_len, id);
@@ -316,11 +316,11 @@ pub fn write_udp(buf: &mut [u8], link: &Link, from: SocketAddr, to: SocketAddr, 
 }
 
 /// Builds an ICMP destination unreachable (`code`) to the guest about its TCP or UDP packet
-/// from `guest` to `remote`, sent as if by the remote end. The quoted packet is rebuilt from
+/// of `flow` (guest to remote), sent as if by the remote end. The quoted packet is rebuilt from
 /// what the flow kept (IP header and the first 8 transport bytes: ports and, for TCP, the
 /// sequence number), which is all a guest stack needs to find the socket the error is for.
-pub fn write_icmp_unreach(buf: &mut [u8], link: &Link, guest: SocketAddr, remote: SocketAddr, proto: u8, seq: u32, code: u8, id: u16) -> Option<usize> {
-    let (g, r) = (v4(guest)?, v4(remote)?);
+pub fn write_icmp_unreach(buf: &mut [u8], link: &Link, flow: &FlowKey, proto: u8, seq: u32, code: u8, id: u16) -> Option<usize> {
+    let (g, r) = (v4(flow.guest)?, v4(flow.remote)?);
     let quote_len = IPV4_LEN + 8;
     let l4_len = 8 + quote_len;
     let len = ETH_LEN + IPV4_LEN + l4_len;

@@ -293,10 +293,16 @@ impl TcpTable {
             }
         };
         let key = FlowKey { guest: seg.src, remote: seg.dst };
-        if let Some(&id) = self.by_key.get(&key) {
-            return Input::Segment(id, seg);
-        }
         let syn = seg.has(SYN) && !seg.has(ACK) && !seg.has(RST);
+        if let Some(&id) = self.by_key.get(&key) {
+            // A new connection on the same ports as one that is over but not yet removed (the
+            // guest's TIME_WAIT is its own business): the old flow makes room.
+            let done = self.flow(id).is_some_and(|f| f.is_done());
+            if !(syn && done) {
+                return Input::Segment(id, seg);
+            }
+            self.remove(id);
+        }
         let why = if !syn {
             Drop::NoFlow
         } else if self.live >= self.cfg.max_connections {

@@ -943,3 +943,19 @@ fn space_reported_late_is_announced_when_the_handshake_completes() {
     assert_eq!(out.len(), 1, "a window update right after the handshake");
     assert_eq!(out[0].window as u32, (1 << 20) >> tcp::WSCALE);
 }
+
+#[test]
+fn a_new_syn_replaces_a_finished_flow_on_the_same_ports() {
+    let mut h = H::new(RxCaps::NONE);
+    h.establish(100_000);
+    h.seg(G { seq: GISN + 1, rst: true, ..G::default() }, &[]);
+    assert!(h.flow().is_done());
+    // The I/O layer has not removed it yet; the guest connects again from the same port.
+    let old = h.id;
+    let out = h.seg(G { seq: 50_000, syn: true, window: 64240, ..G::default() }, &[]);
+    assert!(out.is_empty());
+    assert_eq!(h.take_ops(), vec![HostOp::Close { reset: true }, HostOp::Connect(remote())]);
+    assert_eq!(h.id, old, "the slot is reused");
+    assert_eq!(h.flow().state(), State::Connecting);
+    assert_eq!(h.table.len(), 1);
+}

@@ -2,14 +2,15 @@
 //! flows. Most segments are built from a template with sequence and acknowledgment numbers
 //! near what the flow last sent, so the fuzzer reaches the data paths, not only the parser.
 //! Nothing may panic; the table stays within its bounds; a flow never asks to discard more
-//! than the host socket holds, nor peeks past it.
+//! than the host socket holds, nor peeks past it. Raw frames also go through the UDP table.
 #![no_main]
 use std::collections::HashMap;
 
 use libfuzzer_sys::fuzz_target;
 use vunet_switch::checksum::{finish, pseudo_v4, sum};
 use vunet_switch::socknat::tcp::{HostIo, HostOp, TcpConfig};
-use vunet_switch::socknat::{FlowId, Input, TcpTable, TcpTableConfig};
+use vunet_switch::socknat::udp::{UdpConfig, UdpOp, UdpTable};
+use vunet_switch::socknat::{wire, FlowId, Input, TcpTable, TcpTableConfig};
 use vunet_switch::vnet::{RxCaps, VnetHeader, F_NEEDS_CSUM, GSO_TCPV4};
 
 const GUEST: [u8; 4] = [192, 168, 122, 10];
@@ -71,6 +72,7 @@ fn segment(sport: u16, seq: u32, ack: u32, flags: u8, window: u16, opts: &[u8], 
 fuzz_target!(|data: &[u8]| {
     let cfg = TcpTableConfig { max_connections: 8, max_per_guest: 6, tcp: TcpConfig { max_retries: 3, ..TcpConfig::default() } };
     let mut table = TcpTable::new(cfg, 7);
+    let mut udp = UdpTable::new(UdpConfig { max_flows: 4, max_per_guest: 3, ..UdpConfig::default() });
     let mut socks: HashMap<FlowId, Sock> = HashMap::new();
     let mut heard: Heard = HashMap::new();
     let mut buf = vec![0u8; 65536 + 64];
@@ -114,6 +116,19 @@ fuzz_target!(|data: &[u8]| {
                     let hdr = take(&mut rest, 12);
                     vnet = VnetHeader::parse(&hdr);
                     frame = take(&mut rest, len);
+                    match udp.input(&frame, &vnet, now) {
+                        Ok(UdpOp::Open { id, payload, .. }) | Ok(UdpOp::Send { id, payload }) => {
+                            // Echo it back, as a remote would.
+                            let n = payload.len().min(buf.len() - wire::UDP_FRAME_HDR);
+                            let p = payload[..n].to_vec();
+                            buf[wire::UDP_FRAME_HDR..wire::UDP_FRAME_HDR + n].copy_from_slice(&p);
+                            let len = udp.reply(id, n, &mut buf, now).expect("a reply to a live flow fits");
+                            assert_eq!(len, wire::UDP_FRAME_HDR + n);
+                            assert!(udp.unreachable(id, 3, &mut buf).is_some());
+                        }
+                        Err(_) => {}
+                    }
+                    assert!(udp.len() <= 4);
                 }
                 match table.input(&frame, &vnet, now, &mut out) {
                     Input::Segment(id, seg) => {
@@ -155,6 +170,7 @@ fuzz_target!(|data: &[u8]| {
                 let d = take(&mut rest, 2);
                 now += u16::from_be_bytes([d[0], d[1]]) as u64 * 10;
                 table.tick(now);
+                udp.tick(now, |_| {});
             }
         }
         // Drain every flow, as the I/O layer does after each event.

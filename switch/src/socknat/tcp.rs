@@ -612,7 +612,16 @@ impl TcpFlow {
             self.abort();
             return;
         }
-        if self.rto_at.is_some_and(|t| now >= t) {
+        if self.rto_at.is_some_and(|t| now >= t) && self.state == State::Established && self.snd_wnd == 0 {
+            // The guest closed its window over data in flight: not a loss but a full receiver.
+            // Probe it as in persist, without counting retries (the idle time-out still ends
+            // a guest that stopped answering); the data goes again when the window opens.
+            self.counters.persist_probes += 1;
+            self.probe_pending = true;
+            self.snd_nxt = self.snd_una;
+            self.rto = self.rto.saturating_mul(2).min(self.cfg.rto_max_ms);
+            self.rto_at = Some(now.saturating_add(self.rto));
+        } else if self.rto_at.is_some_and(|t| now >= t) {
             self.retries += 1;
             if self.retries > self.cfg.max_retries {
                 self.abort();

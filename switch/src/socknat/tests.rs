@@ -959,3 +959,26 @@ fn a_new_syn_replaces_a_finished_flow_on_the_same_ports() {
     assert_eq!(h.flow().state(), State::Connecting);
     assert_eq!(h.table.len(), 1);
 }
+
+#[test]
+fn a_window_closed_over_data_in_flight_is_probed_not_aborted() {
+    let mut h = H::with(RxCaps::NONE, TcpTableConfig { tcp: TcpConfig { max_retries: 2, ..TcpConfig::default() }, ..TcpTableConfig::default() });
+    let iss = h.establish(100_000);
+    h.sock.rx = pattern(3000);
+    assert_eq!(h.drain().len(), 3);
+    // The guest takes nothing more: its window closes with all of it unacknowledged.
+    h.ack(iss, 0);
+    let mut dt = 1000;
+    for _ in 0..6 {
+        let out = h.tick(dt);
+        assert_eq!(out.len(), 1, "a probe, not a RST");
+        assert!(!out[0].rst && out[0].payload.is_empty());
+        h.ack(iss, 0);
+        dt = (dt * 2).min(60_000);
+    }
+    assert!(h.take_ops().is_empty());
+    // The window opens: everything goes again from the socket.
+    let out = h.ack(iss, 2000);
+    assert_eq!(out.iter().map(|o| o.payload.len()).sum::<usize>(), 3000);
+    assert_eq!(out[0].seq, iss);
+}

@@ -882,8 +882,10 @@ impl Config {
             let mtu = match &n.mtu {
                 Some(m) => {
                     let v = *m.get_ref();
-                    if !(68..=65535).contains(&v) {
-                        return Err(cx.err(m.span(), format!("invalid mtu {v} (68 to 65535)")));
+                    // Bounded below 65535 so that every IP length vunet writes (a TSO segment's
+                    // MSS is at most the MTU) fits in 16 bits.
+                    if !(68..=i64::from(vunet_switch::MAX_MTU)).contains(&v) {
+                        return Err(cx.err(m.span(), format!("invalid mtu {v} (68 to {})", vunet_switch::MAX_MTU)));
                     }
                     v as u16
                 }
@@ -1373,6 +1375,7 @@ via = "10.10.12.10"
             ("[[network]]\nname = \"a\"\nmode = \"isolated\"\n", "vunet.toml:1: network \"a\": mode isolated needs a gateway"),
             ("[[network]]\nname = \"a\"\nmode = \"bridge\"\ngateway = \"10.0.0.1\"\n", "vunet.toml:4: invalid gateway"),
             ("[[network]]\nname = \"a\"\nmode = \"bridge\"\nmtu = 10\n", "vunet.toml:4: invalid mtu 10"),
+            ("[[network]]\nname = \"a\"\nmode = \"bridge\"\nmtu = 65535\n", "vunet.toml:4: invalid mtu 65535 (68 to 65415)"),
             ("[[network]]\nname = \"a\"\nmode = \"bridge\"\nbusy_poll_us = -1\n", "vunet.toml:4: invalid busy_poll_us -1"),
             ("[[network]]\nname = \"a\"\nmode = \"bridge\"\nworkers = 0\n", "vunet.toml:4: invalid workers 0"),
             (

@@ -30,3 +30,11 @@ pub use config::{Config, ConfigError, Mode, PortMode};
 pub use daemon::Daemon;
 pub use datapath::{Network, Port, PortKind, BACKLOG_MAX_FRAMES};
 pub use runtime::{PortError, StartError};
+
+/// The parsers of input from outside (the VMM's vhost-user messages, the guests' rings),
+/// reachable from the fuzz targets in tests/fuzz. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::datapath::fuzzing::*;
+    pub use crate::ports::vhost::relay::relay_requests;
+}

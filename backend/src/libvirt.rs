@@ -38,21 +38,36 @@ pub struct Imported {
     pub warnings: Vec<String>,
 }
 
-fn line_at(text: &str, pos: usize) -> usize {
-    text.as_bytes()[..pos.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+/// Deepest element nesting accepted: libvirt's networks use four levels; the bound keeps a
+/// hostile file from building (and recursively dropping) an arbitrarily deep tree.
+const MAX_DEPTH: usize = 64;
+
+/// Line numbers of byte offsets: the newlines' offsets, found in one pass, then a binary
+/// search per lookup (counting from the start at every element was quadratic).
+struct Lines(Vec<usize>);
+
+impl Lines {
+    fn of(text: &str) -> Lines {
+        Lines(text.bytes().enumerate().filter(|&(_, b)| b == b'\n').map(|(i, _)| i).collect())
+    }
+    fn at(&self, pos: usize) -> usize {
+        self.0.partition_point(|&nl| nl < pos) + 1
+    }
 }
 
-fn start(text: &str, file: &str, e: &BytesStart, pos: usize) -> Result<Element, String> {
-    let mut el = Element { name: String::from_utf8_lossy(e.name().as_ref()).into_owned(), line: line_at(text, pos), ..Default::default() };
+fn start(lines: &Lines, file: &str, e: &BytesStart, pos: usize) -> Result<Element, String> {
+    let line = lines.at(pos);
+    let mut el = Element { name: String::from_utf8_lossy(e.name().as_ref()).into_owned(), line, ..Default::default() };
     for a in e.attributes() {
-        let a = a.map_err(|err| format!("{file}:{}: malformed XML: {err}", line_at(text, pos)))?;
-        let v = a.unescape_value().map_err(|err| format!("{file}:{}: malformed XML: {err}", line_at(text, pos)))?;
+        let a = a.map_err(|err| format!("{file}:{line}: malformed XML: {err}"))?;
+        let v = a.unescape_value().map_err(|err| format!("{file}:{line}: malformed XML: {err}"))?;
         el.attrs.push((String::from_utf8_lossy(a.key.as_ref()).into_owned(), v.into_owned()));
     }
     Ok(el)
 }
 
 fn parse_xml(text: &str, file: &str) -> Result<Element, String> {
+    let lines = Lines::of(text);
     let mut r = Reader::from_str(text);
     r.config_mut().trim_text(true);
     let mut stack: Vec<Element> = Vec::new();
@@ -61,18 +76,21 @@ fn parse_xml(text: &str, file: &str) -> Result<Element, String> {
         let before = r.buffer_position() as usize;
         // Whitespace before a tag is read with it: the element starts at its '<'.
         let pos = text.get(before..).and_then(|t| t.find('<')).map_or(before, |o| before + o);
-        let ev = r.read_event().map_err(|e| format!("{file}:{}: malformed XML: {e}", line_at(text, r.error_position() as usize)))?;
+        let ev = r.read_event().map_err(|e| format!("{file}:{}: malformed XML: {e}", lines.at(r.error_position() as usize)))?;
+        if matches!(ev, Event::Start(_) | Event::Empty(_)) && stack.len() >= MAX_DEPTH {
+            return Err(format!("{file}:{}: XML nested deeper than {MAX_DEPTH} elements", lines.at(pos)));
+        }
         match ev {
-            Event::Start(e) => stack.push(start(text, file, &e, pos)?),
+            Event::Start(e) => stack.push(start(&lines, file, &e, pos)?),
             Event::Empty(e) => {
-                let el = start(text, file, &e, pos)?;
+                let el = start(&lines, file, &e, pos)?;
                 match stack.last_mut() {
                     Some(parent) => parent.children.push(el),
                     None => root = Some(el),
                 }
             }
             Event::End(_) => {
-                let el = stack.pop().ok_or_else(|| format!("{file}:{}: malformed XML: unexpected end tag", line_at(text, pos)))?;
+                let el = stack.pop().ok_or_else(|| format!("{file}:{}: malformed XML: unexpected end tag", lines.at(pos)))?;
                 match stack.last_mut() {
                     Some(parent) => parent.children.push(el),
                     None => root = Some(el),
@@ -80,7 +98,7 @@ fn parse_xml(text: &str, file: &str) -> Result<Element, String> {
             }
             Event::Text(t) => {
                 if let Some(top) = stack.last_mut() {
-                    top.text.push_str(&t.unescape().map_err(|e| format!("{file}:{}: malformed XML: {e}", line_at(text, pos)))?);
+                    top.text.push_str(&t.unescape().map_err(|e| format!("{file}:{}: malformed XML: {e}", lines.at(pos)))?);
                 }
             }
             Event::Eof => break,
@@ -183,7 +201,11 @@ pub fn import(text: &str, file: &str) -> Result<Imported, String> {
     }
     if let Some(m) = net.child("mtu") {
         let size = m.attr("size").unwrap_or("");
-        size.parse::<u16>().map_err(|_| format!("{file}:{}: invalid mtu size {size:?}", m.line))?;
+        let max = vunet_switch::MAX_MTU;
+        size.parse::<u16>()
+            .ok()
+            .filter(|s| (68..=max).contains(s))
+            .ok_or_else(|| format!("{file}:{}: invalid mtu size {size:?} (68 to {max})", m.line))?;
         t.push_str(&format!("mtu = {size}\n"));
     }
 
@@ -194,10 +216,13 @@ pub fn import(text: &str, file: &str) -> Result<Imported, String> {
             let (s, e) = (r.attr("start").unwrap_or(""), r.attr("end").unwrap_or(""));
             t.push_str(&format!("[network.dhcp]\nrange = [{}, {}]\n", q(s), q(e)));
             if let Some(l) = r.child("lease") {
-                let secs = match (l.attr("expiry"), l.attr("unit").unwrap_or("minutes")) {
-                    (Some(x), "seconds") => x.parse::<u64>().ok(),
-                    (Some(x), "minutes") => x.parse::<u64>().ok().map(|m| m * 60),
-                    (Some(x), "hours") => x.parse::<u64>().ok().map(|h| h * 3600),
+                let unit = l.attr("unit").unwrap_or("minutes");
+                let secs = match (l.attr("expiry").map(|x| (x, x.parse::<u64>())), unit) {
+                    (Some((_, Ok(x))), "seconds") => Some(x),
+                    (Some((x, Ok(n))), u @ ("minutes" | "hours")) => {
+                        let per = if u == "minutes" { 60 } else { 3600 };
+                        Some(n.checked_mul(per).ok_or_else(|| format!("{file}:{}: lease expiry {x} {u} is too long", l.line))?)
+                    }
                     _ => None,
                 };
                 match secs {
@@ -406,6 +431,58 @@ mod tests {
         assert!(import("<network><name>x</name><ip address='10.0.0.1' netmask='255.0.255.0'/></network>", "n.xml")
             .unwrap_err()
             .contains("netmask"));
+    }
+
+    #[test]
+    fn deep_nesting_is_one_line_naming_the_place() {
+        let mut xml = String::from("<network><name>x</name><ip address='10.0.0.1' prefix='24'/>\n");
+        for _ in 0..70 {
+            xml.push_str("<a>\n");
+        }
+        xml.push_str(&"</a>".repeat(70));
+        xml.push_str("</network>");
+        // <network> is level 1, so the 64th <a> is the 65th level, on line 65.
+        assert_eq!(import(&xml, "deep.xml").unwrap_err(), "deep.xml:65: XML nested deeper than 64 elements");
+        // Sixty-four levels are fine (an unknown element, named in a warning).
+        let ok = format!("<network><name>x</name><ip address='10.0.0.1' prefix='24'/>{}{}</network>", "<a>".repeat(63), "</a>".repeat(63));
+        assert_eq!(import(&ok, "deep.xml").unwrap().warnings.len(), 1);
+    }
+
+    #[test]
+    fn line_numbers_come_from_one_index_of_the_newlines() {
+        // The index is built once per file (one pass); each element's line is a binary search
+        // in it. Before, each element counted newlines from the start of the file: 200,000
+        // lines took minutes. (No time limit here: performance belongs in benchmarks.)
+        let lines = Lines::of("a\nbb\n\nccc");
+        let at: Vec<usize> = [0, 1, 2, 3, 4, 5, 6, 7, 9].iter().map(|&o| lines.at(o)).collect();
+        assert_eq!(at, [1, 1, 2, 2, 2, 3, 4, 4, 4]);
+        let mut xml = String::from("<network><name>x</name><ip address='10.0.0.1' prefix='24'/>\n");
+        for _ in 0..200_000 {
+            xml.push_str("<unknown-thing/>\n");
+        }
+        xml.push_str("</network>\n");
+        let w = import(&xml, "big.xml").unwrap().warnings;
+        assert_eq!(w.len(), 200_000);
+        assert!(w[199_999].starts_with("big.xml:200001: <unknown-thing>"), "{}", w[199_999]);
+    }
+
+    #[test]
+    fn lease_units_and_mtu_are_range_checked() {
+        let net = |inner: &str| {
+            format!("<network><name>x</name><ip address='10.0.0.1' prefix='24'>\n<dhcp><range start='10.0.0.2' end='10.0.0.9'>\n{inner}</range></dhcp></ip></network>")
+        };
+        let e = import(&net("<lease expiry='18446744073709551' unit='hours'/>"), "l.xml").unwrap_err();
+        assert_eq!(e, "l.xml:3: lease expiry 18446744073709551 hours is too long");
+        let e = import(&net("<lease expiry='307445734561825861' unit='minutes'/>"), "l.xml").unwrap_err();
+        assert!(e.starts_with("l.xml:3: lease expiry"), "{e}");
+        assert!(import(&net("<lease expiry='2' unit='hours'/>"), "l.xml").unwrap().toml.contains("lease_time = 7200\n"));
+        let e = import("<network><name>x</name><forward mode='bridge'/><bridge name='br0'/>\n<mtu size='65535'/></network>", "m.xml")
+            .unwrap_err();
+        assert_eq!(e, "m.xml:2: invalid mtu size \"65535\" (68 to 65415)");
+        assert!(import("<network><name>x</name><forward mode='bridge'/><bridge name='br0'/><mtu size='65415'/></network>", "m.xml")
+            .unwrap()
+            .toml
+            .contains("mtu = 65415\n"));
     }
 
     #[test]

@@ -195,7 +195,19 @@ fn client(at: &DaemonAt, req: Request, json: bool) -> ExitCode {
     }
 }
 
+/// Threads come and go all day in a daemon (a port's thread, a control connection, a capture),
+/// and glibc gives them up to eight arenas per core, each keeping its high-water mark: the
+/// soak saw vunet's memory floor creep up by a third over five minutes that way, and stay flat
+/// with one arena. Two per core keep what is kept small while the data-path threads (which do
+/// not allocate per frame) rarely meet on an arena lock.
+fn bound_malloc_arenas() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, (2 * cores).max(2) as libc::c_int) };
+}
+
 fn main() -> ExitCode {
+    bound_malloc_arenas();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VUNET_LOG").unwrap_or_else(|_| "info".into()))

@@ -14,7 +14,7 @@ pub mod message;
 pub mod server;
 
 pub use message::{DhcpMessage, MessageType};
-pub use server::{DhcpServer, Lease, Reply, ServerConfig, StaticHost};
+pub use server::{DhcpServer, Holders, Lease, Reply, ServerConfig, StaticHost};
 
 /// An Ethernet MAC address.
 pub type Mac = [u8; 6];

@@ -2,8 +2,10 @@
 //! distinct address, so memory is bounded by the size of the range plus the static hosts,
 //! whatever a flood of DISCOVERs from random MACs does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use crate::message::{opt, DhcpMessage, MessageType, ReplyBuilder};
 use crate::Mac;
@@ -76,6 +78,39 @@ struct Binding {
     refused_name: Option<String>,
 }
 
+/// Who holds which address: bound leases and static hosts. The server keeps it up to date at
+/// every change of a binding; port security reads it for every frame whose source is not the
+/// sender's own lease, so it is shared rather than behind the server's lock (which DHCP and DNS
+/// take), and `revision` lets readers cache what they found.
+#[derive(Debug, Default)]
+pub struct Holders {
+    revision: AtomicU64,
+    map: RwLock<HashMap<Ipv4Addr, Mac>>,
+}
+
+impl Holders {
+    /// The client `ip` is leased to or reserved for.
+    pub fn holder(&self, ip: Ipv4Addr) -> Option<Mac> {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).get(&ip).copied()
+    }
+
+    /// Moves whenever an address changes holder.
+    pub fn revision(&self) -> u64 {
+        self.revision.load(Ordering::Acquire)
+    }
+
+    fn set(&self, ip: Ipv4Addr, mac: Option<Mac>) {
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        let changed = match mac {
+            Some(m) => map.insert(ip, m) != Some(m),
+            None => map.remove(&ip).is_some(),
+        };
+        if changed {
+            self.revision.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
 pub struct DhcpServer {
     cfg: ServerConfig,
     bindings: BTreeMap<Mac, Binding>,
@@ -85,6 +120,7 @@ pub struct DhcpServer {
     reserved: Vec<String>,
     /// Names refused since the last `take_name_refusals`, for the caller to log.
     refusals: Vec<(Mac, String)>,
+    holders: Arc<Holders>,
 }
 
 fn mask(prefix: u8) -> u32 {
@@ -97,6 +133,10 @@ fn mask(prefix: u8) -> u32 {
 
 impl DhcpServer {
     pub fn new(cfg: ServerConfig) -> Self {
+        let holders = Arc::new(Holders::default());
+        for h in &cfg.hosts {
+            holders.set(h.ip, Some(h.mac));
+        }
         DhcpServer {
             cfg,
             bindings: BTreeMap::new(),
@@ -104,7 +144,26 @@ impl DhcpServer {
             declined: BTreeMap::new(),
             reserved: Vec::new(),
             refusals: Vec::new(),
+            holders,
         }
+    }
+
+    /// Who holds which address, kept up to date by this server.
+    pub fn holders(&self) -> Arc<Holders> {
+        self.holders.clone()
+    }
+
+    /// Brings `ip`'s entry in `holders` in line with the bindings: a static host's address is
+    /// its host's, else a bound lease's (expired or not: nobody else has it yet).
+    fn sync_holder(&self, ip: Ipv4Addr) {
+        let mac = self
+            .cfg
+            .hosts
+            .iter()
+            .find(|h| h.ip == ip)
+            .map(|h| h.mac)
+            .or_else(|| self.by_ip.get(&ip).filter(|m| self.bindings.get(*m).is_some_and(|b| b.bound && b.ip == ip)).copied());
+        self.holders.set(ip, mac);
     }
 
     /// Adds names that belong to the network itself (its configured DNS hosts): no client
@@ -184,9 +243,11 @@ impl DhcpServer {
     fn bind(&mut self, mac: Mac, ip: Ipv4Addr, expires: u64, bound: bool, hostname: Option<String>, now: u64) {
         let (hostname, refused) = self.dns_name(&mac, hostname, now);
         let mut refused_name = self.bindings.get(&mac).and_then(|b| b.refused_name.clone());
+        let mut old_ip = None;
         if let Some(old) = self.bindings.get(&mac) {
             if old.ip != ip {
                 self.by_ip.remove(&old.ip);
+                old_ip = Some(old.ip);
             }
         }
         if let Some(prev) = self.by_ip.insert(ip, mac) {
@@ -201,6 +262,10 @@ impl DhcpServer {
             refused_name = Some(name);
         }
         self.bindings.insert(mac, Binding { ip, expires, bound, hostname, refused_name });
+        if let Some(old) = old_ip {
+            self.sync_holder(old);
+        }
+        self.sync_holder(ip);
     }
 
     /// Whether `mac` may be known by `name` in DNS: a static host's own name always; else a
@@ -228,6 +293,7 @@ impl DhcpServer {
     fn unbind(&mut self, mac: &Mac) {
         if let Some(b) = self.bindings.remove(mac) {
             self.by_ip.remove(&b.ip);
+            self.sync_holder(b.ip);
         }
     }
 
@@ -332,6 +398,7 @@ impl DhcpServer {
                         // Kept, expired, so the client gets the same address back if it is free.
                         b.expires = now;
                         b.bound = false;
+                        self.sync_holder(msg.ciaddr);
                     }
                 }
                 None
@@ -521,6 +588,35 @@ mod tests {
         assert_eq!(reply_yiaddr(&ack.payload), Some(Ipv4Addr::UNSPECIFIED));
         assert_eq!(opt_of(&ack, opt::LEASE_TIME), None);
         assert_eq!(ack.dst_ip, Ipv4Addr::new(192, 168, 122, 200));
+    }
+
+    #[test]
+    fn holders_follow_leases_and_reservations() {
+        let mut s = server();
+        let h = s.holders();
+        assert_eq!(h.holder(Ipv4Addr::new(192, 168, 122, 10)), Some(WEB), "a static host's address is reserved from the start");
+        let offer = s.handle(&msg(MessageType::Discover, M1, &[]), 0).unwrap();
+        let offered = reply_yiaddr(&offer.payload).unwrap();
+        assert_eq!(h.holder(offered), None, "an offer holds nothing");
+        let rev = h.revision();
+        let ip = bind(&mut s, M1, 1);
+        assert_eq!((h.holder(ip), h.revision() > rev), (Some(M1), true));
+        // A release naming another address is ignored: the lease stays, and so does its holder.
+        let mut wrong = msg(MessageType::Release, M1, &[]);
+        wrong.ciaddr = Ipv4Addr::new(192, 168, 122, 99);
+        s.handle(&wrong, 2);
+        assert_eq!((s.ip_of(&M1, 2), h.holder(ip)), (Some(ip), Some(M1)));
+        let mut rel = msg(MessageType::Release, M1, &[]);
+        rel.ciaddr = ip;
+        s.handle(&rel, 3);
+        assert_eq!((s.ip_of(&M1, 3), h.holder(ip)), (None, None));
+        let ip = bind(&mut s, M1, 4);
+        s.handle(&msg(MessageType::Decline, M1, &[(opt::REQUESTED_IP, ip.octets().to_vec())]), 5);
+        assert_eq!(h.holder(ip), None);
+        // Restored leases hold their addresses too.
+        let mut t = server();
+        t.restore(&[Lease { mac: M2, ip: Ipv4Addr::new(192, 168, 122, 50), expires: 100, hostname: None }], 10);
+        assert_eq!(t.holders().holder(Ipv4Addr::new(192, 168, 122, 50)), Some(M2));
     }
 
     #[test]

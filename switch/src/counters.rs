@@ -57,10 +57,13 @@ pub enum DropReason {
     NatTableFull,
     /// Firewall: a deny or reject rule (or the default policy) matched.
     Firewall,
+    /// The source MAC belongs to another port: a guest port with port security holds it (its
+    /// first MAC, or its configured one), so nobody else may send with it or take it.
+    MacInUse,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 22] = [
+    pub const ALL: [DropReason; 23] = [
         DropReason::BadAddress,
         DropReason::ChainLoop,
         DropReason::BadDescriptor,
@@ -83,6 +86,7 @@ impl DropReason {
         DropReason::NatNoConnection,
         DropReason::NatTableFull,
         DropReason::Firewall,
+        DropReason::MacInUse,
     ];
 
     /// Stable name used in listings and metrics.
@@ -110,6 +114,7 @@ impl DropReason {
             DropReason::NatNoConnection => "nat_no_connection",
             DropReason::NatTableFull => "nat_table_full",
             DropReason::Firewall => "firewall",
+            DropReason::MacInUse => "mac_in_use",
         }
     }
 }

@@ -1,11 +1,14 @@
 //! Inbound filtering for routed networks, ufw-like: an ordered list of rules, the first match
 //! wins, a default policy for the rest. Stateful like ufw: packets of a flow a guest started
-//! (its replies) are not filtered.
+//! (its replies) are not filtered. The flows are bounded, and one port's flows at most a
+//! quarter of them: a guest at its quota replaces its own oldest flow, so a guest opening
+//! flows without end does not stop the others' from being recorded.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 use crate::ipv4::{self, Ipv4Header};
+use crate::ledger::{Ledger, Owner, Room};
 use crate::proto::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,12 +61,28 @@ impl Rule {
 /// (proto, guest address, guest port, remote address, remote port).
 type FlowKey = (u8, Ipv4Addr, u16, Ipv4Addr, u16);
 
+/// A flow a guest started.
+struct Flow {
+    /// When it was last seen going out.
+    seen: u64,
+    /// The port it came from, and its place in the eviction order.
+    owner: Owner,
+    stamp: u64,
+    touched: u64,
+}
+
+/// How often a flow in use moves to the back of the eviction order.
+const TOUCH_MS: u64 = 1000;
+
 pub struct Firewall {
     pub rules: Vec<Rule>,
     pub default: Action,
-    /// Flows guests started, with when they were last seen going out.
-    started: HashMap<FlowKey, u64>,
+    /// Flows guests started.
+    started: HashMap<FlowKey, Flow>,
+    ledger: Ledger<FlowKey>,
     max_flows: usize,
+    /// Most flows one port may hold.
+    quota: usize,
 }
 
 /// How long a flow a guest started lets its replies in after its last outbound packet.
@@ -71,7 +90,25 @@ pub const FLOW_IDLE_MS: u64 = 300_000;
 
 impl Firewall {
     pub fn new(rules: Vec<Rule>, default: Action, max_flows: usize) -> Firewall {
-        Firewall { rules, default, started: HashMap::new(), max_flows }
+        let quota = (max_flows / 4).max(1);
+        Firewall { rules, default, started: HashMap::new(), ledger: Ledger::default(), max_flows, quota }
+    }
+
+    /// Sets how many flows one port may hold.
+    pub fn with_quota(mut self, quota: usize) -> Firewall {
+        self.quota = quota.max(1);
+        self
+    }
+
+    /// Records looked at to evict flows so far (the cost tests read it).
+    pub fn eviction_work(&self) -> u64 {
+        self.ledger.examined
+    }
+
+    fn remove(&mut self, key: &FlowKey) {
+        if let Some(f) = self.started.remove(key) {
+            self.ledger.removed(f.owner);
+        }
     }
 
     /// Whether there is anything to check at all (no rules and "allow": everything routes).
@@ -79,20 +116,48 @@ impl Firewall {
         self.rules.is_empty() && self.default == Action::Allow
     }
 
-    /// Notes a packet a guest sends out, so its replies come back in.
-    pub fn outbound(&mut self, ip: &[u8], h: &Ipv4Header, now: u64) {
+    /// Notes a packet a guest sends out from port `owner`, so its replies come back in.
+    pub fn outbound(&mut self, ip: &[u8], h: &Ipv4Header, now: u64, owner: Owner) {
         if self.is_open() {
             return;
         }
         let Some((s, d)) = ipv4::ports(ip, h) else { return };
         let key = (h.proto, h.src, s, h.dst, if h.proto == IPPROTO_ICMP { s } else { d });
-        if self.started.len() >= self.max_flows && !self.started.contains_key(&key) {
-            self.started.retain(|_, &mut t| now.saturating_sub(t) <= FLOW_IDLE_MS);
-            if self.started.len() >= self.max_flows {
-                return; // Full of live flows: this one's replies meet the rules.
+        if let Some(f) = self.started.get_mut(&key) {
+            f.seen = now;
+            if f.owner == owner {
+                if now.saturating_sub(f.touched) >= TOUCH_MS {
+                    f.touched = now;
+                    f.stamp = self.ledger.touch(key, owner);
+                    self.compact(owner);
+                }
+                return;
             }
+            // The same flow from another port (its address moved): now that port's.
+            self.remove(&key);
         }
-        self.started.insert(key, now);
+        let started = &self.started;
+        let room = self.ledger.make_room(
+            owner,
+            self.quota,
+            self.max_flows,
+            |k, s| started.get(k).is_some_and(|f| f.stamp == s),
+            |k| started.get(k).is_some_and(|f| now.saturating_sub(f.seen) > FLOW_IDLE_MS),
+        );
+        match room {
+            // Nothing to give way: this one's replies meet the rules.
+            Room::Full => return,
+            Room::Evict(old) => self.remove(&old),
+            Room::Free => {}
+        }
+        let stamp = self.ledger.add(key, owner);
+        self.started.insert(key, Flow { seen: now, owner, stamp, touched: now });
+        self.compact(owner);
+    }
+
+    fn compact(&mut self, owner: Owner) {
+        let started = &self.started;
+        self.ledger.compact(owner, |k, s| started.get(k).is_some_and(|f| f.stamp == s));
     }
 
     /// The verdict on a packet coming in from outside.
@@ -103,7 +168,7 @@ impl Firewall {
         let ports = ipv4::ports(ip, h);
         if let Some((s, d)) = ports {
             let key = (h.proto, h.dst, d, h.src, if h.proto == IPPROTO_ICMP { d } else { s });
-            if self.started.get(&key).is_some_and(|&t| now.saturating_sub(t) <= FLOW_IDLE_MS) {
+            if self.started.get(&key).is_some_and(|f| now.saturating_sub(f.seen) <= FLOW_IDLE_MS) {
                 return Action::Allow;
             }
         }
@@ -151,19 +216,63 @@ mod tests {
         assert_eq!(verdict(&fw, &tcp([10, 10, 11, 8], 5000, guest, 80)), Action::Allow);
     }
 
+    /// Guest `guest` on port `owner` sends to 10.10.11.1:80 from port `sport`.
+    fn out(fw: &mut Firewall, guest: [u8; 4], sport: u16, owner: Owner, now: u64) {
+        let o = tcp(guest, sport, [10, 10, 11, 1], 80);
+        fw.outbound(&o, &ipv4::parse(&o, false).unwrap(), now, owner);
+    }
+
+    /// Whether the reply to that comes in.
+    fn reply_passes(fw: &Firewall, guest: [u8; 4], sport: u16) -> bool {
+        verdict(fw, &tcp([10, 10, 11, 1], 80, guest, sport)) == Action::Allow
+    }
+
     #[test]
     fn replies_to_what_guests_started_pass_a_default_deny() {
-        let mut fw = Firewall::new(vec![], Action::Deny, 2);
+        let mut fw = Firewall::new(vec![], Action::Deny, 2).with_quota(2);
         let guest = [192, 168, 100, 10];
-        let out = tcp(guest, 40000, [10, 10, 11, 1], 80);
-        fw.outbound(&out, &ipv4::parse(&out, false).unwrap(), 0);
-        assert_eq!(verdict(&fw, &tcp([10, 10, 11, 1], 80, guest, 40000)), Action::Allow);
-        assert_eq!(verdict(&fw, &tcp([10, 10, 11, 1], 80, guest, 40001)), Action::Deny);
-        // Bounded: a third flow is not remembered while two live ones fill the table.
-        for p in [40001, 40002] {
-            let o = tcp(guest, p, [10, 10, 11, 1], 80);
-            fw.outbound(&o, &ipv4::parse(&o, false).unwrap(), 1);
-        }
+        out(&mut fw, guest, 40000, 0, 0);
+        assert!(reply_passes(&fw, guest, 40000));
+        assert!(!reply_passes(&fw, guest, 40001));
+        // Bounded: a third flow replaces the guest's oldest.
+        out(&mut fw, guest, 40001, 0, 1);
+        out(&mut fw, guest, 40002, 0, 1);
         assert_eq!(fw.started.len(), 2);
+        assert!(!reply_passes(&fw, guest, 40000) && reply_passes(&fw, guest, 40002));
+    }
+
+    #[test]
+    fn a_guest_filling_the_flow_table_does_not_stop_the_others_flows() {
+        let mut fw = Firewall::new(vec![], Action::Deny, 64);
+        let (noisy, quiet, late) = ([192, 168, 100, 10], [192, 168, 100, 11], [192, 168, 100, 12]);
+        out(&mut fw, quiet, 1000, 1, 0);
+        for i in 0..10_000u32 {
+            out(&mut fw, noisy, 2000 + (i % 60_000) as u16, 0, 1);
+        }
+        assert!(reply_passes(&fw, quiet, 1000), "the quiet guest's flow was kept");
+        out(&mut fw, late, 3000, 2, 2);
+        assert!(reply_passes(&fw, late, 3000), "a new guest's flow is still recorded");
+        assert!(fw.started.len() <= 64);
+    }
+
+    #[test]
+    fn a_full_flow_table_records_new_flows_in_constant_time_each() {
+        const M: u32 = 4096;
+        const N: u32 = 20_000;
+        let mut fw = Firewall::new(vec![], Action::Deny, M as usize).with_quota(M as usize);
+        let guest = |i: u32| [10, 1, (i >> 16) as u8, (i >> 8) as u8];
+        let sport = |i: u32| 1024 + (i & 0xff) as u16;
+        for i in 0..M {
+            out(&mut fw, guest(i), sport(i), 0, 0);
+        }
+        let before = fw.eviction_work();
+        for i in M..M + N {
+            out(&mut fw, guest(i), sport(i), 0, 1);
+        }
+        assert_eq!(fw.started.len(), M as usize);
+        assert!(reply_passes(&fw, guest(M + N - 1), sport(M + N - 1)), "the newest flow is recorded");
+        assert!(!reply_passes(&fw, guest(0), sport(0)), "in place of the oldest");
+        let work = fw.eviction_work() - before;
+        assert!(work <= 4 * (N + M) as u64, "{work} records looked at for {N} flows into a table of {M}");
     }
 }

@@ -159,17 +159,31 @@ pub fn udp_datagram(frame: &[u8], port: u16) -> Option<(Ipv4Addr, u16, &[u8])> {
     Some((Ipv4Addr::from(src), u16::from_be_bytes([udp[0], udp[1]]), &udp[8..ulen]))
 }
 
-/// Builds an Ethernet + IPv4 + UDP frame (checksums included) into `out`.
+/// The largest payload one IPv4 UDP datagram carries (a 16-bit total length).
+pub const MAX_UDP_PAYLOAD: usize = 65535 - 20 - 8;
+
+/// Builds an Ethernet + IPv4 + UDP frame (checksums included) into `out`. Returns false,
+/// with `out` empty, if the payload is longer than one datagram holds.
 #[allow(clippy::too_many_arguments)]
-pub fn build_udp(out: &mut Vec<u8>, src_mac: Mac, dst_mac: Mac, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) {
+pub fn build_udp(
+    out: &mut Vec<u8>,
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> bool {
     out.clear();
+    let Some(total) = u16::try_from(payload.len() + 28).ok() else { return false };
+    let udp_len = total - 20;
     out.extend_from_slice(&dst_mac);
     out.extend_from_slice(&src_mac);
     out.extend_from_slice(&ETH_P_IPV4.to_be_bytes());
     let l3 = out.len();
-    let udp_len = (8 + payload.len()) as u16;
     out.extend_from_slice(&[0x45, 0]);
-    out.extend_from_slice(&(20 + udp_len).to_be_bytes());
+    out.extend_from_slice(&total.to_be_bytes());
     out.extend_from_slice(&[0, 0, 0x40, 0, 64, IPPROTO_UDP, 0, 0]);
     out.extend_from_slice(&src.octets());
     out.extend_from_slice(&dst.octets());
@@ -190,6 +204,7 @@ pub fn build_udp(out: &mut Vec<u8>, src_mac: Mac, dst_mac: Mac, src: Ipv4Addr, d
     if out.len() < 60 {
         out.resize(60, 0);
     }
+    true
 }
 
 #[cfg(test)]
@@ -286,10 +301,22 @@ mod tests {
     }
 
     #[test]
+    fn a_udp_payload_over_one_datagram_is_refused_not_wrapped() {
+        let (a, b) = (Ipv4Addr::new(192, 168, 122, 1), Ipv4Addr::new(192, 168, 122, 7));
+        let mut f = Vec::new();
+        let payload = vec![7u8; MAX_UDP_PAYLOAD + 1];
+        assert!(!build_udp(&mut f, GUEST, GUEST, a, b, 53, 40000, &payload));
+        assert!(f.is_empty());
+        assert!(build_udp(&mut f, GUEST, GUEST, a, b, 53, 40000, &payload[1..]));
+        assert_eq!(u16::from_be_bytes([f[16], f[17]]), 65535);
+        assert_eq!(udp_payload(&f, 40000).map(|(_, p)| p.len()), Some(MAX_UDP_PAYLOAD));
+    }
+
+    #[test]
     fn udp_round_trip_and_refusals() {
         let mut f = Vec::new();
         let (a, b) = (Ipv4Addr::new(0, 0, 0, 0), Ipv4Addr::BROADCAST);
-        build_udp(&mut f, GUEST, [0xff; 6], a, b, 68, 67, b"dhcp payload");
+        assert!(build_udp(&mut f, GUEST, [0xff; 6], a, b, 68, 67, b"dhcp payload"));
         assert_eq!(udp_payload(&f, 67), Some((a, &b"dhcp payload"[..])));
         assert_eq!(udp_payload(&f, 53), None);
         // Checked by etherparse too.

@@ -8,6 +8,8 @@
 //! - [`offload`]: software checksum completion and TCP segmentation for receivers that did not
 //!   negotiate the offload the sender used.
 //! - [`checksum`]: the Internet checksum.
+//! - [`ledger`]: eviction order with per-port quotas for the bounded tables (MAC table,
+//!   firewall flows, ARP neighbours).
 
 pub mod arp;
 pub mod checksum;
@@ -15,6 +17,7 @@ pub mod counters;
 pub mod firewall;
 pub mod gateway;
 pub mod ipv4;
+pub mod ledger;
 pub mod mac_table;
 pub mod nat;
 pub mod offload;
@@ -34,6 +37,11 @@ pub type Mac = [u8; 6];
 /// The largest Ethernet frame (without virtio-net header) a port may send: a 64 KiB IP packet
 /// (a TSO segment) plus an Ethernet header and one VLAN tag. Anything larger is dropped.
 pub const MAX_FRAME_LEN: usize = 14 + 4 + 65535;
+
+/// The largest MTU a network may have: a TSO frame's MSS may be as large as the MTU, and
+/// each segment cut from it carries up to 60 bytes of IPv4 header and 60 of TCP header on top;
+/// with this bound every IP total length and TCP length vunet writes fits in 16 bits.
+pub const MAX_MTU: u16 = 65535 - 60 - 60;
 
 /// The smallest frame that carries an Ethernet header.
 pub const MIN_FRAME_LEN: usize = 14;

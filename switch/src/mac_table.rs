@@ -1,9 +1,17 @@
 //! The MAC learning table of one network: source addresses are learned per port, entries age
 //! out (300 s by default, like the Linux bridge and OVS), and the table has a hard size limit
 //! so a guest spraying random source MACs cannot grow it without bound (it then floods, which
-//! is correct, just slower).
+//! is correct, just slower). One port holds at most a quarter of it: a port at its quota
+//! replaces its own least recently seen address, never another port's, in O(1) amortized time
+//! ([`crate::ledger`]).
+//!
+//! A guest port with port security *pins* its MAC here ([`MacTable::claim`]): one port per MAC,
+//! a pinned entry never ages and never moves, and a frame from any other port (a bridged
+//! uplink too) with that source MAC is refused. This is the one place that rule lives, so what
+//! may move a pinned MAC (a live migration, on the VMM's request) has one place to go through.
 
-use crate::{is_multicast, Mac};
+use crate::ledger::{Ledger, Room};
+use crate::{is_multicast, DropReason, Mac};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
@@ -52,18 +60,33 @@ pub enum Decision {
     Discard,
 }
 
+/// How often a station that keeps sending moves to the back of the eviction order (an entry is
+/// re-queued at most this often, not per frame).
+const TOUCH_MS: u64 = 1000;
+
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     port: PortId,
     seen_ms: u64,
+    /// Held by a port with port security: never ages, never moves, not in the ledger.
+    pinned: bool,
+    /// The stamp of the entry's latest record in the ledger, and when it was made.
+    stamp: u64,
+    touched_ms: u64,
 }
 
 /// MAC address → port, with aging.
 #[derive(Debug)]
 pub struct MacTable {
     entries: HashMap<Key, Entry, BuildHasherDefault<MacHasher>>,
+    /// The MAC each port has pinned (one at most).
+    pins: HashMap<PortId, Key>,
+    /// The learned (not pinned) entries, oldest first, per port.
+    ledger: Ledger<Key>,
     aging_ms: u64,
     capacity: usize,
+    /// Most learned entries one port may hold.
+    quota: usize,
 }
 
 impl Default for MacTable {
@@ -74,28 +97,98 @@ impl Default for MacTable {
 
 impl MacTable {
     pub fn new(aging_ms: u64, capacity: usize) -> Self {
-        MacTable { entries: HashMap::default(), aging_ms, capacity }
+        let quota = (capacity / 4).max(1);
+        MacTable { entries: HashMap::default(), pins: HashMap::new(), ledger: Ledger::default(), aging_ms, capacity, quota }
     }
 
-    /// Learns `src` on `port` at time `now_ms`. Multicast sources are never learned. A full
-    /// table first drops its expired entries; if it is still full the address is not learned.
-    pub fn learn(&mut self, src: Mac, port: PortId, now_ms: u64) {
+    /// Sets how many learned entries one port may hold.
+    pub fn with_quota(mut self, quota: usize) -> Self {
+        self.quota = quota.max(1);
+        self
+    }
+
+    /// Records looked at to evict or expire entries so far (the cost tests read it).
+    pub fn eviction_work(&self) -> u64 {
+        self.ledger.examined
+    }
+
+    /// Removes entry `k` if it is a learned one.
+    fn remove_learned(&mut self, k: Key) {
+        if let Some(e) = self.entries.get(&k).filter(|e| !e.pinned) {
+            let port = e.port;
+            self.entries.remove(&k);
+            self.ledger.removed(port);
+        }
+    }
+
+    /// Pins `mac` to `port` (a port with port security, at its guest's first frame): refused
+    /// with [`DropReason::MacInUse`] if another port holds it. A port holds one MAC: pinning
+    /// another frees the one it had (a new guest on the port).
+    pub fn claim(&mut self, mac: Mac, port: PortId) -> Result<(), DropReason> {
+        let k = key(&mac);
+        match self.entries.get(&k) {
+            Some(e) if e.pinned && e.port != port => return Err(DropReason::MacInUse),
+            Some(e) if e.pinned => return Ok(()),
+            _ => {}
+        }
+        if let Some(old) = self.pins.insert(port, k) {
+            self.entries.remove(&old);
+        }
+        self.remove_learned(k);
+        self.entries.insert(k, Entry { port, seen_ms: 0, pinned: true, stamp: u64::MAX, touched_ms: 0 });
+        Ok(())
+    }
+
+    /// Learns `src` on `port` at time `now_ms`. Multicast sources are never learned. A port
+    /// at its quota replaces its own least recently seen entry; below it, a full table makes
+    /// room from an expired entry, else from the port holding the most; failing that the
+    /// address is not learned (frames to it flood).
+    /// A MAC pinned to another port is refused ([`DropReason::MacInUse`]): the frame must be
+    /// dropped, not just left unlearned.
+    pub fn learn(&mut self, src: Mac, port: PortId, now_ms: u64) -> Result<(), DropReason> {
         if is_multicast(&src) {
-            return;
+            return Ok(());
         }
-        if let Some(e) = self.entries.get_mut(&key(&src)) {
-            // A station that moved to another port is re-learned there at once.
-            e.port = port;
-            e.seen_ms = now_ms;
-            return;
-        }
-        if self.entries.len() >= self.capacity {
-            self.expire(now_ms);
-            if self.entries.len() >= self.capacity {
-                return;
+        let k = key(&src);
+        if let Some(e) = self.entries.get_mut(&k) {
+            if e.pinned {
+                return if e.port == port { Ok(()) } else { Err(DropReason::MacInUse) };
             }
+            if e.port == port {
+                e.seen_ms = now_ms;
+                if now_ms.saturating_sub(e.touched_ms) >= TOUCH_MS {
+                    e.touched_ms = now_ms;
+                    e.stamp = self.ledger.touch(k, port);
+                    self.compact(port);
+                }
+                return Ok(());
+            }
+            // A station that moved to another port is re-learned there at once, within that
+            // port's quota.
+            self.remove_learned(k);
         }
-        self.entries.insert(key(&src), Entry { port, seen_ms: now_ms });
+        let (entries, aging) = (&self.entries, self.aging_ms);
+        let room = self.ledger.make_room(
+            port,
+            self.quota,
+            self.capacity,
+            |k, s| entries.get(k).is_some_and(|e| !e.pinned && e.stamp == s),
+            |k| entries.get(k).is_some_and(|e| now_ms.saturating_sub(e.seen_ms) >= aging),
+        );
+        match room {
+            Room::Full => return Ok(()),
+            Room::Evict(old) => self.remove_learned(old),
+            Room::Free => {}
+        }
+        let stamp = self.ledger.add(k, port);
+        self.entries.insert(k, Entry { port, seen_ms: now_ms, pinned: false, stamp, touched_ms: now_ms });
+        self.compact(port);
+        Ok(())
+    }
+
+    fn compact(&mut self, port: PortId) {
+        let entries = &self.entries;
+        self.ledger.compact(port, |k, s| entries.get(k).is_some_and(|e| !e.pinned && e.stamp == s));
     }
 
     /// Looks up where a frame to `dst`, received on `src_port`, goes.
@@ -104,7 +197,7 @@ impl MacTable {
             return Decision::Flood;
         }
         match self.entries.get(&key(&dst)) {
-            Some(e) if now_ms.saturating_sub(e.seen_ms) < self.aging_ms => {
+            Some(e) if e.pinned || now_ms.saturating_sub(e.seen_ms) < self.aging_ms => {
                 if e.port == src_port {
                     Decision::Discard
                 } else {
@@ -116,25 +209,43 @@ impl MacTable {
     }
 
     /// Learn the source and decide on the destination in one step.
-    pub fn forward(&mut self, src: Mac, dst: Mac, src_port: PortId, now_ms: u64) -> Decision {
-        self.learn(src, src_port, now_ms);
-        self.lookup(dst, src_port, now_ms)
+    pub fn forward(&mut self, src: Mac, dst: Mac, src_port: PortId, now_ms: u64) -> Result<Decision, DropReason> {
+        self.learn(src, src_port, now_ms)?;
+        Ok(self.lookup(dst, src_port, now_ms))
     }
 
-    /// Removes every entry older than the aging time.
+    /// Removes the entries older than the aging time, oldest first (those seen within the
+    /// last second or so of the first one still alive may stay; lookups ignore them).
     pub fn expire(&mut self, now_ms: u64) {
-        let aging = self.aging_ms;
-        self.entries.retain(|_, e| now_ms.saturating_sub(e.seen_ms) < aging);
+        loop {
+            let (entries, aging) = (&self.entries, self.aging_ms);
+            let oldest = self.ledger.oldest(None, |k, s| entries.get(k).is_some_and(|e| !e.pinned && e.stamp == s));
+            match oldest {
+                Some(k) if entries.get(&k).is_some_and(|e| now_ms.saturating_sub(e.seen_ms) >= aging) => self.remove_learned(k),
+                _ => return,
+            }
+        }
     }
 
-    /// Forgets everything learned on `port` (the port went down or was removed).
+    /// Forgets everything learned on `port` (its guest went away). Its pinned MAC stays its
+    /// own while the port exists: another port cannot take it meanwhile.
     pub fn forget_port(&mut self, port: PortId) {
-        self.entries.retain(|_, e| e.port != port);
+        self.entries.retain(|_, e| e.port != port || e.pinned);
+        self.ledger.forget(port);
     }
 
-    /// The port `mac` is currently learned on, if it has not aged out.
+    /// Forgets `port` altogether (it was removed): what it learned and the MAC it pinned, which
+    /// another port may now claim.
+    pub fn remove_port(&mut self, port: PortId) {
+        self.forget_port(port);
+        if let Some(k) = self.pins.remove(&port) {
+            self.entries.remove(&k);
+        }
+    }
+
+    /// The port `mac` is currently learned on (or pinned to), if it has not aged out.
     pub fn port_of(&self, mac: &Mac, now_ms: u64) -> Option<PortId> {
-        self.entries.get(&key(mac)).filter(|e| now_ms.saturating_sub(e.seen_ms) < self.aging_ms).map(|e| e.port)
+        self.entries.get(&key(mac)).filter(|e| e.pinned || now_ms.saturating_sub(e.seen_ms) < self.aging_ms).map(|e| e.port)
     }
 
     pub fn len(&self) -> usize {
@@ -158,65 +269,141 @@ mod tests {
     #[test]
     fn unknown_unicast_floods_then_learned_goes_direct() {
         let mut t = MacTable::default();
-        assert_eq!(t.forward(A, B, 0, 0), Decision::Flood);
-        assert_eq!(t.forward(B, A, 1, 10), Decision::Unicast(0));
-        assert_eq!(t.forward(A, B, 0, 20), Decision::Unicast(1));
-        assert_eq!(t.forward(A, C, 0, 30), Decision::Flood);
+        assert_eq!(t.forward(A, B, 0, 0), Ok(Decision::Flood));
+        assert_eq!(t.forward(B, A, 1, 10), Ok(Decision::Unicast(0)));
+        assert_eq!(t.forward(A, B, 0, 20), Ok(Decision::Unicast(1)));
+        assert_eq!(t.forward(A, C, 0, 30), Ok(Decision::Flood));
     }
 
     #[test]
     fn broadcast_and_multicast_flood_and_are_never_learned() {
         let mut t = MacTable::default();
-        t.learn(A, 0, 0);
+        t.learn(A, 0, 0).unwrap();
         assert_eq!(t.lookup(BCAST, 1, 0), Decision::Flood);
         assert_eq!(t.lookup([0x01, 0, 0x5e, 0, 0, 1], 1, 0), Decision::Flood);
-        t.learn(BCAST, 2, 0);
-        t.learn([0x33, 0x33, 0, 0, 0, 1], 2, 0);
+        t.learn(BCAST, 2, 0).unwrap();
+        t.learn([0x33, 0x33, 0, 0, 0, 1], 2, 0).unwrap();
         assert_eq!(t.len(), 1);
     }
 
     #[test]
     fn entries_age_out_after_300_seconds() {
         let mut t = MacTable::default();
-        t.learn(B, 1, 1_000);
+        t.learn(B, 1, 1_000).unwrap();
         assert_eq!(t.lookup(B, 0, 1_000 + 299_999), Decision::Unicast(1));
         assert_eq!(t.lookup(B, 0, 1_000 + 300_000), Decision::Flood);
         t.expire(1_000 + 300_000);
         assert!(t.is_empty());
         // Refreshing keeps it alive.
-        t.learn(B, 1, 0);
-        t.learn(B, 1, 200_000);
+        t.learn(B, 1, 0).unwrap();
+        t.learn(B, 1, 200_000).unwrap();
         assert_eq!(t.lookup(B, 0, 400_000), Decision::Unicast(1));
     }
 
     #[test]
     fn station_moving_is_relearned_and_hairpin_is_discarded() {
         let mut t = MacTable::default();
-        t.learn(B, 1, 0);
-        t.learn(B, 2, 5);
+        t.learn(B, 1, 0).unwrap();
+        t.learn(B, 2, 5).unwrap();
         assert_eq!(t.lookup(B, 0, 6), Decision::Unicast(2));
         assert_eq!(t.lookup(B, 2, 6), Decision::Discard);
     }
 
     #[test]
     fn capacity_is_a_hard_limit_and_expired_entries_make_room() {
-        let mut t = MacTable::new(1000, 4);
+        let mut t = MacTable::new(1000, 4).with_quota(4);
         for i in 0..100u8 {
-            t.learn([0x52, 0, 0, 0, 0, i], 0, 0);
+            t.learn([0x52, 0, 0, 0, 0, i], 0, 0).unwrap();
         }
         assert_eq!(t.len(), 4);
         // After aging, new stations can be learned again.
-        t.learn(C, 3, 5_000);
+        t.learn(C, 3, 5_000).unwrap();
         assert_eq!(t.port_of(&C, 5_000), Some(3));
+        t.expire(5_000);
         assert_eq!(t.len(), 1);
+    }
+
+    fn mac(port: u8, i: u32) -> Mac {
+        [0x52, port, (i >> 24) as u8, (i >> 16) as u8, (i >> 8) as u8, i as u8]
+    }
+
+    #[test]
+    fn filling_the_table_from_one_port_evicts_nothing_of_another_port() {
+        let mut t = MacTable::new(DEFAULT_AGING_MS, 64);
+        t.learn(B, 1, 0).unwrap();
+        t.learn(C, 1, 0).unwrap();
+        for i in 0..10_000 {
+            t.learn(mac(0, i), 0, 1).unwrap();
+        }
+        assert_eq!((t.port_of(&B, 2), t.port_of(&C, 2)), (Some(1), Some(1)), "port 1's stations stay");
+        assert_eq!(t.port_of(&mac(0, 9_999), 2), Some(0), "port 0 keeps its newest");
+        assert_eq!(t.port_of(&mac(0, 0), 2), None, "and loses its oldest");
+        // Another port still learns new stations, whatever port 0 sends.
+        t.learn(A, 2, 3).unwrap();
+        assert_eq!(t.port_of(&A, 3), Some(2));
+        // Even with every port at its quota, a port holding little is not the one to pay.
+        for p in 3..8u8 {
+            for i in 0..100 {
+                t.learn(mac(p, i), p as usize, 4).unwrap();
+            }
+        }
+        assert!(t.len() <= 64 + 1);
+        assert_eq!((t.port_of(&B, 5), t.port_of(&C, 5), t.port_of(&A, 5)), (Some(1), Some(1), Some(2)));
+    }
+
+    #[test]
+    fn a_full_table_learns_new_stations_in_constant_time_each() {
+        // One port may fill the whole table; M entries, then N new ones.
+        const M: u32 = 4096;
+        const N: u32 = 20_000;
+        let mut t = MacTable::new(DEFAULT_AGING_MS, M as usize).with_quota(M as usize);
+        for i in 0..M {
+            t.learn(mac(0, i), 0, 0).unwrap();
+        }
+        let before = t.eviction_work();
+        for i in M..M + N {
+            t.learn(mac(0, i), 0, 1 + (i - M) as u64).unwrap();
+        }
+        // Each new entry replaced the oldest, by order, not by searching the table.
+        assert_eq!(t.len(), M as usize);
+        assert_eq!(t.port_of(&mac(0, M + N - 1), 30_000), Some(0));
+        assert_eq!(t.port_of(&mac(0, N - 1), 30_000), None);
+        assert_eq!(t.port_of(&mac(0, N), 30_000), Some(0));
+        let work = t.eviction_work() - before;
+        assert!(work <= 4 * (N + M) as u64, "{work} records looked at for {N} insertions into a table of {M}");
+    }
+
+    #[test]
+    fn a_pinned_mac_never_moves_and_never_ages() {
+        let mut t = MacTable::new(1000, 4);
+        t.claim(A, 0).unwrap();
+        assert_eq!(t.claim(A, 1), Err(DropReason::MacInUse), "another port cannot take it");
+        assert_eq!(t.learn(A, 1, 5), Err(DropReason::MacInUse), "nor re-learn it (a bridged uplink, say)");
+        assert_eq!(t.forward(A, B, 2, 6), Err(DropReason::MacInUse));
+        assert_eq!(t.lookup(A, 2, 1_000_000), Decision::Unicast(0), "traffic to it still goes to its port, however late");
+        assert_eq!(t.learn(A, 0, 7), Ok(()));
+        // Filling the table does not push it out.
+        for i in 0..100u8 {
+            t.learn([0x52, 0, 0, 0, 1, i], 3, 2_000_000).unwrap();
+        }
+        assert_eq!(t.port_of(&A, 2_000_000), Some(0));
+        // The guest going away keeps the pin; the port's removal frees it.
+        t.forget_port(0);
+        assert_eq!(t.claim(A, 1), Err(DropReason::MacInUse));
+        t.remove_port(0);
+        assert_eq!(t.claim(A, 1), Ok(()));
+        assert_eq!(t.port_of(&A, 0), Some(1));
+        // A new guest on a port pins its own MAC instead of the old one.
+        t.claim(B, 1).unwrap();
+        assert_eq!(t.claim(A, 2), Ok(()));
     }
 
     #[test]
     fn forget_port_removes_only_that_port() {
         let mut t = MacTable::default();
-        t.learn(A, 0, 0);
-        t.learn(B, 1, 0);
-        t.learn(C, 1, 0);
+        t.learn(A, 0, 0).unwrap();
+        t.learn(B, 1, 0).unwrap();
+        t.learn(C, 1, 0).unwrap();
         t.forget_port(1);
         assert_eq!(t.port_of(&A, 0), Some(0));
         assert_eq!(t.port_of(&B, 0), None);

@@ -97,6 +97,12 @@ pub fn segment_tcp(frame: &[u8], hdr: &VnetHeader, scratch: &mut Vec<u8>, mut em
     if n > MAX_SEGMENTS {
         return Err(DropReason::SegmentationFailed);
     }
+    // The first segment is the largest: if its IP length does not fit in 16 bits (an MSS
+    // near 64 KiB), refuse the frame before emitting anything rather than write a wrapped one.
+    let first = lay.headers + mss.min(payload.len());
+    if ip_len(first, &lay).is_none() {
+        return Err(DropReason::SegmentationFailed);
+    }
     for i in 0..n {
         let chunk = &payload[(i * mss).min(payload.len())..((i + 1) * mss).min(payload.len())];
         scratch.clear();
@@ -104,12 +110,11 @@ pub fn segment_tcp(frame: &[u8], hdr: &VnetHeader, scratch: &mut Vec<u8>, mut em
         scratch.extend_from_slice(chunk);
         let seg = scratch.as_mut_slice();
         let l4_len = seg.len() - lay.l4;
+        let len = ip_len(seg.len(), &lay).ok_or(DropReason::SegmentationFailed)?;
         if lay.ipv6 {
-            let plen = (seg.len() - lay.l3 - 40) as u16;
-            seg[lay.l3 + 4..lay.l3 + 6].copy_from_slice(&plen.to_be_bytes());
+            seg[lay.l3 + 4..lay.l3 + 6].copy_from_slice(&len.to_be_bytes());
         } else {
-            let tot = (seg.len() - lay.l3) as u16;
-            seg[lay.l3 + 2..lay.l3 + 4].copy_from_slice(&tot.to_be_bytes());
+            seg[lay.l3 + 2..lay.l3 + 4].copy_from_slice(&len.to_be_bytes());
             seg[lay.l3 + 4..lay.l3 + 6].copy_from_slice(&ip_id0.wrapping_add(i as u16).to_be_bytes());
             seg[lay.l3 + 10..lay.l3 + 12].copy_from_slice(&[0, 0]);
             let ihl = lay.l4 - lay.l3;
@@ -134,6 +139,7 @@ pub fn segment_tcp(frame: &[u8], hdr: &VnetHeader, scratch: &mut Vec<u8>, mut em
         } else {
             let src: [u8; 4] = seg[lay.l3 + 12..lay.l3 + 16].try_into().unwrap_or([0; 4]);
             let dst: [u8; 4] = seg[lay.l3 + 16..lay.l3 + 20].try_into().unwrap_or([0; 4]);
+            // Shorter than the IP total length, which fits.
             pseudo_v4(&src, &dst, IPPROTO_TCP, l4_len as u16)
         };
         let c = finish(sum(&seg[lay.l4..], pseudo));
@@ -141,6 +147,13 @@ pub fn segment_tcp(frame: &[u8], hdr: &VnetHeader, scratch: &mut Vec<u8>, mut em
         emit(seg);
     }
     Ok(n)
+}
+
+/// The IP length field of a segment `seg_len` bytes long (IPv4 total length, IPv6 payload
+/// length), or None if it does not fit in 16 bits.
+fn ip_len(seg_len: usize, lay: &TcpLayout) -> Option<u16> {
+    let fixed = if lay.ipv6 { 40 } else { 0 };
+    u16::try_from(seg_len - lay.l3 - fixed).ok()
 }
 
 #[cfg(test)]
@@ -282,5 +295,25 @@ mod tests {
         let fits = VnetHeader { gso_size: (60000usize.div_ceil(MAX_SEGMENTS)) as u16, ..tiny };
         assert!(segment_tcp(&big, &fits, &mut scratch, |_| emitted += 1).is_ok());
         assert!(emitted <= MAX_SEGMENTS && emitted > 200, "{emitted}");
+    }
+
+    #[test]
+    fn an_ip_length_over_64k_is_refused_not_wrapped() {
+        // The largest frame a port may send, cut with an MSS of 65535: its one segment would
+        // be 65539 bytes of IPv4, a total length of 3 once wrapped.
+        let mut big = tcp_v4(1000, false);
+        big.resize(crate::MAX_FRAME_LEN, 0x5a);
+        let hdr = VnetHeader { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV4, gso_size: 65535, ..Default::default() };
+        let (mut scratch, mut emitted) = (Vec::new(), 0);
+        assert_eq!(segment_tcp(&big, &hdr, &mut scratch, |_| emitted += 1), Err(DropReason::SegmentationFailed));
+        assert_eq!(emitted, 0);
+        // At the largest MTU a network may have, every segment's length is exact.
+        let hdr = VnetHeader { gso_size: crate::MAX_MTU, ..hdr };
+        segment_tcp(&big, &hdr, &mut scratch, |s| {
+            assert_eq!(u16::from_be_bytes([s[16], s[17]]) as usize, s.len() - 14);
+            emitted += 1;
+        })
+        .unwrap();
+        assert_eq!(emitted, 2);
     }
 }

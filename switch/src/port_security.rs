@@ -1,7 +1,8 @@
 //! Port security, as libvirt's `clean-traffic` filter: a guest port sends only with its own
 //! MAC (the configured one, else the first one it uses), only with its own IPv4 address once it
-//! holds a DHCP lease (ARP included), and never as a DHCP server. Pure: the frame's first bytes
-//! and the port's state in, a verdict out.
+//! holds a DHCP lease (ARP included), never with an address someone else holds (the gateway's,
+//! another client's lease or reservation; with or without a lease of its own), and never as a
+//! DHCP server. Pure: the frame's first bytes and the port's state in, a verdict out.
 
 use std::net::Ipv4Addr;
 
@@ -12,8 +13,11 @@ use crate::{DropReason, Mac};
 pub const HEADER_BYTES: usize = 14 + 60 + 4;
 
 /// Checks a frame sent by a guest. `head` is the frame's first bytes (up to
-/// [`HEADER_BYTES`]); `mac` the port's MAC; `ip` its leased address, if any.
-pub fn check(head: &[u8], mac: &Mac, ip: Option<Ipv4Addr>) -> Result<(), DropReason> {
+/// [`HEADER_BYTES`]); `mac` the port's MAC; `ip` its leased address, if any; `taken` says
+/// whether an address belongs to someone else (the gateway, another MAC's lease or static
+/// host). `taken` is asked only about a source that is not the port's own lease, so a guest
+/// sending from its lease pays nothing for it.
+pub fn check(head: &[u8], mac: &Mac, ip: Option<Ipv4Addr>, taken: impl Fn(Ipv4Addr) -> bool) -> Result<(), DropReason> {
     if head.len() < 14 {
         return Err(DropReason::ShortFrame);
     }
@@ -29,10 +33,13 @@ pub fn check(head: &[u8], mac: &Mac, ip: Option<Ipv4Addr>) -> Result<(), DropRea
                 return Err(DropReason::SpoofedMac);
             }
             let spa = Ipv4Addr::new(a[14], a[15], a[16], a[17]);
-            match ip {
-                Some(ip) if spa != ip && !spa.is_unspecified() => Err(DropReason::SpoofedIp),
-                _ => Ok(()),
+            if Some(spa) == ip || spa.is_unspecified() {
+                return Ok(());
             }
+            if ip.is_some() || taken(spa) {
+                return Err(DropReason::SpoofedIp);
+            }
+            Ok(())
         }
         ETH_P_IPV4 => {
             let Some(h) = head.get(14..34) else { return Ok(()) };
@@ -48,9 +55,14 @@ pub fn check(head: &[u8], mac: &Mac, ip: Option<Ipv4Addr>) -> Result<(), DropRea
                     return Err(DropReason::RogueDhcpServer);
                 }
             }
+            if Some(src) == ip {
+                return Ok(());
+            }
             match ip {
                 // Before it has an address a client talks DHCP from 0.0.0.0.
-                Some(ip) if src != ip && !(src.is_unspecified() && udp_ports == Some((68, 67))) => Err(DropReason::SpoofedIp),
+                Some(_) if !(src.is_unspecified() && udp_ports == Some((68, 67))) => Err(DropReason::SpoofedIp),
+                // Without a lease any address nobody else holds (a static configuration).
+                _ if taken(src) => Err(DropReason::SpoofedIp),
                 _ => Ok(()),
             }
         }
@@ -66,6 +78,17 @@ mod tests {
     const M: Mac = [0x52, 0x54, 0, 0, 0, 1];
     const OTHER: Mac = [0x52, 0x54, 0, 0, 0, 2];
     const IP: Ipv4Addr = Ipv4Addr::new(192, 168, 122, 5);
+    const GW: Ipv4Addr = Ipv4Addr::new(192, 168, 122, 1);
+    const OTHERS: Ipv4Addr = Ipv4Addr::new(192, 168, 122, 6);
+
+    /// The gateway and another guest's lease are taken.
+    fn taken(a: Ipv4Addr) -> bool {
+        a == GW || a == OTHERS
+    }
+
+    fn check(head: &[u8], mac: &Mac, ip: Option<Ipv4Addr>) -> Result<(), DropReason> {
+        super::check(head, mac, ip, taken)
+    }
 
     fn udp(src_mac: Mac, src: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
         let mut f = Vec::new();
@@ -101,6 +124,20 @@ mod tests {
         assert_eq!(check(&arp(M, [192, 168, 122, 1]), &M, Some(IP)), Err(DropReason::SpoofedIp), "ARP claiming the gateway");
         assert_eq!(check(&udp(M, IP.octets(), 67, 68), &M, Some(IP)), Err(DropReason::RogueDhcpServer));
         assert_eq!(check(&udp(M, [10, 0, 0, 9], 67, 68), &M, None), Err(DropReason::RogueDhcpServer));
+    }
+
+    #[test]
+    fn without_a_lease_addresses_others_hold_are_refused() {
+        assert_eq!(check(&udp(M, GW.octets(), 5000, 53), &M, None), Err(DropReason::SpoofedIp), "the gateway's address");
+        assert_eq!(check(&udp(M, OTHERS.octets(), 5000, 53), &M, None), Err(DropReason::SpoofedIp), "another guest's lease");
+        assert_eq!(check(&arp(M, GW.octets()), &M, None), Err(DropReason::SpoofedIp), "ARP claiming the gateway");
+        assert_eq!(check(&arp(M, OTHERS.octets()), &M, None), Err(DropReason::SpoofedIp), "ARP claiming another guest");
+        // What a guest without a lease needs: DHCP from 0.0.0.0, ARP probes, a static address.
+        assert_eq!(check(&udp(M, [0; 4], 68, 67), &M, None), Ok(()));
+        assert_eq!(check(&arp(M, [0; 4]), &M, None), Ok(()));
+        assert_eq!(check(&arp(M, [192, 168, 122, 77]), &M, None), Ok(()));
+        // The port's own lease is not asked about at all.
+        assert_eq!(super::check(&udp(M, IP.octets(), 5000, 53), &M, Some(IP), |_| panic!("asked")), Ok(()));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::arp::{self, Arp, Neighbors, Resolve, OP_REPLY, OP_REQUEST};
 use crate::firewall::{self, Firewall};
 use crate::gateway::Gateway;
 use crate::ipv4::{self, in_subnet, ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_TIME_EXCEEDED, UNREACH_HOST, UNREACH_NET, UNREACH_PORT};
+use crate::ledger::Owner;
 use crate::nat::{NatConfig, NatTable};
 use crate::proto::{ETH_P_ARP, ETH_P_IPV4, IPPROTO_ICMP, IPPROTO_TCP};
 use crate::vnet::VnetHeader;
@@ -92,6 +93,10 @@ pub struct Router {
 
 /// The most flows the route-mode firewall remembers as started by guests.
 const FIREWALL_FLOWS: usize = 65536;
+
+/// The owner, for the router's bounded tables, of what the uplink's side causes (guests'
+/// ports are owners by their index).
+pub const UPLINK_OWNER: Owner = Owner::MAX;
 
 fn ethertype(frame: &[u8]) -> u16 {
     u16::from_be_bytes([frame[12], frame[13]])
@@ -184,6 +189,7 @@ impl Router {
         frame: &mut [u8],
         hdr: &VnetHeader,
         now: u64,
+        owner: Owner,
         emit: &mut Vec<Emit>,
     ) -> Verdict {
         let (my_mac, my_ip, neighbors) = match side {
@@ -191,7 +197,7 @@ impl Router {
             Side::Uplink => (self.cfg.outside_mac, self.outside.map_or(Ipv4Addr::UNSPECIFIED, |o| o.0), &mut self.outside_neighbors),
         };
         frame[6..12].copy_from_slice(&my_mac);
-        match neighbors.resolve(next_hop, || (*hdr, frame.to_vec()), now) {
+        match neighbors.resolve(next_hop, || (*hdr, frame.to_vec()), now, owner) {
             Resolve::Known(mac) => {
                 frame[0..6].copy_from_slice(&mac);
                 Verdict::Forward(side)
@@ -213,24 +219,32 @@ impl Router {
         }
     }
 
-    /// An ARP packet from a guest (any: the gateway's own replies are handled elsewhere): the
-    /// router learns the sender and releases what waited for it.
-    pub fn guest_arp(&mut self, frame: &[u8], now: u64, emit: &mut Vec<Emit>) {
+    /// An ARP packet from the guest on port `port` (any: the gateway's own replies are handled
+    /// elsewhere): the router learns the sender and releases what waited for it.
+    pub fn guest_arp(&mut self, port: Owner, frame: &[u8], now: u64, emit: &mut Vec<Emit>) {
         let Some(a) = arp::parse(frame) else { return };
         if !self.inside_net(a.sender_ip) || a.sender_ip == self.cfg.inside.ip {
             return;
         }
         let released = if a.target_ip == self.cfg.inside.ip {
-            self.inside_neighbors.learn(a.sender_ip, a.sender_mac, now)
+            self.inside_neighbors.learn(a.sender_ip, a.sender_mac, now, port)
         } else {
-            self.inside_neighbors.refresh(a.sender_ip, a.sender_mac, now)
+            self.inside_neighbors.refresh(a.sender_ip, a.sender_mac, now, port)
         };
         Self::release(Side::Guests, a.sender_mac, released, emit);
     }
 
-    /// An IPv4 frame from a guest to the gateway's MAC, not for the gateway's own address:
-    /// route it (and translate it, in NAT mode).
-    pub fn from_guest(&mut self, frame: &mut [u8], hdr: &VnetHeader, now: u64, emit: &mut Vec<Emit>) -> Result<Verdict, DropReason> {
+    /// An IPv4 frame from the guest on port `port` to the gateway's MAC, not for the
+    /// gateway's own address: route it (and translate it, in NAT mode). What it makes the
+    /// router remember (a neighbor, a firewall flow) counts against that port's quota.
+    pub fn from_guest(
+        &mut self,
+        port: Owner,
+        frame: &mut [u8],
+        hdr: &VnetHeader,
+        now: u64,
+        emit: &mut Vec<Emit>,
+    ) -> Result<Verdict, DropReason> {
         if frame.len() < 14 + 20 || ethertype(frame) != ETH_P_IPV4 {
             return Err(DropReason::BadIpHeader);
         }
@@ -242,7 +256,7 @@ impl Router {
         }
         if self.inside_net(h.src) && self.inside_neighbors.lookup(h.src, now) != Some(src_mac) {
             // Replies to this guest need no ARP.
-            let released = self.inside_neighbors.learn(h.src, src_mac, now);
+            let released = self.inside_neighbors.learn(h.src, src_mac, now, port);
             Self::release(Side::Guests, src_mac, released, emit);
         }
         if let Some((out_ip, out_prefix)) = self.outside.filter(|o| o.0 == h.dst) {
@@ -271,10 +285,10 @@ impl Router {
         if side == Side::Uplink {
             match self.cfg.mode {
                 RouteMode::Nat => self.nat.outbound(&mut frame[14..], hdr.needs_csum(), now)?,
-                RouteMode::Route => self.firewall.outbound(&frame[14..], &h, now),
+                RouteMode::Route => self.firewall.outbound(&frame[14..], &h, now, port),
             }
         }
-        Ok(self.send_to_next_hop(side, next_hop, frame, hdr, now, emit))
+        Ok(self.send_to_next_hop(side, next_hop, frame, hdr, now, port, emit))
     }
 
     /// A frame from the uplink's LAN: ARP and ping for the uplink address, proxy ARP, NAT
@@ -342,7 +356,7 @@ impl Router {
         }
         let guest = ipv4::parse(&frame[14..], true).map(|h| h.dst)?;
         let next_hop = self.inside_next_hop(guest).ok_or(DropReason::NoRoute)?;
-        Ok(self.send_to_next_hop(Side::Guests, next_hop, frame, hdr, now, emit))
+        Ok(self.send_to_next_hop(Side::Guests, next_hop, frame, hdr, now, UPLINK_OWNER, emit))
     }
 
     fn outside_arp(&mut self, frame: &[u8], my_ip: Ipv4Addr, now: u64, emit: &mut Vec<Emit>) -> Verdict {
@@ -357,9 +371,9 @@ impl Router {
             && self.inside_next_hop(a.target_ip).is_some()
             && !a.sender_ip.is_unspecified();
         let released = if for_me {
-            self.outside_neighbors.learn(a.sender_ip, a.sender_mac, now)
+            self.outside_neighbors.learn(a.sender_ip, a.sender_mac, now, UPLINK_OWNER)
         } else {
-            self.outside_neighbors.refresh(a.sender_ip, a.sender_mac, now)
+            self.outside_neighbors.refresh(a.sender_ip, a.sender_mac, now, UPLINK_OWNER)
         };
         Self::release(Side::Uplink, a.sender_mac, released, emit);
         if a.op == OP_REQUEST && (for_me || proxied) {
@@ -519,7 +533,7 @@ mod tests {
         let mut r = router(RouteMode::Nat);
         let mut emit = Vec::new();
         let mut f = eth(GW_MAC, GUEST_MAC, udp(GUEST, 40000, FAR, 53, 64));
-        assert_eq!(r.from_guest(&mut f, &VnetHeader::default(), 0, &mut emit), Ok(Verdict::Consumed), "queued for ARP");
+        assert_eq!(r.from_guest(0, &mut f, &VnetHeader::default(), 0, &mut emit), Ok(Verdict::Consumed), "queued for ARP");
         lan_answers(&mut r, &mut emit);
         assert_eq!(emit.len(), 1, "the waiting frame is released");
         let out = &emit[0];
@@ -531,7 +545,7 @@ mod tests {
         emit.clear();
         // Now the next hop is known: straight through.
         let mut f2 = eth(GW_MAC, GUEST_MAC, udp(GUEST, 40000, FAR, 53, 64));
-        assert_eq!(r.from_guest(&mut f2, &VnetHeader::default(), 2, &mut emit), Ok(Verdict::Forward(Side::Uplink)));
+        assert_eq!(r.from_guest(0, &mut f2, &VnetHeader::default(), 2, &mut emit), Ok(Verdict::Forward(Side::Uplink)));
         // The reply.
         let mut back = eth(UP_MAC, LAN_MAC, udp(FAR, 53, UPLINK_IP, sport, 50));
         assert_eq!(r.from_uplink(&mut back, &VnetHeader::default(), 3, &mut emit), Ok(Verdict::Forward(Side::Guests)));
@@ -591,7 +605,7 @@ mod tests {
         let mut emit = Vec::new();
         // The guest is known from a packet it sent.
         let mut hello = eth(GW_MAC, GUEST_MAC, udp(GUEST, 1000, LAN_HOST, 1000, 64));
-        r.from_guest(&mut hello, &VnetHeader::default(), 0, &mut emit).unwrap();
+        r.from_guest(0, &mut hello, &VnetHeader::default(), 0, &mut emit).unwrap();
         lan_answers(&mut r, &mut emit);
         assert_eq!(&emit[0].frame[14 + 12..14 + 16], &GUEST, "source kept");
         emit.clear();
@@ -616,14 +630,14 @@ mod tests {
         let mut r = router(RouteMode::Nat);
         let mut emit = Vec::new();
         let mut f = eth(GW_MAC, GUEST_MAC, udp(GUEST, 40000, FAR, 33434, 1));
-        assert_eq!(r.from_guest(&mut f, &VnetHeader::default(), 0, &mut emit), Err(DropReason::TtlExceeded));
+        assert_eq!(r.from_guest(0, &mut f, &VnetHeader::default(), 0, &mut emit), Err(DropReason::TtlExceeded));
         let e = &emit[0];
         assert_eq!((e.to, &e.frame[0..6], e.frame[14 + 20]), (Side::Guests, &GUEST_MAC[..], ICMP_TIME_EXCEEDED));
         emit.clear();
         r.set_outside(Some((UPLINK_IP.into(), 24)), None, &mut emit);
         emit.clear();
         let mut f = eth(GW_MAC, GUEST_MAC, udp(GUEST, 40000, FAR, 53, 64));
-        assert_eq!(r.from_guest(&mut f, &VnetHeader::default(), 0, &mut emit), Err(DropReason::NoRoute));
+        assert_eq!(r.from_guest(0, &mut f, &VnetHeader::default(), 0, &mut emit), Err(DropReason::NoRoute));
         assert_eq!((emit[0].frame[14 + 20], emit[0].frame[14 + 21]), (ICMP_DEST_UNREACH, UNREACH_NET));
     }
 
@@ -633,7 +647,7 @@ mod tests {
         let mut emit = Vec::new();
         for i in 0..1000u16 {
             let mut f = eth(GW_MAC, GUEST_MAC, udp(GUEST, i, [10, 10, 11, 77], 9, 64));
-            let _ = r.from_guest(&mut f, &VnetHeader::default(), 0, &mut emit);
+            let _ = r.from_guest(0, &mut f, &VnetHeader::default(), 0, &mut emit);
         }
         assert!(r.outside_neighbors.queued() <= arp::QUEUE_PER_NEIGHBOR);
         emit.clear();
@@ -664,9 +678,9 @@ mod tests {
                     f[14] = 0x45;
                 }
                 let hdr = VnetHeader { flags: (len % 2) as u8, gso_type: if len % 3 == 0 { 1 } else { 0 }, ..VnetHeader::default() };
-                let _ = r.from_guest(&mut f.clone(), &hdr, len as u64, &mut emit);
+                let _ = r.from_guest(0, &mut f.clone(), &hdr, len as u64, &mut emit);
                 let _ = r.from_uplink(&mut f, &hdr, len as u64, &mut emit);
-                r.guest_arp(&f, len as u64, &mut emit);
+                r.guest_arp(0, &f, len as u64, &mut emit);
                 r.tick(len as u64 * 100, &mut emit);
             }
         }

@@ -197,3 +197,77 @@ fn tx_buffers_rewritten_in_flight_never_deliver_a_spoofed_frame() {
     assert!(got > 0, "frames read with the good addresses were delivered");
     assert_eq!(spoofed, 0, "frames delivered with addresses that were not checked");
 }
+
+/// A DHCPRELEASE from `vm` (MAC A, address `src`) naming `ciaddr`.
+fn dhcp_release(vm: &mut VmSim, src: Ipv4Addr, ciaddr: Ipv4Addr) {
+    let mut msg = build_client_message(MessageType::Release, A, 9, None, Some(GW), None);
+    msg[12..16].copy_from_slice(&ciaddr.octets());
+    let mut f = Vec::new();
+    build_udp(&mut f, A, [0xff; 6], src, GW, CLIENT_PORT, SERVER_PORT, &msg);
+    vm.send(&f);
+}
+
+#[test]
+fn a_release_the_server_ignores_leaves_the_port_held_to_its_lease() {
+    let (_dir, d, mut vms) = setup();
+    let ip = dhcp_lease(&mut vms[0], A, T).expect("lease");
+    assert!(vms[0].wait_tx_all(T));
+    vms[1].recv_all(QUIET);
+    // A release naming an address that is not the guest's: the server keeps the binding, so
+    // the port stays held to it.
+    dhcp_release(&mut vms[0], ip, Ipv4Addr::new(10, 0, 0, 149));
+    assert!(vms[0].wait_tx_all(T));
+    vms[1].recv_all(QUIET);
+    let p0 = d.network("test").unwrap().port("p0").unwrap();
+    assert_eq!(p0.leased_ip(), Some(ip));
+    vms[0].send(&udp_from(A, [10, 0, 0, 149], 5000, 5001));
+    assert!(vms[0].wait_tx_all(T));
+    assert!(vms[1].recv(QUIET).is_none(), "another address, while the lease holds");
+    assert_eq!(drops(&d, "p0", DropReason::SpoofedIp), 1);
+    // The real release frees the port from its lease, but not to take the gateway's address.
+    dhcp_release(&mut vms[0], ip, ip);
+    assert!(vms[0].wait_tx_all(T));
+    vms[1].recv_all(QUIET);
+    assert_eq!(p0.leased_ip(), None);
+    let other = udp_from(A, [10, 0, 0, 149], 5000, 5001);
+    vms[0].send(&other);
+    assert_eq!(vms[1].recv(T).expect("an address nobody holds, without a lease").1, other);
+    vms[0].send(&udp_from(A, GW.octets(), 5000, 5001));
+    assert!(vms[0].wait_tx_all(T));
+    assert!(vms[1].recv(QUIET).is_none(), "the gateway's address");
+    assert_eq!(drops(&d, "p0", DropReason::SpoofedIp), 2);
+}
+
+#[test]
+fn a_mac_another_port_holds_is_refused_until_that_port_is_removed() {
+    let dir = TempDir::new("portsec-mac");
+    let toml = |ports: &[&str]| {
+        let mut t = "[[network]]\nname = \"test\"\nmode = \"isolated\"\ngateway = \"10.0.0.1/24\"\n".to_string();
+        for p in ports {
+            t.push_str(&format!("[[network.port]]\nname = \"{p}\"\nsocket = \"{p}.sock\"\n"));
+        }
+        t.push_str(DHCP);
+        vunet::Config::parse(&t, "test.toml", dir.path()).unwrap()
+    };
+    let d = vunet::Daemon::start(&toml(&["p0", "p1", "p2"])).unwrap();
+    let mut vms: Vec<VmSim> =
+        ["p0", "p1", "p2"].iter().map(|p| VmSim::connect(&dir.path().join(format!("{p}.sock")), SimOptions::full()).unwrap()).collect();
+    vms.iter_mut().for_each(|vm| vm.post_rx(QUEUE_SIZE));
+    wait_network_ready(&d, "test");
+    let ip = dhcp_lease(&mut vms[0], A, T).expect("lease");
+    assert!(vms[0].wait_tx_all(T));
+    vms[1].recv_all(QUIET);
+    vms[2].recv_all(QUIET);
+    // p1's guest sends with A: refused, and it does not get A's lease.
+    let stolen = udp_from(A, ip.octets(), 5000, 5001);
+    vms[1].send(&stolen);
+    assert!(vms[1].wait_tx_all(T));
+    assert!(vms[2].recv(QUIET).is_none() && vms[0].recv(QUIET).is_none());
+    assert_eq!(drops(&d, "p1", DropReason::MacInUse), 1);
+    assert_eq!(d.network("test").unwrap().port("p1").unwrap().leased_ip(), None);
+    // p0 is removed: its MAC is free for the guest on p1.
+    d.apply(&toml(&["p1", "p2"]));
+    assert!(wait_until(T, || d.network("test").unwrap().port("p0").is_none()));
+    vms[1].send(&stolen);
+    assert_eq!(vms[2].recv(T).expect("A, moved to p1").1, stolen);
+}

@@ -30,6 +30,24 @@ mod switch;
 #[cfg(test)]
 mod tests;
 
+/// The guest-facing ring parsers, reachable from the fuzz targets (tests/fuzz) through
+/// `vunet::fuzzing`. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::ring::{Mem, Seg};
+    pub use super::split::{walk_chain, write_rx, MemMap, Ring, RxQueue, RxScratch, MAX_FRAME_DESCS};
+
+    /// The host bytes a segment names: (address, length).
+    pub fn seg_span(s: &Seg) -> (usize, usize) {
+        (s.ptr as usize, s.len)
+    }
+
+    /// A segment over `b`.
+    pub fn seg_of(b: &[u8]) -> Seg {
+        Seg::of_slice(b)
+    }
+}
+
 pub use backlog::BACKLOG_MAX_FRAMES;
 pub use deliver::{flush_pending, TxScratch};
 pub use inject::Inject;

@@ -2,17 +2,18 @@
 //! services it runs, its DHCP state and its router. Built by the run-time layer, shared by
 //! every thread of the network.
 
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::{ArcSwap, Guard};
 use std::time::Instant;
 
 use tracing::warn;
-use vunet_dhcp::DhcpServer;
+use vunet_dhcp::{DhcpServer, Holders};
 use vunet_switch::gateway::Gateway;
 use vunet_switch::router::Router;
-use vunet_switch::{DropReason, MacTable, PortId};
+use vunet_switch::{DropReason, Mac, MacTable, PortId};
 
 use super::port::Port;
 use super::service::GatewayService;
@@ -33,6 +34,8 @@ pub struct Network {
     pub services: Vec<Arc<dyn GatewayService>>,
     /// The gateway's DHCP server state (port security and the listings read its leases).
     pub dhcp: Option<Mutex<DhcpServer>>,
+    /// Who holds which address, as the DHCP server keeps it (read without its lock).
+    holders: OnceLock<Option<Arc<Holders>>>,
     pub ports: PortList,
     pub macs: Mutex<MacTable>,
     epoch: Instant,
@@ -56,6 +59,7 @@ impl Network {
             gateway: None,
             services: Vec::new(),
             dhcp: None,
+            holders: OnceLock::new(),
             ports: PortList::default(),
             macs: Mutex::new(MacTable::default()),
             epoch: Instant::now(),
@@ -83,6 +87,27 @@ impl Network {
     /// The ports that have not been removed.
     pub fn live_ports(&self) -> Vec<Arc<Port>> {
         self.ports.snapshot().iter().filter(|p| !p.removed.load(Ordering::Acquire)).cloned().collect()
+    }
+
+    /// Whether `ip` belongs to someone other than `port`'s guest (MAC `mac`): the gateway's
+    /// address, or one leased to or reserved for another MAC. Port security asks it only about
+    /// a source that is not the port's own lease; the answer for the port's last such source is
+    /// cached until an address changes holder.
+    pub fn held_by_other(&self, port: &Port, mac: &Mac, ip: Ipv4Addr) -> bool {
+        if self.gateway.is_some_and(|g| g.ip == ip) {
+            return true;
+        }
+        let holders = self.holders.get_or_init(|| self.dhcp.as_ref().map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).holders()));
+        let Some(holders) = holders else { return false };
+        let revision = holders.revision();
+        if port.src_checked(ip, revision) {
+            return false;
+        }
+        if holders.holder(ip).is_some_and(|m| m != *mac) {
+            return true;
+        }
+        port.set_src_checked(ip, revision);
+        false
     }
 
     /// Logs a dropped frame at most once per second per port: a hostile guest can make drops

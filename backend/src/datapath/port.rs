@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use vunet_dhcp::DhcpServer;
 use vunet_switch::vnet::RxCaps;
-use vunet_switch::{Mac, PortCounters, PortId};
+use vunet_switch::{DropReason, Mac, MacTable, PortCounters, PortId};
 
 use super::backlog::Backlog;
 use super::link::HostLink;
@@ -124,10 +124,15 @@ pub struct Port {
     /// Port security on this port (own MAC, own leased IP, no DHCP server).
     pub security: bool,
     /// The MAC the port is locked to (bit 48 set when locked): the configured one, else the
-    /// first one its guest sends with.
+    /// first one its guest sends with. Bit 49 is set once the network's MAC table has it
+    /// pinned to this port.
     locked_mac: AtomicU64,
     /// The IPv4 address the port's guest holds a lease for (0: none).
     leased_ip: AtomicU32,
+    /// The last source address found to be nobody else's, with the revision of the network's
+    /// address holders it was checked against (revision << 32 | address): a guest without a
+    /// lease sending from its static address looks it up once, not per frame.
+    src_ok: AtomicU64,
     pub connected: AtomicBool,
     /// Virtio features acked on the current connection.
     pub features: AtomicU64,
@@ -150,9 +155,16 @@ pub struct Port {
 }
 
 const LOCKED: u64 = 1 << 48;
+const PINNED: u64 = 1 << 49;
 
 fn mac_word(m: &Mac) -> u64 {
     m.iter().fold(LOCKED, |w, &b| (w & !LOCKED) << 8 | b as u64 | LOCKED)
+}
+
+/// The MAC of a `locked_mac` word (its low 48 bits).
+fn word_mac(w: u64) -> Mac {
+    let b = w.to_be_bytes();
+    [b[2], b[3], b[4], b[5], b[6], b[7]]
 }
 
 impl Port {
@@ -170,6 +182,7 @@ impl Port {
             security: false,
             locked_mac: AtomicU64::new(0),
             leased_ip: AtomicU32::new(0),
+            src_ok: AtomicU64::new(u64::MAX),
             connected: AtomicBool::new(false),
             features: AtomicU64::new(0),
             connections: AtomicU64::new(0),
@@ -214,25 +227,49 @@ impl Port {
         self
     }
 
-    /// The MAC this port is locked to, locking it to `seen` if it is not yet. On first lock
-    /// the address leased to that MAC (if any) becomes the port's.
-    pub fn lock_mac(&self, seen: Mac, dhcp: Option<&Mutex<DhcpServer>>) -> Mac {
-        let w = self.locked_mac.load(Ordering::Relaxed);
-        if w & LOCKED != 0 {
-            return (w & !LOCKED).to_be_bytes()[2..8].try_into().unwrap_or(seen);
+    /// The MAC this port is locked to, locking it to `seen` if it is not yet (the configured
+    /// MAC, else the first one the guest sends with). The first lock pins the MAC in the
+    /// network's table `macs`, which refuses a MAC another live port holds
+    /// ([`DropReason::MacInUse`]: the guest neither takes it nor inherits its lease); once
+    /// pinned, the address leased to that MAC (if any) becomes the port's.
+    pub fn lock_mac(&self, seen: Mac, macs: &Mutex<MacTable>, dhcp: Option<&Mutex<DhcpServer>>) -> Result<Mac, DropReason> {
+        let w = self.locked_mac.load(Ordering::Acquire);
+        if w & PINNED != 0 {
+            return Ok(word_mac(w));
         }
-        if self.locked_mac.compare_exchange(0, mac_word(&seen), Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-            if let Some(ip) = dhcp.and_then(|d| d.lock().unwrap_or_else(|e| e.into_inner()).ip_of(&seen, unix_now())) {
-                self.leased_ip.store(u32::from(ip), Ordering::Relaxed);
+        let mac = {
+            // Under the table's lock: two queues of one port, or two ports, racing for a first
+            // MAC see one outcome.
+            let mut table = macs.lock().unwrap_or_else(|e| e.into_inner());
+            let w = self.locked_mac.load(Ordering::Acquire);
+            if w & PINNED != 0 {
+                return Ok(word_mac(w));
             }
-            return seen;
+            let mac = if w & LOCKED != 0 { word_mac(w) } else { seen };
+            table.claim(mac, self.id)?;
+            self.src_ok.store(u64::MAX, Ordering::Relaxed);
+            self.locked_mac.store(mac_word(&mac) | PINNED, Ordering::Release);
+            mac
+        };
+        if let Some(ip) = dhcp.and_then(|d| d.lock().unwrap_or_else(|e| e.into_inner()).ip_of(&mac, unix_now())) {
+            self.leased_ip.store(u32::from(ip), Ordering::Relaxed);
         }
-        self.lock_mac(seen, dhcp)
+        Ok(mac)
+    }
+
+    /// Whether `ip` was found to be nobody else's at `revision` of the address holders.
+    pub fn src_checked(&self, ip: Ipv4Addr, revision: u64) -> bool {
+        self.src_ok.load(Ordering::Relaxed) == (revision << 32 | u32::from(ip) as u64)
+    }
+
+    /// Remembers that `ip` is nobody else's at `revision`.
+    pub fn set_src_checked(&self, ip: Ipv4Addr, revision: u64) {
+        self.src_ok.store(revision << 32 | u32::from(ip) as u64, Ordering::Relaxed);
     }
 
     pub fn locked_mac(&self) -> Option<Mac> {
         let w = self.locked_mac.load(Ordering::Relaxed);
-        (w & LOCKED != 0).then(|| (w & !LOCKED).to_be_bytes()[2..8].try_into().unwrap_or([0; 6]))
+        (w & LOCKED != 0).then(|| word_mac(w))
     }
 
     pub fn leased_ip(&self) -> Option<Ipv4Addr> {
@@ -270,6 +307,7 @@ impl Port {
     pub fn forget_guest(&self) {
         self.locked_mac.store(self.mac.map(|m| mac_word(&m)).unwrap_or(0), Ordering::Relaxed);
         self.leased_ip.store(0, Ordering::Relaxed);
+        self.src_ok.store(u64::MAX, Ordering::Relaxed);
     }
 }
 

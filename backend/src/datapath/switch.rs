@@ -185,9 +185,10 @@ fn decide_and_deliver(
         return Err(DropReason::BadSourceMac);
     }
     if port.security {
-        let mac = port.lock_mac(src, net.dhcp.as_ref());
-        match port_security::check(&head[hdr_len..seen], &mac, port.leased_ip()) {
-            Err(DropReason::SpoofedIp) if routes_behind(net, port, &head[hdr_len..seen]) => {}
+        let mac = port.lock_mac(src, &net.macs, net.dhcp.as_ref())?;
+        let taken = |ip| net.held_by_other(port, &mac, ip);
+        match port_security::check(&head[hdr_len..seen], &mac, port.leased_ip(), taken) {
+            Err(DropReason::SpoofedIp) if routes_behind(net, port, &head[hdr_len..seen], taken) => {}
             r => r?,
         }
     }
@@ -201,10 +202,10 @@ fn decide_and_deliver(
         let mut macs = net.macs.lock().unwrap_or_else(|e| e.into_inner());
         if net.gateway.is_some_and(|g| g.mac == dst) {
             // For the gateway alone: learn the sender, forward nowhere.
-            macs.learn(src, port.id, now);
+            macs.learn(src, port.id, now)?;
             Decision::Discard
         } else {
-            macs.forward(src, dst, port.id, now)
+            macs.forward(src, dst, port.id, now)?
         }
     };
     if to_gateway {
@@ -228,13 +229,17 @@ fn decide_and_deliver(
 }
 
 /// Whether an IPv4 packet comes from a network the port's guest routes for (it is the `via`
-/// of a `[[network.route]]` holding the source): a router guest may send from there.
-fn routes_behind(net: &Network, port: &Port, frame: &[u8]) -> bool {
+/// of a `[[network.route]]` holding the source): a router guest may send from there, but
+/// never from an address someone else holds (`taken`).
+fn routes_behind(net: &Network, port: &Port, frame: &[u8], taken: impl Fn(std::net::Ipv4Addr) -> bool) -> bool {
     let (Some(router), Some(me)) = (net.router.as_ref(), port.leased_ip()) else { return false };
     if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
         return false;
     }
     let src = std::net::Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]);
+    if taken(src) {
+        return false;
+    }
     let r = router.lock().unwrap_or_else(|e| e.into_inner());
     r.cfg.routes.iter().any(|rt| rt.via == me && vunet_switch::ipv4::in_subnet(src, rt.net, rt.prefix))
 }
@@ -259,9 +264,9 @@ fn answer_gateway(net: &Network, ports: &[Arc<Port>], port: &Port, f: &TxFrame, 
             let verdict = {
                 let mut r = router.lock().unwrap_or_else(|e| e.into_inner());
                 if routed {
-                    r.from_guest(&mut input, &f.hdr, net.now_ms(), &mut emit)
+                    r.from_guest(port.id, &mut input, &f.hdr, net.now_ms(), &mut emit)
                 } else {
-                    r.guest_arp(&input, net.now_ms(), &mut emit);
+                    r.guest_arp(port.id, &input, net.now_ms(), &mut emit);
                     Ok(Verdict::NotMine)
                 }
             };

@@ -1150,7 +1150,7 @@ fn a_sender_stuck_in_a_link_send_blocks_neither_a_port_add_nor_the_other_senders
     link.connected.store(true, Ordering::Relaxed);
     let lan =
         Lan::switch(vec![Port::new(0, "a", PortKind::Vhost), link, Port::new(2, "b", PortKind::Vhost), guest_port(3, &rx_c, RxCaps::FULL)]);
-    lan.net.macs.lock().unwrap().learn(C, 3, lan.net.now_ms());
+    lan.net.macs.lock().unwrap().learn(C, 3, lan.net.now_ms()).unwrap();
 
     // Guest A floods a frame: the slow link's send takes it and does not return.
     let mut tx_a = GuestRing::new();
@@ -1203,10 +1203,122 @@ fn a_retired_port_is_let_go_and_its_slot_takes_no_frames() {
     assert!(gone.upgrade().is_none(), "nothing holds the removed port any more");
     assert!(lan.net.port_by_id(1).is_some_and(|p| p.removed.load(Ordering::Acquire)), "its id still names a removed port");
     // A frame still addressed to it (a stale MAC entry) is dropped, not delivered anywhere.
-    lan.net.macs.lock().unwrap().learn(B, 1, lan.net.now_ms());
+    lan.net.macs.lock().unwrap().learn(B, 1, lan.net.now_ms()).unwrap();
     lan.send(0, &numbered(A, B, 1));
     assert!(rx.received().is_empty());
     // A port that is not removed is never retired.
     lan.net.ports.retire(0);
     assert_eq!(lan.port(0).name, "sender");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Port security against other guests.
+
+/// A network with a gateway and a DHCP server where B leases 192.168.122.11 (IP_B) and C has
+/// the reservation 192.168.122.12, over three host-link ports with port security, and a fourth
+/// port without it (a bridged uplink).
+fn secured_lan() -> (Lan, [Arc<FakeLink>; 4]) {
+    use vunet_dhcp::{DhcpServer, Lease, ServerConfig, StaticHost};
+    let links = [FakeLink::offloading(), FakeLink::offloading(), FakeLink::offloading(), FakeLink::offloading()];
+    let mut net = with_gateway(Mode::Isolated);
+    let mut dhcp = DhcpServer::new(ServerConfig {
+        server_ip: GATEWAY_IP,
+        prefix: 24,
+        range: (Ipv4Addr::new(192, 168, 122, 2), Ipv4Addr::new(192, 168, 122, 254)),
+        hosts: vec![StaticHost { mac: C, ip: Ipv4Addr::new(192, 168, 122, 12), name: None }],
+        lease_secs: 3600,
+        router: false,
+        dns: None,
+        domain: None,
+        mtu: None,
+    });
+    assert_eq!(dhcp.restore(&[Lease { mac: B, ip: IP_B.into(), expires: u64::MAX, hostname: None }], super::unix_now()), 1);
+    net.dhcp = Some(Mutex::new(dhcp));
+    let secured = |id| {
+        let mut p = link_port(id, PortKind::Tap, &links[id]);
+        p.security = true;
+        p
+    };
+    let ports = vec![secured(0), secured(1), secured(2), link_port(3, PortKind::Uplink, &links[3])];
+    (Lan::new(net, ports), links)
+}
+
+fn arp_reply(mac: Mac, ip: [u8; 4], to: Mac) -> Vec<u8> {
+    let mut f = Vec::new();
+    arp::build(&mut f, &Arp { op: OP_REPLY, sender_mac: mac, sender_ip: ip.into(), target_mac: to, target_ip: Ipv4Addr::from(IP_A) });
+    f
+}
+
+#[test]
+fn a_guest_without_a_lease_cannot_use_the_gateways_or_another_guests_address() {
+    let (mut lan, links) = secured_lan();
+    let gw = GATEWAY_IP.octets();
+    let c_reserved = [192, 168, 122, 12];
+    // Port 0's guest (A) has no lease: it never used DHCP.
+    lan.send(0, &arp_reply(A, gw, BROADCAST));
+    lan.send(0, &arp_request(A, gw, Ipv4Addr::from(IP_B)));
+    lan.send(0, &arp_reply(A, IP_B, BROADCAST));
+    lan.send(0, &arp_reply(A, c_reserved, BROADCAST));
+    lan.send(0, &udp_ip(A, BROADCAST, gw, IP_B, 5000, 6000, b"as the gateway"));
+    lan.send(0, &udp_ip(A, BROADCAST, IP_B, [192, 168, 122, 255], 5000, 6000, b"as B"));
+    lan.send(0, &udp_ip(A, BROADCAST, c_reserved, [192, 168, 122, 255], 5000, 6000, b"as C"));
+    assert!(links[1].take().is_empty() && links[3].take().is_empty(), "none of them reaches anyone");
+    assert_eq!(lan.port(0).counters.snapshot().drop_count(DropReason::SpoofedIp), 7);
+    // What a guest without a lease needs still passes: DHCP from 0.0.0.0, an ARP probe, and an
+    // address nobody holds (a static configuration), twice (the second from the cache).
+    lan.send(0, &udp_ip(A, BROADCAST, [0; 4], [255; 4], 68, 67, b"discover"));
+    lan.send(0, &arp_request(A, [0; 4], Ipv4Addr::new(192, 168, 122, 50)));
+    lan.send(0, &arp_reply(A, [192, 168, 122, 50], BROADCAST));
+    lan.send(0, &udp_ip(A, BROADCAST, [192, 168, 122, 50], [192, 168, 122, 255], 5000, 6000, b"static"));
+    lan.send(0, &udp_ip(A, BROADCAST, [192, 168, 122, 50], [192, 168, 122, 255], 5000, 6000, b"static"));
+    assert_eq!(links[3].take().len(), 5);
+    assert_eq!(lan.port(0).counters.snapshot().drop_count(DropReason::SpoofedIp), 7);
+    // B and C use their own addresses.
+    lan.send(1, &arp_reply(B, IP_B, BROADCAST));
+    lan.send(2, &udp_ip(C, BROADCAST, c_reserved, [192, 168, 122, 255], 5000, 6000, b"C"));
+    assert_eq!(links[3].take().len(), 2);
+    // An address that changes holder is refused at once, whatever the cache said before.
+    lan.net.dhcp.as_ref().unwrap().lock().unwrap().restore(
+        &[vunet_dhcp::Lease { mac: B, ip: Ipv4Addr::new(192, 168, 122, 60), expires: u64::MAX, hostname: None }],
+        super::unix_now(),
+    );
+    lan.send(0, &udp_ip(A, BROADCAST, [192, 168, 122, 50], [192, 168, 122, 255], 5000, 6000, b"static"));
+    assert_eq!(links[3].take().len(), 1);
+    lan.send(2, &udp_ip(C, BROADCAST, [192, 168, 122, 60], [192, 168, 122, 255], 5000, 6000, b"B's new one"));
+    assert!(links[3].take().is_empty());
+    assert_eq!(lan.port(2).counters.snapshot().drop_count(DropReason::SpoofedIp), 1);
+}
+
+#[test]
+fn a_port_cannot_take_a_mac_another_port_holds() {
+    let (mut lan, links) = secured_lan();
+    // Port 0's guest uses A first; port 1's guest then tries A.
+    lan.send(0, &udp_ip(A, BROADCAST, IP_A, [192, 168, 122, 255], 5000, 6000, b"I am A"));
+    drop(links[3].take());
+    lan.send(1, &udp_ip(A, BROADCAST, IP_A, [192, 168, 122, 255], 5000, 6000, b"me too"));
+    assert!(links[0].take().is_empty() && links[3].take().is_empty());
+    assert_eq!(lan.port(1).counters.snapshot().drop_count(DropReason::MacInUse), 1);
+    assert_eq!(lan.port(1).locked_mac(), None, "port 1 did not lock to A");
+    // Port 2's guest tries B's MAC before B's port ever sent: it holds no port yet, so port 2
+    // gets it (and B's lease with it); B's own port is then refused it.
+    lan.send(2, &udp_ip(B, BROADCAST, IP_B, [192, 168, 122, 255], 5000, 6000, b"B"));
+    assert_eq!(lan.port(2).leased_ip(), Some(Ipv4Addr::from(IP_B)));
+    lan.send(1, &udp_ip(B, BROADCAST, IP_B, [192, 168, 122, 255], 5000, 6000, b"the real B"));
+    assert_eq!(lan.port(1).counters.snapshot().drop_count(DropReason::MacInUse), 2);
+    assert_eq!(lan.port(1).leased_ip(), None, "no lease inherited through a refused MAC");
+    links.iter().for_each(|l| drop(l.take()));
+    // The bridged uplink cannot re-learn A and pull its traffic: dropped, counted, and frames
+    // for A still go to port 0.
+    lan.send(3, &udp(A, BROADCAST, b"A is here now"));
+    assert!(links[0].take().is_empty() && links[1].take().is_empty());
+    assert_eq!(lan.port(3).counters.snapshot().drop_count(DropReason::MacInUse), 1);
+    lan.send(2, &udp_ip(B, A, IP_B, IP_A, 5000, 6000, b"for A"));
+    assert_eq!(links[0].take().len(), 1);
+    assert!(links[3].take().is_empty());
+    // The port's removal frees its MAC (what the run-time layer does on port-del).
+    lan.port(0).removed.store(true, Ordering::Release);
+    lan.net.macs.lock().unwrap().remove_port(0);
+    lan.send(1, &udp_ip(A, BROADCAST, IP_A, [192, 168, 122, 255], 5000, 6000, b"A, moved"));
+    assert_eq!(lan.port(1).locked_mac(), Some(A));
+    assert_eq!(links[3].take().len(), 1);
 }

@@ -259,7 +259,8 @@ impl Supervisor {
             let _ = std::fs::remove_file(&port.socket);
         }
         port.connected.store(false, Ordering::Release);
-        net.macs.lock().unwrap_or_else(|e| e.into_inner()).forget_port(port.id);
+        // Frees the MAC the port pinned: a guest coming back on another port may use it.
+        net.macs.lock().unwrap_or_else(|e| e.into_inner()).remove_port(port.id);
         net.ports.retire(port.id);
     }
 

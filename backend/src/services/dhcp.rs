@@ -50,7 +50,9 @@ impl GatewayService for DhcpService {
                     port.set_leased_ip(Some(ip));
                 }
             }
-            (_, MessageType::Release | MessageType::Decline) => port.set_leased_ip(None),
+            // The server keeps a binding whose release or decline names another address: the
+            // port keeps its lease (and port security its check) unless the binding went.
+            (_, MessageType::Release | MessageType::Decline) => port.set_leased_ip(server.ip_of(&msg.chaddr, now)),
             _ => {}
         }
         drop(server);
@@ -61,8 +63,11 @@ impl GatewayService for DhcpService {
         }
         match answer {
             Some(r) => {
-                build_udp(reply, gw.mac, r.dst_mac, gw.ip, r.dst_ip, SERVER_PORT, CLIENT_PORT, &r.payload);
-                Handled::Reply
+                // A DHCP reply is a few hundred bytes: it always fits a datagram.
+                match build_udp(reply, gw.mac, r.dst_mac, gw.ip, r.dst_ip, SERVER_PORT, CLIENT_PORT, &r.payload) {
+                    true => Handled::Reply,
+                    false => Handled::Consumed,
+                }
             }
             None => Handled::NotMine,
         }

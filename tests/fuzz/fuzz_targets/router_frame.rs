@@ -54,8 +54,8 @@ fuzz_target!(|data: &[u8]| {
                 // Aim most frames at the router's MACs so they get past the first check.
                 f[0..6].copy_from_slice(if ctl & 2 == 0 { &GW_MAC } else { &UP_MAC });
             }
-            let _ = if ctl & 1 == 0 { r.from_guest(&mut f, &hdr, now, &mut emit) } else { r.from_uplink(&mut f, &hdr, now, &mut emit) };
-            r.guest_arp(&f, now, &mut emit);
+            let _ = if ctl & 1 == 0 { r.from_guest(0, &mut f, &hdr, now, &mut emit) } else { r.from_uplink(&mut f, &hdr, now, &mut emit) };
+            r.guest_arp(0, &f, now, &mut emit);
             now += (ctl >> 2) as u64 * 50;
             r.tick(now, &mut emit);
             for e in emit.drain(..) {

@@ -187,7 +187,7 @@ fn dhcp_send(inject: &mut Inject, o: vunet_dhcp::client::Outgoing) {
         (r.cfg.outside_mac, dst.unwrap_or([0xff; 6]))
     };
     let mut frame = Vec::new();
-    vunet_switch::gateway::build_udp(
+    let built = vunet_switch::gateway::build_udp(
         &mut frame,
         mac,
         dst_mac,
@@ -197,6 +197,9 @@ fn dhcp_send(inject: &mut Inject, o: vunet_dhcp::client::Outgoing) {
         vunet_dhcp::message::SERVER_PORT,
         &o.payload,
     );
+    if !built {
+        return;
+    }
     inject.router_frames(vec![vunet_switch::router::Emit { to: vunet_switch::router::Side::Uplink, hdr: Default::default(), frame }]);
 }
 

@@ -4,4 +4,4 @@
 
 pub mod conn;
 pub mod device;
-mod relay;
+pub(crate) mod relay;

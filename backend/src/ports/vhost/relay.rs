@@ -46,7 +46,9 @@ pub fn spawn(frontend: UnixStream, backend: UnixStream, name: &str) -> io::Resul
     Ok(())
 }
 
-fn relay_requests(frontend: &UnixStream, backend: &UnixStream) -> io::Result<()> {
+/// Reads requests from `frontend` and passes them to `backend` until either end closes or a
+/// request is malformed (the error). Public for the fuzz target (`vunet::fuzzing`).
+pub fn relay_requests(frontend: &UnixStream, backend: &UnixStream) -> io::Result<()> {
     let mut acked: u64 = 0;
     // Ring enable states asked for before SET_FEATURES, by ring index.
     let mut early_enable: [Option<u32>; super::device::MAX_QUEUES] = Default::default();

@@ -216,8 +216,9 @@ impl Forwarder {
                 // truncated (TC set, header and question only) so the client knows.
                 let max = mtu - 28;
                 let len = if answer.len() > max { truncate(answer) } else { answer.len() };
-                build_udp(&mut frame, gw.mac, p.client_mac, gw.ip, p.client_ip, DNS_PORT, p.client_port, &answer[..len]);
-                inject.send_to_port(p.port, &frame);
+                if build_udp(&mut frame, gw.mac, p.client_mac, gw.ip, p.client_ip, DNS_PORT, p.client_port, &answer[..len]) {
+                    inject.send_to_port(p.port, &frame);
+                }
             });
             self.expire();
         }

@@ -102,7 +102,9 @@ impl GatewayService for DnsService {
             },
             None => return Handled::NotMine,
         };
-        build_udp(reply, gw.mac, client_mac, gw.ip, client_ip, vunet_dhcp::dns::PORT, client_port, &answer);
-        Handled::Reply
+        match build_udp(reply, gw.mac, client_mac, gw.ip, client_ip, vunet_dhcp::dns::PORT, client_port, &answer) {
+            true => Handled::Reply,
+            false => Handled::Consumed,
+        }
     }
 }

@@ -24,6 +24,7 @@ pub mod offload;
 pub mod port_security;
 pub mod proto;
 pub mod router;
+pub mod socknat;
 pub mod vnet;
 
 pub use counters::{DropReason, PortCounters};

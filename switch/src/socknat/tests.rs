@@ -1,0 +1,984 @@
+//! The TCP splice driven as a guest would: guest segments built with etherparse, every frame
+//! the flow emits parsed with etherparse and its checksum verified; the host socket is a fake
+//! that keeps received data until discarded, as a kernel socket does.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TcpOptionElement, TransportSlice};
+
+use super::tcp::{HostIo, HostOp, State, TcpConfig};
+use super::*;
+use crate::checksum::{finish, pseudo_v4, sum};
+use crate::offload::complete_checksum;
+use crate::vnet::{RxCaps, VnetHeader, F_NEEDS_CSUM, GSO_TCPV4};
+
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x10];
+const GW_MAC: [u8; 6] = [2, 0x76, 0x75, 0, 0, 1];
+const GUEST_IP: [u8; 4] = [192, 168, 122, 10];
+const REMOTE_IP: [u8; 4] = [10, 1, 2, 3];
+const GPORT: u16 = 40000;
+const RPORT: u16 = 80;
+const GISN: u32 = 1000;
+
+fn remote() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(REMOTE_IP), RPORT))
+}
+
+/// The host socket: what the guest wrote, what the remote sent (still in the receive buffer).
+#[derive(Default)]
+struct Sock {
+    written: Vec<u8>,
+    writes: Vec<usize>,
+    /// Bytes the send buffer still takes.
+    space: usize,
+    rx: Vec<u8>,
+    peeks: Vec<usize>,
+}
+
+impl HostIo for Sock {
+    fn write(&mut self, d: &[u8]) -> usize {
+        let n = d.len().min(self.space);
+        self.space -= n;
+        self.written.extend_from_slice(&d[..n]);
+        self.writes.push(n);
+        n
+    }
+    fn peek(&mut self, off: usize, buf: &mut [u8]) -> usize {
+        self.peeks.push(off);
+        if off >= self.rx.len() {
+            return 0;
+        }
+        let n = buf.len().min(self.rx.len() - off);
+        buf[..n].copy_from_slice(&self.rx[off..off + n]);
+        n
+    }
+}
+
+/// A frame from the flow, parsed.
+#[derive(Debug, Clone)]
+struct Out {
+    seq: u32,
+    ack: u32,
+    syn: bool,
+    fin: bool,
+    rst: bool,
+    window: u16,
+    payload: Vec<u8>,
+    vnet: VnetHeader,
+    mss: Option<u16>,
+    wscale: Option<u8>,
+    icmp: Option<(u8, u8)>,
+}
+
+/// Parses a frame to the guest with etherparse and checks its checksums (completing a partial
+/// one first, as the guest would).
+fn parse_out(frame: &[u8], vnet: VnetHeader) -> Out {
+    let mut f = frame.to_vec();
+    if vnet.flags & F_NEEDS_CSUM != 0 {
+        complete_checksum(&mut f, vnet.csum_start as usize, vnet.csum_offset as usize).unwrap();
+    }
+    assert_eq!(finish(sum(&f[14..34], 0)), 0, "IP header checksum");
+    let p = SlicedPacket::from_ethernet(&f).expect("etherparse parses the frame");
+    let Some(NetSlice::Ipv4(ip)) = &p.net else { panic!("not IPv4") };
+    let (src, dst) = (ip.header().source(), ip.header().destination());
+    assert_eq!(dst, GUEST_IP);
+    assert_eq!(&f[0..6], &GUEST_MAC);
+    assert_eq!(&f[6..12], &GW_MAC);
+    match p.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            assert_eq!(src, REMOTE_IP);
+            let l4 = &f[34..];
+            assert_eq!(finish(sum(l4, pseudo_v4(&src, &dst, 6, l4.len() as u16))), 0, "TCP checksum");
+            let (mut mss, mut wscale) = (None, None);
+            for o in t.options_iterator() {
+                match o.unwrap() {
+                    TcpOptionElement::MaximumSegmentSize(m) => mss = Some(m),
+                    TcpOptionElement::WindowScale(w) => wscale = Some(w),
+                    _ => {}
+                }
+            }
+            assert_eq!(t.source_port(), RPORT);
+            Out {
+                seq: t.sequence_number(),
+                ack: t.acknowledgment_number(),
+                syn: t.syn(),
+                fin: t.fin(),
+                rst: t.rst(),
+                window: t.window_size(),
+                payload: t.payload().to_vec(),
+                vnet,
+                mss,
+                wscale,
+                icmp: None,
+            }
+        }
+        Some(TransportSlice::Icmpv4(i)) => {
+            assert_eq!(finish(sum(&f[34..], 0)), 0, "ICMP checksum");
+            let b = i.slice();
+            Out { seq: 0, ack: 0, syn: false, fin: false, rst: false, window: 0, payload: b[8..].to_vec(), vnet, mss: None, wscale: None, icmp: Some((b[0], b[1])) }
+        }
+        _ => panic!("unexpected transport"),
+    }
+}
+
+/// A guest segment.
+#[derive(Clone, Copy, Default)]
+struct G {
+    seq: u32,
+    ack: Option<u32>,
+    syn: bool,
+    fin: bool,
+    rst: bool,
+    window: u16,
+    opts: bool,
+    sport: u16,
+    src: Option<[u8; 4]>,
+}
+
+fn gframe(g: G, payload: &[u8]) -> Vec<u8> {
+    let src = g.src.unwrap_or(GUEST_IP);
+    let sport = if g.sport == 0 { GPORT } else { g.sport };
+    let mut b = PacketBuilder::ethernet2(GUEST_MAC, GW_MAC).ipv4(src, REMOTE_IP, 64).tcp(sport, RPORT, g.seq, g.window);
+    if g.syn {
+        b = b.syn();
+    }
+    if g.fin {
+        b = b.fin();
+    }
+    if g.rst {
+        b = b.rst();
+    }
+    if let Some(a) = g.ack {
+        b = b.ack(a);
+    }
+    if g.opts {
+        b = b.options(&[TcpOptionElement::MaximumSegmentSize(1460), TcpOptionElement::Noop, TcpOptionElement::WindowScale(7)]).unwrap();
+    }
+    let mut v = Vec::new();
+    b.write(&mut v, payload).unwrap();
+    v
+}
+
+struct H {
+    table: TcpTable,
+    id: FlowId,
+    sock: Sock,
+    caps: RxCaps,
+    now: u64,
+    ops: Vec<HostOp>,
+    buf: Vec<u8>,
+    /// Our next sequence number as the guest, and what we acknowledged.
+    gseq: u32,
+}
+
+impl H {
+    fn new(caps: RxCaps) -> H {
+        H::with(caps, TcpTableConfig::default())
+    }
+
+    fn with(caps: RxCaps, cfg: TcpTableConfig) -> H {
+        H { table: TcpTable::new(cfg, 0x1234_5678), id: usize::MAX, sock: Sock::default(), caps, now: 1000, ops: Vec::new(), buf: vec![0; 65536 + 64], gseq: GISN + 1 }
+    }
+
+    fn flow(&mut self) -> &mut tcp::TcpFlow {
+        self.table.flow_mut(self.id).unwrap()
+    }
+
+    /// Sends a guest frame; returns the frames that came back.
+    fn send(&mut self, frame: &[u8], vnet: &VnetHeader) -> Vec<Out> {
+        let mut out = vec![0u8; 128];
+        let mut res = Vec::new();
+        match self.table.input(frame, vnet, self.now, &mut out) {
+            Input::Segment(id, seg) => {
+                self.id = id;
+                let mut sock = std::mem::take(&mut self.sock);
+                self.table.flow_mut(id).unwrap().on_segment(&seg, self.now, &mut sock);
+                self.sock = sock;
+            }
+            Input::Opened(id) => self.id = id,
+            Input::Reply(n, _) => res.push(parse_out(&out[..n], VnetHeader::default())),
+            Input::Dropped(_) => {}
+        }
+        res.extend(self.drain());
+        res
+    }
+
+    fn seg(&mut self, g: G, payload: &[u8]) -> Vec<Out> {
+        let f = gframe(g, payload);
+        self.send(&f, &VnetHeader::default())
+    }
+
+    /// Guest data at its next sequence number, acknowledging `ack`.
+    fn data(&mut self, ack: u32, payload: &[u8]) -> Vec<Out> {
+        self.seg(G { seq: self.gseq, ack: Some(ack), window: 1000, ..G::default() }, payload)
+    }
+
+    /// A pure ACK from the guest with window field `wnd` (scaled by 7).
+    fn ack(&mut self, ack: u32, wnd: u16) -> Vec<Out> {
+        self.seg(G { seq: self.gseq, ack: Some(ack), window: wnd, ..G::default() }, &[])
+    }
+
+    /// Drains host operations (applying discards to the socket) and frames.
+    fn drain(&mut self) -> Vec<Out> {
+        let mut res = Vec::new();
+        let Some(f) = self.table.flow_mut(self.id) else { return res };
+        while let Some(op) = f.poll_host() {
+            if let HostOp::Discard(n) = op {
+                assert!(n <= self.sock.rx.len(), "discard {n} of {}", self.sock.rx.len());
+                self.sock.rx.drain(..n);
+            }
+            self.ops.push(op);
+        }
+        loop {
+            let mut sock = std::mem::take(&mut self.sock);
+            let r = self.table.flow_mut(self.id).unwrap().poll_frame(self.now, &self.caps, &mut self.buf, &mut sock);
+            self.sock = sock;
+            match r {
+                Some(t) => res.push(parse_out(&self.buf[..t.len], t.vnet)),
+                None => break,
+            }
+            assert!(res.len() < 1000, "runaway output");
+        }
+        res
+    }
+
+    fn tick(&mut self, dt: u64) -> Vec<Out> {
+        self.now += dt;
+        let now = self.now;
+        self.flow().tick(now);
+        self.drain()
+    }
+
+    fn take_ops(&mut self) -> Vec<HostOp> {
+        std::mem::take(&mut self.ops)
+    }
+
+    /// SYN, connect, SYN-ACK, ACK: an established flow with this send space; returns our ISN.
+    fn establish(&mut self, space: usize) -> u32 {
+        let out = self.seg(G { seq: GISN, syn: true, window: 64240, opts: true, ..G::default() }, &[]);
+        assert!(out.is_empty());
+        assert_eq!(self.take_ops(), vec![HostOp::Connect(remote())]);
+        self.sock.space = space;
+        self.flow().set_host_send_space(space);
+        let now = self.now;
+        self.flow().connected(now);
+        let out = self.drain();
+        assert_eq!(out.len(), 1);
+        let sa = &out[0];
+        assert!(sa.syn && !sa.rst);
+        assert_eq!(sa.ack, GISN + 1);
+        let iss = sa.seq;
+        let out = self.ack(iss + 1, 2000);
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(self.flow().state(), State::Established);
+        iss + 1
+    }
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+#[test]
+fn handshake_waits_for_the_host_connect() {
+    let mut h = H::new(RxCaps::NONE);
+    let out = h.seg(G { seq: GISN, syn: true, window: 64240, opts: true, ..G::default() }, &[]);
+    assert!(out.is_empty(), "no SYN-ACK before the host connects");
+    assert_eq!(h.take_ops(), vec![HostOp::Connect(remote())]);
+    // The guest resends its SYN: no second connect, still silence.
+    assert!(h.seg(G { seq: GISN, syn: true, window: 64240, opts: true, ..G::default() }, &[]).is_empty());
+    assert!(h.take_ops().is_empty());
+    h.flow().set_host_send_space(200_000);
+    let now = h.now;
+    h.flow().connected(now);
+    let out = h.drain();
+    assert_eq!(out.len(), 1);
+    let sa = &out[0];
+    assert!(sa.syn && !sa.fin && !sa.rst);
+    assert_eq!(sa.ack, GISN + 1);
+    assert_eq!(sa.mss, Some(1460));
+    assert_eq!(sa.wscale, Some(tcp::WSCALE));
+    // A SYN's window is never scaled.
+    assert_eq!(sa.window, 65535);
+    // The SYN-ACK is lost: the guest's SYN again brings it back.
+    let again = h.seg(G { seq: GISN, syn: true, window: 64240, opts: true, ..G::default() }, &[]);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].seq, sa.seq);
+    assert!(h.ack(sa.seq + 1, 2000).is_empty());
+    assert_eq!(h.flow().state(), State::Established);
+}
+
+#[test]
+fn synack_retransmitted_on_timeout() {
+    let mut h = H::new(RxCaps::NONE);
+    h.seg(G { seq: GISN, syn: true, window: 64240, opts: true, ..G::default() }, &[]);
+    let now = h.now;
+    h.flow().connected(now);
+    let first = h.drain();
+    assert_eq!(first.len(), 1);
+    assert!(h.tick(999).is_empty());
+    let again = h.tick(1);
+    assert_eq!(again.len(), 1);
+    assert!(again[0].syn);
+    assert_eq!(again[0].seq, first[0].seq);
+}
+
+#[test]
+fn refused_connect_resets_the_guest() {
+    let mut h = H::new(RxCaps::NONE);
+    h.seg(G { seq: GISN, syn: true, window: 64240, ..G::default() }, &[]);
+    h.take_ops();
+    h.flow().refused();
+    let out = h.drain();
+    assert_eq!(out.len(), 1);
+    assert!(out[0].rst);
+    assert_eq!(out[0].ack, GISN + 1, "the RST acknowledges the SYN, so SYN-SENT takes it");
+    assert_eq!(h.take_ops(), vec![HostOp::Close { reset: false }]);
+    assert!(h.flow().is_done());
+    let id = h.id;
+    h.table.remove(id).unwrap();
+    assert!(h.table.is_empty());
+    assert_eq!(h.table.counters().refused, 1);
+}
+
+#[test]
+fn unreachable_is_icmp_or_silence_as_the_io_layer_says() {
+    let mut h = H::new(RxCaps::NONE);
+    h.seg(G { seq: GISN, syn: true, window: 64240, ..G::default() }, &[]);
+    h.flow().unreachable(Some(1));
+    let out = h.drain();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].icmp, Some((3, 1)));
+    // The quote: the guest's IP header to the remote, then its ports and ISN.
+    let q = &out[0].payload;
+    assert_eq!(&q[12..16], &GUEST_IP);
+    assert_eq!(&q[16..20], &REMOTE_IP);
+    assert_eq!(u16::from_be_bytes([q[20], q[21]]), GPORT);
+    assert_eq!(u32::from_be_bytes([q[24], q[25], q[26], q[27]]), GISN);
+    assert!(h.flow().is_done());
+
+    let mut h = H::new(RxCaps::NONE);
+    h.seg(G { seq: GISN, syn: true, window: 64240, ..G::default() }, &[]);
+    h.take_ops();
+    h.flow().unreachable(None);
+    assert!(h.drain().is_empty());
+    assert_eq!(h.take_ops(), vec![HostOp::Close { reset: false }]);
+
+    // Our own connect time-out: silence too, and the socket goes.
+    let mut h = H::new(RxCaps::NONE);
+    h.seg(G { seq: GISN, syn: true, window: 64240, ..G::default() }, &[]);
+    h.take_ops();
+    assert!(h.tick(TcpConfig::default().connect_timeout_ms - 1).is_empty());
+    assert!(h.take_ops().is_empty());
+    assert!(h.tick(1).is_empty());
+    assert_eq!(h.take_ops(), vec![HostOp::Close { reset: true }]);
+    assert!(h.flow().is_done());
+    assert_eq!(h.table.counters().connect_timeouts, 1);
+}
+
+#[test]
+fn guest_data_goes_to_the_host_and_is_acked_for_what_the_socket_took() {
+    let mut h = H::new(RxCaps::NONE);
+    let iss = h.establish(100_000);
+    let d = pattern(1000);
+    let out = h.data(iss, &d);
+    assert_eq!(h.sock.written, d);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].ack, GISN + 1 + 1000);
+    h.gseq += 1000;
+    // The socket takes only 300 of the next 1000: only 300 are acknowledged.
+    h.sock.space = 300;
+    let d2 = pattern(1000);
+    let out = h.data(iss, &d2);
+    assert_eq!(h.sock.written.len(), 1300);
+    assert_eq!(out.last().unwrap().ack, GISN + 1 + 1300);
+    // The socket drains; the window update comes with three duplicates, so the guest resends
+    // the 700 bytes at once instead of on its RTO.
+    h.sock.space = 100_000;
+    h.flow().set_host_send_space(100_000);
+    let out = h.drain();
+    assert_eq!(out.len(), 4, "{out:?}");
+    assert!(out.iter().all(|o| o.ack == GISN + 1 + 1300 && o.payload.is_empty()));
+    assert_eq!(out[0].window as u32, 100_000 >> tcp::WSCALE);
+    // The guest resends from the ACK: the rest goes through.
+    h.gseq += 300;
+    h.data(iss, &d2[300..]);
+    assert_eq!(h.sock.written[1000..], d2[..]);
+}
+
+#[test]
+fn window_follows_the_host_send_space() {
+    let mut h = H::new(RxCaps::NONE);
+    let iss = h.establish(50_000);
+    let out = h.data(iss, &pattern(10));
+    assert_eq!(out[0].window as u32, (50_000 - 10) >> tcp::WSCALE);
+    h.gseq += 10;
+    // The socket's buffer fills: the window closes.
+    h.sock.space = 0;
+    h.flow().set_host_send_space(0);
+    let out = h.data(iss, &pattern(100));
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].window, 0, "zero window");
+    assert_eq!(h.sock.written.len(), 10, "nothing more written");
+    // The guest's zero-window probe: taken by nobody, answered with the same ACK.
+    let out = h.data(iss, &[1]);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].ack, GISN + 1 + 10);
+    assert_eq!(out[0].window, 0);
+    assert_eq!(h.sock.written.len(), 10);
+    // Space again: the guest hears at once.
+    h.sock.space = 80_000;
+    h.flow().set_host_send_space(80_000);
+    let out = h.drain();
+    assert!(!out.is_empty());
+    assert_eq!(out[0].window as u32, 80_000 >> tcp::WSCALE);
+    h.data(iss, &pattern(100));
+    assert_eq!(h.sock.written.len(), 110);
+}
+
+#[test]
+fn data_beyond_the_offered_window_is_cut_and_counted() {
+    let mut h = H::new(RxCaps::NONE);
+    let iss = h.establish(1000);
+    // The SYN-ACK offered 1000 bytes (a SYN's window is not scaled).
+    h.sock.space = 100_000;
+    let out = h.data(iss, &pattern(2000));
+    assert_eq!(h.sock.written.len(), 1000);
+    assert_eq!(out.last().unwrap().ack, GISN + 1 + 1000);
+    assert_eq!(out.last().unwrap().window, 0);
+    assert_eq!(h.table.counters().dropped(Drop::BeyondWindow), 1);
+    // Entirely past the edge: nothing taken, the same ACK again.
+    h.gseq += 1000;
+    let out = h.data(iss, &pattern(10));
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].ack, GISN + 1 + 1000);
+    assert_eq!(h.sock.written.len(), 1000);
+    assert_eq!(h.table.counters().dropped(Drop::BeyondWindow), 2);
+}
+
+#[test]
+fn host_data_is_peeked_and_discarded_when_the_guest_acks() {
+    let mut h = H::new(RxCaps::NONE);
+    let iss = h.establish(100_000);
+    let data = pattern(5000);
+    h.sock.peeks.clear();
+    h.sock.rx = data.clone();
+    let out = h.drain();
+    // MSS-sized segments (the guest's MSS, 1460) until the socket is empty.
+    let sizes: Vec<usize> = out.iter().map(|o| o.payload.len()).collect();
+    assert_eq!(sizes, vec![1460, 1460, 1460, 620]);
+    assert!(out.iter().all(|o| o.vnet == VnetHeader::default()), "complete checksums, no GSO");
+    let got: Vec<u8> = out.iter().flat_map(|o| o.payload.clone()).collect();
+    assert_eq!(got, data);
+    assert_eq!(out[1].seq, iss + 1460);
+    assert_eq!(&h.sock.peeks[..4], &[0, 1460, 2920, 4380]);
+    assert_eq!(h.flow().peek_offset(), 5000);
+    // Nothing was consumed from the socket before the guest acknowledged it.
+    assert_eq!(h.sock.rx.len(), 5000);
+    h.ack(iss + 2920, 2000);
+    assert_eq!(h.take_ops(), vec![HostOp::Discard(2920)]);
+    assert_eq!(h.sock.rx.len(), 2080);
+    assert_eq!(h.flow().peek_offset(), 2080);
+    h.ack(iss + 5000, 2000);
+    assert_eq!(h.take_ops(), vec![HostOp::Discard(2080)]);
+    assert!(h.sock.rx.is_empty());
+    assert_eq!(h.flow().peek_offset(), 0);
+}
+
+#[test]
+fn host_data_stops_at_the_guest_window() {
+    let mut h = H::new(RxCaps::NONE);
+    let iss = h.establish(100_000);
+    // A window of 3000 bytes (scaled by the guest's shift of 7: field 23 = 2944 bytes).
+    h.ack(iss, 23);
+    h.sock.rx = pattern(10_000);
+    let out = h.drain();
+    let total: usize = out.iter().map(|o| o.payload.len()).sum();
+    assert_eq!(total, 23 << 7);
+    assert!(!h.flow().wants_host_data());
+    let out = h.ack(iss + 1460, 23);
+    let more: usize = out.iter().map(|o| o.payload.len()).sum();
+    assert_eq!(more, 1460, "the window slid by what was acknowledged");
+}
+
+#[test]
+fn fast_retransmit_after_three_duplicate_acks() {
+    let mut h = H::new(RxCaps::NONE);
+    let iss = h.establish(100_000);
+    h.sock.rx = pattern(4 * 1460);
+    let out = h.drain();
+    assert_eq!(out.len(), 4);
+    // The second segment is lost: the guest acknowledges the first, then repeats that ACK.
+    assert!(h.ack(iss + 1460, 2000).is_empty());
+    assert!(h.ack(iss + 1460, 2000).is_empty());
+    assert!(h.ack(iss + 1460, 2000).is_empty());
+    let out = h.ack(iss + 1460, 2000);
+    assert!(!out.is_empty(), "third duplicate retransmits");
+    assert_eq!(out[0].seq, iss + 1460);
+    assert_eq!(out[0].payload, pattern(4 * 1460)[1460..2920]);
+    assert_eq!(out.len(), 3, "go-back-N: everything after the hole again");
+    assert_eq!(h.table.counters().fast_retransmits, 1);
+    // More duplicates of the same ACK do not start another round.
+    assert!(h.ack(iss + 1460, 2000).is_empty());
+    assert!(h.ack(iss + 1460, 2000).is_empty());
+    assert!(h.ack(iss + 1460, 2000).is_empty());
+    h.ack(iss + 4 * 1460, 2000);
+    assert_eq!(h.sock.rx.len(), 0);
+}
+
+#[test]
+fn retransmission_on_rto_with_backoff() {
+    let mut h = H::new(RxCaps::NONE);
+    let iss = h.establish(100_000);
+    h.sock.rx = pattern(1000);
+    let out = h.drain();
+    assert_eq!(out.len(), 1);
+    assert!(h.tick(999).is_empty());
+    let out = h.tick(1);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].seq, iss);
+    assert_eq!(out[0].payload, pattern(1000));
+    // Backed off: the next one after 2 s, not 1 s.
+    assert!(h.tick(1999).is_empty());
+    assert_eq!(h.tick(1).len(), 1);
+    assert_eq!(h.table.counters().rto_retransmits, 2);
+    // Progress ends it.
+    h.ack(iss + 1000, 2000);
+    assert!(h.tick(10_000).is_empty());
+}
+
+#[test]
+fn retries_exhausted_reset_both_sides() {
+    let mut h = H::with(RxCaps::NONE, TcpTableConfig { tcp: TcpConfig { max_retries: 2, ..TcpConfig::default() }, ..TcpTableConfig::default() });
+    h.establish(100_000);
+    h.sock.rx = pattern(100);
+    h.drain();
+    assert_eq!(h.tick(1000).len(), 1);
+    assert_eq!(h.tick(2000).len(), 1);
+    let out = h.tick(4000);
+    assert_eq!(out.len(), 1);
+    assert!(out[0].rst);
+    assert_eq!(h.take_ops(), vec![HostOp::Close { reset: true }]);
+}
+
+#[test]
+fn zero_window_from_the_guest_persists_then_resumes() {
+    let mut h = H::new(RxCaps::NONE);
+    let iss = h.establish(100_000);
+    h.ack(iss, 0);
+    h.sock.rx = pattern(3000);
+    assert!(h.drain().is_empty(), "no data into a zero window");
+    assert!(!h.flow().wants_host_data());
+    let probe = h.tick(1000);
+    assert_eq!(probe.len(), 1);
+    assert!(probe[0].payload.is_empty());
+    assert_eq!(probe[0].seq, iss.wrapping_sub(1), "a probe below the window makes the guest answer");
+    // The guest answers, still closed; the next probe backs off.
+    h.ack(iss, 0);
+    assert!(h.tick(1999).is_empty());
+    assert_eq!(h.tick(1).len(), 1);
+    assert_eq!(h.table.counters().persist_probes, 2);
+    // The window opens: data flows.
+    let out = h.ack(iss, 2000);
+    let total: usize = out.iter().map(|o| o.payload.len()).sum();
+    assert_eq!(total, 3000);
+}
+
+#[test]
+fn out_of_order_guest_data_gets_a_duplicate_ack_and_goes_nowhere() {
+    let mut h = H::new(RxCaps::NONE);
+    let iss = h.establish(100_000);
+    let out = h.seg(G { seq: GISN + 1 + 500, ack: Some(iss), window: 1000, ..G::default() }, &pattern(100));
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].ack, GISN + 1, "duplicate ACK for the hole");
+    assert!(h.sock.written.is_empty());
+    assert_eq!(h.table.counters().dropped(Drop::OutOfOrder), 1);
+}
+
+#[test]
+fn retransmitted_guest_data_is_acked_again_not_written_twice() {
+    let mut h = H::new(RxCaps::NONE);
+    let iss = h.establish(100_000);
+    let d = pattern(800);
+    h.data(iss, &d);
+    let out = h.data(iss, &d);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].ack, GISN + 1 + 800);
+    assert_eq!(h.sock.written, d);
+    assert_eq!(h.table.counters().guest_retransmits, 1);
+    // A partial overlap: only the new tail goes to the socket.
+    let mut more = d[400..].to_vec();
+    more.extend_from_slice(&pattern(200));
+    h.seg(G { seq: GISN + 1 + 400, ack: Some(iss), window: 1000, ..G::default() }, &more);
+    assert_eq!(h.sock.written.len(), 1000);
+    assert_eq!(h.sock.written[800..], pattern(200)[..]);
+}
+
+#[test]
+fn guest_fin_half_closes_then_host_finishes() {
+    let mut h = H::new(RxCaps::NONE);
+    let iss = h.establish(100_000);
+    h.gseq += 0;
+    let out = h.seg(G { seq: h.gseq, ack: Some(iss), fin: true, window: 1000, ..G::default() }, &pattern(10));
+    assert_eq!(h.sock.written.len(), 10);
+    assert_eq!(out.last().unwrap().ack, GISN + 1 + 11, "data and FIN acknowledged");
+    assert_eq!(h.take_ops(), vec![HostOp::ShutdownWrite]);
+    // The host side still talks.
+    h.sock.rx = pattern(300);
+    let out = h.drain();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].payload.len(), 300);
+    // The remote closes: no FIN before the guest acknowledged the data.
+    h.flow().host_eof();
+    assert!(h.drain().is_empty());
+    h.gseq += 11;
+    let out = h.ack(iss + 300, 2000);
+    assert_eq!(h.take_ops(), vec![HostOp::Discard(300)]);
+    assert_eq!(out.len(), 1);
+    assert!(out[0].fin);
+    assert_eq!(out[0].seq, iss + 300);
+    // The guest acknowledges our FIN: over, no TIME_WAIT here.
+    h.ack(iss + 301, 2000);
+    assert_eq!(h.take_ops(), vec![HostOp::Close { reset: false }]);
+    assert!(h.flow().is_done());
+}
+
+#[test]
+fn host_fin_first_then_guest_keeps_sending() {
+    let mut h = H::new(RxCaps::NONE);
+    let iss = h.establish(100_000);
+    h.sock.rx = pattern(100);
+    h.flow().host_eof();
+    let out = h.drain();
+    assert_eq!(out.len(), 1, "data, and no FIN while it is unacknowledged");
+    assert!(!out[0].fin);
+    let out = h.ack(iss + 100, 2000);
+    assert_eq!(out.len(), 1);
+    assert!(out[0].fin);
+    h.ack(iss + 101, 2000);
+    assert_eq!(h.take_ops(), vec![HostOp::Discard(100)]);
+    assert_eq!(h.flow().peek_offset(), 0, "our FIN, acknowledged, is no byte of the socket");
+    // Half-closed the other way: the guest still sends.
+    let out = h.data(iss + 101, &pattern(50));
+    assert_eq!(h.sock.written.len(), 50);
+    assert_eq!(out[0].ack, GISN + 1 + 50);
+    h.gseq += 50;
+    // The lost FIN is resent on the RTO... it was acknowledged, so nothing goes out.
+    assert!(h.tick(5000).is_empty());
+    h.seg(G { seq: h.gseq, ack: Some(iss + 101), fin: true, window: 1000, ..G::default() }, &[]);
+    assert_eq!(h.take_ops(), vec![HostOp::Close { reset: false }]);
+    assert!(h.flow().is_done());
+}
+
+#[test]
+fn our_fin_is_retransmitted() {
+    let mut h = H::new(RxCaps::NONE);
+    let iss = h.establish(100_000);
+    h.flow().host_eof();
+    let out = h.drain();
+    assert_eq!(out.len(), 1);
+    assert!(out[0].fin);
+    let out = h.tick(1000);
+    assert_eq!(out.len(), 1);
+    assert!(out[0].fin);
+    assert_eq!(out[0].seq, iss);
+}
+
+#[test]
+fn guest_rst_aborts_the_socket_and_a_blind_one_is_ignored() {
+    let mut h = H::new(RxCaps::NONE);
+    h.establish(100_000);
+    h.seg(G { seq: GISN + 1 + 10_000_000, rst: true, ..G::default() }, &[]);
+    assert!(h.take_ops().is_empty());
+    assert_eq!(h.table.counters().dropped(Drop::BadRst), 1);
+    h.seg(G { seq: GISN + 1, rst: true, ..G::default() }, &[]);
+    assert_eq!(h.take_ops(), vec![HostOp::Close { reset: true }]);
+    assert!(h.flow().is_done());
+}
+
+#[test]
+fn host_reset_resets_the_guest() {
+    let mut h = H::new(RxCaps::NONE);
+    let iss = h.establish(100_000);
+    h.flow().host_reset();
+    let out = h.drain();
+    assert_eq!(out.len(), 1);
+    assert!(out[0].rst);
+    assert_eq!(out[0].seq, iss);
+    assert_eq!(h.take_ops(), vec![HostOp::Close { reset: false }]);
+    assert!(h.flow().is_done());
+}
+
+#[test]
+fn idle_flows_are_reset() {
+    let mut h = H::new(RxCaps::NONE);
+    h.establish(100_000);
+    let out = h.tick(TcpConfig::default().idle_timeout_ms);
+    assert_eq!(out.len(), 1);
+    assert!(out[0].rst);
+    assert_eq!(h.take_ops(), vec![HostOp::Close { reset: true }]);
+    assert_eq!(h.table.counters().idle_timeouts, 1);
+}
+
+#[test]
+fn a_64k_tso_segment_from_the_guest_is_one_write() {
+    let mut h = H::new(RxCaps::FULL);
+    let iss = h.establish(1 << 20);
+    let d = pattern(64_000);
+    let mut f = gframe(G { seq: h.gseq, ack: Some(iss), window: 1000, ..G::default() }, &d);
+    // As a guest kernel hands a TSO frame over: a stale total length is allowed.
+    f[16..18].copy_from_slice(&[0, 0]);
+    let vnet = VnetHeader { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV4, hdr_len: 54, gso_size: 1448, csum_start: 34, csum_offset: 16, num_buffers: 0 };
+    let out = h.send(&f, &vnet);
+    assert_eq!(h.sock.writes, vec![64_000]);
+    assert_eq!(h.sock.written, d);
+    assert_eq!(out.last().unwrap().ack, GISN + 1 + 64_000);
+}
+
+#[test]
+fn host_data_to_a_tso_guest_goes_as_64k_frames() {
+    let mut h = H::new(RxCaps::FULL);
+    let iss = h.establish(100_000);
+    h.ack(iss, 8192); // 1 MiB window
+    let data = pattern(200_000);
+    h.sock.rx = data.clone();
+    let out = h.drain();
+    let sizes: Vec<usize> = out.iter().map(|o| o.payload.len()).collect();
+    assert_eq!(sizes, vec![65495, 65495, 65495, 3515]);
+    for o in &out {
+        assert_eq!(o.vnet.gso_type, GSO_TCPV4);
+        assert_eq!(o.vnet.gso_size, 1460);
+        assert_eq!(o.vnet.hdr_len, 54);
+        assert_eq!(o.vnet.flags, F_NEEDS_CSUM);
+    }
+    let got: Vec<u8> = out.iter().flat_map(|o| o.payload.clone()).collect();
+    assert_eq!(got, data);
+}
+
+#[test]
+fn host_data_to_a_csum_only_guest_is_mss_sized_with_partial_checksums() {
+    let caps = RxCaps { tso4: false, tso6: false, ..RxCaps::FULL };
+    let mut h = H::new(caps);
+    let iss = h.establish(100_000);
+    h.ack(iss, 8192);
+    h.sock.rx = pattern(10_000);
+    let out = h.drain();
+    assert!(out.iter().all(|o| o.payload.len() <= 1460 && o.vnet.gso_type == 0 && o.vnet.flags == F_NEEDS_CSUM));
+    assert_eq!(out.iter().map(|o| o.payload.len()).sum::<usize>(), 10_000);
+}
+
+#[test]
+fn share_per_guest_bounds_syn_floods_without_evicting() {
+    let cfg = TcpTableConfig { max_connections: 6, max_per_guest: 4, tcp: TcpConfig::default() };
+    let mut h = H::with(RxCaps::NONE, cfg);
+    for p in 0..4 {
+        let out = h.seg(G { seq: 1, syn: true, window: 100, sport: 1000 + p, ..G::default() }, &[]);
+        assert!(out.is_empty());
+    }
+    // The fifth SYN of this guest: RST, counted.
+    let mut out = vec![0u8; 128];
+    let f = gframe(G { seq: 77, syn: true, window: 100, sport: 2000, ..G::default() }, &[]);
+    match h.table.input(&f, &VnetHeader::default(), h.now, &mut out) {
+        Input::Reply(n, Drop::ShareExceeded) => {
+            let r = parse_out(&out[..n], VnetHeader::default());
+            assert!(r.rst);
+            assert_eq!(r.ack, 78);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.table.len(), 4);
+    assert_eq!(h.table.counters().dropped(Drop::ShareExceeded), 1);
+    // Another guest still gets in, up to the network's bound.
+    let other = [192, 168, 122, 11];
+    for p in 0..2 {
+        let f = gframe(G { seq: 1, syn: true, window: 100, sport: 3000 + p, src: Some(other), ..G::default() }, &[]);
+        assert!(matches!(h.table.input(&f, &VnetHeader::default(), h.now, &mut out), Input::Opened(_)));
+    }
+    let f = gframe(G { seq: 1, syn: true, window: 100, sport: 3002, src: Some(other), ..G::default() }, &[]);
+    assert!(matches!(h.table.input(&f, &VnetHeader::default(), h.now, &mut out), Input::Reply(_, Drop::TableFull)));
+    assert_eq!(h.table.len(), 6);
+    assert_eq!(h.table.guest_flows(std::net::IpAddr::V4(Ipv4Addr::from(GUEST_IP))), 4);
+    // A flow that ends frees its place in both bounds.
+    let id = h.table.get(&FlowKey { guest: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(GUEST_IP), 1000)), remote: remote() }).unwrap();
+    h.table.remove(id);
+    assert!(matches!(h.table.input(&f, &VnetHeader::default(), h.now, &mut out), Input::Opened(_)));
+}
+
+#[test]
+fn segments_for_no_flow_get_rst() {
+    let mut h = H::new(RxCaps::NONE);
+    let out = h.seg(G { seq: 5, ack: Some(999), window: 100, ..G::default() }, &pattern(10));
+    assert_eq!(out.len(), 1);
+    assert!(out[0].rst);
+    assert_eq!(out[0].seq, 999);
+    // Never a RST for a RST.
+    assert!(h.seg(G { seq: 5, rst: true, ..G::default() }, &[]).is_empty());
+    assert_eq!(h.table.counters().dropped(Drop::NoFlow), 2);
+}
+
+#[test]
+fn malformed_frames_are_counted_never_panic() {
+    let mut t = TcpTable::new(TcpTableConfig::default(), 1);
+    let mut out = vec![0u8; 128];
+    let good = gframe(G { seq: 1, syn: true, window: 100, opts: true, ..G::default() }, &[]);
+    let none = VnetHeader::default();
+    let mut cases: Vec<(Vec<u8>, Drop)> = Vec::new();
+    cases.push((good[..20].to_vec(), Drop::ShortFrame));
+    let mut f = good.clone();
+    f[12] = 0x86;
+    cases.push((f, Drop::NotIpv4));
+    let mut f = good.clone();
+    f[14] = 0x44; // IHL 16 bytes
+    cases.push((f, Drop::BadIpHeader));
+    let mut f = good.clone();
+    f[16..18].copy_from_slice(&9000u16.to_be_bytes()); // total length past the frame
+    cases.push((f, Drop::BadIpHeader));
+    let mut f = good.clone();
+    f[20] = 0x20; // more fragments (the header checksum is fixed below)
+    cases.push((f, Drop::Fragment));
+    let mut f = good.clone();
+    f[23] = 17;
+    cases.push((f, Drop::NotTcp));
+    let mut f = good.clone();
+    f[34 + 12] = 0xf0; // data offset 60, past the segment
+    cases.push((f, Drop::BadTcpHeader));
+    let mut f = good.clone();
+    f[34 + 12] = 0x40; // data offset 16
+    cases.push((f, Drop::BadTcpHeader));
+    let mut f = good.clone();
+    f[54] = 2;
+    f[55] = 40; // MSS option running past the options
+    cases.push((f, Drop::BadOptions));
+    let mut f = good.clone();
+    f[54] = 2;
+    f[55] = 3; // MSS option of the wrong length
+    cases.push((f, Drop::BadOptions));
+    let mut f = good.clone();
+    f[54] = 9;
+    f[55] = 1; // unknown option of length 1
+    cases.push((f, Drop::BadOptions));
+    let mut f = good.clone();
+    let n = f.len();
+    f[n - 1] = 30; // option kind with no length byte (last option byte after NOP padding)
+    f[n - 2] = 1;
+    f[n - 3] = 1;
+    f[n - 4] = 1;
+    f[n - 5] = 1;
+    f[n - 6] = 1;
+    f[n - 7] = 1;
+    f[n - 8] = 1;
+    cases.push((f, Drop::BadOptions));
+    for (i, (mut f, why)) in cases.into_iter().enumerate() {
+        if f.len() >= 34 && why != Drop::BadIpHeader {
+            // Keep the IP header checksum right so the case tests what it says.
+            f[24..26].copy_from_slice(&[0, 0]);
+            let c = finish(sum(&f[14..34], 0));
+            f[24..26].copy_from_slice(&c.to_be_bytes());
+        }
+        assert_eq!(t.input(&f, &none, 0, &mut out), Input::Dropped(why), "case {i}");
+    }
+    assert!(t.is_empty());
+    // Garbage of every length, and single-byte mutations of a good frame: no panic.
+    let mut x = 0x9e37_79b9u32;
+    let mut rnd = || {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        x
+    };
+    for len in 0..200 {
+        let f: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();
+        let _ = t.input(&f, &none, 0, &mut out);
+    }
+    for i in 0..good.len() {
+        for v in [0u8, 0xff, 0x5f] {
+            let mut f = good.clone();
+            f[i] = v;
+            if let Input::Opened(id) = t.input(&f, &none, 0, &mut out) {
+                t.remove(id);
+            }
+        }
+    }
+    assert!(t.counters().drops.iter().sum::<u64>() > 0);
+}
+
+#[test]
+fn data_before_the_handshake_and_without_ack_is_dropped() {
+    let mut h = H::new(RxCaps::NONE);
+    h.seg(G { seq: GISN, syn: true, window: 100, ..G::default() }, &[]);
+    h.seg(G { seq: GISN + 1, ack: Some(1), window: 100, ..G::default() }, &pattern(10));
+    assert!(h.sock.written.is_empty());
+    assert_eq!(h.table.counters().dropped(Drop::BadState), 1);
+    let iss = {
+        let now = h.now;
+        h.flow().set_host_send_space(1000);
+        h.flow().connected(now);
+        h.drain()[0].seq
+    };
+    // A wrong ACK of the SYN-ACK does not establish.
+    h.ack(iss + 7, 100);
+    assert_eq!(h.flow().state(), State::SynAckSent);
+    h.ack(iss + 1, 100);
+    assert_eq!(h.flow().state(), State::Established);
+    // An ACK of data never sent: answered, not believed.
+    let out = h.ack(iss + 5000, 100);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].seq, iss + 1);
+    assert!(h.take_ops().iter().all(|o| !matches!(o, HostOp::Discard(_))));
+    h.seg(G { seq: h.gseq, window: 100, ..G::default() }, &pattern(10));
+    assert_eq!(h.table.counters().dropped(Drop::NoAck), 1);
+}
+
+#[test]
+fn space_reported_late_is_announced_when_the_handshake_completes() {
+    let mut h = H::new(RxCaps::NONE);
+    h.seg(G { seq: GISN, syn: true, window: 64240, opts: true, ..G::default() }, &[]);
+    let now = h.now;
+    h.flow().connected(now);
+    let sa = h.drain();
+    assert_eq!(sa[0].window, 0, "no space reported yet");
+    h.flow().set_host_send_space(1 << 20);
+    assert!(h.drain().is_empty(), "nothing to say before the handshake completes");
+    let out = h.ack(sa[0].seq + 1, 2000);
+    assert_eq!(out.len(), 1, "a window update right after the handshake");
+    assert_eq!(out[0].window as u32, (1 << 20) >> tcp::WSCALE);
+}
+
+#[test]
+fn a_new_syn_replaces_a_finished_flow_on_the_same_ports() {
+    let mut h = H::new(RxCaps::NONE);
+    h.establish(100_000);
+    h.seg(G { seq: GISN + 1, rst: true, ..G::default() }, &[]);
+    assert!(h.flow().is_done());
+    // The I/O layer has not removed it yet; the guest connects again from the same port.
+    let old = h.id;
+    let out = h.seg(G { seq: 50_000, syn: true, window: 64240, ..G::default() }, &[]);
+    assert!(out.is_empty());
+    assert_eq!(h.take_ops(), vec![HostOp::Close { reset: true }, HostOp::Connect(remote())]);
+    assert_eq!(h.id, old, "the slot is reused");
+    assert_eq!(h.flow().state(), State::Connecting);
+    assert_eq!(h.table.len(), 1);
+}
+
+#[test]
+fn a_window_closed_over_data_in_flight_is_probed_not_aborted() {
+    let mut h = H::with(RxCaps::NONE, TcpTableConfig { tcp: TcpConfig { max_retries: 2, ..TcpConfig::default() }, ..TcpTableConfig::default() });
+    let iss = h.establish(100_000);
+    h.sock.rx = pattern(3000);
+    assert_eq!(h.drain().len(), 3);
+    // The guest takes nothing more: its window closes with all of it unacknowledged.
+    h.ack(iss, 0);
+    let mut dt = 1000;
+    for _ in 0..6 {
+        let out = h.tick(dt);
+        assert_eq!(out.len(), 1, "a probe, not a RST");
+        assert!(!out[0].rst && out[0].payload.is_empty());
+        h.ack(iss, 0);
+        dt = (dt * 2).min(60_000);
+    }
+    assert!(h.take_ops().is_empty());
+    // The window opens: everything goes again from the socket.
+    let out = h.ack(iss, 2000);
+    assert_eq!(out.iter().map(|o| o.payload.len()).sum::<usize>(), 3000);
+    assert_eq!(out[0].seq, iss);
+}

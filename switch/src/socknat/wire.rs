@@ -1,0 +1,373 @@
+//! The Ethernet and IPv4 layers of socket NAT: a defensive parse of the TCP and UDP frames a
+//! guest sends, and builders that write the frames going back to it into buffers the caller
+//! owns. Addresses travel as `SocketAddr` so the flow logic above does not care about the IP
+//! version; only this module knows IPv4, and IPv6 (issue 14) adds its own parse and builders.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use super::{Drop, FlowKey};
+use crate::checksum::{finish, pseudo_v4, sum};
+use crate::proto::{ETH_P_IPV4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+use crate::vnet::{VnetHeader, F_NEEDS_CSUM, GSO_TCPV4};
+use crate::Mac;
+
+pub const ETH_LEN: usize = 14;
+pub const IPV4_LEN: usize = 20;
+pub const TCP_LEN: usize = 20;
+pub const UDP_LEN: usize = 8;
+/// Ethernet + IPv4 + TCP without options: where the payload of a data frame starts.
+pub const TCP_FRAME_HDR: usize = ETH_LEN + IPV4_LEN + TCP_LEN;
+/// Ethernet + IPv4 + UDP.
+pub const UDP_FRAME_HDR: usize = ETH_LEN + IPV4_LEN + UDP_LEN;
+/// The largest IP packet: a frame to a guest never carries more than this after Ethernet.
+pub const MAX_IP_PACKET: usize = 65535;
+
+pub const FIN: u8 = 0x01;
+pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
+pub const PSH: u8 = 0x08;
+pub const ACK: u8 = 0x10;
+
+/// The two MAC addresses of every frame to a guest: the guest's (learnt from its SYN or first
+/// datagram) and the gateway's, since every NATed peer is off-link, behind the gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub guest_mac: Mac,
+    pub gw_mac: Mac,
+}
+
+/// A TCP segment from a guest, with every offset checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSegment<'a> {
+    pub link: Link,
+    /// The guest's end.
+    pub src: SocketAddr,
+    /// The remote end the guest wants.
+    pub dst: SocketAddr,
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+    pub window: u16,
+    /// Options, as found (only a SYN's matter).
+    pub mss: Option<u16>,
+    pub wscale: Option<u8>,
+    pub payload: &'a [u8],
+}
+
+impl TcpSegment<'_> {
+    pub fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+
+    /// Sequence space the segment occupies: payload, plus one each for SYN and FIN.
+    pub fn seq_len(&self) -> u32 {
+        self.payload.len() as u32 + self.has(SYN) as u32 + self.has(FIN) as u32
+    }
+}
+
+/// A UDP datagram from a guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpDatagram<'a> {
+    pub link: Link,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub payload: &'a [u8],
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Ethernet and IPv4 of a guest frame: the link, the addresses, the protocol and the transport
+/// bytes (trimmed to the IP total length, which drops Ethernet padding). `gso`: a TSO frame,
+/// whose total length field the guest may leave stale (the kernel fixes it per segment), so
+/// the frame length counts and the header checksum is not checked.
+fn parse_ipv4(frame: &[u8], gso: bool) -> Result<(Link, Ipv4Addr, Ipv4Addr, u8, &[u8]), Drop> {
+    if frame.len() < ETH_LEN + IPV4_LEN {
+        return Err(Drop::ShortFrame);
+    }
+    if be16(frame, 12) != ETH_P_IPV4 {
+        return Err(Drop::NotIpv4);
+    }
+    let link = Link { guest_mac: crate::src_mac(frame), gw_mac: crate::dst_mac(frame) };
+    let ip = &frame[ETH_LEN..];
+    if ip[0] >> 4 != 4 {
+        return Err(Drop::BadIpHeader);
+    }
+    let ihl = (ip[0] & 0xf) as usize * 4;
+    let total = if gso { ip.len() } else { be16(ip, 2) as usize };
+    if ihl < IPV4_LEN || total < ihl || total > ip.len() {
+        return Err(Drop::BadIpHeader);
+    }
+    if !gso && finish(sum(&ip[..ihl], 0)) != 0 {
+        return Err(Drop::BadIpHeader);
+    }
+    // Fragments: the transport header is absent or incomplete, and socket NAT has nothing to
+    // reassemble them with; guests send DF segments anyway.
+    if be16(ip, 6) & 0x3fff != 0 {
+        return Err(Drop::Fragment);
+    }
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    Ok((link, src, dst, ip[9], &ip[ihl..total]))
+}
+
+/// Parses a guest frame as IPv4 TCP. `hdr` is the frame's virtio-net header (already validated
+/// by the port): a TSO frame's length comes from the frame. The TCP checksum is not verified:
+/// a guest that corrupts its own segments only hurts itself, and verifying would cost a pass
+/// over every 64 KiB TSO frame.
+pub fn parse_tcp<'a>(frame: &'a [u8], hdr: &VnetHeader) -> Result<TcpSegment<'a>, Drop> {
+    let (link, src, dst, proto, l4) = parse_ipv4(frame, hdr.is_gso())?;
+    if proto != IPPROTO_TCP {
+        return Err(Drop::NotTcp);
+    }
+    if l4.len() < TCP_LEN {
+        return Err(Drop::BadTcpHeader);
+    }
+    let doff = (l4[12] >> 4) as usize * 4;
+    if doff < TCP_LEN || doff > l4.len() {
+        return Err(Drop::BadTcpHeader);
+    }
+    let (mut mss, mut wscale) = (None, None);
+    let opts = &l4[TCP_LEN..doff];
+    let mut i = 0;
+    while i < opts.len() {
+        match opts[i] {
+            0 => break,
+            1 => i += 1,
+            kind => {
+                let len = *opts.get(i + 1).ok_or(Drop::BadOptions)? as usize;
+                if len < 2 || i + len > opts.len() {
+                    return Err(Drop::BadOptions);
+                }
+                match (kind, len) {
+                    (2, 4) => mss = Some(be16(opts, i + 2)),
+                    (3, 3) => wscale = Some(opts[i + 2]),
+                    (2, _) | (3, _) => return Err(Drop::BadOptions),
+                    _ => {}
+                }
+                i += len;
+            }
+        }
+    }
+    Ok(TcpSegment {
+        link,
+        src: SocketAddr::V4(SocketAddrV4::new(src, be16(l4, 0))),
+        dst: SocketAddr::V4(SocketAddrV4::new(dst, be16(l4, 2))),
+        seq: be32(l4, 4),
+        ack: be32(l4, 8),
+        flags: l4[13] & 0x3f,
+        window: be16(l4, 14),
+        mss,
+        wscale,
+        payload: &l4[doff..],
+    })
+}
+
+/// Parses a guest frame as IPv4 UDP (the UDP length field must fit the packet).
+pub fn parse_udp<'a>(frame: &'a [u8], hdr: &VnetHeader) -> Result<UdpDatagram<'a>, Drop> {
+    if hdr.is_gso() {
+        // vunet never offers HOST_UFO: a UDP GSO frame is a broken or hostile guest.
+        return Err(Drop::BadUdpHeader);
+    }
+    let (link, src, dst, proto, l4) = parse_ipv4(frame, false)?;
+    if proto != IPPROTO_UDP {
+        return Err(Drop::NotUdp);
+    }
+    if l4.len() < UDP_LEN {
+        return Err(Drop::BadUdpHeader);
+    }
+    let len = be16(l4, 4) as usize;
+    if len < UDP_LEN || len > l4.len() {
+        return Err(Drop::BadUdpHeader);
+    }
+    Ok(UdpDatagram {
+        link,
+        src: SocketAddr::V4(SocketAddrV4::new(src, be16(l4, 0))),
+        dst: SocketAddr::V4(SocketAddrV4::new(dst, be16(l4, 2))),
+        payload: &l4[UDP_LEN..len],
+    })
+}
+
+/// How the transport checksum of a built frame is finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Csum {
+    /// Computed here: the guest did not negotiate GUEST_CSUM.
+    Full,
+    /// Only the pseudo-header sum; the header says NEEDS_CSUM and the guest (or its NIC model)
+    /// finishes it, which saves a pass over the payload.
+    Partial,
+    /// A TSO frame for a guest that negotiated GUEST_TSO4, cut by the guest at this MSS.
+    Gso(u16),
+}
+
+/// Writes Ethernet and an IPv4 header (no options, DF, TTL 64) at the start of `buf`, which the
+/// caller made at least `ETH_LEN + IPV4_LEN` long. `l4_len` fits in an IP packet.
+fn write_eth_ipv4(buf: &mut [u8], link: &Link, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4_len: usize, id: u16) {
+    buf[0..6].copy_from_slice(&link.guest_mac);
+    buf[6..12].copy_from_slice(&link.gw_mac);
+    buf[12..14].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
+    let ip = &mut buf[ETH_LEN..ETH_LEN + IPV4_LEN];
+    ip[0] = 0x45;
+    ip[1] = 0;
+    ip[2..4].copy_from_slice(&((IPV4_LEN + l4_len) as u16).to_be_bytes());
+    ip[4..6].copy_from_slice(&id.to_be_bytes());
+    ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[10..12].copy_from_slice(&[0, 0]);
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let c = finish(sum(ip, 0));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+}
+
+fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
+    match a {
+        SocketAddr::V4(a) => Some(a),
+        SocketAddr::V6(_) => None,
+    }
+}
+
+/// The TCP header fields of a segment to a guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpOut {
+    /// The remote end (the segment's source).
+    pub from: SocketAddr,
+    /// The guest's end.
+    pub to: SocketAddr,
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+    pub window: u16,
+}
+
+/// Builds a TCP frame to a guest in `buf`: headers, then `opts` (a multiple of 4 bytes), then
+/// `payload_len` bytes the caller already placed at `TCP_FRAME_HDR + opts.len()`. Returns the
+/// frame length and its virtio-net header, or None when the buffer is too short, the packet
+/// too large, or the addresses are not IPv4.
+pub fn write_tcp(buf: &mut [u8], link: &Link, h: &TcpOut, opts: &[u8], payload_len: usize, id: u16, csum: Csum) -> Option<(usize, VnetHeader)> {
+    let (from, to) = (v4(h.from)?, v4(h.to)?);
+    let l4_len = TCP_LEN + opts.len() + payload_len;
+    let len = ETH_LEN + IPV4_LEN + l4_len;
+    if !opts.len().is_multiple_of(4) || opts.len() > 40 || IPV4_LEN + l4_len > MAX_IP_PACKET || buf.len() < len {
+        return None;
+    }
+    write_eth_ipv4(buf, link, *from.ip(), *to.ip(), IPPROTO_TCP, l4_len, id);
+    let t = &mut buf[ETH_LEN + IPV4_LEN..len];
+    t[0..2].copy_from_slice(&from.port().to_be_bytes());
+    t[2..4].copy_from_slice(&to.port().to_be_bytes());
+    t[4..8].copy_from_slice(&h.seq.to_be_bytes());
+    t[8..12].copy_from_slice(&h.ack.to_be_bytes());
+    t[12] = (((TCP_LEN + opts.len()) / 4) as u8) << 4;
+    t[13] = h.flags;
+    t[14..16].copy_from_slice(&h.window.to_be_bytes());
+    t[16..20].copy_from_slice(&[0, 0, 0, 0]);
+    t[TCP_LEN..TCP_LEN + opts.len()].copy_from_slice(opts);
+    let pseudo = pseudo_v4(&from.ip().octets(), &to.ip().octets(), IPPROTO_TCP, l4_len as u16);
+    let csum_start = (ETH_LEN + IPV4_LEN) as u16;
+    let mut vh = VnetHeader::default();
+    match csum {
+        Csum::Full => {
+            let c = finish(sum(t, pseudo));
+            t[16..18].copy_from_slice(&c.to_be_bytes());
+        }
+        Csum::Partial | Csum::Gso(_) => {
+            t[16..18].copy_from_slice(&(!finish(pseudo)).to_be_bytes());
+            vh.flags = F_NEEDS_CSUM;
+            vh.csum_start = csum_start;
+            vh.csum_offset = 16;
+            if let Csum::Gso(mss) = csum {
+                vh.gso_type = GSO_TCPV4;
+                vh.gso_size = mss;
+                vh.hdr_len = (ETH_LEN + IPV4_LEN + TCP_LEN + opts.len()) as u16;
+            }
+        }
+    }
+    Some((len, vh))
+}
+
+/// Builds a UDP frame to a guest: `payload_len` bytes already at `UDP_FRAME_HDR`. The checksum
+/// is always complete (datagrams are at most one MTU; not worth a second code path).
+pub fn write_udp(buf: &mut [u8], link: &Link, from: SocketAddr, to: SocketAddr, payload_len: usize, id: u16) -> Option<usize> {
+    let (from, to) = (v4(from)?, v4(to)?);
+    let l4_len = UDP_LEN + payload_len;
+    let len = ETH_LEN + IPV4_LEN + l4_len;
+    if IPV4_LEN + l4_len > MAX_IP_PACKET || buf.len() < len {
+        return None;
+    }
+    write_eth_ipv4(buf, link, *from.ip(), *to.ip(), IPPROTO_UDP, l4_len, id);
+    let u = &mut buf[ETH_LEN + IPV4_LEN..len];
+    u[0..2].copy_from_slice(&from.port().to_be_bytes());
+    u[2..4].copy_from_slice(&to.port().to_be_bytes());
+    u[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+    u[6..8].copy_from_slice(&[0, 0]);
+    let pseudo = pseudo_v4(&from.ip().octets(), &to.ip().octets(), IPPROTO_UDP, l4_len as u16);
+    let c = match finish(sum(u, pseudo)) {
+        0 => 0xffff,
+        c => c,
+    };
+    u[6..8].copy_from_slice(&c.to_be_bytes());
+    Some(len)
+}
+
+/// Builds an ICMP destination unreachable (`code`) to the guest about its TCP or UDP packet
+/// of `flow` (guest to remote), sent as if by the remote end. The quoted packet is rebuilt from
+/// what the flow kept (IP header and the first 8 transport bytes: ports and, for TCP, the
+/// sequence number), which is all a guest stack needs to find the socket the error is for.
+pub fn write_icmp_unreach(buf: &mut [u8], link: &Link, flow: &FlowKey, proto: u8, seq: u32, code: u8, id: u16) -> Option<usize> {
+    let (g, r) = (v4(flow.guest)?, v4(flow.remote)?);
+    let quote_len = IPV4_LEN + 8;
+    let l4_len = 8 + quote_len;
+    let len = ETH_LEN + IPV4_LEN + l4_len;
+    if buf.len() < len {
+        return None;
+    }
+    write_eth_ipv4(buf, link, *r.ip(), *g.ip(), IPPROTO_ICMP, l4_len, id);
+    let icmp = &mut buf[ETH_LEN + IPV4_LEN..len];
+    icmp[0] = 3;
+    icmp[1] = code;
+    icmp[2..8].copy_from_slice(&[0; 6]);
+    // The quoted packet: the guest's original, as far as it matters.
+    let mut q = [0u8; 28];
+    q[0] = 0x45;
+    let orig_len: u16 = if proto == IPPROTO_TCP { 40 } else { 28 };
+    q[2..4].copy_from_slice(&orig_len.to_be_bytes());
+    q[6] = 0x40;
+    q[8] = 64;
+    q[9] = proto;
+    q[12..16].copy_from_slice(&g.ip().octets());
+    q[16..20].copy_from_slice(&r.ip().octets());
+    let c = finish(sum(&q[..20], 0));
+    q[10..12].copy_from_slice(&c.to_be_bytes());
+    q[20..22].copy_from_slice(&g.port().to_be_bytes());
+    q[22..24].copy_from_slice(&r.port().to_be_bytes());
+    if proto == IPPROTO_TCP {
+        q[24..28].copy_from_slice(&seq.to_be_bytes());
+    } else {
+        q[24..26].copy_from_slice(&8u16.to_be_bytes());
+    }
+    icmp[8..].copy_from_slice(&q);
+    let c = finish(sum(icmp, 0));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    Some(len)
+}
+
+/// The RST that answers a guest segment no flow takes (no flow, or a SYN over the bounds), as
+/// RFC 793 words it: if the segment had ACK, the RST takes its sequence number from that ACK;
+/// otherwise it acknowledges the segment. Never an answer to a RST.
+pub fn write_rst_reply(buf: &mut [u8], seg: &TcpSegment, id: u16) -> Option<usize> {
+    if seg.has(RST) {
+        return None;
+    }
+    let h = if seg.has(ACK) {
+        TcpOut { from: seg.dst, to: seg.src, seq: seg.ack, ack: 0, flags: RST, window: 0 }
+    } else {
+        TcpOut { from: seg.dst, to: seg.src, seq: 0, ack: seg.seq.wrapping_add(seg.seq_len()), flags: RST | ACK, window: 0 }
+    };
+    write_tcp(buf, &seg.link, &h, &[], 0, id, Csum::Full).map(|(n, _)| n)
+}

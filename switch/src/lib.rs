@@ -10,6 +10,8 @@
 //! - [`checksum`]: the Internet checksum.
 //! - [`ledger`]: eviction order with per-port quotas for the bounded tables (MAC table,
 //!   firewall flows, ARP neighbours).
+//! - [`socknat`]: NAT through the host's own sockets: the TCP splice and UDP flows between a
+//!   guest's frames and host sockets that an I/O layer drives (docs/socket-nat.md).
 
 pub mod arp;
 pub mod checksum;

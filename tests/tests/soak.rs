@@ -217,7 +217,8 @@ fn vunet_stays_flat_under_traffic_dhcp_port_churn_captures_and_reloads() {
             }
             Some(c) => cap = Some(c),
             None if second % 20 == 5 && runs("capture") => {
-                cap = Some(capture(&ctl, &d.join(format!("cap{second}.pcap"))));
+                // To /dev/null: five seconds of both streams are gigabytes of pcap.
+                cap = Some(capture(&ctl, Path::new("/dev/null")));
                 captures += 1;
             }
             None => {}

@@ -17,7 +17,11 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = udp_datagram(data, 67);
     let _ = udp_datagram(data, 53);
-    let _ = port_security::check(&data[..data.len().min(port_security::HEADER_BYTES)], &[0x52, 0x54, 0, 0, 0, 1], Some(Ipv4Addr::new(192, 168, 122, 5)));
+    // Port security with and without a lease, other guests holding the odd addresses.
+    let head = &data[..data.len().min(port_security::HEADER_BYTES)];
+    let taken = |ip: Ipv4Addr| ip.octets()[3] % 2 == 1;
+    let _ = port_security::check(head, &[0x52, 0x54, 0, 0, 0, 1], Some(Ipv4Addr::new(192, 168, 122, 5)), taken);
+    let _ = port_security::check(head, &[0x52, 0x54, 0, 0, 0, 1], None, taken);
     if data.len() > 12 {
         let hdr = VnetHeader::parse(&data[..12]);
         let frame = &data[12..];

@@ -327,16 +327,7 @@ impl TcpTable {
         // Steps far apart so consecutive flows of one guest do not overlap in sequence space.
         self.isn = self.isn.wrapping_add(0x0101_0ab7u32.wrapping_mul(7).wrapping_add(now as u32 & 0xffff));
         let flow = TcpFlow::new(self.cfg.tcp, syn, self.isn, now);
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.slots[id] = Some(flow);
-                id
-            }
-            None => {
-                self.slots.push(Some(flow));
-                self.slots.len() - 1
-            }
-        };
+        let id = place(&mut self.slots, &mut self.free, flow);
         self.by_key.insert(key, id);
         *self.per_guest.entry(key.guest.ip()).or_insert(0) += 1;
         self.live += 1;
@@ -374,3 +365,18 @@ impl TcpTable {
 
 #[cfg(test)]
 mod tests;
+
+/// Puts `v` in a free slot (one a finished flow left), else in a new one; returns its index,
+/// the flow's id. Ids are reused, so the tables never grow past their high-water mark.
+pub(crate) fn place<T>(slots: &mut Vec<Option<T>>, free: &mut Vec<usize>, v: T) -> usize {
+    match free.pop() {
+        Some(id) => {
+            slots[id] = Some(v);
+            id
+        }
+        None => {
+            slots.push(Some(v));
+            slots.len() - 1
+        }
+    }
+}

@@ -100,16 +100,7 @@ impl UdpTable {
         } else {
             let idle_ms = if d.dst.port() == 53 { self.cfg.dns_idle_ms } else { self.cfg.idle_ms };
             let flow = Flow { key, link: d.link, last_ms: now, idle_ms };
-            let id = match self.free.pop() {
-                Some(id) => {
-                    self.slots[id] = Some(flow);
-                    id
-                }
-                None => {
-                    self.slots.push(Some(flow));
-                    self.slots.len() - 1
-                }
-            };
+            let id = super::place(&mut self.slots, &mut self.free, flow);
             self.by_key.insert(key, id);
             *self.per_guest.entry(d.src.ip()).or_insert(0) += 1;
             self.live += 1;

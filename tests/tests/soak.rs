@@ -246,7 +246,10 @@ fn vunet_stays_flat_under_traffic_dhcp_port_churn_captures_and_reloads() {
 
     let out = client.console.text();
     println!("soak report: {secs} s; {added} ports added and removed, {captures} captures, {reloads} SIGHUPs, {} DHCP lease/release cycles ({} exchanges unanswered)", cycles.load(Ordering::Relaxed), failures.load(Ordering::Relaxed));
-    println!("  per {}: vunet's anonymous memory lowest / highest (KiB), RSS highest, open descriptors fewest / most", if secs >= 300 { "minute" } else { "10 s" });
+    println!(
+        "  per {}: vunet's anonymous memory lowest / highest (KiB), RSS highest, open descriptors fewest / most",
+        if secs >= 300 { "minute" } else { "10 s" }
+    );
     let step = if secs >= 300 { 60 } else { 10 };
     for from in (0..secs).step_by(step as usize) {
         let w: Vec<_> = samples.iter().filter(|s| s.0 >= from && s.0 < from + step).collect();

@@ -234,7 +234,17 @@ impl TcpTable {
     /// guard nothing here but the guest from itself (the remote end sees the host kernel's),
     /// so a seeded, stepping counter is enough.
     pub fn new(cfg: TcpTableConfig, isn_seed: u32) -> TcpTable {
-        TcpTable { cfg, slots: Vec::new(), free: Vec::new(), by_key: HashMap::new(), per_guest: HashMap::new(), live: 0, counters: Counters::default(), isn: isn_seed, ip_id: 0 }
+        TcpTable {
+            cfg,
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_key: HashMap::new(),
+            per_guest: HashMap::new(),
+            live: 0,
+            counters: Counters::default(),
+            isn: isn_seed,
+            ip_id: 0,
+        }
     }
 
     pub fn len(&self) -> usize {

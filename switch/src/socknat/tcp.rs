@@ -291,7 +291,11 @@ impl TcpFlow {
 
     /// The flow is closed and has nothing left to say: remove it.
     pub fn is_done(&self) -> bool {
-        self.state == State::Closed && !self.rst_pending && self.icmp_pending.is_none() && self.close_pending.is_none() && !self.connect_pending
+        self.state == State::Closed
+            && !self.rst_pending
+            && self.icmp_pending.is_none()
+            && self.close_pending.is_none()
+            && !self.connect_pending
     }
 
     /// The earliest time [`TcpFlow::tick`] has something to do.
@@ -504,7 +508,8 @@ impl TcpFlow {
             self.dupacks = 0;
             self.retries = 0;
             self.rto = self.cfg.rto_ms;
-            self.rto_at = if self.snd_nxt != self.snd_una || self.snd_max != self.snd_una { Some(now.saturating_add(self.rto)) } else { None };
+            self.rto_at =
+                if self.snd_nxt != self.snd_una || self.snd_max != self.snd_una { Some(now.saturating_add(self.rto)) } else { None };
         } else if ack == self.snd_una && seg.payload.is_empty() && !seg.has(FIN) && wnd == self.snd_wnd && self.snd_max != self.snd_una {
             self.dupacks = self.dupacks.saturating_add(1);
             if self.dupacks == DUPACK_THRESHOLD && le(self.recover, self.snd_una) {
@@ -727,7 +732,16 @@ impl TcpFlow {
         if let Some(code) = self.icmp_pending.take() {
             let id = self.next_id();
             let vnet = VnetHeader::default();
-            return wire::write_icmp_unreach(buf, &self.link, &FlowKey { guest: self.guest, remote: self.remote }, IPPROTO_TCP, self.irs, code, id).map(|len| TxFrame { len, vnet });
+            return wire::write_icmp_unreach(
+                buf,
+                &self.link,
+                &FlowKey { guest: self.guest, remote: self.remote },
+                IPPROTO_TCP,
+                self.irs,
+                code,
+                id,
+            )
+            .map(|len| TxFrame { len, vnet });
         }
         match self.state {
             State::Connecting | State::Closed => return None,

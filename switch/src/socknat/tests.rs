@@ -115,7 +115,19 @@ fn parse_out(frame: &[u8], vnet: VnetHeader) -> Out {
         Some(TransportSlice::Icmpv4(i)) => {
             assert_eq!(finish(sum(&f[34..], 0)), 0, "ICMP checksum");
             let b = i.slice();
-            Out { seq: 0, ack: 0, syn: false, fin: false, rst: false, window: 0, payload: b[8..].to_vec(), vnet, mss: None, wscale: None, icmp: Some((b[0], b[1])) }
+            Out {
+                seq: 0,
+                ack: 0,
+                syn: false,
+                fin: false,
+                rst: false,
+                window: 0,
+                payload: b[8..].to_vec(),
+                vnet,
+                mss: None,
+                wscale: None,
+                icmp: Some((b[0], b[1])),
+            }
         }
         _ => panic!("unexpected transport"),
     }
@@ -177,7 +189,16 @@ impl H {
     }
 
     fn with(caps: RxCaps, cfg: TcpTableConfig) -> H {
-        H { table: TcpTable::new(cfg, 0x1234_5678), id: usize::MAX, sock: Sock::default(), caps, now: 1000, ops: Vec::new(), buf: vec![0; 65536 + 64], gseq: GISN + 1 }
+        H {
+            table: TcpTable::new(cfg, 0x1234_5678),
+            id: usize::MAX,
+            sock: Sock::default(),
+            caps,
+            now: 1000,
+            ops: Vec::new(),
+            buf: vec![0; 65536 + 64],
+            gseq: GISN + 1,
+        }
     }
 
     fn flow(&mut self) -> &mut tcp::TcpFlow {
@@ -549,7 +570,8 @@ fn retransmission_on_rto_with_backoff() {
 
 #[test]
 fn retries_exhausted_reset_both_sides() {
-    let mut h = H::with(RxCaps::NONE, TcpTableConfig { tcp: TcpConfig { max_retries: 2, ..TcpConfig::default() }, ..TcpTableConfig::default() });
+    let mut h =
+        H::with(RxCaps::NONE, TcpTableConfig { tcp: TcpConfig { max_retries: 2, ..TcpConfig::default() }, ..TcpTableConfig::default() });
     h.establish(100_000);
     h.sock.rx = pattern(100);
     h.drain();
@@ -728,7 +750,15 @@ fn a_64k_tso_segment_from_the_guest_is_one_write() {
     let mut f = gframe(G { seq: h.gseq, ack: Some(iss), window: 1000, ..G::default() }, &d);
     // As a guest kernel hands a TSO frame over: a stale total length is allowed.
     f[16..18].copy_from_slice(&[0, 0]);
-    let vnet = VnetHeader { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV4, hdr_len: 54, gso_size: 1448, csum_start: 34, csum_offset: 16, num_buffers: 0 };
+    let vnet = VnetHeader {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_TCPV4,
+        hdr_len: 54,
+        gso_size: 1448,
+        csum_start: 34,
+        csum_offset: 16,
+        num_buffers: 0,
+    };
     let out = h.send(&f, &vnet);
     assert_eq!(h.sock.writes, vec![64_000]);
     assert_eq!(h.sock.written, d);
@@ -962,7 +992,8 @@ fn a_new_syn_replaces_a_finished_flow_on_the_same_ports() {
 
 #[test]
 fn a_window_closed_over_data_in_flight_is_probed_not_aborted() {
-    let mut h = H::with(RxCaps::NONE, TcpTableConfig { tcp: TcpConfig { max_retries: 2, ..TcpConfig::default() }, ..TcpTableConfig::default() });
+    let mut h =
+        H::with(RxCaps::NONE, TcpTableConfig { tcp: TcpConfig { max_retries: 2, ..TcpConfig::default() }, ..TcpTableConfig::default() });
     let iss = h.establish(100_000);
     h.sock.rx = pattern(3000);
     assert_eq!(h.drain().len(), 3);

@@ -60,7 +60,16 @@ pub struct UdpTable {
 
 impl UdpTable {
     pub fn new(cfg: UdpConfig) -> UdpTable {
-        UdpTable { cfg, slots: Vec::new(), free: Vec::new(), by_key: HashMap::new(), per_guest: HashMap::new(), live: 0, ip_id: 0, counters: Counters::default() }
+        UdpTable {
+            cfg,
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_key: HashMap::new(),
+            per_guest: HashMap::new(),
+            live: 0,
+            ip_id: 0,
+            counters: Counters::default(),
+        }
     }
 
     pub fn len(&self) -> usize {

@@ -250,7 +250,15 @@ pub struct TcpOut {
 /// `payload_len` bytes the caller already placed at `TCP_FRAME_HDR + opts.len()`. Returns the
 /// frame length and its virtio-net header, or None when the buffer is too short, the packet
 /// too large, or the addresses are not IPv4.
-pub fn write_tcp(buf: &mut [u8], link: &Link, h: &TcpOut, opts: &[u8], payload_len: usize, id: u16, csum: Csum) -> Option<(usize, VnetHeader)> {
+pub fn write_tcp(
+    buf: &mut [u8],
+    link: &Link,
+    h: &TcpOut,
+    opts: &[u8],
+    payload_len: usize,
+    id: u16,
+    csum: Csum,
+) -> Option<(usize, VnetHeader)> {
     let (from, to) = (v4(h.from)?, v4(h.to)?);
     let l4_len = TCP_LEN + opts.len() + payload_len;
     let len = ETH_LEN + IPV4_LEN + l4_len;

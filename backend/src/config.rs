@@ -172,6 +172,8 @@ pub struct NetworkConfig {
     pub uplink: Option<UplinkConfig>,
     /// Set for `nat` and `route` networks with an uplink.
     pub routing: Option<RoutingConfig>,
+    /// Set for `nat` networks with a gateway and no uplink: NAT through the host's sockets.
+    pub socket_nat: Option<SocketNatConfig>,
     /// The network's `socket_mode`/`socket_group`: what its server-mode guest ports (those
     /// added at run time too) get unless a port sets its own.
     pub socket_mode: Option<u32>,
@@ -1055,6 +1057,14 @@ impl Config {
                 workers,
                 dhcp,
                 dns,
+                socket_nat: (mode == Mode::Nat && uplink.is_none() && gateway.is_some()).then(|| SocketNatConfig {
+                    host_loopback: false,
+                    max_connections: 4096,
+                    max_per_guest: 1024,
+                    tcp_idle_secs: 7200,
+                    udp_idle_secs: 180,
+                    forwards: Vec::new(),
+                }),
                 uplink,
                 routing,
                 socket_mode: net_socket_mode,
@@ -1112,6 +1122,7 @@ impl Config {
                 dns: DnsConfig::default(),
                 uplink: None,
                 routing: None,
+                socket_nat: None,
                 socket_mode: None,
                 socket_group: None,
                 ports,
@@ -1518,4 +1529,24 @@ socket_group = "4243"
         let e = Config::load(Path::new("/nonexistent/vunet.toml")).unwrap_err().to_string();
         assert_eq!(e, "/nonexistent/vunet.toml: cannot read: No such file or directory");
     }
+}
+
+/// Socket NAT settings: a `nat` network with a gateway and no `[network.uplink]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketNatConfig {
+    pub host_loopback: bool,
+    pub max_connections: usize,
+    pub max_per_guest: usize,
+    pub tcp_idle_secs: u64,
+    pub udp_idle_secs: u64,
+    pub forwards: Vec<SocketForward>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketForward {
+    pub proto: u8,
+    pub listen: Option<std::net::IpAddr>,
+    pub external: (u16, u16),
+    pub guest: Ipv4Addr,
+    pub guest_port: u16,
 }

@@ -227,16 +227,49 @@ impl Guest {
         cpus: u32,
         queues: u32,
     ) -> Guest {
+        Guest::spawn(name, workdir, socket, mac, device_extra, script, cpus, queues, None)
+    }
+
+    /// As `boot`, with QEMU run as user and group `uid` (e.g. 65534, nobody): no
+    /// capabilities, no supplementary groups. The kernel is copied into the guest's directory
+    /// (which, like `workdir`, that user must be able to read).
+    pub fn boot_as(uid: u32, name: &str, workdir: &Path, socket: &Socket, mac: &str, device_extra: &str, script: &str) -> Guest {
+        Guest::spawn(name, workdir, socket, mac, device_extra, script, 1, 1, Some(uid))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn(
+        name: &str,
+        workdir: &Path,
+        socket: &Socket,
+        mac: &str,
+        device_extra: &str,
+        script: &str,
+        cpus: u32,
+        queues: u32,
+        run_as: Option<u32>,
+    ) -> Guest {
         let img = guest_image();
         let dir = workdir.join(name);
         let _ = std::fs::remove_dir_all(&dir);
         let initrd_path = guest_initrd(&dir, script);
+        let mut kernel = img.kernel.clone();
+        let mut qemu = Command::new("qemu-system-x86_64");
+        if let Some(uid) = run_as {
+            kernel = dir.join("vmlinuz");
+            std::fs::copy(&img.kernel, &kernel).expect("copy the guest kernel");
+            for p in [&dir, &kernel, &initrd_path] {
+                let mode = if p.is_dir() { 0o777 } else { 0o644 };
+                std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode)).expect("chmod");
+            }
+            qemu = unprivileged(uid, "qemu-system-x86_64");
+        }
         let chardev = match socket {
             Socket::Connect(p) => format!("socket,id=c0,path={}", p.display()),
             Socket::Listen(p) => format!("socket,id=c0,path={},server=on,wait=on", p.display()),
             Socket::Reconnect(p) => format!("socket,id=c0,path={},reconnect=1", p.display()),
         };
-        let mut child = Command::new("qemu-system-x86_64")
+        let mut child = qemu
             .args([
                 "-accel",
                 "tcg",
@@ -251,7 +284,7 @@ impl Guest {
                 "stdio",
             ])
             .arg("-kernel")
-            .arg(&img.kernel)
+            .arg(&kernel)
             .arg("-initrd")
             .arg(&initrd_path)
             .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
@@ -295,6 +328,15 @@ impl Drop for Guest {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A command that runs `program` as user and group `uid` with no capabilities and no
+/// supplementary groups (util-linux's setpriv): an ordinary user, as on a desktop.
+pub fn unprivileged(uid: u32, program: &str) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([&format!("--reuid={uid}"), &format!("--regid={uid}"), "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--"]);
+    c.arg(program);
+    c
 }
 
 /// Guest-script lines that wait until `ip` answers ping: a peer guest may still be booting (or

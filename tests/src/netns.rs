@@ -140,3 +140,42 @@ impl Drop for Background {
 
 /// Waits until `f` is true or `timeout` passes (the crate's [`crate::wait_until`]).
 pub use crate::wait_until;
+
+/// A UDP echo server inside a namespace, on a thread that entered it: answers each datagram
+/// with `ECHO:` and the datagram. Stops when dropped.
+pub struct UdpEcho {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Netns {
+    pub fn udp_echo(&self, addr: &str) -> UdpEcho {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (name, addr, stop2) = (self.name.clone(), addr.to_string(), stop.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(format!("/var/run/netns/{name}")).expect("netns file");
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on a descriptor this thread owns; it moves only this thread.
+            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+            let sock = std::net::UdpSocket::bind(&addr).expect("bind the echo server");
+            sock.set_read_timeout(Some(std::time::Duration::from_millis(200))).unwrap();
+            let _ = tx.send(());
+            let mut buf = [0u8; 2048];
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    let mut out = b"ECHO:".to_vec();
+                    out.extend_from_slice(&buf[..n]);
+                    let _ = sock.send_to(&out, from);
+                }
+            }
+        });
+        rx.recv().expect("echo server started");
+        UdpEcho { stop }
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

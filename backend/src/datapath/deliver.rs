@@ -185,8 +185,8 @@ pub(super) struct TxFrame<'a> {
 
 /// Hands a frame made by vunet itself (a gateway answer from another thread, such as an
 /// upstream DNS answer) to a port, and interrupts its guest if it wants that.
-pub(super) fn deliver_made(port: &Port, frame: &[u8], cx: &mut TxScratch) {
-    let f = TxFrame { segs: &[Seg::of_slice(frame)], offset: 0, len: frame.len(), hdr: VnetHeader::default() };
+pub fn deliver_made(port: &Port, hdr: &VnetHeader, frame: &[u8], cx: &mut TxScratch) {
+    let f = TxFrame { segs: &[Seg::of_slice(frame)], offset: 0, len: frame.len(), hdr: *hdr };
     deliver(port, &f, cx);
     for (_, pair) in cx.notify.drain(..) {
         if let Some(t) = port.queues[pair].rx.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {

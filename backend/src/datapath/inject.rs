@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use vunet_switch::router::Emit;
+use vunet_switch::vnet::VnetHeader;
 use vunet_switch::PortId;
 
 use super::deliver::{deliver_made, TxScratch};
@@ -38,7 +39,7 @@ impl Inject {
     /// interrupts its guest if it wants that.
     pub fn send_to_port(&mut self, port: PortId, frame: &[u8]) {
         if let Some(p) = self.net.port_by_id(port) {
-            deliver_made(&p, frame, &mut self.cx);
+            deliver_made(&p, &VnetHeader::default(), frame, &mut self.cx);
         }
     }
 

@@ -49,7 +49,7 @@ pub mod fuzzing {
 }
 
 pub use backlog::BACKLOG_MAX_FRAMES;
-pub use deliver::{flush_pending, TxScratch};
+pub use deliver::{deliver_made, flush_pending, TxScratch};
 pub use inject::Inject;
 pub use link::HostLink;
 pub use network::Network;

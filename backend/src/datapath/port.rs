@@ -272,6 +272,15 @@ impl Port {
         (w & LOCKED != 0).then(|| word_mac(w))
     }
 
+    /// What the port's receiver negotiated (a guest's first queue pair, or a host link), for
+    /// services that build frames for it; None while nobody is connected.
+    pub fn rx_caps(&self) -> Option<RxCaps> {
+        if let Some(link) = self.link.as_deref() {
+            return link.caps();
+        }
+        self.queues.first()?.rx.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|t| t.caps)
+    }
+
     pub fn leased_ip(&self) -> Option<Ipv4Addr> {
         match self.leased_ip.load(Ordering::Relaxed) {
             0 => None,

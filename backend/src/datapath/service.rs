@@ -7,6 +7,7 @@ use std::sync::Mutex;
 
 use vunet_dhcp::DhcpServer;
 use vunet_switch::gateway::Gateway;
+use vunet_switch::vnet::VnetHeader;
 
 use super::port::Port;
 
@@ -17,6 +18,9 @@ pub struct GatewayCx<'a> {
     pub gateway: &'a Gateway,
     /// The network's DHCP state (leases name guests for DNS; the DHCP service serves them).
     pub dhcp: Option<&'a Mutex<DhcpServer>>,
+    /// The frame's virtio-net header (GSO and checksum state; only services that
+    /// `takes_offloaded` see frames where it matters).
+    pub hdr: &'a VnetHeader,
 }
 
 /// What a service did with a frame.
@@ -35,4 +39,11 @@ pub trait GatewayService: Send + Sync {
     /// Looks at a complete frame (checksums filled in, no GSO) that `port` sent to the
     /// gateway or broadcast; writes an answer into `reply` when it returns `Reply`.
     fn handle(&self, cx: &GatewayCx, port: &Port, frame: &[u8], reply: &mut Vec<u8>) -> Handled;
+
+    /// Whether this service takes frames as the guest sent them: a TSO segment of up to
+    /// 64 KiB, a partial checksum left unfilled (socket NAT writes payloads to host sockets and
+    /// needs neither split nor checksum). Other services see complete frames only.
+    fn takes_offloaded(&self) -> bool {
+        false
+    }
 }

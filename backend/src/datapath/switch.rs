@@ -250,7 +250,7 @@ fn answer_gateway(net: &Network, ports: &[Arc<Port>], port: &Port, f: &TxFrame, 
     let Some(gw) = net.gateway.as_ref() else {
         return;
     };
-    if f.hdr.is_gso() && net.router.is_none() {
+    if f.hdr.is_gso() && net.router.is_none() && !net.services.iter().any(|s| s.takes_offloaded()) {
         return;
     }
     let mut input = std::mem::take(&mut cx.gw_in);
@@ -288,17 +288,22 @@ fn answer_gateway(net: &Network, ports: &[Arc<Port>], port: &Port, f: &TxFrame, 
             }
         }
     }
-    if f.hdr.is_gso() {
+    if f.hdr.is_gso() && net.router.is_some() {
         cx.gw_in = input;
         cx.gw_out = reply;
         return;
     }
-    let complete = !f.hdr.needs_csum() || complete_checksum(&mut input, f.hdr.csum_start as usize, f.hdr.csum_offset as usize).is_ok();
+    // Services read complete frames: a partial checksum is filled in first. A TSO segment, or
+    // a frame whose checksum offsets are bad, goes only to the services that take frames as
+    // the guest sent them (socket NAT writes payloads to host sockets and needs neither).
+    let complete = !f.hdr.is_gso()
+        && (!f.hdr.needs_csum() || complete_checksum(&mut input, f.hdr.csum_start as usize, f.hdr.csum_offset as usize).is_ok());
+    let gcx = GatewayCx { network: &net.name, gateway: gw, dhcp: net.dhcp.as_ref(), hdr: &f.hdr };
     // The gateway's services in the order the network lists them; the first that takes the
     // frame ends the search.
-    for service in net.services.iter().filter(|_| complete) {
+    for service in net.services.iter().filter(|s| complete || s.takes_offloaded()) {
         reply.clear();
-        match service.handle(&GatewayCx { network: &net.name, gateway: gw, dhcp: net.dhcp.as_ref() }, port, &input, &mut reply) {
+        match service.handle(&gcx, port, &input, &mut reply) {
             Handled::NotMine => continue,
             Handled::Consumed => break,
             Handled::Reply => {

@@ -14,8 +14,10 @@ use crate::config::{Mode, NetworkConfig, PortConfig, UplinkAddress};
 use crate::datapath::{GatewayService, HostLink, Network, Port, PortKind};
 use crate::ports::uplink::Uplink;
 use crate::services::arp_icmp::ArpIcmp;
-use crate::services::dhcp::{self, DhcpService, LeaseFileUnreadable, LeaseWriter};
+use crate::services::dhcp::{self, DhcpService, LeaseWriter};
 use crate::services::dns::DnsService;
+use crate::services::socknat::SocketNat;
+use super::error::StartError;
 
 /// A network as built: the data path's state, and its DNS service whose threads the
 /// supervisor starts (None without a gateway).
@@ -25,11 +27,13 @@ pub struct Built {
     /// The writer of the network's lease file (a state_dir and a DHCP server), whose thread
     /// the supervisor starts.
     pub leases: Option<Arc<LeaseWriter>>,
+    /// Socket NAT (a nat network without an uplink), whose thread the supervisor starts.
+    pub socknat: Option<Arc<SocketNat>>,
 }
 
 /// Builds network `n`; `taps` holds the opened taps of its tap ports, by port name. Fails
-/// only on a lease file that exists but cannot be read.
-pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<String, Arc<Uplink>>) -> Result<Built, LeaseFileUnreadable> {
+/// on a lease file that exists but cannot be read, or a host out of file descriptors.
+pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<String, Arc<Uplink>>) -> Result<Built, StartError> {
     let mut net = Network::new(n.name.clone(), n.mode, n.mtu);
     net.busy_poll_us = n.busy_poll_us;
     net.workers = n.workers as usize;
@@ -49,12 +53,23 @@ pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<Strin
     net.ports = ports.into();
     // The gateway's services, in the order a frame for the gateway is offered to them.
     let dns = gateway.map(|_| Arc::new(DnsService::new(&n.name, &n.dns)));
+    let socknat = match (gateway, &n.socket_nat) {
+        (Some(gw), Some(cfg)) => Some(Arc::new(
+            SocketNat::new(&n.name, gw, n.mtu, cfg)
+                .map_err(|e| StartError::Host(format!("network {:?}: socket NAT: cannot create an epoll instance: {e}", n.name)))?,
+        )),
+        _ => None,
+    };
     if let Some(dns) = &dns {
-        let services: Vec<Arc<dyn GatewayService>> =
+        let mut services: Vec<Arc<dyn GatewayService>> =
             vec![dns.tcp.clone(), Arc::new(ArpIcmp), Arc::new(DhcpService { leases: leases.clone() }), dns.clone()];
+        // Last: it takes what the gateway's own services did not (TCP and UDP for outside).
+        if let Some(s) = &socknat {
+            services.push(s.clone());
+        }
         net.services = services;
     }
-    Ok(Built { net, dns, leases })
+    Ok(Built { net, dns, leases, socknat })
 }
 
 /// A port of a network (`has_gateway`: port security defaults on), with its tap if it is one.

@@ -135,6 +135,10 @@ impl Supervisor {
             let (inject, tcp) = (Inject::new(net.clone()), dns.tcp.clone());
             spawn(format!("dns-tcp-{}", net.name), move || tcp.run(inject, gw, dns))?;
         }
+        if let Some(s) = built.socknat {
+            let inject = Inject::new(net.clone());
+            spawn(format!("socknat-{}", net.name), move || s.run(inject))?;
+        }
         let ports = net.ports.snapshot().to_vec();
         let mut listeners = listeners.into_iter();
         for port in ports {

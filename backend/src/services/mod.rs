@@ -5,3 +5,4 @@
 pub mod arp_icmp;
 pub mod dhcp;
 pub mod dns;
+pub mod socknat;

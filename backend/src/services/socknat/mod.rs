@@ -1,0 +1,629 @@
+//! Socket NAT's I/O half: a `nat` network without an uplink reaches the outside through the
+//! host's own sockets, as an ordinary user (docs/socket-nat.md).
+//!
+//! The pure state machines (`vunet_switch::socknat`) decide; this service owns the sockets.
+//! Guest frames for the outside come in through `GatewayService::handle` on the sending
+//! port's worker thread: a TCP segment's data is written to its socket right there, and the
+//! ACK goes back at once. Everything the host side starts (a connect finishing, data
+//! arriving, a socket's buffer draining, timers) is handled by one thread per network
+//! (`run`), woken by epoll. Both hold the one lock of the network's flow tables.
+
+mod host;
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tracing::{info, warn};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vunet_switch::gateway::Gateway;
+use vunet_switch::socknat::tcp::{HostIo, HostOp, TcpConfig};
+use vunet_switch::socknat::udp::{UdpConfig, UdpOp, UdpTable};
+use vunet_switch::socknat::wire::{self, UDP_FRAME_HDR};
+use vunet_switch::socknat::{Counters, FlowId, Input, TcpTable, TcpTableConfig};
+use vunet_switch::vnet::{RxCaps, VnetHeader};
+use vunet_switch::PortId;
+
+use self::host::{ConnectError, HostTcp, HostUdp};
+use crate::config::SocketNatConfig;
+use crate::datapath::{deliver_made, GatewayCx, GatewayService, Handled, Inject, Port, TxScratch};
+
+/// How often the timers run (retransmissions start at 1 s; idle time-outs are minutes).
+const TICK_MS: u64 = 50;
+/// Room for the largest frame to a guest: a 64 KiB TSO segment and its headers.
+const FRAME_BUF: usize = wire::MAX_IP_PACKET + wire::ETH_LEN;
+
+/// Socket NAT's counters beyond the flow tables' own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostCounters {
+    /// New flows refused because no socket could be made (out of file descriptors).
+    pub no_socket: u64,
+    /// Datagrams from the host larger than the network's MTU allows (no IP fragmentation).
+    pub udp_too_big: u64,
+    /// Frames for addresses socket NAT does not reach (broadcast, multicast, loopback, the
+    /// guests' own subnet).
+    pub unroutable: u64,
+    /// Guest datagrams a full socket buffer dropped.
+    pub udp_send_failed: u64,
+}
+
+/// A flow as `port-list`/`net-list` show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowInfo {
+    pub proto: &'static str,
+    pub port: PortId,
+    pub guest: SocketAddr,
+    pub remote: SocketAddr,
+    pub state: &'static str,
+}
+
+struct TcpSock {
+    host: Option<HostTcp>,
+    port: PortId,
+    serial: u32,
+    connecting: bool,
+}
+
+struct UdpSock {
+    host: HostUdp,
+    port: PortId,
+}
+
+struct State {
+    tcp: TcpTable,
+    udp: UdpTable,
+    tcp_socks: Vec<Option<TcpSock>>,
+    udp_socks: Vec<Option<UdpSock>>,
+    /// Frames to guests are built here.
+    frame: Vec<u8>,
+    out: TxScratch,
+    serial: u32,
+    host: HostCounters,
+}
+
+/// The socket NAT of one network.
+pub struct SocketNat {
+    network: String,
+    gw: Gateway,
+    host_loopback: bool,
+    mtu: u16,
+    epoch: Instant,
+    epoll: Epoll,
+    state: Mutex<State>,
+    said_no_socket: AtomicBool,
+}
+
+const KIND_TCP: u64 = 0;
+const KIND_UDP: u64 = 1;
+
+/// epoll's data word: the kind, a serial (a slot reused by a new flow must not take the
+/// events of the old one's socket) and the flow's id.
+fn token(kind: u64, serial: u32, id: FlowId) -> u64 {
+    kind << 60 | ((serial as u64) & 0x0fff_ffff) << 32 | (id as u64 & 0xffff_ffff)
+}
+
+fn untoken(t: u64) -> (u64, u32, FlowId) {
+    (t >> 60, ((t >> 32) & 0x0fff_ffff) as u32, (t & 0xffff_ffff) as FlowId)
+}
+
+impl SocketNat {
+    pub fn new(network: &str, gw: Gateway, mtu: u16, cfg: &SocketNatConfig) -> std::io::Result<SocketNat> {
+        let tcp = TcpTableConfig {
+            max_connections: cfg.max_connections,
+            max_per_guest: cfg.max_per_guest,
+            tcp: TcpConfig { mtu, idle_timeout_ms: cfg.tcp_idle_secs.saturating_mul(1000), ..TcpConfig::default() },
+        };
+        let udp = UdpConfig {
+            max_flows: cfg.max_connections,
+            max_per_guest: cfg.max_per_guest,
+            idle_ms: cfg.udp_idle_secs.saturating_mul(1000),
+            ..UdpConfig::default()
+        };
+        if !host::tcp_peek_offset_supported() {
+            warn!(network = %network, "socket NAT: this kernel has no TCP peek offset (Linux 6.9+); retransmissions cost a copy");
+        }
+        Ok(SocketNat {
+            network: network.to_string(),
+            gw,
+            host_loopback: cfg.host_loopback,
+            mtu,
+            epoch: Instant::now(),
+            epoll: Epoll::new()?,
+            state: Mutex::new(State {
+                tcp: TcpTable::new(tcp, rand::random()),
+                udp: UdpTable::new(udp),
+                tcp_socks: Vec::new(),
+                udp_socks: Vec::new(),
+                frame: vec![0; FRAME_BUF],
+                out: TxScratch::default(),
+                serial: 0,
+                host: HostCounters::default(),
+            }),
+            said_no_socket: AtomicBool::new(false),
+        })
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a guest packet to `dst` goes out through a host socket: not to the guests'
+    /// own subnet (that is the switch's), the gateway only with `host_loopback`, nothing that
+    /// is not a unicast address somewhere else.
+    fn reaches(&self, dst: Ipv4Addr) -> bool {
+        if dst == self.gw.ip {
+            return self.host_loopback;
+        }
+        let in_subnet = vunet_switch::ipv4::in_subnet(dst, self.gw.ip, self.gw.prefix);
+        !(in_subnet || dst.is_broadcast() || dst.is_multicast() || dst.is_loopback() || dst.is_unspecified() || dst.octets()[0] == 0)
+    }
+
+    /// Where a flow to `remote` (as the guest named it) connects on the host: the gateway's
+    /// address is the host's loopback.
+    fn host_addr(&self, remote: SocketAddr) -> SocketAddr {
+        match remote {
+            SocketAddr::V4(a) if *a.ip() == self.gw.ip => SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, a.port())),
+            other => other,
+        }
+    }
+
+    /// Counters of both tables (with their flows'), and the host side's.
+    pub fn counters(&self) -> (Counters, Counters, HostCounters) {
+        let st = self.lock();
+        (st.tcp.counters(), st.udp.counters, st.host)
+    }
+
+    /// The live flows, for the listings.
+    pub fn flows(&self) -> Vec<FlowInfo> {
+        let st = self.lock();
+        let mut v = Vec::new();
+        for (id, f) in st.tcp.iter() {
+            let Some(s) = st.tcp_socks.get(id).and_then(Option::as_ref) else { continue };
+            let state = match f.state() {
+                vunet_switch::socknat::tcp::State::Connecting => "connecting",
+                vunet_switch::socknat::tcp::State::SynAckSent => "syn-ack-sent",
+                vunet_switch::socknat::tcp::State::Established if f.guest_sent_fin() || f.host_at_eof() => "closing",
+                vunet_switch::socknat::tcp::State::Established => "established",
+                vunet_switch::socknat::tcp::State::Closed => "closed",
+            };
+            v.push(FlowInfo { proto: "tcp", port: s.port, guest: f.guest(), remote: f.remote(), state });
+        }
+        for (id, s) in st.udp_socks.iter().enumerate() {
+            let (Some(s), Some(key)) = (s, st.udp.key(id)) else { continue };
+            v.push(FlowInfo { proto: "udp", port: s.port, guest: key.guest, remote: key.remote, state: "open" });
+        }
+        v
+    }
+
+    fn no_socket(&self, st: &mut State, e: &std::io::Error) {
+        st.host.no_socket += 1;
+        if !self.said_no_socket.swap(true, Ordering::Relaxed) {
+            warn!(network = %self.network, "socket NAT: cannot open a host socket ({e}); new flows are refused until there are file descriptors again (said once)");
+        }
+    }
+
+    // ---- Guest frames ----------------------------------------------------------------
+
+    fn tcp_from_guest(&self, port: &Port, frame: &[u8], hdr: &VnetHeader) {
+        let now = self.now();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        match st.tcp.input(frame, hdr, now, &mut st.frame) {
+            Input::Dropped(_) => {}
+            Input::Reply(n, _) => deliver_made(port, &VnetHeader::default(), &st.frame[..n], &mut st.out),
+            Input::Opened(id) => {
+                st.serial = st.serial.wrapping_add(1);
+                set_slot(&mut st.tcp_socks, id, TcpSock { host: None, port: port.id, serial: st.serial, connecting: false });
+                self.drive_tcp(st, id, port, now);
+            }
+            Input::Segment(id, seg) => {
+                let (flow, sock) = (st.tcp.flow_mut(id), st.tcp_socks.get_mut(id).and_then(Option::as_mut));
+                if let Some(flow) = flow {
+                    let carries = !seg.payload.is_empty();
+                    match sock.and_then(|s| s.host.as_mut()) {
+                        Some(host) => {
+                            flow.on_segment(&seg, now, host);
+                            if carries && !host.failed {
+                                // The window the guest sees follows the socket's free room.
+                                let space = host.send_space();
+                                flow.set_host_send_space(space);
+                                if space < 64 * 1024 {
+                                    // Ask to hear when it drains (re-arming makes the kernel
+                                    // note that somebody waits for room).
+                                    let _ = self.epoll.ctl(
+                                        ControlOperation::Modify,
+                                        host.fd(),
+                                        EpollEvent::new(tcp_events(), token(KIND_TCP, st.tcp_socks[id].as_ref().map_or(0, |s| s.serial), id)),
+                                    );
+                                }
+                            }
+                        }
+                        None => flow.on_segment(&seg, now, &mut FlowIo(None)),
+                    }
+                    self.drive_tcp(st, id, port, now);
+                }
+            }
+        }
+    }
+
+    fn udp_from_guest(&self, port: &Port, frame: &[u8], hdr: &VnetHeader) {
+        let now = self.now();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        match st.udp.input(frame, hdr, now) {
+            Err(_) => {}
+            Ok(UdpOp::Send { id, payload }) => {
+                if let Some(s) = st.udp_socks.get(id).and_then(Option::as_ref) {
+                    if !s.host.send(payload) {
+                        st.host.udp_send_failed += 1;
+                    }
+                }
+            }
+            Ok(UdpOp::Open { id, remote, payload }) => {
+                let opened = HostUdp::connect(self.host_addr(remote)).and_then(|h| {
+                    self.epoll.ctl(ControlOperation::Add, h.fd(), EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, token(KIND_UDP, 0, id)))?;
+                    Ok(h)
+                });
+                match opened {
+                    Ok(h) => {
+                        if !h.send(payload) {
+                            st.host.udp_send_failed += 1;
+                        }
+                        set_slot(&mut st.udp_socks, id, UdpSock { host: h, port: port.id });
+                    }
+                    Err(e) => {
+                        // Said to the guest as the host's routing said it, then forgotten.
+                        match ConnectError::of(&e) {
+                            ConnectError::NoResources => self.no_socket(st, &e),
+                            ConnectError::Unreachable(Some(code)) => {
+                                if let Some(len) = st.udp.unreachable(id, code, &mut st.frame) {
+                                    deliver_made(port, &VnetHeader::default(), &st.frame[..len], &mut st.out);
+                                }
+                            }
+                            _ => st.host.unroutable += 1,
+                        }
+                        st.udp.remove(id);
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- Driving a TCP flow ------------------------------------------------------------
+
+    /// Runs a flow's pending work: socket operations, frames to its guest, what the socket's
+    /// reads found (end of file, a failure); removes it once done.
+    fn drive_tcp(&self, st: &mut State, id: FlowId, port: &Port, now: u64) {
+        let caps = port.rx_caps().unwrap_or(RxCaps { csum: false, tso4: false, tso6: false, mrg_rxbuf: false, hdr_len: 12 });
+        loop {
+            let mut progressed = false;
+            while let Some(op) = st.tcp.flow_mut(id).and_then(|f| f.poll_host()) {
+                progressed = true;
+                self.host_op(st, id, op, now);
+            }
+            let (Some(flow), Some(sock)) = (st.tcp.flow_mut(id), st.tcp_socks.get_mut(id).and_then(Option::as_mut)) else {
+                break;
+            };
+            while let Some(f) = flow.poll_frame(now, &caps, &mut st.frame, &mut FlowIo(sock.host.as_mut())) {
+                progressed = true;
+                deliver_made(port, &f.vnet, &st.frame[..f.len], &mut st.out);
+            }
+            if let Some(h) = sock.host.as_mut() {
+                if h.failed {
+                    h.failed = false;
+                    flow.host_reset();
+                    progressed = true;
+                } else if h.eof && !flow.host_at_eof() {
+                    flow.host_eof();
+                    progressed = true;
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+        if st.tcp.flow(id).is_some_and(|f| f.is_done()) {
+            st.tcp.remove(id);
+            if let Some(s) = st.tcp_socks.get_mut(id).and_then(Option::take) {
+                if let Some(h) = s.host {
+                    h.close(true);
+                }
+            }
+        }
+    }
+
+    fn host_op(&self, st: &mut State, id: FlowId, op: HostOp, now: u64) {
+        let Some(sock) = st.tcp_socks.get_mut(id).and_then(Option::as_mut) else { return };
+        match op {
+            HostOp::Connect(remote) => {
+                let dst = self.host_addr(remote);
+                let serial = sock.serial;
+                let r = HostTcp::connect(dst).and_then(|(h, done)| {
+                    self.epoll.ctl(ControlOperation::Add, h.fd(), EpollEvent::new(tcp_events(), token(KIND_TCP, serial, id)))?;
+                    Ok((h, done))
+                });
+                match r {
+                    Ok((h, done)) => {
+                        let space = h.send_space();
+                        sock.host = Some(h);
+                        sock.connecting = !done;
+                        if let Some(flow) = st.tcp.flow_mut(id) {
+                            flow.set_host_send_space(space);
+                            if done {
+                                flow.connected(now);
+                            }
+                        }
+                    }
+                    Err(e) => self.connect_failed(st, id, &e),
+                }
+            }
+            HostOp::Discard(n) => {
+                if let Some(h) = sock.host.as_mut() {
+                    h.discard(n);
+                }
+            }
+            HostOp::ShutdownWrite => {
+                if let Some(h) = sock.host.as_ref() {
+                    h.shutdown_write();
+                }
+            }
+            HostOp::Close { reset } => {
+                if let Some(h) = sock.host.take() {
+                    h.close(reset);
+                }
+            }
+        }
+    }
+
+    fn connect_failed(&self, st: &mut State, id: FlowId, e: &std::io::Error) {
+        let err = ConnectError::of(e);
+        if err == ConnectError::NoResources {
+            self.no_socket(st, e);
+        }
+        if let Some(s) = st.tcp_socks.get_mut(id).and_then(Option::as_mut) {
+            s.connecting = false;
+            if let Some(h) = s.host.take() {
+                h.close(false);
+            }
+        }
+        let Some(flow) = st.tcp.flow_mut(id) else { return };
+        match err {
+            ConnectError::Refused | ConnectError::NoResources => flow.refused(),
+            ConnectError::Unreachable(code) => flow.unreachable(code),
+        }
+    }
+
+    // ---- Host events -------------------------------------------------------------------
+
+    /// Serves the host side until the network stops: socket events and timers.
+    pub fn run(self: Arc<Self>, inject: Inject) {
+        let mut events = vec![EpollEvent::default(); 256];
+        let mut next_tick = self.now() + TICK_MS;
+        info!(network = %self.network, "socket NAT: guests reach the outside through this process's sockets");
+        while !inject.stopped() {
+            let now = self.now();
+            let timeout = next_tick.saturating_sub(now).min(TICK_MS) as i32;
+            let n = match self.epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+                Err(e) => {
+                    warn!(network = %self.network, "socket NAT: epoll failed ({e}); the service stops");
+                    return;
+                }
+            };
+            let net = inject.network();
+            for ev in &events[..n] {
+                let (kind, serial, id) = untoken(ev.data());
+                let set = ev.event_set();
+                match kind {
+                    KIND_TCP => self.tcp_event(id, serial, set, |p| net.port_by_id(p)),
+                    KIND_UDP => self.udp_event(id, |p| net.port_by_id(p)),
+                    _ => {}
+                }
+            }
+            let now = self.now();
+            if now >= next_tick {
+                next_tick = now + TICK_MS;
+                self.tick(now, |p| net.port_by_id(p));
+            }
+        }
+    }
+
+    fn tcp_event(&self, id: FlowId, serial: u32, set: EventSet, port_of: impl Fn(PortId) -> Option<Arc<Port>>) {
+        let now = self.now();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let Some(sock) = st.tcp_socks.get_mut(id).and_then(Option::as_mut).filter(|s| s.serial == serial) else { return };
+        let Some(port) = port_of(sock.port) else { return };
+        let Some(host) = sock.host.as_mut() else { return };
+        if sock.connecting {
+            if !set.intersects(EventSet::OUT | EventSet::ERROR | EventSet::HANG_UP) {
+                return;
+            }
+            match host.connect_result() {
+                Ok(()) => {
+                    sock.connecting = false;
+                    let space = host.send_space();
+                    if let Some(flow) = st.tcp.flow_mut(id) {
+                        flow.set_host_send_space(space);
+                        flow.connected(now);
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => return,
+                Err(e) => self.connect_failed(st, id, &e),
+            }
+        } else {
+            if set.contains(EventSet::ERROR) {
+                if host.take_error().is_some() {
+                    host.failed = true;
+                }
+            }
+            if set.contains(EventSet::OUT) {
+                let space = host.send_space();
+                if let Some(flow) = st.tcp.flow_mut(id) {
+                    flow.set_host_send_space(space);
+                }
+            }
+            if set.contains(EventSet::HANG_UP) && !set.contains(EventSet::IN) {
+                host.eof = true;
+            }
+        }
+        self.drive_tcp(st, id, &port, now);
+    }
+
+    fn udp_event(&self, id: FlowId, port_of: impl Fn(PortId) -> Option<Arc<Port>>) {
+        let now = self.now();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let Some(sock) = st.udp_socks.get(id).and_then(Option::as_ref) else { return };
+        let Some(port) = port_of(sock.port) else { return };
+        // A datagram larger than this does not fit one frame of the network's MTU.
+        let max = self.mtu as usize - 28;
+        loop {
+            let Some(sock) = st.udp_socks.get(id).and_then(Option::as_ref) else { return };
+            let r = sock.host.recv(&mut st.frame[UDP_FRAME_HDR..]);
+            match r {
+                Ok(None) => break,
+                Ok(Some(n)) if n > max => st.host.udp_too_big += 1,
+                Ok(Some(n)) => {
+                    if let Some(len) = st.udp.reply(id, n, &mut st.frame, now) {
+                        deliver_made(&port, &VnetHeader::default(), &st.frame[..len], &mut st.out);
+                    }
+                }
+                Err(e) => {
+                    let code = match e.raw_os_error() {
+                        Some(libc::ECONNREFUSED) => Some(3),
+                        Some(libc::EHOSTUNREACH) => Some(1),
+                        Some(libc::ENETUNREACH) => Some(0),
+                        _ => None,
+                    };
+                    if let Some(len) = code.and_then(|c| st.udp.unreachable(id, c, &mut st.frame)) {
+                        deliver_made(&port, &VnetHeader::default(), &st.frame[..len], &mut st.out);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Timers: TCP retransmissions, persist probes and time-outs of the flows that have one
+    /// due; UDP flows idle too long; flows of ports that are gone.
+    fn tick(&self, now: u64, port_of: impl Fn(PortId) -> Option<Arc<Port>>) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let due: Vec<FlowId> = st.tcp.iter().filter(|(_, f)| f.next_deadline().is_some_and(|t| t <= now)).map(|(id, _)| id).collect();
+        for id in due {
+            let Some(port) = st.tcp_socks.get(id).and_then(Option::as_ref).and_then(|s| port_of(s.port)) else { continue };
+            if let Some(f) = st.tcp.flow_mut(id) {
+                f.tick(now);
+            }
+            self.drive_tcp(st, id, &port, now);
+        }
+        let socks = &mut st.udp_socks;
+        st.udp.tick(now, |id| {
+            if let Some(s) = socks.get_mut(id) {
+                *s = None;
+            }
+        });
+        // A flow whose port was removed has nobody to talk to: close it.
+        let orphans: Vec<FlowId> = st
+            .tcp_socks
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.as_ref().is_some_and(|s| port_of(s.port).is_none_or(|p| p.removed.load(Ordering::Relaxed))))
+            .map(|(id, _)| id)
+            .collect();
+        for id in orphans {
+            st.tcp.remove(id);
+            if let Some(h) = st.tcp_socks[id].take().and_then(|s| s.host) {
+                h.close(true);
+            }
+        }
+        let orphans: Vec<FlowId> = st
+            .udp_socks
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.as_ref().is_some_and(|s| port_of(s.port).is_none_or(|p| p.removed.load(Ordering::Relaxed))))
+            .map(|(id, _)| id)
+            .collect();
+        for id in orphans {
+            st.udp.remove(id);
+            st.udp_socks[id] = None;
+        }
+    }
+}
+
+fn tcp_events() -> EventSet {
+    EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED
+}
+
+fn set_slot<T>(v: &mut Vec<Option<T>>, id: usize, x: T) {
+    if v.len() <= id {
+        v.resize_with(id + 1, || None);
+    }
+    v[id] = Some(x);
+}
+
+/// A flow's host side: its socket, or none (its connect failed; it takes and holds nothing).
+struct FlowIo<'a>(Option<&'a mut HostTcp>);
+
+impl HostIo for FlowIo<'_> {
+    fn write(&mut self, data: &[u8]) -> usize {
+        self.0.as_mut().map_or(0, |h| h.write(data))
+    }
+    fn peek(&mut self, offset: usize, buf: &mut [u8]) -> usize {
+        self.0.as_mut().map_or(0, |h| h.peek(offset, buf))
+    }
+}
+
+/// Guest frames to the gateway's MAC for an address outside: TCP and UDP go to host sockets.
+/// TCP to the gateway itself without `host_loopback` is refused (RST), as a host with no
+/// such service would.
+impl GatewayService for SocketNat {
+    fn handle(&self, cx: &GatewayCx, port: &Port, frame: &[u8], reply: &mut Vec<u8>) -> Handled {
+        if frame.len() < 34 || frame[0..6] != self.gw.mac || frame[12..14] != [0x08, 0x00] {
+            return Handled::NotMine;
+        }
+        let dst = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
+        let proto = frame[23];
+        if !self.reaches(dst) {
+            if dst == self.gw.ip && proto == 6 {
+                if let Ok(seg) = wire::parse_tcp(frame, cx.hdr) {
+                    if !seg.has(wire::RST) {
+                        reply.resize(wire::TCP_FRAME_HDR, 0);
+                        if let Some(n) = wire::write_rst_reply(reply, &seg, 0) {
+                            reply.truncate(n);
+                            return Handled::Reply;
+                        }
+                    }
+                }
+                return Handled::Consumed;
+            }
+            if dst != self.gw.ip {
+                self.lock().host.unroutable += 1;
+                return Handled::Consumed;
+            }
+            return Handled::NotMine;
+        }
+        match proto {
+            6 => self.tcp_from_guest(port, frame, cx.hdr),
+            17 => self.udp_from_guest(port, frame, cx.hdr),
+            _ => return Handled::NotMine,
+        }
+        Handled::Consumed
+    }
+
+    fn takes_offloaded(&self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for SocketNat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SocketNat").field("network", &self.network).finish()
+    }
+}

@@ -163,7 +163,8 @@ pub const DEFAULT_UDP_IDLE_SECS: u64 = 180;
 /// sockets (no root, no uplink address), like passt or slirp.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SocketNatConfig {
-    /// Guests may reach the host's own loopback through the gateway address (`host_loopback`).
+    /// Connections to the gateway address reach the host's 127.0.0.1 (`host_loopback`); off,
+    /// the host's own services are out of the guests' reach.
     pub host_loopback: bool,
     /// Most TCP flows of the network; UDP and ICMP flows get the same bound each.
     pub max_connections: usize,
@@ -667,7 +668,9 @@ fn parse_routing(
                 return Err(flavour(p.span(), "ports"));
             }
             if let Some(m) = &raw.max_entries {
-                return Err(cx.err(m.span(), format!("network {net:?}: nat max_entries is for uplink NAT; socket NAT's bound is max_connections")));
+                return Err(
+                    cx.err(m.span(), format!("network {net:?}: nat max_entries is for uplink NAT; socket NAT's bound is max_connections"))
+                );
             }
             if let Some(t) = &raw.icmp_timeout {
                 return Err(flavour(t.span(), "icmp_timeout"));
@@ -721,10 +724,9 @@ fn parse_routing(
         snat.max_per_guest = (snat.max_connections / 4).max(1);
         if let Some(m) = &raw.max_per_guest {
             if !(1..=snat.max_connections as i64).contains(m.get_ref()) {
-                return Err(cx.err(
-                    m.span(),
-                    format!("invalid max_per_guest {} (1 to max_connections, {})", m.get_ref(), snat.max_connections),
-                ));
+                return Err(
+                    cx.err(m.span(), format!("invalid max_per_guest {} (1 to max_connections, {})", m.get_ref(), snat.max_connections))
+                );
             }
             snat.max_per_guest = *m.get_ref() as usize;
         }
@@ -1823,12 +1825,10 @@ socket_group = "4243"
             (s.host_loopback, s.max_connections, s.max_per_guest, s.tcp_idle_secs, s.udp_idle_secs, s.forwards.len()),
             (false, 4096, 1024, 7200, 180, 0)
         );
-        let c = parse(&nat(
-            "[network.nat]\nhost_loopback = true\nmax_connections = 100\ntcp_timeout = 600\nudp_timeout = 30\n\
+        let c = parse(&nat("[network.nat]\nhost_loopback = true\nmax_connections = 100\ntcp_timeout = 600\nudp_timeout = 30\n\
              [[network.port_forward]]\nproto = \"tcp\"\nport = 2222\nto = \"10.0.0.10:22\"\nlisten = \"127.0.0.1\"\n\
              [[network.port_forward]]\nproto = \"tcp\"\nport = 2222\nto = \"10.0.0.11:22\"\nlisten = \"::1\"\n\
-             [[network.port_forward]]\nproto = \"udp\"\nport = \"6000-6009\"\nto = \"10.0.0.10:7000\"\n",
-        ))
+             [[network.port_forward]]\nproto = \"udp\"\nport = \"6000-6009\"\nto = \"10.0.0.10:7000\"\n"))
         .unwrap();
         let s = c.networks[0].socket_nat.clone().unwrap();
         assert_eq!(
@@ -1864,7 +1864,11 @@ socket_group = "4243"
         let route = parse("[[network]]\nname = \"r\"\nmode = \"route\"\ngateway = \"10.0.0.1/24\"\n").unwrap();
         assert!(route.networks[0].socket_nat.is_none());
         assert_eq!(route.warnings.len(), 1);
-        assert!(route.warnings[0].starts_with("vunet.toml:3: network \"r\": mode route without an [network.uplink]"), "{:?}", route.warnings);
+        assert!(
+            route.warnings[0].starts_with("vunet.toml:3: network \"r\": mode route without an [network.uplink]"),
+            "{:?}",
+            route.warnings
+        );
         // Other modes never get it.
         assert!(parse(GOOD).unwrap().networks[0].socket_nat.is_none());
     }
@@ -1872,16 +1876,27 @@ socket_group = "4243"
     #[test]
     fn socket_nat_and_uplink_nat_keys_stay_with_their_flavour() {
         let uplink = "[network.uplink]\nkind = \"af-packet\"\ninterface = \"eth1\"\naddress = \"dhcp\"\n";
-        let fwd = |listen: &str, port: &str| {
-            format!("[[network.port_forward]]\nproto = \"tcp\"\nport = {port}\nto = \"10.0.0.10:22\"\n{listen}")
-        };
+        let fwd =
+            |listen: &str, port: &str| format!("[[network.port_forward]]\nproto = \"tcp\"\nport = {port}\nto = \"10.0.0.10:22\"\n{listen}");
         let cases = [
             (nat("[network.nat]\nports = [1024, 65535]\n"), "vunet.toml:6: network \"a\": nat ports is for uplink NAT"),
-            (nat("[network.nat]\nmax_entries = 100\n"), "vunet.toml:6: network \"a\": nat max_entries is for uplink NAT; socket NAT's bound is max_connections"),
+            (
+                nat("[network.nat]\nmax_entries = 100\n"),
+                "vunet.toml:6: network \"a\": nat max_entries is for uplink NAT; socket NAT's bound is max_connections",
+            ),
             (nat("[network.nat]\nicmp_timeout = 30\n"), "vunet.toml:6: network \"a\": nat icmp_timeout is for uplink NAT"),
-            (nat(&format!("{uplink}[network.nat]\nhost_loopback = true\n")), "vunet.toml:10: network \"a\": nat host_loopback is for socket NAT"),
-            (nat(&format!("{uplink}[network.nat]\nmax_connections = 100\n")), "vunet.toml:10: network \"a\": nat max_connections is for socket NAT"),
-            (nat(&format!("{uplink}[network.nat]\nmax_per_guest = 10\n")), "vunet.toml:10: network \"a\": nat max_per_guest is for socket NAT"),
+            (
+                nat(&format!("{uplink}[network.nat]\nhost_loopback = true\n")),
+                "vunet.toml:10: network \"a\": nat host_loopback is for socket NAT",
+            ),
+            (
+                nat(&format!("{uplink}[network.nat]\nmax_connections = 100\n")),
+                "vunet.toml:10: network \"a\": nat max_connections is for socket NAT",
+            ),
+            (
+                nat(&format!("{uplink}[network.nat]\nmax_per_guest = 10\n")),
+                "vunet.toml:10: network \"a\": nat max_per_guest is for socket NAT",
+            ),
             (
                 nat(&format!("{uplink}{}", fwd("listen = \"127.0.0.1\"\n", "22"))),
                 "vunet.toml:13: network \"a\": port_forward listen is for socket NAT",
@@ -1889,7 +1904,10 @@ socket_group = "4243"
             (nat("[network.nat]\nmax_connections = 15\n"), "vunet.toml:6: invalid max_connections 15 (16 to 1000000)"),
             (nat("[network.nat]\nmax_connections = 1000001\n"), "vunet.toml:6: invalid max_connections 1000001"),
             (nat("[network.nat]\nmax_per_guest = 0\n"), "vunet.toml:6: invalid max_per_guest 0 (1 to max_connections, 4096)"),
-            (nat("[network.nat]\nmax_connections = 100\nmax_per_guest = 101\n"), "vunet.toml:7: invalid max_per_guest 101 (1 to max_connections, 100)"),
+            (
+                nat("[network.nat]\nmax_connections = 100\nmax_per_guest = 101\n"),
+                "vunet.toml:7: invalid max_per_guest 101 (1 to max_connections, 100)",
+            ),
             (nat("[network.nat]\nhost_loopback = \"yes\"\n"), "vunet.toml:6:"),
             (nat("[network.nat]\ntcp_timeout = 0\n"), "vunet.toml:6: invalid timeout 0"),
             (nat(&fwd("listen = \"localhost\"\n", "22")), "vunet.toml:9: invalid port_forward listen \"localhost\""),

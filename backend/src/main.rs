@@ -478,12 +478,7 @@ fn print_summary(cfg: &Config) {
                 };
                 let ports = |lo: u16, hi: u16| if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") };
                 let last = f.guest_port + (f.external.1 - f.external.0);
-                println!(
-                    "  forward {proto} {listen}:{} -> {}:{}",
-                    ports(f.external.0, f.external.1),
-                    f.guest,
-                    ports(f.guest_port, last)
-                );
+                println!("  forward {proto} {listen}:{} -> {}:{}", ports(f.external.0, f.external.1), f.guest, ports(f.guest_port, last));
             }
         }
         for p in &n.ports {

@@ -260,11 +260,7 @@ fn the_default_network_is_reached_with_no_flags() {
     daemon.ready();
     // Socket NAT on libvirt's subnet, or the next one free of this host's routes.
     let (n, _) = vunet::config::default_subnet(&vunet::config::read_host_routes());
-    assert!(
-        daemon.out.contains(&format!("mode nat, gateway 192.168.{n}.1/24, DHCP 192.168.{n}.2-192.168.{n}.254, DNS")),
-        "{}",
-        daemon.out
-    );
+    assert!(daemon.out.contains(&format!("mode nat, gateway 192.168.{n}.1/24, DHCP 192.168.{n}.2-192.168.{n}.254, DNS")), "{}", daemon.out);
     assert!(daemon.out.contains("out through the host's sockets (socket NAT)"), "{}", daemon.out);
     let text = |o: &Output| String::from_utf8_lossy(&o.stdout).to_string();
 

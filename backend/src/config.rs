@@ -2,7 +2,7 @@
 //! Every user mistake becomes one [`ConfigError`] naming the file and line.
 
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -154,6 +154,55 @@ pub struct RoutingConfig {
     pub firewall_default: vunet_switch::firewall::Action,
 }
 
+/// Socket NAT's defaults (`[network.nat]` of a nat network without an uplink).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+pub const DEFAULT_TCP_IDLE_SECS: u64 = 7200;
+pub const DEFAULT_UDP_IDLE_SECS: u64 = 180;
+
+/// A `nat` network without `[network.uplink]`: the guests go out through the host's own
+/// sockets (no root, no uplink address), like passt or slirp.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketNatConfig {
+    /// Connections to the gateway address reach the host's 127.0.0.1 (`host_loopback`); off,
+    /// the host's own services are out of the guests' reach.
+    pub host_loopback: bool,
+    /// Most TCP flows of the network; UDP and ICMP flows get the same bound each.
+    pub max_connections: usize,
+    /// Most flows of one guest address (of each kind), so one guest cannot take them all.
+    pub max_per_guest: usize,
+    /// Idle time-outs (`tcp_timeout`, `udp_timeout`), seconds.
+    pub tcp_idle_secs: u64,
+    pub udp_idle_secs: u64,
+    /// `[[network.port_forward]]`: host sockets listening for the guests.
+    pub forwards: Vec<SocketForward>,
+}
+
+impl Default for SocketNatConfig {
+    fn default() -> Self {
+        SocketNatConfig {
+            host_loopback: false,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_per_guest: DEFAULT_MAX_CONNECTIONS / 4,
+            tcp_idle_secs: DEFAULT_TCP_IDLE_SECS,
+            udp_idle_secs: DEFAULT_UDP_IDLE_SECS,
+            forwards: Vec::new(),
+        }
+    }
+}
+
+/// A socket NAT port forward: host port(s) `external` on `listen` → the guest's `guest_port`
+/// onward (a range maps port by port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketForward {
+    /// 6 (TCP) or 17 (UDP).
+    pub proto: u8,
+    /// The host address listened on; `None`: all host addresses.
+    pub listen: Option<IpAddr>,
+    pub external: (u16, u16),
+    pub guest: Ipv4Addr,
+    pub guest_port: u16,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetworkConfig {
     pub name: String,
@@ -172,7 +221,7 @@ pub struct NetworkConfig {
     pub uplink: Option<UplinkConfig>,
     /// Set for `nat` and `route` networks with an uplink.
     pub routing: Option<RoutingConfig>,
-    /// Set for `nat` networks with a gateway and no uplink: NAT through the host's sockets.
+    /// Set exactly for `nat` networks without an uplink (socket NAT).
     pub socket_nat: Option<SocketNatConfig>,
     /// The network's `socket_mode`/`socket_group`: what its server-mode guest ports (those
     /// added at run time too) get unless a port sets its own.
@@ -195,6 +244,9 @@ pub struct Config {
     pub networks: Vec<NetworkConfig>,
     /// Settings that parsed but that this version does not act on, one line each.
     pub warnings: Vec<String>,
+    /// Choices made for the user that `run` tells about (the embedded default's subnet when
+    /// 192.168.122.0/24 is taken), one line each.
+    pub notes: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -268,6 +320,9 @@ struct RawUplink {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNat {
+    host_loopback: Option<Spanned<bool>>,
+    max_connections: Option<Spanned<i64>>,
+    max_per_guest: Option<Spanned<i64>>,
     ports: Option<Spanned<Vec<i64>>>,
     max_entries: Option<Spanned<i64>>,
     tcp_timeout: Option<Spanned<i64>>,
@@ -281,6 +336,7 @@ struct RawForward {
     proto: Spanned<String>,
     port: Spanned<toml::Value>,
     to: Spanned<String>,
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -521,8 +577,22 @@ fn proto_number(s: &str) -> Option<u8> {
     }
 }
 
+/// Two socket NAT forwards' listening addresses can take the same host port: either is all
+/// addresses, or they are equal, or one is its family's wildcard (`::` also takes IPv4 where
+/// the host's `bindv6only` is off, its default).
+fn listens_overlap(a: Option<IpAddr>, b: Option<IpAddr>) -> bool {
+    match (a, b) {
+        (None, _) | (_, None) => true,
+        (Some(a), Some(b)) => {
+            let v6_any = |x: IpAddr| x == IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
+            a == b || v6_any(a) || v6_any(b) || (a.is_unspecified() || b.is_unspecified()) && a.is_ipv4() == b.is_ipv4()
+        }
+    }
+}
+
 /// Routing of a `nat` or `route` network: the uplink address, NAT settings and port forwards,
-/// firewall rules, static routes. `uplink` is the parsed `[network.uplink]`.
+/// firewall rules, static routes (`RoutingConfig`, with an uplink), or socket NAT's settings
+/// and forwards (a nat network without one). `uplink` is the parsed `[network.uplink]`.
 fn parse_routing(
     cx: &Ctx,
     n: &RawNetwork,
@@ -531,7 +601,7 @@ fn parse_routing(
     gateway: Option<(Ipv4Addr, u8)>,
     uplink: Option<&UplinkConfig>,
     warnings: &mut Vec<String>,
-) -> Result<Option<RoutingConfig>, ConfigError> {
+) -> Result<(Option<RoutingConfig>, Option<SocketNatConfig>), ConfigError> {
     use vunet_switch::firewall::{Action, Proto, Rule};
     use vunet_switch::nat::{NatConfig, PortForward};
     let routed = matches!(mode, Mode::Nat | Mode::Route);
@@ -562,9 +632,9 @@ fn parse_routing(
         if let Some(r) = n.route.first() {
             return Err(cx.err(r.span(), format!("network {net:?}: [[network.route]] is for nat and route networks")));
         }
-        return Ok(None);
+        return Ok((None, None));
     }
-    let Some(gw) = gateway else { return Ok(None) };
+    let Some(gw) = gateway else { return Ok((None, None)) };
     let host_of_subnet = |ip: Ipv4Addr| in_subnet(ip, gw) && ip != gw.0;
     let mut routes = Vec::new();
     for r in &n.route {
@@ -579,9 +649,42 @@ fn parse_routing(
         }
         routes.push(vunet_switch::router::StaticRoute { net: net_ip, prefix, via });
     }
+    // A nat network without an uplink goes out through the host's own sockets.
+    let socket = mode == Mode::Nat && uplink.is_none();
     let mut nat = NatConfig::default();
+    let mut snat = SocketNatConfig::default();
     if let Some(v) = &n.nat {
         let raw = v.get_ref();
+        let flavour = |span: Range<usize>, key: &str| {
+            if socket {
+                cx.err(span, format!("network {net:?}: nat {key} is for uplink NAT (a nat network with [network.uplink]); this one goes out through the host's sockets"))
+            } else {
+                cx.err(span, format!("network {net:?}: nat {key} is for socket NAT (a nat network without [network.uplink])"))
+            }
+        };
+        if socket {
+            // The host's kernel picks the source ports and holds the connections.
+            if let Some(p) = &raw.ports {
+                return Err(flavour(p.span(), "ports"));
+            }
+            if let Some(m) = &raw.max_entries {
+                return Err(
+                    cx.err(m.span(), format!("network {net:?}: nat max_entries is for uplink NAT; socket NAT's bound is max_connections"))
+                );
+            }
+            if let Some(t) = &raw.icmp_timeout {
+                return Err(flavour(t.span(), "icmp_timeout"));
+            }
+        } else {
+            let uplink_only = [
+                raw.host_loopback.as_ref().map(|h| (h.span(), "host_loopback")),
+                raw.max_connections.as_ref().map(|m| (m.span(), "max_connections")),
+                raw.max_per_guest.as_ref().map(|m| (m.span(), "max_per_guest")),
+            ];
+            if let Some((span, key)) = uplink_only.into_iter().flatten().next() {
+                return Err(flavour(span, key));
+            }
+        }
         if let Some(p) = &raw.ports {
             match p.get_ref()[..] {
                 [lo, hi] if (1..=65535).contains(&lo) && (lo..=65535).contains(&hi) => nat.ports = (lo as u16, hi as u16),
@@ -594,17 +697,38 @@ fn parse_routing(
             }
             nat.max_entries = *m.get_ref() as usize;
         }
-        for (t, field) in [
-            (&raw.tcp_timeout, &mut nat.timeouts.tcp_established),
-            (&raw.udp_timeout, &mut nat.timeouts.udp_replied),
-            (&raw.icmp_timeout, &mut nat.timeouts.icmp),
+        // Socket NAT has no ICMP time-out of its own (refused above).
+        let mut no_icmp_idle = 0;
+        for (t, field, secs) in [
+            (&raw.tcp_timeout, &mut nat.timeouts.tcp_established, &mut snat.tcp_idle_secs),
+            (&raw.udp_timeout, &mut nat.timeouts.udp_replied, &mut snat.udp_idle_secs),
+            (&raw.icmp_timeout, &mut nat.timeouts.icmp, &mut no_icmp_idle),
         ] {
             if let Some(t) = t {
                 if !(1..=864_000).contains(t.get_ref()) {
                     return Err(cx.err(t.span(), format!("invalid timeout {} (seconds, 1 to 864000)", t.get_ref())));
                 }
                 *field = *t.get_ref() as u64 * 1000;
+                *secs = *t.get_ref() as u64;
             }
+        }
+        if let Some(h) = &raw.host_loopback {
+            snat.host_loopback = *h.get_ref();
+        }
+        if let Some(m) = &raw.max_connections {
+            if !(16..=1_000_000).contains(m.get_ref()) {
+                return Err(cx.err(m.span(), format!("invalid max_connections {} (16 to 1000000)", m.get_ref())));
+            }
+            snat.max_connections = *m.get_ref() as usize;
+        }
+        snat.max_per_guest = (snat.max_connections / 4).max(1);
+        if let Some(m) = &raw.max_per_guest {
+            if !(1..=snat.max_connections as i64).contains(m.get_ref()) {
+                return Err(
+                    cx.err(m.span(), format!("invalid max_per_guest {} (1 to max_connections, {})", m.get_ref(), snat.max_connections))
+                );
+            }
+            snat.max_per_guest = *m.get_ref() as usize;
         }
     }
     for f in &n.port_forward {
@@ -633,10 +757,32 @@ fn parse_routing(
         if port as u32 + (external.1 - external.0) as u32 > 65535 {
             return Err(cx.err(raw.to.span(), "port_forward: the guest port range goes past 65535"));
         }
-        if nat.forwards.iter().any(|o: &PortForward| o.proto == proto && o.external.0 <= external.1 && external.0 <= o.external.1) {
+        let listen = match &raw.listen {
+            None => None,
+            Some(l) if !socket => {
+                return Err(cx.err(
+                    l.span(),
+                    format!("network {net:?}: port_forward listen is for socket NAT (a nat network without [network.uplink]); uplink NAT forwards arrive on the uplink address"),
+                ))
+            }
+            Some(l) => Some(l.get_ref().parse::<IpAddr>().map_err(|_| {
+                cx.err(l.span(), format!("invalid port_forward listen {:?} (a host address, e.g. \"127.0.0.1\" or \"::1\")", l.get_ref()))
+            })?),
+        };
+        let overlaps = |o_proto: u8, o_ext: (u16, u16)| o_proto == proto && o_ext.0 <= external.1 && external.0 <= o_ext.1;
+        let taken = if socket {
+            snat.forwards.iter().any(|o| overlaps(o.proto, o.external) && listens_overlap(o.listen, listen))
+        } else {
+            nat.forwards.iter().any(|o: &PortForward| overlaps(o.proto, o.external))
+        };
+        if taken {
             return Err(cx.err(raw.port.span(), "port_forward: this port is already forwarded"));
         }
-        nat.forwards.push(PortForward { proto, external, guest: ip, guest_port: port });
+        if socket {
+            snat.forwards.push(SocketForward { proto, listen, external, guest: ip, guest_port: port });
+        } else {
+            nat.forwards.push(PortForward { proto, external, guest: ip, guest_port: port });
+        }
     }
     let action = |s: &Spanned<String>| match s.get_ref().as_str() {
         "allow" => Ok(Action::Allow),
@@ -683,6 +829,15 @@ fn parse_routing(
         Some(f) => action(f)?,
         None => Action::Allow,
     };
+    if socket {
+        if let Some(r) = n.route.first() {
+            return Err(cx.err(
+                r.span(),
+                format!("network {net:?}: [[network.route]] needs a router with an uplink (route mode, or nat with [network.uplink]); socket NAT carries the guests' own subnet only"),
+            ));
+        }
+        return Ok((None, Some(snat)));
+    }
     let Some(up) = uplink else {
         warnings.push(format!(
             "{}:{}: network {net:?}: mode {} without an [network.uplink]: the guests have their gateway but no way out",
@@ -690,7 +845,7 @@ fn parse_routing(
             cx.line_of(n.mode.span()),
             mode.name()
         ));
-        return Ok(None);
+        return Ok((None, None));
     };
     let raw_up = n.uplink.as_ref().map(|u| u.get_ref());
     let router = match raw_up.and_then(|u| u.router.as_ref()) {
@@ -729,7 +884,7 @@ fn parse_routing(
         );
     }
     let mac = up.mac.unwrap_or_else(|| vunet_switch::gateway::gateway_mac(&format!("{net}/uplink")));
-    Ok(Some(RoutingConfig { address, mac, proxy_arp, routes, nat, firewall, firewall_default }))
+    Ok((Some(RoutingConfig { address, mac, proxy_arp, routes, nat, firewall, firewall_default }), None))
 }
 
 fn parse_dhcp(cx: &Ctx, d: &Spanned<RawDhcp>, net: &str, gateway: Option<(Ipv4Addr, u8)>) -> Result<DhcpConfig, ConfigError> {
@@ -930,7 +1085,7 @@ impl Config {
                     return Err(cx.err(n.uplink.as_ref().map(|u| u.span()).unwrap_or(0..0), format!("tap {} is used twice", u.interface)));
                 }
             }
-            let routing = parse_routing(&cx, &n, &name, mode, gateway, uplink.as_ref(), &mut warnings)?;
+            let (routing, socket_nat) = parse_routing(&cx, &n, &name, mode, gateway, uplink.as_ref(), &mut warnings)?;
             // A routed macvtap is created with the router's MAC.
             let uplink = uplink.map(|u| match &routing {
                 Some(r) if u.kind == UplinkKind::Macvtap => UplinkConfig { mac: Some(r.mac), ..u },
@@ -1057,16 +1212,9 @@ impl Config {
                 workers,
                 dhcp,
                 dns,
-                socket_nat: (mode == Mode::Nat && uplink.is_none() && gateway.is_some()).then(|| SocketNatConfig {
-                    host_loopback: false,
-                    max_connections: 4096,
-                    max_per_guest: 1024,
-                    tcp_idle_secs: 7200,
-                    udp_idle_secs: 180,
-                    forwards: Vec::new(),
-                }),
                 uplink,
                 routing,
+                socket_nat,
                 socket_mode: net_socket_mode,
                 socket_group: net_socket_group,
                 ports,
@@ -1080,13 +1228,22 @@ impl Config {
             metrics_listen,
             networks,
             warnings,
+            notes: Vec::new(),
         })
     }
 
-    /// The embedded default: network `default`, isolated, gateway 192.168.122.1/24 with DHCP
-    /// (.2–.254) and DNS, four server-mode guest sockets `vm1.sock` … `vm4.sock` and the
-    /// control socket `control.sock` in `runtime_dir`.
+    /// The embedded default: network `default`, nat through the host's sockets (socket NAT with
+    /// its defaults), gateway 192.168.122.1/24 with DHCP (.2–.254) and DNS, four server-mode
+    /// guest sockets `vm1.sock` … `vm4.sock` and the control socket `control.sock` in
+    /// `runtime_dir`. Where 192.168.122.0/24 overlaps a route of the host (libvirt's virbr0),
+    /// the next free 192.168.N.0/24 instead, said in `notes`.
     pub fn default_in(runtime_dir: &Path) -> Config {
+        Self::default_for_routes(runtime_dir, &read_host_routes())
+    }
+
+    /// [`Config::default_in`] for a given host routing table (`/proc/net/route`, parsed).
+    pub fn default_for_routes(runtime_dir: &Path, routes: &[HostRoute]) -> Config {
+        let (n, why) = default_subnet(routes);
         let ports = (1..=4)
             .map(|i| PortConfig {
                 name: format!("vm{i}"),
@@ -1109,26 +1266,77 @@ impl Config {
             metrics_listen: None,
             networks: vec![NetworkConfig {
                 name: "default".into(),
-                mode: Mode::Isolated,
-                gateway: Some((Ipv4Addr::new(192, 168, 122, 1), 24)),
+                mode: Mode::Nat,
+                gateway: Some((Ipv4Addr::new(192, 168, n, 1), 24)),
                 mtu: 1500,
                 busy_poll_us: 0,
                 workers: default_workers(),
                 dhcp: Some(DhcpConfig {
-                    range: (Ipv4Addr::new(192, 168, 122, 2), Ipv4Addr::new(192, 168, 122, 254)),
+                    range: (Ipv4Addr::new(192, 168, n, 2), Ipv4Addr::new(192, 168, n, 254)),
                     hosts: vec![],
                     lease_secs: 3600,
                 }),
                 dns: DnsConfig::default(),
                 uplink: None,
                 routing: None,
-                socket_nat: None,
+                socket_nat: Some(SocketNatConfig::default()),
                 socket_mode: None,
                 socket_group: None,
                 ports,
             }],
             warnings: vec![],
+            notes: why.map(|w| format!("network \"default\": subnet 192.168.{n}.0/24 {w}")).into_iter().collect(),
         }
+    }
+}
+
+/// A route of the host's IPv4 table, as `/proc/net/route` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostRoute {
+    pub iface: String,
+    pub dest: Ipv4Addr,
+    pub mask: Ipv4Addr,
+}
+
+/// The routes of `/proc/net/route` text that are up (`RTF_UP`). Malformed lines are skipped:
+/// the table only steers the choice of a default subnet.
+pub fn parse_proc_net_route(text: &str) -> Vec<HostRoute> {
+    // The kernel prints each address as the `%08X` of its network-order u32 read in host
+    // order, so the native-endian bytes of the number are the address's bytes.
+    let addr = |h: &str| u32::from_str_radix(h, 16).ok().map(|v| Ipv4Addr::from(v.to_ne_bytes()));
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (iface, dest, flags, mask) = (f.first()?, addr(f.get(1)?)?, f.get(3)?, addr(f.get(7)?)?);
+            let up = u16::from_str_radix(flags, 16).ok()? & 1 != 0;
+            up.then(|| HostRoute { iface: iface.to_string(), dest, mask })
+        })
+        .collect()
+}
+
+/// The host's IPv4 routes (none where /proc/net/route cannot be read).
+pub fn read_host_routes() -> Vec<HostRoute> {
+    std::fs::read_to_string("/proc/net/route").map(|t| parse_proc_net_route(&t)).unwrap_or_default()
+}
+
+/// The third byte N of the embedded default's 192.168.N.0/24: 122 (libvirt's) unless a
+/// non-default route of the host overlaps it, then the first free of 123..=254. With the
+/// reason when it is not 122 (or when none is free and 122 is kept anyway).
+pub fn default_subnet(routes: &[HostRoute]) -> (u8, Option<String>) {
+    let clash = |n: u8| {
+        let net = u32::from(Ipv4Addr::new(192, 168, n, 0));
+        routes.iter().filter(|r| !(r.dest.is_unspecified() && r.mask.is_unspecified())).find(|r| {
+            // Two prefixes overlap when they agree on the bits of the shorter mask.
+            let common = u32::from(r.mask) & 0xffff_ff00;
+            (u32::from(r.dest) ^ net) & common == 0
+        })
+    };
+    let Some(taken) = clash(122) else { return (122, None) };
+    let why = format!("the host's route {}/{} on {}", taken.dest, u32::from(taken.mask).count_ones(), taken.iface);
+    match (123..=254).find(|&n| clash(n).is_none()) {
+        Some(n) => (n, Some(format!("instead of 192.168.122.0/24, which overlaps {why}"))),
+        None => (122, Some(format!("overlaps {why}, and so does every 192.168.123-254.0/24: guests may not reach that network"))),
     }
 }
 
@@ -1514,14 +1722,220 @@ socket_group = "4243"
 
     #[test]
     fn the_embedded_default_has_a_control_socket_dhcp_and_four_guest_sockets() {
-        let c = Config::default_in(Path::new("/tmp/rt"));
+        let c = Config::default_for_routes(Path::new("/tmp/rt"), &[]);
         assert_eq!(c.control_socket.as_deref(), Some(Path::new("/tmp/rt/control.sock")));
         assert_eq!(c.control_group, None, "owner-only");
         let n = &c.networks[0];
-        assert_eq!((n.name.as_str(), n.mode, n.gateway), ("default", Mode::Isolated, Some((Ipv4Addr::new(192, 168, 122, 1), 24))));
+        assert_eq!((n.name.as_str(), n.mode, n.gateway), ("default", Mode::Nat, Some((Ipv4Addr::new(192, 168, 122, 1), 24))));
         assert_eq!(n.dhcp.as_ref().map(|d| d.range), Some((Ipv4Addr::new(192, 168, 122, 2), Ipv4Addr::new(192, 168, 122, 254))));
         let sockets: Vec<_> = n.ports.iter().map(|p| p.socket.clone()).collect();
         assert_eq!(sockets, (1..=4).map(|i| PathBuf::from(format!("/tmp/rt/vm{i}.sock"))).collect::<Vec<_>>());
+        assert!(n.uplink.is_none() && n.routing.is_none(), "out through the host's sockets, no uplink");
+        assert_eq!(n.socket_nat, Some(SocketNatConfig::default()));
+        assert!(c.notes.is_empty() && c.warnings.is_empty(), "{:?} {:?}", c.notes, c.warnings);
+        // The file form of the same network parses to the same settings.
+        let t = "[[network]]\nname = \"default\"\nmode = \"nat\"\ngateway = \"192.168.122.1/24\"\n[network.dhcp]\nrange = [\"192.168.122.2\", \"192.168.122.254\"]\n";
+        let f = parse(t).unwrap();
+        assert_eq!((f.networks[0].socket_nat.as_ref(), f.networks[0].dhcp.as_ref()), (n.socket_nat.as_ref(), n.dhcp.as_ref()));
+    }
+
+    /// `/proc/net/route` text with these (interface, destination, mask, flags) rows; the numbers
+    /// are printed the way the kernel prints them on this host.
+    fn proc_route(rows: &[(&str, [u8; 4], [u8; 4], u16)]) -> String {
+        let mut t = String::from("Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n");
+        for (iface, dest, mask, flags) in rows {
+            t.push_str(&format!(
+                "{iface}\t{:08X}\t00000000\t{flags:04X}\t0\t0\t0\t{:08X}\t0\t0\t0\n",
+                u32::from_ne_bytes(*dest),
+                u32::from_ne_bytes(*mask)
+            ));
+        }
+        t
+    }
+
+    #[test]
+    fn proc_net_route_is_read_in_host_order_and_only_up_routes_count() {
+        let t = proc_route(&[
+            ("eth0", [0, 0, 0, 0], [0, 0, 0, 0], 3),
+            ("virbr0", [192, 168, 122, 0], [255, 255, 255, 0], 1),
+            ("down0", [10, 1, 0, 0], [255, 255, 0, 0], 0),
+        ]);
+        let r = parse_proc_net_route(&format!("{t}garbage line\neth1\tZZ\n"));
+        assert_eq!(
+            r,
+            vec![
+                HostRoute { iface: "eth0".into(), dest: Ipv4Addr::UNSPECIFIED, mask: Ipv4Addr::UNSPECIFIED },
+                HostRoute { iface: "virbr0".into(), dest: Ipv4Addr::new(192, 168, 122, 0), mask: Ipv4Addr::new(255, 255, 255, 0) },
+            ]
+        );
+        #[cfg(target_endian = "little")]
+        assert_eq!(
+            parse_proc_net_route("Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\n virbr0\t007AA8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n")[0].dest,
+            Ipv4Addr::new(192, 168, 122, 0),
+            "the kernel's own text for libvirt's virbr0"
+        );
+    }
+
+    #[test]
+    fn the_default_subnet_avoids_the_hosts_routes() {
+        let routes = |rows: &[(&str, [u8; 4], [u8; 4], u16)]| parse_proc_net_route(&proc_route(rows));
+        let default_route = ("eth0", [0, 0, 0, 0], [0, 0, 0, 0], 3);
+        // The default route and unrelated networks leave libvirt's subnet alone.
+        let r = routes(&[default_route, ("eth0", [10, 0, 2, 0], [255, 255, 255, 0], 1), ("x", [192, 168, 0, 0], [255, 255, 255, 0], 1)]);
+        assert_eq!(default_subnet(&r), (122, None));
+        // libvirt's virbr0 takes it: the next one, and why.
+        let r = routes(&[default_route, ("virbr0", [192, 168, 122, 0], [255, 255, 255, 0], 1)]);
+        let (n, why) = default_subnet(&r);
+        assert_eq!(n, 123);
+        assert_eq!(why.as_deref(), Some("instead of 192.168.122.0/24, which overlaps the host's route 192.168.122.0/24 on virbr0"));
+        let c = Config::default_for_routes(Path::new("/tmp/rt"), &r);
+        let net = &c.networks[0];
+        assert_eq!(net.gateway, Some((Ipv4Addr::new(192, 168, 123, 1), 24)));
+        assert_eq!(net.dhcp.as_ref().map(|d| d.range), Some((Ipv4Addr::new(192, 168, 123, 2), Ipv4Addr::new(192, 168, 123, 254))));
+        assert_eq!(
+            c.notes,
+            vec!["network \"default\": subnet 192.168.123.0/24 instead of 192.168.122.0/24, which overlaps the host's route 192.168.122.0/24 on virbr0".to_string()]
+        );
+        // A host route inside 122, a /25 inside 123, a /23 over 124 and 125: 126.
+        let r = routes(&[
+            ("tun0", [192, 168, 122, 77], [255, 255, 255, 255], 5),
+            ("br1", [192, 168, 124, 0], [255, 255, 254, 0], 1),
+            ("br2", [192, 168, 123, 128], [255, 255, 255, 128], 1),
+        ]);
+        assert_eq!(default_subnet(&r).0, 126, "124/23 covers 124 and 125, 123.128/25 is inside 123");
+        // A route over all of 192.168/16: nothing is free; 122 is kept, and said.
+        let r = routes(&[("vpn0", [192, 168, 0, 0], [255, 255, 0, 0], 1)]);
+        let (n, why) = default_subnet(&r);
+        assert_eq!(n, 122);
+        assert!(why.unwrap().contains("and so does every 192.168.123-254.0/24"));
+    }
+
+    fn nat(extra: &str) -> String {
+        format!("[[network]]\nname = \"a\"\nmode = \"nat\"\ngateway = \"10.0.0.1/24\"\n{extra}")
+    }
+
+    #[test]
+    fn a_nat_network_without_an_uplink_is_socket_nat() {
+        let c = parse(&nat("")).unwrap();
+        assert!(c.warnings.is_empty(), "socket NAT has a way out: {:?}", c.warnings);
+        let n = &c.networks[0];
+        assert!(n.routing.is_none());
+        let s = n.socket_nat.clone().unwrap();
+        assert_eq!(
+            (s.host_loopback, s.max_connections, s.max_per_guest, s.tcp_idle_secs, s.udp_idle_secs, s.forwards.len()),
+            (false, 4096, 1024, 7200, 180, 0)
+        );
+        let c = parse(&nat("[network.nat]\nhost_loopback = true\nmax_connections = 100\ntcp_timeout = 600\nudp_timeout = 30\n\
+             [[network.port_forward]]\nproto = \"tcp\"\nport = 2222\nto = \"10.0.0.10:22\"\nlisten = \"127.0.0.1\"\n\
+             [[network.port_forward]]\nproto = \"tcp\"\nport = 2222\nto = \"10.0.0.11:22\"\nlisten = \"::1\"\n\
+             [[network.port_forward]]\nproto = \"udp\"\nport = \"6000-6009\"\nto = \"10.0.0.10:7000\"\n"))
+        .unwrap();
+        let s = c.networks[0].socket_nat.clone().unwrap();
+        assert_eq!(
+            (s.host_loopback, s.max_connections, s.max_per_guest, s.tcp_idle_secs, s.udp_idle_secs),
+            (true, 100, 25, 600, 30),
+            "max_per_guest defaults to a quarter"
+        );
+        assert_eq!(
+            s.forwards,
+            vec![
+                SocketForward {
+                    proto: 6,
+                    listen: Some("127.0.0.1".parse().unwrap()),
+                    external: (2222, 2222),
+                    guest: Ipv4Addr::new(10, 0, 0, 10),
+                    guest_port: 22
+                },
+                SocketForward {
+                    proto: 6,
+                    listen: Some("::1".parse().unwrap()),
+                    external: (2222, 2222),
+                    guest: Ipv4Addr::new(10, 0, 0, 11),
+                    guest_port: 22
+                },
+                SocketForward { proto: 17, listen: None, external: (6000, 6009), guest: Ipv4Addr::new(10, 0, 0, 10), guest_port: 7000 },
+            ]
+        );
+        let s = parse(&nat("[network.nat]\nmax_connections = 16\nmax_per_guest = 16\n")).unwrap().networks[0].socket_nat.clone().unwrap();
+        assert_eq!((s.max_connections, s.max_per_guest), (16, 16));
+        // With an uplink it is uplink NAT, and a route network without one still has no way out.
+        let up = parse(&nat("[network.uplink]\nkind = \"af-packet\"\ninterface = \"eth1\"\naddress = \"dhcp\"\n")).unwrap();
+        assert!(up.networks[0].socket_nat.is_none() && up.networks[0].routing.is_some());
+        let route = parse("[[network]]\nname = \"r\"\nmode = \"route\"\ngateway = \"10.0.0.1/24\"\n").unwrap();
+        assert!(route.networks[0].socket_nat.is_none());
+        assert_eq!(route.warnings.len(), 1);
+        assert!(
+            route.warnings[0].starts_with("vunet.toml:3: network \"r\": mode route without an [network.uplink]"),
+            "{:?}",
+            route.warnings
+        );
+        // Other modes never get it.
+        assert!(parse(GOOD).unwrap().networks[0].socket_nat.is_none());
+    }
+
+    #[test]
+    fn socket_nat_and_uplink_nat_keys_stay_with_their_flavour() {
+        let uplink = "[network.uplink]\nkind = \"af-packet\"\ninterface = \"eth1\"\naddress = \"dhcp\"\n";
+        let fwd =
+            |listen: &str, port: &str| format!("[[network.port_forward]]\nproto = \"tcp\"\nport = {port}\nto = \"10.0.0.10:22\"\n{listen}");
+        let cases = [
+            (nat("[network.nat]\nports = [1024, 65535]\n"), "vunet.toml:6: network \"a\": nat ports is for uplink NAT"),
+            (
+                nat("[network.nat]\nmax_entries = 100\n"),
+                "vunet.toml:6: network \"a\": nat max_entries is for uplink NAT; socket NAT's bound is max_connections",
+            ),
+            (nat("[network.nat]\nicmp_timeout = 30\n"), "vunet.toml:6: network \"a\": nat icmp_timeout is for uplink NAT"),
+            (
+                nat(&format!("{uplink}[network.nat]\nhost_loopback = true\n")),
+                "vunet.toml:10: network \"a\": nat host_loopback is for socket NAT",
+            ),
+            (
+                nat(&format!("{uplink}[network.nat]\nmax_connections = 100\n")),
+                "vunet.toml:10: network \"a\": nat max_connections is for socket NAT",
+            ),
+            (
+                nat(&format!("{uplink}[network.nat]\nmax_per_guest = 10\n")),
+                "vunet.toml:10: network \"a\": nat max_per_guest is for socket NAT",
+            ),
+            (
+                nat(&format!("{uplink}{}", fwd("listen = \"127.0.0.1\"\n", "22"))),
+                "vunet.toml:13: network \"a\": port_forward listen is for socket NAT",
+            ),
+            (nat("[network.nat]\nmax_connections = 15\n"), "vunet.toml:6: invalid max_connections 15 (16 to 1000000)"),
+            (nat("[network.nat]\nmax_connections = 1000001\n"), "vunet.toml:6: invalid max_connections 1000001"),
+            (nat("[network.nat]\nmax_per_guest = 0\n"), "vunet.toml:6: invalid max_per_guest 0 (1 to max_connections, 4096)"),
+            (
+                nat("[network.nat]\nmax_connections = 100\nmax_per_guest = 101\n"),
+                "vunet.toml:7: invalid max_per_guest 101 (1 to max_connections, 100)",
+            ),
+            (nat("[network.nat]\nhost_loopback = \"yes\"\n"), "vunet.toml:6:"),
+            (nat("[network.nat]\ntcp_timeout = 0\n"), "vunet.toml:6: invalid timeout 0"),
+            (nat(&fwd("listen = \"localhost\"\n", "22")), "vunet.toml:9: invalid port_forward listen \"localhost\""),
+            (
+                nat(&format!("{}{}", fwd("", "22"), fwd("listen = \"127.0.0.1\"\n", "\"20-30\""))),
+                "vunet.toml:11: port_forward: this port is already forwarded",
+            ),
+            (
+                nat(&format!("{}{}", fwd("listen = \"0.0.0.0\"\n", "22"), fwd("listen = \"127.0.0.1\"\n", "22"))),
+                "vunet.toml:12: port_forward: this port is already forwarded",
+            ),
+            (
+                nat(&format!("{}{}", fwd("listen = \"::\"\n", "22"), fwd("listen = \"127.0.0.1\"\n", "22"))),
+                "vunet.toml:12: port_forward: this port is already forwarded",
+            ),
+            (
+                nat("[[network.route]]\naddress = \"172.20.0.0/16\"\nvia = \"10.0.0.5\"\n"),
+                "vunet.toml:5: network \"a\": [[network.route]] needs a router with an uplink",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{text}\n got: {e}\nwant: {want}");
+            assert!(!e.contains('\n'), "one line: {e:?}");
+        }
+        // The same port on two distinct addresses, or on v4's wildcard and v6's loopback, is fine.
+        let ok = nat(&format!("{}{}", fwd("listen = \"0.0.0.0\"\n", "22"), fwd("listen = \"::1\"\n", "22")));
+        assert_eq!(parse(&ok).unwrap().networks[0].socket_nat.as_ref().map(|s| s.forwards.len()), Some(2));
     }
 
     #[test]
@@ -1531,22 +1945,3 @@ socket_group = "4243"
     }
 }
 
-/// Socket NAT settings: a `nat` network with a gateway and no `[network.uplink]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SocketNatConfig {
-    pub host_loopback: bool,
-    pub max_connections: usize,
-    pub max_per_guest: usize,
-    pub tcp_idle_secs: u64,
-    pub udp_idle_secs: u64,
-    pub forwards: Vec<SocketForward>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SocketForward {
-    pub proto: u8,
-    pub listen: Option<std::net::IpAddr>,
-    pub external: (u16, u16),
-    pub guest: Ipv4Addr,
-    pub guest_port: u16,
-}

@@ -1,5 +1,6 @@
 //! libvirt network XML → vunet TOML (`vunet import-libvirt FILE.xml`, and `vunet run --config
-//! FILE.xml`). The seeds' networks import as they are: `default` (NAT with DHCP), routed,
+//! FILE.xml`). The seeds' networks import as they are: `default` (NAT with DHCP, through the
+//! host's sockets; with `<forward dev=...>` the uplink is left to complete), routed,
 //! isolated (no `<forward>`), bridged (`<forward mode='bridge'/><bridge name='br0'/>`), with
 //! `<dhcp><host>`, `<dns><host>`/`<forwarder>` and `<mtu>`. Whatever vunet cannot honour is
 //! named in one warning line each, never dropped silently.
@@ -311,25 +312,49 @@ pub fn import(text: &str, file: &str) -> Result<Imported, String> {
             );
         }
     }
+    // `<forward mode='nat'>` alone is libvirt's default network: NAT through the host's own
+    // addresses. vunet does that with the host's sockets (socket NAT, no uplink). With a `dev=`
+    // the NAT is meant to leave by one interface: that is uplink NAT, which needs an address on
+    // that LAN, so the uplink is left for the user to complete, and what only uplink NAT takes
+    // (a port range, routes behind guests) is written as comments for then.
+    let dev = forward.and_then(|f| f.attr("dev"));
+    let socket_nat = mode == "nat" && dev.is_none();
+    let pending_uplink = mode == "nat" && dev.is_some();
     if let Some(f) = forward {
-        if matches!(mode, "nat" | "route") {
+        if mode == "route" || (mode == "nat" && dev.is_some()) {
             warn(
                 f.line,
                 format!(
-                    "forward mode '{mode}': vunet routes through an uplink of its own: add [network.uplink] with kind, interface{} and address (\"dhcp\" or a static one)",
-                    f.attr("dev").map(|d| format!(", e.g. interface = \"{d}\"")).unwrap_or_default()
+                    "forward mode '{mode}': vunet routes through an uplink of its own: add [network.uplink] with kind, interface{} and address (\"dhcp\" or a static one){}",
+                    dev.map(|d| format!(", e.g. interface = \"{d}\"")).unwrap_or_default(),
+                    if mode == "nat" { "; until then the guests go out through the host's sockets (socket NAT)" } else { "" }
                 ),
             );
         }
         if let Some(n) = f.child("nat").filter(|_| mode == "nat") {
             if let Some(p) = n.child("port") {
                 match (p.attr("start").and_then(|v| v.parse::<u16>().ok()), p.attr("end").and_then(|v| v.parse::<u16>().ok())) {
-                    (Some(lo), Some(hi)) if lo > 0 && lo <= hi => t.push_str(&format!("[network.nat]\nports = [{lo}, {hi}]\n")),
+                    // libvirt's own default range says nothing socket NAT must honour.
+                    (Some(1024), Some(65535)) if socket_nat => {}
+                    (Some(_), Some(_)) if socket_nat => warn(
+                        p.line,
+                        "<nat><port> is not used: through the host's sockets, the host's kernel picks the source ports; ignored".into(),
+                    ),
+                    // Uplink NAT's port range, for when the uplink is added (a nat network
+                    // without one refuses `ports`).
+                    (Some(lo), Some(hi)) if lo > 0 && lo <= hi => {
+                        t.push_str(&format!("# With [network.uplink] added:\n# [network.nat]\n# ports = [{lo}, {hi}]\n"))
+                    }
                     _ => warn(p.line, "<nat><port> needs start and end ports; ignored".into()),
                 }
             }
             for x in n.all("address") {
-                warn(x.line, "<nat><address> ranges are not supported: vunet masquerades to its one uplink address".into());
+                let what = if socket_nat {
+                    "<nat><address> ranges are not supported: socket NAT's connections leave from the host's own addresses"
+                } else {
+                    "<nat><address> ranges are not supported: vunet masquerades to its one uplink address"
+                };
+                warn(x.line, what.into());
             }
             if n.attr("ipv6").is_some() {
                 warn(n.line, "<nat ipv6> is not supported (IPv4 only)".into());
@@ -344,8 +369,16 @@ pub fn import(text: &str, file: &str) -> Result<Imported, String> {
             warn(r.line, "IPv6 <route> is not supported; ignored".into());
         } else if !matches!(mode, "nat" | "route") {
             warn(r.line, "<route> needs a nat or route network; ignored".into());
+        } else if socket_nat {
+            warn(r.line, "<route> needs a router with an uplink: socket NAT carries the guests' own subnet only; ignored".into());
         } else {
-            t.push_str(&format!("[[network.route]]\naddress = {}\nvia = {}\n", q(&format!("{addr}/{}", prefix_of(r, file)?)), q(gw)));
+            let route = format!("[[network.route]]\naddress = {}\nvia = {}\n", q(&format!("{addr}/{}", prefix_of(r, file)?)), q(gw));
+            if pending_uplink {
+                t.push_str("# With [network.uplink] added:\n");
+                t.push_str(&route.lines().map(|l| format!("# {l}\n")).collect::<String>());
+            } else {
+                t.push_str(&route);
+            }
         }
     }
     let known = ["name", "uuid", "forward", "bridge", "mtu", "domain", "dns", "ip", "mac", "route"];
@@ -381,16 +414,47 @@ mod tests {
         assert_eq!(d.range, (Ipv4Addr::new(192, 168, 122, 2), Ipv4Addr::new(192, 168, 122, 254)));
         assert_eq!(d.hosts[0].name.as_deref(), Some("web"));
         assert!(w.iter().any(|l| l.starts_with("net.xml:7:") && l.contains("virbr0")), "{w:?}");
-        assert!(!w.iter().any(|l| l.contains("<nat>")), "the NAT port range is imported: {w:?}");
-        let t = super::import(
-            "<network><name>d</name><forward mode='nat'><nat><port start='20000' end='30000'/></nat></forward><ip address='192.168.122.1' prefix='24'/><route address='172.20.0.0' prefix='16' gateway='192.168.122.10'/></network>",
-            "d.xml",
-        )
-        .unwrap();
-        assert!(t.toml.contains("[network.nat]\nports = [20000, 30000]\n"), "{}", t.toml);
-        assert!(t.toml.contains("[[network.route]]\naddress = \"172.20.0.0/16\"\nvia = \"192.168.122.10\"\n"), "{}", t.toml);
-        Config::parse(&t.toml, "d.toml", std::path::Path::new("/")).expect("the import is a valid config");
+        assert!(!w.iter().any(|l| l.contains("<nat>") || l.contains("<port>")), "libvirt's default port range is no news: {w:?}");
+        assert!(n.uplink.is_none() && n.routing.is_none(), "no uplink: NAT through the host's sockets");
+        assert_eq!(n.socket_nat, Some(crate::config::SocketNatConfig::default()));
+        assert!(!w.iter().any(|l| l.contains("uplink")), "nothing to add for socket NAT: {w:?}");
         assert!(w.iter().any(|l| l.starts_with("net.xml:8:") && l.contains("<mac>")), "{w:?}");
+    }
+
+    #[test]
+    fn nat_without_dev_is_socket_nat_and_with_dev_awaits_its_uplink() {
+        let xml = |fwd: &str| {
+            format!("<network><name>d</name>\n{fwd}\n<nat><port start='20000' end='30000'/></nat></forward>\n<ip address='192.168.122.1' prefix='24'/>\n<route address='172.20.0.0' prefix='16' gateway='192.168.122.10'/></network>")
+        };
+        // No dev=: socket NAT; what only an uplink router could honour is named and dropped.
+        let i = import(&xml("<forward mode='nat'>"), "d.xml").unwrap();
+        assert!(!i.toml.contains("ports") && !i.toml.contains("network.route"), "{}", i.toml);
+        assert_eq!(i.warnings.len(), 2, "{:?}", i.warnings);
+        assert!(i.warnings[0].starts_with("d.xml:3: <nat><port> is not used"), "{:?}", i.warnings);
+        assert!(i.warnings[1].starts_with("d.xml:5: <route> needs a router with an uplink"), "{:?}", i.warnings);
+        let c = Config::parse(&i.toml, "d.toml", Path::new("/")).unwrap_or_else(|e| panic!("{e}\n{}", i.toml));
+        assert!(c.networks[0].socket_nat.is_some() && c.networks[0].routing.is_none());
+        // dev='eth1': as before, the user is told to add the uplink on eth1; the port range and
+        // routes wait as comments, and meanwhile the file runs as socket NAT.
+        let i = import(&xml("<forward mode='nat' dev='eth1'>"), "d.xml").unwrap();
+        assert!(i.toml.contains("# [network.nat]\n# ports = [20000, 30000]\n"), "{}", i.toml);
+        assert!(i.toml.contains("# [[network.route]]\n# address = \"172.20.0.0/16\"\n# via = \"192.168.122.10\"\n"), "{}", i.toml);
+        assert_eq!(i.warnings.len(), 1, "{:?}", i.warnings);
+        assert!(i.warnings[0].starts_with("d.xml:2: forward mode 'nat': vunet routes through an uplink of its own"), "{:?}", i.warnings);
+        assert!(i.warnings[0].contains("interface = \"eth1\""), "{:?}", i.warnings);
+        let c = Config::parse(&i.toml, "d.toml", Path::new("/")).unwrap_or_else(|e| panic!("{e}\n{}", i.toml));
+        assert!(c.networks[0].socket_nat.is_some());
+        // Uncommenting the template, with an uplink, gives uplink NAT with that range and route.
+        let done = format!(
+            "{}[network.uplink]\nkind = \"af-packet\"\ninterface = \"eth1\"\naddress = \"dhcp\"\n",
+            i.toml.replace("# [", "[").replace("# ports", "ports").replace("# address", "address").replace("# via", "via")
+        );
+        let c = Config::parse(&done, "d.toml", Path::new("/")).unwrap_or_else(|e| panic!("{e}\n{done}"));
+        let r = c.networks[0].routing.as_ref().expect("uplink NAT");
+        assert_eq!((r.nat.ports, r.routes.len(), c.networks[0].socket_nat.is_none()), ((20000, 30000), 1, true));
+        // A route network keeps its routes.
+        let i = import("<network><name>r</name><forward mode='route'/><ip address='10.1.0.1' prefix='24'/><route address='172.20.0.0' prefix='16' gateway='10.1.0.10'/></network>", "r.xml").unwrap();
+        assert!(i.toml.contains("\n[[network.route]]\n"), "{}", i.toml);
     }
 
     #[test]

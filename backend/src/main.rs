@@ -449,6 +449,9 @@ fn stop_signals() -> libc::sigset_t {
 
 /// Tells the user where the sockets are and exactly how to connect QEMU to each.
 fn print_summary(cfg: &Config) {
+    for note in &cfg.notes {
+        println!("{note}");
+    }
     for n in &cfg.networks {
         // The gateway's services are on wherever there is a gateway: DNS always, DHCP if set.
         let gw = n.gateway.map(|(a, p)| format!(", gateway {a}/{p}")).unwrap_or_default();
@@ -458,6 +461,25 @@ fn print_summary(cfg: &Config) {
         println!("network {:?}: mode {}{gw}{dhcp}{dns}, mtu {}, {} guest port(s)", n.name, n.mode.name(), n.mtu, guests);
         if let Some(u) = &n.uplink {
             println!("  uplink {} on {}", u.kind.name(), u.interface);
+        }
+        if let Some(s) = &n.socket_nat {
+            println!(
+                "  out through the host's sockets (socket NAT): up to {} TCP connections, {} per guest; host loopback {}",
+                s.max_connections,
+                s.max_per_guest,
+                if s.host_loopback { "reachable at the gateway address" } else { "not reachable" }
+            );
+            for f in &s.forwards {
+                let proto = if f.proto == vunet_switch::proto::IPPROTO_TCP { "tcp" } else { "udp" };
+                let listen = match f.listen {
+                    Some(std::net::IpAddr::V6(a)) => format!("[{a}]"),
+                    Some(a) => a.to_string(),
+                    None => "*".into(),
+                };
+                let ports = |lo: u16, hi: u16| if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") };
+                let last = f.guest_port + (f.external.1 - f.external.0);
+                println!("  forward {proto} {listen}:{} -> {}:{}", ports(f.external.0, f.external.1), f.guest, ports(f.guest_port, last));
+            }
         }
         for p in &n.ports {
             if let Some(tap) = &p.tap {

@@ -258,11 +258,14 @@ fn the_default_network_is_reached_with_no_flags() {
         daemon.out
     );
     daemon.ready();
-    assert!(daemon.out.contains("mode isolated, gateway 192.168.122.1/24, DHCP 192.168.122.2-192.168.122.254, DNS"), "{}", daemon.out);
+    // Socket NAT on libvirt's subnet, or the next one free of this host's routes.
+    let (n, _) = vunet::config::default_subnet(&vunet::config::read_host_routes());
+    assert!(daemon.out.contains(&format!("mode nat, gateway 192.168.{n}.1/24, DHCP 192.168.{n}.2-192.168.{n}.254, DNS")), "{}", daemon.out);
+    assert!(daemon.out.contains("out through the host's sockets (socket NAT)"), "{}", daemon.out);
     let text = |o: &Output| String::from_utf8_lossy(&o.stdout).to_string();
 
     let net = vunet_in(&xdg, &["net-list"]);
-    assert!(net.status.success() && text(&net).contains("default          isolated  192.168.122.1/24"), "{net:?}");
+    assert!(net.status.success() && text(&net).contains(&format!("default          nat       192.168.{n}.1/24")), "{net:?}");
     assert!(text(&net).contains("0/4 connected"), "{net:?}");
     let ports = vunet_in(&xdg, &["port-list", "default"]);
     assert!(ports.status.success(), "{ports:?}");
@@ -364,7 +367,7 @@ fn another_user_gets_a_private_runtime_directory() {
     let meta = std::fs::symlink_metadata(&private).unwrap();
     assert_eq!((meta.is_dir(), meta.uid(), meta.mode() & 0o777), (true, 65534, 0o700), "a private directory");
     let net = nobody(&["net-list"]);
-    assert!(net.status.success() && text(&net).contains("default          isolated"), "{net:?}");
+    assert!(net.status.success() && text(&net).contains("default          nat"), "{net:?}");
     let added = nobody(&["port-add", "default", "vm5"]);
     assert!(added.status.success() && text(&added).contains("socket=/tmp/vunet-65534/default-vm5.sock"), "{added:?}");
     let ports = nobody(&["port-list", "default"]);

@@ -86,7 +86,9 @@ impl DnsService {
 impl GatewayService for DnsService {
     fn handle(&self, cx: &GatewayCx, port: &Port, frame: &[u8], reply: &mut Vec<u8>) -> Handled {
         let gw = cx.gateway;
-        if frame[0..6] != gw.mac {
+        // Queries to the gateway's own address only: one to another server through the
+        // gateway's MAC (socket NAT, a router) is for that server.
+        if frame[0..6] != gw.mac || frame.len() < 34 || frame[30..34] != gw.ip.octets() {
             return Handled::NotMine;
         }
         let Some((client_ip, client_port, query)) = udp_datagram(frame, vunet_dhcp::dns::PORT) else { return Handled::NotMine };

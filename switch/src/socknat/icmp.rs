@@ -138,8 +138,7 @@ impl IcmpTable {
     /// fit `buf` (counted as `bad_icmp`), or a packet too large for IP.
     pub fn reply(&mut self, id: FlowId, len: usize, buf: &mut [u8], now: u64) -> Option<usize> {
         let f = self.slots.get_mut(id)?.as_mut()?;
-        let end = ICMP_FRAME_HDR.checked_add(len)?;
-        let Some(m) = buf.get_mut(ICMP_FRAME_HDR..end) else {
+        let Some(m) = buf.get_mut(ICMP_FRAME_HDR..ICMP_FRAME_HDR.saturating_add(len)) else {
             self.counters.drop(Drop::BadIcmp);
             return None;
         };
@@ -190,5 +189,194 @@ impl IcmpTable {
         self.free.push(id);
         self.live -= 1;
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use etherparse::{Icmpv4Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+
+    use super::*;
+
+    const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x10];
+    const GW_MAC: [u8; 6] = [2, 0x76, 0x75, 0, 0, 1];
+    const G: [u8; 4] = [192, 168, 122, 10];
+    const R: [u8; 4] = [10, 9, 8, 7];
+
+    fn echo(src: [u8; 4], dst: [u8; 4], ident: u16, seq: u16, data: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2(GUEST_MAC, GW_MAC).ipv4(src, dst, 64).icmpv4_echo_request(ident, seq).write(&mut v, data).unwrap();
+        v
+    }
+
+    fn ip(a: [u8; 4]) -> IpAddr {
+        IpAddr::from(a)
+    }
+
+    /// What a ping socket's `recv` gives: the echo reply with the kernel's identifier and a
+    /// checksum over that identifier.
+    fn kernel_reply(ident: u16, seq: u16, data: &[u8]) -> Vec<u8> {
+        let mut m = vec![ICMP_ECHO_REPLY, 0, 0, 0];
+        m.extend_from_slice(&ident.to_be_bytes());
+        m.extend_from_slice(&seq.to_be_bytes());
+        m.extend_from_slice(data);
+        let c = finish(sum(&m, 0));
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+        m
+    }
+
+    #[test]
+    fn echo_goes_out_and_the_reply_gets_the_guests_identifier_back() {
+        let mut t = IcmpTable::new(IcmpConfig::default());
+        let none = VnetHeader::default();
+        let f = echo(G, R, 0x4242, 1, b"abcdefgh");
+        let Ok(IcmpOp::Open { id, remote, message }) = t.input(&f, &none, 0) else { panic!() };
+        assert_eq!(remote, ip(R));
+        assert_eq!(message, &f[34..], "the whole ICMP message, for the ping socket");
+        assert_eq!(t.key(id), Some(IcmpKey { guest: ip(G), ident: 0x4242, remote: ip(R) }));
+        // The next request of the same ping: the same socket.
+        let f2 = echo(G, R, 0x4242, 2, b"abcdefgh");
+        assert_eq!(t.input(&f2, &none, 1000), Ok(IcmpOp::Send { id, message: &f2[34..] }));
+        // Another identifier (another ping process), or another remote: another socket.
+        assert!(matches!(t.input(&echo(G, R, 0x4243, 1, b""), &none, 0), Ok(IcmpOp::Open { .. })));
+        assert!(matches!(t.input(&echo(G, [10, 9, 8, 6], 0x4242, 1, b""), &none, 0), Ok(IcmpOp::Open { .. })));
+        assert_eq!(t.len(), 3);
+        // The reply, with the kernel's identifier 0x0007.
+        let m = kernel_reply(7, 2, b"abcdefgh");
+        let mut buf = vec![0u8; 2048];
+        buf[ICMP_FRAME_HDR..ICMP_FRAME_HDR + m.len()].copy_from_slice(&m);
+        let n = t.reply(id, m.len(), &mut buf, 1500).unwrap();
+        assert_eq!(n, ICMP_FRAME_HDR + m.len());
+        let p = SlicedPacket::from_ethernet(&buf[..n]).unwrap();
+        let Some(NetSlice::Ipv4(iph)) = &p.net else { panic!() };
+        assert_eq!((iph.header().source(), iph.header().destination()), (R, G));
+        assert_eq!(finish(sum(&buf[14..34], 0)), 0, "IP header checksum");
+        let Some(TransportSlice::Icmpv4(i)) = &p.transport else { panic!() };
+        let Icmpv4Type::EchoReply(e) = i.icmp_type() else { panic!("{:?}", i.icmp_type()) };
+        assert_eq!((e.id, e.seq), (0x4242, 2));
+        assert_eq!(i.payload(), b"abcdefgh");
+        assert_eq!(finish(sum(&buf[34..n], 0)), 0, "ICMP checksum fixed");
+        assert_eq!(&buf[0..6], &GUEST_MAC);
+        assert_eq!(&buf[6..12], &GW_MAC);
+        assert_eq!(t.counters.bytes_to_guest, 16);
+    }
+
+    #[test]
+    fn idle_flows_expire_after_a_minute() {
+        let mut t = IcmpTable::new(IcmpConfig::default());
+        let none = VnetHeader::default();
+        let Ok(IcmpOp::Open { id, .. }) = t.input(&echo(G, R, 1, 1, b""), &none, 0) else { panic!() };
+        t.input(&echo(G, R, 2, 1, b""), &none, 30_000).unwrap();
+        let mut closed = Vec::new();
+        t.tick(59_999, |id| closed.push(id));
+        assert!(closed.is_empty());
+        t.tick(60_000, |id| closed.push(id));
+        assert_eq!(closed, vec![id]);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.counters.idle_timeouts, 1);
+        // A reply keeps a flow alive too.
+        let m = kernel_reply(9, 1, b"");
+        let mut buf = vec![0u8; 128];
+        buf[ICMP_FRAME_HDR..ICMP_FRAME_HDR + 8].copy_from_slice(&m);
+        assert!(t.reply(id, 8, &mut buf, 60_000).is_none(), "the flow is gone");
+        assert!(t.key(1).is_some(), "the second flow is id 1");
+        assert!(t.reply(1, 8, &mut buf, 80_000).is_some());
+        t.tick(139_999, |id| closed.push(id));
+        assert_eq!(closed.len(), 1);
+        t.tick(140_000, |id| closed.push(id));
+        assert_eq!(closed.len(), 2);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn bounded_per_guest_and_in_all_without_eviction() {
+        let mut t = IcmpTable::new(IcmpConfig { max_flows: 3, max_per_guest: 2, ..IcmpConfig::default() });
+        let none = VnetHeader::default();
+        t.input(&echo(G, R, 1, 1, b""), &none, 0).unwrap();
+        t.input(&echo(G, R, 2, 1, b""), &none, 0).unwrap();
+        assert_eq!(t.input(&echo(G, R, 3, 1, b""), &none, 0), Err(Drop::ShareExceeded));
+        assert!(matches!(t.input(&echo(G, R, 1, 2, b""), &none, 0), Ok(IcmpOp::Send { .. })));
+        let other = [192, 168, 122, 11];
+        t.input(&echo(other, R, 1, 1, b""), &none, 0).unwrap();
+        assert_eq!(t.input(&echo(other, R, 2, 1, b""), &none, 0), Err(Drop::TableFull));
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.guest_flows(ip(G)), 2);
+        assert_eq!((t.counters.dropped(Drop::ShareExceeded), t.counters.dropped(Drop::TableFull)), (1, 1));
+        assert!(t.remove(0));
+        assert!(t.input(&echo(other, R, 2, 1, b""), &none, 0).is_ok());
+    }
+
+    #[test]
+    fn malformed_icmp_is_dropped_and_counted() {
+        let mut t = IcmpTable::new(IcmpConfig::default());
+        let none = VnetHeader::default();
+        let good = echo(G, R, 1, 1, b"data");
+        let fix_ip = |f: &mut Vec<u8>| {
+            f[24..26].copy_from_slice(&[0, 0]);
+            let c = finish(sum(&f[14..34], 0));
+            f[24..26].copy_from_slice(&c.to_be_bytes());
+        };
+        let fix_icmp = |f: &mut Vec<u8>| {
+            f[36..38].copy_from_slice(&[0, 0]);
+            let c = finish(sum(&f[34..], 0));
+            f[36..38].copy_from_slice(&c.to_be_bytes());
+        };
+        // Not an echo request: an echo reply, a timestamp request, a request with a code.
+        for (ty, code) in [(0u8, 0u8), (13, 0), (8, 1)] {
+            let mut f = good.clone();
+            f[34] = ty;
+            f[35] = code;
+            fix_icmp(&mut f);
+            assert_eq!(t.input(&f, &none, 0), Err(Drop::NotEchoRequest));
+        }
+        // A bad ICMP checksum.
+        let mut f = good.clone();
+        f[40] ^= 1;
+        assert_eq!(t.input(&f, &none, 0), Err(Drop::BadIcmp));
+        // Shorter than an echo header (the IP total length says so).
+        let mut f = good[..34 + 6].to_vec();
+        f[16..18].copy_from_slice(&26u16.to_be_bytes());
+        fix_ip(&mut f);
+        assert_eq!(t.input(&f, &none, 0), Err(Drop::BadIcmp));
+        // An IP total length past the frame; a fragment; UDP; a GSO frame.
+        let mut f = good.clone();
+        f[16..18].copy_from_slice(&1000u16.to_be_bytes());
+        fix_ip(&mut f);
+        assert_eq!(t.input(&f, &none, 0), Err(Drop::BadIpHeader));
+        let mut f = good.clone();
+        f[20] = 0x20;
+        fix_ip(&mut f);
+        assert_eq!(t.input(&f, &none, 0), Err(Drop::Fragment));
+        let mut f = good.clone();
+        f[23] = 17;
+        fix_ip(&mut f);
+        assert_eq!(t.input(&f, &none, 0), Err(Drop::NotIcmp));
+        let gso = VnetHeader { gso_type: crate::vnet::GSO_TCPV4, ..VnetHeader::default() };
+        assert_eq!(t.input(&good, &gso, 0), Err(Drop::BadIcmp));
+        for len in 0..good.len() {
+            let _ = t.input(&good[..len], &none, 0);
+        }
+        assert!(t.is_empty());
+        assert_eq!(t.counters.dropped(Drop::NotEchoRequest), 3);
+        assert_eq!(t.counters.dropped(Drop::NotIcmp), 1);
+        assert_eq!(t.counters.dropped(Drop::Fragment), 1);
+        assert!(t.counters.dropped(Drop::BadIcmp) >= 3);
+    }
+
+    #[test]
+    fn replies_that_are_not_echo_replies_or_do_not_fit_are_dropped() {
+        let mut t = IcmpTable::new(IcmpConfig::default());
+        let Ok(IcmpOp::Open { id, .. }) = t.input(&echo(G, R, 1, 1, b""), &VnetHeader::default(), 0) else { panic!() };
+        let mut buf = vec![0u8; 64];
+        let mut m = kernel_reply(5, 1, b"");
+        m[0] = 3;
+        buf[ICMP_FRAME_HDR..ICMP_FRAME_HDR + 8].copy_from_slice(&m);
+        assert_eq!(t.reply(id, 8, &mut buf, 0), None);
+        assert_eq!(t.reply(id, 7, &mut buf, 0), None, "shorter than an echo header");
+        assert_eq!(t.reply(id, 64, &mut buf, 0), None, "past the buffer");
+        assert_eq!(t.reply(id, usize::MAX, &mut buf, 0), None);
+        assert_eq!(t.reply(99, 8, &mut buf, 0), None, "no such flow");
+        assert_eq!(t.counters.dropped(Drop::BadIcmp), 4);
+        assert_eq!(t.counters.bytes_to_guest, 0);
     }
 }

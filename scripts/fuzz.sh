@@ -3,7 +3,7 @@
 # RUSTC_BOOTSTRAP=1) of the DHCP and DNS parsers, the DHCP server, the lease file, the
 # gateway's and the router's frame handling, the vhost-user relay (the VMM's messages and
 # descriptors), the split-ring walker (a guest's descriptor tables and ring indices) and the
-# socket-NAT TCP splice and UDP table.
+# socket-NAT TCP splice (outbound and inbound flows) and UDP and ICMP tables.
 # Usage: scripts/fuzz.sh [SECONDS_PER_TARGET] (default 20).
 # Installs cargo-fuzz from crates.io if it is missing. Seeds are in tests/fuzz/seeds/ (kept in
 # git); what the fuzzer finds stays in tests/fuzz/corpus/ (not kept).

@@ -5,10 +5,12 @@
 //! - [`wire`]: parsing guest frames and building frames back (Ethernet, IPv4).
 //! - [`tcp`]: one guest TCP connection spliced onto one host stream socket, without buffering.
 //! - [`udp`]: UDP flows, one connected host socket each.
+//! - [`icmp`]: ICMP echo through unprivileged ping sockets, one per guest echo flow.
 //! - [`TcpTable`] (here): the bounded table of TCP flows of one network.
 //!
 //! docs/socket-nat.md describes the design and what the I/O layer must do.
 
+pub mod icmp;
 pub mod tcp;
 pub mod udp;
 pub mod wire;
@@ -62,10 +64,17 @@ pub enum Drop {
     BeyondWindow,
     /// Data after the guest's own FIN.
     AfterFin,
+    /// An inbound connection (port forward) whose addresses a live flow already uses.
+    FlowExists,
+    NotIcmp,
+    /// ICMP shorter than its header, a bad ICMP checksum, or an ICMP GSO frame.
+    BadIcmp,
+    /// ICMP other than an echo request (code 0): nothing else goes out through ping sockets.
+    NotEchoRequest,
 }
 
 impl Drop {
-    pub const COUNT: usize = 20;
+    pub const COUNT: usize = 24;
     pub const ALL: [Drop; Drop::COUNT] = [
         Drop::ShortFrame,
         Drop::NotIpv4,
@@ -87,6 +96,10 @@ impl Drop {
         Drop::OutOfOrder,
         Drop::BeyondWindow,
         Drop::AfterFin,
+        Drop::FlowExists,
+        Drop::NotIcmp,
+        Drop::BadIcmp,
+        Drop::NotEchoRequest,
     ];
 
     /// The name in metrics and logs.
@@ -112,6 +125,10 @@ impl Drop {
             Drop::OutOfOrder => "out_of_order",
             Drop::BeyondWindow => "beyond_window",
             Drop::AfterFin => "after_fin",
+            Drop::FlowExists => "flow_exists",
+            Drop::NotIcmp => "not_icmp",
+            Drop::BadIcmp => "bad_icmp",
+            Drop::NotEchoRequest => "not_echo_request",
         }
     }
 }
@@ -333,10 +350,50 @@ impl TcpTable {
         }
     }
 
-    fn open(&mut self, key: FlowKey, syn: &TcpSegment, now: u64) -> FlowId {
+    /// An inbound connection (a port forward): the host accepted a connection and holds its
+    /// connected socket; the guest is to see it come from `remote` to its `guest` address and
+    /// port, through `link`. Makes a flow whose first frame is our SYN to the guest (drain
+    /// `poll_frame`), bounded as outbound flows are. On refusal (the bounds, a live flow on the
+    /// same addresses, an address that is not IPv4) the drop is counted and returned: the I/O
+    /// layer closes the accepted socket with a reset.
+    pub fn open_inbound(&mut self, link: wire::Link, guest: SocketAddr, remote: SocketAddr, now: u64) -> Result<FlowId, Drop> {
+        let key = FlowKey { guest, remote };
+        let why = if !(guest.is_ipv4() && remote.is_ipv4()) {
+            Drop::NotIpv4
+        } else if self.by_key.get(&key).is_some_and(|&id| self.flow(id).is_some_and(|f| !f.is_done())) {
+            Drop::FlowExists
+        } else {
+            if let Some(&id) = self.by_key.get(&key) {
+                // Over but not yet removed: it makes room, as for a guest's new SYN.
+                self.remove(id);
+            }
+            if self.live >= self.cfg.max_connections {
+                Drop::TableFull
+            } else if self.guest_flows(guest.ip()) >= self.cfg.max_per_guest {
+                Drop::ShareExceeded
+            } else {
+                let iss = self.next_isn(now);
+                let flow = TcpFlow::new_inbound(self.cfg.tcp, link, guest, remote, iss, now);
+                return Ok(self.insert(key, flow));
+            }
+        };
+        self.counters.drop(why);
+        Err(why)
+    }
+
+    fn next_isn(&mut self, now: u64) -> u32 {
         // Steps far apart so consecutive flows of one guest do not overlap in sequence space.
         self.isn = self.isn.wrapping_add(0x0101_0ab7u32.wrapping_mul(7).wrapping_add(now as u32 & 0xffff));
-        let flow = TcpFlow::new(self.cfg.tcp, syn, self.isn, now);
+        self.isn
+    }
+
+    fn open(&mut self, key: FlowKey, syn: &TcpSegment, now: u64) -> FlowId {
+        let iss = self.next_isn(now);
+        let flow = TcpFlow::new(self.cfg.tcp, syn, iss, now);
+        self.insert(key, flow)
+    }
+
+    fn insert(&mut self, key: FlowKey, flow: TcpFlow) -> FlowId {
         let id = place(&mut self.slots, &mut self.free, flow);
         self.by_key.insert(key, id);
         *self.per_guest.entry(key.guest.ip()).or_insert(0) += 1;

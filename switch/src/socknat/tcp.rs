@@ -40,6 +40,10 @@ pub const DEFAULT_MSS: u16 = 536;
 /// Linux's floor for an MSS; a guest asking for less gets this (a tiny MSS would make a 64 KiB
 /// window into a thousand frames).
 pub const MIN_MSS: u16 = 88;
+/// SYNs sent to a guest for an inbound connection (port forward) before giving up: the first
+/// and 5 retransmissions, 1 + 2 + 4 + 8 + 16 + 32 s with the default RTO, about what Linux's
+/// `tcp_syn_retries` allows a client.
+pub const SYN_RETRIES: u32 = 5;
 /// Duplicate ACKs that make a fast retransmission (RFC 5681).
 const DUPACK_THRESHOLD: u8 = 3;
 
@@ -106,6 +110,9 @@ pub enum State {
     Connecting,
     /// The host connected; our SYN-ACK is out, waiting for the guest's ACK.
     SynAckSent,
+    /// Inbound (a port forward): the host accepted a connection; our SYN is out to the guest,
+    /// waiting for its SYN-ACK.
+    SynSent,
     /// Data both ways (including half-closed: see [`TcpFlow::guest_sent_fin`], [`TcpFlow::host_at_eof`]).
     Established,
     /// Over. The flow goes once [`TcpFlow::is_done`].
@@ -168,8 +175,17 @@ pub struct TcpFlow {
     /// No new fast retransmission until snd_una passes this (one per window of data).
     recover: u32,
 
+    /// Opened from the host side (a port forward): we sent the SYN.
+    inbound: bool,
+
     // Pending output.
     synack_pending: bool,
+    /// Our SYN to the guest (inbound flows).
+    syn_pending: bool,
+    /// A bare RST with this sequence number: the answer to an unacceptable ACK while our SYN
+    /// is out (RFC 9293 3.10.7.3), which clears a stale connection the guest still has on
+    /// these ports so our next SYN gets through.
+    reset_seq: Option<u32>,
     ack_pending: bool,
     /// Extra identical ACKs to send so the guest's fast retransmission resends what a short
     /// write left behind, instead of waiting for its RTO.
@@ -226,7 +242,10 @@ impl TcpFlow {
             host_eof: false,
             dupacks: 0,
             recover: iss,
+            inbound: false,
             synack_pending: false,
+            syn_pending: false,
+            reset_seq: None,
             ack_pending: false,
             dupacks_to_send: 0,
             rst_pending: false,
@@ -245,6 +264,67 @@ impl TcpFlow {
             ip_id: 0,
             counters: Counters::default(),
         }
+    }
+
+    /// An inbound flow (a port forward): the host accepted a connection from `remote` (as the
+    /// guest sees it, on the guest's `guest` address and port), and its socket is connected.
+    /// The first frame is our SYN to the guest, with our initial sequence number `iss`; on the
+    /// guest's SYN-ACK the flow is Established. `link` names the guest's MAC and ours.
+    pub fn new_inbound(cfg: TcpConfig, link: Link, guest: SocketAddr, remote: SocketAddr, iss: u32, now: u64) -> TcpFlow {
+        TcpFlow {
+            cfg,
+            link,
+            guest,
+            remote,
+            state: State::SynSent,
+            // Unknown until the guest's SYN-ACK.
+            irs: 0,
+            rcv_nxt: 0,
+            scaling: false,
+            host_space: 0,
+            rcv_adv: 0,
+            adv_wnd: 0,
+            short_write: false,
+            guest_fin: false,
+            iss,
+            snd_una: iss,
+            snd_nxt: iss,
+            snd_max: iss,
+            snd_wnd: 0,
+            snd_shift: 0,
+            mss: DEFAULT_MSS,
+            fin_seq: None,
+            fin_acked: false,
+            host_eof: false,
+            dupacks: 0,
+            recover: iss,
+            inbound: true,
+            synack_pending: false,
+            syn_pending: true,
+            reset_seq: None,
+            ack_pending: false,
+            dupacks_to_send: 0,
+            rst_pending: false,
+            icmp_pending: None,
+            probe_pending: false,
+            connect_pending: false,
+            shutdown_pending: false,
+            close_pending: None,
+            discard_pending: 0,
+            rto: cfg.rto_ms,
+            retries: 0,
+            rto_at: Some(now.saturating_add(cfg.rto_ms)),
+            persist_at: None,
+            connect_until: now.saturating_add(cfg.connect_timeout_ms),
+            idle_until: now.saturating_add(cfg.idle_timeout_ms),
+            ip_id: 0,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Whether the host side opened the flow (a port forward).
+    pub fn is_inbound(&self) -> bool {
+        self.inbound
     }
 
     pub fn state(&self) -> State {
@@ -293,6 +373,7 @@ impl TcpFlow {
     pub fn is_done(&self) -> bool {
         self.state == State::Closed
             && !self.rst_pending
+            && self.reset_seq.is_none()
             && self.icmp_pending.is_none()
             && self.close_pending.is_none()
             && !self.connect_pending
@@ -375,6 +456,12 @@ impl TcpFlow {
         match self.state {
             State::Connecting => self.refused(),
             State::Closed => {}
+            State::SynSent => {
+                // The guest never accepted: nothing to reset on its side. A late SYN-ACK
+                // finds no flow and gets the table's RST.
+                self.counters.host_resets += 1;
+                self.close(false);
+            }
             _ => {
                 self.counters.host_resets += 1;
                 self.rst_pending = true;
@@ -410,6 +497,9 @@ impl TcpFlow {
             return;
         }
         self.idle_until = now.saturating_add(self.cfg.idle_timeout_ms);
+        if self.state == State::SynSent {
+            return self.syn_sent_segment(seg, now);
+        }
         if seg.has(RST) {
             return self.guest_rst(seg);
         }
@@ -434,6 +524,61 @@ impl TcpFlow {
         }
     }
 
+    /// A guest segment while our SYN is out (RFC 9293 3.10.7.3, SYN-SENT). Only a SYN-ACK of
+    /// our SYN establishes; a RST that acknowledges it means the guest's port is closed.
+    fn syn_sent_segment(&mut self, seg: &TcpSegment, now: u64) {
+        let ack_ok = seg.has(ACK) && seg.ack == self.iss.wrapping_add(1);
+        if seg.has(ACK) && !ack_ok {
+            // Not about our SYN: a stale connection of the guest on these ports. A RST with its
+            // ACK as sequence number clears it (never a RST for a RST).
+            self.counters.drop(Drop::BadAck);
+            if !seg.has(RST) {
+                self.reset_seq = Some(seg.ack);
+            }
+            return;
+        }
+        if seg.has(RST) {
+            if !ack_ok {
+                // Without an ACK of our SYN a RST proves nothing (a blind one must guess it).
+                self.counters.drop(Drop::BadRst);
+                return;
+            }
+            // Nothing listens on the port in the guest: the host peer sees a reset.
+            self.counters.refused += 1;
+            self.close(true);
+            return;
+        }
+        if !seg.has(SYN) || !ack_ok {
+            // A bare ACK of our SYN, data, or a SYN of its own (simultaneous open, which the
+            // guest cannot mean on a port we connect to): not a SYN-ACK.
+            self.counters.drop(Drop::BadState);
+            return;
+        }
+        // The SYN-ACK: its options decide MSS and scaling; its window is never scaled.
+        self.irs = seg.seq;
+        self.rcv_nxt = seg.seq.wrapping_add(1);
+        self.rcv_adv = self.rcv_nxt;
+        self.adv_wnd = 0;
+        self.scaling = seg.wscale.is_some();
+        self.snd_shift = if self.scaling { seg.wscale.unwrap_or(0).min(14) } else { 0 };
+        self.mss = seg.mss.unwrap_or(DEFAULT_MSS).clamp(MIN_MSS, self.cfg.mtu.saturating_sub(40).max(MIN_MSS));
+        self.snd_wnd = seg.window as u32;
+        let ack = seg.ack;
+        self.snd_una = ack;
+        self.snd_nxt = ack;
+        self.snd_max = ack;
+        self.recover = ack;
+        self.state = State::Established;
+        self.syn_pending = false;
+        self.rto_at = None;
+        self.retries = 0;
+        self.rto = self.cfg.rto_ms;
+        self.idle_until = now.saturating_add(self.cfg.idle_timeout_ms);
+        // Any data or FIN on the SYN-ACK is not taken (the guest sends it again); our ACK
+        // completes its handshake and carries our first real window.
+        self.ack_pending = true;
+    }
+
     fn guest_rst(&mut self, seg: &TcpSegment) {
         // Acceptable when it falls in the window we offered (a blind RST must guess it).
         let ok = match self.state {
@@ -454,6 +599,8 @@ impl TcpFlow {
             State::Connecting => {}
             // Our SYN-ACK was lost.
             State::SynAckSent if seg.seq == self.irs => self.synack_pending = true,
+            // Inbound: the guest's SYN-ACK again, our ACK was lost. Acknowledge it again.
+            State::Established if self.inbound && seg.seq == self.irs && seg.has(ACK) => self.ack_pending = true,
             // A SYN inside a connection: answer with an ACK (RFC 5961 challenge ACK); a real
             // new connection will RST after it.
             _ => {
@@ -617,6 +764,22 @@ impl TcpFlow {
             self.abort();
             return;
         }
+        if self.state == State::SynSent {
+            if self.rto_at.is_some_and(|t| now >= t) {
+                if self.retries >= SYN_RETRIES {
+                    // The guest never answered: the host peer sees a reset, the guest nothing.
+                    self.counters.connect_timeouts += 1;
+                    self.close(true);
+                    return;
+                }
+                self.retries += 1;
+                self.counters.rto_retransmits += 1;
+                self.syn_pending = true;
+                self.rto = self.rto.saturating_mul(2).min(self.cfg.rto_max_ms);
+                self.rto_at = Some(now.saturating_add(self.rto));
+            }
+            return;
+        }
         if self.rto_at.is_some_and(|t| now >= t) && self.state == State::Established && self.snd_wnd == 0 {
             // The guest closed its window over data in flight: not a loss but a full receiver.
             // Probe it as in persist, without counting retries (the idle time-out still ends
@@ -729,6 +892,12 @@ impl TcpFlow {
             self.counters.resets_sent += 1;
             return self.control(buf, seq, RST | ACK, &[]);
         }
+        if let Some(seq) = self.reset_seq.take() {
+            self.counters.resets_sent += 1;
+            let h = TcpOut { from: self.remote, to: self.guest, seq, ack: 0, flags: RST, window: 0 };
+            let id = self.next_id();
+            return wire::write_tcp(buf, &self.link, &h, &[], 0, id, Csum::Full).map(|(len, vnet)| TxFrame { len, vnet });
+        }
         if let Some(code) = self.icmp_pending.take() {
             let id = self.next_id();
             let vnet = VnetHeader::default();
@@ -745,6 +914,19 @@ impl TcpFlow {
         }
         match self.state {
             State::Connecting | State::Closed => return None,
+            State::SynSent => {
+                if !self.syn_pending {
+                    return None;
+                }
+                self.syn_pending = false;
+                self.snd_nxt = self.iss.wrapping_add(1);
+                self.snd_max = self.snd_nxt;
+                // We always offer scaling; it applies only if the guest's SYN-ACK offers it too.
+                let our_mss = self.cfg.mtu.saturating_sub(40).max(MIN_MSS).to_be_bytes();
+                let opts = [2, 4, our_mss[0], our_mss[1], 1, 3, 3, WSCALE];
+                let iss = self.iss;
+                return self.control(buf, iss, SYN, &opts);
+            }
             State::SynAckSent => {
                 if !self.synack_pending {
                     return None;

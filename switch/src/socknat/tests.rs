@@ -1013,3 +1013,211 @@ fn a_window_closed_over_data_in_flight_is_probed_not_aborted() {
     assert_eq!(out.iter().map(|o| o.payload.len()).sum::<usize>(), 3000);
     assert_eq!(out[0].seq, iss);
 }
+
+// ---- Inbound flows (port forwards) -------------------------------------------------------
+
+fn guest_addr() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(GUEST_IP), GPORT))
+}
+
+fn link() -> wire::Link {
+    wire::Link { guest_mac: GUEST_MAC, gw_mac: GW_MAC }
+}
+
+impl H {
+    /// The host accepted a connection for the guest's GPORT from REMOTE:RPORT; returns our SYN.
+    fn inbound(&mut self, space: usize) -> Out {
+        self.id = self.table.open_inbound(link(), guest_addr(), remote(), self.now).unwrap();
+        self.sock.space = space;
+        self.flow().set_host_send_space(space);
+        let out = self.drain();
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(self.take_ops().is_empty(), "the socket is connected already");
+        out[0].clone()
+    }
+
+    /// The guest's SYN-ACK to our SYN.
+    fn synack(&mut self, iss: u32, opts: bool, window: u16) -> Vec<Out> {
+        self.seg(G { seq: GISN, ack: Some(iss + 1), syn: true, window, opts, ..G::default() }, &[])
+    }
+}
+
+#[test]
+fn inbound_handshake_then_data_both_ways() {
+    let mut h = H::new(RxCaps::NONE);
+    let syn = h.inbound(200_000);
+    assert!(syn.syn && !syn.rst && !syn.fin);
+    assert_eq!(syn.ack, 0);
+    assert_eq!(syn.mss, Some(1460));
+    assert_eq!(syn.wscale, Some(tcp::WSCALE));
+    assert_eq!(syn.window, 65535, "a SYN's window is never scaled");
+    assert_eq!(h.flow().state(), State::SynSent);
+    assert!(h.flow().is_inbound());
+    // Host data that arrives before the guest accepted waits in the socket.
+    h.sock.rx = pattern(3000);
+    assert!(h.drain().is_empty());
+    assert!(!h.flow().wants_host_data());
+    let iss = syn.seq;
+    // The SYN-ACK (MSS 1460, scale 7, window 1000 unscaled): our ACK, then the data.
+    let out = h.synack(iss, true, 1000);
+    assert_eq!(h.flow().state(), State::Established);
+    assert!(!out[0].syn && !out[0].rst);
+    assert_eq!(out[0].ack, GISN + 1);
+    assert_eq!(out[0].window as u32, 200_000 >> tcp::WSCALE, "our window, scaled from now on");
+    let data: Vec<u8> = out.iter().flat_map(|o| o.payload.clone()).collect();
+    assert_eq!(data.len(), 1000, "the SYN-ACK's window is not scaled: 1000 bytes");
+    assert_eq!(out[0].seq, iss + 1);
+    assert!(out.iter().all(|o| o.payload.len() <= 1460));
+    // The guest acknowledges with a scaled window: the rest goes.
+    let out = h.ack(iss + 1 + 1000, 100);
+    assert_eq!(h.take_ops(), vec![HostOp::Discard(1000)]);
+    assert_eq!(out.iter().map(|o| o.payload.len()).sum::<usize>(), 2000);
+    // Guest to host.
+    let d = pattern(500);
+    let out = h.data(iss + 3001, &d);
+    assert_eq!(h.sock.written, d);
+    assert_eq!(out[0].ack, GISN + 1 + 500);
+    h.gseq += 500;
+    // The guest closes its side: half-close, as for outbound flows.
+    h.seg(G { seq: h.gseq, ack: Some(iss + 3001), fin: true, window: 100, ..G::default() }, &[]);
+    assert_eq!(h.take_ops(), vec![HostOp::Discard(2000), HostOp::ShutdownWrite]);
+}
+
+#[test]
+fn inbound_syn_backs_off_then_gives_up() {
+    let mut h = H::new(RxCaps::NONE);
+    let syn = h.inbound(100_000);
+    assert_eq!(h.flow().next_deadline(), Some(h.now + 1000));
+    let mut rto = 1000;
+    for _ in 0..tcp::SYN_RETRIES {
+        assert!(h.tick(rto - 1).is_empty());
+        let out = h.tick(1);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].syn);
+        assert_eq!(out[0].seq, syn.seq, "the same SYN again");
+        assert!(h.take_ops().is_empty());
+        rto *= 2;
+    }
+    assert!(h.tick(rto - 1).is_empty());
+    assert!(h.tick(1).is_empty(), "the guest never answered: it hears nothing more");
+    assert_eq!(h.take_ops(), vec![HostOp::Close { reset: true }]);
+    assert!(h.flow().is_done());
+    assert_eq!(h.table.counters().connect_timeouts, 1);
+    assert_eq!(h.table.counters().rto_retransmits, tcp::SYN_RETRIES as u64);
+}
+
+#[test]
+fn inbound_refused_by_the_guest_resets_the_host_peer() {
+    let mut h = H::new(RxCaps::NONE);
+    let iss = h.inbound(100_000).seq;
+    // A RST that does not acknowledge our SYN proves nothing.
+    h.seg(G { seq: 0, rst: true, ..G::default() }, &[]);
+    h.seg(G { seq: 0, ack: Some(iss + 7), rst: true, ..G::default() }, &[]);
+    assert!(h.take_ops().is_empty());
+    assert_eq!(h.flow().state(), State::SynSent);
+    assert_eq!(h.table.counters().dropped(Drop::BadRst), 1);
+    assert_eq!(h.table.counters().dropped(Drop::BadAck), 1);
+    // The guest's port is closed: RST+ACK of our SYN.
+    let out = h.seg(G { seq: 0, ack: Some(iss + 1), rst: true, ..G::default() }, &[]);
+    assert!(out.is_empty(), "never a RST for a RST");
+    assert_eq!(h.take_ops(), vec![HostOp::Close { reset: true }]);
+    assert!(h.flow().is_done());
+    assert_eq!(h.table.counters().refused, 1);
+}
+
+#[test]
+fn inbound_without_guest_options_uses_defaults() {
+    let mut h = H::new(RxCaps::NONE);
+    let iss = h.inbound(100_000).seq;
+    h.sock.rx = pattern(5000);
+    // No MSS and no window scale in the SYN-ACK: 536-byte segments, no scaling either way.
+    let out = h.synack(iss, false, 2000);
+    assert_eq!(out[0].window, 65535, "our window unscaled, capped at the field");
+    let sizes: Vec<usize> = out.iter().map(|o| o.payload.len()).filter(|&n| n > 0).collect();
+    assert_eq!(sizes, vec![536, 536, 536, 392]);
+    let out = h.ack(iss + 1 + 2000, 600);
+    assert_eq!(out.iter().map(|o| o.payload.len()).sum::<usize>(), 600, "the guest's window is not scaled");
+}
+
+#[test]
+fn inbound_stale_guest_connection_is_reset_and_syn_goes_again() {
+    let mut h = H::new(RxCaps::NONE);
+    let iss = h.inbound(100_000).seq;
+    // The guest still has an old connection on these ports: it answers our SYN with an ACK
+    // of that one. A RST from its ACK clears it.
+    let out = h.seg(G { seq: 777, ack: Some(123_456), window: 100, ..G::default() }, &[]);
+    assert_eq!(out.len(), 1);
+    assert!(out[0].rst && !out[0].syn);
+    assert_eq!(out[0].seq, 123_456);
+    assert_eq!(h.table.counters().dropped(Drop::BadAck), 1);
+    assert_eq!(h.flow().state(), State::SynSent);
+    let out = h.tick(1000);
+    assert_eq!(out.len(), 1);
+    assert!(out[0].syn);
+    assert_eq!(out[0].seq, iss);
+    // An ACK of our SYN without SYN, data, or a SYN of its own: not a SYN-ACK.
+    h.seg(G { seq: GISN, ack: Some(iss + 1), window: 100, ..G::default() }, &pattern(10));
+    h.seg(G { seq: GISN, syn: true, window: 100, ..G::default() }, &[]);
+    assert_eq!(h.table.counters().dropped(Drop::BadState), 2);
+    assert!(h.sock.written.is_empty());
+    assert_eq!(h.flow().state(), State::SynSent);
+    assert!(h.take_ops().is_empty());
+}
+
+#[test]
+fn inbound_lost_ack_is_sent_again_and_host_reset_before_accept_is_quiet() {
+    let mut h = H::new(RxCaps::NONE);
+    let iss = h.inbound(100_000).seq;
+    assert_eq!(h.synack(iss, true, 100).len(), 1);
+    // Our ACK was lost: the guest's SYN-ACK again gets it again.
+    let out = h.synack(iss, true, 100);
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].seq, out[0].ack), (iss + 1, GISN + 1));
+    assert_eq!(h.table.counters().challenge_acks, 0);
+
+    let mut h = H::new(RxCaps::NONE);
+    h.inbound(100_000);
+    h.flow().host_reset();
+    assert!(h.drain().is_empty(), "the guest never accepted: nothing to reset");
+    assert_eq!(h.take_ops(), vec![HostOp::Close { reset: false }]);
+    assert!(h.flow().is_done());
+}
+
+#[test]
+fn inbound_flows_are_bounded_like_outbound_ones() {
+    let cfg = TcpTableConfig { max_connections: 3, max_per_guest: 2, tcp: TcpConfig::default() };
+    let mut t = TcpTable::new(cfg, 9);
+    let peer = |p: u16| SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(REMOTE_IP), p));
+    let other = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(192, 168, 122, 11), 22));
+    let a = t.open_inbound(link(), guest_addr(), peer(1), 0).unwrap();
+    assert_eq!(t.open_inbound(link(), guest_addr(), peer(1), 0), Err(Drop::FlowExists));
+    t.open_inbound(link(), guest_addr(), peer(2), 0).unwrap();
+    assert_eq!(t.open_inbound(link(), guest_addr(), peer(3), 0), Err(Drop::ShareExceeded));
+    t.open_inbound(link(), other, peer(1), 0).unwrap();
+    assert_eq!(t.open_inbound(link(), other, peer(2), 0), Err(Drop::TableFull));
+    let v6: SocketAddr = "[fd00::1]:22".parse().unwrap();
+    assert_eq!(t.open_inbound(link(), v6, peer(4), 0), Err(Drop::NotIpv4));
+    let c = t.counters();
+    assert_eq!([Drop::FlowExists, Drop::ShareExceeded, Drop::TableFull, Drop::NotIpv4].map(|d| c.dropped(d)), [1, 1, 1, 1]);
+    // A guest SYN counts against the same bounds.
+    let mut out = vec![0u8; 128];
+    let f = gframe(G { seq: 1, syn: true, window: 100, sport: 5000, ..G::default() }, &[]);
+    assert!(matches!(t.input(&f, &VnetHeader::default(), 0, &mut out), Input::Reply(_, Drop::TableFull)));
+    // A flow that is over makes room for a new one on the same addresses.
+    t.flow_mut(a).unwrap().host_reset();
+    while t.flow_mut(a).unwrap().poll_host().is_some() {}
+    assert!(t.flow(a).unwrap().is_done());
+    assert!(t.open_inbound(link(), guest_addr(), peer(1), 0).is_ok());
+    assert_eq!(t.len(), 3);
+}
+
+#[test]
+fn drop_names_are_distinct_and_indexed() {
+    let mut names: Vec<&str> = Drop::ALL.iter().map(|d| d.name()).collect();
+    for (i, d) in Drop::ALL.iter().enumerate() {
+        assert_eq!(*d as usize, i);
+    }
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), Drop::COUNT);
+}

@@ -3,7 +3,7 @@
 //! owns. Addresses travel as `SocketAddr` so the flow logic above does not care about the IP
 //! version; only this module knows IPv4, and IPv6 (issue 14) adds its own parse and builders.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use super::{Drop, FlowKey};
 use crate::checksum::{finish, pseudo_v4, sum};
@@ -19,6 +19,12 @@ pub const UDP_LEN: usize = 8;
 pub const TCP_FRAME_HDR: usize = ETH_LEN + IPV4_LEN + TCP_LEN;
 /// Ethernet + IPv4 + UDP.
 pub const UDP_FRAME_HDR: usize = ETH_LEN + IPV4_LEN + UDP_LEN;
+/// Ethernet + IPv4: where the ICMP message of a frame starts.
+pub const ICMP_FRAME_HDR: usize = ETH_LEN + IPV4_LEN;
+/// An ICMP echo header: type, code, checksum, identifier, sequence number.
+pub const ICMP_ECHO_LEN: usize = 8;
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
 /// The largest IP packet: a frame to a guest never carries more than this after Ethernet.
 pub const MAX_IP_PACKET: usize = 65535;
 
@@ -72,6 +78,19 @@ pub struct UdpDatagram<'a> {
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub payload: &'a [u8],
+}
+
+/// An ICMP echo request from a guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IcmpEcho<'a> {
+    pub link: Link,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// The guest's echo identifier.
+    pub ident: u16,
+    pub seq: u16,
+    /// The whole ICMP message (header and data), checked.
+    pub message: &'a [u8],
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
@@ -191,6 +210,43 @@ pub fn parse_udp<'a>(frame: &'a [u8], hdr: &VnetHeader) -> Result<UdpDatagram<'a
         dst: SocketAddr::V4(SocketAddrV4::new(dst, be16(l4, 2))),
         payload: &l4[UDP_LEN..len],
     })
+}
+
+/// Parses a guest frame as an IPv4 ICMP echo request (code 0) with a correct ICMP checksum.
+/// The checksum is checked because the kernel recomputes it when it sends on the ping socket:
+/// a corrupt request must not leave as a sound one. Messages are at most an MTU, so the pass
+/// is cheap.
+pub fn parse_icmp_echo<'a>(frame: &'a [u8], hdr: &VnetHeader) -> Result<IcmpEcho<'a>, Drop> {
+    if hdr.is_gso() {
+        return Err(Drop::BadIcmp);
+    }
+    let (link, src, dst, proto, l4) = parse_ipv4(frame, false)?;
+    if proto != IPPROTO_ICMP {
+        return Err(Drop::NotIcmp);
+    }
+    if l4.len() < ICMP_ECHO_LEN {
+        return Err(Drop::BadIcmp);
+    }
+    if l4[0] != ICMP_ECHO_REQUEST || l4[1] != 0 {
+        return Err(Drop::NotEchoRequest);
+    }
+    if finish(sum(l4, 0)) != 0 {
+        return Err(Drop::BadIcmp);
+    }
+    Ok(IcmpEcho { link, src: IpAddr::V4(src), dst: IpAddr::V4(dst), ident: be16(l4, 4), seq: be16(l4, 6), message: l4 })
+}
+
+/// Writes Ethernet and IPv4 (protocol ICMP) in front of an ICMP message of `icmp_len` bytes
+/// the caller already placed at `ICMP_FRAME_HDR`. Returns the frame length, or None when the
+/// buffer is too short, the packet too large, or the addresses are not IPv4.
+pub fn write_icmp_frame(buf: &mut [u8], link: &Link, from: IpAddr, to: IpAddr, icmp_len: usize, id: u16) -> Option<usize> {
+    let (IpAddr::V4(from), IpAddr::V4(to)) = (from, to) else { return None };
+    let len = ICMP_FRAME_HDR + icmp_len;
+    if IPV4_LEN + icmp_len > MAX_IP_PACKET || buf.len() < len {
+        return None;
+    }
+    write_eth_ipv4(buf, link, from, to, IPPROTO_ICMP, icmp_len, id);
+    Some(len)
 }
 
 /// How the transport checksum of a built frame is finished.

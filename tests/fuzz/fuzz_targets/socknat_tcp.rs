@@ -2,12 +2,16 @@
 //! flows. Most segments are built from a template with sequence and acknowledgment numbers
 //! near what the flow last sent, so the fuzzer reaches the data paths, not only the parser.
 //! Nothing may panic; the table stays within its bounds; a flow never asks to discard more
-//! than the host socket holds, nor peeks past it. Raw frames also go through the UDP table.
+//! than the host socket holds, nor peeks past it. Raw frames also go through the UDP and ICMP
+//! tables (with their IP and ICMP checksums repaired when the input asks, so the fuzzer gets
+//! past them), and the host side opens inbound flows (port forwards) on the template's ports.
 #![no_main]
 use std::collections::HashMap;
+use std::net::SocketAddr;
 
 use libfuzzer_sys::fuzz_target;
 use vunet_switch::checksum::{finish, pseudo_v4, sum};
+use vunet_switch::socknat::icmp::{IcmpConfig, IcmpOp, IcmpTable};
 use vunet_switch::socknat::tcp::{HostIo, HostOp, TcpConfig};
 use vunet_switch::socknat::udp::{UdpConfig, UdpOp, UdpTable};
 use vunet_switch::socknat::{wire, FlowId, Input, TcpTable, TcpTableConfig};
@@ -69,10 +73,16 @@ fn segment(sport: u16, seq: u32, ack: u32, flags: u8, window: u16, opts: &[u8], 
     f
 }
 
+/// The send space an inbound flow starts with, from the event's argument.
+fn arg_space(e: &[u8]) -> usize {
+    u16::from_be_bytes([e[2], e[3]]) as usize * 16
+}
+
 fuzz_target!(|data: &[u8]| {
     let cfg = TcpTableConfig { max_connections: 8, max_per_guest: 6, tcp: TcpConfig { max_retries: 3, ..TcpConfig::default() } };
     let mut table = TcpTable::new(cfg, 7);
     let mut udp = UdpTable::new(UdpConfig { max_flows: 4, max_per_guest: 3, ..UdpConfig::default() });
+    let mut icmp = IcmpTable::new(IcmpConfig { max_flows: 4, max_per_guest: 3, ..IcmpConfig::default() });
     let mut socks: HashMap<FlowId, Sock> = HashMap::new();
     let mut heard: Heard = HashMap::new();
     let mut buf = vec![0u8; 65536 + 64];
@@ -108,14 +118,56 @@ fuzz_target!(|data: &[u8]| {
                     let payload = vec![0xab; if big { plen.min(65000) } else { plen }];
                     frame = segment(sport, seq, ack, h[1], u16::from_be_bytes([h[4], h[5]]), &opts, &payload);
                     if big {
-                        vnet = VnetHeader { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV4, hdr_len: 54, gso_size: 1448, csum_start: 34, csum_offset: 16, num_buffers: 0 };
+                        vnet = VnetHeader {
+                            flags: F_NEEDS_CSUM,
+                            gso_type: GSO_TCPV4,
+                            hdr_len: 54,
+                            gso_size: 1448,
+                            csum_start: 34,
+                            csum_offset: 16,
+                            num_buffers: 0,
+                        };
                     }
                 } else {
                     let l = take(&mut rest, 2);
                     let len = u16::from_be_bytes([l[0], l[1]]) as usize % 2048;
                     let hdr = take(&mut rest, 12);
                     vnet = VnetHeader::parse(&hdr);
-                    frame = take(&mut rest, len);
+                    let mut f = take(&mut rest, len);
+                    if op & 4 != 0 && f.len() >= 34 {
+                        // Repair the IP header checksum (a 20-byte header) and the ICMP one.
+                        f[24..26].copy_from_slice(&[0, 0]);
+                        let c = finish(sum(&f[14..34], 0));
+                        f[24..26].copy_from_slice(&c.to_be_bytes());
+                        if f.len() >= 38 {
+                            f[36..38].copy_from_slice(&[0, 0]);
+                            let c = finish(sum(&f[34..], 0));
+                            f[36..38].copy_from_slice(&c.to_be_bytes());
+                        }
+                    }
+                    frame = f;
+                    match icmp.input(&frame, &vnet, now) {
+                        Ok(IcmpOp::Open { id, message, .. }) | Ok(IcmpOp::Send { id, message }) => {
+                            assert!(message.len() >= 8 && message[0] == 8 && message[1] == 0);
+                            // The remote answers (the kernel puts its own identifier in), or,
+                            // with op bit 3, the socket hands back something else.
+                            let mut m = message.to_vec();
+                            if op & 8 == 0 {
+                                m[0] = 0;
+                                m[4..6].copy_from_slice(&[0x12, 0x34]);
+                            }
+                            buf[wire::ICMP_FRAME_HDR..wire::ICMP_FRAME_HDR + m.len()].copy_from_slice(&m);
+                            let r = icmp.reply(id, m.len(), &mut buf, now);
+                            assert_eq!(r.is_some(), op & 8 == 0, "an echo reply to a live flow fits");
+                            if let Some(n) = r {
+                                assert_eq!(n, wire::ICMP_FRAME_HDR + m.len());
+                                assert_eq!(&buf[38..40], &message[4..6], "the guest's identifier");
+                                assert_eq!(finish(sum(&buf[34..n], 0)), 0, "the ICMP checksum");
+                            }
+                        }
+                        Err(_) => {}
+                    }
+                    assert!(icmp.len() <= 4);
                     match udp.input(&frame, &vnet, now) {
                         Ok(UdpOp::Open { id, payload, .. }) | Ok(UdpOp::Send { id, payload }) => {
                             // Echo it back, as a remote would.
@@ -145,25 +197,36 @@ fuzz_target!(|data: &[u8]| {
             2 => {
                 // [flow][event][arg 2]
                 let e = take(&mut rest, 4);
-                let ids: Vec<FlowId> = table.iter().map(|(id, _)| id).collect();
-                if ids.is_empty() {
-                    continue;
-                }
-                let id = ids[e[0] as usize % ids.len()];
-                let arg = u16::from_be_bytes([e[2], e[3]]) as usize;
-                let s = socks.entry(id).or_default();
-                let f = table.flow_mut(id).unwrap();
-                match e[1] % 8 {
-                    0 => f.connected(now),
-                    1 => f.refused(),
-                    2 => f.unreachable(if arg & 1 == 0 { Some((arg >> 1) as u8 & 15) } else { None }),
-                    3 => f.host_eof(),
-                    4 => f.host_reset(),
-                    5 => {
-                        s.space = arg * 16;
-                        f.set_host_send_space(arg * 16);
+                if e[1] % 9 == 8 {
+                    // The host accepted a connection for a guest port of the template.
+                    let link = wire::Link { guest_mac: [0x52, 0x54, 0, 0, 0, 1], gw_mac: [2, 0x76, 0x75, 0, 0, 1] };
+                    let guest = SocketAddr::from((GUEST, 1000 + (e[0] % 4) as u16));
+                    if let Ok(id) = table.open_inbound(link, guest, SocketAddr::from((REMOTE, 80)), now) {
+                        let s = Sock { rx: Vec::new(), space: arg_space(&e) };
+                        let f = table.flow_mut(id).unwrap();
+                        f.set_host_send_space(s.space);
+                        socks.insert(id, s);
                     }
-                    _ => s.rx.extend(std::iter::repeat(e[1]).take(arg * 4)),
+                    assert!(table.len() <= 8);
+                } else if let Some(id) = {
+                    let ids: Vec<FlowId> = table.iter().map(|(id, _)| id).collect();
+                    (!ids.is_empty()).then(|| ids[e[0] as usize % ids.len()])
+                } {
+                    let arg = u16::from_be_bytes([e[2], e[3]]) as usize;
+                    let s = socks.entry(id).or_default();
+                    let f = table.flow_mut(id).unwrap();
+                    match e[1] % 9 {
+                        0 => f.connected(now),
+                        1 => f.refused(),
+                        2 => f.unreachable(if arg & 1 == 0 { Some((arg >> 1) as u8 & 15) } else { None }),
+                        3 => f.host_eof(),
+                        4 => f.host_reset(),
+                        5 => {
+                            s.space = arg * 16;
+                            f.set_host_send_space(arg * 16);
+                        }
+                        _ => s.rx.extend(std::iter::repeat(e[1]).take(arg * 4)),
+                    }
                 }
             }
             _ => {
@@ -171,6 +234,7 @@ fuzz_target!(|data: &[u8]| {
                 now += u16::from_be_bytes([d[0], d[1]]) as u64 * 10;
                 table.tick(now);
                 udp.tick(now, |_| {});
+                icmp.tick(now, |_| {});
             }
         }
         // Drain every flow, as the I/O layer does after each event.

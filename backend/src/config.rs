@@ -1944,4 +1944,3 @@ socket_group = "4243"
         assert_eq!(e, "/nonexistent/vunet.toml: cannot read: No such file or directory");
     }
 }
-

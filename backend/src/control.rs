@@ -22,6 +22,7 @@ use crate::config::{io_reason, PortConfig, PortMode};
 use crate::datapath::{unix_now, Network, Port, PortKind};
 use crate::ports::vhost::conn::bind_private;
 use crate::runtime::{PortError, StartError, Supervisor};
+use crate::services::socknat::{FlowInfo, SocketNat};
 
 /// A request to the daemon.
 #[derive(Debug, Serialize, Deserialize)]
@@ -176,8 +177,25 @@ fn find_port(shared: &Supervisor, network: &str, port: &str) -> Result<Arc<Port>
 /// The answer to one request.
 pub fn answer(req: Request, shared: &Arc<Supervisor>) -> Result<Value, ControlError> {
     match req {
-        Request::NetList => Ok(Value::Array(shared.networks().iter().map(|n| net_info(n)).collect())),
-        Request::PortList { network } => Ok(Value::Array(find(shared, &network)?.live_ports().iter().map(|p| port_info(p)).collect())),
+        Request::NetList => {
+            Ok(Value::Array(shared.networks().iter().map(|n| net_info(n, shared.socket_nat(&n.name).as_deref())).collect()))
+        }
+        Request::PortList { network } => {
+            let net = find(shared, &network)?;
+            let flows = shared.socket_nat(&network).map(|s| s.flows());
+            Ok(Value::Array(
+                net.live_ports()
+                    .iter()
+                    .map(|p| {
+                        let mut v = port_info(p);
+                        if let Some(flows) = &flows {
+                            v["nat_flows"] = port_flows(p, flows);
+                        }
+                        v
+                    })
+                    .collect(),
+            ))
+        }
         Request::DhcpLeases { network } => dhcp_leases(&*find(shared, &network)?),
         Request::PortAdd { network, name, socket, mac, mode } => {
             let net = find(shared, &network)?;
@@ -210,7 +228,19 @@ pub fn answer(req: Request, shared: &Arc<Supervisor>) -> Result<Value, ControlEr
     }
 }
 
-fn net_info(n: &Network) -> Value {
+/// A port's socket-NAT flows: `{"tcp": n, "udp": n, "icmp": n, "flows": [...]}`.
+fn port_flows(p: &Port, flows: &[FlowInfo]) -> Value {
+    let mine: Vec<&FlowInfo> = flows.iter().filter(|f| f.port == p.id).collect();
+    let count = |proto: &str| mine.iter().filter(|f| f.proto == proto).count();
+    json!({
+        "tcp": count("tcp"),
+        "udp": count("udp"),
+        "icmp": count("icmp"),
+        "flows": mine.iter().map(|f| json!({ "proto": f.proto, "guest": f.guest.to_string(), "remote": f.remote.to_string(), "state": f.state })).collect::<Vec<_>>(),
+    })
+}
+
+fn net_info(n: &Network, socknat: Option<&SocketNat>) -> Value {
     let ports = n.live_ports();
     let uplink = ports
         .iter()
@@ -226,9 +256,26 @@ fn net_info(n: &Network) -> Value {
         }
         None => (None, None),
     };
+    let socket_nat = socknat.map(|s| {
+        let sum = s.summary();
+        let drops: serde_json::Map<String, Value> =
+            sum.drops.iter().filter(|(_, n)| *n > 0).map(|(k, n)| (k.to_string(), json!(n))).collect();
+        json!({
+            "tcp_flows": sum.tcp_flows,
+            "udp_flows": sum.udp_flows,
+            "icmp_flows": sum.icmp_flows,
+            "refused": sum.refused,
+            "unreachable": sum.unreachable,
+            "forward_accepted": sum.forward_accepted,
+            "bytes_to_host": sum.bytes_to_host,
+            "bytes_to_guest": sum.bytes_to_guest,
+            "drops": drops,
+        })
+    });
     json!({
         "name": n.name,
         "mode": n.mode.name(),
+        "socket_nat": socket_nat,
         "gateway": n.gateway.map(|g| format!("{}/{}", g.ip, g.prefix)),
         "mtu": n.mtu,
         "uplink": uplink,
@@ -302,6 +349,24 @@ pub fn render(req: &Request, v: &Value) -> String {
                     s(n, "connected"),
                     s(n, "ports")
                 ));
+                if let Some(sn) = n["socket_nat"].as_object() {
+                    let drops: Vec<String> = sn
+                        .get("drops")
+                        .and_then(|d| d.as_object())
+                        .map(|d| d.iter().map(|(k, v)| format!("{k}={v}")).collect())
+                        .unwrap_or_default();
+                    let g = |k: &str| sn.get(k).map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+                    out.push_str(&format!(
+                        "{:<16} socket NAT: {} TCP, {} UDP, {} ICMP flows; {} refused, {} unreachable; drops: {}\n",
+                        "",
+                        g("tcp_flows"),
+                        g("udp_flows"),
+                        g("icmp_flows"),
+                        g("refused"),
+                        g("unreachable"),
+                        if drops.is_empty() { "none".to_string() } else { drops.join(" ") }
+                    ));
+                }
                 if n["uplink_address"].is_string() || n["nat_connections"].is_number() {
                     out.push_str(&format!(
                         "{:<16} uplink address {}, {} NAT connections\n",
@@ -337,6 +402,13 @@ pub fn render(req: &Request, v: &Value) -> String {
                     if drops.is_empty() { "none".to_string() } else { drops.join(" ") },
                     if feats.is_empty() { "-".to_string() } else { feats.join(" ") },
                 ));
+                if let Some(nf) = p["nat_flows"].as_object() {
+                    let g = |k: &str| nf.get(k).map(|v| v.to_string()).unwrap_or_else(|| "0".into());
+                    out.push_str(&format!("  NAT flows: {} tcp, {} udp, {} icmp\n", g("tcp"), g("udp"), g("icmp")));
+                    for f in nf.get("flows").and_then(|f| f.as_array()).into_iter().flatten() {
+                        out.push_str(&format!("    {:<4} {} -> {} {}\n", s(f, "proto"), s(f, "guest"), s(f, "remote"), s(f, "state")));
+                    }
+                }
             }
         }
         Request::DhcpLeases { .. } => {

@@ -12,6 +12,7 @@ use vunet_switch::counters::DropReason;
 
 use crate::datapath::{unix_now, Network};
 use crate::runtime::Supervisor;
+use crate::services::socknat::SocketNat;
 
 /// Binds the listen address and serves scrapes on a thread of their own.
 pub fn start(addr: SocketAddr, shared: Arc<Supervisor>) -> std::io::Result<()> {
@@ -32,7 +33,9 @@ fn serve(mut conn: TcpStream, shared: &Supervisor) {
     }
     let path = line.split_whitespace().nth(1).unwrap_or("");
     let (status, body) = if path == "/metrics" || path.starts_with("/metrics?") {
-        ("200 OK", render(&shared.networks()))
+        let networks = shared.networks();
+        let nats: Vec<_> = networks.iter().filter_map(|n| Some((n.name.clone(), shared.socket_nat(&n.name)?))).collect();
+        ("200 OK", render(&networks, &nats))
     } else {
         ("404 Not Found", "only /metrics is here\n".to_string())
     };
@@ -48,7 +51,7 @@ fn esc(v: &str) -> String {
 type Counter = fn(&vunet_switch::counters::CounterSnapshot) -> u64;
 
 /// The exposition text for every network and live port.
-pub fn render(networks: &[Arc<Network>]) -> String {
+pub fn render(networks: &[Arc<Network>], nats: &[(String, Arc<SocketNat>)]) -> String {
     let mut out = String::new();
     let counters: [(&str, &str, Counter); 4] = [
         ("vunet_port_rx_frames_total", "Frames the switch received from the port.", |c| c.rx_frames),
@@ -86,6 +89,25 @@ pub fn render(networks: &[Arc<Network>]) -> String {
         if let Some(d) = &n.dhcp {
             let leases = d.lock().unwrap_or_else(|e| e.into_inner()).leases(unix_now()).len();
             let _ = writeln!(out, "vunet_dhcp_leases{{network=\"{}\"}} {leases}", esc(&n.name));
+        }
+    }
+    let sums: Vec<_> = nats.iter().map(|(n, s)| (n, s.summary())).collect();
+    let _ = writeln!(out, "# HELP vunet_socket_nat_flows Open socket-NAT flows, by protocol.\n# TYPE vunet_socket_nat_flows gauge");
+    for (n, s) in &sums {
+        for (proto, v) in [("tcp", s.tcp_flows), ("udp", s.udp_flows), ("icmp", s.icmp_flows)] {
+            let _ = writeln!(out, "vunet_socket_nat_flows{{network=\"{}\",proto=\"{proto}\"}} {v}", esc(n));
+        }
+    }
+    let _ = writeln!(out, "# HELP vunet_socket_nat_events_total Socket-NAT connections refused, unreachable, accepted on forwards.\n# TYPE vunet_socket_nat_events_total counter");
+    for (n, s) in &sums {
+        for (ev, v) in [("refused", s.refused), ("unreachable", s.unreachable), ("forward_accepted", s.forward_accepted)] {
+            let _ = writeln!(out, "vunet_socket_nat_events_total{{network=\"{}\",event=\"{ev}\"}} {v}", esc(n));
+        }
+    }
+    let _ = writeln!(out, "# HELP vunet_socket_nat_drops_total Socket-NAT drops, by reason.\n# TYPE vunet_socket_nat_drops_total counter");
+    for (n, s) in &sums {
+        for (why, v) in &s.drops {
+            let _ = writeln!(out, "vunet_socket_nat_drops_total{{network=\"{}\",reason=\"{why}\"}} {v}", esc(n));
         }
     }
     out

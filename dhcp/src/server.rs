@@ -661,7 +661,7 @@ mod tests {
     /// DISCOVER → REQUEST under host name `name`; returns the ACK.
     fn bind_named(s: &mut DhcpServer, mac: Mac, name: &str, now: u64) -> Reply {
         let h = (opt::HOSTNAME, name.as_bytes().to_vec());
-        let offer = s.handle(&msg(MessageType::Discover, mac, &[h.clone()]), now).expect("offer");
+        let offer = s.handle(&msg(MessageType::Discover, mac, std::slice::from_ref(&h)), now).expect("offer");
         let ip = reply_yiaddr(&offer.payload).unwrap().octets().to_vec();
         let req = msg(MessageType::Request, mac, &[h, (opt::REQUESTED_IP, ip), (opt::SERVER_ID, SERVER.octets().to_vec())]);
         let ack = s.handle(&req, now).expect("ack");

@@ -182,6 +182,7 @@ impl Router {
 
     /// Sends a forwarded frame toward `next_hop` on `side`: with its MAC if known, else after
     /// ARP (the frame waits in a bounded queue).
+    #[allow(clippy::too_many_arguments)]
     fn send_to_next_hop(
         &mut self,
         side: Side,

@@ -140,4 +140,3 @@ impl Drop for Background {
 
 /// Waits until `f` is true or `timeout` passes (the crate's [`crate::wait_until`]).
 pub use crate::wait_until;
-

@@ -226,10 +226,8 @@ fn libvirt_domain_on_a_vunet_port_leases_and_pings_the_gateway() {
     let gdir = dir.path().join("guest");
     let initrd = guest_initrd(
         &gdir,
-        &format!(
-            "cat > /tmp/hook.sh <<'EOF'\n#!/bin/sh\ncase \"$1\" in bound|renew) ip addr add $ip/$mask dev $interface; echo \"LEASED $ip\" ;; esac\nEOF\n\
-             chmod +x /tmp/hook.sh\nudhcpc -i eth0 -s /tmp/hook.sh -n -q -t 10 -T 2 || exit 3\nping -c 3 -W 5 192.168.150.1 || exit 4\n"
-        ),
+        "cat > /tmp/hook.sh <<'EOF'\n#!/bin/sh\ncase \"$1\" in bound|renew) ip addr add $ip/$mask dev $interface; echo \"LEASED $ip\" ;; esac\nEOF\n\
+         chmod +x /tmp/hook.sh\nudhcpc -i eth0 -s /tmp/hook.sh -n -q -t 10 -T 2 || exit 3\nping -c 3 -W 5 192.168.150.1 || exit 4\n",
     );
     let kernel = gdir.join("vmlinuz");
     std::fs::copy(&img.kernel, &kernel).unwrap();

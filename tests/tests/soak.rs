@@ -205,7 +205,7 @@ fn vunet_stays_flat_under_traffic_dhcp_port_churn_captures_and_reloads() {
             assert!(del.status.success(), "port-del: {}", String::from_utf8_lossy(&del.stderr));
             added += 1;
         }
-        if second % 10 == 0 && runs("hup") {
+        if second.is_multiple_of(10) && runs("hup") {
             // SAFETY: signalling our own child, not yet reaped.
             unsafe { libc::kill(pid as i32, libc::SIGHUP) };
             reloads += 1;

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use vunet_tests::guest::{serial, unprivileged, Guest, Socket, VunetProcess};
+use vunet_tests::guest::{await_listening, serial, unprivileged, Guest, Socket, VunetProcess};
 use vunet_tests::netns::{Background, Netns};
 use vunet_tests::TempDir;
 
@@ -18,8 +18,11 @@ struct Host {
     _servers: Vec<Background>,
 }
 
-fn host(tag: &str, dir: &Path) -> Host {
+/// The host namespace; `pings`: whether `net.ipv4.ping_group_range` (per namespace) lets
+/// every group open ping sockets, or none.
+fn host(tag: &str, dir: &Path, pings: bool) -> Host {
     let ns = Netns::new(tag);
+    ns.run(if pings { "sysctl -qw net.ipv4.ping_group_range='0 2147483647'" } else { "sysctl -qw net.ipv4.ping_group_range='1 0'" });
     // A veth pair with both ends here (no dummy module on every host): the address is one of
     // "the host's" own, not loopback.
     ns.run("ip link add h0 type veth peer name h1 && ip addr add 10.77.0.1/24 dev h0 && ip link set h0 up && ip link set h1 up");
@@ -36,6 +39,8 @@ fn host(tag: &str, dir: &Path) -> Host {
             dir.display()
         )),
         ns.spawn("iperf3 -s -B 10.77.0.1"),
+        // Holds one guest connection open, for the listing.
+        ns.spawn("busybox nc -l -p 9000 -e sleep 1000"),
     ];
     Host { ns, _servers: servers }
 }
@@ -73,20 +78,34 @@ const UDHCPC: &str = "cat > /tmp/hook.sh <<'EOF'\n#!/bin/sh\ncase \"$1\" in boun
 /// (busybox's static wget crashes in this guest; nc does the same with a plain request).
 const GET: &str = "get() { printf 'GET /hello.txt HTTP/1.0\\r\\n\\r\\n' | nc -w 10 $1 $2; }\n";
 
+/// The control socket's answer to `cmd` (`net-list`, `port-list NET`) as JSON.
+fn control(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(vunet_tests::guest::vunet_binary())
+        .args(args)
+        .args(["--json", "--control", dir.join("control.sock").to_str().unwrap()])
+        .output()
+        .expect("vunet CLI");
+    assert!(out.status.success(), "vunet {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+const NETWORK: &str = "[[network]]\nname = \"default\"\nmode = \"nat\"\ngateway = \"192.168.122.1/24\"\n\
+     [network.dhcp]\nrange = [\"192.168.122.100\", \"192.168.122.200\"]\n\
+     hosts = [{ mac = \"52:54:00:0a:00:01\", ip = \"192.168.122.10\" }]\n\
+     [network.dns]\nforwarders = [\"10.77.0.1\"]\n\
+     [network.nat]\nhost_loopback = true\n\
+     [[network.port_forward]]\nproto = \"tcp\"\nport = 2222\nto = \"192.168.122.10:22\"\n\
+     [[network.port_forward]]\nproto = \"tcp\"\nport = 2223\nlisten = \"127.0.0.1\"\nto = \"192.168.122.10:22\"\n\
+     [[network.port_forward]]\nproto = \"tcp\"\nport = 5202\nto = \"192.168.122.10:5201\"\n\
+     [[network.port_forward]]\nproto = \"udp\"\nport = 5202\nto = \"192.168.122.10:5201\"\n\
+     [[network.port]]\nname = \"vm1\"\nsocket = \"vm1.sock\"\n";
+
 #[test]
 fn guests_of_an_unprivileged_vunet_reach_the_host_through_its_sockets() {
     let _turn = serial();
     let dir = TempDir::new("socket-nat");
-    let h = host("snat", dir.path());
-    let v = vunet_as_nobody(
-        &h,
-        dir.path(),
-        "[[network]]\nname = \"default\"\nmode = \"nat\"\ngateway = \"192.168.122.1/24\"\n\
-         [network.dhcp]\nrange = [\"192.168.122.100\", \"192.168.122.200\"]\n\
-         [network.dns]\nforwarders = [\"10.77.0.1\"]\n\
-         [network.nat]\nhost_loopback = true\n\
-         [[network.port]]\nname = \"vm1\"\nsocket = \"vm1.sock\"\n",
-    );
+    let h = host("snat", dir.path(), true);
+    let v = vunet_as_nobody(&h, dir.path(), NETWORK);
     let (uid, caps) = uid_and_caps(v.child.id());
     assert!(uid.starts_with("65534"), "vunet runs as nobody: Uid {uid}");
     assert_eq!(caps, "0000000000000000", "vunet has no capabilities");
@@ -97,22 +116,68 @@ fn guests_of_an_unprivileged_vunet_reach_the_host_through_its_sockets() {
          nslookup -type=a far.test 192.168.122.1 || exit 6\n\
          nslookup -type=a far.test 10.77.0.1 | sed 's/^/DIRECT /' || exit 7\n\
          t0=$(date +%s); nc -w 10 10.77.0.1 9 </dev/null; echo \"REFUSED rc=$? in $(( $(date +%s) - t0 ))s\"\n\
+         ping -c 3 -W 5 10.77.0.1 || exit 11\n\
          iperf3 -c 10.77.0.1 -t 3 -f m || exit 8\necho GUEST-TO-HOST-DONE\n\
          iperf3 -c 10.77.0.1 -t 3 -f m -R || exit 9\necho HOST-TO-GUEST-DONE\n\
          i=0; while [ $i -lt 1000 ]; do get 10.77.0.1 8080 | grep -q HELLO-FROM-THE-HOST || {{ echo \"CONNECTION $i FAILED\"; exit 10; }}; i=$((i+1)); done\n\
-         echo \"CONNECTIONS $i\"\n"
+         echo \"CONNECTIONS $i\"\n\
+         sleep 1000 | nc 10.77.0.1 9000 &\n\
+         nc -ll -p 22 -e echo hello-through-the-forward &\niperf3 -s -D\n{}{}\
+         echo GUEST-READY\nsleep 1000\n",
+        await_listening("tcp", 22, 12),
+        await_listening("tcp", 5201, 12)
     );
     let g = Guest::boot_as(NOBODY, "g1", dir.path(), &Socket::Connect(dir.path().join("vm1.sock")), "52:54:00:0a:00:01", "", &script);
-    let status = g.wait_exit(RUN);
+    let ready = g.console.wait_until(|t| t.contains("GUEST-READY") || t.contains("VUNET-TEST-EXIT"), RUN);
     let out = g.console.text();
-    let log = std::fs::read_to_string(dir.path().join("vunet.log")).unwrap_or_default();
-    assert_eq!(status, Some(0), "guest:\n{out}\nvunet:\n{log}");
-    assert!(out.contains("LEASED 192.168.122."), "a DHCP lease:\n{out}");
+    let log = || std::fs::read_to_string(dir.path().join("vunet.log")).unwrap_or_default();
+    assert!(ready && out.contains("GUEST-READY"), "guest:\n{out}\nvunet:\n{}", log());
+    assert!(out.contains("LEASED 192.168.122.10"), "a DHCP lease:\n{out}");
     assert!(out.contains("HELLO-FROM-THE-HOST"), "a page from a server on the host's address:\n{out}");
     assert!(out.contains("HELLO-FROM-LOOPBACK"), "host_loopback: the gateway's address is the host's 127.0.0.1:\n{out}");
-    assert!(out.contains("10.77.0.9"), "a name the host's resolver answers, through the gateway's DNS:\n{out}");
+    assert!(out.contains("Address: 10.77.0.9"), "a name the host's resolver answers, through the gateway's DNS:\n{out}");
     assert!(out.contains("DIRECT Address: 10.77.0.9"), "a UDP query to the host's resolver itself and its answer back:\n{out}");
     assert!(out.contains("REFUSED rc=1 in 0s") || out.contains("REFUSED rc=1 in 1s"), "a closed port is refused at once:\n{out}");
+    assert!(out.contains("3 packets transmitted, 3 packets received"), "ping through a ping socket:\n{out}");
     assert!(out.contains("GUEST-TO-HOST-DONE") && out.contains("HOST-TO-GUEST-DONE"), "iperf3 both ways:\n{out}");
     assert!(out.contains("CONNECTIONS 1000"), "1,000 short connections in a row:\n{out}");
+
+    // In through the forwards: on all host addresses, on 127.0.0.1 only, TCP and UDP.
+    for (addr, port) in [("10.77.0.1", 2222), ("127.0.0.1", 2222), ("127.0.0.1", 2223)] {
+        let got = h.ns.run(&format!("busybox nc -w 5 {addr} {port} </dev/null || true"));
+        assert!(got.contains("hello-through-the-forward"), "a host client reaches the guest through {addr}:{port}: {got:?}\n{}", log());
+    }
+    let refused = h.ns.try_run("busybox nc -w 5 10.77.0.1 2223 </dev/null");
+    assert!(!String::from_utf8_lossy(&refused.stdout).contains("hello"), "2223 listens on 127.0.0.1 only");
+    let udp = h.ns.run("iperf3 -c 127.0.0.1 -p 5202 -u -l 1400 -b 10M -t 1 -f m");
+    assert!(udp.contains("receiver"), "iperf3 over UDP through the forwards (TCP control, UDP data and its answers):\n{udp}");
+    assert!(!udp.contains(" 0.00 Bytes"), "UDP datagrams reached the guest:\n{udp}");
+
+    // The listings: the open connection to port 9000, and the counters.
+    let ports = control(dir.path(), &["port-list", "default"]);
+    let flows = &ports[0]["nat_flows"];
+    assert!(
+        flows["flows"].as_array().unwrap().iter().any(|f| f["remote"] == "10.77.0.1:9000" && f["proto"] == "tcp"),
+        "port-list shows the guest's open connection: {flows}"
+    );
+    let nets = control(dir.path(), &["net-list"]);
+    let sn = &nets[0]["socket_nat"];
+    assert!(sn["tcp_flows"].as_u64().unwrap() >= 1 && sn["refused"].as_u64().unwrap() >= 1, "net-list counts flows and the refusal: {sn}");
+    assert!(sn["forward_accepted"].as_u64().unwrap() >= 3, "net-list counts forwarded connections: {sn}");
+}
+
+#[test]
+fn pings_are_dropped_and_counted_when_ping_sockets_are_not_allowed() {
+    let _turn = serial();
+    let dir = TempDir::new("socket-nat-noping");
+    let h = host("snatp", dir.path(), false);
+    let _v = vunet_as_nobody(&h, dir.path(), NETWORK);
+    let script = format!("{UDHCPC}ping -c 2 -W 2 10.77.0.1; {GET}get 10.77.0.1 8080 || exit 4\necho GUEST-READY\nsleep 1000\n");
+    let g = Guest::boot_as(NOBODY, "g1", dir.path(), &Socket::Connect(dir.path().join("vm1.sock")), "52:54:00:0a:00:01", "", &script);
+    let log = || std::fs::read_to_string(dir.path().join("vunet.log")).unwrap_or_default();
+    assert!(g.console.wait_for("GUEST-READY", RUN), "guest:\n{}\nvunet:\n{}", g.console.text(), log());
+    assert!(g.console.text().contains("0 packets received"), "no echo replies:\n{}", g.console.text());
+    let nets = control(dir.path(), &["net-list"]);
+    assert_eq!(nets[0]["socket_nat"]["drops"]["icmp_not_permitted"], 2, "both echo requests counted: {}", nets[0]);
+    assert_eq!(log().matches("ping_group_range does not include").count(), 1, "said once in the log:\n{}", log());
 }

@@ -84,6 +84,20 @@ impl Network {
         self.ports.snapshot().get(id).cloned()
     }
 
+    /// The guest that holds `ip` and the port it is on, for frames vunet starts toward it (a
+    /// connection through a port forward): the port whose guest leased it, else the MAC the
+    /// DHCP server reserved it for, where the switch last saw that MAC.
+    pub fn guest_at(&self, ip: Ipv4Addr) -> Option<(Mac, Arc<Port>)> {
+        let ports = self.ports.snapshot();
+        let live = |p: &&Arc<Port>| !p.removed.load(Ordering::Acquire);
+        if let Some((mac, p)) = ports.iter().filter(live).find_map(|p| Some((p.locked_mac()?, p)).filter(|_| p.leased_ip() == Some(ip))) {
+            return Some((mac, p.clone()));
+        }
+        let mac = self.dhcp.as_ref()?.lock().unwrap_or_else(|e| e.into_inner()).holders().holder(ip)?;
+        let id = self.macs.lock().unwrap_or_else(|e| e.into_inner()).port_of(&mac, self.now_ms())?;
+        ports.get(id).filter(live).map(|p| (mac, p.clone()))
+    }
+
     /// The ports that have not been removed.
     pub fn live_ports(&self) -> Vec<Arc<Port>> {
         self.ports.snapshot().iter().filter(|p| !p.removed.load(Ordering::Acquire)).cloned().collect()

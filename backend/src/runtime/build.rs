@@ -10,6 +10,7 @@ use vunet_switch::gateway::{gateway_mac, Gateway};
 use vunet_switch::router::{RouteMode, Router, RouterConfig};
 use vunet_switch::PortId;
 
+use super::error::StartError;
 use crate::config::{Mode, NetworkConfig, PortConfig, UplinkAddress};
 use crate::datapath::{GatewayService, HostLink, Network, Port, PortKind};
 use crate::ports::uplink::Uplink;
@@ -17,7 +18,6 @@ use crate::services::arp_icmp::ArpIcmp;
 use crate::services::dhcp::{self, DhcpService, LeaseWriter};
 use crate::services::dns::DnsService;
 use crate::services::socknat::SocketNat;
-use super::error::StartError;
 
 /// A network as built: the data path's state, and its DNS service whose threads the
 /// supervisor starts (None without a gateway).
@@ -55,8 +55,7 @@ pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<Strin
     let dns = gateway.map(|_| Arc::new(DnsService::new(&n.name, &n.dns)));
     let socknat = match (gateway, &n.socket_nat) {
         (Some(gw), Some(cfg)) => Some(Arc::new(
-            SocketNat::new(&n.name, gw, n.mtu, cfg)
-                .map_err(|e| StartError::Host(format!("network {:?}: socket NAT: cannot create an epoll instance: {e}", n.name)))?,
+            SocketNat::new(&n.name, gw, n.mtu, cfg).map_err(|e| StartError::Host(format!("network {:?}: socket NAT: {e}", n.name)))?,
         )),
         _ => None,
     };

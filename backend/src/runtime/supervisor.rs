@@ -20,6 +20,7 @@ use crate::datapath::{Inject, Network, Port, PortKind};
 use crate::ports::uplink::{self, Uplink};
 use crate::ports::vhost::conn::{bind_socket, serve_port};
 use crate::services::dhcp::LeaseWriter;
+use crate::services::socknat::SocketNat;
 
 /// What the daemon's threads share: the running networks and what it takes to add to them.
 pub struct Supervisor {
@@ -35,6 +36,8 @@ pub struct Supervisor {
     configs: Mutex<Vec<NetworkConfig>>,
     /// Each running network's lease writer, by network name, for the last save at exit.
     lease_writers: Mutex<Vec<(String, Arc<LeaseWriter>)>>,
+    /// Each running socket-NAT network's NAT, by network name, for the listings and metrics.
+    socknats: Mutex<Vec<(String, Arc<SocketNat>)>>,
 }
 
 impl Drop for Supervisor {
@@ -87,6 +90,7 @@ impl Supervisor {
             state_dir,
             configs: Mutex::new(Vec::new()),
             lease_writers: Mutex::new(Vec::new()),
+            socknats: Mutex::new(Vec::new()),
         }
     }
 
@@ -136,6 +140,7 @@ impl Supervisor {
             spawn(format!("dns-tcp-{}", net.name), move || tcp.run(inject, gw, dns))?;
         }
         if let Some(s) = built.socknat {
+            self.socknats.lock().unwrap_or_else(|e| e.into_inner()).push((net.name.clone(), s.clone()));
             let inject = Inject::new(net.clone());
             spawn(format!("socknat-{}", net.name), move || s.run(inject))?;
         }
@@ -268,10 +273,16 @@ impl Supervisor {
         net.ports.retire(port.id);
     }
 
+    /// The socket NAT of a running network, if it has one.
+    pub fn socket_nat(&self, network: &str) -> Option<Arc<SocketNat>> {
+        self.socknats.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(n, _)| n == network).map(|(_, s)| s.clone())
+    }
+
     /// Stops a network: every port removed, its threads told to end.
     pub fn stop_network(&self, name: &str) -> Result<(), PortError> {
         let net = self.network(name).ok_or_else(|| PortError::NoNetwork(name.to_string()))?;
         self.networks.write().unwrap_or_else(|e| e.into_inner()).retain(|n| n.name != name);
+        self.socknats.lock().unwrap_or_else(|e| e.into_inner()).retain(|(n, _)| n != name);
         net.stopped.store(true, Ordering::Release);
         // Its leases are saved now (a network of that name started again reads them), then its
         // writer sees `stopped` and ends.

@@ -102,22 +102,46 @@ impl UdpTable {
             }
             return Ok(UdpOp::Send { id, payload: d.payload });
         }
+        match self.open(key, d.link, now) {
+            Ok(id) => Ok(UdpOp::Open { id, remote: d.dst, payload: d.payload }),
+            Err(why) => {
+                self.counters.bytes_to_host -= d.payload.len() as u64;
+                Err(why)
+            }
+        }
+    }
+
+    fn open(&mut self, key: FlowKey, link: Link, now: u64) -> Result<FlowId, Drop> {
         let why = if self.live >= self.cfg.max_flows {
             Drop::TableFull
-        } else if self.guest_flows(d.src.ip()) >= self.cfg.max_per_guest {
+        } else if self.guest_flows(key.guest.ip()) >= self.cfg.max_per_guest {
             Drop::ShareExceeded
         } else {
-            let idle_ms = if d.dst.port() == 53 { self.cfg.dns_idle_ms } else { self.cfg.idle_ms };
-            let flow = Flow { key, link: d.link, last_ms: now, idle_ms };
-            let id = super::place(&mut self.slots, &mut self.free, flow);
+            let idle_ms = if key.remote.port() == 53 { self.cfg.dns_idle_ms } else { self.cfg.idle_ms };
+            let id = super::place(&mut self.slots, &mut self.free, Flow { key, link, last_ms: now, idle_ms });
             self.by_key.insert(key, id);
-            *self.per_guest.entry(d.src.ip()).or_insert(0) += 1;
+            *self.per_guest.entry(key.guest.ip()).or_insert(0) += 1;
             self.live += 1;
-            return Ok(UdpOp::Open { id, remote: d.dst, payload: d.payload });
+            return Ok(id);
         };
-        self.counters.bytes_to_host -= d.payload.len() as u64;
         self.counters.drop(why);
         Err(why)
+    }
+
+    /// A datagram from `remote` came in on a forwarded host port for `guest`: the flow its
+    /// replies belong to, made now if there is none (bounded like the guest's own flows). The
+    /// I/O layer sends what the guest answers on this flow from the forwarded port's socket.
+    pub fn open_inbound(&mut self, link: Link, guest: SocketAddr, remote: SocketAddr, now: u64) -> Result<FlowId, Drop> {
+        let key = FlowKey { guest, remote };
+        if let Some(&id) = self.by_key.get(&key) {
+            return Ok(id);
+        }
+        self.open(key, link, now)
+    }
+
+    /// The flow of a guest's end and a remote end, if there is one.
+    pub fn get(&self, key: &FlowKey) -> Option<FlowId> {
+        self.by_key.get(key).copied()
     }
 
     /// A datagram the flow's socket received: the caller put `len` payload bytes at
@@ -232,6 +256,22 @@ mod tests {
         assert_eq!(closed.len(), 2);
         assert!(t.is_empty());
         assert_eq!(t.reply(id, 5, &mut vec![0u8; 2048], 0), None);
+    }
+
+    #[test]
+    fn a_forwarded_datagram_makes_the_flow_the_guests_answer_belongs_to() {
+        let mut t = UdpTable::new(UdpConfig { max_flows: 2, max_per_guest: 2, ..UdpConfig::default() });
+        let link = Link { guest_mac: GUEST_MAC, gw_mac: GW_MAC };
+        let id = t.open_inbound(link, sa(G, 53), sa(R, 4000), 0).unwrap();
+        // Again from the same peer: the same flow.
+        assert_eq!(t.open_inbound(link, sa(G, 53), sa(R, 4000), 10), Ok(id));
+        // The guest's answer, from its port 53 to the peer, is that flow's.
+        let none = VnetHeader::default();
+        assert_eq!(t.input(&dgram(G, 53, R, 4000, b"answer"), &none, 20), Ok(UdpOp::Send { id, payload: b"answer" }));
+        assert_eq!(t.get(&FlowKey { guest: sa(G, 53), remote: sa(R, 4000) }), Some(id));
+        // Bounded like the guest's own flows.
+        t.open_inbound(link, sa(G, 53), sa(R, 4001), 0).unwrap();
+        assert_eq!(t.open_inbound(link, sa(G, 53), sa(R, 4002), 0), Err(Drop::TableFull));
     }
 
     #[test]

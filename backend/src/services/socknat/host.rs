@@ -194,8 +194,7 @@ fn set_peek_off(fd: RawFd, off: usize) -> bool {
     let v = off.min(i32::MAX as usize) as libc::c_int;
     // SAFETY: SO_PEEK_OFF reads one int from a valid pointer.
     unsafe {
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, (&v as *const libc::c_int).cast(), std::mem::size_of_val(&v) as u32)
-            == 0
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, (&v as *const libc::c_int).cast(), std::mem::size_of_val(&v) as u32) == 0
     }
 }
 
@@ -272,4 +271,89 @@ impl HostUdp {
 /// in the log, since without it every retransmission peek copies what is in flight.
 pub fn tcp_peek_offset_supported() -> bool {
     Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).is_ok_and(|s| set_peek_off(SockRef::from(&s).as_raw_fd(), 0))
+}
+
+/// An unprivileged ping socket (`SOCK_DGRAM`, `IPPROTO_ICMP`) connected to one remote: what
+/// `net.ipv4.ping_group_range` allows the process's group to open.
+pub struct HostPing {
+    sock: Socket,
+}
+
+impl HostPing {
+    pub fn connect(remote: std::net::IpAddr) -> Result<HostPing, io::Error> {
+        let sock = Socket::new(Domain::for_address(SocketAddr::new(remote, 0)), Type::DGRAM.nonblocking(), Some(Protocol::ICMPV4))?;
+        sock.connect(&SocketAddr::new(remote, 0).into())?;
+        Ok(HostPing { sock })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    /// Sends one ICMP message (the kernel sets the identifier and the checksum).
+    pub fn send(&self, message: &[u8]) -> bool {
+        // SAFETY: message is a valid readable slice.
+        unsafe { libc::send(self.fd(), message.as_ptr().cast(), message.len(), libc::MSG_DONTWAIT) >= 0 }
+    }
+
+    /// One ICMP message (no IP header) into `buf`. Ok(None): nothing more now; Err: an error
+    /// the socket reported (an ICMP error for what was sent; only echo replies go back).
+    pub fn recv(&self, buf: &mut [u8]) -> Result<Option<usize>, io::Error> {
+        // SAFETY: buf is a valid writable slice.
+        let r = unsafe { libc::recv(self.fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if r >= 0 {
+            return Ok(Some(r as usize));
+        }
+        match would_block() {
+            true => Ok(None),
+            false => Err(io::Error::last_os_error()),
+        }
+    }
+}
+
+/// A listening socket of a port forward: TCP (accepting) or UDP (receiving from anyone).
+pub struct ForwardSocket {
+    pub sock: Socket,
+}
+
+impl ForwardSocket {
+    pub fn bind(tcp: bool, at: SocketAddr) -> Result<ForwardSocket, io::Error> {
+        let ty = if tcp { Type::STREAM } else { Type::DGRAM };
+        let sock = Socket::new(Domain::for_address(at), ty.nonblocking(), None)?;
+        if tcp {
+            // A restarted vunet binds again at once, past its old connections' TIME_WAIT.
+            sock.set_reuse_address(true)?;
+        }
+        if at.is_ipv6() {
+            sock.set_only_v6(true)?;
+        }
+        sock.bind(&at.into())?;
+        if tcp {
+            sock.listen(128)?;
+        }
+        Ok(ForwardSocket { sock })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    /// The next connection waiting (non-blocking), with its peer.
+    pub fn accept(&self) -> Option<(Socket, SocketAddr)> {
+        let (s, peer) = self.sock.accept().ok()?;
+        Some((s, peer.as_socket()?))
+    }
+
+    /// One datagram into `buf` with its sender; Some((n, peer)) with n past `buf.len()` when it
+    /// was cut.
+    pub fn recv_from(&self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
+        // SAFETY: the slice is only written by the kernel; u8 and MaybeUninit<u8> share layout.
+        let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
+        let (n, from) = self.sock.recv_from_with_flags(uninit, libc::MSG_TRUNC).ok()?;
+        Some((n, from.as_socket()?))
+    }
+
+    pub fn send_to(&self, data: &[u8], to: SocketAddr) -> bool {
+        self.sock.send_to_with_flags(data, &to.into(), libc::MSG_DONTWAIT).is_ok()
+    }
 }

@@ -18,16 +18,17 @@ use std::time::Instant;
 use tracing::{info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vunet_switch::gateway::Gateway;
+use vunet_switch::socknat::icmp::{IcmpConfig, IcmpOp, IcmpTable};
 use vunet_switch::socknat::tcp::{HostIo, HostOp, TcpConfig};
 use vunet_switch::socknat::udp::{UdpConfig, UdpOp, UdpTable};
-use vunet_switch::socknat::wire::{self, UDP_FRAME_HDR};
-use vunet_switch::socknat::{Counters, FlowId, Input, TcpTable, TcpTableConfig};
+use vunet_switch::socknat::wire::{self, Link, ICMP_FRAME_HDR, UDP_FRAME_HDR};
+use vunet_switch::socknat::{FlowId, Input, TcpTable, TcpTableConfig};
 use vunet_switch::vnet::{RxCaps, VnetHeader};
 use vunet_switch::PortId;
 
-use self::host::{ConnectError, HostTcp, HostUdp};
-use crate::config::SocketNatConfig;
-use crate::datapath::{deliver_made, GatewayCx, GatewayService, Handled, Inject, Port, TxScratch};
+use self::host::{ConnectError, ForwardSocket, HostPing, HostTcp, HostUdp};
+use crate::config::{SocketForward, SocketNatConfig};
+use crate::datapath::{deliver_made, GatewayCx, GatewayService, Handled, Inject, Network, Port, TxScratch};
 
 /// How often the timers run (retransmissions start at 1 s; idle time-outs are minutes).
 const TICK_MS: u64 = 50;
@@ -46,6 +47,30 @@ pub struct HostCounters {
     pub unroutable: u64,
     /// Guest datagrams a full socket buffer dropped.
     pub udp_send_failed: u64,
+    /// Echo requests dropped because `net.ipv4.ping_group_range` does not let this process
+    /// open ping sockets.
+    pub icmp_not_permitted: u64,
+    /// Connections and datagrams on forwarded ports refused: their guest is not on the
+    /// network (no lease, not connected), or its flow table is full.
+    pub forward_refused: u64,
+    /// Connections accepted on forwarded ports.
+    pub forward_accepted: u64,
+}
+
+/// What `net-list` and the metrics say about a network's socket NAT.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NatSummary {
+    pub tcp_flows: usize,
+    pub udp_flows: usize,
+    pub icmp_flows: usize,
+    /// Guest connections the host refused (RST to the guest) and those it could not reach.
+    pub refused: u64,
+    pub unreachable: u64,
+    pub forward_accepted: u64,
+    pub bytes_to_host: u64,
+    pub bytes_to_guest: u64,
+    /// Drops by reason: the state machines' and the host side's (`no_socket`, ...).
+    pub drops: Vec<(&'static str, u64)>,
 }
 
 /// A flow as `port-list`/`net-list` show it.
@@ -65,9 +90,28 @@ struct TcpSock {
     connecting: bool,
 }
 
+/// A UDP flow's socket: its own, connected to the remote; or, for a flow a forwarded port
+/// started, that port's socket, which the guest's answers leave from.
+enum UdpHost {
+    Connected(HostUdp),
+    Forward { listener: usize, peer: SocketAddr },
+}
+
 struct UdpSock {
-    host: HostUdp,
+    host: UdpHost,
     port: PortId,
+}
+
+struct PingSock {
+    host: HostPing,
+    port: PortId,
+}
+
+/// A forwarded host port: its socket and where it leads.
+struct Listener {
+    sock: ForwardSocket,
+    tcp: bool,
+    guest: SocketAddr,
 }
 
 struct State {
@@ -75,6 +119,8 @@ struct State {
     udp: UdpTable,
     tcp_socks: Vec<Option<TcpSock>>,
     udp_socks: Vec<Option<UdpSock>>,
+    icmp: IcmpTable,
+    ping_socks: Vec<Option<PingSock>>,
     /// Frames to guests are built here.
     frame: Vec<u8>,
     out: TxScratch,
@@ -91,11 +137,15 @@ pub struct SocketNat {
     epoch: Instant,
     epoll: Epoll,
     state: Mutex<State>,
+    listeners: Vec<Listener>,
     said_no_socket: AtomicBool,
+    said_no_ping: AtomicBool,
 }
 
 const KIND_TCP: u64 = 0;
 const KIND_UDP: u64 = 1;
+const KIND_PING: u64 = 2;
+const KIND_LISTEN: u64 = 3;
 
 /// epoll's data word: the kind, a serial (a slot reused by a new flow must not take the
 /// events of the old one's socket) and the flow's id.
@@ -108,7 +158,9 @@ fn untoken(t: u64) -> (u64, u32, FlowId) {
 }
 
 impl SocketNat {
-    pub fn new(network: &str, gw: Gateway, mtu: u16, cfg: &SocketNatConfig) -> std::io::Result<SocketNat> {
+    /// The socket NAT of network `network`, with its forwarded ports bound (an error names the
+    /// forward that could not be).
+    pub fn new(network: &str, gw: Gateway, mtu: u16, cfg: &SocketNatConfig) -> Result<SocketNat, String> {
         let tcp = TcpTableConfig {
             max_connections: cfg.max_connections,
             max_per_guest: cfg.max_per_guest,
@@ -120,6 +172,13 @@ impl SocketNat {
             idle_ms: cfg.udp_idle_secs.saturating_mul(1000),
             ..UdpConfig::default()
         };
+        let epoll = Epoll::new().map_err(|e| format!("cannot create an epoll instance: {e}"))?;
+        let listeners = bind_forwards(&cfg.forwards)?;
+        for (i, l) in listeners.iter().enumerate() {
+            epoll
+                .ctl(ControlOperation::Add, l.sock.fd(), EpollEvent::new(EventSet::IN, token(KIND_LISTEN, 0, i)))
+                .map_err(|e| format!("cannot watch a forwarded port: {e}"))?;
+        }
         if !host::tcp_peek_offset_supported() {
             warn!(network = %network, "socket NAT: this kernel has no TCP peek offset (Linux 6.9+); retransmissions cost a copy");
         }
@@ -129,18 +188,26 @@ impl SocketNat {
             host_loopback: cfg.host_loopback,
             mtu,
             epoch: Instant::now(),
-            epoll: Epoll::new()?,
+            epoll,
+            listeners,
             state: Mutex::new(State {
                 tcp: TcpTable::new(tcp, rand::random()),
                 udp: UdpTable::new(udp),
                 tcp_socks: Vec::new(),
                 udp_socks: Vec::new(),
+                icmp: IcmpTable::new(IcmpConfig {
+                    max_flows: cfg.max_connections.min(4096),
+                    max_per_guest: cfg.max_per_guest.min(1024),
+                    ..IcmpConfig::default()
+                }),
+                ping_socks: Vec::new(),
                 frame: vec![0; FRAME_BUF],
                 out: TxScratch::default(),
                 serial: 0,
                 host: HostCounters::default(),
             }),
             said_no_socket: AtomicBool::new(false),
+            said_no_ping: AtomicBool::new(false),
         })
     }
 
@@ -172,10 +239,35 @@ impl SocketNat {
         }
     }
 
-    /// Counters of both tables (with their flows'), and the host side's.
-    pub fn counters(&self) -> (Counters, Counters, HostCounters) {
+    /// Flow counts and drop/refusal counters, for `net-list` and the metrics.
+    pub fn summary(&self) -> NatSummary {
         let st = self.lock();
-        (st.tcp.counters(), st.udp.counters, st.host)
+        let (tcp, udp, icmp) = (st.tcp.counters(), st.udp.counters, st.icmp.counters);
+        let mut drops: Vec<(&'static str, u64)> = Vec::new();
+        for why in vunet_switch::socknat::Drop::ALL {
+            let n = tcp.dropped(why) + udp.dropped(why) + icmp.dropped(why);
+            drops.push((why.name(), n));
+        }
+        let h = st.host;
+        drops.extend([
+            ("no_socket", h.no_socket),
+            ("udp_too_big", h.udp_too_big),
+            ("unroutable", h.unroutable),
+            ("udp_send_failed", h.udp_send_failed),
+            ("icmp_not_permitted", h.icmp_not_permitted),
+            ("forward_refused", h.forward_refused),
+        ]);
+        NatSummary {
+            tcp_flows: st.tcp.len(),
+            udp_flows: st.udp.len(),
+            icmp_flows: st.icmp.len(),
+            refused: tcp.refused,
+            unreachable: tcp.unreachable + udp.unreachable,
+            forward_accepted: h.forward_accepted,
+            bytes_to_host: tcp.bytes_to_host + udp.bytes_to_host,
+            bytes_to_guest: tcp.bytes_to_guest + udp.bytes_to_guest,
+            drops,
+        }
     }
 
     /// The live flows, for the listings.
@@ -186,6 +278,7 @@ impl SocketNat {
             let Some(s) = st.tcp_socks.get(id).and_then(Option::as_ref) else { continue };
             let state = match f.state() {
                 vunet_switch::socknat::tcp::State::Connecting => "connecting",
+                vunet_switch::socknat::tcp::State::SynSent => "syn-sent",
                 vunet_switch::socknat::tcp::State::SynAckSent => "syn-ack-sent",
                 vunet_switch::socknat::tcp::State::Established if f.guest_sent_fin() || f.host_at_eof() => "closing",
                 vunet_switch::socknat::tcp::State::Established => "established",
@@ -195,7 +288,13 @@ impl SocketNat {
         }
         for (id, s) in st.udp_socks.iter().enumerate() {
             let (Some(s), Some(key)) = (s, st.udp.key(id)) else { continue };
-            v.push(FlowInfo { proto: "udp", port: s.port, guest: key.guest, remote: key.remote, state: "open" });
+            let state = if matches!(s.host, UdpHost::Forward { .. }) { "forwarded" } else { "open" };
+            v.push(FlowInfo { proto: "udp", port: s.port, guest: key.guest, remote: key.remote, state });
+        }
+        for (id, s) in st.ping_socks.iter().enumerate() {
+            let (Some(s), Some(key)) = (s, st.icmp.key(id)) else { continue };
+            let (guest, remote) = (SocketAddr::new(key.guest, key.ident), SocketAddr::new(key.remote, 0));
+            v.push(FlowInfo { proto: "icmp", port: s.port, guest, remote, state: "echo" });
         }
         v
     }
@@ -238,7 +337,10 @@ impl SocketNat {
                                     let _ = self.epoll.ctl(
                                         ControlOperation::Modify,
                                         host.fd(),
-                                        EpollEvent::new(tcp_events(), token(KIND_TCP, st.tcp_socks[id].as_ref().map_or(0, |s| s.serial), id)),
+                                        EpollEvent::new(
+                                            tcp_events(),
+                                            token(KIND_TCP, st.tcp_socks[id].as_ref().map_or(0, |s| s.serial), id),
+                                        ),
                                     );
                                 }
                             }
@@ -258,15 +360,22 @@ impl SocketNat {
         match st.udp.input(frame, hdr, now) {
             Err(_) => {}
             Ok(UdpOp::Send { id, payload }) => {
-                if let Some(s) = st.udp_socks.get(id).and_then(Option::as_ref) {
-                    if !s.host.send(payload) {
-                        st.host.udp_send_failed += 1;
-                    }
+                let sent = match st.udp_socks.get(id).and_then(Option::as_ref).map(|s| &s.host) {
+                    Some(UdpHost::Connected(h)) => h.send(payload),
+                    Some(UdpHost::Forward { listener, peer }) => self.listeners[*listener].sock.send_to(payload, *peer),
+                    None => true,
+                };
+                if !sent {
+                    st.host.udp_send_failed += 1;
                 }
             }
             Ok(UdpOp::Open { id, remote, payload }) => {
                 let opened = HostUdp::connect(self.host_addr(remote)).and_then(|h| {
-                    self.epoll.ctl(ControlOperation::Add, h.fd(), EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, token(KIND_UDP, 0, id)))?;
+                    self.epoll.ctl(
+                        ControlOperation::Add,
+                        h.fd(),
+                        EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, token(KIND_UDP, 0, id)),
+                    )?;
                     Ok(h)
                 });
                 match opened {
@@ -274,7 +383,7 @@ impl SocketNat {
                         if !h.send(payload) {
                             st.host.udp_send_failed += 1;
                         }
-                        set_slot(&mut st.udp_socks, id, UdpSock { host: h, port: port.id });
+                        set_slot(&mut st.udp_socks, id, UdpSock { host: UdpHost::Connected(h), port: port.id });
                     }
                     Err(e) => {
                         // Said to the guest as the host's routing said it, then forgotten.
@@ -423,6 +532,8 @@ impl SocketNat {
                 match kind {
                     KIND_TCP => self.tcp_event(id, serial, set, |p| net.port_by_id(p)),
                     KIND_UDP => self.udp_event(id, |p| net.port_by_id(p)),
+                    KIND_PING => self.ping_event(id, |p| net.port_by_id(p)),
+                    KIND_LISTEN => self.forward_event(id, net),
                     _ => {}
                 }
             }
@@ -458,10 +569,8 @@ impl SocketNat {
                 Err(e) => self.connect_failed(st, id, &e),
             }
         } else {
-            if set.contains(EventSet::ERROR) {
-                if host.take_error().is_some() {
-                    host.failed = true;
-                }
+            if set.contains(EventSet::ERROR) && host.take_error().is_some() {
+                host.failed = true;
             }
             if set.contains(EventSet::OUT) {
                 let space = host.send_space();
@@ -485,8 +594,8 @@ impl SocketNat {
         // A datagram larger than this does not fit one frame of the network's MTU.
         let max = self.mtu as usize - 28;
         loop {
-            let Some(sock) = st.udp_socks.get(id).and_then(Option::as_ref) else { return };
-            let r = sock.host.recv(&mut st.frame[UDP_FRAME_HDR..]);
+            let Some(UdpHost::Connected(sock)) = st.udp_socks.get(id).and_then(Option::as_ref).map(|s| &s.host) else { return };
+            let r = sock.recv(&mut st.frame[UDP_FRAME_HDR..]);
             match r {
                 Ok(None) => break,
                 Ok(Some(n)) if n > max => st.host.udp_too_big += 1,
@@ -510,6 +619,157 @@ impl SocketNat {
         }
     }
 
+    // ---- ICMP echo ---------------------------------------------------------------------
+
+    fn ping_from_guest(&self, port: &Port, frame: &[u8], hdr: &VnetHeader) {
+        let now = self.now();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        match st.icmp.input(frame, hdr, now) {
+            Err(_) => {}
+            Ok(IcmpOp::Send { id, message }) => {
+                if let Some(s) = st.ping_socks.get(id).and_then(Option::as_ref) {
+                    s.host.send(message);
+                }
+            }
+            Ok(IcmpOp::Open { id, remote, message }) => {
+                let opened = HostPing::connect(remote).and_then(|h| {
+                    self.epoll.ctl(
+                        ControlOperation::Add,
+                        h.fd(),
+                        EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, token(KIND_PING, 0, id)),
+                    )?;
+                    Ok(h)
+                });
+                match opened {
+                    Ok(h) => {
+                        h.send(message);
+                        set_slot(&mut st.ping_socks, id, PingSock { host: h, port: port.id });
+                    }
+                    Err(e) => {
+                        st.icmp.remove(id);
+                        if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)) {
+                            st.host.icmp_not_permitted += 1;
+                            if !self.said_no_ping.swap(true, Ordering::Relaxed) {
+                                // SAFETY: plain getter.
+                                let gid = unsafe { libc::getegid() };
+                                warn!(network = %self.network, "socket NAT: guests' pings are dropped: net.ipv4.ping_group_range does not include this process's group {gid} (said once; counted as icmp_not_permitted)");
+                            }
+                        } else if ConnectError::of(&e) == ConnectError::NoResources {
+                            self.no_socket(st, &e);
+                        } else {
+                            st.host.unroutable += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn ping_event(&self, id: FlowId, port_of: impl Fn(PortId) -> Option<Arc<Port>>) {
+        let now = self.now();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let Some(port) = st.ping_socks.get(id).and_then(Option::as_ref).and_then(|s| port_of(s.port)) else { return };
+        loop {
+            let Some(sock) = st.ping_socks.get(id).and_then(Option::as_ref) else { return };
+            match sock.host.recv(&mut st.frame[ICMP_FRAME_HDR..]) {
+                Ok(None) => break,
+                Ok(Some(n)) => {
+                    if let Some(len) = st.icmp.reply(id, n, &mut st.frame, now) {
+                        deliver_made(&port, &VnetHeader::default(), &st.frame[..len], &mut st.out);
+                    }
+                }
+                // An ICMP error about an echo request: the guest's ping times out, as the
+                // host's would have without one.
+                Err(_) => continue,
+            }
+        }
+    }
+
+    // ---- Port forwards -----------------------------------------------------------------
+
+    /// Where a host peer appears to the guest: itself, or the gateway for the host's own
+    /// loopback (the guest cannot reach 127.0.0.1 through its gateway).
+    fn as_seen_by_guest(&self, peer: SocketAddr) -> SocketAddr {
+        match peer {
+            SocketAddr::V4(a) if a.ip().is_loopback() => SocketAddr::V4(SocketAddrV4::new(self.gw.ip, a.port())),
+            SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+                Some(v4) if v4.is_loopback() => SocketAddr::V4(SocketAddrV4::new(self.gw.ip, a.port())),
+                Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, a.port())),
+                None => peer,
+            },
+            other => other,
+        }
+    }
+
+    /// A forwarded port is readable: connections to accept (TCP), datagrams to pass (UDP).
+    fn forward_event(&self, idx: usize, net: &Network) {
+        let Some(l) = self.listeners.get(idx) else { return };
+        let now = self.now();
+        let SocketAddr::V4(guest) = l.guest else { return };
+        loop {
+            if l.tcp {
+                let Some((sock, peer)) = l.sock.accept() else { return };
+                let target = net.guest_at(*guest.ip());
+                let mut guard = self.lock();
+                let st = &mut *guard;
+                let Some((mac, port)) = target else {
+                    st.host.forward_refused += 1;
+                    HostTcp::wrap(sock).close(true);
+                    continue;
+                };
+                let link = Link { guest_mac: mac, gw_mac: self.gw.mac };
+                let host = HostTcp::wrap(sock);
+                let id = match st.tcp.open_inbound(link, l.guest, self.as_seen_by_guest(peer), now) {
+                    Ok(id) => id,
+                    Err(_) => {
+                        st.host.forward_refused += 1;
+                        host.close(true);
+                        continue;
+                    }
+                };
+                st.serial = st.serial.wrapping_add(1);
+                let serial = st.serial;
+                if self.epoll.ctl(ControlOperation::Add, host.fd(), EpollEvent::new(tcp_events(), token(KIND_TCP, serial, id))).is_err() {
+                    st.tcp.remove(id);
+                    host.close(true);
+                    continue;
+                }
+                st.host.forward_accepted += 1;
+                let space = host.send_space();
+                set_slot(&mut st.tcp_socks, id, TcpSock { host: Some(host), port: port.id, serial, connecting: false });
+                if let Some(f) = st.tcp.flow_mut(id) {
+                    f.set_host_send_space(space);
+                }
+                self.drive_tcp(st, id, &port, now);
+            } else {
+                let mut guard = self.lock();
+                let st = &mut *guard;
+                let Some((n, peer)) = l.sock.recv_from(&mut st.frame[UDP_FRAME_HDR..]) else { return };
+                if n > self.mtu as usize - 28 {
+                    st.host.udp_too_big += 1;
+                    continue;
+                }
+                let Some((mac, port)) = net.guest_at(*guest.ip()) else {
+                    st.host.forward_refused += 1;
+                    continue;
+                };
+                let link = Link { guest_mac: mac, gw_mac: self.gw.mac };
+                let Ok(id) = st.udp.open_inbound(link, l.guest, self.as_seen_by_guest(peer), now) else {
+                    st.host.forward_refused += 1;
+                    continue;
+                };
+                if st.udp_socks.get(id).is_none_or(Option::is_none) {
+                    set_slot(&mut st.udp_socks, id, UdpSock { host: UdpHost::Forward { listener: idx, peer }, port: port.id });
+                }
+                if let Some(len) = st.udp.reply(id, n, &mut st.frame, now) {
+                    deliver_made(&port, &VnetHeader::default(), &st.frame[..len], &mut st.out);
+                }
+            }
+        }
+    }
+
     /// Timers: TCP retransmissions, persist probes and time-outs of the flows that have one
     /// due; UDP flows idle too long; flows of ports that are gone.
     fn tick(&self, now: u64, port_of: impl Fn(PortId) -> Option<Arc<Port>>) {
@@ -526,6 +786,12 @@ impl SocketNat {
         let socks = &mut st.udp_socks;
         st.udp.tick(now, |id| {
             if let Some(s) = socks.get_mut(id) {
+                *s = None;
+            }
+        });
+        let pings = &mut st.ping_socks;
+        st.icmp.tick(now, |id| {
+            if let Some(s) = pings.get_mut(id) {
                 *s = None;
             }
         });
@@ -554,7 +820,37 @@ impl SocketNat {
             st.udp.remove(id);
             st.udp_socks[id] = None;
         }
+        let orphans: Vec<FlowId> = st
+            .ping_socks
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.as_ref().is_some_and(|s| port_of(s.port).is_none_or(|p| p.removed.load(Ordering::Relaxed))))
+            .map(|(id, _)| id)
+            .collect();
+        for id in orphans {
+            st.icmp.remove(id);
+            st.ping_socks[id] = None;
+        }
     }
+}
+
+/// Binds every forwarded host port: one socket per port of each range, on the forward's
+/// address or all of the host's IPv4 addresses.
+fn bind_forwards(forwards: &[SocketForward]) -> Result<Vec<Listener>, String> {
+    let mut out = Vec::new();
+    for f in forwards {
+        let tcp = f.proto == 6;
+        for ext in f.external.0..=f.external.1 {
+            let ip = f.listen.unwrap_or(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+            let at = SocketAddr::new(ip, ext);
+            let sock = ForwardSocket::bind(tcp, at).map_err(|e| {
+                format!("port_forward {} {at}: cannot listen: {}", if tcp { "tcp" } else { "udp" }, crate::config::io_reason(&e))
+            })?;
+            let guest = SocketAddr::V4(SocketAddrV4::new(f.guest, f.guest_port + (ext - f.external.0)));
+            out.push(Listener { sock, tcp, guest });
+        }
+    }
+    Ok(out)
 }
 
 fn tcp_events() -> EventSet {
@@ -612,6 +908,7 @@ impl GatewayService for SocketNat {
         match proto {
             6 => self.tcp_from_guest(port, frame, cx.hdr),
             17 => self.udp_from_guest(port, frame, cx.hdr),
+            1 => self.ping_from_guest(port, frame, cx.hdr),
             _ => return Handled::NotMine,
         }
         Handled::Consumed

@@ -540,7 +540,9 @@ impl SocketNat {
             let now = self.now();
             if now >= next_tick {
                 next_tick = now + TICK_MS;
-                self.tick(now, |p| net.port_by_id(p));
+                // One look at the port list per tick, not one per flow.
+                let ports = net.ports.snapshot();
+                self.tick(now, |p| ports.get(p).filter(|p| !p.removed.load(Ordering::Relaxed)).cloned());
             }
         }
     }
@@ -771,7 +773,8 @@ impl SocketNat {
     }
 
     /// Timers: TCP retransmissions, persist probes and time-outs of the flows that have one
-    /// due; UDP flows idle too long; flows of ports that are gone.
+    /// due; UDP and ICMP flows idle too long; flows of ports that are gone (`port_of` finds
+    /// live ports only).
     fn tick(&self, now: u64, port_of: impl Fn(PortId) -> Option<Arc<Port>>) {
         let mut guard = self.lock();
         let st = &mut *guard;
@@ -800,7 +803,7 @@ impl SocketNat {
             .tcp_socks
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.as_ref().is_some_and(|s| port_of(s.port).is_none_or(|p| p.removed.load(Ordering::Relaxed))))
+            .filter(|(_, s)| s.as_ref().is_some_and(|s| port_of(s.port).is_none()))
             .map(|(id, _)| id)
             .collect();
         for id in orphans {
@@ -813,7 +816,7 @@ impl SocketNat {
             .udp_socks
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.as_ref().is_some_and(|s| port_of(s.port).is_none_or(|p| p.removed.load(Ordering::Relaxed))))
+            .filter(|(_, s)| s.as_ref().is_some_and(|s| port_of(s.port).is_none()))
             .map(|(id, _)| id)
             .collect();
         for id in orphans {
@@ -824,7 +827,7 @@ impl SocketNat {
             .ping_socks
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.as_ref().is_some_and(|s| port_of(s.port).is_none_or(|p| p.removed.load(Ordering::Relaxed))))
+            .filter(|(_, s)| s.as_ref().is_some_and(|s| port_of(s.port).is_none()))
             .map(|(id, _)| id)
             .collect();
         for id in orphans {

@@ -2,7 +2,7 @@
 //! Every user mistake becomes one [`ConfigError`] naming the file and line.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -87,6 +87,25 @@ pub struct DnsConfig {
     pub hosts: Vec<(String, Ipv4Addr)>,
     /// Upstream resolvers; `None`: the host's /etc/resolv.conf.
     pub forwarders: Option<Vec<std::net::SocketAddr>>,
+}
+
+/// `[network.dhcp6]`: stateful DHCPv6 from the gateway (router advertisements then carry M).
+/// Without it, guests configure themselves from the advertised prefix (SLAAC).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dhcp6Config {
+    /// Addresses handed out dynamically; None: only the static hosts get addresses.
+    pub range: Option<(Ipv6Addr, Ipv6Addr)>,
+    pub hosts: Vec<Dhcp6Host>,
+    pub lease_secs: u32,
+}
+
+/// A DHCPv6 reservation. Matched by the client's MAC (from its DUID-LL/LLT, or the frame's
+/// source), since that is what a VM's configuration knows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dhcp6Host {
+    pub mac: Mac,
+    pub ip: Ipv6Addr,
+    pub name: Option<String>,
 }
 
 /// `[network.dhcp]`: the gateway's DHCP server.
@@ -209,6 +228,8 @@ pub struct NetworkConfig {
     pub mode: Mode,
     /// Gateway address and prefix length.
     pub gateway: Option<(Ipv4Addr, u8)>,
+    /// `gateway6`: the gateway's IPv6 address and the on-link prefix it advertises.
+    pub gateway6: Option<(Ipv6Addr, u8)>,
     pub mtu: u16,
     /// How long a worker polls its ring for more frames before it sleeps (µs; 0: it sleeps
     /// at once and is woken by the guest's kick). Like SO_BUSY_POLL or vhost-net's busyloop
@@ -217,6 +238,7 @@ pub struct NetworkConfig {
     /// Most threads one guest port's queue pairs are served by (default: the host's cores).
     pub workers: u16,
     pub dhcp: Option<DhcpConfig>,
+    pub dhcp6: Option<Dhcp6Config>,
     pub dns: DnsConfig,
     pub uplink: Option<UplinkConfig>,
     /// Set for `nat` and `route` networks with an uplink.
@@ -267,10 +289,12 @@ struct RawNetwork {
     name: Spanned<String>,
     mode: Spanned<String>,
     gateway: Option<Spanned<String>>,
+    gateway6: Option<Spanned<String>>,
     mtu: Option<Spanned<i64>>,
     busy_poll_us: Option<Spanned<i64>>,
     workers: Option<Spanned<i64>>,
     dhcp: Option<Spanned<RawDhcp>>,
+    dhcp6: Option<Spanned<RawDhcp6>>,
     dns: Option<Spanned<RawDns>>,
     uplink: Option<Spanned<RawUplink>>,
     nat: Option<Spanned<RawNat>>,
@@ -291,6 +315,15 @@ struct RawNetwork {
 #[serde(deny_unknown_fields)]
 struct RawDhcp {
     range: Spanned<Vec<String>>,
+    #[serde(default)]
+    hosts: Vec<Spanned<RawHost>>,
+    lease_time: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDhcp6 {
+    range: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     hosts: Vec<Spanned<RawHost>>,
     lease_time: Option<Spanned<i64>>,
@@ -936,6 +969,80 @@ fn parse_dhcp(cx: &Ctx, d: &Spanned<RawDhcp>, net: &str, gateway: Option<(Ipv4Ad
     Ok(DhcpConfig { range: (lo, hi), hosts, lease_secs })
 }
 
+fn parse_dhcp6(cx: &Ctx, d: &Spanned<RawDhcp6>, net: &str, gateway6: Option<(Ipv6Addr, u8)>) -> Result<Dhcp6Config, ConfigError> {
+    let raw = d.get_ref();
+    let Some(gw) = gateway6 else {
+        return Err(cx.err(d.span(), format!("network {net:?}: [network.dhcp6] needs gateway6 (the prefix it serves)")));
+    };
+    let subnet = format!("{}/{}", gw.0, gw.1);
+    let ip = |s: &str| s.parse::<Ipv6Addr>().ok();
+    let range = match &raw.range {
+        None => None,
+        Some(r) => {
+            let v = r.get_ref();
+            let (Some(lo), Some(hi)) = (v.first().and_then(|s| ip(s)), v.get(1).and_then(|s| ip(s))) else {
+                return Err(cx.err(r.span(), "range must be two IPv6 addresses, e.g. [\"fd00:7675:1::100\", \"fd00:7675:1::1ff\"]"));
+            };
+            if v.len() != 2 || lo > hi {
+                return Err(cx.err(r.span(), format!("invalid range {lo} - {hi}")));
+            }
+            if !in_subnet6(lo, gw) || !in_subnet6(hi, gw) {
+                return Err(cx.err(r.span(), format!("range {lo} - {hi} is outside gateway6's prefix {subnet}")));
+            }
+            Some((lo, hi))
+        }
+    };
+    let mut hosts: Vec<Dhcp6Host> = Vec::new();
+    for h in &raw.hosts {
+        let v = h.get_ref();
+        let mac = parse_mac(&v.mac)
+            .filter(|m| !vunet_switch::is_multicast(m) && *m != [0; 6])
+            .ok_or_else(|| cx.err(h.span(), format!("invalid MAC address {:?}", v.mac)))?;
+        let hip = ip(&v.ip).ok_or_else(|| cx.err(h.span(), format!("invalid IPv6 address {:?}", v.ip)))?;
+        if !in_subnet6(hip, gw) || hip == gw.0 {
+            return Err(cx.err(h.span(), format!("static host {hip} is not a host address of gateway6's prefix {subnet}")));
+        }
+        if hosts.iter().any(|o| o.mac == mac) {
+            return Err(cx.err(h.span(), format!("static host MAC {} is listed twice", v.mac)));
+        }
+        if hosts.iter().any(|o| o.ip == hip) {
+            return Err(cx.err(h.span(), format!("static hosts overlap: {hip} is given twice")));
+        }
+        let name = match &v.name {
+            Some(n) if n.is_empty() || n.len() > 63 || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => {
+                return Err(cx.err(h.span(), format!("invalid host name {n:?} (letters, digits and '-')")))
+            }
+            n => n.clone(),
+        };
+        hosts.push(Dhcp6Host { mac, ip: hip, name });
+    }
+    if range.is_none() && hosts.is_empty() {
+        return Err(cx.err(d.span(), format!("network {net:?}: [network.dhcp6] needs a range or hosts")));
+    }
+    let lease_secs = match &raw.lease_time {
+        Some(t) if !(120..=31_536_000).contains(t.get_ref()) => return Err(cx.err(t.span(), "lease_time must be 120 to 31536000 seconds")),
+        Some(t) => *t.get_ref() as u32,
+        None => 3600,
+    };
+    Ok(Dhcp6Config { range, hosts, lease_secs })
+}
+
+/// Parses "fd00:7675:1::1/64": a unicast address that is neither link-local, loopback,
+/// multicast nor unspecified, with a prefix of 1 to 127.
+pub fn parse_cidr6(s: &str) -> Option<(Ipv6Addr, u8)> {
+    let (a, p) = s.split_once('/')?;
+    let addr: Ipv6Addr = a.parse().ok()?;
+    let prefix: u8 = p.parse().ok()?;
+    let bad = addr.is_multicast() || addr.is_loopback() || addr.is_unspecified() || (addr.segments()[0] & 0xffc0) == 0xfe80;
+    ((1..=127).contains(&prefix) && !bad).then_some((addr, prefix))
+}
+
+/// Whether `ip` is in the prefix of `net`.
+pub fn in_subnet6(ip: Ipv6Addr, net: (Ipv6Addr, u8)) -> bool {
+    let mask = if net.1 == 0 { 0 } else { u128::MAX << (128 - net.1 as u32) };
+    u128::from(ip) & mask == u128::from(net.0) & mask
+}
+
 /// Parses "192.168.122.1/24".
 pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
     let (a, p) = s.split_once('/')?;
@@ -1069,6 +1176,31 @@ impl Config {
                 Some(d) => Some(parse_dhcp(&cx, d, &name, gateway)?),
                 None => None,
             };
+            let gateway6 = match &n.gateway6 {
+                Some(g) => Some(parse_cidr6(g.get_ref()).ok_or_else(|| {
+                    cx.err(
+                        g.span(),
+                        format!(
+                            "invalid gateway6 {:?} (expected a global or unique-local IPv6 address with a prefix, e.g. fd00:7675:1::1/64)",
+                            g.get_ref()
+                        ),
+                    )
+                })?),
+                None => None,
+            };
+            let dhcp6 = match &n.dhcp6 {
+                Some(d) => Some(parse_dhcp6(&cx, d, &name, gateway6)?),
+                None => None,
+            };
+            if let (Some((_, p)), None, Some(g)) = (gateway6, &dhcp6, &n.gateway6) {
+                if p != 64 {
+                    warnings.push(format!(
+                        "{}:{}: network {name:?}: gateway6 prefix /{p}: guests configure addresses themselves (SLAAC) only on a /64; add [network.dhcp6] or use /64",
+                        cx.file,
+                        cx.line_of(g.span())
+                    ));
+                }
+            }
             let dns = match &n.dns {
                 Some(d) if gateway.is_none() => {
                     return Err(cx.err(d.span(), format!("network {name:?}: [network.dns] needs a gateway address to serve from")))
@@ -1207,10 +1339,12 @@ impl Config {
                 name,
                 mode,
                 gateway,
+                gateway6,
                 mtu,
                 busy_poll_us,
                 workers,
                 dhcp,
+                dhcp6,
                 dns,
                 uplink,
                 routing,
@@ -1268,6 +1402,7 @@ impl Config {
                 name: "default".into(),
                 mode: Mode::Nat,
                 gateway: Some((Ipv4Addr::new(192, 168, n, 1), 24)),
+                gateway6: None,
                 mtu: 1500,
                 busy_poll_us: 0,
                 workers: default_workers(),
@@ -1276,6 +1411,7 @@ impl Config {
                     hosts: vec![],
                     lease_secs: 3600,
                 }),
+                dhcp6: None,
                 dns: DnsConfig::default(),
                 uplink: None,
                 routing: None,
@@ -1812,6 +1948,51 @@ socket_group = "4243"
 
     fn nat(extra: &str) -> String {
         format!("[[network]]\nname = \"a\"\nmode = \"nat\"\ngateway = \"10.0.0.1/24\"\n{extra}")
+    }
+
+    #[test]
+    fn gateway6_and_dhcp6_parse_and_are_checked() {
+        let iso = |extra: &str| format!("[[network]]\nname = \"a\"\nmode = \"isolated\"\ngateway = \"10.0.0.1/24\"\n{extra}");
+        let c = parse(&iso("gateway6 = \"fd00:7675:1::1/64\"\n[network.dhcp6]\nrange = [\"fd00:7675:1::100\", \"fd00:7675:1::1ff\"]\n\
+             hosts = [{ mac = \"52:54:00:00:00:10\", ip = \"fd00:7675:1::10\", name = \"web\" }]\n"))
+        .unwrap();
+        let n = &c.networks[0];
+        assert_eq!(n.gateway6, Some(("fd00:7675:1::1".parse().unwrap(), 64)));
+        let d = n.dhcp6.clone().unwrap();
+        assert_eq!(d.range, Some(("fd00:7675:1::100".parse().unwrap(), "fd00:7675:1::1ff".parse().unwrap())));
+        assert_eq!(
+            d.hosts,
+            vec![Dhcp6Host { mac: [0x52, 0x54, 0, 0, 0, 0x10], ip: "fd00:7675:1::10".parse().unwrap(), name: Some("web".into()) }]
+        );
+        assert_eq!(d.lease_secs, 3600);
+        // SLAAC only: no dhcp6.
+        let c = parse(&iso("gateway6 = \"2001:db8:5::1/64\"\n")).unwrap();
+        assert!(c.networks[0].dhcp6.is_none() && c.warnings.is_empty());
+        // A prefix SLAAC cannot use is said.
+        let c = parse(&iso("gateway6 = \"2001:db8:5::1/56\"\n")).unwrap();
+        assert!(c.warnings[0].contains("vunet.toml:5") && c.warnings[0].contains("SLAAC"), "{:?}", c.warnings);
+        for (extra, want) in [
+            ("gateway6 = \"fe80::1/64\"\n", "vunet.toml:5: invalid gateway6 \"fe80::1/64\""),
+            ("gateway6 = \"fd00::1\"\n", "vunet.toml:5: invalid gateway6"),
+            ("[network.dhcp6]\nrange = [\"fd00::2\", \"fd00::3\"]\n", "vunet.toml:5: network \"a\": [network.dhcp6] needs gateway6"),
+            (
+                "gateway6 = \"fd00::1/64\"\n[network.dhcp6]\nrange = [\"fd00:1::2\", \"fd00:1::3\"]\n",
+                "vunet.toml:7: range fd00:1::2 - fd00:1::3 is outside",
+            ),
+            ("gateway6 = \"fd00::1/64\"\n[network.dhcp6]\nrange = [\"fd00::9\", \"fd00::3\"]\n", "vunet.toml:7: invalid range"),
+            (
+                "gateway6 = \"fd00::1/64\"\n[network.dhcp6]\nhosts = [{ mac = \"52:54:00:00:00:10\", ip = \"fd00::1\" }]\n",
+                "vunet.toml:7: static host fd00::1",
+            ),
+            ("gateway6 = \"fd00::1/64\"\n[network.dhcp6]\n", "vunet.toml:6: network \"a\": [network.dhcp6] needs a range or hosts"),
+            (
+                "gateway6 = \"fd00::1/64\"\n[network.dhcp6]\nrange = [\"fd00::9\", \"fd00::10\"]\nlease_time = 60\n",
+                "vunet.toml:8: lease_time must be 120",
+            ),
+        ] {
+            let e = parse(&iso(extra)).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{extra}: got {e}");
+        }
     }
 
     #[test]

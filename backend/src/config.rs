@@ -1188,6 +1188,11 @@ impl Config {
                 })?),
                 None => None,
             };
+            if let (Some(g), None) = (&n.gateway6, gateway) {
+                return Err(
+                    cx.err(g.span(), format!("network {name:?}: gateway6 needs an IPv4 gateway too (the gateway's services run on both)"))
+                );
+            }
             let dhcp6 = match &n.dhcp6 {
                 Some(d) => Some(parse_dhcp6(&cx, d, &name, gateway6)?),
                 None => None,

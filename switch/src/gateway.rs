@@ -2,7 +2,7 @@
 //! address and ICMP echo requests to it, with its own MAC. Pure: a frame in, maybe a reply
 //! frame out.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::checksum::checksum;
 use crate::proto::{ETH_P_ARP, ETH_P_IPV4, IPPROTO_ICMP, IPPROTO_UDP};
@@ -19,6 +19,52 @@ pub struct Gateway {
     pub prefix: u8,
 }
 
+/// The gateway's IPv6 side (`gateway6`): its global (or unique-local) address and on-link
+/// prefix, and the link-local address it speaks ND and router advertisements from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gateway6 {
+    pub mac: Mac,
+    pub ip: Ipv6Addr,
+    pub prefix: u8,
+    pub link_local: Ipv6Addr,
+}
+
+impl Gateway6 {
+    pub fn new(mac: Mac, ip: Ipv6Addr, prefix: u8) -> Gateway6 {
+        Gateway6 { mac, ip, prefix, link_local: link_local(&mac) }
+    }
+
+    /// Whether `ip` is one of the gateway's own IPv6 addresses.
+    pub fn is_mine(&self, ip: &Ipv6Addr) -> bool {
+        *ip == self.ip || *ip == self.link_local
+    }
+
+    /// Whether `ip` is inside the on-link prefix.
+    pub fn on_link(&self, ip: &Ipv6Addr) -> bool {
+        let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix as u32) };
+        u128::from(*ip) & mask == u128::from(self.ip) & mask
+    }
+}
+
+/// The modified EUI-64 interface identifier of a MAC (RFC 4291 appendix A): what a Linux
+/// guest's SLAAC address and link-local address end with unless it uses privacy or stable
+/// addresses.
+pub fn eui64(mac: &Mac) -> [u8; 8] {
+    [mac[0] ^ 0x02, mac[1], mac[2], 0xff, 0xfe, mac[3], mac[4], mac[5]]
+}
+
+/// fe80::/64 with the MAC's EUI-64 identifier.
+pub fn link_local(mac: &Mac) -> Ipv6Addr {
+    slaac(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), mac)
+}
+
+/// The address SLAAC forms from a /64 prefix and a MAC (EUI-64).
+pub fn slaac(prefix: Ipv6Addr, mac: &Mac) -> Ipv6Addr {
+    let mut o = prefix.octets();
+    o[8..].copy_from_slice(&eui64(mac));
+    Ipv6Addr::from(o)
+}
+
 /// A locally administered MAC derived from the network name, stable across restarts so
 /// guests' ARP caches stay valid.
 pub fn gateway_mac(network: &str) -> Mac {
@@ -30,7 +76,8 @@ pub fn gateway_mac(network: &str) -> Mac {
 
 impl Gateway {
     /// Whether a frame with this destination MAC concerns the gateway (its own MAC, or
-    /// broadcast, where ARP requests arrive).
+    /// broadcast, where ARP requests arrive). With `gateway6`, IPv6 multicast too
+    /// ([`is_ipv6_multicast`]): neighbour and router solicitations and DHCPv6 arrive there.
     pub fn wants(&self, dst: &Mac) -> bool {
         *dst == self.mac || *dst == [0xff; 6]
     }
@@ -207,6 +254,11 @@ pub fn build_udp(
     true
 }
 
+/// 33:33:xx:xx:xx:xx, the MACs of IPv6 multicast groups.
+pub fn is_ipv6_multicast(mac: &Mac) -> bool {
+    mac[0] == 0x33 && mac[1] == 0x33
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,6 +268,18 @@ mod tests {
 
     fn gw() -> Gateway {
         Gateway { mac: gateway_mac("default"), ip: Ipv4Addr::new(192, 168, 122, 1), prefix: 24 }
+    }
+
+    #[test]
+    fn eui64_addresses_are_what_a_linux_guest_forms() {
+        // 52:54:00:12:34:56 → fe80::5054:ff:fe12:3456, as `ip -6 addr` shows in a QEMU guest.
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        assert_eq!(link_local(&mac), "fe80::5054:ff:fe12:3456".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(slaac("fd00:7675:1::".parse().unwrap(), &mac), "fd00:7675:1:0:5054:ff:fe12:3456".parse::<Ipv6Addr>().unwrap());
+        let g = Gateway6::new(gateway_mac("default"), "fd00:7675:1::1".parse().unwrap(), 64);
+        assert!(g.is_mine(&g.link_local) && g.is_mine(&"fd00:7675:1::1".parse().unwrap()));
+        assert!(g.on_link(&"fd00:7675:1::99".parse().unwrap()) && !g.on_link(&"fd00:7675:2::1".parse().unwrap()));
+        assert!(is_ipv6_multicast(&[0x33, 0x33, 0, 0, 0, 1]) && !is_ipv6_multicast(&[0xff; 6]));
     }
 
     fn arp_request(target: [u8; 4]) -> Vec<u8> {

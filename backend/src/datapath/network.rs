@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use tracing::warn;
 use vunet_dhcp::{DhcpServer, Holders};
-use vunet_switch::gateway::Gateway;
+use vunet_switch::gateway::{Gateway, Gateway6};
 use vunet_switch::router::Router;
 use vunet_switch::{DropReason, Mac, MacTable, PortId};
 
@@ -30,6 +30,8 @@ pub struct Network {
     pub workers: usize,
     /// The network's own endpoint at its gateway address, if it has one.
     pub gateway: Option<Gateway>,
+    /// Its IPv6 side (`gateway6`): services answer ND, router solicitations, DHCPv6 there.
+    pub gateway6: Option<Gateway6>,
     /// What answers frames for the gateway, in order (ARP/ICMP, DHCP, DNS...).
     pub services: Vec<Arc<dyn GatewayService>>,
     /// The gateway's DHCP server state (port security and the listings read its leases).
@@ -57,6 +59,7 @@ impl Network {
             busy_poll_us: 0,
             workers: 1,
             gateway: None,
+            gateway6: None,
             services: Vec::new(),
             dhcp: None,
             holders: OnceLock::new(),

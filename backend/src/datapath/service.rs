@@ -6,7 +6,7 @@
 use std::sync::Mutex;
 
 use vunet_dhcp::DhcpServer;
-use vunet_switch::gateway::Gateway;
+use vunet_switch::gateway::{Gateway, Gateway6};
 use vunet_switch::vnet::VnetHeader;
 
 use super::port::Port;
@@ -16,6 +16,8 @@ pub struct GatewayCx<'a> {
     /// The network's name, for logs.
     pub network: &'a str,
     pub gateway: &'a Gateway,
+    /// The gateway's IPv6 side, if the network has `gateway6`.
+    pub gateway6: Option<&'a Gateway6>,
     /// The network's DHCP state (leases name guests for DNS; the DHCP service serves them).
     pub dhcp: Option<&'a Mutex<DhcpServer>>,
     /// The frame's virtio-net header (GSO and checksum state; only services that

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
+use vunet_switch::gateway::is_ipv6_multicast;
 use vunet_switch::offload::complete_checksum;
 use vunet_switch::port_security;
 use vunet_switch::router::{Emit, Side, Verdict};
@@ -197,7 +198,7 @@ fn decide_and_deliver(
     if port.capturing.load(Ordering::Relaxed) {
         capture(port, &frame, cx);
     }
-    let to_gateway = net.gateway.is_some_and(|g| g.wants(&dst));
+    let to_gateway = net.gateway.is_some_and(|g| g.wants(&dst)) || (net.gateway6.is_some() && is_ipv6_multicast(&dst));
     let decision = {
         let mut macs = net.macs.lock().unwrap_or_else(|e| e.into_inner());
         if net.gateway.is_some_and(|g| g.mac == dst) {
@@ -298,7 +299,7 @@ fn answer_gateway(net: &Network, ports: &[Arc<Port>], port: &Port, f: &TxFrame, 
     // the guest sent them (socket NAT writes payloads to host sockets and needs neither).
     let complete = !f.hdr.is_gso()
         && (!f.hdr.needs_csum() || complete_checksum(&mut input, f.hdr.csum_start as usize, f.hdr.csum_offset as usize).is_ok());
-    let gcx = GatewayCx { network: &net.name, gateway: gw, dhcp: net.dhcp.as_ref(), hdr: &f.hdr };
+    let gcx = GatewayCx { network: &net.name, gateway: gw, gateway6: net.gateway6.as_ref(), dhcp: net.dhcp.as_ref(), hdr: &f.hdr };
     // The gateway's services in the order the network lists them; the first that takes the
     // frame ends the search.
     for service in net.services.iter().filter(|s| complete || s.takes_offloaded()) {

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-use vunet_switch::gateway::{gateway_mac, Gateway};
+use vunet_switch::gateway::{gateway_mac, Gateway, Gateway6};
 use vunet_switch::router::{RouteMode, Router, RouterConfig};
 use vunet_switch::PortId;
 
@@ -40,6 +40,7 @@ pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<Strin
     let gateway = n.gateway.map(|(ip, prefix)| Gateway { mac: gateway_mac(&n.name), ip, prefix });
     let lease_file = state_dir.filter(|_| n.dhcp.is_some()).map(|d| d.join(format!("{}.leases", n.name)));
     net.gateway = gateway;
+    net.gateway6 = gateway.and(n.gateway6).map(|(ip, prefix)| Gateway6::new(gateway_mac(&n.name), ip, prefix));
     net.dhcp = dhcp::server(n, lease_file.as_deref())?.map(|mut server| {
         // The network's own DNS names are never a DHCP client's.
         server.reserve_names(n.dns.hosts.iter().map(|(name, _)| name.clone()));

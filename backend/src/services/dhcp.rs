@@ -287,7 +287,7 @@ mod tests {
         let mut frame = Vec::new();
         build_udp(&mut frame, MAC, [0xff; 6], Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST, CLIENT_PORT, SERVER_PORT, &msg);
         let mut reply = Vec::new();
-        let cx = GatewayCx { network: "n", gateway: &gw, dhcp: Some(dhcp), hdr: &Default::default() };
+        let cx = GatewayCx { network: "n", gateway: &gw, gateway6: None, dhcp: Some(dhcp), hdr: &Default::default() };
         match svc.handle(&cx, port, &frame, &mut reply) {
             Handled::Reply => vunet_switch::gateway::udp_payload(&reply, CLIENT_PORT).and_then(|(_, p)| reply_type(p)),
             _ => None,

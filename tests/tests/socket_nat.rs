@@ -15,7 +15,7 @@ const RUN: Duration = Duration::from_secs(420);
 
 struct Host {
     ns: Netns,
-    _servers: Vec<Background>,
+    servers: Vec<Background>,
 }
 
 /// The host namespace; `pings`: whether `net.ipv4.ping_group_range` (per namespace) lets
@@ -41,12 +41,19 @@ fn host(tag: &str, dir: &Path, pings: bool) -> Host {
         ns.spawn("iperf3 -s -B 10.77.0.1"),
         // Holds one guest connection open, for the listing.
         ns.spawn("busybox nc -l -p 9000 -e sleep 1000"),
+        // Prints what one guest connection sends (its stdin held open).
+        ns.spawn("sleep 1000 | busybox nc -l -p 9001"),
     ];
-    Host { ns, _servers: servers }
+    Host { ns, servers }
 }
 
 /// `vunet run` as nobody inside the host namespace (the binary copied where nobody reads it).
 fn vunet_as_nobody(h: &Host, dir: &Path, network: &str) -> VunetProcess {
+    vunet_as_nobody_with(h, dir, network, None)
+}
+
+/// As `vunet_as_nobody`, with its open-file limit set to `nofile` (prlimit, before vunet runs).
+fn vunet_as_nobody_with(h: &Host, dir: &Path, network: &str, nofile: Option<usize>) -> VunetProcess {
     let bin = dir.join("vunet");
     std::fs::copy(vunet_tests::guest::vunet_binary(), &bin).unwrap();
     let cfg = dir.join("vunet.toml");
@@ -54,6 +61,9 @@ fn vunet_as_nobody(h: &Host, dir: &Path, network: &str) -> VunetProcess {
     chmod(dir, 0o777);
     let mut cmd = std::process::Command::new("ip");
     cmd.args(["netns", "exec", &h.ns.name]);
+    if let Some(n) = nofile {
+        cmd.args(["prlimit", &format!("--nofile={n}:{n}"), "--"]);
+    }
     let inner = unprivileged(NOBODY, bin.to_str().unwrap());
     cmd.arg(inner.get_program()).args(inner.get_args());
     VunetProcess::start_with(cmd, &["--config", cfg.to_str().unwrap()], &dir.join("vunet.log"))
@@ -180,4 +190,41 @@ fn pings_are_dropped_and_counted_when_ping_sockets_are_not_allowed() {
     let nets = control(dir.path(), &["net-list"]);
     assert_eq!(nets[0]["socket_nat"]["drops"]["icmp_not_permitted"], 2, "both echo requests counted: {}", nets[0]);
     assert_eq!(log().matches("ping_group_range does not include").count(), 1, "said once in the log:\n{}", log());
+}
+
+#[test]
+fn a_vunet_out_of_file_descriptors_refuses_new_connections_and_keeps_the_old_ones() {
+    let _turn = serial();
+    let dir = TempDir::new("socket-nat-fds");
+    let h = host("snatf", dir.path(), true);
+    // Room for the guest's connection (its socket, memory regions, kick and call eventfds) and
+    // a handful of flows, no more: what vunet opens at start (measured on a first run), plus 30.
+    let fds = {
+        let v = vunet_as_nobody(&h, dir.path(), NETWORK);
+        std::fs::read_dir(format!("/proc/{}/fd", v.child.id())).unwrap().count()
+    };
+    let _v = vunet_as_nobody_with(&h, dir.path(), NETWORK, Some(fds + 30));
+    // The long-lived connection opens first and speaks last, after the exhaustion.
+    let script = format!(
+        "{UDHCPC}(sleep 8; echo still-alive; sleep 60) | nc 10.77.0.1 9001 &\nsleep 1\n\
+         for i in $(seq 60); do sleep 100 | nc 10.77.0.1 8080 > /tmp/c$i 2>&1 & done\nsleep 4\n\
+         echo \"REFUSED $(grep -l refused /tmp/c* | wc -l)\"\necho GUEST-READY\nsleep 1000\n"
+    );
+    let g = Guest::boot_as(NOBODY, "g1", dir.path(), &Socket::Connect(dir.path().join("vm1.sock")), "52:54:00:0a:00:01", "", &script);
+    let log = || std::fs::read_to_string(dir.path().join("vunet.log")).unwrap_or_default();
+    assert!(g.console.wait_for("GUEST-READY", RUN), "guest:\n{}\nvunet:\n{}", g.console.text(), log());
+    let out = g.console.text();
+    let refused: usize = out.lines().find_map(|l| l.strip_prefix("REFUSED ")).and_then(|n| n.trim().parse().ok()).unwrap_or(0);
+    assert!(refused > 0 && refused < 60, "some new connections refused at once, not all: {refused}\n{out}");
+    let nets = control(dir.path(), &["net-list"]);
+    assert!(nets[0]["socket_nat"]["drops"]["no_socket"].as_u64().unwrap_or(0) >= refused as u64, "counted: {}", nets[0]);
+    assert_eq!(log().matches("cannot open a host socket").count(), 1, "said once:\n{}", log());
+    // The connection from before still carries data.
+    let printer = &h.servers[h.servers.len() - 1].console;
+    assert!(
+        printer.wait_for("still-alive", Duration::from_secs(60)),
+        "the connection opened before the exhaustion still works: {:?}\nvunet:\n{}",
+        printer.text(),
+        log()
+    );
 }

@@ -296,6 +296,21 @@ impl Conn {
         s
     }
 
+    /// Receives at least `n` bytes of host data, in order, without acknowledging them; no more
+    /// than `window` may come.
+    fn recv_data_no_ack(&mut self, g: &mut Guest, n: usize, window: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let s = g.expect(self.lport, "host data");
+            assert!(!s.has(RST), "data, not a reset: {s:?}");
+            assert_eq!(s.seq, self.rcv_nxt, "in order, no gap or overlap");
+            self.rcv_nxt = self.rcv_nxt.wrapping_add(s.payload.len() as u32);
+            got.extend_from_slice(&s.payload);
+        }
+        assert!(got.len() <= window, "{} bytes: no more than the window of {window}", got.len());
+        got
+    }
+
     /// Receives host data until `n` bytes arrived, in order, ACKing each segment.
     fn recv_data(&mut self, g: &mut Guest, n: usize, window: u16) -> Vec<u8> {
         let mut got = Vec::new();
@@ -697,4 +712,83 @@ fn malformed_guest_frames_are_dropped_by_reason_and_the_daemon_goes_on() {
     assert_eq!(read_exact(&mut h, 10), b"still here");
     h.write_all(b"yes").unwrap();
     assert_eq!(c.recv_data(&mut g, 3, 65535), b"yes");
+}
+
+#[test]
+fn a_repeated_syn_makes_no_second_flow_and_a_rst_while_connecting_cancels_the_connect() {
+    let dir = TempDir::new("snat-drv-syn");
+    let (d, socks) = start(dir.path(), 1, "");
+    let mut g = Guest::connect(&socks[0], MAC_A, IP_A);
+    ready(&d);
+    let (l, port) = listener();
+    // Once connected: the guest's SYN again (its SYN-ACK was "lost") gets the same SYN-ACK.
+    let mut c = Conn::syn(&mut g, 40050, port, 500, 65535);
+    let sa = g.expect(c.lport, "SYN-ACK");
+    g.send_tcp(c.lport, port, 500, 0, SYN, 65535, &MSS_OPT, &[]);
+    let again = g.expect(c.lport, "SYN-ACK again");
+    assert!(again.has(SYN | ACK) && (again.seq, again.ack) == (sa.seq, 501), "the same SYN-ACK: {sa:?} then {again:?}");
+    assert_eq!(socket_nat(&d)["tcp_flows"], 1, "one flow");
+    // The handshake's ACK carries data, as Linux's may.
+    c.rcv_nxt = sa.seq.wrapping_add(1);
+    c.send(&mut g, ACK | PSH, 65535, b"early");
+    c.expect_ack(&mut g, "ACK of data on the handshake's ACK");
+    let mut h = accept(&l);
+    assert_eq!(read_exact(&mut h, 5), b"early");
+    l.set_nonblocking(true).unwrap();
+    assert!(l.accept().is_err(), "one connection on the host for two SYNs");
+
+    // While the host's connect is pending (accept queue full): a repeated SYN gets nothing and
+    // makes no second flow; the guest's RST ends the flow and its connect.
+    let (l, port) = listener();
+    // SAFETY: listen() on our own listening socket only changes its backlog.
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+    let _filler = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let c = Conn::syn(&mut g, 40051, port, 1000, 65535);
+    assert!(wait_until(T, || socket_nat(&d)["tcp_flows"] == 2), "{}", socket_nat(&d));
+    g.send_tcp(c.lport, port, 1000, 0, SYN, 65535, &MSS_OPT, &[]);
+    assert!(g.recv_any(Duration::from_millis(300)).is_none(), "no SYN-ACK while connecting");
+    assert_eq!(socket_nat(&d)["tcp_flows"], 2, "still one flow for the connecting SYN");
+    g.send_tcp(c.lport, port, 1001, 0, RST, 0, &[], &[]);
+    assert!(wait_until(T, || socket_nat(&d)["tcp_flows"] == 1), "the RST ended the flow: {}", socket_nat(&d));
+    let _first = l.accept().unwrap();
+    // The kernel would retry the SYN within about a second, had the socket not been closed.
+    std::thread::sleep(Duration::from_millis(1500));
+    l.set_nonblocking(true).unwrap();
+    assert!(l.accept().is_err(), "the cancelled connect never reached the host server");
+    assert!(g.recv_any(Duration::from_millis(200)).is_none(), "nothing for the guest either");
+}
+
+#[test]
+fn the_guests_window_scale_bounds_what_vunet_sends() {
+    let dir = TempDir::new("snat-drv-wscale");
+    let (d, socks) = start(dir.path(), 1, "");
+    let mut g = Guest::connect(&socks[0], MAC_A, IP_A);
+    ready(&d);
+    let (l, port) = listener();
+    // MSS, NOP, window scale 7.
+    g.send_tcp(40070, port, 1000, 0, SYN, 65535, &[2, 4, 0x05, 0xb4, 1, 3, 3, 7], &[]);
+    let mut c = Conn { lport: 40070, rport: port, snd_nxt: 1001, rcv_nxt: 0 };
+    let sa = g.expect(c.lport, "SYN-ACK");
+    assert!(sa.has(SYN | ACK), "{sa:?}");
+    c.rcv_nxt = sa.seq.wrapping_add(1);
+    // 16 << 7: a window of 2048 bytes.
+    c.send(&mut g, ACK, 16, &[]);
+    let h = accept(&l);
+    let data = pattern(50_000);
+    let to_send = data.clone();
+    let writer = std::thread::spawn(move || {
+        let mut h = h;
+        h.write_all(&to_send).unwrap();
+        h
+    });
+    let mut got = c.recv_data_no_ack(&mut g, 2048, 2048);
+    assert!(g.recv(c.lport, Duration::from_millis(300)).is_none(), "nothing past the scaled window");
+    // 512 << 7 = 64 KiB: the rest comes, more than an unscaled 512 would allow in flight.
+    c.send(&mut g, ACK, 512, &[]);
+    got.extend(c.recv_data_no_ack(&mut g, 20_000, 512 << 7));
+    c.send(&mut g, ACK, 512, &[]);
+    got.extend(c.recv_data(&mut g, data.len() - got.len(), 512));
+    assert!(got == data, "all {} bytes in order", data.len());
+    drop(writer.join().unwrap());
+    assert_eq!(socket_nat(&d)["tcp_flows"], 1);
 }

@@ -792,3 +792,109 @@ fn the_guests_window_scale_bounds_what_vunet_sends() {
     drop(writer.join().unwrap());
     assert_eq!(socket_nat(&d)["tcp_flows"], 1);
 }
+
+/// A frame to a guest with every offload: its TCP header fields and payload, checked against
+/// the virtio-net header (a partial checksum is the pseudo-header sum; a GSO frame's segment
+/// size is the guest's MSS).
+fn parse_offloaded(hdr: &vunet_switch::vnet::VnetHeader, f: &[u8]) -> Option<(u32, u32, u8, u16, Vec<u8>)> {
+    if f.len() < 54 || f[12..14] != [0x08, 0x00] || f[14 + 9] != 6 {
+        return None;
+    }
+    let total = u16::from_be_bytes([f[16], f[17]]) as usize;
+    assert_eq!(total + 14, f.len(), "the IPv4 length covers the whole frame");
+    let t = &f[34..];
+    if hdr.flags & F_NEEDS_CSUM != 0 {
+        assert_eq!((hdr.csum_start, hdr.csum_offset), (34, 16), "checksum offsets of an IPv4 TCP frame");
+        let field = u16::from_be_bytes([t[16], t[17]]);
+        assert_eq!(field, !finish(pseudo_v4(&GW.octets(), &IP_A.octets(), 6, t.len() as u16)), "the pseudo-header sum");
+    } else {
+        assert_eq!(finish(sum(t, pseudo_v4(&GW.octets(), &IP_A.octets(), 6, t.len() as u16))), 0, "a complete TCP checksum");
+    }
+    let doff = (t[12] >> 4) as usize * 4;
+    let be32 = |i: usize| u32::from_be_bytes([t[i], t[i + 1], t[i + 2], t[i + 3]]);
+    Some((be32(4), be32(8), t[13], u16::from_be_bytes([t[14], t[15]]), t[doff..].to_vec()))
+}
+
+#[test]
+fn tso_guests_send_and_receive_whole_segments() {
+    use vunet_switch::vnet::{VnetHeader, GSO_NONE, GSO_TCPV4};
+    let dir = TempDir::new("snat-drv-tso");
+    let (d, socks) = start(dir.path(), 1, "");
+    let mut vm = VmSim::connect(&socks[0], SimOptions::full()).expect("vhost-user");
+    vm.post_rx(QUEUE_SIZE);
+    ready(&d);
+    let (l, port) = listener();
+    let send = |vm: &mut VmSim, seq: u32, ack: u32, flags: u8, window: u16, opts: &[u8], payload: &[u8]| {
+        vm.send(&ipv4_frame(MAC_A, IP_A, GW, 6, &tcp_segment(IP_A, GW, 40080, port, seq, ack, flags, window, opts, payload)));
+        assert!(vm.wait_tx_all(T));
+    };
+    let recv = |vm: &mut VmSim| loop {
+        let (hdr, f) = vm.recv(T).expect("a frame from vunet");
+        if let Some(s) = parse_offloaded(&hdr, &f) {
+            return (hdr, s);
+        }
+    };
+    // MSS 1460 and window scale 7.
+    send(&mut vm, 1000, 0, SYN, 65535, &[2, 4, 0x05, 0xb4, 1, 3, 3, 7], &[]);
+    let (_, (iss, _, flags, _, _)) = recv(&mut vm);
+    assert_eq!(flags & (SYN | ACK), SYN | ACK);
+    let mut rcv_nxt = iss.wrapping_add(1);
+    let mut snd_nxt = 1001u32;
+    // A receive window of 1024 << 7 = 128 KiB.
+    send(&mut vm, snd_nxt, rcv_nxt, ACK, 1024, &[], &[]);
+    let mut h = accept(&l);
+
+    // Host to guest: 256 KiB come as TSO segments larger than the MSS, intact and in order.
+    let data = pattern(256 * 1024);
+    let to_send = data.clone();
+    let mut writer_side = h.try_clone().unwrap();
+    let writer = std::thread::spawn(move || writer_side.write_all(&to_send).unwrap());
+    let (mut got, mut largest, mut gso_frames, mut window) = (Vec::new(), 0usize, 0usize, 0usize);
+    while got.len() < data.len() {
+        let (hdr, (seq, _, _, w, payload)) = recv(&mut vm);
+        window = (w as usize) << 7;
+        assert_eq!(seq, rcv_nxt, "in order");
+        if payload.len() > 1460 {
+            assert_eq!((hdr.gso_type, hdr.gso_size), (GSO_TCPV4, 1460), "a segment past the MSS is a TSO frame of the guest's MSS");
+            gso_frames += 1;
+        } else {
+            assert_eq!(hdr.gso_type, GSO_NONE);
+        }
+        largest = largest.max(payload.len());
+        rcv_nxt = rcv_nxt.wrapping_add(payload.len() as u32);
+        got.extend_from_slice(&payload);
+        send(&mut vm, snd_nxt, rcv_nxt, ACK, 1024, &[], &[]);
+    }
+    writer.join().unwrap();
+    assert!(got == data, "all {} bytes, intact", data.len());
+    assert!(
+        gso_frames > 0 && largest > 16 * 1460,
+        "whole segments, not MSS-sized frames: largest {largest} bytes, {gso_frames} TSO frames"
+    );
+
+    // Guest to host: one TSO frame as large as the window vunet offers goes to the socket in
+    // one piece and is acknowledged whole.
+    // (The window is the one vunet's last segment offered: the socket's free room.)
+    let n = window.min(60_000);
+    assert!(n > 4 * 1460, "a window worth a TSO frame: {window}");
+    let payload = pattern(n);
+    let mut seg = tcp_segment(IP_A, GW, 40080, port, snd_nxt, rcv_nxt, ACK | PSH, 1024, &[], &payload);
+    let partial = !finish(pseudo_v4(&IP_A.octets(), &GW.octets(), 6, seg.len() as u16));
+    seg[16..18].copy_from_slice(&partial.to_be_bytes());
+    let frame = ipv4_frame(MAC_A, IP_A, GW, 6, &seg);
+    let hdr = VnetHeader {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_TCPV4,
+        hdr_len: 54,
+        gso_size: 1448,
+        csum_start: 34,
+        csum_offset: 16,
+        num_buffers: 0,
+    };
+    vm.send_with(&hdr, &frame, false);
+    assert!(vm.wait_tx_all(T));
+    snd_nxt = snd_nxt.wrapping_add(n as u32);
+    let (_, (_, ack, _, _, _)) = recv(&mut vm);
+    assert_eq!(ack, snd_nxt, "the whole {n}-byte segment acknowledged at once");
+    assert!(read_exact(&mut h, n) == payload, "the host reads it intact");
+}

@@ -70,6 +70,27 @@ pub struct PortConfig {
     /// The group a server-mode socket is given (`socket_group`, resolved to a gid), so that a
     /// VMM running as another user (libvirt's `libvirt-qemu`) can connect.
     pub socket_group: Option<u32>,
+    /// libvirt's `<port isolated='yes'/>`: the port reaches the gateway, the uplink and
+    /// non-isolated ports, never another isolated one.
+    pub isolated: bool,
+    /// `[network.port.bandwidth]`: rate limits each way, libvirt's units.
+    pub bandwidth: Bandwidth,
+}
+
+/// libvirt's `<bandwidth>` for one port: `inbound` is toward the guest, `outbound` from it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bandwidth {
+    pub inbound: Option<RateLimit>,
+    pub outbound: Option<RateLimit>,
+}
+
+/// One direction's limit, in libvirt's units: `average` and `peak` in kilobytes (1000 bytes)
+/// per second, `burst` in KiB. 12500 is 100 Mbit/s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    pub average: u64,
+    pub peak: Option<u64>,
+    pub burst: Option<u64>,
 }
 
 impl PortConfig {
@@ -417,6 +438,54 @@ struct RawPort {
     queues: Option<Spanned<i64>>,
     socket_mode: Option<Spanned<toml::Value>>,
     socket_group: Option<Spanned<toml::Value>>,
+    isolated: Option<bool>,
+    bandwidth: Option<Spanned<RawBandwidth>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBandwidth {
+    inbound: Option<Spanned<RawRate>>,
+    outbound: Option<Spanned<RawRate>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRate {
+    average: i64,
+    peak: Option<i64>,
+    burst: Option<i64>,
+}
+
+/// `[network.port.bandwidth]`: each limit's `average` 1 to 100,000,000 kB/s (800 Gbit/s),
+/// `peak` at least `average` (inbound only, as in libvirt), `burst` 1 to 4,194,304 KiB.
+fn parse_bandwidth(cx: &Ctx, b: &Spanned<RawBandwidth>, port: &str) -> Result<Bandwidth, ConfigError> {
+    let rate = |r: &Spanned<RawRate>, dir: &str| -> Result<RateLimit, ConfigError> {
+        let v = r.get_ref();
+        let bad = |what: String| cx.err(r.span(), format!("port {port:?}: bandwidth {dir}: {what}"));
+        if !(1..=100_000_000).contains(&v.average) {
+            return Err(bad(format!("average {} must be 1 to 100000000 (kilobytes per second)", v.average)));
+        }
+        if let Some(p) = v.peak {
+            if dir == "outbound" {
+                return Err(bad("peak is for inbound only (libvirt ignores it on outbound)".into()));
+            }
+            if p < v.average || p > 100_000_000 {
+                return Err(bad(format!("peak {p} must be at least average and at most 100000000")));
+            }
+        }
+        if let Some(b) = v.burst {
+            if !(1..=4_194_304).contains(&b) {
+                return Err(bad(format!("burst {b} must be 1 to 4194304 (KiB)")));
+            }
+        }
+        Ok(RateLimit { average: v.average as u64, peak: v.peak.map(|p| p as u64), burst: v.burst.map(|b| b as u64) })
+    };
+    let raw = b.get_ref();
+    Ok(Bandwidth {
+        inbound: raw.inbound.as_ref().map(|r| rate(r, "inbound")).transpose()?,
+        outbound: raw.outbound.as_ref().map(|r| rate(r, "outbound")).transpose()?,
+    })
 }
 
 struct Ctx<'a> {
@@ -1135,7 +1204,9 @@ impl Config {
                         format!("invalid gateway {:?} (expected an IPv4 address with a prefix, e.g. 192.168.122.1/24)", g.get_ref()),
                     )
                 })?),
-                None if mode != Mode::Bridge => {
+                // An isolated network without an address is a plain L2 segment (libvirt's network
+                // without <ip>): guests reach each other only, no DHCP or DNS.
+                None if !matches!(mode, Mode::Bridge | Mode::Isolated) => {
                     return Err(cx.err(
                         n_span.clone(),
                         format!("network {name:?}: mode {} needs a gateway (e.g. gateway = \"192.168.122.1/24\")", mode.name()),
@@ -1328,6 +1399,7 @@ impl Config {
                 }
                 let socket_mode = p.socket_mode.as_ref().map(|m| parse_socket_mode(&cx, m)).transpose()?.or(net_socket_mode);
                 let socket_group = p.socket_group.as_ref().map(|g| parse_socket_group(&cx, g)).transpose()?.or(net_socket_group);
+                let bandwidth = p.bandwidth.as_ref().map(|b| parse_bandwidth(&cx, b, &pname)).transpose()?.unwrap_or_default();
                 ports.push(PortConfig {
                     name: pname,
                     socket,
@@ -1338,6 +1410,8 @@ impl Config {
                     queues,
                     socket_mode,
                     socket_group,
+                    isolated: p.isolated.unwrap_or(false),
+                    bandwidth,
                 });
             }
             networks.push(NetworkConfig {
@@ -1394,6 +1468,8 @@ impl Config {
                 queues: 1,
                 socket_mode: None,
                 socket_group: None,
+                isolated: false,
+                bandwidth: Bandwidth::default(),
             })
             .collect();
         Config {
@@ -1732,7 +1808,7 @@ via = "10.10.12.10"
     fn mistakes_name_the_line() {
         let cases: &[(&str, &str)] = &[
             ("[[network]]\nname = \"a\"\nmode = \"nta\"\ngateway = \"10.0.0.1/24\"\n", "vunet.toml:3: unknown mode \"nta\" (expected isolated, nat, route or bridge)"),
-            ("[[network]]\nname = \"a\"\nmode = \"isolated\"\n", "vunet.toml:1: network \"a\": mode isolated needs a gateway"),
+            ("[[network]]\nname = \"a\"\nmode = \"nat\"\n", "vunet.toml:1: network \"a\": mode nat needs a gateway"),
             ("[[network]]\nname = \"a\"\nmode = \"bridge\"\ngateway = \"10.0.0.1\"\n", "vunet.toml:4: invalid gateway"),
             ("[[network]]\nname = \"a\"\nmode = \"bridge\"\nmtu = 10\n", "vunet.toml:4: invalid mtu 10"),
             ("[[network]]\nname = \"a\"\nmode = \"bridge\"\nmtu = 65535\n", "vunet.toml:4: invalid mtu 65535 (68 to 65415)"),
@@ -1953,6 +2029,51 @@ socket_group = "4243"
 
     fn nat(extra: &str) -> String {
         format!("[[network]]\nname = \"a\"\nmode = \"nat\"\ngateway = \"10.0.0.1/24\"\n{extra}")
+    }
+
+    #[test]
+    fn isolated_ports_bandwidth_and_address_less_networks() {
+        let c = parse(
+            "[[network]]\nname = \"seg\"\nmode = \"isolated\"\n\
+             [[network.port]]\nname = \"a\"\nsocket = \"a.sock\"\nisolated = true\n\
+             [network.port.bandwidth]\ninbound = { average = 12500, peak = 25000, burst = 1024 }\noutbound = { average = 12500 }\n\
+             [[network.port]]\nname = \"b\"\nsocket = \"b.sock\"\n",
+        )
+        .unwrap();
+        let n = &c.networks[0];
+        assert_eq!((n.gateway, n.dhcp.is_some()), (None, false), "an isolated network without an address: a plain L2 segment");
+        let (a, b) = (&n.ports[0], &n.ports[1]);
+        assert!(a.isolated && !b.isolated);
+        assert_eq!(a.bandwidth.inbound, Some(RateLimit { average: 12500, peak: Some(25000), burst: Some(1024) }));
+        assert_eq!(a.bandwidth.outbound, Some(RateLimit { average: 12500, peak: None, burst: None }));
+        assert_eq!(b.bandwidth, Bandwidth::default());
+        let port = |extra: &str| {
+            format!("[[network]]\nname = \"n\"\nmode = \"bridge\"\n[[network.port]]\nname = \"a\"\nsocket = \"a.sock\"\n{extra}")
+        };
+        for (extra, want) in [
+            (
+                "[network.port.bandwidth]\ninbound = { average = 0 }\n",
+                "vunet.toml:8: port \"a\": bandwidth inbound: average 0 must be 1 to 100000000",
+            ),
+            (
+                "[network.port.bandwidth]\noutbound = { average = 10, peak = 20 }\n",
+                "vunet.toml:8: port \"a\": bandwidth outbound: peak is for inbound only",
+            ),
+            (
+                "[network.port.bandwidth]\ninbound = { average = 10, peak = 5 }\n",
+                "vunet.toml:8: port \"a\": bandwidth inbound: peak 5 must be at least average",
+            ),
+            (
+                "[network.port.bandwidth]\ninbound = { average = 10, burst = 0 }\n",
+                "vunet.toml:8: port \"a\": bandwidth inbound: burst 0 must be 1 to 4194304",
+            ),
+        ] {
+            let e = parse(&port(extra)).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{extra}: got {e}");
+        }
+        // nat and route networks still need their gateway.
+        let e = parse("[[network]]\nname = \"r\"\nmode = \"route\"\n").unwrap_err().to_string();
+        assert!(e.contains("mode route needs a gateway"), "{e}");
     }
 
     #[test]

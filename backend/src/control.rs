@@ -214,8 +214,19 @@ pub fn answer(req: Request, shared: &Arc<Supervisor>) -> Result<Value, ControlEr
             // Sockets in the configuration file are the operator's; a control client's stay in
             // the socket directory.
             let socket = confine_socket(&shared.socket_dir, socket)?;
-            let cfg =
-                PortConfig { name, socket, tap: None, mode, mac, port_security: None, queues: 1, socket_mode: None, socket_group: None };
+            let cfg = PortConfig {
+                name,
+                socket,
+                tap: None,
+                mode,
+                mac,
+                port_security: None,
+                queues: 1,
+                socket_mode: None,
+                socket_group: None,
+                isolated: false,
+                bandwidth: Default::default(),
+            };
             let port = shared.add_port(&net, cfg)?;
             Ok(port_info(&port))
         }
@@ -312,6 +323,11 @@ fn port_info(p: &Port) -> Value {
         "queues": p.queues.iter().map(|q| json!({ "to_guest": q.to_guest.load(Ordering::Relaxed), "from_guest": q.from_guest.load(Ordering::Relaxed) })).collect::<Vec<_>>(),
         "tx_bytes": c.tx_bytes,
         "drops": drops,
+        "isolated": p.isolated,
+        "bandwidth": {
+            "inbound": p.bandwidth.inbound.map(|l| json!({ "average": l.average, "peak": l.peak, "burst": l.burst })),
+            "outbound": p.bandwidth.outbound.map(|l| json!({ "average": l.average, "peak": l.peak, "burst": l.burst })),
+        },
     })
 }
 
@@ -402,6 +418,15 @@ pub fn render(req: &Request, v: &Value) -> String {
                     if drops.is_empty() { "none".to_string() } else { drops.join(" ") },
                     if feats.is_empty() { "-".to_string() } else { feats.join(" ") },
                 ));
+                let limit = |d: &str| p["bandwidth"][d]["average"].as_u64().map(|a| format!("{d} {a} kB/s"));
+                let limits: Vec<String> = ["inbound", "outbound"].iter().filter_map(|d| limit(d)).collect();
+                if p["isolated"] == Value::Bool(true) || !limits.is_empty() {
+                    out.push_str(&format!(
+                        "  {}{}\n",
+                        if p["isolated"] == Value::Bool(true) { "isolated " } else { "" },
+                        if limits.is_empty() { String::new() } else { format!("limits: {}", limits.join(", ")) }
+                    ));
+                }
                 if let Some(nf) = p["nat_flows"].as_object() {
                     let g = |k: &str| nf.get(k).map(|v| v.to_string()).unwrap_or_else(|| "0".into());
                     out.push_str(&format!("  NAT flows: {} tcp, {} udp, {} icmp\n", g("tcp"), g("udp"), g("icmp")));

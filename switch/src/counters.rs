@@ -60,10 +60,15 @@ pub enum DropReason {
     /// The source MAC belongs to another port: a guest port with port security holds it (its
     /// first MAC, or its configured one), so nobody else may send with it or take it.
     MacInUse,
+    /// Between two isolated ports (`isolated = true`): they reach the gateway, the uplink and
+    /// other ports only.
+    Isolated,
+    /// Over the port's inbound rate limit with its queue full (`[network.port.bandwidth]`).
+    RateLimited,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 23] = [
+    pub const ALL: [DropReason; 25] = [
         DropReason::BadAddress,
         DropReason::ChainLoop,
         DropReason::BadDescriptor,
@@ -87,6 +92,8 @@ impl DropReason {
         DropReason::NatTableFull,
         DropReason::Firewall,
         DropReason::MacInUse,
+        DropReason::Isolated,
+        DropReason::RateLimited,
     ];
 
     /// Stable name used in listings and metrics.
@@ -115,6 +122,8 @@ impl DropReason {
             DropReason::NatTableFull => "nat_table_full",
             DropReason::Firewall => "firewall",
             DropReason::MacInUse => "mac_in_use",
+            DropReason::Isolated => "isolated",
+            DropReason::RateLimited => "rate_limited",
         }
     }
 }

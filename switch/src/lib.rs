@@ -25,6 +25,7 @@ pub mod nat;
 pub mod offload;
 pub mod port_security;
 pub mod proto;
+pub mod ratelimit;
 pub mod router;
 pub mod socknat;
 pub mod vnet;

@@ -16,7 +16,7 @@ use vunet_switch::{DropReason, PortId};
 
 use super::backlog::Backlog;
 use super::link::HostLink;
-use super::port::{Port, RxTarget};
+use super::port::{Port, RxTarget, SHAPER_QUEUE_BYTES};
 use super::ring::{gather, window, Seg};
 use super::split::{write_rx, MemMap, RingCache, RxQueue, RxScratch};
 
@@ -45,6 +45,8 @@ pub struct TxScratch {
     link_sends: Vec<LinkSend>,
     link_segs: Vec<Seg>,
     pub(super) batching: bool,
+    /// Set by the shaper thread: these frames already waited for their port's inbound limit.
+    pub(super) shaped: bool,
 }
 
 /// The bytes of a frame's head that are checked and delivered from one copy.
@@ -69,6 +71,7 @@ impl Default for TxScratch {
             link_sends: Vec::new(),
             link_segs: Vec::new(),
             batching: false,
+            shaped: false,
         }
     }
 }
@@ -362,6 +365,25 @@ fn deliver_link(dest: &Port, up: &dyn HostLink, f: &TxFrame, cx: &mut TxScratch)
 /// Delivers one frame to one receiving port, counting a drop on the receiver if it cannot take
 /// it (not connected, ring and backlog full, buffers too small).
 pub(super) fn deliver(dest: &Port, f: &TxFrame, cx: &mut TxScratch) {
+    if let Some(shaper) = dest.rx_limit.as_ref().filter(|_| !cx.shaped) {
+        let mut sh = shaper.lock().unwrap_or_else(|e| e.into_inner());
+        let now = sh.now_ns();
+        // In order: while frames wait, a new one waits behind them.
+        if !(sh.queue.is_empty() && sh.bucket.take(f.len, now).is_ok()) {
+            if sh.queued_bytes + f.len > SHAPER_QUEUE_BYTES {
+                dest.counters.dropped(DropReason::RateLimited);
+                return;
+            }
+            let mut frame = vec![0u8; f.len];
+            gather(f.segs, f.offset, &mut frame);
+            sh.queued_bytes += f.len;
+            sh.queue.push_back((f.hdr, frame));
+            if sh.queue.len() == 1 {
+                sh.wake.notify();
+            }
+            return;
+        }
+    }
     if dest.capturing.load(Ordering::Relaxed) {
         capture(dest, f, cx);
     }
@@ -522,4 +544,46 @@ fn signal_if_wanted(t: &mut RxTarget) {
         }
     }
     t.signalled = new;
+}
+
+/// The shaper thread of a network with inbound rate limits: releases queued frames at their
+/// ports' rates until the network stops.
+pub fn run_shaper(net: Arc<super::network::Network>) {
+    let mut cx = TxScratch::default();
+    while !net.stopped.load(Ordering::Acquire) {
+        let ports = net.ports.snapshot();
+        let next = release_shaped(&ports, &mut cx);
+        drop(ports);
+        // Sleep until the next frame may go, or a queue fills, or a second passes (to see
+        // `stopped`).
+        net.shaper.wait(std::time::Duration::from_nanos(next.unwrap_or(1_000_000_000)));
+    }
+}
+
+/// Releases the frames rate-limited ports' inbound queues hold, as their buckets allow;
+/// returns how long until the next one may go (None: nothing waits).
+pub fn release_shaped(ports: &[Arc<Port>], cx: &mut TxScratch) -> Option<u64> {
+    let mut next: Option<u64> = None;
+    cx.shaped = true;
+    for port in ports.iter().filter(|p| p.rx_limit.is_some()) {
+        let Some(shaper) = port.rx_limit.as_ref() else { continue };
+        loop {
+            let (hdr, frame) = {
+                let mut sh = shaper.lock().unwrap_or_else(|e| e.into_inner());
+                let now = sh.now_ns();
+                let Some(len) = sh.queue.front().map(|(_, f)| f.len()) else { break };
+                if let Err(wait) = sh.bucket.take(len, now) {
+                    next = Some(next.map_or(wait, |n| n.min(wait)));
+                    break;
+                }
+                sh.queued_bytes -= len;
+                sh.queue.pop_front().expect("front")
+            };
+            let f = TxFrame { segs: &[Seg::of_slice(&frame)], offset: 0, len: frame.len(), hdr };
+            deliver(port, &f, cx);
+        }
+    }
+    cx.shaped = false;
+    notify_receivers(ports, cx);
+    next
 }

@@ -15,7 +15,7 @@ use vunet_switch::gateway::{Gateway, Gateway6};
 use vunet_switch::router::Router;
 use vunet_switch::{DropReason, Mac, MacTable, PortId};
 
-use super::port::Port;
+use super::port::{Port, ShaperWake};
 use super::service::GatewayService;
 use crate::config::Mode;
 
@@ -32,6 +32,10 @@ pub struct Network {
     pub gateway: Option<Gateway>,
     /// Its IPv6 side (`gateway6`): services answer ND, router solicitations, DHCPv6 there.
     pub gateway6: Option<Gateway6>,
+    /// Wakes the shaper thread of ports with inbound rate limits.
+    pub shaper: Arc<ShaperWake>,
+    /// Whether that thread runs (started with the first such port).
+    pub shaper_started: AtomicBool,
     /// What answers frames for the gateway, in order (ARP/ICMP, DHCP, DNS...).
     pub services: Vec<Arc<dyn GatewayService>>,
     /// The gateway's DHCP server state (port security and the listings read its leases).
@@ -60,6 +64,8 @@ impl Network {
             workers: 1,
             gateway: None,
             gateway6: None,
+            shaper: Arc::new(ShaperWake::default()),
+            shaper_started: AtomicBool::new(false),
             services: Vec::new(),
             dhcp: None,
             holders: OnceLock::new(),
@@ -75,6 +81,11 @@ impl Network {
     /// Milliseconds since the network started: the switch's clock.
     pub fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Nanoseconds since the network started: the rate limiters' clock.
+    pub fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
     }
 
     /// The live port named `name`.

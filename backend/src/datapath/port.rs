@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vunet_dhcp::DhcpServer;
-use vunet_switch::vnet::RxCaps;
+use vunet_switch::ratelimit::TokenBucket;
+use vunet_switch::vnet::{RxCaps, VnetHeader};
 use vunet_switch::{DropReason, Mac, MacTable, PortCounters, PortId};
 
 use super::backlog::Backlog;
@@ -79,6 +80,54 @@ impl CaptureBudget {
     }
 }
 
+/// Frames waiting for a rate-limited guest's inbound limit.
+pub struct RxShaper {
+    pub bucket: TokenBucket,
+    pub queue: std::collections::VecDeque<(VnetHeader, Vec<u8>)>,
+    pub queued_bytes: usize,
+    /// The bucket's clock.
+    pub epoch: std::time::Instant,
+    /// The network's shaper thread, woken when a queue stops being empty.
+    pub wake: Arc<ShaperWake>,
+}
+
+/// Wakes a network's shaper thread (`datapath::run_shaper`).
+#[derive(Default)]
+pub struct ShaperWake {
+    pending: Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl ShaperWake {
+    pub fn notify(&self) {
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_one();
+    }
+
+    /// Waits for a notification or `timeout`.
+    pub fn wait(&self, timeout: Duration) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if !*p {
+            p = self.cv.wait_timeout(p, timeout).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        *p = false;
+    }
+}
+
+impl RxShaper {
+    pub fn new(bucket: TokenBucket, wake: Arc<ShaperWake>) -> RxShaper {
+        RxShaper { bucket, queue: Default::default(), queued_bytes: 0, epoch: std::time::Instant::now(), wake }
+    }
+
+    pub fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+}
+
+/// How much a rate-limited port's inbound queue holds: about 100 ms at 1 Gbit/s, or a few TSO
+/// frames (tail drop past it, counted).
+pub const SHAPER_QUEUE_BYTES: usize = 4 * 1024 * 1024;
+
 /// Where a port's senders write: the RX ring and memory of the guest connected right now.
 pub struct RxTarget {
     pub vring: Vring,
@@ -144,6 +193,16 @@ pub struct Port {
     /// The uplink of a nat or route network: not switched at L2 with the guests; its frames
     /// go through the router.
     pub routed: bool,
+    /// `isolated = true`: frames between two isolated ports are dropped (libvirt's `<port
+    /// isolated='yes'/>`); the gateway, uplinks and other ports are reached as ever.
+    pub isolated: bool,
+    /// `[network.port.bandwidth] outbound`: the guest's TX waits in its ring past this.
+    pub tx_limit: Option<Mutex<TokenBucket>>,
+    /// `[network.port.bandwidth] inbound`: frames to the guest past this wait in a bounded
+    /// queue that the network's shaper thread releases at the rate, then are dropped.
+    pub rx_limit: Option<Mutex<RxShaper>>,
+    /// The limits as configured, for `port-list`.
+    pub bandwidth: crate::config::Bandwidth,
     /// Set when the port is deleted at run time; its thread ends, its slot stays (port ids
     /// index the network's port list).
     pub removed: AtomicBool,
@@ -189,6 +248,10 @@ impl Port {
             last_log_ms: AtomicU64::new(0),
             link: None,
             routed: false,
+            isolated: false,
+            tx_limit: None,
+            rx_limit: None,
+            bandwidth: Default::default(),
             removed: AtomicBool::new(false),
             conn: Mutex::new(None),
             capturing: AtomicBool::new(false),

@@ -55,15 +55,32 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
             port.counters.dropped(DropReason::BadDescriptor);
             return taken;
         }
-        let n = (posted as usize).min(TX_BATCH);
-        taken += n;
+        let mut n = (posted as usize).min(TX_BATCH);
         let mut heads = [0u16; TX_BATCH];
+        // Set when the port's outbound limit stops the burst: the rest waits in the ring.
+        let mut throttled = None;
         cx.batching = true;
-        for (i, head) in heads[..n].iter_mut().enumerate() {
+        for i in 0..n {
+            let head = &mut heads[i];
             *head = ring.avail_entry(next.wrapping_add(i as u16));
             cx.tx_segs.clear();
             let mut budget = MAX_FRAME_DESCS;
             match walk_chain(&ring, &map, *head, false, hdr_len + MAX_FRAME_LEN, &mut budget, &mut cx.tx_segs) {
+                Ok(total)
+                    if port.tx_limit.as_ref().is_some_and(|l| {
+                        let mut l = l.lock().unwrap_or_else(|e| e.into_inner());
+                        match l.take(total.saturating_sub(hdr_len), net.now_ns()) {
+                            Ok(()) => false,
+                            Err(wait) => {
+                                throttled = Some(wait);
+                                true
+                            }
+                        }
+                    }) =>
+                {
+                    n = i;
+                    break;
+                }
                 Ok(total) => {
                     let segs = std::mem::take(&mut cx.tx_segs);
                     if let Err(r) = switch_frame(net, &ports, port, &segs, total, hdr_len, now, i, cx) {
@@ -79,6 +96,7 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
             }
         }
         cx.batching = false;
+        taken += n;
         flush_links(&ports, cx);
         // TX buffers are returned with length 0 whatever happened to the frame, all at once
         // and only now: the link sends above read from them. A head outside the table is not
@@ -95,6 +113,14 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
         notify_receivers(&ports, cx);
         if ring.wants_interrupt(event_idx, used, new_used) {
             let _ = vs.signal_used_queue();
+        }
+        if let Some(wait) = throttled {
+            // Over the outbound limit: the guest's frames wait in its ring (it stops when the
+            // ring fills: backpressure, nothing dropped) until the bucket has paid its debt.
+            // Slept here, on this port's own worker, without the ring's lock.
+            drop(vs);
+            std::thread::sleep(std::time::Duration::from_nanos(wait.min(50_000_000)));
+            continue;
         }
         if n == TX_BATCH {
             continue;
@@ -215,12 +241,19 @@ fn decide_and_deliver(
     match decision {
         Decision::Unicast(to) => {
             if let Some(dest) = ports.get(to) {
+                if port.isolated && dest.isolated {
+                    return Err(DropReason::Isolated);
+                }
                 deliver(dest, &frame, cx);
             }
         }
         Decision::Flood => {
-            // A routed uplink is not on the guests' L2 segment.
-            for dest in ports.iter().filter(|p| p.id != port.id && !p.routed && !p.removed.load(Ordering::Relaxed)) {
+            // A routed uplink is not on the guests' L2 segment; one isolated port's broadcasts
+            // reach no other isolated port.
+            for dest in ports
+                .iter()
+                .filter(|p| p.id != port.id && !p.routed && !(port.isolated && p.isolated) && !p.removed.load(Ordering::Relaxed))
+            {
                 deliver(dest, &frame, cx);
             }
         }

@@ -7,12 +7,13 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use vunet_switch::gateway::{gateway_mac, Gateway, Gateway6};
+use vunet_switch::ratelimit::{Rate, TokenBucket};
 use vunet_switch::router::{RouteMode, Router, RouterConfig};
 use vunet_switch::PortId;
 
 use super::error::StartError;
-use crate::config::{Mode, NetworkConfig, PortConfig, UplinkAddress};
-use crate::datapath::{GatewayService, HostLink, Network, Port, PortKind};
+use crate::config::{Mode, NetworkConfig, PortConfig, RateLimit, UplinkAddress};
+use crate::datapath::{GatewayService, HostLink, Network, Port, PortKind, RxShaper};
 use crate::ports::uplink::Uplink;
 use crate::services::arp_icmp::ArpIcmp;
 use crate::services::dhcp::{self, DhcpService, LeaseWriter};
@@ -50,7 +51,7 @@ pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<Strin
     net.router = router(n, gateway).map(Mutex::new);
     net.uplink_dhcp = n.routing.as_ref().is_some_and(|r| r.address == UplinkAddress::Dhcp);
     let ports: Vec<Arc<Port>> =
-        n.ports.iter().enumerate().map(|(id, p)| Arc::new(guest_port(id, p, gateway.is_some(), taps.get(&p.name).cloned()))).collect();
+        n.ports.iter().enumerate().map(|(id, p)| Arc::new(guest_port(id, p, &net, taps.get(&p.name).cloned()))).collect();
     net.ports = ports.into();
     // The gateway's services, in the order a frame for the gateway is offered to them.
     let dns = gateway.map(|_| Arc::new(DnsService::new(&n.name, &n.dns)));
@@ -72,12 +73,19 @@ pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<Strin
     Ok(Built { net, dns, leases, socknat })
 }
 
-/// A port of a network (`has_gateway`: port security defaults on), with its tap if it is one.
-pub fn guest_port(id: PortId, p: &PortConfig, has_gateway: bool, tap: Option<Arc<Uplink>>) -> Port {
+/// A port of network `net` (with a gateway, port security defaults on), with its tap if it
+/// is one.
+pub fn guest_port(id: PortId, p: &PortConfig, net: &Network, tap: Option<Arc<Uplink>>) -> Port {
+    let has_gateway = net.gateway.is_some();
     let kind = if tap.is_some() { PortKind::Tap } else { PortKind::Vhost };
     let mut port = Port::new(id, p.name.clone(), kind).with_mac(p.mac).with_queues(p.queues as usize);
     port.socket = p.socket.clone();
     port.mode = p.mode;
+    port.isolated = p.isolated;
+    port.bandwidth = p.bandwidth;
+    let bucket = |l: &RateLimit| TokenBucket::new(Rate { average_kbs: l.average, peak_kbs: l.peak, burst_kib: l.burst }, 0);
+    port.tx_limit = p.bandwidth.outbound.as_ref().map(|l| Mutex::new(bucket(l)));
+    port.rx_limit = p.bandwidth.inbound.as_ref().map(|l| Mutex::new(RxShaper::new(bucket(l), net.shaper.clone())));
     // A tap port is the host's own interface: trusted unless asked otherwise.
     port.security = p.port_security.unwrap_or(has_gateway && p.tap.is_none());
     // A tap is there from the start; a guest port is connected when its VMM comes.

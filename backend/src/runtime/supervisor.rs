@@ -16,7 +16,7 @@ use vhost::vhost_user::Listener;
 use super::build;
 use super::error::{PortError, StartError};
 use crate::config::{Config, NetworkConfig, PortConfig, PortMode, UplinkConfig, UplinkKind};
-use crate::datapath::{Inject, Network, Port, PortKind};
+use crate::datapath::{run_shaper, Inject, Network, Port, PortKind};
 use crate::ports::uplink::{self, Uplink};
 use crate::ports::vhost::conn::{bind_socket, serve_port};
 use crate::services::dhcp::LeaseWriter;
@@ -170,12 +170,24 @@ impl Supervisor {
 
     /// Starts the receive thread of an uplink or tap port.
     fn run_link(&self, net: &Arc<Network>, port: Arc<Port>, link: Arc<Uplink>) -> Result<(), StartError> {
+        self.start_shaper(net, &port)?;
         let inject = Inject::new(net.clone());
         spawn(format!("uplink-{}", port.name), move || uplink::run(inject, port, link))
     }
 
+    /// Starts the network's shaper thread if `port` has an inbound rate limit and the thread
+    /// does not run yet.
+    fn start_shaper(&self, net: &Arc<Network>, port: &Port) -> Result<(), StartError> {
+        if port.rx_limit.is_none() || net.shaper_started.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let net2 = net.clone();
+        spawn(format!("shaper-{}", net.name), move || run_shaper(net2))
+    }
+
     /// Starts serving a guest port's connections on a thread of its own.
     fn serve(&self, net: &Arc<Network>, port: Arc<Port>, listener: Option<UnixListener>) -> Result<(), StartError> {
+        self.start_shaper(net, &port)?;
         let internal_path = self.internal_dir.join(format!("c{}.sock", self.internal_seq.fetch_add(1, Ordering::Relaxed)));
         let internal = Listener::new(&internal_path, true)
             .map_err(|e| StartError::Host(format!("internal socket {}: {e}", internal_path.display())))?;
@@ -214,7 +226,7 @@ impl Supervisor {
             if ports.iter().any(|q| q.name == p.name && !q.removed.load(Ordering::Acquire)) {
                 return Err(duplicate());
             }
-            Ok(build::guest_port(id, &p, net.gateway.is_some(), tap.clone()))
+            Ok(build::guest_port(id, &p, net, tap.clone()))
         });
         let port = match added {
             Ok(port) => port,

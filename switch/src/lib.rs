@@ -19,6 +19,7 @@ pub mod counters;
 pub mod firewall;
 pub mod gateway;
 pub mod ipv4;
+pub mod ipv6;
 pub mod ledger;
 pub mod mac_table;
 pub mod nat;

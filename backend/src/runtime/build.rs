@@ -18,6 +18,7 @@ use crate::ports::uplink::Uplink;
 use crate::services::arp_icmp::ArpIcmp;
 use crate::services::dhcp::{self, DhcpService, LeaseWriter};
 use crate::services::dns::DnsService;
+use crate::services::ndp::NdpService;
 use crate::services::socknat::SocketNat;
 
 /// A network as built: the data path's state, and its DNS service whose threads the
@@ -30,6 +31,9 @@ pub struct Built {
     pub leases: Option<Arc<LeaseWriter>>,
     /// Socket NAT (a nat network without an uplink), whose thread the supervisor starts.
     pub socknat: Option<Arc<SocketNat>>,
+    /// IPv6 neighbour discovery (a network with gateway6), whose advertising thread the
+    /// supervisor starts.
+    pub ndp: Option<Arc<NdpService>>,
 }
 
 /// Builds network `n`; `taps` holds the opened taps of its tap ports, by port name. Fails
@@ -61,16 +65,20 @@ pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<Strin
         )),
         _ => None,
     };
+    let ndp = net.gateway6.map(|g6| Arc::new(NdpService::new(&n.name, g6, n.mode, n.mtu, n.dhcp6.is_some(), n.dns.domain.as_deref())));
     if let Some(dns) = &dns {
         let mut services: Vec<Arc<dyn GatewayService>> =
             vec![dns.tcp.clone(), Arc::new(ArpIcmp), Arc::new(DhcpService { leases: leases.clone() }), dns.clone()];
+        if let Some(s) = &ndp {
+            services.push(s.clone());
+        }
         // Last: it takes what the gateway's own services did not (TCP and UDP for outside).
         if let Some(s) = &socknat {
             services.push(s.clone());
         }
         net.services = services;
     }
-    Ok(Built { net, dns, leases, socknat })
+    Ok(Built { net, dns, leases, socknat, ndp })
 }
 
 /// A port of network `net` (with a gateway, port security defaults on), with its tap if it

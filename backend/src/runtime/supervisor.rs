@@ -144,6 +144,10 @@ impl Supervisor {
             let inject = Inject::new(net.clone());
             spawn(format!("socknat-{}", net.name), move || s.run(inject))?;
         }
+        if let Some(s) = built.ndp {
+            let inject = Inject::new(net.clone());
+            spawn(format!("ra-{}", net.name), move || s.run(inject))?;
+        }
         let ports = net.ports.snapshot().to_vec();
         let mut listeners = listeners.into_iter();
         for port in ports {

@@ -5,4 +5,5 @@
 pub mod arp_icmp;
 pub mod dhcp;
 pub mod dns;
+pub mod ndp;
 pub mod socknat;

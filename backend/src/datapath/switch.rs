@@ -60,8 +60,7 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
         // Set when the port's outbound limit stops the burst: the rest waits in the ring.
         let mut throttled = None;
         cx.batching = true;
-        for i in 0..n {
-            let head = &mut heads[i];
+        for (i, head) in heads.iter_mut().enumerate().take(n) {
             *head = ring.avail_entry(next.wrapping_add(i as u16));
             cx.tx_segs.clear();
             let mut budget = MAX_FRAME_DESCS;
@@ -252,7 +251,7 @@ fn decide_and_deliver(
             // reach no other isolated port.
             for dest in ports
                 .iter()
-                .filter(|p| p.id != port.id && !p.routed && !(port.isolated && p.isolated) && !p.removed.load(Ordering::Relaxed))
+                .filter(|p| !(p.id == port.id || p.routed || (port.isolated && p.isolated) || p.removed.load(Ordering::Relaxed)))
             {
                 deliver(dest, &frame, cx);
             }

@@ -304,6 +304,7 @@ fn port_info(p: &Port) -> Value {
         "mode": if p.mode == PortMode::Server { "server" } else { "client" },
         "mac": p.locked_mac().map(|m| format_mac(&m)),
         "ip": p.leased_ip().map(|i| i.to_string()),
+        "ipv6": p.ipv6_addresses().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "connected": p.connected.load(Ordering::Relaxed),
         "features": crate::ports::vhost::device::feature_names(p.features.load(Ordering::Relaxed)),
         "rx_frames": c.rx_frames,

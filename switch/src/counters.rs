@@ -38,9 +38,10 @@ pub enum DropReason {
     PortDown,
     /// Port security: a source (or ARP sender) MAC that is not the port's.
     SpoofedMac,
-    /// Port security: a source (or ARP sender) IPv4 address that is not the port's lease.
+    /// Port security: a source (or ARP sender) IPv4 address that is not the port's lease; an
+    /// IPv6 source (or advertised target) the port may not use.
     SpoofedIp,
-    /// Port security: a DHCP server message (UDP from port 67) from a guest.
+    /// Port security: a DHCP server message (UDP from port 67, or DHCPv6 from 547) from a guest.
     RogueDhcpServer,
     /// Routing: a malformed or truncated IPv4 header (or transport header where NAT needs it).
     BadIpHeader,
@@ -60,10 +61,17 @@ pub enum DropReason {
     /// The source MAC belongs to another port: a guest port with port security holds it (its
     /// first MAC, or its configured one), so nobody else may send with it or take it.
     MacInUse,
+    /// Port security: a router advertisement or redirect (ICMPv6 134, 137) from a guest (RA
+    /// guard): only the gateway is a router on a vunet network.
+    RogueRouterAdvert,
+    /// Port security: an IPv6 packet whose headers it cannot follow to the upper layer within
+    /// the bytes it checks (too many or too long extension headers, truncated), or fragmented
+    /// neighbour discovery (RFC 6980): either could hide a router advertisement.
+    UncheckedIpv6,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 23] = [
+    pub const ALL: [DropReason; 25] = [
         DropReason::BadAddress,
         DropReason::ChainLoop,
         DropReason::BadDescriptor,
@@ -87,6 +95,8 @@ impl DropReason {
         DropReason::NatTableFull,
         DropReason::Firewall,
         DropReason::MacInUse,
+        DropReason::RogueRouterAdvert,
+        DropReason::UncheckedIpv6,
     ];
 
     /// Stable name used in listings and metrics.
@@ -115,6 +125,8 @@ impl DropReason {
             DropReason::NatTableFull => "nat_table_full",
             DropReason::Firewall => "firewall",
             DropReason::MacInUse => "mac_in_use",
+            DropReason::RogueRouterAdvert => "rogue_router_advert",
+            DropReason::UncheckedIpv6 => "unchecked_ipv6",
         }
     }
 }

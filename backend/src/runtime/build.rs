@@ -41,6 +41,7 @@ pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<Strin
     let lease_file = state_dir.filter(|_| n.dhcp.is_some()).map(|d| d.join(format!("{}.leases", n.name)));
     net.gateway = gateway;
     net.gateway6 = gateway.and(n.gateway6).map(|(ip, prefix)| Gateway6::new(gateway_mac(&n.name), ip, prefix));
+    net.reserved6 = n.dhcp6.iter().flat_map(|d| d.hosts.iter().map(|h| (h.ip, h.mac))).collect();
     net.dhcp = dhcp::server(n, lease_file.as_deref())?.map(|mut server| {
         // The network's own DNS names are never a DHCP client's.
         server.reserve_names(n.dns.hosts.iter().map(|(name, _)| name.clone()));

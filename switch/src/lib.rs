@@ -27,6 +27,7 @@ pub mod port_security;
 pub mod proto;
 pub mod router;
 pub mod socknat;
+pub mod udp6;
 pub mod vnet;
 
 pub use counters::{DropReason, PortCounters};

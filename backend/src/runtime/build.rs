@@ -44,7 +44,7 @@ pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<Strin
     net.reserved6 = n.dhcp6.iter().flat_map(|d| d.hosts.iter().map(|h| (h.ip, h.mac))).collect();
     net.dhcp = dhcp::server(n, lease_file.as_deref())?.map(|mut server| {
         // The network's own DNS names are never a DHCP client's.
-        server.reserve_names(n.dns.hosts.iter().map(|(name, _)| name.clone()));
+        server.reserve_names(n.dns.hosts.iter().map(|(name, _)| name.clone()).chain(n.dns.hosts6.iter().map(|(name, _)| name.clone())));
         Mutex::new(server)
     });
     let leases = lease_file.filter(|_| net.dhcp.is_some()).map(|f| Arc::new(LeaseWriter::new(&n.name, f)));
@@ -54,7 +54,12 @@ pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<Strin
         n.ports.iter().enumerate().map(|(id, p)| Arc::new(guest_port(id, p, gateway.is_some(), taps.get(&p.name).cloned()))).collect();
     net.ports = ports.into();
     // The gateway's services, in the order a frame for the gateway is offered to them.
-    let dns = gateway.map(|_| Arc::new(DnsService::new(&n.name, &n.dns)));
+    let dns = gateway.map(|_| {
+        let mut dns = DnsService::new(&n.name, &n.dns);
+        // Named DHCPv6 reservations answer AAAA (after `dns.hosts`, which win).
+        dns.hosts6.extend(n.dhcp6.iter().flat_map(|d| d.hosts.iter().filter_map(|h| Some((h.name.clone()?.to_ascii_lowercase(), h.ip)))));
+        Arc::new(dns)
+    });
     let socknat = match (gateway, &n.socket_nat) {
         (Some(gw), Some(cfg)) => Some(Arc::new(
             SocketNat::new(&n.name, gw, n.mtu, cfg).map_err(|e| StartError::Host(format!("network {:?}: socket NAT: {e}", n.name)))?,

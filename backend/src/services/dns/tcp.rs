@@ -455,7 +455,7 @@ impl Service {
                 if c.buf.len() >= 2 + len {
                     let query: Vec<u8> = c.buf.drain(..2 + len).skip(2).collect();
                     progress = true;
-                    match names.zone(net.dhcp.as_ref(), gw).respond(&query) {
+                    match names.zone(net.dhcp.as_ref(), gw, net.gateway6.as_ref()).respond(&query) {
                         Some(DnsAction::Answer(a)) => send_message(s, &a),
                         Some(DnsAction::Forward) if !self.upstreams.is_empty() => {
                             c.waiting_upstream = true;

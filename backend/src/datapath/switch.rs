@@ -193,8 +193,9 @@ fn decide_and_deliver(
             r => r?,
         }
         let eth = &head[hdr_len..seen];
-        if eth.len() >= 54 && eth[12..14] == [0x86, 0xdd] {
+        if eth[12..14] == [0x86, 0xdd] {
             port_security::check_ipv6(eth, &mac, |ip| net.may_use6(port, &mac, ip))?;
+            // Passed: the fixed header is all there.
             let src: [u8; 16] = eth[22..38].try_into().unwrap_or_default();
             port.saw_ipv6_source(&mac, src.into());
         }

@@ -1,7 +1,7 @@
 //! DNS on the gateway, seen from simulated guests: local names from DHCP and configuration,
 //! reverse lookups, NXDOMAIN, and forwarding to an upstream resolver (a fake one on loopback).
 
-use std::net::{Ipv4Addr, Ipv6Addr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -198,6 +198,15 @@ fn over_ipv6_local_names_answer_aaaa_and_outside_names_are_forwarded() {
     // Forwarded, and the answer comes back over IPv6 from the address asked.
     let (rcode, ..) = query6(&mut vm, link_local(&A), gw6.link_local, 0x4343, "example.org", QTYPE_A);
     assert_eq!(rcode, 0);
+    // Over TCP too, on both addresses.
+    for (src, to) in [(me, gw6.ip), (link_local(&A), gw6.link_local)] {
+        let mut msg = Vec::new();
+        let q = build_query(9, "alpha", QTYPE_AAAA);
+        msg.extend_from_slice(&(q.len() as u16).to_be_bytes());
+        msg.extend_from_slice(&q);
+        let a = TcpClient::exchange_with(&mut vm, src.into(), to.into(), 5300, &msg).expect("an answer over TCP");
+        assert_eq!(read_answers_all(&a).map(|(r, _, aaaa, _)| (r, aaaa)), Some((0, vec![me])), "TCP to {to}");
+    }
     drop(d);
     stop_upstream.store(true, Ordering::Release);
     assert_eq!(upstream.join().unwrap(), 1, "the one outside name went upstream");
@@ -218,7 +227,9 @@ fn without_an_upstream_outside_names_are_refused() {
 /// several segments), then FIN.
 struct TcpClient {
     mac: [u8; 6],
-    ip: Ipv4Addr,
+    ip: IpAddr,
+    /// The gateway address it talks to (GW unless over IPv6).
+    gw: IpAddr,
     port: u16,
     seq: u32,
     ack: u32,
@@ -226,9 +237,13 @@ struct TcpClient {
 
 impl TcpClient {
     fn segment(&self, vm: &mut VmSim, flags: &str, payload: &[u8]) {
-        let mut b = etherparse::PacketBuilder::ethernet2(self.mac, gateway_mac("test"))
-            .ipv4(self.ip.octets(), GW.octets(), 64)
-            .tcp(self.port, 53, self.seq, 64000);
+        let eth = etherparse::PacketBuilder::ethernet2(self.mac, gateway_mac("test"));
+        let ip = match (self.ip, self.gw) {
+            (IpAddr::V6(me), IpAddr::V6(gw)) => eth.ipv6(me.octets(), gw.octets(), 64),
+            (IpAddr::V4(me), IpAddr::V4(gw)) => eth.ipv4(me.octets(), gw.octets(), 64),
+            _ => unreachable!("one family"),
+        };
+        let mut b = ip.tcp(self.port, 53, self.seq, 64000);
         if flags.contains('S') {
             b = b.syn();
         }
@@ -261,7 +276,7 @@ impl TcpClient {
 
     /// Opens a connection from `mac`: None if the gateway answers the SYN with a reset.
     fn open(vm: &mut VmSim, mac: [u8; 6], ip: Ipv4Addr, port: u16) -> Option<TcpClient> {
-        let mut c = TcpClient { mac, ip, port, seq: 1000, ack: 0 };
+        let mut c = TcpClient { mac, ip: ip.into(), gw: GW.into(), port, seq: 1000, ack: 0 };
         c.segment(vm, "S", &[]);
         let (syn, _, rst, seq, _) = c.next(vm).expect("an answer to the SYN");
         if rst {
@@ -291,7 +306,12 @@ impl TcpClient {
 
     /// As `exchange`, with the bytes sent as they are (no length prefix added).
     fn exchange_raw(vm: &mut VmSim, ip: Ipv4Addr, port: u16, msg: &[u8]) -> Option<Vec<u8>> {
-        let mut c = TcpClient { mac: A, ip, port, seq: 1000, ack: 0 };
+        TcpClient::exchange_with(vm, ip.into(), GW.into(), port, msg)
+    }
+
+    /// As `exchange_raw`, from `ip` to the gateway's address `gw` (IPv4 or IPv6).
+    fn exchange_with(vm: &mut VmSim, ip: IpAddr, gw: IpAddr, port: u16, msg: &[u8]) -> Option<Vec<u8>> {
+        let mut c = TcpClient { mac: A, ip, gw, port, seq: 1000, ack: 0 };
         c.segment(vm, "S", &[]);
         let (syn, _, rst, seq, _) = c.next(vm).expect("SYN-ACK");
         assert!(syn && !rst, "the gateway accepts the connection");

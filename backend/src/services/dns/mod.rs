@@ -7,7 +7,7 @@
 //! too (forwarded ones included: the answer goes back over IPv6), and the zone has IPv6
 //! names: `dns.hosts` with IPv6 addresses, named `[network.dhcp6]` hosts, and every DHCP
 //! client's name at the SLAAC address its MAC forms under the gateway's /64 (a Linux guest's
-//! default). DNS over TCP is IPv4 only.
+//! default). DNS over TCP listens on the IPv6 addresses too.
 
 mod forwarder;
 mod tcp;

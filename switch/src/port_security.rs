@@ -151,7 +151,7 @@ pub fn check_ipv6(head: &[u8], mac: &Mac, mut may_use: impl FnMut(Ipv6Addr) -> b
         if !matches!(icmp_type, Some((ty, _, false)) if ty == ND_NEIGHBOR_SOLICIT || MLD_TYPES.contains(&ty)) {
             return Err(DropReason::SpoofedIp);
         }
-    } else if !own(&src) && (src.octets()[0] == 0xff || !may_use(src)) {
+    } else if !own(&src) && (!claimable(&src) || !may_use(src)) {
         return Err(DropReason::SpoofedIp);
     }
     let Some((ty, off, _)) = icmp_type else { return Ok(()) };
@@ -162,7 +162,7 @@ pub fn check_ipv6(head: &[u8], mac: &Mac, mut may_use: impl FnMut(Ipv6Addr) -> b
             let target = addr(t);
             // An advertisement speaks for its target; a DAD probe claims it. Either only for an
             // address the port may use. (A plain solicitation asks about anybody.)
-            if (ty == ND_NEIGHBOR_ADVERT || src.is_unspecified()) && !own(&target) && (target.octets()[0] == 0xff || !may_use(target)) {
+            if (ty == ND_NEIGHBOR_ADVERT || src.is_unspecified()) && !own(&target) && (!claimable(&target) || !may_use(target)) {
                 return Err(DropReason::SpoofedIp);
             }
             (off + 24, if ty == ND_NEIGHBOR_ADVERT { ND_OPT_TARGET_LLADDR } else { ND_OPT_SOURCE_LLADDR })
@@ -183,6 +183,12 @@ pub fn check_ipv6(head: &[u8], mac: &Mac, mut may_use: impl FnMut(Ipv6Addr) -> b
         o = &o[len..];
     }
     Ok(())
+}
+
+/// Whether a guest could ever hold `a`: not multicast, loopback, unspecified or an
+/// IPv4-mapped address (none is a source on the wire).
+fn claimable(a: &Ipv6Addr) -> bool {
+    !(a.is_multicast() || a.is_loopback() || a.is_unspecified() || a.to_ipv4_mapped().is_some())
 }
 
 fn addr(b: &[u8]) -> Ipv6Addr {
@@ -456,6 +462,9 @@ mod tests {
         assert_eq!(check6(&udp6(others_ll, 5000, 53)), Err(DropReason::SpoofedIp), "another MAC's link-local");
         let mcast = Ipv6Addr::new(0xff02, 0, 0, 0, 0x5054, 0xff, 0xfe00, 1);
         assert_eq!(check6(&udp6(mcast, 5000, 53)), Err(DropReason::SpoofedIp), "a multicast source");
+        for odd in [Ipv6Addr::LOCALHOST, Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped()] {
+            assert_eq!(check_ipv6(&udp6(odd, 5000, 53), &M, |_| true), Err(DropReason::SpoofedIp), "{odd} is never claimable");
+        }
         // `::` only for DAD and MLD.
         assert_eq!(check6(&udp6(Ipv6Addr::UNSPECIFIED, 546, 547)), Err(DropReason::SpoofedIp));
         assert_eq!(check6(&ipv6(Ipv6Addr::UNSPECIFIED, 58, &[], &nd(135, SLAAC, None))), Ok(()), "DAD");

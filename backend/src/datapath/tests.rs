@@ -1371,6 +1371,21 @@ fn ipv6_addresses_are_first_come_across_ports() {
     assert_eq!(lan.port(1).counters.snapshot().drop_count(DropReason::SpoofedIp), 5);
     lan.send(2, &udp6(C, Ipv6Addr::new(0xfd00, 0x7675, 1, 0, 0, 0, 0, 0x30), b"C's reservation"));
     assert_eq!(links[3].take().len(), 1);
+    // A router advertisement from A (behind a destination-options header) reaches nobody.
+    links.iter().for_each(|l| drop(l.take()));
+    let mut ra = Vec::new();
+    PacketBuilder::ethernet2(A, [0x33, 0x33, 0, 0, 0, 1])
+        .ipv6(link_local(&A).octets(), [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], 255)
+        .udp(1, 1)
+        .write(&mut ra, &[])
+        .unwrap();
+    ra.truncate(14 + 40);
+    ra[14 + 4..14 + 6].copy_from_slice(&24u16.to_be_bytes());
+    ra[14 + 6] = 60;
+    ra.extend_from_slice(&[58, 0, 1, 4, 0, 0, 0, 0, 134, 0, 0, 0, 64, 0, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0]);
+    lan.send(0, &ra);
+    assert!(links.iter().all(|l| l.take().is_empty()));
+    assert_eq!(lan.port(0).counters.snapshot().drop_count(DropReason::RogueRouterAdvert), 1);
     // Once A's guest leaves, its claims go with it: B may take the address.
     lan.port(0).forget_guest();
     lan.send(1, &udp6(B, privacy, b"mine now"));

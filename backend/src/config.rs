@@ -106,6 +106,8 @@ pub struct DnsConfig {
     pub domain: Option<String>,
     /// Extra local names (libvirt `<dns><host>`).
     pub hosts: Vec<(String, Ipv4Addr)>,
+    /// Extra local names with an IPv6 address (`dns.hosts` entries whose `ip` is IPv6).
+    pub hosts6: Vec<(String, Ipv6Addr)>,
     /// Upstream resolvers; `None`: the host's /etc/resolv.conf.
     pub forwarders: Option<Vec<std::net::SocketAddr>>,
 }
@@ -569,14 +571,16 @@ fn parse_dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
         Some(dom) if !valid_dns_name(dom) => return Err(cx.err(d.span(), format!("invalid domain {dom:?}"))),
         dom => dom.as_ref().map(|s| s.to_ascii_lowercase()),
     };
-    let mut hosts = Vec::new();
+    let (mut hosts, mut hosts6) = (Vec::new(), Vec::new());
     for h in &raw.hosts {
         let v = h.get_ref();
         if !valid_dns_name(&v.name) || v.name.contains('.') {
             return Err(cx.err(h.span(), format!("invalid host name {:?} (one label: letters, digits and '-')", v.name)));
         }
-        let ip: Ipv4Addr = v.ip.parse().map_err(|_| cx.err(h.span(), format!("invalid IP address {:?}", v.ip)))?;
-        hosts.push((v.name.to_ascii_lowercase(), ip));
+        match v.ip.parse().map_err(|_| cx.err(h.span(), format!("invalid IP address {:?}", v.ip)))? {
+            std::net::IpAddr::V4(ip) => hosts.push((v.name.to_ascii_lowercase(), ip)),
+            std::net::IpAddr::V6(ip) => hosts6.push((v.name.to_ascii_lowercase(), ip)),
+        }
     }
     let forwarders = match &raw.forwarders {
         None => None,
@@ -591,7 +595,7 @@ fn parse_dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
-    Ok(DnsConfig { domain, hosts, forwarders })
+    Ok(DnsConfig { domain, hosts, hosts6, forwarders })
 }
 
 /// A Linux interface name: 1 to 15 bytes, no '/', ':' or whitespace.
@@ -1911,6 +1915,16 @@ socket_group = "4243"
             .unwrap_err()
             .to_string()
             .starts_with("vunet.toml:8: port \"t\": socket_mode and socket_group are for server-mode"));
+    }
+
+    #[test]
+    fn dns_hosts_take_ipv6_addresses() {
+        let text = "[[network]]\nname = \"a\"\nmode = \"isolated\"\ngateway = \"10.0.0.1/24\"\n[network.dns]\nhosts = [{ name = \"Four\", ip = \"10.0.0.4\" }, { name = \"six\", ip = \"fd00::6\" }]\n";
+        let d = parse(text).unwrap().networks[0].dns.clone();
+        assert_eq!(d.hosts, vec![("four".to_string(), Ipv4Addr::new(10, 0, 0, 4))]);
+        assert_eq!(d.hosts6, vec![("six".to_string(), "fd00::6".parse::<Ipv6Addr>().unwrap())]);
+        let bad = text.replace("fd00::6", "fd00::g");
+        assert_eq!(parse(&bad).unwrap_err().to_string(), "vunet.toml:6: invalid IP address \"fd00::g\"");
     }
 
     #[test]

@@ -315,6 +315,7 @@ fn port_info(p: &Port) -> Value {
         "mode": if p.mode == PortMode::Server { "server" } else { "client" },
         "mac": p.locked_mac().map(|m| format_mac(&m)),
         "ip": p.leased_ip().map(|i| i.to_string()),
+        "ipv6": p.ipv6_addresses().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "connected": p.connected.load(Ordering::Relaxed),
         "features": crate::ports::vhost::device::feature_names(p.features.load(Ordering::Relaxed)),
         "rx_frames": c.rx_frames,
@@ -427,6 +428,10 @@ pub fn render(req: &Request, v: &Value) -> String {
                         if limits.is_empty() { String::new() } else { format!("limits: {}", limits.join(", ")) }
                     ));
                 }
+                let v6: Vec<&str> = p["ipv6"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+                if !v6.is_empty() {
+                    out.push_str(&format!("  ipv6: {}\n", v6.join(" ")));
+                }
                 if let Some(nf) = p["nat_flows"].as_object() {
                     let g = |k: &str| nf.get(k).map(|v| v.to_string()).unwrap_or_else(|| "0".into());
                     out.push_str(&format!("  NAT flows: {} tcp, {} udp, {} icmp\n", g("tcp"), g("udp"), g("icmp")));
@@ -537,6 +542,19 @@ pub fn default_path() -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn port_list_text_shows_ipv6_addresses_when_there_are_any() {
+        let p = serde_json::json!({ "name": "vm1", "kind": "vhost-user", "mode": "server", "socket": "/s", "connected": true, "mac": "52:54:00:00:00:01",
+            "ip": null, "rx_frames": 1, "rx_bytes": 2, "tx_frames": 3, "tx_bytes": 4, "drops": { "rogue_router_advert": 2 }, "features": [],
+            "ipv6": ["fe80::5054:ff:fe00:1", "fd00::20"] });
+        let req = Request::PortList { network: "n".into() };
+        let text = render(&req, &serde_json::Value::Array(vec![p.clone()]));
+        assert!(text.contains("drops: rogue_router_advert=2") && text.contains("\n  ipv6: fe80::5054:ff:fe00:1 fd00::20\n"), "{text}");
+        let mut none = p;
+        none["ipv6"] = serde_json::json!([]);
+        assert!(!render(&req, &serde_json::Value::Array(vec![none])).contains("ipv6"));
+    }
+
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;

@@ -4,12 +4,18 @@
 //! bare name and, with a domain, to `name.domain`, and by PTR in the subnet's reverse zone.
 //! Bare names and names under the local domain that nobody has are NXDOMAIN here, never
 //! forwarded (dnsmasq's domain-needed); everything else is forwarded.
+//!
+//! IPv6: names with IPv6 addresses answer AAAA, and those addresses' ip6.arpa names PTR; the
+//! network's IPv6 prefix and link-local addresses (fe80::/10) are local reverse zones. A local
+//! name with addresses of one family only answers the other's query with no data (NOERROR,
+//! no answer), never NXDOMAIN, so resolvers asking for both keep the one they got.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 pub const PORT: u16 = 53;
 const TYPE_A: u16 = 1;
 const TYPE_PTR: u16 = 12;
+const TYPE_AAAA: u16 = 28;
 const CLASS_IN: u16 = 1;
 const RCODE_FORMERR: u16 = 1;
 const RCODE_NXDOMAIN: u16 = 3;
@@ -26,6 +32,10 @@ pub struct LocalZone {
     pub names: Vec<(String, Ipv4Addr)>,
     /// The network's subnet (address, prefix): its reverse zone is local.
     pub subnet: (Ipv4Addr, u8),
+    /// (lowercase name, IPv6 address).
+    pub names6: Vec<(String, Ipv6Addr)>,
+    /// The network's IPv6 prefix (address, length), if it has one: its reverse zone is local.
+    pub subnet6: Option<(Ipv6Addr, u8)>,
 }
 
 /// What to do with a query.
@@ -125,6 +135,14 @@ impl LocalZone {
         u32::from(ip) & mask == u32::from(self.subnet.0) & mask
     }
 
+    /// Whether `ip`'s reverse name is the network's to answer: in its IPv6 prefix, or
+    /// link-local (which no resolver upstream knows).
+    fn in_subnet6(&self, ip: Ipv6Addr) -> bool {
+        let mask = |len: u8| if len == 0 { 0 } else { u128::MAX << (128 - len.min(128) as u32) };
+        let link_local = u128::from(ip) & mask(10) == 0xfe80u128 << 112;
+        link_local || self.subnet6.is_some_and(|(net, len)| u128::from(ip) & mask(len) == u128::from(net) & mask(len))
+    }
+
     /// Whether `name` is in the local domain (so it is answered here, if only NXDOMAIN).
     fn is_local(&self, name: &str) -> bool {
         !name.contains('.') || self.domain.as_deref().is_some_and(|d| name == d || name.ends_with(&format!(".{d}")))
@@ -166,13 +184,32 @@ impl LocalZone {
                     answers.push((TYPE_PTR, rdata));
                 }
             }
+        } else if let Some(rev) = q.name.strip_suffix(".ip6.arpa") {
+            let Some(ip) = parse_ip6_arpa(rev) else { return Some(DnsAction::Forward) };
+            if !self.in_subnet6(ip) {
+                return Some(DnsAction::Forward);
+            }
+            let found: Vec<&String> = self.names6.iter().filter(|(_, a)| *a == ip).map(|(n, _)| n).collect();
+            rcode = if found.is_empty() { RCODE_NXDOMAIN } else { 0 };
+            if q.qtype == TYPE_PTR && q.qclass == CLASS_IN {
+                for n in found {
+                    let mut rdata = Vec::new();
+                    encode_name(&mut rdata, &self.full_name(n));
+                    answers.push((TYPE_PTR, rdata));
+                }
+            }
         } else if self.is_local(&q.name) {
             let host = self.strip_domain(&q.name);
             let found: Vec<Ipv4Addr> =
                 host.map(|h| self.names.iter().filter(|(n, _)| n == h).map(|(_, a)| *a).collect()).unwrap_or_default();
-            rcode = if found.is_empty() { RCODE_NXDOMAIN } else { 0 };
+            let found6: Vec<Ipv6Addr> =
+                host.map(|h| self.names6.iter().filter(|(n, _)| n == h).map(|(_, a)| *a).collect()).unwrap_or_default();
+            rcode = if found.is_empty() && found6.is_empty() { RCODE_NXDOMAIN } else { 0 };
             if q.qtype == TYPE_A && q.qclass == CLASS_IN {
                 answers.extend(found.iter().map(|a| (TYPE_A, a.octets().to_vec())));
+            }
+            if q.qtype == TYPE_AAAA && q.qclass == CLASS_IN {
+                answers.extend(found6.iter().map(|a| (TYPE_AAAA, a.octets().to_vec())));
             }
         } else {
             return Some(DnsAction::Forward);
@@ -189,6 +226,29 @@ impl LocalZone {
         }
         Some(DnsAction::Answer(r))
     }
+}
+
+/// The address of an ip6.arpa name without its suffix: 32 nibbles, least significant first.
+fn parse_ip6_arpa(rev: &str) -> Option<Ipv6Addr> {
+    let mut v: u128 = 0;
+    let mut n = 0;
+    for (i, label) in rev.split('.').enumerate() {
+        if i >= 32 || label.len() != 1 {
+            return None;
+        }
+        let d = u128::from(label.chars().next()?.to_digit(16)?);
+        v |= d << (4 * i);
+        n += 1;
+    }
+    (n == 32).then(|| Ipv6Addr::from(v))
+}
+
+/// The ip6.arpa name of an address (tests, benchmarks, the guests' reverse lookups).
+pub fn ip6_arpa(ip: Ipv6Addr) -> String {
+    let v = u128::from(ip);
+    let mut s: String = (0..32).map(|i| format!("{:x}.", (v >> (4 * i)) & 0xf)).collect();
+    s.push_str("ip6.arpa");
+    s
 }
 
 /// REFUSED, for a query the gateway cannot resolve (no upstream resolver).
@@ -229,11 +289,17 @@ pub fn build_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
 
 /// The rcode and the A/PTR answers of a response (tests, benchmarks).
 pub fn read_answers(r: &[u8]) -> Option<(u16, Vec<Ipv4Addr>, Vec<String>)> {
+    read_answers_all(r).map(|(rcode, a, _, ptr)| (rcode, a, ptr))
+}
+
+/// The rcode and the A, AAAA and PTR answers of a response (tests, benchmarks).
+#[allow(clippy::type_complexity)]
+pub fn read_answers_all(r: &[u8]) -> Option<(u16, Vec<Ipv4Addr>, Vec<Ipv6Addr>, Vec<String>)> {
     let rcode = u16::from_be_bytes([*r.get(2)?, *r.get(3)?]) & 0xf;
     let an = u16::from_be_bytes([r[6], r[7]]);
     let q = parse_question(r)?;
     let mut i = q.end;
-    let (mut a, mut ptr) = (Vec::new(), Vec::new());
+    let (mut a, mut aaaa, mut ptr) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..an {
         i += 2; // name pointer
         let t = u16::from_be_bytes([*r.get(i)?, *r.get(i + 1)?]);
@@ -241,6 +307,7 @@ pub fn read_answers(r: &[u8]) -> Option<(u16, Vec<Ipv4Addr>, Vec<String>)> {
         let rdata = r.get(i + 10..i + 10 + len)?;
         match t {
             TYPE_A if len == 4 => a.push(Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3])),
+            TYPE_AAAA if len == 16 => aaaa.push(Ipv6Addr::from(<[u8; 16]>::try_from(rdata).ok()?)),
             TYPE_PTR => {
                 let mut fake = vec![0u8; 12];
                 fake.extend_from_slice(rdata);
@@ -251,12 +318,12 @@ pub fn read_answers(r: &[u8]) -> Option<(u16, Vec<Ipv4Addr>, Vec<String>)> {
         }
         i += 10 + len;
     }
-    Some((rcode, a, ptr))
+    Some((rcode, a, aaaa, ptr))
 }
 
 pub const QTYPE_A: u16 = TYPE_A;
 pub const QTYPE_PTR: u16 = TYPE_PTR;
-pub const QTYPE_AAAA: u16 = 28;
+pub const QTYPE_AAAA: u16 = TYPE_AAAA;
 
 #[cfg(test)]
 mod tests {
@@ -267,7 +334,53 @@ mod tests {
             domain: Some("vunet".into()),
             names: vec![("web".into(), Ipv4Addr::new(192, 168, 122, 10)), ("alpha".into(), Ipv4Addr::new(192, 168, 122, 100))],
             subnet: (Ipv4Addr::new(192, 168, 122, 1), 24),
+            names6: vec![("web".into(), WEB6), ("six".into(), SIX)],
+            subnet6: Some((Ipv6Addr::new(0xfd00, 0x7675, 1, 0, 0, 0, 0, 1), 64)),
         }
+    }
+
+    const WEB6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x7675, 1, 0, 0x5054, 0xff, 0xfe00, 0x10);
+    const SIX: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x7675, 1, 0, 0, 0, 0, 0x66);
+
+    #[test]
+    fn aaaa_for_names_with_ipv6_addresses() {
+        for name in ["web", "web.vunet", "WEB.vunet"] {
+            let (rcode, a, aaaa, _) = read_answers_all(&answer(&build_query(7, name, QTYPE_AAAA))).unwrap();
+            assert_eq!((rcode, a.len(), aaaa), (0, 0, vec![WEB6]), "{name}");
+        }
+        // A name with only an IPv6 address: A is no data, not NXDOMAIN; and the other way.
+        let (rcode, a, aaaa, _) = read_answers_all(&answer(&build_query(7, "six", QTYPE_A))).unwrap();
+        assert_eq!((rcode, a.len(), aaaa.len()), (0, 0, 0));
+        let (rcode, _, aaaa, _) = read_answers_all(&answer(&build_query(7, "six", QTYPE_AAAA))).unwrap();
+        assert_eq!((rcode, aaaa), (0, vec![SIX]));
+        let (rcode, _, aaaa, _) = read_answers_all(&answer(&build_query(7, "alpha", QTYPE_AAAA))).unwrap();
+        assert_eq!((rcode, aaaa.len()), (0, 0), "IPv4 only: no data");
+        let (rcode, _, aaaa, _) = read_answers_all(&answer(&build_query(7, "nosuch", QTYPE_AAAA))).unwrap();
+        assert_eq!((rcode, aaaa.len()), (3, 0));
+    }
+
+    #[test]
+    fn reverse_lookups_in_ip6_arpa() {
+        assert_eq!(parse_ip6_arpa(ip6_arpa(WEB6).strip_suffix(".ip6.arpa").unwrap()), Some(WEB6));
+        let (rcode, _, _, ptr) = read_answers_all(&answer(&build_query(2, &ip6_arpa(WEB6), QTYPE_PTR))).unwrap();
+        assert_eq!((rcode, ptr), (0, vec!["web.vunet".to_string()]));
+        let (rcode, _, _, ptr) = read_answers_all(&answer(&build_query(2, &ip6_arpa(SIX).to_uppercase(), QTYPE_PTR))).unwrap();
+        assert_eq!((rcode, ptr), (0, vec!["six.vunet".to_string()]));
+        // Nobody's address in the prefix, or link-local: NXDOMAIN here.
+        let nobody = Ipv6Addr::new(0xfd00, 0x7675, 1, 0, 0, 0, 0, 0x99);
+        let ll = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x99);
+        for ip in [nobody, ll] {
+            let (rcode, _, _, ptr) = read_answers_all(&answer(&build_query(2, &ip6_arpa(ip), QTYPE_PTR))).unwrap();
+            assert_eq!((rcode, ptr.len()), (3, 0), "{ip}");
+        }
+        // Elsewhere, or not an address (too few nibbles, two-digit labels): forwarded.
+        let google = Ipv6Addr::new(0x2001, 0x4860, 0x4860, 0, 0, 0, 0, 0x8888);
+        assert_eq!(zone().respond(&build_query(2, &ip6_arpa(google), QTYPE_PTR)), Some(DnsAction::Forward));
+        assert_eq!(zone().respond(&build_query(2, "1.0.0.d.f.ip6.arpa", QTYPE_PTR)), Some(DnsAction::Forward));
+        let long = ip6_arpa(WEB6).replacen("0.", "00.", 1);
+        assert_eq!(zone().respond(&build_query(2, &long, QTYPE_PTR)), Some(DnsAction::Forward));
+        let no_subnet = LocalZone { subnet6: None, ..zone() };
+        assert_eq!(no_subnet.respond(&build_query(2, &ip6_arpa(WEB6), QTYPE_PTR)), Some(DnsAction::Forward));
     }
 
     fn answer(q: &[u8]) -> Vec<u8> {
@@ -294,7 +407,7 @@ mod tests {
             let (rcode, a, _) = read_answers(&answer(&build_query(1, name, QTYPE_A))).unwrap();
             assert_eq!((rcode, a.len()), (3, 0), "{name}");
         }
-        let (rcode, a, _) = read_answers(&answer(&build_query(1, "web", QTYPE_AAAA))).unwrap();
+        let (rcode, a, _) = read_answers(&answer(&build_query(1, "alpha", QTYPE_AAAA))).unwrap();
         assert_eq!((rcode, a.len()), (0, 0));
     }
 

@@ -38,9 +38,10 @@ pub enum DropReason {
     PortDown,
     /// Port security: a source (or ARP sender) MAC that is not the port's.
     SpoofedMac,
-    /// Port security: a source (or ARP sender) IPv4 address that is not the port's lease.
+    /// Port security: a source (or ARP sender) IPv4 address that is not the port's lease; an
+    /// IPv6 source (or advertised target) the port may not use.
     SpoofedIp,
-    /// Port security: a DHCP server message (UDP from port 67) from a guest.
+    /// Port security: a DHCP server message (UDP from port 67, or DHCPv6 from 547) from a guest.
     RogueDhcpServer,
     /// Routing: a malformed or truncated IPv4 header (or transport header where NAT needs it).
     BadIpHeader,
@@ -65,10 +66,17 @@ pub enum DropReason {
     Isolated,
     /// Over the port's inbound rate limit with its queue full (`[network.port.bandwidth]`).
     RateLimited,
+    /// Port security: a router advertisement or redirect (ICMPv6 134, 137) from a guest (RA
+    /// guard): only the gateway is a router on a vunet network.
+    RogueRouterAdvert,
+    /// Port security: an IPv6 packet whose headers it cannot follow to the upper layer within
+    /// the bytes it checks (too many or too long extension headers, truncated), or fragmented
+    /// neighbour discovery (RFC 6980): either could hide a router advertisement.
+    UncheckedIpv6,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 25] = [
+    pub const ALL: [DropReason; 27] = [
         DropReason::BadAddress,
         DropReason::ChainLoop,
         DropReason::BadDescriptor,
@@ -94,6 +102,8 @@ impl DropReason {
         DropReason::MacInUse,
         DropReason::Isolated,
         DropReason::RateLimited,
+        DropReason::RogueRouterAdvert,
+        DropReason::UncheckedIpv6,
     ];
 
     /// Stable name used in listings and metrics.
@@ -124,6 +134,8 @@ impl DropReason {
             DropReason::MacInUse => "mac_in_use",
             DropReason::Isolated => "isolated",
             DropReason::RateLimited => "rate_limited",
+            DropReason::RogueRouterAdvert => "rogue_router_advert",
+            DropReason::UncheckedIpv6 => "unchecked_ipv6",
         }
     }
 }

@@ -29,6 +29,7 @@ pub mod proto;
 pub mod ratelimit;
 pub mod router;
 pub mod socknat;
+pub mod udp6;
 pub mod vnet;
 
 pub use counters::{DropReason, PortCounters};

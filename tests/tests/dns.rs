@@ -1,15 +1,16 @@
 //! DNS on the gateway, seen from simulated guests: local names from DHCP and configuration,
 //! reverse lookups, NXDOMAIN, and forwarding to an upstream resolver (a fake one on loopback).
 
-use std::net::{Ipv4Addr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use vunet_dhcp::dns::{build_query, read_answers, QTYPE_A, QTYPE_PTR};
+use vunet_dhcp::dns::{build_query, ip6_arpa, read_answers, read_answers_all, QTYPE_A, QTYPE_AAAA, QTYPE_PTR};
 use vunet_dhcp::message::{build_client_message, reply_yiaddr, CLIENT_PORT, SERVER_PORT};
 use vunet_dhcp::MessageType;
-use vunet_switch::gateway::{build_udp, gateway_mac, udp_payload};
+use vunet_switch::gateway::{build_udp, gateway_mac, link_local, slaac, udp_payload};
+use vunet_switch::udp6::udp6_datagram;
 use vunet_tests::*;
 
 const T: Duration = Duration::from_secs(10);
@@ -150,6 +151,67 @@ fn guests_cannot_take_configured_reserved_or_taken_names() {
     }
 }
 
+/// A query over UDP/IPv6 from `src` (MAC A) to the gateway address `to`; the answer's
+/// (rcode, AAAA, PTR), checked to come from `to` over IPv6 under the client's id.
+fn query6(vm: &mut VmSim, src: Ipv6Addr, to: Ipv6Addr, id: u16, name: &str, qtype: u16) -> (u16, Vec<Ipv6Addr>, Vec<String>) {
+    let mut f = Vec::new();
+    etherparse::PacketBuilder::ethernet2(A, gateway_mac("test"))
+        .ipv6(src.octets(), to.octets(), 64)
+        .udp(40000, 53)
+        .write(&mut f, &build_query(id, name, qtype))
+        .unwrap();
+    vm.send(&f);
+    loop {
+        let (_, f) = vm.recv(T).unwrap_or_else(|| panic!("no answer for {name}"));
+        if let Some(d) = udp6_datagram(&f, 40000) {
+            assert_eq!((d.src, d.dst, d.sport), (to, src, 53));
+            assert_eq!(u16::from_be_bytes([d.payload[0], d.payload[1]]), id, "the client's id");
+            let (rcode, _, aaaa, ptr) = read_answers_all(d.payload).expect("well-formed answer");
+            return (rcode, aaaa, ptr);
+        }
+    }
+}
+
+#[test]
+fn over_ipv6_local_names_answer_aaaa_and_outside_names_are_forwarded() {
+    let (up_port, stop_upstream, upstream) = fake_upstream();
+    let dir = TempDir::new("dns6");
+    let toml = format!(
+        "[[network]]\nname = \"test\"\nmode = \"isolated\"\ngateway = \"10.0.0.1/24\"\ngateway6 = \"fd00:7675:1::1/64\"\n\
+         [[network.port]]\nname = \"p0\"\nsocket = \"p0.sock\"\n[network.dhcp]\nrange = [\"10.0.0.100\", \"10.0.0.150\"]\n\
+         [network.dns]\ndomain = \"lab\"\nhosts = [{{ name = \"six\", ip = \"fd00:7675:1::66\" }}]\nforwarders = [\"127.0.0.1:{up_port}\"]\n"
+    );
+    let d = vunet::Daemon::start(&vunet::Config::parse(&toml, "test.toml", dir.path()).expect("config")).expect("start");
+    let mut vm = VmSim::connect(&dir.path().join("p0.sock"), SimOptions::full()).unwrap();
+    vm.post_rx(QUEUE_SIZE);
+    wait_network_ready(&d, "test");
+    lease(&mut vm, A, "alpha");
+    let gw6 = d.network("test").unwrap().gateway6.expect("gateway6");
+    let me = slaac(Ipv6Addr::new(0xfd00, 0x7675, 1, 0, 0, 0, 0, 0), &A);
+    for to in [gw6.ip, gw6.link_local] {
+        let src = if to.is_unicast_link_local() { link_local(&A) } else { me };
+        assert_eq!(query6(&mut vm, src, to, 1, "alpha.lab", QTYPE_AAAA), (0, vec![me], vec![]), "a DHCP client at its SLAAC address");
+        assert_eq!(query6(&mut vm, src, to, 2, "six", QTYPE_AAAA).1, vec!["fd00:7675:1::66".parse::<Ipv6Addr>().unwrap()]);
+        assert_eq!(query6(&mut vm, src, to, 3, &ip6_arpa(me), QTYPE_PTR), (0, vec![], vec!["alpha.lab".to_string()]));
+        assert_eq!(query6(&mut vm, src, to, 4, "nosuch", QTYPE_AAAA).0, 3);
+    }
+    // Forwarded, and the answer comes back over IPv6 from the address asked.
+    let (rcode, ..) = query6(&mut vm, link_local(&A), gw6.link_local, 0x4343, "example.org", QTYPE_A);
+    assert_eq!(rcode, 0);
+    // Over TCP too, on both addresses.
+    for (src, to) in [(me, gw6.ip), (link_local(&A), gw6.link_local)] {
+        let mut msg = Vec::new();
+        let q = build_query(9, "alpha", QTYPE_AAAA);
+        msg.extend_from_slice(&(q.len() as u16).to_be_bytes());
+        msg.extend_from_slice(&q);
+        let a = TcpClient::exchange_with(&mut vm, src.into(), to.into(), 5300, &msg).expect("an answer over TCP");
+        assert_eq!(read_answers_all(&a).map(|(r, _, aaaa, _)| (r, aaaa)), Some((0, vec![me])), "TCP to {to}");
+    }
+    drop(d);
+    stop_upstream.store(true, Ordering::Release);
+    assert_eq!(upstream.join().unwrap(), 1, "the one outside name went upstream");
+}
+
 #[test]
 fn without_an_upstream_outside_names_are_refused() {
     let dir = TempDir::new("dns-refused");
@@ -165,7 +227,9 @@ fn without_an_upstream_outside_names_are_refused() {
 /// several segments), then FIN.
 struct TcpClient {
     mac: [u8; 6],
-    ip: Ipv4Addr,
+    ip: IpAddr,
+    /// The gateway address it talks to (GW unless over IPv6).
+    gw: IpAddr,
     port: u16,
     seq: u32,
     ack: u32,
@@ -173,9 +237,13 @@ struct TcpClient {
 
 impl TcpClient {
     fn segment(&self, vm: &mut VmSim, flags: &str, payload: &[u8]) {
-        let mut b = etherparse::PacketBuilder::ethernet2(self.mac, gateway_mac("test"))
-            .ipv4(self.ip.octets(), GW.octets(), 64)
-            .tcp(self.port, 53, self.seq, 64000);
+        let eth = etherparse::PacketBuilder::ethernet2(self.mac, gateway_mac("test"));
+        let ip = match (self.ip, self.gw) {
+            (IpAddr::V6(me), IpAddr::V6(gw)) => eth.ipv6(me.octets(), gw.octets(), 64),
+            (IpAddr::V4(me), IpAddr::V4(gw)) => eth.ipv4(me.octets(), gw.octets(), 64),
+            _ => unreachable!("one family"),
+        };
+        let mut b = ip.tcp(self.port, 53, self.seq, 64000);
         if flags.contains('S') {
             b = b.syn();
         }
@@ -208,7 +276,7 @@ impl TcpClient {
 
     /// Opens a connection from `mac`: None if the gateway answers the SYN with a reset.
     fn open(vm: &mut VmSim, mac: [u8; 6], ip: Ipv4Addr, port: u16) -> Option<TcpClient> {
-        let mut c = TcpClient { mac, ip, port, seq: 1000, ack: 0 };
+        let mut c = TcpClient { mac, ip: ip.into(), gw: GW.into(), port, seq: 1000, ack: 0 };
         c.segment(vm, "S", &[]);
         let (syn, _, rst, seq, _) = c.next(vm).expect("an answer to the SYN");
         if rst {
@@ -238,7 +306,12 @@ impl TcpClient {
 
     /// As `exchange`, with the bytes sent as they are (no length prefix added).
     fn exchange_raw(vm: &mut VmSim, ip: Ipv4Addr, port: u16, msg: &[u8]) -> Option<Vec<u8>> {
-        let mut c = TcpClient { mac: A, ip, port, seq: 1000, ack: 0 };
+        TcpClient::exchange_with(vm, ip.into(), GW.into(), port, msg)
+    }
+
+    /// As `exchange_raw`, from `ip` to the gateway's address `gw` (IPv4 or IPv6).
+    fn exchange_with(vm: &mut VmSim, ip: IpAddr, gw: IpAddr, port: u16, msg: &[u8]) -> Option<Vec<u8>> {
+        let mut c = TcpClient { mac: A, ip, gw, port, seq: 1000, ack: 0 };
         c.segment(vm, "S", &[]);
         let (syn, _, rst, seq, _) = c.next(vm).expect("SYN-ACK");
         assert!(syn && !rst, "the gateway accepts the connection");

@@ -2,7 +2,8 @@
 //! services it runs, its DHCP state and its router. Built by the run-time layer, shared by
 //! every thread of the network.
 
-use std::net::Ipv4Addr;
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -11,7 +12,8 @@ use std::time::Instant;
 
 use tracing::warn;
 use vunet_dhcp::{DhcpServer, Holders};
-use vunet_switch::gateway::{Gateway, Gateway6};
+use vunet_switch::gateway::{eui64, Gateway, Gateway6};
+use vunet_switch::port_security::MAX_CLAIMS6;
 use vunet_switch::router::Router;
 use vunet_switch::{DropReason, Mac, MacTable, PortId};
 
@@ -42,6 +44,11 @@ pub struct Network {
     pub dhcp: Option<Mutex<DhcpServer>>,
     /// Who holds which address, as the DHCP server keeps it (read without its lock).
     holders: OnceLock<Option<Arc<Holders>>>,
+    /// IPv6 addresses reserved for a MAC (`[network.dhcp6] hosts`): no other port may claim them.
+    pub reserved6: Vec<(Ipv6Addr, Mac)>,
+    /// Which port claimed which IPv6 address (first come): an index of the ports' `claims6`,
+    /// which are the truth (an entry whose port no longer has the address is stale).
+    claims6: Mutex<HashMap<Ipv6Addr, PortId>>,
     pub ports: PortList,
     pub macs: Mutex<MacTable>,
     epoch: Instant,
@@ -69,6 +76,8 @@ impl Network {
             services: Vec::new(),
             dhcp: None,
             holders: OnceLock::new(),
+            reserved6: Vec::new(),
+            claims6: Mutex::new(HashMap::new()),
             ports: PortList::default(),
             macs: Mutex::new(MacTable::default()),
             epoch: Instant::now(),
@@ -136,6 +145,44 @@ impl Network {
         }
         port.set_src_checked(ip, revision);
         false
+    }
+
+    /// Whether `port`'s guest (MAC `mac`) may send from (or advertise) IPv6 address `ip`, which
+    /// is not one of its MAC's EUI-64 addresses: it claimed it before, or nobody else holds it
+    /// (the gateway's addresses, another MAC's reservation, another port's EUI-64 address or
+    /// claim) and the port claims it now. A claim the port already has costs its own lock.
+    pub fn may_use6(&self, port: &Port, mac: &Mac, ip: Ipv6Addr) -> bool {
+        if port.claims6.lock().unwrap_or_else(|e| e.into_inner()).contains(&ip) {
+            return true;
+        }
+        if self.gateway6.is_some_and(|g| g.is_mine(&ip)) || self.reserved6.iter().any(|(a, m)| *a == ip && m != mac) {
+            return false;
+        }
+        let ports = self.ports.snapshot();
+        let live = |p: &Arc<Port>| !p.removed.load(Ordering::Acquire);
+        if ports.iter().any(|p| p.id != port.id && live(p) && p.locked_mac().is_some_and(|m| ip.octets()[8..] == eui64(&m))) {
+            return false;
+        }
+        let holds = |id: PortId, a: &Ipv6Addr| {
+            ports.get(id).is_some_and(|p| live(p) && p.claims6.lock().unwrap_or_else(|e| e.into_inner()).contains(a))
+        };
+        // Under the index's lock: two ports racing for one address see one winner.
+        let mut index = self.claims6.lock().unwrap_or_else(|e| e.into_inner());
+        if index.get(&ip).is_some_and(|&other| other != port.id && holds(other, &ip)) {
+            return false;
+        }
+        let displaced = port.claims6.lock().unwrap_or_else(|e| e.into_inner()).insert(ip);
+        index.insert(ip, port.id);
+        if let Some(old) = displaced {
+            if index.get(&old) == Some(&port.id) {
+                index.remove(&old);
+            }
+        }
+        // Guests that left keep stale entries until the index outgrows what live ports can hold.
+        if index.len() > ports.len().max(1) * MAX_CLAIMS6 {
+            index.retain(|a, id| holds(*id, a));
+        }
+        true
     }
 
     /// Logs a dropped frame at most once per second per port: a hostile guest can make drops

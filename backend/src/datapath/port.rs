@@ -1,7 +1,7 @@
 //! A switch port as the data path reads it: its kind, counters, port-security state, and
 //! where frames for it go (a guest's RX ring, or a host link).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vunet_dhcp::DhcpServer;
+use vunet_switch::gateway::{eui64, link_local};
+use vunet_switch::port_security::Claims6;
 use vunet_switch::ratelimit::TokenBucket;
 use vunet_switch::vnet::{RxCaps, VnetHeader};
 use vunet_switch::{DropReason, Mac, MacTable, PortCounters, PortId};
@@ -182,6 +184,13 @@ pub struct Port {
     /// address holders it was checked against (revision << 32 | address): a guest without a
     /// lease sending from its static address looks it up once, not per frame.
     src_ok: AtomicU64,
+    /// IPv6 addresses the port's guest claimed first (beyond its EUI-64 ones), bounded; the
+    /// network's `claims6` index says which port holds which.
+    pub claims6: Mutex<Claims6>,
+    /// The guest's EUI-64 IPv6 sources as seen (for listings): bit 0 its link-local address,
+    /// bit 1 a global one, whose prefix is the upper 64 bits of `seen6_prefix`.
+    seen6: AtomicU32,
+    seen6_prefix: AtomicU64,
     pub connected: AtomicBool,
     /// Virtio features acked on the current connection.
     pub features: AtomicU64,
@@ -242,6 +251,9 @@ impl Port {
             locked_mac: AtomicU64::new(0),
             leased_ip: AtomicU32::new(0),
             src_ok: AtomicU64::new(u64::MAX),
+            claims6: Mutex::new(Claims6::default()),
+            seen6: AtomicU32::new(0),
+            seen6_prefix: AtomicU64::new(0),
             connected: AtomicBool::new(false),
             features: AtomicU64::new(0),
             connections: AtomicU64::new(0),
@@ -356,6 +368,44 @@ impl Port {
         self.leased_ip.store(ip.map_or(0, u32::from), Ordering::Relaxed);
     }
 
+    /// Notes an IPv6 source port security let through, for listings: only an EUI-64 one is
+    /// kept here (claimed ones are in `claims6`); a relaxed load when nothing changed.
+    pub fn saw_ipv6_source(&self, mac: &Mac, src: Ipv6Addr) {
+        let o = src.octets();
+        if o[8..] != eui64(mac) {
+            return;
+        }
+        if o[..8] == [0xfe, 0x80, 0, 0, 0, 0, 0, 0] {
+            if self.seen6.load(Ordering::Relaxed) & 1 == 0 {
+                self.seen6.fetch_or(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        let prefix = u64::from_be_bytes(o[..8].try_into().unwrap_or_default());
+        if self.seen6.load(Ordering::Relaxed) & 2 == 0 || self.seen6_prefix.load(Ordering::Relaxed) != prefix {
+            self.seen6_prefix.store(prefix, Ordering::Relaxed);
+            self.seen6.fetch_or(2, Ordering::Relaxed);
+        }
+    }
+
+    /// The IPv6 addresses the port's guest was seen using: its EUI-64 link-local and global
+    /// ones, then those it claimed.
+    pub fn ipv6_addresses(&self) -> Vec<Ipv6Addr> {
+        let mut v = Vec::new();
+        let seen = self.seen6.load(Ordering::Relaxed);
+        if let Some(mac) = self.locked_mac() {
+            if seen & 1 != 0 {
+                v.push(link_local(&mac));
+            }
+            if seen & 2 != 0 {
+                let prefix = Ipv6Addr::from((self.seen6_prefix.load(Ordering::Relaxed) as u128) << 64);
+                v.push(vunet_switch::gateway::slaac(prefix, &mac));
+            }
+        }
+        v.extend(self.claims6.lock().unwrap_or_else(|e| e.into_inner()).iter());
+        v
+    }
+
     /// Starts sending this port's frames to a capture, within `budget`.
     pub fn add_capture(&self, tx: SyncSender<Captured>, budget: Arc<CaptureBudget>) {
         let mut c = self.captures.lock().unwrap_or_else(|e| e.into_inner());
@@ -380,6 +430,8 @@ impl Port {
         self.locked_mac.store(self.mac.map(|m| mac_word(&m)).unwrap_or(0), Ordering::Relaxed);
         self.leased_ip.store(0, Ordering::Relaxed);
         self.src_ok.store(u64::MAX, Ordering::Relaxed);
+        self.claims6.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.seen6.store(0, Ordering::Relaxed);
     }
 }
 

@@ -217,6 +217,13 @@ fn decide_and_deliver(
             Err(DropReason::SpoofedIp) if routes_behind(net, port, &head[hdr_len..seen], taken) => {}
             r => r?,
         }
+        let eth = &head[hdr_len..seen];
+        if eth[12..14] == [0x86, 0xdd] {
+            port_security::check_ipv6(eth, &mac, |ip| net.may_use6(port, &mac, ip))?;
+            // Passed: the fixed header is all there.
+            let src: [u8; 16] = eth[22..38].try_into().unwrap_or_default();
+            port.saw_ipv6_source(&mac, src.into());
+        }
     }
     port.counters.received(len);
     let frame = TxFrame { segs: view, offset: hdr_len, len, hdr };

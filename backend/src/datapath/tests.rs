@@ -1218,6 +1218,11 @@ fn a_retired_port_is_let_go_and_its_slot_takes_no_frames() {
 /// the reservation 192.168.122.12, over three host-link ports with port security, and a fourth
 /// port without it (a bridged uplink).
 fn secured_lan() -> (Lan, [Arc<FakeLink>; 4]) {
+    secured_lan_with(|_| {})
+}
+
+/// [`secured_lan`], with `edit` applied to the network before it starts.
+fn secured_lan_with(edit: impl FnOnce(&mut Network)) -> (Lan, [Arc<FakeLink>; 4]) {
     use vunet_dhcp::{DhcpServer, Lease, ServerConfig, StaticHost};
     let links = [FakeLink::offloading(), FakeLink::offloading(), FakeLink::offloading(), FakeLink::offloading()];
     let mut net = with_gateway(Mode::Isolated);
@@ -1240,6 +1245,7 @@ fn secured_lan() -> (Lan, [Arc<FakeLink>; 4]) {
         p
     };
     let ports = vec![secured(0), secured(1), secured(2), link_port(3, PortKind::Uplink, &links[3])];
+    edit(&mut net);
     (Lan::new(net, ports), links)
 }
 
@@ -1321,4 +1327,68 @@ fn a_port_cannot_take_a_mac_another_port_holds() {
     lan.send(1, &udp_ip(A, BROADCAST, IP_A, [192, 168, 122, 255], 5000, 6000, b"A, moved"));
     assert_eq!(lan.port(1).locked_mac(), Some(A));
     assert_eq!(links[3].take().len(), 1);
+}
+
+/// A UDP datagram over IPv6 from `src` (to all nodes), as a guest would send it.
+fn udp6(mac: Mac, src: std::net::Ipv6Addr, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    let dst = std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    PacketBuilder::ethernet2(mac, [0x33, 0x33, 0, 0, 0, 1])
+        .ipv6(src.octets(), dst.octets(), 64)
+        .udp(5000, 6000)
+        .write(&mut f, payload)
+        .unwrap();
+    f
+}
+
+#[test]
+fn ipv6_addresses_are_first_come_across_ports() {
+    use std::net::Ipv6Addr;
+    use vunet_switch::gateway::{link_local, slaac, Gateway6};
+    let prefix = Ipv6Addr::new(0xfd00, 0x7675, 1, 0, 0, 0, 0, 0);
+    let gw6 = Gateway6::new(gateway_mac("t"), Ipv6Addr::new(0xfd00, 0x7675, 1, 0, 0, 0, 0, 1), 64);
+    let (mut lan, links) = secured_lan_with(|net| {
+        net.gateway6 = Some(gw6);
+        net.reserved6 = vec![(Ipv6Addr::new(0xfd00, 0x7675, 1, 0, 0, 0, 0, 0x30), C)];
+    });
+    let privacy = Ipv6Addr::new(0xfd00, 0x7675, 1, 0, 0x1111, 0x2222, 0x3333, 0x4444);
+    // B locks its MAC; A uses its EUI-64 addresses and claims a privacy address.
+    lan.send(1, &udp_ip(B, BROADCAST, IP_B, [192, 168, 122, 255], 5000, 6000, b"B"));
+    lan.send(0, &udp6(A, link_local(&A), b"ll"));
+    lan.send(0, &udp6(A, slaac(prefix, &A), b"slaac"));
+    lan.send(0, &udp6(A, privacy, b"privacy"));
+    lan.send(0, &udp6(A, privacy, b"privacy again"));
+    assert_eq!(links[3].take().len(), 5);
+    assert_eq!(lan.port(0).ipv6_addresses(), vec![link_local(&A), slaac(prefix, &A), privacy]);
+    links.iter().for_each(|l| drop(l.take()));
+    // B may take none of them, nor the gateway's, nor C's reservation, nor A's EUI-64 under
+    // another prefix; C may use its reservation.
+    let a_elsewhere = slaac(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0), &A);
+    for src in [privacy, gw6.ip, gw6.link_local, Ipv6Addr::new(0xfd00, 0x7675, 1, 0, 0, 0, 0, 0x30), a_elsewhere] {
+        lan.send(1, &udp6(B, src, b"not mine"));
+    }
+    assert!(links[0].take().is_empty() && links[3].take().is_empty());
+    assert_eq!(lan.port(1).counters.snapshot().drop_count(DropReason::SpoofedIp), 5);
+    lan.send(2, &udp6(C, Ipv6Addr::new(0xfd00, 0x7675, 1, 0, 0, 0, 0, 0x30), b"C's reservation"));
+    assert_eq!(links[3].take().len(), 1);
+    // A router advertisement from A (behind a destination-options header) reaches nobody.
+    links.iter().for_each(|l| drop(l.take()));
+    let mut ra = Vec::new();
+    PacketBuilder::ethernet2(A, [0x33, 0x33, 0, 0, 0, 1])
+        .ipv6(link_local(&A).octets(), [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], 255)
+        .udp(1, 1)
+        .write(&mut ra, &[])
+        .unwrap();
+    ra.truncate(14 + 40);
+    ra[14 + 4..14 + 6].copy_from_slice(&24u16.to_be_bytes());
+    ra[14 + 6] = 60;
+    ra.extend_from_slice(&[58, 0, 1, 4, 0, 0, 0, 0, 134, 0, 0, 0, 64, 0, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0]);
+    lan.send(0, &ra);
+    assert!(links.iter().all(|l| l.take().is_empty()));
+    assert_eq!(lan.port(0).counters.snapshot().drop_count(DropReason::RogueRouterAdvert), 1);
+    // Once A's guest leaves, its claims go with it: B may take the address.
+    lan.port(0).forget_guest();
+    lan.send(1, &udp6(B, privacy, b"mine now"));
+    assert_eq!(links[3].take().len(), 1);
+    assert_eq!(lan.port(1).ipv6_addresses(), vec![privacy]);
 }

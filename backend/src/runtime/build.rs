@@ -46,9 +46,10 @@ pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<Strin
     let lease_file = state_dir.filter(|_| n.dhcp.is_some()).map(|d| d.join(format!("{}.leases", n.name)));
     net.gateway = gateway;
     net.gateway6 = gateway.and(n.gateway6).map(|(ip, prefix)| Gateway6::new(gateway_mac(&n.name), ip, prefix));
+    net.reserved6 = n.dhcp6.iter().flat_map(|d| d.hosts.iter().map(|h| (h.ip, h.mac))).collect();
     net.dhcp = dhcp::server(n, lease_file.as_deref())?.map(|mut server| {
         // The network's own DNS names are never a DHCP client's.
-        server.reserve_names(n.dns.hosts.iter().map(|(name, _)| name.clone()));
+        server.reserve_names(n.dns.hosts.iter().map(|(name, _)| name.clone()).chain(n.dns.hosts6.iter().map(|(name, _)| name.clone())));
         Mutex::new(server)
     });
     let leases = lease_file.filter(|_| net.dhcp.is_some()).map(|f| Arc::new(LeaseWriter::new(&n.name, f)));
@@ -58,7 +59,12 @@ pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<Strin
         n.ports.iter().enumerate().map(|(id, p)| Arc::new(guest_port(id, p, &net, taps.get(&p.name).cloned()))).collect();
     net.ports = ports.into();
     // The gateway's services, in the order a frame for the gateway is offered to them.
-    let dns = gateway.map(|_| Arc::new(DnsService::new(&n.name, &n.dns)));
+    let dns = gateway.map(|_| {
+        let mut dns = DnsService::new(&n.name, &n.dns);
+        // Named DHCPv6 reservations answer AAAA (after `dns.hosts`, which win).
+        dns.hosts6.extend(n.dhcp6.iter().flat_map(|d| d.hosts.iter().filter_map(|h| Some((h.name.clone()?.to_ascii_lowercase(), h.ip)))));
+        Arc::new(dns)
+    });
     let socknat = match (gateway, &n.socket_nat) {
         (Some(gw), Some(cfg)) => Some(Arc::new(
             SocketNat::new(&n.name, gw, n.mtu, cfg).map_err(|e| StartError::Host(format!("network {:?}: socket NAT: {e}", n.name)))?,

@@ -22,6 +22,7 @@ fuzz_target!(|data: &[u8]| {
     let taken = |ip: Ipv4Addr| ip.octets()[3] % 2 == 1;
     let _ = port_security::check(head, &[0x52, 0x54, 0, 0, 0, 1], Some(Ipv4Addr::new(192, 168, 122, 5)), taken);
     let _ = port_security::check(head, &[0x52, 0x54, 0, 0, 0, 1], None, taken);
+    let _ = port_security::check_ipv6(head, &[0x52, 0x54, 0, 0, 0, 1], |ip| ip.octets()[15] % 2 == 0);
     if data.len() > 12 {
         let hdr = VnetHeader::parse(&data[..12]);
         let frame = &data[12..];

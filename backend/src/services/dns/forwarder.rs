@@ -10,7 +10,7 @@
 //! at its share its own oldest query makes room.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use vunet_dhcp::dns::{parse_question, PORT as DNS_PORT};
 use vunet_switch::gateway::{build_udp, Gateway};
+use vunet_switch::udp6::build_udp6;
 use vunet_switch::{Mac, PortId};
 
 use crate::datapath::Inject;
@@ -39,7 +40,10 @@ struct Pending {
     orig_id: [u8; 2],
     port: PortId,
     client_mac: Mac,
-    client_ip: Ipv4Addr,
+    /// The gateway address the query was sent to (IPv4, or one of its IPv6 addresses): the
+    /// answer comes back from it, to the client's address of the same family.
+    server_ip: IpAddr,
+    client_ip: IpAddr,
     client_port: u16,
     sent: Instant,
     /// Where the query went: the answer must come from there, to that socket.
@@ -165,8 +169,9 @@ impl Forwarder {
         }))
     }
 
-    /// Sends a guest's query upstream under a new id, remembering where the answer goes.
-    pub fn forward(&self, query: &[u8], port: PortId, client_mac: Mac, client_ip: Ipv4Addr, client_port: u16) {
+    /// Sends a guest's query upstream under a new id, remembering where the answer goes:
+    /// `(server_ip, client_ip)` are the query's destination (a gateway address) and source.
+    pub fn forward(&self, query: &[u8], port: PortId, client_mac: Mac, (server_ip, client_ip): (IpAddr, IpAddr), client_port: u16) {
         let Some(q) = parse_question(query) else { return };
         let (serial, socket) = {
             let mut s = self.sockets.lock().unwrap_or_else(|e| e.into_inner());
@@ -192,6 +197,7 @@ impl Forwarder {
             orig_id: [query[0], query[1]],
             port,
             client_mac,
+            server_ip,
             client_ip,
             client_port,
             sent: Instant::now(),
@@ -214,9 +220,18 @@ impl Forwarder {
             self.receive(Duration::from_secs(1), &mut buf, &mut |p, answer| {
                 // No IP fragmentation here: an answer that does not fit the MTU goes back
                 // truncated (TC set, header and question only) so the client knows.
-                let max = mtu - 28;
+                let max = mtu.saturating_sub(if p.client_ip.is_ipv4() { 28 } else { 48 });
                 let len = if answer.len() > max { truncate(answer) } else { answer.len() };
-                if build_udp(&mut frame, gw.mac, p.client_mac, gw.ip, p.client_ip, DNS_PORT, p.client_port, &answer[..len]) {
+                let built = match (p.server_ip, p.client_ip) {
+                    (IpAddr::V4(_), IpAddr::V4(client)) => {
+                        build_udp(&mut frame, gw.mac, p.client_mac, gw.ip, client, DNS_PORT, p.client_port, &answer[..len])
+                    }
+                    (IpAddr::V6(server), IpAddr::V6(client)) => {
+                        build_udp6(&mut frame, gw.mac, p.client_mac, server, client, DNS_PORT, p.client_port, &answer[..len])
+                    }
+                    _ => false,
+                };
+                if built {
                     inject.send_to_port(p.port, &frame);
                 }
             });
@@ -335,7 +350,8 @@ mod tests {
     use super::*;
 
     const MAC: Mac = [2, 0, 0, 0, 0, 1];
-    const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 7);
+    /// The gateway address asked, and the client's.
+    const CLIENT: (IpAddr, IpAddr) = (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)));
 
     /// An upstream on loopback that never answers by itself.
     fn silent() -> UdpSocket {
@@ -437,5 +453,23 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!((out[0].0, &out[0].1[0..2]), (5353, &[0x42, 0x42][..]));
         assert_eq!(f.pending(), 0);
+    }
+
+    #[test]
+    fn an_ipv6_client_gets_its_answer_from_the_address_it_asked() {
+        let up = silent();
+        let f = Forwarder::new(vec![up.local_addr().unwrap()]).unwrap().unwrap();
+        let server: IpAddr = "fe80::76:75ff:fe00:1".parse().unwrap();
+        let client: IpAddr = "fd00:7675:1::20".parse().unwrap();
+        let q = vunet_dhcp::dns::build_query(9, "example.org", 28);
+        f.forward(&q, 2, MAC, (server, client), 4000);
+        let mut buf = [0u8; 512];
+        let (n, source) = up.recv_from(&mut buf).unwrap();
+        let mut answer = buf[..n].to_vec();
+        answer[2] |= 0x80;
+        up.send_to(&answer, source).unwrap();
+        let mut out = Vec::new();
+        f.receive(Duration::from_millis(1000), &mut [0; 65536], &mut |p, _| out.push((p.server_ip, p.client_ip, p.client_port, p.port)));
+        assert_eq!(out, vec![(server, client, 4000, 2)]);
     }
 }

@@ -8,10 +8,13 @@
 //! Shares: a port holds at most `PORT_CONNECTIONS` of the `CONNECTIONS` sockets (a SYN beyond
 //! is reset) and has at most as many queries upstream; a query beyond, or beyond the pool's
 //! queue, is answered SERVFAIL at once.
+//!
+//! With `gateway6` the endpoint also listens on the gateway's IPv6 addresses (global and
+//! link-local).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -23,8 +26,9 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant as NetInstant;
 use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr};
 use vunet_dhcp::dns::{DnsAction, PORT as DNS_PORT};
-use vunet_switch::gateway::Gateway;
-use vunet_switch::proto::{ETH_P_ARP, ETH_P_IPV4, IPPROTO_TCP};
+use vunet_switch::checksum::{finish, pseudo_v6, sum};
+use vunet_switch::gateway::{Gateway, Gateway6};
+use vunet_switch::proto::{ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP};
 use vunet_switch::{Mac, PortId};
 
 use super::{DnsService, QUERY_TIMEOUT};
@@ -92,9 +96,23 @@ impl Default for DnsTcp {
     }
 }
 
-/// Whether `frame` is TCP to port 53 of the gateway (unicast to its MAC and IP).
-pub fn is_for_dns_tcp(gw: &Gateway, frame: &[u8]) -> bool {
-    if frame.len() < 14 + 20 + 20 || frame[0..6] != gw.mac || u16::from_be_bytes([frame[12], frame[13]]) != ETH_P_IPV4 {
+/// Whether `frame` is TCP to port 53 of the gateway (unicast to its MAC and IP, or one of its
+/// IPv6 addresses with `gw6`; IPv6 without extension headers).
+pub fn is_for_dns_tcp(gw: &Gateway, gw6: Option<&Gateway6>, frame: &[u8]) -> bool {
+    if frame.len() < 14 + 20 + 20 || frame[0..6] != gw.mac {
+        return false;
+    }
+    if u16::from_be_bytes([frame[12], frame[13]]) == ETH_P_IPV6 {
+        let Some(gw6) = gw6 else { return false };
+        let ip = &frame[14..];
+        let dst: [u8; 16] = ip.get(24..40).and_then(|d| d.try_into().ok()).unwrap_or([0; 16]);
+        return ip.len() >= 40 + 20
+            && ip[0] >> 4 == 6
+            && ip[6] == IPPROTO_TCP
+            && gw6.is_mine(&Ipv6Addr::from(dst))
+            && ip[42..44] == DNS_PORT.to_be_bytes();
+    }
+    if u16::from_be_bytes([frame[12], frame[13]]) != ETH_P_IPV4 {
         return false;
     }
     let ip = &frame[14..];
@@ -123,7 +141,7 @@ impl DnsTcp {
     pub fn run(self: Arc<Self>, mut inject: Inject, gw: Gateway, names: Arc<DnsService>) {
         let Some(rx) = self.receiver.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
         let net = inject.network().clone();
-        let mut svc = Service::new(&gw, net.mtu, names.upstreams.clone(), self.events.clone());
+        let mut svc = Service::new(&gw, net.gateway6.as_ref(), net.mtu, names.upstreams.clone(), self.events.clone());
         while !inject.stopped() {
             svc.counters(&self);
             let delay = svc.poll_delay().min(Duration::from_secs(1));
@@ -144,7 +162,7 @@ impl DnsTcp {
 /// TCP to port 53 of the gateway goes to the service thread; the data path never waits on it.
 impl GatewayService for DnsTcp {
     fn handle(&self, cx: &GatewayCx, port: &Port, frame: &[u8], _reply: &mut Vec<u8>) -> Handled {
-        if !is_for_dns_tcp(cx.gateway, frame) {
+        if !is_for_dns_tcp(cx.gateway, cx.gateway6, frame) {
             return Handled::NotMine;
         }
         self.input(port.id, frame);
@@ -226,9 +244,9 @@ struct Service {
     upstream_of: HashMap<PortId, usize>,
     /// The port each admitted client endpoint came from (bounded: pruned to live
     /// connections when it grows).
-    owners: HashMap<(Ipv4Addr, u16), PortId>,
+    owners: HashMap<(IpAddr, u16), PortId>,
     /// Endpoints admitted since the last poll (smoltcp has not made them a connection yet).
-    fresh: HashSet<(Ipv4Addr, u16)>,
+    fresh: HashSet<(IpAddr, u16)>,
     /// Counted here, added to `DnsTcp`'s counters by the loop.
     refused: u64,
     busy: u64,
@@ -239,13 +257,17 @@ fn now() -> NetInstant {
 }
 
 impl Service {
-    fn new(gw: &Gateway, mtu: u16, upstreams: Vec<SocketAddr>, events: SyncSender<Event>) -> Service {
+    fn new(gw: &Gateway, gw6: Option<&Gateway6>, mtu: u16, upstreams: Vec<SocketAddr>, events: SyncSender<Event>) -> Service {
         let mut dev = Frames { rx: VecDeque::new(), tx: Vec::new(), mtu: mtu as usize };
         let mut config = Config::new(EthernetAddress(gw.mac).into());
         config.random_seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7);
         let mut iface = Interface::new(config, &mut dev, now());
         iface.update_ip_addrs(|a| {
             let _ = a.push(IpCidr::new(IpAddress::Ipv4(gw.ip), gw.prefix));
+            if let Some(g) = gw6 {
+                let _ = a.push(IpCidr::new(IpAddress::Ipv6(g.ip), g.prefix));
+                let _ = a.push(IpCidr::new(IpAddress::Ipv6(g.link_local), 64));
+            }
         });
         let mut sockets = SocketSet::new(Vec::new());
         let conns = (0..CONNECTIONS)
@@ -318,8 +340,7 @@ impl Service {
 
     fn owner(&self, s: &tcp::Socket) -> Option<PortId> {
         let e = s.remote_endpoint()?;
-        let IpAddress::Ipv4(ip) = e.addr;
-        self.owners.get(&(ip, e.port)).copied()
+        self.owners.get(&(ip_of(e.addr), e.port)).copied()
     }
 
     /// Whether a frame from `port` may go to smoltcp: anything but a new connection beyond
@@ -331,7 +352,7 @@ impl Service {
             || self.conns.iter().any(|c| {
                 let s = self.sockets.get::<tcp::Socket>(c.handle);
                 s.state() != tcp::State::Listen
-                    && s.remote_endpoint().is_some_and(|e| e.addr == IpAddress::Ipv4(syn.src_ip) && e.port == syn.src_port)
+                    && s.remote_endpoint().is_some_and(|e| ip_of(e.addr) == syn.src_ip && e.port == syn.src_port)
             });
         if known {
             return true; // a retransmitted SYN
@@ -345,14 +366,11 @@ impl Service {
             return false;
         }
         if self.owners.len() >= 4 * CONNECTIONS {
-            let live: HashSet<(Ipv4Addr, u16)> = self
+            let live: HashSet<(IpAddr, u16)> = self
                 .conns
                 .iter()
                 .filter_map(|c| self.sockets.get::<tcp::Socket>(c.handle).remote_endpoint())
-                .map(|e| {
-                    let IpAddress::Ipv4(ip) = e.addr;
-                    (ip, e.port)
-                })
+                .map(|e| (ip_of(e.addr), e.port))
                 .chain(self.fresh.iter().copied())
                 .collect();
             self.owners.retain(|e, _| live.contains(e));
@@ -380,10 +398,10 @@ impl Service {
                 if !self.admit(port, &frame) {
                     return;
                 }
-                // smoltcp learns neighbours only from ARP; the sender's address pair is known
-                // (and was checked by port security), so tell it in an ARP reply of our own
-                // instead of making it ask and wait.
-                self.dev.rx.push_back(arp_reply_from(&frame));
+                // smoltcp learns neighbours only from ARP and ND; the sender's address pair is
+                // known (and was checked by port security), so tell it in an ARP reply or a
+                // neighbour advertisement of our own instead of making it ask and wait.
+                self.dev.rx.push_back(if frame[12..14] == ETH_P_IPV6.to_be_bytes() { na_from(&frame) } else { arp_reply_from(&frame) });
                 self.dev.rx.push_back(frame);
             }
             Event::Answer { slot, generation, port, message } => {
@@ -455,7 +473,7 @@ impl Service {
                 if c.buf.len() >= 2 + len {
                     let query: Vec<u8> = c.buf.drain(..2 + len).skip(2).collect();
                     progress = true;
-                    match names.zone(net.dhcp.as_ref(), gw).respond(&query) {
+                    match names.zone(net.dhcp.as_ref(), gw, net.gateway6.as_ref()).respond(&query) {
                         Some(DnsAction::Answer(a)) => send_message(s, &a),
                         Some(DnsAction::Forward) if !self.upstreams.is_empty() => {
                             c.waiting_upstream = true;
@@ -538,41 +556,54 @@ fn worker(jobs: &Mutex<Receiver<Job>>, events: &SyncSender<Event>, upstreams: &[
     }
 }
 
+fn ip_of(a: IpAddress) -> IpAddr {
+    match a {
+        IpAddress::Ipv4(ip) => IpAddr::V4(ip),
+        IpAddress::Ipv6(ip) => IpAddr::V6(ip),
+    }
+}
+
 /// The parts of a SYN (without ACK) that a reset to it needs.
 struct Syn {
-    src_ip: Ipv4Addr,
+    src_ip: IpAddr,
+    /// The gateway address it was sent to.
+    dst_ip: IpAddr,
     src_port: u16,
     seq: u32,
 }
 
-/// A SYN opening a connection, from an IPv4/TCP frame (checked by `is_for_dns_tcp`).
+/// A SYN opening a connection, from an IPv4 or IPv6 TCP frame (checked by `is_for_dns_tcp`).
 fn parse_syn(frame: &[u8]) -> Option<Syn> {
     let ip = frame.get(14..)?;
-    let ihl = (*ip.first()? & 0x0f) as usize * 4;
-    let tcp = ip.get(ihl..ihl + 20)?;
+    let (src_ip, dst_ip, tcp) = if frame.get(12..14)? == ETH_P_IPV6.to_be_bytes() {
+        let src: [u8; 16] = ip.get(8..24)?.try_into().ok()?;
+        let dst: [u8; 16] = ip.get(24..40)?.try_into().ok()?;
+        (IpAddr::from(src), IpAddr::from(dst), ip.get(40..60)?)
+    } else {
+        let ihl = (*ip.first()? & 0x0f) as usize * 4;
+        let src: [u8; 4] = ip.get(12..16)?.try_into().ok()?;
+        let dst: [u8; 4] = ip.get(16..20)?.try_into().ok()?;
+        (IpAddr::from(src), IpAddr::from(dst), ip.get(ihl..ihl + 20)?)
+    };
     let flags = tcp[13];
     // SYN set; ACK and RST not.
     if flags & 0x16 != 0x02 {
         return None;
     }
-    Some(Syn {
-        src_ip: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
-        src_port: u16::from_be_bytes([tcp[0], tcp[1]]),
-        seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
-    })
+    Some(Syn { src_ip, dst_ip, src_port: u16::from_be_bytes([tcp[0], tcp[1]]), seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]) })
 }
 
 /// The reset refusing `syn` (RFC 9293 §3.10.7.1: RST|ACK, acknowledging the SYN).
 fn reset_for(frame: &[u8], syn: &Syn) -> Vec<u8> {
     let (client_mac, gw_mac): (Mac, Mac) = (frame[6..12].try_into().unwrap_or([0; 6]), frame[0..6].try_into().unwrap_or([0; 6]));
-    let gw_ip: [u8; 4] = frame[30..34].try_into().unwrap_or([0; 4]);
-    let mut out = Vec::with_capacity(54);
-    let built = etherparse::PacketBuilder::ethernet2(gw_mac, client_mac)
-        .ipv4(gw_ip, syn.src_ip.octets(), 64)
-        .tcp(DNS_PORT, syn.src_port, 0, 0)
-        .rst()
-        .ack(syn.seq.wrapping_add(1))
-        .write(&mut out, &[]);
+    let eth = etherparse::PacketBuilder::ethernet2(gw_mac, client_mac);
+    let ip = match (syn.dst_ip, syn.src_ip) {
+        (IpAddr::V4(gw), IpAddr::V4(client)) => eth.ipv4(gw.octets(), client.octets(), 64),
+        (IpAddr::V6(gw), IpAddr::V6(client)) => eth.ipv6(gw.octets(), client.octets(), 64),
+        _ => return Vec::new(),
+    };
+    let mut out = Vec::with_capacity(74);
+    let built = ip.tcp(DNS_PORT, syn.src_port, 0, 0).rst().ack(syn.seq.wrapping_add(1)).write(&mut out, &[]);
     if built.is_err() {
         out.clear();
     }
@@ -602,6 +633,28 @@ fn arp_reply_from(frame: &[u8]) -> Vec<u8> {
     a.extend_from_slice(&frame[0..6]);
     a.extend_from_slice(&frame[30..34]);
     a
+}
+
+/// A neighbour advertisement to the gateway saying that the sender of `frame` (an IPv6 frame)
+/// has its source MAC: from its source address, for itself, with a target link-layer option.
+fn na_from(frame: &[u8]) -> Vec<u8> {
+    let (src, dst): ([u8; 16], [u8; 16]) = (frame[22..38].try_into().unwrap_or([0; 16]), frame[38..54].try_into().unwrap_or([0; 16]));
+    let mut body = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+    body.extend_from_slice(&src);
+    body.extend_from_slice(&[2, 1]);
+    body.extend_from_slice(&frame[6..12]);
+    let mut f = Vec::with_capacity(14 + 40 + body.len());
+    f.extend_from_slice(&frame[0..12]);
+    f.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 255]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    let c = finish(sum(&body, pseudo_v6(&src, &dst, 58, body.len() as u32)));
+    body[2..4].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&body);
+    f
 }
 
 /// Asks the upstream resolvers in turn over TCP; the first answer wins.

@@ -183,11 +183,12 @@ pub fn import(text: &str, file: &str) -> Result<Imported, String> {
 
     let mut t = format!("# imported from {file} by vunet import-libvirt\n\n[[network]]\nname = {}\nmode = {}\n", q(&name), q(mode));
     let ips: Vec<&Element> = net.all("ip").filter(|i| i.attr("family").is_none_or(|f| f == "ipv4")).collect();
-    for extra in net.all("ip").filter(|i| i.attr("family").is_some_and(|f| f != "ipv4")) {
-        warn(
-            extra.line,
-            format!("<ip family='{}'> is not supported (vunet's gateway is IPv4); ignored", extra.attr("family").unwrap_or("")),
-        );
+    let ips6: Vec<&Element> = net.all("ip").filter(|i| i.attr("family") == Some("ipv6")).collect();
+    for extra in net.all("ip").filter(|i| i.attr("family").is_some_and(|f| f != "ipv4" && f != "ipv6")) {
+        warn(extra.line, format!("<ip family='{}'> is not supported; ignored", extra.attr("family").unwrap_or("")));
+    }
+    for extra in ips6.iter().skip(1) {
+        warn(extra.line, "a second IPv6 <ip> is not supported (one gateway6 prefix per network); ignored".into());
     }
     for extra in ips.iter().skip(1) {
         warn(extra.line, "a second IPv4 <ip> is not supported (one gateway address per network); ignored".into());
@@ -197,8 +198,27 @@ pub fn import(text: &str, file: &str) -> Result<Imported, String> {
         let addr = ip.attr("address").ok_or_else(|| format!("{file}:{}: <ip> has no address", ip.line))?;
         addr.parse::<Ipv4Addr>().map_err(|_| format!("{file}:{}: invalid address {addr:?}", ip.line))?;
         t.push_str(&format!("gateway = {}\n", q(&format!("{addr}/{}", prefix_of(ip, file)?))));
-    } else if mode != "bridge" {
+    } else if !matches!(mode, "bridge" | "isolated") {
         return Err(format!("{file}:{}: a {mode} network needs an <ip address=... prefix=...>", net.line));
+    }
+    // IPv6: the gateway's address and prefix (router advertisements, SLAAC), and DHCPv6 from
+    // its first range. It rides on the IPv4 gateway, which libvirt networks with IPv6 have.
+    let ip6 = ips6.first().copied().filter(|i6| {
+        if ip.is_none() {
+            warn(i6.line, "<ip family='ipv6'> without an IPv4 <ip>: vunet's gateway needs its IPv4 address too; ignored".into());
+        }
+        ip.is_some()
+    });
+    if let Some(i6) = ip6 {
+        let addr = i6.attr("address").ok_or_else(|| format!("{file}:{}: <ip> has no address", i6.line))?;
+        addr.parse::<std::net::Ipv6Addr>().map_err(|_| format!("{file}:{}: invalid IPv6 address {addr:?}", i6.line))?;
+        let prefix = i6.attr("prefix").unwrap_or("64");
+        prefix
+            .parse::<u8>()
+            .ok()
+            .filter(|p| (1..=127).contains(p))
+            .ok_or_else(|| format!("{file}:{}: invalid prefix {prefix:?}", i6.line))?;
+        t.push_str(&format!("gateway6 = {}\n", q(&format!("{addr}/{prefix}"))));
     }
     if let Some(m) = net.child("mtu") {
         let size = m.attr("size").unwrap_or("");
@@ -254,6 +274,27 @@ pub fn import(text: &str, file: &str) -> Result<Imported, String> {
         for b in dhcp.all("bootp") {
             warn(b.line, "<bootp> (network boot) is not supported; ignored".into());
         }
+    }
+
+    if let Some(d6) = ip6.and_then(|i| i.child("dhcp")) {
+        match d6.all("range").next() {
+            Some(r) => t.push_str(&format!(
+                "[network.dhcp6]\nrange = [{}, {}]\n",
+                q(r.attr("start").unwrap_or("")),
+                q(r.attr("end").unwrap_or(""))
+            )),
+            None => warn(d6.line, "IPv6 <dhcp> without a <range> is not imported; guests use SLAAC".into()),
+        }
+        for h in d6.all("host") {
+            warn(h.line, "IPv6 DHCP <host> entries name a DUID or a host name; vunet's [network.dhcp6] hosts are by MAC: ignored".into());
+        }
+    }
+    if net.child("port").is_some_and(|p| p.attr("isolated") == Some("yes")) {
+        t.push_str("# <port isolated='yes'/>: give every [[network.port]] here `isolated = true`.\n");
+        warn(
+            net.child("port").map(|p| p.line).unwrap_or(0),
+            "<port isolated='yes'/> is per port in vunet: add `isolated = true` to each [[network.port]]".into(),
+        );
     }
 
     // DNS: domain, static hosts, forwarders.
@@ -357,7 +398,7 @@ pub fn import(text: &str, file: &str) -> Result<Imported, String> {
                 warn(x.line, what.into());
             }
             if n.attr("ipv6").is_some() {
-                warn(n.line, "<nat ipv6> is not supported (IPv4 only)".into());
+                warn(n.line, "<nat ipv6>: vunet routes IPv6, it does not masquerade it; ignored".into());
             }
         }
     }
@@ -381,7 +422,7 @@ pub fn import(text: &str, file: &str) -> Result<Imported, String> {
             }
         }
     }
-    let known = ["name", "uuid", "forward", "bridge", "mtu", "domain", "dns", "ip", "mac", "route"];
+    let known = ["name", "uuid", "forward", "bridge", "mtu", "domain", "dns", "ip", "mac", "route", "port"];
     if let Some(m) = net.child("mac") {
         warn(m.line, "<mac> of the bridge is not used: the gateway's MAC is derived from the network name".into());
     }
@@ -455,6 +496,26 @@ mod tests {
         // A route network keeps its routes.
         let i = import("<network><name>r</name><forward mode='route'/><ip address='10.1.0.1' prefix='24'/><route address='172.20.0.0' prefix='16' gateway='10.1.0.10'/></network>", "r.xml").unwrap();
         assert!(i.toml.contains("\n[[network.route]]\n"), "{}", i.toml);
+    }
+
+    #[test]
+    fn ipv6_address_less_and_isolated_port_networks() {
+        let (c, w) = imported(
+            "<network><name>six</name><forward mode='nat'/><ip address='192.168.150.1' prefix='24'/>\n\
+             <ip family='ipv6' address='fd00:7675:1::1' prefix='64'>\n<dhcp><range start='fd00:7675:1::100' end='fd00:7675:1::1ff'/></dhcp></ip>\n\
+             <port isolated='yes'/></network>",
+        );
+        let n = &c.networks[0];
+        assert_eq!(n.gateway6, Some(("fd00:7675:1::1".parse().unwrap(), 64)));
+        assert_eq!(
+            n.dhcp6.as_ref().and_then(|d| d.range),
+            Some(("fd00:7675:1::100".parse().unwrap(), "fd00:7675:1::1ff".parse().unwrap()))
+        );
+        assert!(w.iter().any(|w| w.contains("isolated = true")), "{w:?}");
+        // A network without <ip> is a plain L2 segment.
+        let (c, w) = imported("<network><name>seg</name></network>");
+        assert_eq!((c.networks[0].mode, c.networks[0].gateway, c.networks[0].dhcp.is_some()), (Mode::Isolated, None, false));
+        assert!(w.is_empty(), "{w:?}");
     }
 
     #[test]

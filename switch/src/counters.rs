@@ -60,10 +60,15 @@ pub enum DropReason {
     /// The source MAC belongs to another port: a guest port with port security holds it (its
     /// first MAC, or its configured one), so nobody else may send with it or take it.
     MacInUse,
+    /// VLANs: a frame of a VLAN the port does not carry (a tag on an access port, a VID
+    /// outside a trunk's list, an untagged frame on an uplink that is one VLAN of the LAN).
+    VlanNotAllowed,
+    /// VLANs: an 802.1Q tag cut short by the frame's end, or VID 4095 (reserved).
+    BadVlanTag,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 23] = [
+    pub const ALL: [DropReason; 25] = [
         DropReason::BadAddress,
         DropReason::ChainLoop,
         DropReason::BadDescriptor,
@@ -87,6 +92,8 @@ impl DropReason {
         DropReason::NatTableFull,
         DropReason::Firewall,
         DropReason::MacInUse,
+        DropReason::VlanNotAllowed,
+        DropReason::BadVlanTag,
     ];
 
     /// Stable name used in listings and metrics.
@@ -115,6 +122,8 @@ impl DropReason {
             DropReason::NatTableFull => "nat_table_full",
             DropReason::Firewall => "firewall",
             DropReason::MacInUse => "mac_in_use",
+            DropReason::VlanNotAllowed => "vlan_not_allowed",
+            DropReason::BadVlanTag => "bad_vlan_tag",
         }
     }
 }

@@ -10,6 +10,7 @@
 //! - [`checksum`]: the Internet checksum.
 //! - [`ledger`]: eviction order with per-port quotas for the bounded tables (MAC table,
 //!   firewall flows, ARP neighbours).
+//! - [`vlan`]: 802.1Q VLANs: ingress classification and egress tagging per port mode (OVS's).
 //! - [`socknat`]: NAT through the host's own sockets: the TCP splice and UDP flows between a
 //!   guest's frames and host sockets that an I/O layer drives (docs/socket-nat.md).
 
@@ -27,6 +28,7 @@ pub mod port_security;
 pub mod proto;
 pub mod router;
 pub mod socknat;
+pub mod vlan;
 pub mod vnet;
 
 pub use counters::{DropReason, PortCounters};

@@ -68,6 +68,7 @@ fn guest_sockets_get_the_configured_mode_and_group_whatever_the_umask() {
         queues: 1,
         socket_mode: None,
         socket_group: None,
+        vlan: Default::default(),
     };
     d.shared.add_port(&net, p).expect("port-add");
     assert_eq!(mode_and_gid(&added), (want_grouped, gid.unwrap_or(egid)), "port-add");

@@ -76,7 +76,14 @@ pub fn bind_sockets(n: &NetworkConfig) -> Result<Vec<Option<UnixListener>>, Star
 
 /// Opens the tap of a tap port.
 fn open_tap(network: &str, tap: &str) -> Result<Uplink, crate::ports::uplink::UplinkError> {
-    let u = UplinkConfig { kind: UplinkKind::Tap, interface: tap.to_string(), name: None, mac: None, own_mac: false };
+    let u = UplinkConfig {
+        kind: UplinkKind::Tap,
+        interface: tap.to_string(),
+        name: None,
+        mac: None,
+        own_mac: false,
+        vlan: vunet_switch::vlan::PortVlan::Untagged,
+    };
     Uplink::open(network, &u)
 }
 

@@ -78,6 +78,7 @@ pub fn guest_port(id: PortId, p: &PortConfig, has_gateway: bool, tap: Option<Arc
     let mut port = Port::new(id, p.name.clone(), kind).with_mac(p.mac).with_queues(p.queues as usize);
     port.socket = p.socket.clone();
     port.mode = p.mode;
+    port.vlan = p.vlan.clone();
     // A tap port is the host's own interface: trusted unless asked otherwise.
     port.security = p.port_security.unwrap_or(has_gateway && p.tap.is_none());
     // A tap is there from the start; a guest port is connected when its VMM comes.
@@ -88,8 +89,9 @@ pub fn guest_port(id: PortId, p: &PortConfig, has_gateway: bool, tap: Option<Arc
 
 /// The switch port of a network's uplink (always "connected"; the uplink itself knows whether
 /// its interface is there).
-pub fn uplink_port(id: PortId, routed: bool, up: Arc<Uplink>) -> Port {
+pub fn uplink_port(id: PortId, routed: bool, up: Arc<Uplink>, vlan: vunet_switch::vlan::PortVlan) -> Port {
     let mut port = Port::new(id, format!("uplink:{}", up.ifname), PortKind::Uplink);
+    port.vlan = vlan;
     port.connected = AtomicBool::new(true);
     port.routed = routed;
     port.link = Some(up);

@@ -323,6 +323,8 @@ fn port_info(p: &Port) -> Value {
         "queues": p.queues.iter().map(|q| json!({ "to_guest": q.to_guest.load(Ordering::Relaxed), "from_guest": q.from_guest.load(Ordering::Relaxed) })).collect::<Vec<_>>(),
         "tx_bytes": c.tx_bytes,
         "drops": drops,
+        // `untagged`, `access 10`, `trunk 10,20 native 10`, `vlan 100 of the LAN`.
+        "vlan": p.vlan.describe(),
     })
 }
 
@@ -413,6 +415,9 @@ pub fn render(req: &Request, v: &Value) -> String {
                     if drops.is_empty() { "none".to_string() } else { drops.join(" ") },
                     if feats.is_empty() { "-".to_string() } else { feats.join(" ") },
                 ));
+                if p["vlan"].is_string() && s(p, "vlan") != "untagged" {
+                    out.push_str(&format!("  vlan: {}\n", s(p, "vlan")));
+                }
                 if let Some(nf) = p["nat_flows"].as_object() {
                     let g = |k: &str| nf.get(k).map(|v| v.to_string()).unwrap_or_else(|| "0".into());
                     out.push_str(&format!("  NAT flows: {} tcp, {} udp, {} icmp\n", g("tcp"), g("udp"), g("icmp")));

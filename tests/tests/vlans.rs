@@ -121,6 +121,18 @@ fn access_and_trunk_ports_tag_untag_and_learn_per_vlan() {
 }
 
 #[test]
+fn port_list_shows_each_ports_vlans() {
+    let dir = TempDir::new("vlan-list");
+    let (d, _vms) = start(dir.path(), &std::array::from_fn(|_| SimOptions::full()));
+    let req = vunet::control::Request::PortList { network: "test".into() };
+    let v = vunet::control::answer(vunet::control::Request::PortList { network: "test".into() }, &d.shared).expect("port-list");
+    let vlans: Vec<&str> = v.as_array().unwrap().iter().map(|p| p["vlan"].as_str().unwrap()).collect();
+    assert_eq!(vlans, ["access 10", "access 10", "access 20", "trunk 10,20", "untagged", "trunk 20 native 10"]);
+    let text = vunet::control::render(&req, &v);
+    assert!(text.contains("  vlan: trunk 20 native 10\n") && text.matches("  vlan: ").count() == 5, "{text}");
+}
+
+#[test]
 fn bad_and_disallowed_tags_are_dropped_and_counted() {
     let dir = TempDir::new("vlan-drops");
     let (d, mut vms) = start(dir.path(), &std::array::from_fn(|_| SimOptions::full()));

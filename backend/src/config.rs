@@ -1818,12 +1818,18 @@ via = "10.10.12.10"
         )
         .unwrap();
         let n = &c.networks[0];
-        assert_eq!(n.uplink.as_ref().unwrap().vlan, PortVlan::Trunk { vids: [10, 20].into_iter().collect(), native: None, native_tagged: false });
+        assert_eq!(
+            n.uplink.as_ref().unwrap().vlan,
+            PortVlan::Trunk { vids: [10, 20].into_iter().collect(), native: None, native_tagged: false }
+        );
         assert_eq!(n.ports[0].vlan, PortVlan::Access(10));
         assert_eq!(n.ports[1].vlan, PortVlan::Trunk { vids: [20, 30].into_iter().collect(), native: Some(10), native_tagged: false });
         assert_eq!(n.ports[2].vlan, PortVlan::Trunk { vids: [4094].into_iter().collect(), native: Some(1), native_tagged: true });
         assert_eq!(n.ports[3].vlan, PortVlan::Untagged);
-        let c = parse("[[network]]\nname = \"a\"\nmode = \"bridge\"\n[network.uplink]\nkind = \"af-packet\"\ninterface = \"eth1\"\nvlan = 100\n").unwrap();
+        let c = parse(
+            "[[network]]\nname = \"a\"\nmode = \"bridge\"\n[network.uplink]\nkind = \"af-packet\"\ninterface = \"eth1\"\nvlan = 100\n",
+        )
+        .unwrap();
         assert_eq!(c.networks[0].uplink.as_ref().unwrap().vlan, PortVlan::Outer(100));
     }
 

@@ -214,19 +214,18 @@ pub fn answer(req: Request, shared: &Arc<Supervisor>) -> Result<Value, ControlEr
             // Sockets in the configuration file are the operator's; a control client's stay in
             // the socket directory.
             let socket = confine_socket(&shared.socket_dir, socket)?;
-            let cfg =
-                PortConfig {
-                    name,
-                    socket,
-                    tap: None,
-                    mode,
-                    mac,
-                    port_security: None,
-                    queues: 1,
-                    socket_mode: None,
-                    socket_group: None,
-                    vlan: Default::default(),
-                };
+            let cfg = PortConfig {
+                name,
+                socket,
+                tap: None,
+                mode,
+                mac,
+                port_security: None,
+                queues: 1,
+                socket_mode: None,
+                socket_group: None,
+                vlan: Default::default(),
+            };
             let port = shared.add_port(&net, cfg)?;
             Ok(port_info(&port))
         }

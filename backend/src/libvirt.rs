@@ -309,14 +309,21 @@ pub fn import(text: &str, file: &str) -> Result<Imported, String> {
     if let Some(v) = net.child("vlan") {
         let spec = vlan_spec(v, file)?;
         if mode != "bridge" {
-            warn(v.line, format!("<vlan> on a {mode} network is not supported (libvirt itself takes it on bridged OVS networks only); ignored"));
+            warn(
+                v.line,
+                format!("<vlan> on a {mode} network is not supported (libvirt itself takes it on bridged OVS networks only); ignored"),
+            );
         } else if !spec.trunk {
             t.push_str(&format!("vlan = {}\n", spec.tags[0]));
         } else {
             t.push_str(&format!("trunk = [{}]\n", spec.list()));
             warn(
                 v.line,
-                format!("<vlan trunk='yes'>: the uplink carries VLANs {} tagged; give each guest port `{}` as well", spec.list(), spec.port_keys().trim_end().replace('\n', ", ")),
+                format!(
+                    "<vlan trunk='yes'>: the uplink carries VLANs {} tagged; give each guest port `{}` as well",
+                    spec.list(),
+                    spec.port_keys().trim_end().replace('\n', ", ")
+                ),
             );
         }
     }
@@ -416,7 +423,10 @@ pub fn import(text: &str, file: &str) -> Result<Imported, String> {
                     "\n# <portgroup name='{pname}'>: a guest port of it would be\n# [[network.port]]\n# name = \"...\"\n# socket = \"....sock\"\n{}",
                     spec.port_keys().lines().map(|l| format!("# {l}\n")).collect::<String>()
                 ));
-                warn(pg.line, format!("<portgroup name='{pname}'>: vunet has no port groups; its <vlan> is written as a commented port template"));
+                warn(
+                    pg.line,
+                    format!("<portgroup name='{pname}'>: vunet has no port groups; its <vlan> is written as a commented port template"),
+                );
             }
             None => warn(pg.line, format!("<portgroup name='{pname}'> is not supported (vunet has no port groups); ignored")),
         }
@@ -637,16 +647,17 @@ mod tests {
     #[test]
     fn vlans_of_bridged_networks_and_portgroups() {
         use vunet_switch::vlan::PortVlan;
-        let (c, w) = imported(
-            "<network><name>v</name><forward mode='bridge'/><bridge name='br0'/><vlan><tag id='100'/></vlan></network>",
-        );
+        let (c, w) = imported("<network><name>v</name><forward mode='bridge'/><bridge name='br0'/><vlan><tag id='100'/></vlan></network>");
         assert_eq!(c.networks[0].uplink.as_ref().unwrap().vlan, PortVlan::Outer(100));
         assert!(w.is_empty(), "{w:?}");
         let (c, w) = imported(
             "<network><name>t</name><forward mode='bridge'/><bridge name='br0'/>\n<vlan trunk='yes'><tag id='10' nativeMode='untagged'/><tag id='20'/></vlan>\n\
              <portgroup name='web'><vlan><tag id='42'/></vlan></portgroup><portgroup name='tr'><vlan trunk='yes'><tag id='7' nativeMode='tagged'/></vlan></portgroup></network>",
         );
-        assert_eq!(c.networks[0].uplink.as_ref().unwrap().vlan, PortVlan::Trunk { vids: [10, 20].into_iter().collect(), native: None, native_tagged: false });
+        assert_eq!(
+            c.networks[0].uplink.as_ref().unwrap().vlan,
+            PortVlan::Trunk { vids: [10, 20].into_iter().collect(), native: None, native_tagged: false }
+        );
         assert_eq!(w.len(), 3, "{w:?}");
         assert!(w[0].starts_with("net.xml:2: <vlan trunk='yes'>") && w[0].contains("`trunk = [10, 20], native_vlan = 10`"), "{w:?}");
         let i = import(

@@ -23,13 +23,14 @@ pub const MAX_VID: Vid = 4094;
 /// A VLAN within the switch: 1..=4094, or 0 for the network's untagged VLAN.
 pub type Vid = u16;
 
-/// A set of VLAN IDs (a bitmap of 4096 bits: membership is one load per frame).
+/// A set of VLAN IDs (a bitmap of 4096 bits: membership is one load per frame; boxed, so a
+/// port mode stays small).
 #[derive(Clone, PartialEq, Eq)]
-pub struct VlanSet([u64; 64]);
+pub struct VlanSet(Box<[u64; 64]>);
 
 impl Default for VlanSet {
     fn default() -> Self {
-        VlanSet([0; 64])
+        VlanSet(Box::new([0; 64]))
     }
 }
 
@@ -420,7 +421,15 @@ mod tests {
 
     #[test]
     fn header_offsets_follow_the_tag() {
-        let h = VnetHeader { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV4, hdr_len: 58, gso_size: 1448, csum_start: 38, csum_offset: 16, num_buffers: 0 };
+        let h = VnetHeader {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 58,
+            gso_size: 1448,
+            csum_start: 38,
+            csum_offset: 16,
+            num_buffers: 0,
+        };
         let s = shift_header(&h, 4).unwrap();
         assert_eq!((s.csum_start, s.hdr_len, s.gso_size, s.csum_offset), (42, 62, 1448, 16));
         let s = shift_header(&h, -4).unwrap();

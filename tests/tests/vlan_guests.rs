@@ -88,6 +88,9 @@ fn access_vlans_are_apart_and_a_trunk_guest_reaches_them_tagged() {
     assert!(out.contains("3 packets transmitted, 0 packets received"), "A does not reach C on VLAN 20:\n{out}");
     assert_eq!(trunk.wait_exit(BOOT_AND_RUN), Some(0), "trunk:\n{}", trunk.console.text());
     let t = trunk.console.text();
-    assert!(ping_ok(&t, 3) && t.matches("3 packets transmitted, 3 packets received").count() == 3, "trunk reaches VLAN 10, VLAN 20 and the gateway:\n{t}");
+    assert!(
+        ping_ok(&t, 3) && t.matches("3 packets transmitted, 3 packets received").count() == 3,
+        "trunk reaches VLAN 10, VLAN 20 and the gateway:\n{t}"
+    );
     drop((b10, c20));
 }

@@ -28,7 +28,8 @@ fn namespaces(tag: &str) -> (Netns, Netns) {
 /// A bridged network `lan` with an af-packet uplink on `up0` (plus `uplink` TOML lines) and
 /// the guest ports `ports` (name, TOML lines).
 fn start(host: &Netns, dir: &Path, uplink: &str, ports: &[(&str, &str)]) -> (VunetProcess, Vec<VmSim>) {
-    let mut toml = format!("[[network]]\nname = \"lan\"\nmode = \"bridge\"\n[network.uplink]\nkind = \"af-packet\"\ninterface = \"up0\"\n{uplink}\n");
+    let mut toml =
+        format!("[[network]]\nname = \"lan\"\nmode = \"bridge\"\n[network.uplink]\nkind = \"af-packet\"\ninterface = \"up0\"\n{uplink}\n");
     for (name, extra) in ports {
         toml.push_str(&format!("[[network.port]]\nname = \"{name}\"\nsocket = \"{name}.sock\"\n{extra}\n"));
     }

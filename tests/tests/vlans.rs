@@ -189,7 +189,8 @@ fn gateway_serves_the_untagged_vlan_only() {
     arp.extend([0; 6]);
     arp.extend([10, 0, 0, 1]);
     vms[trunk].send(&tagged(&arp, 10));
-    let answers = |vm: &mut VmSim| vm.recv_all(QUIET).into_iter().filter(|(_, f)| f.len() >= 42 && f[12..14] == [8, 6] && f[21] == 2).count();
+    let answers =
+        |vm: &mut VmSim| vm.recv_all(QUIET).into_iter().filter(|(_, f)| f.len() >= 42 && f[12..14] == [8, 6] && f[21] == 2).count();
     assert_eq!(answers(&mut vms[trunk]), 0, "no gateway on VLAN 10");
     vms[trunk].send(&arp);
     let (_, reply) = vms[trunk].recv(T).expect("the gateway answers on the untagged VLAN");

@@ -204,8 +204,7 @@ fn decide_and_deliver(
     // The gateway and its services are on the network's untagged VLAN only (and read
     // untagged frames: a priority-tagged one is not for them).
     let on_gateway_vlan = ing == Ingress::default();
-    let to_gateway =
-        on_gateway_vlan && (net.gateway.is_some_and(|g| g.wants(&dst)) || (net.gateway6.is_some() && is_ipv6_multicast(&dst)));
+    let to_gateway = on_gateway_vlan && (net.gateway.is_some_and(|g| g.wants(&dst)) || (net.gateway6.is_some() && is_ipv6_multicast(&dst)));
     let decision = {
         let mut macs = net.macs.lock().unwrap_or_else(|e| e.into_inner());
         if ing.vlan == 0 && net.gateway.is_some_and(|g| g.mac == dst) {
@@ -228,9 +227,8 @@ fn decide_and_deliver(
         Decision::Flood => {
             // A routed uplink is not on the guests' L2 segment.
             // Within the frame's VLAN only.
-            for dest in ports
-                .iter()
-                .filter(|p| p.id != port.id && !p.routed && !p.removed.load(Ordering::Relaxed) && p.vlan.carries(ing.vlan))
+            for dest in
+                ports.iter().filter(|p| p.id != port.id && !p.routed && !p.removed.load(Ordering::Relaxed) && p.vlan.carries(ing.vlan))
             {
                 deliver(dest, &frame, cx);
             }
@@ -319,8 +317,13 @@ fn answer_gateway(net: &Network, ports: &[Arc<Port>], port: &Port, f: &TxFrame, 
             Handled::NotMine => continue,
             Handled::Consumed => break,
             Handled::Reply => {
-                let answer =
-                    TxFrame { segs: &[Seg::of_slice(&reply)], offset: 0, len: reply.len(), hdr: VnetHeader::default(), vlan: Ingress::default() };
+                let answer = TxFrame {
+                    segs: &[Seg::of_slice(&reply)],
+                    offset: 0,
+                    len: reply.len(),
+                    hdr: VnetHeader::default(),
+                    vlan: Ingress::default(),
+                };
                 deliver(port, &answer, cx);
                 break;
             }

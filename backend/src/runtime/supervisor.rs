@@ -136,7 +136,8 @@ impl Supervisor {
         }
         if let Some(up) = uplink {
             let vlan = n.uplink.as_ref().map(|u| u.vlan.clone()).unwrap_or_default();
-            let port = net.ports.add(|id, _| Ok::<_, StartError>(build::uplink_port(id, net.router.is_some(), up.clone(), vlan.clone())))?;
+            let port =
+                net.ports.add(|id, _| Ok::<_, StartError>(build::uplink_port(id, net.router.is_some(), up.clone(), vlan.clone())))?;
             links.insert(port.id, up);
         }
         if let (Some(gw), Some(dns)) = (net.gateway, built.dns) {

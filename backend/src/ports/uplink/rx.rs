@@ -302,7 +302,10 @@ fn vlan_of(m: &libc::msghdr) -> Option<[u8; 4]> {
         let h = unsafe { &*c };
         let want = std::mem::size_of::<libc::tpacket_auxdata>();
         // SAFETY: as above; CMSG_LEN is arithmetic.
-        if h.cmsg_level == libc::SOL_PACKET && h.cmsg_type == super::PACKET_AUXDATA && h.cmsg_len as usize >= unsafe { libc::CMSG_LEN(want as u32) } as usize {
+        if h.cmsg_level == libc::SOL_PACKET
+            && h.cmsg_type == super::PACKET_AUXDATA
+            && h.cmsg_len as usize >= unsafe { libc::CMSG_LEN(want as u32) } as usize
+        {
             // SAFETY: the data holds a tpacket_auxdata (length checked above); it may be unaligned.
             let aux: libc::tpacket_auxdata = unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(c).cast()) };
             if aux.tp_status & libc::TP_STATUS_VLAN_VALID == 0 {

@@ -174,6 +174,12 @@ fn bad_and_disallowed_tags_are_dropped_and_counted() {
     vms[trunk].send(&tagged(&full, 10));
     expect(&mut vms, &[(acc10a, full.clone()), (acc10b, full.clone()), (5, full.clone())], "full-size tagged frame");
     assert_eq!(port_counters(&d, "test", "trunk").drop_count(DropReason::Oversize), 0);
+    // And the other way: a full-size frame from an access port reaches the trunk tagged, 1518
+    // bytes.
+    let full = eth_frame(BCAST, A, 0x0800, 1500, 10);
+    vms[acc10a].send(&full);
+    expect(&mut vms, &[(acc10b, full.clone()), (trunk, tagged(&full, 10)), (5, full.clone())], "full-size frame tagged on the way");
+    assert_eq!(port_counters(&d, "test", "trunk").total_drops(), 4, "only the four refused above");
 }
 
 #[test]

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Builds the tiny test guest from Debian packages: the Debian kernel (vmlinuz) and an initramfs
-# with busybox, iperf3 and the virtio-net modules. The result is cached in guest/ (or
-# $VUNET_GUEST_DIR) and rebuilt only when missing.
+# with busybox, iperf3, the virtio-net modules and 8021q (VLAN sub-interfaces). The result is
+# cached in guest/ (or $VUNET_GUEST_DIR) and rebuilt only when missing or of another version.
 #
 # The guest's /init loads virtio-net, brings eth0 up, then runs /test.sh, which a test appends
 # to the initramfs as a second cpio archive (the kernel unpacks concatenated archives).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${VUNET_GUEST_DIR:-$here/guest}
-if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.gz" ]; then
+# Bumped whenever the image's contents change, so cached images (CI's too) are rebuilt.
+# 2: the 8021q module and its dependencies.
+version=2
+if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.gz" ] && [ "$(cat "$out/version" 2>/dev/null)" = "$version" ]; then
   exit 0
 fi
 "$here/scripts/install-deps.sh"
@@ -33,7 +36,10 @@ for applet in $("$root/bin/busybox" --list); do
   [ "$applet" = busybox ] && continue
   ln -sf busybox "$root/bin/$applet"
 done
-for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net; do
+# The modules the guest loads, dependencies first: virtio-net, and 802.1Q VLANs (8021q with
+# the GARP/MRP, STP and LLC modules it needs).
+modules="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net llc stp garp mrp 8021q"
+for m in $modules; do
   f=$(find kernel/lib/modules -name "$m.ko*" | head -n1)
   [ -n "$f" ] || continue
   case "$f" in
@@ -42,6 +48,7 @@ for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
     *) cp "$f" "$root/lib/modules/$m.ko" ;;
   esac
 done
+echo "$modules" > "$root/lib/modules/order"
 # iperf3 and the shared libraries it needs.
 cp /usr/bin/iperf3 "$root/usr/bin/iperf3"
 for lib in $(ldd /usr/bin/iperf3 | grep -o '/[^ ]*'); do
@@ -55,7 +62,7 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for i in 1 2 3 4; do
-  for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net; do
+  for m in $(cat /lib/modules/order); do
     insmod /lib/modules/$m.ko 2>/dev/null
   done
 done
@@ -69,4 +76,5 @@ chmod +x "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/initramfs.gz.tmp"
 mv "$out/vmlinuz.tmp" "$out/vmlinuz"
 mv "$out/initramfs.gz.tmp" "$out/initramfs.gz"
+echo "$version" > "$out/version"
 echo "guest image: $out (kernel $kpkg)" >&2

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use toml::Spanned;
+use vunet_switch::vlan::{PortVlan, Vid, VlanSet, MAX_VID};
 use vunet_switch::{parse_mac, Mac};
 
 /// A configuration mistake, printed as one line: `FILE:LINE: message`.
@@ -70,6 +71,9 @@ pub struct PortConfig {
     /// The group a server-mode socket is given (`socket_group`, resolved to a gid), so that a
     /// VMM running as another user (libvirt's `libvirt-qemu`) can connect.
     pub socket_group: Option<u32>,
+    /// The port's VLAN mode (`vlan = N`: access; `trunk = [..]` with optional `native_vlan`
+    /// and `native_tagged`); untagged (the network's own VLAN) without them.
+    pub vlan: PortVlan,
     /// libvirt's `<port isolated='yes'/>`: the port reaches the gateway, the uplink and
     /// non-isolated ports, never another isolated one.
     pub isolated: bool,
@@ -169,6 +173,9 @@ pub struct UplinkConfig {
     /// The uplink carries the gateway's own traffic only (nat/route: a macvtap in bridge mode
     /// with its own MAC) rather than every guest's (bridge: passthru).
     pub own_mac: bool,
+    /// The VLANs the uplink carries: `trunk = [..]` (tagged), or `vlan = N` (the network is
+    /// VLAN N of the LAN: [`PortVlan::Outer`]); untagged without them.
+    pub vlan: PortVlan,
 }
 
 /// Where a routed network's uplink address comes from.
@@ -371,6 +378,8 @@ struct RawUplink {
     address: Option<Spanned<String>>,
     router: Option<Spanned<String>>,
     proxy_arp: Option<bool>,
+    vlan: Option<Spanned<i64>>,
+    trunk: Option<Spanned<Vec<Spanned<i64>>>>,
 }
 
 #[derive(Deserialize)]
@@ -440,6 +449,10 @@ struct RawPort {
     queues: Option<Spanned<i64>>,
     socket_mode: Option<Spanned<toml::Value>>,
     socket_group: Option<Spanned<toml::Value>>,
+    vlan: Option<Spanned<i64>>,
+    trunk: Option<Spanned<Vec<Spanned<i64>>>>,
+    native_vlan: Option<Spanned<i64>>,
+    native_tagged: Option<Spanned<bool>>,
     isolated: Option<bool>,
     bandwidth: Option<Spanned<RawBandwidth>>,
 }
@@ -553,6 +566,52 @@ pub fn group_id(name: &str) -> Option<u32> {
     }
 }
 
+/// A VLAN ID of the configuration: 1 to 4094.
+fn parse_vid(cx: &Ctx, key: &str, v: &Spanned<i64>) -> Result<Vid, ConfigError> {
+    match *v.get_ref() {
+        n @ 1..=4094 => Ok(n as Vid),
+        n => Err(cx.err(v.span(), format!("invalid {key} {n} (a VLAN ID, 1 to {MAX_VID})"))),
+    }
+}
+
+/// A port's (or uplink's) VLAN keys: `vlan = N` (access, or on an uplink the network's VLAN of
+/// the LAN), or `trunk = [..]` (a list: an empty one is refused rather than meaning "all",
+/// so a typo cannot open every VLAN) with an optional `native_vlan` and `native_tagged`.
+fn parse_port_vlan(
+    cx: &Ctx,
+    what: &str,
+    vlan: Option<&Spanned<i64>>,
+    trunk: Option<&Spanned<Vec<Spanned<i64>>>>,
+    native: Option<&Spanned<i64>>,
+    native_tagged: Option<&Spanned<bool>>,
+    uplink: bool,
+) -> Result<PortVlan, ConfigError> {
+    if let (Some(_), Some(t)) = (vlan, trunk) {
+        return Err(cx.err(t.span(), format!("{what}: vlan and trunk exclude each other (an access port has one VLAN, a trunk a list)")));
+    }
+    if trunk.is_none() {
+        if let Some(n) = native {
+            return Err(cx.err(n.span(), format!("{what}: native_vlan is for trunk ports")));
+        }
+    }
+    if native.is_none() {
+        if let Some(t) = native_tagged {
+            return Err(cx.err(t.span(), format!("{what}: native_tagged needs a native_vlan")));
+        }
+    }
+    if let Some(v) = vlan {
+        let vid = parse_vid(cx, "vlan", v)?;
+        return Ok(if uplink { PortVlan::Outer(vid) } else { PortVlan::Access(vid) });
+    }
+    let Some(t) = trunk else { return Ok(PortVlan::Untagged) };
+    if t.get_ref().is_empty() {
+        return Err(cx.err(t.span(), format!("{what}: trunk = [] carries no VLAN; list the VLAN IDs it carries (1 to {MAX_VID})")));
+    }
+    let vids = t.get_ref().iter().map(|v| parse_vid(cx, "trunk VLAN", v)).collect::<Result<VlanSet, _>>()?;
+    let native = native.map(|n| parse_vid(cx, "native_vlan", n)).transpose()?;
+    Ok(PortVlan::Trunk { vids, native, native_tagged: native_tagged.is_some_and(|t| *t.get_ref()) })
+}
+
 fn in_subnet(ip: Ipv4Addr, (gw, prefix): (Ipv4Addr, u8)) -> bool {
     let mask = u32::MAX << (32 - prefix as u32);
     let (a, g) = (u32::from(ip), u32::from(gw));
@@ -655,7 +714,16 @@ fn parse_uplink(cx: &Ctx, u: &Spanned<RawUplink>, net: &str, mode: Mode) -> Resu
             return Err(cx.err(u.span(), format!("network {net:?}: proxy_arp is for route networks")));
         }
     }
-    Ok(Some(UplinkConfig { kind, interface, name, mac, own_mac: routed }))
+    if routed {
+        if let Some(span) = raw.vlan.as_ref().map(|v| v.span()).or(raw.trunk.as_ref().map(|t| t.span())) {
+            return Err(cx.err(
+                span,
+                format!("network {net:?}: uplink vlan and trunk are for bridge networks (a nat or route network's uplink is the router's, untagged)"),
+            ));
+        }
+    }
+    let vlan = parse_port_vlan(cx, &format!("network {net:?}: uplink"), raw.vlan.as_ref(), raw.trunk.as_ref(), None, None, true)?;
+    Ok(Some(UplinkConfig { kind, interface, name, mac, own_mac: routed, vlan }))
 }
 
 /// A port or port range: `22`, `"22"` or `"8000-8010"`.
@@ -1403,6 +1471,15 @@ impl Config {
                 }
                 let socket_mode = p.socket_mode.as_ref().map(|m| parse_socket_mode(&cx, m)).transpose()?.or(net_socket_mode);
                 let socket_group = p.socket_group.as_ref().map(|g| parse_socket_group(&cx, g)).transpose()?.or(net_socket_group);
+                let vlan = parse_port_vlan(
+                    &cx,
+                    &format!("port {pname:?}"),
+                    p.vlan.as_ref(),
+                    p.trunk.as_ref(),
+                    p.native_vlan.as_ref(),
+                    p.native_tagged.as_ref(),
+                    false,
+                )?;
                 let bandwidth = p.bandwidth.as_ref().map(|b| parse_bandwidth(&cx, b, &pname)).transpose()?.unwrap_or_default();
                 ports.push(PortConfig {
                     name: pname,
@@ -1414,6 +1491,7 @@ impl Config {
                     queues,
                     socket_mode,
                     socket_group,
+                    vlan,
                     isolated: p.isolated.unwrap_or(false),
                     bandwidth,
                 });
@@ -1472,6 +1550,7 @@ impl Config {
                 queues: 1,
                 socket_mode: None,
                 socket_group: None,
+                vlan: PortVlan::Untagged,
                 isolated: false,
                 bandwidth: Bandwidth::default(),
             })
@@ -1805,6 +1884,58 @@ via = "10.10.12.10"
         for (text, want) in cases {
             let e = parse(&text).unwrap_err().to_string();
             assert!(e.starts_with(want), "{e:?} should start with {want:?}");
+        }
+    }
+
+    #[test]
+    fn vlan_keys() {
+        let c = parse(
+            "[[network]]\nname = \"a\"\nmode = \"bridge\"\n[network.uplink]\nkind = \"af-packet\"\ninterface = \"eth1\"\ntrunk = [10, 20]\n\
+             [[network.port]]\nname = \"acc\"\nsocket = \"a.sock\"\nvlan = 10\n\
+             [[network.port]]\nname = \"tr\"\nsocket = \"t.sock\"\ntrunk = [20, 30]\nnative_vlan = 10\n\
+             [[network.port]]\nname = \"nt\"\nsocket = \"n.sock\"\ntrunk = [4094]\nnative_vlan = 1\nnative_tagged = true\n\
+             [[network.port]]\nname = \"plain\"\nsocket = \"p.sock\"\n",
+        )
+        .unwrap();
+        let n = &c.networks[0];
+        assert_eq!(
+            n.uplink.as_ref().unwrap().vlan,
+            PortVlan::Trunk { vids: [10, 20].into_iter().collect(), native: None, native_tagged: false }
+        );
+        assert_eq!(n.ports[0].vlan, PortVlan::Access(10));
+        assert_eq!(n.ports[1].vlan, PortVlan::Trunk { vids: [20, 30].into_iter().collect(), native: Some(10), native_tagged: false });
+        assert_eq!(n.ports[2].vlan, PortVlan::Trunk { vids: [4094].into_iter().collect(), native: Some(1), native_tagged: true });
+        assert_eq!(n.ports[3].vlan, PortVlan::Untagged);
+        let c = parse(
+            "[[network]]\nname = \"a\"\nmode = \"bridge\"\n[network.uplink]\nkind = \"af-packet\"\ninterface = \"eth1\"\nvlan = 100\n",
+        )
+        .unwrap();
+        assert_eq!(c.networks[0].uplink.as_ref().unwrap().vlan, PortVlan::Outer(100));
+    }
+
+    #[test]
+    fn vlan_mistakes_name_the_line() {
+        let port = "[[network]]\nname = \"a\"\nmode = \"bridge\"\n[[network.port]]\nname = \"p\"\nsocket = \"p.sock\"\n";
+        let uplink = "[[network]]\nname = \"a\"\nmode = \"bridge\"\n[network.uplink]\nkind = \"af-packet\"\ninterface = \"eth1\"\n";
+        let cases: &[(String, &str)] = &[
+            (format!("{port}vlan = 0\n"), "vunet.toml:7: invalid vlan 0 (a VLAN ID, 1 to 4094)"),
+            (format!("{port}vlan = 4095\n"), "vunet.toml:7: invalid vlan 4095 (a VLAN ID, 1 to 4094)"),
+            (format!("{port}trunk = [10, 4095]\n"), "vunet.toml:7: invalid trunk VLAN 4095"),
+            (format!("{port}trunk = []\n"), "vunet.toml:7: port \"p\": trunk = [] carries no VLAN"),
+            (format!("{port}vlan = 10\ntrunk = [20]\n"), "vunet.toml:8: port \"p\": vlan and trunk exclude each other"),
+            (format!("{port}vlan = 10\nnative_vlan = 10\n"), "vunet.toml:8: port \"p\": native_vlan is for trunk ports"),
+            (format!("{port}trunk = [10]\nnative_tagged = true\n"), "vunet.toml:8: port \"p\": native_tagged needs a native_vlan"),
+            (format!("{port}trunk = [10]\nnative_vlan = 5000\n"), "vunet.toml:8: invalid native_vlan 5000"),
+            (format!("{uplink}vlan = -1\n"), "vunet.toml:7: invalid vlan -1"),
+            (format!("{uplink}trunk = []\n"), "vunet.toml:7: network \"a\": uplink: trunk = [] carries no VLAN"),
+            (
+                "[[network]]\nname = \"a\"\nmode = \"nat\"\ngateway = \"10.0.0.1/24\"\n[network.uplink]\nkind = \"af-packet\"\ninterface = \"eth1\"\naddress = \"dhcp\"\nvlan = 100\n".to_string(),
+                "vunet.toml:9: network \"a\": uplink vlan and trunk are for bridge networks",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{text:?}\n got: {e}\nwant: {want}");
         }
     }
 

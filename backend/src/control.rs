@@ -226,6 +226,7 @@ pub fn answer(req: Request, shared: &Arc<Supervisor>) -> Result<Value, ControlEr
                 socket_group: None,
                 isolated: false,
                 bandwidth: Default::default(),
+                vlan: Default::default(),
             };
             let port = shared.add_port(&net, cfg)?;
             Ok(port_info(&port))
@@ -329,6 +330,8 @@ fn port_info(p: &Port) -> Value {
             "inbound": p.bandwidth.inbound.map(|l| json!({ "average": l.average, "peak": l.peak, "burst": l.burst })),
             "outbound": p.bandwidth.outbound.map(|l| json!({ "average": l.average, "peak": l.peak, "burst": l.burst })),
         },
+        // `untagged`, `access 10`, `trunk 10,20 native 10`, `vlan 100 of the LAN`.
+        "vlan": p.vlan.describe(),
     })
 }
 
@@ -431,6 +434,9 @@ pub fn render(req: &Request, v: &Value) -> String {
                 let v6: Vec<&str> = p["ipv6"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
                 if !v6.is_empty() {
                     out.push_str(&format!("  ipv6: {}\n", v6.join(" ")));
+                }
+                if p["vlan"].is_string() && s(p, "vlan") != "untagged" {
+                    out.push_str(&format!("  vlan: {}\n", s(p, "vlan")));
                 }
                 if let Some(nf) = p["nat_flows"].as_object() {
                     let g = |k: &str| nf.get(k).map(|v| v.to_string()).unwrap_or_else(|| "0".into());

@@ -342,6 +342,32 @@ pub fn import(text: &str, file: &str) -> Result<Imported, String> {
     if let Some((kind, dev)) = &uplink {
         t.push_str(&format!("[network.uplink]\nkind = {}\ninterface = {}\n", q(kind), q(dev)));
     }
+    // VLANs: libvirt honours <vlan> on OVS bridges (and hostdev/macvtap passthrough) only. A
+    // bridged network's own <vlan> is what every guest port gets: one tag puts all of them on
+    // that VLAN of the LAN (vunet: the uplink's `vlan`), a trunk carries the tags to the guests
+    // (the uplink's `trunk`; the ports need it too). vunet imports no ports: a <portgroup>'s
+    // <vlan> becomes a commented port template to copy.
+    if let Some(v) = net.child("vlan") {
+        let spec = vlan_spec(v, file)?;
+        if mode != "bridge" {
+            warn(
+                v.line,
+                format!("<vlan> on a {mode} network is not supported (libvirt itself takes it on bridged OVS networks only); ignored"),
+            );
+        } else if !spec.trunk {
+            t.push_str(&format!("vlan = {}\n", spec.tags[0]));
+        } else {
+            t.push_str(&format!("trunk = [{}]\n", spec.list()));
+            warn(
+                v.line,
+                format!(
+                    "<vlan trunk='yes'>: the uplink carries VLANs {} tagged; give each guest port `{}` as well",
+                    spec.list(),
+                    spec.port_keys().trim_end().replace('\n', ", ")
+                ),
+            );
+        }
+    }
     if let Some(b) = net.child("bridge") {
         if mode != "bridge" {
             warn(
@@ -422,15 +448,84 @@ pub fn import(text: &str, file: &str) -> Result<Imported, String> {
             }
         }
     }
-    let known = ["name", "uuid", "forward", "bridge", "mtu", "domain", "dns", "ip", "mac", "route", "port"];
+    let known = ["name", "uuid", "forward", "bridge", "mtu", "domain", "dns", "ip", "mac", "route", "port", "vlan", "portgroup"];
     if let Some(m) = net.child("mac") {
         warn(m.line, "<mac> of the bridge is not used: the gateway's MAC is derived from the network name".into());
     }
     for c in net.children.iter().filter(|c| !known.contains(&c.name.as_str())) {
         warn(c.line, format!("<{}> is not supported; ignored", c.name));
     }
+    for pg in net.all("portgroup") {
+        let pname = pg.attr("name").unwrap_or("");
+        match pg.child("vlan") {
+            Some(v) => {
+                let spec = vlan_spec(v, file)?;
+                t.push_str(&format!(
+                    "\n# <portgroup name='{pname}'>: a guest port of it would be\n# [[network.port]]\n# name = \"...\"\n# socket = \"....sock\"\n{}",
+                    spec.port_keys().lines().map(|l| format!("# {l}\n")).collect::<String>()
+                ));
+                warn(
+                    pg.line,
+                    format!("<portgroup name='{pname}'>: vunet has no port groups; its <vlan> is written as a commented port template"),
+                );
+            }
+            None => warn(pg.line, format!("<portgroup name='{pname}'> is not supported (vunet has no port groups); ignored")),
+        }
+    }
     t.push_str("\n# Guests attach through vhost-user sockets: add [[network.port]] tables here, or use\n# `vunet port-add NETWORK NAME` on the running daemon.\n");
     Ok(Imported { toml: t, warnings })
+}
+
+/// A libvirt `<vlan>`: its tags, the native one (and whether it leaves tagged), and whether
+/// it is a trunk (`trunk='yes'`, several tags, or a native VLAN).
+struct VlanSpec {
+    tags: Vec<u16>,
+    native: Option<(u16, bool)>,
+    trunk: bool,
+}
+
+impl VlanSpec {
+    fn list(&self) -> String {
+        self.tags.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
+    }
+    /// The `[[network.port]]` keys of a port with this VLAN setting.
+    fn port_keys(&self) -> String {
+        if !self.trunk {
+            return format!("vlan = {}\n", self.tags[0]);
+        }
+        let mut k = format!("trunk = [{}]\n", self.list());
+        if let Some((n, tagged)) = self.native {
+            k += &format!("native_vlan = {n}\n");
+            if tagged {
+                k += "native_tagged = true\n";
+            }
+        }
+        k
+    }
+}
+
+fn vlan_spec(v: &Element, file: &str) -> Result<VlanSpec, String> {
+    let mut spec = VlanSpec { tags: Vec::new(), native: None, trunk: v.attr("trunk") == Some("yes") };
+    for tag in v.all("tag") {
+        let id = tag.attr("id").unwrap_or("");
+        let id = id
+            .parse::<u16>()
+            .ok()
+            .filter(|i| (1..=vunet_switch::vlan::MAX_VID).contains(i))
+            .ok_or_else(|| format!("{file}:{}: invalid <tag id={id:?}> (a VLAN ID, 1 to 4094)", tag.line))?;
+        match tag.attr("nativeMode") {
+            None => {}
+            Some(m @ ("tagged" | "untagged")) if spec.native.is_none() => spec.native = Some((id, m == "tagged")),
+            Some(m @ ("tagged" | "untagged")) => return Err(format!("{file}:{}: a second native <tag nativeMode='{m}'>", tag.line)),
+            Some(m) => return Err(format!("{file}:{}: invalid nativeMode {m:?} (tagged or untagged)", tag.line)),
+        }
+        spec.tags.push(id);
+    }
+    if spec.tags.is_empty() {
+        return Err(format!("{file}:{}: <vlan> without a <tag id=...>", v.line));
+    }
+    spec.trunk |= spec.tags.len() > 1 || spec.native.is_some();
+    Ok(spec)
 }
 
 #[cfg(test)]
@@ -608,6 +703,43 @@ mod tests {
             .unwrap()
             .toml
             .contains("mtu = 65415\n"));
+    }
+
+    #[test]
+    fn vlans_of_bridged_networks_and_portgroups() {
+        use vunet_switch::vlan::PortVlan;
+        let (c, w) = imported("<network><name>v</name><forward mode='bridge'/><bridge name='br0'/><vlan><tag id='100'/></vlan></network>");
+        assert_eq!(c.networks[0].uplink.as_ref().unwrap().vlan, PortVlan::Outer(100));
+        assert!(w.is_empty(), "{w:?}");
+        let (c, w) = imported(
+            "<network><name>t</name><forward mode='bridge'/><bridge name='br0'/>\n<vlan trunk='yes'><tag id='10' nativeMode='untagged'/><tag id='20'/></vlan>\n\
+             <portgroup name='web'><vlan><tag id='42'/></vlan></portgroup><portgroup name='tr'><vlan trunk='yes'><tag id='7' nativeMode='tagged'/></vlan></portgroup></network>",
+        );
+        assert_eq!(
+            c.networks[0].uplink.as_ref().unwrap().vlan,
+            PortVlan::Trunk { vids: [10, 20].into_iter().collect(), native: None, native_tagged: false }
+        );
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w[0].starts_with("net.xml:2: <vlan trunk='yes'>") && w[0].contains("`trunk = [10, 20], native_vlan = 10`"), "{w:?}");
+        let i = import(
+            "<network><name>t</name><forward mode='bridge'/><bridge name='br0'/><portgroup name='web'><vlan><tag id='42'/></vlan></portgroup>\
+             <portgroup name='tr'><vlan trunk='yes'><tag id='7' nativeMode='tagged'/></vlan></portgroup></network>",
+            "n.xml",
+        )
+        .unwrap();
+        assert!(i.toml.contains("# <portgroup name='web'>: a guest port of it would be\n# [[network.port]]\n# name = \"...\"\n# socket = \"....sock\"\n# vlan = 42\n"), "{}", i.toml);
+        assert!(i.toml.contains("# trunk = [7]\n# native_vlan = 7\n# native_tagged = true\n"), "{}", i.toml);
+        // A VLAN on a network libvirt itself does not tag (a Linux bridge, nat) is named.
+        let (_, w) = imported("<network><name>n</name><ip address='10.0.0.1' prefix='24'/><vlan><tag id='5'/></vlan></network>");
+        assert!(w.iter().any(|x| x.contains("<vlan> on a isolated network is not supported")), "{w:?}");
+        for (xml, want) in [
+            ("<network><name>b</name><forward mode='bridge'/><bridge name='br0'/>\n<vlan><tag id='4095'/></vlan></network>", "n.xml:2: invalid <tag id=\"4095\">"),
+            ("<network><name>b</name><forward mode='bridge'/><bridge name='br0'/>\n<vlan></vlan></network>", "n.xml:2: <vlan> without a <tag id=...>"),
+            ("<network><name>b</name><forward mode='bridge'/><bridge name='br0'/><vlan>\n<tag id='4' nativeMode='maybe'/></vlan></network>", "n.xml:2: invalid nativeMode \"maybe\""),
+        ] {
+            let e = import(xml, "n.xml").unwrap_err();
+            assert!(e.starts_with(want), "{e}");
+        }
     }
 
     #[test]

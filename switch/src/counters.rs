@@ -73,10 +73,15 @@ pub enum DropReason {
     /// the bytes it checks (too many or too long extension headers, truncated), or fragmented
     /// neighbour discovery (RFC 6980): either could hide a router advertisement.
     UncheckedIpv6,
+    /// VLANs: a frame of a VLAN the port does not carry (a tag on an access port, a VID
+    /// outside a trunk's list, an untagged frame on an uplink that is one VLAN of the LAN).
+    VlanNotAllowed,
+    /// VLANs: an 802.1Q tag cut short by the frame's end, or VID 4095 (reserved).
+    BadVlanTag,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 27] = [
+    pub const ALL: [DropReason; 29] = [
         DropReason::BadAddress,
         DropReason::ChainLoop,
         DropReason::BadDescriptor,
@@ -104,6 +109,8 @@ impl DropReason {
         DropReason::RateLimited,
         DropReason::RogueRouterAdvert,
         DropReason::UncheckedIpv6,
+        DropReason::VlanNotAllowed,
+        DropReason::BadVlanTag,
     ];
 
     /// Stable name used in listings and metrics.
@@ -136,6 +143,8 @@ impl DropReason {
             DropReason::RateLimited => "rate_limited",
             DropReason::RogueRouterAdvert => "rogue_router_advert",
             DropReason::UncheckedIpv6 => "unchecked_ipv6",
+            DropReason::VlanNotAllowed => "vlan_not_allowed",
+            DropReason::BadVlanTag => "bad_vlan_tag",
         }
     }
 }

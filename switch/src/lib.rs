@@ -10,6 +10,7 @@
 //! - [`checksum`]: the Internet checksum.
 //! - [`ledger`]: eviction order with per-port quotas for the bounded tables (MAC table,
 //!   firewall flows, ARP neighbours).
+//! - [`vlan`]: 802.1Q VLANs: ingress classification and egress tagging per port mode (OVS's).
 //! - [`socknat`]: NAT through the host's own sockets: the TCP splice and UDP flows between a
 //!   guest's frames and host sockets that an I/O layer drives (docs/socket-nat.md).
 
@@ -30,6 +31,7 @@ pub mod ratelimit;
 pub mod router;
 pub mod socknat;
 pub mod udp6;
+pub mod vlan;
 pub mod vnet;
 
 pub use counters::{DropReason, PortCounters};

@@ -11,6 +11,7 @@
 //! may move a pinned MAC (a live migration, on the VMM's request) has one place to go through.
 
 use crate::ledger::{Ledger, Room};
+use crate::vlan::Vid;
 use crate::{is_multicast, DropReason, Mac};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -37,8 +38,10 @@ impl Hasher for MacHasher {
 
 type Key = u64;
 
-fn key(mac: &Mac) -> Key {
-    mac.iter().fold(0u64, |k, &b| (k << 8) | b as u64)
+/// One table serves every VLAN of the network: the VLAN is part of the key (bits 48..60), so
+/// a MAC is learned per VLAN and the bounds and per-port quotas hold across all of them.
+fn key(vlan: Vid, mac: &Mac) -> Key {
+    mac.iter().fold((vlan & 0xfff) as u64, |k, &b| (k << 8) | b as u64)
 }
 
 /// Index of a port within its network.
@@ -125,7 +128,12 @@ impl MacTable {
     /// with [`DropReason::MacInUse`] if another port holds it. A port holds one MAC: pinning
     /// another frees the one it had (a new guest on the port).
     pub fn claim(&mut self, mac: Mac, port: PortId) -> Result<(), DropReason> {
-        let k = key(&mac);
+        self.claim_in(0, mac, port)
+    }
+
+    /// [`MacTable::claim`] in VLAN `vlan` (the port's own, where its guest's address lives).
+    pub fn claim_in(&mut self, vlan: Vid, mac: Mac, port: PortId) -> Result<(), DropReason> {
+        let k = key(vlan, &mac);
         match self.entries.get(&k) {
             Some(e) if e.pinned && e.port != port => return Err(DropReason::MacInUse),
             Some(e) if e.pinned => return Ok(()),
@@ -146,10 +154,15 @@ impl MacTable {
     /// A MAC pinned to another port is refused ([`DropReason::MacInUse`]): the frame must be
     /// dropped, not just left unlearned.
     pub fn learn(&mut self, src: Mac, port: PortId, now_ms: u64) -> Result<(), DropReason> {
+        self.learn_in(0, src, port, now_ms)
+    }
+
+    /// [`MacTable::learn`] in VLAN `vlan`.
+    pub fn learn_in(&mut self, vlan: Vid, src: Mac, port: PortId, now_ms: u64) -> Result<(), DropReason> {
         if is_multicast(&src) {
             return Ok(());
         }
-        let k = key(&src);
+        let k = key(vlan, &src);
         if let Some(e) = self.entries.get_mut(&k) {
             if e.pinned {
                 return if e.port == port { Ok(()) } else { Err(DropReason::MacInUse) };
@@ -193,10 +206,15 @@ impl MacTable {
 
     /// Looks up where a frame to `dst`, received on `src_port`, goes.
     pub fn lookup(&self, dst: Mac, src_port: PortId, now_ms: u64) -> Decision {
+        self.lookup_in(0, dst, src_port, now_ms)
+    }
+
+    /// [`MacTable::lookup`] in VLAN `vlan`.
+    pub fn lookup_in(&self, vlan: Vid, dst: Mac, src_port: PortId, now_ms: u64) -> Decision {
         if is_multicast(&dst) {
             return Decision::Flood;
         }
-        match self.entries.get(&key(&dst)) {
+        match self.entries.get(&key(vlan, &dst)) {
             Some(e) if e.pinned || now_ms.saturating_sub(e.seen_ms) < self.aging_ms => {
                 if e.port == src_port {
                     Decision::Discard
@@ -210,8 +228,13 @@ impl MacTable {
 
     /// Learn the source and decide on the destination in one step.
     pub fn forward(&mut self, src: Mac, dst: Mac, src_port: PortId, now_ms: u64) -> Result<Decision, DropReason> {
-        self.learn(src, src_port, now_ms)?;
-        Ok(self.lookup(dst, src_port, now_ms))
+        self.forward_in(0, src, dst, src_port, now_ms)
+    }
+
+    /// [`MacTable::forward`] in VLAN `vlan`.
+    pub fn forward_in(&mut self, vlan: Vid, src: Mac, dst: Mac, src_port: PortId, now_ms: u64) -> Result<Decision, DropReason> {
+        self.learn_in(vlan, src, src_port, now_ms)?;
+        Ok(self.lookup_in(vlan, dst, src_port, now_ms))
     }
 
     /// Removes the entries older than the aging time, oldest first (those seen within the
@@ -245,7 +268,12 @@ impl MacTable {
 
     /// The port `mac` is currently learned on (or pinned to), if it has not aged out.
     pub fn port_of(&self, mac: &Mac, now_ms: u64) -> Option<PortId> {
-        self.entries.get(&key(mac)).filter(|e| e.pinned || now_ms.saturating_sub(e.seen_ms) < self.aging_ms).map(|e| e.port)
+        self.port_of_in(0, mac, now_ms)
+    }
+
+    /// [`MacTable::port_of`] in VLAN `vlan`.
+    pub fn port_of_in(&self, vlan: Vid, mac: &Mac, now_ms: u64) -> Option<PortId> {
+        self.entries.get(&key(vlan, mac)).filter(|e| e.pinned || now_ms.saturating_sub(e.seen_ms) < self.aging_ms).map(|e| e.port)
     }
 
     pub fn len(&self) -> usize {
@@ -265,6 +293,25 @@ mod tests {
     const B: Mac = [0x52, 0x54, 0, 0, 0, 0xb];
     const C: Mac = [0x52, 0x54, 0, 0, 0, 0xc];
     const BCAST: Mac = [0xff; 6];
+
+    #[test]
+    fn each_vlan_learns_on_its_own() {
+        let mut t = MacTable::default();
+        // A learned in VLAN 10 on port 0 is unknown in VLAN 20 and in the untagged VLAN.
+        assert_eq!(t.forward_in(10, A, B, 0, 0), Ok(Decision::Flood));
+        assert_eq!(t.lookup_in(10, A, 1, 0), Decision::Unicast(0));
+        assert_eq!(t.lookup_in(20, A, 1, 0), Decision::Flood);
+        assert_eq!(t.lookup(A, 1, 0), Decision::Flood);
+        // The same MAC on another port in another VLAN does not move the VLAN 10 entry.
+        t.learn_in(20, A, 2, 0).unwrap();
+        assert_eq!(t.port_of_in(10, &A, 0), Some(0));
+        assert_eq!(t.port_of_in(20, &A, 0), Some(2));
+        // A pin holds in its VLAN only.
+        t.claim_in(10, B, 3).unwrap();
+        assert_eq!(t.learn_in(10, B, 4, 0), Err(DropReason::MacInUse));
+        assert_eq!(t.learn_in(20, B, 4, 0), Ok(()));
+        assert_eq!(t.len(), 4);
+    }
 
     #[test]
     fn unknown_unicast_floods_then_learned_goes_direct() {

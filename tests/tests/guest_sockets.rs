@@ -70,6 +70,7 @@ fn guest_sockets_get_the_configured_mode_and_group_whatever_the_umask() {
         socket_group: None,
         isolated: false,
         bandwidth: Default::default(),
+        vlan: Default::default(),
     };
     d.shared.add_port(&net, p).expect("port-add");
     assert_eq!(mode_and_gid(&added), (want_grouped, gid.unwrap_or(egid)), "port-add");

@@ -11,6 +11,7 @@ use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 use vunet_switch::offload::{complete_checksum, segment_tcp};
+use vunet_switch::vlan::{self, Edit, Ingress};
 use vunet_switch::vnet::{delivery, rx_header, Delivery, RxCaps, VnetHeader, HDR_LEN};
 use vunet_switch::{DropReason, PortId};
 
@@ -44,6 +45,9 @@ pub struct TxScratch {
     /// TX buffers are returned to the guest only after that).
     link_sends: Vec<LinkSend>,
     link_segs: Vec<Seg>,
+    /// The pieces of a frame whose VLAN tag is inserted, stripped or rewritten for one
+    /// receiver: its new head, then the rest of the sender's bytes.
+    retag: Vec<Seg>,
     pub(super) batching: bool,
     /// Set by the shaper thread: these frames already waited for their port's inbound limit.
     pub(super) shaped: bool,
@@ -70,6 +74,7 @@ impl Default for TxScratch {
             notify: Vec::new(),
             link_sends: Vec::new(),
             link_segs: Vec::new(),
+            retag: Vec::new(),
             batching: false,
             shaped: false,
         }
@@ -184,12 +189,14 @@ pub(super) struct TxFrame<'a> {
     pub(super) offset: usize,
     pub(super) len: usize,
     pub(super) hdr: VnetHeader,
+    /// Its VLAN, and whether bytes 12..16 are the tag that gave it (see `vlan::Ingress`).
+    pub(super) vlan: Ingress,
 }
 
 /// Hands a frame made by vunet itself (a gateway answer from another thread, such as an
 /// upstream DNS answer) to a port, and interrupts its guest if it wants that.
 pub fn deliver_made(port: &Port, hdr: &VnetHeader, frame: &[u8], cx: &mut TxScratch) {
-    let f = TxFrame { segs: &[Seg::of_slice(frame)], offset: 0, len: frame.len(), hdr: *hdr };
+    let f = TxFrame { segs: &[Seg::of_slice(frame)], offset: 0, len: frame.len(), hdr: *hdr, vlan: Ingress::default() };
     deliver(port, &f, cx);
     for (_, pair) in cx.notify.drain(..) {
         if let Some(t) = port.queues[pair].rx.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
@@ -363,8 +370,47 @@ fn deliver_link(dest: &Port, up: &dyn HostLink, f: &TxFrame, cx: &mut TxScratch)
 }
 
 /// Delivers one frame to one receiving port, counting a drop on the receiver if it cannot take
-/// it (not connected, ring and backlog full, buffers too small).
+/// it (not connected, ring and backlog full, buffers too small). A port that does not carry
+/// the frame's VLAN never gets it; one that wants it tagged differently gets it retagged.
 pub(super) fn deliver(dest: &Port, f: &TxFrame, cx: &mut TxScratch) {
+    let Some(out) = dest.vlan.egress(f.vlan.vlan) else { return };
+    match vlan::edit(f.vlan, out) {
+        Edit::Keep => deliver_as_is(dest, f, cx),
+        e => deliver_retagged(dest, f, e, cx),
+    }
+}
+
+/// Delivers a frame with its tag inserted, stripped or rewritten: a new head of at most 16
+/// bytes in front of the rest of the sender's bytes (no copy of the payload), and the
+/// virtio-net header's offsets moved with the data.
+fn deliver_retagged(dest: &Port, f: &TxFrame, e: Edit, cx: &mut TxScratch) {
+    let mut first = [0u8; 16];
+    let got = gather(f.segs, f.offset, &mut first[..16.min(f.len)]);
+    let mut head = [0u8; 16];
+    let Some((n, rest)) = vlan::retag_head(&first[..got], e, &mut head) else {
+        dest.counters.dropped(DropReason::BadVlanTag);
+        return;
+    };
+    let Some(hdr) = vlan::shift_header(&f.hdr, e.delta()) else {
+        dest.counters.dropped(DropReason::BadHeader);
+        return;
+    };
+    let mut segs = std::mem::take(&mut cx.retag);
+    segs.clear();
+    segs.push(Seg::of_slice(&head[..n]));
+    segs.extend(window(f.segs, f.offset + rest, f.len - rest));
+    let tagged = !matches!(e, Edit::Strip);
+    let g = TxFrame { segs: &segs, offset: 0, len: n + f.len - rest, hdr, vlan: Ingress { vlan: f.vlan.vlan, tagged } };
+    // The new head lives on this stack frame: nothing may keep pointing at it (a batched
+    // link send would), so this frame is sent now.
+    let batching = std::mem::replace(&mut cx.batching, false);
+    deliver_as_is(dest, &g, cx);
+    cx.batching = batching;
+    segs.clear();
+    cx.retag = segs;
+}
+
+fn deliver_as_is(dest: &Port, f: &TxFrame, cx: &mut TxScratch) {
     if let Some(shaper) = dest.rx_limit.as_ref().filter(|_| !cx.shaped) {
         let mut sh = shaper.lock().unwrap_or_else(|e| e.into_inner());
         let now = sh.now_ns();
@@ -579,8 +625,9 @@ pub fn release_shaped(ports: &[Arc<Port>], cx: &mut TxScratch) -> Option<u64> {
                 sh.queued_bytes -= len;
                 sh.queue.pop_front().expect("front")
             };
-            let f = TxFrame { segs: &[Seg::of_slice(&frame)], offset: 0, len: frame.len(), hdr };
-            deliver(port, &f, cx);
+            // Already tagged for this port: straight to its ring.
+            let f = TxFrame { segs: &[Seg::of_slice(&frame)], offset: 0, len: frame.len(), hdr, vlan: Ingress { vlan: 0, tagged: false } };
+            deliver_as_is(port, &f, cx);
         }
     }
     cx.shaped = false;

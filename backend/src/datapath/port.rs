@@ -13,6 +13,7 @@ use vunet_dhcp::DhcpServer;
 use vunet_switch::gateway::{eui64, link_local};
 use vunet_switch::port_security::Claims6;
 use vunet_switch::ratelimit::TokenBucket;
+use vunet_switch::vlan::PortVlan;
 use vunet_switch::vnet::{RxCaps, VnetHeader};
 use vunet_switch::{DropReason, Mac, MacTable, PortCounters, PortId};
 
@@ -219,6 +220,8 @@ pub struct Port {
     pub conn: Mutex<Option<UnixStream>>,
     /// Set while at least one `vunet capture` listens on this port.
     pub capturing: AtomicBool,
+    /// The port's VLAN mode: which VLANs its frames belong to and how they leave it.
+    pub vlan: PortVlan,
     captures: Mutex<Vec<(SyncSender<Captured>, Arc<CaptureBudget>)>>,
 }
 
@@ -267,6 +270,7 @@ impl Port {
             removed: AtomicBool::new(false),
             conn: Mutex::new(None),
             capturing: AtomicBool::new(false),
+            vlan: PortVlan::Untagged,
             captures: Mutex::new(Vec::new()),
         }
     }
@@ -321,7 +325,8 @@ impl Port {
                 return Ok(word_mac(w));
             }
             let mac = if w & LOCKED != 0 { word_mac(w) } else { seen };
-            table.claim(mac, self.id)?;
+            // Pinned in the port's own VLAN, where its guest's address is.
+            table.claim_in(self.vlan.home().unwrap_or(0), mac, self.id)?;
             self.src_ok.store(u64::MAX, Ordering::Relaxed);
             self.locked_mac.store(mac_word(&mac) | PINNED, Ordering::Release);
             mac

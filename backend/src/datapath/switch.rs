@@ -14,6 +14,7 @@ use vunet_switch::gateway::is_ipv6_multicast;
 use vunet_switch::offload::complete_checksum;
 use vunet_switch::port_security;
 use vunet_switch::router::{Emit, Side, Verdict};
+use vunet_switch::vlan::{self, Ingress};
 use vunet_switch::vnet::VnetHeader;
 use vunet_switch::{dst_mac, is_multicast, src_mac, Decision, DropReason, MAX_FRAME_LEN, MIN_FRAME_LEN};
 
@@ -210,6 +211,8 @@ fn decide_and_deliver(
     if is_multicast(&src) || net.gateway.is_some_and(|g| g.mac == src) {
         return Err(DropReason::BadSourceMac);
     }
+    // The frame's VLAN, once, from the checked head (which holds any tag: it is longer than 18).
+    let ing = vlan::ingress(&port.vlan, &head[hdr_len..seen])?;
     if port.security {
         let mac = port.lock_mac(src, &net.macs, net.dhcp.as_ref())?;
         let taken = |ip| net.held_by_other(port, &mac, ip);
@@ -226,19 +229,22 @@ fn decide_and_deliver(
         }
     }
     port.counters.received(len);
-    let frame = TxFrame { segs: view, offset: hdr_len, len, hdr };
+    let frame = TxFrame { segs: view, offset: hdr_len, len, hdr, vlan: ing };
     if port.capturing.load(Ordering::Relaxed) {
         capture(port, &frame, cx);
     }
-    let to_gateway = net.gateway.is_some_and(|g| g.wants(&dst)) || (net.gateway6.is_some() && is_ipv6_multicast(&dst));
+    // The gateway and its services are on the network's untagged VLAN only (and read
+    // untagged frames: a priority-tagged one is not for them).
+    let on_gateway_vlan = ing == Ingress::default();
+    let to_gateway = on_gateway_vlan && (net.gateway.is_some_and(|g| g.wants(&dst)) || (net.gateway6.is_some() && is_ipv6_multicast(&dst)));
     let decision = {
         let mut macs = net.macs.lock().unwrap_or_else(|e| e.into_inner());
-        if net.gateway.is_some_and(|g| g.mac == dst) {
+        if ing.vlan == 0 && net.gateway.is_some_and(|g| g.mac == dst) {
             // For the gateway alone: learn the sender, forward nowhere.
-            macs.learn(src, port.id, now)?;
+            macs.learn_in(ing.vlan, src, port.id, now)?;
             Decision::Discard
         } else {
-            macs.forward(src, dst, port.id, now)?
+            macs.forward_in(ing.vlan, src, dst, port.id, now)?
         }
     };
     if to_gateway {
@@ -255,11 +261,11 @@ fn decide_and_deliver(
         }
         Decision::Flood => {
             // A routed uplink is not on the guests' L2 segment; one isolated port's broadcasts
-            // reach no other isolated port.
-            for dest in ports
-                .iter()
-                .filter(|p| !(p.id == port.id || p.routed || (port.isolated && p.isolated) || p.removed.load(Ordering::Relaxed)))
-            {
+            // reach no other isolated port; within the frame's VLAN only.
+            for dest in ports.iter().filter(|p| {
+                !(p.id == port.id || p.routed || (port.isolated && p.isolated) || p.removed.load(Ordering::Relaxed))
+                    && p.vlan.carries(ing.vlan)
+            }) {
                 deliver(dest, &frame, cx);
             }
         }
@@ -347,7 +353,13 @@ fn answer_gateway(net: &Network, ports: &[Arc<Port>], port: &Port, f: &TxFrame, 
             Handled::NotMine => continue,
             Handled::Consumed => break,
             Handled::Reply => {
-                let answer = TxFrame { segs: &[Seg::of_slice(&reply)], offset: 0, len: reply.len(), hdr: VnetHeader::default() };
+                let answer = TxFrame {
+                    segs: &[Seg::of_slice(&reply)],
+                    offset: 0,
+                    len: reply.len(),
+                    hdr: VnetHeader::default(),
+                    vlan: Ingress::default(),
+                };
                 deliver(port, &answer, cx);
                 break;
             }
@@ -368,7 +380,8 @@ pub(super) fn switch_from_link(net: &Network, port: &Port, frames: &[(&[u8], boo
     for &(frame, outgoing) in frames {
         if outgoing && frame.len() >= hdr_len + 12 {
             let src: vunet_switch::Mac = frame[hdr_len + 6..hdr_len + 12].try_into().unwrap_or([0; 6]);
-            let home = net.macs.lock().unwrap_or_else(|e| e.into_inner()).port_of(&src, now);
+            let vid = vlan::ingress(&port.vlan, &frame[hdr_len..]).map_or(0, |i| i.vlan);
+            let home = net.macs.lock().unwrap_or_else(|e| e.into_inner()).port_of_in(vid, &src, now);
             if home.is_some_and(|p| p != port.id) {
                 continue;
             }
@@ -388,7 +401,7 @@ fn send_routed(net: &Network, ports: &[Arc<Port>], side: Side, hdr: &VnetHeader,
     if frame.len() < MIN_FRAME_LEN {
         return;
     }
-    let f = TxFrame { segs: &[Seg::of_slice(frame)], offset: 0, len: frame.len(), hdr: *hdr };
+    let f = TxFrame { segs: &[Seg::of_slice(frame)], offset: 0, len: frame.len(), hdr: *hdr, vlan: Ingress::default() };
     // The frame lives in a scratch buffer that the next frame reuses: no batching.
     let batching = std::mem::replace(&mut cx.batching, false);
     match side {

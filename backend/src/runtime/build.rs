@@ -100,6 +100,7 @@ pub fn guest_port(id: PortId, p: &PortConfig, net: &Network, tap: Option<Arc<Upl
     let bucket = |l: &RateLimit| TokenBucket::new(Rate { average_kbs: l.average, peak_kbs: l.peak, burst_kib: l.burst }, 0);
     port.tx_limit = p.bandwidth.outbound.as_ref().map(|l| Mutex::new(bucket(l)));
     port.rx_limit = p.bandwidth.inbound.as_ref().map(|l| Mutex::new(RxShaper::new(bucket(l), net.shaper.clone())));
+    port.vlan = p.vlan.clone();
     // A tap port is the host's own interface: trusted unless asked otherwise.
     port.security = p.port_security.unwrap_or(has_gateway && p.tap.is_none());
     // A tap is there from the start; a guest port is connected when its VMM comes.
@@ -110,8 +111,9 @@ pub fn guest_port(id: PortId, p: &PortConfig, net: &Network, tap: Option<Arc<Upl
 
 /// The switch port of a network's uplink (always "connected"; the uplink itself knows whether
 /// its interface is there).
-pub fn uplink_port(id: PortId, routed: bool, up: Arc<Uplink>) -> Port {
+pub fn uplink_port(id: PortId, routed: bool, up: Arc<Uplink>, vlan: vunet_switch::vlan::PortVlan) -> Port {
     let mut port = Port::new(id, format!("uplink:{}", up.ifname), PortKind::Uplink);
+    port.vlan = vlan;
     port.connected = AtomicBool::new(true);
     port.routed = routed;
     port.link = Some(up);

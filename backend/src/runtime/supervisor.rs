@@ -76,7 +76,14 @@ pub fn bind_sockets(n: &NetworkConfig) -> Result<Vec<Option<UnixListener>>, Star
 
 /// Opens the tap of a tap port.
 fn open_tap(network: &str, tap: &str) -> Result<Uplink, crate::ports::uplink::UplinkError> {
-    let u = UplinkConfig { kind: UplinkKind::Tap, interface: tap.to_string(), name: None, mac: None, own_mac: false };
+    let u = UplinkConfig {
+        kind: UplinkKind::Tap,
+        interface: tap.to_string(),
+        name: None,
+        mac: None,
+        own_mac: false,
+        vlan: vunet_switch::vlan::PortVlan::Untagged,
+    };
     Uplink::open(network, &u)
 }
 
@@ -128,7 +135,9 @@ impl Supervisor {
             }
         }
         if let Some(up) = uplink {
-            let port = net.ports.add(|id, _| Ok::<_, StartError>(build::uplink_port(id, net.router.is_some(), up.clone())))?;
+            let vlan = n.uplink.as_ref().map(|u| u.vlan.clone()).unwrap_or_default();
+            let port =
+                net.ports.add(|id, _| Ok::<_, StartError>(build::uplink_port(id, net.router.is_some(), up.clone(), vlan.clone())))?;
             links.insert(port.id, up);
         }
         if let (Some(gw), Some(dns)) = (net.gateway, built.dns) {

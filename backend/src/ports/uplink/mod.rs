@@ -37,6 +37,8 @@ use crate::datapath::HostLink;
 
 /// Frames read per batch.
 pub const BATCH: usize = 32;
+/// `PACKET_AUXDATA` (linux/if_packet.h), not in the libc crate.
+const PACKET_AUXDATA: libc::c_int = 8;
 /// A receive buffer holds the largest GSO frame the kernel hands over, with its header.
 const BUF_LEN: usize = 65536 + HDR_LEN_LEGACY + 64;
 /// How often an idle uplink checks its interface.
@@ -158,6 +160,9 @@ fn open_af_packet(name: &str) -> io::Result<Io> {
     let raw = fd.as_raw_fd();
     // Offload metadata in and out; without it TSO frames are segmented in software.
     let hdr_len = if setsockopt_int(raw, libc::SOL_PACKET, libc::PACKET_VNET_HDR, 1).is_ok() { HDR_LEN_LEGACY } else { 0 };
+    // The kernel takes VLAN tags out of received frames before packet sockets see them and
+    // says what they were in the auxiliary data: asked for, so the tags can be put back.
+    setsockopt_int(raw, libc::SOL_PACKET, PACKET_AUXDATA, 1)?;
     // Room for bursts; the FORCE variants work for root, the plain ones cap at the sysctl.
     for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
         if setsockopt_int(raw, libc::SOL_SOCKET, force, 4 << 20).is_err() {

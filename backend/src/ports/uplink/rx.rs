@@ -21,6 +21,9 @@ pub fn run(mut inject: Inject, port: Arc<Port>, up: Arc<Uplink>) {
     let net = inject.network().clone();
     let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; BUF_LEN]).collect();
     let mut lens = [0usize; BATCH];
+    // Where each frame starts in its buffer (a packet socket's frames leave room in front for
+    // a VLAN tag to be put back).
+    let mut starts = [0usize; BATCH];
     let mut outgoing = [false; BATCH];
     let mut last_watch = Instant::now();
     let mut announced = false;
@@ -84,8 +87,8 @@ pub fn run(mut inject: Inject, port: Arc<Port>, up: Arc<Uplink>) {
             continue;
         }
         let got = match up.kind {
-            UplinkKind::AfPacket => recv_packets(fd, &mut bufs, &mut lens, &mut outgoing),
-            _ => read_frames(fd, &mut bufs, &mut lens),
+            UplinkKind::AfPacket => recv_packets(fd, hdr_len, &mut bufs, &mut starts, &mut lens, &mut outgoing),
+            _ => read_frames(fd, &mut bufs, &mut lens).inspect(|_| starts = [0; BATCH]),
         };
         drop(io);
         match got {
@@ -93,10 +96,10 @@ pub fn run(mut inject: Inject, port: Arc<Port>, up: Arc<Uplink>) {
                 // The host's own transmissions on the interface are not for the router.
                 let mut frames: Vec<&mut [u8]> = bufs[..n]
                     .iter_mut()
-                    .zip(&lens[..n])
+                    .zip(lens[..n].iter().zip(&starts[..n]))
                     .zip(&outgoing[..n])
-                    .filter(|((_, &l), &o)| l > 0 && !o)
-                    .map(|((b, &l), _)| &mut b[..l])
+                    .filter(|((_, (&l, _)), &o)| l > 0 && !o)
+                    .map(|((b, (&l, &at)), _)| &mut b[at..at + l])
                     .collect();
                 if let Some(c) = dhcp.as_mut() {
                     frames.retain_mut(|f| !dhcp_reply(&mut inject, c, f, hdr_len));
@@ -104,7 +107,8 @@ pub fn run(mut inject: Inject, port: Arc<Port>, up: Arc<Uplink>) {
                 inject.route_from_link(&port, &mut frames, hdr_len);
             }
             Ok(n) => {
-                let frames: Vec<(&[u8], bool)> = (0..n).filter(|&i| lens[i] > 0).map(|i| (&bufs[i][..lens[i]], outgoing[i])).collect();
+                let frames: Vec<(&[u8], bool)> =
+                    (0..n).filter(|&i| lens[i] > 0).map(|i| (&bufs[i][starts[i]..starts[i] + lens[i]], outgoing[i])).collect();
                 inject.switch_from_link(&port, &frames, hdr_len);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
@@ -219,9 +223,23 @@ fn announce(inject: &mut Inject) {
 }
 
 /// One `recvmmsg` of up to BATCH frames; `outgoing[i]` marks frames this host sent out the
-/// interface (the kernel shows them to packet sockets too).
-fn recv_packets(fd: RawFd, bufs: &mut [Vec<u8>], lens: &mut [usize], outgoing: &mut [bool]) -> io::Result<usize> {
-    let mut iovs: Vec<libc::iovec> = bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
+/// interface (the kernel shows them to packet sockets too). Each frame (behind its `hdr_len`
+/// bytes of virtio-net header) is `bufs[i][starts[i]..][..lens[i]]`, with the VLAN tag the
+/// kernel took out put back.
+fn recv_packets(
+    fd: RawFd,
+    hdr_len: usize,
+    bufs: &mut [Vec<u8>],
+    starts: &mut [usize],
+    lens: &mut [usize],
+    outgoing: &mut [bool],
+) -> io::Result<usize> {
+    const TAG: usize = vunet_switch::vlan::TAG_LEN;
+    // Received TAG bytes in: a tag is put back by moving the header and MACs to the front.
+    let mut iovs: Vec<libc::iovec> =
+        bufs.iter_mut().map(|b| libc::iovec { iov_base: b[TAG..].as_mut_ptr().cast(), iov_len: b.len() - TAG }).collect();
+    // Room for one cmsg of auxdata per frame (u64s: aligned as cmsghdr wants).
+    let mut controls = vec![[0u64; 8]; bufs.len()];
     // SAFETY: zeroed sockaddr_ll and mmsghdr are valid initial values.
     let mut addrs: Vec<libc::sockaddr_ll> = (0..bufs.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
     let mut msgs: Vec<libc::mmsghdr> = (0..bufs.len())
@@ -232,10 +250,12 @@ fn recv_packets(fd: RawFd, bufs: &mut [Vec<u8>], lens: &mut [usize], outgoing: &
             m.msg_hdr.msg_iovlen = 1;
             m.msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_ll).cast();
             m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            m.msg_hdr.msg_control = controls[i].as_mut_ptr().cast();
+            m.msg_hdr.msg_controllen = std::mem::size_of_val(&controls[i]) as _;
             m
         })
         .collect();
-    // SAFETY: every mmsghdr points at a live iovec, buffer and address of this frame.
+    // SAFETY: every mmsghdr points at a live iovec, buffer, address and control of this frame.
     let n = unsafe { libc::recvmmsg(fd, msgs.as_mut_ptr(), msgs.len() as u32, libc::MSG_DONTWAIT | libc::MSG_TRUNC, std::ptr::null_mut()) };
     if n < 0 {
         return Err(io::Error::last_os_error());
@@ -243,11 +263,62 @@ fn recv_packets(fd: RawFd, bufs: &mut [Vec<u8>], lens: &mut [usize], outgoing: &
     let n = n as usize;
     for i in 0..n {
         let len = msgs[i].msg_len as usize;
-        // A frame longer than the buffer (MSG_TRUNC gives its real length) is dropped whole.
-        lens[i] = if len > bufs[i].len() { 0 } else { len };
         outgoing[i] = addrs[i].sll_pkttype == libc::PACKET_OUTGOING;
+        starts[i] = TAG;
+        // A frame longer than the buffer (MSG_TRUNC gives its real length) is dropped whole.
+        lens[i] = if len > bufs[i].len() - TAG { 0 } else { len };
+        if lens[i] < hdr_len + 12 {
+            continue;
+        }
+        if let Some(tag) = vlan_of(&msgs[i].msg_hdr) {
+            let b = &mut bufs[i];
+            b.copy_within(TAG..TAG + hdr_len + 12, 0);
+            b[hdr_len + 12..hdr_len + 16].copy_from_slice(&tag);
+            if hdr_len > 0 {
+                // The offsets in the virtio-net header move with the data behind the tag.
+                let h = vunet_switch::VnetHeader::parse(&b[..hdr_len]);
+                match vunet_switch::vlan::shift_header(&h, TAG as isize) {
+                    Some(h) => h.write(&mut b[..hdr_len]),
+                    None => {
+                        lens[i] = 0;
+                        continue;
+                    }
+                }
+            }
+            starts[i] = 0;
+            lens[i] += TAG;
+        }
     }
     Ok(n)
+}
+
+/// The VLAN tag (TPID and TCI) the kernel took out of a received frame, from its
+/// `PACKET_AUXDATA`.
+fn vlan_of(m: &libc::msghdr) -> Option<[u8; 4]> {
+    // SAFETY: the control buffer is the one recvmmsg filled, of the length it set.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(m) };
+    while !c.is_null() {
+        // SAFETY: `c` points at a cmsghdr within the control buffer (CMSG_FIRSTHDR/NXTHDR).
+        let h = unsafe { &*c };
+        let want = std::mem::size_of::<libc::tpacket_auxdata>();
+        // SAFETY: as above; CMSG_LEN is arithmetic.
+        if h.cmsg_level == libc::SOL_PACKET
+            && h.cmsg_type == super::PACKET_AUXDATA
+            && h.cmsg_len as usize >= unsafe { libc::CMSG_LEN(want as u32) } as usize
+        {
+            // SAFETY: the data holds a tpacket_auxdata (length checked above); it may be unaligned.
+            let aux: libc::tpacket_auxdata = unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(c).cast()) };
+            if aux.tp_status & libc::TP_STATUS_VLAN_VALID == 0 {
+                return None;
+            }
+            let tpid = if aux.tp_status & libc::TP_STATUS_VLAN_TPID_VALID != 0 { aux.tp_vlan_tpid } else { vunet_switch::vlan::TPID };
+            let (p, t) = (tpid.to_be_bytes(), aux.tp_vlan_tci.to_be_bytes());
+            return Some([p[0], p[1], t[0], t[1]]);
+        }
+        // SAFETY: as above.
+        c = unsafe { libc::CMSG_NXTHDR(m, c) };
+    }
+    None
 }
 
 /// Reads up to BATCH frames from a tap or macvtap (one frame per read).

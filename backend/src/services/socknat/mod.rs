@@ -799,42 +799,27 @@ impl SocketNat {
             }
         });
         // A flow whose port was removed has nobody to talk to: close it.
-        let orphans: Vec<FlowId> = st
-            .tcp_socks
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.as_ref().is_some_and(|s| port_of(s.port).is_none()))
-            .map(|(id, _)| id)
-            .collect();
-        for id in orphans {
+        let live = |port: PortId| port_of(port).is_some();
+        for id in orphans(&st.tcp_socks, |s| s.port, live) {
             st.tcp.remove(id);
             if let Some(h) = st.tcp_socks[id].take().and_then(|s| s.host) {
                 h.close(true);
             }
         }
-        let orphans: Vec<FlowId> = st
-            .udp_socks
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.as_ref().is_some_and(|s| port_of(s.port).is_none()))
-            .map(|(id, _)| id)
-            .collect();
-        for id in orphans {
+        for id in orphans(&st.udp_socks, |s| s.port, live) {
             st.udp.remove(id);
             st.udp_socks[id] = None;
         }
-        let orphans: Vec<FlowId> = st
-            .ping_socks
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.as_ref().is_some_and(|s| port_of(s.port).is_none()))
-            .map(|(id, _)| id)
-            .collect();
-        for id in orphans {
+        for id in orphans(&st.ping_socks, |s| s.port, live) {
             st.icmp.remove(id);
             st.ping_socks[id] = None;
         }
     }
+}
+
+/// The flows in `socks` whose port is no longer live.
+fn orphans<T>(socks: &[Option<T>], port: impl Fn(&T) -> PortId, live: impl Fn(PortId) -> bool) -> Vec<FlowId> {
+    socks.iter().enumerate().filter(|(_, s)| s.as_ref().is_some_and(|s| !live(port(s)))).map(|(id, _)| id).collect()
 }
 
 /// Binds every forwarded host port: one socket per port of each range, on the forward's

@@ -448,32 +448,72 @@ pub fn import(text: &str, file: &str) -> Result<Imported, String> {
             }
         }
     }
-    let known = ["name", "uuid", "forward", "bridge", "mtu", "domain", "dns", "ip", "mac", "route", "port", "vlan", "portgroup"];
+    let known =
+        ["name", "uuid", "forward", "bridge", "mtu", "domain", "dns", "ip", "mac", "route", "port", "vlan", "portgroup", "bandwidth"];
     if let Some(m) = net.child("mac") {
         warn(m.line, "<mac> of the bridge is not used: the gateway's MAC is derived from the network name".into());
     }
     for c in net.children.iter().filter(|c| !known.contains(&c.name.as_str())) {
         warn(c.line, format!("<{}> is not supported; ignored", c.name));
     }
+    let isolated = net.child("port").is_some_and(|p| p.attr("isolated") == Some("yes"));
     for pg in net.all("portgroup") {
         let pname = pg.attr("name").unwrap_or("");
-        match pg.child("vlan") {
-            Some(v) => {
-                let spec = vlan_spec(v, file)?;
-                t.push_str(&format!(
-                    "\n# <portgroup name='{pname}'>: a guest port of it would be\n# [[network.port]]\n# name = \"...\"\n# socket = \"....sock\"\n{}",
-                    spec.port_keys().lines().map(|l| format!("# {l}\n")).collect::<String>()
-                ));
-                warn(
-                    pg.line,
-                    format!("<portgroup name='{pname}'>: vunet has no port groups; its <vlan> is written as a commented port template"),
-                );
-            }
-            None => warn(pg.line, format!("<portgroup name='{pname}'> is not supported (vunet has no port groups); ignored")),
+        // What a guest port of this group gets: its VLAN, its limits, the network's isolation.
+        let mut keys = String::new();
+        if let Some(v) = pg.child("vlan") {
+            keys.push_str(&vlan_spec(v, file)?.port_keys());
         }
+        if isolated {
+            keys.push_str("isolated = true\n");
+        }
+        if let Some(bw) = pg.child("bandwidth") {
+            keys.push_str(&bandwidth_keys(bw, file)?);
+        }
+        if keys.is_empty() {
+            warn(pg.line, format!("<portgroup name='{pname}'> is not supported (vunet has no port groups); ignored"));
+            continue;
+        }
+        t.push_str(&format!(
+            "\n# <portgroup name='{pname}'>: a guest port of it would be\n# [[network.port]]\n# name = \"...\"\n# socket = \"....sock\"\n{}",
+            keys.lines().map(|l| format!("# {l}\n")).collect::<String>()
+        ));
+        warn(
+            pg.line,
+            format!("<portgroup name='{pname}'>: vunet has no port groups; its settings are written as a commented port template"),
+        );
+    }
+    if let Some(bw) = net.child("bandwidth") {
+        warn(
+            bw.line,
+            "a network-wide <bandwidth> (one limit all guests share) is not supported; limits are per port: [network.port.bandwidth]; ignored".into(),
+        );
     }
     t.push_str("\n# Guests attach through vhost-user sockets: add [[network.port]] tables here, or use\n# `vunet port-add NETWORK NAME` on the running daemon.\n");
     Ok(Imported { toml: t, warnings })
+}
+
+/// A `<bandwidth>`'s `<inbound>` and `<outbound>` as `[network.port.bandwidth]` lines (the same
+/// units: kilobytes per second, burst in KiB). `floor` has no meaning without libvirt's
+/// network-wide QoS: left out.
+fn bandwidth_keys(bw: &Element, file: &str) -> Result<String, String> {
+    let mut out = String::new();
+    for dir in ["inbound", "outbound"] {
+        let Some(e) = bw.child(dir) else { continue };
+        let mut parts = Vec::new();
+        for k in ["average", "peak", "burst"] {
+            if let Some(v) = e.attr(k) {
+                let n: u64 = v.parse().map_err(|_| format!("{file}:{}: <{dir} {k}='{v}'> is not a number", e.line))?;
+                if !(k == "peak" && dir == "outbound") {
+                    parts.push(format!("{k} = {n}"));
+                }
+            }
+        }
+        if !parts.is_empty() {
+            out.push_str(&format!("{dir} = {{ {} }}\n", parts.join(", ")));
+        }
+    }
+    Ok(if out.is_empty() { out } else { format!("[network.port.bandwidth]\n{out}") })
 }
 
 /// A libvirt `<vlan>`: its tags, the native one (and whether it leaves tagged), and whether
@@ -743,10 +783,33 @@ mod tests {
     }
 
     #[test]
+    fn portgroup_bandwidth_and_isolation_become_a_port_template() {
+        let i = import(
+            "<network><name>q</name><ip address='10.0.0.1' prefix='24'/><port isolated='yes'/>\n\
+             <portgroup name='tenant'><bandwidth><inbound average='12500' peak='25000' burst='1024'/><outbound average='12500' peak='9'/></bandwidth></portgroup></network>",
+            "n.xml",
+        )
+        .unwrap();
+        let want = "# [[network.port]]\n# name = \"...\"\n# socket = \"....sock\"\n# isolated = true\n# [network.port.bandwidth]\n\
+                    # inbound = { average = 12500, peak = 25000, burst = 1024 }\n# outbound = { average = 12500 }\n";
+        assert!(i.toml.contains(want), "{}", i.toml);
+        // The template, uncommented with a name and socket, is a valid port.
+        let port: String = want
+            .lines()
+            .map(|l| l.trim_start_matches("# ").to_string() + "\n")
+            .collect::<String>()
+            .replace("\"...\"", "\"t\"")
+            .replace("\"....sock\"", "\"t.sock\"");
+        let c = Config::parse(&format!("{}{port}", i.toml), "n.toml", Path::new("/")).unwrap();
+        let p = &c.networks[0].ports[0];
+        assert!(p.isolated && p.bandwidth.inbound.is_some() && p.bandwidth.outbound.is_some_and(|o| o.peak.is_none()));
+    }
+
+    #[test]
     fn unknown_elements_are_named() {
         let i = import("<network><name>x</name><ip address='10.0.0.1' prefix='24'/><bandwidth/><portgroup name='p'/></network>", "n.xml")
             .unwrap();
         assert_eq!(i.warnings.len(), 2, "{:?}", i.warnings);
-        assert!(i.warnings[0].contains("<bandwidth> is not supported"));
+        assert!(i.warnings.iter().any(|w| w.contains("network-wide <bandwidth>")), "{:?}", i.warnings);
     }
 }

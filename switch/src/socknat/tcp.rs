@@ -979,16 +979,19 @@ impl TcpFlow {
         None
     }
 
-    /// FIN goes when the host is at EOF and every byte of the socket reached the guest: all
-    /// acknowledged and nothing more to peek. Once sent, it is resent when a retransmission
-    /// brings snd_nxt back to it.
+    /// FIN goes when the host is at EOF and every byte of the socket was sent to the guest
+    /// (nothing more to peek past what is in flight), right behind the last data: waiting for
+    /// the guest's ACK of that data first would cost each short connection the guest's delayed
+    /// ACK (40 ms in Linux). Not while going back for a retransmission. Once sent, it is resent
+    /// when a retransmission brings snd_nxt back to it.
     fn want_fin<I: HostIo>(&mut self, buf: &mut [u8], io: &mut I) -> bool {
         match self.fin_seq {
             Some(f) => f == self.snd_nxt,
             None => {
                 let mut probe = [0u8; 1];
                 let scratch = buf.get_mut(TCP_FRAME_HDR..TCP_FRAME_HDR + 1).unwrap_or(&mut probe[..]);
-                self.snd_nxt == self.snd_una && io.peek(0, scratch) == 0
+                let off = self.peek_offset();
+                self.snd_nxt == self.snd_max && io.peek(off, scratch) == 0
             }
         }
     }

@@ -650,16 +650,19 @@ fn guest_fin_half_closes_then_host_finishes() {
     let out = h.drain();
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].payload.len(), 300);
-    // The remote closes: no FIN before the guest acknowledged the data.
+    // The remote closes: our FIN follows the data at once (no wait for the guest's delayed
+    // ACK of it).
     h.flow().host_eof();
-    assert!(h.drain().is_empty());
-    h.gseq += 11;
-    let out = h.ack(iss + 300, 2000);
-    assert_eq!(h.take_ops(), vec![HostOp::Discard(300)]);
+    let out = h.drain();
     assert_eq!(out.len(), 1);
     assert!(out[0].fin);
     assert_eq!(out[0].seq, iss + 300);
-    // The guest acknowledges our FIN: over, no TIME_WAIT here.
+    h.gseq += 11;
+    // The guest acknowledges the data first: those bytes go from the socket.
+    h.ack(iss + 300, 2000);
+    assert_eq!(h.take_ops(), vec![HostOp::Discard(300)]);
+    assert_eq!(h.flow().peek_offset(), 0);
+    // Then our FIN: over, no TIME_WAIT here.
     h.ack(iss + 301, 2000);
     assert_eq!(h.take_ops(), vec![HostOp::Close { reset: false }]);
     assert!(h.flow().is_done());
@@ -672,11 +675,10 @@ fn host_fin_first_then_guest_keeps_sending() {
     h.sock.rx = pattern(100);
     h.flow().host_eof();
     let out = h.drain();
-    assert_eq!(out.len(), 1, "data, and no FIN while it is unacknowledged");
-    assert!(!out[0].fin);
-    let out = h.ack(iss + 100, 2000);
-    assert_eq!(out.len(), 1);
-    assert!(out[0].fin);
+    assert_eq!(out.len(), 2, "the data, then our FIN right behind it");
+    assert!(!out[0].fin && out[0].payload.len() == 100);
+    assert!(out[1].fin && out[1].seq == iss + 100);
+    // One ACK for both: the data's bytes are discarded, the FIN is no byte of the socket.
     h.ack(iss + 101, 2000);
     assert_eq!(h.take_ops(), vec![HostOp::Discard(100)]);
     assert_eq!(h.flow().peek_offset(), 0, "our FIN, acknowledged, is no byte of the socket");

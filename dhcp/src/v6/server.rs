@@ -102,7 +102,43 @@ fn decode(payload: &[u8]) -> Option<Message> {
     if payload.len() > MAX_MESSAGE || matches!(payload.first(), Some(12 | 13) | None) {
         return None;
     }
+    if !shallow(&payload[4.min(payload.len())..], 0) {
+        return None;
+    }
     Message::from_bytes(payload).ok()
+}
+
+/// Deepest nesting of options a client needs: IA_NA → IA Address → Status Code.
+const MAX_DEPTH: usize = 3;
+
+/// Whether the options in `buf` nest no deeper than `MAX_DEPTH` and carry no relay message:
+/// the codec decodes nested options by recursion, and a guest must not choose its depth.
+/// Malformed lengths are left for the codec to refuse.
+fn shallow(mut buf: &[u8], depth: usize) -> bool {
+    if depth > MAX_DEPTH {
+        return false;
+    }
+    while buf.len() >= 4 {
+        let code = u16::from_be_bytes([buf[0], buf[1]]);
+        let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
+        let Some(data) = buf.get(4..4 + len) else { return true };
+        // Where each encapsulating option's own options start.
+        let inner = match code {
+            9 => return false,
+            3 | 25 => 12,
+            4 | 17 => 4,
+            5 => 24,
+            26 => 25,
+            _ => usize::MAX,
+        };
+        if let Some(sub) = data.get(inner..) {
+            if !shallow(sub, depth + 1) {
+                return false;
+            }
+        }
+        buf = &buf[4 + len..];
+    }
+    true
 }
 
 fn in_prefix(ip: &Ipv6Addr, net: &Ipv6Addr, prefix: u8) -> bool {
@@ -809,6 +845,44 @@ mod tests {
         let sid = s.duid().to_vec();
         let r = parse(&s.handle(&msg(MessageType::Renew, &d, Some(&sid), &[(1, &[])], false), M1, 200).0.unwrap());
         assert_eq!(addrs(&r), vec![(ip("fd00:7675:1::105"), 3600)]);
+    }
+
+    #[test]
+    fn hostile_bytes_never_panic() {
+        let mut s = server();
+        let sid = s.duid().to_vec();
+        let seeds = [
+            msg(MessageType::Solicit, &llt(M1), None, &[(1, &[ip("fd00:7675:1::100")])], true),
+            msg(MessageType::Request, &llt(M1), Some(&sid), &[(1, &[ip("fd00:7675:1::100")])], false),
+            msg(MessageType::Renew, &llt(M1), Some(&sid), &[(1, &[ip("fd00:7675:1::100")])], false),
+        ];
+        for seed in &seeds {
+            for cut in 0..seed.len() {
+                s.handle(&seed[..cut], M1, 5);
+            }
+            for i in 0..seed.len() {
+                for bit in 0..8 {
+                    let mut m = seed.clone();
+                    m[i] ^= 1 << bit;
+                    s.handle(&m, M1, 5);
+                }
+            }
+        }
+        // Options nested as deep as a message allows (IA_NA in IA_NA...): refused or answered,
+        // without exhausting the stack; longer messages are not looked at.
+        for len in [1400, 1500, 60000] {
+            let mut inner: Vec<u8> = Vec::new();
+            while inner.len() + 16 + 4 < len {
+                let mut o = vec![0, 3];
+                o.extend_from_slice(&((12 + inner.len()) as u16).to_be_bytes());
+                o.extend_from_slice(&[0; 12]);
+                o.extend_from_slice(&inner);
+                inner = o;
+            }
+            let mut m = vec![1, 0, 0, 1];
+            m.extend_from_slice(&inner);
+            std::thread::Builder::new().stack_size(256 * 1024).spawn(move || server().handle(&m, M1, 5)).unwrap().join().unwrap();
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use arc_swap::{ArcSwap, Guard};
 use std::time::Instant;
 
 use tracing::warn;
+use vunet_dhcp::v6::Dhcp6Server;
 use vunet_dhcp::{DhcpServer, Holders};
 use vunet_switch::gateway::{Gateway, Gateway6};
 use vunet_switch::router::Router;
@@ -36,6 +37,8 @@ pub struct Network {
     pub services: Vec<Arc<dyn GatewayService>>,
     /// The gateway's DHCP server state (port security and the listings read its leases).
     pub dhcp: Option<Mutex<DhcpServer>>,
+    /// The gateway's DHCPv6 server state (its service and the listings share it).
+    pub dhcp6: Option<Arc<Mutex<Dhcp6Server>>>,
     /// Who holds which address, as the DHCP server keeps it (read without its lock).
     holders: OnceLock<Option<Arc<Holders>>>,
     pub ports: PortList,
@@ -62,6 +65,7 @@ impl Network {
             gateway6: None,
             services: Vec::new(),
             dhcp: None,
+            dhcp6: None,
             holders: OnceLock::new(),
             ports: PortList::default(),
             macs: Mutex::new(MacTable::default()),

@@ -4,5 +4,6 @@
 
 pub mod arp_icmp;
 pub mod dhcp;
+pub mod dhcp6;
 pub mod dns;
 pub mod socknat;

@@ -8,6 +8,8 @@
 pub mod frame;
 pub mod server;
 
+/// The message codec, for callers that build or read messages (tests, clients).
+pub use dhcproto;
 pub use server::{client_duid_mac, duid_mac, Dhcp6Server, Lease6, Server6Config, StaticHost6};
 
 /// UDP port DHCPv6 clients listen on.

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Builds the tiny test guest from Debian packages: the Debian kernel (vmlinuz) and an initramfs
-# with busybox, iperf3 and the virtio-net modules. The result is cached in guest/ (or
-# $VUNET_GUEST_DIR) and rebuilt only when missing.
+# with busybox, iperf3, ISC dhclient (for DHCPv6) and the virtio-net modules. The result is
+# cached in guest/ (or $VUNET_GUEST_DIR) and rebuilt only when missing or built from another
+# version of this script (guest/VERSION, bumped when the image's contents change).
 #
 # The guest's /init loads virtio-net, brings eth0 up, then runs /test.sh, which a test appends
 # to the initramfs as a second cpio archive (the kernel unpacks concatenated archives).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${VUNET_GUEST_DIR:-$here/guest}
-if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.gz" ]; then
+# 2: dhclient and its /sbin/dhclient-script.
+version=2
+if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.gz" ] && [ "$(cat "$out/VERSION" 2>/dev/null)" = "$version" ]; then
   exit 0
 fi
 "$here/scripts/install-deps.sh"
@@ -27,7 +30,7 @@ dpkg -x ./*.deb kernel
 cp kernel/boot/vmlinuz-* "$out/vmlinuz.tmp"
 
 root=$work/root
-mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,etc,lib/modules,usr/bin,root}
+mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,etc/dhcp,lib/modules,usr/bin,root,run,var/lib/dhcp}
 cp /bin/busybox "$root/bin/busybox"
 for applet in $("$root/bin/busybox" --list); do
   [ "$applet" = busybox ] && continue
@@ -48,6 +51,25 @@ for lib in $(ldd /usr/bin/iperf3 | grep -o '/[^ ]*'); do
   mkdir -p "$root$(dirname "$lib")"
   cp -L "$lib" "$root$lib"
 done
+# ISC dhclient (DHCPv6 client) and its libraries; its script only adds the address it got and
+# says so on the console, for the tests to see.
+cp /sbin/dhclient "$root/sbin/dhclient"
+for lib in $(ldd /sbin/dhclient | grep -o '/[^ ]*'); do
+  mkdir -p "$root$(dirname "$lib")"
+  cp -L "$lib" "$root$lib"
+done
+: > "$root/etc/dhcp/dhclient.conf"
+cat > "$root/sbin/dhclient-script" <<'SCRIPT'
+#!/bin/sh
+case "$reason" in
+  BOUND6|RENEW6|REBIND6)
+    [ -n "$new_ip6_address" ] && ip -6 addr add "$new_ip6_address/128" dev "$interface" 2>/dev/null
+    echo "VUNET-DHCP6 $reason $new_ip6_address"
+    ;;
+esac
+exit 0
+SCRIPT
+chmod +x "$root/sbin/dhclient-script"
 cat > "$root/init" <<'INIT'
 #!/bin/sh
 export PATH=/bin:/sbin:/usr/bin
@@ -69,4 +91,5 @@ chmod +x "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/initramfs.gz.tmp"
 mv "$out/vmlinuz.tmp" "$out/vmlinuz"
 mv "$out/initramfs.gz.tmp" "$out/initramfs.gz"
+echo "$version" > "$out/VERSION"
 echo "guest image: $out (kernel $kpkg)" >&2

@@ -81,7 +81,7 @@ pub fn parse(text: &str) -> Result<Vec<Lease>, LeaseFileError> {
 }
 
 fn parse_duid(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || !(6..=2 * MAX_DUID).contains(&s.len()) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !s.len().is_multiple_of(2) || !(6..=2 * MAX_DUID).contains(&s.len()) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()

@@ -102,7 +102,7 @@ fn decode(payload: &[u8]) -> Option<Message> {
     if payload.len() > MAX_MESSAGE || matches!(payload.first(), Some(12 | 13) | None) {
         return None;
     }
-    if !shallow(&payload[4.min(payload.len())..], 0) {
+    if !well_formed(&payload[4.min(payload.len())..], 0) {
         return None;
     }
     Message::from_bytes(payload).ok()
@@ -111,10 +111,12 @@ fn decode(payload: &[u8]) -> Option<Message> {
 /// Deepest nesting of options a client needs: IA_NA → IA Address → Status Code.
 const MAX_DEPTH: usize = 3;
 
-/// Whether the options in `buf` nest no deeper than `MAX_DEPTH` and carry no relay message:
-/// the codec decodes nested options by recursion, and a guest must not choose its depth.
-/// Malformed lengths are left for the codec to refuse.
-fn shallow(mut buf: &[u8], depth: usize) -> bool {
+/// Whether the options in `buf` nest no deeper than `MAX_DEPTH`, carry no relay message, and
+/// have the lengths their fixed fields need. The codec decodes nested options by recursion (a
+/// guest must not choose its depth), reads fixed fields whatever the option's length says,
+/// and subtracts from lengths it has not checked (a panic with overflow checks): this check
+/// comes first. Lengths past the end are left for the codec to refuse.
+fn well_formed(mut buf: &[u8], depth: usize) -> bool {
     if depth > MAX_DEPTH {
         return false;
     }
@@ -122,6 +124,22 @@ fn shallow(mut buf: &[u8], depth: usize) -> bool {
         let code = u16::from_be_bytes([buf[0], buf[1]]);
         let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
         let Some(data) = buf.get(4..4 + len) else { return true };
+        let fits = match code {
+            7 | 19 => len == 1,  // Preference, Reconfigure Message
+            8 => len == 2,       // Elapsed Time
+            12 => len == 16,     // Server Unicast
+            13 => len >= 2,      // Status Code
+            14 | 20 => len == 0, // Rapid Commit, Reconfigure Accept
+            16 | 17 => len >= 4, // Vendor Class, Vendor-specific Information
+            3 | 25 => len >= 12, // IA_NA, IA_PD
+            4 => len >= 4,       // IA_TA
+            5 => len >= 24,      // IA Address
+            26 => len >= 25,     // IA Prefix
+            _ => true,
+        };
+        if !fits {
+            return false;
+        }
         // Where each encapsulating option's own options start.
         let inner = match code {
             9 => return false,
@@ -132,7 +150,7 @@ fn shallow(mut buf: &[u8], depth: usize) -> bool {
             _ => usize::MAX,
         };
         if let Some(sub) = data.get(inner..) {
-            if !shallow(sub, depth + 1) {
+            if !well_formed(sub, depth + 1) {
                 return false;
             }
         }
@@ -867,6 +885,25 @@ mod tests {
                     s.handle(&m, M1, 5);
                 }
             }
+        }
+        // Fixed-size options with lengths that do not fit them (the codec would subtract past
+        // zero or read past the option).
+        for (code, len) in [(13u16, 1u16), (13, 0), (16, 3), (17, 0), (7, 0), (8, 5), (12, 4), (14, 2)] {
+            let mut m = msg(MessageType::Solicit, &llt(M1), None, &[(1, &[])], false);
+            m.extend_from_slice(&code.to_be_bytes());
+            m.extend_from_slice(&len.to_be_bytes());
+            m.extend_from_slice(&vec![0; len as usize]);
+            assert_eq!(s.handle(&m, M1, 5).0, None, "option {code} of {len} bytes");
+            // The same inside an IA_NA.
+            let mut ia = vec![0, 3];
+            ia.extend_from_slice(&(12 + 4 + len).to_be_bytes());
+            ia.extend_from_slice(&[0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0]);
+            ia.extend_from_slice(&code.to_be_bytes());
+            ia.extend_from_slice(&len.to_be_bytes());
+            ia.extend_from_slice(&vec![0; len as usize]);
+            let mut m = msg(MessageType::Solicit, &llt(M1), None, &[], false);
+            m.extend_from_slice(&ia);
+            assert_eq!(s.handle(&m, M1, 5).0, None, "option {code} of {len} bytes in an IA_NA");
         }
         // Options nested as deep as a message allows (IA_NA in IA_NA...): refused or answered,
         // without exhausting the stack; longer messages are not looked at.

@@ -115,7 +115,7 @@ const MAX_DEPTH: usize = 3;
 /// have the lengths their fixed fields need. The codec decodes nested options by recursion (a
 /// guest must not choose its depth), reads fixed fields whatever the option's length says,
 /// and subtracts from lengths it has not checked (a panic with overflow checks): this check
-/// comes first. Lengths past the end are left for the codec to refuse.
+/// comes first.
 fn well_formed(mut buf: &[u8], depth: usize) -> bool {
     if depth > MAX_DEPTH {
         return false;
@@ -123,7 +123,9 @@ fn well_formed(mut buf: &[u8], depth: usize) -> bool {
     while buf.len() >= 4 {
         let code = u16::from_be_bytes([buf[0], buf[1]]);
         let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
-        let Some(data) = buf.get(4..4 + len) else { return true };
+        // An option running past its container: malformed (the codec would read fixed fields
+        // past the option's own length first).
+        let Some(data) = buf.get(4..4 + len) else { return false };
         let fits = match code {
             7 | 19 => len == 1,  // Preference, Reconfigure Message
             8 => len == 2,       // Elapsed Time
@@ -904,6 +906,22 @@ mod tests {
             let mut m = msg(MessageType::Solicit, &llt(M1), None, &[], false);
             m.extend_from_slice(&ia);
             assert_eq!(s.handle(&m, M1, 5).0, None, "option {code} of {len} bytes in an IA_NA");
+            // Last, with its length running past the message's end.
+            let mut m = msg(MessageType::Solicit, &llt(M1), None, &[(1, &[])], false);
+            m.extend_from_slice(&code.to_be_bytes());
+            m.extend_from_slice(&(len + 100).to_be_bytes());
+            m.extend_from_slice(&[0; 6]);
+            assert_eq!(s.handle(&m, M1, 5).0, None, "option {code} running past the end");
+        }
+        // What fuzzing found: a Vendor Class too short for its enterprise number, and a Server
+        // Unicast option whose fixed 16 bytes the codec read past its length into the next.
+        for hex in [
+            "0454000000100003002800000e000100012c0000015254000000100003002800000001000000000000000000050018fd0076750001000000000000000001000000000000000000",
+            "01010203000cd4b9b9b9b9b9b9b9ffffff00510051510e000010000000000005001805fddd240405062f013f0e000100012c0000b9b9b9b9ffffff0000100000000000050152005104510051510e0000",
+        ] {
+            let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+            s.handle(&bytes, M1, 5);
+            client_duid_mac(&bytes);
         }
         // Options nested as deep as a message allows (IA_NA in IA_NA...): refused or answered,
         // without exhausting the stack; longer messages are not looked at.

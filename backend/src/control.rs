@@ -335,15 +335,27 @@ fn port_info(p: &Port) -> Value {
     })
 }
 
+/// The network's DHCP leases, IPv4 then IPv6 (those with the client's `duid` in hex and `iaid`).
 fn dhcp_leases(n: &Network) -> Result<Value, ControlError> {
-    let dhcp = n.dhcp.as_ref().ok_or_else(|| ControlError::NoDhcp(n.name.clone()))?;
-    let leases = dhcp.lock().unwrap_or_else(|e| e.into_inner()).leases(unix_now());
-    Ok(Value::Array(
-        leases
-            .iter()
-            .map(|l| json!({ "mac": format_mac(&l.mac), "ip": l.ip.to_string(), "name": l.hostname, "expires": l.expires, "expires_utc": utc(l.expires) }))
-            .collect(),
-    ))
+    if n.dhcp.is_none() && n.dhcp6.is_none() {
+        return Err(ControlError::NoDhcp(n.name.clone()));
+    }
+    let now = unix_now();
+    let mut rows: Vec<Value> = Vec::new();
+    if let Some(dhcp) = &n.dhcp {
+        let leases = dhcp.lock().unwrap_or_else(|e| e.into_inner()).leases(now);
+        rows.extend(leases.iter().map(
+            |l| json!({ "mac": format_mac(&l.mac), "ip": l.ip.to_string(), "name": l.hostname, "expires": l.expires, "expires_utc": utc(l.expires) }),
+        ));
+    }
+    if let Some(dhcp6) = &n.dhcp6 {
+        let leases = dhcp6.lock().unwrap_or_else(|e| e.into_inner()).leases(now);
+        rows.extend(leases.iter().map(|l| {
+            let duid: String = l.duid.iter().map(|b| format!("{b:02x}")).collect();
+            json!({ "mac": format_mac(&l.mac), "ip": l.ip.to_string(), "name": l.hostname, "expires": l.expires, "expires_utc": utc(l.expires), "duid": duid, "iaid": l.iaid })
+        }));
+    }
+    Ok(Value::Array(rows))
 }
 
 /// Renders an answer as the table the CLI prints without `--json`.
@@ -448,9 +460,11 @@ pub fn render(req: &Request, v: &Value) -> String {
             }
         }
         Request::DhcpLeases { .. } => {
-            out.push_str(&format!("{:<17}  {:<15}  {:<20}  {}\n", "MAC", "IP", "EXPIRES (UTC)", "NAME"));
+            // IPv6 addresses are wider: the column grows to the longest.
+            let w = rows.iter().map(|l| s(l, "ip").len()).max().unwrap_or(0).max(15);
+            out.push_str(&format!("{:<17}  {:<w$}  {:<20}  {}\n", "MAC", "IP", "EXPIRES (UTC)", "NAME"));
             for l in &rows {
-                out.push_str(&format!("{:<17}  {:<15}  {:<20}  {}\n", s(l, "mac"), s(l, "ip"), s(l, "expires_utc"), s(l, "name")));
+                out.push_str(&format!("{:<17}  {:<w$}  {:<20}  {}\n", s(l, "mac"), s(l, "ip"), s(l, "expires_utc"), s(l, "name")));
             }
         }
         Request::PortDel { name, .. } => out.push_str(&format!("port {name} removed\n")),

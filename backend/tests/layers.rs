@@ -8,7 +8,7 @@
 //! | 5 | daemon | daemon.rs |
 //! | 4 | control, metrics | control.rs, capture.rs, metrics.rs |
 //! | 3 | run-time supervision | runtime/ |
-//! | 2 | port kinds, gateway services | ports/vhost, ports/uplink, services/arp_icmp, services/dhcp, services/dns |
+//! | 2 | port kinds, gateway services | ports/vhost, ports/uplink, services/arp_icmp, services/dhcp, services/dhcp6, services/dns |
 //! | 1 | the data path | datapath/ |
 //! | 0 | configuration | config.rs, libvirt.rs |
 //!

@@ -12,6 +12,7 @@ pub mod dns;
 pub mod lease_file;
 pub mod message;
 pub mod server;
+pub mod v6;
 
 pub use message::{DhcpMessage, MessageType};
 pub use server::{DhcpServer, Holders, Lease, Reply, ServerConfig, StaticHost};

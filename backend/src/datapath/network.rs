@@ -11,6 +11,7 @@ use arc_swap::{ArcSwap, Guard};
 use std::time::Instant;
 
 use tracing::warn;
+use vunet_dhcp::v6::Dhcp6Server;
 use vunet_dhcp::{DhcpServer, Holders};
 use vunet_switch::gateway::{eui64, Gateway, Gateway6};
 use vunet_switch::port_security::MAX_CLAIMS6;
@@ -42,6 +43,8 @@ pub struct Network {
     pub services: Vec<Arc<dyn GatewayService>>,
     /// The gateway's DHCP server state (port security and the listings read its leases).
     pub dhcp: Option<Mutex<DhcpServer>>,
+    /// The gateway's DHCPv6 server state (its service and the listings share it).
+    pub dhcp6: Option<Arc<Mutex<Dhcp6Server>>>,
     /// Who holds which address, as the DHCP server keeps it (read without its lock).
     holders: OnceLock<Option<Arc<Holders>>>,
     /// IPv6 addresses reserved for a MAC (`[network.dhcp6] hosts`): no other port may claim them.
@@ -75,6 +78,7 @@ impl Network {
             shaper_started: AtomicBool::new(false),
             services: Vec::new(),
             dhcp: None,
+            dhcp6: None,
             holders: OnceLock::new(),
             reserved6: Vec::new(),
             claims6: Mutex::new(HashMap::new()),

@@ -17,6 +17,7 @@ use crate::datapath::{GatewayService, HostLink, Network, Port, PortKind, RxShape
 use crate::ports::uplink::Uplink;
 use crate::services::arp_icmp::ArpIcmp;
 use crate::services::dhcp::{self, DhcpService, LeaseWriter};
+use crate::services::dhcp6::{self, Dhcp6Service};
 use crate::services::dns::DnsService;
 use crate::services::ndp::NdpService;
 use crate::services::socknat::SocketNat;
@@ -43,16 +44,23 @@ pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<Strin
     net.busy_poll_us = n.busy_poll_us;
     net.workers = n.workers as usize;
     let gateway = n.gateway.map(|(ip, prefix)| Gateway { mac: gateway_mac(&n.name), ip, prefix });
-    let lease_file = state_dir.filter(|_| n.dhcp.is_some()).map(|d| d.join(format!("{}.leases", n.name)));
+    let has_dhcp = (n.dhcp.is_some() || n.dhcp6.is_some()) && gateway.is_some();
+    let lease_file = state_dir.filter(|_| has_dhcp).map(|d| d.join(format!("{}.leases", n.name)));
+    // One file holds both families' leases: read once, an error if it cannot be read.
+    let saved = match &lease_file {
+        Some(f) => dhcp::load_leases(&n.name, f)?,
+        None => Default::default(),
+    };
     net.gateway = gateway;
     net.gateway6 = gateway.and(n.gateway6).map(|(ip, prefix)| Gateway6::new(gateway_mac(&n.name), ip, prefix));
     net.reserved6 = n.dhcp6.iter().flat_map(|d| d.hosts.iter().map(|h| (h.ip, h.mac))).collect();
-    net.dhcp = dhcp::server(n, lease_file.as_deref())?.map(|mut server| {
+    net.dhcp6 = dhcp6::server(n, net.gateway6.as_ref(), &saved).map(|s| Arc::new(Mutex::new(s)));
+    net.dhcp = dhcp::server(n, &saved).map(|mut server| {
         // The network's own DNS names are never a DHCP client's.
         server.reserve_names(n.dns.hosts.iter().map(|(name, _)| name.clone()).chain(n.dns.hosts6.iter().map(|(name, _)| name.clone())));
         Mutex::new(server)
     });
-    let leases = lease_file.filter(|_| net.dhcp.is_some()).map(|f| Arc::new(LeaseWriter::new(&n.name, f)));
+    let leases = lease_file.filter(|_| net.dhcp.is_some() || net.dhcp6.is_some()).map(|f| Arc::new(LeaseWriter::new(&n.name, f)));
     net.router = router(n, gateway).map(Mutex::new);
     net.uplink_dhcp = n.routing.as_ref().is_some_and(|r| r.address == UplinkAddress::Dhcp);
     let ports: Vec<Arc<Port>> =
@@ -75,6 +83,12 @@ pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<Strin
     if let Some(dns) = &dns {
         let mut services: Vec<Arc<dyn GatewayService>> =
             vec![dns.tcp.clone(), Arc::new(ArpIcmp), Arc::new(DhcpService { leases: leases.clone() }), dns.clone()];
+        if let Some(server) = &net.dhcp6 {
+            let w = leases.clone();
+            let leases_changed: Option<Box<dyn Fn() + Send + Sync>> = w.map(|w| Box::new(move || w.mark_dirty()) as _);
+            // Before DNS and socket NAT, which take UDP too.
+            services.insert(3, Arc::new(Dhcp6Service { server: server.clone(), leases_changed }));
+        }
         if let Some(s) = &ndp {
             services.push(s.clone());
         }

@@ -169,11 +169,7 @@ impl Supervisor {
         if let Some(w) = built.leases {
             let net2 = net.clone();
             let w2 = w.clone();
-            spawn(format!("leases-{}", net.name), move || {
-                if let Some(dhcp) = &net2.dhcp {
-                    w2.run(dhcp, &net2.stopped)
-                }
-            })?;
+            spawn(format!("leases-{}", net.name), move || w2.run(net2.dhcp.as_ref(), net2.dhcp6.as_deref(), &net2.stopped))?;
             self.lease_writers.lock().unwrap_or_else(|e| e.into_inner()).push((net.name.clone(), w));
         }
         self.networks.write().unwrap_or_else(|e| e.into_inner()).push(net.clone());
@@ -317,11 +313,9 @@ impl Supervisor {
             writers.retain(|(n, _)| n != name);
             mine
         };
-        if let Some(dhcp) = &net.dhcp {
-            for w in mine {
-                if let Err(e) = w.write_if_changed(dhcp) {
-                    tracing::warn!(network = %name, file = %w.path.display(), "cannot save DHCP leases: {}", crate::config::io_reason(&e));
-                }
+        for w in mine {
+            if let Err(e) = w.write_if_changed(net.dhcp.as_ref(), net.dhcp6.as_deref()) {
+                tracing::warn!(network = %name, file = %w.path.display(), "cannot save DHCP leases: {}", crate::config::io_reason(&e));
             }
         }
         for p in net.live_ports() {
@@ -338,8 +332,7 @@ impl Supervisor {
         let mut errors = Vec::new();
         for (name, w) in writers {
             let Some(net) = self.network(&name) else { continue };
-            let Some(dhcp) = &net.dhcp else { continue };
-            if let Err(e) = w.write_if_changed(dhcp) {
+            if let Err(e) = w.write_if_changed(net.dhcp.as_ref(), net.dhcp6.as_deref()) {
                 errors.push(format!("lease file {}: cannot write it: {}", w.path.display(), crate::config::io_reason(&e)));
             }
         }

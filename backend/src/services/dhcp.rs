@@ -11,8 +11,10 @@ use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use tracing::{info, warn};
+use vunet_dhcp::lease_file::Leases;
 use vunet_dhcp::message::{reply_yiaddr, CLIENT_PORT, SERVER_PORT};
-use vunet_dhcp::{lease_file, DhcpMessage, DhcpServer, Lease, MessageType, ServerConfig};
+use vunet_dhcp::v6::Dhcp6Server;
+use vunet_dhcp::{lease_file, DhcpMessage, DhcpServer, MessageType, ServerConfig};
 use vunet_switch::gateway::{build_udp, udp_payload};
 use vunet_switch::DropReason;
 
@@ -75,9 +77,9 @@ impl GatewayService for DhcpService {
 }
 
 /// The DHCP server of network `n` (None without `[network.dhcp]` or a gateway), with the
-/// leases of `lease_file` restored; an error if that file exists but cannot be read.
-pub fn server(n: &NetworkConfig, lease_file: Option<&Path>) -> Result<Option<DhcpServer>, LeaseFileUnreadable> {
-    let (Some(d), Some((ip, prefix))) = (n.dhcp.as_ref(), n.gateway) else { return Ok(None) };
+/// IPv4 leases of its lease file (`saved`, from `load_leases`) restored.
+pub fn server(n: &NetworkConfig, saved: &Leases) -> Option<DhcpServer> {
+    let (Some(d), Some((ip, prefix))) = (n.dhcp.as_ref(), n.gateway) else { return None };
     let mut server = DhcpServer::new(ServerConfig {
         server_ip: ip,
         prefix,
@@ -92,13 +94,11 @@ pub fn server(n: &NetworkConfig, lease_file: Option<&Path>) -> Result<Option<Dhc
         domain: n.dns.domain.clone(),
         mtu: Some(n.mtu),
     });
-    if let Some(path) = lease_file {
-        let restored = server.restore(&load_leases(&n.name, path)?, unix_now());
-        if restored > 0 {
-            info!(network = %n.name, "restored {restored} DHCP lease(s) from {}", path.display());
-        }
+    let restored = server.restore(&saved.v4, unix_now());
+    if restored > 0 {
+        info!(network = %n.name, "restored {restored} DHCP lease(s)");
     }
-    Ok(Some(server))
+    Some(server)
 }
 
 /// Least time between two writes of one lease file: changes in between (a guest renewing in
@@ -118,7 +118,7 @@ pub struct LeaseWriter {
     wake: Condvar,
     /// The leases the file holds now, as last written by this writer; held for the whole of
     /// a write, so the thread and a final `write_if_changed` never write at the same time.
-    written: Mutex<Option<Vec<Lease>>>,
+    written: Mutex<Option<Leases>>,
     /// Writes done, for tests and logs.
     pub writes: AtomicU64,
 }
@@ -141,10 +141,15 @@ impl LeaseWriter {
         self.wake.notify_one();
     }
 
-    /// Saves the leases of `dhcp` if they differ from what the file holds; true if written.
-    pub fn write_if_changed(&self, dhcp: &Mutex<DhcpServer>) -> io::Result<bool> {
+    /// Saves the leases of `dhcp` and `dhcp6` (the network's DHCPv4 and DHCPv6 servers) if
+    /// they differ from what the file holds; true if written.
+    pub fn write_if_changed(&self, dhcp: Option<&Mutex<DhcpServer>>, dhcp6: Option<&Mutex<Dhcp6Server>>) -> io::Result<bool> {
         let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        let leases = dhcp.lock().unwrap_or_else(|e| e.into_inner()).leases(unix_now());
+        let now = unix_now();
+        let leases = Leases {
+            v4: dhcp.map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).leases(now)).unwrap_or_default(),
+            v6: dhcp6.map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).leases(now)).unwrap_or_default(),
+        };
         if written.as_ref() == Some(&leases) {
             return Ok(false);
         }
@@ -156,7 +161,7 @@ impl LeaseWriter {
 
     /// The writer's thread: waits for changes and saves them until `stopped` is set, then
     /// saves once more and returns.
-    pub fn run(&self, dhcp: &Mutex<DhcpServer>, stopped: &AtomicBool) {
+    pub fn run(&self, dhcp: Option<&Mutex<DhcpServer>>, dhcp6: Option<&Mutex<Dhcp6Server>>, stopped: &AtomicBool) {
         loop {
             let stop = {
                 let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
@@ -167,7 +172,7 @@ impl LeaseWriter {
                 *dirty = false;
                 stopped.load(Ordering::Acquire)
             };
-            match self.write_if_changed(dhcp) {
+            match self.write_if_changed(dhcp, dhcp6) {
                 Ok(_) => {}
                 Err(e) => {
                     warn!(network = %self.network, file = %self.path.display(), "cannot save DHCP leases: {}", io_reason(&e));
@@ -198,7 +203,7 @@ pub struct LeaseFileUnreadable {
 /// nobody can have prepared: O_EXCL, no symlink followed, owner-only since it holds MACs and
 /// host names), fsync, rename over the file, fsync the directory so the rename survives a
 /// crash too.
-pub fn save_leases(path: &Path, leases: &[Lease]) -> io::Result<()> {
+pub fn save_leases(path: &Path, leases: &Leases) -> io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -215,7 +220,7 @@ pub fn save_leases(path: &Path, leases: &[Lease]) -> io::Result<()> {
         }
     };
     let written =
-        f.write_all(lease_file::serialize(leases).as_bytes()).and_then(|()| f.sync_all()).and_then(|()| std::fs::rename(&tmp, path));
+        f.write_all(lease_file::serialize_all(leases).as_bytes()).and_then(|()| f.sync_all()).and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
@@ -227,19 +232,19 @@ pub fn save_leases(path: &Path, leases: &[Lease]) -> io::Result<()> {
 /// (renamed `.corrupt`) with a warning and vunet starts without those leases. One that exists
 /// but cannot be read (permissions, a directory, an I/O error) is an error: starting empty
 /// would overwrite it at the first lease.
-fn load_leases(net: &str, path: &Path) -> Result<Vec<Lease>, LeaseFileUnreadable> {
+pub fn load_leases(net: &str, path: &Path) -> Result<Leases, LeaseFileUnreadable> {
     let text = match std::fs::read(path) {
         Ok(t) => String::from_utf8_lossy(&t).into_owned(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Leases::default()),
         Err(e) => return Err(LeaseFileUnreadable { path: path.to_path_buf(), reason: io_reason(&e) }),
     };
-    match lease_file::parse(&text) {
+    match lease_file::parse_all(&text) {
         Ok(l) => Ok(l),
         Err(e) => {
             let aside = path.with_extension("leases.corrupt");
             let _ = std::fs::rename(path, &aside);
             warn!(network = %net, file = %path.display(), "lease file is corrupt ({e}); set aside as {}, starting without it", aside.display());
-            Ok(vec![])
+            Ok(Leases::default())
         }
     }
 }
@@ -260,7 +265,8 @@ mod tests {
 
     use crate::datapath::{GatewayCx, GatewayService, Handled, Port, PortKind};
     // By its full path: layers.rs reads `super::` as the services layer.
-    use crate::services::dhcp::{lease_file, load_leases, save_leases, DhcpService, Lease, LeaseWriter};
+    use crate::services::dhcp::{lease_file, load_leases, save_leases, DhcpService, LeaseWriter, Leases};
+    use vunet_dhcp::Lease;
 
     const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
     const MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 7];
@@ -326,7 +332,7 @@ mod tests {
         let (dhcp, port) = (dhcp_server(), Port::new(0, "p0", PortKind::Vhost));
         let stopped = AtomicBool::new(false);
         std::thread::scope(|s| {
-            s.spawn(|| writer.run(&dhcp, &stopped));
+            s.spawn(|| writer.run(Some(&dhcp), None, &stopped));
             send(&svc, &dhcp, &port, MessageType::Discover);
             // A guest renewing in a loop: the same lease, within a second or two.
             for _ in 0..50 {
@@ -350,8 +356,16 @@ mod tests {
         d
     }
 
-    fn one() -> Vec<Lease> {
-        vec![Lease { mac: [0x52, 0x54, 0, 0, 0, 1], ip: Ipv4Addr::new(10, 0, 0, 2), expires: 4_000_000_000, hostname: Some("a".into()) }]
+    fn one() -> Leases {
+        Leases {
+            v4: vec![Lease {
+                mac: [0x52, 0x54, 0, 0, 0, 1],
+                ip: Ipv4Addr::new(10, 0, 0, 2),
+                expires: 4_000_000_000,
+                hostname: Some("a".into()),
+            }],
+            v6: vec![],
+        }
     }
 
     #[test]
@@ -364,7 +378,7 @@ mod tests {
         save_leases(&path, &one()).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "MACs and host names are for the owner only");
-        assert_eq!(lease_file::parse(&std::fs::read_to_string(&path).unwrap()).unwrap(), one());
+        assert_eq!(lease_file::parse_all(&std::fs::read_to_string(&path).unwrap()).unwrap(), one());
         let names: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("n.leases")]);
         let _ = std::fs::remove_dir_all(&d);
@@ -390,7 +404,7 @@ mod tests {
     fn an_unreadable_lease_file_is_an_error_naming_it_and_a_missing_one_is_empty() {
         let d = tmp("unreadable");
         let path = d.join("n.leases");
-        assert_eq!(load_leases("n", &path).unwrap(), vec![]);
+        assert_eq!(load_leases("n", &path).unwrap(), Leases::default());
         std::fs::create_dir(&path).unwrap();
         let e = load_leases("n", &path).unwrap_err();
         assert_eq!(e.to_string(), format!("lease file {}: cannot read it: Is a directory", path.display()));

@@ -4,6 +4,7 @@
 
 pub mod arp_icmp;
 pub mod dhcp;
+pub mod dhcp6;
 pub mod dns;
 pub mod ndp;
 pub mod socknat;

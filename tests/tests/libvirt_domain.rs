@@ -170,7 +170,6 @@ fn libvirt_domain_on_a_vunet_port_leases_and_pings_the_gateway() {
     }
     let _turn = serial();
     let img = guest_image();
-    ensure_users();
     // Declared before the guard, so removed after the domain is gone.
     let dir = TempDir::new("libvirt");
     let mut cleanup = Cleanup { domain: None, daemons: Vec::new() };
@@ -183,6 +182,9 @@ fn libvirt_domain_on_a_vunet_port_leases_and_pings_the_gateway() {
         }
     }
     assert!(started.status.success(), "scripts/start-libvirtd.sh failed:\n{}", String::from_utf8_lossy(&started.stderr));
+    // After start-libvirtd.sh, which makes libvirt's QEMU user on a fresh machine (libvirt
+    // starts each QEMU with its user's groups of that moment, so joining now is in time).
+    ensure_users();
 
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     // vunet's own directory: its user's, entered by the socket group only (libvirt's QEMU

@@ -33,17 +33,18 @@ fn isolated_ports_reach_only_the_gateway_and_open_ports_and_a_limited_port_gets_
         dir.path(),
         "[[network]]\nname = \"lim\"\nmode = \"isolated\"\ngateway = \"10.0.0.1/24\"\n\
          [network.dhcp]\nrange = [\"10.0.0.100\", \"10.0.0.200\"]\n\
-         hosts = [{ mac = \"52:54:00:0f:00:01\", ip = \"10.0.0.11\" }, { mac = \"52:54:00:0f:00:02\", ip = \"10.0.0.12\" }, { mac = \"52:54:00:0f:00:03\", ip = \"10.0.0.13\" }]\n\
+         hosts = [{ mac = \"52:54:00:0f:00:01\", ip = \"10.0.0.11\" }, { mac = \"52:54:00:0f:00:02\", ip = \"10.0.0.12\" }, { mac = \"52:54:00:0f:00:03\", ip = \"10.0.0.13\" }, { mac = \"52:54:00:0f:00:04\", ip = \"10.0.0.14\" }]\n\
          [[network.port]]\nname = \"a\"\nsocket = \"a.sock\"\nisolated = true\n\
          [[network.port]]\nname = \"b\"\nsocket = \"b.sock\"\nisolated = true\n\
          [[network.port]]\nname = \"c\"\nsocket = \"c.sock\"\n\
-         [network.port.bandwidth]\ninbound = { average = 12500 }\noutbound = { average = 12500 }\n",
+         [network.port.bandwidth]\ninbound = { average = 12500 }\noutbound = { average = 12500 }\n\
+         [[network.port]]\nname = \"d\"\nsocket = \"d.sock\"\n",
     );
     // a and b are isolated from each other; both reach the gateway and c. c (100 Mbit/s each
     // way) runs iperf3 against a, which serves.
     let isolated = |other: &str, extra: &str| {
         format!(
-            "{DHCP}iperf3 -s -D\n{}{}ping -c 2 -W 5 10.0.0.1 || exit 4\nping -c 2 -W 5 10.0.0.13 || exit 5\n\
+            "{DHCP}iperf3 -s -D\niperf3 -s -D -p 5202\n{}{}ping -c 2 -W 5 10.0.0.1 || exit 4\nping -c 2 -W 5 10.0.0.13 || exit 5\n\
              if ping -c 3 -W 2 {other}; then echo ISOLATION-BROKEN; else echo ISOLATED-OK; fi\n{extra}echo GUEST-DONE\nsleep 1000\n",
             await_listening("tcp", 5201, 6),
             await_peer("10.0.0.13", 7)
@@ -65,6 +66,19 @@ fn isolated_ports_reach_only_the_gateway_and_open_ports_and_a_limited_port_gets_
             "i=0; until nc -w 2 10.0.0.11 5201 </dev/null; do i=$((i+1)); [ $i -gt 100 ] && exit 7; sleep 0.5; done\n"
         ),
     );
+    // d, on the same network without limits, is not held to c's.
+    let d = Guest::boot(
+        "d",
+        dir.path(),
+        &Socket::Connect(dir.path().join("d.sock")),
+        "52:54:00:0f:00:04",
+        "",
+        &format!(
+            "{DHCP}{}i=0; until nc -w 2 10.0.0.11 5202 </dev/null; do i=$((i+1)); [ $i -gt 100 ] && exit 7; sleep 0.5; done\n\
+             iperf3 -c 10.0.0.11 -p 5202 -t 4 -f m || exit 8\n",
+            await_peer("10.0.0.11", 6)
+        ),
+    );
     assert_eq!(
         c.wait_exit(RUN),
         Some(0),
@@ -83,6 +97,10 @@ fn isolated_ports_reach_only_the_gateway_and_open_ports_and_a_limited_port_gets_
         eprintln!("{dir_name}: {mbits} Mbit/s through a 100 Mbit/s limit");
         assert!((90.0..=110.0).contains(&mbits), "{dir_name}: {mbits} Mbit/s through a 100 Mbit/s limit (±10 %):\n{text}");
     }
+    assert_eq!(d.wait_exit(RUN), Some(0), "d:\n{}", d.console.text());
+    let free = receiver_mbits(&d.console.text()).expect("d's iperf3 result");
+    eprintln!("unlimited port on the same network: {free} Mbit/s");
+    assert!(free > 150.0, "an unlimited guest is not held to another port's limit: {free} Mbit/s");
 }
 
 #[test]

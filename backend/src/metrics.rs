@@ -91,6 +91,12 @@ pub fn render(networks: &[Arc<Network>], nats: &[(String, Arc<SocketNat>)]) -> S
             let _ = writeln!(out, "vunet_dhcp_leases{{network=\"{}\"}} {leases}", esc(&n.name));
         }
     }
+    let _ = writeln!(out, "# HELP vunet_gateway_drops_total Frames the gateway's services dropped after port security (malformed ND, ...), by reason.\n# TYPE vunet_gateway_drops_total counter");
+    for n in networks {
+        for (why, v) in n.services.iter().flat_map(|s| s.drops()) {
+            let _ = writeln!(out, "vunet_gateway_drops_total{{network=\"{}\",reason=\"{why}\"}} {v}", esc(&n.name));
+        }
+    }
     let sums: Vec<_> = nats.iter().map(|(n, s)| (n, s.summary())).collect();
     let _ = writeln!(out, "# HELP vunet_socket_nat_flows Open socket-NAT flows, by protocol.\n# TYPE vunet_socket_nat_flows gauge");
     for (n, s) in &sums {
@@ -115,10 +121,33 @@ pub fn render(networks: &[Arc<Network>], nats: &[(String, Arc<SocketNat>)]) -> S
 
 #[cfg(test)]
 mod tests {
-    use super::esc;
+    use std::sync::Arc;
+
+    use crate::config::Mode;
+    use crate::datapath::{GatewayCx, GatewayService, Handled, Network, Port};
+    // By their full paths: layers.rs reads `super::` as another layer.
+    use crate::metrics::{esc, render};
 
     #[test]
     fn label_values_are_escaped() {
         assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    struct Dropping;
+    impl GatewayService for Dropping {
+        fn handle(&self, _: &GatewayCx, _: &Port, _: &[u8], _: &mut Vec<u8>) -> Handled {
+            Handled::NotMine
+        }
+        fn drops(&self) -> Vec<(&'static str, u64)> {
+            vec![("nd_bad_hop_limit", 3)]
+        }
+    }
+
+    #[test]
+    fn the_gateway_services_drops_are_exported() {
+        let mut n = Network::new("lab", Mode::Nat, 1500);
+        n.services.push(Arc::new(Dropping));
+        let text = render(&[Arc::new(n)], &[]);
+        assert!(text.contains("vunet_gateway_drops_total{network=\"lab\",reason=\"nd_bad_hop_limit\"} 3\n"), "{text}");
     }
 }

@@ -260,6 +260,13 @@ impl Claims6 {
         self.addrs.iter().flatten().copied()
     }
 
+    /// Drops `ip` (a DHCPv6 lease of another MAC took it); true if it was there.
+    pub fn remove(&mut self, ip: &Ipv6Addr) -> bool {
+        let before = self.addrs.iter().flatten().count();
+        self.addrs.iter_mut().filter(|a| a.as_ref() == Some(ip)).for_each(|a| *a = None);
+        before != self.addrs.iter().flatten().count()
+    }
+
     pub fn clear(&mut self) {
         *self = Claims6::default();
     }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::{ArcSwap, Guard};
@@ -45,6 +45,9 @@ pub struct Network {
     pub dhcp: Option<Mutex<DhcpServer>>,
     /// The gateway's DHCPv6 server state (its service and the listings share it).
     pub dhcp6: Option<Arc<Mutex<Dhcp6Server>>>,
+    /// Bumped by the DHCPv6 service whenever its bindings change: ports re-check their IPv6
+    /// claims against the leases once per change, not per frame.
+    pub leases6_rev: Arc<AtomicU64>,
     /// Who holds which address, as the DHCP server keeps it (read without its lock).
     holders: OnceLock<Option<Arc<Holders>>>,
     /// IPv6 addresses reserved for a MAC (`[network.dhcp6] hosts`): no other port may claim them.
@@ -79,6 +82,7 @@ impl Network {
             services: Vec::new(),
             dhcp: None,
             dhcp6: None,
+            leases6_rev: Arc::new(AtomicU64::new(0)),
             holders: OnceLock::new(),
             reserved6: Vec::new(),
             claims6: Mutex::new(HashMap::new()),
@@ -156,10 +160,28 @@ impl Network {
     /// (the gateway's addresses, another MAC's reservation, another port's EUI-64 address or
     /// claim) and the port claims it now. A claim the port already has costs its own lock.
     pub fn may_use6(&self, port: &Port, mac: &Mac, ip: Ipv6Addr) -> bool {
+        let holder = |a: &Ipv6Addr| {
+            let d = self.dhcp6.as_ref()?;
+            d.lock().unwrap_or_else(|e| e.into_inner()).holder(a, super::unix_now())
+        };
+        // DHCPv6 leases changed since this port last looked: claims now leased to another
+        // MAC go (the lease is the stronger right, as a reservation is).
+        let rev = self.leases6_rev.load(Ordering::Acquire);
+        if port.claims6_rev.swap(rev, Ordering::AcqRel) != rev {
+            let mut claims = port.claims6.lock().unwrap_or_else(|e| e.into_inner());
+            let lost: Vec<Ipv6Addr> = claims.iter().filter(|a| holder(a).is_some_and(|m| m != *mac)).collect();
+            for a in &lost {
+                claims.remove(a);
+            }
+        }
         if port.claims6.lock().unwrap_or_else(|e| e.into_inner()).contains(&ip) {
             return true;
         }
         if self.gateway6.is_some_and(|g| g.is_mine(&ip)) || self.reserved6.iter().any(|(a, m)| *a == ip && m != mac) {
+            return false;
+        }
+        let leased = holder(&ip);
+        if leased.is_some_and(|m| m != *mac) {
             return false;
         }
         let ports = self.ports.snapshot();
@@ -172,8 +194,14 @@ impl Network {
         };
         // Under the index's lock: two ports racing for one address see one winner.
         let mut index = self.claims6.lock().unwrap_or_else(|e| e.into_inner());
-        if index.get(&ip).is_some_and(|&other| other != port.id && holds(other, &ip)) {
-            return false;
+        if let Some(&other) = index.get(&ip).filter(|&&other| other != port.id && holds(other, &ip)) {
+            // The guest leased it: whoever claimed it first (by DAD or use) gives it up.
+            if leased != Some(*mac) {
+                return false;
+            }
+            if let Some(p) = ports.get(other) {
+                p.claims6.lock().unwrap_or_else(|e| e.into_inner()).remove(&ip);
+            }
         }
         let displaced = port.claims6.lock().unwrap_or_else(|e| e.into_inner()).insert(ip);
         index.insert(ip, port.id);

@@ -188,6 +188,9 @@ pub struct Port {
     /// IPv6 addresses the port's guest claimed first (beyond its EUI-64 ones), bounded; the
     /// network's `claims6` index says which port holds which.
     pub claims6: Mutex<Claims6>,
+    /// The network's `leases6_rev` when this port's claims were last checked against the
+    /// DHCPv6 leases.
+    pub claims6_rev: AtomicU64,
     /// The guest's EUI-64 IPv6 sources as seen (for listings): bit 0 its link-local address,
     /// bit 1 a global one, whose prefix is the upper 64 bits of `seen6_prefix`.
     seen6: AtomicU32,
@@ -255,6 +258,7 @@ impl Port {
             leased_ip: AtomicU32::new(0),
             src_ok: AtomicU64::new(u64::MAX),
             claims6: Mutex::new(Claims6::default()),
+            claims6_rev: AtomicU64::new(0),
             seen6: AtomicU32::new(0),
             seen6_prefix: AtomicU64::new(0),
             connected: AtomicBool::new(false),

@@ -48,4 +48,10 @@ pub trait GatewayService: Send + Sync {
     fn takes_offloaded(&self) -> bool {
         false
     }
+
+    /// Frames the service dropped that no port counter holds (they passed port security and
+    /// failed the protocol's own checks), by reason, for the metrics; reasons with drops only.
+    fn drops(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }

@@ -1392,3 +1392,52 @@ fn ipv6_addresses_are_first_come_across_ports() {
     assert_eq!(links[3].take().len(), 1);
     assert_eq!(lan.port(1).ipv6_addresses(), vec![privacy]);
 }
+
+#[test]
+fn a_dhcpv6_lease_outranks_a_first_come_claim() {
+    use std::net::Ipv6Addr;
+    use vunet_dhcp::v6::{Dhcp6Server, Lease6, Server6Config};
+    use vunet_switch::gateway::Gateway6;
+    let at = |n: u16| Ipv6Addr::new(0xfd00, 0x7675, 1, 0, 0, 0, 0, n);
+    let server = Arc::new(Mutex::new(Dhcp6Server::new(Server6Config {
+        server_mac: gateway_mac("t"),
+        gateway: at(1),
+        prefix: 64,
+        range: Some((at(0x100), at(0x1ff))),
+        hosts: Vec::new(),
+        lease_secs: 3600,
+        dns: None,
+        domain: None,
+    })));
+    let (mut lan, links) = secured_lan_with(|net| {
+        net.gateway6 = Some(Gateway6::new(gateway_mac("t"), at(1), 64));
+        net.dhcp6 = Some(server.clone());
+    });
+    // A's guest takes ::150 first (by using it) while nobody has leased it.
+    lan.send(0, &udp6(A, at(0x150), b"first"));
+    assert_eq!(links[3].take().len(), 1);
+    links.iter().for_each(|l| drop(l.take()));
+    // Then the DHCPv6 server leases ::150 to C (what the DHCPv6 service does, revision bumped).
+    let lease =
+        Lease6 { mac: C, ip: at(0x150), expires: u64::MAX, hostname: None, duid: vec![0, 3, 0, 1, 0x52, 0x54, 0, 0, 0, 0x0c], iaid: 1 };
+    assert_eq!(server.lock().unwrap().restore(&[lease], super::unix_now()), 1);
+    lan.net.leases6_rev.fetch_add(1, Ordering::Release);
+    // C uses its lease at once although A's port claimed the address first...
+    lan.send(2, &udp6(C, at(0x150), b"leased to me"));
+    assert_eq!(links[3].take().len(), 1, "the leaseholder's frame passes");
+    links.iter().for_each(|l| drop(l.take()));
+    // ...and A's guest may no longer send from it, nor may B's (no lease of its own).
+    lan.send(0, &udp6(A, at(0x150), b"still mine?"));
+    lan.send(1, &udp6(B, at(0x150), b"mine?"));
+    let got: Vec<usize> = links.iter().map(|l| l.take().len()).collect();
+    assert_eq!(got, [0, 0, 0, 0]);
+    assert_eq!(lan.port(0).counters.snapshot().drop_count(DropReason::SpoofedIp), 1);
+    assert_eq!(lan.port(1).counters.snapshot().drop_count(DropReason::SpoofedIp), 1);
+    assert!(!lan.port(0).ipv6_addresses().contains(&at(0x150)));
+    assert!(lan.port(2).ipv6_addresses().contains(&at(0x150)));
+    // An address nobody leased stays first come: A claims ::151, C is refused it.
+    lan.send(0, &udp6(A, at(0x151), b"unleased"));
+    lan.send(2, &udp6(C, at(0x151), b"mine?"));
+    assert_eq!(links[3].take().len(), 1);
+    assert_eq!(lan.port(2).counters.snapshot().drop_count(DropReason::SpoofedIp), 1);
+}

@@ -84,8 +84,14 @@ pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<Strin
         let mut services: Vec<Arc<dyn GatewayService>> =
             vec![dns.tcp.clone(), Arc::new(ArpIcmp), Arc::new(DhcpService { leases: leases.clone() }), dns.clone()];
         if let Some(server) = &net.dhcp6 {
-            let w = leases.clone();
-            let leases_changed: Option<Box<dyn Fn() + Send + Sync>> = w.map(|w| Box::new(move || w.mark_dirty()) as _);
+            let (w, rev) = (leases.clone(), net.leases6_rev.clone());
+            // A change also makes ports re-check their IPv6 claims against the leases.
+            let leases_changed: Option<Box<dyn Fn() + Send + Sync>> = Some(Box::new(move || {
+                rev.fetch_add(1, std::sync::atomic::Ordering::Release);
+                if let Some(w) = &w {
+                    w.mark_dirty();
+                }
+            }));
             // Before DNS and socket NAT, which take UDP too.
             services.insert(3, Arc::new(Dhcp6Service { server: server.clone(), leases_changed }));
         }

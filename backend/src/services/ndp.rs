@@ -41,11 +41,6 @@ impl NdpService {
         self.ndp.config()
     }
 
-    /// Frames dropped, by reason (only reasons with drops).
-    pub fn drops(&self) -> Vec<(&'static str, u64)> {
-        Ipv6Drop::ALL.iter().map(|r| (r.name(), self.drops[*r as usize].load(Ordering::Relaxed))).filter(|(_, n)| *n > 0).collect()
-    }
-
     /// Sends unsolicited router advertisements to every connected guest until the network
     /// stops. Taps (the host's own interface) and uplinks are left alone: an advertisement
     /// there would hand the host or the LAN a route through vunet.
@@ -107,6 +102,10 @@ impl GatewayService for NdpService {
                 Handled::Consumed
             }
         }
+    }
+
+    fn drops(&self) -> Vec<(&'static str, u64)> {
+        Ipv6Drop::ALL.iter().map(|r| (r.name(), self.drops[*r as usize].load(Ordering::Relaxed))).filter(|(_, n)| *n > 0).collect()
     }
 }
 

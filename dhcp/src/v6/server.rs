@@ -524,6 +524,14 @@ impl Dhcp6Server {
         (reply.to_vec().ok(), changed)
     }
 
+    /// The MAC holding a live (bound, unexpired) lease of `ip`, if any: port security lets
+    /// no other MAC send from it, and lets the holder take it from a port that claimed it
+    /// first.
+    pub fn holder(&self, ip: &Ipv6Addr, now: u64) -> Option<Mac> {
+        let b = self.bindings.get(self.by_ip.get(ip)?)?;
+        (b.bound && b.expires > now).then_some(b.mac)
+    }
+
     /// Leases that are bound and not expired.
     pub fn leases(&self, now: u64) -> Vec<Lease6> {
         self.bindings
@@ -799,6 +807,23 @@ mod tests {
         };
         assert_ne!(ask(&mut s, 4, 1006), a);
         assert_eq!(ask(&mut s, 5, 1003 + DECLINE_SECS + 1), a);
+    }
+
+    #[test]
+    fn the_holder_of_an_address_is_the_mac_of_its_live_lease() {
+        let mut s = server();
+        let d = llt(M1);
+        let a = lease(&mut s, &d, 1000);
+        assert_eq!(s.holder(&a, 1001), Some(M1));
+        let expires = s.leases(1001)[0].expires;
+        assert_eq!(s.holder(&a, expires), None, "an expired lease holds nothing");
+        let sid = s.duid().to_vec();
+        s.handle(&msg(MessageType::Release, &d, Some(&sid), &[(1, &[a])], false), M1, 1002);
+        assert_eq!(s.holder(&a, 1003), None, "a released lease holds nothing");
+        // An offer (Advertise, not yet bound) holds nothing either.
+        let r = s.handle(&msg(MessageType::Solicit, &llt([0x52, 0x54, 0, 0, 0, 9]), None, &[(1, &[])], false), M1, 1004).0;
+        let offered = addrs(&parse(&r.unwrap()))[0].0;
+        assert_eq!(s.holder(&offered, 1004), None);
     }
 
     #[test]

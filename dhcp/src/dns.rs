@@ -12,14 +12,14 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, PTR};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+
 pub const PORT: u16 = 53;
-const TYPE_A: u16 = 1;
-const TYPE_PTR: u16 = 12;
-const TYPE_AAAA: u16 = 28;
-const CLASS_IN: u16 = 1;
-const RCODE_FORMERR: u16 = 1;
-const RCODE_NXDOMAIN: u16 = 3;
-const RCODE_NOTIMP: u16 = 4;
+pub const QTYPE_A: u16 = 1;
+pub const QTYPE_PTR: u16 = 12;
+pub const QTYPE_AAAA: u16 = 28;
 /// TTL of local answers: short, names follow DHCP leases.
 const TTL: u32 = 60;
 
@@ -47,7 +47,9 @@ pub enum DnsAction {
     Forward,
 }
 
-/// A parsed question.
+/// Where a message's single question ends, and its name, as the forwarder needs them to
+/// relay the query's bytes unchanged and to match an answer's question to the query's
+/// byte for byte (case aside). Compression pointers are not allowed in a question.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Question {
     /// Lowercase labels joined by '.', no trailing dot.
@@ -58,7 +60,7 @@ pub struct Question {
     pub end: usize,
 }
 
-/// Parses the single question of a query. Compression pointers are not allowed in a question.
+/// Parses the first question of a message (see [`Question`]).
 pub fn parse_question(q: &[u8]) -> Option<Question> {
     let mut i = 12;
     let mut name = String::new();
@@ -86,31 +88,33 @@ pub fn parse_question(q: &[u8]) -> Option<Question> {
     Some(Question { name, qtype, qclass, end: i + 4 })
 }
 
-fn header(query: &[u8], rcode: u16, authoritative: bool, answers: u16) -> Vec<u8> {
-    let rd = u16::from_be_bytes([query[2], query[3]]) & 0x0100;
-    let flags = 0x8000 | rd | 0x0080 | if authoritative { 0x0400 } else { 0 } | rcode;
-    let mut r = Vec::with_capacity(512);
-    r.extend_from_slice(&query[0..2]);
-    r.extend_from_slice(&flags.to_be_bytes());
-    r.extend_from_slice(&[0, 1]);
-    r.extend_from_slice(&answers.to_be_bytes());
-    r.extend_from_slice(&[0, 0, 0, 0]);
-    r
+/// A response to `query` (id, opcode and RD copied; RA set) with `rcode`, the query's
+/// question if it has one, and `answers`.
+fn response(query: &Message, rcode: ResponseCode, authoritative: bool, answers: Vec<Record>) -> Vec<u8> {
+    let mut r = Message::new();
+    r.set_id(query.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(query.op_code())
+        .set_recursion_desired(query.recursion_desired())
+        .set_recursion_available(true)
+        .set_authoritative(authoritative)
+        .set_response_code(rcode)
+        .add_queries(query.queries().iter().take(1).cloned())
+        .add_answers(answers);
+    r.to_vec().unwrap_or_default()
 }
 
-fn encode_name(out: &mut Vec<u8>, name: &str) {
-    for label in name.split('.').filter(|l| !l.is_empty()) {
-        out.push(label.len() as u8);
-        out.extend_from_slice(label.as_bytes());
-    }
-    out.push(0);
+/// An error answer with only the header, for a query too broken to parse: its id and RD
+/// are read from its first bytes.
+fn bare_error(query: &[u8], rcode: ResponseCode) -> Vec<u8> {
+    let mut r = Message::error_msg(u16::from_be_bytes([query[0], query[1]]), OpCode::Query, rcode);
+    r.set_recursion_desired(query[2] & 1 != 0).set_recursion_available(true);
+    r.to_vec().unwrap_or_default()
 }
 
-/// An error answer with only the header (for a query too broken to echo its question).
-fn bare_error(query: &[u8], rcode: u16) -> Vec<u8> {
-    let mut r = header(query, rcode, false, 0);
-    r[4..6].copy_from_slice(&[0, 0]);
-    r
+/// `name` as a domain name, for PTR data (None if it cannot be one).
+fn dns_name(name: &str) -> Option<Name> {
+    Name::from_ascii(format!("{name}.")).ok()
 }
 
 impl LocalZone {
@@ -148,25 +152,33 @@ impl LocalZone {
         !name.contains('.') || self.domain.as_deref().is_some_and(|d| name == d || name.ends_with(&format!(".{d}")))
     }
 
+    /// PTR records naming the hosts in `found`, for question `q`.
+    fn pointers<'a>(&self, q: &Query, found: impl Iterator<Item = &'a String>) -> Vec<Record> {
+        if q.query_type() != RecordType::PTR || q.query_class() != DNSClass::IN {
+            return Vec::new();
+        }
+        found.filter_map(|n| dns_name(&self.full_name(n))).map(|n| Record::from_rdata(q.name().clone(), TTL, RData::PTR(PTR(n)))).collect()
+    }
+
     /// Answers a query, or says to forward it. `None`: not worth an answer (not a query, or
     /// too short to carry an id).
     pub fn respond(&self, query: &[u8]) -> Option<DnsAction> {
         if query.len() < 12 || query[2] & 0x80 != 0 {
             return None;
         }
-        let opcode = (query[2] >> 3) & 0xf;
-        if opcode != 0 {
-            return Some(DnsAction::Answer(bare_error(query, RCODE_NOTIMP)));
-        }
-        if u16::from_be_bytes([query[4], query[5]]) != 1 {
-            return Some(DnsAction::Answer(bare_error(query, RCODE_FORMERR)));
-        }
-        let Some(q) = parse_question(query) else {
-            return Some(DnsAction::Answer(bare_error(query, RCODE_FORMERR)));
+        let Ok(msg) = Message::from_vec(query) else {
+            return Some(DnsAction::Answer(bare_error(query, ResponseCode::FormErr)));
         };
-        let mut answers: Vec<(u16, Vec<u8>)> = Vec::new();
-        let rcode;
-        if let Some(rev) = q.name.strip_suffix(".in-addr.arpa") {
+        if msg.op_code() != OpCode::Query {
+            return Some(DnsAction::Answer(response(&msg, ResponseCode::NotImp, false, Vec::new())));
+        }
+        let [q] = msg.queries() else {
+            return Some(DnsAction::Answer(bare_error(query, ResponseCode::FormErr)));
+        };
+        let lower = q.name().to_lowercase().to_ascii();
+        let name = lower.strip_suffix('.').unwrap_or(&lower);
+        let is_in = |t: RecordType| q.query_type() == t && q.query_class() == DNSClass::IN;
+        let (found, answers) = if let Some(rev) = name.strip_suffix(".in-addr.arpa") {
             let octets: Vec<u8> = rev.split('.').filter_map(|o| o.parse().ok()).collect();
             if octets.len() != 4 || rev.split('.').count() != 4 {
                 return Some(DnsAction::Forward);
@@ -176,55 +188,28 @@ impl LocalZone {
                 return Some(DnsAction::Forward);
             }
             let found: Vec<&String> = self.names.iter().filter(|(_, a)| *a == ip).map(|(n, _)| n).collect();
-            rcode = if found.is_empty() { RCODE_NXDOMAIN } else { 0 };
-            if q.qtype == TYPE_PTR && q.qclass == CLASS_IN {
-                for n in found {
-                    let mut rdata = Vec::new();
-                    encode_name(&mut rdata, &self.full_name(n));
-                    answers.push((TYPE_PTR, rdata));
-                }
-            }
-        } else if let Some(rev) = q.name.strip_suffix(".ip6.arpa") {
+            (!found.is_empty(), self.pointers(q, found.into_iter()))
+        } else if let Some(rev) = name.strip_suffix(".ip6.arpa") {
             let Some(ip) = parse_ip6_arpa(rev) else { return Some(DnsAction::Forward) };
             if !self.in_subnet6(ip) {
                 return Some(DnsAction::Forward);
             }
             let found: Vec<&String> = self.names6.iter().filter(|(_, a)| *a == ip).map(|(n, _)| n).collect();
-            rcode = if found.is_empty() { RCODE_NXDOMAIN } else { 0 };
-            if q.qtype == TYPE_PTR && q.qclass == CLASS_IN {
-                for n in found {
-                    let mut rdata = Vec::new();
-                    encode_name(&mut rdata, &self.full_name(n));
-                    answers.push((TYPE_PTR, rdata));
-                }
-            }
-        } else if self.is_local(&q.name) {
-            let host = self.strip_domain(&q.name);
-            let found: Vec<Ipv4Addr> =
-                host.map(|h| self.names.iter().filter(|(n, _)| n == h).map(|(_, a)| *a).collect()).unwrap_or_default();
-            let found6: Vec<Ipv6Addr> =
-                host.map(|h| self.names6.iter().filter(|(n, _)| n == h).map(|(_, a)| *a).collect()).unwrap_or_default();
-            rcode = if found.is_empty() && found6.is_empty() { RCODE_NXDOMAIN } else { 0 };
-            if q.qtype == TYPE_A && q.qclass == CLASS_IN {
-                answers.extend(found.iter().map(|a| (TYPE_A, a.octets().to_vec())));
-            }
-            if q.qtype == TYPE_AAAA && q.qclass == CLASS_IN {
-                answers.extend(found6.iter().map(|a| (TYPE_AAAA, a.octets().to_vec())));
-            }
+            (!found.is_empty(), self.pointers(q, found.into_iter()))
+        } else if self.is_local(name) {
+            let host = self.strip_domain(name);
+            let v4 = self.names.iter().filter(|(n, _)| Some(n.as_str()) == host).map(|(_, a)| RData::A(A(*a)));
+            let v6 = self.names6.iter().filter(|(n, _)| Some(n.as_str()) == host).map(|(_, a)| RData::AAAA(AAAA(*a)));
+            let all: Vec<RData> = v4.chain(v6).collect();
+            let found = !all.is_empty();
+            // A name with addresses of the other family only: no data, not NXDOMAIN.
+            let wanted = all.into_iter().filter(|d| is_in(d.record_type()));
+            (found, wanted.map(|d| Record::from_rdata(q.name().clone(), TTL, d)).collect())
         } else {
             return Some(DnsAction::Forward);
-        }
-        let mut r = header(query, rcode, true, answers.len() as u16);
-        r.extend_from_slice(&query[12..q.end]);
-        for (t, rdata) in answers {
-            r.extend_from_slice(&[0xc0, 0x0c]);
-            r.extend_from_slice(&t.to_be_bytes());
-            r.extend_from_slice(&CLASS_IN.to_be_bytes());
-            r.extend_from_slice(&TTL.to_be_bytes());
-            r.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
-            r.extend_from_slice(&rdata);
-        }
-        Some(DnsAction::Answer(r))
+        };
+        let rcode = if found { ResponseCode::NoError } else { ResponseCode::NXDomain };
+        Some(DnsAction::Answer(response(&msg, rcode, true, answers)))
     }
 }
 
@@ -253,38 +238,31 @@ pub fn ip6_arpa(ip: Ipv6Addr) -> String {
 
 /// REFUSED, for a query the gateway cannot resolve (no upstream resolver).
 pub fn refused(query: &[u8]) -> Vec<u8> {
-    error_answer(query, 5)
+    error_answer(query, ResponseCode::Refused)
 }
 
 /// SERVFAIL, for a forwarded query no upstream resolver answered.
 pub fn servfail(query: &[u8]) -> Vec<u8> {
-    error_answer(query, 2)
+    error_answer(query, ResponseCode::ServFail)
 }
 
 /// An answer with `rcode` and the query's question, or empty if `query` has no header.
-fn error_answer(query: &[u8], rcode: u16) -> Vec<u8> {
+fn error_answer(query: &[u8], rcode: ResponseCode) -> Vec<u8> {
     if query.len() < 12 {
         return Vec::new();
     }
-    match parse_question(query) {
-        Some(q) => {
-            let mut r = header(query, rcode, false, 0);
-            r.extend_from_slice(&query[12..q.end]);
-            r
-        }
-        None => bare_error(query, rcode),
+    match Message::from_vec(query) {
+        Ok(msg) => response(&msg, rcode, false, Vec::new()),
+        Err(_) => bare_error(query, rcode),
     }
 }
 
-/// Builds a query (tests, benchmarks).
+/// Builds a query (tests, benchmarks); empty if `name` is not a domain name.
 pub fn build_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
-    let mut q = Vec::new();
-    q.extend_from_slice(&id.to_be_bytes());
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    encode_name(&mut q, name);
-    q.extend_from_slice(&qtype.to_be_bytes());
-    q.extend_from_slice(&CLASS_IN.to_be_bytes());
-    q
+    let Some(name) = dns_name(name.trim_end_matches('.')) else { return Vec::new() };
+    let mut m = Message::new();
+    m.set_id(id).set_recursion_desired(true).add_query(Query::query(name, RecordType::from(qtype)));
+    m.to_vec().unwrap_or_default()
 }
 
 /// The rcode and the A/PTR answers of a response (tests, benchmarks).
@@ -292,38 +270,22 @@ pub fn read_answers(r: &[u8]) -> Option<(u16, Vec<Ipv4Addr>, Vec<String>)> {
     read_answers_all(r).map(|(rcode, a, _, ptr)| (rcode, a, ptr))
 }
 
-/// The rcode and the A, AAAA and PTR answers of a response (tests, benchmarks).
+/// The rcode and the A, AAAA and PTR answers of a response (tests, benchmarks); PTR names
+/// lowercase without the trailing dot.
 #[allow(clippy::type_complexity)]
 pub fn read_answers_all(r: &[u8]) -> Option<(u16, Vec<Ipv4Addr>, Vec<Ipv6Addr>, Vec<String>)> {
-    let rcode = u16::from_be_bytes([*r.get(2)?, *r.get(3)?]) & 0xf;
-    let an = u16::from_be_bytes([r[6], r[7]]);
-    let q = parse_question(r)?;
-    let mut i = q.end;
+    let m = Message::from_vec(r).ok()?;
     let (mut a, mut aaaa, mut ptr) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..an {
-        i += 2; // name pointer
-        let t = u16::from_be_bytes([*r.get(i)?, *r.get(i + 1)?]);
-        let len = u16::from_be_bytes([*r.get(i + 8)?, *r.get(i + 9)?]) as usize;
-        let rdata = r.get(i + 10..i + 10 + len)?;
-        match t {
-            TYPE_A if len == 4 => a.push(Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3])),
-            TYPE_AAAA if len == 16 => aaaa.push(Ipv6Addr::from(<[u8; 16]>::try_from(rdata).ok()?)),
-            TYPE_PTR => {
-                let mut fake = vec![0u8; 12];
-                fake.extend_from_slice(rdata);
-                fake.extend_from_slice(&[0, 0, 0, 0]);
-                ptr.push(parse_question(&fake)?.name);
-            }
+    for rec in m.answers() {
+        match rec.data() {
+            RData::A(ip) => a.push(ip.0),
+            RData::AAAA(ip) => aaaa.push(ip.0),
+            RData::PTR(n) => ptr.push(n.0.to_lowercase().to_ascii().trim_end_matches('.').to_string()),
             _ => {}
         }
-        i += 10 + len;
     }
-    Some((rcode, a, aaaa, ptr))
+    Some((u16::from(m.response_code()), a, aaaa, ptr))
 }
-
-pub const QTYPE_A: u16 = TYPE_A;
-pub const QTYPE_PTR: u16 = TYPE_PTR;
-pub const QTYPE_AAAA: u16 = TYPE_AAAA;
 
 #[cfg(test)]
 mod tests {

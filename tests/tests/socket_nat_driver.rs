@@ -942,6 +942,7 @@ impl Guest6 {
         assert!(self.vm.wait_tx_all(T), "vunet took the frame");
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn tcp(&mut self, dst: std::net::Ipv6Addr, sport: u16, dport: u16, seq: u32, ack: Option<u32>, flags: u8, payload: &[u8]) {
         let mut b = etherparse::PacketBuilder::ethernet2(MAC_A, gateway_mac(NET))
             .ipv6(IP6_A.octets(), dst.octets(), 64)

@@ -106,3 +106,29 @@ fn a_slaac_guest_reaches_the_hosts_ipv6_loopback_and_address_through_host_socket
     let nets = control(dir.path(), &["net-list"]);
     assert!(nets[0]["socket_nat"]["ipv6_flows"].as_u64().unwrap_or(0) >= 1, "net-list counts it as IPv6: {}", nets[0]);
 }
+
+#[test]
+fn a_host_without_ipv6_answers_the_guests_ipv6_flows_as_unreachable() {
+    let _turn = serial();
+    let dir = TempDir::new("socket-nat-nov6");
+    let ns = Netns::new("snatn6");
+    ns.run("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 net.ipv6.conf.lo.disable_ipv6=1");
+    let h = Host { ns, _servers: Vec::new() };
+    let _v = vunet_as_nobody(&h, dir.path(), NETWORK);
+    // Two connections to an address the host has no route to: each fails at once, as the
+    // host's own connect() did (not after the guest's SYN retries).
+    let script = "i=0\nuntil ip -6 addr show dev eth0 scope global | grep -v tentative | grep -q 'inet6 fd00:7675:9:'; do \
+         i=$((i+1)); [ $i -gt 300 ] && { ip -6 addr; exit 3; }; sleep 0.2; done\n\
+         for n in 1 2; do t0=$(date +%s); nc -w 10 2001:db8::1 80 </dev/null; echo \"V6TCP rc=$? in $(( $(date +%s) - t0 ))s\"; done\n\
+         echo GUEST-READY\nsleep 1000\n";
+    let g = Guest::boot_as(NOBODY, "g6n", dir.path(), &Socket::Connect(dir.path().join("vm1.sock")), "52:54:00:0a:00:07", "", script);
+    let log = || std::fs::read_to_string(dir.path().join("vunet.log")).unwrap_or_default();
+    assert!(g.console.wait_for("GUEST-READY", RUN), "guest:\n{}\nvunet:\n{}", g.console.text(), log());
+    let out = g.console.text();
+    assert_eq!(out.matches("V6TCP rc=1 in 0s").count() + out.matches("V6TCP rc=1 in 1s").count(), 2, "refused at once:\n{out}");
+    assert!(out.contains("Network is unreachable"), "the guest hears 'network unreachable' (ICMPv6 no route):\n{out}");
+    let nets = control(dir.path(), &["net-list"]);
+    // At least one per connection (a guest may send its SYN again before the error stops it).
+    assert!(nets[0]["socket_nat"]["drops"]["no_ipv6"].as_u64().unwrap_or(0) >= 2, "counted: {}", nets[0]);
+    assert_eq!(log().matches("cannot carry guests' IPv6 flows").count(), 1, "said once:\n{}", log());
+}

@@ -24,6 +24,15 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// What `e` from a socket toward `remote` means: as [`ConnectError::of`], except that an
+    /// IPv6 flow on a host without IPv6 (see [`no_ipv6`]) is network unreachable.
+    pub fn toward(remote: std::net::IpAddr, e: &io::Error) -> ConnectError {
+        if remote.is_ipv6() && no_ipv6(e) {
+            return ConnectError::Unreachable(Some(0));
+        }
+        ConnectError::of(e)
+    }
+
     pub fn of(e: &io::Error) -> ConnectError {
         match e.raw_os_error().unwrap_or(0) {
             libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => ConnectError::NoResources,
@@ -37,6 +46,13 @@ impl ConnectError {
             _ => ConnectError::Refused,
         }
     }
+}
+
+/// Whether an error on an IPv6 socket means the host has no IPv6 to carry it: no AF_INET6
+/// sockets (`EAFNOSUPPORT`), no IPv6 address to send from (`EADDRNOTAVAIL`, IPv6 disabled), no
+/// route (`ENETUNREACH`).
+pub fn no_ipv6(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL) | Some(libc::ENETUNREACH))
 }
 
 /// A host TCP socket spliced to a guest flow.

@@ -55,8 +55,9 @@ pub struct HostCounters {
     pub forward_refused: u64,
     /// Connections accepted on forwarded ports.
     pub forward_accepted: u64,
-    /// IPv6 flows the host could not carry: no IPv6 sockets (`EAFNOSUPPORT`) or no route
-    /// (`ENETUNREACH`). The guest hears "unreachable" (said once in the log).
+    /// IPv6 flows the host could not carry: no IPv6 sockets (`EAFNOSUPPORT`), no IPv6 address
+    /// (`EADDRNOTAVAIL`) or no route (`ENETUNREACH`). The guest hears "unreachable" (said once
+    /// in the log).
     pub no_ipv6: u64,
 }
 
@@ -271,9 +272,9 @@ impl SocketNat {
         }
     }
 
-    /// Counts an IPv6 flow the host could not carry (`EAFNOSUPPORT`, `ENETUNREACH`), said once.
+    /// Counts an IPv6 flow the host could not carry (`host::no_ipv6`), said once.
     fn no_ipv6(&self, st: &mut State, remote: IpAddr, e: &std::io::Error) {
-        if !remote.is_ipv6() || !matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT) | Some(libc::ENETUNREACH)) {
+        if !remote.is_ipv6() || !host::no_ipv6(e) {
             return;
         }
         st.host.no_ipv6 += 1;
@@ -438,7 +439,7 @@ impl SocketNat {
                     Err(e) => {
                         self.no_ipv6(st, remote.ip(), &e);
                         // Said to the guest as the host's routing said it, then forgotten.
-                        match ConnectError::of(&e) {
+                        match ConnectError::toward(remote.ip(), &e) {
                             ConnectError::NoResources => self.no_socket(st, &e),
                             ConnectError::Unreachable(Some(code)) => {
                                 if let Some(len) = st.udp.unreachable(id, code, &mut st.frame) {
@@ -541,10 +542,9 @@ impl SocketNat {
     }
 
     fn connect_failed(&self, st: &mut State, id: FlowId, e: &std::io::Error) {
-        let err = ConnectError::of(e);
-        if let Some(remote) = st.tcp.flow(id).map(|f| f.remote()) {
-            self.no_ipv6(st, remote.ip(), e);
-        }
+        let remote = st.tcp.flow(id).map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |f| f.remote().ip());
+        self.no_ipv6(st, remote, e);
+        let err = ConnectError::toward(remote, e);
         if err == ConnectError::NoResources {
             self.no_socket(st, e);
         }
@@ -716,7 +716,7 @@ impl SocketNat {
                             }
                         } else if ConnectError::of(&e) == ConnectError::NoResources {
                             self.no_socket(st, &e);
-                        } else if !remote.is_ipv6() || !matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT) | Some(libc::ENETUNREACH)) {
+                        } else if !(remote.is_ipv6() && host::no_ipv6(&e)) {
                             st.host.unroutable += 1;
                         }
                     }

@@ -1183,3 +1183,65 @@ fn ipv6_udp_echo_port_unreachable_and_what_is_never_carried() {
     assert!(v4.recv_from(&mut b).is_err(), "nothing reached the host's IPv4 loopback");
     assert!(g.recv(Duration::from_millis(300)).is_none(), "nothing comes back");
 }
+
+#[test]
+fn forwards_listening_on_ipv6_reach_an_ipv4_guest_from_the_gateways_address() {
+    let dir = TempDir::new("snat-drv-fwd6");
+    let tport = TcpListener::bind("[::1]:0").unwrap().local_addr().unwrap().port();
+    let uport = std::net::UdpSocket::bind("[::1]:0").unwrap().local_addr().unwrap().port();
+    let nat = format!(
+        "[network.dhcp]\nrange = [\"10.0.0.100\", \"10.0.0.200\"]\nhosts = [{{ mac = \"52:54:00:00:0d:01\", ip = \"{IP_A}\" }}]\n\
+         [[network.port_forward]]\nproto = \"tcp\"\nport = {tport}\nlisten = \"::1\"\nto = \"{IP_A}:22\"\n\
+         [[network.port_forward]]\nproto = \"udp\"\nport = {uport}\nlisten = \"::1\"\nto = \"{IP_A}:53\"\n"
+    );
+    let (d, socks) = start(dir.path(), 1, &nat);
+    let mut g = Guest::connect(&socks[0], MAC_A, IP_A);
+    ready(&d);
+    // Any frame tells the switch where the reserved MAC is (a RST: nothing answers it).
+    g.send_tcp(40000, 9, 1, 0, RST, 0, &[], &[]);
+
+    // TCP: an IPv6 client on the host's ::1; the IPv4 guest sees the gateway's address.
+    let mut client = TcpStream::connect(("::1", tport)).expect("the forward listens on ::1");
+    client.set_read_timeout(Some(T)).unwrap();
+    let syn = g.expect(22, "the forward's SYN");
+    assert!(syn.has(SYN) && !syn.has(ACK), "{syn:?}");
+    assert_eq!(syn.src, GW, "an IPv6 peer appears as the gateway's IPv4 address");
+    assert_eq!(syn.sport, client.local_addr().unwrap().port(), "with the peer's own port");
+    g.send_tcp(22, syn.sport, 500, syn.seq.wrapping_add(1), SYN | ACK, 65535, &MSS_OPT, &[]);
+    let ack = g.expect(22, "the ACK of the guest's SYN-ACK");
+    assert_eq!(ack.ack, 501);
+    client.write_all(b"hi guest").unwrap();
+    let data = g.expect(22, "the client's data");
+    assert_eq!(data.payload, b"hi guest");
+    g.send_tcp(22, syn.sport, 501, data.seq.wrapping_add(8), ACK | PSH, 65535, &[], b"hi v6 client");
+    assert_eq!(read_exact(&mut client, 12), b"hi v6 client");
+
+    // UDP: a datagram from ::1 reaches the guest from the gateway; the answer goes back to the
+    // client's IPv6 socket.
+    let c = std::net::UdpSocket::bind("[::1]:0").unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    c.send_to(b"query", ("::1", uport)).unwrap();
+    let deadline = Instant::now() + T;
+    let (from, payload) = loop {
+        let (_, f) = g.vm.recv(deadline.saturating_duration_since(Instant::now())).expect("the datagram");
+        let Ok(p) = etherparse::SlicedPacket::from_ethernet(&f) else { continue };
+        if let Some(etherparse::TransportSlice::Udp(u)) = &p.transport {
+            let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else { panic!("IPv4 to the IPv4 guest") };
+            assert_eq!((ip.header().destination_addr(), u.destination_port()), (IP_A, 53));
+            break ((ip.header().source_addr(), u.source_port()), u.payload().to_vec());
+        }
+    };
+    assert_eq!(from, (GW, c.local_addr().unwrap().port()));
+    assert_eq!(payload, b"query");
+    let mut v = Vec::new();
+    etherparse::PacketBuilder::ethernet2(MAC_A, gateway_mac(NET))
+        .ipv4(IP_A.octets(), GW.octets(), 64)
+        .udp(53, from.1)
+        .write(&mut v, b"answer")
+        .unwrap();
+    g.vm.send(&v);
+    let mut b = [0u8; 64];
+    let (n, src) = c.recv_from(&mut b).expect("the guest's answer");
+    assert_eq!((&b[..n], src.port()), (&b"answer"[..], uport), "from the forwarded port");
+    drop(d);
+}

@@ -750,15 +750,17 @@ impl SocketNat {
 
     // ---- Port forwards -----------------------------------------------------------------
 
-    /// Where a host peer appears to the guest: itself, or the gateway for the host's own
-    /// loopback (the guest cannot reach 127.0.0.1 through its gateway).
+    /// Where a host peer appears to the (IPv4) guest of a forward: itself, or the gateway for
+    /// the host's own loopback (the guest cannot reach 127.0.0.1 through its gateway) and for
+    /// an IPv6 peer of a forward that listens on an IPv6 address (an IPv4 guest cannot see an
+    /// IPv6 address; its answers go back through the gateway, to the peer's socket).
     fn as_seen_by_guest(&self, peer: SocketAddr) -> SocketAddr {
+        let gw = SocketAddr::V4(SocketAddrV4::new(self.gw.ip, peer.port()));
         match peer {
-            SocketAddr::V4(a) if a.ip().is_loopback() => SocketAddr::V4(SocketAddrV4::new(self.gw.ip, a.port())),
+            SocketAddr::V4(a) if a.ip().is_loopback() => gw,
             SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
-                Some(v4) if v4.is_loopback() => SocketAddr::V4(SocketAddrV4::new(self.gw.ip, a.port())),
-                Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, a.port())),
-                None => peer,
+                Some(v4) if !v4.is_loopback() => SocketAddr::V4(SocketAddrV4::new(v4, a.port())),
+                _ => gw,
             },
             other => other,
         }

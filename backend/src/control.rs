@@ -276,6 +276,7 @@ fn net_info(n: &Network, socknat: Option<&SocketNat>) -> Value {
             "tcp_flows": sum.tcp_flows,
             "udp_flows": sum.udp_flows,
             "icmp_flows": sum.icmp_flows,
+            "ipv6_flows": sum.tcp6_flows + sum.udp6_flows + sum.icmp6_flows,
             "refused": sum.refused,
             "unreachable": sum.unreachable,
             "forward_accepted": sum.forward_accepted,
@@ -389,11 +390,12 @@ pub fn render(req: &Request, v: &Value) -> String {
                         .unwrap_or_default();
                     let g = |k: &str| sn.get(k).map(|v| v.to_string()).unwrap_or_else(|| "-".into());
                     out.push_str(&format!(
-                        "{:<16} socket NAT: {} TCP, {} UDP, {} ICMP flows; {} refused, {} unreachable; drops: {}\n",
+                        "{:<16} socket NAT: {} TCP, {} UDP, {} ICMP flows ({} over IPv6); {} refused, {} unreachable; drops: {}\n",
                         "",
                         g("tcp_flows"),
                         g("udp_flows"),
                         g("icmp_flows"),
+                        g("ipv6_flows"),
                         g("refused"),
                         g("unreachable"),
                         if drops.is_empty() { "none".to_string() } else { drops.join(" ") }

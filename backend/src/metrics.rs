@@ -104,6 +104,12 @@ pub fn render(networks: &[Arc<Network>], nats: &[(String, Arc<SocketNat>)]) -> S
             let _ = writeln!(out, "vunet_socket_nat_flows{{network=\"{}\",proto=\"{proto}\"}} {v}", esc(n));
         }
     }
+    let _ = writeln!(out, "# HELP vunet_socket_nat_ipv6_flows Open socket-NAT flows over IPv6 (included in vunet_socket_nat_flows), by protocol.\n# TYPE vunet_socket_nat_ipv6_flows gauge");
+    for (n, s) in &sums {
+        for (proto, v) in [("tcp", s.tcp6_flows), ("udp", s.udp6_flows), ("icmp", s.icmp6_flows)] {
+            let _ = writeln!(out, "vunet_socket_nat_ipv6_flows{{network=\"{}\",proto=\"{proto}\"}} {v}", esc(n));
+        }
+    }
     let _ = writeln!(out, "# HELP vunet_socket_nat_events_total Socket-NAT connections refused, unreachable, accepted on forwards.\n# TYPE vunet_socket_nat_events_total counter");
     for (n, s) in &sums {
         for (ev, v) in [("refused", s.refused), ("unreachable", s.unreachable), ("forward_accepted", s.forward_accepted)] {

@@ -898,3 +898,350 @@ fn tso_guests_send_and_receive_whole_segments() {
     assert_eq!(ack, snd_nxt, "the whole {n}-byte segment acknowledged at once");
     assert!(read_exact(&mut h, n) == payload, "the host reads it intact");
 }
+
+// ---- IPv6 -------------------------------------------------------------------------------
+//
+// The same network with `gateway6`: a simulated guest at fd00:7675:5::10 speaks IPv6 to the
+// gateway's IPv6 address (the host's ::1 with `host_loopback`) and to the host's own global
+// address. Frames are built and parsed with etherparse, which checks the checksums over the
+// IPv6 pseudo-header.
+
+const GW6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x7675, 5, 0, 0, 0, 0, 1);
+const IP6_A: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x7675, 5, 0, 0, 0, 0, 0x10);
+
+fn start6(dir: &Path) -> (vunet::Daemon, PathBuf) {
+    let toml = format!(
+        "[[network]]\nname = \"{NET}\"\nmode = \"nat\"\ngateway = \"10.0.0.1/24\"\ngateway6 = \"{GW6}/64\"\n[network.nat]\nhost_loopback = true\n[[network.port]]\nname = \"p0\"\nsocket = \"p0.sock\"\nport_security = false\n"
+    );
+    let cfg = vunet::Config::parse(&toml, "test.toml", dir).expect("config");
+    let d = vunet::Daemon::start(&cfg).expect("start");
+    (d, dir.join("p0.sock"))
+}
+
+/// What an IPv6 frame to the guest carries, its addresses and checksum checked.
+#[derive(Debug)]
+enum In6 {
+    Tcp { src: std::net::SocketAddr, dport: u16, seq: u32, ack: u32, syn: bool, rst: bool, fin: bool, mss: Option<u16>, payload: Vec<u8> },
+    Udp { src: std::net::SocketAddr, dport: u16, payload: Vec<u8> },
+    Icmp { src: std::net::Ipv6Addr, ty: u8, code: u8 },
+}
+
+struct Guest6 {
+    vm: VmSim,
+}
+
+impl Guest6 {
+    fn connect(sock: &Path) -> Guest6 {
+        let mut vm = VmSim::connect(sock, SimOptions::no_offloads()).expect("vhost-user");
+        vm.post_rx(QUEUE_SIZE);
+        Guest6 { vm }
+    }
+
+    fn frame(&mut self, f: Vec<u8>) {
+        self.vm.send(&f);
+        assert!(self.vm.wait_tx_all(T), "vunet took the frame");
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn tcp(&mut self, dst: std::net::Ipv6Addr, sport: u16, dport: u16, seq: u32, ack: Option<u32>, flags: u8, payload: &[u8]) {
+        let mut b = etherparse::PacketBuilder::ethernet2(MAC_A, gateway_mac(NET))
+            .ipv6(IP6_A.octets(), dst.octets(), 64)
+            .tcp(sport, dport, seq, 65535);
+        if flags & SYN != 0 {
+            b = b.syn().options(&[etherparse::TcpOptionElement::MaximumSegmentSize(1460)]).unwrap();
+        }
+        if flags & FIN != 0 {
+            b = b.fin();
+        }
+        if flags & RST != 0 {
+            b = b.rst();
+        }
+        if let Some(a) = ack {
+            b = b.ack(a);
+        }
+        let mut v = Vec::new();
+        b.write(&mut v, payload).unwrap();
+        self.frame(v);
+    }
+
+    fn udp(&mut self, dst: std::net::Ipv6Addr, sport: u16, dport: u16, payload: &[u8]) {
+        let mut v = Vec::new();
+        etherparse::PacketBuilder::ethernet2(MAC_A, gateway_mac(NET))
+            .ipv6(IP6_A.octets(), dst.octets(), 64)
+            .udp(sport, dport)
+            .write(&mut v, payload)
+            .unwrap();
+        self.frame(v);
+    }
+
+    /// The next IPv6 TCP/UDP/ICMPv6 frame to the guest (RAs and other gateway chatter skipped).
+    fn recv(&mut self, timeout: Duration) -> Option<In6> {
+        use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (hdr, f) = self.vm.recv(left)?;
+            assert_eq!(hdr.flags & F_NEEDS_CSUM, 0, "no partial checksums for a guest without GUEST_CSUM");
+            let Ok(p) = SlicedPacket::from_ethernet(&f) else { continue };
+            let Some(NetSlice::Ipv6(ip)) = &p.net else { continue };
+            let (src, dst) = (ip.header().source_addr(), ip.header().destination_addr());
+            if dst != IP6_A {
+                continue;
+            }
+            assert_eq!(&f[0..6], &MAC_A, "to the guest's MAC");
+            match &p.transport {
+                Some(TransportSlice::Tcp(t)) => {
+                    assert_eq!(t.calc_checksum_ipv6(src.octets(), dst.octets()).unwrap(), t.checksum(), "TCP checksum");
+                    let mss = t.options_iterator().find_map(|o| match o {
+                        Ok(etherparse::TcpOptionElement::MaximumSegmentSize(m)) => Some(m),
+                        _ => None,
+                    });
+                    return Some(In6::Tcp {
+                        src: std::net::SocketAddr::new(src.into(), t.source_port()),
+                        dport: t.destination_port(),
+                        seq: t.sequence_number(),
+                        ack: t.acknowledgment_number(),
+                        syn: t.syn(),
+                        rst: t.rst(),
+                        fin: t.fin(),
+                        mss,
+                        payload: t.payload().to_vec(),
+                    });
+                }
+                Some(TransportSlice::Udp(u)) => {
+                    let want = u.to_header().calc_checksum_ipv6_raw(src.octets(), dst.octets(), u.payload()).unwrap();
+                    assert_eq!(want, u.checksum(), "UDP checksum");
+                    return Some(In6::Udp {
+                        src: std::net::SocketAddr::new(src.into(), u.source_port()),
+                        dport: u.destination_port(),
+                        payload: u.payload().to_vec(),
+                    });
+                }
+                Some(TransportSlice::Icmpv6(i)) => {
+                    assert!(i.is_checksum_valid(src.octets(), dst.octets()), "ICMPv6 checksum");
+                    let b = i.slice();
+                    // Router advertisements and the like are the gateway's own chatter.
+                    if b[0] >= 128 {
+                        continue;
+                    }
+                    return Some(In6::Icmp { src, ty: b[0], code: b[1] });
+                }
+                _ => continue,
+            }
+        }
+    }
+}
+
+/// The host's own global IPv6 address (not loopback, not link-local), if it has one.
+fn host_global_ipv6() -> Option<std::net::Ipv6Addr> {
+    let s = std::fs::read_to_string("/proc/net/if_inet6").ok()?;
+    s.lines().find_map(|l| {
+        let mut w = l.split_whitespace();
+        let hex = w.next()?;
+        let scope = w.nth(2)?;
+        if scope != "00" || hex.len() != 32 {
+            return None;
+        }
+        let v = u128::from_str_radix(hex, 16).ok()?;
+        let ip = std::net::Ipv6Addr::from(v);
+        (!ip.is_loopback()).then_some(ip)
+    })
+}
+
+/// A guest TCP connection over IPv6 to `dst`:`port` (a host server listening on `l`): the
+/// handshake, data both ways (`during` runs while the flow is established), both FINs;
+/// returns the peer address the server saw.
+fn tcp6_round_trip(
+    g: &mut Guest6,
+    l: &TcpListener,
+    dst: std::net::Ipv6Addr,
+    port: u16,
+    lport: u16,
+    during: impl FnOnce(),
+) -> std::net::SocketAddr {
+    g.tcp(dst, lport, port, 7000, None, SYN, &[]);
+    l.set_nonblocking(true).unwrap();
+    let mut got = None;
+    assert!(wait_until(T, || l.accept().map(|c| got = Some(c)).is_ok()), "vunet connected to the host server over IPv6");
+    let (mut s, peer) = got.unwrap();
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let Some(In6::Tcp { src, dport, seq, ack, syn: true, rst: false, mss, .. }) = g.recv(T) else { panic!("a SYN-ACK") };
+    assert_eq!((src, dport, ack), (std::net::SocketAddr::new(dst.into(), port), lport, 7001));
+    assert_eq!(mss, Some(1500 - 60), "our MSS: the MTU less IPv6 and TCP headers");
+    let mut rcv = seq.wrapping_add(1);
+    g.tcp(dst, lport, port, 7001, Some(rcv), ACK, b"hello over v6");
+    assert_eq!(read_exact(&mut s, 13), b"hello over v6");
+    let Some(In6::Tcp { ack, .. }) = g.recv(T) else { panic!("an ACK") };
+    assert_eq!(ack, 7001 + 13);
+    let data = pattern(5000);
+    s.write_all(&data).unwrap();
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        let Some(In6::Tcp { seq, payload, rst: false, .. }) = g.recv(T) else { panic!("host data") };
+        assert_eq!(seq, rcv, "in order");
+        assert!(payload.len() <= 1440, "within the MSS");
+        rcv = rcv.wrapping_add(payload.len() as u32);
+        got.extend_from_slice(&payload);
+        g.tcp(dst, lport, port, 7014, Some(rcv), ACK, &[]);
+    }
+    assert_eq!(got, data);
+    during();
+    g.tcp(dst, lport, port, 7014, Some(rcv), FIN | ACK, &[]);
+    let mut b = [0u8; 8];
+    assert_eq!(s.read(&mut b).unwrap(), 0, "the guest's FIN is the server's end of file");
+    // The server closes too: its FIN reaches the guest (after the ACK of the guest's FIN).
+    drop(s);
+    loop {
+        let Some(In6::Tcp { seq, fin, rst: false, .. }) = g.recv(T) else { panic!("the server's FIN") };
+        if fin {
+            assert_eq!(seq, rcv);
+            g.tcp(dst, lport, port, 7015, Some(rcv.wrapping_add(1)), ACK, &[]);
+            break;
+        }
+    }
+    peer
+}
+
+#[test]
+fn ipv6_tcp_reaches_the_hosts_loopback_through_the_gateways_ipv6_address_and_its_own_address() {
+    let dir = TempDir::new("snat-drv-v6tcp");
+    let (d, sock) = start6(dir.path());
+    let mut g = Guest6::connect(&sock);
+    ready(&d);
+    let l = TcpListener::bind("[::1]:0").expect("a server on the host's ::1");
+    let port = l.local_addr().unwrap().port();
+    let peer = tcp6_round_trip(&mut g, &l, GW6, port, 41000, || {
+        // The listings count and show the IPv6 flow while it lives.
+        let sn = socket_nat(&d);
+        assert_eq!(sn["ipv6_flows"], 1, "net-list counts IPv6 flows: {sn}");
+        let ports = vunet::control::answer(vunet::control::Request::PortList { network: NET.into() }, &d.shared).unwrap();
+        let flows = ports[0]["nat_flows"]["flows"].to_string();
+        assert!(
+            flows.contains(&format!("[{IP6_A}]:41000")) && flows.contains(&format!("[{GW6}]:{port}")),
+            "port-list shows the IPv6 flow: {flows}"
+        );
+    });
+    assert_eq!(peer.ip(), std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), "the gateway's IPv6 address is the host's ::1");
+    assert!(wait_until(T, || socket_nat(&d)["tcp_flows"] == 0), "the flow is gone after both FINs");
+
+    // A closed port on ::1: RST at once, over IPv6.
+    let closed = TcpListener::bind("[::1]:0").unwrap();
+    let cport = closed.local_addr().unwrap().port();
+    drop(closed);
+    g.tcp(GW6, 41001, cport, 9000, None, SYN, &[]);
+    let Some(In6::Tcp { rst: true, ack, dport: 41001, .. }) = g.recv(T) else { panic!("a RST for the refused port") };
+    assert_eq!(ack, 9001);
+
+    // The host's own global address, if it has one.
+    match host_global_ipv6() {
+        None => println!("skipped the host-global part: this machine has no global IPv6 address"),
+        Some(ip) => {
+            let l = TcpListener::bind(std::net::SocketAddr::new(ip.into(), 0)).expect("a server on the host's IPv6 address");
+            let port = l.local_addr().unwrap().port();
+            let peer = tcp6_round_trip(&mut g, &l, ip, port, 41002, || {});
+            assert_eq!(peer.ip(), std::net::IpAddr::V6(ip), "vunet's socket came from the host's own address");
+        }
+    }
+}
+
+#[test]
+fn ipv6_udp_echo_port_unreachable_and_what_is_never_carried() {
+    let dir = TempDir::new("snat-drv-v6udp");
+    let (d, sock) = start6(dir.path());
+    let mut g = Guest6::connect(&sock);
+    ready(&d);
+    let server = std::net::UdpSocket::bind("[::1]:0").unwrap();
+    server.set_read_timeout(Some(T)).unwrap();
+    let port = server.local_addr().unwrap().port();
+    g.udp(GW6, 5300, port, b"ping6");
+    let mut b = [0u8; 64];
+    let (n, from) = server.recv_from(&mut b).expect("the datagram reached the host's ::1");
+    assert_eq!(&b[..n], b"ping6");
+    server.send_to(b"pong6", from).unwrap();
+    let Some(In6::Udp { src, dport, payload }) = g.recv(T) else { panic!("the answer") };
+    assert_eq!((src, dport, payload.as_slice()), (std::net::SocketAddr::new(GW6.into(), port), 5300, &b"pong6"[..]));
+
+    // Nobody on the port: the host's port unreachable comes back as ICMPv6 port unreachable.
+    let gone = std::net::UdpSocket::bind("[::1]:0").unwrap();
+    let gport = gone.local_addr().unwrap().port();
+    drop(gone);
+    g.udp(GW6, 5301, gport, b"anyone?");
+    let Some(In6::Icmp { src, ty: 1, code: 4 }) = g.recv(T) else { panic!("ICMPv6 port unreachable") };
+    assert_eq!(src, GW6);
+
+    // Link-local, multicast and IPv4-mapped destinations are never carried: counted, silent.
+    // (An AF_INET6 socket would reach 127.0.0.1 through ::ffff:127.0.0.1: it must not.)
+    let v4 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    v4.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let v4port = v4.local_addr().unwrap().port();
+    let before = drops(&d, "unroutable");
+    for dst in ["fe80::1", "ff0e::1", "::ffff:127.0.0.1"] {
+        g.udp(dst.parse().unwrap(), 5302, v4port, b"no");
+    }
+    assert!(wait_until(T, || drops(&d, "unroutable") == before + 3), "{}", socket_nat(&d));
+    assert!(v4.recv_from(&mut b).is_err(), "nothing reached the host's IPv4 loopback");
+    assert!(g.recv(Duration::from_millis(300)).is_none(), "nothing comes back");
+}
+
+#[test]
+fn forwards_listening_on_ipv6_reach_an_ipv4_guest_from_the_gateways_address() {
+    let dir = TempDir::new("snat-drv-fwd6");
+    let tport = TcpListener::bind("[::1]:0").unwrap().local_addr().unwrap().port();
+    let uport = std::net::UdpSocket::bind("[::1]:0").unwrap().local_addr().unwrap().port();
+    let nat = format!(
+        "[network.dhcp]\nrange = [\"10.0.0.100\", \"10.0.0.200\"]\nhosts = [{{ mac = \"52:54:00:00:0d:01\", ip = \"{IP_A}\" }}]\n\
+         [[network.port_forward]]\nproto = \"tcp\"\nport = {tport}\nlisten = \"::1\"\nto = \"{IP_A}:22\"\n\
+         [[network.port_forward]]\nproto = \"udp\"\nport = {uport}\nlisten = \"::1\"\nto = \"{IP_A}:53\"\n"
+    );
+    let (d, socks) = start(dir.path(), 1, &nat);
+    let mut g = Guest::connect(&socks[0], MAC_A, IP_A);
+    ready(&d);
+    // Any frame tells the switch where the reserved MAC is (a RST: nothing answers it).
+    g.send_tcp(40000, 9, 1, 0, RST, 0, &[], &[]);
+
+    // TCP: an IPv6 client on the host's ::1; the IPv4 guest sees the gateway's address.
+    let mut client = TcpStream::connect(("::1", tport)).expect("the forward listens on ::1");
+    client.set_read_timeout(Some(T)).unwrap();
+    let syn = g.expect(22, "the forward's SYN");
+    assert!(syn.has(SYN) && !syn.has(ACK), "{syn:?}");
+    assert_eq!(syn.src, GW, "an IPv6 peer appears as the gateway's IPv4 address");
+    assert_eq!(syn.sport, client.local_addr().unwrap().port(), "with the peer's own port");
+    g.send_tcp(22, syn.sport, 500, syn.seq.wrapping_add(1), SYN | ACK, 65535, &MSS_OPT, &[]);
+    let ack = g.expect(22, "the ACK of the guest's SYN-ACK");
+    assert_eq!(ack.ack, 501);
+    client.write_all(b"hi guest").unwrap();
+    let data = g.expect(22, "the client's data");
+    assert_eq!(data.payload, b"hi guest");
+    g.send_tcp(22, syn.sport, 501, data.seq.wrapping_add(8), ACK | PSH, 65535, &[], b"hi v6 client");
+    assert_eq!(read_exact(&mut client, 12), b"hi v6 client");
+
+    // UDP: a datagram from ::1 reaches the guest from the gateway; the answer goes back to the
+    // client's IPv6 socket.
+    let c = std::net::UdpSocket::bind("[::1]:0").unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    c.send_to(b"query", ("::1", uport)).unwrap();
+    let deadline = Instant::now() + T;
+    let (from, payload) = loop {
+        let (_, f) = g.vm.recv(deadline.saturating_duration_since(Instant::now())).expect("the datagram");
+        let Ok(p) = etherparse::SlicedPacket::from_ethernet(&f) else { continue };
+        if let Some(etherparse::TransportSlice::Udp(u)) = &p.transport {
+            let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else { panic!("IPv4 to the IPv4 guest") };
+            assert_eq!((ip.header().destination_addr(), u.destination_port()), (IP_A, 53));
+            break ((ip.header().source_addr(), u.source_port()), u.payload().to_vec());
+        }
+    };
+    assert_eq!(from, (GW, c.local_addr().unwrap().port()));
+    assert_eq!(payload, b"query");
+    let mut v = Vec::new();
+    etherparse::PacketBuilder::ethernet2(MAC_A, gateway_mac(NET))
+        .ipv4(IP_A.octets(), GW.octets(), 64)
+        .udp(53, from.1)
+        .write(&mut v, b"answer")
+        .unwrap();
+    g.vm.send(&v);
+    let mut b = [0u8; 64];
+    let (n, src) = c.recv_from(&mut b).expect("the guest's answer");
+    assert_eq!((&b[..n], src.port()), (&b"answer"[..], uport), "from the forwarded port");
+    drop(d);
+}

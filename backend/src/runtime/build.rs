@@ -75,7 +75,8 @@ pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<Strin
     });
     let socknat = match (gateway, &n.socket_nat) {
         (Some(gw), Some(cfg)) => Some(Arc::new(
-            SocketNat::new(&n.name, gw, n.mtu, cfg).map_err(|e| StartError::Host(format!("network {:?}: socket NAT: {e}", n.name)))?,
+            SocketNat::new(&n.name, gw, net.gateway6, n.mtu, cfg)
+                .map_err(|e| StartError::Host(format!("network {:?}: socket NAT: {e}", n.name)))?,
         )),
         _ => None,
     };

@@ -1,5 +1,6 @@
 //! ICMP echo (ping) through unprivileged ping sockets (`socket(AF_INET, SOCK_DGRAM,
-//! IPPROTO_ICMP)`, allowed by `net.ipv4.ping_group_range`). One socket per flow, a flow being
+//! IPPROTO_ICMP)`, or `AF_INET6` and `IPPROTO_ICMPV6` for ICMPv6 echo; both allowed by
+//! `net.ipv4.ping_group_range`). One socket per flow, a flow being
 //! a guest address, its echo identifier and the remote address, so a reply read from the
 //! socket goes back to exactly the guest and identifier that asked. The kernel gives each ping
 //! socket an identifier of its own and rewrites the one the guest chose, both ways round: the
@@ -10,9 +11,10 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use super::wire::{self, Link, ICMP_ECHO_LEN, ICMP_ECHO_REPLY, ICMP_FRAME_HDR};
+use super::wire::{self, Link, ICMPV6_ECHO_REPLY, ICMP_ECHO_LEN, ICMP_ECHO_REPLY};
 use super::{Counters, Drop, FlowId};
-use crate::checksum::{finish, sum};
+use crate::checksum::{finish, pseudo_v6, sum};
+use crate::ipv6::IPPROTO_ICMPV6;
 use crate::vnet::VnetHeader;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,14 +133,17 @@ impl IcmpTable {
     }
 
     /// A message the flow's ping socket received: the caller put its `len` bytes (ICMP header
-    /// and data, as `recv` on a ping socket gives them) at `wire::ICMP_FRAME_HDR` in `buf`.
-    /// For an echo reply this restores the guest's identifier (the kernel's is in it), fixes
-    /// the checksum and writes the headers in front, from the remote to the guest. Returns the
+    /// and data, as `recv` on a ping socket gives them) at [`wire::icmp_frame_hdr`] of the
+    /// flow's remote address in `buf`. For an echo reply (ICMPv6 echo reply for an IPv6 flow)
+    /// this restores the guest's identifier (the kernel's is in it), fixes the checksum (over
+    /// the pseudo-header for ICMPv6) and writes the headers in front, from the remote to the
+    /// guest. Returns the
     /// frame length; None for an unknown flow, a message that is no echo reply or does not
     /// fit `buf` (counted as `bad_icmp`), or a packet too large for IP.
     pub fn reply(&mut self, id: FlowId, len: usize, buf: &mut [u8], now: u64) -> Option<usize> {
         let f = self.slots.get_mut(id)?.as_mut()?;
-        let Some(m) = buf.get_mut(ICMP_FRAME_HDR..ICMP_FRAME_HDR.saturating_add(len)) else {
+        let at = wire::icmp_frame_hdr(f.key.remote);
+        let Some(m) = buf.get_mut(at..at.saturating_add(len)) else {
             self.counters.drop(Drop::BadIcmp);
             return None;
         };
@@ -146,7 +151,8 @@ impl IcmpTable {
             self.counters.drop(Drop::BadIcmp);
             return None;
         }
-        if m[0] != ICMP_ECHO_REPLY || m[1] != 0 {
+        let reply_type = if f.key.remote.is_ipv6() { ICMPV6_ECHO_REPLY } else { ICMP_ECHO_REPLY };
+        if m[0] != reply_type || m[1] != 0 {
             // A ping socket delivers only echo replies (errors come on its error queue).
             self.counters.drop(Drop::BadIcmp);
             return None;
@@ -155,7 +161,11 @@ impl IcmpTable {
         let (link, key) = (f.link, f.key);
         m[4..6].copy_from_slice(&key.ident.to_be_bytes());
         m[2..4].copy_from_slice(&[0, 0]);
-        let c = finish(sum(m, 0));
+        let pseudo = match (key.remote, key.guest) {
+            (IpAddr::V6(r), IpAddr::V6(g)) => pseudo_v6(&r.octets(), &g.octets(), IPPROTO_ICMPV6, len as u32),
+            _ => 0,
+        };
+        let c = finish(sum(m, pseudo));
         m[2..4].copy_from_slice(&c.to_be_bytes());
         self.ip_id = self.ip_id.wrapping_add(1);
         let n = wire::write_icmp_frame(buf, &link, key.remote, key.guest, len, self.ip_id)?;
@@ -197,6 +207,7 @@ mod tests {
     use etherparse::{Icmpv4Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 
     use super::*;
+    use crate::socknat::wire::ICMP_FRAME_HDR;
 
     const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x10];
     const GW_MAC: [u8; 6] = [2, 0x76, 0x75, 0, 0, 1];

@@ -2,7 +2,7 @@
 //! no tap and no uplink address (issue 13). The pure half: protocol state machines over byte
 //! slices. The I/O half (sockets, epoll, timers) lives in the backend and drives these.
 //!
-//! - [`wire`]: parsing guest frames and building frames back (Ethernet, IPv4).
+//! - [`wire`]: parsing guest frames and building frames back (Ethernet, IPv4 and IPv6).
 //! - [`tcp`]: one guest TCP connection spliced onto one host stream socket, without buffering.
 //! - [`udp`]: UDP flows, one connected host socket each.
 //! - [`icmp`]: ICMP echo through unprivileged ping sockets, one per guest echo flow.
@@ -26,11 +26,12 @@ use wire::{TcpSegment, ACK, RST, SYN};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(usize)]
 pub enum Drop {
-    /// Shorter than Ethernet and an IPv4 header.
+    /// Shorter than Ethernet and an IP header.
     ShortFrame,
-    /// Not an IPv4 frame (IPv6 comes with issue 14).
-    NotIpv4,
-    /// Bad version, header length, total length or header checksum.
+    /// Neither IPv4 nor IPv6; or an inbound flow whose two ends are of different versions.
+    NotIp,
+    /// Bad version, header length, total length or header checksum; an IPv6 extension header
+    /// chain that is truncated, too long, or has a routing header with segments left.
     BadIpHeader,
     /// An IP fragment: nothing here reassembles.
     Fragment,
@@ -77,7 +78,7 @@ impl Drop {
     pub const COUNT: usize = 24;
     pub const ALL: [Drop; Drop::COUNT] = [
         Drop::ShortFrame,
-        Drop::NotIpv4,
+        Drop::NotIp,
         Drop::BadIpHeader,
         Drop::Fragment,
         Drop::NotTcp,
@@ -106,7 +107,7 @@ impl Drop {
     pub fn name(self) -> &'static str {
         match self {
             Drop::ShortFrame => "short_frame",
-            Drop::NotIpv4 => "not_ipv4",
+            Drop::NotIp => "not_ip",
             Drop::BadIpHeader => "bad_ip_header",
             Drop::Fragment => "fragment",
             Drop::NotTcp => "not_tcp",
@@ -309,7 +310,7 @@ impl TcpTable {
     }
 
     /// A TCP frame from a guest. Malformed frames are dropped and counted; a segment for no
-    /// flow is answered with RST built into `out` (which must hold 54 bytes); a SYN opens a
+    /// flow is answered with RST built into `out` (which must hold 74 bytes for IPv6, 54 for IPv4); a SYN opens a
     /// flow within the bounds.
     pub fn input<'a>(&mut self, frame: &'a [u8], hdr: &VnetHeader, now: u64, out: &mut [u8]) -> Input<'a> {
         let seg = match wire::parse_tcp(frame, hdr) {
@@ -354,12 +355,12 @@ impl TcpTable {
     /// connected socket; the guest is to see it come from `remote` to its `guest` address and
     /// port, through `link`. Makes a flow whose first frame is our SYN to the guest (drain
     /// `poll_frame`), bounded as outbound flows are. On refusal (the bounds, a live flow on the
-    /// same addresses, an address that is not IPv4) the drop is counted and returned: the I/O
+    /// same addresses, ends of different IP versions) the drop is counted and returned: the I/O
     /// layer closes the accepted socket with a reset.
     pub fn open_inbound(&mut self, link: wire::Link, guest: SocketAddr, remote: SocketAddr, now: u64) -> Result<FlowId, Drop> {
         let key = FlowKey { guest, remote };
-        let why = if !(guest.is_ipv4() && remote.is_ipv4()) {
-            Drop::NotIpv4
+        let why = if guest.is_ipv4() != remote.is_ipv4() {
+            Drop::NotIp
         } else if self.by_key.get(&key).is_some_and(|&id| self.flow(id).is_some_and(|f| !f.is_done())) {
             Drop::FlowExists
         } else {

@@ -27,7 +27,7 @@
 
 use std::net::SocketAddr;
 
-use super::wire::{self, Csum, Link, TcpOut, TcpSegment, ACK, FIN, PSH, RST, SYN, TCP_FRAME_HDR};
+use super::wire::{self, Csum, Link, TcpOut, TcpSegment, ACK, FIN, PSH, RST, SYN};
 use super::{Counters, Drop, FlowKey};
 use crate::proto::IPPROTO_TCP;
 use crate::vnet::{RxCaps, VnetHeader};
@@ -50,7 +50,7 @@ const DUPACK_THRESHOLD: u8 = 3;
 /// Timers and limits of a TCP flow. All times in milliseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpConfig {
-    /// The IP MTU of the guest's network: our MSS is this less 40.
+    /// The IP MTU of the guest's network: our MSS is this less 40 (IPv4) or 60 (IPv6).
     pub mtu: u16,
     /// First retransmission timeout, and the value it returns to after progress. There is no
     /// RTT measurement: the guest is on the same host, so any sane fixed value works.
@@ -117,6 +117,12 @@ pub enum State {
     Established,
     /// Over. The flow goes once [`TcpFlow::is_done`].
     Closed,
+}
+
+/// The largest MSS for an MTU: less the IP and TCP headers of the flow's IP version.
+fn max_mss(mtu: u16, a: SocketAddr) -> u16 {
+    let headers = (wire::ip_len(a.ip()) + wire::TCP_LEN) as u16;
+    mtu.saturating_sub(headers).max(MIN_MSS)
 }
 
 /// `a < b` in sequence space.
@@ -214,7 +220,7 @@ impl TcpFlow {
     /// A flow for the guest's SYN `syn`, with our initial sequence number `iss` (the caller's
     /// choice). Its first host operation is [`HostOp::Connect`].
     pub fn new(cfg: TcpConfig, syn: &TcpSegment, iss: u32, now: u64) -> TcpFlow {
-        let mss = syn.mss.unwrap_or(DEFAULT_MSS).clamp(MIN_MSS, cfg.mtu.saturating_sub(40).max(MIN_MSS));
+        let mss = syn.mss.unwrap_or(DEFAULT_MSS).clamp(MIN_MSS, max_mss(cfg.mtu, syn.src));
         TcpFlow {
             cfg,
             link: syn.link,
@@ -881,7 +887,7 @@ impl TcpFlow {
 
     /// The next frame to the guest, built in `buf` (which should hold a whole frame: 64 KiB
     /// plus headers for a TSO guest, the MTU plus 14 otherwise; smaller buffers make smaller
-    /// segments). `caps` are what the guest negotiated: GUEST_TSO4 gives segments of up to
+    /// segments). `caps` are what the guest negotiated: GUEST_TSO4 (GUEST_TSO6 for an IPv6 flow) gives segments of up to
     /// 64 KiB, GUEST_CSUM partial checksums. Host data is peeked through `io.peek`.
     pub fn poll_frame(&mut self, now: u64, caps: &RxCaps, buf: &mut [u8], io: &mut impl HostIo) -> Option<TxFrame> {
         if self.rst_pending {
@@ -922,7 +928,7 @@ impl TcpFlow {
                 self.snd_nxt = self.iss.wrapping_add(1);
                 self.snd_max = self.snd_nxt;
                 // We always offer scaling; it applies only if the guest's SYN-ACK offers it too.
-                let our_mss = self.cfg.mtu.saturating_sub(40).max(MIN_MSS).to_be_bytes();
+                let our_mss = max_mss(self.cfg.mtu, self.guest).to_be_bytes();
                 let opts = [2, 4, our_mss[0], our_mss[1], 1, 3, 3, WSCALE];
                 let iss = self.iss;
                 return self.control(buf, iss, SYN, &opts);
@@ -937,7 +943,7 @@ impl TcpFlow {
                 if self.rto_at.is_none() {
                     self.rto_at = Some(now.saturating_add(self.rto));
                 }
-                let our_mss = self.cfg.mtu.saturating_sub(40).max(MIN_MSS).to_be_bytes();
+                let our_mss = max_mss(self.cfg.mtu, self.guest).to_be_bytes();
                 let mut opts = [2, 4, our_mss[0], our_mss[1], 1, 3, 3, WSCALE];
                 let n = if self.scaling { 8 } else { 4 };
                 if !self.scaling {
@@ -989,7 +995,8 @@ impl TcpFlow {
             Some(f) => f == self.snd_nxt,
             None => {
                 let mut probe = [0u8; 1];
-                let scratch = buf.get_mut(TCP_FRAME_HDR..TCP_FRAME_HDR + 1).unwrap_or(&mut probe[..]);
+                let at = wire::tcp_frame_hdr(self.guest.ip());
+                let scratch = buf.get_mut(at..at + 1).unwrap_or(&mut probe[..]);
                 let off = self.peek_offset();
                 self.snd_nxt == self.snd_max && io.peek(off, scratch) == 0
             }
@@ -1008,9 +1015,11 @@ impl TcpFlow {
             }
             return None;
         }
-        let tso = caps.tso4 && caps.csum;
+        let v6 = self.guest.is_ipv6();
+        let tso = (if v6 { caps.tso6 } else { caps.tso4 }) && caps.csum;
+        let hdr = wire::tcp_frame_hdr(self.guest.ip());
         let seg_max = if tso { wire::MAX_IP_PACKET - 40 } else { self.mss as usize };
-        let mut max = room.min(seg_max).min(buf.len().saturating_sub(TCP_FRAME_HDR));
+        let mut max = room.min(seg_max).min(buf.len().saturating_sub(hdr));
         if let Some(f) = self.fin_seq {
             max = max.min(f.wrapping_sub(self.snd_nxt) as usize);
         }
@@ -1018,7 +1027,7 @@ impl TcpFlow {
             return None;
         }
         let off = self.peek_offset();
-        let n = io.peek(off, &mut buf[TCP_FRAME_HDR..TCP_FRAME_HDR + max]).min(max);
+        let n = io.peek(off, &mut buf[hdr..hdr + max]).min(max);
         if n == 0 {
             return None;
         }

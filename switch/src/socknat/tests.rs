@@ -858,7 +858,7 @@ fn malformed_frames_are_counted_never_panic() {
     cases.push((good[..20].to_vec(), Drop::ShortFrame));
     let mut f = good.clone();
     f[12] = 0x86;
-    cases.push((f, Drop::NotIpv4));
+    cases.push((f, Drop::NotIp));
     let mut f = good.clone();
     f[14] = 0x44; // IHL 16 bytes
     cases.push((f, Drop::BadIpHeader));
@@ -1198,9 +1198,9 @@ fn inbound_flows_are_bounded_like_outbound_ones() {
     t.open_inbound(link(), other, peer(1), 0).unwrap();
     assert_eq!(t.open_inbound(link(), other, peer(2), 0), Err(Drop::TableFull));
     let v6: SocketAddr = "[fd00::1]:22".parse().unwrap();
-    assert_eq!(t.open_inbound(link(), v6, peer(4), 0), Err(Drop::NotIpv4));
+    assert_eq!(t.open_inbound(link(), v6, peer(4), 0), Err(Drop::NotIp));
     let c = t.counters();
-    assert_eq!([Drop::FlowExists, Drop::ShareExceeded, Drop::TableFull, Drop::NotIpv4].map(|d| c.dropped(d)), [1, 1, 1, 1]);
+    assert_eq!([Drop::FlowExists, Drop::ShareExceeded, Drop::TableFull, Drop::NotIp].map(|d| c.dropped(d)), [1, 1, 1, 1]);
     // A guest SYN counts against the same bounds.
     let mut out = vec![0u8; 128];
     let f = gframe(G { seq: 1, syn: true, window: 100, sport: 5000, ..G::default() }, &[]);
@@ -1222,4 +1222,317 @@ fn drop_names_are_distinct_and_indexed() {
     names.sort();
     names.dedup();
     assert_eq!(names.len(), Drop::COUNT);
+}
+
+/// IPv6 flows: the same state machines, IPv6 frames both ways, every checksum checked by
+/// etherparse over the IPv6 pseudo-header.
+mod v6 {
+    use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+    use etherparse::{Icmpv6Type, NetSlice, PacketBuilder, SlicedPacket, TcpOptionElement, TransportSlice};
+
+    use super::super::icmp::{IcmpConfig, IcmpOp, IcmpTable};
+    use super::super::tcp::{HostOp, State};
+    use super::super::udp::{UdpConfig, UdpOp, UdpTable};
+    use super::super::wire::{self, Link};
+    use super::super::*;
+    use super::{Sock, GUEST_MAC, GW_MAC};
+    use crate::offload::complete_checksum;
+    use crate::vnet::{RxCaps, VnetHeader, F_NEEDS_CSUM, GSO_TCPV6};
+
+    const G6: [u8; 16] = [0xfd, 0, 0x76, 0x75, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+    const R6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+
+    fn sa(ip: [u8; 16], port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), port)
+    }
+
+    fn syn6(seq: u32, mss: u16) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2(GUEST_MAC, GW_MAC)
+            .ipv6(G6, R6, 64)
+            .tcp(40000, 443, seq, 64800)
+            .syn()
+            .options(&[TcpOptionElement::MaximumSegmentSize(mss), TcpOptionElement::Noop, TcpOptionElement::WindowScale(7)])
+            .unwrap();
+        let mut v = Vec::new();
+        b.write(&mut v, &[]).unwrap();
+        v
+    }
+
+    fn seg6(seq: u32, ack: u32, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mut b = PacketBuilder::ethernet2(GUEST_MAC, GW_MAC).ipv6(G6, R6, 64).tcp(40000, 443, seq, 2000).ack(ack);
+        if fin {
+            b = b.fin();
+        }
+        let mut v = Vec::new();
+        b.write(&mut v, payload).unwrap();
+        v
+    }
+
+    /// A TCP frame to the guest: (seq, ack, flags SYN/FIN/RST, mss option, payload), its
+    /// addresses and checksum checked (a partial checksum completed first, as the guest would).
+    fn tcp_out(frame: &[u8], vnet: VnetHeader) -> (u32, u32, [bool; 3], Option<u16>, Vec<u8>) {
+        let mut f = frame.to_vec();
+        if vnet.flags & F_NEEDS_CSUM != 0 {
+            assert_eq!(vnet.csum_start, 54, "the checksum starts after the IPv6 header");
+            complete_checksum(&mut f, vnet.csum_start as usize, vnet.csum_offset as usize).unwrap();
+        }
+        assert_eq!(&f[0..12], &[GUEST_MAC, GW_MAC].concat()[..]);
+        let p = SlicedPacket::from_ethernet(&f).expect("etherparse parses the frame");
+        let Some(NetSlice::Ipv6(ip)) = &p.net else { panic!("not IPv6") };
+        let (src, dst) = (ip.header().source(), ip.header().destination());
+        assert_eq!((src, dst), (R6, G6));
+        assert_eq!(ip.header().hop_limit(), 64);
+        let Some(TransportSlice::Tcp(t)) = &p.transport else { panic!("not TCP") };
+        assert_eq!((t.source_port(), t.destination_port()), (443, 40000));
+        assert_eq!(t.calc_checksum_ipv6(src, dst).unwrap(), t.checksum(), "TCP checksum over the IPv6 pseudo-header");
+        let mss = t.options_iterator().find_map(|o| match o.unwrap() {
+            TcpOptionElement::MaximumSegmentSize(m) => Some(m),
+            _ => None,
+        });
+        (t.sequence_number(), t.acknowledgment_number(), [t.syn(), t.fin(), t.rst()], mss, t.payload().to_vec())
+    }
+
+    /// An ICMPv6 message to the guest from the remote: (type, code, body after the 8-byte
+    /// header), its checksum checked.
+    fn icmp6_out(frame: &[u8]) -> (u8, u8, Vec<u8>) {
+        let p = SlicedPacket::from_ethernet(frame).expect("etherparse parses the frame");
+        let Some(NetSlice::Ipv6(ip)) = &p.net else { panic!("not IPv6") };
+        let (src, dst) = (ip.header().source(), ip.header().destination());
+        assert_eq!((src, dst), (R6, G6));
+        let Some(TransportSlice::Icmpv6(i)) = &p.transport else { panic!("not ICMPv6") };
+        assert!(i.is_checksum_valid(src, dst), "ICMPv6 checksum");
+        let b = i.slice();
+        (b[0], b[1], b[8..].to_vec())
+    }
+
+    fn drain(t: &mut TcpTable, id: FlowId, sock: &mut Sock, caps: &RxCaps, now: u64) -> (Vec<HostOp>, Vec<(Vec<u8>, VnetHeader)>) {
+        let mut buf = vec![0u8; 65536 + 128];
+        let mut ops = Vec::new();
+        let f = t.flow_mut(id).unwrap();
+        while let Some(op) = f.poll_host() {
+            if let HostOp::Discard(n) = op {
+                sock.rx.drain(..n);
+            }
+            ops.push(op);
+        }
+        let mut frames = Vec::new();
+        while let Some(tx) = f.poll_frame(now, caps, &mut buf, sock) {
+            frames.push((buf[..tx.len].to_vec(), tx.vnet));
+        }
+        (ops, frames)
+    }
+
+    #[test]
+    fn tcp_syn_connects_data_flows_both_ways_and_fin_half_closes() {
+        let mut t = TcpTable::new(TcpTableConfig::default(), 7);
+        let mut out = vec![0u8; 128];
+        let none = VnetHeader::default();
+        // The guest offers MSS 1460 (what it would on IPv4): the flow clamps it to 1440.
+        let Input::Opened(id) = t.input(&syn6(5000, 1460), &none, 0, &mut out) else { panic!("no flow") };
+        let mut sock = Sock { space: 100_000, ..Sock::default() };
+        let (ops, frames) = drain(&mut t, id, &mut sock, &RxCaps::NONE, 0);
+        assert_eq!(ops, vec![HostOp::Connect(sa(R6, 443))]);
+        assert!(frames.is_empty(), "nothing before the host connects");
+        assert_eq!(t.flow(id).unwrap().mss(), 1440);
+        t.flow_mut(id).unwrap().set_host_send_space(100_000);
+        t.flow_mut(id).unwrap().connected(1);
+        let (_, frames) = drain(&mut t, id, &mut sock, &RxCaps::NONE, 1);
+        let (iss, ack, flags, mss, _) = tcp_out(&frames[0].0, frames[0].1);
+        assert_eq!((ack, flags), (5001, [true, false, false]));
+        assert_eq!(mss, Some(1500 - 60), "our MSS is the MTU less IPv6 and TCP");
+        // The guest's ACK and data: written to the socket, acknowledged.
+        let f = seg6(5001, iss + 1, false, b"GET /");
+        let Input::Segment(_, s) = t.input(&f, &none, 2, &mut out) else { panic!() };
+        t.flow_mut(id).unwrap().on_segment(&s, 2, &mut sock);
+        assert_eq!(t.flow(id).unwrap().state(), State::Established);
+        assert_eq!(sock.written, b"GET /");
+        let (_, frames) = drain(&mut t, id, &mut sock, &RxCaps::NONE, 2);
+        assert_eq!(tcp_out(&frames[0].0, frames[0].1).1, 5006);
+        // Host data: MSS-sized segments for a guest without TSO6, full checksums.
+        sock.rx = (0..3000u32).map(|i| i as u8).collect();
+        let (_, frames) = drain(&mut t, id, &mut sock, &RxCaps::NONE, 3);
+        let sizes: Vec<usize> = frames.iter().map(|(f, v)| tcp_out(f, *v).4.len()).collect();
+        assert_eq!(sizes, vec![1440, 1440, 120]);
+        assert!(frames.iter().all(|(_, v)| v.flags == 0));
+        let got: Vec<u8> = frames.iter().flat_map(|(f, v)| tcp_out(f, *v).4).collect();
+        assert_eq!(got, sock.rx);
+        // The guest acknowledges it all: discarded from the socket.
+        let f = seg6(5006, iss + 1 + 3000, false, b"");
+        let Input::Segment(_, s) = t.input(&f, &none, 4, &mut out) else { panic!() };
+        t.flow_mut(id).unwrap().on_segment(&s, 4, &mut sock);
+        let (ops, _) = drain(&mut t, id, &mut sock, &RxCaps::NONE, 4);
+        assert_eq!(ops, vec![HostOp::Discard(3000)]);
+        // A TSO6 guest gets one large GSO_TCPV6 frame with a partial checksum.
+        sock.rx = vec![0x5a; 20_000];
+        let caps = RxCaps { csum: true, tso6: true, ..RxCaps::NONE };
+        let (_, frames) = drain(&mut t, id, &mut sock, &caps, 5);
+        let (f, v) = &frames[0];
+        assert_eq!((v.gso_type, v.gso_size, v.hdr_len), (GSO_TCPV6, 1440, 74));
+        assert_eq!(tcp_out(f, *v).4.len(), 20_000);
+        // A TSO4-only guest does not get IPv6 GSO frames.
+        let f = seg6(5006, iss + 1 + 23_000, false, b"");
+        let Input::Segment(_, s) = t.input(&f, &none, 6, &mut out) else { panic!() };
+        t.flow_mut(id).unwrap().on_segment(&s, 6, &mut sock);
+        let _ = drain(&mut t, id, &mut sock, &caps, 6);
+        sock.rx = vec![1; 3000];
+        let tso4 = RxCaps { csum: true, tso4: true, ..RxCaps::NONE };
+        let (_, frames) = drain(&mut t, id, &mut sock, &tso4, 7);
+        assert!(frames.iter().all(|(_, v)| v.gso_type == 0 && v.flags == F_NEEDS_CSUM));
+        assert_eq!(frames.iter().map(|(f, v)| tcp_out(f, *v).4.len()).max(), Some(1440));
+        // Guest FIN: half-close on the host.
+        let f = seg6(5006, iss + 1 + 26_000, true, b"");
+        let Input::Segment(_, s) = t.input(&f, &none, 8, &mut out) else { panic!() };
+        t.flow_mut(id).unwrap().on_segment(&s, 8, &mut sock);
+        let (ops, frames) = drain(&mut t, id, &mut sock, &RxCaps::NONE, 8);
+        assert!(ops.contains(&HostOp::ShutdownWrite), "{ops:?}");
+        assert_eq!(tcp_out(&frames[0].0, frames[0].1).1, 5007);
+    }
+
+    #[test]
+    fn refusal_is_rst_and_unreachable_is_icmpv6() {
+        let mut t = TcpTable::new(TcpTableConfig::default(), 7);
+        let mut out = vec![0u8; 128];
+        let none = VnetHeader::default();
+        let Input::Opened(id) = t.input(&syn6(9000, 1440), &none, 0, &mut out) else { panic!() };
+        let mut sock = Sock::default();
+        let _ = drain(&mut t, id, &mut sock, &RxCaps::NONE, 0);
+        t.flow_mut(id).unwrap().refused();
+        let (_, frames) = drain(&mut t, id, &mut sock, &RxCaps::NONE, 0);
+        let (_, ack, flags, _, _) = tcp_out(&frames[0].0, frames[0].1);
+        assert_eq!((ack, flags), (9001, [false, false, true]));
+        // Unreachable host: ICMPv6 destination unreachable, address unreachable (3), quoting
+        // the guest's SYN (IPv6 header, ports, sequence number).
+        t.remove(id);
+        let Input::Opened(id) = t.input(&syn6(9000, 1440), &none, 0, &mut out) else { panic!() };
+        let _ = drain(&mut t, id, &mut sock, &RxCaps::NONE, 0);
+        t.flow_mut(id).unwrap().unreachable(Some(1));
+        let (_, frames) = drain(&mut t, id, &mut sock, &RxCaps::NONE, 0);
+        let (ty, code, quote) = icmp6_out(&frames[0].0);
+        assert_eq!((ty, code), (1, 3));
+        assert_eq!(quote.len(), 48);
+        assert_eq!((quote[0] >> 4, quote[6]), (6, 6));
+        assert_eq!((&quote[8..24], &quote[24..40]), (&G6[..], &R6[..]));
+        assert_eq!(u16::from_be_bytes([quote[40], quote[41]]), 40000);
+        assert_eq!(u32::from_be_bytes([quote[44], quote[45], quote[46], quote[47]]), 9000);
+        // A segment for no flow: RST from the remote, over IPv6.
+        assert!(t.flow(id).unwrap().is_done());
+        t.remove(id);
+        let n = match t.input(&seg6(1, 77, false, b"x"), &none, 0, &mut out) {
+            Input::Reply(n, Drop::NoFlow) => n,
+            other => panic!("{other:?}"),
+        };
+        let (seq, _, flags, _, _) = tcp_out(&out[..n], VnetHeader::default());
+        assert_eq!((seq, flags), (77, [false, false, true]));
+    }
+
+    #[test]
+    fn udp_flows_and_port_unreachable() {
+        let mut t = UdpTable::new(UdpConfig::default());
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2(GUEST_MAC, GW_MAC).ipv6(G6, R6, 64).udp(5353, 7).write(&mut v, b"ping").unwrap();
+        let Ok(UdpOp::Open { id, remote, payload }) = t.input(&v, &VnetHeader::default(), 0) else { panic!() };
+        assert_eq!((remote, payload), (sa(R6, 7), &b"ping"[..]));
+        assert_eq!(t.key(id).unwrap().guest, sa(G6, 5353));
+        let mut buf = vec![0u8; 2048];
+        let at = wire::udp_frame_hdr(remote.ip());
+        assert_eq!(at, wire::UDP6_FRAME_HDR);
+        buf[at..at + 4].copy_from_slice(b"pong");
+        let n = t.reply(id, 4, &mut buf, 1).unwrap();
+        let p = SlicedPacket::from_ethernet(&buf[..n]).unwrap();
+        let Some(NetSlice::Ipv6(ip)) = &p.net else { panic!() };
+        assert_eq!((ip.header().source(), ip.header().destination()), (R6, G6));
+        let Some(TransportSlice::Udp(u)) = &p.transport else { panic!() };
+        assert_eq!((u.source_port(), u.destination_port(), u.payload()), (7, 5353, &b"pong"[..]));
+        assert_eq!(u.to_header().calc_checksum_ipv6_raw(R6, G6, u.payload()).unwrap(), u.checksum());
+        drop(p);
+        // ECONNREFUSED on the socket: ICMPv6 port unreachable (code 4) quoting the datagram.
+        let n = t.unreachable(id, 3, &mut buf).unwrap();
+        let (ty, code, quote) = icmp6_out(&buf[..n]);
+        assert_eq!((ty, code, quote[6]), (1, 4, 17));
+        assert_eq!(u16::from_be_bytes([quote[42], quote[43]]), 7);
+    }
+
+    #[test]
+    fn icmpv6_echo_through_a_ping_socket() {
+        let mut t = IcmpTable::new(IcmpConfig::default());
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2(GUEST_MAC, GW_MAC).ipv6(G6, R6, 64).icmpv6_echo_request(0x1234, 9).write(&mut v, b"abcdefgh").unwrap();
+        let Ok(IcmpOp::Open { id, remote, message }) = t.input(&v, &VnetHeader::default(), 0) else { panic!() };
+        assert_eq!(remote, IpAddr::V6(Ipv6Addr::from(R6)));
+        assert_eq!((message[0], message.len()), (128, 16));
+        // A corrupt checksum (over the pseudo-header) is dropped.
+        let mut bad = v.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert_eq!(t.input(&bad, &VnetHeader::default(), 0), Err(Drop::BadIcmp));
+        // An ICMPv4 echo request inside IPv6 is no ICMPv6.
+        let mut v4in6 = Vec::new();
+        PacketBuilder::ethernet2(GUEST_MAC, GW_MAC).ipv6(G6, R6, 64).icmpv4_echo_request(1, 1).write(&mut v4in6, b"").unwrap();
+        assert_eq!(t.input(&v4in6, &VnetHeader::default(), 0), Err(Drop::NotIcmp));
+        // The kernel's reply carries its own identifier; the guest gets its own back.
+        let mut reply = Vec::new();
+        PacketBuilder::ethernet2(GUEST_MAC, GW_MAC).ipv6(R6, G6, 64).icmpv6_echo_reply(0x9999, 9).write(&mut reply, b"abcdefgh").unwrap();
+        let msg = &reply[54..];
+        let mut buf = vec![0u8; 2048];
+        buf[wire::ICMP6_FRAME_HDR..wire::ICMP6_FRAME_HDR + msg.len()].copy_from_slice(msg);
+        let n = t.reply(id, msg.len(), &mut buf, 1).unwrap();
+        let p = SlicedPacket::from_ethernet(&buf[..n]).unwrap();
+        let Some(TransportSlice::Icmpv6(i)) = &p.transport else { panic!() };
+        assert!(i.is_checksum_valid(R6, G6));
+        assert_eq!(i.icmp_type(), Icmpv6Type::EchoReply(etherparse::IcmpEchoHeader { id: 0x1234, seq: 9 }));
+        drop(p);
+        // An ICMPv4 echo reply type on an IPv6 flow is not an echo reply.
+        buf[wire::ICMP6_FRAME_HDR] = 0;
+        assert_eq!(t.reply(id, msg.len(), &mut buf, 1), None);
+    }
+
+    #[test]
+    fn extension_headers_fragments_and_bad_lengths() {
+        let mut t = UdpTable::new(UdpConfig::default());
+        let none = VnetHeader::default();
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2(GUEST_MAC, GW_MAC).ipv6(G6, R6, 64).udp(5000, 9).write(&mut v, b"data").unwrap();
+        // Insert an 8-byte extension header of kind `kind` after the fixed header.
+        let with_ext = |kind: u8, third: u8| {
+            let mut f = v.clone();
+            let next = f[20];
+            f[20] = kind;
+            f.splice(54..54, [next, 0, 0, third, 0, 0, 0, 0]);
+            let plen = u16::from_be_bytes([f[18], f[19]]) + 8;
+            f[18..20].copy_from_slice(&plen.to_be_bytes());
+            f
+        };
+        // Hop-by-hop and destination options are walked over.
+        assert!(matches!(t.input(&with_ext(0, 0), &none, 0), Ok(UdpOp::Open { payload: b"data", .. })));
+        assert!(matches!(t.input(&with_ext(60, 0), &none, 0), Ok(UdpOp::Send { payload: b"data", .. })));
+        // A fragment header: nothing reassembles here.
+        assert_eq!(t.input(&with_ext(44, 0), &none, 0), Err(Drop::Fragment));
+        // A routing header with segments left names another destination.
+        assert_eq!(t.input(&with_ext(43, 1), &none, 0), Err(Drop::BadIpHeader));
+        assert!(t.input(&with_ext(43, 0), &none, 0).is_ok());
+        // A payload length past the frame, and every truncation: counted, no panic.
+        let mut f = v.clone();
+        f[18..20].copy_from_slice(&500u16.to_be_bytes());
+        assert_eq!(t.input(&f, &none, 0), Err(Drop::BadIpHeader));
+        for len in 0..v.len() {
+            assert!(t.input(&v[..len], &none, 0).is_err());
+        }
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn inbound_flows_take_ipv6_ends_of_one_version() {
+        let mut t = TcpTable::new(TcpTableConfig::default(), 7);
+        let link = Link { guest_mac: GUEST_MAC, gw_mac: GW_MAC };
+        let id = t.open_inbound(link, sa(G6, 22), sa(R6, 50000), 0).unwrap();
+        let mut sock = Sock::default();
+        let (_, frames) = drain(&mut t, id, &mut sock, &RxCaps::NONE, 0);
+        let p = SlicedPacket::from_ethernet(&frames[0].0).unwrap();
+        let Some(TransportSlice::Tcp(tcp)) = &p.transport else { panic!() };
+        assert!(tcp.syn());
+        assert_eq!(tcp.calc_checksum_ipv6(R6, G6).unwrap(), tcp.checksum());
+        let v4: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        assert_eq!(t.open_inbound(link, sa(G6, 22), v4, 0), Err(Drop::NotIp));
+    }
 }

@@ -1,18 +1,22 @@
-//! The Ethernet and IPv4 layers of socket NAT: a defensive parse of the TCP and UDP frames a
-//! guest sends, and builders that write the frames going back to it into buffers the caller
-//! owns. Addresses travel as `SocketAddr` so the flow logic above does not care about the IP
-//! version; only this module knows IPv4, and IPv6 (issue 14) adds its own parse and builders.
+//! The Ethernet and IP layers of socket NAT: a defensive parse of the TCP, UDP and ICMP
+//! frames a guest sends (IPv4 or IPv6), and builders that write the frames going back to it
+//! into buffers the caller owns. Addresses travel as `SocketAddr`/`IpAddr` so the flow logic
+//! above does not care about the IP version; only this module knows the headers. The one
+//! thing a caller must know is where a frame's payload starts, which depends on the version
+//! ([`tcp_frame_hdr`], [`udp_frame_hdr`], [`icmp_frame_hdr`]).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::{Drop, FlowKey};
-use crate::checksum::{finish, pseudo_v4, sum};
-use crate::proto::{ETH_P_IPV4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
-use crate::vnet::{VnetHeader, F_NEEDS_CSUM, GSO_TCPV4};
+use crate::checksum::{finish, pseudo_v4, pseudo_v6, sum};
+use crate::ipv6::IPPROTO_ICMPV6;
+use crate::proto::{ETH_P_IPV4, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+use crate::vnet::{VnetHeader, F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6};
 use crate::Mac;
 
 pub const ETH_LEN: usize = 14;
 pub const IPV4_LEN: usize = 20;
+pub const IPV6_LEN: usize = 40;
 pub const TCP_LEN: usize = 20;
 pub const UDP_LEN: usize = 8;
 /// Ethernet + IPv4 + TCP without options: where the payload of a data frame starts.
@@ -25,6 +29,15 @@ pub const ICMP_FRAME_HDR: usize = ETH_LEN + IPV4_LEN;
 pub const ICMP_ECHO_LEN: usize = 8;
 pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_ECHO_REQUEST: u8 = 8;
+/// The same for IPv6: Ethernet + IPv6 + TCP, + UDP, and where an ICMPv6 message starts.
+pub const TCP6_FRAME_HDR: usize = ETH_LEN + IPV6_LEN + TCP_LEN;
+pub const UDP6_FRAME_HDR: usize = ETH_LEN + IPV6_LEN + UDP_LEN;
+pub const ICMP6_FRAME_HDR: usize = ETH_LEN + IPV6_LEN;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
+/// Extension headers walked before a guest packet is given up on (real traffic has none or
+/// one).
+const MAX_EXT_HEADERS: usize = 4;
 /// The largest IP packet: a frame to a guest never carries more than this after Ethernet.
 pub const MAX_IP_PACKET: usize = 65535;
 
@@ -93,6 +106,30 @@ pub struct IcmpEcho<'a> {
     pub message: &'a [u8],
 }
 
+/// The IP header length of a packet between addresses of `ip`'s version.
+pub fn ip_len(ip: IpAddr) -> usize {
+    if ip.is_ipv6() {
+        IPV6_LEN
+    } else {
+        IPV4_LEN
+    }
+}
+
+/// Where the payload of a TCP frame (without options) to or from `ip` starts.
+pub fn tcp_frame_hdr(ip: IpAddr) -> usize {
+    ETH_LEN + ip_len(ip) + TCP_LEN
+}
+
+/// Where the payload of a UDP frame to or from `ip` starts.
+pub fn udp_frame_hdr(ip: IpAddr) -> usize {
+    ETH_LEN + ip_len(ip) + UDP_LEN
+}
+
+/// Where the ICMP (or ICMPv6) message of a frame to or from `ip` starts.
+pub fn icmp_frame_hdr(ip: IpAddr) -> usize {
+    ETH_LEN + ip_len(ip)
+}
+
 fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
@@ -101,17 +138,22 @@ fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-/// Ethernet and IPv4 of a guest frame: the link, the addresses, the protocol and the transport
-/// bytes (trimmed to the IP total length, which drops Ethernet padding). `gso`: a TSO frame,
-/// whose total length field the guest may leave stale (the kernel fixes it per segment), so
-/// the frame length counts and the header checksum is not checked.
-fn parse_ipv4(frame: &[u8], gso: bool) -> Result<(Link, Ipv4Addr, Ipv4Addr, u8, &[u8]), Drop> {
+/// Ethernet and IP (v4 or v6) of a guest frame: the link, the addresses, the protocol and the
+/// transport bytes (trimmed to the IP length, which drops Ethernet padding). `gso`: a TSO
+/// frame, whose length field the guest may leave stale (the kernel fixes it per segment), so
+/// the frame length counts and the IPv4 header checksum is not checked.
+fn parse_ip(frame: &[u8], gso: bool) -> Result<(Link, IpAddr, IpAddr, u8, &[u8]), Drop> {
     if frame.len() < ETH_LEN + IPV4_LEN {
         return Err(Drop::ShortFrame);
     }
-    if be16(frame, 12) != ETH_P_IPV4 {
-        return Err(Drop::NotIpv4);
+    match be16(frame, 12) {
+        ETH_P_IPV4 => parse_ipv4(frame, gso),
+        ETH_P_IPV6 => parse_ipv6(frame, gso),
+        _ => Err(Drop::NotIp),
     }
+}
+
+fn parse_ipv4(frame: &[u8], gso: bool) -> Result<(Link, IpAddr, IpAddr, u8, &[u8]), Drop> {
     let link = Link { guest_mac: crate::src_mac(frame), gw_mac: crate::dst_mac(frame) };
     let ip = &frame[ETH_LEN..];
     if ip[0] >> 4 != 4 {
@@ -132,15 +174,57 @@ fn parse_ipv4(frame: &[u8], gso: bool) -> Result<(Link, Ipv4Addr, Ipv4Addr, u8, 
     }
     let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-    Ok((link, src, dst, ip[9], &ip[ihl..total]))
+    Ok((link, IpAddr::V4(src), IpAddr::V4(dst), ip[9], &ip[ihl..total]))
 }
 
-/// Parses a guest frame as IPv4 TCP. `hdr` is the frame's virtio-net header (already validated
+fn v6_at(b: &[u8], at: usize) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    o.copy_from_slice(&b[at..at + 16]);
+    Ipv6Addr::from(o)
+}
+
+/// The IPv6 fixed header and the extension headers a host may send (hop-by-hop first,
+/// destination options, a routing header with no segments left), walked to the transport
+/// header. A fragment header is a fragment (nothing to reassemble with, as for IPv4); a
+/// routing header with segments left names another destination and is refused.
+fn parse_ipv6(frame: &[u8], gso: bool) -> Result<(Link, IpAddr, IpAddr, u8, &[u8]), Drop> {
+    if frame.len() < ETH_LEN + IPV6_LEN {
+        return Err(Drop::ShortFrame);
+    }
+    let link = Link { guest_mac: crate::src_mac(frame), gw_mac: crate::dst_mac(frame) };
+    let ip = &frame[ETH_LEN..];
+    if ip[0] >> 4 != 6 {
+        return Err(Drop::BadIpHeader);
+    }
+    let total = if gso { ip.len() } else { IPV6_LEN + be16(ip, 4) as usize };
+    if total > ip.len() {
+        return Err(Drop::BadIpHeader);
+    }
+    let body = &ip[IPV6_LEN..total];
+    let (mut next, mut off) = (ip[6], 0usize);
+    for i in 0..=MAX_EXT_HEADERS {
+        let len = match next {
+            0 if i > 0 => return Err(Drop::BadIpHeader),
+            0 | 43 | 60 => (*body.get(off + 1).ok_or(Drop::BadIpHeader)? as usize + 1) * 8,
+            44 => return Err(Drop::Fragment),
+            proto => return Ok((link, IpAddr::V6(v6_at(ip, 8)), IpAddr::V6(v6_at(ip, 24)), proto, &body[off..])),
+        };
+        let h = body.get(off..off + len).ok_or(Drop::BadIpHeader)?;
+        if next == 43 && h[3] != 0 {
+            return Err(Drop::BadIpHeader);
+        }
+        next = h[0];
+        off += len;
+    }
+    Err(Drop::BadIpHeader)
+}
+
+/// Parses a guest frame as TCP over IPv4 or IPv6. `hdr` is the frame's virtio-net header (already validated
 /// by the port): a TSO frame's length comes from the frame. The TCP checksum is not verified:
 /// a guest that corrupts its own segments only hurts itself, and verifying would cost a pass
 /// over every 64 KiB TSO frame.
 pub fn parse_tcp<'a>(frame: &'a [u8], hdr: &VnetHeader) -> Result<TcpSegment<'a>, Drop> {
-    let (link, src, dst, proto, l4) = parse_ipv4(frame, hdr.is_gso())?;
+    let (link, src, dst, proto, l4) = parse_ip(frame, hdr.is_gso())?;
     if proto != IPPROTO_TCP {
         return Err(Drop::NotTcp);
     }
@@ -175,8 +259,8 @@ pub fn parse_tcp<'a>(frame: &'a [u8], hdr: &VnetHeader) -> Result<TcpSegment<'a>
     }
     Ok(TcpSegment {
         link,
-        src: SocketAddr::V4(SocketAddrV4::new(src, be16(l4, 0))),
-        dst: SocketAddr::V4(SocketAddrV4::new(dst, be16(l4, 2))),
+        src: SocketAddr::new(src, be16(l4, 0)),
+        dst: SocketAddr::new(dst, be16(l4, 2)),
         seq: be32(l4, 4),
         ack: be32(l4, 8),
         flags: l4[13] & 0x3f,
@@ -187,13 +271,14 @@ pub fn parse_tcp<'a>(frame: &'a [u8], hdr: &VnetHeader) -> Result<TcpSegment<'a>
     })
 }
 
-/// Parses a guest frame as IPv4 UDP (the UDP length field must fit the packet).
+/// Parses a guest frame as UDP over IPv4 or IPv6 (the UDP length field must fit the packet;
+/// the zero checksum IPv6 forbids is not checked, as no TCP or UDP checksum is).
 pub fn parse_udp<'a>(frame: &'a [u8], hdr: &VnetHeader) -> Result<UdpDatagram<'a>, Drop> {
     if hdr.is_gso() {
         // vunet never offers HOST_UFO: a UDP GSO frame is a broken or hostile guest.
         return Err(Drop::BadUdpHeader);
     }
-    let (link, src, dst, proto, l4) = parse_ipv4(frame, false)?;
+    let (link, src, dst, proto, l4) = parse_ip(frame, false)?;
     if proto != IPPROTO_UDP {
         return Err(Drop::NotUdp);
     }
@@ -204,48 +289,50 @@ pub fn parse_udp<'a>(frame: &'a [u8], hdr: &VnetHeader) -> Result<UdpDatagram<'a
     if len < UDP_LEN || len > l4.len() {
         return Err(Drop::BadUdpHeader);
     }
-    Ok(UdpDatagram {
-        link,
-        src: SocketAddr::V4(SocketAddrV4::new(src, be16(l4, 0))),
-        dst: SocketAddr::V4(SocketAddrV4::new(dst, be16(l4, 2))),
-        payload: &l4[UDP_LEN..len],
-    })
+    Ok(UdpDatagram { link, src: SocketAddr::new(src, be16(l4, 0)), dst: SocketAddr::new(dst, be16(l4, 2)), payload: &l4[UDP_LEN..len] })
 }
 
-/// Parses a guest frame as an IPv4 ICMP echo request (code 0) with a correct ICMP checksum.
-/// The checksum is checked because the kernel recomputes it when it sends on the ping socket:
-/// a corrupt request must not leave as a sound one. Messages are at most an MTU, so the pass
-/// is cheap.
+/// Parses a guest frame as an ICMP echo request (code 0) over IPv4, or an ICMPv6 one over
+/// IPv6, with a correct checksum (for ICMPv6 over the pseudo-header). The checksum is checked
+/// because the kernel recomputes it when it sends on the ping socket: a corrupt request must
+/// not leave as a sound one. Messages are at most an MTU, so the pass is cheap.
 pub fn parse_icmp_echo<'a>(frame: &'a [u8], hdr: &VnetHeader) -> Result<IcmpEcho<'a>, Drop> {
     if hdr.is_gso() {
         return Err(Drop::BadIcmp);
     }
-    let (link, src, dst, proto, l4) = parse_ipv4(frame, false)?;
-    if proto != IPPROTO_ICMP {
+    let (link, src, dst, proto, l4) = parse_ip(frame, false)?;
+    let (want_proto, request, pseudo) = match (src, dst) {
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            (IPPROTO_ICMPV6, ICMPV6_ECHO_REQUEST, pseudo_v6(&s.octets(), &d.octets(), IPPROTO_ICMPV6, l4.len() as u32))
+        }
+        _ => (IPPROTO_ICMP, ICMP_ECHO_REQUEST, 0),
+    };
+    if proto != want_proto {
         return Err(Drop::NotIcmp);
     }
     if l4.len() < ICMP_ECHO_LEN {
         return Err(Drop::BadIcmp);
     }
-    if l4[0] != ICMP_ECHO_REQUEST || l4[1] != 0 {
+    if l4[0] != request || l4[1] != 0 {
         return Err(Drop::NotEchoRequest);
     }
-    if finish(sum(l4, 0)) != 0 {
+    if finish(sum(l4, pseudo)) != 0 {
         return Err(Drop::BadIcmp);
     }
-    Ok(IcmpEcho { link, src: IpAddr::V4(src), dst: IpAddr::V4(dst), ident: be16(l4, 4), seq: be16(l4, 6), message: l4 })
+    Ok(IcmpEcho { link, src, dst, ident: be16(l4, 4), seq: be16(l4, 6), message: l4 })
 }
 
-/// Writes Ethernet and IPv4 (protocol ICMP) in front of an ICMP message of `icmp_len` bytes
-/// the caller already placed at `ICMP_FRAME_HDR`. Returns the frame length, or None when the
-/// buffer is too short, the packet too large, or the addresses are not IPv4.
+/// Writes Ethernet and IP (protocol ICMP, or ICMPv6 between IPv6 addresses) in front of an
+/// ICMP message of `icmp_len` bytes the caller already placed at [`icmp_frame_hdr`] (its
+/// checksum complete). Returns the frame length, or None when the buffer is too short, the
+/// packet too large, or the addresses are of different versions.
 pub fn write_icmp_frame(buf: &mut [u8], link: &Link, from: IpAddr, to: IpAddr, icmp_len: usize, id: u16) -> Option<usize> {
-    let (IpAddr::V4(from), IpAddr::V4(to)) = (from, to) else { return None };
-    let len = ICMP_FRAME_HDR + icmp_len;
-    if IPV4_LEN + icmp_len > MAX_IP_PACKET || buf.len() < len {
+    let proto = if from.is_ipv6() { IPPROTO_ICMPV6 } else { IPPROTO_ICMP };
+    let len = icmp_frame_hdr(from) + icmp_len;
+    if buf.len() < len {
         return None;
     }
-    write_eth_ipv4(buf, link, from, to, IPPROTO_ICMP, icmp_len, id);
+    write_eth_ip(buf, link, from, to, proto, icmp_len, id)?;
     Some(len)
 }
 
@@ -261,31 +348,60 @@ pub enum Csum {
     Gso(u16),
 }
 
-/// Writes Ethernet and an IPv4 header (no options, DF, TTL 64) at the start of `buf`, which the
-/// caller made at least `ETH_LEN + IPV4_LEN` long. `l4_len` fits in an IP packet.
-fn write_eth_ipv4(buf: &mut [u8], link: &Link, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4_len: usize, id: u16) {
+/// Writes Ethernet and an IP header at the start of `buf`: IPv4 without options, DF, TTL 64;
+/// or IPv6, hop limit 64, no extension headers. Returns the IP header length; None when the
+/// addresses are of different versions, the packet would be too large for IP, or `buf` is
+/// shorter than the headers.
+fn write_eth_ip(buf: &mut [u8], link: &Link, src: IpAddr, dst: IpAddr, proto: u8, l4_len: usize, id: u16) -> Option<usize> {
+    let ip_len = ip_len(src);
+    if buf.len() < ETH_LEN + ip_len {
+        return None;
+    }
     buf[0..6].copy_from_slice(&link.guest_mac);
     buf[6..12].copy_from_slice(&link.gw_mac);
-    buf[12..14].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
-    let ip = &mut buf[ETH_LEN..ETH_LEN + IPV4_LEN];
-    ip[0] = 0x45;
-    ip[1] = 0;
-    ip[2..4].copy_from_slice(&((IPV4_LEN + l4_len) as u16).to_be_bytes());
-    ip[4..6].copy_from_slice(&id.to_be_bytes());
-    ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = proto;
-    ip[10..12].copy_from_slice(&[0, 0]);
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&dst.octets());
-    let c = finish(sum(ip, 0));
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let ip = &mut buf[ETH_LEN..ETH_LEN + ip_len];
+    match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            if IPV4_LEN + l4_len > MAX_IP_PACKET {
+                return None;
+            }
+            ip[0] = 0x45;
+            ip[1] = 0;
+            ip[2..4].copy_from_slice(&((IPV4_LEN + l4_len) as u16).to_be_bytes());
+            ip[4..6].copy_from_slice(&id.to_be_bytes());
+            ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes());
+            ip[8] = 64;
+            ip[9] = proto;
+            ip[10..12].copy_from_slice(&[0, 0]);
+            ip[12..16].copy_from_slice(&src.octets());
+            ip[16..20].copy_from_slice(&dst.octets());
+            let c = finish(sum(ip, 0));
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            buf[12..14].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            if l4_len > MAX_IP_PACKET {
+                return None;
+            }
+            ip[0..4].copy_from_slice(&[0x60, 0, 0, 0]);
+            ip[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+            ip[6] = proto;
+            ip[7] = 64;
+            ip[8..24].copy_from_slice(&src.octets());
+            ip[24..40].copy_from_slice(&dst.octets());
+            buf[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+        }
+        _ => return None,
+    }
+    Some(ip_len)
 }
 
-fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
-    match a {
-        SocketAddr::V4(a) => Some(a),
-        SocketAddr::V6(_) => None,
+/// The transport checksum's pseudo-header sum for a packet from `src` to `dst`.
+fn pseudo(src: IpAddr, dst: IpAddr, proto: u8, l4_len: usize) -> u64 {
+    match (src, dst) {
+        (IpAddr::V6(s), IpAddr::V6(d)) => pseudo_v6(&s.octets(), &d.octets(), proto, l4_len as u32),
+        (IpAddr::V4(s), IpAddr::V4(d)) => pseudo_v4(&s.octets(), &d.octets(), proto, l4_len as u16),
+        _ => 0,
     }
 }
 
@@ -303,9 +419,10 @@ pub struct TcpOut {
 }
 
 /// Builds a TCP frame to a guest in `buf`: headers, then `opts` (a multiple of 4 bytes), then
-/// `payload_len` bytes the caller already placed at `TCP_FRAME_HDR + opts.len()`. Returns the
-/// frame length and its virtio-net header, or None when the buffer is too short, the packet
-/// too large, or the addresses are not IPv4.
+/// `payload_len` bytes the caller already placed at [`tcp_frame_hdr`]` + opts.len()`. Returns
+/// the frame length and its virtio-net header (GSO TCPV4 or TCPV6 by the addresses), or None
+/// when the buffer is too short, the packet too large, or the addresses are of different
+/// versions.
 pub fn write_tcp(
     buf: &mut [u8],
     link: &Link,
@@ -315,16 +432,17 @@ pub fn write_tcp(
     id: u16,
     csum: Csum,
 ) -> Option<(usize, VnetHeader)> {
-    let (from, to) = (v4(h.from)?, v4(h.to)?);
+    let (from, to) = (h.from.ip(), h.to.ip());
     let l4_len = TCP_LEN + opts.len() + payload_len;
-    let len = ETH_LEN + IPV4_LEN + l4_len;
-    if !opts.len().is_multiple_of(4) || opts.len() > 40 || IPV4_LEN + l4_len > MAX_IP_PACKET || buf.len() < len {
+    let l3 = ETH_LEN + ip_len(from);
+    let len = l3 + l4_len;
+    if !opts.len().is_multiple_of(4) || opts.len() > 40 || buf.len() < len {
         return None;
     }
-    write_eth_ipv4(buf, link, *from.ip(), *to.ip(), IPPROTO_TCP, l4_len, id);
-    let t = &mut buf[ETH_LEN + IPV4_LEN..len];
-    t[0..2].copy_from_slice(&from.port().to_be_bytes());
-    t[2..4].copy_from_slice(&to.port().to_be_bytes());
+    write_eth_ip(buf, link, from, to, IPPROTO_TCP, l4_len, id)?;
+    let t = &mut buf[l3..len];
+    t[0..2].copy_from_slice(&h.from.port().to_be_bytes());
+    t[2..4].copy_from_slice(&h.to.port().to_be_bytes());
     t[4..8].copy_from_slice(&h.seq.to_be_bytes());
     t[8..12].copy_from_slice(&h.ack.to_be_bytes());
     t[12] = (((TCP_LEN + opts.len()) / 4) as u8) << 4;
@@ -332,8 +450,7 @@ pub fn write_tcp(
     t[14..16].copy_from_slice(&h.window.to_be_bytes());
     t[16..20].copy_from_slice(&[0, 0, 0, 0]);
     t[TCP_LEN..TCP_LEN + opts.len()].copy_from_slice(opts);
-    let pseudo = pseudo_v4(&from.ip().octets(), &to.ip().octets(), IPPROTO_TCP, l4_len as u16);
-    let csum_start = (ETH_LEN + IPV4_LEN) as u16;
+    let pseudo = pseudo(from, to, IPPROTO_TCP, l4_len);
     let mut vh = VnetHeader::default();
     match csum {
         Csum::Full => {
@@ -343,35 +460,34 @@ pub fn write_tcp(
         Csum::Partial | Csum::Gso(_) => {
             t[16..18].copy_from_slice(&(!finish(pseudo)).to_be_bytes());
             vh.flags = F_NEEDS_CSUM;
-            vh.csum_start = csum_start;
+            vh.csum_start = l3 as u16;
             vh.csum_offset = 16;
             if let Csum::Gso(mss) = csum {
-                vh.gso_type = GSO_TCPV4;
+                vh.gso_type = if from.is_ipv6() { GSO_TCPV6 } else { GSO_TCPV4 };
                 vh.gso_size = mss;
-                vh.hdr_len = (ETH_LEN + IPV4_LEN + TCP_LEN + opts.len()) as u16;
+                vh.hdr_len = (l3 + TCP_LEN + opts.len()) as u16;
             }
         }
     }
     Some((len, vh))
 }
 
-/// Builds a UDP frame to a guest: `payload_len` bytes already at `UDP_FRAME_HDR`. The checksum
-/// is always complete (datagrams are at most one MTU; not worth a second code path).
+/// Builds a UDP frame to a guest: `payload_len` bytes already at [`udp_frame_hdr`]. The
+/// checksum is always complete (datagrams are at most one MTU; not worth a second code path).
 pub fn write_udp(buf: &mut [u8], link: &Link, from: SocketAddr, to: SocketAddr, payload_len: usize, id: u16) -> Option<usize> {
-    let (from, to) = (v4(from)?, v4(to)?);
     let l4_len = UDP_LEN + payload_len;
-    let len = ETH_LEN + IPV4_LEN + l4_len;
-    if IPV4_LEN + l4_len > MAX_IP_PACKET || buf.len() < len {
+    let l3 = ETH_LEN + ip_len(from.ip());
+    let len = l3 + l4_len;
+    if buf.len() < len || l4_len > MAX_IP_PACKET {
         return None;
     }
-    write_eth_ipv4(buf, link, *from.ip(), *to.ip(), IPPROTO_UDP, l4_len, id);
-    let u = &mut buf[ETH_LEN + IPV4_LEN..len];
+    write_eth_ip(buf, link, from.ip(), to.ip(), IPPROTO_UDP, l4_len, id)?;
+    let u = &mut buf[l3..len];
     u[0..2].copy_from_slice(&from.port().to_be_bytes());
     u[2..4].copy_from_slice(&to.port().to_be_bytes());
     u[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
     u[6..8].copy_from_slice(&[0, 0]);
-    let pseudo = pseudo_v4(&from.ip().octets(), &to.ip().octets(), IPPROTO_UDP, l4_len as u16);
-    let c = match finish(sum(u, pseudo)) {
+    let c = match finish(sum(u, pseudo(from.ip(), to.ip(), IPPROTO_UDP, l4_len))) {
         0 => 0xffff,
         c => c,
     };
@@ -379,44 +495,75 @@ pub fn write_udp(buf: &mut [u8], link: &Link, from: SocketAddr, to: SocketAddr, 
     Some(len)
 }
 
-/// Builds an ICMP destination unreachable (`code`) to the guest about its TCP or UDP packet
-/// of `flow` (guest to remote), sent as if by the remote end. The quoted packet is rebuilt from
-/// what the flow kept (IP header and the first 8 transport bytes: ports and, for TCP, the
-/// sequence number), which is all a guest stack needs to find the socket the error is for.
+/// The ICMPv6 destination unreachable code (RFC 4443 §3.1) for an ICMPv4 one: the state
+/// machines and the I/O layer speak IPv4's codes, and the IPv6 frame says the same thing.
+pub fn icmpv6_unreach_code(v4_code: u8) -> u8 {
+    match v4_code {
+        0 => 0,  // network unreachable: no route to destination
+        1 => 3,  // host unreachable: address unreachable
+        3 => 4,  // port unreachable
+        13 => 1, // administratively prohibited
+        _ => 3,
+    }
+}
+
+/// Builds an ICMP destination unreachable (`code`, in ICMPv4's numbering; an IPv6 flow gets
+/// the ICMPv6 one of the same meaning) to the guest about its TCP or UDP packet of `flow`
+/// (guest to remote), sent as if by the remote end. The quoted packet is rebuilt from what the
+/// flow kept (IP header and the first 8 transport bytes: ports and, for TCP, the sequence
+/// number), which is all a guest stack needs to find the socket the error is for.
 pub fn write_icmp_unreach(buf: &mut [u8], link: &Link, flow: &FlowKey, proto: u8, seq: u32, code: u8, id: u16) -> Option<usize> {
-    let (g, r) = (v4(flow.guest)?, v4(flow.remote)?);
-    let quote_len = IPV4_LEN + 8;
+    let (g, r) = (flow.guest, flow.remote);
+    let ip_len = ip_len(g.ip());
+    let quote_len = ip_len + 8;
     let l4_len = 8 + quote_len;
-    let len = ETH_LEN + IPV4_LEN + l4_len;
+    let l3 = ETH_LEN + ip_len;
+    let len = l3 + l4_len;
     if buf.len() < len {
         return None;
     }
-    write_eth_ipv4(buf, link, *r.ip(), *g.ip(), IPPROTO_ICMP, l4_len, id);
-    let icmp = &mut buf[ETH_LEN + IPV4_LEN..len];
-    icmp[0] = 3;
-    icmp[1] = code;
+    let v6 = g.is_ipv6();
+    write_eth_ip(buf, link, r.ip(), g.ip(), if v6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP }, l4_len, id)?;
+    let icmp = &mut buf[l3..len];
+    (icmp[0], icmp[1]) = if v6 { (1, icmpv6_unreach_code(code)) } else { (3, code) };
     icmp[2..8].copy_from_slice(&[0; 6]);
     // The quoted packet: the guest's original, as far as it matters.
-    let mut q = [0u8; 28];
-    q[0] = 0x45;
-    let orig_len: u16 = if proto == IPPROTO_TCP { 40 } else { 28 };
-    q[2..4].copy_from_slice(&orig_len.to_be_bytes());
-    q[6] = 0x40;
-    q[8] = 64;
-    q[9] = proto;
-    q[12..16].copy_from_slice(&g.ip().octets());
-    q[16..20].copy_from_slice(&r.ip().octets());
-    let c = finish(sum(&q[..20], 0));
-    q[10..12].copy_from_slice(&c.to_be_bytes());
-    q[20..22].copy_from_slice(&g.port().to_be_bytes());
-    q[22..24].copy_from_slice(&r.port().to_be_bytes());
-    if proto == IPPROTO_TCP {
-        q[24..28].copy_from_slice(&seq.to_be_bytes());
-    } else {
-        q[24..26].copy_from_slice(&8u16.to_be_bytes());
+    let q = &mut icmp[8..];
+    let l4_orig: u16 = if proto == IPPROTO_TCP { 20 } else { 8 };
+    match (g.ip(), r.ip()) {
+        (IpAddr::V4(gi), IpAddr::V4(ri)) => {
+            q[..20].fill(0);
+            q[0] = 0x45;
+            q[2..4].copy_from_slice(&(20 + l4_orig).to_be_bytes());
+            q[6] = 0x40;
+            q[8] = 64;
+            q[9] = proto;
+            q[12..16].copy_from_slice(&gi.octets());
+            q[16..20].copy_from_slice(&ri.octets());
+            let c = finish(sum(&q[..20], 0));
+            q[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+        (IpAddr::V6(gi), IpAddr::V6(ri)) => {
+            q[0..4].copy_from_slice(&[0x60, 0, 0, 0]);
+            q[4..6].copy_from_slice(&l4_orig.to_be_bytes());
+            q[6] = proto;
+            q[7] = 64;
+            q[8..24].copy_from_slice(&gi.octets());
+            q[24..40].copy_from_slice(&ri.octets());
+        }
+        _ => return None,
     }
-    icmp[8..].copy_from_slice(&q);
-    let c = finish(sum(icmp, 0));
+    let t = &mut q[ip_len..];
+    t[0..2].copy_from_slice(&g.port().to_be_bytes());
+    t[2..4].copy_from_slice(&r.port().to_be_bytes());
+    if proto == IPPROTO_TCP {
+        t[4..8].copy_from_slice(&seq.to_be_bytes());
+    } else {
+        t[4..6].copy_from_slice(&8u16.to_be_bytes());
+        t[6..8].fill(0);
+    }
+    let ps = if v6 { pseudo(r.ip(), g.ip(), IPPROTO_ICMPV6, l4_len) } else { 0 };
+    let c = finish(sum(icmp, ps));
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
     Some(len)
 }

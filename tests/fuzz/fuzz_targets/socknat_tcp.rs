@@ -7,10 +7,10 @@
 //! past them), and the host side opens inbound flows (port forwards) on the template's ports.
 #![no_main]
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use libfuzzer_sys::fuzz_target;
-use vunet_switch::checksum::{finish, pseudo_v4, sum};
+use vunet_switch::checksum::{finish, pseudo_v4, pseudo_v6, sum};
 use vunet_switch::socknat::icmp::{IcmpConfig, IcmpOp, IcmpTable};
 use vunet_switch::socknat::tcp::{HostIo, HostOp, TcpConfig};
 use vunet_switch::socknat::udp::{UdpConfig, UdpOp, UdpTable};
@@ -148,21 +148,29 @@ fuzz_target!(|data: &[u8]| {
                     frame = f;
                     match icmp.input(&frame, &vnet, now) {
                         Ok(IcmpOp::Open { id, message, .. }) | Ok(IcmpOp::Send { id, message }) => {
-                            assert!(message.len() >= 8 && message[0] == 8 && message[1] == 0);
+                            let key = icmp.key(id).expect("a live flow");
+                            let v6 = key.remote.is_ipv6();
+                            let (request, reply) = if v6 { (128, 129) } else { (8, 0) };
+                            assert!(message.len() >= 8 && message[0] == request && message[1] == 0);
                             // The remote answers (the kernel puts its own identifier in), or,
                             // with op bit 3, the socket hands back something else.
                             let mut m = message.to_vec();
                             if op & 8 == 0 {
-                                m[0] = 0;
+                                m[0] = reply;
                                 m[4..6].copy_from_slice(&[0x12, 0x34]);
                             }
-                            buf[wire::ICMP_FRAME_HDR..wire::ICMP_FRAME_HDR + m.len()].copy_from_slice(&m);
+                            let at = wire::icmp_frame_hdr(key.remote);
+                            buf[at..at + m.len()].copy_from_slice(&m);
                             let r = icmp.reply(id, m.len(), &mut buf, now);
                             assert_eq!(r.is_some(), op & 8 == 0, "an echo reply to a live flow fits");
                             if let Some(n) = r {
-                                assert_eq!(n, wire::ICMP_FRAME_HDR + m.len());
-                                assert_eq!(&buf[38..40], &message[4..6], "the guest's identifier");
-                                assert_eq!(finish(sum(&buf[34..n], 0)), 0, "the ICMP checksum");
+                                assert_eq!(n, at + m.len());
+                                assert_eq!(&buf[at + 4..at + 6], &message[4..6], "the guest's identifier");
+                                let pseudo = match (key.remote, key.guest) {
+                                    (IpAddr::V6(r), IpAddr::V6(g)) => pseudo_v6(&r.octets(), &g.octets(), 58, (n - at) as u32),
+                                    _ => 0,
+                                };
+                                assert_eq!(finish(sum(&buf[at..n], pseudo)), 0, "the ICMP checksum");
                             }
                         }
                         Err(_) => {}
@@ -171,11 +179,12 @@ fuzz_target!(|data: &[u8]| {
                     match udp.input(&frame, &vnet, now) {
                         Ok(UdpOp::Open { id, payload, .. }) | Ok(UdpOp::Send { id, payload }) => {
                             // Echo it back, as a remote would.
-                            let n = payload.len().min(buf.len() - wire::UDP_FRAME_HDR);
+                            let at = wire::udp_frame_hdr(udp.key(id).expect("a live flow").guest.ip());
+                            let n = payload.len().min(buf.len() - at);
                             let p = payload[..n].to_vec();
-                            buf[wire::UDP_FRAME_HDR..wire::UDP_FRAME_HDR + n].copy_from_slice(&p);
+                            buf[at..at + n].copy_from_slice(&p);
                             let len = udp.reply(id, n, &mut buf, now).expect("a reply to a live flow fits");
-                            assert_eq!(len, wire::UDP_FRAME_HDR + n);
+                            assert_eq!(len, at + n);
                             assert!(udp.unreachable(id, 3, &mut buf).is_some());
                         }
                         Err(_) => {}
@@ -256,7 +265,7 @@ fuzz_target!(|data: &[u8]| {
             while let Some(t) = f.poll_frame(now, &cap, &mut buf, s) {
                 assert!(t.len >= 54 && t.len <= buf.len());
                 if t.vnet.gso_type != 0 {
-                    assert!(cap.tso4 && t.vnet.gso_size >= 88);
+                    assert!((cap.tso4 || cap.tso6) && t.vnet.gso_size >= 88);
                 }
                 // What the guest heard: its next seq is our ack, its ack our seq + length.
                 if buf[23] == 6 {

@@ -24,10 +24,21 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// What `e` from a socket toward `remote` means: as [`ConnectError::of`], except that an
+    /// IPv6 flow on a host without IPv6 (see [`no_ipv6`]) is network unreachable.
+    pub fn toward(remote: std::net::IpAddr, e: &io::Error) -> ConnectError {
+        if remote.is_ipv6() && no_ipv6(e) {
+            return ConnectError::Unreachable(Some(0));
+        }
+        ConnectError::of(e)
+    }
+
     pub fn of(e: &io::Error) -> ConnectError {
         match e.raw_os_error().unwrap_or(0) {
             libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => ConnectError::NoResources,
-            libc::ENETUNREACH | libc::ENETDOWN => ConnectError::Unreachable(Some(0)),
+            // EAFNOSUPPORT: an IPv6 flow on a host without IPv6 (no AF_INET6 sockets): the
+            // network is unreachable from here.
+            libc::ENETUNREACH | libc::ENETDOWN | libc::EAFNOSUPPORT => ConnectError::Unreachable(Some(0)),
             libc::EHOSTUNREACH | libc::EHOSTDOWN => ConnectError::Unreachable(Some(1)),
             // Administratively prohibited: a local firewall said no.
             libc::EACCES | libc::EPERM => ConnectError::Unreachable(Some(13)),
@@ -35,6 +46,13 @@ impl ConnectError {
             _ => ConnectError::Refused,
         }
     }
+}
+
+/// Whether an error on an IPv6 socket means the host has no IPv6 to carry it: no AF_INET6
+/// sockets (`EAFNOSUPPORT`), no IPv6 address to send from (`EADDRNOTAVAIL`, IPv6 disabled), no
+/// route (`ENETUNREACH`).
+pub fn no_ipv6(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL) | Some(libc::ENETUNREACH))
 }
 
 /// A host TCP socket spliced to a guest flow.
@@ -273,15 +291,17 @@ pub fn tcp_peek_offset_supported() -> bool {
     Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).is_ok_and(|s| set_peek_off(SockRef::from(&s).as_raw_fd(), 0))
 }
 
-/// An unprivileged ping socket (`SOCK_DGRAM`, `IPPROTO_ICMP`) connected to one remote: what
-/// `net.ipv4.ping_group_range` allows the process's group to open.
+/// An unprivileged ping socket (`SOCK_DGRAM`, `IPPROTO_ICMP`, or `AF_INET6` and
+/// `IPPROTO_ICMPV6` for an IPv6 remote) connected to one remote: what
+/// `net.ipv4.ping_group_range` allows the process's group to open (it governs both).
 pub struct HostPing {
     sock: Socket,
 }
 
 impl HostPing {
     pub fn connect(remote: std::net::IpAddr) -> Result<HostPing, io::Error> {
-        let sock = Socket::new(Domain::for_address(SocketAddr::new(remote, 0)), Type::DGRAM.nonblocking(), Some(Protocol::ICMPV4))?;
+        let proto = if remote.is_ipv6() { Protocol::ICMPV6 } else { Protocol::ICMPV4 };
+        let sock = Socket::new(Domain::for_address(SocketAddr::new(remote, 0)), Type::DGRAM.nonblocking(), Some(proto))?;
         sock.connect(&SocketAddr::new(remote, 0).into())?;
         Ok(HostPing { sock })
     }

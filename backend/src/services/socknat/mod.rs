@@ -10,18 +10,18 @@
 
 mod host;
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tracing::{info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vunet_switch::gateway::Gateway;
+use vunet_switch::gateway::{Gateway, Gateway6};
 use vunet_switch::socknat::icmp::{IcmpConfig, IcmpOp, IcmpTable};
 use vunet_switch::socknat::tcp::{HostIo, HostOp, TcpConfig};
 use vunet_switch::socknat::udp::{UdpConfig, UdpOp, UdpTable};
-use vunet_switch::socknat::wire::{self, Link, ICMP_FRAME_HDR, UDP_FRAME_HDR};
+use vunet_switch::socknat::wire::{self, Link, UDP_FRAME_HDR};
 use vunet_switch::socknat::{FlowId, Input, TcpTable, TcpTableConfig};
 use vunet_switch::vnet::{RxCaps, VnetHeader};
 use vunet_switch::PortId;
@@ -55,6 +55,10 @@ pub struct HostCounters {
     pub forward_refused: u64,
     /// Connections accepted on forwarded ports.
     pub forward_accepted: u64,
+    /// IPv6 flows the host could not carry: no IPv6 sockets (`EAFNOSUPPORT`), no IPv6 address
+    /// (`EADDRNOTAVAIL`) or no route (`ENETUNREACH`). The guest hears "unreachable" (said once
+    /// in the log).
+    pub no_ipv6: u64,
 }
 
 /// What `net-list` and the metrics say about a network's socket NAT.
@@ -63,6 +67,10 @@ pub struct NatSummary {
     pub tcp_flows: usize,
     pub udp_flows: usize,
     pub icmp_flows: usize,
+    /// Of those, the flows over IPv6 (TCP, UDP, ICMPv6 echo).
+    pub tcp6_flows: usize,
+    pub udp6_flows: usize,
+    pub icmp6_flows: usize,
     /// Guest connections the host refused (RST to the guest) and those it could not reach.
     pub refused: u64,
     pub unreachable: u64,
@@ -132,6 +140,9 @@ struct State {
 pub struct SocketNat {
     network: String,
     gw: Gateway,
+    /// The gateway's IPv6 side (`gateway6`): its address is the host's `::1` with
+    /// `host_loopback`, its prefix is the guests' own.
+    gw6: Option<Gateway6>,
     host_loopback: bool,
     mtu: u16,
     epoch: Instant,
@@ -140,6 +151,7 @@ pub struct SocketNat {
     listeners: Vec<Listener>,
     said_no_socket: AtomicBool,
     said_no_ping: AtomicBool,
+    said_no_ipv6: AtomicBool,
 }
 
 const KIND_TCP: u64 = 0;
@@ -158,9 +170,10 @@ fn untoken(t: u64) -> (u64, u32, FlowId) {
 }
 
 impl SocketNat {
-    /// The socket NAT of network `network`, with its forwarded ports bound (an error names the
-    /// forward that could not be).
-    pub fn new(network: &str, gw: Gateway, mtu: u16, cfg: &SocketNatConfig) -> Result<SocketNat, String> {
+    /// The socket NAT of network `network` (with `gw6` when it has `gateway6`: guests' IPv6
+    /// flows go out through AF_INET6 sockets), with its forwarded ports bound (an error names
+    /// the forward that could not be).
+    pub fn new(network: &str, gw: Gateway, gw6: Option<Gateway6>, mtu: u16, cfg: &SocketNatConfig) -> Result<SocketNat, String> {
         let tcp = TcpTableConfig {
             max_connections: cfg.max_connections,
             max_per_guest: cfg.max_per_guest,
@@ -185,6 +198,7 @@ impl SocketNat {
         Ok(SocketNat {
             network: network.to_string(),
             gw,
+            gw6,
             host_loopback: cfg.host_loopback,
             mtu,
             epoch: Instant::now(),
@@ -208,6 +222,7 @@ impl SocketNat {
             }),
             said_no_socket: AtomicBool::new(false),
             said_no_ping: AtomicBool::new(false),
+            said_no_ipv6: AtomicBool::new(false),
         })
     }
 
@@ -230,12 +245,41 @@ impl SocketNat {
         !(in_subnet || dst.is_broadcast() || dst.is_multicast() || dst.is_loopback() || dst.is_unspecified() || dst.octets()[0] == 0)
     }
 
+    /// Whether a guest IPv6 packet to `dst` goes out through a host socket: the gateway's own
+    /// addresses only with `host_loopback` (its global one; the link-local is never carried),
+    /// never the guests' own prefix, link-local, multicast, loopback, unspecified, or an
+    /// IPv4-mapped/-compatible address (an AF_INET6 socket would reach IPv4 with it, past the
+    /// IPv4 rules, 127.0.0.1 included).
+    fn reaches6(&self, gw6: &Gateway6, dst: Ipv6Addr) -> bool {
+        if dst == gw6.ip {
+            return self.host_loopback;
+        }
+        let seg0 = dst.segments()[0];
+        let link_local = seg0 & 0xffc0 == 0xfe80;
+        let v4ish = dst.to_ipv4_mapped().is_some() || dst.octets()[..12] == [0; 12];
+        !(gw6.on_link(&dst) || gw6.is_mine(&dst) || link_local || dst.is_multicast() || v4ish)
+    }
+
     /// Where a flow to `remote` (as the guest named it) connects on the host: the gateway's
-    /// address is the host's loopback.
+    /// address is the host's loopback (`127.0.0.1`, or `::1` for its IPv6 address).
     fn host_addr(&self, remote: SocketAddr) -> SocketAddr {
         match remote {
             SocketAddr::V4(a) if *a.ip() == self.gw.ip => SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, a.port())),
+            SocketAddr::V6(a) if self.gw6.is_some_and(|g| *a.ip() == g.ip) => {
+                SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::LOCALHOST, a.port(), 0, 0))
+            }
             other => other,
+        }
+    }
+
+    /// Counts an IPv6 flow the host could not carry (`host::no_ipv6`), said once.
+    fn no_ipv6(&self, st: &mut State, remote: IpAddr, e: &std::io::Error) {
+        if !remote.is_ipv6() || !host::no_ipv6(e) {
+            return;
+        }
+        st.host.no_ipv6 += 1;
+        if !self.said_no_ipv6.swap(true, Ordering::Relaxed) {
+            warn!(network = %self.network, "socket NAT: the host cannot carry guests' IPv6 flows ({e}); they are answered as unreachable (said once; counted as no_ipv6)");
         }
     }
 
@@ -256,11 +300,18 @@ impl SocketNat {
             ("udp_send_failed", h.udp_send_failed),
             ("icmp_not_permitted", h.icmp_not_permitted),
             ("forward_refused", h.forward_refused),
+            ("no_ipv6", h.no_ipv6),
         ]);
+        let tcp6_flows = st.tcp.iter().filter(|(_, f)| f.guest().is_ipv6()).count();
+        let udp6_flows = (0..st.udp_socks.len()).filter(|&id| st.udp.key(id).is_some_and(|k| k.guest.is_ipv6())).count();
+        let icmp6_flows = (0..st.ping_socks.len()).filter(|&id| st.icmp.key(id).is_some_and(|k| k.guest.is_ipv6())).count();
         NatSummary {
             tcp_flows: st.tcp.len(),
             udp_flows: st.udp.len(),
             icmp_flows: st.icmp.len(),
+            tcp6_flows,
+            udp6_flows,
+            icmp6_flows,
             refused: tcp.refused,
             unreachable: tcp.unreachable + udp.unreachable,
             forward_accepted: h.forward_accepted,
@@ -386,8 +437,9 @@ impl SocketNat {
                         set_slot(&mut st.udp_socks, id, UdpSock { host: UdpHost::Connected(h), port: port.id });
                     }
                     Err(e) => {
+                        self.no_ipv6(st, remote.ip(), &e);
                         // Said to the guest as the host's routing said it, then forgotten.
-                        match ConnectError::of(&e) {
+                        match ConnectError::toward(remote.ip(), &e) {
                             ConnectError::NoResources => self.no_socket(st, &e),
                             ConnectError::Unreachable(Some(code)) => {
                                 if let Some(len) = st.udp.unreachable(id, code, &mut st.frame) {
@@ -490,7 +542,9 @@ impl SocketNat {
     }
 
     fn connect_failed(&self, st: &mut State, id: FlowId, e: &std::io::Error) {
-        let err = ConnectError::of(e);
+        let remote = st.tcp.flow(id).map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |f| f.remote().ip());
+        self.no_ipv6(st, remote, e);
+        let err = ConnectError::toward(remote, e);
         if err == ConnectError::NoResources {
             self.no_socket(st, e);
         }
@@ -593,11 +647,13 @@ impl SocketNat {
         let st = &mut *guard;
         let Some(sock) = st.udp_socks.get(id).and_then(Option::as_ref) else { return };
         let Some(port) = port_of(sock.port) else { return };
+        let Some(key) = st.udp.key(id) else { return };
+        let at = wire::udp_frame_hdr(key.guest.ip());
         // A datagram larger than this does not fit one frame of the network's MTU.
-        let max = self.mtu as usize - 28;
+        let max = (self.mtu as usize).saturating_sub(at - wire::ETH_LEN);
         loop {
             let Some(UdpHost::Connected(sock)) = st.udp_socks.get(id).and_then(Option::as_ref).map(|s| &s.host) else { return };
-            let r = sock.recv(&mut st.frame[UDP_FRAME_HDR..]);
+            let r = sock.recv(&mut st.frame[at..]);
             match r {
                 Ok(None) => break,
                 Ok(Some(n)) if n > max => st.host.udp_too_big += 1,
@@ -650,6 +706,7 @@ impl SocketNat {
                     }
                     Err(e) => {
                         st.icmp.remove(id);
+                        self.no_ipv6(st, remote, &e);
                         if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)) {
                             st.host.icmp_not_permitted += 1;
                             if !self.said_no_ping.swap(true, Ordering::Relaxed) {
@@ -659,7 +716,7 @@ impl SocketNat {
                             }
                         } else if ConnectError::of(&e) == ConnectError::NoResources {
                             self.no_socket(st, &e);
-                        } else {
+                        } else if !(remote.is_ipv6() && host::no_ipv6(&e)) {
                             st.host.unroutable += 1;
                         }
                     }
@@ -673,9 +730,11 @@ impl SocketNat {
         let mut guard = self.lock();
         let st = &mut *guard;
         let Some(port) = st.ping_socks.get(id).and_then(Option::as_ref).and_then(|s| port_of(s.port)) else { return };
+        let Some(key) = st.icmp.key(id) else { return };
+        let at = wire::icmp_frame_hdr(key.remote);
         loop {
             let Some(sock) = st.ping_socks.get(id).and_then(Option::as_ref) else { return };
-            match sock.host.recv(&mut st.frame[ICMP_FRAME_HDR..]) {
+            match sock.host.recv(&mut st.frame[at..]) {
                 Ok(None) => break,
                 Ok(Some(n)) => {
                     if let Some(len) = st.icmp.reply(id, n, &mut st.frame, now) {
@@ -691,15 +750,17 @@ impl SocketNat {
 
     // ---- Port forwards -----------------------------------------------------------------
 
-    /// Where a host peer appears to the guest: itself, or the gateway for the host's own
-    /// loopback (the guest cannot reach 127.0.0.1 through its gateway).
+    /// Where a host peer appears to the (IPv4) guest of a forward: itself, or the gateway for
+    /// the host's own loopback (the guest cannot reach 127.0.0.1 through its gateway) and for
+    /// an IPv6 peer of a forward that listens on an IPv6 address (an IPv4 guest cannot see an
+    /// IPv6 address; its answers go back through the gateway, to the peer's socket).
     fn as_seen_by_guest(&self, peer: SocketAddr) -> SocketAddr {
+        let gw = SocketAddr::V4(SocketAddrV4::new(self.gw.ip, peer.port()));
         match peer {
-            SocketAddr::V4(a) if a.ip().is_loopback() => SocketAddr::V4(SocketAddrV4::new(self.gw.ip, a.port())),
+            SocketAddr::V4(a) if a.ip().is_loopback() => gw,
             SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
-                Some(v4) if v4.is_loopback() => SocketAddr::V4(SocketAddrV4::new(self.gw.ip, a.port())),
-                Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, a.port())),
-                None => peer,
+                Some(v4) if !v4.is_loopback() => SocketAddr::V4(SocketAddrV4::new(v4, a.port())),
+                _ => gw,
             },
             other => other,
         }
@@ -841,6 +902,27 @@ fn bind_forwards(forwards: &[SocketForward]) -> Result<Vec<Listener>, String> {
     Ok(out)
 }
 
+const IPPROTO_ICMPV6: u8 = 58;
+
+/// Where the transport header of an IPv6 frame starts and its protocol, past the extension
+/// headers a host may send (hop-by-hop, destination options, routing); a fragment header
+/// ends the walk with protocol 44. None for a chain too long or truncated (the state machines
+/// check it all again, and count).
+fn ipv6_transport(frame: &[u8]) -> Option<(usize, u8)> {
+    let (mut next, mut off) = (*frame.get(20)?, 54usize);
+    for _ in 0..5 {
+        match next {
+            0 | 43 | 60 => {
+                let h = frame.get(off..off + 2)?;
+                next = h[0];
+                off += (h[1] as usize + 1) * 8;
+            }
+            proto => return Some((off, proto)),
+        }
+    }
+    None
+}
+
 fn tcp_events() -> EventSet {
     EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED
 }
@@ -864,21 +946,41 @@ impl HostIo for FlowIo<'_> {
     }
 }
 
-/// Guest frames to the gateway's MAC for an address outside: TCP and UDP go to host sockets.
-/// TCP to the gateway itself without `host_loopback` is refused (RST), as a host with no
-/// such service would.
+/// Guest frames to the gateway's MAC for an address outside: TCP and UDP go to host sockets,
+/// ICMP (ICMPv6) echo to ping sockets; IPv4, and IPv6 when the network has `gateway6`. TCP to
+/// the gateway itself without `host_loopback` is refused (RST), as a host with no such
+/// service would.
 impl GatewayService for SocketNat {
     fn handle(&self, cx: &GatewayCx, port: &Port, frame: &[u8], reply: &mut Vec<u8>) -> Handled {
-        if frame.len() < 34 || frame[0..6] != self.gw.mac || frame[12..14] != [0x08, 0x00] {
+        if frame.len() < 34 || frame[0..6] != self.gw.mac {
             return Handled::NotMine;
         }
-        let dst = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
-        let proto = frame[23];
-        if !self.reaches(dst) {
-            if dst == self.gw.ip && proto == 6 {
+        let (dst, proto, reaches, is_gw) = match ([frame[12], frame[13]], self.gw6.as_ref()) {
+            ([0x08, 0x00], _) => {
+                let dst = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
+                (IpAddr::V4(dst), frame[23], self.reaches(dst), dst == self.gw.ip)
+            }
+            ([0x86, 0xdd], Some(gw6)) => {
+                let Some(dst) = frame.get(38..54).and_then(|b| <[u8; 16]>::try_from(b).ok()).map(Ipv6Addr::from) else {
+                    return Handled::NotMine;
+                };
+                let Some((_, proto)) = ipv6_transport(frame) else {
+                    self.lock().tcp.count(vunet_switch::socknat::Drop::BadIpHeader);
+                    return Handled::Consumed;
+                };
+                // ICMPv6 to the gateway's own addresses is the ND service's (echo, ND).
+                if gw6.is_mine(&dst) && proto == IPPROTO_ICMPV6 {
+                    return Handled::NotMine;
+                }
+                (IpAddr::V6(dst), proto, self.reaches6(gw6, dst), gw6.is_mine(&dst))
+            }
+            _ => return Handled::NotMine,
+        };
+        if !reaches {
+            if is_gw && proto == 6 {
                 if let Ok(seg) = wire::parse_tcp(frame, cx.hdr) {
                     if !seg.has(wire::RST) {
-                        reply.resize(wire::TCP_FRAME_HDR, 0);
+                        reply.resize(wire::tcp_frame_hdr(dst), 0);
                         if let Some(n) = wire::write_rst_reply(reply, &seg, 0) {
                             reply.truncate(n);
                             return Handled::Reply;
@@ -887,7 +989,7 @@ impl GatewayService for SocketNat {
                 }
                 return Handled::Consumed;
             }
-            if dst != self.gw.ip {
+            if !is_gw {
                 self.lock().host.unroutable += 1;
                 return Handled::Consumed;
             }
@@ -896,7 +998,10 @@ impl GatewayService for SocketNat {
         match proto {
             6 => self.tcp_from_guest(port, frame, cx.hdr),
             17 => self.udp_from_guest(port, frame, cx.hdr),
-            1 => self.ping_from_guest(port, frame, cx.hdr),
+            1 if dst.is_ipv4() => self.ping_from_guest(port, frame, cx.hdr),
+            IPPROTO_ICMPV6 if dst.is_ipv6() => self.ping_from_guest(port, frame, cx.hdr),
+            // A fragment: nothing here reassembles (counted as for IPv4).
+            44 if dst.is_ipv6() => self.lock().tcp.count(vunet_switch::socknat::Drop::Fragment),
             _ => return Handled::NotMine,
         }
         Handled::Consumed

@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use crate::ipv4::{self, Ipv4Header};
-use crate::ledger::{Ledger, Owner, Room};
 use crate::ipv6::IPPROTO_ICMPV6;
+use crate::ledger::{Ledger, Owner, Room};
 use crate::proto::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

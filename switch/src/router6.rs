@@ -112,9 +112,7 @@ fn addr_at(b: &[u8], at: usize) -> Option<Ipv6Addr> {
 /// The ports (or echo identifier, as both) of an upper-layer header, for the firewall.
 fn ports(proto: u8, l4: &[u8]) -> Option<(u16, u16)> {
     match proto {
-        IPPROTO_TCP | IPPROTO_UDP if l4.len() >= 4 => {
-            Some((u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]])))
-        }
+        IPPROTO_TCP | IPPROTO_UDP if l4.len() >= 4 => Some((u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]]))),
         IPPROTO_ICMPV6 if l4.len() >= 8 && matches!(l4[0], ICMP6_ECHO_REQUEST | ICMP6_ECHO_REPLY) => {
             let id = u16::from_be_bytes([l4[4], l4[5]]);
             Some((id, id))
@@ -380,11 +378,8 @@ impl Router6 {
             return;
         }
         let for_us = nd.kind == ND_NEIGHBOR_ADVERT || self.cfg.inside.is_mine(&nd.target);
-        let released = if for_us {
-            self.inside_neighbors.learn(ip, mac, now, port)
-        } else {
-            self.inside_neighbors.refresh(ip, mac, now, port)
-        };
+        let released =
+            if for_us { self.inside_neighbors.learn(ip, mac, now, port) } else { self.inside_neighbors.refresh(ip, mac, now, port) };
         Self::release(Side::Guests, mac, released, emit);
     }
 
@@ -478,7 +473,8 @@ impl Router6 {
             return Err(DropReason::NoRoute);
         }
         let tuple = Tuple { proto, src: IpAddr::V6(src), dst: IpAddr::V6(dst), ports: ports(proto, p.payload) };
-        let verdict = if self.error_about_a_guest_flow(&p, now) { firewall::Action::Allow } else { self.firewall.inbound_tuple(&tuple, now) };
+        let verdict =
+            if self.error_about_a_guest_flow(&p, now) { firewall::Action::Allow } else { self.firewall.inbound_tuple(&tuple, now) };
         match verdict {
             firewall::Action::Allow => {}
             firewall::Action::Deny => return Err(DropReason::Firewall),

@@ -50,19 +50,32 @@ fn router(mode: RouteMode) -> Router6 {
 
 fn udp(src_mac: Mac, dst_mac: Mac, src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, hop: u8, len: usize) -> Vec<u8> {
     let mut f = Vec::new();
-    PacketBuilder::ethernet2(src_mac, dst_mac).ipv6(src.octets(), dst.octets(), hop).udp(sport, dport).write(&mut f, &vec![7u8; len]).unwrap();
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv6(src.octets(), dst.octets(), hop)
+        .udp(sport, dport)
+        .write(&mut f, &vec![7u8; len])
+        .unwrap();
     f
 }
 
 fn tcp_syn(src_mac: Mac, dst_mac: Mac, src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Vec<u8> {
     let mut f = Vec::new();
-    PacketBuilder::ethernet2(src_mac, dst_mac).ipv6(src.octets(), dst.octets(), 64).tcp(sport, dport, 1, 100).syn().write(&mut f, &[]).unwrap();
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv6(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 1, 100)
+        .syn()
+        .write(&mut f, &[])
+        .unwrap();
     f
 }
 
 fn echo(src_mac: Mac, dst_mac: Mac, src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
     let mut f = Vec::new();
-    PacketBuilder::ethernet2(src_mac, dst_mac).ipv6(src.octets(), dst.octets(), 64).icmpv6_echo_request(9, 1).write(&mut f, b"ping").unwrap();
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv6(src.octets(), dst.octets(), 64)
+        .icmpv6_echo_request(9, 1)
+        .write(&mut f, b"ping")
+        .unwrap();
     f
 }
 
@@ -96,7 +109,9 @@ fn hop(frame: &[u8]) -> u8 {
 
 /// The router has asked for `target` on the uplink; the LAN answers.
 fn lan_answers(r: &mut Router6, target: Ipv6Addr, emit: &mut Vec<Emit>) {
-    let ns = emit.iter().find(|e| e.to == Side::Uplink && matches!(parse_nd(&e.frame), Ok(Some(nd)) if nd.kind == ND_NEIGHBOR_SOLICIT && nd.target == target));
+    let ns = emit.iter().find(|e| {
+        e.to == Side::Uplink && matches!(parse_nd(&e.frame), Ok(Some(nd)) if nd.kind == ND_NEIGHBOR_SOLICIT && nd.target == target)
+    });
     let ns = ns.expect("the router solicits the next hop");
     assert_eq!(&ns.frame[0..6], &multicast_mac(&solicited_node(&target)), "to its solicited-node group");
     emit.clear();
@@ -205,7 +220,10 @@ fn solicitations_for_the_router_are_answered_and_the_prefix_only_with_nd_proxy()
         assert_eq!(r.from_uplink(&mut ns, &VnetHeader::default(), 0, &mut emit), Ok(Verdict::Consumed));
         let na = emit.pop().unwrap();
         let nd = parse_nd(&na.frame).unwrap().unwrap();
-        assert_eq!((nd.kind, nd.target, nd.lladdr, nd.dst, &na.frame[0..6]), (ND_NEIGHBOR_ADVERT, target, Some(UP_MAC), lan_router(), &LAN_MAC[..]));
+        assert_eq!(
+            (nd.kind, nd.target, nd.lladdr, nd.dst, &na.frame[0..6]),
+            (ND_NEIGHBOR_ADVERT, target, Some(UP_MAC), lan_router(), &LAN_MAC[..])
+        );
     }
     assert_eq!(r.outside_link_local(), link_local(&UP_MAC));
     assert_eq!(r.outside_neighbor(lan_router(), 1), Some(LAN_MAC), "the solicitor is learned");
@@ -281,7 +299,11 @@ fn nat_mode_lets_in_only_replies_and_errors_about_guest_flows() {
     let mut ping_out = echo(GUEST_MAC, GW_MAC, guest(), far());
     r.from_guest(0, &mut ping_out, &VnetHeader::default(), 1, &mut emit).unwrap();
     let mut pong = Vec::new();
-    PacketBuilder::ethernet2(LAN_MAC, UP_MAC).ipv6(far().octets(), guest().octets(), 60).icmpv6_echo_reply(9, 1).write(&mut pong, b"ping").unwrap();
+    PacketBuilder::ethernet2(LAN_MAC, UP_MAC)
+        .ipv6(far().octets(), guest().octets(), 60)
+        .icmpv6_echo_reply(9, 1)
+        .write(&mut pong, b"ping")
+        .unwrap();
     assert_eq!(r.from_uplink(&mut pong, &VnetHeader::default(), 2, &mut emit), Ok(Verdict::Forward(Side::Guests)));
     let _ = &mut stranger;
 }
@@ -299,7 +321,14 @@ fn link_local_multicast_and_spoofed_packets_are_never_routed() {
         let mut f = udp(GUEST_MAC, GW_MAC, src, 1, far(), 1, 64, 4);
         assert_eq!(r.from_guest(0, &mut f, &VnetHeader::default(), 0, &mut emit), Err(DropReason::NoRoute), "from {src}");
     }
-    for (src, dst) in [(a("fe80::9"), g), (g, g), (far(), a("fe80::10")), (far(), r.cfg.inside.ip), (far(), a("fd00:7675:1::")), (far(), a("fd00:7675:2::1"))] {
+    for (src, dst) in [
+        (a("fe80::9"), g),
+        (g, g),
+        (far(), a("fe80::10")),
+        (far(), r.cfg.inside.ip),
+        (far(), a("fd00:7675:1::")),
+        (far(), a("fd00:7675:2::1")),
+    ] {
         let mut f = udp(LAN_MAC, UP_MAC, src, 1, dst, 1, 64, 4);
         assert_eq!(r.from_uplink(&mut f, &VnetHeader::default(), 0, &mut emit), Err(DropReason::NoRoute), "{src} -> {dst}");
     }
@@ -352,7 +381,8 @@ fn a_silent_next_hop_gives_address_unreachable_and_the_caches_are_bounded() {
     for t in [1000, 2000, 3000] {
         r.tick(t, &mut emit);
     }
-    let unreach = emit.iter().filter(|e| e.to == Side::Guests && icmp_type(&e.frame) == Some((ICMP6_DEST_UNREACH, UNREACH6_ADDRESS))).count();
+    let unreach =
+        emit.iter().filter(|e| e.to == Side::Guests && icmp_type(&e.frame) == Some((ICMP6_DEST_UNREACH, UNREACH6_ADDRESS))).count();
     assert_eq!(unreach, QUEUE_PER_NEIGHBOR, "each waiting frame's sender hears address unreachable");
     // The LAN sending to 10,000 guest addresses holds at most its quota of the guests' side.
     for i in 0..10_000u32 {
@@ -399,7 +429,8 @@ fn hostile_frames_never_panic() {
                     f[54] = [135, 136, 1, 2, 128][len % 5];
                 }
             }
-            let hdr = VnetHeader { flags: (len % 2) as u8, gso_type: if len % 3 == 0 { 4 } else { 0 }, gso_size: 100, ..VnetHeader::default() };
+            let hdr =
+                VnetHeader { flags: (len % 2) as u8, gso_type: if len % 3 == 0 { 4 } else { 0 }, gso_size: 100, ..VnetHeader::default() };
             let _ = r.from_guest(0, &mut f.clone(), &hdr, len as u64, &mut emit);
             let _ = r.from_uplink(&mut f, &hdr, len as u64, &mut emit);
             r.guest_nd(0, &f, len as u64, &mut emit);

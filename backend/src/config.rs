@@ -801,6 +801,7 @@ fn listens_overlap(a: Option<IpAddr>, b: Option<IpAddr>) -> bool {
 /// Routing of a `nat` or `route` network: the uplink address, NAT settings and port forwards,
 /// firewall rules, static routes (`RoutingConfig`, with an uplink), or socket NAT's settings
 /// and forwards (a nat network without one). `uplink` is the parsed `[network.uplink]`.
+#[allow(clippy::too_many_arguments)]
 fn parse_routing(
     cx: &Ctx,
     n: &RawNetwork,

@@ -291,6 +291,7 @@ impl Router6 {
         self.cfg.next_hop
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn icmp_error(&self, from: Side, eth_src: Mac, ip: &[u8], kind: u8, code: u8, param: u32, emit: &mut Vec<Emit>) {
         let (mac, src) = match from {
             Side::Guests => (self.cfg.inside.mac, self.cfg.inside.ip),
@@ -445,7 +446,7 @@ impl Router6 {
         }
         let dst_mac = crate::dst_mac(frame);
         let to_me = dst_mac == self.cfg.outside_mac;
-        if !to_me && !(dst_mac[0] == 0x33 && dst_mac[1] == 0x33) {
+        if !to_me && !crate::gateway::is_ipv6_multicast(&dst_mac) {
             return Ok(Verdict::NotMine);
         }
         match parse_nd(frame) {
@@ -532,7 +533,8 @@ impl Router6 {
         }
         let for_me = self.is_outside_mine(&nd.target);
         let proxied = !for_me && self.cfg.proxy_ndp && self.guest_addr(&nd.target);
-        if !nd.src.is_unspecified() && !unroutable(&nd.src) || is_link_local(&nd.src) {
+        // Its sender, at a unicast address (global or link-local), is a neighbour.
+        if !unroutable(&nd.src) || is_link_local(&nd.src) {
             if let Some(mac) = nd.lladdr {
                 let released = if for_me {
                     self.outside_neighbors.learn(nd.src, mac, now, UPLINK_OWNER)

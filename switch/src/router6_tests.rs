@@ -48,6 +48,7 @@ fn router(mode: RouteMode) -> Router6 {
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn udp(src_mac: Mac, dst_mac: Mac, src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, hop: u8, len: usize) -> Vec<u8> {
     let mut f = Vec::new();
     PacketBuilder::ethernet2(src_mac, dst_mac)
@@ -291,7 +292,7 @@ fn nat_mode_lets_in_only_replies_and_errors_about_guest_flows() {
     let mut ptb = Vec::new();
     icmp6_error(&mut ptb, LAN_MAC, UP_MAC, &lan_router(), &out[ETH..], ICMP6_PACKET_TOO_BIG, 0, 1400);
     assert_eq!(r.from_uplink(&mut ptb, &VnetHeader::default(), 1, &mut emit), Ok(Verdict::Forward(Side::Guests)));
-    let mut stranger = tcp_syn(GUEST_MAC, GW_MAC, guest(), 40009, far(), 80);
+    let stranger = tcp_syn(GUEST_MAC, GW_MAC, guest(), 40009, far(), 80);
     let mut ptb = Vec::new();
     icmp6_error(&mut ptb, LAN_MAC, UP_MAC, &lan_router(), &stranger[ETH..], ICMP6_PACKET_TOO_BIG, 0, 1400);
     assert_eq!(r.from_uplink(&mut ptb, &VnetHeader::default(), 1, &mut emit), Err(DropReason::Firewall));
@@ -305,7 +306,6 @@ fn nat_mode_lets_in_only_replies_and_errors_about_guest_flows() {
         .write(&mut pong, b"ping")
         .unwrap();
     assert_eq!(r.from_uplink(&mut pong, &VnetHeader::default(), 2, &mut emit), Ok(Verdict::Forward(Side::Guests)));
-    let _ = &mut stranger;
 }
 
 #[test]

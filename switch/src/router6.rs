@@ -157,7 +157,11 @@ struct Nd {
 /// Parses an NS or NA in `frame`; Ok(None) for anything else that is well-formed IPv6,
 /// Err(()) for invalid ND.
 fn parse_nd(frame: &[u8]) -> Result<Option<Nd>, ()> {
-    let p = ipv6::parse(frame).map_err(|_| ())?;
+    nd_of(&ipv6::parse(frame).map_err(|_| ())?)
+}
+
+/// The NS or NA a parsed packet carries, as [`parse_nd`].
+fn nd_of(p: &ipv6::Packet) -> Result<Option<Nd>, ()> {
     if p.proto != IPPROTO_ICMPV6 || !matches!(p.payload.first(), Some(&ND_NEIGHBOR_SOLICIT | &ND_NEIGHBOR_ADVERT)) {
         return Ok(None);
     }
@@ -449,17 +453,21 @@ impl Router6 {
         if !to_me && !crate::gateway::is_ipv6_multicast(&dst_mac) {
             return Ok(Verdict::NotMine);
         }
-        match parse_nd(frame) {
+        // Broken IPv6 to our MAC is counted; to a multicast group, it is the LAN's business.
+        let p = match ipv6::parse(frame) {
+            Ok(p) => p,
+            Err(_) if to_me => return Err(DropReason::BadIpHeader),
+            Err(_) => return Ok(Verdict::NotMine),
+        };
+        match nd_of(&p) {
             Ok(Some(nd)) => return Ok(self.outside_nd(&nd, now, emit)),
             Ok(None) => {}
-            // Broken IPv6 to our MAC is counted; to a multicast group, the LAN's business.
             Err(()) if to_me => return Err(DropReason::BadIpHeader),
             Err(()) => return Ok(Verdict::NotMine),
         }
         if !to_me {
             return Ok(Verdict::NotMine);
         }
-        let p = ipv6::parse(frame).map_err(|_| DropReason::BadIpHeader)?;
         let (src, dst, src_mac, proto, hop_limit) = (p.src, p.dst, p.src_mac, p.proto, p.hop_limit);
         if self.is_outside_mine(&dst) {
             if proto == IPPROTO_ICMPV6 && p.payload.first() == Some(&ICMP6_ECHO_REQUEST) {

@@ -7,6 +7,8 @@
 //! the LAN's link-local router (`router6 = "fe80::1"`), whose CGI prints the client address it
 //! sees: the guest's own. From the LAN, the route network's guest is reachable (its firewall's
 //! reject rule refuses a port at once); the nat network's guest is not (only replies come in).
+//! A third network, route mode with `proxy_ndp`, has its prefix on the LAN's link without a
+//! route: the router answers the LAN's neighbour solicitations for the guest.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -34,8 +36,9 @@ fn lan(dir: &Path) -> Lan {
     let lan = Netns::new("r6-l");
     veth(&host, "up0", &lan, "lan0");
     veth(&host, "up1", &lan, "lan1");
+    veth(&host, "up2", &lan, "lan2");
     lan.run("ip link set lo up");
-    for (ifname, prefix) in [("lan0", "77"), ("lan1", "78")] {
+    for (ifname, prefix) in [("lan0", "77"), ("lan1", "78"), ("lan2", "79")] {
         lan.run(&format!("ip -6 addr add 2001:db8:{prefix}::1/64 dev {ifname} nodad"));
         lan.run(&format!("ip -6 addr add fe80::1/64 dev {ifname} nodad"));
     }
@@ -43,6 +46,8 @@ fn lan(dir: &Path) -> Lan {
     // The guest prefixes, routed to each network's address6.
     lan.run("ip -6 route add fd00:7675:a::/64 via 2001:db8:77::50 dev lan0");
     lan.run("ip -6 route add fd00:7675:b::/64 via 2001:db8:78::50 dev lan1");
+    // The proxied network's prefix is on lan2's link: no router in the way as the LAN sees it.
+    lan.run("ip -6 route add fd00:7675:c::/64 dev lan2");
     let www = dir.join("www");
     std::fs::create_dir_all(www.join("cgi-bin")).unwrap();
     let cgi = www.join("cgi-bin/whoami");
@@ -111,13 +116,18 @@ fn nat_and_route_guests_reach_the_lan_over_routed_ipv6() {
          [network.uplink]\nkind = \"af-packet\"\ninterface = \"up1\"\naddress = \"10.9.1.50/24\"\n\
          address6 = \"2001:db8:78::50/64\"\nrouter6 = \"fe80::1\"\n\
          [[network.firewall]]\naction = \"reject\"\nproto = \"tcp\"\nport = 23\n\
-         [[network.port]]\nname = \"vm2\"\nsocket = \"vm2.sock\"\n",
+         [[network.port]]\nname = \"vm2\"\nsocket = \"vm2.sock\"\n\
+         [[network]]\nname = \"prx6\"\nmode = \"route\"\ngateway = \"192.168.101.1/24\"\ngateway6 = \"fd00:7675:c::1/64\"\n\
+         [network.uplink]\nkind = \"af-packet\"\ninterface = \"up2\"\naddress = \"10.9.2.50/24\"\n\
+         address6 = \"2001:db8:79::50/64\"\nrouter6 = \"fe80::1\"\nproxy_ndp = true\n\
+         [[network.port]]\nname = \"vm3\"\nsocket = \"vm3.sock\"\n",
     )
     .unwrap();
     let _v = lan.host.vunet(&["--config", cfg.to_str().unwrap()], &dir.path().join("vunet.log"));
-    let (m1, m2) = ("52:54:00:0a:00:01", "52:54:00:0b:00:01");
+    let (m1, m2, m3) = ("52:54:00:0a:00:01", "52:54:00:0b:00:01", "52:54:00:0c:00:01");
     let a1 = slaac("fd00:7675:a::".parse().unwrap(), &mac(m1)).to_string();
     let a2 = slaac("fd00:7675:b::".parse().unwrap(), &mac(m2)).to_string();
+    let a3 = slaac("fd00:7675:c::".parse().unwrap(), &mac(m3)).to_string();
     let g1 = Guest::boot(
         "n6",
         dir.path(),
@@ -134,7 +144,15 @@ fn nat_and_route_guests_reach_the_lan_over_routed_ipv6() {
         "",
         &guest_script("fd00:7675:b:", "2001:db8:78::1", "2001:db8:78::50"),
     );
-    for (g, me) in [(&g1, &a1), (&g2, &a2)] {
+    let g3 = Guest::boot(
+        "p6",
+        dir.path(),
+        &Socket::Connect(dir.path().join("vm3.sock")),
+        m3,
+        "",
+        &guest_script("fd00:7675:c:", "2001:db8:79::1", "2001:db8:79::50"),
+    );
+    for (g, me) in [(&g1, &a1), (&g2, &a2), (&g3, &a3)] {
         assert!(
             g.console.wait_for("GUEST-DONE", BOOT_AND_RUN),
             "guest:\n{}\nvunet:\n{}",
@@ -168,6 +186,18 @@ fn nat_and_route_guests_reach_the_lan_over_routed_ipv6() {
     // The nat network's guest takes no connection it did not start.
     let (out, took) = lan_connect(&lan, &a1, 7000);
     assert!(!out.contains("hello") && took >= Duration::from_secs(3), "nat: unsolicited inbound is dropped ({took:?}): {out:?}");
+    // ND proxy: the LAN solicits the guest on lan2's link and the router answers for it.
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            got = lan_connect(&lan, &a3, 7000).0;
+            got.contains("hello-v6")
+        }),
+        "the LAN reaches the proxied guest without a route via the router: {got:?}"
+    );
+    let neigh = lan.lan.run(&format!("ip -6 neigh show {a3} dev lan2"));
+    // The router's MAC on the uplink (the default for a network without `mac`).
+    let router_mac = vunet_switch::format_mac(&vunet_switch::gateway::gateway_mac("prx6/uplink"));
+    assert!(neigh.contains(&format!("lladdr {router_mac}")), "the answer is the router's MAC {router_mac}: {neigh}");
     // The router's uplink address answers the LAN (neighbour solicitation, echo).
     let ping = lan.lan.try_run("busybox ping -c 1 -W 5 2001:db8:77::50 2>&1");
     assert!(ping.status.success(), "address6 answers ping: {}", String::from_utf8_lossy(&ping.stdout));

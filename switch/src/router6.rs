@@ -261,11 +261,6 @@ impl Router6 {
         self.outside_ll
     }
 
-    /// The addresses whose solicited-node groups the uplink must receive.
-    pub fn uplink_groups(&self) -> [Ipv6Addr; 2] {
-        [solicited_node(&self.cfg.outside.0), solicited_node(&self.outside_ll)]
-    }
-
     /// The MAC of a neighbour on the uplink's LAN, if known.
     pub fn outside_neighbor(&self, ip: Ipv6Addr, now: u64) -> Option<Mac> {
         self.outside_neighbors.lookup(ip, now)

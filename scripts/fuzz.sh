@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing (cargo fuzz / libFuzzer, on the stable toolchain through
 # RUSTC_BOOTSTRAP=1) of the DHCP and DNS parsers, the DHCP server, the lease file, the
-# gateway's and the router's frame handling, the vhost-user relay (the VMM's messages and
+# gateway's and the routers' (IPv4 and IPv6) frame handling, the vhost-user relay (the VMM's messages and
 # descriptors), the split-ring walker (a guest's descriptor tables and ring indices) and the
 # socket-NAT TCP splice (outbound and inbound flows) and UDP and ICMP tables, and the
 # gateway's IPv6 neighbour discovery and echo.
@@ -14,7 +14,7 @@ secs=${1:-20}
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
 cd tests/fuzz
-for t in dhcp_server dhcpv6 dns_query gateway_frame lease_file router_frame vhost_relay split_ring socknat_tcp ipv6_nd; do
+for t in dhcp_server dhcpv6 dns_query gateway_frame lease_file router_frame router6_frame vhost_relay split_ring socknat_tcp ipv6_nd; do
   mkdir -p corpus/$t
   echo "== fuzz $t for ${secs}s"
   log=$(mktemp)

@@ -201,6 +201,19 @@ pub struct RoutingConfig {
     /// `[[network.firewall]]` and `firewall_default` (route mode).
     pub firewall: Vec<vunet_switch::firewall::Rule>,
     pub firewall_default: vunet_switch::firewall::Action,
+    /// IPv6 routing (`address6`); None: the network routes no IPv6.
+    pub v6: Option<Routing6Config>,
+}
+
+/// IPv6 on a routed network's uplink: routed (never translated) in nat and route modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Routing6Config {
+    /// `address6`: the router's address and on-link prefix on the uplink's LAN.
+    pub address: (Ipv6Addr, u8),
+    /// `router6`: the default next hop (on that prefix, or link-local).
+    pub router: Option<Ipv6Addr>,
+    /// `proxy_ndp` (route mode): answer neighbour solicitations for the guest prefix.
+    pub proxy_ndp: bool,
 }
 
 /// Socket NAT's defaults (`[network.nat]` of a nat network without an uplink).
@@ -280,6 +293,21 @@ pub struct NetworkConfig {
     pub socket_mode: Option<u32>,
     pub socket_group: Option<u32>,
     pub ports: Vec<PortConfig>,
+}
+
+impl NetworkConfig {
+    /// Whether the gateway's router advertisements name it a default router: guests have a
+    /// way out for IPv6. Not on an isolated network, nor on a nat or route network whose
+    /// uplink routes no IPv6 (no `address6`); socket NAT (nat without an uplink) and bridge
+    /// networks keep advertising one.
+    pub fn ipv6_default_route(&self) -> bool {
+        match self.mode {
+            Mode::Isolated => false,
+            Mode::Nat if self.routing.is_none() => true,
+            Mode::Nat | Mode::Route => self.routing.as_ref().is_some_and(|r| r.v6.is_some()),
+            Mode::Bridge => true,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -378,6 +406,9 @@ struct RawUplink {
     address: Option<Spanned<String>>,
     router: Option<Spanned<String>>,
     proxy_arp: Option<bool>,
+    address6: Option<Spanned<String>>,
+    router6: Option<Spanned<String>>,
+    proxy_ndp: Option<Spanned<bool>>,
     vlan: Option<Spanned<i64>>,
     trunk: Option<Spanned<Vec<Spanned<i64>>>>,
 }
@@ -700,7 +731,7 @@ fn parse_uplink(cx: &Ctx, u: &Spanned<RawUplink>, net: &str, mode: Mode) -> Resu
         ));
     }
     if !routed {
-        for (key, v) in [("address", &raw.address), ("router", &raw.router)] {
+        for (key, v) in [("address", &raw.address), ("router", &raw.router), ("address6", &raw.address6), ("router6", &raw.router6)] {
             if let Some(v) = v {
                 return Err(cx.err(
                     v.span(),
@@ -712,6 +743,9 @@ fn parse_uplink(cx: &Ctx, u: &Spanned<RawUplink>, net: &str, mode: Mode) -> Resu
         }
         if raw.proxy_arp.is_some() {
             return Err(cx.err(u.span(), format!("network {net:?}: proxy_arp is for route networks")));
+        }
+        if let Some(p) = &raw.proxy_ndp {
+            return Err(cx.err(p.span(), format!("network {net:?}: proxy_ndp is for route networks")));
         }
     }
     if routed {
@@ -767,12 +801,14 @@ fn listens_overlap(a: Option<IpAddr>, b: Option<IpAddr>) -> bool {
 /// Routing of a `nat` or `route` network: the uplink address, NAT settings and port forwards,
 /// firewall rules, static routes (`RoutingConfig`, with an uplink), or socket NAT's settings
 /// and forwards (a nat network without one). `uplink` is the parsed `[network.uplink]`.
+#[allow(clippy::too_many_arguments)]
 fn parse_routing(
     cx: &Ctx,
     n: &RawNetwork,
     net: &str,
     mode: Mode,
     gateway: Option<(Ipv4Addr, u8)>,
+    gateway6: Option<(Ipv6Addr, u8)>,
     uplink: Option<&UplinkConfig>,
     warnings: &mut Vec<String>,
 ) -> Result<(Option<RoutingConfig>, Option<SocketNatConfig>), ConfigError> {
@@ -984,16 +1020,22 @@ fn parse_routing(
                     .ok_or_else(|| cx.err(p.span(), "firewall port must be a port or a range, e.g. 22 or \"8000-8010\""))?,
             ),
         };
-        let subnet = |v: &Option<Spanned<String>>| -> Result<Option<(Ipv4Addr, u8)>, ConfigError> {
+        let subnet = |v: &Option<Spanned<String>>| -> Result<Option<(IpAddr, u8)>, ConfigError> {
             match v {
                 None => Ok(None),
                 Some(v) if v.get_ref() == "any" => Ok(None),
                 Some(v) => {
                     let s = v.get_ref();
-                    let parsed = if s.contains('/') { parse_cidr(s) } else { s.parse::<Ipv4Addr>().ok().map(|ip| (ip, 32)) };
-                    parsed
+                    let v4 = if s.contains('/') { parse_cidr(s) } else { s.parse::<Ipv4Addr>().ok().map(|ip| (ip, 32)) };
+                    // IPv6 rules filter the routed IPv6 (address6): a prefix, or one address.
+                    let v6 = || match s.split_once('/') {
+                        Some((a, p)) => a.parse::<Ipv6Addr>().ok().zip(p.parse::<u8>().ok().filter(|p| (1..=128).contains(p))),
+                        None => s.parse::<Ipv6Addr>().ok().map(|ip| (ip, 128)),
+                    };
+                    v4.map(|(ip, p)| (IpAddr::V4(ip), p))
+                        .or_else(|| v6().map(|(ip, p)| (IpAddr::V6(ip), p)))
                         .map(Some)
-                        .ok_or_else(|| cx.err(v.span(), format!("invalid address {s:?} (an IPv4 address or subnet, or \"any\")")))
+                        .ok_or_else(|| cx.err(v.span(), format!("invalid address {s:?} (an IPv4 or IPv6 address or subnet, or \"any\")")))
                 }
             }
         };
@@ -1058,7 +1100,67 @@ fn parse_routing(
         );
     }
     let mac = up.mac.unwrap_or_else(|| vunet_switch::gateway::gateway_mac(&format!("{net}/uplink")));
-    Ok((Some(RoutingConfig { address, mac, proxy_arp, routes, nat, firewall, firewall_default }), None))
+    let v6 = match raw_up {
+        Some(u) => parse_routing6(cx, u, net, mode, gateway6)?,
+        None => None,
+    };
+    Ok((Some(RoutingConfig { address, mac, proxy_arp, routes, nat, firewall, firewall_default, v6 }), None))
+}
+
+/// `address6`, `router6` and `proxy_ndp` of a routed network's uplink.
+fn parse_routing6(
+    cx: &Ctx,
+    u: &RawUplink,
+    net: &str,
+    mode: Mode,
+    gateway6: Option<(Ipv6Addr, u8)>,
+) -> Result<Option<Routing6Config>, ConfigError> {
+    let Some(a) = &u.address6 else {
+        if let Some(r) = &u.router6 {
+            return Err(cx.err(r.span(), format!("network {net:?}: router6 needs address6 (the router's IPv6 address on the uplink)")));
+        }
+        if let Some(p) = &u.proxy_ndp {
+            return Err(cx.err(p.span(), format!("network {net:?}: proxy_ndp needs address6 (the router's IPv6 address on the uplink)")));
+        }
+        return Ok(None);
+    };
+    let Some(g6) = gateway6 else {
+        return Err(cx.err(a.span(), format!("network {net:?}: address6 needs gateway6 on the network (the guests' IPv6 prefix to route)")));
+    };
+    let address = parse_cidr6(a.get_ref()).ok_or_else(|| {
+        cx.err(
+            a.span(),
+            format!(
+                "invalid address6 {:?} (a global or unique-local IPv6 address with its prefix, e.g. \"2001:db8:77::50/64\")",
+                a.get_ref()
+            ),
+        )
+    })?;
+    if in_subnet6(address.0, g6) || in_subnet6(g6.0, address) {
+        return Err(cx.err(a.span(), format!("address6 {}/{} overlaps the guests' prefix {}/{}", address.0, address.1, g6.0, g6.1)));
+    }
+    let router = match &u.router6 {
+        None => None,
+        Some(r) => {
+            let ip: Ipv6Addr = r.get_ref().parse().map_err(|_| cx.err(r.span(), format!("invalid router6 address {:?}", r.get_ref())))?;
+            let link_local = ip.segments()[0] & 0xffc0 == 0xfe80;
+            if ip.is_multicast() || ip.is_unspecified() || ip.is_loopback() || ip == address.0 || !(link_local || in_subnet6(ip, address)) {
+                return Err(cx.err(
+                    r.span(),
+                    format!("router6 {ip} is neither on the uplink's prefix {}/{} nor a link-local (fe80::) address", address.0, address.1),
+                ));
+            }
+            Some(ip)
+        }
+    };
+    let proxy_ndp = match &u.proxy_ndp {
+        Some(p) if *p.get_ref() && mode != Mode::Route => {
+            return Err(cx.err(p.span(), format!("network {net:?}: proxy_ndp is for route networks")));
+        }
+        Some(p) => *p.get_ref(),
+        None => false,
+    };
+    Ok(Some(Routing6Config { address, router, proxy_ndp }))
 }
 
 fn parse_dhcp(cx: &Ctx, d: &Spanned<RawDhcp>, net: &str, gateway: Option<(Ipv4Addr, u8)>) -> Result<DhcpConfig, ConfigError> {
@@ -1365,7 +1467,7 @@ impl Config {
                     return Err(cx.err(n.uplink.as_ref().map(|u| u.span()).unwrap_or(0..0), format!("tap {} is used twice", u.interface)));
                 }
             }
-            let (routing, socket_nat) = parse_routing(&cx, &n, &name, mode, gateway, uplink.as_ref(), &mut warnings)?;
+            let (routing, socket_nat) = parse_routing(&cx, &n, &name, mode, gateway, gateway6, uplink.as_ref(), &mut warnings)?;
             // A routed macvtap is created with the router's MAC.
             let uplink = uplink.map(|u| match &routing {
                 Some(r) if u.kind == UplinkKind::Macvtap => UplinkConfig { mac: Some(r.mac), ..u },
@@ -1766,7 +1868,7 @@ via = "10.10.12.10"
         assert!(r.proxy_arp);
         assert_eq!(r.mac, [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
         assert_eq!(r.firewall[0], Rule { action: Action::Reject, proto: Proto::Tcp, ports: Some((22, 22)), from: None, to: None });
-        assert_eq!(r.firewall[1].from, Some((Ipv4Addr::new(10, 10, 11, 0), 24)));
+        assert_eq!(r.firewall[1].from, Some((Ipv4Addr::new(10, 10, 11, 0).into(), 24)));
         assert_eq!(r.routes[0].via, Ipv4Addr::new(10, 10, 12, 10));
     }
 
@@ -1818,6 +1920,53 @@ via = "10.10.12.10"
                 "vunet.toml:11: route via 10.5.0.1: not a guest address",
             ),
             (net("nat", "address = \"dhcp\"\n[network.nat]\nports = [2000, 1000]\n"), "vunet.toml:10: nat ports must be [start, end]"),
+        ] {
+            let e = parse(&doc).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{doc}\n→ {e}\nwanted {want}");
+        }
+    }
+
+    #[test]
+    fn ipv6_routing_parses_and_its_mistakes_name_their_line() {
+        let net = |mode: &str, g6: &str, extra: &str| {
+            format!(
+                "[[network]]\nname = \"a\"\nmode = \"{mode}\"\ngateway = \"10.0.0.1/24\"\n{g6}[network.uplink]\nkind = \"af-packet\"\ninterface = \"eth1\"\naddress = \"10.1.0.9/24\"\n{extra}"
+            )
+        };
+        let g6 = "gateway6 = \"fd00:1::1/64\"\n";
+        let c = parse(&net("route", g6, "address6 = \"2001:db8:77::50/64\"\nrouter6 = \"fe80::1\"\nproxy_ndp = true\n[[network.firewall]]\naction = \"deny\"\nfrom = \"2001:db8:66::/48\"\n")).unwrap();
+        let n = &c.networks[0];
+        let r = n.routing.as_ref().unwrap();
+        let v6 = r.v6.unwrap();
+        assert_eq!(
+            (v6.address, v6.router, v6.proxy_ndp),
+            (("2001:db8:77::50".parse().unwrap(), 64), Some("fe80::1".parse().unwrap()), true)
+        );
+        assert_eq!(r.firewall[0].from, Some(("2001:db8:66::".parse().unwrap(), 48)));
+        assert!(n.ipv6_default_route(), "a network that routes IPv6 out advertises a default router");
+        let c = parse(&net("nat", g6, "")).unwrap();
+        assert!(c.networks[0].routing.as_ref().unwrap().v6.is_none());
+        assert!(!c.networks[0].ipv6_default_route(), "an uplink without address6 gives guests no IPv6 way out");
+        let socket_nat = parse(&format!("[[network]]\nname = \"a\"\nmode = \"nat\"\ngateway = \"10.0.0.1/24\"\n{g6}")).unwrap();
+        assert!(socket_nat.networks[0].ipv6_default_route());
+        for (doc, want) in [
+            (net("nat", "", "address6 = \"2001:db8:77::50/64\"\n"), "vunet.toml:9: network \"a\": address6 needs gateway6"),
+            (net("nat", g6, "address6 = \"2001:db8:77::50\"\n"), "vunet.toml:10: invalid address6"),
+            (net("nat", g6, "address6 = \"fd00:1::50/64\"\n"), "vunet.toml:10: address6 fd00:1::50/64 overlaps the guests' prefix"),
+            (
+                net("nat", g6, "address6 = \"2001:db8:77::50/64\"\nrouter6 = \"2001:db8:78::1\"\n"),
+                "vunet.toml:11: router6 2001:db8:78::1 is neither on the uplink's prefix",
+            ),
+            (net("nat", g6, "address6 = \"2001:db8:77::50/64\"\nrouter6 = \"bogus\"\n"), "vunet.toml:11: invalid router6 address"),
+            (net("nat", g6, "router6 = \"fe80::1\"\n"), "vunet.toml:10: network \"a\": router6 needs address6"),
+            (
+                net("nat", g6, "address6 = \"2001:db8:77::50/64\"\nproxy_ndp = true\n"),
+                "vunet.toml:11: network \"a\": proxy_ndp is for route networks",
+            ),
+            (
+                net("route", g6, "address6 = \"2001:db8:77::50/64\"\n[[network.firewall]]\naction = \"deny\"\nfrom = \"2001:db8::/200\"\n"),
+                "vunet.toml:13: invalid address \"2001:db8::/200\"",
+            ),
         ] {
             let e = parse(&doc).unwrap_err().to_string();
             assert!(e.starts_with(want), "{doc}\n→ {e}\nwanted {want}");

@@ -188,6 +188,12 @@ pub fn answer(req: Request, shared: &Arc<Supervisor>) -> Result<Value, ControlEr
                     .iter()
                     .map(|p| {
                         let mut v = port_info(p);
+                        // A routed uplink's IPv6 addresses are the router's (address6 and
+                        // its link-local).
+                        if let (PortKind::Uplink, Some(r6)) = (p.kind, net.router6.as_ref()) {
+                            let r6 = r6.lock().unwrap_or_else(|e| e.into_inner());
+                            v["ipv6"] = json!([r6.cfg.outside.0.to_string(), r6.outside_link_local().to_string()]);
+                        }
                         if let Some(flows) = &flows {
                             v["nat_flows"] = port_flows(p, flows);
                         }
@@ -268,6 +274,10 @@ fn net_info(n: &Network, socknat: Option<&SocketNat>) -> Value {
         }
         None => (None, None),
     };
+    let uplink_address6 = n.router6.as_ref().map(|r| {
+        let c = &r.lock().unwrap_or_else(|e| e.into_inner()).cfg;
+        format!("{}/{}", c.outside.0, c.outside.1)
+    });
     let socket_nat = socknat.map(|s| {
         let sum = s.summary();
         let drops: serde_json::Map<String, Value> =
@@ -293,6 +303,7 @@ fn net_info(n: &Network, socknat: Option<&SocketNat>) -> Value {
         "mtu": n.mtu,
         "uplink": uplink,
         "uplink_address": uplink_address,
+        "uplink_address6": uplink_address6,
         "nat_connections": nat_connections,
         "ports": ports.len(),
         "connected": ports.iter().filter(|p| p.connected.load(Ordering::Relaxed)).count(),
@@ -408,6 +419,9 @@ pub fn render(req: &Request, v: &Value) -> String {
                         s(n, "uplink_address"),
                         s(n, "nat_connections")
                     ));
+                }
+                if n["uplink_address6"].is_string() {
+                    out.push_str(&format!("{:<16} uplink address6 {} (IPv6 routed)\n", "", s(n, "uplink_address6")));
                 }
             }
         }

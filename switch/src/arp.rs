@@ -4,6 +4,7 @@
 //! to a next hop) take at most a quarter of it: at its quota a port replaces its own oldest.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::Ipv4Addr;
 
 use crate::ledger::{Ledger, Owner, Room};
@@ -95,10 +96,11 @@ pub enum Resolve {
     Waiting,
 }
 
-/// The neighbors of one side of the router.
-pub struct Neighbors {
-    table: HashMap<Ipv4Addr, Neighbor>,
-    ledger: Ledger<Ipv4Addr>,
+/// The neighbors of one side of the router, by address: IPv4 (ARP) or IPv6 (neighbour
+/// discovery, the same bounds and quotas).
+pub struct Neighbors<A = Ipv4Addr> {
+    table: HashMap<A, Neighbor>,
+    ledger: Ledger<A>,
     queued: usize,
     capacity: usize,
     /// Most neighbors one port may cause.
@@ -117,19 +119,19 @@ pub const QUEUE_TOTAL: usize = 256;
 /// How often a neighbor in use moves to the back of the eviction order.
 const TOUCH_MS: u64 = 1000;
 
-impl Default for Neighbors {
+impl<A: Copy + Eq + Hash> Default for Neighbors<A> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl Neighbors {
-    pub fn new() -> Neighbors {
+impl<A: Copy + Eq + Hash> Neighbors<A> {
+    pub fn new() -> Neighbors<A> {
         Neighbors::with_limits(MAX_NEIGHBORS, MAX_NEIGHBORS / 4)
     }
 
     /// A cache of `capacity` neighbors, of which one port may cause `quota`.
-    pub fn with_limits(capacity: usize, quota: usize) -> Neighbors {
+    pub fn with_limits(capacity: usize, quota: usize) -> Neighbors<A> {
         Neighbors { table: HashMap::new(), ledger: Ledger::default(), queued: 0, capacity, quota: quota.max(1) }
     }
 
@@ -138,7 +140,7 @@ impl Neighbors {
         self.ledger.examined
     }
 
-    fn remove(&mut self, ip: &Ipv4Addr) {
+    fn remove(&mut self, ip: &A) {
         if let Some(n) = self.table.remove(ip) {
             self.queued -= n.queue.len();
             self.ledger.removed(n.owner);
@@ -146,7 +148,7 @@ impl Neighbors {
     }
 
     /// Adds `ip` for `owner`, making room first; false if there is none.
-    fn insert(&mut self, ip: Ipv4Addr, owner: Owner, at_ms: u64, now: u64) -> bool {
+    fn insert(&mut self, ip: A, owner: Owner, at_ms: u64, now: u64) -> bool {
         let table = &self.table;
         let room = self.ledger.make_room(
             owner,
@@ -175,13 +177,13 @@ impl Neighbors {
     }
 
     /// The MAC of `ip` if it is known and fresh.
-    pub fn lookup(&self, ip: Ipv4Addr, now: u64) -> Option<Mac> {
+    pub fn lookup(&self, ip: A, now: u64) -> Option<Mac> {
         self.table.get(&ip).filter(|n| now.saturating_sub(n.at_ms) <= REACHABLE_MS).and_then(|n| n.mac)
     }
 
     /// Learns (or refreshes) `ip` at `mac`, heard from port `owner`; returns the frames that
     /// were waiting for it.
-    pub fn learn(&mut self, ip: Ipv4Addr, mac: Mac, now: u64, owner: Owner) -> Vec<Pending> {
+    pub fn learn(&mut self, ip: A, mac: Mac, now: u64, owner: Owner) -> Vec<Pending> {
         if !self.table.contains_key(&ip) && !self.insert(ip, owner, now, now) {
             return Vec::new();
         }
@@ -207,7 +209,7 @@ impl Neighbors {
 
     /// Only refreshes `ip` if it is already a neighbor (what a router learns from a request
     /// that was not for it).
-    pub fn refresh(&mut self, ip: Ipv4Addr, mac: Mac, now: u64, owner: Owner) -> Vec<Pending> {
+    pub fn refresh(&mut self, ip: A, mac: Mac, now: u64, owner: Owner) -> Vec<Pending> {
         if self.table.get(&ip).is_some_and(|n| n.mac.is_some() || !n.queue.is_empty()) {
             return self.learn(ip, mac, now, owner);
         }
@@ -216,7 +218,7 @@ impl Neighbors {
 
     /// Resolves `ip` for a frame from port `owner`: its MAC, or the frame is kept until the
     /// answer comes.
-    pub fn resolve(&mut self, ip: Ipv4Addr, frame: impl FnOnce() -> Pending, now: u64, owner: Owner) -> Resolve {
+    pub fn resolve(&mut self, ip: A, frame: impl FnOnce() -> Pending, now: u64, owner: Owner) -> Resolve {
         if let Some(mac) = self.lookup(ip, now) {
             return Resolve::Known(mac);
         }
@@ -245,7 +247,7 @@ impl Neighbors {
 
     /// Retries due requests (their targets are returned) and gives up on neighbors that never
     /// answered (their waiting frames are returned, to be answered with host unreachable).
-    pub fn tick(&mut self, now: u64) -> (Vec<Ipv4Addr>, Vec<Pending>) {
+    pub fn tick(&mut self, now: u64) -> (Vec<A>, Vec<Pending>) {
         let mut ask = Vec::new();
         let mut failed = Vec::new();
         let ledger = &mut self.ledger;

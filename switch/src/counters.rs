@@ -49,6 +49,8 @@ pub enum DropReason {
     NoRoute,
     /// Routing: the TTL ran out (an ICMP time-exceeded went back).
     TtlExceeded,
+    /// Routing: larger than the next link's MTU (an ICMPv6 packet too big went back).
+    PacketTooBig,
     /// Routing: the next hop did not answer ARP, or its pending queue was full.
     NeighborUnreachable,
     /// NAT: inbound traffic that is neither a reply nor a port forward, or a protocol NAT
@@ -81,7 +83,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 29] = [
+    pub const ALL: [DropReason; 30] = [
         DropReason::BadAddress,
         DropReason::ChainLoop,
         DropReason::BadDescriptor,
@@ -100,6 +102,7 @@ impl DropReason {
         DropReason::BadIpHeader,
         DropReason::NoRoute,
         DropReason::TtlExceeded,
+        DropReason::PacketTooBig,
         DropReason::NeighborUnreachable,
         DropReason::NatNoConnection,
         DropReason::NatTableFull,
@@ -134,6 +137,7 @@ impl DropReason {
             DropReason::BadIpHeader => "bad_ip_header",
             DropReason::NoRoute => "no_route",
             DropReason::TtlExceeded => "ttl_exceeded",
+            DropReason::PacketTooBig => "packet_too_big",
             DropReason::NeighborUnreachable => "neighbor_unreachable",
             DropReason::NatNoConnection => "nat_no_connection",
             DropReason::NatTableFull => "nat_table_full",

@@ -3,11 +3,16 @@
 //! (its replies) are not filtered. The flows are bounded, and one port's flows at most a
 //! quarter of them: a guest at its quota replaces its own oldest flow, so a guest opening
 //! flows without end does not stop the others' from being recorded.
+//!
+//! One firewall serves either family: IPv4 packets through [`Firewall::inbound`] and
+//! [`Firewall::outbound`], IPv6 (the router6's) through the `_tuple` forms. A rule naming an
+//! IPv4 subnet matches IPv4 packets only, one naming an IPv6 prefix IPv6 packets only.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use crate::ipv4::{self, Ipv4Header};
+use crate::ipv6::IPPROTO_ICMPV6;
 use crate::ledger::{Ledger, Owner, Room};
 use crate::proto::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
@@ -34,32 +39,64 @@ pub struct Rule {
     pub proto: Proto,
     /// Destination ports (TCP, UDP), inclusive; None: any.
     pub ports: Option<(u16, u16)>,
-    /// Source subnet; None: anywhere.
-    pub from: Option<(Ipv4Addr, u8)>,
+    /// Source subnet (IPv4 or IPv6); None: anywhere.
+    pub from: Option<(IpAddr, u8)>,
     /// Destination subnet (a guest, or all); None: any.
-    pub to: Option<(Ipv4Addr, u8)>,
+    pub to: Option<(IpAddr, u8)>,
+}
+
+/// Whether `ip` is inside `net`/`prefix` of the same family.
+pub fn in_prefix(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => ipv4::in_subnet(a, n, prefix),
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = if prefix == 0 { 0 } else { u128::MAX << (128 - prefix.min(128) as u32) };
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+/// What the firewall keys on in a packet of either family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuple {
+    pub proto: u8,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// TCP/UDP ports, or an ICMP(v6) echo identifier as both; None without them.
+    pub ports: Option<(u16, u16)>,
+}
+
+impl Tuple {
+    fn of_v4(ip: &[u8], h: &Ipv4Header) -> Tuple {
+        Tuple { proto: h.proto, src: h.src.into(), dst: h.dst.into(), ports: ipv4::ports(ip, h) }
+    }
+
+    fn is_icmp(&self) -> bool {
+        self.proto == IPPROTO_ICMP || self.proto == IPPROTO_ICMPV6
+    }
 }
 
 impl Rule {
-    fn matches(&self, h: &Ipv4Header, dport: Option<u16>) -> bool {
+    fn matches(&self, t: &Tuple, dport: Option<u16>) -> bool {
         let proto_ok = match self.proto {
             Proto::Any => true,
-            Proto::Tcp => h.proto == IPPROTO_TCP,
-            Proto::Udp => h.proto == IPPROTO_UDP,
-            Proto::Icmp => h.proto == IPPROTO_ICMP,
+            Proto::Tcp => t.proto == IPPROTO_TCP,
+            Proto::Udp => t.proto == IPPROTO_UDP,
+            Proto::Icmp => t.is_icmp(),
         };
         let ports_ok = match self.ports {
             None => true,
             Some((lo, hi)) => dport.is_some_and(|p| (lo..=hi).contains(&p)),
         };
-        let from_ok = self.from.is_none_or(|(n, p)| ipv4::in_subnet(h.src, n, p));
-        let to_ok = self.to.is_none_or(|(n, p)| ipv4::in_subnet(h.dst, n, p));
+        let from_ok = self.from.is_none_or(|(n, p)| in_prefix(t.src, n, p));
+        let to_ok = self.to.is_none_or(|(n, p)| in_prefix(t.dst, n, p));
         proto_ok && ports_ok && from_ok && to_ok
     }
 }
 
 /// (proto, guest address, guest port, remote address, remote port).
-type FlowKey = (u8, Ipv4Addr, u16, Ipv4Addr, u16);
+type FlowKey = (u8, IpAddr, u16, IpAddr, u16);
 
 /// A flow a guest started.
 struct Flow {
@@ -116,13 +153,18 @@ impl Firewall {
         self.rules.is_empty() && self.default == Action::Allow
     }
 
-    /// Notes a packet a guest sends out from port `owner`, so its replies come back in.
+    /// Notes an IPv4 packet a guest sends out from port `owner`, so its replies come back in.
     pub fn outbound(&mut self, ip: &[u8], h: &Ipv4Header, now: u64, owner: Owner) {
+        self.outbound_tuple(&Tuple::of_v4(ip, h), now, owner)
+    }
+
+    /// Notes a packet (of either family) a guest sends out from port `owner`.
+    pub fn outbound_tuple(&mut self, t: &Tuple, now: u64, owner: Owner) {
         if self.is_open() {
             return;
         }
-        let Some((s, d)) = ipv4::ports(ip, h) else { return };
-        let key = (h.proto, h.src, s, h.dst, if h.proto == IPPROTO_ICMP { s } else { d });
+        let Some((s, d)) = t.ports else { return };
+        let key = (t.proto, t.src, s, t.dst, if t.is_icmp() { s } else { d });
         if let Some(f) = self.started.get_mut(&key) {
             f.seen = now;
             if f.owner == owner {
@@ -160,20 +202,25 @@ impl Firewall {
         self.ledger.compact(owner, |k, s| started.get(k).is_some_and(|f| f.stamp == s));
     }
 
-    /// The verdict on a packet coming in from outside.
+    /// The verdict on an IPv4 packet coming in from outside.
     pub fn inbound(&self, ip: &[u8], h: &Ipv4Header, now: u64) -> Action {
-        if self.is_open() {
+        self.inbound_tuple(&Tuple::of_v4(ip, h), now)
+    }
+
+    /// Whether `t`, coming in, belongs to a flow a guest started (a reply).
+    pub fn is_reply(&self, t: &Tuple, now: u64) -> bool {
+        let Some((s, d)) = t.ports else { return false };
+        let key = (t.proto, t.dst, d, t.src, if t.is_icmp() { d } else { s });
+        self.started.get(&key).is_some_and(|f| now.saturating_sub(f.seen) <= FLOW_IDLE_MS)
+    }
+
+    /// The verdict on a packet (of either family) coming in from outside.
+    pub fn inbound_tuple(&self, t: &Tuple, now: u64) -> Action {
+        if self.is_open() || self.is_reply(t, now) {
             return Action::Allow;
         }
-        let ports = ipv4::ports(ip, h);
-        if let Some((s, d)) = ports {
-            let key = (h.proto, h.dst, d, h.src, if h.proto == IPPROTO_ICMP { d } else { s });
-            if self.started.get(&key).is_some_and(|f| now.saturating_sub(f.seen) <= FLOW_IDLE_MS) {
-                return Action::Allow;
-            }
-        }
-        let dport = ports.filter(|_| matches!(h.proto, IPPROTO_TCP | IPPROTO_UDP)).map(|p| p.1);
-        self.rules.iter().find(|r| r.matches(h, dport)).map_or(self.default, |r| r.action)
+        let dport = t.ports.filter(|_| matches!(t.proto, IPPROTO_TCP | IPPROTO_UDP)).map(|p| p.1);
+        self.rules.iter().find(|r| r.matches(t, dport)).map_or(self.default, |r| r.action)
     }
 }
 
@@ -200,7 +247,7 @@ mod tests {
                     action: Action::Allow,
                     proto: Proto::Tcp,
                     ports: Some((22, 22)),
-                    from: Some((Ipv4Addr::new(10, 10, 11, 7), 32)),
+                    from: Some((std::net::Ipv4Addr::new(10, 10, 11, 7).into(), 32)),
                     to: None,
                 },
                 Rule { action: Action::Reject, proto: Proto::Tcp, ports: Some((22, 22)), from: None, to: None },

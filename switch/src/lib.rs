@@ -29,6 +29,7 @@ pub mod port_security;
 pub mod proto;
 pub mod ratelimit;
 pub mod router;
+pub mod router6;
 pub mod socknat;
 pub mod udp6;
 pub mod vlan;

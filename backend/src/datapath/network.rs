@@ -16,6 +16,7 @@ use vunet_dhcp::{DhcpServer, Holders};
 use vunet_switch::gateway::{eui64, Gateway, Gateway6};
 use vunet_switch::port_security::MAX_CLAIMS6;
 use vunet_switch::router::Router;
+use vunet_switch::router6::Router6;
 use vunet_switch::{DropReason, Mac, MacTable, PortId};
 
 use super::port::{Port, ShaperWake};
@@ -62,6 +63,8 @@ pub struct Network {
     pub stopped: AtomicBool,
     /// The router between the guests and the uplink (nat and route networks).
     pub router: Option<Mutex<Router>>,
+    /// The IPv6 router beside it, when the uplink has an IPv6 address (`address6`).
+    pub router6: Option<Mutex<Router6>>,
     /// Whether the uplink address comes from a DHCP lease over the uplink.
     pub uplink_dhcp: bool,
 }
@@ -91,6 +94,7 @@ impl Network {
             epoch: Instant::now(),
             stopped: AtomicBool::new(false),
             router: None,
+            router6: None,
             uplink_dhcp: false,
         }
     }

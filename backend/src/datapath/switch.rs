@@ -303,6 +303,11 @@ fn answer_gateway(net: &Network, ports: &[Arc<Port>], port: &Port, f: &TxFrame, 
     let mut reply = std::mem::take(&mut cx.gw_out);
     input.resize(f.len, 0);
     gather(f.segs, f.offset, &mut input);
+    if route6_from_guest(net, ports, port, gw.mac, f, &mut input, cx) {
+        cx.gw_in = input;
+        cx.gw_out = reply;
+        return;
+    }
     if let Some(router) = net.router.as_ref() {
         let routed = input.len() >= 34 && input[0..6] == gw.mac && input[12..14] == [0x08, 0x00] && input[30..34] != gw.ip.octets();
         if routed || input[12..14] == [0x08, 0x06] {
@@ -367,6 +372,55 @@ fn answer_gateway(net: &Network, ports: &[Arc<Port>], port: &Port, f: &TxFrame, 
     }
     cx.gw_in = input;
     cx.gw_out = reply;
+}
+
+/// IPv6 from a guest for the IPv6 router (a network with `address6`): a packet to the
+/// gateway's MAC for an address not the gateway's is routed (true: taken); the guests'
+/// neighbour solicitations and advertisements teach the router their MACs and go on to the
+/// gateway's own ND service (false).
+fn route6_from_guest(
+    net: &Network,
+    ports: &[Arc<Port>],
+    port: &Port,
+    gw_mac: vunet_switch::Mac,
+    f: &TxFrame,
+    input: &mut [u8],
+    cx: &mut TxScratch,
+) -> bool {
+    let Some(router) = net.router6.as_ref() else { return false };
+    if input.len() < 14 + 40 || input[12..14] != [0x86, 0xdd] {
+        return false;
+    }
+    let dst: [u8; 16] = input[38..54].try_into().unwrap_or_default();
+    let dst = std::net::Ipv6Addr::from(dst);
+    let routed = input[0..6] == gw_mac && !dst.is_multicast() && !net.gateway6.is_some_and(|g| g.is_mine(&dst));
+    // ND right after the fixed header (where RFC 6980 wants it).
+    let nd = input[20] == 58 && matches!(input.get(54), Some(135 | 136));
+    if !routed && !nd {
+        return false;
+    }
+    let mut emit = Vec::new();
+    let verdict = {
+        let mut r = router.lock().unwrap_or_else(|e| e.into_inner());
+        if routed {
+            r.from_guest(port.id, input, &f.hdr, net.now_ms(), &mut emit)
+        } else {
+            r.guest_nd(port.id, input, net.now_ms(), &mut emit);
+            Ok(Verdict::NotMine)
+        }
+    };
+    match verdict {
+        Ok(Verdict::Forward(side)) => send_routed(net, ports, side, &f.hdr, input, cx),
+        Ok(_) => {}
+        Err(r) => {
+            port.counters.dropped(r);
+            net.log_drop(port, r);
+        }
+    }
+    for e in emit {
+        send_routed(net, ports, e.to, &e.hdr, &e.frame, cx);
+    }
+    routed
 }
 
 /// Switches frames read from an uplink (each with a virtio-net header of `hdr_len` bytes) as
@@ -440,7 +494,12 @@ pub(super) fn route_from_link(net: &Network, port: &Port, frames: &mut [&mut [u8
         }
         let (h, frame) = buf.split_at_mut(hdr_len);
         let hdr = VnetHeader::parse(h);
-        let verdict = router.lock().unwrap_or_else(|e| e.into_inner()).from_uplink(frame, &hdr, now, &mut emit);
+        let verdict = match net.router6.as_ref() {
+            Some(r6) if frame[12..14] == [0x86, 0xdd] => {
+                r6.lock().unwrap_or_else(|e| e.into_inner()).from_uplink(frame, &hdr, now, &mut emit)
+            }
+            _ => router.lock().unwrap_or_else(|e| e.into_inner()).from_uplink(frame, &hdr, now, &mut emit),
+        };
         match verdict {
             Ok(Verdict::NotMine) => continue,
             Ok(Verdict::Forward(side)) => {
@@ -464,11 +523,14 @@ pub(super) fn route_from_link(net: &Network, port: &Port, frames: &mut [&mut [u8
     notify_receivers(&ports, cx);
 }
 
-/// Runs the router's timers (ARP retries, expiry) and sends what they produce.
+/// Runs the routers' timers (ARP and ND retries, expiry) and sends what they produce.
 pub(super) fn router_tick(net: &Network, cx: &mut TxScratch) {
     let Some(router) = net.router.as_ref() else { return };
     let mut emit = Vec::new();
     router.lock().unwrap_or_else(|e| e.into_inner()).tick(net.now_ms(), &mut emit);
+    if let Some(r6) = net.router6.as_ref() {
+        r6.lock().unwrap_or_else(|e| e.into_inner()).tick(net.now_ms(), &mut emit);
+    }
     send_router_frames(net, emit, cx);
 }
 

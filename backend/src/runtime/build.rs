@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use vunet_switch::gateway::{gateway_mac, Gateway, Gateway6};
 use vunet_switch::ratelimit::{Rate, TokenBucket};
 use vunet_switch::router::{RouteMode, Router, RouterConfig};
+use vunet_switch::router6::{Router6, Router6Config};
 use vunet_switch::PortId;
 
 use super::error::StartError;
@@ -62,6 +63,7 @@ pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<Strin
     });
     let leases = lease_file.filter(|_| net.dhcp.is_some() || net.dhcp6.is_some()).map(|f| Arc::new(LeaseWriter::new(&n.name, f)));
     net.router = router(n, gateway).map(Mutex::new);
+    net.router6 = router6(n, net.gateway6).map(Mutex::new);
     net.uplink_dhcp = n.routing.as_ref().is_some_and(|r| r.address == UplinkAddress::Dhcp);
     let ports: Vec<Arc<Port>> =
         n.ports.iter().enumerate().map(|(id, p)| Arc::new(guest_port(id, p, &net, taps.get(&p.name).cloned()))).collect();
@@ -80,7 +82,9 @@ pub fn network(n: &NetworkConfig, state_dir: Option<&Path>, taps: &HashMap<Strin
         )),
         _ => None,
     };
-    let ndp = net.gateway6.map(|g6| Arc::new(NdpService::new(&n.name, g6, n.mode, n.mtu, n.dhcp6.is_some(), n.dns.domain.as_deref())));
+    let ndp = net
+        .gateway6
+        .map(|g6| Arc::new(NdpService::new(&n.name, g6, n.ipv6_default_route(), n.mtu, n.dhcp6.is_some(), n.dns.domain.as_deref())));
     if let Some(dns) = &dns {
         let mut services: Vec<Arc<dyn GatewayService>> =
             vec![dns.tcp.clone(), Arc::new(ArpIcmp), Arc::new(DhcpService { leases: leases.clone() }), dns.clone()];
@@ -162,4 +166,30 @@ fn router(n: &NetworkConfig, gateway: Option<Gateway>) -> Option<Router> {
         router.set_outside(Some(addr), next_hop, &mut Vec::new());
     }
     Some(router)
+}
+
+/// The IPv6 router of a nat or route network whose uplink has an IPv6 address (`address6`).
+fn router6(n: &NetworkConfig, inside: Option<Gateway6>) -> Option<Router6> {
+    let (r, inside) = (n.routing.as_ref()?, inside?);
+    let v6 = r.v6?;
+    // Packet too big names the uplink interface's MTU (a macvtap's is its parent's).
+    let outside_mtu = n
+        .uplink
+        .as_ref()
+        .and_then(|u| std::fs::read_to_string(format!("/sys/class/net/{}/mtu", u.interface)).ok())
+        .and_then(|m| m.trim().parse::<u16>().ok())
+        .filter(|m| *m >= 1280)
+        .unwrap_or(n.mtu);
+    Some(Router6::new(Router6Config {
+        mode: if n.mode == Mode::Nat { RouteMode::Nat } else { RouteMode::Route },
+        inside,
+        outside_mac: r.mac,
+        outside: v6.address,
+        next_hop: v6.router,
+        proxy_ndp: v6.proxy_ndp,
+        inside_mtu: n.mtu,
+        outside_mtu,
+        firewall: r.firewall.clone(),
+        firewall_default: r.firewall_default,
+    }))
 }

@@ -13,7 +13,6 @@ use vunet_switch::gateway::Gateway6;
 use vunet_switch::ipv6::nd::{Ndp, RaConfig, Verdict, MAX_RTR_ADV_INTERVAL_S, MIN_RTR_ADV_INTERVAL_S};
 use vunet_switch::ipv6::Ipv6Drop;
 
-use crate::config::Mode;
 use crate::datapath::{GatewayCx, GatewayService, Handled, Inject, Port, PortKind};
 
 /// RFC 4861 §10 MAX_INITIAL_RTR_ADVERTISEMENTS and MAX_INITIAL_RTR_ADVERT_INTERVAL.
@@ -29,11 +28,11 @@ pub struct NdpService {
 }
 
 impl NdpService {
-    /// The service of network `network` with gateway `gw`: `mode` (isolated networks do not
-    /// advertise a default route), `mtu`, `dhcp6` (the network runs DHCPv6: M and O, no
+    /// The service of network `network` with gateway `gw`: `default_router` (whether guests
+    /// may route IPv6 out through the gateway: see `NetworkConfig::ipv6_default_route`), `mtu`, `dhcp6` (the network runs DHCPv6: M and O, no
     /// SLAAC) and its DNS domain (DNSSL).
-    pub fn new(network: &str, gw: Gateway6, mode: Mode, mtu: u16, dhcp6: bool, domain: Option<&str>) -> NdpService {
-        let cfg = RaConfig::new(mode == Mode::Isolated, dhcp6, mtu, gw.prefix);
+    pub fn new(network: &str, gw: Gateway6, default_router: bool, mtu: u16, dhcp6: bool, domain: Option<&str>) -> NdpService {
+        let cfg = RaConfig::new(!default_router, dhcp6, mtu, gw.prefix);
         NdpService { network: network.to_string(), ndp: Ndp::new(gw, cfg, domain), drops: Default::default(), ras_sent: AtomicU64::new(0) }
     }
 
@@ -113,7 +112,6 @@ impl GatewayService for NdpService {
 mod tests {
     use vunet_switch::gateway::{gateway_mac, Gateway6};
 
-    use crate::config::Mode;
     use crate::datapath::{GatewayCx, GatewayService, Handled, Port, PortKind};
     // By its full path: layers.rs reads `super::` as the services layer.
     use crate::services::ndp::NdpService;
@@ -124,10 +122,10 @@ mod tests {
 
     #[test]
     fn configuration_maps_to_the_advertisement() {
-        let s = NdpService::new("n", gw6(), Mode::Isolated, 1500, false, None);
+        let s = NdpService::new("n", gw6(), false, 1500, false, None);
         assert_eq!(s.ra_config().router_lifetime, 0);
         assert!(s.ra_config().autonomous && !s.ra_config().managed);
-        let s = NdpService::new("n", gw6(), Mode::Nat, 9000, true, Some("lab"));
+        let s = NdpService::new("n", gw6(), true, 9000, true, Some("lab"));
         assert_eq!(s.ra_config().router_lifetime, 1800);
         assert!(!s.ra_config().autonomous && s.ra_config().managed && s.ra_config().other);
         assert_eq!(s.ra_config().mtu, Some(9000));
@@ -146,7 +144,7 @@ mod tests {
 
     #[test]
     fn answers_a_solicitation_and_counts_what_it_drops() {
-        let s = NdpService::new("n", gw6(), Mode::Nat, 1500, false, None);
+        let s = NdpService::new("n", gw6(), true, 1500, false, None);
         let gw = vunet_switch::gateway::Gateway { mac: gateway_mac("n"), ip: "10.0.0.1".parse().unwrap(), prefix: 24 };
         let (g6, hdr) = (gw6(), vunet_switch::VnetHeader::default());
         let cx = GatewayCx { network: "n", gateway: &gw, gateway6: Some(&g6), dhcp: None, hdr: &hdr };

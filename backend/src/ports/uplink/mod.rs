@@ -133,13 +133,18 @@ fn if_flags(name: &str) -> io::Result<libc::c_short> {
 
 /// `ip link set NAME up`.
 fn set_up(name: &str) -> io::Result<()> {
+    set_flags(name, libc::IFF_UP as libc::c_short)
+}
+
+/// Sets `want` (IFF_UP, IFF_ALLMULTI) on interface `name`, if not set yet.
+fn set_flags(name: &str, want: libc::c_short) -> io::Result<()> {
     let flags = if_flags(name)?;
-    if flags & libc::IFF_UP as libc::c_short != 0 {
+    if flags & want == want {
         return Ok(());
     }
     // SAFETY: as in if_flags.
     let s = unsafe { OwnedFd::from_raw_fd(check(libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0))?) };
-    let r = IfReq::new(name, flags | libc::IFF_UP as libc::c_short);
+    let r = IfReq::new(name, flags | want);
     // SAFETY: SIOCSIFFLAGS reads an ifreq.
     check(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &r) })?;
     Ok(())
@@ -224,7 +229,11 @@ fn open_macvtap(parent: &str, name: &str, mac: Option<Mac>, mode: u32) -> io::Re
     if ifindex(name).is_none() {
         netlink::create_macvtap(parent_index, name, mac, mode)?;
     }
-    set_up(name)?;
+    // A routed network's macvtap (bridge mode, the router's own MAC) passes only the multicast
+    // groups the host joined on it: all of it, so the router hears neighbour solicitations
+    // for its IPv6 addresses (and, with ND proxy, the guests') on their solicited-node groups.
+    let allmulti = if mode == MACVLAN_MODE_BRIDGE { libc::IFF_ALLMULTI as libc::c_short } else { 0 };
+    set_flags(name, libc::IFF_UP as libc::c_short | allmulti)?;
     let index = ifindex(name).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
     let fd = open_file(&format!("/dev/tap{index}"))?;
     tap_setup(&fd, name)?;

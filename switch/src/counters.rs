@@ -78,10 +78,17 @@ pub enum DropReason {
     VlanNotAllowed,
     /// VLANs: an 802.1Q tag cut short by the frame's end, or VID 4095 (reserved).
     BadVlanTag,
+    /// VXLAN: a datagram shorter than the 8-byte VXLAN header.
+    VxlanShort,
+    /// VXLAN: the I flag is clear, or the VXLAN-GPE P bit is set (the payload may not be
+    /// Ethernet).
+    VxlanBadFlags,
+    /// VXLAN: a VNI this uplink does not carry.
+    VxlanUnknownVni,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 29] = [
+    pub const ALL: [DropReason; 32] = [
         DropReason::BadAddress,
         DropReason::ChainLoop,
         DropReason::BadDescriptor,
@@ -111,6 +118,9 @@ impl DropReason {
         DropReason::UncheckedIpv6,
         DropReason::VlanNotAllowed,
         DropReason::BadVlanTag,
+        DropReason::VxlanShort,
+        DropReason::VxlanBadFlags,
+        DropReason::VxlanUnknownVni,
     ];
 
     /// Stable name used in listings and metrics.
@@ -145,6 +155,9 @@ impl DropReason {
             DropReason::UncheckedIpv6 => "unchecked_ipv6",
             DropReason::VlanNotAllowed => "vlan_not_allowed",
             DropReason::BadVlanTag => "bad_vlan_tag",
+            DropReason::VxlanShort => "vxlan_short",
+            DropReason::VxlanBadFlags => "vxlan_bad_flags",
+            DropReason::VxlanUnknownVni => "vxlan_unknown_vni",
         }
     }
 }

@@ -8,6 +8,9 @@
 //!   opens its `/dev/tapN` with a vnet header and offloads.
 //! - `tap`: vunet makes a tap on the host with a vnet header and offloads; the host can address
 //!   it, route it or put it in a kernel bridge.
+//! - `vxlan`: a VXLAN tunnel (RFC 7348) over UDP sockets to remote endpoints: no interface and
+//!   no privileges; frames are encapsulated on the way out and decapsulated on the way in
+//!   ([`vxlan`], docs/vxlan.md).
 //!
 //! Every uplink is watched: if its interface goes away (deleted, or re-created with a new index)
 //! the uplink closes, logs once, and reopens when the interface is back; a link that goes down
@@ -15,6 +18,7 @@
 
 mod netlink;
 mod rx;
+mod vxlan;
 
 pub use rx::run;
 
@@ -76,6 +80,8 @@ pub struct Uplink {
     /// Written by `close` to wake the RX thread out of `poll`, so it lets go of the descriptor.
     pub(super) wake: EventFd,
     pub(super) link_up: AtomicBool,
+    /// kind = "vxlan": the tunnel (the receiving socket is `io`).
+    tunnel: Option<vxlan::Tunnel>,
 }
 
 /// Why an uplink could not start.
@@ -235,14 +241,17 @@ impl Uplink {
     /// What `open` would refuse for a missing interface, found without opening or creating
     /// anything (a tap is made by vunet; the other kinds attach to an interface that exists).
     pub fn check(cfg: &UplinkConfig) -> Result<(), UplinkError> {
-        if cfg.kind != UplinkKind::Tap && ifindex(&cfg.interface).is_none() {
+        if !matches!(cfg.kind, UplinkKind::Tap | UplinkKind::Vxlan) && ifindex(&cfg.interface).is_none() {
             return Err(UplinkError::NoInterface(cfg.interface.clone()));
         }
         Ok(())
     }
 
-    /// Opens the uplink of network `network`; a missing interface is the caller's error.
-    pub fn open(network: &str, cfg: &UplinkConfig) -> Result<Uplink, UplinkError> {
+    /// Opens the uplink of network `network` (of MTU `mtu`); a missing interface is the
+    /// caller's error.
+    pub fn open(network: &str, cfg: &UplinkConfig, mtu: u16) -> Result<Uplink, UplinkError> {
+        let open_err = |e: io::Error| UplinkError::Open { name: cfg.interface.clone(), reason: crate::config::io_reason(&e) };
+        let tunnel = cfg.vxlan.as_ref().map(|v| vxlan::Tunnel::new(v, mtu)).transpose().map_err(open_err)?;
         let (ifname, parent) = match cfg.kind {
             UplinkKind::Macvtap => (cfg.name.clone().unwrap_or_else(|| macvtap_name(network)), Some(cfg.interface.clone())),
             _ => (cfg.interface.clone(), None),
@@ -256,13 +265,21 @@ impl Uplink {
             io: ArcSwapOption::empty(),
             wake: EventFd::new(EFD_NONBLOCK).map_err(|e| UplinkError::Open { name: cfg.interface.clone(), reason: e.to_string() })?,
             link_up: AtomicBool::new(true),
+            tunnel,
         };
         let lower = up.parent.as_deref().unwrap_or(&up.ifname);
-        if cfg.kind != UplinkKind::Tap && ifindex(lower).is_none() {
+        if !matches!(cfg.kind, UplinkKind::Tap | UplinkKind::Vxlan) && ifindex(lower).is_none() {
             return Err(UplinkError::NoInterface(lower.to_string()));
         }
         let io = up.open_io().map_err(|e| UplinkError::Open { name: up.ifname.clone(), reason: crate::config::io_reason(&e) })?;
-        info!(network = %network, "uplink {} {} ready ({})", cfg.kind.name(), up.ifname, if io.hdr_len > 0 { "offloads on" } else { "no vnet header: TSO segmented in software" });
+        match &up.tunnel {
+            Some(t) => {
+                info!(network = %network, "uplink vxlan: VNI {} on {}:{} to {:?} ready", t.cfg.vni, t.cfg.local, t.cfg.port, t.cfg.remotes)
+            }
+            None => {
+                info!(network = %network, "uplink {} {} ready ({})", cfg.kind.name(), up.ifname, if io.hdr_len > 0 { "offloads on" } else { "no vnet header: TSO segmented in software" })
+            }
+        }
         up.io.store(Some(Arc::new(io)));
         Ok(up)
     }
@@ -272,6 +289,7 @@ impl Uplink {
             UplinkKind::AfPacket => open_af_packet(&self.ifname),
             UplinkKind::Tap => open_tap(&self.ifname),
             UplinkKind::Macvtap => open_macvtap(self.parent.as_deref().unwrap_or_default(), &self.ifname, self.mac, self.macvtap_mode),
+            UplinkKind::Vxlan => self.tunnel.as_ref().ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?.open(),
         }
     }
 
@@ -279,6 +297,11 @@ impl Uplink {
     pub(super) fn watch(&self, network: &str) -> bool {
         let current = self.io.load().as_ref().map(|io| io.ifindex);
         let Some(index) = current else { return false };
+        if let Some(t) = &self.tunnel {
+            // A socket, no interface to watch; the learned endpoints age here.
+            t.expire();
+            return true;
+        }
         if ifindex(&self.ifname) != Some(index) {
             warn!(network = %network, "uplink {}: the interface is gone; waiting for it to come back", self.ifname);
             self.io.store(None);
@@ -298,7 +321,7 @@ impl Uplink {
     /// Reopens a closed uplink once its interface is back.
     pub(super) fn try_reopen(&self, network: &str) {
         let lower = self.parent.as_deref().unwrap_or(&self.ifname);
-        if self.kind != UplinkKind::Tap && ifindex(lower).is_none() {
+        if !matches!(self.kind, UplinkKind::Tap | UplinkKind::Vxlan) && ifindex(lower).is_none() {
             return;
         }
         match self.open_io() {
@@ -315,6 +338,8 @@ impl Uplink {
 impl HostLink for Uplink {
     /// What the uplink accepts, as a receiver: everything with a vnet header (the kernel
     /// segments what it must), complete frames of at most the MTU without. None while closed.
+    /// A VXLAN tunnel takes complete frames (TSO segmented, checksums completed by the data
+    /// path) of at most the network's MTU.
     fn caps(&self) -> Option<RxCaps> {
         let hdr_len = self.io.load().as_ref()?.hdr_len;
         let offloads = hdr_len > 0;
@@ -326,6 +351,9 @@ impl HostLink for Uplink {
     fn send(&self, iov: &[libc::iovec]) -> Result<(), DropReason> {
         let io = self.io.load();
         let Some(io) = io.as_ref() else { return Err(DropReason::PortDown) };
+        if let Some(t) = &self.tunnel {
+            return t.send(iov);
+        }
         // SAFETY: the iovecs point at memory the caller keeps alive for this call.
         let n = unsafe { libc::writev(io.fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
         if n >= 0 {
@@ -395,6 +423,10 @@ impl HostLink for Uplink {
     fn describe(&self) -> (&'static str, String) {
         (self.kind.name(), self.ifname.clone())
     }
+
+    fn tunnel(&self) -> Option<crate::datapath::TunnelInfo> {
+        self.tunnel.as_ref().map(|t| t.info())
+    }
 }
 
 /// The macvtap vunet makes for a network: `vu` + the network name, within 15 characters.
@@ -426,6 +458,7 @@ mod tests {
             io: ArcSwapOption::from_pointee(Io { fd: ours, hdr_len: 0, ifindex: 0 }),
             wake: EventFd::new(EFD_NONBLOCK).unwrap(),
             link_up: AtomicBool::new(true),
+            tunnel: None,
         };
         (Arc::new(up), theirs)
     }

@@ -86,8 +86,9 @@ pub fn run(mut inject: Inject, port: Arc<Port>, up: Arc<Uplink>) {
         if ready <= 0 || pfd[0].revents == 0 {
             continue;
         }
-        let got = match up.kind {
-            UplinkKind::AfPacket => recv_packets(fd, hdr_len, &mut bufs, &mut starts, &mut lens, &mut outgoing),
+        let got = match (up.kind, &up.tunnel) {
+            (UplinkKind::Vxlan, Some(t)) => super::vxlan::recv(fd, t, &mut bufs, &mut starts, &mut lens, &port.counters),
+            (UplinkKind::AfPacket, _) => recv_packets(fd, hdr_len, &mut bufs, &mut starts, &mut lens, &mut outgoing),
             _ => read_frames(fd, &mut bufs, &mut lens).inspect(|_| starts = [0; BATCH]),
         };
         drop(io);

@@ -1,0 +1,292 @@
+//! The VXLAN uplink's tunnel: a UDP socket bound to `local:port` that receives the remotes'
+//! datagrams, a few more bound to `local` on ports the kernel picks that send them (the
+//! sending socket is chosen by a hash of the inner flow, so the underlay's ECMP and RSS see
+//! several outer source ports, as RFC 7348 asks, without a raw socket's privileges), and the
+//! table of which remote each inner MAC is behind. The encapsulation is an iovec in front of
+//! the frame's own: frames are not copied on the way out.
+//!
+//! One socket per network: two networks cannot share a (local, port) yet (the config refuses
+//! it); the VNI of every received datagram is checked all the same.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use vunet_switch::vxlan::{self, Decap, Table, Target};
+use vunet_switch::{format_mac, DropReason};
+
+use super::{check, setsockopt_int, Io};
+use crate::config::VxlanConfig;
+use crate::datapath::TunnelInfo;
+
+/// Sockets the outer source ports are spread over.
+const SENDERS: usize = 8;
+/// Learned entries of one tunnel, and of one remote.
+const CAPACITY: usize = 4096;
+const QUOTA: usize = 1024;
+/// The bytes of an inner frame its flow hash looks at (Ethernet, a VLAN tag, IPv6, ports).
+const HASH_BYTES: usize = 14 + 4 + 40 + 4;
+
+pub(super) struct Tunnel {
+    pub cfg: VxlanConfig,
+    decap: Decap,
+    table: Mutex<Table>,
+    senders: Vec<OwnedFd>,
+    epoch: Instant,
+}
+
+fn sockaddr(ip: Ipv4Addr, port: u16) -> libc::sockaddr_in {
+    // SAFETY: a zeroed sockaddr_in is valid; the fields are set below.
+    let mut a: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    a.sin_family = libc::AF_INET as libc::sa_family_t;
+    a.sin_port = port.to_be();
+    a.sin_addr.s_addr = u32::from(ip).to_be();
+    a
+}
+
+/// A non-blocking UDP socket bound to `ip:port` (0: a port the kernel picks).
+fn udp_socket(ip: Ipv4Addr, port: u16, rcvbuf: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: socket(2); the descriptor is owned at once.
+    let fd = unsafe {
+        OwnedFd::from_raw_fd(check(libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0))?)
+    };
+    let raw = fd.as_raw_fd();
+    // Like the kernel's vxlan device by default: no DF bit, the underlay may fragment.
+    setsockopt_int(raw, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DONT)?;
+    for (force, plain, size) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, rcvbuf), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, 4 << 20)] {
+        if setsockopt_int(raw, libc::SOL_SOCKET, force, size).is_err() {
+            let _ = setsockopt_int(raw, libc::SOL_SOCKET, plain, size);
+        }
+    }
+    let a = sockaddr(ip, port);
+    // SAFETY: binding to a valid sockaddr_in of its size.
+    check(unsafe { libc::bind(raw, (&a as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32) })?;
+    Ok(fd)
+}
+
+impl Tunnel {
+    /// The tunnel of `cfg` for a network of MTU `mtu`; its senders are bound at once (an
+    /// address that is not this host's fails here, with the reason).
+    pub fn new(cfg: &VxlanConfig, mtu: u16) -> io::Result<Tunnel> {
+        // The receiving socket is `open_io`'s; these only send, and take nothing in.
+        let senders = (0..SENDERS).map(|_| udp_socket(cfg.local, 0, 4096)).collect::<io::Result<Vec<_>>>()?;
+        Ok(Tunnel {
+            cfg: cfg.clone(),
+            // The inner frame: the MTU, an Ethernet header and one VLAN tag.
+            decap: Decap { vni: cfg.vni, max_inner: mtu as usize + 14 + 4 },
+            table: Mutex::new(Table::new(vunet_switch::mac_table::DEFAULT_AGING_MS, CAPACITY, QUOTA)),
+            senders,
+            epoch: Instant::now(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The receiving socket, bound to `local:port`.
+    pub fn open(&self) -> io::Result<Io> {
+        Ok(Io { fd: udp_socket(self.cfg.local, self.cfg.port, 4 << 20)?, hdr_len: 0, ifindex: 0 })
+    }
+
+    /// Forgets learned entries past their age (once a second, from the RX thread).
+    pub fn expire(&self) {
+        let now = self.now_ms();
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).expire(now);
+    }
+
+    /// Checks datagram `d` from `from` and learns its inner source: the inner frame's offset
+    /// and length.
+    pub fn input(&self, d: &[u8], from: Ipv4Addr) -> Result<(usize, usize), DropReason> {
+        let now = self.now_ms();
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        self.decap.input(d, from, &mut t, now)
+    }
+
+    /// Encapsulates the frame in `iov` and sends it to the remote its destination was learned
+    /// behind, or to every remote. Never blocks.
+    pub fn send(&self, iov: &[libc::iovec]) -> Result<(), DropReason> {
+        // The head of the frame, gathered: its destination MAC and its flow.
+        let mut head = [0u8; HASH_BYTES];
+        let mut n = 0;
+        for v in iov {
+            let take = v.iov_len.min(HASH_BYTES - n);
+            if take > 0 {
+                // SAFETY: the caller's iovecs point at live memory of their length.
+                let src = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, take) };
+                head[n..n + take].copy_from_slice(src);
+                n += take;
+            }
+            if n == HASH_BYTES {
+                break;
+            }
+        }
+        if n < vunet_switch::MIN_FRAME_LEN {
+            return Err(DropReason::ShortFrame);
+        }
+        let head = &head[..n];
+        let dst = vunet_switch::dst_mac(head);
+        let target = self.table.lock().unwrap_or_else(|e| e.into_inner()).lookup(self.cfg.vni, &dst, self.now_ms());
+        let sock = self.senders[vxlan::flow_hash(head) as usize % self.senders.len()].as_raw_fd();
+        let mut hdr = vxlan::header(self.cfg.vni);
+        let mut all: Vec<libc::iovec> = Vec::with_capacity(iov.len() + 1);
+        all.push(libc::iovec { iov_base: hdr.as_mut_ptr().cast(), iov_len: hdr.len() });
+        all.extend_from_slice(iov);
+        match target {
+            Target::One(ip) => send_to(sock, &mut all, ip, self.cfg.port),
+            Target::Flood => {
+                // Delivered if one remote took it; the last error otherwise.
+                let mut result = Err(DropReason::PortDown);
+                for &ip in &self.cfg.remotes {
+                    let r = send_to(sock, &mut all, ip, self.cfg.port);
+                    if result.is_err() {
+                        result = r;
+                    }
+                }
+                result
+            }
+        }
+    }
+
+    pub fn info(&self) -> TunnelInfo {
+        let now = self.now_ms();
+        let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        TunnelInfo {
+            vni: self.cfg.vni,
+            local: format!("{}:{}", self.cfg.local, self.cfg.port),
+            remotes: self.cfg.remotes.iter().map(|r| r.to_string()).collect(),
+            learned: t.endpoints(now).iter().map(|e| (format_mac(&e.mac), e.remote.to_string(), e.age_ms / 1000)).collect(),
+            evicted: t.evicted,
+        }
+    }
+}
+
+fn send_to(sock: RawFd, iov: &mut [libc::iovec], ip: Ipv4Addr, port: u16) -> Result<(), DropReason> {
+    let mut to = sockaddr(ip, port);
+    // SAFETY: a zeroed msghdr is valid; it points at the destination and the iovecs, live
+    // for this call.
+    let n = unsafe {
+        let mut m: libc::msghdr = std::mem::zeroed();
+        m.msg_name = (&mut to as *mut libc::sockaddr_in).cast();
+        m.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+        m.msg_iov = iov.as_mut_ptr();
+        m.msg_iovlen = iov.len();
+        libc::sendmsg(sock, &m, libc::MSG_DONTWAIT)
+    };
+    if n >= 0 {
+        return Ok(());
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::ENOBUFS) => Err(DropReason::NoRxBuffer),
+        _ => Err(DropReason::PortDown),
+    }
+}
+
+/// One `recvmmsg` of up to BATCH datagrams from the receiving socket, decapsulated: each
+/// inner frame is `bufs[i][starts[i]..][..lens[i]]`; a datagram dropped (counted on
+/// `counters`) has length 0.
+pub(super) fn recv(
+    fd: RawFd,
+    tunnel: &Tunnel,
+    bufs: &mut [Vec<u8>],
+    starts: &mut [usize],
+    lens: &mut [usize],
+    counters: &vunet_switch::PortCounters,
+) -> io::Result<usize> {
+    let mut iovs: Vec<libc::iovec> = bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
+    // SAFETY: zeroed sockaddr_in and mmsghdr are valid initial values.
+    let mut addrs: Vec<libc::sockaddr_in> = (0..bufs.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
+    let mut msgs: Vec<libc::mmsghdr> = (0..bufs.len())
+        .map(|i| {
+            // SAFETY: as above.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = &mut iovs[i];
+            m.msg_hdr.msg_iovlen = 1;
+            m.msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
+            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            m
+        })
+        .collect();
+    // SAFETY: every mmsghdr points at a live iovec, buffer and address of this datagram.
+    let n = unsafe { libc::recvmmsg(fd, msgs.as_mut_ptr(), msgs.len() as u32, libc::MSG_DONTWAIT | libc::MSG_TRUNC, std::ptr::null_mut()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    for i in 0..n {
+        let len = msgs[i].msg_len as usize;
+        let from = Ipv4Addr::from(u32::from_be(addrs[i].sin_addr.s_addr));
+        lens[i] = 0;
+        // A datagram longer than the buffer (MSG_TRUNC gives its real length) is dropped.
+        if len > bufs[i].len() {
+            counters.dropped(DropReason::Oversize);
+            continue;
+        }
+        match tunnel.input(&bufs[i][..len], from) {
+            Ok((at, l)) => {
+                starts[i] = at;
+                lens[i] = l;
+            }
+            Err(r) => counters.dropped(r),
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tunnel on loopback whose only remote is itself: what it sends, it receives.
+    fn cfg(port: u16) -> VxlanConfig {
+        VxlanConfig { vni: 42, local: Ipv4Addr::LOCALHOST, port, remotes: vec![Ipv4Addr::LOCALHOST] }
+    }
+
+    fn free_port() -> u16 {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    }
+
+    /// A frame sent through one tunnel arrives at the receiving socket with the VXLAN header
+    /// in front, from one of the senders; decapsulating it learns its source behind loopback,
+    /// and the next frame to that MAC goes to it alone.
+    #[test]
+    fn frames_are_encapsulated_sent_and_decapsulated_with_learning() {
+        let port = free_port();
+        let c = cfg(port);
+        let t = Tunnel::new(&c, 1500).unwrap();
+        let rx = t.open().unwrap();
+        let mut frame = vec![0u8; 60];
+        frame[0..6].copy_from_slice(&[0xff; 6]);
+        frame[6..12].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 7]);
+        frame[12..14].copy_from_slice(&[0x08, 0x06]);
+        let iov = [libc::iovec { iov_base: frame.as_mut_ptr().cast(), iov_len: 60 }];
+        t.send(&iov).unwrap();
+        let mut pfd = libc::pollfd { fd: rx.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1, "the datagram arrives");
+        let mut bufs = vec![vec![0u8; 2048]; 4];
+        let (mut starts, mut lens) = ([0; 4], [0; 4]);
+        let counters = vunet_switch::PortCounters::default();
+        let n = recv(rx.fd.as_raw_fd(), &t, &mut bufs, &mut starts, &mut lens, &counters).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(&bufs[0][..8], &vxlan::header(42), "the VXLAN header with VNI 42 and the I flag");
+        assert_eq!(&bufs[0][starts[0]..starts[0] + lens[0]], &frame[..], "the inner frame, whole");
+        assert_eq!(t.info().learned, vec![("52:54:00:00:00:07".to_string(), "127.0.0.1".to_string(), 0)]);
+        // A datagram of another VNI is counted, not delivered.
+        let other = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut d = vxlan::header(43).to_vec();
+        d.extend_from_slice(&frame);
+        other.send_to(&d, ("127.0.0.1", port)).unwrap();
+        other.send_to(&[0x08, 0, 0], ("127.0.0.1", port)).unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let n = recv(rx.fd.as_raw_fd(), &t, &mut bufs, &mut starts, &mut lens, &counters).unwrap();
+        assert_eq!((n, lens[0], lens[1]), (2, 0, 0), "both dropped");
+        let c = counters.snapshot();
+        assert_eq!((c.drop_count(DropReason::VxlanUnknownVni), c.drop_count(DropReason::VxlanShort)), (1, 1));
+    }
+}

@@ -1,0 +1,313 @@
+//! The VXLAN uplink (docs/vxlan.md).
+//!
+//! - A simulated guest and a simulated remote endpoint (a UDP socket on loopback): what the
+//!   guest sends arrives encapsulated (TSO frames segmented first), what the remote sends
+//!   arrives decapsulated, learned endpoints are used for unicast, and malformed datagrams,
+//!   unknown VNIs and a flood of source MACs are counted and bounded.
+//! - Real guests (QEMU, TCG): two vunet daemons in two network namespaces ("hosts") joined
+//!   by an underlay namespace, with a third daemon that receives the flooding; and vunet
+//!   against the Linux kernel's own vxlan device.
+
+use std::net::UdpSocket;
+use std::path::Path;
+use std::time::Duration;
+
+use vunet_switch::vxlan;
+use vunet_switch::DropReason;
+use vunet_tests::guest::{await_peer, iperf3_receiver_bps, serial, Guest, Socket};
+use vunet_tests::netns::{veth, Netns};
+use vunet_tests::*;
+
+const T: Duration = Duration::from_secs(10);
+const GUEST: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0a];
+const FAR: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0f];
+const VNI: u32 = 42;
+const MTU: usize = 1450;
+
+/// An in-process vunet whose bridged network "vx" has one guest port and a vxlan uplink on
+/// 127.0.0.1:`port` with 127.0.0.2 as its only remote, and the socket that plays the remote
+/// (bound to 127.0.0.2:`port`, where vunet sends).
+fn tunnel_to_loopback(dir: &Path) -> (vunet::Daemon, VmSim, UdpSocket, u16) {
+    let remote = UdpSocket::bind("127.0.0.2:0").expect("bind the remote endpoint");
+    let port = remote.local_addr().unwrap().port();
+    remote.set_read_timeout(Some(T)).unwrap();
+    let toml = format!(
+        "[[network]]\nname = \"vx\"\nmode = \"bridge\"\nmtu = {MTU}\n[network.uplink]\nkind = \"vxlan\"\nvni = {VNI}\n\
+         local = \"127.0.0.1\"\nport = {port}\nremotes = [\"127.0.0.2\"]\n[[network.port]]\nname = \"vm\"\nsocket = \"vm.sock\"\n"
+    );
+    let cfg = vunet::Config::parse(&toml, "test.toml", dir).expect("config");
+    let d = vunet::Daemon::start(&cfg).expect("start");
+    let mut vm = VmSim::connect(&dir.join("vm.sock"), SimOptions::full()).expect("connect");
+    vm.post_rx(QUEUE_SIZE);
+    wait_network_ready(&d, "vx");
+    (d, vm, remote, port)
+}
+
+fn uplink(d: &vunet::Daemon) -> std::sync::Arc<vunet::Port> {
+    d.network("vx").and_then(|n| n.port(&format!("uplink:vxlan{VNI}"))).expect("the vxlan uplink port")
+}
+
+fn encapsulated(vni: u32, inner: &[u8]) -> Vec<u8> {
+    let mut d = vxlan::header(vni).to_vec();
+    d.extend_from_slice(inner);
+    d
+}
+
+/// Receives datagrams on the remote until one carries an inner frame `want` accepts.
+fn recv_inner(remote: &UdpSocket, want: impl Fn(&[u8]) -> bool) -> Option<(Vec<u8>, u16)> {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, from) = remote.recv_from(&mut buf).ok()?;
+        if n >= 8 + 14 && want(&buf[8..n]) {
+            return Some((buf[..n].to_vec(), from.port()));
+        }
+    }
+}
+
+#[test]
+fn frames_cross_a_tunnel_to_a_simulated_remote_both_ways() {
+    let dir = TempDir::new("vxlan-sim");
+    let (d, mut vm, remote, port) = tunnel_to_loopback(dir.path());
+
+    // A broadcast from the guest is flooded to the remote, encapsulated with VNI 42.
+    let bcast = eth_frame([0xff; 6], GUEST, 0x0806, 46, 1);
+    vm.send(&bcast);
+    let (dgram, _) = recv_inner(&remote, |f| f == &bcast[..]).expect("the broadcast reaches the remote");
+    assert_eq!(&dgram[..8], &[0x08, 0, 0, 0, 0, 0, VNI as u8, 0], "the I flag and VNI {VNI}");
+
+    // The remote answers with a unicast to the guest: decapsulated and delivered, and the
+    // remote's station is learned behind 127.0.0.2.
+    let reply = eth_frame(GUEST, FAR, 0x0800, 100, 2);
+    remote.send_to(&encapsulated(VNI, &reply), ("127.0.0.1", port)).unwrap();
+    let got = std::iter::from_fn(|| vm.recv(T)).find(|(_, f)| f[6..12] == FAR).expect("the guest gets the remote's frame");
+    assert_eq!(got.1, reply, "the inner frame, whole");
+    let info = uplink(&d).link.as_ref().and_then(|l| l.tunnel()).expect("tunnel info");
+    assert_eq!(
+        info.learned,
+        vec![("52:54:00:00:00:0f".to_string(), "127.0.0.2".to_string(), 0)],
+        "the remote's station, learned behind its address"
+    );
+    assert_eq!(
+        (info.vni, info.local.as_str(), info.remotes.clone()),
+        (VNI, format!("127.0.0.1:{port}").as_str(), vec!["127.0.0.2".to_string()])
+    );
+
+    // A TSO frame from the guest to the learned station: segmented to the MTU before
+    // encapsulation, every segment a complete frame, from source ports that depend on the flow.
+    let (mut hdr, tso) = tso_frame(GUEST, FAR, 20_000);
+    // The MSS a guest with this MTU uses.
+    hdr.gso_size = (MTU - 40) as u16;
+    vm.send_with(&hdr, &tso, false);
+    let mut payload = 0;
+    let mut sports = std::collections::HashSet::new();
+    while payload < 20_000 {
+        let (dgram, sport) = recv_inner(&remote, |f| f[0..6] == FAR && f[12..14] == [8, 0]).expect("every segment arrives");
+        let inner = &dgram[8..];
+        assert!(inner.len() <= MTU + 14, "a segment of {} bytes fits the MTU", inner.len());
+        let ip_len = u16::from_be_bytes([inner[16], inner[17]]) as usize;
+        payload += ip_len - 20 - 20;
+        sports.insert(sport);
+    }
+    assert_eq!(payload, 20_000, "the whole TCP payload, segmented");
+    assert_eq!(sports.len(), 1, "one flow, one outer source port");
+    assert!(sports.iter().all(|&p| p != port), "sent from the senders' ports, not the listening one");
+}
+
+#[test]
+fn malformed_datagrams_and_unknown_vnis_are_counted_and_a_mac_flood_stays_bounded() {
+    let dir = TempDir::new("vxlan-bad");
+    let (d, mut vm, remote, port) = tunnel_to_loopback(dir.path());
+    let to = ("127.0.0.1", port);
+    let ok = eth_frame(GUEST, FAR, 0x0800, 46, 3);
+    let mut no_i = encapsulated(VNI, &ok);
+    no_i[0] = 0;
+    let mut gpe = encapsulated(VNI, &ok);
+    gpe[0] |= 0x04;
+    let bad: Vec<(Vec<u8>, DropReason)> = vec![
+        (vec![0x08, 0, 0], DropReason::VxlanShort),
+        (no_i, DropReason::VxlanBadFlags),
+        (gpe, DropReason::VxlanBadFlags),
+        (encapsulated(VNI + 1, &ok), DropReason::VxlanUnknownVni),
+        (encapsulated(7, &ok), DropReason::VxlanUnknownVni),
+        (encapsulated(VNI, &ok[..13]), DropReason::ShortFrame),
+        (encapsulated(VNI, &eth_frame(GUEST, FAR, 0x0800, MTU + 4 + 1, 4)), DropReason::Oversize),
+    ];
+    for (dgram, _) in &bad {
+        remote.send_to(dgram, to).unwrap();
+    }
+    let want = |r: DropReason| bad.iter().filter(|(_, w)| *w == r).count() as u64;
+    let reasons =
+        [DropReason::VxlanShort, DropReason::VxlanBadFlags, DropReason::VxlanUnknownVni, DropReason::ShortFrame, DropReason::Oversize];
+    let up = uplink(&d);
+    assert!(
+        wait_until(T, || reasons.iter().all(|&r| up.counters.snapshot().drop_count(r) == want(r))),
+        "each counted by reason: {}",
+        up.counters.snapshot()
+    );
+    // None reached the guest; nothing was learned.
+    assert!(vm.recv(Duration::from_millis(300)).is_none(), "no malformed datagram reaches the guest");
+    assert!(up.link.as_ref().and_then(|l| l.tunnel()).unwrap().learned.is_empty());
+
+    // A flood of new source MACs from the remote: the tunnel's table keeps the remote within
+    // its quota (1024), replacing its own oldest; the frames still reach the guest.
+    let flood = 5000u32;
+    let rx = || up.counters.rx_frames.load(std::sync::atomic::Ordering::Relaxed);
+    let before = rx();
+    for i in 0..flood {
+        let b = i.to_be_bytes();
+        let f = eth_frame(GUEST, [0x02, 0x77, b[0], b[1], b[2], b[3]], 0x0800, 46, 5);
+        remote.send_to(&encapsulated(VNI, &f), to).unwrap();
+        // A burst larger than the socket buffer would be lost, not counted: in steps of 200,
+        // each received before the next.
+        if i % 200 == 199 || i == flood - 1 {
+            assert!(wait_until(T, || rx() >= before + i as u64 + 1), "received {} of {}", rx() - before, i + 1);
+        }
+    }
+    let info = up.link.as_ref().and_then(|l| l.tunnel()).unwrap();
+    assert_eq!(info.learned.len(), 1024, "bounded at the remote's quota");
+    assert_eq!(info.evicted, flood as u64 - 1024, "each new MAC past the quota replaced the remote's oldest");
+    assert!(info.learned.iter().any(|(m, _, _)| m == "02:77:00:00:13:87"), "the newest is kept");
+}
+
+// ---- Real guests across namespaces ----
+
+const BOOT_AND_RUN: Duration = Duration::from_secs(300);
+
+fn ping_ok(out: &str) -> bool {
+    out.contains("3 packets transmitted, 3 packets received")
+}
+
+/// vunet in `ns` with a bridged network "vx" whose vxlan uplink is on `local`, to `remotes`,
+/// and one guest port `vm` (socket `dir/vm.sock`), control socket `dir/ctl.sock`.
+fn vunet_in(ns: &Netns, dir: &Path, local: &str, remotes: &[&str]) -> vunet_tests::guest::VunetProcess {
+    std::fs::create_dir_all(dir).unwrap();
+    let list: Vec<String> = remotes.iter().map(|r| format!("\"{r}\"")).collect();
+    let cfg = dir.join("vunet.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "control_socket = \"ctl.sock\"\n[[network]]\nname = \"vx\"\nmode = \"bridge\"\n[network.uplink]\nkind = \"vxlan\"\nvni = {VNI}\n\
+             local = \"{local}\"\nremotes = [{}]\n[[network.port]]\nname = \"vm\"\nsocket = \"vm.sock\"\n",
+            list.join(", ")
+        ),
+    )
+    .unwrap();
+    ns.vunet(&["--config", cfg.to_str().unwrap()], &dir.join("vunet.log"))
+}
+
+/// `vunet port-list vx --json` of the daemon whose control socket is in `dir`: its uplink.
+fn uplink_row(dir: &Path) -> serde_json::Value {
+    let out = std::process::Command::new(vunet_tests::guest::vunet_binary())
+        .args(["port-list", "vx", "--json", "--control"])
+        .arg(dir.join("ctl.sock"))
+        .output()
+        .expect("vunet port-list");
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    rows.as_array().and_then(|r| r.iter().find(|p| p["name"] == format!("uplink:vxlan{VNI}")).cloned()).expect("the uplink row")
+}
+
+/// Two hosts (namespaces h1 and h2, and h3 with a third daemon) on one underlay (a kernel
+/// bridge in a fourth namespace): a guest on each of h1 and h2 pings the other and runs a few
+/// seconds of iperf3; h3, in h1's remotes, receives h1's flooding.
+#[test]
+fn guests_on_two_daemons_reach_each_other_across_the_tunnel() {
+    let _turn = serial();
+    let dir = TempDir::new("vxlan-hosts");
+    let wire = Netns::new("vxw");
+    wire.run("ip link add br0 type bridge && ip link set br0 up");
+    let hosts: Vec<Netns> = (1..=3).map(|i| Netns::new(&format!("vxh{i}"))).collect();
+    for (i, h) in hosts.iter().enumerate() {
+        veth(h, "ul0", &wire, &format!("p{i}"));
+        wire.run(&format!("ip link set p{i} master br0"));
+        h.run(&format!("ip addr add 10.0.0.{}/24 dev ul0", i + 1));
+    }
+    let dirs: Vec<_> = (1..=3).map(|i| dir.path().join(format!("h{i}"))).collect();
+    let _v1 = vunet_in(&hosts[0], &dirs[0], "10.0.0.1", &["10.0.0.2", "10.0.0.3"]);
+    let _v2 = vunet_in(&hosts[1], &dirs[1], "10.0.0.2", &["10.0.0.1"]);
+    let _v3 = vunet_in(&hosts[2], &dirs[2], "10.0.0.3", &["10.0.0.1"]);
+    let log = |i: usize| std::fs::read_to_string(dirs[i].join("vunet.log")).unwrap_or_default();
+
+    let g2 = Guest::boot(
+        "g2",
+        &dirs[1],
+        &Socket::Connect(dirs[1].join("vm.sock")),
+        "52:54:00:00:42:02",
+        "",
+        &format!(
+            "ip addr add 192.168.42.2/24 dev eth0\nip link set eth0 up\niperf3 -s -1 >/dev/null &\n{}wait\necho SERVED\nexit 0\n",
+            await_peer("192.168.42.1", 8)
+        ),
+    );
+    let g1 = Guest::boot(
+        "g1",
+        &dirs[0],
+        &Socket::Connect(dirs[0].join("vm.sock")),
+        "52:54:00:00:42:01",
+        "",
+        &format!(
+            "ip addr add 192.168.42.1/24 dev eth0\nip link set eth0 up\necho \"MTU $(cat /sys/class/net/eth0/mtu)\"\n{}\
+             ping -c 3 -W 5 192.168.42.2 || exit 1\niperf3 -c 192.168.42.2 -t 3 -J > /tmp/i.json || exit 2\ncat /tmp/i.json\nexit 0\n",
+            await_peer("192.168.42.2", 8)
+        ),
+    );
+    assert_eq!(g1.wait_exit(BOOT_AND_RUN), Some(0), "g1:\n{}\nh1 vunet:\n{}\nh2 vunet:\n{}", g1.console.text(), log(0), log(1));
+    let out = g1.console.text();
+    assert!(out.contains("MTU 1450"), "the guest's MTU is the underlay's 1500 minus 50 (VIRTIO_NET_F_MTU):\n{out}");
+    assert!(ping_ok(&out), "g1 pings g2:\n{out}");
+    let bps = iperf3_receiver_bps(&out).expect("iperf3 result");
+    assert!(bps > 0.0, "iperf3 across the tunnel: {bps} bit/s");
+    eprintln!("iperf3 across the vxlan tunnel (TCG guests): {:.1} Mbit/s", bps / 1e6);
+    assert_eq!(g2.wait_exit(Duration::from_secs(60)), Some(0), "g2:\n{}", g2.console.text());
+
+    // h1 learned g2 behind h2; h3 received h1's flooding (g1's ARP broadcasts) and learned g1.
+    let r1 = uplink_row(&dirs[0]);
+    let learned = r1["vxlan"]["learned"].as_array().cloned().unwrap_or_default();
+    assert!(learned.iter().any(|e| e["mac"] == "52:54:00:00:42:02" && e["remote"] == "10.0.0.2"), "h1's learned endpoints: {r1}");
+    assert_eq!(r1["vxlan"]["remotes"], serde_json::json!(["10.0.0.2", "10.0.0.3"]));
+    let r3 = uplink_row(&dirs[2]);
+    assert!(r3["rx_frames"].as_u64().unwrap_or(0) > 0, "the third daemon received the flooding: {r3}");
+    let learned3 = r3["vxlan"]["learned"].as_array().cloned().unwrap_or_default();
+    assert!(learned3.iter().any(|e| e["mac"] == "52:54:00:00:42:01" && e["remote"] == "10.0.0.1"), "h3 learned g1 behind h1: {r3}");
+}
+
+/// vunet on one side, the Linux kernel's vxlan device on the other (`ip link add vx0 type
+/// vxlan id 42 dstport 4789 local ... remote ...`, addressed): the kernel side pings vunet's
+/// guest and the guest pings it, and iperf3 runs both ways.
+#[test]
+fn a_guest_reaches_a_kernel_vxlan_device_both_ways() {
+    let _turn = serial();
+    let dir = TempDir::new("vxlan-kernel");
+    let h = Netns::new("vxkh");
+    let k = Netns::new("vxkk");
+    veth(&h, "ul0", &k, "kl0");
+    h.run("ip addr add 10.0.0.1/24 dev ul0");
+    k.run("ip addr add 10.0.0.2/24 dev kl0");
+    k.run(&format!("ip link add vx0 type vxlan id {VNI} dstport 4789 local 10.0.0.2 remote 10.0.0.1 dev kl0"));
+    k.run("ip addr add 192.168.42.9/24 dev vx0 && ip link set vx0 up");
+    let _iperf = k.spawn("iperf3 -s");
+    let hdir = dir.path().join("h");
+    let _v = vunet_in(&h, &hdir, "10.0.0.1", &["10.0.0.2"]);
+    let log = || std::fs::read_to_string(hdir.join("vunet.log")).unwrap_or_default();
+    let g = Guest::boot(
+        "g",
+        &hdir,
+        &Socket::Connect(hdir.join("vm.sock")),
+        "52:54:00:00:42:01",
+        "",
+        &format!(
+            "ip addr add 192.168.42.1/24 dev eth0\nip link set eth0 up\n{}ping -c 3 -W 5 192.168.42.9 || exit 1\n\
+             iperf3 -c 192.168.42.9 -t 2 || exit 2\niperf3 -c 192.168.42.9 -t 2 -R || exit 3\necho GUEST-DONE\nsleep 120\n",
+            await_peer("192.168.42.9", 8)
+        ),
+    );
+    assert!(g.console.wait_for("GUEST-DONE", BOOT_AND_RUN), "guest:\n{}\nvunet:\n{}", g.console.text(), log());
+    let out = g.console.text();
+    assert!(ping_ok(&out), "the guest pings the kernel's vx0:\n{out}");
+    assert_eq!(out.matches("receiver").count(), 2, "iperf3 ran to and from the kernel side:\n{out}");
+    let ping = k.try_run("ping -c 3 -W 5 192.168.42.1");
+    let text = String::from_utf8_lossy(&ping.stdout);
+    assert!(ping_ok(&text), "the kernel side pings the guest:\n{text}\nvunet:\n{}", log());
+    // The kernel learned the guest's MAC behind vunet's address.
+    let fdb = k.run("bridge fdb show dev vx0");
+    assert!(fdb.contains("52:54:00:00:42:01 dst 10.0.0.1"), "the kernel's vxlan FDB: {fdb}");
+}

@@ -270,6 +270,44 @@ fn guests_on_two_daemons_reach_each_other_across_the_tunnel() {
     assert!(learned3.iter().any(|e| e["mac"] == "52:54:00:00:42:01" && e["remote"] == "10.0.0.1"), "h3 learned g1 behind h1: {r3}");
 }
 
+/// `ethtool -K IFNAME tx off` inside `ns` (the SIOCETHTOOL ioctl; ethtool itself may not be
+/// installed). A veth passes a checksum the kernel left for "hardware" to the other namespace
+/// as it is, and the kernel's vxlan device leaves its inner TCP checksums so: with transmit
+/// checksumming off the veth completes them, as a real NIC would on the wire.
+fn tx_checksum_off(ns: &Netns, ifname: &str) {
+    let (name, ifname) = (ns.name.clone(), ifname.to_string());
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(format!("/var/run/netns/{name}")).expect("netns file");
+        #[repr(C)]
+        struct EthtoolValue {
+            cmd: u32,
+            data: u32,
+        }
+        #[repr(C)]
+        struct IfReq {
+            name: [u8; 16],
+            data: *mut EthtoolValue,
+            _pad: [u8; 16],
+        }
+        const SIOCETHTOOL: libc::c_ulong = 0x8946;
+        const ETHTOOL_STXCSUM: u32 = 0x17;
+        let mut v = EthtoolValue { cmd: ETHTOOL_STXCSUM, data: 0 };
+        let mut r = IfReq { name: [0; 16], data: &mut v, _pad: [0; 16] };
+        r.name[..ifname.len()].copy_from_slice(ifname.as_bytes());
+        // SAFETY: setns moves only this thread; the ioctl reads an ifreq pointing at `v`.
+        unsafe {
+            assert_eq!(libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET), 0, "setns");
+            let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            assert!(s >= 0);
+            assert_eq!(libc::ioctl(s, SIOCETHTOOL, &mut r), 0, "ETHTOOL_STXCSUM: {}", std::io::Error::last_os_error());
+            libc::close(s);
+        }
+    })
+    .join()
+    .expect("ethtool thread");
+}
+
 /// vunet on one side, the Linux kernel's vxlan device on the other (`ip link add vx0 type
 /// vxlan id 42 dstport 4789 local ... remote ...`, addressed): the kernel side pings vunet's
 /// guest and the guest pings it, and iperf3 runs both ways.
@@ -282,6 +320,7 @@ fn a_guest_reaches_a_kernel_vxlan_device_both_ways() {
     veth(&h, "ul0", &k, "kl0");
     h.run("ip addr add 10.0.0.1/24 dev ul0");
     k.run("ip addr add 10.0.0.2/24 dev kl0");
+    tx_checksum_off(&k, "kl0");
     k.run(&format!("ip link add vx0 type vxlan id {VNI} dstport 4789 local 10.0.0.2 remote 10.0.0.1 dev kl0"));
     k.run("ip addr add 192.168.42.9/24 dev vx0 && ip link set vx0 up");
     let _iperf = k.spawn("iperf3 -s");
@@ -304,7 +343,7 @@ fn a_guest_reaches_a_kernel_vxlan_device_both_ways() {
     let out = g.console.text();
     assert!(ping_ok(&out), "the guest pings the kernel's vx0:\n{out}");
     assert_eq!(out.matches("receiver").count(), 2, "iperf3 ran to and from the kernel side:\n{out}");
-    let ping = k.try_run("ping -c 3 -W 5 192.168.42.1");
+    let ping = k.try_run("busybox ping -c 3 -W 5 192.168.42.1");
     let text = String::from_utf8_lossy(&ping.stdout);
     assert!(ping_ok(&text), "the kernel side pings the guest:\n{text}\nvunet:\n{}", log());
     // The kernel learned the guest's MAC behind vunet's address.

@@ -308,7 +308,7 @@ impl Decap {
             return Err(DropReason::VxlanUnknownVni);
         }
         let src = crate::src_mac(inner);
-        if is_multicast(&src) {
+        if is_multicast(&src) || src == [0; 6] {
             return Err(DropReason::BadSourceMac);
         }
         table.learn(vni, src, from, now_ms);
@@ -377,6 +377,9 @@ mod tests {
         let mut mcast_src = datagram(42, 60);
         mcast_src[8 + 6] = 0x01;
         assert_eq!(d.input(&mcast_src, A, &mut t, 0), Err(DropReason::BadSourceMac));
+        let mut zero_src = datagram(42, 60);
+        zero_src[8 + 6..8 + 12].fill(0);
+        assert_eq!(d.input(&zero_src, A, &mut t, 0), Err(DropReason::BadSourceMac));
         assert_eq!(d.input(&datagram(42, 60), A, &mut t, 0), Ok((8, 60)));
         assert_eq!(t.lookup(42, &mac(7), 1), Target::One(A), "the inner source was learned behind its sender");
         assert_eq!(t.lookup(43, &mac(7), 1), Target::Flood, "per VNI");

@@ -1481,14 +1481,11 @@ impl Config {
                 }
             }
             if let Some(v) = uplink.as_ref().and_then(|u| u.vxlan.as_ref()) {
-                // One socket per network for now: two networks cannot share a (local, port).
-                if !vxlan_sockets.insert((v.local, v.port)) {
+                // Networks share a (local, port) and are told apart by their VNI.
+                if !vxlan_sockets.insert((v.local, v.port, v.vni)) {
                     return Err(cx.err(
                         n.uplink.as_ref().map(|u| u.span()).unwrap_or(0..0),
-                        format!(
-                            "network {name:?}: vxlan {}:{} is another network's uplink already (one network per local address and port)",
-                            v.local, v.port
-                        ),
+                        format!("network {name:?}: VNI {} on {}:{} is another network's uplink already", v.vni, v.local, v.port),
                     ));
                 }
                 // The inner frames ride in the underlay's packets: 50 bytes less by default.
@@ -2026,6 +2023,9 @@ via = "10.10.12.10"
             "an isolated network spans hosts"
         );
         let twice = format!("{}{}", net("bridge", "", ok), net("bridge", "", ok).replace("name = \"a\"", "name = \"b\""));
+        // Two networks share a socket with two VNIs.
+        let shared = twice.replacen("vni = 42", "vni = 43", 1);
+        assert_eq!(parse(&shared).unwrap().networks.len(), 2, "two VNIs on one local address and port");
         let cases = [
             (
                 net("bridge", "", "kind = \"vxlan\"\nlocal = \"127.0.0.1\"\nremotes = [\"10.9.0.2\"]"),
@@ -2050,7 +2050,7 @@ via = "10.10.12.10"
                 "vunet.toml:8: network \"a\": vni, local, port, remotes and group are for kind = \"vxlan\"",
             ),
             (net("bridge", "", "kind = \"af-packet\""), "vunet.toml:5: network \"a\": uplink kind \"af-packet\" needs an interface"),
-            (twice, "vunet.toml:14: network \"b\": vxlan 127.0.0.1:4789 is another network's uplink already"),
+            (twice, "vunet.toml:14: network \"b\": VNI 42 on 127.0.0.1:4789 is another network's uplink already"),
         ];
         for (text, want) in cases {
             let e = parse(&text).unwrap_err().to_string();

@@ -169,6 +169,64 @@ fn malformed_datagrams_and_unknown_vnis_are_counted_and_a_mac_flood_stays_bounde
     assert!(info.learned.iter().any(|(m, _, _)| m == "02:77:00:00:13:87"), "the newest is kept");
 }
 
+/// Two networks of one daemon on one address and port, VNIs 42 and 43: one socket, each
+/// datagram to the network of its VNI whichever network's thread read it, a VNI of neither
+/// counted.
+#[test]
+fn two_networks_share_one_socket_told_apart_by_vni() {
+    let dir = TempDir::new("vxlan-shared");
+    let remote = UdpSocket::bind("127.0.0.2:0").expect("bind the remote endpoint");
+    let port = remote.local_addr().unwrap().port();
+    remote.set_read_timeout(Some(T)).unwrap();
+    let net = |name: &str, vni: u32, guest: &str| {
+        format!(
+            "[[network]]\nname = \"{name}\"\nmode = \"bridge\"\nmtu = {MTU}\n[network.uplink]\nkind = \"vxlan\"\nvni = {vni}\n\
+             local = \"127.0.0.1\"\nport = {port}\nremotes = [\"127.0.0.2\"]\n[[network.port]]\nname = \"{guest}\"\nsocket = \"{guest}.sock\"\n"
+        )
+    };
+    let toml = format!("{}{}", net("vx", 42, "a"), net("vy", 43, "b"));
+    let cfg = vunet::Config::parse(&toml, "test.toml", dir.path()).expect("config");
+    let d = vunet::Daemon::start(&cfg).expect("start");
+    let mut vms: Vec<VmSim> = ["a", "b"]
+        .iter()
+        .map(|g| {
+            let mut vm = VmSim::connect(&dir.path().join(format!("{g}.sock")), SimOptions::full()).expect("connect");
+            vm.post_rx(QUEUE_SIZE);
+            vm
+        })
+        .collect();
+    wait_network_ready(&d, "vx");
+    wait_network_ready(&d, "vy");
+    let to = ("127.0.0.1", port);
+    for round in 0..20u8 {
+        for (i, vni) in [42u32, 43].into_iter().enumerate() {
+            let f = eth_frame([0xff; 6], [0x52, 0x54, 0, 0, vni as u8, round], 0x0800, 46, round);
+            remote.send_to(&encapsulated(vni, &f), to).unwrap();
+            let got = std::iter::from_fn(|| vms[i].recv(T)).find(|(_, g)| g[6..12] == f[6..12]);
+            assert_eq!(got.map(|(_, g)| g), Some(f), "VNI {vni} reaches its own network's guest (round {round})");
+        }
+    }
+    remote.send_to(&encapsulated(44, &eth_frame([0xff; 6], FAR, 0x0800, 46, 0)), to).unwrap();
+    let unknown = |n: &str| {
+        d.network(n)
+            .and_then(|n| n.ports.snapshot().iter().find(|p| p.kind == vunet::PortKind::Uplink).cloned())
+            .unwrap()
+            .counters
+            .snapshot()
+            .drop_count(DropReason::VxlanUnknownVni)
+    };
+    assert!(wait_until(T, || unknown("vx") + unknown("vy") == 1), "VNI 44 counted once, by the reader");
+    for vm in vms.iter_mut() {
+        assert!(
+            vm.recv_all(Duration::from_millis(300)).iter().all(|(_, f)| f[6..12] != FAR),
+            "no guest gets another network's or an unknown VNI's frames"
+        );
+    }
+    // Each network's frames stayed its own: 20 to each guest, none crossed.
+    let rx = |n: &str, p: &str| port_counters(&d, n, p).tx_frames;
+    assert_eq!((rx("vx", "a"), rx("vy", "b")), (20, 20));
+}
+
 // ---- Real guests across namespaces ----
 
 const BOOT_AND_RUN: Duration = Duration::from_secs(300);

@@ -409,6 +409,9 @@ impl HostLink for Uplink {
     /// Closes the uplink for good (its port or network was removed); a tap vunet made goes
     /// away with its descriptor.
     fn close(&self) {
+        if let Some(t) = &self.tunnel {
+            t.leave();
+        }
         let Some(io) = self.io.swap(None) else { return };
         let _ = self.wake.write(1);
         // The descriptor closes when its last holder lets go: the RX thread (woken above, it

@@ -56,14 +56,17 @@ pub fn run(mut inject: Inject, port: Arc<Port>, up: Arc<Uplink>) {
         };
         let fd = io.fd.as_raw_fd();
         let hdr_len = io.hdr_len;
+        // A VXLAN tunnel is also woken by the networks it shares its socket with.
+        let handed = up.tunnel.as_ref().map(|t| t.wake_fd());
         let mut pfd = [
             libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: up.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: handed.unwrap_or(-1), events: libc::POLLIN, revents: 0 },
         ];
         // A router has timers (ARP retries, expiry) to run between frames.
         let timeout = if routes { ROUTER_TICK } else { WATCH };
-        // SAFETY: two valid pollfds.
-        let ready = unsafe { libc::poll(pfd.as_mut_ptr(), 2, timeout.as_millis() as i32) };
+        // SAFETY: three pollfds (a negative fd is ignored).
+        let ready = unsafe { libc::poll(pfd.as_mut_ptr(), 3, timeout.as_millis() as i32) };
         if pfd[1].revents != 0 {
             // `close` asks for the descriptor: let go of it and look at why.
             let _ = up.wake.read();
@@ -83,7 +86,7 @@ pub fn run(mut inject: Inject, port: Arc<Port>, up: Arc<Uplink>) {
                 }
             }
         }
-        if ready <= 0 || pfd[0].revents == 0 {
+        if ready <= 0 || (pfd[0].revents == 0 && pfd[2].revents == 0) {
             continue;
         }
         let got = match (up.kind, &up.tunnel) {

@@ -1,18 +1,25 @@
 //! The VXLAN uplink's tunnel: a UDP socket bound to `local:port` that receives the remotes'
-//! datagrams, a few more bound to `local` on ports the kernel picks that send them (the
+//! datagrams (one per address and port in the daemon, shared by the networks that use it and
+//! demultiplexed by VNI), a few more bound to `local` on ports the kernel picks that send them (the
 //! sending socket is chosen by a hash of the inner flow, so the underlay's ECMP and RSS see
 //! several outer source ports, as RFC 7348 asks, without a raw socket's privileges), and the
 //! table of which remote each inner MAC is behind. The encapsulation is an iovec in front of
 //! the frame's own: frames are not copied on the way out.
 //!
-//! One socket per network: two networks cannot share a (local, port) yet (the config refuses
-//! it); the VNI of every received datagram is checked all the same.
+//! Every network's receive thread polls the shared socket (through a descriptor of its own, a
+//! `dup`): whichever reads a datagram of another network's VNI queues a copy for that network
+//! and wakes its thread; one of no network's VNI is counted (`vxlan_unknown_vni`) by the
+//! reader.
 
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use vunet_switch::vxlan::{self, Decap, Table, Target};
 use vunet_switch::{format_mac, DropReason};
@@ -28,6 +35,52 @@ const CAPACITY: usize = 4096;
 const QUOTA: usize = 1024;
 /// The bytes of an inner frame its flow hash looks at (Ethernet, a VLAN tag, IPv6, ports).
 const HASH_BYTES: usize = 14 + 4 + 40 + 4;
+/// Datagrams queued for a network by the others' threads, at most.
+const QUEUE: usize = 1024;
+
+/// The receiving socket of one (local, port) and the networks (by VNI) that share it.
+struct Shared {
+    fd: OwnedFd,
+    members: Mutex<HashMap<u32, Arc<Member>>>,
+}
+
+/// What other networks' threads hand one network: datagrams of its VNI they read.
+struct Member {
+    queue: Mutex<VecDeque<(Vec<u8>, Ipv4Addr)>>,
+    wake: EventFd,
+    /// Datagrams lost to a full queue, counted on the network's uplink when it next reads.
+    overflow: AtomicU64,
+}
+
+/// A shared socket's address and port.
+type Endpoint = (Ipv4Addr, u16);
+
+/// The shared sockets of this process (dropped with their last network).
+static SHARED: Mutex<Vec<(Endpoint, Weak<Shared>)>> = Mutex::new(Vec::new());
+
+/// Joins (or opens) the receiving socket of `ip:port` for VNI `vni`; refused if another
+/// network of the daemon has that VNI there.
+fn join(ip: Ipv4Addr, port: u16, vni: u32, member: &Arc<Member>) -> io::Result<Arc<Shared>> {
+    let mut all = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    all.retain(|(_, w)| w.strong_count() > 0);
+    let shared = match all.iter().find(|(k, _)| *k == (ip, port)).and_then(|(_, w)| w.upgrade()) {
+        Some(s) => s,
+        None => {
+            let s = Arc::new(Shared { fd: udp_socket(ip, port, 4 << 20)?, members: Mutex::new(HashMap::new()) });
+            all.push(((ip, port), Arc::downgrade(&s)));
+            s
+        }
+    };
+    let mut members = shared.members.lock().unwrap_or_else(|e| e.into_inner());
+    match members.get(&vni) {
+        Some(m) if !Arc::ptr_eq(m, member) => {
+            return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("VNI {vni} on {ip}:{port} is another network's")))
+        }
+        _ => members.insert(vni, member.clone()),
+    };
+    drop(members);
+    Ok(shared)
+}
 
 pub(super) struct Tunnel {
     pub cfg: VxlanConfig,
@@ -35,6 +88,9 @@ pub(super) struct Tunnel {
     table: Mutex<Table>,
     senders: Vec<OwnedFd>,
     epoch: Instant,
+    member: Arc<Member>,
+    /// The receiving socket while open.
+    shared: Mutex<Option<Arc<Shared>>>,
 }
 
 fn sockaddr(ip: Ipv4Addr, port: u16) -> libc::sockaddr_in {
@@ -79,16 +135,54 @@ impl Tunnel {
             table: Mutex::new(Table::new(vunet_switch::mac_table::DEFAULT_AGING_MS, CAPACITY, QUOTA)),
             senders,
             epoch: Instant::now(),
+            member: Arc::new(Member { queue: Mutex::new(VecDeque::new()), wake: EventFd::new(EFD_NONBLOCK)?, overflow: AtomicU64::new(0) }),
+            shared: Mutex::new(None),
         })
+    }
+
+    /// Written when another network's thread queued a datagram for this one.
+    pub fn wake_fd(&self) -> RawFd {
+        self.member.wake.as_raw_fd()
+    }
+
+    /// Leaves the shared socket (the uplink closed): its VNI is free for another network, and
+    /// the socket closes with its last network.
+    pub fn leave(&self) {
+        let Some(shared) = self.shared.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+        let mut members = shared.members.lock().unwrap_or_else(|e| e.into_inner());
+        if members.get(&self.cfg.vni).is_some_and(|m| Arc::ptr_eq(m, &self.member)) {
+            members.remove(&self.cfg.vni);
+        }
     }
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// The receiving socket, bound to `local:port`.
+    /// The receiving socket, bound to `local:port` (shared with the daemon's other networks
+    /// there): a descriptor of its own for this network's thread.
     pub fn open(&self) -> io::Result<Io> {
-        Ok(Io { fd: udp_socket(self.cfg.local, self.cfg.port, 4 << 20)?, hdr_len: 0, ifindex: 0 })
+        let shared = join(self.cfg.local, self.cfg.port, self.cfg.vni, &self.member)?;
+        // SAFETY: dup(2) of a descriptor we hold; the copy is owned at once.
+        let fd = unsafe { OwnedFd::from_raw_fd(check(libc::fcntl(shared.fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0))?) };
+        *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(shared);
+        Ok(Io { fd, hdr_len: 0, ifindex: 0 })
+    }
+
+    /// Hands datagram `d` of VNI `vni` to the network of the shared socket that has it; false
+    /// if none has.
+    fn hand_over(&self, vni: u32, d: &[u8], from: Ipv4Addr) -> bool {
+        let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(m) = shared.and_then(|s| s.members.lock().unwrap_or_else(|e| e.into_inner()).get(&vni).cloned()) else { return false };
+        let mut q = m.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= QUEUE {
+            m.overflow.fetch_add(1, Ordering::Relaxed);
+        } else {
+            q.push_back((d.to_vec(), from));
+        }
+        drop(q);
+        let _ = m.wake.write(1);
+        true
     }
 
     /// Forgets learned entries past their age (once a second, from the RX thread).
@@ -163,6 +257,12 @@ impl Tunnel {
     }
 }
 
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
 fn send_to(sock: RawFd, iov: &mut [libc::iovec], ip: Ipv4Addr, port: u16) -> Result<(), DropReason> {
     let mut to = sockaddr(ip, port);
     // SAFETY: a zeroed msghdr is valid; it points at the destination and the iovecs, live
@@ -195,6 +295,36 @@ pub(super) fn recv(
     lens: &mut [usize],
     counters: &vunet_switch::PortCounters,
 ) -> io::Result<usize> {
+    // First what the other networks' threads queued for this one.
+    let _ = tunnel.member.wake.read();
+    for _ in 0..tunnel.member.overflow.swap(0, Ordering::Relaxed) {
+        counters.dropped(DropReason::NoRxBuffer);
+    }
+    let mut queued = 0;
+    {
+        let mut q = tunnel.member.queue.lock().unwrap_or_else(|e| e.into_inner());
+        while queued < bufs.len() {
+            let Some((d, from)) = q.pop_front() else { break };
+            let n = d.len().min(bufs[queued].len());
+            bufs[queued][..n].copy_from_slice(&d[..n]);
+            (starts[queued], lens[queued]) = match tunnel.input(&bufs[queued][..n], from) {
+                Ok(at) => at,
+                Err(r) => {
+                    counters.dropped(r);
+                    (0, 0)
+                }
+            };
+            queued += 1;
+        }
+        if !q.is_empty() {
+            // More than a batch: come back for the rest.
+            let _ = tunnel.member.wake.write(1);
+        }
+    }
+    let (bufs, starts, lens) = (&mut bufs[queued..], &mut starts[queued..], &mut lens[queued..]);
+    if bufs.is_empty() {
+        return Ok(queued);
+    }
     let mut iovs: Vec<libc::iovec> = bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
     // SAFETY: zeroed sockaddr_in and mmsghdr are valid initial values.
     let mut addrs: Vec<libc::sockaddr_in> = (0..bufs.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
@@ -212,7 +342,9 @@ pub(super) fn recv(
     // SAFETY: every mmsghdr points at a live iovec, buffer and address of this datagram.
     let n = unsafe { libc::recvmmsg(fd, msgs.as_mut_ptr(), msgs.len() as u32, libc::MSG_DONTWAIT | libc::MSG_TRUNC, std::ptr::null_mut()) };
     if n < 0 {
-        return Err(io::Error::last_os_error());
+        let e = io::Error::last_os_error();
+        // Another network's thread may have read what woke this one.
+        return if queued > 0 && e.kind() == io::ErrorKind::WouldBlock { Ok(queued) } else { Err(e) };
     }
     let n = n as usize;
     for i in 0..n {
@@ -224,7 +356,14 @@ pub(super) fn recv(
             counters.dropped(DropReason::Oversize);
             continue;
         }
-        match tunnel.input(&bufs[i][..len], from) {
+        let d = &bufs[i][..len];
+        // Another network's VNI on the shared socket: its thread takes it from here.
+        if let Ok((vni, _)) = vxlan::parse(d, usize::MAX) {
+            if vni != tunnel.cfg.vni && tunnel.hand_over(vni, d, from) {
+                continue;
+            }
+        }
+        match tunnel.input(d, from) {
             Ok((at, l)) => {
                 starts[i] = at;
                 lens[i] = l;
@@ -232,7 +371,7 @@ pub(super) fn recv(
             Err(r) => counters.dropped(r),
         }
     }
-    Ok(n)
+    Ok(queued + n)
 }
 
 #[cfg(test)]

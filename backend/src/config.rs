@@ -193,6 +193,8 @@ pub struct VxlanConfig {
     pub port: u16,
     /// Where broadcast, multicast and unknown unicast go (head-end replication).
     pub remotes: Vec<Ipv4Addr>,
+    /// A multicast group they go to as well (or instead), joined on `local`'s interface.
+    pub group: Option<Ipv4Addr>,
 }
 
 /// Where a routed network's uplink address comes from.
@@ -756,7 +758,7 @@ fn parse_uplink(cx: &Ctx, u: &Spanned<RawUplink>, net: &str, mode: Mode) -> Resu
     Ok(Some(UplinkConfig { kind, interface, name, mac, own_mac: routed, vlan, vxlan }))
 }
 
-/// The `vni`, `local`, `port`, `remotes` (and refused `group`) keys: for kind = "vxlan" only.
+/// The `vni`, `local`, `port`, `remotes` and `group` keys: for kind = "vxlan" only.
 fn parse_vxlan(cx: &Ctx, u: &Spanned<RawUplink>, net: &str, kind: UplinkKind) -> Result<Option<VxlanConfig>, ConfigError> {
     let raw = u.get_ref();
     if kind != UplinkKind::Vxlan {
@@ -767,12 +769,13 @@ fn parse_vxlan(cx: &Ctx, u: &Spanned<RawUplink>, net: &str, kind: UplinkKind) ->
         }
         return Ok(None);
     }
-    if let Some(g) = &raw.group {
-        return Err(cx.err(
-            g.span(),
-            format!("network {net:?}: vxlan group (multicast flooding) is not supported yet; list the remote endpoints in `remotes`"),
-        ));
-    }
+    let group = match &raw.group {
+        Some(g) => match g.get_ref().parse::<Ipv4Addr>() {
+            Ok(a) if a.is_multicast() => Some(a),
+            _ => return Err(cx.err(g.span(), format!("invalid group {:?} (an IPv4 multicast address, e.g. 239.1.1.1)", g.get_ref()))),
+        },
+        None => None,
+    };
     let vni = match &raw.vni {
         Some(v) if (0..=i64::from(vunet_switch::vxlan::MAX_VNI)).contains(v.get_ref()) => *v.get_ref() as u32,
         Some(v) => return Err(cx.err(v.span(), format!("invalid vni {} (0 to {})", v.get_ref(), vunet_switch::vxlan::MAX_VNI))),
@@ -805,10 +808,10 @@ fn parse_vxlan(cx: &Ctx, u: &Spanned<RawUplink>, net: &str, kind: UplinkKind) ->
             _ => return Err(cx.err(r.span(), format!("invalid remote address {:?} (a unicast IPv4 address)", r.get_ref()))),
         }
     }
-    if remotes.is_empty() {
-        return Err(cx.err(u.span(), format!("network {net:?}: a vxlan uplink needs at least one address in `remotes`")));
+    if remotes.is_empty() && group.is_none() {
+        return Err(cx.err(u.span(), format!("network {net:?}: a vxlan uplink needs `remotes` (or a multicast `group`) to flood to")));
     }
-    Ok(Some(VxlanConfig { vni, local, port, remotes }))
+    Ok(Some(VxlanConfig { vni, local, port, remotes, group }))
 }
 
 /// The MTU of the interface that holds `addr` (None if no interface does).
@@ -1481,7 +1484,18 @@ impl Config {
                 }
             }
             if let Some(v) = uplink.as_ref().and_then(|u| u.vxlan.as_ref()) {
-                // Networks share a (local, port) and are told apart by their VNI.
+                // Networks share a (local, port) and are told apart by their VNI; a group's
+                // socket is the network's own.
+                if v.group.is_some_and(|g| !vxlan_sockets.insert((g, v.port, 0))) {
+                    return Err(cx.err(
+                        n.uplink.as_ref().map(|u| u.span()).unwrap_or(0..0),
+                        format!(
+                            "network {name:?}: group {}:{} is another network's uplink's already",
+                            v.group.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                            v.port
+                        ),
+                    ));
+                }
                 if !vxlan_sockets.insert((v.local, v.port, v.vni)) {
                     return Err(cx.err(
                         n.uplink.as_ref().map(|u| u.span()).unwrap_or(0..0),
@@ -2016,6 +2030,9 @@ via = "10.10.12.10"
         assert_eq!(c.networks[0].mtu, want, "the network's MTU defaults to the underlay's minus 50 (at most MAX_MTU)");
         let c = parse(&net("bridge", "mtu = 1400\n", ok)).unwrap();
         assert_eq!(c.networks[0].mtu, 1400, "an explicit MTU stays");
+        let c = parse(&net("bridge", "", "kind = \"vxlan\"\nvni = 7\nlocal = \"127.0.0.1\"\ngroup = \"239.1.1.1\"")).unwrap();
+        let v = c.networks[0].uplink.as_ref().and_then(|u| u.vxlan.clone()).unwrap();
+        assert_eq!((v.group, v.remotes.len()), (Some(Ipv4Addr::new(239, 1, 1, 1)), 0), "a group instead of remotes");
         let c = parse(&net("isolated", "", &format!("{ok}\nport = 8472"))).unwrap();
         assert_eq!(
             c.networks[0].uplink.as_ref().and_then(|u| u.vxlan.as_ref()).map(|v| v.port),
@@ -2037,12 +2054,9 @@ via = "10.10.12.10"
             (net("bridge", "", &ok.replace("10.9.0.3", "224.0.0.1")), "vunet.toml:9: invalid remote address \"224.0.0.1\""),
             (
                 net("bridge", "", "kind = \"vxlan\"\nvni = 1\nlocal = \"127.0.0.1\""),
-                "vunet.toml:5: network \"a\": a vxlan uplink needs at least one address",
+                "vunet.toml:5: network \"a\": a vxlan uplink needs `remotes` (or a multicast `group`)",
             ),
-            (
-                net("bridge", "", &format!("{ok}\ngroup = \"239.1.1.1\"")),
-                "vunet.toml:10: network \"a\": vxlan group (multicast flooding) is not supported yet",
-            ),
+            (net("bridge", "", &format!("{ok}\ngroup = \"10.1.1.1\"")), "vunet.toml:10: invalid group \"10.1.1.1\""),
             (net("bridge", "", &format!("{ok}\ninterface = \"eth0\"")), "vunet.toml:10: a vxlan uplink has no interface"),
             (net("bridge", "", &format!("{ok}\nport = 0")), "vunet.toml:10: invalid port 0"),
             (

@@ -336,6 +336,7 @@ fn port_info(p: &Port) -> Value {
             "vni": t.vni,
             "local": t.local,
             "remotes": t.remotes,
+            "group": t.group,
             "learned": t.learned.iter().map(|(mac, remote, age)| json!({ "mac": mac, "remote": remote, "age_s": age })).collect::<Vec<_>>(),
             "evicted": t.evicted,
         })),
@@ -460,10 +461,11 @@ pub fn render(req: &Request, v: &Value) -> String {
                         .map(|a| a.iter().map(|e| format!("{}@{}", s(e, "mac"), s(e, "remote"))).collect())
                         .unwrap_or_default();
                     out.push_str(&format!(
-                        "  vxlan vni {} local {} remotes: {}\n  learned ({}, {} evicted): {}\n",
+                        "  vxlan vni {} local {} remotes: {}{}\n  learned ({}, {} evicted): {}\n",
                         s(x, "vni"),
                         s(x, "local"),
                         list("remotes"),
+                        if x["group"].is_string() { format!(" group {}", s(x, "group")) } else { String::new() },
                         learned.len(),
                         s(x, "evicted"),
                         if learned.is_empty() { "-".to_string() } else { learned.join(" ") }

@@ -462,7 +462,8 @@ fn print_summary(cfg: &Config) {
         match n.uplink.as_ref().map(|u| (u, &u.vxlan)) {
             Some((_, Some(v))) => {
                 let remotes: Vec<String> = v.remotes.iter().map(|r| r.to_string()).collect();
-                println!("  uplink vxlan: VNI {} on {}:{}, remotes {}", v.vni, v.local, v.port, remotes.join(" "));
+                let group = v.group.map(|g| format!(", group {g}")).unwrap_or_default();
+                println!("  uplink vxlan: VNI {} on {}:{}, remotes {}{group}", v.vni, v.local, v.port, remotes.join(" "));
             }
             Some((u, None)) => println!("  uplink {} on {}", u.kind.name(), u.interface),
             None => {}

@@ -238,15 +238,19 @@ fn ping_ok(out: &str) -> bool {
 /// vunet in `ns` with a bridged network "vx" whose vxlan uplink is on `local`, to `remotes`,
 /// and one guest port `vm` (socket `dir/vm.sock`), control socket `dir/ctl.sock`.
 fn vunet_in(ns: &Netns, dir: &Path, local: &str, remotes: &[&str]) -> vunet_tests::guest::VunetProcess {
-    std::fs::create_dir_all(dir).unwrap();
     let list: Vec<String> = remotes.iter().map(|r| format!("\"{r}\"")).collect();
+    vunet_with(ns, dir, local, &format!("remotes = [{}]", list.join(", ")))
+}
+
+/// As [`vunet_in`], with `flood` the uplink's line that says where flooding goes.
+fn vunet_with(ns: &Netns, dir: &Path, local: &str, flood: &str) -> vunet_tests::guest::VunetProcess {
+    std::fs::create_dir_all(dir).unwrap();
     let cfg = dir.join("vunet.toml");
     std::fs::write(
         &cfg,
         format!(
             "control_socket = \"ctl.sock\"\n[[network]]\nname = \"vx\"\nmode = \"bridge\"\n[network.uplink]\nkind = \"vxlan\"\nvni = {VNI}\n\
-             local = \"{local}\"\nremotes = [{}]\n[[network.port]]\nname = \"vm\"\nsocket = \"vm.sock\"\n",
-            list.join(", ")
+             local = \"{local}\"\n{flood}\n[[network.port]]\nname = \"vm\"\nsocket = \"vm.sock\"\n"
         ),
     )
     .unwrap();
@@ -417,4 +421,45 @@ fn a_guest_reaches_a_kernel_vxlan_device_both_ways() {
     // The kernel learned the guest's MAC behind vunet's address.
     let fdb = k.run("bridge fdb show dev vx0");
     assert!(fdb.contains("52:54:00:00:42:01 dst 10.0.0.1"), "the kernel's vxlan FDB: {fdb}");
+}
+
+/// The same with multicast flooding on both sides (`group 239.1.1.1` on the kernel's device,
+/// `group = "239.1.1.1"` and no `remotes` on vunet's uplink): the first ARP each way goes to
+/// the group, the rest is learned unicast.
+#[test]
+fn a_guest_reaches_a_kernel_vxlan_device_over_a_multicast_group() {
+    let _turn = serial();
+    let dir = TempDir::new("vxlan-mcast");
+    let h = Netns::new("vxmh");
+    let k = Netns::new("vxmk");
+    veth(&h, "ul0", &k, "kl0");
+    h.run("ip addr add 10.0.0.1/24 dev ul0");
+    k.run("ip addr add 10.0.0.2/24 dev kl0");
+    k.run(&format!("ip link add vx0 type vxlan id {VNI} dstport 4789 local 10.0.0.2 group 239.1.1.1 dev kl0"));
+    k.run("ip addr add 192.168.42.9/24 dev vx0 && ip link set vx0 up");
+    let hdir = dir.path().join("h");
+    let _v = vunet_with(&h, &hdir, "10.0.0.1", "group = \"239.1.1.1\"");
+    let log = || std::fs::read_to_string(hdir.join("vunet.log")).unwrap_or_default();
+    let g = Guest::boot(
+        "g",
+        &hdir,
+        &Socket::Connect(hdir.join("vm.sock")),
+        "52:54:00:00:42:01",
+        "",
+        &format!(
+            "ip addr add 192.168.42.1/24 dev eth0\nip link set eth0 up\n{}ping -c 3 -W 5 192.168.42.9 || exit 1\necho GUEST-DONE\nsleep 120\n",
+            await_peer("192.168.42.9", 8)
+        ),
+    );
+    assert!(g.console.wait_for("GUEST-DONE", BOOT_AND_RUN), "guest:\n{}\nvunet:\n{}", g.console.text(), log());
+    assert!(ping_ok(&g.console.text()), "the guest pings the kernel's vx0:\n{}", g.console.text());
+    // A fresh neighbour entry on the kernel side: its ARP request goes to the group again.
+    k.run("ip neigh flush dev vx0");
+    let ping = k.try_run("busybox ping -c 3 -W 5 192.168.42.1");
+    let text = String::from_utf8_lossy(&ping.stdout);
+    assert!(ping_ok(&text), "the kernel side pings the guest:\n{text}\nvunet:\n{}", log());
+    let r = uplink_row(&hdir);
+    let learned = r["vxlan"]["learned"].as_array().cloned().unwrap_or_default();
+    assert!(learned.iter().any(|e| e["remote"] == "10.0.0.2"), "vunet learned the kernel's vx0 behind its address: {r}");
+    assert_eq!(r["vxlan"]["group"], "239.1.1.1");
 }

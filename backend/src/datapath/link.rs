@@ -50,6 +50,8 @@ pub struct TunnelInfo {
     pub local: String,
     /// The flood list.
     pub remotes: Vec<String>,
+    /// The multicast group flooded to as well.
+    pub group: Option<String>,
     /// Learned inner MACs: (MAC, remote, seconds since last seen).
     pub learned: Vec<(String, String, u64)>,
     /// Learned entries replaced to keep the table within its bounds.

@@ -61,6 +61,8 @@ pub(super) struct Io {
     pub(super) hdr_len: usize,
     /// The index of the interface it is bound to, to notice a re-created interface.
     ifindex: u32,
+    /// A VXLAN tunnel's multicast group socket, read like `fd`.
+    pub(super) group: Option<OwnedFd>,
 }
 
 pub struct Uplink {
@@ -194,7 +196,7 @@ fn open_af_packet(name: &str) -> io::Result<Io> {
             std::mem::size_of::<libc::packet_mreq>() as u32,
         ))?;
     }
-    Ok(Io { fd, hdr_len, ifindex: index })
+    Ok(Io { fd, hdr_len, ifindex: index, group: None })
 }
 
 /// Sets up a tap-like descriptor (a tun/tap or macvtap file): vnet header, offloads.
@@ -222,7 +224,7 @@ fn open_tap(name: &str) -> io::Result<Io> {
     tap_setup(&fd, name)?;
     set_up(name)?;
     let index = ifindex(name).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
-    Ok(Io { fd, hdr_len: HDR_LEN_LEGACY, ifindex: index })
+    Ok(Io { fd, hdr_len: HDR_LEN_LEGACY, ifindex: index, group: None })
 }
 
 fn open_macvtap(parent: &str, name: &str, mac: Option<Mac>, mode: u32) -> io::Result<Io> {
@@ -234,7 +236,7 @@ fn open_macvtap(parent: &str, name: &str, mac: Option<Mac>, mode: u32) -> io::Re
     let index = ifindex(name).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
     let fd = open_file(&format!("/dev/tap{index}"))?;
     tap_setup(&fd, name)?;
-    Ok(Io { fd, hdr_len: HDR_LEN_LEGACY, ifindex: index })
+    Ok(Io { fd, hdr_len: HDR_LEN_LEGACY, ifindex: index, group: None })
 }
 
 impl Uplink {
@@ -274,7 +276,7 @@ impl Uplink {
         let io = up.open_io().map_err(|e| UplinkError::Open { name: up.ifname.clone(), reason: crate::config::io_reason(&e) })?;
         match &up.tunnel {
             Some(t) => {
-                info!(network = %network, "uplink vxlan: VNI {} on {}:{} to {:?} ready", t.cfg.vni, t.cfg.local, t.cfg.port, t.cfg.remotes)
+                info!(network = %network, "uplink vxlan: VNI {} on {}:{} to {:?} (group {:?}) ready", t.cfg.vni, t.cfg.local, t.cfg.port, t.cfg.remotes, t.cfg.group)
             }
             None => {
                 info!(network = %network, "uplink {} {} ready ({})", cfg.kind.name(), up.ifname, if io.hdr_len > 0 { "offloads on" } else { "no vnet header: TSO segmented in software" })
@@ -458,7 +460,7 @@ mod tests {
             parent: None,
             mac: None,
             macvtap_mode: MACVLAN_MODE_BRIDGE,
-            io: ArcSwapOption::from_pointee(Io { fd: ours, hdr_len: 0, ifindex: 0 }),
+            io: ArcSwapOption::from_pointee(Io { fd: ours, hdr_len: 0, ifindex: 0, group: None }),
             wake: EventFd::new(EFD_NONBLOCK).unwrap(),
             link_up: AtomicBool::new(true),
             tunnel: None,

@@ -122,12 +122,53 @@ fn udp_socket(ip: Ipv4Addr, port: u16, rcvbuf: libc::c_int) -> io::Result<OwnedF
     Ok(fd)
 }
 
+/// A socket bound to `group:port` that joined the group on `local`'s interface: what the
+/// other endpoints flood to the group.
+fn group_socket(group: Ipv4Addr, port: u16, local: Ipv4Addr) -> io::Result<OwnedFd> {
+    let fd = udp_socket(group, port, 4 << 20)?;
+    let m = libc::ip_mreq {
+        imr_multiaddr: libc::in_addr { s_addr: u32::from(group).to_be() },
+        imr_interface: libc::in_addr { s_addr: u32::from(local).to_be() },
+    };
+    // SAFETY: IP_ADD_MEMBERSHIP takes an ip_mreq of its size.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_ADD_MEMBERSHIP,
+            (&m as *const libc::ip_mreq).cast(),
+            std::mem::size_of::<libc::ip_mreq>() as u32,
+        )
+    })?;
+    Ok(fd)
+}
+
 impl Tunnel {
     /// The tunnel of `cfg` for a network of MTU `mtu`; its senders are bound at once (an
     /// address that is not this host's fails here, with the reason).
     pub fn new(cfg: &VxlanConfig, mtu: u16) -> io::Result<Tunnel> {
         // The receiving socket is `open_io`'s; these only send, and take nothing in.
         let senders = (0..SENDERS).map(|_| udp_socket(cfg.local, 0, 4096)).collect::<io::Result<Vec<_>>>()?;
+        if cfg.group.is_some() {
+            for s in &senders {
+                let raw = s.as_raw_fd();
+                // Out of `local`'s interface, one hop (the kernel's vxlan default for a group),
+                // and not back to this host's own sockets.
+                let ifaddr = libc::in_addr { s_addr: u32::from(cfg.local).to_be() };
+                // SAFETY: IP_MULTICAST_IF takes an in_addr of its size.
+                check(unsafe {
+                    libc::setsockopt(
+                        raw,
+                        libc::IPPROTO_IP,
+                        libc::IP_MULTICAST_IF,
+                        (&ifaddr as *const libc::in_addr).cast(),
+                        std::mem::size_of::<libc::in_addr>() as u32,
+                    )
+                })?;
+                setsockopt_int(raw, libc::IPPROTO_IP, libc::IP_MULTICAST_TTL, 1)?;
+                setsockopt_int(raw, libc::IPPROTO_IP, libc::IP_MULTICAST_LOOP, 0)?;
+            }
+        }
         Ok(Tunnel {
             cfg: cfg.clone(),
             // The inner frame: the MTU, an Ethernet header and one VLAN tag.
@@ -166,7 +207,8 @@ impl Tunnel {
         // SAFETY: dup(2) of a descriptor we hold; the copy is owned at once.
         let fd = unsafe { OwnedFd::from_raw_fd(check(libc::fcntl(shared.fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0))?) };
         *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(shared);
-        Ok(Io { fd, hdr_len: 0, ifindex: 0 })
+        let group = self.cfg.group.map(|g| group_socket(g, self.cfg.port, self.cfg.local)).transpose()?;
+        Ok(Io { fd, hdr_len: 0, ifindex: 0, group })
     }
 
     /// Hands datagram `d` of VNI `vni` to the network of the shared socket that has it; false
@@ -233,7 +275,7 @@ impl Tunnel {
             Target::Flood => {
                 // Delivered if one remote took it; the last error otherwise.
                 let mut result = Err(DropReason::PortDown);
-                for &ip in &self.cfg.remotes {
+                for &ip in self.cfg.group.iter().chain(&self.cfg.remotes) {
                     let r = send_to(sock, &mut all, ip, self.cfg.port);
                     if result.is_err() {
                         result = r;
@@ -251,6 +293,7 @@ impl Tunnel {
             vni: self.cfg.vni,
             local: format!("{}:{}", self.cfg.local, self.cfg.port),
             remotes: self.cfg.remotes.iter().map(|r| r.to_string()).collect(),
+            group: self.cfg.group.map(|g| g.to_string()),
             learned: t.endpoints(now).iter().map(|e| (format_mac(&e.mac), e.remote.to_string(), e.age_ms / 1000)).collect(),
             evicted: t.evicted,
         }
@@ -380,7 +423,7 @@ mod tests {
 
     /// A tunnel on loopback whose only remote is itself: what it sends, it receives.
     fn cfg(port: u16) -> VxlanConfig {
-        VxlanConfig { vni: 42, local: Ipv4Addr::LOCALHOST, port, remotes: vec![Ipv4Addr::LOCALHOST] }
+        VxlanConfig { vni: 42, local: Ipv4Addr::LOCALHOST, port, remotes: vec![Ipv4Addr::LOCALHOST], group: None }
     }
 
     fn free_port() -> u16 {

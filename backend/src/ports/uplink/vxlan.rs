@@ -35,6 +35,8 @@ const CAPACITY: usize = 4096;
 const QUOTA: usize = 1024;
 /// The bytes of an inner frame its flow hash looks at (Ethernet, a VLAN tag, IPv6, ports).
 const HASH_BYTES: usize = 14 + 4 + 40 + 4;
+/// A frame's iovecs sent without an allocation (the data path gives at most 64).
+const STACK_IOVS: usize = 64;
 /// Datagrams queued for a network by the others' threads, at most.
 const QUEUE: usize = 1024;
 
@@ -267,16 +269,26 @@ impl Tunnel {
         let target = self.table.lock().unwrap_or_else(|e| e.into_inner()).lookup(self.cfg.vni, &dst, self.now_ms());
         let sock = self.senders[vxlan::flow_hash(head) as usize % self.senders.len()].as_raw_fd();
         let mut hdr = vxlan::header(self.cfg.vni);
-        let mut all: Vec<libc::iovec> = Vec::with_capacity(iov.len() + 1);
-        all.push(libc::iovec { iov_base: hdr.as_mut_ptr().cast(), iov_len: hdr.len() });
-        all.extend_from_slice(iov);
+        // The header's iovec in front of the frame's: on the stack for the data path's frames
+        // (at most 64 pieces), no allocation per frame.
+        let head_iov = libc::iovec { iov_base: hdr.as_mut_ptr().cast(), iov_len: hdr.len() };
+        let mut stack = [head_iov; 1 + STACK_IOVS];
+        let mut heap = Vec::new();
+        let all: &mut [libc::iovec] = if iov.len() <= STACK_IOVS {
+            stack[1..=iov.len()].copy_from_slice(iov);
+            &mut stack[..=iov.len()]
+        } else {
+            heap.push(head_iov);
+            heap.extend_from_slice(iov);
+            &mut heap
+        };
         match target {
-            Target::One(ip) => send_to(sock, &mut all, ip, self.cfg.port),
+            Target::One(ip) => send_to(sock, all, ip, self.cfg.port),
             Target::Flood => {
                 // Delivered if one remote took it; the last error otherwise.
                 let mut result = Err(DropReason::PortDown);
                 for &ip in self.cfg.group.iter().chain(&self.cfg.remotes) {
-                    let r = send_to(sock, &mut all, ip, self.cfg.port);
+                    let r = send_to(sock, all, ip, self.cfg.port);
                     if result.is_err() {
                         result = r;
                     }

@@ -463,3 +463,75 @@ fn a_guest_reaches_a_kernel_vxlan_device_over_a_multicast_group() {
     assert!(learned.iter().any(|e| e["remote"] == "10.0.0.2"), "vunet learned the kernel's vx0 behind its address: {r}");
     assert_eq!(r["vxlan"]["group"], "239.1.1.1");
 }
+
+/// Open vSwitch's userspace datapath (`datapath_type=netdev`: this kernel has no openvswitch
+/// module) with a vxlan port (`options:key=42 options:remote_ip=...`) on the other side, and a
+/// tap port of vunet's network addressed on the host: ping both ways. OVS checks the outer UDP
+/// checksum of what it decapsulates, so this also shows vunet's is right (zero, as RFC 7348
+/// recommends: a veth would hand on a "partial" one unfilled).
+#[test]
+fn open_vswitch_with_a_vxlan_port_and_vunet_ping_both_ways() {
+    let dir = TempDir::new("vxlan-ovs");
+    let h = Netns::new("vxoh");
+    let o = Netns::new("vxoo");
+    veth(&h, "ul0", &o, "kl0");
+    h.run("ip addr add 10.0.0.1/24 dev ul0");
+    // A private OVS: its database, sockets and logs in the test's directory.
+    let run = dir.path().join("ovs");
+    std::fs::create_dir_all(&run).unwrap();
+    let r = run.display();
+    let env = format!("env OVS_RUNDIR={r} OVS_DBDIR={r} OVS_LOGDIR={r} OVS_SYSCONFDIR={r}");
+    o.run(&format!("ovsdb-tool create {r}/conf.db /usr/share/openvswitch/vswitch.ovsschema"));
+    let _db =
+        o.spawn(&format!("{env} ovsdb-server {r}/conf.db --remote=punix:{r}/db.sock --pidfile={r}/ovsdb.pid --log-file={r}/ovsdb.log"));
+    assert!(wait_until(T, || run.join("db.sock").exists()), "ovsdb-server did not start");
+    let vsctl = format!("{env} ovs-vsctl --db=unix:{r}/db.sock --timeout=60");
+    o.run(&format!("{vsctl} --no-wait init"));
+    let _vswitchd = o.spawn(&format!("{env} ovs-vswitchd unix:{r}/db.sock --pidfile={r}/vswitchd.pid --log-file={r}/vswitchd.log"));
+    // Each ovs-vsctl waits until ovs-vswitchd has applied it.
+    o.run(&format!("{vsctl} add-br br-phy -- set bridge br-phy datapath_type=netdev -- add-port br-phy kl0"));
+    o.run("ip addr add 10.0.0.2/24 dev br-phy && ip link set br-phy up");
+    o.run(&format!(
+        "{vsctl} add-br br-int -- set bridge br-int datapath_type=netdev \
+         -- add-port br-int vx42 -- set interface vx42 type=vxlan options:key={VNI} options:remote_ip=10.0.0.1 \
+         -- add-port br-int int0 -- set interface int0 type=internal"
+    ));
+    o.run("ip addr add 192.168.42.9/24 dev int0 && ip link set int0 up && ip link set br-int up");
+
+    let hdir = dir.path().join("h");
+    std::fs::create_dir_all(&hdir).unwrap();
+    let cfg = hdir.join("vunet.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "control_socket = \"ctl.sock\"\n[[network]]\nname = \"vx\"\nmode = \"bridge\"\n[network.uplink]\nkind = \"vxlan\"\nvni = {VNI}\n\
+             local = \"10.0.0.1\"\nremotes = [\"10.0.0.2\"]\n[[network.port]]\nname = \"host\"\nkind = \"tap\"\ninterface = \"vuhost0\"\n"
+        ),
+    )
+    .unwrap();
+    let _v = h.vunet(&["--config", cfg.to_str().unwrap()], &hdir.join("vunet.log"));
+    h.run("ip addr add 192.168.42.1/24 dev vuhost0 && ip link set vuhost0 up");
+    let log = || {
+        format!(
+            "vunet:\n{}\novs-vswitchd:\n{}",
+            std::fs::read_to_string(hdir.join("vunet.log")).unwrap_or_default(),
+            std::fs::read_to_string(run.join("vswitchd.log")).unwrap_or_default()
+        )
+    };
+    let ping = |ns: &Netns, ip: &str| String::from_utf8_lossy(&ns.try_run(&format!("busybox ping -c 3 -W 3 {ip}")).stdout).into_owned();
+    // The first pings may go while OVS sets up its datapath flows: retried until 3 of 3 answer.
+    let mut out = String::new();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            out = ping(&h, "192.168.42.9");
+            ping_ok(&out)
+        }),
+        "vunet's side pings OVS's int0:\n{out}\n{}",
+        log()
+    );
+    let back = ping(&o, "192.168.42.1");
+    assert!(ping_ok(&back), "OVS's side pings vunet's tap port:\n{back}\n{}", log());
+    let r = uplink_row(&hdir);
+    let learned = r["vxlan"]["learned"].as_array().cloned().unwrap_or_default();
+    assert!(learned.iter().any(|e| e["remote"] == "10.0.0.2"), "vunet learned int0's MAC behind OVS's address: {r}");
+}

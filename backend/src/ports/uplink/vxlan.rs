@@ -151,6 +151,11 @@ impl Tunnel {
     pub fn new(cfg: &VxlanConfig, mtu: u16) -> io::Result<Tunnel> {
         // The receiving socket is `open_io`'s; these only send, and take nothing in.
         let senders = (0..SENDERS).map(|_| udp_socket(cfg.local, 0, 4096)).collect::<io::Result<Vec<_>>>()?;
+        for s in &senders {
+            // RFC 7348: the outer UDP checksum SHOULD be zero over IPv4 (the inner frame has its
+            // own), as the kernel's vxlan device sends by default; no checksum pass either.
+            setsockopt_int(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NO_CHECK, 1)?;
+        }
         if cfg.group.is_some() {
             for s in &senders {
                 let raw = s.as_raw_fd();

@@ -443,6 +443,40 @@ mod tests {
         assert!(t.is_empty());
     }
 
+    /// What the fuzz target checks, over pseudo-random datagrams (valid headers mostly, from a
+    /// few remotes): never a panic, the bounds hold, an accepted source is found behind its
+    /// sender at once.
+    #[test]
+    fn random_datagrams_keep_the_table_within_bounds() {
+        let mut t = Table::new(300_000, 64, 16);
+        let d = Decap { vni: 42, max_inner: 1518 };
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut accepted = 0;
+        for i in 0..50_000u64 {
+            let r = next();
+            let len = (r % 100) as usize;
+            let mut dgram: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if r & 0x300 != 0 && len >= 8 {
+                dgram[..8].copy_from_slice(&header(42));
+            }
+            let from = Ipv4Addr::new(10, 0, 0, (r >> 16) as u8 % 8);
+            if let Ok((at, n)) = d.input(&dgram, from, &mut t, i * 10) {
+                accepted += 1;
+                let src: Mac = dgram[at + 6..at + 12].try_into().unwrap();
+                assert_eq!(t.lookup(42, &src, i * 10), Target::One(from));
+                assert!(n >= 14 && source_port(flow_hash(&dgram[at..at + n]), SRC_PORT_MIN, SRC_PORT_MAX) >= SRC_PORT_MIN);
+            }
+            assert!(t.len() <= 64 && t.count(from) <= 16);
+        }
+        assert!(accepted > 10_000, "most valid headers were accepted ({accepted})");
+    }
+
     #[test]
     fn a_source_mac_flood_from_one_remote_stays_within_its_quota() {
         let mut t = Table::new(300_000, 64, 16);

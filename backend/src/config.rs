@@ -816,6 +816,11 @@ fn parse_vxlan(cx: &Ctx, u: &Spanned<RawUplink>, net: &str, kind: UplinkKind) ->
 
 /// The MTU of the interface that holds `addr` (None if no interface does).
 pub fn mtu_of_address(addr: Ipv4Addr) -> Option<u32> {
+    std::fs::read_to_string(format!("/sys/class/net/{}/mtu", interface_of_address(addr)?)).ok()?.trim().parse().ok()
+}
+
+/// The name of the interface that holds `addr` (None if no interface does).
+pub fn interface_of_address(addr: Ipv4Addr) -> Option<String> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `list`, freed below.
     if unsafe { libc::getifaddrs(&mut list) } != 0 {
@@ -839,7 +844,7 @@ pub fn mtu_of_address(addr: Ipv4Addr) -> Option<u32> {
     }
     // SAFETY: the list getifaddrs made, freed once.
     unsafe { libc::freeifaddrs(list) };
-    std::fs::read_to_string(format!("/sys/class/net/{}/mtu", name?)).ok()?.trim().parse().ok()
+    name
 }
 
 /// A port or port range: `22`, `"22"` or `"8000-8010"`.

@@ -227,6 +227,18 @@ fn two_networks_share_one_socket_told_apart_by_vni() {
     assert_eq!((rx("vx", "a"), rx("vy", "b")), (20, 20));
 }
 
+/// A `local` that is not this host's address is one clear line, from `check` and at start.
+#[test]
+fn a_local_address_not_of_this_host_is_refused_in_one_line() {
+    let dir = TempDir::new("vxlan-nolocal");
+    // 192.0.2.0/24 (TEST-NET-1) is no address of this machine.
+    let toml = "[[network]]\nname = \"vx\"\nmode = \"bridge\"\n[network.uplink]\nkind = \"vxlan\"\nvni = 42\nlocal = \"192.0.2.77\"\nremotes = [\"192.0.2.78\"]\n";
+    let cfg = vunet::Config::parse(toml, "test.toml", dir.path()).expect("config");
+    let want = "network vx: vxlan uplink: local address 192.0.2.77 is not an address of this host";
+    assert_eq!(vunet::Daemon::check(&cfg).err().map(|e| e.to_string()).as_deref(), Some(want));
+    assert_eq!(vunet::Daemon::start(&cfg).err().map(|e| e.to_string()).as_deref(), Some(want));
+}
+
 // ---- Real guests across namespaces ----
 
 const BOOT_AND_RUN: Duration = Duration::from_secs(300);

@@ -93,6 +93,8 @@ pub enum UplinkError {
     NoInterface(String),
     #[error("uplink {name:?}: {reason}")]
     Open { name: String, reason: String },
+    #[error("vxlan uplink: local address {0} is not an address of this host")]
+    NoLocalAddress(std::net::Ipv4Addr),
 }
 
 fn ifindex(name: &str) -> Option<u32> {
@@ -243,6 +245,11 @@ impl Uplink {
     /// What `open` would refuse for a missing interface, found without opening or creating
     /// anything (a tap is made by vunet; the other kinds attach to an interface that exists).
     pub fn check(cfg: &UplinkConfig) -> Result<(), UplinkError> {
+        if let Some(v) = &cfg.vxlan {
+            if crate::config::interface_of_address(v.local).is_none() {
+                return Err(UplinkError::NoLocalAddress(v.local));
+            }
+        }
         if !matches!(cfg.kind, UplinkKind::Tap | UplinkKind::Vxlan) && ifindex(&cfg.interface).is_none() {
             return Err(UplinkError::NoInterface(cfg.interface.clone()));
         }
@@ -252,7 +259,10 @@ impl Uplink {
     /// Opens the uplink of network `network` (of MTU `mtu`); a missing interface is the
     /// caller's error.
     pub fn open(network: &str, cfg: &UplinkConfig, mtu: u16) -> Result<Uplink, UplinkError> {
-        let open_err = |e: io::Error| UplinkError::Open { name: cfg.interface.clone(), reason: crate::config::io_reason(&e) };
+        let open_err = |e: io::Error| match (e.raw_os_error(), &cfg.vxlan) {
+            (Some(libc::EADDRNOTAVAIL), Some(v)) => UplinkError::NoLocalAddress(v.local),
+            _ => UplinkError::Open { name: cfg.interface.clone(), reason: crate::config::io_reason(&e) },
+        };
         let tunnel = cfg.vxlan.as_ref().map(|v| vxlan::Tunnel::new(v, mtu)).transpose().map_err(open_err)?;
         let (ifname, parent) = match cfg.kind {
             UplinkKind::Macvtap => (cfg.name.clone().unwrap_or_else(|| macvtap_name(network)), Some(cfg.interface.clone())),

@@ -2,8 +2,10 @@
 # iperf3 TCP from one TCG guest to a server on the "LAN" through vunet's router, in `nat` and
 # `route` mode, against the same guest through a `bridge` network on the same af-packet uplink
 # (the reference, measured in the same run). Then short TCP connections per second from the
-# guest to a LAN server through NAT, next to the same loop bridged. The LAN is a namespace this
-# script creates (10.9.0.1/24: iperf3 -s, a busybox nc server), joined by a veth pair to the
+# guest to a LAN server through NAT, next to the same loop bridged. Then the route-mode network
+# over IPv6 (the guest prefix fd00:7675:1::/64 routed by the LAN via the uplink's address6),
+# against the IPv4 route figure of the same round. The LAN is a namespace this script creates
+# (10.9.0.1/24 and fd00:9::1/64: iperf3 -s, a busybox nc server), joined by a veth pair to the
 # namespace vunet runs in; both are deleted at the end.
 #
 # Usage: benches/routed-iperf.sh [SECONDS] [ROUNDS]   (default 10 s, 1 round)
@@ -45,6 +47,14 @@ client_script() { # address/prefix default-route
 iperf3 -c 10.9.0.1 -t $secs -J > /tmp/r.json; echo IPERF-JSON-BEGIN; cat /tmp/r.json; echo IPERF-JSON-END
 n=0; end=\$((\$(date +%s) + 5)); while [ \$(date +%s) -lt \$end ]; do echo x | nc -w 2 10.9.0.1 9000 > /dev/null && n=\$((n + 1)); done; echo \"CONNS \$n\""
 }
+# The same over IPv6: a static address in the guest prefix, the default route from vunet's RA.
+client6_script() {
+  echo "ip -6 addr add fd00:7675:1::10/64 dev eth0
+i=0; until ip -6 route | grep -q '^default' && ! ip -6 addr show dev eth0 | grep -q tentative; do i=\$((i+1)); [ \$i -gt 300 ] && exit 3; sleep 0.2; done
+until ping6 -c 1 -W 1 fd00:9::1 >/dev/null 2>&1; do sleep 0.5; done
+iperf3 -6 -c fd00:9::1 -t $secs -J > /tmp/r.json; echo IPERF-JSON-BEGIN; cat /tmp/r.json; echo IPERF-JSON-END
+n=0; end=\$((\$(date +%s) + 5)); while [ \$(date +%s) -lt \$end ]; do echo x | nc -w 2 fd00:9::1 9000 > /dev/null && n=\$((n + 1)); done; echo \"CONNS \$n\""
+}
 rate() { # console file -> Gbit/s
   sed -n '/IPERF-JSON-BEGIN/,/IPERF-JSON-END/p' "$1" | sed '1d;$d' | tr -d '\r' | python3 -c 'import json,sys; print("%.3f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))'
 }
@@ -57,6 +67,7 @@ lan_up() {
   ip link add up0 netns "$h" type veth peer name lan0 netns "$l"
   ip -n "$h" link set up0 up; ip -n "$l" link set lan0 up
   ip -n "$l" addr add 10.9.0.1/24 dev lan0
+  ip -n "$l" addr add fd00:9::1/64 dev lan0 nodad
   ip netns exec "$l" iperf3 -s > /dev/null 2>&1 &
   ip netns exec "$l" busybox nc -ll -p 9000 -e cat > /dev/null 2>&1 &
   sleep 0.5
@@ -78,6 +89,10 @@ run() { # mode -> "Gbit/s conns/s"
       printf '[[network]]\nname = "r"\nmode = "%s"\ngateway = "192.168.122.1/24"\n[network.uplink]\nkind = "af-packet"\ninterface = "up0"\naddress = "10.9.0.50/24"\nrouter = "10.9.0.1"\n' "$1" > "$work/vunet.toml"
       [ "$1" = route ] && ip -n "$l" route add 192.168.122.0/24 via 10.9.0.50
       initrd "c-$1" "$(client_script 192.168.122.10/24 192.168.122.1)" ;;
+    route6)
+      printf '[[network]]\nname = "r"\nmode = "route"\ngateway = "192.168.122.1/24"\ngateway6 = "fd00:7675:1::1/64"\n[network.uplink]\nkind = "af-packet"\ninterface = "up0"\naddress = "10.9.0.50/24"\nrouter = "10.9.0.1"\naddress6 = "fd00:9::50/64"\nrouter6 = "fd00:9::1"\n' > "$work/vunet.toml"
+      ip -n "$l" -6 route add fd00:7675:1::/64 via fd00:9::50
+      initrd "c-$1" "$(client6_script)" ;;
   esac
   printf '[[network.port]]\nname = "vm1"\nsocket = "%s/vm1.sock"\nport_security = false\n' "$work" >> "$work/vunet.toml"
   ip netns exec "$h" target/release/vunet run --config "$work/vunet.toml" > "$work/vunet.out" 2> "$work/vunet-$1.log" &
@@ -93,8 +108,10 @@ for r in $(seq "$rounds"); do
   read -r bg bc <<< "$(run bridge)"
   read -r ng nc <<< "$(run nat)"
   read -r rg rc <<< "$(run route)"
+  read -r r6g r6c <<< "$(run route6)"
   python3 -c "
-b, n, r = float('$bg'), float('$ng'), float('$rg')
-bc, nc = float('$bc'), float('$nc')
-print('round $r: nat %.3f Gbit/s (%.2fx), route %.3f Gbit/s (%.2fx), bridge %.3f Gbit/s (1.00x); short TCP connections/s: nat %.1f, bridge %.1f (%.2fx)' % (n, n / b, r, r / b, b, nc, bc, nc / bc if bc else 0))"
+b, n, r, r6 = float('$bg'), float('$ng'), float('$rg'), float('$r6g')
+bc, nc, rc, r6c = float('$bc'), float('$nc'), float('$rc'), float('$r6c')
+print('round $r: nat %.3f Gbit/s (%.2fx), route %.3f Gbit/s (%.2fx), bridge %.3f Gbit/s (1.00x); short TCP connections/s: nat %.1f, bridge %.1f (%.2fx)' % (n, n / b, r, r / b, b, nc, bc, nc / bc if bc else 0))
+print('round $r: route over IPv6 %.3f Gbit/s = %.2fx route over IPv4; short TCP connections/s over IPv6 %.1f = %.2fx IPv4' % (r6, r6 / r, r6c, r6c / rc if rc else 0))"
 done

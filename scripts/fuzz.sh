@@ -4,7 +4,7 @@
 # gateway's and the routers' (IPv4 and IPv6) frame handling, the vhost-user relay (the VMM's messages and
 # descriptors), the split-ring walker (a guest's descriptor tables and ring indices) and the
 # socket-NAT TCP splice (outbound and inbound flows) and UDP and ICMP tables, and the
-# gateway's IPv6 neighbour discovery and echo.
+# gateway's IPv6 neighbour discovery and echo, and VXLAN decapsulation with its learning table.
 # Usage: scripts/fuzz.sh [SECONDS_PER_TARGET] (default 20).
 # Installs cargo-fuzz from crates.io if it is missing. Seeds are in tests/fuzz/seeds/ (kept in
 # git); what the fuzzer finds stays in tests/fuzz/corpus/ (not kept).
@@ -14,7 +14,7 @@ secs=${1:-20}
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
 cd tests/fuzz
-for t in dhcp_server dhcpv6 dns_query gateway_frame lease_file router_frame router6_frame vhost_relay split_ring socknat_tcp ipv6_nd; do
+for t in dhcp_server dhcpv6 dns_query gateway_frame lease_file router_frame router6_frame vhost_relay split_ring socknat_tcp ipv6_nd vxlan_datagram; do
   mkdir -p corpus/$t
   echo "== fuzz $t for ${secs}s"
   log=$(mktemp)

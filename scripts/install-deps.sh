@@ -3,6 +3,8 @@
 # everything is present. Usage: scripts/install-deps.sh [--bench] [--passt]
 set -euo pipefail
 pkgs=(qemu-system-x86 busybox-static iperf3 cpio dnsmasq-base isc-dhcp-client iproute2 tshark systemd)
+# Open vSwitch (its userspace datapath) for tests/tests/vxlan.rs.
+pkgs+=(openvswitch-switch)
 # libvirt's system daemon for tests/tests/libvirt_domain.rs (scripts/start-libvirtd.sh starts it).
 pkgs+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
 for a in "$@"; do

@@ -148,6 +148,8 @@ pub enum UplinkKind {
     AfPacket,
     Macvtap,
     Tap,
+    /// A VXLAN tunnel over a UDP socket (docs/vxlan.md).
+    Vxlan,
 }
 
 impl UplinkKind {
@@ -156,6 +158,7 @@ impl UplinkKind {
             UplinkKind::AfPacket => "af-packet",
             UplinkKind::Macvtap => "macvtap",
             UplinkKind::Tap => "tap",
+            UplinkKind::Vxlan => "vxlan",
         }
     }
 }
@@ -176,6 +179,22 @@ pub struct UplinkConfig {
     /// The VLANs the uplink carries: `trunk = [..]` (tagged), or `vlan = N` (the network is
     /// VLAN N of the LAN: [`PortVlan::Outer`]); untagged without them.
     pub vlan: PortVlan,
+    /// kind = "vxlan": the tunnel (`interface` is then only its name, `vxlan<VNI>`).
+    pub vxlan: Option<VxlanConfig>,
+}
+
+/// `kind = "vxlan"`: one VNI over UDP between `local` and the `remotes`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VxlanConfig {
+    pub vni: u32,
+    /// The address datagrams are sent from and received on.
+    pub local: Ipv4Addr,
+    /// The UDP port, ours and the remotes' (default 4789).
+    pub port: u16,
+    /// Where broadcast, multicast and unknown unicast go (head-end replication).
+    pub remotes: Vec<Ipv4Addr>,
+    /// A multicast group they go to as well (or instead), joined on `local`'s interface.
+    pub group: Option<Ipv4Addr>,
 }
 
 /// Where a routed network's uplink address comes from.
@@ -400,7 +419,12 @@ struct RawDns {
 #[serde(deny_unknown_fields)]
 struct RawUplink {
     kind: Spanned<String>,
-    interface: Spanned<String>,
+    interface: Option<Spanned<String>>,
+    vni: Option<Spanned<i64>>,
+    local: Option<Spanned<String>>,
+    port: Option<Spanned<i64>>,
+    remotes: Option<Spanned<Vec<Spanned<String>>>>,
+    group: Option<Spanned<String>>,
     name: Option<Spanned<String>>,
     mac: Option<Spanned<String>>,
     address: Option<Spanned<String>>,
@@ -699,14 +723,22 @@ fn parse_uplink(cx: &Ctx, u: &Spanned<RawUplink>, net: &str, mode: Mode) -> Resu
         "af-packet" => UplinkKind::AfPacket,
         "macvtap" => UplinkKind::Macvtap,
         "tap" => UplinkKind::Tap,
-        other => return Err(cx.err(raw.kind.span(), format!("unknown uplink kind {other:?} (expected af-packet, macvtap or tap)"))),
+        "vxlan" => UplinkKind::Vxlan,
+        other => return Err(cx.err(raw.kind.span(), format!("unknown uplink kind {other:?} (expected af-packet, macvtap, tap or vxlan)"))),
     };
-    let interface = raw.interface.get_ref().clone();
-    if !valid_ifname(&interface) {
-        return Err(
-            cx.err(raw.interface.span(), format!("invalid interface name {interface:?} (1 to 15 characters, no '/', ':' or spaces)"))
-        );
-    }
+    let vxlan = parse_vxlan(cx, u, net, kind)?;
+    let interface = match (&raw.interface, &vxlan) {
+        (Some(i), Some(_)) => return Err(cx.err(i.span(), "a vxlan uplink has no interface (it is a UDP socket on `local`)")),
+        (None, Some(v)) => format!("vxlan{}", v.vni),
+        (None, None) => return Err(cx.err(u.span(), format!("network {net:?}: uplink kind {:?} needs an interface", kind.name()))),
+        (Some(i), None) => {
+            let interface = i.get_ref().clone();
+            if !valid_ifname(&interface) {
+                return Err(cx.err(i.span(), format!("invalid interface name {interface:?} (1 to 15 characters, no '/', ':' or spaces)")));
+            }
+            interface
+        }
+    };
     let name = match &raw.name {
         Some(n) if kind != UplinkKind::Macvtap => return Err(cx.err(n.span(), "uplink name is only for kind = \"macvtap\"")),
         Some(n) if !valid_ifname(n.get_ref()) => return Err(cx.err(n.span(), format!("invalid interface name {:?}", n.get_ref()))),
@@ -724,7 +756,7 @@ fn parse_uplink(cx: &Ctx, u: &Spanned<RawUplink>, net: &str, mode: Mode) -> Resu
         },
         None => None,
     };
-    if mode == Mode::Isolated && kind != UplinkKind::Tap {
+    if mode == Mode::Isolated && !matches!(kind, UplinkKind::Tap | UplinkKind::Vxlan) {
         return Err(cx.err(
             raw.kind.span(),
             format!("network {net:?}: an isolated network has no way out to a LAN (a tap uplink to the host only); use mode = \"bridge\""),
@@ -757,7 +789,96 @@ fn parse_uplink(cx: &Ctx, u: &Spanned<RawUplink>, net: &str, mode: Mode) -> Resu
         }
     }
     let vlan = parse_port_vlan(cx, &format!("network {net:?}: uplink"), raw.vlan.as_ref(), raw.trunk.as_ref(), None, None, true)?;
-    Ok(Some(UplinkConfig { kind, interface, name, mac, own_mac: routed, vlan }))
+    Ok(Some(UplinkConfig { kind, interface, name, mac, own_mac: routed, vlan, vxlan }))
+}
+
+/// The `vni`, `local`, `port`, `remotes` and `group` keys: for kind = "vxlan" only.
+fn parse_vxlan(cx: &Ctx, u: &Spanned<RawUplink>, net: &str, kind: UplinkKind) -> Result<Option<VxlanConfig>, ConfigError> {
+    let raw = u.get_ref();
+    if kind != UplinkKind::Vxlan {
+        let spans = [raw.vni.as_ref().map(|v| v.span()), raw.local.as_ref().map(|v| v.span()), raw.port.as_ref().map(|v| v.span())];
+        let more = [raw.remotes.as_ref().map(|v| v.span()), raw.group.as_ref().map(|v| v.span())];
+        if let Some(span) = spans.into_iter().chain(more).flatten().next() {
+            return Err(cx.err(span, format!("network {net:?}: vni, local, port, remotes and group are for kind = \"vxlan\"")));
+        }
+        return Ok(None);
+    }
+    let group = match &raw.group {
+        Some(g) => match g.get_ref().parse::<Ipv4Addr>() {
+            Ok(a) if a.is_multicast() => Some(a),
+            _ => return Err(cx.err(g.span(), format!("invalid group {:?} (an IPv4 multicast address, e.g. 239.1.1.1)", g.get_ref()))),
+        },
+        None => None,
+    };
+    let vni = match &raw.vni {
+        Some(v) if (0..=i64::from(vunet_switch::vxlan::MAX_VNI)).contains(v.get_ref()) => *v.get_ref() as u32,
+        Some(v) => return Err(cx.err(v.span(), format!("invalid vni {} (0 to {})", v.get_ref(), vunet_switch::vxlan::MAX_VNI))),
+        None => return Err(cx.err(u.span(), format!("network {net:?}: a vxlan uplink needs a vni (e.g. vni = 42)"))),
+    };
+    let local = match &raw.local {
+        Some(l) => match l.get_ref().parse::<Ipv4Addr>() {
+            Ok(a) if !a.is_unspecified() && !a.is_multicast() && !a.is_broadcast() => a,
+            _ => return Err(cx.err(l.span(), format!("invalid local address {:?} (an IPv4 address of this host)", l.get_ref()))),
+        },
+        None => {
+            return Err(cx.err(u.span(), format!("network {net:?}: a vxlan uplink needs `local`, the address to send from and listen on")))
+        }
+    };
+    let port = match &raw.port {
+        Some(p) if (1..=65535).contains(p.get_ref()) => *p.get_ref() as u16,
+        Some(p) => return Err(cx.err(p.span(), format!("invalid port {} (1 to 65535)", p.get_ref()))),
+        None => vunet_switch::vxlan::DEFAULT_PORT,
+    };
+    let mut remotes = Vec::new();
+    for r in raw.remotes.iter().flat_map(|r| r.get_ref()) {
+        match r.get_ref().parse::<Ipv4Addr>() {
+            Ok(a) if a == local => return Err(cx.err(r.span(), format!("remote {a} is the local address"))),
+            Ok(a) if !a.is_unspecified() && !a.is_multicast() && !a.is_broadcast() => {
+                if remotes.contains(&a) {
+                    return Err(cx.err(r.span(), format!("remote {a} is listed twice")));
+                }
+                remotes.push(a);
+            }
+            _ => return Err(cx.err(r.span(), format!("invalid remote address {:?} (a unicast IPv4 address)", r.get_ref()))),
+        }
+    }
+    if remotes.is_empty() && group.is_none() {
+        return Err(cx.err(u.span(), format!("network {net:?}: a vxlan uplink needs `remotes` (or a multicast `group`) to flood to")));
+    }
+    Ok(Some(VxlanConfig { vni, local, port, remotes, group }))
+}
+
+/// The MTU of the interface that holds `addr` (None if no interface does).
+pub fn mtu_of_address(addr: Ipv4Addr) -> Option<u32> {
+    std::fs::read_to_string(format!("/sys/class/net/{}/mtu", interface_of_address(addr)?)).ok()?.trim().parse().ok()
+}
+
+/// The name of the interface that holds `addr` (None if no interface does).
+pub fn interface_of_address(addr: Ipv4Addr) -> Option<String> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, freed below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return None;
+    }
+    let mut name = None;
+    let mut p = list;
+    while !p.is_null() {
+        // SAFETY: a node of the list getifaddrs made.
+        let ifa = unsafe { &*p };
+        // SAFETY: an AF_INET address is a sockaddr_in.
+        if !ifa.ifa_addr.is_null() && unsafe { (*ifa.ifa_addr).sa_family } as i32 == libc::AF_INET {
+            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+            if Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)) == addr {
+                // SAFETY: ifa_name is a NUL-terminated string.
+                name = Some(unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned());
+                break;
+            }
+        }
+        p = ifa.ifa_next;
+    }
+    // SAFETY: the list getifaddrs made, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    name
 }
 
 /// A port or port range: `22`, `"22"` or `"8000-8010"`.
@@ -1348,6 +1469,7 @@ impl Config {
         let mut net_names = HashSet::new();
         let mut sockets = HashSet::new();
         let mut taps = HashSet::new();
+        let mut vxlan_sockets = HashSet::new();
         if raw.network.is_empty() {
             return Err(ConfigError::File { file: file.to_string(), msg: "no [[network]] defined".into() });
         }
@@ -1400,6 +1522,7 @@ impl Config {
                 }
                 None => 1500,
             };
+            let mut mtu = mtu;
             let busy_poll_us = match &n.busy_poll_us {
                 Some(b) => {
                     let v = *b.get_ref();
@@ -1465,6 +1588,42 @@ impl Config {
             if let Some(u) = uplink.as_ref().filter(|u| u.kind == UplinkKind::Tap) {
                 if !taps.insert(u.interface.clone()) {
                     return Err(cx.err(n.uplink.as_ref().map(|u| u.span()).unwrap_or(0..0), format!("tap {} is used twice", u.interface)));
+                }
+            }
+            if let Some(v) = uplink.as_ref().and_then(|u| u.vxlan.as_ref()) {
+                // Networks share a (local, port) and are told apart by their VNI; a group's
+                // socket is the network's own.
+                if v.group.is_some_and(|g| !vxlan_sockets.insert((g, v.port, 0))) {
+                    return Err(cx.err(
+                        n.uplink.as_ref().map(|u| u.span()).unwrap_or(0..0),
+                        format!(
+                            "network {name:?}: group {}:{} is another network's uplink's already",
+                            v.group.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                            v.port
+                        ),
+                    ));
+                }
+                if !vxlan_sockets.insert((v.local, v.port, v.vni)) {
+                    return Err(cx.err(
+                        n.uplink.as_ref().map(|u| u.span()).unwrap_or(0..0),
+                        format!("network {name:?}: VNI {} on {}:{} is another network's uplink already", v.vni, v.local, v.port),
+                    ));
+                }
+                // The inner frames ride in the underlay's packets: 50 bytes less by default.
+                let underlay = mtu_of_address(v.local);
+                let fits = underlay
+                    .unwrap_or(1500)
+                    .saturating_sub(u32::from(vunet_switch::vxlan::OVERHEAD))
+                    .clamp(68, u32::from(vunet_switch::MAX_MTU)) as u16;
+                match &n.mtu {
+                    None => mtu = fits,
+                    Some(m) if mtu > fits => warnings.push(format!(
+                        "{}:{}: network {name:?}: mtu {mtu} with a vxlan uplink: the underlay ({}) fits {fits}; larger packets are fragmented",
+                        cx.file,
+                        cx.line_of(m.span()),
+                        underlay.map_or("MTU 1500 assumed".to_string(), |u| format!("MTU {u}"))
+                    )),
+                    Some(_) => {}
                 }
             }
             let (routing, socket_nat) = parse_routing(&cx, &n, &name, mode, gateway, gateway6, uplink.as_ref(), &mut warnings)?;
@@ -1999,6 +2158,67 @@ via = "10.10.12.10"
                 "vunet.toml:8: uplink mac is only for kind = \"macvtap\"",
             ),
             (net("bridge", "kind = \"tap\"\ninterface = \"eth1\"\ncolour = 1"), "vunet.toml:8: unknown field `colour`"),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{e:?} should start with {want:?}");
+        }
+    }
+
+    #[test]
+    fn vxlan_uplinks_parse_default_their_mtu_and_their_mistakes_name_the_line() {
+        let net = |mode: &str, extra: &str, uplink: &str| {
+            format!("[[network]]\nname = \"a\"\nmode = \"{mode}\"\ngateway = \"10.0.0.1/24\"\n{extra}[network.uplink]\n{uplink}\n")
+        };
+        let ok = "kind = \"vxlan\"\nvni = 42\nlocal = \"127.0.0.1\"\nremotes = [\"10.9.0.2\", \"10.9.0.3\"]";
+        let c = parse(&net("bridge", "", ok)).unwrap();
+        let u = c.networks[0].uplink.clone().unwrap();
+        assert_eq!((u.kind, u.interface.as_str()), (UplinkKind::Vxlan, "vxlan42"));
+        let v = u.vxlan.unwrap();
+        assert_eq!((v.vni, v.local, v.port), (42, Ipv4Addr::LOCALHOST, 4789));
+        assert_eq!(v.remotes, vec![Ipv4Addr::new(10, 9, 0, 2), Ipv4Addr::new(10, 9, 0, 3)]);
+        // The underlay is loopback here: its MTU minus the 50 bytes of encapsulation.
+        let lo: u32 = std::fs::read_to_string("/sys/class/net/lo/mtu").unwrap().trim().parse().unwrap();
+        assert_eq!(mtu_of_address(Ipv4Addr::LOCALHOST), Some(lo));
+        let want = (lo - 50).min(u32::from(vunet_switch::MAX_MTU)) as u16;
+        assert_eq!(c.networks[0].mtu, want, "the network's MTU defaults to the underlay's minus 50 (at most MAX_MTU)");
+        let c = parse(&net("bridge", "mtu = 1400\n", ok)).unwrap();
+        assert_eq!(c.networks[0].mtu, 1400, "an explicit MTU stays");
+        let c = parse(&net("bridge", "", "kind = \"vxlan\"\nvni = 7\nlocal = \"127.0.0.1\"\ngroup = \"239.1.1.1\"")).unwrap();
+        let v = c.networks[0].uplink.as_ref().and_then(|u| u.vxlan.clone()).unwrap();
+        assert_eq!((v.group, v.remotes.len()), (Some(Ipv4Addr::new(239, 1, 1, 1)), 0), "a group instead of remotes");
+        let c = parse(&net("isolated", "", &format!("{ok}\nport = 8472"))).unwrap();
+        assert_eq!(
+            c.networks[0].uplink.as_ref().and_then(|u| u.vxlan.as_ref()).map(|v| v.port),
+            Some(8472),
+            "an isolated network spans hosts"
+        );
+        let twice = format!("{}{}", net("bridge", "", ok), net("bridge", "", ok).replace("name = \"a\"", "name = \"b\""));
+        // Two networks share a socket with two VNIs.
+        let shared = twice.replacen("vni = 42", "vni = 43", 1);
+        assert_eq!(parse(&shared).unwrap().networks.len(), 2, "two VNIs on one local address and port");
+        let cases = [
+            (
+                net("bridge", "", "kind = \"vxlan\"\nlocal = \"127.0.0.1\"\nremotes = [\"10.9.0.2\"]"),
+                "vunet.toml:5: network \"a\": a vxlan uplink needs a vni",
+            ),
+            (net("bridge", "", &ok.replace("vni = 42", "vni = 16777216")), "vunet.toml:7: invalid vni 16777216"),
+            (net("bridge", "", &ok.replace("127.0.0.1", "0.0.0.0")), "vunet.toml:8: invalid local address"),
+            (net("bridge", "", &ok.replace("10.9.0.3", "10.9.0.2")), "vunet.toml:9: remote 10.9.0.2 is listed twice"),
+            (net("bridge", "", &ok.replace("10.9.0.3", "224.0.0.1")), "vunet.toml:9: invalid remote address \"224.0.0.1\""),
+            (
+                net("bridge", "", "kind = \"vxlan\"\nvni = 1\nlocal = \"127.0.0.1\""),
+                "vunet.toml:5: network \"a\": a vxlan uplink needs `remotes` (or a multicast `group`)",
+            ),
+            (net("bridge", "", &format!("{ok}\ngroup = \"10.1.1.1\"")), "vunet.toml:10: invalid group \"10.1.1.1\""),
+            (net("bridge", "", &format!("{ok}\ninterface = \"eth0\"")), "vunet.toml:10: a vxlan uplink has no interface"),
+            (net("bridge", "", &format!("{ok}\nport = 0")), "vunet.toml:10: invalid port 0"),
+            (
+                net("bridge", "", "kind = \"af-packet\"\ninterface = \"eth1\"\nvni = 4"),
+                "vunet.toml:8: network \"a\": vni, local, port, remotes and group are for kind = \"vxlan\"",
+            ),
+            (net("bridge", "", "kind = \"af-packet\""), "vunet.toml:5: network \"a\": uplink kind \"af-packet\" needs an interface"),
+            (twice, "vunet.toml:14: network \"b\": VNI 42 on 127.0.0.1:4789 is another network's uplink already"),
         ];
         for (text, want) in cases {
             let e = parse(&text).unwrap_err().to_string();

@@ -344,6 +344,14 @@ fn port_info(p: &Port) -> Value {
         },
         // `untagged`, `access 10`, `trunk 10,20 native 10`, `vlan 100 of the LAN`.
         "vlan": p.vlan.describe(),
+        "vxlan": p.link.as_ref().and_then(|l| l.tunnel()).map(|t| json!({
+            "vni": t.vni,
+            "local": t.local,
+            "remotes": t.remotes,
+            "group": t.group,
+            "learned": t.learned.iter().map(|(mac, remote, age)| json!({ "mac": mac, "remote": remote, "age_s": age })).collect::<Vec<_>>(),
+            "evicted": t.evicted,
+        })),
     })
 }
 
@@ -457,6 +465,26 @@ pub fn render(req: &Request, v: &Value) -> String {
                         "  {}{}\n",
                         if p["isolated"] == Value::Bool(true) { "isolated " } else { "" },
                         if limits.is_empty() { String::new() } else { format!("limits: {}", limits.join(", ")) }
+                    ));
+                }
+                if p["vxlan"].is_object() {
+                    let x = &p["vxlan"];
+                    let list = |k: &str| {
+                        x[k].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+                    };
+                    let learned: Vec<String> = x["learned"]
+                        .as_array()
+                        .map(|a| a.iter().map(|e| format!("{}@{}", s(e, "mac"), s(e, "remote"))).collect())
+                        .unwrap_or_default();
+                    out.push_str(&format!(
+                        "  vxlan vni {} local {} remotes: {}{}\n  learned ({}, {} evicted): {}\n",
+                        s(x, "vni"),
+                        s(x, "local"),
+                        list("remotes"),
+                        if x["group"].is_string() { format!(" group {}", s(x, "group")) } else { String::new() },
+                        learned.len(),
+                        s(x, "evicted"),
+                        if learned.is_empty() { "-".to_string() } else { learned.join(" ") }
                     ));
                 }
                 let v6: Vec<&str> = p["ipv6"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();

@@ -459,8 +459,14 @@ fn print_summary(cfg: &Config) {
         let dns = if n.gateway.is_some() { ", DNS" } else { "" };
         let guests = n.ports.iter().filter(|p| p.tap.is_none()).count();
         println!("network {:?}: mode {}{gw}{dhcp}{dns}, mtu {}, {} guest port(s)", n.name, n.mode.name(), n.mtu, guests);
-        if let Some(u) = &n.uplink {
-            println!("  uplink {} on {}", u.kind.name(), u.interface);
+        match n.uplink.as_ref().map(|u| (u, &u.vxlan)) {
+            Some((_, Some(v))) => {
+                let remotes: Vec<String> = v.remotes.iter().map(|r| r.to_string()).collect();
+                let group = v.group.map(|g| format!(", group {g}")).unwrap_or_default();
+                println!("  uplink vxlan: VNI {} on {}:{}, remotes {}{group}", v.vni, v.local, v.port, remotes.join(" "));
+            }
+            Some((u, None)) => println!("  uplink {} on {}", u.kind.name(), u.interface),
+            None => {}
         }
         if let Some(s) = &n.socket_nat {
             println!(
@@ -486,6 +492,8 @@ fn print_summary(cfg: &Config) {
                 println!("  port {}: tap {} on the host", p.name, tap);
             }
         }
+        // QEMU offers the guest its own MTU setting, not the backend's: say it when not 1500.
+        let host_mtu = if n.mtu != 1500 { format!(",host_mtu={}", n.mtu) } else { String::new() };
         for (i, p) in n.ports.iter().filter(|p| p.tap.is_none()).enumerate() {
             let mac = p.mac.map(|m| vunet_switch::format_mac(&m)).unwrap_or_else(|| format!("52:54:00:00:00:{:02x}", i + 1));
             let chardev = match p.mode {
@@ -505,7 +513,7 @@ fn print_summary(cfg: &Config) {
                 p.socket.display()
             );
             println!(
-                "    qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=512M,share=on -machine memory-backend=mem {chardev} -netdev vhost-user,id=net0,chardev=vu0 -device virtio-net-pci,netdev=net0,mac={mac}"
+                "    qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=512M,share=on -machine memory-backend=mem {chardev} -netdev vhost-user,id=net0,chardev=vu0 -device virtio-net-pci,netdev=net0,mac={mac}{host_mtu}"
             );
         }
     }

@@ -80,10 +80,17 @@ pub enum DropReason {
     VlanNotAllowed,
     /// VLANs: an 802.1Q tag cut short by the frame's end, or VID 4095 (reserved).
     BadVlanTag,
+    /// VXLAN: a datagram shorter than the 8-byte VXLAN header.
+    VxlanShort,
+    /// VXLAN: the I flag is clear, or the VXLAN-GPE P bit is set (the payload may not be
+    /// Ethernet).
+    VxlanBadFlags,
+    /// VXLAN: a VNI this uplink does not carry.
+    VxlanUnknownVni,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 30] = [
+    pub const ALL: [DropReason; 33] = [
         DropReason::BadAddress,
         DropReason::ChainLoop,
         DropReason::BadDescriptor,
@@ -114,6 +121,9 @@ impl DropReason {
         DropReason::UncheckedIpv6,
         DropReason::VlanNotAllowed,
         DropReason::BadVlanTag,
+        DropReason::VxlanShort,
+        DropReason::VxlanBadFlags,
+        DropReason::VxlanUnknownVni,
     ];
 
     /// Stable name used in listings and metrics.
@@ -149,12 +159,15 @@ impl DropReason {
             DropReason::UncheckedIpv6 => "unchecked_ipv6",
             DropReason::VlanNotAllowed => "vlan_not_allowed",
             DropReason::BadVlanTag => "bad_vlan_tag",
+            DropReason::VxlanShort => "vxlan_short",
+            DropReason::VxlanBadFlags => "vxlan_bad_flags",
+            DropReason::VxlanUnknownVni => "vxlan_unknown_vni",
         }
     }
 }
 
 /// Frames, bytes and drops of one port.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct PortCounters {
     pub rx_frames: AtomicU64,
     pub rx_bytes: AtomicU64,
@@ -164,13 +177,32 @@ pub struct PortCounters {
 }
 
 /// A point-in-time copy of [`PortCounters`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CounterSnapshot {
     pub rx_frames: u64,
     pub rx_bytes: u64,
     pub tx_frames: u64,
     pub tx_bytes: u64,
     pub drops: [u64; DropReason::ALL.len()],
+}
+
+// By hand: `Default` is derived for arrays of at most 32 elements.
+impl Default for PortCounters {
+    fn default() -> Self {
+        PortCounters {
+            rx_frames: AtomicU64::new(0),
+            rx_bytes: AtomicU64::new(0),
+            tx_frames: AtomicU64::new(0),
+            tx_bytes: AtomicU64::new(0),
+            drops: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Default for CounterSnapshot {
+    fn default() -> Self {
+        CounterSnapshot { rx_frames: 0, rx_bytes: 0, tx_frames: 0, tx_bytes: 0, drops: [0; DropReason::ALL.len()] }
+    }
 }
 
 impl std::fmt::Display for CounterSnapshot {

@@ -13,6 +13,8 @@
 //! - [`vlan`]: 802.1Q VLANs: ingress classification and egress tagging per port mode (OVS's).
 //! - [`socknat`]: NAT through the host's own sockets: the TCP splice and UDP flows between a
 //!   guest's frames and host sockets that an I/O layer drives (docs/socket-nat.md).
+//! - [`vxlan`]: the VXLAN header, the outer source port's flow hash, and the bounded table of
+//!   inner MACs behind remote tunnel endpoints (docs/vxlan.md).
 
 pub mod arp;
 pub mod checksum;
@@ -34,6 +36,7 @@ pub mod socknat;
 pub mod udp6;
 pub mod vlan;
 pub mod vnet;
+pub mod vxlan;
 
 pub use counters::{DropReason, PortCounters};
 pub use mac_table::{Decision, MacTable, PortId};

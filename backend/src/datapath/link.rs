@@ -1,5 +1,5 @@
-//! The seam between the data path and a host-side link: today's af-packet, macvtap and tap
-//! uplinks and tap ports; later a VXLAN tunnel or the host-socket NAT endpoint. The data path
+//! The seam between the data path and a host-side link: the af-packet, macvtap, tap and
+//! VXLAN uplinks and tap ports. The data path
 //! sends through this trait and never names a link type; frames a link receives come in
 //! through `Inject`.
 
@@ -35,4 +35,25 @@ pub trait HostLink: Send + Sync {
     /// What `port-list` and `net-list` show: the link's kind ("af-packet", "macvtap", "tap")
     /// and its host interface.
     fn describe(&self) -> (&'static str, String);
+
+    /// A tunnel's endpoints, for `port-list` (None for a link that is not a tunnel).
+    fn tunnel(&self) -> Option<TunnelInfo> {
+        None
+    }
+}
+
+/// What `port-list` shows of a tunnel (a VXLAN uplink).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TunnelInfo {
+    pub vni: u32,
+    /// `address:port` it sends from and listens on.
+    pub local: String,
+    /// The flood list.
+    pub remotes: Vec<String>,
+    /// The multicast group flooded to as well.
+    pub group: Option<String>,
+    /// Learned inner MACs: (MAC, remote, seconds since last seen).
+    pub learned: Vec<(String, String, u64)>,
+    /// Learned entries replaced to keep the table within its bounds.
+    pub evicted: u64,
 }

@@ -51,7 +51,7 @@ pub mod fuzzing {
 pub use backlog::BACKLOG_MAX_FRAMES;
 pub use deliver::{deliver_made, flush_pending, run_shaper, TxScratch};
 pub use inject::Inject;
-pub use link::HostLink;
+pub use link::{HostLink, TunnelInfo};
 pub use network::Network;
 pub use port::{unix_now, CaptureBudget, Captured, Port, PortKind, RxShaper, RxTarget, MAX_QUEUE_PAIRS};
 pub use ring::{GuestMem, Vring};

@@ -83,8 +83,9 @@ fn open_tap(network: &str, tap: &str) -> Result<Uplink, crate::ports::uplink::Up
         mac: None,
         own_mac: false,
         vlan: vunet_switch::vlan::PortVlan::Untagged,
+        vxlan: None,
     };
-    Uplink::open(network, &u)
+    Uplink::open(network, &u, 1500)
 }
 
 impl Supervisor {
@@ -123,7 +124,7 @@ impl Supervisor {
             }
         }
         let uplink = match &n.uplink {
-            Some(u) => Some(Arc::new(Uplink::open(&n.name, u).map_err(uplink_err)?)),
+            Some(u) => Some(Arc::new(Uplink::open(&n.name, u, n.mtu).map_err(uplink_err)?)),
             None => None,
         };
         let built = build::network(n, self.state_dir.as_deref(), &taps)?;

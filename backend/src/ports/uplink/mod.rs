@@ -8,6 +8,9 @@
 //!   opens its `/dev/tapN` with a vnet header and offloads.
 //! - `tap`: vunet makes a tap on the host with a vnet header and offloads; the host can address
 //!   it, route it or put it in a kernel bridge.
+//! - `vxlan`: a VXLAN tunnel (RFC 7348) over UDP sockets to remote endpoints: no interface and
+//!   no privileges; frames are encapsulated on the way out and decapsulated on the way in
+//!   ([`vxlan`], docs/vxlan.md).
 //!
 //! Every uplink is watched: if its interface goes away (deleted, or re-created with a new index)
 //! the uplink closes, logs once, and reopens when the interface is back; a link that goes down
@@ -15,6 +18,7 @@
 
 mod netlink;
 mod rx;
+mod vxlan;
 
 pub use rx::run;
 
@@ -57,6 +61,8 @@ pub(super) struct Io {
     pub(super) hdr_len: usize,
     /// The index of the interface it is bound to, to notice a re-created interface.
     ifindex: u32,
+    /// A VXLAN tunnel's multicast group socket, read like `fd`.
+    pub(super) group: Option<OwnedFd>,
 }
 
 pub struct Uplink {
@@ -76,6 +82,8 @@ pub struct Uplink {
     /// Written by `close` to wake the RX thread out of `poll`, so it lets go of the descriptor.
     pub(super) wake: EventFd,
     pub(super) link_up: AtomicBool,
+    /// kind = "vxlan": the tunnel (the receiving socket is `io`).
+    tunnel: Option<vxlan::Tunnel>,
 }
 
 /// Why an uplink could not start.
@@ -85,6 +93,8 @@ pub enum UplinkError {
     NoInterface(String),
     #[error("uplink {name:?}: {reason}")]
     Open { name: String, reason: String },
+    #[error("vxlan uplink: local address {0} is not an address of this host")]
+    NoLocalAddress(std::net::Ipv4Addr),
 }
 
 fn ifindex(name: &str) -> Option<u32> {
@@ -193,7 +203,7 @@ fn open_af_packet(name: &str) -> io::Result<Io> {
             std::mem::size_of::<libc::packet_mreq>() as u32,
         ))?;
     }
-    Ok(Io { fd, hdr_len, ifindex: index })
+    Ok(Io { fd, hdr_len, ifindex: index, group: None })
 }
 
 /// Sets up a tap-like descriptor (a tun/tap or macvtap file): vnet header, offloads.
@@ -221,7 +231,7 @@ fn open_tap(name: &str) -> io::Result<Io> {
     tap_setup(&fd, name)?;
     set_up(name)?;
     let index = ifindex(name).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
-    Ok(Io { fd, hdr_len: HDR_LEN_LEGACY, ifindex: index })
+    Ok(Io { fd, hdr_len: HDR_LEN_LEGACY, ifindex: index, group: None })
 }
 
 fn open_macvtap(parent: &str, name: &str, mac: Option<Mac>, mode: u32) -> io::Result<Io> {
@@ -237,21 +247,32 @@ fn open_macvtap(parent: &str, name: &str, mac: Option<Mac>, mode: u32) -> io::Re
     let index = ifindex(name).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
     let fd = open_file(&format!("/dev/tap{index}"))?;
     tap_setup(&fd, name)?;
-    Ok(Io { fd, hdr_len: HDR_LEN_LEGACY, ifindex: index })
+    Ok(Io { fd, hdr_len: HDR_LEN_LEGACY, ifindex: index, group: None })
 }
 
 impl Uplink {
     /// What `open` would refuse for a missing interface, found without opening or creating
     /// anything (a tap is made by vunet; the other kinds attach to an interface that exists).
     pub fn check(cfg: &UplinkConfig) -> Result<(), UplinkError> {
-        if cfg.kind != UplinkKind::Tap && ifindex(&cfg.interface).is_none() {
+        if let Some(v) = &cfg.vxlan {
+            if crate::config::interface_of_address(v.local).is_none() {
+                return Err(UplinkError::NoLocalAddress(v.local));
+            }
+        }
+        if !matches!(cfg.kind, UplinkKind::Tap | UplinkKind::Vxlan) && ifindex(&cfg.interface).is_none() {
             return Err(UplinkError::NoInterface(cfg.interface.clone()));
         }
         Ok(())
     }
 
-    /// Opens the uplink of network `network`; a missing interface is the caller's error.
-    pub fn open(network: &str, cfg: &UplinkConfig) -> Result<Uplink, UplinkError> {
+    /// Opens the uplink of network `network` (of MTU `mtu`); a missing interface is the
+    /// caller's error.
+    pub fn open(network: &str, cfg: &UplinkConfig, mtu: u16) -> Result<Uplink, UplinkError> {
+        let open_err = |e: io::Error| match (e.raw_os_error(), &cfg.vxlan) {
+            (Some(libc::EADDRNOTAVAIL), Some(v)) => UplinkError::NoLocalAddress(v.local),
+            _ => UplinkError::Open { name: cfg.interface.clone(), reason: crate::config::io_reason(&e) },
+        };
+        let tunnel = cfg.vxlan.as_ref().map(|v| vxlan::Tunnel::new(v, mtu)).transpose().map_err(open_err)?;
         let (ifname, parent) = match cfg.kind {
             UplinkKind::Macvtap => (cfg.name.clone().unwrap_or_else(|| macvtap_name(network)), Some(cfg.interface.clone())),
             _ => (cfg.interface.clone(), None),
@@ -265,13 +286,21 @@ impl Uplink {
             io: ArcSwapOption::empty(),
             wake: EventFd::new(EFD_NONBLOCK).map_err(|e| UplinkError::Open { name: cfg.interface.clone(), reason: e.to_string() })?,
             link_up: AtomicBool::new(true),
+            tunnel,
         };
         let lower = up.parent.as_deref().unwrap_or(&up.ifname);
-        if cfg.kind != UplinkKind::Tap && ifindex(lower).is_none() {
+        if !matches!(cfg.kind, UplinkKind::Tap | UplinkKind::Vxlan) && ifindex(lower).is_none() {
             return Err(UplinkError::NoInterface(lower.to_string()));
         }
         let io = up.open_io().map_err(|e| UplinkError::Open { name: up.ifname.clone(), reason: crate::config::io_reason(&e) })?;
-        info!(network = %network, "uplink {} {} ready ({})", cfg.kind.name(), up.ifname, if io.hdr_len > 0 { "offloads on" } else { "no vnet header: TSO segmented in software" });
+        match &up.tunnel {
+            Some(t) => {
+                info!(network = %network, "uplink vxlan: VNI {} on {}:{} to {:?} (group {:?}) ready", t.cfg.vni, t.cfg.local, t.cfg.port, t.cfg.remotes, t.cfg.group)
+            }
+            None => {
+                info!(network = %network, "uplink {} {} ready ({})", cfg.kind.name(), up.ifname, if io.hdr_len > 0 { "offloads on" } else { "no vnet header: TSO segmented in software" })
+            }
+        }
         up.io.store(Some(Arc::new(io)));
         Ok(up)
     }
@@ -281,6 +310,7 @@ impl Uplink {
             UplinkKind::AfPacket => open_af_packet(&self.ifname),
             UplinkKind::Tap => open_tap(&self.ifname),
             UplinkKind::Macvtap => open_macvtap(self.parent.as_deref().unwrap_or_default(), &self.ifname, self.mac, self.macvtap_mode),
+            UplinkKind::Vxlan => self.tunnel.as_ref().ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?.open(),
         }
     }
 
@@ -288,6 +318,11 @@ impl Uplink {
     pub(super) fn watch(&self, network: &str) -> bool {
         let current = self.io.load().as_ref().map(|io| io.ifindex);
         let Some(index) = current else { return false };
+        if let Some(t) = &self.tunnel {
+            // A socket, no interface to watch; the learned endpoints age here.
+            t.expire();
+            return true;
+        }
         if ifindex(&self.ifname) != Some(index) {
             warn!(network = %network, "uplink {}: the interface is gone; waiting for it to come back", self.ifname);
             self.io.store(None);
@@ -307,7 +342,7 @@ impl Uplink {
     /// Reopens a closed uplink once its interface is back.
     pub(super) fn try_reopen(&self, network: &str) {
         let lower = self.parent.as_deref().unwrap_or(&self.ifname);
-        if self.kind != UplinkKind::Tap && ifindex(lower).is_none() {
+        if !matches!(self.kind, UplinkKind::Tap | UplinkKind::Vxlan) && ifindex(lower).is_none() {
             return;
         }
         match self.open_io() {
@@ -324,6 +359,8 @@ impl Uplink {
 impl HostLink for Uplink {
     /// What the uplink accepts, as a receiver: everything with a vnet header (the kernel
     /// segments what it must), complete frames of at most the MTU without. None while closed.
+    /// A VXLAN tunnel takes complete frames (TSO segmented, checksums completed by the data
+    /// path) of at most the network's MTU.
     fn caps(&self) -> Option<RxCaps> {
         let hdr_len = self.io.load().as_ref()?.hdr_len;
         let offloads = hdr_len > 0;
@@ -335,6 +372,9 @@ impl HostLink for Uplink {
     fn send(&self, iov: &[libc::iovec]) -> Result<(), DropReason> {
         let io = self.io.load();
         let Some(io) = io.as_ref() else { return Err(DropReason::PortDown) };
+        if let Some(t) = &self.tunnel {
+            return t.send(iov);
+        }
         // SAFETY: the iovecs point at memory the caller keeps alive for this call.
         let n = unsafe { libc::writev(io.fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
         if n >= 0 {
@@ -390,6 +430,9 @@ impl HostLink for Uplink {
     /// Closes the uplink for good (its port or network was removed); a tap vunet made goes
     /// away with its descriptor.
     fn close(&self) {
+        if let Some(t) = &self.tunnel {
+            t.leave();
+        }
         let Some(io) = self.io.swap(None) else { return };
         let _ = self.wake.write(1);
         // The descriptor closes when its last holder lets go: the RX thread (woken above, it
@@ -403,6 +446,10 @@ impl HostLink for Uplink {
 
     fn describe(&self) -> (&'static str, String) {
         (self.kind.name(), self.ifname.clone())
+    }
+
+    fn tunnel(&self) -> Option<crate::datapath::TunnelInfo> {
+        self.tunnel.as_ref().map(|t| t.info())
     }
 }
 
@@ -432,9 +479,10 @@ mod tests {
             parent: None,
             mac: None,
             macvtap_mode: MACVLAN_MODE_BRIDGE,
-            io: ArcSwapOption::from_pointee(Io { fd: ours, hdr_len: 0, ifindex: 0 }),
+            io: ArcSwapOption::from_pointee(Io { fd: ours, hdr_len: 0, ifindex: 0, group: None }),
             wake: EventFd::new(EFD_NONBLOCK).unwrap(),
             link_up: AtomicBool::new(true),
+            tunnel: None,
         };
         (Arc::new(up), theirs)
     }

@@ -56,14 +56,18 @@ pub fn run(mut inject: Inject, port: Arc<Port>, up: Arc<Uplink>) {
         };
         let fd = io.fd.as_raw_fd();
         let hdr_len = io.hdr_len;
+        // A VXLAN tunnel is also woken by the networks it shares its socket with.
+        let handed = up.tunnel.as_ref().map(|t| t.wake_fd());
         let mut pfd = [
             libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: up.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: handed.unwrap_or(-1), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: io.group.as_ref().map_or(-1, |g| g.as_raw_fd()), events: libc::POLLIN, revents: 0 },
         ];
         // A router has timers (ARP retries, expiry) to run between frames.
         let timeout = if routes { ROUTER_TICK } else { WATCH };
-        // SAFETY: two valid pollfds.
-        let ready = unsafe { libc::poll(pfd.as_mut_ptr(), 2, timeout.as_millis() as i32) };
+        // SAFETY: four pollfds (a negative fd is ignored).
+        let ready = unsafe { libc::poll(pfd.as_mut_ptr(), 4, timeout.as_millis() as i32) };
         if pfd[1].revents != 0 {
             // `close` asks for the descriptor: let go of it and look at why.
             let _ = up.wake.read();
@@ -83,11 +87,16 @@ pub fn run(mut inject: Inject, port: Arc<Port>, up: Arc<Uplink>) {
                 }
             }
         }
-        if ready <= 0 || pfd[0].revents == 0 {
+        if ready <= 0 || (pfd[0].revents == 0 && pfd[2].revents == 0 && pfd[3].revents == 0) {
             continue;
         }
-        let got = match up.kind {
-            UplinkKind::AfPacket => recv_packets(fd, hdr_len, &mut bufs, &mut starts, &mut lens, &mut outgoing),
+        let got = match (up.kind, &up.tunnel) {
+            (UplinkKind::Vxlan, Some(t)) => {
+                // The group's socket when only it has datagrams; the next round reads the other.
+                let from = if pfd[0].revents == 0 && pfd[2].revents == 0 { pfd[3].fd } else { fd };
+                super::vxlan::recv(from, t, &mut bufs, &mut starts, &mut lens, &port.counters)
+            }
+            (UplinkKind::AfPacket, _) => recv_packets(fd, hdr_len, &mut bufs, &mut starts, &mut lens, &mut outgoing),
             _ => read_frames(fd, &mut bufs, &mut lens).inspect(|_| starts = [0; BATCH]),
         };
         drop(io);

@@ -1,0 +1,491 @@
+//! The VXLAN uplink's tunnel: a UDP socket bound to `local:port` that receives the remotes'
+//! datagrams (one per address and port in the daemon, shared by the networks that use it and
+//! demultiplexed by VNI), a few more bound to `local` on ports the kernel picks that send them (the
+//! sending socket is chosen by a hash of the inner flow, so the underlay's ECMP and RSS see
+//! several outer source ports, as RFC 7348 asks, without a raw socket's privileges), and the
+//! table of which remote each inner MAC is behind. The encapsulation is an iovec in front of
+//! the frame's own: frames are not copied on the way out.
+//!
+//! Every network's receive thread polls the shared socket (through a descriptor of its own, a
+//! `dup`): whichever reads a datagram of another network's VNI queues a copy for that network
+//! and wakes its thread; one of no network's VNI is counted (`vxlan_unknown_vni`) by the
+//! reader.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use vunet_switch::vxlan::{self, Decap, Table, Target};
+use vunet_switch::{format_mac, DropReason};
+
+use super::{check, setsockopt_int, Io};
+use crate::config::VxlanConfig;
+use crate::datapath::TunnelInfo;
+
+/// Sockets the outer source ports are spread over.
+const SENDERS: usize = 8;
+/// Learned entries of one tunnel, and of one remote.
+const CAPACITY: usize = 4096;
+const QUOTA: usize = 1024;
+/// The bytes of an inner frame its flow hash looks at (Ethernet, a VLAN tag, IPv6, ports).
+const HASH_BYTES: usize = 14 + 4 + 40 + 4;
+/// A frame's iovecs sent without an allocation (the data path gives at most 64).
+const STACK_IOVS: usize = 64;
+/// Datagrams queued for a network by the others' threads, at most.
+const QUEUE: usize = 1024;
+
+/// The receiving socket of one (local, port) and the networks (by VNI) that share it.
+struct Shared {
+    fd: OwnedFd,
+    members: Mutex<HashMap<u32, Arc<Member>>>,
+}
+
+/// What other networks' threads hand one network: datagrams of its VNI they read.
+struct Member {
+    queue: Mutex<VecDeque<(Vec<u8>, Ipv4Addr)>>,
+    wake: EventFd,
+    /// Datagrams lost to a full queue, counted on the network's uplink when it next reads.
+    overflow: AtomicU64,
+}
+
+/// A shared socket's address and port.
+type Endpoint = (Ipv4Addr, u16);
+
+/// The shared sockets of this process (dropped with their last network).
+static SHARED: Mutex<Vec<(Endpoint, Weak<Shared>)>> = Mutex::new(Vec::new());
+
+/// Joins (or opens) the receiving socket of `ip:port` for VNI `vni`; refused if another
+/// network of the daemon has that VNI there.
+fn join(ip: Ipv4Addr, port: u16, vni: u32, member: &Arc<Member>) -> io::Result<Arc<Shared>> {
+    let mut all = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    all.retain(|(_, w)| w.strong_count() > 0);
+    let shared = match all.iter().find(|(k, _)| *k == (ip, port)).and_then(|(_, w)| w.upgrade()) {
+        Some(s) => s,
+        None => {
+            let s = Arc::new(Shared { fd: udp_socket(ip, port, 4 << 20)?, members: Mutex::new(HashMap::new()) });
+            all.push(((ip, port), Arc::downgrade(&s)));
+            s
+        }
+    };
+    let mut members = shared.members.lock().unwrap_or_else(|e| e.into_inner());
+    match members.get(&vni) {
+        Some(m) if !Arc::ptr_eq(m, member) => {
+            return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("VNI {vni} on {ip}:{port} is another network's")))
+        }
+        _ => members.insert(vni, member.clone()),
+    };
+    drop(members);
+    Ok(shared)
+}
+
+pub(super) struct Tunnel {
+    pub cfg: VxlanConfig,
+    decap: Decap,
+    table: Mutex<Table>,
+    senders: Vec<OwnedFd>,
+    epoch: Instant,
+    member: Arc<Member>,
+    /// The receiving socket while open.
+    shared: Mutex<Option<Arc<Shared>>>,
+}
+
+fn sockaddr(ip: Ipv4Addr, port: u16) -> libc::sockaddr_in {
+    // SAFETY: a zeroed sockaddr_in is valid; the fields are set below.
+    let mut a: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    a.sin_family = libc::AF_INET as libc::sa_family_t;
+    a.sin_port = port.to_be();
+    a.sin_addr.s_addr = u32::from(ip).to_be();
+    a
+}
+
+/// A non-blocking UDP socket bound to `ip:port` (0: a port the kernel picks).
+fn udp_socket(ip: Ipv4Addr, port: u16, rcvbuf: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: socket(2); the descriptor is owned at once.
+    let fd = unsafe {
+        OwnedFd::from_raw_fd(check(libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0))?)
+    };
+    let raw = fd.as_raw_fd();
+    // Like the kernel's vxlan device by default: no DF bit, the underlay may fragment.
+    setsockopt_int(raw, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DONT)?;
+    for (force, plain, size) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, rcvbuf), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, 4 << 20)] {
+        if setsockopt_int(raw, libc::SOL_SOCKET, force, size).is_err() {
+            let _ = setsockopt_int(raw, libc::SOL_SOCKET, plain, size);
+        }
+    }
+    let a = sockaddr(ip, port);
+    // SAFETY: binding to a valid sockaddr_in of its size.
+    check(unsafe { libc::bind(raw, (&a as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32) })?;
+    Ok(fd)
+}
+
+/// A socket bound to `group:port` that joined the group on `local`'s interface: what the
+/// other endpoints flood to the group.
+fn group_socket(group: Ipv4Addr, port: u16, local: Ipv4Addr) -> io::Result<OwnedFd> {
+    let fd = udp_socket(group, port, 4 << 20)?;
+    let m = libc::ip_mreq {
+        imr_multiaddr: libc::in_addr { s_addr: u32::from(group).to_be() },
+        imr_interface: libc::in_addr { s_addr: u32::from(local).to_be() },
+    };
+    // SAFETY: IP_ADD_MEMBERSHIP takes an ip_mreq of its size.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_ADD_MEMBERSHIP,
+            (&m as *const libc::ip_mreq).cast(),
+            std::mem::size_of::<libc::ip_mreq>() as u32,
+        )
+    })?;
+    Ok(fd)
+}
+
+impl Tunnel {
+    /// The tunnel of `cfg` for a network of MTU `mtu`; its senders are bound at once (an
+    /// address that is not this host's fails here, with the reason).
+    pub fn new(cfg: &VxlanConfig, mtu: u16) -> io::Result<Tunnel> {
+        // The receiving socket is `open_io`'s; these only send, and take nothing in.
+        let senders = (0..SENDERS).map(|_| udp_socket(cfg.local, 0, 4096)).collect::<io::Result<Vec<_>>>()?;
+        for s in &senders {
+            // RFC 7348: the outer UDP checksum SHOULD be zero over IPv4 (the inner frame has its
+            // own), as the kernel's vxlan device sends by default; no checksum pass either.
+            setsockopt_int(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NO_CHECK, 1)?;
+        }
+        if cfg.group.is_some() {
+            for s in &senders {
+                let raw = s.as_raw_fd();
+                // Out of `local`'s interface, one hop (the kernel's vxlan default for a group),
+                // and not back to this host's own sockets.
+                let ifaddr = libc::in_addr { s_addr: u32::from(cfg.local).to_be() };
+                // SAFETY: IP_MULTICAST_IF takes an in_addr of its size.
+                check(unsafe {
+                    libc::setsockopt(
+                        raw,
+                        libc::IPPROTO_IP,
+                        libc::IP_MULTICAST_IF,
+                        (&ifaddr as *const libc::in_addr).cast(),
+                        std::mem::size_of::<libc::in_addr>() as u32,
+                    )
+                })?;
+                setsockopt_int(raw, libc::IPPROTO_IP, libc::IP_MULTICAST_TTL, 1)?;
+                setsockopt_int(raw, libc::IPPROTO_IP, libc::IP_MULTICAST_LOOP, 0)?;
+            }
+        }
+        Ok(Tunnel {
+            cfg: cfg.clone(),
+            // The inner frame: the MTU, an Ethernet header and one VLAN tag.
+            decap: Decap { vni: cfg.vni, max_inner: mtu as usize + 14 + 4 },
+            table: Mutex::new(Table::new(vunet_switch::mac_table::DEFAULT_AGING_MS, CAPACITY, QUOTA)),
+            senders,
+            epoch: Instant::now(),
+            member: Arc::new(Member { queue: Mutex::new(VecDeque::new()), wake: EventFd::new(EFD_NONBLOCK)?, overflow: AtomicU64::new(0) }),
+            shared: Mutex::new(None),
+        })
+    }
+
+    /// Written when another network's thread queued a datagram for this one.
+    pub fn wake_fd(&self) -> RawFd {
+        self.member.wake.as_raw_fd()
+    }
+
+    /// Leaves the shared socket (the uplink closed): its VNI is free for another network, and
+    /// the socket closes with its last network.
+    pub fn leave(&self) {
+        let Some(shared) = self.shared.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+        let mut members = shared.members.lock().unwrap_or_else(|e| e.into_inner());
+        if members.get(&self.cfg.vni).is_some_and(|m| Arc::ptr_eq(m, &self.member)) {
+            members.remove(&self.cfg.vni);
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The receiving socket, bound to `local:port` (shared with the daemon's other networks
+    /// there): a descriptor of its own for this network's thread.
+    pub fn open(&self) -> io::Result<Io> {
+        let shared = join(self.cfg.local, self.cfg.port, self.cfg.vni, &self.member)?;
+        // SAFETY: dup(2) of a descriptor we hold; the copy is owned at once.
+        let fd = unsafe { OwnedFd::from_raw_fd(check(libc::fcntl(shared.fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0))?) };
+        *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(shared);
+        let group = self.cfg.group.map(|g| group_socket(g, self.cfg.port, self.cfg.local)).transpose()?;
+        Ok(Io { fd, hdr_len: 0, ifindex: 0, group })
+    }
+
+    /// Hands datagram `d` of VNI `vni` to the network of the shared socket that has it; false
+    /// if none has.
+    fn hand_over(&self, vni: u32, d: &[u8], from: Ipv4Addr) -> bool {
+        let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(m) = shared.and_then(|s| s.members.lock().unwrap_or_else(|e| e.into_inner()).get(&vni).cloned()) else { return false };
+        let mut q = m.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= QUEUE {
+            m.overflow.fetch_add(1, Ordering::Relaxed);
+        } else {
+            q.push_back((d.to_vec(), from));
+        }
+        drop(q);
+        let _ = m.wake.write(1);
+        true
+    }
+
+    /// Forgets learned entries past their age (once a second, from the RX thread).
+    pub fn expire(&self) {
+        let now = self.now_ms();
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).expire(now);
+    }
+
+    /// Checks datagram `d` from `from` and learns its inner source: the inner frame's offset
+    /// and length.
+    pub fn input(&self, d: &[u8], from: Ipv4Addr) -> Result<(usize, usize), DropReason> {
+        let now = self.now_ms();
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        self.decap.input(d, from, &mut t, now)
+    }
+
+    /// Encapsulates the frame in `iov` and sends it to the remote its destination was learned
+    /// behind, or to every remote. Never blocks.
+    pub fn send(&self, iov: &[libc::iovec]) -> Result<(), DropReason> {
+        // The head of the frame, gathered: its destination MAC and its flow.
+        let mut head = [0u8; HASH_BYTES];
+        let mut n = 0;
+        for v in iov {
+            let take = v.iov_len.min(HASH_BYTES - n);
+            if take > 0 {
+                // SAFETY: the caller's iovecs point at live memory of their length.
+                let src = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, take) };
+                head[n..n + take].copy_from_slice(src);
+                n += take;
+            }
+            if n == HASH_BYTES {
+                break;
+            }
+        }
+        if n < vunet_switch::MIN_FRAME_LEN {
+            return Err(DropReason::ShortFrame);
+        }
+        let head = &head[..n];
+        let dst = vunet_switch::dst_mac(head);
+        let target = self.table.lock().unwrap_or_else(|e| e.into_inner()).lookup(self.cfg.vni, &dst, self.now_ms());
+        let sock = self.senders[vxlan::flow_hash(head) as usize % self.senders.len()].as_raw_fd();
+        let mut hdr = vxlan::header(self.cfg.vni);
+        // The header's iovec in front of the frame's: on the stack for the data path's frames
+        // (at most 64 pieces), no allocation per frame.
+        let head_iov = libc::iovec { iov_base: hdr.as_mut_ptr().cast(), iov_len: hdr.len() };
+        let mut stack = [head_iov; 1 + STACK_IOVS];
+        let mut heap = Vec::new();
+        let all: &mut [libc::iovec] = if iov.len() <= STACK_IOVS {
+            stack[1..=iov.len()].copy_from_slice(iov);
+            &mut stack[..=iov.len()]
+        } else {
+            heap.push(head_iov);
+            heap.extend_from_slice(iov);
+            &mut heap
+        };
+        match target {
+            Target::One(ip) => send_to(sock, all, ip, self.cfg.port),
+            Target::Flood => {
+                // Delivered if one remote took it; the last error otherwise.
+                let mut result = Err(DropReason::PortDown);
+                for &ip in self.cfg.group.iter().chain(&self.cfg.remotes) {
+                    let r = send_to(sock, all, ip, self.cfg.port);
+                    if result.is_err() {
+                        result = r;
+                    }
+                }
+                result
+            }
+        }
+    }
+
+    pub fn info(&self) -> TunnelInfo {
+        let now = self.now_ms();
+        let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        TunnelInfo {
+            vni: self.cfg.vni,
+            local: format!("{}:{}", self.cfg.local, self.cfg.port),
+            remotes: self.cfg.remotes.iter().map(|r| r.to_string()).collect(),
+            group: self.cfg.group.map(|g| g.to_string()),
+            learned: t.endpoints(now).iter().map(|e| (format_mac(&e.mac), e.remote.to_string(), e.age_ms / 1000)).collect(),
+            evicted: t.evicted,
+        }
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
+fn send_to(sock: RawFd, iov: &mut [libc::iovec], ip: Ipv4Addr, port: u16) -> Result<(), DropReason> {
+    let mut to = sockaddr(ip, port);
+    // SAFETY: a zeroed msghdr is valid; it points at the destination and the iovecs, live
+    // for this call.
+    let n = unsafe {
+        let mut m: libc::msghdr = std::mem::zeroed();
+        m.msg_name = (&mut to as *mut libc::sockaddr_in).cast();
+        m.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+        m.msg_iov = iov.as_mut_ptr();
+        m.msg_iovlen = iov.len();
+        libc::sendmsg(sock, &m, libc::MSG_DONTWAIT)
+    };
+    if n >= 0 {
+        return Ok(());
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::ENOBUFS) => Err(DropReason::NoRxBuffer),
+        _ => Err(DropReason::PortDown),
+    }
+}
+
+/// One `recvmmsg` of up to BATCH datagrams from the receiving socket, decapsulated: each
+/// inner frame is `bufs[i][starts[i]..][..lens[i]]`; a datagram dropped (counted on
+/// `counters`) has length 0.
+pub(super) fn recv(
+    fd: RawFd,
+    tunnel: &Tunnel,
+    bufs: &mut [Vec<u8>],
+    starts: &mut [usize],
+    lens: &mut [usize],
+    counters: &vunet_switch::PortCounters,
+) -> io::Result<usize> {
+    // First what the other networks' threads queued for this one.
+    let _ = tunnel.member.wake.read();
+    for _ in 0..tunnel.member.overflow.swap(0, Ordering::Relaxed) {
+        counters.dropped(DropReason::NoRxBuffer);
+    }
+    let mut queued = 0;
+    {
+        let mut q = tunnel.member.queue.lock().unwrap_or_else(|e| e.into_inner());
+        while queued < bufs.len() {
+            let Some((d, from)) = q.pop_front() else { break };
+            let n = d.len().min(bufs[queued].len());
+            bufs[queued][..n].copy_from_slice(&d[..n]);
+            (starts[queued], lens[queued]) = match tunnel.input(&bufs[queued][..n], from) {
+                Ok(at) => at,
+                Err(r) => {
+                    counters.dropped(r);
+                    (0, 0)
+                }
+            };
+            queued += 1;
+        }
+        if !q.is_empty() {
+            // More than a batch: come back for the rest.
+            let _ = tunnel.member.wake.write(1);
+        }
+    }
+    let (bufs, starts, lens) = (&mut bufs[queued..], &mut starts[queued..], &mut lens[queued..]);
+    if bufs.is_empty() {
+        return Ok(queued);
+    }
+    let mut iovs: Vec<libc::iovec> = bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
+    // SAFETY: zeroed sockaddr_in and mmsghdr are valid initial values.
+    let mut addrs: Vec<libc::sockaddr_in> = (0..bufs.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
+    let mut msgs: Vec<libc::mmsghdr> = (0..bufs.len())
+        .map(|i| {
+            // SAFETY: as above.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = &mut iovs[i];
+            m.msg_hdr.msg_iovlen = 1;
+            m.msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
+            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            m
+        })
+        .collect();
+    // SAFETY: every mmsghdr points at a live iovec, buffer and address of this datagram.
+    let n = unsafe { libc::recvmmsg(fd, msgs.as_mut_ptr(), msgs.len() as u32, libc::MSG_DONTWAIT | libc::MSG_TRUNC, std::ptr::null_mut()) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        // Another network's thread may have read what woke this one.
+        return if queued > 0 && e.kind() == io::ErrorKind::WouldBlock { Ok(queued) } else { Err(e) };
+    }
+    let n = n as usize;
+    for i in 0..n {
+        let len = msgs[i].msg_len as usize;
+        let from = Ipv4Addr::from(u32::from_be(addrs[i].sin_addr.s_addr));
+        lens[i] = 0;
+        // A datagram longer than the buffer (MSG_TRUNC gives its real length) is dropped.
+        if len > bufs[i].len() {
+            counters.dropped(DropReason::Oversize);
+            continue;
+        }
+        let d = &bufs[i][..len];
+        // Another network's VNI on the shared socket: its thread takes it from here.
+        if let Ok((vni, _)) = vxlan::parse(d, usize::MAX) {
+            if vni != tunnel.cfg.vni && tunnel.hand_over(vni, d, from) {
+                continue;
+            }
+        }
+        match tunnel.input(d, from) {
+            Ok((at, l)) => {
+                starts[i] = at;
+                lens[i] = l;
+            }
+            Err(r) => counters.dropped(r),
+        }
+    }
+    Ok(queued + n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tunnel on loopback whose only remote is itself: what it sends, it receives.
+    fn cfg(port: u16) -> VxlanConfig {
+        VxlanConfig { vni: 42, local: Ipv4Addr::LOCALHOST, port, remotes: vec![Ipv4Addr::LOCALHOST], group: None }
+    }
+
+    fn free_port() -> u16 {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    }
+
+    /// A frame sent through one tunnel arrives at the receiving socket with the VXLAN header
+    /// in front, from one of the senders; decapsulating it learns its source behind loopback,
+    /// and the next frame to that MAC goes to it alone.
+    #[test]
+    fn frames_are_encapsulated_sent_and_decapsulated_with_learning() {
+        let port = free_port();
+        let c = cfg(port);
+        let t = Tunnel::new(&c, 1500).unwrap();
+        let rx = t.open().unwrap();
+        let mut frame = vec![0u8; 60];
+        frame[0..6].copy_from_slice(&[0xff; 6]);
+        frame[6..12].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 7]);
+        frame[12..14].copy_from_slice(&[0x08, 0x06]);
+        let iov = [libc::iovec { iov_base: frame.as_mut_ptr().cast(), iov_len: 60 }];
+        t.send(&iov).unwrap();
+        let mut pfd = libc::pollfd { fd: rx.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1, "the datagram arrives");
+        let mut bufs = vec![vec![0u8; 2048]; 4];
+        let (mut starts, mut lens) = ([0; 4], [0; 4]);
+        let counters = vunet_switch::PortCounters::default();
+        let n = recv(rx.fd.as_raw_fd(), &t, &mut bufs, &mut starts, &mut lens, &counters).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(&bufs[0][..8], &vxlan::header(42), "the VXLAN header with VNI 42 and the I flag");
+        assert_eq!(&bufs[0][starts[0]..starts[0] + lens[0]], &frame[..], "the inner frame, whole");
+        assert_eq!(t.info().learned, vec![("52:54:00:00:00:07".to_string(), "127.0.0.1".to_string(), 0)]);
+        // A datagram of another VNI is counted, not delivered.
+        let other = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut d = vxlan::header(43).to_vec();
+        d.extend_from_slice(&frame);
+        other.send_to(&d, ("127.0.0.1", port)).unwrap();
+        other.send_to(&[0x08, 0, 0], ("127.0.0.1", port)).unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let n = recv(rx.fd.as_raw_fd(), &t, &mut bufs, &mut starts, &mut lens, &counters).unwrap();
+        assert_eq!((n, lens[0], lens[1]), (2, 0, 0), "both dropped");
+        let c = counters.snapshot();
+        assert_eq!((c.drop_count(DropReason::VxlanUnknownVni), c.drop_count(DropReason::VxlanShort)), (1, 1));
+    }
+}

@@ -9,6 +9,7 @@
 # namespace vunet runs in; both are deleted at the end.
 #
 # Usage: benches/routed-iperf.sh [SECONDS] [ROUNDS]   (default 10 s, 1 round)
+#        ROUTED_IPV6_ONLY=1 benches/routed-iperf.sh ...   (route over IPv4 and IPv6 only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
@@ -24,7 +25,7 @@ cleanup() {
   wait 2>/dev/null || true
   ip netns del "$h" 2>/dev/null || true
   ip netns del "$l" 2>/dev/null || true
-  rm -rf "$work"
+  [ -n "${KEEP_WORK:-}" ] && echo "kept $work" >&2 || rm -rf "$work"
 }
 trap cleanup EXIT
 
@@ -99,11 +100,25 @@ run() { # mode -> "Gbit/s conns/s"
   for _ in $(seq 50); do [ -S "$work/vm1.sock" ] && break; sleep 0.1; done
   qemu "c-$1"
   wait_done "$work/c-$1.console"
+  # Kept per run for KEEP_WORK=1 (each round overwrites the mode's files).
+  local t; t=$(date +%s%N)
+  cp "$work/c-$1.console" "$work/run-$1-$t.console"; cp "$work/vunet-$1.log" "$work/run-$1-$t.log"
   echo "$(rate "$work/c-$1.console") $(conns "$work/c-$1.console")"
   lan_down
 }
 
 echo "iperf3 TCP, TCG guest (1 vCPU, 512 MiB) -> LAN namespace over veth (af-packet uplink), ${secs} s, $(nproc) cores, $(date -u +%F)"
+if [ "${ROUTED_IPV6_ONLY:-}" = 1 ]; then
+  # Only route over IPv4 and over IPv6, alternating: the IPv6 ratio with less noise per round.
+  for r in $(seq "$rounds"); do
+    read -r rg rc <<< "$(run route)"
+    read -r r6g r6c <<< "$(run route6)"
+    echo "round $r: route over IPv4 $rg Gbit/s, over IPv6 $r6g Gbit/s"
+    echo "$rg $r6g" >> "$work/pairs"
+  done
+  awk '{a += $1; b += $2} END {printf "route over IPv6 / over IPv4, all rounds: %.2f\n", b / a}' "$work/pairs"
+  exit 0
+fi
 for r in $(seq "$rounds"); do
   read -r bg bc <<< "$(run bridge)"
   read -r ng nc <<< "$(run nat)"

@@ -21,6 +21,7 @@ pub mod checksum;
 pub mod counters;
 pub mod firewall;
 pub mod gateway;
+pub mod gro;
 pub mod ipv4;
 pub mod ipv6;
 pub mod ledger;

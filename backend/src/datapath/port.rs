@@ -196,6 +196,9 @@ pub struct Port {
     seen6: AtomicU32,
     seen6_prefix: AtomicU64,
     pub connected: AtomicBool,
+    /// Set when the VMM stopped the port's rings (GET_VRING_BASE: the guest stopped or was
+    /// migrated away) until rings run again: only then may another port take its MAC.
+    pub vmm_stopped: AtomicBool,
     /// Virtio features acked on the current connection.
     pub features: AtomicU64,
     /// Number of vhost-user connections so far.
@@ -227,6 +230,9 @@ pub struct Port {
     pub vlan: PortVlan,
     captures: Mutex<Vec<(SyncSender<Captured>, Arc<CaptureBudget>)>>,
 }
+
+/// vhost's feature bit 26: the VMM logs dirty pages while it is acked.
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 
 const LOCKED: u64 = 1 << 48;
 const PINNED: u64 = 1 << 49;
@@ -262,6 +268,7 @@ impl Port {
             seen6: AtomicU32::new(0),
             seen6_prefix: AtomicU64::new(0),
             connected: AtomicBool::new(false),
+            vmm_stopped: AtomicBool::new(false),
             features: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             last_log_ms: AtomicU64::new(0),
@@ -283,6 +290,13 @@ impl Port {
     pub fn with_queues(mut self, n: usize) -> Port {
         self.queues = (0..n.clamp(1, MAX_QUEUE_PAIRS)).map(|_| QueuePair::default()).collect();
         self
+    }
+
+    /// Whether the port's VMM logs the guest pages vunet writes (VHOST_F_LOG_ALL acked: a live
+    /// migration runs). One relaxed load, per burst.
+    #[inline]
+    pub fn dirty_logging(&self) -> bool {
+        self.features.load(Ordering::Relaxed) & VHOST_F_LOG_ALL != 0
     }
 
     /// Whether frames wait in any of the port's receive backlogs.
@@ -349,6 +363,12 @@ impl Port {
     /// Remembers that `ip` is nobody else's at `revision`.
     pub fn set_src_checked(&self, ip: Ipv4Addr, revision: u64) {
         self.src_ok.store(revision << 32 | u32::from(ip) as u64, Ordering::Relaxed);
+    }
+
+    /// Whether the port's guest holds `mac` (pinned in the network's table).
+    pub fn holds_mac(&self, mac: &Mac) -> bool {
+        let w = self.locked_mac.load(Ordering::Acquire);
+        w & PINNED != 0 && word_mac(w) == *mac
     }
 
     pub fn locked_mac(&self) -> Option<Mac> {

@@ -107,6 +107,9 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
             new_used = new_used.wrapping_add(1);
         }
         ring.publish_used(new_used);
+        if port.dirty_logging() {
+            ring.log_used(&map, used, new_used);
+        }
         let q = vs.get_queue_mut();
         q.set_next_avail(next.wrapping_add(n as u16));
         q.set_next_used(new_used);
@@ -214,7 +217,12 @@ fn decide_and_deliver(
     // The frame's VLAN, once, from the checked head (which holds any tag: it is longer than 18).
     let ing = vlan::ingress(&port.vlan, &head[hdr_len..seen])?;
     if port.security {
-        let mac = port.lock_mac(src, &net.macs, net.dhcp.as_ref())?;
+        let mac = match port.lock_mac(src, &net.macs, net.dhcp.as_ref()) {
+            // The guest's announcement after a live migration: its old port was stopped by
+            // its VMM, so the MAC comes here.
+            Err(DropReason::MacInUse) if net.take_migrated_mac(port, src) => port.lock_mac(src, &net.macs, net.dhcp.as_ref())?,
+            r => r?,
+        };
         let taken = |ip| net.held_by_other(port, &mac, ip);
         match port_security::check(&head[hdr_len..seen], &mac, port.leased_ip(), taken) {
             Err(DropReason::SpoofedIp) if routes_behind(net, port, &head[hdr_len..seen], taken) => {}

@@ -16,6 +16,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vunet_switch::format_mac;
+use vunet_switch::vnet::HDR_LEN;
 
 use super::device::PortDevice;
 use crate::config::{io_reason, PortConfig};
@@ -138,6 +139,34 @@ fn next_frontend(net: &Network, port: &Port, listener: Option<&UnixListener>) ->
     }
 }
 
+/// What a SEND_RARP from the port's VMM does (after a live migration): a RARP broadcast with
+/// the guest's MAC is switched as if the guest sent it, which moves the MAC here (from a port
+/// whose VMM stopped it, see `Network::take_migrated_mac`) and tells the rest of the network
+/// (other guests, uplinks) where it is now.
+fn rarp_handler(net: &Arc<Network>, port: &Arc<Port>) -> Box<dyn Fn([u8; 6]) + Send> {
+    let (net, port) = (net.clone(), port.clone());
+    Box::new(move |mac| {
+        info!(network = %net.name, port = %port.name, mac = %format_mac(&mac), "VMM announces the guest (SEND_RARP)");
+        let frame = rarp_frame(mac);
+        crate::datapath::Inject::new(net.clone()).switch_from_link(&port, &[(&frame, false)], HDR_LEN);
+    })
+}
+
+/// A RARP request from `mac` (what QEMU broadcasts itself for a migrated NIC), behind a zero
+/// virtio-net header of HDR_LEN bytes.
+pub fn rarp_frame(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = vec![0u8; HDR_LEN + 60];
+    let e = &mut f[HDR_LEN..];
+    e[..6].copy_from_slice(&[0xff; 6]);
+    e[6..12].copy_from_slice(&mac);
+    e[12..14].copy_from_slice(&[0x80, 0x35]);
+    // Ethernet, IPv4, 6-byte and 4-byte addresses, opcode 3 (reverse request).
+    e[14..22].copy_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 3]);
+    e[22..28].copy_from_slice(&mac);
+    e[32..38].copy_from_slice(&mac);
+    f
+}
+
 /// Serves one port forever: one vhost-user connection after another, each with a fresh
 /// device and daemon.
 pub fn serve_port(net: Arc<Network>, port: Arc<Port>, listener: Option<UnixListener>, mut internal: Listener, internal_path: PathBuf) {
@@ -156,7 +185,7 @@ pub fn serve_port(net: Arc<Network>, port: Arc<Port>, listener: Option<UnixListe
             })
             .and_then(|(d, mut daemon)| {
                 let backend_end = UnixStream::connect(&internal_path).map_err(|e| e.to_string())?;
-                super::relay::spawn(frontend, backend_end, &port.name).map_err(|e| e.to_string())?;
+                super::relay::spawn(frontend, backend_end, &port.name, rarp_handler(&net, &port)).map_err(|e| e.to_string())?;
                 match daemon.start(&mut internal) {
                     Ok(()) => Ok((d, daemon)),
                     Err(e) => {

@@ -20,7 +20,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 use vunet_switch::vnet::{RxCaps, HDR_LEN, HDR_LEN_LEGACY};
 
-use crate::datapath::{flush_pending, process_tx, GuestMem, Network, Port, RxTarget, TxScratch, Vring};
+use crate::datapath::{flush_pending, process_tx, GuestMem, Network, Port, RxTarget, TxScratch, Vring, VHOST_F_LOG_ALL};
 
 pub const QUEUE_SIZE: usize = 1024;
 /// Most rings a device has: RX and TX of each of MAX_QUEUE_PAIRS pairs.
@@ -122,7 +122,7 @@ impl PortDevice {
 }
 
 impl VhostUserBackend for PortDevice {
-    type Bitmap = ();
+    type Bitmap = vhost_user_backend::bitmap::BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -146,7 +146,7 @@ impl VhostUserBackend for PortDevice {
         // backend's MAC (cloud-hypervisor) must not get the same made-up one for every guest.
         let mac = if self.port.mac.is_some() { 1 << VIRTIO_NET_F_MAC } else { 0 };
         let mq = if self.port.queues.len() > 1 { 1 << VIRTIO_NET_F_MQ } else { 0 };
-        OFFERED_FEATURES | mac | mq | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        OFFERED_FEATURES | mac | mq | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | VHOST_F_LOG_ALL
     }
 
     fn acked_features(&self, features: u64) {
@@ -162,7 +162,14 @@ impl VhostUserBackend for PortDevice {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        let f = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIG;
+        // LOG_SHMFD with VHOST_F_LOG_ALL: live migration (the data path marks what it writes
+        // in the VMM's log). RARP: the relay takes SEND_RARP after a migration (the vhost
+        // crate does not dispatch it) and moves the MAC to this port.
+        let f = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::RARP;
         // QEMU sends ADD_MEM_REG once per queue pair (it is not one of its one-time requests),
         // and vhost-user-backend refuses the second copy of a region: with several pairs, the
         // memory table comes whole with SET_MEM_TABLE, which QEMU sends once.
@@ -199,6 +206,29 @@ impl VhostUserBackend for PortDevice {
         Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
     }
 
+    fn stop_vring(&self, index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the daemon has marked the ring not ready under its lock, so a burst
+        // in flight finished (its frames written whole and used) and no new one starts. Senders
+        // lose this RX ring; frames waiting in its backlog are dropped and counted.
+        let pair = index as usize / 2;
+        if index.is_multiple_of(2) {
+            if let Some(q) = self.port.queues.get(pair) {
+                if let Some(t) = q.rx.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    for _ in 0..t.backlog.len() {
+                        self.port.counters.dropped(vunet_switch::DropReason::PortDown);
+                    }
+                }
+                q.backlogged.store(false, Ordering::Release);
+            }
+        }
+        if let Some(p) = self.published.get(pair % self.threads.max(1)) {
+            p.store(false, Ordering::Release);
+        }
+        self.port.vmm_stopped.store(true, Ordering::Release);
+        tracing::debug!(port = %self.port.name, index, "ring stopped by the VMM");
+        Ok(())
+    }
+
     fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[Vring], thread: usize) -> io::Result<()> {
         // Never return an error for anything a guest did: an error ends the worker thread.
         // `vrings` are this thread's: its pairs' RX and TX rings, in order.
@@ -209,8 +239,17 @@ impl VhostUserBackend for PortDevice {
         }
         if !self.published[thread].swap(true, Ordering::AcqRel) {
             for (k, rings) in vrings.chunks_exact(2).enumerate() {
+                // Rings (re)started: a migrated guest's rings carry on from where the source
+                // stopped (SET_VRING_BASE gave next_avail; everything before it was used, so
+                // the used index in guest memory is where used entries continue).
+                for r in rings {
+                    if let Ok(idx) = r.queue_used_idx() {
+                        r.set_queue_next_used(idx);
+                    }
+                }
                 self.publish_rx(self.pair_of(thread, k), &rings[0]);
             }
+            self.port.vmm_stopped.store(false, Ordering::Release);
         }
         let pair = self.pair_of(thread, local);
         let mut cx = self.scratch[thread].lock().unwrap_or_else(|e| e.into_inner());

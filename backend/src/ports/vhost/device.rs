@@ -15,6 +15,7 @@ use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
@@ -71,8 +72,9 @@ pub struct PortDevice {
     event_idx: AtomicBool,
     /// Worker threads; pair p is served by thread p % threads.
     threads: usize,
-    /// Per thread: whether it has published its pairs' RX rings yet.
-    published: Vec<AtomicBool>,
+    /// Per ring: set until the ring runs (then its RX ring is published for senders and its
+    /// used index taken from guest memory), and again when the VMM stops it.
+    fresh: Vec<AtomicBool>,
     /// Per thread: its exit event (one each, so every thread sees its own).
     exit: Vec<(EventConsumer, EventNotifier)>,
     /// Per thread: the scratch buffers its TX rings are drained with.
@@ -82,6 +84,7 @@ pub struct PortDevice {
 impl PortDevice {
     pub fn new(net: Arc<Network>, port: Arc<Port>, mem: GuestMem) -> io::Result<Self> {
         let threads = port.queues.len().min(net.workers.max(1));
+        let rings = 2 * port.queues.len();
         Ok(PortDevice {
             net,
             port,
@@ -89,7 +92,7 @@ impl PortDevice {
             acked: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
             threads,
-            published: (0..threads).map(|_| AtomicBool::new(false)).collect(),
+            fresh: (0..rings).map(|_| AtomicBool::new(true)).collect(),
             exit: (0..threads).map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK)).collect::<io::Result<_>>()?,
             scratch: (0..threads).map(|_| Mutex::new(TxScratch::default())).collect(),
         })
@@ -221,8 +224,8 @@ impl VhostUserBackend for PortDevice {
                 q.backlogged.store(false, Ordering::Release);
             }
         }
-        if let Some(p) = self.published.get(pair % self.threads.max(1)) {
-            p.store(false, Ordering::Release);
+        if let Some(f) = self.fresh.get(index as usize) {
+            f.store(true, Ordering::Release);
         }
         self.port.vmm_stopped.store(true, Ordering::Release);
         tracing::debug!(port = %self.port.name, index, "ring stopped by the VMM");
@@ -237,19 +240,32 @@ impl VhostUserBackend for PortDevice {
         if evset != EventSet::IN || thread >= self.threads || 2 * local + 1 >= vrings.len() {
             return Ok(());
         }
-        if !self.published[thread].swap(true, Ordering::AcqRel) {
-            for (k, rings) in vrings.chunks_exact(2).enumerate() {
-                // Rings (re)started: a migrated guest's rings carry on from where the source
-                // stopped (SET_VRING_BASE gave next_avail; everything before it was used, so
-                // the used index in guest memory is where used entries continue).
-                for r in rings {
-                    if let Ok(idx) = r.queue_used_idx() {
-                        r.set_queue_next_used(idx);
-                    }
+        for (k, rings) in vrings.chunks_exact(2).enumerate() {
+            let pair = self.pair_of(thread, k);
+            for (r, vring) in rings.iter().enumerate() {
+                let Some(fresh) = self.fresh.get(2 * pair + r) else { continue };
+                if !fresh.load(Ordering::Acquire) {
+                    continue;
                 }
-                self.publish_rx(self.pair_of(thread, k), &rings[0]);
+                let mut vs = vring.get_mut();
+                if !vs.get_queue().ready() {
+                    continue;
+                }
+                // The ring (re)started: a migrated guest's ring carries on where the source
+                // stopped. SET_VRING_BASE gave next_avail; everything before it was used
+                // (the source finished its bursts), so used entries continue from the used
+                // index in guest memory.
+                let mem = self.mem.memory();
+                if let Ok(idx) = vs.get_queue().used_idx(&*mem, Ordering::Acquire) {
+                    vs.get_queue_mut().set_next_used(idx.0);
+                }
+                drop(vs);
+                fresh.store(false, Ordering::Release);
+                if r == 0 {
+                    self.publish_rx(pair, vring);
+                }
+                self.port.vmm_stopped.store(false, Ordering::Release);
             }
-            self.port.vmm_stopped.store(false, Ordering::Release);
         }
         let pair = self.pair_of(thread, local);
         let mut cx = self.scratch[thread].lock().unwrap_or_else(|e| e.into_inner());

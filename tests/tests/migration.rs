@@ -156,6 +156,20 @@ fn a_guest_migrates_to_another_port_and_keeps_its_address_stream_and_pings() {
 }
 
 #[test]
+fn a_guest_migrates_between_two_qemus_on_the_same_port() {
+    let _turn = serial();
+    let mut lab = lab("mig-same");
+    // The destination connects to vm1's socket while the source still holds it.
+    let (dest, took) = migrate(&mut lab, "vm1");
+    eprintln!("migration took {took:?}");
+    lab.a.kill();
+    check_after(&lab, &dest);
+    let log = lab.vunet.console.text();
+    assert!(log.contains("port=vm1 conn=2") || log.contains("conn=2"), "{log}");
+    assert!(!log.contains("guest migrated: its MAC moved"), "the MAC stayed on its port:\n{log}");
+}
+
+#[test]
 fn a_cancelled_migration_leaves_the_source_working() {
     let _turn = serial();
     let mut lab = lab("mig-cancel");

@@ -201,7 +201,7 @@ pub struct Port {
     pub vmm_stopped: AtomicBool,
     /// Virtio features acked on the current connection.
     pub features: AtomicU64,
-    /// Number of vhost-user connections so far.
+    /// Number of vhost-user connections so far (also the id of the latest).
     pub connections: AtomicU64,
     pub(super) last_log_ms: AtomicU64,
     /// Set on uplinks and taps: frames for this port go to a host link, not a guest.
@@ -223,7 +223,13 @@ pub struct Port {
     /// index the network's port list).
     pub removed: AtomicBool,
     /// The current VMM connection, to cut it when the port is removed.
-    pub conn: Mutex<Option<UnixStream>>,
+    /// The live VMM connections (id, stream), to cut them when the port is removed: two
+    /// while a guest migrates between QEMUs on this port.
+    pub conn: Mutex<Vec<(u64, UnixStream)>>,
+    /// How many of them are served.
+    pub live_conns: AtomicU64,
+    /// The connection whose RX rings senders write to (the one whose rings started last).
+    pub rx_owner: AtomicU64,
     /// Set while at least one `vunet capture` listens on this port.
     pub capturing: AtomicBool,
     /// The port's VLAN mode: which VLANs its frames belong to and how they leave it.
@@ -279,7 +285,9 @@ impl Port {
             rx_limit: None,
             bandwidth: Default::default(),
             removed: AtomicBool::new(false),
-            conn: Mutex::new(None),
+            conn: Mutex::new(Vec::new()),
+            live_conns: AtomicU64::new(0),
+            rx_owner: AtomicU64::new(0),
             capturing: AtomicBool::new(false),
             vlan: PortVlan::Untagged,
             captures: Mutex::new(Vec::new()),

@@ -68,6 +68,8 @@ pub struct PortDevice {
     net: Arc<Network>,
     port: Arc<Port>,
     mem: GuestMem,
+    /// Which of the port's connections this is.
+    conn: u64,
     acked: AtomicU64,
     event_idx: AtomicBool,
     /// Worker threads; pair p is served by thread p % threads.
@@ -82,13 +84,15 @@ pub struct PortDevice {
 }
 
 impl PortDevice {
-    pub fn new(net: Arc<Network>, port: Arc<Port>, mem: GuestMem) -> io::Result<Self> {
+    /// The device of connection `conn` (the port's connection count when it came).
+    pub fn new(net: Arc<Network>, port: Arc<Port>, mem: GuestMem, conn: u64) -> io::Result<Self> {
         let threads = port.queues.len().min(net.workers.max(1));
         let rings = 2 * port.queues.len();
         Ok(PortDevice {
             net,
             port,
             mem,
+            conn,
             acked: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
             threads,
@@ -214,7 +218,9 @@ impl VhostUserBackend for PortDevice {
         // in flight finished (its frames written whole and used) and no new one starts. Senders
         // lose this RX ring; frames waiting in its backlog are dropped and counted.
         let pair = index as usize / 2;
-        if index.is_multiple_of(2) {
+        // Only this connection's own rings: the port's RX targets may be another connection's
+        // (the other end of a migration on the same port).
+        if index.is_multiple_of(2) && self.port.rx_owner.load(Ordering::Acquire) == self.conn {
             if let Some(q) = self.port.queues.get(pair) {
                 if let Some(t) = q.rx.lock().unwrap_or_else(|e| e.into_inner()).take() {
                     for _ in 0..t.backlog.len() {
@@ -263,6 +269,7 @@ impl VhostUserBackend for PortDevice {
                 fresh.store(false, Ordering::Release);
                 if r == 0 {
                     self.publish_rx(pair, vring);
+                    self.port.rx_owner.store(self.conn, Ordering::Release);
                 }
                 self.port.vmm_stopped.store(false, Ordering::Release);
             }

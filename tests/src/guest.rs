@@ -334,11 +334,6 @@ impl Guest {
         t[at..].split_whitespace().next()?.parse().ok()
     }
 
-    /// Whether QEMU is still running.
-    pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
     /// SIGKILL, like a crashed or killed QEMU.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

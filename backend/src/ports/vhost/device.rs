@@ -316,6 +316,7 @@ pub fn feature_names(bits: u64) -> Vec<&'static str> {
         (VIRTIO_NET_F_MTU, "MTU"),
         (VIRTIO_NET_F_STATUS, "STATUS"),
         (VIRTIO_NET_F_MAC, "MAC"),
+        (26, "LOG_ALL"),
     ];
     NAMES.iter().filter(|(b, _)| bits & (1u64 << b) != 0).map(|&(_, n)| n).collect()
 }

@@ -73,8 +73,7 @@ fuzz_target!(|data: &[u8]| {
     let src = [seg_of(&frame)];
     let mut scratch = RxScratch::default();
     // Half the inputs with the dirty log on: its marking walks the written segments and used
-    // entries (the
-    // memory has no log attached, so nothing is marked, but nothing may fault).
+    // entries (the memory has no log attached, so nothing is marked, but nothing may fault).
     let mut rxq = RxQueue { q: &mut q, ring, map, caps, maze: false, log: frame_len % 2 == 1 };
     let r = write_rx(&mut rxq, VnetHeader::default(), &src, 0, frame_len, &mut scratch);
     let new_used = rxq.q.next_used();

@@ -217,12 +217,7 @@ fn decide_and_deliver(
     // The frame's VLAN, once, from the checked head (which holds any tag: it is longer than 18).
     let ing = vlan::ingress(&port.vlan, &head[hdr_len..seen])?;
     if port.security {
-        let mac = match port.lock_mac(src, &net.macs, net.dhcp.as_ref()) {
-            // The guest's announcement after a live migration: its old port was stopped by
-            // its VMM, so the MAC comes here.
-            Err(DropReason::MacInUse) if net.take_migrated_mac(port, src) => port.lock_mac(src, &net.macs, net.dhcp.as_ref())?,
-            r => r?,
-        };
+        let mac = port.lock_mac(src, &net.macs, net.dhcp.as_ref())?;
         let taken = |ip| net.held_by_other(port, &mac, ip);
         match port_security::check(&head[hdr_len..seen], &mac, port.leased_ip(), taken) {
             Err(DropReason::SpoofedIp) if routes_behind(net, port, &head[hdr_len..seen], taken) => {}

@@ -1443,24 +1443,34 @@ fn a_dhcpv6_lease_outranks_a_first_come_claim() {
 }
 
 #[test]
-fn a_migrated_guest_takes_its_mac_and_lease_to_a_new_port_only_once_its_old_port_was_stopped() {
+fn a_migrated_guests_mac_and_lease_move_on_the_vmms_request_only_once_its_old_port_was_stopped() {
     let (mut lan, links) = secured_lan();
     // B's guest runs on port 1 and holds its lease there.
     lan.send(1, &arp_reply(B, IP_B, BROADCAST));
     assert_eq!(links[3].take().len(), 1);
     assert_eq!(lan.port(1).leased_ip(), Some(Ipv4Addr::from(IP_B)));
-    // While port 1's rings run, no other port takes B's MAC (the hardening rule stays).
+    // While port 1's rings run, neither a guest nor the VMM of another port takes B's MAC.
     lan.send(2, &arp_reply(B, IP_B, BROADCAST));
     assert!(links[3].take().is_empty());
     assert_eq!(lan.port(2).counters.snapshot().drop_count(DropReason::MacInUse), 1);
-    // Port 1's VMM stops its rings (GET_VRING_BASE: the guest migrates away); the guest's
-    // announcement on port 2 moves its MAC and lease there.
+    assert!(!lan.net.take_migrated_mac(&lan.port(2), B));
+    // The guest also claimed an IPv6 address on port 1.
+    let ip6: std::net::Ipv6Addr = "fd00::b".parse().unwrap();
+    lan.port(1).claims6.lock().unwrap().insert(ip6);
+    // Port 1's VMM stops its rings (GET_VRING_BASE: the guest migrates away). A guest frame
+    // on port 2 still does not move the MAC: only the VMM's request (SEND_RARP) does.
     lan.port(1).vmm_stopped.store(true, Ordering::Release);
     lan.send(2, &arp_reply(B, IP_B, BROADCAST));
-    assert_eq!(links[3].take().len(), 1, "the announcement goes out");
+    assert!(links[3].take().is_empty());
+    assert_eq!(lan.port(2).counters.snapshot().drop_count(DropReason::MacInUse), 2);
+    assert!(lan.net.take_migrated_mac(&lan.port(2), B), "SEND_RARP on port 2 moves it");
+    lan.send(2, &arp_reply(B, IP_B, BROADCAST));
+    assert_eq!(links[3].take().len(), 1, "the guest's frames pass on its new port");
     assert!(lan.port(2).holds_mac(&B));
-    assert_eq!(lan.port(2).leased_ip(), Some(Ipv4Addr::from(IP_B)));
+    assert_eq!(lan.port(2).leased_ip(), Some(Ipv4Addr::from(IP_B)), "the lease followed the MAC");
+    assert!(lan.port(2).claims6.lock().unwrap().contains(&ip6), "its IPv6 claim too");
     assert!(!lan.port(1).holds_mac(&B) && lan.port(1).leased_ip().is_none(), "the old port keeps nothing");
+    assert!(!lan.port(1).claims6.lock().unwrap().contains(&ip6));
     // Frames for B reach its new port only (what the broadcasts above flooded is set aside).
     for l in &links {
         l.take();
@@ -1469,8 +1479,8 @@ fn a_migrated_guest_takes_its_mac_and_lease_to_a_new_port_only_once_its_old_port
     assert_eq!(links[2].take().len(), 1);
     assert!(links[1].take().is_empty());
     // Port 2 runs: B's MAC does not move on from it.
+    assert!(!lan.net.take_migrated_mac(&lan.port(0), B));
     lan.send(0, &arp_reply(B, IP_B, BROADCAST));
     assert!(links[3].take().is_empty());
-    assert_eq!(lan.port(0).counters.snapshot().drop_count(DropReason::MacInUse), 1);
     assert!(lan.port(2).holds_mac(&B));
 }

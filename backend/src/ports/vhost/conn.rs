@@ -174,14 +174,18 @@ fn serve_connection(net: &Network, port: &Port, id: u64, _device: Arc<PortDevice
     port.conn.lock().unwrap_or_else(|e| e.into_inner()).retain(|(c, _)| *c != id);
 }
 
-/// What a SEND_RARP from the port's VMM does (after a live migration): a RARP broadcast with
-/// the guest's MAC is switched as if the guest sent it, which moves the MAC here (from a port
-/// whose VMM stopped it, see `Network::take_migrated_mac`) and tells the rest of the network
-/// (other guests, uplinks) where it is now.
+/// What a SEND_RARP from the port's VMM does (after a live migration): the guest's MAC moves
+/// here from a port whose VMM stopped its rings (`Network::take_migrated_mac`; a request of
+/// the VMM, never a guest frame, moves a MAC between ports), then a RARP broadcast with it is
+/// switched as if the guest sent it, which tells the rest of the network (other guests,
+/// uplinks, other hosts) where the guest is now.
 fn rarp_handler(net: &Arc<Network>, port: &Arc<Port>) -> Box<dyn Fn([u8; 6]) + Send> {
     let (net, port) = (net.clone(), port.clone());
     Box::new(move |mac| {
         info!(network = %net.name, port = %port.name, mac = %format_mac(&mac), "VMM announces the guest (SEND_RARP)");
+        if port.security {
+            net.take_migrated_mac(&port, mac);
+        }
         let frame = rarp_frame(mac);
         crate::datapath::Inject::new(net.clone()).switch_from_link(&port, &[(&frame, false)], HDR_LEN);
     })

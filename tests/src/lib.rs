@@ -340,12 +340,17 @@ impl VmSim {
         let region = vhost::VhostUserDirtyLogRegion { mmap_size: len as u64, mmap_offset: 0, mmap_handle: file.as_raw_fd() };
         self.fe.set_log_base(0, Some(region)).map_err(err)?;
         self.fe.set_features(self.features | LOG_ALL).map_err(err)?;
+        // SET_FEATURES has no reply: one request with a reply behind it returns once vunet
+        // has taken it.
+        self.fe.get_features().map_err(err)?;
         Ok(DirtyLog { file, len })
     }
 
-    /// Ends dirty logging (a cancelled migration): SET_FEATURES without VHOST_F_LOG_ALL.
+    /// Ends dirty logging (a cancelled migration): SET_FEATURES without VHOST_F_LOG_ALL;
+    /// returns once vunet has taken it.
     pub fn stop_dirty_log(&mut self) -> std::io::Result<()> {
-        self.fe.set_features(self.features).map_err(err)
+        self.fe.set_features(self.features).map_err(err)?;
+        self.fe.get_features().map(|_| ()).map_err(err)
     }
 
     /// Guest address of the RX ring's used area, and of receive buffer `i`.

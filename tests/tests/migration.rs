@@ -134,7 +134,9 @@ fn migrate(lab: &mut Lab, port: &str) -> (Guest, Duration) {
     assert!(r.get("return").is_some(), "migrate refused: {r}");
     let status = wait_migration(q, Duration::from_secs(120));
     let took = start.elapsed();
-    assert_eq!(status, "completed", "migration: {}\ndestination:\n{}", q.execute(r#"{"execute":"query-migrate"}"#), dest.console.text());
+    let info = q.execute(r#"{"execute":"query-migrate"}"#);
+    assert_eq!(status, "completed", "migration: {info}\ndestination:\n{}", dest.console.text());
+    eprintln!("QEMU: total {} ms, downtime {} ms", info["return"]["total-time"], info["return"]["downtime"]);
     (dest, took)
 }
 

@@ -228,7 +228,10 @@ impl Network {
         }
         let ports = self.ports.snapshot();
         let mut table = self.macs.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(from) = ports.iter().find(|p| p.id != to.id && p.holds_mac(&mac)) else { return false };
+        // The pin, not the port's own record: the source QEMU may be gone already (its port
+        // forgot the guest, the pin stays while the port exists).
+        let holder = table.pinned_port_in(to.vlan.home().unwrap_or(0), &mac);
+        let Some(from) = holder.filter(|&id| id != to.id).and_then(|id| ports.get(id)) else { return false };
         if !from.vmm_stopped.load(Ordering::Acquire) {
             return false;
         }

@@ -1484,3 +1484,22 @@ fn a_migrated_guests_mac_and_lease_move_on_the_vmms_request_only_once_its_old_po
     assert!(links[3].take().is_empty());
     assert!(lan.port(2).holds_mac(&B));
 }
+
+#[test]
+fn send_rarp_moves_a_mac_whose_old_port_was_stopped_and_then_left() {
+    let (mut lan, links) = secured_lan();
+    lan.send(1, &arp_reply(B, IP_B, BROADCAST));
+    assert_eq!(links[3].take().len(), 1);
+    // The source QEMU stops its rings and quits before the destination's SEND_RARP comes: its
+    // port forgets the guest (as the connection loop does), the MAC stays pinned to it.
+    lan.port(1).vmm_stopped.store(true, Ordering::Release);
+    lan.port(1).forget_guest();
+    lan.net.macs.lock().unwrap().forget_port(1);
+    lan.send(2, &arp_reply(B, IP_B, BROADCAST));
+    assert!(links[3].take().is_empty(), "still pinned to port 1");
+    assert!(lan.net.take_migrated_mac(&lan.port(2), B));
+    lan.send(2, &arp_reply(B, IP_B, BROADCAST));
+    assert_eq!(links[3].take().len(), 1);
+    assert!(lan.port(2).holds_mac(&B));
+    assert_eq!(lan.port(2).leased_ip(), Some(Ipv4Addr::from(IP_B)));
+}

@@ -276,6 +276,11 @@ impl MacTable {
         self.entries.get(&key(vlan, mac)).filter(|e| e.pinned || now_ms.saturating_sub(e.seen_ms) < self.aging_ms).map(|e| e.port)
     }
 
+    /// The port `mac` is pinned to in VLAN `vlan` (by port security), if any.
+    pub fn pinned_port_in(&self, vlan: Vid, mac: &Mac) -> Option<PortId> {
+        self.entries.get(&key(vlan, mac)).filter(|e| e.pinned).map(|e| e.port)
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -424,6 +429,7 @@ mod tests {
     fn a_pinned_mac_never_moves_and_never_ages() {
         let mut t = MacTable::new(1000, 4);
         t.claim(A, 0).unwrap();
+        assert_eq!(t.pinned_port_in(0, &A), Some(0));
         assert_eq!(t.claim(A, 1), Err(DropReason::MacInUse), "another port cannot take it");
         assert_eq!(t.learn(A, 1, 5), Err(DropReason::MacInUse), "nor re-learn it (a bridged uplink, say)");
         assert_eq!(t.forward(A, B, 2, 6), Err(DropReason::MacInUse));

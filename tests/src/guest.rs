@@ -227,14 +227,29 @@ impl Guest {
         cpus: u32,
         queues: u32,
     ) -> Guest {
-        Guest::spawn(name, workdir, socket, mac, device_extra, script, cpus, queues, None)
+        Guest::spawn(name, workdir, socket, mac, device_extra, script, cpus, queues, None, &[])
+    }
+
+    /// As `boot`, with `qemu_extra` appended to QEMU's arguments (e.g. a QMP socket, or
+    /// `-incoming` for the destination of a live migration, which then boots nothing: the
+    /// guest arrives with its memory, console and script mid-run).
+    pub fn boot_extra(
+        name: &str,
+        workdir: &Path,
+        socket: &Socket,
+        mac: &str,
+        device_extra: &str,
+        script: &str,
+        qemu_extra: &[String],
+    ) -> Guest {
+        Guest::spawn(name, workdir, socket, mac, device_extra, script, 1, 1, None, qemu_extra)
     }
 
     /// As `boot`, with QEMU run as user and group `uid` (e.g. 65534, nobody): no
     /// capabilities, no supplementary groups. The kernel is copied into the guest's directory
     /// (which, like `workdir`, that user must be able to read).
     pub fn boot_as(uid: u32, name: &str, workdir: &Path, socket: &Socket, mac: &str, device_extra: &str, script: &str) -> Guest {
-        Guest::spawn(name, workdir, socket, mac, device_extra, script, 1, 1, Some(uid))
+        Guest::spawn(name, workdir, socket, mac, device_extra, script, 1, 1, Some(uid), &[])
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -248,6 +263,7 @@ impl Guest {
         cpus: u32,
         queues: u32,
         run_as: Option<u32>,
+        qemu_extra: &[String],
     ) -> Guest {
         let img = guest_image();
         let dir = workdir.join(name);
@@ -296,6 +312,7 @@ impl Guest {
                 &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=,vectors=0{}{device_extra}", if queues > 1 { ",mq=on" } else { "" }),
             ])
             .args(["-append", "console=ttyS0 quiet panic=-1"])
+            .args(qemu_extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -365,4 +382,53 @@ pub fn iperf3_receiver_bps(output: &str) -> Option<f64> {
     let v = rest[k + "\"bits_per_second\"".len()..].trim_start_matches([':', ' ', '\t']);
     let end = v.find([',', '\n', '}']).unwrap_or(v.len());
     v[..end].trim().parse().ok()
+}
+
+/// A QMP connection to a QEMU started with `-qmp unix:PATH,server=on,wait=off`.
+pub struct Qmp {
+    stream: std::os::unix::net::UnixStream,
+    reader: BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl Qmp {
+    /// Connects (retrying while QEMU starts), reads the greeting and enters command mode.
+    pub fn connect(path: &Path, timeout: Duration) -> Qmp {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "QMP socket {}: {e}", path.display());
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(60))).expect("QMP timeout");
+        let reader = BufReader::new(stream.try_clone().expect("QMP clone"));
+        let mut q = Qmp { stream, reader };
+        let greeting = q.line();
+        assert!(greeting.contains("QMP"), "QMP greeting: {greeting}");
+        q.execute(r#"{"execute":"qmp_capabilities"}"#);
+        q
+    }
+
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.reader.read_line(&mut l).expect("QMP read");
+        l
+    }
+
+    /// Runs one command (JSON text); returns its answer (`return` or `error`), events skipped.
+    pub fn execute(&mut self, cmd: &str) -> serde_json::Value {
+        use std::io::Write;
+        writeln!(self.stream, "{cmd}").expect("QMP write");
+        loop {
+            let l = self.line();
+            assert!(!l.is_empty(), "QMP closed while waiting for the answer to {cmd}");
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
+            if v.get("return").is_some() || v.get("error").is_some() {
+                return v;
+            }
+        }
+    }
 }

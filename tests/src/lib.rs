@@ -157,6 +157,40 @@ fn memfd_memory() -> std::io::Result<GuestMemoryMmap> {
         .map_err(|e| std::io::Error::other(format!("{e:?}")))
 }
 
+/// vhost's VHOST_F_LOG_ALL feature bit: the VMM logs dirty pages (a live migration runs).
+pub const LOG_ALL: u64 = 1 << 26;
+
+/// The dirty page log a VMM shares with the backend during a live migration (SET_LOG_BASE):
+/// one bit per 4 KiB guest page, bit `gpa / 4096`.
+pub struct DirtyLog {
+    file: File,
+    len: usize,
+}
+
+impl DirtyLog {
+    /// The guest page numbers marked dirty.
+    pub fn pages(&self) -> std::collections::BTreeSet<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut b = vec![0u8; self.len];
+        self.file.read_exact_at(&mut b, 0).expect("read the log");
+        let mut set = std::collections::BTreeSet::new();
+        for (i, byte) in b.iter().enumerate() {
+            for bit in 0..8 {
+                if byte & (1 << bit) != 0 {
+                    set.insert(i as u64 * 8 + bit);
+                }
+            }
+        }
+        set
+    }
+
+    /// Clears every bit (as the VMM does after each sync).
+    pub fn clear(&self) {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(&vec![0u8; self.len], 0).expect("clear the log");
+    }
+}
+
 fn err(e: impl std::fmt::Debug) -> std::io::Error {
     std::io::Error::other(format!("{e:?}"))
 }
@@ -285,6 +319,47 @@ impl VmSim {
 
     pub fn has(&self, f: u64) -> bool {
         self.features & f != 0
+    }
+
+    /// Starts a live migration's dirty logging as QEMU does: LOG_SHMFD, SET_LOG_BASE with a
+    /// memfd log covering guest memory, then SET_FEATURES with VHOST_F_LOG_ALL.
+    pub fn start_dirty_log(&mut self) -> std::io::Result<DirtyLog> {
+        use std::os::fd::AsRawFd;
+        let p = self.protocol_features | VhostUserProtocolFeatures::LOG_SHMFD;
+        self.fe.set_protocol_features(p).map_err(err)?;
+        self.protocol_features = p;
+        // SAFETY: memfd_create with a valid NUL-terminated name; the fd is owned by the File.
+        let fd = unsafe { libc::memfd_create(c"vunet-test-log".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd was just created and is owned by nothing else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let len = (MEM_SIZE / 4096 / 8).next_multiple_of(4096);
+        file.set_len(len as u64)?;
+        let region = vhost::VhostUserDirtyLogRegion { mmap_size: len as u64, mmap_offset: 0, mmap_handle: file.as_raw_fd() };
+        self.fe.set_log_base(0, Some(region)).map_err(err)?;
+        self.fe.set_features(self.features | LOG_ALL).map_err(err)?;
+        // SET_FEATURES has no reply: one request with a reply behind it returns once vunet
+        // has taken it.
+        self.fe.get_features().map_err(err)?;
+        Ok(DirtyLog { file, len })
+    }
+
+    /// Ends dirty logging (a cancelled migration): SET_FEATURES without VHOST_F_LOG_ALL;
+    /// returns once vunet has taken it.
+    pub fn stop_dirty_log(&mut self) -> std::io::Result<()> {
+        self.fe.set_features(self.features).map_err(err)?;
+        self.fe.get_features().map(|_| ()).map_err(err)
+    }
+
+    /// Guest address of the RX ring's used area, and of receive buffer `i`.
+    pub fn rx_used_gpa(&self) -> u64 {
+        self.rx.used
+    }
+
+    pub fn rx_buf_gpa(&self, i: u16) -> u64 {
+        RX_BUFS + (i % QUEUE_SIZE) as u64 * self.opts.rx_buf_size as u64
     }
 
     /// Length of the virtio-net header on this device.

@@ -335,7 +335,8 @@ fn cloud_hypervisor_handshake_then_frames() {
     let want = vhost::vhost_user::message::VhostUserProtocolFeatures::MQ
         | vhost::vhost_user::message::VhostUserProtocolFeatures::REPLY_ACK
         | vhost::vhost_user::message::VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-        | vhost::vhost_user::message::VhostUserProtocolFeatures::CONFIG;
+        | vhost::vhost_user::message::VhostUserProtocolFeatures::CONFIG
+        | vhost::vhost_user::message::VhostUserProtocolFeatures::LOG_SHMFD;
     assert_eq!(vm.protocol_features, want);
     assert_eq!(vm.queue_num, Some(2));
     let cfg = vm.config.clone().unwrap();

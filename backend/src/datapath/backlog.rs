@@ -25,6 +25,11 @@ pub const BACKLOG_MAX_FRAMES: usize = 1024;
 pub const BACKLOG_MAX_BYTES: usize = 4 << 20;
 
 impl Backlog {
+    /// Frames waiting.
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.frames.is_empty()
     }

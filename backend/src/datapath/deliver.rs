@@ -123,7 +123,8 @@ pub fn flush_pending(port: &Port, pair: usize, cx: &mut TxScratch) {
         return;
     }
     let Some((regions, ring)) = RingCache::get(&mut t.cache, &dmem, vs.get_queue()) else { return };
-    let mut rxq = RxQueue { q: vs.get_queue_mut(), ring, map: MemMap::with(regions, &dmem), caps: t.caps, maze: false };
+    let mut rxq =
+        RxQueue { q: vs.get_queue_mut(), ring, map: MemMap::with(regions, &dmem), caps: t.caps, maze: false, log: port.dirty_logging() };
     // The guest kicked: it posted buffers; look at its ring again.
     t.backlog.stalled = false;
     let mut moved = false;
@@ -459,7 +460,7 @@ fn deliver_as_is(dest: &Port, f: &TxFrame, cx: &mut TxScratch) {
         dest.counters.dropped(DropReason::BadAddress);
         return;
     };
-    let rxq = &mut RxQueue { q: vs.get_queue_mut(), ring, map: MemMap::with(regions, &dmem), caps, maze: false };
+    let rxq = &mut RxQueue { q: vs.get_queue_mut(), ring, map: MemMap::with(regions, &dmem), caps, maze: false, log: dest.dirty_logging() };
     let backlog = &mut t.backlog;
     let result = match delivery(&f.hdr, &caps) {
         Delivery::PassThrough => deliver_or_queue(dest, &slot.backlogged, backlog, rxq, rx_header(&f.hdr, 0), f.segs, f.offset, f.len, cx),

@@ -53,7 +53,7 @@ pub use deliver::{deliver_made, flush_pending, run_shaper, TxScratch};
 pub use inject::Inject;
 pub use link::{HostLink, TunnelInfo};
 pub use network::Network;
-pub use port::{unix_now, CaptureBudget, Captured, Port, PortKind, RxShaper, RxTarget, MAX_QUEUE_PAIRS};
+pub use port::{unix_now, CaptureBudget, Captured, Port, PortKind, RxShaper, RxTarget, MAX_QUEUE_PAIRS, VHOST_F_LOG_ALL};
 pub use ring::{GuestMem, Vring};
 pub use service::{GatewayCx, GatewayService, Handled};
 pub use switch::process_tx;

@@ -221,6 +221,42 @@ impl Network {
         true
     }
 
+    /// Moves `mac` to port `to` from the port holding it, if that port's VMM stopped its rings
+    /// (GET_VRING_BASE: its guest was migrated away, the holder no longer runs it): the MAC's
+    /// pin, the lease found through it and the IPv6 addresses it claimed follow the guest; the
+    /// old port keeps nothing. A MAC held by a port whose rings run is never taken. Returns
+    /// whether the MAC moved.
+    pub fn take_migrated_mac(&self, to: &Port, mac: Mac) -> bool {
+        if to.locked_mac().is_some_and(|m| m != mac) {
+            return false;
+        }
+        let ports = self.ports.snapshot();
+        let mut table = self.macs.lock().unwrap_or_else(|e| e.into_inner());
+        // The pin, not the port's own record: the source QEMU may be gone already (its port
+        // forgot the guest, the pin stays while the port exists).
+        let holder = table.pinned_port_in(to.vlan.home().unwrap_or(0), &mac);
+        let Some(from) = holder.filter(|&id| id != to.id).and_then(|id| ports.get(id)) else { return false };
+        if !from.vmm_stopped.load(Ordering::Acquire) {
+            return false;
+        }
+        table.remove_port(from.id);
+        let claimed: Vec<Ipv6Addr> = from.claims6.lock().unwrap_or_else(|e| e.into_inner()).iter().collect();
+        from.forget_guest();
+        drop(table);
+        let mut index = self.claims6.lock().unwrap_or_else(|e| e.into_inner());
+        let mut mine = to.claims6.lock().unwrap_or_else(|e| e.into_inner());
+        for ip in claimed {
+            if let Some(old) = mine.insert(ip) {
+                if index.get(&old) == Some(&to.id) {
+                    index.remove(&old);
+                }
+            }
+            index.insert(ip, to.id);
+        }
+        tracing::info!(network = %self.name, from = %from.name, to = %to.name, mac = %vunet_switch::format_mac(&mac), "guest migrated: its MAC moved");
+        true
+    }
+
     /// Logs a dropped frame at most once per second per port: a hostile guest can make drops
     /// at line rate, the log must not follow it.
     pub fn log_drop(&self, port: &Port, r: DropReason) {

@@ -196,9 +196,12 @@ pub struct Port {
     seen6: AtomicU32,
     seen6_prefix: AtomicU64,
     pub connected: AtomicBool,
+    /// Set when the VMM stopped the port's rings (GET_VRING_BASE: the guest stopped or was
+    /// migrated away) until rings run again: only then may another port take its MAC.
+    pub vmm_stopped: AtomicBool,
     /// Virtio features acked on the current connection.
     pub features: AtomicU64,
-    /// Number of vhost-user connections so far.
+    /// Number of vhost-user connections so far (also the id of the latest).
     pub connections: AtomicU64,
     pub(super) last_log_ms: AtomicU64,
     /// Set on uplinks and taps: frames for this port go to a host link, not a guest.
@@ -220,13 +223,22 @@ pub struct Port {
     /// index the network's port list).
     pub removed: AtomicBool,
     /// The current VMM connection, to cut it when the port is removed.
-    pub conn: Mutex<Option<UnixStream>>,
+    /// The live VMM connections (id, stream), to cut them when the port is removed: two
+    /// while a guest migrates between QEMUs on this port.
+    pub conn: Mutex<Vec<(u64, UnixStream)>>,
+    /// How many of them are served.
+    pub live_conns: AtomicU64,
+    /// The connection whose RX rings senders write to (the one whose rings started last).
+    pub rx_owner: AtomicU64,
     /// Set while at least one `vunet capture` listens on this port.
     pub capturing: AtomicBool,
     /// The port's VLAN mode: which VLANs its frames belong to and how they leave it.
     pub vlan: PortVlan,
     captures: Mutex<Vec<(SyncSender<Captured>, Arc<CaptureBudget>)>>,
 }
+
+/// vhost's feature bit 26: the VMM logs dirty pages while it is acked.
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 
 const LOCKED: u64 = 1 << 48;
 const PINNED: u64 = 1 << 49;
@@ -262,6 +274,7 @@ impl Port {
             seen6: AtomicU32::new(0),
             seen6_prefix: AtomicU64::new(0),
             connected: AtomicBool::new(false),
+            vmm_stopped: AtomicBool::new(false),
             features: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             last_log_ms: AtomicU64::new(0),
@@ -272,7 +285,9 @@ impl Port {
             rx_limit: None,
             bandwidth: Default::default(),
             removed: AtomicBool::new(false),
-            conn: Mutex::new(None),
+            conn: Mutex::new(Vec::new()),
+            live_conns: AtomicU64::new(0),
+            rx_owner: AtomicU64::new(0),
             capturing: AtomicBool::new(false),
             vlan: PortVlan::Untagged,
             captures: Mutex::new(Vec::new()),
@@ -283,6 +298,13 @@ impl Port {
     pub fn with_queues(mut self, n: usize) -> Port {
         self.queues = (0..n.clamp(1, MAX_QUEUE_PAIRS)).map(|_| QueuePair::default()).collect();
         self
+    }
+
+    /// Whether the port's VMM logs the guest pages vunet writes (VHOST_F_LOG_ALL acked: a live
+    /// migration runs). One relaxed load, per burst.
+    #[inline]
+    pub fn dirty_logging(&self) -> bool {
+        self.features.load(Ordering::Relaxed) & VHOST_F_LOG_ALL != 0
     }
 
     /// Whether frames wait in any of the port's receive backlogs.
@@ -349,6 +371,12 @@ impl Port {
     /// Remembers that `ip` is nobody else's at `revision`.
     pub fn set_src_checked(&self, ip: Ipv4Addr, revision: u64) {
         self.src_ok.store(revision << 32 | u32::from(ip) as u64, Ordering::Relaxed);
+    }
+
+    /// Whether the port's guest holds `mac` (pinned in the network's table).
+    pub fn holds_mac(&self, mac: &Mac) -> bool {
+        let w = self.locked_mac.load(Ordering::Acquire);
+        w & PINNED != 0 && word_mac(w) == *mac
     }
 
     pub fn locked_mac(&self) -> Option<Mac> {

@@ -2,14 +2,18 @@
 //! buffers or scratch buffers, and copies between scatter lists. Nothing here knows about
 //! rings, switching or ports.
 
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::VringMutex;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 use vunet_switch::DropReason;
 
-/// A guest's memory as the data path reads it.
-pub type Mem = GuestMemoryMmap<()>;
+/// A guest's memory as the data path reads it. Each region carries the dirty log of a live
+/// migration (empty until the VMM sends SET_LOG_BASE): writes through vm-memory mark it
+/// themselves, the data path's raw copies mark it with `log_dirty`.
+pub type Mem = GuestMemoryMmap<BitmapMmapRegion>;
 /// The memory of the guest connected to a port right now (swapped on each connection).
-pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+pub type GuestMem = GuestMemoryAtomic<Mem>;
 /// One virtqueue of a guest port, with its own lock.
 pub type Vring = VringMutex<GuestMem>;
 
@@ -101,6 +105,25 @@ pub(super) fn gather(src: &[Seg], off: usize, out: &mut [u8]) -> usize {
     let n = out.len().min(total.saturating_sub(off));
     copy_segs(&[Seg::of_mut(out)], 0, src, off, n);
     n
+}
+
+/// Marks the guest pages under `len` bytes at host address `ptr` (inside one region of `mem`)
+/// dirty in the migration log. Called only while the VMM logs (VHOST_F_LOG_ALL acked): the
+/// region search happens then, never on the plain data path.
+pub(super) fn log_dirty(mem: &Mem, ptr: *const u8, len: usize) {
+    if len == 0 {
+        return;
+    }
+    let p = ptr as usize;
+    for r in mem.iter() {
+        let Ok(host) = r.get_host_address(MemoryRegionAddress(0)) else { continue };
+        let off = p.wrapping_sub(host as usize);
+        if p >= host as usize && (off as u64) < r.len() {
+            // The region's bitmap turns region offsets into log bits (guest address / 4096).
+            r.bitmap().mark_dirty(off, len.min(r.len() as usize - off));
+            return;
+        }
+    }
 }
 
 /// Resolves `len` bytes at `addr` into one or more segments (a buffer may straddle regions).

@@ -20,7 +20,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vunet_switch::vnet::{RxCaps, VnetHeader, HDR_LEN};
 use vunet_switch::DropReason;
 
-use super::ring::{copy_segs, Mem, Seg};
+use super::ring::{copy_segs, log_dirty, window, Mem, Seg};
 
 /// Most descriptors the data path walks for one TX frame (a queue's size). Linux sends a frame
 /// in at most 19 (MAX_SKB_FRAGS + 2), directly or in an indirect table.
@@ -116,6 +116,12 @@ impl<'a> MemMap<'a> {
             }
         }
         None
+    }
+
+    /// Marks the pages under host bytes `ptr..ptr + len` (within one region) dirty in the
+    /// migration log.
+    pub fn log(&self, ptr: *const u8, len: usize) {
+        log_dirty(self.mem, ptr, len);
     }
 
     /// Resolves `len` bytes at `gpa` into segments (a buffer may straddle regions).
@@ -227,6 +233,26 @@ impl Ring {
     pub fn publish_used(&self, idx: u16) {
         // SAFETY: within the used area.
         Self::u16_at(unsafe { self.used.add(2) }).store(idx, Ordering::Release);
+    }
+
+    /// Marks used elements `old..new` (ring positions) and the used index dirty in the
+    /// migration log: what `write_used` and `publish_used` wrote.
+    pub fn log_used(&self, map: &MemMap, old: u16, new: u16) {
+        let n = (new.wrapping_sub(old) as usize).min(self.size as usize);
+        if n == 0 {
+            return;
+        }
+        let size = self.size as usize;
+        let start = (old % self.size) as usize;
+        let first = n.min(size - start);
+        // SAFETY: all offsets stay within the used area translated with 6 + 8 * size bytes.
+        unsafe {
+            map.log(self.used.add(2), 2);
+            map.log(self.used.add(4 + 8 * start), 8 * first);
+            if n > first {
+                map.log(self.used.add(4), 8 * (n - first));
+            }
+        }
     }
 
     /// Whether the driver wants an interrupt for used entries `old..new` (EVENT_IDX's
@@ -373,6 +399,8 @@ pub struct RxQueue<'a> {
     /// cost): what it walked was handed back empty, and the receiver should be left alone
     /// until it kicks.
     pub maze: bool,
+    /// The VMM logs dirty pages (a live migration): every byte written is marked.
+    pub log: bool,
 }
 
 /// Returns `chains` (and `extra`, a head outside them) to the guest unused, as used elements
@@ -463,6 +491,11 @@ pub fn write_rx(
         hdr.write(&mut h[..caps.hdr_len]);
         copy_segs(&rx.segs, 0, &[Seg::of_slice(&h[..caps.hdr_len])], 0, caps.hdr_len);
         copy_segs(&rx.segs, caps.hdr_len, src, src_off, len);
+        if rxq.log {
+            for s in window(&rx.segs, 0, need) {
+                map.log(s.ptr, s.len);
+            }
+        }
         let mut left = need;
         for &(head, c) in &rx.chains {
             let n = c.min(left);
@@ -474,6 +507,9 @@ pub fn write_rx(
     }
     if used != rxq.q.next_used() {
         ring.publish_used(used);
+        if rxq.log {
+            ring.log_used(map, rxq.q.next_used(), used);
+        }
         rxq.q.set_next_used(used);
     }
     rxq.q.set_next_avail(first);

@@ -107,6 +107,9 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
             new_used = new_used.wrapping_add(1);
         }
         ring.publish_used(new_used);
+        if port.dirty_logging() {
+            ring.log_used(&map, used, new_used);
+        }
         let q = vs.get_queue_mut();
         q.set_next_avail(next.wrapping_add(n as u16));
         q.set_next_used(new_used);

@@ -1441,3 +1441,65 @@ fn a_dhcpv6_lease_outranks_a_first_come_claim() {
     assert_eq!(links[3].take().len(), 1);
     assert_eq!(lan.port(2).counters.snapshot().drop_count(DropReason::SpoofedIp), 1);
 }
+
+#[test]
+fn a_migrated_guests_mac_and_lease_move_on_the_vmms_request_only_once_its_old_port_was_stopped() {
+    let (mut lan, links) = secured_lan();
+    // B's guest runs on port 1 and holds its lease there.
+    lan.send(1, &arp_reply(B, IP_B, BROADCAST));
+    assert_eq!(links[3].take().len(), 1);
+    assert_eq!(lan.port(1).leased_ip(), Some(Ipv4Addr::from(IP_B)));
+    // While port 1's rings run, neither a guest nor the VMM of another port takes B's MAC.
+    lan.send(2, &arp_reply(B, IP_B, BROADCAST));
+    assert!(links[3].take().is_empty());
+    assert_eq!(lan.port(2).counters.snapshot().drop_count(DropReason::MacInUse), 1);
+    assert!(!lan.net.take_migrated_mac(&lan.port(2), B));
+    // The guest also claimed an IPv6 address on port 1.
+    let ip6: std::net::Ipv6Addr = "fd00::b".parse().unwrap();
+    lan.port(1).claims6.lock().unwrap().insert(ip6);
+    // Port 1's VMM stops its rings (GET_VRING_BASE: the guest migrates away). A guest frame
+    // on port 2 still does not move the MAC: only the VMM's request (SEND_RARP) does.
+    lan.port(1).vmm_stopped.store(true, Ordering::Release);
+    lan.send(2, &arp_reply(B, IP_B, BROADCAST));
+    assert!(links[3].take().is_empty());
+    assert_eq!(lan.port(2).counters.snapshot().drop_count(DropReason::MacInUse), 2);
+    assert!(lan.net.take_migrated_mac(&lan.port(2), B), "SEND_RARP on port 2 moves it");
+    lan.send(2, &arp_reply(B, IP_B, BROADCAST));
+    assert_eq!(links[3].take().len(), 1, "the guest's frames pass on its new port");
+    assert!(lan.port(2).holds_mac(&B));
+    assert_eq!(lan.port(2).leased_ip(), Some(Ipv4Addr::from(IP_B)), "the lease followed the MAC");
+    assert!(lan.port(2).claims6.lock().unwrap().contains(&ip6), "its IPv6 claim too");
+    assert!(!lan.port(1).holds_mac(&B) && lan.port(1).leased_ip().is_none(), "the old port keeps nothing");
+    assert!(!lan.port(1).claims6.lock().unwrap().contains(&ip6));
+    // Frames for B reach its new port only (what the broadcasts above flooded is set aside).
+    for l in &links {
+        l.take();
+    }
+    lan.send(3, &udp(A, B, b"to B"));
+    assert_eq!(links[2].take().len(), 1);
+    assert!(links[1].take().is_empty());
+    // Port 2 runs: B's MAC does not move on from it.
+    assert!(!lan.net.take_migrated_mac(&lan.port(0), B));
+    lan.send(0, &arp_reply(B, IP_B, BROADCAST));
+    assert!(links[3].take().is_empty());
+    assert!(lan.port(2).holds_mac(&B));
+}
+
+#[test]
+fn send_rarp_moves_a_mac_whose_old_port_was_stopped_and_then_left() {
+    let (mut lan, links) = secured_lan();
+    lan.send(1, &arp_reply(B, IP_B, BROADCAST));
+    assert_eq!(links[3].take().len(), 1);
+    // The source QEMU stops its rings and quits before the destination's SEND_RARP comes: its
+    // port forgets the guest (as the connection loop does), the MAC stays pinned to it.
+    lan.port(1).vmm_stopped.store(true, Ordering::Release);
+    lan.port(1).forget_guest();
+    lan.net.macs.lock().unwrap().forget_port(1);
+    lan.send(2, &arp_reply(B, IP_B, BROADCAST));
+    assert!(links[3].take().is_empty(), "still pinned to port 1");
+    assert!(lan.net.take_migrated_mac(&lan.port(2), B));
+    lan.send(2, &arp_reply(B, IP_B, BROADCAST));
+    assert_eq!(links[3].take().len(), 1);
+    assert!(lan.port(2).holds_mac(&B));
+    assert_eq!(lan.port(2).leased_ip(), Some(Ipv4Addr::from(IP_B)));
+}

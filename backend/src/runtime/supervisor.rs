@@ -281,7 +281,7 @@ impl Supervisor {
         if let Some(link) = &port.link {
             link.close();
         }
-        if let Some(c) = port.conn.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        for (_, c) in port.conn.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
         if port.kind == PortKind::Vhost && port.mode == PortMode::Server {

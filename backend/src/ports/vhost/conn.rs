@@ -16,6 +16,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vunet_switch::format_mac;
+use vunet_switch::vnet::HDR_LEN;
 
 use super::device::PortDevice;
 use crate::config::{io_reason, PortConfig};
@@ -138,17 +139,89 @@ fn next_frontend(net: &Network, port: &Port, listener: Option<&UnixListener>) ->
     }
 }
 
+/// Waits for connection `id` to end, then forgets what it leaves behind: its RX rings if they
+/// are the ones senders use, and the guest's state if no other connection of the port remains
+/// (a live migration's other end).
+fn serve_connection(net: &Network, port: &Port, id: u64, _device: Arc<PortDevice>, mut daemon: VhostUserDaemon<Arc<PortDevice>>) {
+    let result = daemon.wait();
+    let others = port.live_conns.fetch_sub(1, Ordering::AcqRel) - 1;
+    // The guest is gone: nobody may write into its memory any more, and what was learned
+    // behind this port is stale, unless the guest lives on in another connection (migrated
+    // to it, or its migration to it failed and it stayed here).
+    if port.rx_owner.load(Ordering::Acquire) == id || others == 0 {
+        port.unpublish_rx();
+    }
+    if others == 0 {
+        port.connected.store(false, Ordering::Release);
+        port.forget_guest();
+        net.macs.lock().unwrap_or_else(|e| e.into_inner()).forget_port(port.id);
+    }
+    for h in daemon.get_epoll_handlers() {
+        h.send_exit_event();
+    }
+    let counters = port.counters.snapshot();
+    match result {
+        Ok(()) => {
+            info!(network = %net.name, port = %port.name, conn = id, "guest disconnected; port totals: {counters}")
+        }
+        Err(e) => {
+            info!(network = %net.name, port = %port.name, conn = id, "guest disconnected ({e}); port totals: {counters}")
+        }
+    }
+    if let Some(m) = port.mac {
+        debug!(port = %port.name, mac = %format_mac(&m), "port ready for a new connection");
+    }
+    port.conn.lock().unwrap_or_else(|e| e.into_inner()).retain(|(c, _)| *c != id);
+}
+
+/// What a SEND_RARP from the port's VMM does (after a live migration): the guest's MAC moves
+/// here from a port whose VMM stopped its rings (`Network::take_migrated_mac`; a request of
+/// the VMM, never a guest frame, moves a MAC between ports), then a RARP broadcast with it is
+/// switched as if the guest sent it, which tells the rest of the network (other guests,
+/// uplinks, other hosts) where the guest is now.
+fn rarp_handler(net: &Arc<Network>, port: &Arc<Port>) -> Box<dyn Fn([u8; 6]) + Send> {
+    let (net, port) = (net.clone(), port.clone());
+    Box::new(move |mac| {
+        info!(network = %net.name, port = %port.name, mac = %format_mac(&mac), "VMM announces the guest (SEND_RARP)");
+        if port.security {
+            net.take_migrated_mac(&port, mac);
+        }
+        let frame = rarp_frame(mac);
+        crate::datapath::Inject::new(net.clone()).switch_from_link(&port, &[(&frame, false)], HDR_LEN);
+    })
+}
+
+/// A RARP request from `mac` (what QEMU broadcasts itself for a migrated NIC), behind a zero
+/// virtio-net header of HDR_LEN bytes.
+pub fn rarp_frame(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = vec![0u8; HDR_LEN + 60];
+    let e = &mut f[HDR_LEN..];
+    e[..6].copy_from_slice(&[0xff; 6]);
+    e[6..12].copy_from_slice(&mac);
+    e[12..14].copy_from_slice(&[0x80, 0x35]);
+    // Ethernet, IPv4, 6-byte and 4-byte addresses, opcode 3 (reverse request).
+    e[14..22].copy_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 3]);
+    e[22..28].copy_from_slice(&mac);
+    e[32..38].copy_from_slice(&mac);
+    f
+}
+
 /// Serves one port forever: one vhost-user connection after another, each with a fresh
-/// device and daemon.
+/// device and daemon. In server mode the next connection is accepted while one is served: the
+/// destination QEMU of a live migration on the same host connects to the same socket while
+/// the source still holds it, and must finish its handshake before the migration can start.
 pub fn serve_port(net: Arc<Network>, port: Arc<Port>, listener: Option<UnixListener>, mut internal: Listener, internal_path: PathBuf) {
     loop {
         let Some(frontend) = next_frontend(&net, &port, listener.as_ref()) else { break };
         if port.removed.load(Ordering::Acquire) {
             break;
         }
-        *port.conn.lock().unwrap_or_else(|e| e.into_inner()) = frontend.try_clone().ok();
+        let id = port.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Ok(c) = frontend.try_clone() {
+            port.conn.lock().unwrap_or_else(|e| e.into_inner()).push((id, c));
+        }
         let mem: GuestMem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let started = PortDevice::new(net.clone(), port.clone(), mem.clone())
+        let started = PortDevice::new(net.clone(), port.clone(), mem.clone(), id)
             .map_err(|e| e.to_string())
             .and_then(|d| {
                 let d = Arc::new(d);
@@ -156,7 +229,7 @@ pub fn serve_port(net: Arc<Network>, port: Arc<Port>, listener: Option<UnixListe
             })
             .and_then(|(d, mut daemon)| {
                 let backend_end = UnixStream::connect(&internal_path).map_err(|e| e.to_string())?;
-                super::relay::spawn(frontend, backend_end, &port.name).map_err(|e| e.to_string())?;
+                super::relay::spawn(frontend, backend_end, &port.name, rarp_handler(&net, &port)).map_err(|e| e.to_string())?;
                 match daemon.start(&mut internal) {
                     Ok(()) => Ok((d, daemon)),
                     Err(e) => {
@@ -165,45 +238,32 @@ pub fn serve_port(net: Arc<Network>, port: Arc<Port>, listener: Option<UnixListe
                     }
                 }
             });
-        let (_device, mut daemon) = match started {
+        let (device, daemon) = match started {
             Ok(x) => x,
             Err(e) => {
+                port.conn.lock().unwrap_or_else(|e| e.into_inner()).retain(|(c, _)| *c != id);
                 warn!(network = %net.name, port = %port.name, "cannot serve the connection: {e}");
                 thread::sleep(Duration::from_millis(100));
                 continue;
             }
         };
-        port.connections.fetch_add(1, Ordering::Relaxed);
+        port.live_conns.fetch_add(1, Ordering::AcqRel);
         port.connected.store(true, Ordering::Release);
-        info!(network = %net.name, port = %port.name, "guest connected");
-        let result = daemon.wait();
-        // The guest is gone: nobody may write into its memory any more, and what was learned
-        // behind this port is stale.
-        port.connected.store(false, Ordering::Release);
-        port.unpublish_rx();
-        port.forget_guest();
-        net.macs.lock().unwrap_or_else(|e| e.into_inner()).forget_port(port.id);
-        for h in daemon.get_epoll_handlers() {
-            h.send_exit_event();
-        }
-        let counters = port.counters.snapshot();
-        match result {
-            Ok(()) => {
-                info!(network = %net.name, port = %port.name, "guest disconnected; port totals: {counters}")
+        info!(network = %net.name, port = %port.name, conn = id, "guest connected");
+        if listener.is_some() {
+            let (n, p) = (net.clone(), port.clone());
+            let spawned =
+                thread::Builder::new().name(format!("vu-conn-{}", port.name)).spawn(move || serve_connection(&n, &p, id, device, daemon));
+            if let Err(e) = spawned {
+                warn!(network = %net.name, port = %port.name, "cannot start a thread for the connection: {e}");
             }
-            Err(e) => {
-                info!(network = %net.name, port = %port.name, "guest disconnected ({e}); port totals: {counters}")
-            }
+        } else {
+            // Client mode: the VMM's socket takes one connection; the next is made when this one ends.
+            serve_connection(&net, &port, id, device, daemon);
+            thread::sleep(Duration::from_millis(100));
         }
-        if let Some(m) = port.mac {
-            debug!(port = %port.name, mac = %format_mac(&m), "port ready for a new connection");
-        }
-        port.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
         if port.removed.load(Ordering::Acquire) {
             break;
-        }
-        if listener.is_none() {
-            thread::sleep(Duration::from_millis(100));
         }
     }
     debug!(network = %net.name, port = %port.name, "port thread ends");

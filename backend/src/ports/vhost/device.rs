@@ -15,12 +15,13 @@ use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 use vunet_switch::vnet::{RxCaps, HDR_LEN, HDR_LEN_LEGACY};
 
-use crate::datapath::{flush_pending, process_tx, GuestMem, Network, Port, RxTarget, TxScratch, Vring};
+use crate::datapath::{flush_pending, process_tx, GuestMem, Network, Port, RxTarget, TxScratch, Vring, VHOST_F_LOG_ALL};
 
 pub const QUEUE_SIZE: usize = 1024;
 /// Most rings a device has: RX and TX of each of MAX_QUEUE_PAIRS pairs.
@@ -67,12 +68,15 @@ pub struct PortDevice {
     net: Arc<Network>,
     port: Arc<Port>,
     mem: GuestMem,
+    /// Which of the port's connections this is.
+    conn: u64,
     acked: AtomicU64,
     event_idx: AtomicBool,
     /// Worker threads; pair p is served by thread p % threads.
     threads: usize,
-    /// Per thread: whether it has published its pairs' RX rings yet.
-    published: Vec<AtomicBool>,
+    /// Per ring: set until the ring runs (then its RX ring is published for senders and its
+    /// used index taken from guest memory), and again when the VMM stops it.
+    fresh: Vec<AtomicBool>,
     /// Per thread: its exit event (one each, so every thread sees its own).
     exit: Vec<(EventConsumer, EventNotifier)>,
     /// Per thread: the scratch buffers its TX rings are drained with.
@@ -80,16 +84,19 @@ pub struct PortDevice {
 }
 
 impl PortDevice {
-    pub fn new(net: Arc<Network>, port: Arc<Port>, mem: GuestMem) -> io::Result<Self> {
+    /// The device of connection `conn` (the port's connection count when it came).
+    pub fn new(net: Arc<Network>, port: Arc<Port>, mem: GuestMem, conn: u64) -> io::Result<Self> {
         let threads = port.queues.len().min(net.workers.max(1));
+        let rings = 2 * port.queues.len();
         Ok(PortDevice {
             net,
             port,
             mem,
+            conn,
             acked: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
             threads,
-            published: (0..threads).map(|_| AtomicBool::new(false)).collect(),
+            fresh: (0..rings).map(|_| AtomicBool::new(true)).collect(),
             exit: (0..threads).map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK)).collect::<io::Result<_>>()?,
             scratch: (0..threads).map(|_| Mutex::new(TxScratch::default())).collect(),
         })
@@ -122,7 +129,7 @@ impl PortDevice {
 }
 
 impl VhostUserBackend for PortDevice {
-    type Bitmap = ();
+    type Bitmap = vhost_user_backend::bitmap::BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -146,7 +153,7 @@ impl VhostUserBackend for PortDevice {
         // backend's MAC (cloud-hypervisor) must not get the same made-up one for every guest.
         let mac = if self.port.mac.is_some() { 1 << VIRTIO_NET_F_MAC } else { 0 };
         let mq = if self.port.queues.len() > 1 { 1 << VIRTIO_NET_F_MQ } else { 0 };
-        OFFERED_FEATURES | mac | mq | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        OFFERED_FEATURES | mac | mq | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | VHOST_F_LOG_ALL
     }
 
     fn acked_features(&self, features: u64) {
@@ -162,7 +169,14 @@ impl VhostUserBackend for PortDevice {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        let f = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIG;
+        // LOG_SHMFD with VHOST_F_LOG_ALL: live migration (the data path marks what it writes
+        // in the VMM's log). RARP: the relay takes SEND_RARP after a migration (the vhost
+        // crate does not dispatch it) and moves the MAC to this port.
+        let f = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::RARP;
         // QEMU sends ADD_MEM_REG once per queue pair (it is not one of its one-time requests),
         // and vhost-user-backend refuses the second copy of a region: with several pairs, the
         // memory table comes whole with SET_MEM_TABLE, which QEMU sends once.
@@ -199,6 +213,31 @@ impl VhostUserBackend for PortDevice {
         Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
     }
 
+    fn stop_vring(&self, index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the daemon has marked the ring not ready under its lock, so a burst
+        // in flight finished (its frames written whole and used) and no new one starts. Senders
+        // lose this RX ring; frames waiting in its backlog are dropped and counted.
+        let pair = index as usize / 2;
+        // Only this connection's own rings: the port's RX targets may be another connection's
+        // (the other end of a migration on the same port).
+        if index.is_multiple_of(2) && self.port.rx_owner.load(Ordering::Acquire) == self.conn {
+            if let Some(q) = self.port.queues.get(pair) {
+                if let Some(t) = q.rx.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    for _ in 0..t.backlog.len() {
+                        self.port.counters.dropped(vunet_switch::DropReason::PortDown);
+                    }
+                }
+                q.backlogged.store(false, Ordering::Release);
+            }
+        }
+        if let Some(f) = self.fresh.get(index as usize) {
+            f.store(true, Ordering::Release);
+        }
+        self.port.vmm_stopped.store(true, Ordering::Release);
+        tracing::debug!(port = %self.port.name, index, "ring stopped by the VMM");
+        Ok(())
+    }
+
     fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[Vring], thread: usize) -> io::Result<()> {
         // Never return an error for anything a guest did: an error ends the worker thread.
         // `vrings` are this thread's: its pairs' RX and TX rings, in order.
@@ -207,9 +246,32 @@ impl VhostUserBackend for PortDevice {
         if evset != EventSet::IN || thread >= self.threads || 2 * local + 1 >= vrings.len() {
             return Ok(());
         }
-        if !self.published[thread].swap(true, Ordering::AcqRel) {
-            for (k, rings) in vrings.chunks_exact(2).enumerate() {
-                self.publish_rx(self.pair_of(thread, k), &rings[0]);
+        for (k, rings) in vrings.chunks_exact(2).enumerate() {
+            let pair = self.pair_of(thread, k);
+            for (r, vring) in rings.iter().enumerate() {
+                let Some(fresh) = self.fresh.get(2 * pair + r) else { continue };
+                if !fresh.load(Ordering::Acquire) {
+                    continue;
+                }
+                let mut vs = vring.get_mut();
+                if !vs.get_queue().ready() {
+                    continue;
+                }
+                // The ring (re)started: a migrated guest's ring carries on where the source
+                // stopped. SET_VRING_BASE gave next_avail; everything before it was used
+                // (the source finished its bursts), so used entries continue from the used
+                // index in guest memory.
+                let mem = self.mem.memory();
+                if let Ok(idx) = vs.get_queue().used_idx(&*mem, Ordering::Acquire) {
+                    vs.get_queue_mut().set_next_used(idx.0);
+                }
+                drop(vs);
+                fresh.store(false, Ordering::Release);
+                if r == 0 {
+                    self.publish_rx(pair, vring);
+                    self.port.rx_owner.store(self.conn, Ordering::Release);
+                }
+                self.port.vmm_stopped.store(false, Ordering::Release);
             }
         }
         let pair = self.pair_of(thread, local);
@@ -254,6 +316,7 @@ pub fn feature_names(bits: u64) -> Vec<&'static str> {
         (VIRTIO_NET_F_MTU, "MTU"),
         (VIRTIO_NET_F_STATUS, "STATUS"),
         (VIRTIO_NET_F_MAC, "MAC"),
+        (26, "LOG_ALL"),
     ];
     NAMES.iter().filter(|(b, _)| bits & (1u64 << b) != 0).map(|&(_, n)| n).collect()
 }

@@ -6,6 +6,14 @@
 //! start. The relay answers such an early `SET_VRING_ENABLE` itself (QEMU sends it again, for
 //! real, when it starts the device after `SET_FEATURES`) and passes every other message,
 //! file descriptors included, through untouched. Control plane only: no frame crosses it.
+//!
+//! Two more things happen here for live migration:
+//! - `SEND_RARP` (after a migration, the destination VMM asks the backend to announce the
+//!   guest's MAC) is not dispatched by the vhost crate, which would drop the connection: the
+//!   relay takes it, hands the MAC to the port (`on_rarp`) and acknowledges it.
+//! - Each `SET_VRING_KICK` fd gets one kick before it is passed on: a migrated guest's rings
+//!   already hold buffers and it may not kick again for a while, so the device looks at them
+//!   at once (a spare kick only makes it look at a ring with nothing new).
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -17,6 +25,8 @@ use std::thread;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 const REQ_SET_FEATURES: u32 = 2;
+const REQ_SET_VRING_KICK: u32 = 12;
+const REQ_SEND_RARP: u32 = 19;
 const REQ_SET_VRING_ENABLE: u32 = 18;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
@@ -28,12 +38,13 @@ const MAX_PAYLOAD: usize = 4096;
 const MAX_FDS: usize = 32;
 
 /// Relays between `frontend` (the VMM) and `backend` (the daemon's end) until either closes.
-pub fn spawn(frontend: UnixStream, backend: UnixStream, name: &str) -> io::Result<()> {
+/// `on_rarp` gets the MAC of each SEND_RARP.
+pub fn spawn(frontend: UnixStream, backend: UnixStream, name: &str, on_rarp: Box<dyn Fn([u8; 6]) + Send>) -> io::Result<()> {
     let frontend = Arc::new(frontend);
     let backend = Arc::new(backend);
     let (f1, b1) = (frontend.clone(), backend.clone());
     thread::Builder::new().name(format!("vu-relay-{name}")).spawn(move || {
-        let _ = relay_requests(&f1, &b1);
+        let _ = relay_requests_with(&f1, &b1, &*on_rarp);
         let _ = f1.shutdown(Shutdown::Both);
         let _ = b1.shutdown(Shutdown::Both);
     })?;
@@ -49,6 +60,11 @@ pub fn spawn(frontend: UnixStream, backend: UnixStream, name: &str) -> io::Resul
 /// Reads requests from `frontend` and passes them to `backend` until either end closes or a
 /// request is malformed (the error). Public for the fuzz target (`vunet::fuzzing`).
 pub fn relay_requests(frontend: &UnixStream, backend: &UnixStream) -> io::Result<()> {
+    relay_requests_with(frontend, backend, &|_| {})
+}
+
+/// `relay_requests`, handing the MAC of each SEND_RARP to `on_rarp`.
+pub fn relay_requests_with(frontend: &UnixStream, backend: &UnixStream, on_rarp: &dyn Fn([u8; 6])) -> io::Result<()> {
     let mut acked: u64 = 0;
     // Ring enable states asked for before SET_FEATURES, by ring index.
     let mut early_enable: [Option<u32>; super::device::MAX_QUEUES] = Default::default();
@@ -99,6 +115,27 @@ pub fn relay_requests(frontend: &UnixStream, backend: &UnixStream) -> io::Result
                 (&*frontend).write_all(&reply)?;
             }
             continue;
+        }
+        if req == REQ_SEND_RARP {
+            if size >= 6 {
+                on_rarp(payload[..6].try_into().unwrap_or([0; 6]));
+            }
+            if flags & FLAG_NEED_REPLY != 0 {
+                let mut reply = [0u8; HDR + 8];
+                reply[0..4].copy_from_slice(&REQ_SEND_RARP.to_le_bytes());
+                reply[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+                reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+                (&*frontend).write_all(&reply)?;
+            }
+            continue;
+        }
+        if req == REQ_SET_VRING_KICK {
+            if let Some(fd) = fds.first() {
+                let one = 1u64.to_ne_bytes();
+                // SAFETY: writes 8 bytes from a live buffer to a descriptor this relay owns; an
+                // fd that is not an eventfd just fails the write, which is ignored.
+                let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+            }
         }
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let bufs: [&[u8]; 2] = [&hdr, &payload[..size]];

@@ -1,0 +1,220 @@
+//! Live migration of a QEMU guest (TCG) on vunet: guest A pings guest B every 100 ms and
+//! receives a TCP stream from it while its QEMU migrates (QMP `migrate`) to a second QEMU
+//! started with `-incoming`, on another port of the network or on the same port. After the
+//! move A keeps its address and answers, a few pings at most are lost, the stream goes on and
+//! arrives intact (B prints the checksum of what it sends, A of what it received). A cancelled
+//! migration leaves the source working.
+//!
+//! The network has a gateway, so its ports have port security: A's MAC is pinned to its
+//! first port, and reaches the new one only because the old one's VMM stopped its rings.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vunet_tests::guest::{await_listening, await_peer, serial, Guest, Qmp, Socket, VunetProcess};
+use vunet_tests::TempDir;
+
+const BOOT_AND_RUN: Duration = Duration::from_secs(240);
+const MAC_A: &str = "52:54:00:00:00:0a";
+/// The stream: CHUNKS chunks of 256 KiB, one every 250 ms (about 15 s of traffic).
+const CHUNKS: usize = 60;
+const STREAM_BYTES: usize = CHUNKS * 256 * 1024;
+/// Pings A sends, one every 100 ms.
+const PINGS: u32 = 400;
+
+const CONFIG: &str = "control_socket = \"control.sock\"\n[[network]]\nname = \"lab\"\nmode = \"isolated\"\ngateway = \"10.0.0.254/24\"\n[network.dns]\nforwarders = []\n\
+                      [[network.port]]\nname = \"vm1\"\nsocket = \"vm1.sock\"\n\
+                      [[network.port]]\nname = \"vm2\"\nsocket = \"vm2.sock\"\n\
+                      [[network.port]]\nname = \"vm3\"\nsocket = \"vm3.sock\"\n";
+
+/// Guest A: receives the stream (its checksum and length printed at the end) while pinging B.
+/// nc reads a stdin that never ends (a background job's is /dev/null, whose end would close the
+/// connection), so the script waits for the bytes, not for the job.
+fn script_a() -> String {
+    format!(
+        "sleep 1000 | nc -l -p 5000 | head -c {STREAM_BYTES} > /tmp/recv &\n{}ip addr add 10.0.0.1/24 dev eth0\n{}echo A-SEES-B\n\
+         ping -i 0.1 -c {PINGS} -W 1 10.0.0.2 > /tmp/ping 2>&1 &\npp=$!\n\
+         i=0\nwhile [ \"$(wc -c < /tmp/recv)\" -lt {STREAM_BYTES} ] && [ $i -lt 400 ]; do i=$((i+1)); sleep 0.5; done\n\
+         echo \"A-SUM $(md5sum < /tmp/recv | cut -d' ' -f1) $(wc -c < /tmp/recv)\"\nwait $pp\ngrep 'packets received' /tmp/ping\necho A-DONE\n",
+        await_listening("tcp", 5000, 8),
+        await_peer("10.0.0.2", 9)
+    )
+}
+
+/// Guest B: sends the stream to A slowly, after printing the checksum of what it will send.
+fn script_b() -> String {
+    format!(
+        "ip addr add 10.0.0.2/24 dev eth0\ndd if=/dev/urandom of=/tmp/chunk bs=64k count=4 2>/dev/null\n\
+         echo \"B-SUM $(for i in $(seq 1 {CHUNKS}); do cat /tmp/chunk; done | md5sum | cut -d' ' -f1)\"\n{}\
+         echo B-STREAM-START\n(for i in $(seq 1 {CHUNKS}); do cat /tmp/chunk; sleep 0.25; done) | nc 10.0.0.1 5000\nsleep 600\n",
+        await_peer("10.0.0.1", 9)
+    )
+}
+
+/// The value after `key ` on the first line holding it.
+fn field(text: &str, key: &str) -> Option<String> {
+    let at = text.find(key)? + key.len();
+    text[at..].split_whitespace().next().map(str::to_string)
+}
+
+fn qmp_arg(path: &Path) -> [String; 2] {
+    ["-qmp".to_string(), format!("unix:{},server=on,wait=off", path.display())]
+}
+
+/// `vunet port-list lab` as text.
+fn port_list(dir: &Path) -> String {
+    std::process::Command::new(vunet_tests::guest::vunet_binary())
+        .args(["port-list", "lab", "--control"])
+        .arg(dir.join("control.sock"))
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// The features line of `port` in `port-list`.
+fn port_features(dir: &Path, port: &str) -> String {
+    let list = port_list(dir);
+    let mut lines = list.lines().skip_while(|l| !l.starts_with(&format!("{port} ")));
+    lines.find(|l| l.trim_start().starts_with("features:")).unwrap_or("").to_string()
+}
+
+/// Polls `query-migrate` until the migration leaves the running states; returns its status.
+fn wait_migration(qmp: &mut Qmp, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = qmp.execute(r#"{"execute":"query-migrate"}"#);
+        let status = r["return"]["status"].as_str().unwrap_or("").to_string();
+        if !matches!(status.as_str(), "setup" | "active" | "pre-switchover" | "device" | "wait-unplug" | "cancelling") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "migration did not end: {r}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+struct Lab {
+    dir: TempDir,
+    vunet: VunetProcess,
+    a: Guest,
+    b: Guest,
+    qmp_a: Qmp,
+}
+
+/// vunet with three ports, A on vm1 (with a QMP socket), B on vm2, the stream started.
+fn lab(tag: &str) -> Lab {
+    let dir = TempDir::new(tag);
+    let cfg = dir.path().join("vunet.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let vunet = VunetProcess::start(&["--config", cfg.to_str().unwrap()], &dir.path().join("vunet.log"));
+    let qmp_path = dir.path().join("qmp-a.sock");
+    let a = Guest::boot_extra("a", dir.path(), &Socket::Connect(dir.path().join("vm1.sock")), MAC_A, "", &script_a(), &qmp_arg(&qmp_path));
+    let b = Guest::boot("b", dir.path(), &Socket::Connect(dir.path().join("vm2.sock")), "52:54:00:00:00:0b", "", &script_b());
+    assert!(b.console.wait_for("B-STREAM-START", BOOT_AND_RUN), "guest b:\n{}\nguest a:\n{}", b.console.text(), a.console.text());
+    assert!(a.console.wait_for("A-SEES-B", Duration::from_secs(30)), "{}", a.console.text());
+    let qmp_a = Qmp::connect(&qmp_path, Duration::from_secs(10));
+    Lab { dir, vunet, a, b, qmp_a }
+}
+
+/// Starts the destination QEMU on `port` and migrates A to it while the stream and the pings
+/// run; returns the destination, the source (stopped) and the migration's duration.
+fn migrate(lab: &mut Lab, port: &str) -> (Guest, Duration) {
+    let dir = lab.dir.path();
+    let mig = dir.join("mig.sock");
+    let qmp_d = dir.join("qmp-d.sock");
+    let mut extra = vec!["-incoming".to_string(), format!("unix:{}", mig.display())];
+    extra.extend(qmp_arg(&qmp_d));
+    let dest = Guest::boot_extra("a-dest", dir, &Socket::Connect(dir.join(format!("{port}.sock"))), MAC_A, "", &script_a(), &extra);
+    // The destination is ready once its QMP answers: its vhost-user device is set up then.
+    let _qd = Qmp::connect(&qmp_d, Duration::from_secs(60));
+    let q = &mut lab.qmp_a;
+    let r = q.execute(r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":4294967296}}"#);
+    assert!(r.get("return").is_some(), "{r}");
+    let start = Instant::now();
+    let r = q.execute(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"unix:{}"}}}}"#, mig.display()));
+    assert!(r.get("return").is_some(), "migrate refused: {r}");
+    let status = wait_migration(q, Duration::from_secs(120));
+    let took = start.elapsed();
+    let info = q.execute(r#"{"execute":"query-migrate"}"#);
+    assert_eq!(status, "completed", "migration: {info}\ndestination:\n{}", dest.console.text());
+    eprintln!("QEMU: total {} ms, downtime {} ms", info["return"]["total-time"], info["return"]["downtime"]);
+    (dest, took)
+}
+
+/// After the move: A's script finished on the destination with the stream intact and few
+/// pings lost; its MAC was moved (when it changed ports).
+fn check_after(lab: &Lab, dest: &Guest) {
+    if !dest.console.wait_for("A-DONE", Duration::from_secs(120)) {
+        let ports = port_list(lab.dir.path());
+        panic!("destination:\n{}\nsource:\n{}\nports:\n{ports}", dest.console.text(), lab.a.console.text());
+    }
+    let out = format!("{}{}", lab.a.console.text(), dest.console.text());
+    let sent = field(&lab.b.console.text(), "B-SUM ").expect("B-SUM");
+    let got = field(&out, "A-SUM ").expect("A-SUM");
+    assert_eq!(got, sent, "the stream arrived intact across the migration:\n{out}\nguest b:\n{}", lab.b.console.text());
+    let received: u32 =
+        out.split(" packets received").next().and_then(|s| s.rsplit(", ").next()).and_then(|n| n.trim().parse().ok()).unwrap_or(0);
+    eprintln!("pings answered: {received} of {PINGS}");
+    assert!(received + 5 >= PINGS, "at most a few pings lost ({received} of {PINGS} answered):\n{out}");
+}
+
+#[test]
+fn a_guest_migrates_to_another_port_and_keeps_its_address_stream_and_pings() {
+    let _turn = serial();
+    let mut lab = lab("mig-port");
+    let (dest, took) = migrate(&mut lab, "vm3");
+    eprintln!("migration took {took:?}");
+    // The source QEMU stays paused until its manager ends it.
+    lab.a.kill();
+    check_after(&lab, &dest);
+    assert!(lab.vunet.console.text().contains("guest migrated: its MAC moved"), "{}", lab.vunet.console.text());
+}
+
+#[test]
+fn a_guest_migrates_between_two_qemus_on_the_same_port() {
+    let _turn = serial();
+    let mut lab = lab("mig-same");
+    // The destination connects to vm1's socket while the source still holds it.
+    let (dest, took) = migrate(&mut lab, "vm1");
+    eprintln!("migration took {took:?}");
+    lab.a.kill();
+    check_after(&lab, &dest);
+    let log = lab.vunet.console.text();
+    assert!(log.contains("port=vm1 conn=2") || log.contains("conn=2"), "{log}");
+    assert!(!log.contains("guest migrated: its MAC moved"), "the MAC stayed on its port:\n{log}");
+}
+
+#[test]
+fn a_cancelled_migration_leaves_the_source_working() {
+    let _turn = serial();
+    let mut lab = lab("mig-cancel");
+    let dir = lab.dir.path().to_path_buf();
+    let mig = dir.join("mig.sock");
+    let mut extra = vec!["-incoming".to_string(), format!("unix:{}", mig.display())];
+    extra.extend(qmp_arg(&dir.join("qmp-d.sock")));
+    let mut dest = Guest::boot_extra("a-dest", &dir, &Socket::Connect(dir.join("vm3.sock")), MAC_A, "", &script_a(), &extra);
+    let _qd = Qmp::connect(&dir.join("qmp-d.sock"), Duration::from_secs(60));
+    let q = &mut lab.qmp_a;
+    // Slow enough to be caught midway: 512 MiB at 8 MiB/s.
+    q.execute(r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":8388608}}"#);
+    let r = q.execute(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"unix:{}"}}}}"#, mig.display()));
+    assert!(r.get("return").is_some(), "migrate refused: {r}");
+    // Cancelled once it is copying memory (the dirty log is on in vunet then).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while q.execute(r#"{"execute":"query-migrate"}"#)["return"]["status"] != "active" {
+        assert!(Instant::now() < deadline, "migration never became active");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The source's VMM logs dirty pages now: vunet acked VHOST_F_LOG_ALL on its port.
+    assert!(vunet_tests::wait_until(Duration::from_secs(10), || port_features(&dir, "vm1").contains("LOG_ALL")), "{}", port_list(&dir));
+    std::thread::sleep(Duration::from_secs(2));
+    let r = q.execute(r#"{"execute":"migrate_cancel"}"#);
+    assert!(r.get("return").is_some(), "{r}");
+    assert_eq!(wait_migration(q, Duration::from_secs(60)), "cancelled");
+    // Logging ended with the migration.
+    assert!(vunet_tests::wait_until(Duration::from_secs(10), || !port_features(&dir, "vm1").contains("LOG_ALL")), "{}", port_list(&dir));
+    dest.kill();
+    // The source goes on: its script ends with the stream intact and its pings answered.
+    assert!(lab.a.console.wait_for("A-DONE", Duration::from_secs(120)), "source:\n{}", lab.a.console.text());
+    check_after(&lab, &lab.a);
+    assert!(!lab.vunet.console.text().contains("guest migrated"), "{}", lab.vunet.console.text());
+}

@@ -359,8 +359,7 @@ impl Uplink {
 impl HostLink for Uplink {
     /// What the uplink accepts, as a receiver: everything with a vnet header (the kernel
     /// segments what it must), complete frames of at most the MTU without. None while closed.
-    /// A VXLAN tunnel takes complete frames (TSO segmented, checksums completed by the data
-    /// path) of at most the network's MTU.
+    /// A VXLAN tunnel takes the same (it segments TSO frames itself, for UDP GSO).
     fn caps(&self) -> Option<RxCaps> {
         let hdr_len = self.io.load().as_ref()?.hdr_len;
         let offloads = hdr_len > 0;

@@ -15,12 +15,14 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use vunet_switch::offload::{complete_checksum, segment_tcp};
+use vunet_switch::vnet::VnetHeader;
 use vunet_switch::vxlan::{self, Decap, Table, Target};
 use vunet_switch::{format_mac, DropReason};
 
@@ -89,10 +91,15 @@ pub(super) struct Tunnel {
     decap: Decap,
     table: Mutex<Table>,
     senders: Vec<OwnedFd>,
+    /// The same for UDP GSO sends (TSO frames): the kernel refuses UDP_SEGMENT on a socket
+    /// with SO_NO_CHECK, so these send with outer checksums (offloaded where the NIC can).
+    gso_senders: Vec<OwnedFd>,
     epoch: Instant,
     member: Arc<Member>,
     /// The receiving socket while open.
     shared: Mutex<Option<Arc<Shared>>>,
+    /// The kernel refused UDP_SEGMENT once: TSO segments go one `sendmsg` each.
+    no_udp_gso: AtomicBool,
 }
 
 fn sockaddr(ip: Ipv4Addr, port: u16) -> libc::sockaddr_in {
@@ -151,13 +158,14 @@ impl Tunnel {
     pub fn new(cfg: &VxlanConfig, mtu: u16) -> io::Result<Tunnel> {
         // The receiving socket is `open_io`'s; these only send, and take nothing in.
         let senders = (0..SENDERS).map(|_| udp_socket(cfg.local, 0, 4096)).collect::<io::Result<Vec<_>>>()?;
+        let gso_senders = (0..SENDERS).map(|_| udp_socket(cfg.local, 0, 4096)).collect::<io::Result<Vec<_>>>()?;
         for s in &senders {
             // RFC 7348: the outer UDP checksum SHOULD be zero over IPv4 (the inner frame has its
             // own), as the kernel's vxlan device sends by default; no checksum pass either.
             setsockopt_int(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NO_CHECK, 1)?;
         }
         if cfg.group.is_some() {
-            for s in &senders {
+            for s in senders.iter().chain(&gso_senders) {
                 let raw = s.as_raw_fd();
                 // Out of `local`'s interface, one hop (the kernel's vxlan default for a group),
                 // and not back to this host's own sockets.
@@ -182,9 +190,11 @@ impl Tunnel {
             decap: Decap { vni: cfg.vni, max_inner: mtu as usize + 14 + 4 },
             table: Mutex::new(Table::new(vunet_switch::mac_table::DEFAULT_AGING_MS, CAPACITY, QUOTA)),
             senders,
+            gso_senders,
             epoch: Instant::now(),
             member: Arc::new(Member { queue: Mutex::new(VecDeque::new()), wake: EventFd::new(EFD_NONBLOCK)?, overflow: AtomicU64::new(0) }),
             shared: Mutex::new(None),
+            no_udp_gso: AtomicBool::new(false),
         })
     }
 
@@ -215,7 +225,9 @@ impl Tunnel {
         let fd = unsafe { OwnedFd::from_raw_fd(check(libc::fcntl(shared.fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0))?) };
         *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(shared);
         let group = self.cfg.group.map(|g| group_socket(g, self.cfg.port, self.cfg.local)).transpose()?;
-        Ok(Io { fd, hdr_len: 0, ifindex: 0, group })
+        // Frames come with a vnet header: whole TSO frames (UDP GSO sends them) and partial
+        // checksums.
+        Ok(Io { fd, hdr_len: HDR, ifindex: 0, group })
     }
 
     /// Hands datagram `d` of VNI `vni` to the network of the shared socket that has it; false
@@ -248,9 +260,103 @@ impl Tunnel {
         self.decap.input(d, from, &mut t, now)
     }
 
-    /// Encapsulates the frame in `iov` and sends it to the remote its destination was learned
-    /// behind, or to every remote. Never blocks.
+    /// Sends the frame in `iov`, behind its vnet header of [`HDR`] bytes (the data path hands
+    /// a tunnel whole TSO frames and partial checksums): a TSO frame is segmented into one
+    /// buffer of encapsulated segments that leaves in one `sendmsg` with UDP_SEGMENT (the
+    /// kernel cuts the datagrams, as its own vxlan device's GSO does); a partial checksum is
+    /// completed; anything else goes out as it is, without a copy.
     pub fn send(&self, iov: &[libc::iovec]) -> Result<(), DropReason> {
+        let mut head = [0u8; HDR];
+        if gather(iov, &mut head) < HDR {
+            return Err(DropReason::ShortFrame);
+        }
+        let hdr = VnetHeader::parse(&head);
+        if !hdr.is_gso() && !hdr.needs_csum() {
+            let mut rest = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; STACK_IOVS];
+            return match skip(iov, HDR, &mut rest) {
+                Some(n) => self.send_frame(&rest[..n]),
+                None => {
+                    let mut heap = Vec::new();
+                    skip_into(iov, HDR, &mut heap);
+                    self.send_frame(&heap)
+                }
+            };
+        }
+        SCRATCH.with(|cell| {
+            let mut bufs = cell.borrow_mut();
+            let (frame, segs, out) = &mut *bufs;
+            frame.clear();
+            for v in iov {
+                // SAFETY: the caller's iovecs point at live memory of their length.
+                frame.extend_from_slice(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) });
+            }
+            let frame = &mut frame[HDR..];
+            if !hdr.is_gso() {
+                complete_checksum(frame, hdr.csum_start as usize, hdr.csum_offset as usize)?;
+                let one = [libc::iovec { iov_base: frame.as_mut_ptr().cast(), iov_len: frame.len() }];
+                return self.send_frame(&one);
+            }
+            self.send_tso(frame, &hdr, segs, out)
+        })
+    }
+
+    /// Segments TSO frame `frame` and sends the segments encapsulated, a chunk of at most
+    /// 64 KiB per `sendmsg` with UDP_SEGMENT, or one `sendmsg` each where the kernel has no
+    /// UDP GSO.
+    fn send_tso(&self, frame: &[u8], hdr: &VnetHeader, segs: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<(), DropReason> {
+        let vx = vxlan::header(self.cfg.vni);
+        out.clear();
+        let mut size = 0;
+        segment_tcp(frame, hdr, segs, |seg| {
+            if size == 0 {
+                size = vx.len() + seg.len();
+            }
+            out.extend_from_slice(&vx);
+            out.extend_from_slice(seg);
+        })?;
+        if size == 0 {
+            return Err(DropReason::SegmentationFailed);
+        }
+        let dst = vunet_switch::dst_mac(&frame[..frame.len().min(HASH_BYTES)]);
+        let target = self.table.lock().unwrap_or_else(|e| e.into_inner()).lookup(self.cfg.vni, &dst, self.now_ms());
+        let hash = vxlan::flow_hash(&frame[..frame.len().min(HASH_BYTES)]) as usize;
+        let gso = !self.no_udp_gso.load(Ordering::Relaxed);
+        let sock = if gso { &self.gso_senders } else { &self.senders }[hash % SENDERS].as_raw_fd();
+        let remotes: Vec<Ipv4Addr> = match target {
+            Target::One(ip) => vec![ip],
+            Target::Flood => self.cfg.group.iter().chain(&self.cfg.remotes).copied().collect(),
+        };
+        // Whole segments per chunk: at most UDP_MAX_SEGMENTS, and a UDP payload of 64 KiB.
+        let per_chunk = if gso { (GSO_MAX_BYTES / size).clamp(1, UDP_MAX_SEGMENTS) } else { 1 };
+        let mut result = Ok(());
+        for chunk in out.chunks(per_chunk * size) {
+            for &ip in &remotes {
+                let mut v = [libc::iovec { iov_base: chunk.as_ptr() as *mut libc::c_void, iov_len: chunk.len() }];
+                let r = if gso && chunk.len() > size {
+                    send_gso(sock, &mut v, ip, self.cfg.port, size as u16)
+                } else {
+                    send_to(sock, &mut v, ip, self.cfg.port).map_err(Err)
+                };
+                match r {
+                    Ok(()) => {}
+                    Err(Err(d)) => result = result.and(Err(d)),
+                    Err(Ok(GsoRefused)) => {
+                        // No UDP GSO here (an old kernel): every segment on its own from now on.
+                        self.no_udp_gso.store(true, Ordering::Relaxed);
+                        for one in chunk.chunks(size) {
+                            let mut v = [libc::iovec { iov_base: one.as_ptr() as *mut libc::c_void, iov_len: one.len() }];
+                            result = result.and(send_to(sock, &mut v, ip, self.cfg.port));
+                        }
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    /// Encapsulates the frame in `iov` (no vnet header) and sends it to the remote its
+    /// destination was learned behind, or to every remote. Never blocks.
+    fn send_frame(&self, iov: &[libc::iovec]) -> Result<(), DropReason> {
         // The head of the frame, gathered: its destination MAC and its flow.
         let mut head = [0u8; HASH_BYTES];
         let mut n = 0;
@@ -320,6 +426,92 @@ impl Tunnel {
 impl Drop for Tunnel {
     fn drop(&mut self) {
         self.leave();
+    }
+}
+
+/// The vnet header in front of the frames the data path gives a tunnel.
+pub const HDR: usize = vunet_switch::vnet::HDR_LEN_LEGACY;
+/// Most segments in one UDP GSO send (the kernel's UDP_MAX_SEGMENTS).
+const UDP_MAX_SEGMENTS: usize = 64;
+/// Most bytes of one UDP GSO send's payload.
+const GSO_MAX_BYTES: usize = 65507;
+
+thread_local! {
+    /// Per sending thread: a frame gathered, the segmenter's scratch and the encapsulated
+    /// segments (grown once to 64 KiB, then reused).
+    static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// Copies the first bytes of `iov` into `out`; how many there were.
+fn gather(iov: &[libc::iovec], out: &mut [u8]) -> usize {
+    let mut n = 0;
+    for v in iov {
+        let take = v.iov_len.min(out.len() - n);
+        // SAFETY: the caller's iovecs point at live memory of their length.
+        out[n..n + take].copy_from_slice(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, take) });
+        n += take;
+        if n == out.len() {
+            break;
+        }
+    }
+    n
+}
+
+/// The iovecs of `iov` past its first `n` bytes, into `out` (None if they do not fit).
+fn skip(iov: &[libc::iovec], mut n: usize, out: &mut [libc::iovec]) -> Option<usize> {
+    let mut k = 0;
+    for v in iov {
+        if n >= v.iov_len {
+            n -= v.iov_len;
+            continue;
+        }
+        // SAFETY: an offset inside the iovec's own memory.
+        let base = unsafe { (v.iov_base as *mut u8).add(n) };
+        *out.get_mut(k)? = libc::iovec { iov_base: base.cast(), iov_len: v.iov_len - n };
+        n = 0;
+        k += 1;
+    }
+    Some(k)
+}
+
+fn skip_into(iov: &[libc::iovec], n: usize, out: &mut Vec<libc::iovec>) {
+    out.resize(iov.len(), libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 });
+    let k = skip(iov, n, out).unwrap_or(0);
+    out.truncate(k);
+}
+
+/// The kernel refused UDP_SEGMENT itself (not a full buffer).
+struct GsoRefused;
+
+/// Sends `iov` as datagrams of `size` bytes each (the last may be shorter) with UDP_SEGMENT.
+fn send_gso(sock: RawFd, iov: &mut [libc::iovec], ip: Ipv4Addr, port: u16, size: u16) -> Result<(), Result<GsoRefused, DropReason>> {
+    let mut to = sockaddr(ip, port);
+    // Room for one cmsghdr carrying a u16, aligned as the kernel wants.
+    let mut control = [0u64; 4];
+    // SAFETY: the msghdr points at the destination, the iovecs and the control buffer, live
+    // for this call; CMSG_* walk that buffer within its length.
+    let n = unsafe {
+        let mut m: libc::msghdr = std::mem::zeroed();
+        m.msg_name = (&mut to as *mut libc::sockaddr_in).cast();
+        m.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+        m.msg_iov = iov.as_mut_ptr();
+        m.msg_iovlen = iov.len();
+        m.msg_control = control.as_mut_ptr().cast();
+        m.msg_controllen = libc::CMSG_SPACE(2) as usize;
+        let c = libc::CMSG_FIRSTHDR(&m);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = libc::UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
+        std::ptr::copy_nonoverlapping(size.to_ne_bytes().as_ptr(), libc::CMSG_DATA(c), 2);
+        libc::sendmsg(sock, &m, libc::MSG_DONTWAIT)
+    };
+    if n >= 0 {
+        return Ok(());
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::ENOBUFS) => Err(Err(DropReason::NoRxBuffer)),
+        Some(libc::EINVAL) | Some(libc::ENOPROTOOPT) | Some(libc::EIO) | Some(libc::EOPNOTSUPP) => Err(Ok(GsoRefused)),
+        _ => Err(Err(DropReason::PortDown)),
     }
 }
 
@@ -461,7 +653,11 @@ mod tests {
         frame[0..6].copy_from_slice(&[0xff; 6]);
         frame[6..12].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 7]);
         frame[12..14].copy_from_slice(&[0x08, 0x06]);
-        let iov = [libc::iovec { iov_base: frame.as_mut_ptr().cast(), iov_len: 60 }];
+        let mut none = [0u8; HDR];
+        let iov = [
+            libc::iovec { iov_base: none.as_mut_ptr().cast(), iov_len: HDR },
+            libc::iovec { iov_base: frame.as_mut_ptr().cast(), iov_len: 60 },
+        ];
         t.send(&iov).unwrap();
         let mut pfd = libc::pollfd { fd: rx.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd.
@@ -487,5 +683,77 @@ mod tests {
         assert_eq!((n, lens[0], lens[1]), (2, 0, 0), "both dropped");
         let c = counters.snapshot();
         assert_eq!((c.drop_count(DropReason::VxlanUnknownVni), c.drop_count(DropReason::VxlanShort)), (1, 1));
+    }
+
+    /// A TSO frame leaves as encapsulated MSS-sized segments (one UDP GSO send, cut by the
+    /// kernel), each a complete frame with its own checksums; a partial checksum is completed.
+    #[test]
+    fn tso_frames_leave_as_encapsulated_segments_and_partial_checksums_are_completed() {
+        let port = free_port();
+        let t = Tunnel::new(&cfg(port), 1500).unwrap();
+        let rx = t.open().unwrap();
+        let payload: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let mut frame = Vec::new();
+        etherparse::PacketBuilder::ethernet2([0x52, 0x54, 0, 0, 0, 7], [0x52, 0x54, 0, 0, 0, 8])
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .tcp(5000, 80, 1, 1000)
+            .ack(1)
+            .write(&mut frame, &payload)
+            .unwrap();
+        // As a guest sends it: the TCP checksum holds the pseudo-header's sum only.
+        let tcp_sum = 14 + 20 + 16;
+        let ph = vunet_switch::checksum::pseudo_v4(&[10, 0, 0, 1], &[10, 0, 0, 2], 6, (frame.len() - 34) as u16);
+        frame[tcp_sum..tcp_sum + 2].copy_from_slice(&(!vunet_switch::checksum::finish(ph)).to_be_bytes());
+        let hdr = VnetHeader { flags: 1, gso_type: 1, hdr_len: 54, gso_size: 1000, csum_start: 34, csum_offset: 16, num_buffers: 0 };
+        let mut h = [0u8; HDR];
+        hdr.write(&mut h);
+        let iov = [
+            libc::iovec { iov_base: h.as_mut_ptr().cast(), iov_len: HDR },
+            libc::iovec { iov_base: frame.as_mut_ptr().cast(), iov_len: frame.len() },
+        ];
+        t.send(&iov).unwrap();
+        let mut got = Vec::new();
+        let mut bufs = vec![vec![0u8; 2048]; 8];
+        let (mut starts, mut lens) = ([0; 8], [0; 8]);
+        let counters = vunet_switch::PortCounters::default();
+        let mut pfd = libc::pollfd { fd: rx.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        while got.len() < 5 && unsafe { libc::poll(&mut pfd, 1, 5000) } == 1 {
+            let n = recv(rx.fd.as_raw_fd(), &t, &mut bufs, &mut starts, &mut lens, &counters).unwrap();
+            got.extend((0..n).map(|i| bufs[i][starts[i]..starts[i] + lens[i]].to_vec()));
+        }
+        assert_eq!(got.len(), 5, "five segments of 1000 bytes");
+        assert!(!t.no_udp_gso.load(Ordering::Relaxed), "sent with UDP GSO");
+        let mut stream = Vec::new();
+        for g in &got {
+            let p = etherparse::SlicedPacket::from_ethernet(g).unwrap();
+            let Some(etherparse::TransportSlice::Tcp(tcp)) = p.transport else { panic!("not TCP") };
+            let ip = etherparse::Ipv4HeaderSlice::from_slice(&g[14..]).unwrap();
+            assert_eq!(tcp.to_header().calc_checksum_ipv4(&ip.to_header(), tcp.payload()).unwrap(), tcp.checksum());
+            assert_eq!(tcp.sequence_number() as usize, 1 + stream.len());
+            stream.extend_from_slice(tcp.payload());
+        }
+        assert_eq!(stream, payload);
+        // A frame with a partial checksum alone: completed before it leaves.
+        let mut small = frame[..54 + 100].to_vec();
+        small[16..18].copy_from_slice(&(154u16 - 14).to_be_bytes());
+        let ph = vunet_switch::checksum::pseudo_v4(&[10, 0, 0, 1], &[10, 0, 0, 2], 6, 120);
+        small[tcp_sum..tcp_sum + 2].copy_from_slice(&(!vunet_switch::checksum::finish(ph)).to_be_bytes());
+        let hdr = VnetHeader { flags: 1, csum_start: 34, csum_offset: 16, ..VnetHeader::default() };
+        hdr.write(&mut h);
+        let iov = [
+            libc::iovec { iov_base: h.as_mut_ptr().cast(), iov_len: HDR },
+            libc::iovec { iov_base: small.as_mut_ptr().cast(), iov_len: small.len() },
+        ];
+        t.send(&iov).unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1);
+        let n = recv(rx.fd.as_raw_fd(), &t, &mut bufs, &mut starts, &mut lens, &counters).unwrap();
+        assert_eq!(n, 1);
+        let g = &bufs[0][starts[0]..starts[0] + lens[0]];
+        let p = etherparse::SlicedPacket::from_ethernet(g).unwrap();
+        let Some(etherparse::TransportSlice::Tcp(tcp)) = p.transport else { panic!("not TCP") };
+        let ip = etherparse::Ipv4HeaderSlice::from_slice(&g[14..]).unwrap();
+        assert_eq!(tcp.to_header().calc_checksum_ipv4(&ip.to_header(), tcp.payload()).unwrap(), tcp.checksum(), "completed");
     }
 }

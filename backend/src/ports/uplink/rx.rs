@@ -27,6 +27,7 @@ pub fn run(mut inject: Inject, port: Arc<Port>, up: Arc<Uplink>) {
     let mut outgoing = [false; BATCH];
     // A VXLAN tunnel's frames after coalescing, each behind a vnet header (reused buffers).
     let mut tunnel_frames: Vec<Vec<u8>> = Vec::new();
+    let mut tunnel_slices: Vec<(usize, usize, usize)> = Vec::new();
     let mut gro_scratch = Vec::new();
     let mut last_watch = Instant::now();
     let mut announced = false;
@@ -97,17 +98,17 @@ pub fn run(mut inject: Inject, port: Arc<Port>, up: Arc<Uplink>) {
             (UplinkKind::Vxlan, Some(t)) => {
                 // The group's socket when only it has datagrams; the next round reads the other.
                 let from = if pfd[0].revents == 0 && pfd[2].revents == 0 { pfd[3].fd } else { fd };
-                super::vxlan::recv(from, t, &mut bufs, &mut starts, &mut lens, &port.counters)
+                super::vxlan::recv(from, t, &mut bufs, &mut tunnel_slices, &port.counters)
             }
             (UplinkKind::AfPacket, _) => recv_packets(fd, hdr_len, &mut bufs, &mut starts, &mut lens, &mut outgoing),
             _ => read_frames(fd, &mut bufs, &mut lens).inspect(|_| starts = [0; BATCH]),
         };
         drop(io);
-        if let (Ok(n), Some(_)) = (&got, &up.tunnel) {
+        if let (Ok(_), Some(_)) = (&got, &up.tunnel) {
             // What came through the tunnel one MTU at a time is merged back into GSO frames
             // (the kernel's GRO does this for its own vxlan devices): a receiving guest takes
             // one 64 KiB frame instead of forty-five.
-            let m = coalesce_tunnel(&bufs[..*n], &starts[..*n], &lens[..*n], &mut gro_scratch, &mut tunnel_frames);
+            let m = coalesce_tunnel(&bufs, &tunnel_slices, &mut gro_scratch, &mut tunnel_frames);
             if routes {
                 let mut frames: Vec<&mut [u8]> = tunnel_frames[..m].iter_mut().map(|b| b.as_mut_slice()).collect();
                 if let Some(c) = dhcp.as_mut() {
@@ -164,10 +165,10 @@ const ROUTER_TICK: Duration = Duration::from_millis(100);
 /// The vnet header in front of a tunnel's frames as they are handed to the data path.
 const TUNNEL_HDR: usize = vunet_switch::vnet::HDR_LEN_LEGACY;
 
-/// Coalesces the frames a tunnel received (`bufs[i][starts[i]..][..lens[i]]`, length 0 for
-/// dropped ones) into `out`, each behind a `TUNNEL_HDR`-byte vnet header; returns how many.
-fn coalesce_tunnel(bufs: &[Vec<u8>], starts: &[usize], lens: &[usize], scratch: &mut Vec<u8>, out: &mut Vec<Vec<u8>>) -> usize {
-    let frames = bufs.iter().zip(starts.iter().zip(lens)).filter(|(_, (_, &l))| l > 0).map(|(b, (&at, &l))| &b[at..at + l]);
+/// Coalesces the frames a tunnel received (`bufs[b][start..][..len]` for each slice) into
+/// `out`, each behind a `TUNNEL_HDR`-byte vnet header; returns how many.
+fn coalesce_tunnel(bufs: &[Vec<u8>], slices: &[(usize, usize, usize)], scratch: &mut Vec<u8>, out: &mut Vec<Vec<u8>>) -> usize {
+    let frames = slices.iter().map(|&(b, at, l)| &bufs[b][at..at + l]);
     let mut m = 0;
     vunet_switch::gro::coalesce(frames, scratch, |h, f| {
         if out.len() == m {

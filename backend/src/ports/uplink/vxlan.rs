@@ -70,7 +70,11 @@ fn join(ip: Ipv4Addr, port: u16, vni: u32, member: &Arc<Member>) -> io::Result<A
     let shared = match all.iter().find(|(k, _)| *k == (ip, port)).and_then(|(_, w)| w.upgrade()) {
         Some(s) => s,
         None => {
-            let s = Arc::new(Shared { fd: udp_socket(ip, port, 4 << 20)?, members: Mutex::new(HashMap::new()) });
+            let fd = udp_socket(ip, port, 4 << 20)?;
+            // Datagrams of one flow come merged, one read for up to 64 KiB of them (the
+            // sender's UDP GSO, or the kernel's GRO): fewer reads; `recv` splits them.
+            let _ = setsockopt_int(fd.as_raw_fd(), libc::SOL_UDP, UDP_GRO, 1);
+            let s = Arc::new(Shared { fd, members: Mutex::new(HashMap::new()) });
             all.push(((ip, port), Arc::downgrade(&s)));
             s
         }
@@ -135,6 +139,7 @@ fn udp_socket(ip: Ipv4Addr, port: u16, rcvbuf: libc::c_int) -> io::Result<OwnedF
 /// other endpoints flood to the group.
 fn group_socket(group: Ipv4Addr, port: u16, local: Ipv4Addr) -> io::Result<OwnedFd> {
     let fd = udp_socket(group, port, 4 << 20)?;
+    let _ = setsockopt_int(fd.as_raw_fd(), libc::SOL_UDP, UDP_GRO, 1);
     let m = libc::ip_mreq {
         imr_multiaddr: libc::in_addr { s_addr: u32::from(group).to_be() },
         imr_interface: libc::in_addr { s_addr: u32::from(local).to_be() },
@@ -429,6 +434,9 @@ impl Drop for Tunnel {
     }
 }
 
+/// UDP_GRO (linux/udp.h), not in every libc's constants.
+const UDP_GRO: libc::c_int = 104;
+
 /// The vnet header in front of the frames the data path gives a tunnel.
 pub const HDR: usize = vunet_switch::vnet::HDR_LEN_LEGACY;
 /// Most segments in one UDP GSO send (the kernel's UDP_MAX_SEGMENTS).
@@ -536,17 +544,17 @@ fn send_to(sock: RawFd, iov: &mut [libc::iovec], ip: Ipv4Addr, port: u16) -> Res
     }
 }
 
-/// One `recvmmsg` of up to BATCH datagrams from the receiving socket, decapsulated: each
-/// inner frame is `bufs[i][starts[i]..][..lens[i]]`; a datagram dropped (counted on
-/// `counters`) has length 0.
+/// One `recvmmsg` of up to a batch of reads from the receiving socket, decapsulated: each
+/// inner frame is `bufs[b][start..][..len]` for `(b, start, len)` in `out` (a read of merged
+/// datagrams, UDP_GRO, holds several). Dropped datagrams are counted on `counters`.
 pub(super) fn recv(
     fd: RawFd,
     tunnel: &Tunnel,
     bufs: &mut [Vec<u8>],
-    starts: &mut [usize],
-    lens: &mut [usize],
+    out: &mut Vec<(usize, usize, usize)>,
     counters: &vunet_switch::PortCounters,
 ) -> io::Result<usize> {
+    out.clear();
     // First what the other networks' threads queued for this one.
     let _ = tunnel.member.wake.read();
     for _ in 0..tunnel.member.overflow.swap(0, Ordering::Relaxed) {
@@ -559,13 +567,10 @@ pub(super) fn recv(
             let Some((d, from)) = q.pop_front() else { break };
             let n = d.len().min(bufs[queued].len());
             bufs[queued][..n].copy_from_slice(&d[..n]);
-            (starts[queued], lens[queued]) = match tunnel.input(&bufs[queued][..n], from) {
-                Ok(at) => at,
-                Err(r) => {
-                    counters.dropped(r);
-                    (0, 0)
-                }
-            };
+            match tunnel.input(&bufs[queued][..n], from) {
+                Ok((at, l)) => out.push((queued, at, l)),
+                Err(r) => counters.dropped(r),
+            }
             queued += 1;
         }
         if !q.is_empty() {
@@ -573,14 +578,16 @@ pub(super) fn recv(
             let _ = tunnel.member.wake.write(1);
         }
     }
-    let (bufs, starts, lens) = (&mut bufs[queued..], &mut starts[queued..], &mut lens[queued..]);
-    if bufs.is_empty() {
-        return Ok(queued);
+    let rest = &mut bufs[queued..];
+    if rest.is_empty() {
+        return Ok(out.len());
     }
-    let mut iovs: Vec<libc::iovec> = bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
+    let mut iovs: Vec<libc::iovec> = rest.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
     // SAFETY: zeroed sockaddr_in and mmsghdr are valid initial values.
-    let mut addrs: Vec<libc::sockaddr_in> = (0..bufs.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
-    let mut msgs: Vec<libc::mmsghdr> = (0..bufs.len())
+    let mut addrs: Vec<libc::sockaddr_in> = (0..rest.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
+    // Room for the UDP_GRO control message (an int) of each read.
+    let mut control = vec![[0u64; 4]; rest.len()];
+    let mut msgs: Vec<libc::mmsghdr> = (0..rest.len())
         .map(|i| {
             // SAFETY: as above.
             let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
@@ -588,42 +595,61 @@ pub(super) fn recv(
             m.msg_hdr.msg_iovlen = 1;
             m.msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
             m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            m.msg_hdr.msg_control = control[i].as_mut_ptr().cast();
+            m.msg_hdr.msg_controllen = std::mem::size_of::<[u64; 4]>();
             m
         })
         .collect();
-    // SAFETY: every mmsghdr points at a live iovec, buffer and address of this datagram.
+    // SAFETY: every mmsghdr points at a live iovec, buffer, address and control buffer.
     let n = unsafe { libc::recvmmsg(fd, msgs.as_mut_ptr(), msgs.len() as u32, libc::MSG_DONTWAIT | libc::MSG_TRUNC, std::ptr::null_mut()) };
     if n < 0 {
         let e = io::Error::last_os_error();
         // Another network's thread may have read what woke this one.
-        return if queued > 0 && e.kind() == io::ErrorKind::WouldBlock { Ok(queued) } else { Err(e) };
+        return if queued > 0 && e.kind() == io::ErrorKind::WouldBlock { Ok(out.len()) } else { Err(e) };
     }
-    let n = n as usize;
-    for i in 0..n {
-        let len = msgs[i].msg_len as usize;
+    for (i, m) in msgs.iter().enumerate().take(n as usize) {
+        let len = m.msg_len as usize;
         let from = Ipv4Addr::from(u32::from_be(addrs[i].sin_addr.s_addr));
-        lens[i] = 0;
-        // A datagram longer than the buffer (MSG_TRUNC gives its real length) is dropped.
-        if len > bufs[i].len() {
+        // A read longer than the buffer (MSG_TRUNC gives its real length) is dropped.
+        if len > rest[i].len() || m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
             counters.dropped(DropReason::Oversize);
             continue;
         }
-        let d = &bufs[i][..len];
-        // Another network's VNI on the shared socket: its thread takes it from here.
-        if let Ok((vni, _)) = vxlan::parse(d, usize::MAX) {
-            if vni != tunnel.cfg.vni && tunnel.hand_over(vni, d, from) {
-                continue;
+        // Merged datagrams are each `size` bytes but the last.
+        let size = gro_size(&m.msg_hdr).unwrap_or(len).max(1);
+        let mut at = 0;
+        while at < len {
+            let d = &rest[i][at..len.min(at + size)];
+            let dlen = d.len();
+            // Another network's VNI on the shared socket: its thread takes it from here.
+            let theirs = matches!(vxlan::parse(d, usize::MAX), Ok((vni, _)) if vni != tunnel.cfg.vni && tunnel.hand_over(vni, d, from));
+            if !theirs {
+                match tunnel.input(d, from) {
+                    Ok((start, l)) => out.push((queued + i, at + start, l)),
+                    Err(r) => counters.dropped(r),
+                }
             }
-        }
-        match tunnel.input(d, from) {
-            Ok((at, l)) => {
-                starts[i] = at;
-                lens[i] = l;
-            }
-            Err(r) => counters.dropped(r),
+            at += dlen;
         }
     }
-    Ok(queued + n)
+    Ok(out.len())
+}
+
+/// The segment size of a read of merged datagrams (the UDP_GRO control message), if any.
+fn gro_size(m: &libc::msghdr) -> Option<usize> {
+    // SAFETY: CMSG_* walk the control buffer the kernel filled, within msg_controllen.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(m);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == UDP_GRO && (*c).cmsg_len as usize >= libc::CMSG_LEN(4) as usize {
+                let mut v = [0u8; 4];
+                std::ptr::copy_nonoverlapping(libc::CMSG_DATA(c), v.as_mut_ptr(), 4);
+                return usize::try_from(i32::from_ne_bytes(v)).ok().filter(|&s| s > 0);
+            }
+            c = libc::CMSG_NXTHDR(m, c);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -663,12 +689,13 @@ mod tests {
         // SAFETY: one valid pollfd.
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1, "the datagram arrives");
         let mut bufs = vec![vec![0u8; 2048]; 4];
-        let (mut starts, mut lens) = ([0; 4], [0; 4]);
+        let mut out = Vec::new();
         let counters = vunet_switch::PortCounters::default();
-        let n = recv(rx.fd.as_raw_fd(), &t, &mut bufs, &mut starts, &mut lens, &counters).unwrap();
+        let n = recv(rx.fd.as_raw_fd(), &t, &mut bufs, &mut out, &counters).unwrap();
         assert_eq!(n, 1);
         assert_eq!(&bufs[0][..8], &vxlan::header(42), "the VXLAN header with VNI 42 and the I flag");
-        assert_eq!(&bufs[0][starts[0]..starts[0] + lens[0]], &frame[..], "the inner frame, whole");
+        let (b, at, l) = out[0];
+        assert_eq!(&bufs[b][at..at + l], &frame[..], "the inner frame, whole");
         assert_eq!(t.info().learned, vec![("52:54:00:00:00:07".to_string(), "127.0.0.1".to_string(), 0)]);
         // A datagram of another VNI is counted, not delivered.
         let other = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -679,8 +706,8 @@ mod tests {
         // SAFETY: as above.
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1);
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let n = recv(rx.fd.as_raw_fd(), &t, &mut bufs, &mut starts, &mut lens, &counters).unwrap();
-        assert_eq!((n, lens[0], lens[1]), (2, 0, 0), "both dropped");
+        let n = recv(rx.fd.as_raw_fd(), &t, &mut bufs, &mut out, &counters).unwrap();
+        assert_eq!(n, 0, "both dropped");
         let c = counters.snapshot();
         assert_eq!((c.drop_count(DropReason::VxlanUnknownVni), c.drop_count(DropReason::VxlanShort)), (1, 1));
     }
@@ -713,14 +740,15 @@ mod tests {
         ];
         t.send(&iov).unwrap();
         let mut got = Vec::new();
-        let mut bufs = vec![vec![0u8; 2048]; 8];
-        let (mut starts, mut lens) = ([0; 8], [0; 8]);
+        // Room for a read of merged datagrams (UDP_GRO).
+        let mut bufs = vec![vec![0u8; 65600]; 8];
+        let mut out = Vec::new();
         let counters = vunet_switch::PortCounters::default();
         let mut pfd = libc::pollfd { fd: rx.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd.
         while got.len() < 5 && unsafe { libc::poll(&mut pfd, 1, 5000) } == 1 {
-            let n = recv(rx.fd.as_raw_fd(), &t, &mut bufs, &mut starts, &mut lens, &counters).unwrap();
-            got.extend((0..n).map(|i| bufs[i][starts[i]..starts[i] + lens[i]].to_vec()));
+            recv(rx.fd.as_raw_fd(), &t, &mut bufs, &mut out, &counters).unwrap();
+            got.extend(out.iter().map(|&(b, at, l)| bufs[b][at..at + l].to_vec()));
         }
         assert_eq!(got.len(), 5, "five segments of 1000 bytes");
         assert!(!t.no_udp_gso.load(Ordering::Relaxed), "sent with UDP GSO");
@@ -748,9 +776,10 @@ mod tests {
         t.send(&iov).unwrap();
         // SAFETY: as above.
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1);
-        let n = recv(rx.fd.as_raw_fd(), &t, &mut bufs, &mut starts, &mut lens, &counters).unwrap();
+        let n = recv(rx.fd.as_raw_fd(), &t, &mut bufs, &mut out, &counters).unwrap();
         assert_eq!(n, 1);
-        let g = &bufs[0][starts[0]..starts[0] + lens[0]];
+        let (b, at, l) = out[0];
+        let g = &bufs[b][at..at + l];
         let p = etherparse::SlicedPacket::from_ethernet(g).unwrap();
         let Some(etherparse::TransportSlice::Tcp(tcp)) = p.transport else { panic!("not TCP") };
         let ip = etherparse::Ipv4HeaderSlice::from_slice(&g[14..]).unwrap();

@@ -115,11 +115,34 @@ struct Run {
     segments: usize,
 }
 
+/// A frame [`coalesce_with_room`] hands over.
+pub enum Frame<'a> {
+    /// As it came, in the caller's buffer.
+    Plain(&'a [u8]),
+    /// Merged in the scratch buffer, behind the room asked for; the caller may take the
+    /// buffer (swap it for an empty one) rather than copy it.
+    Merged(&'a mut Vec<u8>),
+}
+
 /// Coalesces consecutive TCP segments of `frames` (each a complete Ethernet frame, no vnet
 /// header) and calls `out` once per frame to deliver, in order: merged ones with a GSO
 /// header, the others unchanged with an empty header. `scratch` holds a merged frame while
 /// it grows (reused between calls: no allocation once it has grown to 64 KiB).
 pub fn coalesce<'a>(frames: impl IntoIterator<Item = &'a [u8]>, scratch: &mut Vec<u8>, mut out: impl FnMut(&VnetHeader, &[u8])) {
+    coalesce_with_room(frames, 0, scratch, |h, f| match f {
+        Frame::Plain(f) => out(h, f),
+        Frame::Merged(v) => out(h, v),
+    })
+}
+
+/// As [`coalesce`], with `room` bytes kept in front of a merged frame in `scratch` (for the
+/// caller's vnet header), handed over as [`Frame::Merged`].
+pub fn coalesce_with_room<'a>(
+    frames: impl IntoIterator<Item = &'a [u8]>,
+    room: usize,
+    scratch: &mut Vec<u8>,
+    mut out: impl FnMut(&VnetHeader, Frame),
+) {
     let mut run: Option<Run> = None;
     for f in frames {
         let s = segment(f);
@@ -129,59 +152,61 @@ pub fn coalesce<'a>(frames: impl IntoIterator<Item = &'a [u8]>, scratch: &mut Ve
                 && r.seg.data == s.data
                 && len <= r.mss
                 && r.segments < MAX_SEGMENTS
-                && scratch.len() - ETH + len <= MAX_IP_LEN
-                && same_headers(&scratch[..r.seg.data], &f[..s.data], s);
+                && scratch.len() - room - ETH + len <= MAX_IP_LEN
+                && same_headers(&scratch[room..room + r.seg.data], &f[..s.data], s);
             if joins {
                 scratch.extend_from_slice(&f[s.data..]);
                 r.next_seq = r.next_seq.wrapping_add(len as u32);
                 r.segments += 1;
                 if s.flags & TCP_PSH != 0 {
-                    scratch[r.seg.l4 + 13] |= TCP_PSH;
+                    scratch[room + r.seg.l4 + 13] |= TCP_PSH;
                 }
                 if len < r.mss || s.flags & TCP_PSH != 0 {
-                    flush(&mut run, scratch, &mut out);
+                    flush(&mut run, room, scratch, &mut out);
                 }
                 continue;
             }
         }
-        flush(&mut run, scratch, &mut out);
+        flush(&mut run, room, scratch, &mut out);
         match s {
             // A run starts with a full-sized segment that does not end the stream's burst.
             Some(s) if s.flags & TCP_PSH == 0 && f.len() - s.data >= MIN_GSO_SIZE as usize => {
                 scratch.clear();
+                scratch.resize(room, 0);
                 scratch.extend_from_slice(f);
                 let mss = f.len() - s.data;
                 run = Some(Run { seg: s, mss, next_seq: s.seq.wrapping_add(mss as u32), segments: 1 });
             }
-            _ => out(&VnetHeader::default(), f),
+            _ => out(&VnetHeader::default(), Frame::Plain(f)),
         }
     }
-    flush(&mut run, scratch, &mut out);
+    flush(&mut run, room, scratch, &mut out);
 }
 
-/// Hands over the run in `scratch`: as it came if it is one segment, else with its lengths
-/// fixed, the IPv4 header checksum redone, the TCP checksum left partial (the pseudo-header's
-/// sum) and a GSO header.
-fn flush(run: &mut Option<Run>, scratch: &mut [u8], out: &mut impl FnMut(&VnetHeader, &[u8])) {
+/// Hands over the run in `scratch` (behind `room` bytes): as it came if it is one segment,
+/// else with its lengths fixed, the IPv4 header checksum redone, the TCP checksum left
+/// partial (the pseudo-header's sum) and a GSO header.
+fn flush(run: &mut Option<Run>, room: usize, scratch: &mut Vec<u8>, out: &mut impl FnMut(&VnetHeader, Frame)) {
     let Some(r) = run.take() else { return };
     if r.segments == 1 {
-        out(&VnetHeader::default(), scratch);
+        out(&VnetHeader::default(), Frame::Merged(scratch));
         return;
     }
     let s = r.seg;
-    let l4_len = scratch.len() - s.l4;
+    let f = &mut scratch[room..];
+    let l4_len = f.len() - s.l4;
     if s.v6 {
-        scratch[ETH + 4..ETH + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+        f[ETH + 4..ETH + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
     } else {
         let ihl = s.l4 - ETH;
-        scratch[ETH + 2..ETH + 4].copy_from_slice(&((ihl + l4_len) as u16).to_be_bytes());
-        scratch[ETH + 10..ETH + 12].copy_from_slice(&[0, 0]);
-        let c = finish(sum(&scratch[ETH..s.l4], 0));
-        scratch[ETH + 10..ETH + 12].copy_from_slice(&c.to_be_bytes());
+        f[ETH + 2..ETH + 4].copy_from_slice(&((ihl + l4_len) as u16).to_be_bytes());
+        f[ETH + 10..ETH + 12].copy_from_slice(&[0, 0]);
+        let c = finish(sum(&f[ETH..s.l4], 0));
+        f[ETH + 10..ETH + 12].copy_from_slice(&c.to_be_bytes());
     }
     // A partial checksum holds the pseudo-header's sum, not complemented.
-    let partial = !finish(pseudo(scratch, &s, l4_len as u32));
-    scratch[s.l4 + 16..s.l4 + 18].copy_from_slice(&partial.to_be_bytes());
+    let partial = !finish(pseudo(f, &s, l4_len as u32));
+    f[s.l4 + 16..s.l4 + 18].copy_from_slice(&partial.to_be_bytes());
     let hdr = VnetHeader {
         flags: F_NEEDS_CSUM,
         gso_type: if s.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
@@ -191,7 +216,7 @@ fn flush(run: &mut Option<Run>, scratch: &mut [u8], out: &mut impl FnMut(&VnetHe
         csum_offset: 16,
         num_buffers: 0,
     };
-    out(&hdr, scratch);
+    out(&hdr, Frame::Merged(scratch));
 }
 
 #[cfg(test)]

@@ -144,3 +144,24 @@ fn garbage_passes_through_unchanged_and_never_panics() {
     let out = run(&frames);
     assert_eq!(out.len(), frames.len());
 }
+
+#[test]
+fn room_in_front_of_merged_frames_changes_nothing_else() {
+    let mut frames: Vec<Vec<u8>> = (0..6).map(|i| seg4(5000, 1 + i * 1400, 1400, false)).collect();
+    frames.push(seg4(7000, 1, 100, false));
+    let plain = run(&frames);
+    let mut with_room = Vec::new();
+    let mut scratch = Vec::new();
+    coalesce_with_room(frames.iter().map(|f| f.as_slice()), 10, &mut scratch, |h, f| {
+        let bytes = match f {
+            Frame::Plain(f) => f.to_vec(),
+            Frame::Merged(v) => {
+                assert_eq!(v[..10], [0; 10], "the room is left zeroed");
+                v[10..].to_vec()
+            }
+        };
+        with_room.push((*h, bytes));
+    });
+    assert_eq!(with_room, plain);
+    assert_eq!(plain.len(), 2);
+}

@@ -83,7 +83,30 @@ pub fn tcp_layout(frame: &[u8]) -> Option<TcpLayout> {
 /// built in `scratch` (reused, so steady state does not allocate) and handed to `emit`, with
 /// correct IP lengths, IPv4 IDs and header checksums, TCP sequence numbers, flags and checksums.
 /// Returns the number of segments.
-pub fn segment_tcp(frame: &[u8], hdr: &VnetHeader, scratch: &mut Vec<u8>, mut emit: impl FnMut(&[u8])) -> Result<usize, DropReason> {
+pub fn segment_tcp(frame: &[u8], hdr: &VnetHeader, scratch: &mut Vec<u8>, emit: impl FnMut(&[u8])) -> Result<usize, DropReason> {
+    segment(frame, hdr, scratch, None, emit)
+}
+
+/// As [`segment_tcp`], but each segment is appended to `out` behind `prefix` (a tunnel's
+/// header) and stays there: a whole TSO frame's segments in one buffer, built in place (one
+/// copy of the payload). `emit` sees each segment as built.
+pub fn segment_tcp_append(
+    frame: &[u8],
+    hdr: &VnetHeader,
+    out: &mut Vec<u8>,
+    prefix: &[u8],
+    emit: impl FnMut(&[u8]),
+) -> Result<usize, DropReason> {
+    segment(frame, hdr, out, Some(prefix), emit)
+}
+
+fn segment(
+    frame: &[u8],
+    hdr: &VnetHeader,
+    buf: &mut Vec<u8>,
+    prefix: Option<&[u8]>,
+    mut emit: impl FnMut(&[u8]),
+) -> Result<usize, DropReason> {
     let lay = tcp_layout(frame).ok_or(DropReason::SegmentationFailed)?;
     let mss = hdr.gso_size as usize;
     if mss == 0 {
@@ -105,10 +128,19 @@ pub fn segment_tcp(frame: &[u8], hdr: &VnetHeader, scratch: &mut Vec<u8>, mut em
     }
     for i in 0..n {
         let chunk = &payload[(i * mss).min(payload.len())..((i + 1) * mss).min(payload.len())];
-        scratch.clear();
-        scratch.extend_from_slice(&frame[..lay.headers]);
-        scratch.extend_from_slice(chunk);
-        let seg = scratch.as_mut_slice();
+        let base = match prefix {
+            None => {
+                buf.clear();
+                0
+            }
+            Some(p) => {
+                buf.extend_from_slice(p);
+                buf.len()
+            }
+        };
+        buf.extend_from_slice(&frame[..lay.headers]);
+        buf.extend_from_slice(chunk);
+        let seg = &mut buf[base..];
         let l4_len = seg.len() - lay.l4;
         let len = ip_len(seg.len(), &lay).ok_or(DropReason::SegmentationFailed)?;
         if lay.ipv6 {

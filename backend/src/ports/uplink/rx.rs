@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
+use vunet_switch::gro::Frame;
 use vunet_switch::Mac;
 
 use super::{Uplink, BATCH, BUF_LEN, WATCH};
@@ -170,15 +171,22 @@ const TUNNEL_HDR: usize = vunet_switch::vnet::HDR_LEN_LEGACY;
 fn coalesce_tunnel(bufs: &[Vec<u8>], slices: &[(usize, usize, usize)], scratch: &mut Vec<u8>, out: &mut Vec<Vec<u8>>) -> usize {
     let frames = slices.iter().map(|&(b, at, l)| &bufs[b][at..at + l]);
     let mut m = 0;
-    vunet_switch::gro::coalesce(frames, scratch, |h, f| {
+    vunet_switch::gro::coalesce_with_room(frames, TUNNEL_HDR, scratch, |h, f| {
         if out.len() == m {
             out.push(Vec::new());
         }
         let b = &mut out[m];
-        b.clear();
-        b.resize(TUNNEL_HDR, 0);
+        match f {
+            // Merged in the scratch buffer behind the header's room: taken, not copied (the
+            // old buffer becomes the next scratch).
+            Frame::Merged(v) => std::mem::swap(b, v),
+            Frame::Plain(f) => {
+                b.clear();
+                b.resize(TUNNEL_HDR, 0);
+                b.extend_from_slice(f);
+            }
+        }
         h.write(&mut b[..TUNNEL_HDR]);
-        b.extend_from_slice(f);
         m += 1;
     });
     m

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use vunet_switch::offload::{complete_checksum, segment_tcp};
+use vunet_switch::offload::{complete_checksum, segment_tcp_append};
 use vunet_switch::vnet::VnetHeader;
 use vunet_switch::vxlan::{self, Decap, Table, Target};
 use vunet_switch::{format_mac, DropReason};
@@ -289,7 +289,7 @@ impl Tunnel {
         }
         SCRATCH.with(|cell| {
             let mut bufs = cell.borrow_mut();
-            let (frame, segs, out) = &mut *bufs;
+            let (frame, out) = &mut *bufs;
             frame.clear();
             for v in iov {
                 // SAFETY: the caller's iovecs point at live memory of their length.
@@ -301,23 +301,21 @@ impl Tunnel {
                 let one = [libc::iovec { iov_base: frame.as_mut_ptr().cast(), iov_len: frame.len() }];
                 return self.send_frame(&one);
             }
-            self.send_tso(frame, &hdr, segs, out)
+            self.send_tso(frame, &hdr, out)
         })
     }
 
     /// Segments TSO frame `frame` and sends the segments encapsulated, a chunk of at most
     /// 64 KiB per `sendmsg` with UDP_SEGMENT, or one `sendmsg` each where the kernel has no
     /// UDP GSO.
-    fn send_tso(&self, frame: &[u8], hdr: &VnetHeader, segs: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<(), DropReason> {
+    fn send_tso(&self, frame: &[u8], hdr: &VnetHeader, out: &mut Vec<u8>) -> Result<(), DropReason> {
         let vx = vxlan::header(self.cfg.vni);
         out.clear();
         let mut size = 0;
-        segment_tcp(frame, hdr, segs, |seg| {
+        segment_tcp_append(frame, hdr, out, &vx, |seg| {
             if size == 0 {
                 size = vx.len() + seg.len();
             }
-            out.extend_from_slice(&vx);
-            out.extend_from_slice(seg);
         })?;
         if size == 0 {
             return Err(DropReason::SegmentationFailed);
@@ -445,9 +443,9 @@ const UDP_MAX_SEGMENTS: usize = 64;
 const GSO_MAX_BYTES: usize = 65507;
 
 thread_local! {
-    /// Per sending thread: a frame gathered, the segmenter's scratch and the encapsulated
-    /// segments (grown once to 64 KiB, then reused).
-    static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// Per sending thread: a frame gathered and its encapsulated segments (grown once to
+    /// 64 KiB, then reused).
+    static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Copies the first bytes of `iov` into `out`; how many there were.

@@ -14,7 +14,7 @@ secs=${1:-20}
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
 cd tests/fuzz
-for t in dhcp_server dhcpv6 dns_query gateway_frame lease_file router_frame router6_frame vhost_relay split_ring socknat_tcp ipv6_nd vxlan_datagram; do
+for t in dhcp_server dhcpv6 dns_query gateway_frame lease_file router_frame router6_frame vhost_relay split_ring socknat_tcp ipv6_nd vxlan_datagram gro_batch; do
   mkdir -p corpus/$t
   echo "== fuzz $t for ${secs}s"
   log=$(mktemp)

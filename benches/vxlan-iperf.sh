@@ -12,9 +12,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
 rounds=${2:-1}
-scripts/install-deps.sh
-scripts/build-guest.sh
-cargo build --release -p vunet >&2
 work=$(mktemp -d)
 h1=vuvx1h$$
 h2=vuvx2h$$
@@ -26,12 +23,8 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+. benches/common.sh
 
-initrd() { # name script
-  mkdir -p "$work/$1/add"
-  printf '%s\n' "$2" > "$work/$1/add/test.sh"
-  (cd "$work/$1/add" && echo test.sh | cpio -o -H newc --quiet | gzip -1) | cat guest/initramfs.gz - > "$work/$1/initrd.gz"
-}
 qemu() { # name mac netdev-args [prefix...]
   local name=$1 mac=$2 netdev=$3
   shift 3

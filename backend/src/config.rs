@@ -293,9 +293,10 @@ pub struct NetworkConfig {
     /// `gateway6`: the gateway's IPv6 address and the on-link prefix it advertises.
     pub gateway6: Option<(Ipv6Addr, u8)>,
     pub mtu: u16,
-    /// How long a worker polls its ring for more frames before it sleeps (µs; 0: it sleeps
-    /// at once and is woken by the guest's kick). Like SO_BUSY_POLL or vhost-net's busyloop
-    /// timeout: lower latency and fewer kicks under load, for CPU time.
+    /// How long a worker polls its ring for more frames before it sleeps (µs). Like
+    /// SO_BUSY_POLL or vhost-net's busyloop timeout: lower latency and fewer kicks under load,
+    /// for CPU time. 0: after a wake-up that moved frames it looks for 20 µs more, yielding
+    /// its core meanwhile, then sleeps until the guest's kick.
     pub busy_poll_us: u32,
     /// Most threads one guest port's queue pairs are served by (default: the host's cores).
     pub workers: u16,

@@ -45,6 +45,11 @@ pub struct TxScratch {
     /// TX buffers are returned to the guest only after that).
     link_sends: Vec<LinkSend>,
     link_segs: Vec<Seg>,
+    /// Frames for guest receivers gathered during a TX batch, written when the batch ends:
+    /// each receiver's ring is locked, read and published once for all the frames it gets
+    /// (they point into the sender's memory like `link_sends`).
+    guest_sends: Vec<GuestSend>,
+    guest_segs: Vec<Seg>,
     /// The pieces of a frame whose VLAN tag is inserted, stripped or rewritten for one
     /// receiver: its new head, then the rest of the sender's bytes.
     retag: Vec<Seg>,
@@ -74,6 +79,8 @@ impl Default for TxScratch {
             notify: Vec::new(),
             link_sends: Vec::new(),
             link_segs: Vec::new(),
+            guest_sends: Vec::new(),
+            guest_segs: Vec::new(),
             retag: Vec::new(),
             batching: false,
             shaped: false,
@@ -88,6 +95,32 @@ struct LinkSend {
     hdr: [u8; HDR_LEN],
     hdr_len: usize,
     segs: std::ops::Range<usize>,
+}
+
+/// Frames gathered for guest receivers before they are written (`flush_guests`): DPDK's
+/// burst size.
+const GUEST_BURST: usize = 32;
+
+impl TxScratch {
+    /// Whether the frames gathered for guest receivers make a burst.
+    pub(super) fn guest_burst_full(&self) -> bool {
+        self.guest_sends.len() >= GUEST_BURST
+    }
+}
+
+/// One frame waiting in the TX batch for a guest receiver's queue pair.
+struct GuestSend {
+    port: PortId,
+    pair: usize,
+    hdr: VnetHeader,
+    len: usize,
+    segs: std::ops::Range<usize>,
+}
+
+impl GuestSend {
+    fn frame<'a>(&self, segs: &'a [Seg]) -> TxFrame<'a> {
+        TxFrame { segs: &segs[self.segs.clone()], offset: 0, len: self.len, hdr: self.hdr, vlan: Ingress::default() }
+    }
 }
 
 /// Writes as much of the backlog as the receiver's ring takes. Returns true if it emptied.
@@ -123,8 +156,7 @@ pub fn flush_pending(port: &Port, pair: usize, cx: &mut TxScratch) {
         return;
     }
     let Some((regions, ring)) = RingCache::get(&mut t.cache, &dmem, vs.get_queue()) else { return };
-    let mut rxq =
-        RxQueue { q: vs.get_queue_mut(), ring, map: MemMap::with(regions, &dmem), caps: t.caps, maze: false, log: port.dirty_logging() };
+    let mut rxq = RxQueue::new(vs.get_queue_mut(), ring, MemMap::with(regions, &dmem), t.caps, port.dirty_logging());
     // The guest kicked: it posted buffers; look at its ring again.
     t.backlog.stalled = false;
     let mut moved = false;
@@ -143,6 +175,7 @@ pub fn flush_pending(port: &Port, pair: usize, cx: &mut TxScratch) {
         }
     }
     slot.backlogged.store(!t.backlog.is_empty(), Ordering::Release);
+    drop(rxq);
     drop(vs);
     if moved {
         signal_if_wanted(t);
@@ -443,62 +476,135 @@ fn deliver_as_is(dest: &Port, f: &TxFrame, cx: &mut TxScratch) {
         return;
     }
     let pair = pick_pair(dest, f);
+    if cx.batching {
+        // Written with the batch's other frames for this receiver when the batch ends.
+        let start = cx.guest_segs.len();
+        cx.guest_segs.extend(window(f.segs, f.offset, f.len));
+        cx.guest_sends.push(GuestSend { port: dest.id, pair, hdr: f.hdr, len: f.len, segs: start..cx.guest_segs.len() });
+        return;
+    }
+    // Frames the batch holds for this receiver go first.
+    flush_guest(dest, cx);
+    write_guest(dest, pair, std::iter::once(TxFrame { segs: f.segs, offset: f.offset, len: f.len, hdr: f.hdr, vlan: f.vlan }), cx);
+}
+
+/// Writes frames into one receiver's queue pair under one hold of its lock: its memory, ring
+/// translation and avail index are looked up once, and its used index published once.
+fn write_guest<'f>(dest: &Port, pair: usize, frames: impl Iterator<Item = TxFrame<'f>>, cx: &mut TxScratch) {
     let slot = &dest.queues[pair];
     let mut target = slot.rx.lock().unwrap_or_else(|e| e.into_inner());
     let Some(t) = target.as_mut() else {
-        dest.counters.dropped(DropReason::PortDown);
+        frames.for_each(|_| dest.counters.dropped(DropReason::PortDown));
         return;
     };
     let dmem = t.mem.memory();
     let mut vs = t.vring.get_mut();
     if !vs.get_queue().ready() || !vs.is_enabled() {
-        dest.counters.dropped(DropReason::PortDown);
+        frames.for_each(|_| dest.counters.dropped(DropReason::PortDown));
         return;
     }
     let caps = t.caps;
     let Some((regions, ring)) = RingCache::get(&mut t.cache, &dmem, vs.get_queue()) else {
-        dest.counters.dropped(DropReason::BadAddress);
+        frames.for_each(|_| dest.counters.dropped(DropReason::BadAddress));
         return;
     };
-    let rxq = &mut RxQueue { q: vs.get_queue_mut(), ring, map: MemMap::with(regions, &dmem), caps, maze: false, log: dest.dirty_logging() };
+    let rxq = &mut RxQueue::new(vs.get_queue_mut(), ring, MemMap::with(regions, &dmem), caps, dest.dirty_logging());
     let backlog = &mut t.backlog;
-    let result = match delivery(&f.hdr, &caps) {
-        Delivery::PassThrough => deliver_or_queue(dest, &slot.backlogged, backlog, rxq, rx_header(&f.hdr, 0), f.segs, f.offset, f.len, cx),
-        Delivery::CompleteChecksum => {
-            let mut frame = std::mem::take(&mut cx.frame);
-            frame.resize(f.len, 0);
-            gather(f.segs, f.offset, &mut frame);
-            let r = complete_checksum(&mut frame, f.hdr.csum_start as usize, f.hdr.csum_offset as usize).and_then(|_| {
-                deliver_or_queue(dest, &slot.backlogged, backlog, rxq, VnetHeader::default(), &[Seg::of_slice(&frame)], 0, frame.len(), cx)
-            });
-            cx.frame = frame;
-            r
+    let mut written = 0;
+    for f in frames {
+        let result = match delivery(&f.hdr, &caps) {
+            Delivery::PassThrough => {
+                deliver_or_queue(dest, &slot.backlogged, backlog, rxq, rx_header(&f.hdr, 0), f.segs, f.offset, f.len, cx)
+            }
+            Delivery::CompleteChecksum => {
+                let mut frame = std::mem::take(&mut cx.frame);
+                frame.resize(f.len, 0);
+                gather(f.segs, f.offset, &mut frame);
+                let r = complete_checksum(&mut frame, f.hdr.csum_start as usize, f.hdr.csum_offset as usize).and_then(|_| {
+                    deliver_or_queue(
+                        dest,
+                        &slot.backlogged,
+                        backlog,
+                        rxq,
+                        VnetHeader::default(),
+                        &[Seg::of_slice(&frame)],
+                        0,
+                        frame.len(),
+                        cx,
+                    )
+                });
+                cx.frame = frame;
+                r
+            }
+            Delivery::Segment => {
+                let mut frame = std::mem::take(&mut cx.frame);
+                let mut seg = std::mem::take(&mut cx.segment);
+                frame.resize(f.len, 0);
+                gather(f.segs, f.offset, &mut frame);
+                let r = segment_tcp(&frame, &f.hdr, &mut seg, |s| {
+                    if let Err(e) =
+                        deliver_or_queue(dest, &slot.backlogged, backlog, rxq, VnetHeader::default(), &[Seg::of_slice(s)], 0, s.len(), cx)
+                    {
+                        dest.counters.dropped(e);
+                    }
+                });
+                cx.frame = frame;
+                cx.segment = seg;
+                r.map(|_| ())
+            }
+        };
+        match result {
+            Ok(()) => written += 1,
+            Err(e) => dest.counters.dropped(e),
         }
-        Delivery::Segment => {
-            let mut frame = std::mem::take(&mut cx.frame);
-            let mut seg = std::mem::take(&mut cx.segment);
-            frame.resize(f.len, 0);
-            gather(f.segs, f.offset, &mut frame);
-            let r = segment_tcp(&frame, &f.hdr, &mut seg, |s| {
-                if let Err(e) =
-                    deliver_or_queue(dest, &slot.backlogged, backlog, rxq, VnetHeader::default(), &[Seg::of_slice(s)], 0, s.len(), cx)
-                {
-                    dest.counters.dropped(e);
-                }
-            });
-            cx.frame = frame;
-            cx.segment = seg;
-            r.map(|_| ())
-        }
-    };
-    slot.backlogged.store(!backlog.is_empty(), Ordering::Release);
-    match result {
-        Ok(()) => {
-            slot.to_guest.fetch_add(1, Ordering::Relaxed);
-            mark_notify(cx, dest.id, pair)
-        }
-        Err(e) => dest.counters.dropped(e),
     }
+    // One used-index store for every frame written above.
+    rxq.publish();
+    slot.backlogged.store(!backlog.is_empty(), Ordering::Release);
+    if written > 0 {
+        slot.to_guest.fetch_add(written, Ordering::Relaxed);
+        mark_notify(cx, dest.id, pair);
+    }
+}
+
+/// Writes the frames the TX batch gathered for guest receivers: one `write_guest` per
+/// receiver queue pair, each pair's frames in the order they came.
+pub(super) fn flush_guests(ports: &[Arc<Port>], cx: &mut TxScratch) {
+    if cx.guest_sends.is_empty() {
+        return;
+    }
+    let mut sends = std::mem::take(&mut cx.guest_sends);
+    let mut segs = std::mem::take(&mut cx.guest_segs);
+    // Stable: each pair's frames keep their order.
+    sends.sort_by_key(|s| (s.port, s.pair));
+    for group in sends.chunk_by(|a, b| (a.port, a.pair) == (b.port, b.pair)) {
+        if let Some(dest) = ports.get(group[0].port) {
+            write_guest(dest, group[0].pair, group.iter().map(|s| s.frame(&segs)), cx);
+        }
+    }
+    sends.clear();
+    segs.clear();
+    cx.guest_sends = sends;
+    cx.guest_segs = segs;
+}
+
+/// Writes now what the batch holds for `dest`: a frame about to go to it outside the batch (a
+/// gateway answer, a routed or retagged frame) must not overtake them.
+fn flush_guest(dest: &Port, cx: &mut TxScratch) {
+    if !cx.guest_sends.iter().any(|s| s.port == dest.id) {
+        return;
+    }
+    let mut sends = std::mem::take(&mut cx.guest_sends);
+    let segs = std::mem::take(&mut cx.guest_segs);
+    // Stable: `dest`'s frames to the front by pair, in their order; the others keep theirs.
+    sends.sort_by_key(|s| (s.port != dest.id, s.pair));
+    let n = sends.iter().take_while(|s| s.port == dest.id).count();
+    for group in sends[..n].chunk_by(|a, b| a.pair == b.pair) {
+        write_guest(dest, group[0].pair, group.iter().map(|s| s.frame(&segs)), cx);
+    }
+    sends.drain(..n);
+    cx.guest_sends = sends;
+    cx.guest_segs = segs;
 }
 
 fn mark_notify(cx: &mut TxScratch, id: PortId, pair: usize) {

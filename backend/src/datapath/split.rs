@@ -390,6 +390,9 @@ pub struct RxScratch {
 }
 
 /// A receiver's RX queue while its lock is held: virtio-queue's state, the ring, the map.
+/// Frames written through it are the guest's once it is published: `publish`, or when it is
+/// dropped, so a batch of frames for one receiver costs one used-index store (the cache line
+/// the guest polls) and one read of its avail index, not one of each per frame.
 pub struct RxQueue<'a> {
     pub q: &'a mut virtio_queue::Queue,
     pub ring: Ring,
@@ -401,6 +404,39 @@ pub struct RxQueue<'a> {
     pub maze: bool,
     /// The VMM logs dirty pages (a live migration): every byte written is marked.
     pub log: bool,
+    /// The driver's avail index as last read; read again only once the buffers it showed
+    /// are used up.
+    avail: u16,
+    /// The used index the driver has been shown.
+    published: u16,
+}
+
+impl<'a> RxQueue<'a> {
+    pub fn new(q: &'a mut virtio_queue::Queue, ring: Ring, map: MemMap<'a>, caps: RxCaps, log: bool) -> RxQueue<'a> {
+        use virtio_queue::QueueT;
+        let (avail, published) = (q.next_avail(), q.next_used());
+        RxQueue { q, ring, map, caps, maze: false, log, avail, published }
+    }
+
+    /// Shows the driver the used elements written since the last time, with one release
+    /// store of the used index.
+    pub fn publish(&mut self) {
+        use virtio_queue::QueueT;
+        let used = self.q.next_used();
+        if used != self.published {
+            self.ring.publish_used(used);
+            if self.log {
+                self.ring.log_used(&self.map, self.published, used);
+            }
+            self.published = used;
+        }
+    }
+}
+
+impl Drop for RxQueue<'_> {
+    fn drop(&mut self) {
+        self.publish();
+    }
 }
 
 /// Returns `chains` (and `extra`, a head outside them) to the guest unused, as used elements
@@ -415,8 +451,8 @@ fn hand_back(ring: &Ring, chains: &[(u16, usize)], extra: Option<u16>, mut used:
 }
 
 /// Writes a virtio-net header and `len` bytes from `src` (from `src_off` on) into the
-/// receiver's RX ring: one chain, or with MRG_RXBUF as many as needed (`num_buffers`), and
-/// publishes them. On failure the chains taken are left on the ring untouched, except broken
+/// receiver's RX ring: one chain, or with MRG_RXBUF as many as needed (`num_buffers`); the
+/// queue publishes them (`RxQueue::publish`, or when dropped). On failure the chains taken are left on the ring untouched, except broken
 /// ones met first, which are handed back empty so the guest gets them back.
 #[allow(clippy::too_many_arguments)]
 pub fn write_rx(
@@ -432,7 +468,7 @@ pub fn write_rx(
     let need = caps.hdr_len + len;
     rx.segs.clear();
     rx.chains.clear();
-    let avail = ring.avail_idx();
+    let mut avail = rxq.avail;
     let (mut next, mut used) = (rxq.q.next_avail(), rxq.q.next_used());
     // Where the chains of this frame start (after any broken ones handed back).
     let mut first = next;
@@ -441,6 +477,12 @@ pub fn write_rx(
     let result = loop {
         if cap >= need {
             break Ok(());
+        }
+        // The buffers seen at the last read are used up: look again (once per batch while
+        // the guest keeps up).
+        if avail == next {
+            avail = ring.avail_idx();
+            rxq.avail = avail;
         }
         // Nothing posted, or an avail index more than a ring ahead (corrupt): no buffer.
         let posted = avail.wrapping_sub(next);
@@ -505,13 +547,7 @@ pub fn write_rx(
         }
         first = next;
     }
-    if used != rxq.q.next_used() {
-        ring.publish_used(used);
-        if rxq.log {
-            ring.log_used(map, rxq.q.next_used(), used);
-        }
-        rxq.q.set_next_used(used);
-    }
+    rxq.q.set_next_used(used);
     rxq.q.set_next_avail(first);
     result
 }

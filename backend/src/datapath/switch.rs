@@ -18,7 +18,7 @@ use vunet_switch::vlan::{self, Ingress};
 use vunet_switch::vnet::VnetHeader;
 use vunet_switch::{dst_mac, is_multicast, src_mac, Decision, DropReason, MAX_FRAME_LEN, MIN_FRAME_LEN};
 
-use super::deliver::{capture, deliver, flush_links, notify_receivers, TxFrame, TxScratch, HEAD_LEN, TX_BATCH};
+use super::deliver::{capture, deliver, flush_guests, flush_links, notify_receivers, TxFrame, TxScratch, HEAD_LEN, TX_BATCH};
 use super::network::Network;
 use super::port::Port;
 use super::ring::{gather, push_tail, Mem, Seg, Vring};
@@ -88,6 +88,11 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
                         net.log_drop(port, r);
                     }
                     cx.tx_segs = segs;
+                    // Receivers get a burst at a time: fewer ring updates than one per frame,
+                    // and the first frames reach them while the rest are switched.
+                    if cx.guest_burst_full() {
+                        flush_guests(&ports, cx);
+                    }
                 }
                 Err(r) => {
                     port.counters.dropped(r);
@@ -97,6 +102,7 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
         }
         cx.batching = false;
         taken += n;
+        flush_guests(&ports, cx);
         flush_links(&ports, cx);
         // TX buffers are returned with length 0 whatever happened to the frame, all at once
         // and only now: the link sends above read from them. A head outside the table is not
@@ -136,12 +142,43 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
                 continue;
             }
             vs = vring.get_mut();
+        } else if taken > 0 {
+            // This wake-up moved frames: the next ones are likely microseconds away (a peer
+            // turning a burst around). Sleeping and being kicked again costs a context switch
+            // on each side, so look a little longer, giving the core to any other runnable
+            // thread meanwhile. An idle ring never gets here (nothing was taken).
+            drop(vs);
+            if yield_avail(&ring, next.wrapping_add(n as u16), POLL_AFTER_WORK_US) {
+                continue;
+            }
+            vs = vring.get_mut();
         }
         // Ask for kicks again, and look once more, for what came meanwhile.
         if vs.enable_notification().unwrap_or(false) {
             continue;
         }
         return taken;
+    }
+}
+
+/// How long a worker without `busy_poll_us` watches a ring that just gave it frames before it
+/// sleeps. On the DPDK virtio-user bench, 5 µs moved a third more frames than none, 20 µs
+/// two thirds more (benches/dpdk-virtio-user.sh, README).
+const POLL_AFTER_WORK_US: u32 = 20;
+
+/// Watches the avail index up to `us` microseconds for it to move past `next`, yielding the
+/// core between looks (a worker sharing it with another runs that one meanwhile); true if it
+/// moved.
+fn yield_avail(ring: &Ring, next: u16, us: u32) -> bool {
+    let until = std::time::Instant::now() + std::time::Duration::from_micros(us as u64);
+    loop {
+        if ring.avail_idx() != next {
+            return true;
+        }
+        std::thread::yield_now();
+        if std::time::Instant::now() >= until {
+            return ring.avail_idx() != next;
+        }
     }
 }
 
@@ -368,7 +405,10 @@ fn answer_gateway(net: &Network, ports: &[Arc<Port>], port: &Port, f: &TxFrame, 
                     hdr: VnetHeader::default(),
                     vlan: Ingress::default(),
                 };
+                // The answer lives in a scratch buffer the next frame reuses: not batched.
+                let batching = std::mem::replace(&mut cx.batching, false);
                 deliver(port, &answer, cx);
+                cx.batching = batching;
                 break;
             }
         }

@@ -74,8 +74,9 @@ fuzz_target!(|data: &[u8]| {
     let mut scratch = RxScratch::default();
     // Half the inputs with the dirty log on: its marking walks the written segments and used
     // entries (the memory has no log attached, so nothing is marked, but nothing may fault).
-    let mut rxq = RxQueue { q: &mut q, ring, map, caps, maze: false, log: frame_len % 2 == 1 };
+    let mut rxq = RxQueue::new(&mut q, ring, map, caps, frame_len % 2 == 1);
     let r = write_rx(&mut rxq, VnetHeader::default(), &src, 0, frame_len, &mut scratch);
+    rxq.publish();
     let new_used = rxq.q.next_used();
     let moved = new_used.wrapping_sub(next_used);
     assert!(moved <= size, "used index moved by {moved} on a ring of {size}");

@@ -235,12 +235,24 @@ impl CounterSnapshot {
 
 impl PortCounters {
     pub fn received(&self, bytes: usize) {
-        self.rx_frames.fetch_add(1, Relaxed);
-        self.rx_bytes.fetch_add(bytes as u64, Relaxed);
+        self.received_many(1, bytes as u64);
     }
     pub fn delivered(&self, bytes: usize) {
-        self.tx_frames.fetch_add(1, Relaxed);
-        self.tx_bytes.fetch_add(bytes as u64, Relaxed);
+        self.delivered_many(1, bytes as u64);
+    }
+    /// A burst's frames at once: the data path counts per burst, not per frame, because each
+    /// locked add waits for the frame copies before it to leave the store buffer.
+    pub fn received_many(&self, frames: u64, bytes: u64) {
+        if frames > 0 {
+            self.rx_frames.fetch_add(frames, Relaxed);
+            self.rx_bytes.fetch_add(bytes, Relaxed);
+        }
+    }
+    pub fn delivered_many(&self, frames: u64, bytes: u64) {
+        if frames > 0 {
+            self.tx_frames.fetch_add(frames, Relaxed);
+            self.tx_bytes.fetch_add(bytes, Relaxed);
+        }
     }
     pub fn dropped(&self, r: DropReason) {
         self.drops[r as usize].fetch_add(1, Relaxed);

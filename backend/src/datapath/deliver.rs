@@ -54,6 +54,8 @@ pub struct TxScratch {
     /// receiver: its new head, then the rest of the sender's bytes.
     retag: Vec<Seg>,
     pub(super) batching: bool,
+    /// Frames and bytes taken from the sender during a TX batch, counted when it ends.
+    pub(super) received: (u64, u64),
     /// Set by the shaper thread: these frames already waited for their port's inbound limit.
     pub(super) shaped: bool,
 }
@@ -83,6 +85,7 @@ impl Default for TxScratch {
             guest_segs: Vec::new(),
             retag: Vec::new(),
             batching: false,
+            received: (0, 0),
             shaped: false,
         }
     }
@@ -182,8 +185,9 @@ pub fn flush_pending(port: &Port, pair: usize, cx: &mut TxScratch) {
     }
 }
 
-/// Delivers `len` bytes from `src` with header `hdr` into a receiver: straight into its ring,
-/// or behind frames already waiting in its backlog, or into the backlog if the ring is full.
+/// Delivers `len` bytes from `src` with header `hdr` into a receiver: straight into its ring
+/// (true: the caller counts it), or behind frames already waiting in its backlog, or into the
+/// backlog if the ring is full (false: counted when the backlog is flushed).
 #[allow(clippy::too_many_arguments)]
 fn deliver_or_queue(
     dest: &Port,
@@ -195,9 +199,9 @@ fn deliver_or_queue(
     off: usize,
     len: usize,
     cx: &mut TxScratch,
-) -> Result<(), DropReason> {
+) -> Result<bool, DropReason> {
     if backlog.stalled || (!backlog.is_empty() && !flush_backlog(dest, backlog, rxq, cx)) {
-        return backlog.push(hdr, src, off, len);
+        return backlog.push(hdr, src, off, len).map(|()| false);
     }
     match write_rx(rxq, hdr, src, off, len, &mut cx.rx) {
         Err(DropReason::NoRxBuffer) => {
@@ -210,9 +214,9 @@ fn deliver_or_queue(
             if rxq.q.enable_notification(rxq.map.mem()).unwrap_or(false) {
                 flush_backlog(dest, backlog, rxq, cx);
             }
-            Ok(())
+            Ok(false)
         }
-        r => r.map(|()| dest.counters.delivered(len)),
+        r => r.map(|()| true),
     }
 }
 
@@ -510,27 +514,38 @@ fn write_guest<'f>(dest: &Port, pair: usize, frames: impl Iterator<Item = TxFram
     };
     let rxq = &mut RxQueue::new(vs.get_queue_mut(), ring, MemMap::with(regions, &dmem), caps, dest.dirty_logging());
     let backlog = &mut t.backlog;
-    let mut written = 0;
+    // Frames (and bytes) that reached the ring now, counted once for the burst.
+    let (mut written, mut frames_in, mut bytes_in) = (0, 0u64, 0u64);
     for f in frames {
+        let mut count = |r: Result<bool, DropReason>, len: usize| {
+            if r == Ok(true) {
+                frames_in += 1;
+                bytes_in += len as u64;
+            }
+            r.map(|_| ())
+        };
         let result = match delivery(&f.hdr, &caps) {
             Delivery::PassThrough => {
-                deliver_or_queue(dest, &slot.backlogged, backlog, rxq, rx_header(&f.hdr, 0), f.segs, f.offset, f.len, cx)
+                count(deliver_or_queue(dest, &slot.backlogged, backlog, rxq, rx_header(&f.hdr, 0), f.segs, f.offset, f.len, cx), f.len)
             }
             Delivery::CompleteChecksum => {
                 let mut frame = std::mem::take(&mut cx.frame);
                 frame.resize(f.len, 0);
                 gather(f.segs, f.offset, &mut frame);
                 let r = complete_checksum(&mut frame, f.hdr.csum_start as usize, f.hdr.csum_offset as usize).and_then(|_| {
-                    deliver_or_queue(
-                        dest,
-                        &slot.backlogged,
-                        backlog,
-                        rxq,
-                        VnetHeader::default(),
-                        &[Seg::of_slice(&frame)],
-                        0,
+                    count(
+                        deliver_or_queue(
+                            dest,
+                            &slot.backlogged,
+                            backlog,
+                            rxq,
+                            VnetHeader::default(),
+                            &[Seg::of_slice(&frame)],
+                            0,
+                            frame.len(),
+                            cx,
+                        ),
                         frame.len(),
-                        cx,
                     )
                 });
                 cx.frame = frame;
@@ -541,10 +556,11 @@ fn write_guest<'f>(dest: &Port, pair: usize, frames: impl Iterator<Item = TxFram
                 let mut seg = std::mem::take(&mut cx.segment);
                 frame.resize(f.len, 0);
                 gather(f.segs, f.offset, &mut frame);
+                // Each segment is a frame for the receiver, counted as one.
                 let r = segment_tcp(&frame, &f.hdr, &mut seg, |s| {
-                    if let Err(e) =
-                        deliver_or_queue(dest, &slot.backlogged, backlog, rxq, VnetHeader::default(), &[Seg::of_slice(s)], 0, s.len(), cx)
-                    {
+                    let r =
+                        deliver_or_queue(dest, &slot.backlogged, backlog, rxq, VnetHeader::default(), &[Seg::of_slice(s)], 0, s.len(), cx);
+                    if let Err(e) = count(r, s.len()) {
                         dest.counters.dropped(e);
                     }
                 });
@@ -558,6 +574,7 @@ fn write_guest<'f>(dest: &Port, pair: usize, frames: impl Iterator<Item = TxFram
             Err(e) => dest.counters.dropped(e),
         }
     }
+    dest.counters.delivered_many(frames_in, bytes_in);
     // One used-index store for every frame written above.
     rxq.publish();
     slot.backlogged.store(!backlog.is_empty(), Ordering::Release);

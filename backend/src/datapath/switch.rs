@@ -101,6 +101,8 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
             }
         }
         cx.batching = false;
+        let (frames, bytes) = std::mem::take(&mut cx.received);
+        port.counters.received_many(frames, bytes);
         taken += n;
         flush_guests(&ports, cx);
         flush_links(&ports, cx);
@@ -268,7 +270,12 @@ fn decide_and_deliver(
             port.saw_ipv6_source(&mac, src.into());
         }
     }
-    port.counters.received(len);
+    if cx.batching {
+        cx.received.0 += 1;
+        cx.received.1 += len as u64;
+    } else {
+        port.counters.received(len);
+    }
     let frame = TxFrame { segs: view, offset: hdr_len, len, hdr, vlan: ing };
     if port.capturing.load(Ordering::Relaxed) {
         capture(port, &frame, cx);

@@ -50,6 +50,8 @@ pub struct TxScratch {
     /// (they point into the sender's memory like `link_sends`).
     guest_sends: Vec<GuestSend>,
     guest_segs: Vec<Seg>,
+    /// The bytes of those frames.
+    guest_bytes: usize,
     /// The pieces of a frame whose VLAN tag is inserted, stripped or rewritten for one
     /// receiver: its new head, then the rest of the sender's bytes.
     retag: Vec<Seg>,
@@ -83,6 +85,7 @@ impl Default for TxScratch {
             link_segs: Vec::new(),
             guest_sends: Vec::new(),
             guest_segs: Vec::new(),
+            guest_bytes: 0,
             retag: Vec::new(),
             batching: false,
             received: (0, 0),
@@ -103,11 +106,14 @@ struct LinkSend {
 /// Frames gathered for guest receivers before they are written (`flush_guests`): DPDK's
 /// burst size.
 const GUEST_BURST: usize = 32;
+/// Bytes gathered for guest receivers before they are written: a large frame's copy costs far
+/// more than the ring updates a burst saves, and its receiver should start on it at once.
+const GUEST_BURST_BYTES: usize = 32 * 1024;
 
 impl TxScratch {
     /// Whether the frames gathered for guest receivers make a burst.
     pub(super) fn guest_burst_full(&self) -> bool {
-        self.guest_sends.len() >= GUEST_BURST
+        self.guest_sends.len() >= GUEST_BURST || self.guest_bytes >= GUEST_BURST_BYTES
     }
 }
 
@@ -485,6 +491,7 @@ fn deliver_as_is(dest: &Port, f: &TxFrame, cx: &mut TxScratch) {
         let start = cx.guest_segs.len();
         cx.guest_segs.extend(window(f.segs, f.offset, f.len));
         cx.guest_sends.push(GuestSend { port: dest.id, pair, hdr: f.hdr, len: f.len, segs: start..cx.guest_segs.len() });
+        cx.guest_bytes += f.len;
         return;
     }
     // Frames the batch holds for this receiver go first.
@@ -603,6 +610,7 @@ pub(super) fn flush_guests(ports: &[Arc<Port>], cx: &mut TxScratch) {
     segs.clear();
     cx.guest_sends = sends;
     cx.guest_segs = segs;
+    cx.guest_bytes = 0;
 }
 
 /// Writes now what the batch holds for `dest`: a frame about to go to it outside the batch (a
@@ -620,6 +628,7 @@ fn flush_guest(dest: &Port, cx: &mut TxScratch) {
         write_guest(dest, group[0].pair, group.iter().map(|s| s.frame(&segs)), cx);
     }
     sends.drain(..n);
+    cx.guest_bytes = sends.iter().map(|s| s.len).sum();
     cx.guest_sends = sends;
     cx.guest_segs = segs;
 }

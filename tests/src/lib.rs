@@ -517,6 +517,22 @@ impl VmSim {
         true
     }
 
+    /// Waits until vunet's TX worker has re-armed kicks after the chains put on the ring:
+    /// with EVENT_IDX its `avail_event` (behind the used ring) names the next chain, without
+    /// it the used ring's NO_NOTIFY flag is clear. That is the worker's last write into this
+    /// ring before it sleeps.
+    pub fn wait_tx_rearmed(&self, timeout: Duration) -> bool {
+        let event_at = GuestAddress(self.tx.used + 4 + 8 * QUEUE_SIZE as u64);
+        let event_idx = self.has(feat::EVENT_IDX);
+        wait_until(timeout, || {
+            if event_idx {
+                self.mem.read_obj::<u16>(event_at).expect("avail_event") == self.tx.avail_idx
+            } else {
+                self.mem.read_obj::<u16>(GuestAddress(self.tx.used)).expect("used flags") & 1 == 0
+            }
+        })
+    }
+
     fn wait_tx_room(&mut self) {
         // At most QUEUE_SIZE/2 TX chains in flight (two descriptors each).
         let deadline = Instant::now() + Duration::from_secs(10);

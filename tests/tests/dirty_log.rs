@@ -29,6 +29,12 @@ fn received_frames_mark_exactly_their_buffer_and_used_ring_pages_while_logging()
     // B is known to the switch before logging starts (its first frame floods nothing to A).
     b.send(&eth_frame(A, B, 0x0800, 60, 1));
     assert!(a.recv(T).is_some());
+    // A can see the frame before B's TX chain is returned (receivers are shown their burst
+    // first), and B's TX worker writes its ring once more when it re-arms kicks (EVENT_IDX's
+    // avail_event) before it sleeps: written after logging starts, that page would be
+    // rightly marked. Logging starts once B's TX ring is quiet.
+    assert!(b.wait_tx_all(T), "B's TX chain is returned");
+    assert!(b.wait_tx_rearmed(T), "B's TX worker re-arms kicks");
 
     let log = b.start_dirty_log().unwrap();
     log.clear();

@@ -424,10 +424,12 @@ impl<'a> RxQueue<'a> {
         use virtio_queue::QueueT;
         let used = self.q.next_used();
         if used != self.published {
-            self.ring.publish_used(used);
+            // Marked before the index is published: a frontend that sees the index also
+            // sees the pages marked (a migration's last sync cannot miss them).
             if self.log {
                 self.ring.log_used(&self.map, self.published, used);
             }
+            self.ring.publish_used(used);
             self.published = used;
         }
     }

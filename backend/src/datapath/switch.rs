@@ -114,10 +114,11 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
             ring.write_used(new_used, head, 0);
             new_used = new_used.wrapping_add(1);
         }
-        ring.publish_used(new_used);
+        // Marked before the index is published, as for receivers (split.rs `publish`).
         if port.dirty_logging() {
             ring.log_used(&map, used, new_used);
         }
+        ring.publish_used(new_used);
         let q = vs.get_queue_mut();
         q.set_next_avail(next.wrapping_add(n as u16));
         q.set_next_used(new_used);

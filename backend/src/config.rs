@@ -298,7 +298,10 @@ pub struct NetworkConfig {
     /// for CPU time. 0: after a wake-up that moved frames it looks for 20 µs more, yielding
     /// its core meanwhile, then sleeps until the guest's kick.
     pub busy_poll_us: u32,
-    /// Most threads one guest port's queue pairs are served by (default: the host's cores).
+    /// Most threads of the network that move frames out of guests' TX rings at once; a kick
+    /// that finds them all busy leaves its ring to one of them, which serves every ring it
+    /// holds a burst at a time. Also the most threads one port's queue pairs are kicked on.
+    /// Default: the cores vunet may run on.
     pub workers: u16,
     pub dhcp: Option<DhcpConfig>,
     pub dhcp6: Option<Dhcp6Config>,

@@ -97,6 +97,10 @@ pub fn render(networks: &[Arc<Network>], nats: &[(String, Arc<SocketNat>)]) -> S
             let _ = writeln!(out, "vunet_gateway_drops_total{{network=\"{}\",reason=\"{why}\"}} {v}", esc(&n.name));
         }
     }
+    let _ = writeln!(out, "# HELP vunet_worker_handoffs_total Guest TX kicks that found all of the network's `workers` busy and left their ring to one of them.\n# TYPE vunet_worker_handoffs_total counter");
+    for n in networks {
+        let _ = writeln!(out, "vunet_worker_handoffs_total{{network=\"{}\"}} {}", esc(&n.name), n.tx_workers.handoffs());
+    }
     let sums: Vec<_> = nats.iter().map(|(n, s)| (n, s.summary())).collect();
     let _ = writeln!(out, "# HELP vunet_socket_nat_flows Open socket-NAT flows, by protocol.\n# TYPE vunet_socket_nat_flows gauge");
     for (n, s) in &sums {

@@ -15,6 +15,8 @@
 //!   waiting for a full ring
 //! - `deliver`: one frame into one receiver, notification, link sends
 //! - `switch`: the switching step (`process_tx`), the router, service dispatch
+//! - `workers`: the network's workers, which serve every guest's TX ring with frames waiting
+//!   from at most `workers` threads at once
 //! - `inject`: the door for frames vunet makes or reads from host links
 
 mod backlog;
@@ -29,6 +31,7 @@ mod split;
 mod switch;
 #[cfg(test)]
 mod tests;
+mod workers;
 
 /// The guest-facing ring parsers, reachable from the fuzz targets (tests/fuzz) through
 /// `vunet::fuzzing`. Not an API.
@@ -57,3 +60,4 @@ pub use port::{unix_now, CaptureBudget, Captured, Port, PortKind, RxShaper, RxTa
 pub use ring::{GuestMem, Vring};
 pub use service::{GatewayCx, GatewayService, Handled};
 pub use switch::process_tx;
+pub use workers::{tx_kick, Home, Negotiated, TxRing};

@@ -30,8 +30,11 @@ pub struct Network {
     pub mtu: u16,
     /// How long a worker polls its TX ring before it sleeps (µs; 0: not at all).
     pub busy_poll_us: u32,
-    /// Most worker threads one guest port's queue pairs are served by.
+    /// Most threads of this network that move frames out of guests' TX rings at once (and
+    /// most threads one port's queue pairs are kicked on).
     pub workers: usize,
+    /// Those threads, and the rings waiting for one (`workers.rs`).
+    pub tx_workers: super::workers::TxWorkers,
     /// The network's own endpoint at its gateway address, if it has one.
     pub gateway: Option<Gateway>,
     /// Its IPv6 side (`gateway6`): services answer ND, router solicitations, DHCPv6 there.
@@ -78,6 +81,7 @@ impl Network {
             mtu,
             busy_poll_us: 0,
             workers: 1,
+            tx_workers: Default::default(),
             gateway: None,
             gateway6: None,
             shaper: Arc::new(ShaperWake::default()),

@@ -25,178 +25,232 @@ use super::ring::{gather, push_tail, Mem, Seg, Vring};
 use super::service::{GatewayCx, Handled};
 use super::split::{walk_chain, MemMap, Ring, MAX_FRAME_DESCS};
 
-/// Drains `port`'s TX ring `vring`: validate, switch, deliver. Called on every TX kick;
-/// returns how many frames it took.
+/// Drains `port`'s TX ring `vring` on its own worker: validate, switch, deliver; then looks a
+/// while for more and sleeps until the next kick. Returns how many frames it took. Used for
+/// ports with an outbound rate limit (their waits are slept here, holding up no other port)
+/// and by tests; the others are served by the network's workers (`workers.rs`).
 pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len: usize, event_idx: bool, cx: &mut TxScratch) -> usize {
     let mut taken = 0;
     let map = MemMap::new(mem);
     loop {
-        // The ports as they are for this burst: a port added meanwhile is seen by the next.
-        let ports = net.ports.snapshot();
-        let mut vs = vring.get_mut();
-        if !vs.get_queue().ready() || !vs.is_enabled() {
-            return taken;
-        }
-        // No kicks while this worker drains the ring (NO_NOTIFY; with EVENT_IDX the avail
-        // event is simply not moved): the guest posts without a syscall meanwhile.
-        let _ = vs.disable_notification();
-        let now = net.now_ms();
-        let Some(ring) = Ring::new(vs.get_queue(), &map) else {
-            // The guest's rings are not in its memory: leave them alone until it sets them up.
-            port.counters.dropped(DropReason::BadAddress);
-            return taken;
-        };
-        // One read of the guest's avail index per burst, not one per frame: that cache line
-        // is the one the guest keeps writing.
-        let (next, used) = (vs.get_queue().next_avail(), vs.get_queue().next_used());
-        let posted = ring.avail_idx().wrapping_sub(next);
-        if posted > ring.size {
-            // An avail index more than a ring ahead: the guest's ring is corrupt. Leave it
-            // alone; the guest's reset will set it up again.
-            port.counters.dropped(DropReason::BadDescriptor);
-            return taken;
-        }
-        let mut n = (posted as usize).min(TX_BATCH);
-        let mut heads = [0u16; TX_BATCH];
-        // Set when the port's outbound limit stops the burst: the rest waits in the ring.
-        let mut throttled = None;
-        cx.batching = true;
-        for (i, head) in heads.iter_mut().enumerate().take(n) {
-            *head = ring.avail_entry(next.wrapping_add(i as u16));
-            cx.tx_segs.clear();
-            let mut budget = MAX_FRAME_DESCS;
-            match walk_chain(&ring, &map, *head, false, hdr_len + MAX_FRAME_LEN, &mut budget, &mut cx.tx_segs) {
-                Ok(total)
-                    if port.tx_limit.as_ref().is_some_and(|l| {
-                        let mut l = l.lock().unwrap_or_else(|e| e.into_inner());
-                        match l.take(total.saturating_sub(hdr_len), net.now_ns()) {
-                            Ok(()) => false,
-                            Err(wait) => {
-                                throttled = Some(wait);
-                                true
-                            }
-                        }
-                    }) =>
-                {
-                    n = i;
-                    break;
-                }
-                Ok(total) => {
-                    let segs = std::mem::take(&mut cx.tx_segs);
-                    if let Err(r) = switch_frame(net, &ports, port, &segs, total, hdr_len, now, i, cx) {
-                        port.counters.dropped(r);
-                        net.log_drop(port, r);
-                    }
-                    cx.tx_segs = segs;
-                    // Receivers get a burst at a time: fewer ring updates than one per frame,
-                    // and the first frames reach them while the rest are switched.
-                    if cx.guest_burst_full() {
-                        flush_guests(&ports, cx);
-                    }
-                }
-                Err(r) => {
-                    port.counters.dropped(r);
-                    net.log_drop(port, r);
-                }
-            }
-        }
-        cx.batching = false;
-        let (frames, bytes) = std::mem::take(&mut cx.received);
-        port.counters.received_many(frames, bytes);
+        let (n, burst) = tx_burst(net, port, vring, &map, hdr_len, event_idx, cx);
         taken += n;
-        flush_guests(&ports, cx);
-        flush_links(&ports, cx);
-        // TX buffers are returned with length 0 whatever happened to the frame, all at once
-        // and only now: the link sends above read from them. A head outside the table is not
-        // returned (it names no buffer).
-        let mut new_used = used;
-        for &head in heads[..n].iter().filter(|&&h| h < ring.size) {
-            ring.write_used(new_used, head, 0);
-            new_used = new_used.wrapping_add(1);
-        }
-        // Marked before the index is published, as for receivers (split.rs `publish`).
-        if port.dirty_logging() {
-            ring.log_used(&map, used, new_used);
-        }
-        ring.publish_used(new_used);
-        let q = vs.get_queue_mut();
-        q.set_next_avail(next.wrapping_add(n as u16));
-        q.set_next_used(new_used);
-        notify_receivers(&ports, cx);
-        if ring.wants_interrupt(event_idx, used, new_used) {
-            let _ = vs.signal_used_queue();
-        }
-        if let Some(wait) = throttled {
-            // Over the outbound limit: the guest's frames wait in its ring (it stops when the
-            // ring fills: backpressure, nothing dropped) until the bucket has paid its debt.
-            // Slept here, on this port's own worker, without the ring's lock.
-            drop(vs);
-            std::thread::sleep(std::time::Duration::from_nanos(wait.min(50_000_000)));
-            continue;
-        }
-        if n == TX_BATCH {
-            continue;
-        }
+        let (ring, next) = match burst {
+            TxBurst::Stopped => return taken,
+            TxBurst::More => continue,
+            TxBurst::Throttled(wait) => {
+                // Over the outbound limit: the guest's frames wait in its ring (it stops when
+                // the ring fills: backpressure, nothing dropped) until the bucket has paid its
+                // debt. Slept here, on this port's own worker, without the ring's lock.
+                std::thread::sleep(std::time::Duration::from_nanos(wait.min(50_000_000)));
+                continue;
+            }
+            TxBurst::Empty { ring, next } => (ring, next),
+        };
         // Empty. With busy polling, watch the avail index a while before sleeping (without
-        // the ring's lock): under load the next frames come without a kick.
-        if net.busy_poll_us > 0 {
-            drop(vs);
-            if poll_avail(&ring, next.wrapping_add(n as u16), net.busy_poll_us) {
-                continue;
-            }
-            vs = vring.get_mut();
+        // the ring's lock): under load the next frames come without a kick. Without it, a
+        // wake-up that moved frames looks a little longer too (see `look`).
+        let look = if net.busy_poll_us > 0 {
+            Look::Spin(net.busy_poll_us)
         } else if taken > 0 {
-            // This wake-up moved frames: the next ones are likely microseconds away (a peer
-            // turning a burst around). Sleeping and being kicked again costs a context switch
-            // on each side, so look a little longer, giving the core to any other runnable
-            // thread meanwhile. An idle ring never gets here (nothing was taken).
-            drop(vs);
-            if yield_avail(&ring, next.wrapping_add(n as u16), POLL_AFTER_WORK_US) {
-                continue;
-            }
-            vs = vring.get_mut();
+            Look::Yield(POLL_AFTER_WORK_US)
+        } else {
+            Look::None
+        };
+        if look.watch(&[(ring, next)], || false) {
+            continue;
         }
         // Ask for kicks again, and look once more, for what came meanwhile.
-        if vs.enable_notification().unwrap_or(false) {
+        if arm_tx(vring) {
             continue;
         }
         return taken;
     }
 }
 
-/// How long a worker without `busy_poll_us` watches a ring that just gave it frames before it
-/// sleeps. On the DPDK virtio-user bench, 5 µs moved a third more frames than none, 20 µs
-/// two thirds more (benches/dpdk-virtio-user.sh, README).
-const POLL_AFTER_WORK_US: u32 = 20;
+/// What a TX burst left behind.
+pub enum TxBurst {
+    /// The ring is empty: `ring` as translated for the burst, `next` the avail index the
+    /// next frame will have (for a look at the ring without its lock).
+    Empty { ring: Ring, next: u16 },
+    /// A whole burst was taken: more may wait.
+    More,
+    /// The port's outbound limit stopped the burst: its bucket is in debt this many ns.
+    Throttled(u64),
+    /// The ring is not running (stopped, reset, or not in guest memory): leave it.
+    Stopped,
+}
 
-/// Watches the avail index up to `us` microseconds for it to move past `next`, yielding the
-/// core between looks (a worker sharing it with another runs that one meanwhile); true if it
-/// moved.
-fn yield_avail(ring: &Ring, next: u16, us: u32) -> bool {
-    let until = std::time::Instant::now() + std::time::Duration::from_micros(us as u64);
-    loop {
-        if ring.avail_idx() != next {
-            return true;
+/// Asks the guest for kicks on `vring` again (EVENT_IDX's avail event, or clearing
+/// NO_NOTIFY) and looks once more: true if frames came meanwhile (serve them: no kick comes).
+pub fn arm_tx(vring: &Vring) -> bool {
+    let mut vs = vring.get_mut();
+    if !vs.get_queue().ready() || !vs.is_enabled() {
+        return false;
+    }
+    vs.enable_notification().unwrap_or(false)
+}
+
+/// Takes up to a burst (TX_BATCH) of frames from `port`'s TX ring `vring`: validate, switch,
+/// deliver, return the buffers with one used-index store. Kicks stay off meanwhile; returns
+/// how many frames it took and what is left.
+pub fn tx_burst(
+    net: &Network,
+    port: &Port,
+    vring: &Vring,
+    map: &MemMap,
+    hdr_len: usize,
+    event_idx: bool,
+    cx: &mut TxScratch,
+) -> (usize, TxBurst) {
+    // The ports as they are for this burst: a port added meanwhile is seen by the next.
+    let ports = net.ports.snapshot();
+    let mut vs = vring.get_mut();
+    if !vs.get_queue().ready() || !vs.is_enabled() {
+        return (0, TxBurst::Stopped);
+    }
+    // No kicks while this worker drains the ring (NO_NOTIFY; with EVENT_IDX the avail
+    // event is simply not moved): the guest posts without a syscall meanwhile.
+    let _ = vs.disable_notification();
+    let now = net.now_ms();
+    let Some(ring) = Ring::new(vs.get_queue(), map) else {
+        // The guest's rings are not in its memory: leave them alone until it sets them up.
+        port.counters.dropped(DropReason::BadAddress);
+        return (0, TxBurst::Stopped);
+    };
+    // One read of the guest's avail index per burst, not one per frame: that cache line
+    // is the one the guest keeps writing.
+    let (next, used) = (vs.get_queue().next_avail(), vs.get_queue().next_used());
+    let posted = ring.avail_idx().wrapping_sub(next);
+    if posted > ring.size {
+        // An avail index more than a ring ahead: the guest's ring is corrupt. Leave it
+        // alone; the guest's reset will set it up again.
+        port.counters.dropped(DropReason::BadDescriptor);
+        return (0, TxBurst::Stopped);
+    }
+    let mut n = (posted as usize).min(TX_BATCH);
+    let mut heads = [0u16; TX_BATCH];
+    // Set when the port's outbound limit stops the burst: the rest waits in the ring.
+    let mut throttled = None;
+    cx.batching = true;
+    for (i, head) in heads.iter_mut().enumerate().take(n) {
+        *head = ring.avail_entry(next.wrapping_add(i as u16));
+        cx.tx_segs.clear();
+        let mut budget = MAX_FRAME_DESCS;
+        match walk_chain(&ring, map, *head, false, hdr_len + MAX_FRAME_LEN, &mut budget, &mut cx.tx_segs) {
+            Ok(total)
+                if port.tx_limit.as_ref().is_some_and(|l| {
+                    let mut l = l.lock().unwrap_or_else(|e| e.into_inner());
+                    match l.take(total.saturating_sub(hdr_len), net.now_ns()) {
+                        Ok(()) => false,
+                        Err(wait) => {
+                            throttled = Some(wait);
+                            true
+                        }
+                    }
+                }) =>
+            {
+                n = i;
+                break;
+            }
+            Ok(total) => {
+                let segs = std::mem::take(&mut cx.tx_segs);
+                if let Err(r) = switch_frame(net, &ports, port, &segs, total, hdr_len, now, i, cx) {
+                    port.counters.dropped(r);
+                    net.log_drop(port, r);
+                }
+                cx.tx_segs = segs;
+                // Receivers get a burst at a time: fewer ring updates than one per frame,
+                // and the first frames reach them while the rest are switched.
+                if cx.guest_burst_full() {
+                    flush_guests(&ports, cx);
+                }
+            }
+            Err(r) => {
+                port.counters.dropped(r);
+                net.log_drop(port, r);
+            }
         }
-        std::thread::yield_now();
-        if std::time::Instant::now() >= until {
-            return ring.avail_idx() != next;
-        }
+    }
+    cx.batching = false;
+    let (frames, bytes) = std::mem::take(&mut cx.received);
+    port.counters.received_many(frames, bytes);
+    flush_guests(&ports, cx);
+    flush_links(&ports, cx);
+    // TX buffers are returned with length 0 whatever happened to the frame, all at once
+    // and only now: the link sends above read from them. A head outside the table is not
+    // returned (it names no buffer).
+    let mut new_used = used;
+    for &head in heads[..n].iter().filter(|&&h| h < ring.size) {
+        ring.write_used(new_used, head, 0);
+        new_used = new_used.wrapping_add(1);
+    }
+    // Marked before the index is published, as for receivers (split.rs `publish`).
+    if port.dirty_logging() {
+        ring.log_used(map, used, new_used);
+    }
+    ring.publish_used(new_used);
+    let q = vs.get_queue_mut();
+    q.set_next_avail(next.wrapping_add(n as u16));
+    q.set_next_used(new_used);
+    notify_receivers(&ports, cx);
+    if ring.wants_interrupt(event_idx, used, new_used) {
+        let _ = vs.signal_used_queue();
+    }
+    if let Some(wait) = throttled {
+        (n, TxBurst::Throttled(wait))
+    } else if n == TX_BATCH {
+        (n, TxBurst::More)
+    } else {
+        (n, TxBurst::Empty { ring, next: next.wrapping_add(n as u16) })
     }
 }
 
-/// Spins up to `us` microseconds for the avail index to move past `next`; true if it did.
-fn poll_avail(ring: &Ring, next: u16, us: u32) -> bool {
-    let until = std::time::Instant::now() + std::time::Duration::from_micros(us as u64);
-    loop {
-        for _ in 0..64 {
-            if ring.avail_idx() != next {
-                return true;
+/// How long a worker without `busy_poll_us` watches a ring that just gave it frames before it
+/// sleeps. On the DPDK virtio-user bench, 5 µs moved a third more frames than none, 20 µs
+/// two thirds more (benches/dpdk-virtio-user.sh, README).
+pub const POLL_AFTER_WORK_US: u32 = 20;
+
+/// How a worker looks at its empty rings before it sleeps.
+#[derive(Clone, Copy)]
+pub enum Look {
+    /// Not at all: arm the rings and sleep.
+    None,
+    /// Up to this many µs, yielding the core between looks (another worker on it runs).
+    Yield(u32),
+    /// Up to this many µs, spinning (`busy_poll_us`).
+    Spin(u32),
+}
+
+impl Look {
+    /// Watches `rings` (each with the avail index its next frame will have) for the look's
+    /// time, and `elsewhere` (work arriving for this worker by another way); true as soon as
+    /// either shows work.
+    pub fn watch(self, rings: &[(Ring, u16)], mut elsewhere: impl FnMut() -> bool) -> bool {
+        let mut work = || rings.iter().any(|(ring, next)| ring.avail_idx() != *next) || elsewhere();
+        let (us, spin) = match self {
+            Look::None => return false,
+            Look::Yield(us) => (us, false),
+            Look::Spin(us) => (us, true),
+        };
+        let until = std::time::Instant::now() + std::time::Duration::from_micros(us as u64);
+        loop {
+            if spin {
+                for _ in 0..64 {
+                    if work() {
+                        return true;
+                    }
+                    std::hint::spin_loop();
+                }
+            } else {
+                if work() {
+                    return true;
+                }
+                std::thread::yield_now();
             }
-            std::hint::spin_loop();
-        }
-        if std::time::Instant::now() >= until {
-            return false;
+            if std::time::Instant::now() >= until {
+                return work();
+            }
         }
     }
 }

@@ -25,8 +25,8 @@ use vunet_switch::{DropReason, Mac, PortId};
 
 use super::split::MAX_RX_CHAINS;
 use super::{
-    flush_pending, process_tx, GatewayCx, GatewayService, GuestMem, Handled, HostLink, Inject, Network, Port, PortKind, RxTarget,
-    TxScratch, Vring, BACKLOG_MAX_FRAMES,
+    flush_pending, process_tx, tx_kick, GatewayCx, GatewayService, GuestMem, Handled, Home, HostLink, Inject, Negotiated, Network, Port,
+    PortKind, RxTarget, TxRing, TxScratch, Vring, BACKLOG_MAX_FRAMES,
 };
 use crate::config::Mode;
 
@@ -1566,4 +1566,109 @@ fn a_retagged_frame_does_not_overtake_frames_waiting_in_a_burst_for_the_same_gue
         })
         .collect();
     assert_eq!(got, [(10, 0), (20, 1), (10, 2), (20, 3), (10, 4), (20, 5)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The network's workers (issue 11 point 7).
+
+/// Guests A and B each with frames for C in their TX rings, on a network with one worker.
+struct TwoSenders {
+    lan: Lan,
+    rx_c: GuestRing,
+    tx_a: GuestRing,
+    tx_b: GuestRing,
+    ring_a: Arc<TxRing>,
+    ring_b: Arc<TxRing>,
+}
+
+impl TwoSenders {
+    fn new(frames: u32) -> TwoSenders {
+        let mut rx_c = GuestRing::new();
+        rx_c.post_rx(2 * frames as usize + 4);
+        let mut net = Network::new("t", Mode::Isolated, 1500);
+        net.workers = 1;
+        let lan =
+            Lan::new(net, vec![Port::new(0, "a", PortKind::Vhost), Port::new(1, "b", PortKind::Vhost), guest_port(2, &rx_c, RxCaps::FULL)]);
+        lan.net.macs.lock().unwrap().learn(C, 2, lan.net.now_ms()).unwrap();
+        let (mut tx_a, mut tx_b) = (GuestRing::new(), GuestRing::new());
+        for n in 0..frames {
+            tx_a.post_tx(VnetHeader::default(), &numbered(A, C, n));
+            tx_b.post_tx(VnetHeader::default(), &numbered(B, C, 1000 + n));
+        }
+        let negotiated = Arc::new(Negotiated::default());
+        negotiated.hdr_len.store(HDR_LEN, Ordering::Relaxed);
+        let ring = |id: PortId, g: &GuestRing| Arc::new(TxRing::new(lan.port(id), 0, g.vring.clone(), g.mem.clone(), negotiated.clone()));
+        let (ring_a, ring_b) = (ring(0, &tx_a), ring(1, &tx_b));
+        TwoSenders { lan, rx_c, tx_a, tx_b, ring_a, ring_b }
+    }
+}
+
+#[test]
+fn a_ring_kicked_while_every_worker_is_busy_waits_and_the_next_worker_serves_it_with_its_own() {
+    let mut t = TwoSenders::new(20);
+    let net = t.lan.net.clone();
+    let (a, b) = (t.lan.port(0), t.lan.port(1));
+    let stay = || false;
+    let mut cx = TxScratch::default();
+
+    // The network's one worker is busy elsewhere: B's kick leaves B's ring waiting for it,
+    // and a second kick does not queue it twice.
+    net.tx_workers.occupy(1);
+    assert_eq!(tx_kick(&net, &t.ring_b, &Home { port: &b, leaving: &stay }, &mut cx), 0);
+    assert_eq!(tx_kick(&net, &t.ring_b, &Home { port: &b, leaving: &stay }, &mut cx), 0);
+    assert_eq!(net.tx_workers.now(), (1, 1), "one ring waits, once");
+    assert_eq!(net.tx_workers.handoffs(), 1);
+    assert!(t.rx_c.received().is_empty(), "nothing moved while B waited");
+    net.tx_workers.occupy(-1);
+
+    // A's kick makes this thread the worker: it takes B's waiting ring up with A's own.
+    let taken = tx_kick(&net, &t.ring_a, &Home { port: &a, leaving: &stay }, &mut cx);
+    assert_eq!(taken, 40, "the worker took both rings' frames");
+    assert_eq!(net.tx_workers.now(), (0, 0), "no ring waits, no worker left busy");
+    let got: Vec<u32> = t.rx_c.received().iter().map(|s| number(&s.frame)).collect();
+    let from_a: Vec<u32> = got.iter().copied().filter(|&n| n < 1000).collect();
+    let from_b: Vec<u32> = got.iter().copied().filter(|&n| n >= 1000).collect();
+    assert_eq!(from_a, (0..20).collect::<Vec<_>>(), "A's frames, complete and in order");
+    assert_eq!(from_b, (1000..1020).collect::<Vec<_>>(), "B's frames, complete and in order");
+    assert_eq!(t.tx_a.used().len(), 20);
+    assert_eq!(t.tx_b.used().len(), 20);
+    assert_eq!(a.queues[0].from_guest.load(Ordering::Relaxed), 20);
+    assert_eq!(b.queues[0].from_guest.load(Ordering::Relaxed), 20);
+
+    // Both rings were let go: the next kick of either is served at once.
+    t.tx_b.post_tx(VnetHeader::default(), &numbered(B, C, 2000));
+    assert_eq!(tx_kick(&net, &t.ring_b, &Home { port: &b, leaving: &stay }, &mut cx), 1);
+    assert_eq!(t.rx_c.received().iter().map(|s| number(&s.frame)).collect::<Vec<_>>(), [2000]);
+}
+
+#[test]
+fn a_worker_whose_thread_must_stop_hands_every_ring_back_to_its_own_thread() {
+    use vmm_sys_util::event::{new_event_consumer_and_notifier, EventFlag};
+    let mut t = TwoSenders::new(5);
+    let net = t.lan.net.clone();
+    let (a, b) = (t.lan.port(0), t.lan.port(1));
+    // B's kick eventfd, as the VMM gives it: B's own thread sleeps on it.
+    let (kick_b, _) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).unwrap();
+    let kick_b_fd = {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: a dup of a live eventfd, owned by the File.
+        unsafe { std::fs::File::from_raw_fd(libc::dup(kick_b.as_raw_fd())) }
+    };
+    t.tx_b.vring.set_kick(Some(kick_b_fd));
+    let mut cx = TxScratch::default();
+
+    net.tx_workers.occupy(1);
+    assert_eq!(tx_kick(&net, &t.ring_b, &Home { port: &b, leaving: &|| false }, &mut cx), 0);
+    net.tx_workers.occupy(-1);
+    // A's thread becomes the worker but is told to exit: it moves nothing, and B's ring goes
+    // back to B's thread with a kick.
+    assert_eq!(tx_kick(&net, &t.ring_a, &Home { port: &a, leaving: &|| true }, &mut cx), 0);
+    assert_eq!(net.tx_workers.now(), (0, 0));
+    assert!(kick_b.consume().is_ok(), "B's thread is kicked");
+    assert!(kick_b.consume().is_err(), "once");
+    assert!(t.rx_c.received().is_empty());
+    // B's thread takes its ring up, and A's ring is free for A's next kick.
+    assert_eq!(tx_kick(&net, &t.ring_b, &Home { port: &b, leaving: &|| false }, &mut cx), 5);
+    assert_eq!(tx_kick(&net, &t.ring_a, &Home { port: &a, leaving: &|| false }, &mut cx), 5);
+    assert_eq!(t.rx_c.received().len(), 10);
 }

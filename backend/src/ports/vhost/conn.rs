@@ -142,8 +142,9 @@ fn next_frontend(net: &Network, port: &Port, listener: Option<&UnixListener>) ->
 /// Waits for connection `id` to end, then forgets what it leaves behind: its RX rings if they
 /// are the ones senders use, and the guest's state if no other connection of the port remains
 /// (a live migration's other end).
-fn serve_connection(net: &Network, port: &Port, id: u64, _device: Arc<PortDevice>, mut daemon: VhostUserDaemon<Arc<PortDevice>>) {
+fn serve_connection(net: &Network, port: &Port, id: u64, device: Arc<PortDevice>, mut daemon: VhostUserDaemon<Arc<PortDevice>>) {
     let result = daemon.wait();
+    device.forget_rings();
     let others = port.live_conns.fetch_sub(1, Ordering::AcqRel) - 1;
     // The guest is gone: nobody may write into its memory any more, and what was learned
     // behind this port is stale, unless the guest lives on in another connection (migrated

@@ -7,8 +7,9 @@
 //! busy pair never holds up another thread's.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringT};
@@ -21,7 +22,9 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 use vunet_switch::vnet::{RxCaps, HDR_LEN, HDR_LEN_LEGACY};
 
-use crate::datapath::{flush_pending, process_tx, GuestMem, Network, Port, RxTarget, TxScratch, Vring, VHOST_F_LOG_ALL};
+use crate::datapath::{
+    flush_pending, process_tx, tx_kick, GuestMem, Home, Negotiated, Network, Port, RxTarget, TxRing, TxScratch, Vring, VHOST_F_LOG_ALL,
+};
 
 pub const QUEUE_SIZE: usize = 1024;
 /// Most rings a device has: RX and TX of each of MAX_QUEUE_PAIRS pairs.
@@ -72,6 +75,10 @@ pub struct PortDevice {
     conn: u64,
     acked: AtomicU64,
     event_idx: AtomicBool,
+    /// The same, for the network's workers serving this connection's TX rings.
+    negotiated: Arc<Negotiated>,
+    /// Per pair: its TX ring as the network's workers serve it (made when the ring first runs).
+    tx: Vec<OnceLock<Arc<TxRing>>>,
     /// Worker threads; pair p is served by thread p % threads.
     threads: usize,
     /// Per ring: set until the ring runs (then its RX ring is published for senders and its
@@ -88,6 +95,7 @@ impl PortDevice {
     pub fn new(net: Arc<Network>, port: Arc<Port>, mem: GuestMem, conn: u64) -> io::Result<Self> {
         let threads = port.queues.len().min(net.workers.max(1));
         let rings = 2 * port.queues.len();
+        let pairs = port.queues.len();
         Ok(PortDevice {
             net,
             port,
@@ -95,6 +103,8 @@ impl PortDevice {
             conn,
             acked: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
+            negotiated: Arc::default(),
+            tx: (0..pairs).map(|_| OnceLock::new()).collect(),
             threads,
             fresh: (0..rings).map(|_| AtomicBool::new(true)).collect(),
             exit: (0..threads).map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK)).collect::<io::Result<_>>()?,
@@ -117,6 +127,19 @@ impl PortDevice {
         if let Some(q) = self.port.queues.get(pair) {
             *q.rx.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some(RxTarget { vring: rx.clone(), mem: self.mem.clone(), caps, backlog: Default::default(), signalled: 0, cache: None });
+        }
+    }
+
+    /// Pair `pair`'s TX ring for the network's workers.
+    fn tx_ring(&self, pair: usize, vring: &Vring) -> Option<&Arc<TxRing>> {
+        let slot = self.tx.get(pair)?;
+        Some(slot.get_or_init(|| Arc::new(TxRing::new(self.port.clone(), pair, vring.clone(), self.mem.clone(), self.negotiated.clone()))))
+    }
+
+    /// The connection ended: the network's workers let its TX rings go.
+    pub fn forget_rings(&self) {
+        for r in self.tx.iter().filter_map(|t| t.get()) {
+            self.net.tx_workers.forget(r);
         }
     }
 
@@ -159,6 +182,7 @@ impl VhostUserBackend for PortDevice {
     fn acked_features(&self, features: u64) {
         tracing::debug!(port = %self.port.name, features = format_args!("{features:#x}"), "features acked");
         self.acked.store(features, Ordering::Release);
+        self.negotiated.hdr_len.store(hdr_len(features), Ordering::Release);
         self.port.features.store(features, Ordering::Relaxed);
         // A renegotiation (guest driver reload) changes what the receiver accepts.
         for q in &self.port.queues {
@@ -189,6 +213,7 @@ impl VhostUserBackend for PortDevice {
 
     fn set_event_idx(&self, enabled: bool) {
         self.event_idx.store(enabled, Ordering::Release);
+        self.negotiated.event_idx.store(enabled, Ordering::Release);
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -233,6 +258,12 @@ impl VhostUserBackend for PortDevice {
         if let Some(f) = self.fresh.get(index as usize) {
             f.store(true, Ordering::Release);
         }
+        if index % 2 == 1 {
+            // No worker takes frames from it until its own thread sees it run again.
+            if let Some(r) = self.tx.get(pair).and_then(|t| t.get()) {
+                r.stop();
+            }
+        }
         self.port.vmm_stopped.store(true, Ordering::Release);
         tracing::debug!(port = %self.port.name, index, "ring stopped by the VMM");
         Ok(())
@@ -270,6 +301,8 @@ impl VhostUserBackend for PortDevice {
                 if r == 0 {
                     self.publish_rx(pair, vring);
                     self.port.rx_owner.store(self.conn, Ordering::Release);
+                } else if let Some(t) = self.tx_ring(pair, vring) {
+                    t.restart();
                 }
                 self.port.vmm_stopped.store(false, Ordering::Release);
             }
@@ -280,7 +313,20 @@ impl VhostUserBackend for PortDevice {
             // New receive buffers: senders write straight into them; only frames that found
             // the ring full wait in the backlog for this moment.
             flush_pending(&self.port, pair, &mut cx);
+        } else if self.port.tx_limit.is_none() {
+            // Served by the network's workers: this thread becomes one, or hands the ring to
+            // one that is busy (workers.rs).
+            if let Some(ring) = self.tx_ring(pair, &vrings[2 * local + 1]) {
+                let exit = self.exit[thread].0.as_raw_fd();
+                let leaving = || {
+                    let mut p = libc::pollfd { fd: exit, events: libc::POLLIN, revents: 0 };
+                    // SAFETY: one pollfd on the stack, no wait; the exit eventfd lives as long as `self`.
+                    unsafe { libc::poll(&mut p, 1, 0) > 0 }
+                };
+                tx_kick(&self.net, ring, &Home { port: &self.port, leaving: &leaving }, &mut cx);
+            }
         } else {
+            // An outbound limit's waits are slept on the port's own thread, never a worker's.
             let mem = self.mem.memory();
             let features = self.acked.load(Ordering::Acquire);
             let taken = process_tx(
@@ -319,4 +365,10 @@ pub fn feature_names(bits: u64) -> Vec<&'static str> {
         (26, "LOG_ALL"),
     ];
     NAMES.iter().filter(|(b, _)| bits & (1u64 << b) != 0).map(|&(_, n)| n).collect()
+}
+
+impl Drop for PortDevice {
+    fn drop(&mut self) {
+        self.forget_rings();
+    }
 }

@@ -299,10 +299,6 @@ fn serve(net: &Network, held: &mut Vec<Arc<TxRing>>, home: &Home, cx: &mut TxScr
             };
             let rings: Vec<(Ring, u16)> = looks.iter().map(|(r, next, _)| (*r, *next)).collect();
             if look.watch(&rings, || workers.waiting.load(Ordering::Relaxed)) {
-                if (home.leaving)() {
-                    leave(workers, held);
-                    return taken;
-                }
                 continue;
             }
             looks.clear();

@@ -501,7 +501,7 @@ fn deliver_as_is(dest: &Port, f: &TxFrame, cx: &mut TxScratch) {
 
 /// Writes frames into one receiver's queue pair under one hold of its lock: its memory, ring
 /// translation and avail index are looked up once, and its used index published once.
-fn write_guest<'f>(dest: &Port, pair: usize, frames: impl Iterator<Item = TxFrame<'f>>, cx: &mut TxScratch) {
+fn write_guest<'f>(dest: &Port, pair: usize, frames: impl ExactSizeIterator<Item = TxFrame<'f>>, cx: &mut TxScratch) {
     let slot = &dest.queues[pair];
     let mut target = slot.rx.lock().unwrap_or_else(|e| e.into_inner());
     let Some(t) = target.as_mut() else {
@@ -520,6 +520,9 @@ fn write_guest<'f>(dest: &Port, pair: usize, frames: impl Iterator<Item = TxFram
         return;
     };
     let rxq = &mut RxQueue::new(vs.get_queue_mut(), ring, MemMap::with(regions, &dmem), caps, dest.dirty_logging());
+    if frames.len() > 1 && t.backlog.is_empty() {
+        rxq.prefetch(frames.len());
+    }
     let backlog = &mut t.backlog;
     // Frames (and bytes) that reached the ring now, counted once for the burst.
     let (mut written, mut frames_in, mut bytes_in) = (0, 0u64, 0u64);

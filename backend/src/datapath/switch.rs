@@ -23,7 +23,7 @@ use super::network::Network;
 use super::port::Port;
 use super::ring::{gather, push_tail, Mem, Seg, Vring};
 use super::service::{GatewayCx, Handled};
-use super::split::{walk_chain, MemMap, Ring, MAX_FRAME_DESCS};
+use super::split::{walk_chain, MemMap, Ring, MAX_FRAME_DESCS, PREFETCH_MAX};
 
 /// Drains `port`'s TX ring `vring` on its own worker: validate, switch, deliver; then looks a
 /// while for more and sleeps until the next kick. Returns how many frames it took. Used for
@@ -134,6 +134,10 @@ pub fn tx_burst(
     let mut throttled = None;
     cx.batching = true;
     for (i, head) in heads.iter_mut().enumerate().take(n) {
+        if i % PREFETCH_MAX == 0 {
+            let upto = n.min(i + PREFETCH_MAX);
+            ring.prefetch(map, (i..upto).map(|j| ring.avail_entry(next.wrapping_add(j as u16))), false);
+        }
         *head = ring.avail_entry(next.wrapping_add(i as u16));
         cx.tx_segs.clear();
         let mut budget = MAX_FRAME_DESCS;

@@ -51,6 +51,7 @@ fuzz_target!(|data: &[u8]| {
 
     // Every posted chain, walked as the TX path and as the RX path would.
     let posted = ring.avail_idx().wrapping_sub(next_avail).min(size);
+    ring.prefetch(&map, (0..posted).map(|i| ring.avail_entry(next_avail.wrapping_add(i))), frame_len % 3 == 0);
     let mut segs = Vec::new();
     for i in 0..posted {
         let head = ring.avail_entry(next_avail.wrapping_add(i));
@@ -75,6 +76,8 @@ fuzz_target!(|data: &[u8]| {
     // Half the inputs with the dirty log on: its marking walks the written segments and used
     // entries (the memory has no log attached, so nothing is marked, but nothing may fault).
     let mut rxq = RxQueue::new(&mut q, ring, map, caps, frame_len % 2 == 1);
+    // Asking ahead for the chains the guest posted reads only what the walk checks again.
+    rxq.prefetch(frame_len % 40);
     let r = write_rx(&mut rxq, VnetHeader::default(), &src, 0, frame_len, &mut scratch);
     rxq.publish();
     let new_used = rxq.q.next_used();

@@ -47,17 +47,8 @@ pub fn process_tx(net: &Network, port: &Port, vring: &Vring, mem: &Mem, hdr_len:
             }
             TxBurst::Empty { ring, next } => (ring, next),
         };
-        // Empty. With busy polling, watch the avail index a while before sleeping (without
-        // the ring's lock): under load the next frames come without a kick. Without it, a
-        // wake-up that moved frames looks a little longer too (see `look`).
-        let look = if net.busy_poll_us > 0 {
-            Look::Spin(net.busy_poll_us)
-        } else if taken > 0 {
-            Look::Yield(POLL_AFTER_WORK_US)
-        } else {
-            Look::None
-        };
-        if look.watch(&[(ring, next)], || false) {
+        // Empty: look a while before sleeping (`Look::after`).
+        if Look::after(net, taken).watch(&[(ring, next)], || false) {
             continue;
         }
         // Ask for kicks again, and look once more, for what came meanwhile.
@@ -213,7 +204,7 @@ pub fn tx_burst(
 /// How long a worker without `busy_poll_us` watches a ring that just gave it frames before it
 /// sleeps. On the DPDK virtio-user bench, 5 µs moved a third more frames than none, 20 µs
 /// two thirds more (benches/dpdk-virtio-user.sh, README).
-pub const POLL_AFTER_WORK_US: u32 = 20;
+const POLL_AFTER_WORK_US: u32 = 20;
 
 /// How a worker looks at its empty rings before it sleeps.
 #[derive(Clone, Copy)]
@@ -227,6 +218,21 @@ pub enum Look {
 }
 
 impl Look {
+    /// How a worker that took `taken` frames since its wake-up looks before it sleeps. With
+    /// busy polling it spins `busy_poll_us`: under load the next frames come without a kick.
+    /// Without, a wake-up that moved frames is likely followed by more within microseconds (a
+    /// peer turning a burst around), and a sleep costs a kick and a context switch on each
+    /// side: it looks 20 µs, yielding its core. An idle ring is not looked at.
+    pub fn after(net: &Network, taken: usize) -> Look {
+        if net.busy_poll_us > 0 {
+            Look::Spin(net.busy_poll_us)
+        } else if taken > 0 {
+            Look::Yield(POLL_AFTER_WORK_US)
+        } else {
+            Look::None
+        }
+    }
+
     /// Watches `rings` (each with the avail index its next frame will have) for the look's
     /// time, and `elsewhere` (work arriving for this worker by another way); true as soon as
     /// either shows work.

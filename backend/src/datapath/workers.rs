@@ -30,7 +30,7 @@ use super::network::Network;
 use super::port::Port;
 use super::ring::{GuestMem, Vring};
 use super::split::{MemMap, Ring};
-use super::switch::{arm_tx, tx_burst, Look, TxBurst, POLL_AFTER_WORK_US};
+use super::switch::{arm_tx, tx_burst, Look, TxBurst};
 
 /// What the guest's driver negotiated that a TX burst depends on; the device keeps it current.
 #[derive(Default)]
@@ -287,18 +287,9 @@ fn serve(net: &Network, held: &mut Vec<Arc<TxRing>>, home: &Home, cx: &mut TxScr
             workers.adopt(held);
         }
         if !held.is_empty() {
-            // All empty. Look a while before sleeping: a wake-up that moved frames is likely
-            // followed by more within microseconds (a peer turning a burst around), and a
-            // sleep costs a kick and a context switch on each side.
-            let look = if net.busy_poll_us > 0 {
-                Look::Spin(net.busy_poll_us)
-            } else if taken > 0 {
-                Look::Yield(POLL_AFTER_WORK_US)
-            } else {
-                Look::None
-            };
+            // All empty: look a while before sleeping, at every ring and at rings waiting.
             let rings: Vec<(Ring, u16)> = looks.iter().map(|(r, next, _)| (*r, *next)).collect();
-            if look.watch(&rings, || workers.waiting.load(Ordering::Relaxed)) {
+            if Look::after(net, taken).watch(&rings, || workers.waiting.load(Ordering::Relaxed)) {
                 continue;
             }
             looks.clear();

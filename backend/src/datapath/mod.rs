@@ -15,6 +15,7 @@
 //!   waiting for a full ring
 //! - `deliver`: one frame into one receiver, notification, link sends
 //! - `switch`: the switching step (`process_tx`), the router, service dispatch
+//! - `txring`: a guest TX ring as workers serve it, the network's record of its workers
 //! - `workers`: the network's workers, which serve every guest's TX ring with frames waiting
 //!   from at most `workers` threads at once
 //! - `inject`: the door for frames vunet makes or reads from host links
@@ -31,6 +32,7 @@ mod split;
 mod switch;
 #[cfg(test)]
 mod tests;
+mod txring;
 mod workers;
 
 /// The guest-facing ring parsers, reachable from the fuzz targets (tests/fuzz) through
@@ -60,4 +62,5 @@ pub use port::{unix_now, CaptureBudget, Captured, Port, PortKind, RxShaper, RxTa
 pub use ring::{GuestMem, Vring};
 pub use service::{GatewayCx, GatewayService, Handled};
 pub use switch::process_tx;
-pub use workers::{tx_kick, Home, Negotiated, TxRing};
+pub use txring::{Negotiated, TxRing};
+pub use workers::{tx_kick, Home};

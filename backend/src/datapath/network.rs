@@ -33,8 +33,8 @@ pub struct Network {
     /// Most threads of this network that move frames out of guests' TX rings at once (and
     /// most threads one port's queue pairs are kicked on).
     pub workers: usize,
-    /// Those threads, and the rings waiting for one (`workers.rs`).
-    pub tx_workers: super::workers::TxWorkers,
+    /// Those threads, and the rings waiting for one (`txring.rs`, `workers.rs`).
+    pub tx_workers: super::txring::TxWorkers,
     /// The network's own endpoint at its gateway address, if it has one.
     pub gateway: Option<Gateway>,
     /// Its IPv6 side (`gateway6`): services answer ND, router solicitations, DHCPv6 there.

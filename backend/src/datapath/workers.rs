@@ -18,107 +18,44 @@
 //! kicks on it and looking once more, so a frame posted meanwhile either shows in that look
 //! or kicks the ring's own thread, which takes it up.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use vhost_user_backend::VringT;
-use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 
 use super::deliver::{flush_pending, TxScratch};
 use super::network::Network;
 use super::port::Port;
-use super::ring::{GuestMem, Vring};
 use super::split::{MemMap, Ring};
 use super::switch::{arm_tx, tx_burst, Look, TxBurst};
+use super::txring::{TxRing, TxWorkers};
 
-/// What the guest's driver negotiated that a TX burst depends on; the device keeps it current.
-#[derive(Default)]
-pub struct Negotiated {
-    pub hdr_len: AtomicUsize,
-    pub event_idx: AtomicBool,
-}
-
-/// One guest TX ring (of one vhost-user connection), as the network's workers serve it.
-pub struct TxRing {
-    pub port: Arc<Port>,
-    pub pair: usize,
-    pub vring: Vring,
-    pub mem: GuestMem,
-    pub negotiated: Arc<Negotiated>,
-    /// Set while a worker holds the ring or it waits for one.
-    owned: AtomicBool,
-    /// Set between the VMM stopping the ring and its own thread seeing it restarted (the
-    /// restart reads where the used ring stands): no worker touches it meanwhile.
-    stopped: AtomicBool,
-    /// Set when its connection ended.
-    gone: AtomicBool,
-}
-
-impl TxRing {
-    pub fn new(port: Arc<Port>, pair: usize, vring: Vring, mem: GuestMem, negotiated: Arc<Negotiated>) -> TxRing {
-        TxRing {
-            port,
-            pair,
-            vring,
-            mem,
-            negotiated,
-            owned: AtomicBool::new(false),
-            stopped: AtomicBool::new(false),
-            gone: AtomicBool::new(false),
+/// Takes one burst from `r`; None when the ring is to be let go (stopped or gone), else how many
+/// frames, and the ring to look at when it is empty (with the memory guard it needs).
+fn burst(r: &TxRing, net: &Network, cx: &mut TxScratch) -> Option<(usize, Burst)> {
+    if !r.serviceable() {
+        return None;
+    }
+    let mem = r.mem.memory();
+    let map = MemMap::new(&mem);
+    let hdr_len = r.negotiated.hdr_len.load(Ordering::Acquire);
+    let event_idx = r.negotiated.event_idx.load(Ordering::Acquire);
+    let (n, b) = tx_burst(net, &r.port, &r.vring, &map, hdr_len, event_idx, cx);
+    if n > 0 {
+        if let Some(q) = r.port.queues.get(r.pair) {
+            q.from_guest.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
-
-    /// The VMM stopped the ring (GET_VRING_BASE).
-    pub fn stop(&self) {
-        self.stopped.store(true, Ordering::SeqCst);
-    }
-
-    /// The ring's own thread saw it start again.
-    pub fn restart(&self) {
-        self.stopped.store(false, Ordering::SeqCst);
-    }
-
-    /// Whether a worker may take frames from it.
-    fn serviceable(&self) -> bool {
-        !self.stopped.load(Ordering::Acquire) && !self.gone.load(Ordering::Acquire)
-    }
-
-    /// Takes one burst; None when the ring is to be let go (stopped or gone), else how many
-    /// frames, and the ring to look at when it is empty (with the memory guard it needs).
-    fn burst(&self, net: &Network, cx: &mut TxScratch) -> Option<(usize, Burst)> {
-        if !self.serviceable() {
-            return None;
-        }
-        let mem = self.mem.memory();
-        let map = MemMap::new(&mem);
-        let hdr_len = self.negotiated.hdr_len.load(Ordering::Acquire);
-        let event_idx = self.negotiated.event_idx.load(Ordering::Acquire);
-        let (n, b) = tx_burst(net, &self.port, &self.vring, &map, hdr_len, event_idx, cx);
-        if n > 0 {
-            if let Some(q) = self.port.queues.get(self.pair) {
-                q.from_guest.fetch_add(n as u64, Ordering::Relaxed);
-            }
-        }
-        let b = match b {
-            TxBurst::Stopped => return None,
-            TxBurst::More => Burst::More,
-            // Ports with an outbound limit are served on their own thread (`process_tx`),
-            // never here; should one come, it is looked at like an empty ring.
-            TxBurst::Throttled(_) => Burst::Empty(None),
-            TxBurst::Empty { ring, next } => Burst::Empty(Some((ring, next, mem))),
-        };
-        Some((n, b))
-    }
-
-    /// Whether frames wait in the ring (read under its lock).
-    fn posted(&self) -> bool {
-        let mem = self.mem.memory();
-        let map = MemMap::new(&mem);
-        let vs = self.vring.get_mut();
-        let q = vs.get_queue();
-        q.ready() && Ring::new(q, &map).is_some_and(|r| r.avail_idx() != q.next_avail())
-    }
+    let b = match b {
+        TxBurst::Stopped => return None,
+        TxBurst::More => Burst::More,
+        // Ports with an outbound limit are served on their own thread (`process_tx`),
+        // never here; should one come, it is looked at like an empty ring.
+        TxBurst::Throttled(_) => Burst::Empty(None),
+        TxBurst::Empty { ring, next } => Burst::Empty(Some((ring, next, mem))),
+    };
+    Some((n, b))
 }
 
 enum Burst {
@@ -126,60 +63,6 @@ enum Burst {
     /// Empty: the ring as the burst translated it, the avail index of its next frame, and
     /// the memory it lies in (held while it is looked at).
     Empty(Option<(Ring, u16, vm_memory::GuestMemoryLoadGuard<super::ring::Mem>)>),
-}
-
-/// The network's workers: how many move frames now, and the rings waiting for one of them.
-#[derive(Default)]
-pub struct TxWorkers {
-    state: Mutex<WorkerState>,
-    /// Set while rings wait: read by busy workers between bursts, without the lock.
-    waiting: AtomicBool,
-    /// Kicks that found every worker busy and left their ring to one of them.
-    handoffs: AtomicU64,
-}
-
-#[derive(Default)]
-struct WorkerState {
-    active: usize,
-    /// At most one entry per ring (its `owned` flag is set while it is here).
-    waiting: Vec<Arc<TxRing>>,
-}
-
-impl TxWorkers {
-    /// How many kicks left their ring to a busy worker since the network started.
-    pub fn handoffs(&self) -> u64 {
-        self.handoffs.load(Ordering::Relaxed)
-    }
-
-    /// Moves the rings waiting for a worker into `held`.
-    fn adopt(&self, held: &mut Vec<Arc<TxRing>>) {
-        if self.waiting.load(Ordering::Acquire) {
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            held.append(&mut st.waiting);
-            self.waiting.store(false, Ordering::Release);
-        }
-    }
-
-    /// A connection ended: its rings are served no more.
-    pub fn forget(&self, ring: &Arc<TxRing>) {
-        ring.gone.store(true, Ordering::SeqCst);
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.waiting.retain(|r| !Arc::ptr_eq(r, ring));
-    }
-
-    /// Rings waiting for a worker, and workers moving frames, now (for tests).
-    #[cfg(test)]
-    pub fn now(&self) -> (usize, usize) {
-        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        (st.waiting.len(), st.active)
-    }
-
-    /// Counts `n` more workers as busy (a test stands in for workers elsewhere).
-    #[cfg(test)]
-    pub fn occupy(&self, n: isize) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.active = st.active.checked_add_signed(n).expect("workers below zero");
-    }
 }
 
 /// The thread a worker runs on, and what of its own it must still do while it serves others.
@@ -267,7 +150,7 @@ fn serve(net: &Network, held: &mut Vec<Arc<TxRing>>, home: &Home, cx: &mut TxScr
             rounds = rounds.wrapping_add(1);
             looks.clear();
             let mut more = false;
-            held.retain(|r| match r.burst(net, cx) {
+            held.retain(|r| match burst(r, net, cx) {
                 None => {
                     r.owned.store(false, Ordering::SeqCst);
                     false

@@ -40,6 +40,9 @@ pub struct TxScratch {
     pub(super) gw_out: Vec<u8>,
     /// Receivers (port, queue pair) that got frames in this batch, to interrupt once.
     notify: Vec<(PortId, usize)>,
+    /// Multi-queue receivers met in this TX batch and a mask of their running queue pairs
+    /// (`pick_pair`); emptied when the batch ends.
+    pub(super) running: Vec<(PortId, u8)>,
     /// Frames for uplinks gathered during a TX batch, sent with one `sendmmsg` per uplink
     /// when the batch ends (they still point into the sender's guest memory, so the batch's
     /// TX buffers are returned to the guest only after that).
@@ -81,6 +84,7 @@ impl Default for TxScratch {
             gw_in: Vec::new(),
             gw_out: Vec::new(),
             notify: Vec::new(),
+            running: Vec::new(),
             link_sends: Vec::new(),
             link_segs: Vec::new(),
             guest_sends: Vec::new(),
@@ -485,7 +489,7 @@ fn deliver_as_is(dest: &Port, f: &TxFrame, cx: &mut TxScratch) {
         dest.counters.dropped(DropReason::PortDown);
         return;
     }
-    let pair = pick_pair(dest, f);
+    let pair = pick_pair(dest, f, cx);
     if cx.batching {
         // Written with the batch's other frames for this receiver when the batch ends.
         let start = cx.guest_segs.len();
@@ -645,25 +649,41 @@ fn mark_notify(cx: &mut TxScratch, id: PortId, pair: usize) {
 /// The queue pair a frame goes to on a guest with several: by a hash of its flow (addresses
 /// and ports), so one TCP or UDP flow stays on one queue; the next running pair if that one is
 /// not (the guest enabled fewer pairs than it has).
-fn pick_pair(dest: &Port, f: &TxFrame) -> usize {
+fn pick_pair(dest: &Port, f: &TxFrame, cx: &mut TxScratch) -> usize {
     let n = dest.queues.len();
     if n == 1 {
         return 0;
     }
     let mut head = [0u8; 14 + 40 + 4];
     let got = gather(f.segs, f.offset, &mut head);
-    let h = flow_hash(&head[..got]) as usize;
-    for k in 0..n {
-        let pair = (h + k) % n;
-        let running = dest.queues[pair].rx.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|t| {
+    // The hash scaled to 0..n (no division per frame).
+    let first = ((flow_hash(&head[..got]) as u64 * n as u64) >> 32) as usize;
+    // Which pairs run is asked once per receiver per TX batch (each ask takes two locks); a
+    // pair stopped meanwhile drops what the batch sends it (`write_guest`), as it would have.
+    let running = match cx.running.iter().find(|(id, _)| *id == dest.id) {
+        Some(&(_, mask)) => mask,
+        None => {
+            let mask = running_pairs(dest);
+            if cx.batching {
+                cx.running.push((dest.id, mask));
+            }
+            mask
+        }
+    };
+    (0..n).map(|k| if first + k < n { first + k } else { first + k - n }).find(|&pair| running & (1 << pair) != 0).unwrap_or(0)
+}
+
+/// A mask of `dest`'s queue pairs whose RX queue the guest has set up and enabled.
+fn running_pairs(dest: &Port) -> u8 {
+    let mut mask = 0u8;
+    for (pair, q) in dest.queues.iter().enumerate().take(8) {
+        let running = q.rx.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|t| {
             let vs = t.vring.get_ref();
             vs.get_queue().ready() && vs.is_enabled()
         });
-        if running {
-            return pair;
-        }
+        mask |= (running as u8) << pair;
     }
-    0
+    mask
 }
 
 /// A hash of a frame's flow: IPv4 or IPv6 addresses with TCP/UDP ports, else the MACs.

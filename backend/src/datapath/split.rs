@@ -208,26 +208,43 @@ impl Ring {
         Self::u16_at(unsafe { self.avail.add(4 + 2 * self.size as usize) }).load(Ordering::Relaxed)
     }
 
-    /// Descriptor `i` of the ring's table (None if `i` is out of range).
-    #[inline]
-    /// Asks for the lines of `heads`' descriptors, then of what each names (its buffer's
-    /// first line, or its indirect table), `write` if the buffers are to be written. These
-    /// lines were last written by the guest's core; asked for together, their misses overlap
-    /// instead of coming one after another as the burst walks them. Only hints: nothing is
-    /// read that the walk does not check again.
+    /// Asks for the lines of `heads`' descriptors, then of what each names (the first
+    /// `PREFETCH_SPAN` bytes of its buffer, or its indirect table), `write` if the buffers are
+    /// to be written. These lines were last written by the guest's core; asked for together,
+    /// their misses overlap instead of coming one after another as the burst walks them. Only
+    /// hints: nothing is read that the walk does not check again.
     pub fn prefetch(&self, map: &MemMap, heads: impl Iterator<Item = u16> + Clone, write: bool) {
         for h in heads.clone() {
             prefetch((self.desc as *const u8).wrapping_add(16 * (h % self.size) as usize), false);
         }
         for h in heads {
             if let Some(d) = self.desc(h) {
-                if let Some(p) = map.host(d.addr, 1) {
-                    prefetch(p, write && d.flags & DESC_F_INDIRECT == 0);
+                let indirect = d.flags & DESC_F_INDIRECT != 0;
+                let span = if indirect { 1 } else { (d.len as usize).clamp(1, PREFETCH_SPAN) };
+                if let Some(p) = map.host(d.addr, span) {
+                    prefetch_lines(p, span, write && !indirect);
                 }
             }
         }
     }
 
+    /// Asks for the used ring's lines that elements `from..from + n` go to, for writing: the
+    /// driver last read them, so each would otherwise cost a miss when the burst writes it.
+    pub fn prefetch_used(&self, from: u16, n: usize) {
+        let size = self.size as usize;
+        let start = (from % self.size) as usize;
+        let first = n.min(size - start);
+        // SAFETY: offsets within the used area (4 + 8 * size bytes from its start).
+        unsafe {
+            prefetch_lines(self.used.add(4 + 8 * start), 8 * first, true);
+            if n > first {
+                prefetch_lines(self.used.add(4), 8 * (n - first).min(size), true);
+            }
+        }
+    }
+
+    /// Descriptor `i` of the ring's table (None if `i` is out of range).
+    #[inline]
     pub fn desc(&self, i: u16) -> Option<Desc> {
         if i >= self.size {
             return None;
@@ -292,21 +309,60 @@ impl Ring {
     }
 }
 
-/// A cache-line prefetch hint (for writing: the line is asked for exclusively). Never faults.
+/// How much of a buffer a burst asks for ahead (`Ring::prefetch`): a virtio-net header and a
+/// small frame, which the frontend's headroom may place across three lines.
+const PREFETCH_SPAN: usize = 128;
+
+/// Prefetch hints for the lines of `p..p + len` (see `prefetch`).
+#[inline(always)]
+fn prefetch_lines(p: *const u8, len: usize, write: bool) {
+    let first = p as usize & !63;
+    let end = p as usize + len.max(1);
+    let mut line = first;
+    while line < end {
+        prefetch(line as *const u8, write);
+        line += 64;
+    }
+}
+
+/// A cache-line prefetch hint. For writing, the line is asked for exclusively (PREFETCHW):
+/// the guest's core holds it, and a plain prefetch would bring it shared, leaving the store
+/// to wait for a second transfer. Never faults.
 #[inline(always)]
 fn prefetch(p: *const u8, write: bool) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is a hint; it reads nothing and never faults, whatever the address.
     unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0, _MM_HINT_T0};
-        if write {
-            _mm_prefetch::<_MM_HINT_ET0>(p.cast());
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        if write && has_prefetchw() {
+            // `_MM_HINT_ET0` becomes PREFETCHW only where the whole build targets CPUs that
+            // have it; this one is chosen at run time.
+            std::arch::asm!("prefetchw [{0}]", in(reg) p, options(nostack, preserves_flags, readonly));
         } else {
             _mm_prefetch::<_MM_HINT_T0>(p.cast());
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (p, write);
+}
+
+/// Whether this CPU has PREFETCHW (CPUID 0x8000_0001, ECX bit 8), asked once.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn has_prefetchw() -> bool {
+    use std::sync::atomic::AtomicU8;
+    // 0: not asked yet, 1: no, 2: yes.
+    static HAS: AtomicU8 = AtomicU8::new(0);
+    match HAS.load(Ordering::Relaxed) {
+        0 => {
+            // The extended leaf is asked only if the CPU lists it.
+            use std::arch::x86_64::__cpuid;
+            let yes = __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & (1 << 8) != 0;
+            HAS.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
+            yes
+        }
+        v => v == 2,
+    }
 }
 
 /// # Safety
@@ -455,8 +511,8 @@ impl<'a> RxQueue<'a> {
         RxQueue { q, ring, map, caps, maze: false, log, avail, published }
     }
 
-    /// Asks for the receive chains the next `frames` frames will take (`Ring::prefetch`), up
-    /// to what the guest has posted.
+    /// Asks for the receive chains the next `frames` frames will take (`Ring::prefetch`) and
+    /// the used elements they will fill, up to what the guest has posted.
     pub fn prefetch(&mut self, frames: usize) {
         use virtio_queue::QueueT;
         let next = self.q.next_avail();
@@ -470,6 +526,7 @@ impl<'a> RxQueue<'a> {
         let k = posted.min(frames.min(PREFETCH_MAX) as u16);
         let ring = self.ring;
         self.ring.prefetch(&self.map, (0..k).map(|j| ring.avail_entry(next.wrapping_add(j))), true);
+        self.ring.prefetch_used(self.q.next_used(), k as usize);
     }
 
     /// Shows the driver the used elements written since the last time, with one release

@@ -120,6 +120,8 @@ pub fn tx_burst(
         return (0, TxBurst::Stopped);
     }
     let mut n = (posted as usize).min(TX_BATCH);
+    // The used elements this burst will write at its end, asked for now (for writing).
+    ring.prefetch_used(used, n);
     let mut heads = [0u16; TX_BATCH];
     // Set when the port's outbound limit stops the burst: the rest waits in the ring.
     let mut throttled = None;
@@ -168,6 +170,7 @@ pub fn tx_burst(
         }
     }
     cx.batching = false;
+    cx.running.clear();
     let (frames, bytes) = std::mem::take(&mut cx.received);
     port.counters.received_many(frames, bytes);
     flush_guests(&ports, cx);

@@ -120,14 +120,18 @@ pub fn tx_burst(
         return (0, TxBurst::Stopped);
     }
     let mut n = (posted as usize).min(TX_BATCH);
-    // The used elements this burst will write at its end, asked for now (for writing).
-    ring.prefetch_used(used, n);
+    // Prefetching pays when misses can overlap: a lone frame is walked right away.
+    let prefetching = n > 1;
+    if prefetching {
+        // The used elements this burst will write at its end, asked for now (for writing).
+        ring.prefetch_used(used, n);
+    }
     let mut heads = [0u16; TX_BATCH];
     // Set when the port's outbound limit stops the burst: the rest waits in the ring.
     let mut throttled = None;
     cx.batching = true;
     for (i, head) in heads.iter_mut().enumerate().take(n) {
-        if i % PREFETCH_MAX == 0 {
+        if prefetching && i % PREFETCH_MAX == 0 {
             let upto = n.min(i + PREFETCH_MAX);
             ring.prefetch(map, (i..upto).map(|j| ring.avail_entry(next.wrapping_add(j as u16))), false);
         }

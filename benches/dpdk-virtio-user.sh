@@ -18,13 +18,19 @@
 # With a third argument, that vunet binary (e.g. one built from an older commit) is measured
 # too, default settings, right after vunet.
 #
-# Usage: benches/dpdk-virtio-user.sh [SECONDS] [ROUNDS] [OTHER_VUNET_BINARY]
+# The loop carries only what --tx-first injects: one burst per port (BURST frames, testpmd's
+# default 32), so its rate depends on the round trip as well as on the cost per frame. BURST=128
+# (up to 512) puts four times as many frames in flight; both testpmds (frontend and reference)
+# then take bursts that long.
+#
+# Usage: [BURST=N] benches/dpdk-virtio-user.sh [SECONDS] [ROUNDS] [OTHER_VUNET_BINARY]
 # Needs dpdk-testpmd (scripts/install-deps.sh --bench) and two cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
 rounds=${2:-2}
 other=${3:-}
+burst=${BURST:-32}
 [ "$secs" -ge 6 ] || { echo "SECONDS must be at least 6" >&2; exit 2; }
 scripts/install-deps.sh --bench
 cargo build --release -p vunet >&2
@@ -54,7 +60,7 @@ frontend() { # queues backend_pid
       --vdev "net_virtio_user0,path=$work/p0.sock,queues=$q,queue_size=1024,mac=02:00:00:00:00:00" \
       --vdev "net_virtio_user1,path=$work/p1.sock,queues=$q,queue_size=1024,mac=02:00:00:00:00:01" \
       -- --forward-mode=mac --eth-peer=0,02:00:00:00:00:01 --eth-peer=1,02:00:00:00:00:00 \
-      --rxq="$q" --txq="$q" --auto-start --tx-first --nb-cores=1 --stats-period=2 --total-num-mbufs=16384 \
+      --rxq="$q" --txq="$q" --auto-start --tx-first --burst="$burst" --nb-cores=1 --stats-period=2 --total-num-mbufs=16384 \
       > "$work/frontend.log" 2>&1 &
   local fe=$!
   if [ -n "$pid" ]; then
@@ -75,7 +81,7 @@ reference() { # queues -> "pps 0"
   (sleep $((secs + 8)); echo) | timeout $((secs + 25)) dpdk-testpmd --lcores '0@0,1@1' --no-pci --no-huge -m 1024 \
       --file-prefix "vunetvh$$" \
       --vdev "net_vhost0,iface=$work/p0.sock,queues=$1" --vdev "net_vhost1,iface=$work/p1.sock,queues=$1" \
-      -- --forward-mode=io --rxq="$1" --txq="$1" --auto-start --nb-cores=1 --stats-period=3 --total-num-mbufs=16384 \
+      -- --forward-mode=io --rxq="$1" --txq="$1" --auto-start --burst="$burst" --nb-cores=1 --stats-period=3 --total-num-mbufs=16384 \
       > "$work/reference.log" 2>&1 &
   local be=$!
   wait_sockets
@@ -102,7 +108,7 @@ row() { # name pps cpu reference_pps
     printf "\n" }'
 }
 
-echo "dpdk-testpmd virtio-user (forwarding on CPU 0) -> backend on CPU 1, 64 B, mac forwarding, ${secs} s, $(nproc) cores, $(date -u +%F)"
+echo "dpdk-testpmd virtio-user (forwarding on CPU 0) -> backend on CPU 1, 64 B, mac forwarding, bursts of $burst, ${secs} s, $(nproc) cores, $(date -u +%F)"
 for r in $(seq "$rounds"); do
   echo "round $r"
   read -r ref _ <<< "$(reference 1)"

@@ -97,6 +97,9 @@ pub enum UplinkError {
     NoLocalAddress(std::net::Ipv4Addr),
 }
 
+/// How long a link seen going down is given before it is reported as down (`Uplink::watch`).
+const DOWN_SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
+
 fn ifindex(name: &str) -> Option<u32> {
     let c = CString::new(name).ok()?;
     // SAFETY: c is a valid NUL-terminated string.
@@ -323,12 +326,24 @@ impl Uplink {
             t.expire();
             return true;
         }
-        if ifindex(&self.ifname) != Some(index) {
+        let gone = || {
             warn!(network = %network, "uplink {}: the interface is gone; waiting for it to come back", self.ifname);
             self.io.store(None);
-            return false;
+            false
+        };
+        if ifindex(&self.ifname) != Some(index) {
+            return gone();
         }
         let running = if_flags(&self.ifname).map(|f| f & (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short != 0).unwrap_or(false);
+        if !running && self.link_up.load(Ordering::Relaxed) {
+            // An interface being deleted is closed first (its packet sockets see ENETDOWN,
+            // which brings this look forward) and unlisted right after: looked at again a
+            // moment later, it is reported as gone alone, not as down and then gone.
+            std::thread::sleep(DOWN_SETTLE);
+            if ifindex(&self.ifname) != Some(index) {
+                return gone();
+            }
+        }
         if running != self.link_up.swap(running, Ordering::Relaxed) {
             if running {
                 info!(network = %network, "uplink {}: link is up again", self.ifname);

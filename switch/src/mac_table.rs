@@ -15,6 +15,8 @@ use crate::vlan::Vid;
 use crate::{is_multicast, DropReason, Mac};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// MAC addresses are 48 random-ish bits already: a multiply-and-shift is enough to spread
 /// them, and far cheaper per frame than SipHash. (HashDoS is not a concern: the table is
@@ -90,6 +92,10 @@ pub struct MacTable {
     capacity: usize,
     /// Most learned entries one port may hold.
     quota: usize,
+    /// Bumped by every change to which port a MAC is on (learned, moved, pinned, aged out,
+    /// forgotten): read without the table's lock, it tells a [`DecisionCache`] whether what it
+    /// remembers still holds.
+    version: Arc<AtomicU64>,
 }
 
 impl Default for MacTable {
@@ -101,7 +107,25 @@ impl Default for MacTable {
 impl MacTable {
     pub fn new(aging_ms: u64, capacity: usize) -> Self {
         let quota = (capacity / 4).max(1);
-        MacTable { entries: HashMap::default(), pins: HashMap::new(), ledger: Ledger::default(), aging_ms, capacity, quota }
+        MacTable {
+            entries: HashMap::default(),
+            pins: HashMap::new(),
+            ledger: Ledger::default(),
+            aging_ms,
+            capacity,
+            quota,
+            version: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The table's version counter, to be read without its lock ([`DecisionCache`]).
+    pub fn version(&self) -> Arc<AtomicU64> {
+        self.version.clone()
+    }
+
+    /// Which port a MAC is on changed: decisions remembered before are stale.
+    fn changed(&self) {
+        self.version.fetch_add(1, Ordering::Release);
     }
 
     /// Sets how many learned entries one port may hold.
@@ -121,6 +145,7 @@ impl MacTable {
             let port = e.port;
             self.entries.remove(&k);
             self.ledger.removed(port);
+            self.changed();
         }
     }
 
@@ -144,6 +169,7 @@ impl MacTable {
         }
         self.remove_learned(k);
         self.entries.insert(k, Entry { port, seen_ms: 0, pinned: true, stamp: u64::MAX, touched_ms: 0 });
+        self.changed();
         Ok(())
     }
 
@@ -195,6 +221,7 @@ impl MacTable {
         }
         let stamp = self.ledger.add(k, port);
         self.entries.insert(k, Entry { port, seen_ms: now_ms, pinned: false, stamp, touched_ms: now_ms });
+        self.changed();
         self.compact(port);
         Ok(())
     }
@@ -255,6 +282,7 @@ impl MacTable {
     pub fn forget_port(&mut self, port: PortId) {
         self.entries.retain(|_, e| e.port != port || e.pinned);
         self.ledger.forget(port);
+        self.changed();
     }
 
     /// Forgets `port` altogether (it was removed): what it learned and the MAC it pinned, which
@@ -264,6 +292,7 @@ impl MacTable {
         if let Some(k) = self.pins.remove(&port) {
             self.entries.remove(&k);
         }
+        self.changed();
     }
 
     /// The port `mac` is currently learned on (or pinned to), if it has not aged out.
@@ -287,6 +316,68 @@ impl MacTable {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+/// Slots of a [`DecisionCache`]: a worker switches frames of a few conversations at a time.
+const CACHE_SLOTS: usize = 8;
+
+/// A switching worker's memory of its latest unicast decisions, so a burst of frames between
+/// the same two stations takes the table's lock once, not once per frame (OVS's exact-match
+/// cache plays this part). A remembered decision is used only while the table's version is the
+/// one it was made at (nothing moved, aged out or was forgotten since) and only within the
+/// same millisecond: learning again at the same `now_ms` would change nothing (the entry's
+/// time is that `now_ms` already, and its ledger touch is not due), so skipping it is exact.
+/// Only unicast decisions are kept: learning can only make a flood go direct, never the
+/// other way, so a remembered flood could go stale without a version change.
+#[derive(Default)]
+pub struct DecisionCache {
+    slots: [CachedDecision; CACHE_SLOTS],
+}
+
+#[derive(Default, Clone, Copy)]
+struct CachedDecision {
+    /// The table it came from (its version counter's address): a worker may serve several.
+    table: usize,
+    src: Key,
+    dst: Key,
+    port: PortId,
+    now_ms: u64,
+    version: u64,
+    to: PortId,
+    valid: bool,
+}
+
+impl DecisionCache {
+    fn slot(src: Key, dst: Key, port: PortId) -> usize {
+        let h = (src ^ dst.rotate_left(17) ^ port as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        (h >> 61) as usize % CACHE_SLOTS
+    }
+
+    /// The port a frame from `src` to `dst` in `vlan`, received on `port` at `now_ms`, was
+    /// last sent to, if that decision still holds at the table's `version` (read from
+    /// [`MacTable::version`] before the lookup).
+    #[inline]
+    pub fn get(&self, table: &Arc<AtomicU64>, vlan: Vid, src: &Mac, dst: &Mac, port: PortId, now_ms: u64, version: u64) -> Option<PortId> {
+        let (s, d) = (key(vlan, src), key(vlan, dst));
+        let c = &self.slots[Self::slot(s, d, port)];
+        (c.valid
+            && c.src == s
+            && c.dst == d
+            && c.port == port
+            && c.now_ms == now_ms
+            && c.version == version
+            && c.table == Arc::as_ptr(table) as usize)
+            .then_some(c.to)
+    }
+
+    /// Remembers that the table, at `version` (read before the decision was made), sent such
+    /// a frame to `to`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn put(&mut self, table: &Arc<AtomicU64>, vlan: Vid, src: &Mac, dst: &Mac, port: PortId, now_ms: u64, version: u64, to: PortId) {
+        let (s, d) = (key(vlan, src), key(vlan, dst));
+        self.slots[Self::slot(s, d, port)] =
+            CachedDecision { table: Arc::as_ptr(table) as usize, src: s, dst: d, port, now_ms, version, to, valid: true };
     }
 }
 
@@ -461,5 +552,66 @@ mod tests {
         assert_eq!(t.port_of(&A, 0), Some(0));
         assert_eq!(t.port_of(&B, 0), None);
         assert_eq!(t.len(), 1);
+    }
+
+    /// A worker's switching step with the cache in front of the table, as the data path
+    /// does it.
+    fn switch(t: &mut MacTable, c: &mut DecisionCache, src: Mac, dst: Mac, port: PortId, now: u64) -> (Decision, bool) {
+        let v = t.version();
+        let version = v.load(Ordering::Acquire);
+        if let Some(to) = c.get(&v, 0, &src, &dst, port, now, version) {
+            return (Decision::Unicast(to), true);
+        }
+        let d = t.forward(src, dst, port, now).unwrap();
+        if let Decision::Unicast(to) = d {
+            c.put(&v, 0, &src, &dst, port, now, version, to);
+        }
+        (d, false)
+    }
+
+    #[test]
+    fn a_remembered_decision_holds_only_while_nothing_moved_within_the_same_millisecond() {
+        let mut t = MacTable::new(1000, 64);
+        let mut c = DecisionCache::default();
+        t.learn(B, 1, 0).unwrap();
+        // A's first frame teaches the table A (a change): decided again for the next.
+        assert_eq!(switch(&mut t, &mut c, A, B, 0, 5), (Decision::Unicast(1), false));
+        assert_eq!(switch(&mut t, &mut c, A, B, 0, 5), (Decision::Unicast(1), false));
+        assert_eq!(switch(&mut t, &mut c, A, B, 0, 5), (Decision::Unicast(1), true));
+        // Another port, another destination, another millisecond: the table decides.
+        assert_eq!(switch(&mut t, &mut c, A, B, 2, 5).1, false);
+        assert_eq!(switch(&mut t, &mut c, A, C, 0, 5), (Decision::Flood, false));
+        assert_eq!(switch(&mut t, &mut c, A, C, 0, 5), (Decision::Flood, false), "floods are never remembered");
+        assert_eq!(switch(&mut t, &mut c, A, B, 0, 6), (Decision::Unicast(1), false));
+        // B moves to port 3 (a frame from it there): the next frame goes to port 3.
+        assert_eq!(switch(&mut t, &mut c, A, B, 0, 6), (Decision::Unicast(1), true));
+        t.learn(B, 3, 6).unwrap();
+        assert_eq!(switch(&mut t, &mut c, A, B, 0, 6), (Decision::Unicast(3), false));
+        // Port 3's guest goes away: B is unknown again, at once.
+        assert_eq!(switch(&mut t, &mut c, A, B, 0, 6), (Decision::Unicast(3), true));
+        t.forget_port(3);
+        assert_eq!(switch(&mut t, &mut c, A, B, 0, 6), (Decision::Flood, false));
+        // Aged out: a later millisecond always asks the table.
+        t.learn(B, 1, 10).unwrap();
+        assert_eq!(switch(&mut t, &mut c, A, B, 0, 10), (Decision::Unicast(1), false));
+        assert_eq!(switch(&mut t, &mut c, A, B, 0, 1010), (Decision::Flood, false));
+        // A MAC pinned by port security elsewhere: the sender's frames are refused again.
+        t.learn(B, 1, 2000).unwrap();
+        assert_eq!(switch(&mut t, &mut c, A, B, 0, 2000), (Decision::Unicast(1), false));
+        t.claim(A, 4).unwrap();
+        let v = t.version();
+        assert_eq!(c.get(&v, 0, &A, &B, 0, 2000, v.load(Ordering::Acquire)), None);
+        assert_eq!(t.forward(A, B, 0, 2000), Err(DropReason::MacInUse));
+        // Another table (another network) never reads this one's decisions.
+        let other = MacTable::new(1000, 64);
+        let v2 = other.version();
+        t.learn(B, 1, 3000).unwrap();
+        switch(&mut t, &mut c, C, B, 0, 3000);
+        assert_eq!(switch(&mut t, &mut c, C, B, 0, 3000), (Decision::Unicast(1), false));
+        let now = v.load(Ordering::Acquire);
+        assert_eq!(c.get(&v, 0, &C, &B, 0, 3000, now), Some(1));
+        assert_eq!(c.get(&v2, 0, &C, &B, 0, 3000, now), None);
+        // Nor another VLAN's.
+        assert_eq!(c.get(&v, 5, &C, &B, 0, 3000, now), None);
     }
 }

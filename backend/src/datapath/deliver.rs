@@ -13,7 +13,7 @@ use vm_memory::GuestAddressSpace;
 use vunet_switch::offload::{complete_checksum, segment_tcp};
 use vunet_switch::vlan::{self, Edit, Ingress};
 use vunet_switch::vnet::{delivery, rx_header, Delivery, RxCaps, VnetHeader, HDR_LEN};
-use vunet_switch::{DropReason, PortId};
+use vunet_switch::{DecisionCache, DropReason, PortId};
 
 use super::backlog::Backlog;
 use super::link::HostLink;
@@ -43,6 +43,9 @@ pub struct TxScratch {
     /// Multi-queue receivers met in this TX batch and a mask of their running queue pairs
     /// (`pick_pair`); emptied when the batch ends.
     pub(super) running: Vec<(PortId, u8)>,
+    /// The latest unicast decisions of the network's MAC table, for frames of one
+    /// conversation to pass without its lock.
+    pub(super) decisions: DecisionCache,
     /// Frames for uplinks gathered during a TX batch, sent with one `sendmmsg` per uplink
     /// when the batch ends (they still point into the sender's guest memory, so the batch's
     /// TX buffers are returned to the guest only after that).
@@ -85,6 +88,7 @@ impl Default for TxScratch {
             gw_out: Vec::new(),
             notify: Vec::new(),
             running: Vec::new(),
+            decisions: DecisionCache::default(),
             link_sends: Vec::new(),
             link_segs: Vec::new(),
             guest_sends: Vec::new(),

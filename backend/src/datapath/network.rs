@@ -61,6 +61,8 @@ pub struct Network {
     claims6: Mutex<HashMap<Ipv6Addr, PortId>>,
     pub ports: PortList,
     pub macs: Mutex<MacTable>,
+    /// `macs`' version, read without its lock (the workers' `DecisionCache`).
+    pub macs_version: Arc<AtomicU64>,
     epoch: Instant,
     /// Set when the network is taken out of a running daemon; its threads end.
     pub stopped: AtomicBool,
@@ -75,6 +77,7 @@ pub struct Network {
 impl Network {
     /// A network with no gateway, services, router or ports yet.
     pub fn new(name: impl Into<String>, mode: Mode, mtu: u16) -> Network {
+        let macs = MacTable::default();
         Network {
             name: name.into(),
             mode,
@@ -94,7 +97,8 @@ impl Network {
             reserved6: Vec::new(),
             claims6: Mutex::new(HashMap::new()),
             ports: PortList::default(),
-            macs: Mutex::new(MacTable::default()),
+            macs_version: macs.version(),
+            macs: Mutex::new(macs),
             epoch: Instant::now(),
             stopped: AtomicBool::new(false),
             router: None,

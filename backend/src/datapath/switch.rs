@@ -356,14 +356,23 @@ fn decide_and_deliver(
     // untagged frames: a priority-tagged one is not for them).
     let on_gateway_vlan = ing == Ingress::default();
     let to_gateway = on_gateway_vlan && (net.gateway.is_some_and(|g| g.wants(&dst)) || (net.gateway6.is_some() && is_ipv6_multicast(&dst)));
-    let decision = {
-        let mut macs = net.macs.lock().unwrap_or_else(|e| e.into_inner());
-        if ing.vlan == 0 && net.gateway.is_some_and(|g| g.mac == dst) {
-            // For the gateway alone: learn the sender, forward nowhere.
-            macs.learn_in(ing.vlan, src, port.id, now)?;
-            Decision::Discard
-        } else {
-            macs.forward_in(ing.vlan, src, dst, port.id, now)?
+    let decision = if ing.vlan == 0 && net.gateway.is_some_and(|g| g.mac == dst) {
+        // For the gateway alone: learn the sender, forward nowhere.
+        net.macs.lock().unwrap_or_else(|e| e.into_inner()).learn_in(ing.vlan, src, port.id, now)?;
+        Decision::Discard
+    } else {
+        // Read before the table decides: a change meanwhile makes the remembered decision
+        // stale at once.
+        let version = net.macs_version.load(Ordering::Acquire);
+        match cx.decisions.get(&net.macs_version, ing.vlan, &src, &dst, port.id, now, version) {
+            Some(to) => Decision::Unicast(to),
+            None => {
+                let d = net.macs.lock().unwrap_or_else(|e| e.into_inner()).forward_in(ing.vlan, src, dst, port.id, now)?;
+                if let Decision::Unicast(to) = d {
+                    cx.decisions.put(&net.macs_version, ing.vlan, &src, &dst, port.id, now, version, to);
+                }
+                d
+            }
         }
     };
     if to_gateway {

@@ -100,15 +100,14 @@ pub fn tx_burst(
     if !vs.get_queue().ready() || !vs.is_enabled() {
         return (0, TxBurst::Stopped);
     }
-    // No kicks while this worker drains the ring (NO_NOTIFY; with EVENT_IDX the avail
-    // event is simply not moved): the guest posts without a syscall meanwhile.
-    let _ = vs.disable_notification();
     let now = net.now_ms();
     let Some(ring) = Ring::new(vs.get_queue(), map) else {
         // The guest's rings are not in its memory: leave them alone until it sets them up.
         port.counters.dropped(DropReason::BadAddress);
         return (0, TxBurst::Stopped);
     };
+    // No kicks while this worker drains the ring: the guest posts without a syscall meanwhile.
+    ring.suppress_kicks(map, vs.get_queue().event_idx_enabled(), port.dirty_logging());
     // One read of the guest's avail index per burst, not one per frame: that cache line
     // is the one the guest keeps writing.
     let (next, used) = (vs.get_queue().next_avail(), vs.get_queue().next_used());

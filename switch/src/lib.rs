@@ -40,7 +40,7 @@ pub mod vnet;
 pub mod vxlan;
 
 pub use counters::{DropReason, PortCounters};
-pub use mac_table::{Decision, DecisionCache, MacTable, PortId};
+pub use mac_table::{Decision, DecisionCache, Flow, MacTable, PortId};
 pub use vnet::VnetHeader;
 
 /// An Ethernet MAC address.

@@ -42,8 +42,10 @@ type Key = u64;
 
 /// One table serves every VLAN of the network: the VLAN is part of the key (bits 48..60), so
 /// a MAC is learned per VLAN and the bounds and per-port quotas hold across all of them.
+#[inline]
 fn key(vlan: Vid, mac: &Mac) -> Key {
-    mac.iter().fold((vlan & 0xfff) as u64, |k, &b| (k << 8) | b as u64)
+    let [a, b, c, d, e, f] = *mac;
+    ((vlan & 0xfff) as u64) << 48 | u64::from_be_bytes([0, 0, a, b, c, d, e, f])
 }
 
 /// Index of a port within its network.
@@ -354,31 +356,39 @@ impl DecisionCache {
         (h >> 61) as usize % CACHE_SLOTS
     }
 
-    /// The port a frame from `src` to `dst` in `vlan`, received on `port` at `now_ms`, was
-    /// last sent to, if that decision still holds at the table's `version` (read from
-    /// [`MacTable::version`] before the lookup).
+    /// The port a frame of `flow` at `now_ms` was last sent to, if that decision still holds
+    /// at the table's `version` (read from [`MacTable::version`] before the lookup).
     #[inline]
-    pub fn get(&self, table: &Arc<AtomicU64>, vlan: Vid, src: &Mac, dst: &Mac, port: PortId, now_ms: u64, version: u64) -> Option<PortId> {
-        let (s, d) = (key(vlan, src), key(vlan, dst));
-        let c = &self.slots[Self::slot(s, d, port)];
+    pub fn get(&self, table: &Arc<AtomicU64>, flow: &Flow, now_ms: u64, version: u64) -> Option<PortId> {
+        let (s, d) = (key(flow.vlan, &flow.src), key(flow.vlan, &flow.dst));
+        let c = &self.slots[Self::slot(s, d, flow.port)];
         (c.valid
             && c.src == s
             && c.dst == d
-            && c.port == port
+            && c.port == flow.port
             && c.now_ms == now_ms
             && c.version == version
             && c.table == Arc::as_ptr(table) as usize)
             .then_some(c.to)
     }
 
-    /// Remembers that the table, at `version` (read before the decision was made), sent such
-    /// a frame to `to`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn put(&mut self, table: &Arc<AtomicU64>, vlan: Vid, src: &Mac, dst: &Mac, port: PortId, now_ms: u64, version: u64, to: PortId) {
-        let (s, d) = (key(vlan, src), key(vlan, dst));
-        self.slots[Self::slot(s, d, port)] =
-            CachedDecision { table: Arc::as_ptr(table) as usize, src: s, dst: d, port, now_ms, version, to, valid: true };
+    /// Remembers that the table, at `version` (read before the decision was made), sent a
+    /// frame of `flow` to `to`.
+    pub fn put(&mut self, table: &Arc<AtomicU64>, flow: &Flow, now_ms: u64, version: u64, to: PortId) {
+        let (s, d) = (key(flow.vlan, &flow.src), key(flow.vlan, &flow.dst));
+        self.slots[Self::slot(s, d, flow.port)] =
+            CachedDecision { table: Arc::as_ptr(table) as usize, src: s, dst: d, port: flow.port, now_ms, version, to, valid: true };
     }
+}
+
+/// What a switching decision depends on besides the table: the frame's VLAN, addresses and
+/// the port it came from.
+#[derive(Clone, Copy, Debug)]
+pub struct Flow {
+    pub vlan: Vid,
+    pub src: Mac,
+    pub dst: Mac,
+    pub port: PortId,
 }
 
 #[cfg(test)]
@@ -559,12 +569,13 @@ mod tests {
     fn switch(t: &mut MacTable, c: &mut DecisionCache, src: Mac, dst: Mac, port: PortId, now: u64) -> (Decision, bool) {
         let v = t.version();
         let version = v.load(Ordering::Acquire);
-        if let Some(to) = c.get(&v, 0, &src, &dst, port, now, version) {
+        let flow = Flow { vlan: 0, src, dst, port };
+        if let Some(to) = c.get(&v, &flow, now, version) {
             return (Decision::Unicast(to), true);
         }
         let d = t.forward(src, dst, port, now).unwrap();
         if let Decision::Unicast(to) = d {
-            c.put(&v, 0, &src, &dst, port, now, version, to);
+            c.put(&v, &flow, now, version, to);
         }
         (d, false)
     }
@@ -579,7 +590,7 @@ mod tests {
         assert_eq!(switch(&mut t, &mut c, A, B, 0, 5), (Decision::Unicast(1), false));
         assert_eq!(switch(&mut t, &mut c, A, B, 0, 5), (Decision::Unicast(1), true));
         // Another port, another destination, another millisecond: the table decides.
-        assert_eq!(switch(&mut t, &mut c, A, B, 2, 5).1, false);
+        assert!(!switch(&mut t, &mut c, A, B, 2, 5).1);
         assert_eq!(switch(&mut t, &mut c, A, C, 0, 5), (Decision::Flood, false));
         assert_eq!(switch(&mut t, &mut c, A, C, 0, 5), (Decision::Flood, false), "floods are never remembered");
         assert_eq!(switch(&mut t, &mut c, A, B, 0, 6), (Decision::Unicast(1), false));
@@ -600,7 +611,7 @@ mod tests {
         assert_eq!(switch(&mut t, &mut c, A, B, 0, 2000), (Decision::Unicast(1), false));
         t.claim(A, 4).unwrap();
         let v = t.version();
-        assert_eq!(c.get(&v, 0, &A, &B, 0, 2000, v.load(Ordering::Acquire)), None);
+        assert_eq!(c.get(&v, &Flow { vlan: 0, src: A, dst: B, port: 0 }, 2000, v.load(Ordering::Acquire)), None);
         assert_eq!(t.forward(A, B, 0, 2000), Err(DropReason::MacInUse));
         // Another table (another network) never reads this one's decisions.
         let other = MacTable::new(1000, 64);
@@ -609,9 +620,10 @@ mod tests {
         switch(&mut t, &mut c, C, B, 0, 3000);
         assert_eq!(switch(&mut t, &mut c, C, B, 0, 3000), (Decision::Unicast(1), false));
         let now = v.load(Ordering::Acquire);
-        assert_eq!(c.get(&v, 0, &C, &B, 0, 3000, now), Some(1));
-        assert_eq!(c.get(&v2, 0, &C, &B, 0, 3000, now), None);
+        let flow = Flow { vlan: 0, src: C, dst: B, port: 0 };
+        assert_eq!(c.get(&v, &flow, 3000, now), Some(1));
+        assert_eq!(c.get(&v2, &flow, 3000, now), None);
         // Nor another VLAN's.
-        assert_eq!(c.get(&v, 5, &C, &B, 0, 3000, now), None);
+        assert_eq!(c.get(&v, &Flow { vlan: 5, ..flow }, 3000, now), None);
     }
 }

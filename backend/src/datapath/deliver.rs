@@ -30,9 +30,10 @@ pub struct TxScratch {
     /// The head of each frame of a TX batch (virtio-net header, Ethernet, IP, the start of
     /// L4), copied once out of the sender's memory. Port security and the MAC table decide
     /// on these bytes, and these bytes are what receivers get: a guest rewriting its TX
-    /// buffer after the check changes nothing. Boxed, never resized: batched link sends point
-    /// into it until the batch ends.
-    pub(super) heads: Box<[[u8; HEAD_LEN]; TX_BATCH]>,
+    /// buffer after the check changes nothing. TX_BATCH of them, boxed, never resized: batched
+    /// sends point into it until the batch ends (a burst takes it out meanwhile, so switching
+    /// reads a frame's head in place, beside the rest of the scratch).
+    pub(super) heads: Box<[[u8; HEAD_LEN]]>,
     pub(super) rx: RxScratch,
     frame: Vec<u8>,
     segment: Vec<u8>,
@@ -80,7 +81,7 @@ impl Default for TxScratch {
         TxScratch {
             tx_segs: Vec::new(),
             view: Vec::new(),
-            heads: Box::new([[0; HEAD_LEN]; TX_BATCH]),
+            heads: vec![[0; HEAD_LEN]; TX_BATCH].into_boxed_slice(),
             rx: RxScratch::default(),
             frame: Vec::new(),
             segment: Vec::new(),

@@ -44,6 +44,14 @@ impl Seg {
 /// scatter list `dst` (starting `dst_off` bytes in). The caller guarantees both lists hold
 /// enough bytes.
 pub(super) fn copy_segs(dst: &[Seg], mut dst_off: usize, src: &[Seg], mut src_off: usize, mut len: usize) {
+    // The common case, a small frame: both ranges inside the first segments, one copy.
+    if let (Some(d), Some(s)) = (dst.first(), src.first()) {
+        if dst_off + len <= d.len && src_off + len <= s.len {
+            // SAFETY: as below, both ranges within their first segment.
+            unsafe { std::ptr::copy_nonoverlapping(s.ptr.add(src_off), d.ptr.add(dst_off), len) };
+            return;
+        }
+    }
     let (mut di, mut si) = (0, 0);
     while di < dst.len() && dst_off >= dst[di].len {
         dst_off -= dst[di].len;

@@ -174,6 +174,14 @@ impl Ring {
         })
     }
 
+    /// Ring position `i`'s slot. The size is a power of two (`new` checks): a mask, not the
+    /// division `%` compiles to for a size known only at run time (two of them per frame on
+    /// each ring).
+    #[inline(always)]
+    fn slot(&self, i: u16) -> usize {
+        (i & (self.size - 1)) as usize
+    }
+
     fn u16_at(p: *mut u8) -> &'static AtomicU16 {
         // SAFETY: the ring areas were translated with their full length, ring fields are
         // 2-aligned as the virtio spec requires of the driver (an unaligned guest address
@@ -197,7 +205,7 @@ impl Ring {
     /// The head descriptor index in avail slot `i`.
     #[inline]
     pub fn avail_entry(&self, i: u16) -> u16 {
-        let slot = (i % self.size) as usize;
+        let slot = self.slot(i);
         // SAFETY: slot < size, within the avail area.
         Self::u16_at(unsafe { self.avail.add(4 + 2 * slot) }).load(Ordering::Relaxed)
     }
@@ -216,7 +224,7 @@ impl Ring {
     /// hints: nothing is read that the walk does not check again.
     pub fn prefetch(&self, map: &MemMap, heads: impl Iterator<Item = u16> + Clone, write: bool) {
         for h in heads.clone() {
-            prefetch((self.desc as *const u8).wrapping_add(16 * (h % self.size) as usize), false);
+            prefetch((self.desc as *const u8).wrapping_add(16 * self.slot(h)), false);
         }
         for h in heads {
             if let Some(d) = self.desc(h) {
@@ -233,7 +241,7 @@ impl Ring {
     /// driver last read them, so each would otherwise cost a miss when the burst writes it.
     pub fn prefetch_used(&self, from: u16, n: usize) {
         let size = self.size as usize;
-        let start = (from % self.size) as usize;
+        let start = self.slot(from);
         let first = n.min(size - start);
         // SAFETY: offsets within the used area (4 + 8 * size bytes from its start).
         unsafe {
@@ -278,7 +286,7 @@ impl Ring {
     /// Writes used element `at` (a ring position, not yet published).
     #[inline]
     pub fn write_used(&self, at: u16, id: u16, len: u32) {
-        let slot = (at % self.size) as usize;
+        let slot = self.slot(at);
         // SAFETY: slot < size, within the used area; 4-byte fields of the used element.
         unsafe {
             let e = self.used.add(4 + 8 * slot);
@@ -302,7 +310,7 @@ impl Ring {
             return;
         }
         let size = self.size as usize;
-        let start = (old % self.size) as usize;
+        let start = self.slot(old);
         let first = n.min(size - start);
         // SAFETY: all offsets stay within the used area translated with 6 + 8 * size bytes.
         unsafe {

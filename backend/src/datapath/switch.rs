@@ -16,12 +16,12 @@ use vunet_switch::port_security;
 use vunet_switch::router::{Emit, Side, Verdict};
 use vunet_switch::vlan::{self, Ingress};
 use vunet_switch::vnet::VnetHeader;
-use vunet_switch::{dst_mac, is_multicast, src_mac, Decision, DropReason, MAX_FRAME_LEN, MIN_FRAME_LEN};
+use vunet_switch::{dst_mac, is_multicast, src_mac, Decision, DropReason, Flow, MAX_FRAME_LEN, MIN_FRAME_LEN};
 
 use super::deliver::{capture, deliver, flush_guests, flush_links, notify_receivers, TxFrame, TxScratch, HEAD_LEN, TX_BATCH};
 use super::network::Network;
 use super::port::Port;
-use super::ring::{gather, push_tail, Mem, Seg, Vring};
+use super::ring::{copy_segs, gather, push_tail, Mem, Seg, Vring};
 use super::service::{GatewayCx, Handled};
 use super::split::{walk_chain, MemMap, Ring, MAX_FRAME_DESCS, PREFETCH_MAX};
 
@@ -125,11 +125,14 @@ pub fn tx_burst(
         // The used elements this burst will write at its end, asked for now (for writing).
         ring.prefetch_used(used, n);
     }
-    let mut heads = [0u16; TX_BATCH];
+    let mut chains = [0u16; TX_BATCH];
+    // Out of the scratch for the burst (the frames' checked heads, which receivers are handed
+    // until the batch is flushed), back once it is.
+    let mut heads = std::mem::take(&mut cx.heads);
     // Set when the port's outbound limit stops the burst: the rest waits in the ring.
     let mut throttled = None;
     cx.batching = true;
-    for (i, head) in heads.iter_mut().enumerate().take(n) {
+    for (i, head) in chains.iter_mut().enumerate().take(n) {
         if prefetching && i % PREFETCH_MAX == 0 {
             let upto = n.min(i + PREFETCH_MAX);
             ring.prefetch(map, (i..upto).map(|j| ring.avail_entry(next.wrapping_add(j as u16))), false);
@@ -155,7 +158,7 @@ pub fn tx_burst(
             }
             Ok(total) => {
                 let segs = std::mem::take(&mut cx.tx_segs);
-                if let Err(r) = switch_frame(net, &ports, port, &segs, total, hdr_len, now, i, cx) {
+                if let Err(r) = switch_frame(net, &ports, port, &segs, total, hdr_len, now, &mut heads[i], cx) {
                     port.counters.dropped(r);
                     net.log_drop(port, r);
                 }
@@ -182,7 +185,8 @@ pub fn tx_burst(
     // and only now: the link sends above read from them. A head outside the table is not
     // returned (it names no buffer).
     let mut new_used = used;
-    for &head in heads[..n].iter().filter(|&&h| h < ring.size) {
+    cx.heads = heads;
+    for &head in chains[..n].iter().filter(|&&h| h < ring.size) {
         ring.write_used(new_used, head, 0);
         new_used = new_used.wrapping_add(1);
     }
@@ -280,7 +284,7 @@ fn switch_frame(
     total: usize,
     hdr_len: usize,
     now: u64,
-    slot: usize,
+    head: &mut [u8; HEAD_LEN],
     cx: &mut TxScratch,
 ) -> Result<(), DropReason> {
     if total < hdr_len + MIN_FRAME_LEN {
@@ -290,12 +294,11 @@ fn switch_frame(
     // The virtio-net header and enough of the frame for the switch and port security, read
     // once: what is checked below is what is delivered (the view puts it in front of the rest).
     let seen = hdr_len + port_security::HEADER_BYTES.min(len);
-    let head: &mut [u8; HEAD_LEN] = &mut cx.heads[slot];
-    gather(segs, 0, &mut head[..seen]);
-    let head = *head;
+    // `segs` hold `total` bytes, more than `seen`.
+    copy_segs(&[Seg::of_mut(&mut head[..seen])], 0, segs, 0, seen);
     let mut view = std::mem::take(&mut cx.view);
     view.clear();
-    view.push(Seg::of_slice(&cx.heads[slot][..seen]));
+    view.push(Seg::of_slice(&head[..seen]));
     push_tail(segs, seen, &mut view);
     let r = decide_and_deliver(net, ports, port, &view, &head[..seen], len, hdr_len, now, cx);
     cx.view = view;
@@ -363,12 +366,13 @@ fn decide_and_deliver(
         // Read before the table decides: a change meanwhile makes the remembered decision
         // stale at once.
         let version = net.macs_version.load(Ordering::Acquire);
-        match cx.decisions.get(&net.macs_version, ing.vlan, &src, &dst, port.id, now, version) {
+        let flow = Flow { vlan: ing.vlan, src, dst, port: port.id };
+        match cx.decisions.get(&net.macs_version, &flow, now, version) {
             Some(to) => Decision::Unicast(to),
             None => {
                 let d = net.macs.lock().unwrap_or_else(|e| e.into_inner()).forward_in(ing.vlan, src, dst, port.id, now)?;
                 if let Decision::Unicast(to) = d {
-                    cx.decisions.put(&net.macs_version, ing.vlan, &src, &dst, port.id, now, version, to);
+                    cx.decisions.put(&net.macs_version, &flow, now, version, to);
                 }
                 d
             }
@@ -561,6 +565,7 @@ fn route6_from_guest(
 pub(super) fn switch_from_link(net: &Network, port: &Port, frames: &[(&[u8], bool)], hdr_len: usize, cx: &mut TxScratch) {
     let ports = net.ports.snapshot();
     let now = net.now_ms();
+    let mut heads = std::mem::take(&mut cx.heads);
     for &(frame, outgoing) in frames {
         if outgoing && frame.len() >= hdr_len + 12 {
             let src: vunet_switch::Mac = frame[hdr_len + 6..hdr_len + 12].try_into().unwrap_or([0; 6]);
@@ -571,11 +576,12 @@ pub(super) fn switch_from_link(net: &Network, port: &Port, frames: &[(&[u8], boo
             }
         }
         // Not batching: slot 0's head is reused for each frame.
-        if let Err(r) = switch_frame(net, &ports, port, &[Seg::of_slice(frame)], frame.len(), hdr_len, now, 0, cx) {
+        if let Err(r) = switch_frame(net, &ports, port, &[Seg::of_slice(frame)], frame.len(), hdr_len, now, &mut heads[0], cx) {
             port.counters.dropped(r);
             net.log_drop(port, r);
         }
     }
+    cx.heads = heads;
     notify_receivers(&ports, cx);
 }
 

@@ -128,6 +128,7 @@ impl<'a> MemMap<'a> {
     }
 
     /// Resolves `len` bytes at `gpa` into segments (a buffer may straddle regions).
+    #[inline]
     pub fn resolve(&self, gpa: u64, len: usize, out: &mut Vec<Seg>) -> Result<(), DropReason> {
         if let Some(ptr) = self.host(gpa, len) {
             out.push(Seg { ptr, len });
@@ -348,23 +349,23 @@ const PREFETCH_SPAN: usize = 128;
 fn prefetch_lines(p: *const u8, len: usize, write: bool) {
     let first = p as usize & !63;
     let end = p as usize + len.max(1);
+    // Which hint, asked once for all the lines.
+    let write = write && has_prefetchw();
     let mut line = first;
     while line < end {
-        prefetch(line as *const u8, write);
+        prefetch_line(line as *const u8, write);
         line += 64;
     }
 }
 
-/// A cache-line prefetch hint. For writing, the line is asked for exclusively (PREFETCHW):
-/// the guest's core holds it, and a plain prefetch would bring it shared, leaving the store
-/// to wait for a second transfer. Never faults.
+/// A cache-line prefetch hint (`prefetch`), `write` only where the CPU has PREFETCHW.
 #[inline(always)]
-fn prefetch(p: *const u8, write: bool) {
+fn prefetch_line(p: *const u8, write: bool) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is a hint; it reads nothing and never faults, whatever the address.
     unsafe {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        if write && has_prefetchw() {
+        if write {
             // `_MM_HINT_ET0` becomes PREFETCHW only where the whole build targets CPUs that
             // have it; this one is chosen at run time.
             std::arch::asm!("prefetchw [{0}]", in(reg) p, options(nostack, preserves_flags, readonly));
@@ -374,6 +375,14 @@ fn prefetch(p: *const u8, write: bool) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (p, write);
+}
+
+/// A cache-line prefetch hint. For writing, the line is asked for exclusively (PREFETCHW):
+/// the guest's core holds it, and a plain prefetch would bring it shared, leaving the store
+/// to wait for a second transfer. Never faults.
+#[inline(always)]
+fn prefetch(p: *const u8, write: bool) {
+    prefetch_line(p, write && has_prefetchw());
 }
 
 /// Whether this CPU has PREFETCHW (CPUID 0x8000_0001, ECX bit 8), asked once.
@@ -397,14 +406,19 @@ fn has_prefetchw() -> bool {
 
 /// # Safety
 /// `p` points at 16 readable bytes.
+#[inline(always)]
 unsafe fn read_desc(p: *const u8) -> Desc {
-    let b: [u8; 16] = std::ptr::read_volatile(p as *const [u8; 16]);
-    Desc {
-        addr: u64::from_le_bytes(b[0..8].try_into().unwrap_or([0; 8])),
-        len: u32::from_le_bytes(b[8..12].try_into().unwrap_or([0; 4])),
-        flags: u16::from_le_bytes([b[12], b[13]]),
-        next: u16::from_le_bytes([b[14], b[15]]),
-    }
+    // Read once (volatile: the guest may rewrite it; what is checked is this copy), as two
+    // words when aligned, as drivers place tables; byte by byte otherwise.
+    let (lo, hi) = if (p as usize).is_multiple_of(8) {
+        (std::ptr::read_volatile(p as *const u64), std::ptr::read_volatile(p.add(8) as *const u64))
+    } else {
+        let b: [u8; 16] = std::ptr::read_volatile(p as *const [u8; 16]);
+        let [a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7] = b;
+        (u64::from_ne_bytes([a0, a1, a2, a3, a4, a5, a6, a7]), u64::from_ne_bytes([b0, b1, b2, b3, b4, b5, b6, b7]))
+    };
+    let (lo, hi) = (u64::from_le(lo), u64::from_le(hi));
+    Desc { addr: lo, len: hi as u32, flags: (hi >> 32) as u16, next: (hi >> 48) as u16 }
 }
 
 /// Walks the chain that starts at descriptor `head`, resolving every buffer the device may
@@ -693,4 +707,28 @@ pub fn write_rx(
     rxq.q.set_next_used(used);
     rxq.q.set_next_avail(first);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_descriptor_reads_the_same_at_any_alignment() {
+        let mut d = [0u8; 16];
+        d[..8].copy_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes());
+        d[8..12].copy_from_slice(&1514u32.to_le_bytes());
+        d[12..14].copy_from_slice(&(DESC_F_NEXT | DESC_F_WRITE).to_le_bytes());
+        d[14..].copy_from_slice(&513u16.to_le_bytes());
+        let mut buf = [0u64; 5];
+        let base = buf.as_mut_ptr() as *mut u8;
+        for off in [0usize, 1, 3, 8] {
+            // SAFETY: 16 bytes from `off` (at most 8) lie within the 40-byte buffer.
+            let got = unsafe {
+                std::ptr::copy_nonoverlapping(d.as_ptr(), base.add(off), 16);
+                read_desc(base.add(off))
+            };
+            assert_eq!((got.addr, got.len, got.flags, got.next), (0x1122_3344_5566_7788, 1514, 3, 513), "at offset {off}");
+        }
+    }
 }

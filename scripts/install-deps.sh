@@ -9,7 +9,7 @@ pkgs+=(openvswitch-switch)
 pkgs+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
 for a in "$@"; do
   case $a in
-    --bench) pkgs+=(dpdk-dev bridge-utils) ;;
+    --bench) pkgs+=(dpdk-dev bridge-utils valgrind) ;;
     # benches/socket-nat.sh compares socket NAT with passt.
     --passt) pkgs+=(passt) ;;
   esac

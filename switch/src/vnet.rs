@@ -34,24 +34,37 @@ pub struct VnetHeader {
 
 impl VnetHeader {
     /// Decodes the first 10 or 12 bytes of `b` (missing bytes read as zero).
+    #[inline]
     pub fn parse(b: &[u8]) -> VnetHeader {
-        let mut h = [0u8; HDR_LEN];
-        let n = b.len().min(HDR_LEN);
-        h[..n].copy_from_slice(&b[..n]);
+        // The whole header (the usual case) is read as a fixed-size array: no copy call.
+        let h: [u8; HDR_LEN] = match b.first_chunk::<HDR_LEN>() {
+            Some(h) => *h,
+            None => {
+                let mut h = [0u8; HDR_LEN];
+                let n = b.len().min(HDR_LEN);
+                h[..n].copy_from_slice(&b[..n]);
+                h
+            }
+        };
         let w = |i: usize| u16::from_le_bytes([h[i], h[i + 1]]);
         VnetHeader { flags: h[0], gso_type: h[1], hdr_len: w(2), gso_size: w(4), csum_start: w(6), csum_offset: w(8), num_buffers: w(10) }
     }
 
+    /// The 12-byte encoding (a 10-byte legacy header is its first 10 bytes).
+    #[inline]
+    pub fn to_bytes(&self) -> [u8; HDR_LEN] {
+        let [a, b] = self.hdr_len.to_le_bytes();
+        let [c, d] = self.gso_size.to_le_bytes();
+        let [e, f] = self.csum_start.to_le_bytes();
+        let [g, h] = self.csum_offset.to_le_bytes();
+        let [i, j] = self.num_buffers.to_le_bytes();
+        [self.flags, self.gso_type, a, b, c, d, e, f, g, h, i, j]
+    }
+
     /// Encodes into `out` (10 or 12 bytes, the length of `out` decides).
+    #[inline]
     pub fn write(&self, out: &mut [u8]) {
-        let mut h = [0u8; HDR_LEN];
-        h[0] = self.flags;
-        h[1] = self.gso_type;
-        h[2..4].copy_from_slice(&self.hdr_len.to_le_bytes());
-        h[4..6].copy_from_slice(&self.gso_size.to_le_bytes());
-        h[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
-        h[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
-        h[10..12].copy_from_slice(&self.num_buffers.to_le_bytes());
+        let h = self.to_bytes();
         let n = out.len().min(HDR_LEN);
         out[..n].copy_from_slice(&h[..n]);
     }

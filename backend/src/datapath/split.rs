@@ -436,8 +436,24 @@ pub fn walk_chain(
     budget: &mut usize,
     out: &mut Vec<Seg>,
 ) -> Result<usize, DropReason> {
-    let mut total = 0usize;
     let mut d = ring.desc(head).ok_or(DropReason::ChainLoop)?;
+    // A chain of one buffer (a small frame, a mergeable receive buffer): checked as the loop
+    // below would, without its bookkeeping.
+    if d.flags & (DESC_F_NEXT | DESC_F_INDIRECT) == 0 {
+        if *budget == 0 {
+            return Err(DropReason::ChainLoop);
+        }
+        *budget -= 1;
+        if (d.flags & DESC_F_WRITE != 0) != writable || d.len == 0 {
+            return Err(DropReason::BadDescriptor);
+        }
+        if d.len as usize > limit {
+            return Err(DropReason::Oversize);
+        }
+        map.resolve(d.addr, d.len as usize, out)?;
+        return Ok(d.len as usize);
+    }
+    let mut total = 0usize;
     // A chain in the main table longer than the table loops.
     let mut direct_left = ring.size;
     // (table, entries) of the indirect table being walked, if any.
@@ -686,9 +702,13 @@ pub fn write_rx(
     };
     if result.is_ok() {
         hdr.num_buffers = rx.chains.len() as u16;
-        let mut h = [0u8; HDR_LEN];
-        hdr.write(&mut h[..caps.hdr_len]);
-        copy_segs(&rx.segs, 0, &[Seg::of_slice(&h[..caps.hdr_len])], 0, caps.hdr_len);
+        let h = hdr.to_bytes();
+        match rx.segs.first() {
+            // The usual case, written as one fixed-size store.
+            // SAFETY: the first segment holds at least HDR_LEN bytes of the receiver's buffer.
+            Some(s) if caps.hdr_len == HDR_LEN && s.len >= HDR_LEN => unsafe { std::ptr::copy_nonoverlapping(h.as_ptr(), s.ptr, HDR_LEN) },
+            _ => copy_segs(&rx.segs, 0, &[Seg::of_slice(&h[..caps.hdr_len])], 0, caps.hdr_len),
+        }
         copy_segs(&rx.segs, caps.hdr_len, src, src_off, len);
         if rxq.log {
             for s in window(&rx.segs, 0, need) {

@@ -17,7 +17,7 @@
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
-use vunet_switch::vnet::{RxCaps, VnetHeader, HDR_LEN};
+use vunet_switch::vnet::{RxCaps, VnetHeader};
 use vunet_switch::DropReason;
 
 use super::ring::{copy_segs, log_dirty, window, Mem, Seg};
@@ -225,7 +225,7 @@ impl Ring {
     /// hints: nothing is read that the walk does not check again.
     pub fn prefetch(&self, map: &MemMap, heads: impl Iterator<Item = u16> + Clone, write: bool) {
         for h in heads.clone() {
-            prefetch((self.desc as *const u8).wrapping_add(16 * self.slot(h)), false);
+            prefetch_line((self.desc as *const u8).wrapping_add(16 * self.slot(h)), false);
         }
         for h in heads {
             if let Some(d) = self.desc(h) {
@@ -344,7 +344,7 @@ impl Ring {
 /// small frame, which the frontend's headroom may place across three lines.
 const PREFETCH_SPAN: usize = 128;
 
-/// Prefetch hints for the lines of `p..p + len` (see `prefetch`).
+/// Prefetch hints for the lines of `p..p + len` (see `prefetch_line`).
 #[inline(always)]
 fn prefetch_lines(p: *const u8, len: usize, write: bool) {
     let first = p as usize & !63;
@@ -358,7 +358,9 @@ fn prefetch_lines(p: *const u8, len: usize, write: bool) {
     }
 }
 
-/// A cache-line prefetch hint (`prefetch`), `write` only where the CPU has PREFETCHW.
+/// A cache-line prefetch hint; never faults. For writing (only where the CPU has PREFETCHW:
+/// `prefetch_lines` asks), the line is asked for exclusively: the guest's core holds it, and
+/// a plain prefetch would bring it shared, leaving the store to wait for a second transfer.
 #[inline(always)]
 fn prefetch_line(p: *const u8, write: bool) {
     #[cfg(target_arch = "x86_64")]
@@ -375,14 +377,6 @@ fn prefetch_line(p: *const u8, write: bool) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (p, write);
-}
-
-/// A cache-line prefetch hint. For writing, the line is asked for exclusively (PREFETCHW):
-/// the guest's core holds it, and a plain prefetch would bring it shared, leaving the store
-/// to wait for a second transfer. Never faults.
-#[inline(always)]
-fn prefetch(p: *const u8, write: bool) {
-    prefetch_line(p, write && has_prefetchw());
 }
 
 /// Whether this CPU has PREFETCHW (CPUID 0x8000_0001, ECX bit 8), asked once.
@@ -703,12 +697,7 @@ pub fn write_rx(
     if result.is_ok() {
         hdr.num_buffers = rx.chains.len() as u16;
         let h = hdr.to_bytes();
-        match rx.segs.first() {
-            // The usual case, written as one fixed-size store.
-            // SAFETY: the first segment holds at least HDR_LEN bytes of the receiver's buffer.
-            Some(s) if caps.hdr_len == HDR_LEN && s.len >= HDR_LEN => unsafe { std::ptr::copy_nonoverlapping(h.as_ptr(), s.ptr, HDR_LEN) },
-            _ => copy_segs(&rx.segs, 0, &[Seg::of_slice(&h[..caps.hdr_len])], 0, caps.hdr_len),
-        }
+        copy_segs(&rx.segs, 0, &[Seg::of_slice(&h[..caps.hdr_len])], 0, caps.hdr_len);
         copy_segs(&rx.segs, caps.hdr_len, src, src_off, len);
         if rxq.log {
             for s in window(&rx.segs, 0, need) {

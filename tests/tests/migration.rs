@@ -34,7 +34,8 @@ fn script_a() -> String {
     format!(
         "sleep 1000 | nc -l -p 5000 | head -c {STREAM_BYTES} > /tmp/recv &\n{}ip addr add 10.0.0.1/24 dev eth0\n{}echo A-SEES-B\n\
          ping -i 0.1 -c {PINGS} -W 1 10.0.0.2 > /tmp/ping 2>&1 &\npp=$!\n\
-         i=0\nwhile [ \"$(wc -c < /tmp/recv)\" -lt {STREAM_BYTES} ] && [ $i -lt 400 ]; do i=$((i+1)); sleep 0.5; done\n\
+         i=0\nwhile [ \"$(wc -c < /tmp/recv)\" -lt {STREAM_BYTES} ] && [ $i -lt 400 ]; do i=$((i+1)); sleep 0.5; \
+         if [ $((i % 20)) -eq 0 ]; then echo \"A-WAITS $(wc -c < /tmp/recv) $(grep -c 'bytes from' /tmp/ping)\"; fi; done\n\
          echo \"A-SUM $(md5sum < /tmp/recv | cut -d' ' -f1) $(wc -c < /tmp/recv)\"\nwait $pp\ngrep 'packets received' /tmp/ping\necho A-DONE\n",
         await_listening("tcp", 5000, 8),
         await_peer("10.0.0.2", 9)
@@ -116,8 +117,8 @@ fn lab(tag: &str) -> Lab {
 }
 
 /// Starts the destination QEMU on `port` and migrates A to it while the stream and the pings
-/// run; returns the destination, the source (stopped) and the migration's duration.
-fn migrate(lab: &mut Lab, port: &str) -> (Guest, Duration) {
+/// run; returns the destination, its QMP connection and the migration's duration.
+fn migrate(lab: &mut Lab, port: &str) -> (Guest, Qmp, Duration) {
     let dir = lab.dir.path();
     let mig = dir.join("mig.sock");
     let qmp_d = dir.join("qmp-d.sock");
@@ -125,7 +126,7 @@ fn migrate(lab: &mut Lab, port: &str) -> (Guest, Duration) {
     extra.extend(qmp_arg(&qmp_d));
     let dest = Guest::boot_extra("a-dest", dir, &Socket::Connect(dir.join(format!("{port}.sock"))), MAC_A, "", &script_a(), &extra);
     // The destination is ready once its QMP answers: its vhost-user device is set up then.
-    let _qd = Qmp::connect(&qmp_d, Duration::from_secs(60));
+    let qd = Qmp::connect(&qmp_d, Duration::from_secs(60));
     let q = &mut lab.qmp_a;
     let r = q.execute(r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":4294967296}}"#);
     assert!(r.get("return").is_some(), "{r}");
@@ -137,15 +138,42 @@ fn migrate(lab: &mut Lab, port: &str) -> (Guest, Duration) {
     let info = q.execute(r#"{"execute":"query-migrate"}"#);
     assert_eq!(status, "completed", "migration: {info}\ndestination:\n{}", dest.console.text());
     eprintln!("QEMU: total {} ms, downtime {} ms", info["return"]["total-time"], info["return"]["downtime"]);
-    (dest, took)
+    (dest, qd, took)
+}
+
+/// The destination's virtio-net rings as QEMU reads them from guest memory (avail and used
+/// indices, flags): whether a stuck guest posted frames nobody took, or posted none.
+fn rings(qmp: &mut Qmp) -> String {
+    let list = qmp.execute(r#"{"execute":"x-query-virtio"}"#);
+    let Some(path) = list["return"].as_array().and_then(|l| l.iter().find(|d| d["name"] == "virtio-net")).and_then(|d| d["path"].as_str())
+    else {
+        return format!("no virtio-net device: {list}");
+    };
+    (0..2)
+        .map(|q| {
+            let e = qmp.execute(&format!(r#"{{"execute":"x-query-virtio-queue-element","arguments":{{"path":"{path}","queue":{q}}}}}"#));
+            let r = &e["return"];
+            if r.is_null() {
+                format!("queue {q}: {e}\n")
+            } else {
+                format!("queue {q}: avail {} used {}\n", r["avail"], r["used"])
+            }
+        })
+        .collect()
 }
 
 /// After the move: A's script finished on the destination with the stream intact and few
 /// pings lost; its MAC was moved (when it changed ports).
-fn check_after(lab: &Lab, dest: &Guest) {
+fn check_after(lab: &Lab, dest: &Guest, qmp: Option<&mut Qmp>) {
     if !dest.console.wait_for("A-DONE", Duration::from_secs(120)) {
         let ports = port_list(lab.dir.path());
-        panic!("destination:\n{}\nsource:\n{}\nports:\n{ports}", dest.console.text(), lab.a.console.text());
+        let rings = qmp.map(rings).unwrap_or_default();
+        panic!(
+            "destination:\n{}\nsource:\n{}\nports:\n{ports}\nrings of the guest that did not finish:\n{rings}\nvunet:\n{}",
+            dest.console.text(),
+            lab.a.console.text(),
+            lab.vunet.console.text()
+        );
     }
     let out = format!("{}{}", lab.a.console.text(), dest.console.text());
     let sent = field(&lab.b.console.text(), "B-SUM ").expect("B-SUM");
@@ -161,11 +189,11 @@ fn check_after(lab: &Lab, dest: &Guest) {
 fn a_guest_migrates_to_another_port_and_keeps_its_address_stream_and_pings() {
     let _turn = serial();
     let mut lab = lab("mig-port");
-    let (dest, took) = migrate(&mut lab, "vm3");
+    let (dest, mut qd, took) = migrate(&mut lab, "vm3");
     eprintln!("migration took {took:?}");
     // The source QEMU stays paused until its manager ends it.
     lab.a.kill();
-    check_after(&lab, &dest);
+    check_after(&lab, &dest, Some(&mut qd));
     assert!(lab.vunet.console.text().contains("guest migrated: its MAC moved"), "{}", lab.vunet.console.text());
 }
 
@@ -174,10 +202,10 @@ fn a_guest_migrates_between_two_qemus_on_the_same_port() {
     let _turn = serial();
     let mut lab = lab("mig-same");
     // The destination connects to vm1's socket while the source still holds it.
-    let (dest, took) = migrate(&mut lab, "vm1");
+    let (dest, mut qd, took) = migrate(&mut lab, "vm1");
     eprintln!("migration took {took:?}");
     lab.a.kill();
-    check_after(&lab, &dest);
+    check_after(&lab, &dest, Some(&mut qd));
     let log = lab.vunet.console.text();
     assert!(log.contains("port=vm1 conn=2") || log.contains("conn=2"), "{log}");
     assert!(!log.contains("guest migrated: its MAC moved"), "the MAC stayed on its port:\n{log}");
@@ -215,6 +243,6 @@ fn a_cancelled_migration_leaves_the_source_working() {
     dest.kill();
     // The source goes on: its script ends with the stream intact and its pings answered.
     assert!(lab.a.console.wait_for("A-DONE", Duration::from_secs(120)), "source:\n{}", lab.a.console.text());
-    check_after(&lab, &lab.a);
+    check_after(&lab, &lab.a, None);
     assert!(!lab.vunet.console.text().contains("guest migrated"), "{}", lab.vunet.console.text());
 }

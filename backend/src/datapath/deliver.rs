@@ -739,8 +739,11 @@ pub(super) fn notify_receivers(ports: &[Arc<Port>], cx: &mut TxScratch) {
 }
 
 /// Interrupts the guest behind `t` if it asked to hear about the used entries added since the
-/// last time anyone looked (EVENT_IDX's window, or NO_INTERRUPT without it).
-fn signal_if_wanted(t: &mut RxTarget) {
+/// last time anyone looked (EVENT_IDX's window, or NO_INTERRUPT without it). Also called when
+/// the VMM stops the ring (device.rs): senders publish a batch under the receiver's lock and
+/// signal after the whole burst, under it again, and a stop in between would leave the
+/// guest's last frames without their interrupt.
+pub fn signal_if_wanted(t: &mut RxTarget) {
     let dmem = t.mem.memory();
     let vs = t.vring.get_mut();
     let q = vs.get_queue();

@@ -54,7 +54,7 @@ pub mod fuzzing {
 }
 
 pub use backlog::BACKLOG_MAX_FRAMES;
-pub use deliver::{deliver_made, flush_pending, run_shaper, TxScratch};
+pub use deliver::{deliver_made, flush_pending, run_shaper, signal_if_wanted, TxScratch};
 pub use inject::Inject;
 pub use link::{HostLink, TunnelInfo};
 pub use network::Network;

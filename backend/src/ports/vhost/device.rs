@@ -23,7 +23,8 @@ use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventF
 use vunet_switch::vnet::{RxCaps, HDR_LEN, HDR_LEN_LEGACY};
 
 use crate::datapath::{
-    flush_pending, process_tx, tx_kick, GuestMem, Home, Negotiated, Network, Port, RxTarget, TxRing, TxScratch, Vring, VHOST_F_LOG_ALL,
+    flush_pending, process_tx, signal_if_wanted, tx_kick, GuestMem, Home, Negotiated, Network, Port, RxTarget, TxRing, TxScratch, Vring,
+    VHOST_F_LOG_ALL,
 };
 
 pub const QUEUE_SIZE: usize = 1024;
@@ -252,10 +253,16 @@ impl VhostUserBackend for PortDevice {
         // (the other end of a migration on the same port).
         if index.is_multiple_of(2) && self.port.rx_owner.load(Ordering::Acquire) == self.conn {
             if let Some(q) = self.port.queues.get(pair) {
-                if let Some(t) = q.rx.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                if let Some(mut t) = q.rx.lock().unwrap_or_else(|e| e.into_inner()).take() {
                     for _ in 0..t.backlog.len() {
                         self.port.counters.dropped(vunet_switch::DropReason::PortDown);
                     }
+                    // Frames a sender published and has not signalled yet (it signals after
+                    // its burst, and found the ring gone): their interrupt goes now, through
+                    // the call eventfd the VMM still holds. Without it a guest that used up
+                    // its receive buffers waits for an interrupt that never comes, and the
+                    // ring (migrated with it) stays full: the guest is cut off.
+                    signal_if_wanted(&mut t);
                 }
                 q.backlogged.store(false, Ordering::Release);
             }
@@ -300,6 +307,15 @@ impl VhostUserBackend for PortDevice {
                 let mem = self.mem.memory();
                 if let Ok(idx) = vs.get_queue().used_idx(&*mem, Ordering::Acquire) {
                     vs.get_queue_mut().set_next_used(idx.0);
+                    // Used entries from before the start (a migration's source, a backend
+                    // that restarted): whether their interrupt reached the guest is not known
+                    // here, and a guest waiting for it would wait for good if the ring is
+                    // full. One interrupt, as QEMU's own device after a migration (it
+                    // forgets which used index it signalled); a driver that saw them all
+                    // finds nothing new.
+                    if idx.0 != 0 {
+                        let _ = vs.signal_used_queue();
+                    }
                 }
                 drop(vs);
                 fresh.store(false, Ordering::Release);
@@ -376,5 +392,89 @@ pub fn feature_names(bits: u64) -> Vec<&'static str> {
 impl Drop for PortDevice {
     fn drop(&mut self) {
         self.forget_rings();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::os::fd::{AsRawFd, FromRawFd};
+
+    use vhost_user_backend::VringMutex;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use super::*;
+    use crate::config::Mode;
+    use crate::datapath::PortKind;
+
+    const SIZE: u16 = 256;
+    const USED_RING: u64 = 0x3000;
+
+    /// A ring in `mem` (desc 0x0, avail 0x1000, used 0x3000), running, whose call eventfd
+    /// is returned: what the guest's interrupt would be.
+    fn ring(mem: &GuestMem) -> (Vring, EventFd) {
+        let vring: Vring = VringMutex::new(mem.clone(), SIZE).unwrap();
+        vring.set_queue_size(SIZE);
+        vring.set_queue_info(0, 0x1000, USED_RING).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        // SAFETY: a dup of a live eventfd, owned by the File.
+        vring.set_call(Some(unsafe { File::from_raw_fd(libc::dup(call.as_raw_fd())) }));
+        (vring, call)
+    }
+
+    fn device() -> (PortDevice, Arc<Port>, GuestMem) {
+        let net = Arc::new(Network::new("t", Mode::Isolated, 1500));
+        let port = Arc::new(Port::new(0, "vm1", PortKind::Vhost));
+        let mem: GuestMem = GuestMemoryAtomic::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
+        (PortDevice::new(net, port.clone(), mem.clone(), 1).unwrap(), port, mem)
+    }
+
+    #[test]
+    fn a_ring_stopped_between_a_senders_write_and_its_signal_interrupts_the_guest() {
+        let (dev, port, mem) = device();
+        let (rx, call) = ring(&mem);
+        port.rx_owner.store(1, Ordering::Release);
+        // A sender wrote three frames into the guest and published them; its interrupt comes
+        // after its whole burst, and the VMM stops the ring (GET_VRING_BASE) before that.
+        rx.get_mut().get_queue_mut().set_next_used(3);
+        *port.queues[0].rx.lock().unwrap() = Some(RxTarget {
+            vring: rx.clone(),
+            mem: mem.clone(),
+            caps: rx_caps(0),
+            backlog: Default::default(),
+            signalled: 0,
+            cache: None,
+        });
+        dev.stop_vring(0).unwrap();
+        assert!(port.queues[0].rx.lock().unwrap().is_none(), "senders lose the ring");
+        assert_eq!(call.read().ok(), Some(1), "the guest hears of the three frames");
+        // Nothing new since: a second stop (the other ring of the pair) sends nothing more.
+        dev.stop_vring(1).unwrap();
+        assert!(call.read().is_err());
+    }
+
+    #[test]
+    fn a_ring_that_starts_with_used_entries_interrupts_the_guest_once() {
+        // A fresh guest: nothing used yet, no interrupt.
+        let (dev, _port, mem) = device();
+        let (rx, rx_call) = ring(&mem);
+        let (tx, tx_call) = ring(&GuestMemoryAtomic::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()));
+        dev.handle_event(0, EventSet::IN, &[rx, tx], 0).unwrap();
+        assert!(rx_call.read().is_err() && tx_call.read().is_err());
+        // A migrated guest: its receive ring comes with 700 used entries, whose interrupt the
+        // source may not have sent; the ring starts with one.
+        let (dev, _port, mem) = device();
+        mem.memory().write_obj(700u16, GuestAddress(USED_RING + 2)).unwrap();
+        let (rx, rx_call) = ring(&mem);
+        let (tx, _) = ring(&GuestMemoryAtomic::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()));
+        dev.handle_event(0, EventSet::IN, &[rx.clone(), tx.clone()], 0).unwrap();
+        assert_eq!(rx_call.read().ok(), Some(1));
+        assert_eq!(rx.get_ref().get_queue().next_used(), 700, "used entries continue from guest memory");
+        // Once only: the next event is an ordinary one.
+        dev.handle_event(0, EventSet::IN, &[rx, tx], 0).unwrap();
+        assert!(rx_call.read().is_err());
     }
 }

@@ -117,16 +117,19 @@ fn lab(tag: &str) -> Lab {
 }
 
 /// Starts the destination QEMU on `port` and migrates A to it while the stream and the pings
-/// run; returns the destination, its QMP connection and the migration's duration.
-fn migrate(lab: &mut Lab, port: &str) -> (Guest, Qmp, Duration) {
+/// run; returns the destination (running), its QMP connection and the migration's duration,
+/// or why QEMU's copy of the guest's memory cannot be trusted (`same_memory`).
+fn migrate(lab: &mut Lab, port: &str) -> Result<(Guest, Qmp, Duration), String> {
     let dir = lab.dir.path();
     let mig = dir.join("mig.sock");
     let qmp_d = dir.join("qmp-d.sock");
-    let mut extra = vec!["-incoming".to_string(), format!("unix:{}", mig.display())];
+    // -S: the destination stays paused once the migration completed, so both copies of the
+    // guest's memory can be compared before it runs.
+    let mut extra = vec!["-S".to_string(), "-incoming".to_string(), format!("unix:{}", mig.display())];
     extra.extend(qmp_arg(&qmp_d));
     let dest = Guest::boot_extra("a-dest", dir, &Socket::Connect(dir.join(format!("{port}.sock"))), MAC_A, "", &script_a(), &extra);
     // The destination is ready once its QMP answers: its vhost-user device is set up then.
-    let qd = Qmp::connect(&qmp_d, Duration::from_secs(60));
+    let mut qd = Qmp::connect(&qmp_d, Duration::from_secs(60));
     let q = &mut lab.qmp_a;
     let r = q.execute(r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":4294967296}}"#);
     assert!(r.get("return").is_some(), "{r}");
@@ -138,7 +141,51 @@ fn migrate(lab: &mut Lab, port: &str) -> (Guest, Qmp, Duration) {
     let info = q.execute(r#"{"execute":"query-migrate"}"#);
     assert_eq!(status, "completed", "migration: {info}\ndestination:\n{}", dest.console.text());
     eprintln!("QEMU: total {} ms, downtime {} ms", info["return"]["total-time"], info["return"]["downtime"]);
-    (dest, qd, took)
+    same_memory(q, &mut qd, dir)?;
+    let r = qd.execute(r#"{"execute":"cont"}"#);
+    assert!(r.get("return").is_some(), "cont: {r}");
+    Ok((dest, qd, took))
+}
+
+/// Guest RAM (`-m 512`), saved from both QEMUs with `pmemsave`.
+const GUEST_RAM: usize = 512 << 20;
+
+/// Whether the paused destination holds the paused source's memory, page for page. QEMU 7.2
+/// under TCG (these machines have no KVM) sometimes does not: in loops of these tests about
+/// one migration in eight left pages behind, most of them kernel data the guest's vCPU wrote
+/// (a lock word 1 where the source has 0, counters one apart, function pointers), which vunet
+/// never writes, on either port. The destination's kernel then oopses, hangs, or loses its
+/// interrupts, which is not what these tests are about. vunet's own part of the dirty log
+/// (every byte it writes during a migration) is checked by tests/tests/dirty_log.rs.
+fn same_memory(src: &mut Qmp, dst: &mut Qmp, dir: &Path) -> Result<(), String> {
+    let files = [dir.join("source.mem"), dir.join("destination.mem")];
+    for (q, f) in [src, dst].into_iter().zip(&files) {
+        let r = q.execute(&format!(r#"{{"execute":"pmemsave","arguments":{{"val":0,"size":{GUEST_RAM},"filename":"{}"}}}}"#, f.display()));
+        assert!(r.get("return").is_some(), "pmemsave: {r}");
+    }
+    let (a, b) = (std::fs::read(&files[0]).unwrap(), std::fs::read(&files[1]).unwrap());
+    for f in &files {
+        let _ = std::fs::remove_file(f);
+    }
+    assert_eq!((a.len(), b.len()), (GUEST_RAM, GUEST_RAM), "pmemsave wrote the whole RAM");
+    let differ: Vec<usize> = a.chunks(4096).zip(b.chunks(4096)).enumerate().filter(|(_, (x, y))| x != y).map(|(i, _)| i * 4096).collect();
+    match differ.first() {
+        None => Ok(()),
+        Some(first) => Err(format!("{} pages of guest memory differ between source and destination (first at {first:#x})", differ.len())),
+    }
+}
+
+/// Runs `case` (a lab, a migration, the checks after it) until a migration copied the guest's
+/// memory whole, at most three times.
+fn with_whole_memory(tag: &str, port: &str, case: impl Fn(&mut Lab, Guest, Qmp, Duration)) {
+    for attempt in 1..=3 {
+        let mut lab = lab(&format!("{tag}{attempt}"));
+        match migrate(&mut lab, port) {
+            Ok((dest, qd, took)) => return case(&mut lab, dest, qd, took),
+            Err(why) => eprintln!("attempt {attempt}: QEMU's migration is not to be trusted: {why}; again with new guests"),
+        }
+    }
+    panic!("three migrations in a row lost guest memory in QEMU");
 }
 
 /// The destination's virtio-net rings as QEMU reads them from guest memory (avail and used
@@ -188,27 +235,27 @@ fn check_after(lab: &Lab, dest: &Guest, qmp: Option<&mut Qmp>) {
 #[test]
 fn a_guest_migrates_to_another_port_and_keeps_its_address_stream_and_pings() {
     let _turn = serial();
-    let mut lab = lab("mig-port");
-    let (dest, mut qd, took) = migrate(&mut lab, "vm3");
-    eprintln!("migration took {took:?}");
-    // The source QEMU stays paused until its manager ends it.
-    lab.a.kill();
-    check_after(&lab, &dest, Some(&mut qd));
-    assert!(lab.vunet.console.text().contains("guest migrated: its MAC moved"), "{}", lab.vunet.console.text());
+    with_whole_memory("mig-port", "vm3", |lab, dest, mut qd, took| {
+        eprintln!("migration took {took:?}");
+        // The source QEMU stays paused until its manager ends it.
+        lab.a.kill();
+        check_after(lab, &dest, Some(&mut qd));
+        assert!(lab.vunet.console.text().contains("guest migrated: its MAC moved"), "{}", lab.vunet.console.text());
+    });
 }
 
 #[test]
 fn a_guest_migrates_between_two_qemus_on_the_same_port() {
     let _turn = serial();
-    let mut lab = lab("mig-same");
     // The destination connects to vm1's socket while the source still holds it.
-    let (dest, mut qd, took) = migrate(&mut lab, "vm1");
-    eprintln!("migration took {took:?}");
-    lab.a.kill();
-    check_after(&lab, &dest, Some(&mut qd));
-    let log = lab.vunet.console.text();
-    assert!(log.contains("port=vm1 conn=2") || log.contains("conn=2"), "{log}");
-    assert!(!log.contains("guest migrated: its MAC moved"), "the MAC stayed on its port:\n{log}");
+    with_whole_memory("mig-same", "vm1", |lab, dest, mut qd, took| {
+        eprintln!("migration took {took:?}");
+        lab.a.kill();
+        check_after(lab, &dest, Some(&mut qd));
+        let log = lab.vunet.console.text();
+        assert!(log.contains("port=vm1 conn=2") || log.contains("conn=2"), "{log}");
+        assert!(!log.contains("guest migrated: its MAC moved"), "the MAC stayed on its port:\n{log}");
+    });
 }
 
 #[test]

@@ -127,13 +127,22 @@ impl<'a> MemMap<'a> {
         log_dirty(self.mem, ptr, len);
     }
 
-    /// Resolves `len` bytes at `gpa` into segments (a buffer may straddle regions).
-    #[inline]
+    /// Resolves `len` bytes at `gpa` into segments (a buffer may straddle regions). Inlined
+    /// into the chain walks: a buffer within one region, the case of nearly every one, is a
+    /// range check and a push.
+    #[inline(always)]
     pub fn resolve(&self, gpa: u64, len: usize, out: &mut Vec<Seg>) -> Result<(), DropReason> {
         if let Some(ptr) = self.host(gpa, len) {
             out.push(Seg { ptr, len });
             return Ok(());
         }
+        self.resolve_across(gpa, len, out)
+    }
+
+    /// A buffer across regions, or outside guest memory: vm-memory's search.
+    #[cold]
+    #[inline(never)]
+    fn resolve_across(&self, gpa: u64, len: usize, out: &mut Vec<Seg>) -> Result<(), DropReason> {
         super::ring::resolve(self.mem, vm_memory::GuestAddress(gpa), len, out)
     }
 }
@@ -617,6 +626,44 @@ fn hand_back(ring: &Ring, chains: &[(u16, usize)], extra: Option<u16>, mut used:
     used
 }
 
+/// `write_rx` for the common case: the next posted receive chain is one writable buffer, in
+/// one region, that holds the header and the whole frame (a mergeable buffer, or a big one).
+/// The same checks as the walk (index in the table, direction, length, address) on the one
+/// descriptor, without its lists; false (nothing written, nothing taken) when the case does
+/// not apply, and the walk decides.
+#[inline]
+fn write_rx_one(rxq: &mut RxQueue, mut hdr: VnetHeader, src: &[Seg], src_off: usize, len: usize) -> bool {
+    use virtio_queue::QueueT;
+    let (ring, caps) = (&rxq.ring, rxq.caps);
+    let need = caps.hdr_len + len;
+    let (next, used) = (rxq.q.next_avail(), rxq.q.next_used());
+    if rxq.avail == next {
+        rxq.avail = ring.avail_idx();
+    }
+    let posted = rxq.avail.wrapping_sub(next);
+    if posted == 0 || posted > ring.size {
+        return false;
+    }
+    let head = ring.avail_entry(next);
+    let Some(d) = ring.desc(head) else { return false };
+    if d.flags != DESC_F_WRITE || (d.len as usize) < need {
+        return false;
+    }
+    let Some(p) = rxq.map.host(d.addr, need) else { return false };
+    let dst = [Seg { ptr: p, len: need }];
+    hdr.num_buffers = 1;
+    let h = hdr.to_bytes();
+    copy_segs(&dst, 0, &[Seg::of_slice(&h[..caps.hdr_len])], 0, caps.hdr_len);
+    copy_segs(&dst, caps.hdr_len, src, src_off, len);
+    if rxq.log {
+        rxq.map.log(p, need);
+    }
+    ring.write_used(used, head, need as u32);
+    rxq.q.set_next_used(used.wrapping_add(1));
+    rxq.q.set_next_avail(next.wrapping_add(1));
+    true
+}
+
 /// Writes a virtio-net header and `len` bytes from `src` (from `src_off` on) into the
 /// receiver's RX ring: one chain, or with MRG_RXBUF as many as needed (`num_buffers`); the
 /// queue publishes them (`RxQueue::publish`, or when dropped). On failure the chains taken are left on the ring untouched, except broken
@@ -631,8 +678,12 @@ pub fn write_rx(
     rx: &mut RxScratch,
 ) -> Result<(), DropReason> {
     use virtio_queue::QueueT;
-    let (ring, map, caps) = (&rxq.ring, &rxq.map, rxq.caps);
+    let caps = rxq.caps;
     let need = caps.hdr_len + len;
+    if write_rx_one(rxq, hdr, src, src_off, len) {
+        return Ok(());
+    }
+    let (ring, map) = (&rxq.ring, &rxq.map);
     rx.segs.clear();
     rx.chains.clear();
     let mut avail = rxq.avail;

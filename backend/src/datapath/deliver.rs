@@ -533,6 +533,10 @@ fn write_guest<'f>(dest: &Port, pair: usize, frames: impl ExactSizeIterator<Item
         rxq.prefetch(frames.len());
     }
     let backlog = &mut t.backlog;
+    // Where the used ring stood: frames of the backlog written ahead of a new one, and broken
+    // chains handed back, are used entries too, and want their interrupt even if every new
+    // frame failed.
+    let used_before = rxq.q.next_used();
     // Frames (and bytes) that reached the ring now, counted once for the burst.
     let (mut written, mut frames_in, mut bytes_in) = (0, 0u64, 0u64);
     for f in frames {
@@ -599,6 +603,8 @@ fn write_guest<'f>(dest: &Port, pair: usize, frames: impl ExactSizeIterator<Item
     slot.backlogged.store(!backlog.is_empty(), Ordering::Release);
     if written > 0 {
         slot.to_guest.fetch_add(written, Ordering::Relaxed);
+    }
+    if written > 0 || rxq.q.next_used() != used_before {
         mark_notify(cx, dest.id, pair);
     }
 }

@@ -649,7 +649,9 @@ fn write_rx_one(rxq: &mut RxQueue, mut hdr: VnetHeader, src: &[Seg], src_off: us
     if d.flags != DESC_F_WRITE || (d.len as usize) < need {
         return false;
     }
-    let Some(p) = rxq.map.host(d.addr, need) else { return false };
+    // The whole buffer, as the walk resolves it: one that runs out of guest memory or across
+    // regions is the walk's to judge.
+    let Some(p) = rxq.map.host(d.addr, d.len as usize) else { return false };
     let dst = [Seg { ptr: p, len: need }];
     hdr.num_buffers = 1;
     let h = hdr.to_bytes();

@@ -559,6 +559,33 @@ fn frames_for_a_full_ring_wait_in_the_backlog_and_arrive_in_order() {
 }
 
 #[test]
+fn waiting_frames_written_ahead_of_a_frame_that_fails_still_interrupt_the_guest() {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let a = FakeLink::offloading();
+    let mut ring = GuestRing::new();
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    // SAFETY: a dup of a live eventfd, owned by the File.
+    ring.vring.set_call(Some(unsafe { std::fs::File::from_raw_fd(libc::dup(call.as_raw_fd())) }));
+    // A guest without mergeable buffers: a frame must fit one buffer.
+    let caps = RxCaps { mrg_rxbuf: false, ..RxCaps::NONE };
+    let mut lan = Lan::switch(vec![link_port(0, PortKind::Tap, &a), guest_port(1, &ring, caps)]);
+    for n in 0..2 {
+        lan.send(0, &numbered(A, B, n));
+    }
+    assert!(lan.port(1).backlogged());
+    // Three small buffers come; before their kick is handled a frame too big for them does:
+    // the two waiting frames are written ahead of it, and it is dropped.
+    for _ in 0..3 {
+        ring.offer(200, VRING_DESC_F_WRITE);
+    }
+    lan.send(0, &udp(A, B, &[7u8; 600]));
+    assert_eq!(ring.received().iter().map(|r| number(&r.frame)).collect::<Vec<_>>(), [0, 1]);
+    assert_eq!(lan.port(1).counters.snapshot().drop_count(DropReason::RxBufferTooSmall), 1);
+    assert_eq!(call.read().ok(), Some(1), "the guest hears of the two frames");
+}
+
+#[test]
 fn a_new_frame_for_a_guest_goes_behind_the_waiting_ones() {
     let a = FakeLink::offloading();
     let mut ring = GuestRing::new();

@@ -626,6 +626,22 @@ fn hand_back(ring: &Ring, chains: &[(u16, usize)], extra: Option<u16>, mut used:
     used
 }
 
+/// Writes the receive header (`hdr_len` bytes of `hdr`) and `len` bytes of `src` from
+/// `src_off` into the receive buffers `dst`, marking what was written in the migration log
+/// while the VMM logs.
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn fill(dst: &[Seg], map: &MemMap, log: bool, hdr: VnetHeader, hdr_len: usize, src: &[Seg], src_off: usize, len: usize) {
+    let h = hdr.to_bytes();
+    copy_segs(dst, 0, &[Seg::of_slice(&h[..hdr_len])], 0, hdr_len);
+    copy_segs(dst, hdr_len, src, src_off, len);
+    if log {
+        for s in window(dst, 0, hdr_len + len) {
+            map.log(s.ptr, s.len);
+        }
+    }
+}
+
 /// `write_rx` for the common case: the next posted receive chain is one writable buffer, in
 /// one region, that holds the header and the whole frame (a mergeable buffer, or a big one).
 /// The same checks as the walk (index in the table, direction, length, address) on the one
@@ -652,14 +668,8 @@ fn write_rx_one(rxq: &mut RxQueue, mut hdr: VnetHeader, src: &[Seg], src_off: us
     // The whole buffer, as the walk resolves it: one that runs out of guest memory or across
     // regions is the walk's to judge.
     let Some(p) = rxq.map.host(d.addr, d.len as usize) else { return false };
-    let dst = [Seg { ptr: p, len: need }];
     hdr.num_buffers = 1;
-    let h = hdr.to_bytes();
-    copy_segs(&dst, 0, &[Seg::of_slice(&h[..caps.hdr_len])], 0, caps.hdr_len);
-    copy_segs(&dst, caps.hdr_len, src, src_off, len);
-    if rxq.log {
-        rxq.map.log(p, need);
-    }
+    fill(&[Seg { ptr: p, len: need }], &rxq.map, rxq.log, hdr, caps.hdr_len, src, src_off, len);
     ring.write_used(used, head, need as u32);
     rxq.q.set_next_used(used.wrapping_add(1));
     rxq.q.set_next_avail(next.wrapping_add(1));
@@ -749,14 +759,7 @@ pub fn write_rx(
     };
     if result.is_ok() {
         hdr.num_buffers = rx.chains.len() as u16;
-        let h = hdr.to_bytes();
-        copy_segs(&rx.segs, 0, &[Seg::of_slice(&h[..caps.hdr_len])], 0, caps.hdr_len);
-        copy_segs(&rx.segs, caps.hdr_len, src, src_off, len);
-        if rxq.log {
-            for s in window(&rx.segs, 0, need) {
-                map.log(s.ptr, s.len);
-            }
-        }
+        fill(&rx.segs, map, rxq.log, hdr, caps.hdr_len, src, src_off, len);
         let mut left = need;
         for &(head, c) in &rx.chains {
             let n = c.min(left);

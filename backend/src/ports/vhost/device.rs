@@ -437,21 +437,7 @@ mod tests {
         let (dev, port, mem) = device();
         let (rx, call) = ring(&mem);
         port.rx_owner.store(1, Ordering::Release);
-        // A sender wrote three frames into the guest and published them; its interrupt comes
-        // after its whole burst, and the VMM stops the ring (GET_VRING_BASE) before that.
-        rx.get_mut().get_queue_mut().set_next_used(3);
-        *port.queues[0].rx.lock().unwrap() = Some(RxTarget {
-            vring: rx.clone(),
-            mem: mem.clone(),
-            caps: rx_caps(0),
-            backlog: Default::default(),
-            signalled: 0,
-            cache: None,
-        });
-        dev.stop_vring(0).unwrap();
-        assert!(port.queues[0].rx.lock().unwrap().is_none(), "senders lose the ring");
-        assert_eq!(call.read().ok(), Some(1), "the guest hears of the three frames");
-        // A ring stopped with nothing published since its last interrupt gets none.
+        // The ring as senders see it, last signalled at used index `signalled`.
         let target = |signalled| RxTarget {
             vring: rx.clone(),
             mem: mem.clone(),
@@ -460,6 +446,14 @@ mod tests {
             signalled,
             cache: None,
         };
+        // A sender wrote three frames into the guest and published them; its interrupt comes
+        // after its whole burst, and the VMM stops the ring (GET_VRING_BASE) before that.
+        rx.get_mut().get_queue_mut().set_next_used(3);
+        *port.queues[0].rx.lock().unwrap() = Some(target(0));
+        dev.stop_vring(0).unwrap();
+        assert!(port.queues[0].rx.lock().unwrap().is_none(), "senders lose the ring");
+        assert_eq!(call.read().ok(), Some(1), "the guest hears of the three frames");
+        // A ring stopped with nothing published since its last interrupt gets none.
         *port.queues[0].rx.lock().unwrap() = Some(target(3));
         dev.stop_vring(0).unwrap();
         assert!(call.read().is_err(), "nothing new, no interrupt");
